@@ -1,0 +1,188 @@
+"""Global norm clipping and value clipping: drop-in replacements for ``torch.nn.utils``."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _args, _groups
+from .norms import raise_if_nonfinite, total_norm
+
+# torch's guard against dividing by a zero norm; kept for exact parity.
+NORM_EPS = 1e-6
+
+
+def scale_(groups: list[_groups.Group], factor: torch.Tensor, foreach: bool | None) -> None:
+    """Multiply every gradient in place by the 0-dim tensor ``factor``."""
+    for group in groups:
+        device_factor = factor.to(group.device)
+        if group.buffer is not None:
+            group.buffer.mul_(device_factor)
+        elif _groups.use_foreach(group.tensors, group.device, foreach):
+            torch._foreach_mul_(group.tensors, device_factor)
+        else:
+            for grad in group.tensors:
+                grad.mul_(device_factor)
+
+
+def clip_coefficient(max_norm: _args.Threshold, total_norm: torch.Tensor) -> torch.Tensor:
+    """``min(1, max_norm / (total_norm + 1e-6))`` as a tensor, without a sync."""
+    return torch.clamp(max_norm / (total_norm + NORM_EPS), max=1.0)
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    parameters: _args.TensorOrTensors,
+    max_norm: _args.Threshold,
+    total_norm: torch.Tensor,
+    foreach: bool | None = None,
+) -> None:
+    r"""Scale gradients in place, given their total norm computed earlier.
+
+    .. math::
+
+        g \leftarrow g \cdot \min\Big(1, \frac{c}{\|g\| + 10^{-6}}\Big)
+
+    The second half of :func:`clip_grad_norm_`, as ``torch.nn.utils.clip_grads_with_norm_``:
+    compute the norm with :func:`get_total_norm` (for instance reduced over
+    pipeline stages), then scale. The multiply always runs, even when the
+    factor is 1, so that there is no host-device sync.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is scaled.
+        max_norm: the threshold c, a number in [0, inf] (or a 0-dim tensor, used unchecked).
+        total_norm: the norm of all gradients, a tensor.
+        foreach: as in :func:`get_total_norm`.
+
+    Example:
+        >>> import torch, gradclip
+        >>> w = torch.zeros(2, requires_grad=True); w.grad = torch.tensor([3.0, 4.0])
+        >>> gradclip.clip_grads_with_norm_([w], 1.0, gradclip.get_total_norm([w.grad]))
+        >>> w.grad
+        tensor([0.6000, 0.8000])
+    """
+    max_norm = _args.check_threshold("max_norm", max_norm)
+    if not isinstance(total_norm, torch.Tensor):
+        raise TypeError(f"total_norm must be a torch.Tensor (from get_total_norm), got {type(total_norm).__name__}")
+    _args.check_foreach(foreach)
+    grads = _args.grads_of(parameters)
+    if grads:
+        scale_(_groups.groups_of(grads, foreach), clip_coefficient(max_norm, total_norm), foreach)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: _args.TensorOrTensors,
+    max_norm: _args.Threshold,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    r"""Clip the global norm of the gradients in place; return the norm before clipping.
+
+    .. math::
+
+        \|g\|_p = \Big(\sum_{\text{params}} \|g_i\|_p^p\Big)^{1/p}, \qquad
+        g_i \leftarrow g_i \cdot \min\Big(1, \frac{c}{\|g\|_p + 10^{-6}}\Big)
+
+    Norm clipping rescales the whole gradient, so its direction is kept and
+    its length is capped at c (Pascanu, Mikolov and Bengio 2013,
+    `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_).
+
+    A drop-in for ``torch.nn.utils.clip_grad_norm_`` with the same contract
+    (parameters without ``.grad`` skipped, ``tensor(0.)`` for none, any
+    p in (0, inf]), and equal results for float32 and float64 gradients. Where
+    torch is silently wrong, this is not:
+
+    * float16/bfloat16 gradients are reduced in float32 and the norm comes back
+      in float32 (torch returns ``inf`` above 65504 and then zeroes every gradient);
+    * a negative or NaN ``max_norm`` raises ``ValueError`` (torch flips the gradients);
+    * ``norm_type`` 0, negative or -inf raises ``ValueError``;
+    * sparse gradients raise ``TypeError`` with a message saying what to do.
+
+    No host-device synchronisation happens unless ``error_if_nonfinite=True``.
+    Non-finite gradients stay non-finite: an inf norm gives a factor 0, so
+    inf entries become NaN, and a NaN norm makes every gradient NaN, as in torch.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped.
+        max_norm: the threshold c, a number in [0, inf] (or a 0-dim tensor, used unchecked).
+        norm_type: p, in (0, inf].
+        error_if_nonfinite: raise ``RuntimeError`` when the norm is NaN or inf (syncs).
+        foreach: ``None`` picks the fastest batched path, ``True`` insists on
+            torch's foreach kernels, ``False`` loops over tensors.
+
+    Returns:
+        The total norm before clipping, a 0-dim tensor.
+
+    Example:
+        >>> import torch, gradclip
+        >>> w = torch.zeros(2, requires_grad=True); w.grad = torch.tensor([3.0, 4.0])
+        >>> gradclip.clip_grad_norm_([w], max_norm=1.0)
+        tensor(5.)
+        >>> w.grad
+        tensor([0.6000, 0.8000])
+    """
+    max_norm = _args.check_threshold("max_norm", max_norm)
+    p = _args.check_norm_type(norm_type)
+    _args.check_foreach(foreach)
+    grads = _args.grads_of(parameters)
+    groups = _groups.groups_of(grads, foreach)
+    norm = total_norm(groups, p, foreach, grads[0].device if grads else None)
+    if error_if_nonfinite:
+        raise_if_nonfinite(norm, p)
+    if grads:
+        scale_(groups, clip_coefficient(max_norm, norm), foreach)
+    return norm
+
+
+def _clamp_(groups: list[_groups.Group], low: float, high: float, foreach: bool | None) -> None:
+    for group in groups:
+        if group.buffer is not None:
+            group.buffer.clamp_(min=low, max=high)
+        elif _groups.use_foreach(group.tensors, group.device, foreach):
+            torch._foreach_clamp_min_(group.tensors, low)
+            torch._foreach_clamp_max_(group.tensors, high)
+        else:
+            for grad in group.tensors:
+                grad.clamp_(min=low, max=high)
+
+
+@torch.no_grad()
+def clip_grad_value_(
+    parameters: _args.TensorOrTensors,
+    clip_value: float,
+    foreach: bool | None = None,
+) -> None:
+    r"""Clamp every gradient entry into ``[-clip_value, clip_value]`` in place.
+
+    .. math::
+
+        g_j \leftarrow \max(-v, \min(v, g_j))
+
+    Value clipping bounds each entry but changes the gradient's direction;
+    as v goes to 0, ``clamp(g, -v, v) / v`` becomes ``sign(g)`` (signSGD,
+    Bernstein et al. 2018, `arXiv:1802.04434 <https://arxiv.org/abs/1802.04434>`_).
+
+    A drop-in for ``torch.nn.utils.clip_grad_value_`` (returns ``None``; NaN
+    entries stay NaN), except that a negative or NaN ``clip_value`` raises
+    ``ValueError`` instead of producing an empty interval.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is clamped.
+        clip_value: v, a number in [0, inf].
+        foreach: as in :func:`clip_grad_norm_`.
+
+    Example:
+        >>> import torch, gradclip
+        >>> w = torch.zeros(3, requires_grad=True); w.grad = torch.tensor([-5.0, 0.5, 2.0])
+        >>> gradclip.clip_grad_value_([w], 1.0)
+        >>> w.grad
+        tensor([-1.0000,  0.5000,  1.0000])
+    """
+    clip_value = _args.check_threshold("clip_value", clip_value)
+    if isinstance(clip_value, torch.Tensor):
+        raise TypeError("clip_value must be a number, not a tensor")
+    _args.check_foreach(foreach)
+    grads = _args.grads_of(parameters)
+    if grads:
+        _clamp_(_groups.groups_of(grads, foreach), -float(clip_value), float(clip_value), foreach)

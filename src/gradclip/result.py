@@ -1,0 +1,44 @@
+"""What a clipping step did, as tensors: readable later without a sync now."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ClipResult:
+    r"""The outcome of one clipping call, every field a 0-dim tensor on the device.
+
+    Reading a field's value (``float(result.norm)``) synchronises with the
+    device; keeping the object, or stacking fields over many steps and reading
+    them once, does not.
+
+    Attributes:
+        norm: the gradient norm before clipping, :math:`\|g\|`.
+        threshold: the threshold c that was applied (``inf`` when none).
+        scale: the factor the gradients were multiplied by, in [0, 1] for
+            norm clipping (:math:`\min(1, c/(\|g\|+10^{-6}))`).
+
+    Example:
+        >>> import torch
+        >>> from gradclip.result import ClipResult
+        >>> r = ClipResult(norm=torch.tensor(5.0), threshold=torch.tensor(1.0), scale=torch.tensor(0.2))
+        >>> bool(r.clipped), float(r.post_norm)
+        (True, 1.0)
+    """
+
+    norm: torch.Tensor
+    threshold: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def clipped(self) -> torch.Tensor:
+        """A bool tensor: whether the gradients were scaled down."""
+        return self.scale < 1
+
+    @property
+    def post_norm(self) -> torch.Tensor:
+        """The norm after clipping, :math:`s\\,\\|g\\|`."""
+        return self.norm * self.scale
