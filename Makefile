@@ -1,0 +1,25 @@
+# Two entry points: `make book` builds the HTML book, `make test` runs the whole test suite.
+# Both create .venv and install requirements.txt first (once, and again when it changes).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup book test clean
+
+$(STAMP): requirements.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+book: setup
+	GRADCLIP_STATIC=1 $(VENV)/bin/jupyter-book build --all -W --keep-going .
+	test -f _build/html/index.html
+
+test: setup
+	$(PY) -m pytest tests chapters --nbval-lax --nbval-current-env
+
+clean:
+	rm -rf _build

@@ -1,0 +1,370 @@
+"""Adaptive gradient clipping (AGC): unit-wise, relative to the weights' own norms."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple, Union
+
+import torch
+from torch import nn
+
+from . import _args, _groups
+from .norms import accumulation_dtype
+
+# The guard against dividing by a zero gradient norm, as in timm and the NFNets code.
+DIV_EPS = 1e-6
+
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+class UnitSpec(NamedTuple):
+    """Which axis of a weight holds its output units.
+
+    Attributes:
+        dim: the output-unit axis; ``None`` treats the whole tensor as one unit.
+        groups: for a ``ConvTranspose`` weight of shape ``(in, out/groups, k...)``
+            with ``groups > 1``: axis 0 is split into ``groups`` blocks, and a unit
+            is one output channel of one group.
+    """
+
+    dim: int | None
+    groups: int = 1
+
+
+UnitDim = Union[int, None, UnitSpec]
+
+
+def _check_positive_number(name: str, value: float, allow_zero: bool, allow_inf: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    low = "[0" if allow_zero else "(0"
+    high = "inf]" if allow_inf else "inf)"
+    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be a number in {low}, {high}, got {value!r}")
+    return value
+
+
+def _as_spec(value: object, param: torch.Tensor, where: str) -> UnitSpec:
+    if value is None:
+        return UnitSpec(None)
+    if isinstance(value, UnitSpec):
+        spec = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        spec = UnitSpec(value)
+    else:
+        raise TypeError(f"{where} must be an int, None or a gradclip.UnitSpec, got {type(value).__name__}")
+    if spec.dim is None or param.ndim <= 1:
+        return UnitSpec(None)
+    if not isinstance(spec.groups, int) or isinstance(spec.groups, bool) or spec.groups < 1:
+        raise ValueError(f"{where}: groups must be an int >= 1, got {spec.groups!r}")
+    if not -param.ndim <= spec.dim < param.ndim:
+        raise ValueError(
+            f"{where}: dim must be in [{-param.ndim}, {param.ndim - 1}] for a tensor of shape "
+            f"{tuple(param.shape)}, got {spec.dim}"
+        )
+    dim = spec.dim % param.ndim
+    if spec.groups > 1 and (dim == 0 or param.shape[0] % spec.groups):
+        raise ValueError(
+            f"{where}: groups={spec.groups} splits axis 0, which must be divisible by it and "
+            f"must not be the unit axis (shape {tuple(param.shape)}, dim {spec.dim})"
+        )
+    return UnitSpec(dim, spec.groups)
+
+
+def agc_unit_dims(model: nn.Module) -> dict[torch.Tensor, UnitSpec]:
+    r"""The output-unit axis of every parameter of ``model``, read from its modules.
+
+    AGC (Brock et al. 2021, `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`_)
+    clips each output unit. PyTorch stores ``Linear`` and ``ConvNd`` weights as ``(out, in, k...)``, so
+    their units lie along axis 0, but ``ConvTransposeNd`` weights are
+    ``(in, out/groups, k...)``: their output units lie along axis 1 (and, with
+    ``groups > 1``, within each block of axis 0). Reducing every axis but 0, as
+    timm's ``unitwise_norm`` does, silently clips a transposed convolution per
+    *input* channel. This walks the modules and says which axis is which:
+    ``UnitSpec(1, groups)`` for ``ConvTranspose`` weights, ``UnitSpec(0)`` for
+    other tensors with two or more dimensions, ``UnitSpec(None)`` (the whole
+    tensor) for biases and gains.
+
+    Args:
+        model: the module whose parameters are described.
+
+    Returns:
+        A dict from each parameter to its :class:`UnitSpec`, for the
+        ``unit_dims`` argument of :func:`adaptive_clip_grad_`.
+
+    Example:
+        >>> import torch, gradclip
+        >>> up = torch.nn.ConvTranspose2d(8, 4, 3)
+        >>> tuple(up.weight.shape), gradclip.agc_unit_dims(up)[up.weight]
+        ((8, 4, 3, 3), UnitSpec(dim=1, groups=1))
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    specs: dict[torch.Tensor, UnitSpec] = {}
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param in specs or isinstance(param, nn.parameter.UninitializedParameter):
+                continue
+            if isinstance(module, _CONV_TRANSPOSE) and name == "weight":
+                specs[param] = UnitSpec(1, module.groups)
+            else:
+                specs[param] = UnitSpec(0 if param.ndim >= 2 else None)
+    return specs
+
+
+def _find_head(model: nn.Module, head: nn.Module | str | None) -> nn.Module:
+    if isinstance(head, nn.Module):
+        return head
+    if isinstance(head, str):
+        try:
+            return model.get_submodule(head)
+        except AttributeError as error:
+            raise ValueError(f"head {head!r} is not a submodule of the model: {error}") from None
+    if head is not None:
+        raise TypeError(f"head must be None, a module or a submodule name, got {type(head).__name__}")
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        classifier = get_classifier()
+        if isinstance(classifier, nn.Module) and any(True for _ in classifier.parameters()):
+            return classifier
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(
+            "exclude_head=True found no classifier: the model has no get_classifier() and no "
+            "nn.Linear; pass head= (a module or its name) or exclude_head=False"
+        )
+    return linears[-1]
+
+
+def agc_parameters(
+    model: nn.Module, exclude_head: bool = True, head: nn.Module | str | None = None
+) -> list[nn.Parameter]:
+    r"""The parameters to clip with AGC: all of ``model``'s except its classifier.
+
+    Brock et al. (2021, `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`_)
+    do not clip the final linear layer: "we found it was always better not to
+    clip the final linear layer". Forgetting this is a
+    common bug in ports. timm drops the last two parameters by order, which is
+    wrong for any model that registers its head elsewhere; this finds the head
+    by name instead:
+
+    * ``head`` if given (a module or its qualified name, e.g. ``"fc"``),
+    * else ``model.get_classifier()`` if the model has one (timm models),
+    * else the last ``nn.Linear`` in ``model.modules()`` order.
+
+    Args:
+        model: the network.
+        exclude_head: drop the head's parameters (the NFNets recipe).
+        head: the classifier module or its name, to skip the search.
+
+    Returns:
+        The list of parameters, in ``model.parameters()`` order.
+
+    Raises:
+        ValueError: ``exclude_head`` is set and no head can be found.
+
+    Example:
+        >>> import torch, gradclip
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> [tuple(p.shape) for p in gradclip.agc_parameters(model)]
+        [(8, 4), (8,)]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(exclude_head, bool):
+        raise TypeError(f"exclude_head must be True or False, got {exclude_head!r}")
+    params = list(model.parameters())
+    if not exclude_head:
+        return params
+    skipped = {id(p) for p in _find_head(model, head).parameters()}
+    return [p for p in params if id(p) not in skipped]
+
+
+class _Item(NamedTuple):
+    weight: torch.Tensor  # viewed so that the units are the kept axes
+    grad: torch.Tensor  # the same view of the gradient
+    reduce: tuple[int, ...] | None  # axes reduced per unit; None: the whole tensor is one unit
+
+
+def _item(param: torch.Tensor, spec: UnitSpec) -> _Item:
+    weight, grad = param.detach(), param.grad
+    if spec.dim is None:
+        return _Item(weight, grad, None)
+    kept = {spec.dim}
+    if spec.groups > 1:
+        weight = weight.unflatten(0, (spec.groups, -1))  # always a view, for any strides
+        grad = grad.unflatten(0, (spec.groups, -1))
+        kept = {0, spec.dim + 1}
+    return _Item(weight, grad, tuple(d for d in range(weight.ndim) if d not in kept))
+
+
+def _unit_norms(tensors: list[torch.Tensor], items: list[_Item], p: float, dtype: torch.dtype,
+                device: torch.device, foreach: bool | None) -> list[torch.Tensor]:
+    """Per-unit p-norms of each tensor (keepdim shapes); whole-tensor ones batched."""
+    norms: list[torch.Tensor | None] = [None] * len(items)
+    whole = [i for i, item in enumerate(items) if item.reduce is None]
+    if whole:
+        whole_tensors = [tensors[i] for i in whole]
+        if _groups.use_foreach(whole_tensors, device, foreach):
+            results = torch._foreach_norm(whole_tensors, p, dtype=dtype)
+        else:
+            results = [torch.linalg.vector_norm(t, p, dtype=dtype) for t in whole_tensors]
+        for i, norm in zip(whole, results):
+            norms[i] = norm
+    for i, item in enumerate(items):
+        if item.reduce is not None:
+            norms[i] = torch.linalg.vector_norm(tensors[i], p, dim=item.reduce, keepdim=True, dtype=dtype)
+    return norms  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def adaptive_clip_grad_(
+    parameters: _args.TensorOrTensors | nn.Module,
+    clip_factor: float = 0.01,
+    eps: float = 1e-3,
+    norm_type: float | str = 2.0,
+    *,
+    exclude: Iterable[torch.Tensor] | None = None,
+    unit_dims: Mapping[torch.Tensor, UnitDim] | None = None,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    r"""Adaptive gradient clipping (AGC), unit-wise, in place; return the fraction of units clipped.
+
+    For each output unit i of each weight W (a row of a ``Linear`` weight, an
+    output channel of a convolution; the whole tensor for biases and gains):
+
+    .. math::
+
+        G_i \leftarrow
+        \begin{cases}
+        G_i & \text{if } \|G_i\| < \lambda \max(\|W_i\|, \varepsilon) \\
+        G_i \, \dfrac{\lambda \max(\|W_i\|, \varepsilon)}{\max(\|G_i\|, 10^{-6})} & \text{otherwise}
+        \end{cases}
+
+    with :math:`\lambda` = ``clip_factor`` and :math:`\varepsilon` = ``eps``
+    (Brock, De, Smith and Simonyan 2021, "High-Performance Large-Scale Image
+    Recognition Without Normalization",
+    `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`_). For float32 and
+    float64 this is timm's ``adaptive_clip_grad`` to rounding; float16 and
+    bfloat16 norms are accumulated in float32, where timm overflows.
+
+    Cost: two reductions (weight and gradient norms) and one in-place multiply
+    per tensor, by one factor per unit; no full-size temporary, no host-device
+    synchronisation. The norms of one-dimensional tensors are batched.
+
+    **Units.** By default a tensor with two or more dimensions has its units
+    along axis 0, which is right for ``Linear``, ``ConvNd``, ``Embedding`` and
+    RNN weights, and *wrong* for ``ConvTransposeNd`` weights
+    (``(in, out/groups, k...)``), whose output units lie along axis 1. Pass the
+    model itself (``adaptive_clip_grad_(model)``), or
+    ``unit_dims=gradclip.agc_unit_dims(model)``, and the axes are read from the
+    modules; with a bare list of tensors they cannot be known.
+
+    **The classifier.** NFNets do not clip the final linear layer: use
+    ``exclude=model.fc.parameters()`` or clip :func:`agc_parameters` ``(model)``.
+
+    **Non-finite values.** A NaN in a unit's gradient or weight makes that
+    unit's gradient all NaN; an inf gradient entry gives the unit a factor of 0,
+    so the inf becomes NaN and its finite neighbours 0 (as in timm and
+    ``torch.nn.utils.clip_grad_norm_``). Non-finite values are never replaced
+    by finite ones in a unit that held them without a NaN remaining.
+
+    Args:
+        parameters: a tensor, an iterable of tensors, or an ``nn.Module``
+            (whose parameters are all clipped, with unit axes read from its modules).
+            Tensors without ``.grad`` are skipped.
+        clip_factor: :math:`\lambda`, a number in [0, inf] (NFNets: 0.01 at
+            batch 4096; larger for smaller batches).
+        eps: :math:`\varepsilon`, the floor on the weight norm, in (0, inf), so
+            that zero-initialised weights can still move.
+        norm_type: p of the norms, in (0, inf].
+        exclude: tensors to leave alone (for instance the classifier's parameters).
+        unit_dims: a mapping from a tensor to its output-unit axis: an int, ``None``
+            (whole tensor) or a :class:`UnitSpec`; overrides what is read from a module.
+        foreach: as in :func:`gradclip.clip_grad_norm_`, for the batched norms.
+
+    Returns:
+        The fraction of units that were clipped, a 0-dim float32 tensor
+        (NaN units count as clipped); ``tensor(0.)`` when nothing has a gradient.
+
+    Raises:
+        ValueError: a bad ``clip_factor``, ``eps``, ``norm_type`` or unit axis,
+            a gradient whose shape is not its parameter's, or a parameter with no
+            data (meta or uninitialised lazy parameters).
+
+    Example:
+        >>> import torch, gradclip
+        >>> w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.3, 0.4]]))
+        >>> w.grad = torch.tensor([[1.0, 0.0], [0.0, 0.001]])
+        >>> gradclip.adaptive_clip_grad_([w], clip_factor=0.1)
+        tensor(0.5000)
+        >>> w.grad  # row 0 capped at 0.1 * ||W_0|| = 0.5; row 1 under 0.1 * 0.5
+        tensor([[0.5000, 0.0000],
+                [0.0000, 0.0010]])
+    """
+    module_specs: dict[torch.Tensor, UnitSpec] = {}
+    if isinstance(parameters, nn.Module):
+        module_specs = agc_unit_dims(parameters)
+        parameters = list(parameters.parameters())
+    clip_factor = _check_positive_number("clip_factor", clip_factor, allow_zero=True, allow_inf=True)
+    eps = _check_positive_number("eps", eps, allow_zero=False, allow_inf=False)
+    p = _args.check_norm_type(norm_type)
+    _args.check_foreach(foreach)
+    params = _args.as_tensor_list(parameters)
+    skipped = set() if exclude is None else {id(t) for t in _args.as_tensor_list(exclude, "exclude")}
+    overrides: dict[int, object] = {}
+    if unit_dims is not None:
+        if not isinstance(unit_dims, Mapping):
+            raise TypeError(f"unit_dims must be a mapping from tensors to axes, got {type(unit_dims).__name__}")
+        for key, value in unit_dims.items():
+            if not isinstance(key, torch.Tensor):
+                raise TypeError(f"unit_dims keys must be tensors, got {type(key).__name__}")
+            overrides[id(key)] = value
+
+    grouped: dict[_groups.GroupKey, list[_Item]] = {}
+    for index, param in enumerate(params):
+        if id(param) in skipped or param.grad is None:
+            continue
+        if isinstance(param, nn.parameter.UninitializedParameter) or param.is_meta:
+            raise ValueError(f"parameters[{index}] has no data (meta or uninitialised); AGC needs the weights")
+        grad = param.grad
+        _args.check_dense([param, grad], f"parameters[{index}] or its")
+        if grad.shape != param.shape:
+            raise ValueError(
+                f"parameters[{index}] has shape {tuple(param.shape)} but its gradient has shape {tuple(grad.shape)}"
+            )
+        if id(param) in overrides:
+            spec = _as_spec(overrides[id(param)], param, f"unit_dims[parameters[{index}]]")
+        elif param in module_specs:
+            spec = _as_spec(module_specs[param], param, f"unit axis of parameters[{index}]")
+        else:
+            spec = UnitSpec(0 if param.ndim >= 2 else None)
+        grouped.setdefault((grad.device, grad.dtype), []).append(_item(param, spec))
+
+    clipped_counts, unit_counts = [], 0
+    first_device = None
+    for (device, dtype), items in grouped.items():
+        acc = accumulation_dtype(dtype)
+        w_norms = _unit_norms([it.weight for it in items], items, p, acc, device, foreach)
+        g_norms = _unit_norms([it.grad for it in items], items, p, acc, device, foreach)
+        w_flat = torch.cat([n.reshape(-1).to(acc) for n in w_norms])
+        g_flat = torch.cat([n.reshape(-1) for n in g_norms])
+        max_norm = w_flat.clamp_(min=eps).mul_(clip_factor)
+        keep = g_flat < max_norm
+        scale = torch.where(keep, 1.0, max_norm / g_flat.clamp(min=DIV_EPS))
+        scales = [piece.view(n.shape) for piece, n in zip(scale.split([n.numel() for n in g_norms]), g_norms)]
+        grads = [it.grad for it in items]
+        if _groups.use_foreach(grads, device, foreach):
+            torch._foreach_mul_(grads, scales)
+        else:
+            for grad, factor in zip(grads, scales):
+                grad.mul_(factor)
+        first_device = device if first_device is None else first_device
+        clipped_counts.append(torch.logical_not(keep).sum().to(first_device))
+        unit_counts += scale.numel()
+    if not clipped_counts:
+        return torch.tensor(0.0)
+    return torch.stack(clipped_counts).sum().to(torch.float32) / max(unit_counts, 1)

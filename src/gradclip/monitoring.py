@@ -1,0 +1,226 @@
+"""Watching clipping: a sync-free result per step, and the Tuning Playbook's threshold advice as functions."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+
+from . import _args, _groups
+from .clip import clip_coefficient, scale_
+from .norms import raise_if_nonfinite, total_norm
+from .result import ClipResult
+
+History = Union[torch.Tensor, Sequence[Union[float, torch.Tensor]]]
+
+
+@torch.no_grad()
+def clip_grad_norm_report_(
+    parameters: _args.TensorOrTensors,
+    max_norm: _args.Threshold,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> ClipResult:
+    r""":func:`gradclip.clip_grad_norm_`, returning a :class:`~gradclip.result.ClipResult` instead of the norm.
+
+    .. math::
+
+        s = \min\Big(1, \frac{c}{\|g\|_p + 10^{-6}}\Big), \qquad g \leftarrow s\, g
+
+    Same kernels, same result and same cost as :func:`gradclip.clip_grad_norm_`
+    (Pascanu et al. 2013, `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_),
+    and no host-device synchronisation: the result's fields (pre-clip norm,
+    threshold, factor) and properties (``clipped``, ``post_norm``) are
+    tensors on the device. Keep them, stack them over many steps, and read
+    them once; reading one (``float(result.norm)``) synchronises.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped.
+        max_norm: the threshold c, a number in [0, inf] (or a 0-dim tensor, used unchecked).
+        norm_type: p, in (0, inf].
+        error_if_nonfinite: raise ``RuntimeError`` when the norm is NaN or inf (syncs).
+        foreach: as in :func:`gradclip.clip_grad_norm_`.
+
+    Returns:
+        A :class:`~gradclip.result.ClipResult` of 0-dim tensors: ``norm``,
+        ``threshold`` and ``scale``, all on the norm's device.
+
+    Example:
+        >>> import torch, gradclip
+        >>> w = torch.zeros(2, requires_grad=True); w.grad = torch.tensor([3.0, 4.0])
+        >>> r = gradclip.clip_grad_norm_report_([w], max_norm=1.0)
+        >>> r.norm, r.clipped, r.post_norm
+        (tensor(5.), tensor(True), tensor(1.0000))
+    """
+    max_norm = _args.check_threshold("max_norm", max_norm)
+    p = _args.check_norm_type(norm_type)
+    _args.check_foreach(foreach)
+    grads = _args.grads_of(parameters)
+    groups = _groups.groups_of(grads, foreach)
+    norm = total_norm(groups, p, foreach, grads[0].device if grads else None)
+    if error_if_nonfinite:
+        raise_if_nonfinite(norm, p)
+    scale = clip_coefficient(max_norm, norm)
+    if grads:
+        scale_(groups, scale, foreach)
+    if isinstance(max_norm, torch.Tensor):
+        threshold = max_norm.detach().reshape(()).to(device=norm.device, dtype=norm.dtype)
+    else:
+        threshold = torch.full((), float(max_norm), dtype=norm.dtype, device=norm.device)
+    return ClipResult(norm=norm, threshold=threshold, scale=scale)
+
+
+def _as_history(values: History, name: str) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        history = values.detach()
+    elif isinstance(values, Sequence) and not isinstance(values, (str, bytes)):
+        items = list(values)
+        if items and all(isinstance(v, torch.Tensor) for v in items):
+            if any(v.numel() != 1 for v in items):
+                raise ValueError(f"{name} must hold scalars; got a tensor with {max(v.numel() for v in items)} elements")
+            history = torch.stack([v.detach().reshape(()) for v in items])
+        elif all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items):
+            history = torch.tensor(items, dtype=torch.float64)
+        else:
+            raise TypeError(f"{name} must be a tensor or a sequence of numbers or 0-dim tensors")
+    else:
+        raise TypeError(f"{name} must be a tensor or a sequence of numbers, got {type(values).__name__}")
+    if history.ndim > 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(history.shape)}")
+    history = history.reshape(-1)
+    if history.numel() == 0:
+        raise ValueError(f"{name} is empty: at least one observed norm is needed")
+    return history
+
+
+def suggest_threshold(norm_history: History, q: float = 0.9) -> torch.Tensor:
+    r"""A clipping threshold: the q-quantile of the gradient norms seen so far.
+
+    .. math::
+
+        c = Q_q\big(\|g_1\|, \dots, \|g_T\|\big)
+
+    The Deep Learning Tuning Playbook (Godbole, Dahl, Gilmer, Shallue and
+    Nado 2023, `github.com/google-research/tuning_playbook
+    <https://github.com/google-research/tuning_playbook>`_) advises running
+    without clipping, watching the unclipped gradient norms, and setting the
+    threshold near their 90th percentile. The quantile is numpy's default
+    ("linear" interpolation between order statistics), computed in float64 for
+    Python numbers and in the history's dtype (float32 at least) for tensors.
+
+    Non-finite values: a NaN in the history gives NaN (it is not skipped: a
+    NaN norm is a problem to see, not a value to ignore); inf values count
+    as the largest norms.
+
+    Args:
+        norm_history: the pre-clip norms, a 1-D tensor or a sequence of numbers
+            or 0-dim tensors (for example ``[r.norm for r in results]``).
+        q: the quantile, in [0, 1].
+
+    Returns:
+        A 0-dim tensor, on the history's device (no sync for a tensor history).
+
+    Example:
+        >>> import gradclip
+        >>> gradclip.suggest_threshold([1.0, 2.0, 3.0, 4.0, 100.0], q=0.9)
+        tensor(61.6000, dtype=torch.float64)
+    """
+    if isinstance(q, bool) or not isinstance(q, numbers.Real):
+        raise TypeError(f"q must be a number in [0, 1], got {type(q).__name__}")
+    if not 0 <= q <= 1:
+        raise ValueError(f"q must be a number in [0, 1], got {q!r}")
+    history = _as_history(norm_history, "norm_history")
+    if not history.is_floating_point():
+        history = history.to(torch.float64)
+    elif history.dtype in (torch.float16, torch.bfloat16):
+        history = history.float()
+    return torch.quantile(history, float(q), interpolation="linear")
+
+
+def clipped_fraction(history: History | Sequence[ClipResult], threshold: _args.Threshold | None = None) -> torch.Tensor:
+    r"""The fraction of steps whose gradient was clipped.
+
+    .. math::
+
+        f = \frac{1}{T} \sum_{t=1}^{T} [\![\, \text{step } t \text{ was clipped} \,]\!]
+
+    Give either a sequence of :class:`~gradclip.result.ClipResult` (their
+    ``clipped`` flags are counted), a sequence or tensor of booleans, or a
+    history of norms together with ``threshold`` (a step counts as clipped when
+    its norm exceeds the threshold, or is NaN). The Tuning Playbook's rule of
+    thumb (see :func:`should_lower_lr`): clipping more than half of the steps
+    means the learning rate, not the clipping, should change.
+
+    Args:
+        history: ClipResults, booleans, or norms (then ``threshold`` is needed).
+        threshold: c, a number in [0, inf] or a 0-dim tensor, for a history of norms.
+
+    Returns:
+        A 0-dim float32 tensor in [0, 1] (no sync for tensor inputs).
+
+    Example:
+        >>> import gradclip
+        >>> gradclip.clipped_fraction([0.5, 2.0, 3.0, 0.1], threshold=1.0)
+        tensor(0.5000)
+    """
+    if isinstance(history, Sequence) and history and all(isinstance(r, ClipResult) for r in history):
+        if threshold is not None:
+            raise ValueError("threshold must be None for a history of ClipResult (each holds its own)")
+        flags = torch.stack([r.clipped.reshape(()) for r in history])
+    else:
+        if isinstance(history, Sequence) and history and all(isinstance(v, bool) for v in history):
+            values = torch.tensor(list(history))
+        else:
+            values = _as_history(history, "history")
+        if values.dtype == torch.bool:
+            if threshold is not None:
+                raise ValueError("threshold must be None for a history of booleans")
+            flags = values
+        else:
+            if threshold is None:
+                raise ValueError("threshold is required for a history of norms (or pass ClipResults or booleans)")
+            threshold = _args.check_threshold("threshold", threshold)
+            flags = torch.logical_not(values <= threshold)  # NaN counts as clipped
+    if flags.numel() == 0:
+        raise ValueError("history is empty: at least one step is needed")
+    return flags.to(torch.float32).mean()
+
+
+def should_lower_lr(fraction: float | torch.Tensor, limit: float = 0.5) -> torch.Tensor:
+    r"""Whether clipping fires so often that the learning rate should be lowered instead.
+
+    .. math::
+
+        f > \text{limit} \quad (\text{default } \tfrac12)
+
+    The Deep Learning Tuning Playbook: "if more than 50% of the updates are
+    getting clipped, the learning rate is probably too large" (clipping is
+    then doing the job of a smaller learning rate, badly). ``fraction``
+    usually comes from :func:`clipped_fraction`.
+
+    Args:
+        fraction: the clipped fraction f, a number or a 0-dim tensor in [0, 1].
+        limit: the fraction above which to lower the learning rate, in [0, 1).
+
+    Returns:
+        A 0-dim bool tensor (on the fraction's device; no sync).
+
+    Example:
+        >>> import gradclip
+        >>> gradclip.should_lower_lr(gradclip.clipped_fraction([True, True, False]))
+        tensor(True)
+    """
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Real) or not 0 <= limit < 1:
+        raise ValueError(f"limit must be a number in [0, 1), got {limit!r}")
+    if isinstance(fraction, torch.Tensor):
+        if fraction.numel() != 1:
+            raise ValueError(f"fraction must be a scalar, got shape {tuple(fraction.shape)}")
+        return fraction.reshape(()) > limit
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+        raise TypeError(f"fraction must be a number in [0, 1] or a 0-dim tensor, got {type(fraction).__name__}")
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
+    return torch.tensor(fraction > limit)

@@ -1,0 +1,165 @@
+"""Gradient quantization: signSGD's sign and QSGD's unbiased stochastic rounding."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _args, _groups
+from .norms import accumulation_dtype
+
+
+@torch.no_grad()
+def sign_grad_(parameters: _args.TensorOrTensors, foreach: bool | None = None) -> None:
+    r"""Replace every gradient entry by its sign, in place (signSGD).
+
+    .. math::
+
+        g_j \leftarrow \operatorname{sign}(g_j) \in \{-1, 0, 1\}
+
+    Bernstein, Wang, Azizzadenesheli and Anandkumar (2018), "signSGD:
+    Compressed Optimisation for Non-Convex Problems",
+    `arXiv:1802.04434 <https://arxiv.org/abs/1802.04434>`_. It is the limit of
+    value clipping, :math:`\lim_{v\to 0} \mathrm{clamp}(g, -v, v)/v`; one bit
+    per entry. Scale the learning rate accordingly.
+
+    Non-finite values: NaN stays NaN (``torch.sign`` alone would turn it into
+    0, a silently wrong finite value); :math:`\pm\infty` becomes :math:`\pm 1`,
+    its exact sign.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is replaced.
+        foreach: as in :func:`gradclip.clip_grad_norm_`.
+
+    Example:
+        >>> import torch, gradclip
+        >>> w = torch.zeros(4, requires_grad=True); w.grad = torch.tensor([-2.0, 0.0, 0.1, float("nan")])
+        >>> gradclip.sign_grad_([w])
+        >>> w.grad
+        tensor([-1.,  0.,  1., nan])
+    """
+    _args.check_foreach(foreach)
+    grads = _args.grads_of(parameters)
+    for group in _groups.groups_of(grads, foreach):
+        tensors = [group.buffer] if group.buffer is not None else group.tensors
+        nan_masks = [t.isnan() for t in tensors]
+        if _groups.use_foreach(tensors, group.device, foreach):
+            torch._foreach_sign_(tensors)
+        else:
+            for t in tensors:
+                t.sign_()
+        for t, mask in zip(tensors, nan_masks):
+            t.masked_fill_(mask, float("nan"))
+
+
+def check_levels(levels: int) -> int:
+    if isinstance(levels, bool) or not isinstance(levels, int):
+        raise TypeError(f"levels must be an int >= 1, got {type(levels).__name__}")
+    if levels < 1:
+        raise ValueError(f"levels must be an int >= 1, got {levels}")
+    return levels
+
+
+def qsgd_quantize(v: torch.Tensor, levels: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""QSGD's stochastic quantization of one tensor, out of place (see :func:`qsgd_quantize_grad_`).
+
+    Args:
+        v: the tensor to quantize.
+        levels: s, the number of levels, an int >= 1.
+        generator: the random generator (on ``v``'s device); the global one if ``None``.
+
+    Returns:
+        A new tensor of ``v``'s shape and dtype.
+
+    Example:
+        >>> import torch
+        >>> from gradclip.quantize import qsgd_quantize
+        >>> qsgd_quantize(torch.tensor([0.0, 3.0, -4.0]), levels=5)  # exact levels: no randomness
+        tensor([ 0.,  3., -4.])
+    """
+    check_levels(levels)
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
+    out = v.detach().clone()
+    _quantize_(out, torch.linalg.vector_norm(out, dtype=accumulation_dtype(out.dtype)), levels, generator)
+    return out
+
+
+def _quantize_(v: torch.Tensor, norm: torch.Tensor, s: int, generator: torch.Generator | None) -> None:
+    """In place: v <- ||v|| sign(v) xi / s, xi = floor(r) + Bernoulli(r - floor(r)), r = s |v| / ||v||."""
+    acc = norm.dtype
+    # A zero norm means an all-zero tensor, which stays zero; NaN and inf norms stay non-finite.
+    safe_norm = torch.where(norm == 0, torch.ones_like(norm), norm)
+    ratio = v.abs().to(acc).mul_(s / safe_norm)
+    level = ratio.floor()
+    uniform = torch.rand(v.shape, generator=generator, dtype=acc, device=v.device)
+    level.add_(uniform.lt_(ratio.sub_(level)).to(acc))  # round up with probability r - floor(r)
+    v.copy_(level.mul_(v.sign()).mul_(norm / s))
+
+
+@torch.no_grad()
+def qsgd_quantize_grad_(
+    parameters: _args.TensorOrTensors,
+    levels: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""Quantize every gradient tensor to ``levels`` levels, unbiasedly, in place (QSGD); return the norms.
+
+    For each tensor v (quantized on its own, with its own norm), with
+    :math:`r_i = s|v_i|/\|v\|_2` and :math:`\ell_i = \lfloor r_i \rfloor`:
+
+    .. math::
+
+        Q_s(v)_i = \|v\|_2 \,\operatorname{sign}(v_i)\, \xi_i, \qquad
+        \xi_i = \begin{cases}
+        (\ell_i + 1)/s & \text{with probability } r_i - \ell_i \\
+        \ell_i / s & \text{otherwise}
+        \end{cases}
+
+    Alistarh, Grubic, Li, Tomioka and Vojnovic (2017), "QSGD:
+    Communication-Efficient SGD via Gradient Quantization and Encoding",
+    `arXiv:1610.02132 <https://arxiv.org/abs/1610.02132>`_. It is unbiased,
+    :math:`\mathbb{E}[Q_s(v)] = v`, with variance
+    :math:`\mathbb{E}\|Q_s(v) - v\|^2 \le \min(d/s^2, \sqrt{d}/s)\,\|v\|^2`
+    for a tensor of d entries (Lemma 3.1). Each entry becomes one of the
+    :math:`2s+1` values :math:`\|v\| k/s`, :math:`k = -s..s`. Draws come from
+    ``generator``, one uniform number per entry, tensor after tensor in order,
+    so a seeded generator reproduces the result.
+
+    The rounding is computed in float32 at least; the result is written back
+    in the gradient's dtype (so float16/bfloat16 levels are rounded).
+
+    Non-finite values: a NaN or inf anywhere in a tensor makes its norm
+    non-finite and the whole tensor NaN: a quantized value cannot be finite
+    without a finite scale.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is quantized.
+        levels: s, the number of quantization levels, an int >= 1 (s = 1 sends
+            sign and norm only).
+        generator: the random generator, on the gradients' device; the global
+            one if ``None``.
+
+    Returns:
+        A 1-D tensor of each gradient's L2 norm, the scale of its levels (float32 at least).
+
+    Example:
+        >>> import torch, gradclip
+        >>> w = torch.zeros(3, requires_grad=True); w.grad = torch.tensor([0.6, -0.8, 0.0])
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> gradclip.qsgd_quantize_grad_([w], levels=1, generator=gen)
+        tensor([1.])
+        >>> set(w.grad.abs().tolist()) <= {0.0, 1.0}  # each entry is 0 or +-||v||
+        True
+    """
+    check_levels(levels)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    grads = _args.grads_of(parameters)
+    norms = []
+    for grad in grads:
+        norm = torch.linalg.vector_norm(grad, dtype=accumulation_dtype(grad.dtype))
+        _quantize_(grad, norm, levels, generator)
+        norms.append(norm.to(grads[0].device))
+    if not norms:
+        return torch.zeros(0)
+    return torch.stack(norms)

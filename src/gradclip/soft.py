@@ -1,0 +1,143 @@
+r"""Soft clipping: smooth, saturating scalings in place of the hard ``min(1, c/||g||)``.
+
+What the article calls "gradient inhibition" is, read honestly, a smooth
+version of clipping: the gradient is scaled by a factor that decreases
+smoothly with its size instead of switching at a threshold.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import _args, _groups
+from .clip import scale_
+from .norms import total_norm
+
+
+@torch.no_grad()
+def soft_clip_grad_norm_(
+    parameters: _args.TensorOrTensors,
+    max_norm: float,
+    norm_type: float | str = 2.0,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    r"""Scale the gradients by :math:`c/(\|g\|+c)` in place; return the norm before scaling.
+
+    .. math::
+
+        g \leftarrow g \cdot \frac{c}{\|g\|_p + c} = \frac{g}{1 + \|g\|_p / c}
+
+    The smooth counterpart of :func:`gradclip.clip_grad_norm_`: the result's
+    norm :math:`c\|g\|/(\|g\|+c)` is always below c and grows smoothly with
+    :math:`\|g\|`, and the direction is kept. It is within a factor of 2 of
+    hard clipping:
+
+    .. math::
+
+        \tfrac12 \min\Big(1, \frac{c}{\|g\|}\Big) \;\le\; \frac{c}{\|g\| + c}
+        \;\le\; \min\Big(1, \frac{c}{\|g\|}\Big)
+
+    (for :math:`\|g\| \le c` the factor lies in [1/2, 1]; above, it lies in
+    :math:`[\tfrac12 c/\|g\|, c/\|g\|]`). Unlike hard clipping it is never a
+    no-op: a small gradient is still scaled by up to one half, so it acts on
+    the effective learning rate everywhere. This is the smoothed clipping
+    analysed by Zhang, He, Sra and Jadbabaie (2020), "Why gradient clipping
+    accelerates training", `arXiv:1905.11881 <https://arxiv.org/abs/1905.11881>`_;
+    with per-example gradients it is the AUTO-S rule of Bu et al.
+    (`arXiv:2206.07136 <https://arxiv.org/abs/2206.07136>`_) up to their
+    small constant.
+
+    One norm pass and one multiply, batched, with no host-device synchronisation.
+
+    Non-finite values: a NaN norm makes every gradient NaN; an inf norm gives
+    the factor 0, so inf entries become NaN (as in :func:`gradclip.clip_grad_norm_`).
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is scaled.
+        max_norm: c, a number in (0, inf]; ``inf`` leaves the gradients unchanged.
+        norm_type: p, in (0, inf].
+        foreach: as in :func:`gradclip.clip_grad_norm_`.
+
+    Returns:
+        The total norm before scaling, a 0-dim tensor.
+
+    Example:
+        >>> import torch, gradclip
+        >>> w = torch.zeros(2, requires_grad=True); w.grad = torch.tensor([3.0, 4.0])
+        >>> gradclip.soft_clip_grad_norm_([w], max_norm=5.0)
+        tensor(5.)
+        >>> w.grad  # factor 5 / (5 + 5) = 0.5, where hard clipping would give 1
+        tensor([1.5000, 2.0000])
+    """
+    max_norm = _args.check_threshold("max_norm", max_norm)
+    if isinstance(max_norm, torch.Tensor):
+        raise TypeError("max_norm must be a number, not a tensor")
+    if max_norm == 0:
+        raise ValueError("max_norm must be a number in (0, inf], got 0")
+    p = _args.check_norm_type(norm_type)
+    _args.check_foreach(foreach)
+    grads = _args.grads_of(parameters)
+    groups = _groups.groups_of(grads, foreach)
+    norm = total_norm(groups, p, foreach, grads[0].device if grads else None)
+    if grads:
+        scale_(groups, 1.0 / (1.0 + norm / max_norm), foreach)
+    return norm
+
+
+@torch.no_grad()
+def soft_clip_grad_value_(
+    parameters: _args.TensorOrTensors,
+    alpha: float,
+    foreach: bool | None = None,
+) -> None:
+    r"""Tame every gradient entry as :math:`g_j/(1+\alpha|g_j|)`, in place.
+
+    .. math::
+
+        g_j \leftarrow \frac{g_j}{1 + \alpha |g_j|}
+
+    The smooth counterpart of :func:`gradclip.clip_grad_value_` with
+    :math:`v = 1/\alpha`: every entry ends strictly inside
+    :math:`(-1/\alpha, 1/\alpha)`, signs are kept, the map is odd, monotone and
+    smooth, and it is within a factor of 2 of value clipping:
+    :math:`\tfrac12 |\mathrm{clamp}(g_j, \pm v)| \le |g_j|/(1+\alpha|g_j|)
+    \le |\mathrm{clamp}(g_j, \pm v)|`. Like value clipping it changes the
+    gradient's direction. This is the "tamed" component-wise soft clipping
+    analysed by Williamson, Eisenmann and Stillfjord (2024),
+    `arXiv:2406.16640 <https://arxiv.org/abs/2406.16640>`_. ``alpha=0`` is a no-op.
+
+    Non-finite values: NaN stays NaN; :math:`\pm\infty` becomes NaN
+    (:math:`\infty/\infty`) rather than the finite limit :math:`\pm 1/\alpha`,
+    so an overflow is not hidden.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is tamed.
+        alpha: :math:`\alpha`, a finite number >= 0.
+        foreach: as in :func:`gradclip.clip_grad_norm_`.
+
+    Example:
+        >>> import torch, gradclip
+        >>> w = torch.zeros(3, requires_grad=True); w.grad = torch.tensor([-3.0, 0.5, 1.0])
+        >>> gradclip.soft_clip_grad_value_([w], alpha=1.0)
+        >>> w.grad
+        tensor([-0.7500,  0.3333,  0.5000])
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a number >= 0, got {type(alpha).__name__}")
+    if not 0 <= alpha < float("inf"):
+        raise ValueError(f"alpha must be a finite number in [0, inf), got {alpha!r}")
+    _args.check_foreach(foreach)
+    grads = _args.grads_of(parameters)
+    for group in _groups.groups_of(grads, foreach):
+        if group.buffer is not None:
+            group.buffer.div_(group.buffer.abs().mul_(alpha).add_(1.0))
+        elif _groups.use_foreach(group.tensors, group.device, foreach):
+            denominators = torch._foreach_abs(group.tensors)
+            torch._foreach_mul_(denominators, float(alpha))
+            torch._foreach_add_(denominators, 1.0)
+            torch._foreach_div_(group.tensors, denominators)
+        else:
+            for grad in group.tensors:
+                grad.div_(grad.abs().mul_(alpha).add_(1.0))

@@ -1,0 +1,78 @@
+"""Small deterministic experiments the book runs, built on the real clipping functions.
+
+They are library code so that chapters share them, readers can call them from
+their own notebooks, and tests can re-run any grid point a chapter saved.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .clip import clip_grad_norm_
+
+# A loss or iterate beyond this counts as diverged: the run stops there.
+DIVERGED = 1e12
+
+
+@dataclass(frozen=True)
+class Run:
+    """A trajectory of losses; ``diverged_at`` is the step at which it blew up, or None."""
+
+    losses: list[float]
+    diverged_at: int | None
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1] if self.diverged_at is None else math.inf
+
+    def steps_to(self, target: float) -> int | None:
+        """The first step whose loss is below ``target``, or None."""
+        return next((step for step, loss in enumerate(self.losses) if loss < target), None)
+
+
+def quartic_descent(x0: float, lr: float, max_norm: float | None = None, steps: int = 100) -> Run:
+    r"""Gradient descent on :math:`f(x) = x^4`, optionally with norm clipping.
+
+    :math:`f` is not L-smooth (its curvature :math:`12x^2` is unbounded) but is
+    :math:`(L_0, L_1)`-smooth, the setting in which Zhang, He, Sra and
+    Jadbabaie (2020, `arXiv:1905.11881 <https://arxiv.org/abs/1905.11881>`_)
+    show that clipped descent can be arbitrarily faster than fixed-step descent.
+
+    Args:
+        x0: the starting point.
+        lr: the learning rate, > 0.
+        max_norm: the clipping threshold, or None for no clipping.
+        steps: the number of updates.
+
+    Returns:
+        The losses :math:`f(x_0), \dots, f(x_T)`, cut at divergence.
+
+    Example:
+        >>> from gradclip.toys import quartic_descent
+        >>> quartic_descent(x0=4.0, lr=0.1, steps=3).diverged_at
+        2
+        >>> quartic_descent(x0=4.0, lr=0.1, max_norm=1.0, steps=3).diverged_at is None
+        True
+    """
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    x = torch.tensor([float(x0)], dtype=torch.float64, requires_grad=True)
+    losses = []
+    for step in range(steps + 1):
+        loss = (x**4).sum()
+        value = float(loss.detach())  # the experiment reads its loss every step; clipping itself does not sync
+        if not math.isfinite(value) or value > DIVERGED:
+            return Run(losses, step)
+        losses.append(value)
+        if step == steps:
+            break
+        x.grad = None
+        loss.backward()
+        if max_norm is not None:
+            clip_grad_norm_([x], max_norm)
+        with torch.no_grad():
+            x -= lr * x.grad
+    return Run(losses, None)

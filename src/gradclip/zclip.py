@@ -1,0 +1,202 @@
+"""ZClip: z-score spike detection on an EMA of gradient norms, kept on the device."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from . import _groups
+from .clip import NORM_EPS, clip_coefficient, scale_
+from .clippers import Clipper, check_bool, check_choice, check_int, check_real, check_state_dtype
+from .result import ClipResult
+
+__all__ = ["ZClip"]
+
+
+class ZClip(Clipper):
+    r"""Adaptive clipping of gradient-norm spikes by z-score against an EMA (ZClip).
+
+    Kumar, Owen, Chowdhury and Güra 2025, `arXiv:2504.02507 <https://arxiv.org/abs/2504.02507>`_;
+    the same defaults and the same thresholds as the authors' reference
+    (``bluorion-com/ZClip``, ``zclip/zclip.py``). For the first ``warmup_steps``
+    steps the norms :math:`g_t` are collected and the gradients are clipped to
+    ``max_grad_norm`` only; then :math:`\mu` and :math:`\sigma^2` start as the
+    mean and *population* variance of those norms. After warm-up, with
+    :math:`\sigma = \sqrt{\sigma^2}`, :math:`z_t` = ``z_thresh`` and
+    :math:`f` = ``clip_factor``:
+
+    .. math::
+
+        z = \frac{g - \mu}{\sigma + \epsilon}, \qquad
+        c = \begin{cases}
+            f\,\big(\mu + z_t^2\,\sigma / z\big) & z > z_t \text{ (zscore, adaptive\_scaling)} \\
+            \mu & z > z_t \text{ (zscore, mean)} \\
+            \mu + z_t\,\sigma & g > \mu + z_t\,\sigma \text{ (percentile)}
+        \end{cases}
+
+    The gradients are scaled by :math:`\min(c, M)/(g + 10^{-6})` when
+    :math:`g > \min(c, M)` (:math:`c = g` without a spike, M = ``max_grad_norm``,
+    which by default also caps every step at 1.0). Then the EMA is updated with
+    :math:`x = c` on a spike (not capped by M) and :math:`x = g` otherwise, the
+    variance using the *updated* mean:
+
+    .. math::
+
+        \mu \leftarrow \alpha\mu + (1-\alpha)x, \qquad
+        \sigma^2 \leftarrow \alpha\sigma^2 + (1-\alpha)(x - \mu)^2
+
+    (not at all on a spike when ``skip_update_on_spike=True``). As in the
+    reference code, ``clip_factor`` multiplies the whole adaptive threshold.
+
+    Differences from the reference, none of which changes a threshold for
+    finite norms: the state is a pair of 0-dim tensors on the gradients'
+    device (``dtype``, float64 by default, the precision of the reference's
+    Python floats) and every branch is a ``torch.where``, so a step never
+    synchronises (the reference calls ``.item()`` each step); the warm-up
+    buffer is a device tensor; a non-finite norm does not update the EMA and is
+    left out of the warm-up statistics (in the reference one ``nan`` poisons
+    the EMA for the rest of training). With ``max_grad_norm=None`` the reported
+    ``threshold`` is ``inf`` on steps without a spike.
+
+    Args:
+        alpha: EMA smoothing factor, in (0, 1).
+        z_thresh: :math:`z_t`, > 0.
+        max_grad_norm: a fixed cap M >= 0 applied on every step, or ``None``.
+        eps: added to :math:`\sigma` in the z-score, >= 0.
+        warmup_steps: steps collected before the EMA starts, >= 1.
+        mode: ``"zscore"`` or ``"percentile"`` (threshold :math:`\mu + z_t\sigma`).
+        clip_option: ``"adaptive_scaling"`` or ``"mean"`` (zscore mode only).
+        clip_factor: f, > 0.
+        skip_update_on_spike: leave the EMA unchanged on a spike.
+        norm_type: p of the global norm, in (0, inf].
+        dtype: ``torch.float64`` or ``torch.float32`` for the state.
+        foreach: as in :func:`gradclip.clip_grad_norm_`.
+        scaler: the ``GradScaler`` of the loss, to check that gradients were unscaled.
+
+    Example:
+        >>> import torch, gradclip
+        >>> w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        >>> zclip = gradclip.ZClip(warmup_steps=3, max_grad_norm=None)
+        >>> for g in (1.0, 1.2, 0.8, 1.1, 9.0):
+        ...     w.grad = torch.tensor([g], dtype=torch.float64)
+        ...     result = zclip([w])
+        >>> bool(result.clipped), round(float(result.threshold), 4)
+        (True, 1.0234)
+    """
+
+    def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, max_grad_norm: float | None = 1.0,
+                 eps: float = 1e-6, warmup_steps: int = 25, mode: str = "zscore",
+                 clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
+                 skip_update_on_spike: bool = False, *, norm_type: float | str = 2.0,
+                 dtype: torch.dtype = torch.float64, foreach: bool | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        super().__init__(norm_type=norm_type, foreach=foreach, scaler=scaler)
+        self.alpha = check_real("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
+        self.z_thresh = check_real("z_thresh", z_thresh, 0.0, None, low_open=True)
+        self.max_grad_norm = None if max_grad_norm is None else check_real("max_grad_norm", max_grad_norm, 0.0)
+        self.eps = check_real("eps", eps, 0.0)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 1)
+        self.mode = check_choice("mode", mode, ("zscore", "percentile"))
+        self.clip_option = check_choice("clip_option", clip_option, ("adaptive_scaling", "mean"))
+        self.clip_factor = check_real("clip_factor", clip_factor, 0.0, None, low_open=True)
+        self.skip_update_on_spike = check_bool("skip_update_on_spike", skip_update_on_spike)
+        self.dtype = check_state_dtype(dtype)
+        self._buffer: torch.Tensor | None = None
+        self.mean: torch.Tensor | None = None
+        """The EMA of the norms, a 0-dim tensor (``None`` during warm-up)."""
+        self.var: torch.Tensor | None = None
+        """The EMA of the squared deviations, a 0-dim tensor (``None`` during warm-up)."""
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "alpha": self.alpha, "z_thresh": self.z_thresh,
+                "max_grad_norm": self.max_grad_norm, "eps": self.eps, "warmup_steps": self.warmup_steps,
+                "mode": self.mode, "clip_option": self.clip_option if self.mode == "zscore" else None,
+                "clip_factor": self.clip_factor, "skip_update_on_spike": self.skip_update_on_spike,
+                "dtype": str(self.dtype)}
+
+    @property
+    def warming_up(self) -> bool:
+        """Whether the EMA has not started yet."""
+        return self.steps < self.warmup_steps
+
+    def _step(self, groups: list[_groups.Group], norm: torch.Tensor) -> ClipResult:
+        g = norm.detach().to(self.dtype)
+        if self.warming_up:
+            return self._warmup_step(groups, norm, g)
+        assert self.mean is not None and self.var is not None
+        mean, var = self.mean.to(g.device), self.var.to(g.device)
+        std = var.sqrt()
+        if self.mode == "percentile":
+            clip_val = mean + self.z_thresh * std
+            spike = g > clip_val
+        else:
+            z = (g - mean) / (std + self.eps)
+            spike = z > self.z_thresh
+            if self.clip_option == "adaptive_scaling":
+                clip_val = (mean + (self.z_thresh * std) / (z / self.z_thresh)) * self.clip_factor
+            else:
+                clip_val = mean
+        inf = torch.full((), math.inf, dtype=self.dtype, device=g.device)
+        threshold = torch.where(spike, clip_val, inf)
+        if self.max_grad_norm is not None:
+            threshold = torch.clamp(threshold, max=self.max_grad_norm)
+        scale = torch.where(g > threshold, threshold / (g + NORM_EPS), torch.ones_like(g))
+        scale_(groups, scale, self.foreach)
+        x = torch.where(spike, clip_val, g)
+        new_mean = self.alpha * mean + (1 - self.alpha) * x
+        new_var = self.alpha * var + (1 - self.alpha) * (x - new_mean) ** 2
+        keep = ~torch.isfinite(g)
+        if self.skip_update_on_spike:
+            keep = keep | spike
+        self.mean = torch.where(keep, mean, new_mean)
+        self.var = torch.where(keep, var, new_var)
+        return ClipResult(norm=norm, threshold=threshold, scale=scale)
+
+    def _warmup_step(self, groups: list[_groups.Group], norm: torch.Tensor, g: torch.Tensor) -> ClipResult:
+        if self._buffer is None or self._buffer.device != g.device:
+            buffer = torch.full((self.warmup_steps,), math.nan, dtype=self.dtype, device=g.device)
+            if self._buffer is not None:
+                buffer.copy_(self._buffer)
+            self._buffer = buffer
+        self._buffer[self.steps : self.steps + 1].copy_(g.reshape(1))
+        if self.steps + 1 == self.warmup_steps:
+            finite = torch.isfinite(self._buffer)
+            count = finite.sum().to(self.dtype)
+            values = torch.where(finite, self._buffer, 0.0)
+            self.mean = values.sum() / count
+            self.var = torch.where(finite, (self._buffer - self.mean) ** 2, 0.0).sum() / count
+            self._buffer = None
+        if self.max_grad_norm is None:
+            threshold = torch.full((), math.inf, dtype=norm.dtype, device=norm.device)
+            scale = torch.ones((), dtype=norm.dtype, device=norm.device)
+        else:
+            threshold = torch.full((), self.max_grad_norm, dtype=norm.dtype, device=norm.device)
+            scale = clip_coefficient(self.max_grad_norm, norm)
+            scale_(groups, scale, self.foreach)
+        return ClipResult(norm=norm, threshold=threshold, scale=scale)
+
+    def _state(self) -> dict[str, Any]:
+        def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().cpu()
+
+        return {"mean": cpu(self.mean), "var": cpu(self.var), "buffer": cpu(self._buffer)}
+
+    def _load_state(self, state: Mapping[str, Any]) -> None:
+        steps = state["steps"]
+        for key in ("mean", "var", "buffer"):
+            value = state.get(key)
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise ValueError(f"state_dict[{key!r}] must be a tensor or None")
+        warm = isinstance(steps, int) and steps < self.warmup_steps
+        if warm and (state.get("buffer") is None and steps > 0):
+            raise ValueError("state_dict['buffer'] is missing for a state saved during warm-up")
+        if not warm and (state.get("mean") is None or state.get("var") is None):
+            raise ValueError("state_dict['mean'] and ['var'] are missing for a state saved after warm-up")
+
+        def load(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value.to(self.dtype).clone()
+
+        self.mean, self.var, self._buffer = load(state.get("mean")), load(state.get("var")), load(state.get("buffer"))

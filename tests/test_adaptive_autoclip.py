@@ -1,0 +1,109 @@
+"""AutoClip against numpy.percentile over the same history, and against torch's clipping."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gradclip.autoclip import AutoClip
+from helpers_adaptive import scalar_param
+
+
+def run_against_numpy(values, percentile, window, include_current, dtype=torch.float64):
+    clipper = AutoClip(percentile, window, include_current, dtype=dtype)
+    history = []
+    for value in values:
+        w = scalar_param(float(value))
+        result = clipper([w])
+        if include_current:
+            history.append(value)
+        live = history if window is None else history[-window:]
+        expected = np.percentile(np.asarray(live, dtype=np.float64 if dtype == torch.float64 else np.float32),
+                                 percentile) if live else math.inf
+        yield float(result.threshold), float(expected), float(result.scale), float(result.norm)
+        if not include_current:
+            history.append(value)
+
+
+SEQUENCES = {
+    "random": lambda rng, n: rng.lognormal(size=n),
+    "ties": lambda rng, n: rng.choice([0.5, 1.0, 2.0], size=n),
+    "constant": lambda rng, n: np.full(n, 1.25),
+    "increasing": lambda rng, n: np.arange(1, n + 1, dtype=np.float64),
+    "decreasing": lambda rng, n: np.arange(n, 0, -1, dtype=np.float64),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SEQUENCES))
+@pytest.mark.parametrize("window", [None, 1, 9])
+@pytest.mark.parametrize("include_current", [True, False])
+def test_threshold_is_numpy_percentile_bitwise_in_float64(kind, window, include_current):
+    rng = np.random.default_rng(hash((kind, window, include_current)) % 2**32)
+    values = SEQUENCES[kind](rng, 60)
+    percentiles = (10.0, 0.0, 100.0, float(rng.uniform(0, 100))) if kind == "ties" else (10.0, float(rng.uniform(0, 100)))
+    for percentile in percentiles:
+        for got, expected, _, _ in run_against_numpy(values, percentile, window, include_current):
+            assert got == expected
+
+
+def test_long_history_crosses_many_rebuilds_and_stays_exact():
+    rng = np.random.default_rng(1)
+    values = rng.exponential(size=700)
+    for got, expected, _, _ in run_against_numpy(values, 37.5, None, True):
+        assert got == expected
+    for got, expected, _, _ in run_against_numpy(values[:400], 90.0, 150, False):
+        assert got == expected
+
+
+def test_float32_history_equals_numpy_float32_to_rounding():
+    rng = np.random.default_rng(2)
+    values = np.float32(rng.lognormal(size=200)).astype(np.float64)
+    for got, expected, _, _ in run_against_numpy(values, 10.0, 50, True, dtype=torch.float32):
+        assert math.isclose(got, expected, rel_tol=2e-7)
+
+
+def test_gradients_equal_torch_clipping_with_the_numpy_threshold():
+    rng = np.random.default_rng(3)
+    clipper = AutoClip(25.0)
+    history = []
+    for step in range(30):
+        grads = [torch.tensor(rng.normal(size=s) * rng.lognormal(), dtype=torch.float32) for s in [(4, 3), (5,)]]
+        ours = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        theirs = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        result = clipper(ours)
+        history.append(float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))))
+        threshold = np.percentile(history, 25.0)
+        assert float(result.threshold) == threshold
+        torch.nn.utils.clip_grad_norm_(theirs, float(np.float32(threshold)))
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+
+
+def test_nonfinite_norms_are_recorded_as_inf_and_never_lower_the_threshold():
+    clipper = AutoClip(50.0)
+    for value in (1.0, 2.0, 3.0):
+        clipper([scalar_param(value)])
+    result = clipper([scalar_param(math.nan)])
+    assert float(result.threshold) == np.percentile([1.0, 2.0, 3.0, math.inf], 50.0) == 2.5
+    clipper([scalar_param(math.inf)])
+    assert clipper.history().tolist() == [1.0, 2.0, 3.0, math.inf, math.inf]
+    # among the inf entries the threshold is inf (numpy says nan)
+    assert float(AutoClip(100.0)([scalar_param(math.inf)]).threshold) == math.inf
+
+
+def test_first_step_without_current_norm_is_not_clipped():
+    result = AutoClip(10.0, window=1000, include_current=False)([scalar_param(123.0)])
+    assert float(result.threshold) == math.inf and float(result.scale) == 1.0
+
+
+def test_history_is_bounded_by_the_window_and_in_order():
+    clipper = AutoClip(50.0, window=4)
+    for value in range(1, 11):
+        clipper([scalar_param(float(value))])
+    assert clipper.history().tolist() == [7.0, 8.0, 9.0, 10.0]
+    assert len(clipper) == 4
