@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from gradclip.toys import quartic_descent
+from gradclip.experiments import quartic_descent
 from gradclip.viz import Explorer, LaunchNote, Param, PlotlyFigure, compact
 
 

@@ -37,21 +37,22 @@ def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters") -> list[t
             UserWarning,
             stacklevel=3,
         )
-    for index, item in enumerate(items):
-        if not isinstance(item, torch.Tensor):
-            raise TypeError(f"{name}[{index}] must be a torch.Tensor, got {type(item).__name__}")
+    if not all(issubclass(kind, torch.Tensor) for kind in {type(item) for item in items}):
+        for index, item in enumerate(items):
+            if not isinstance(item, torch.Tensor):
+                raise TypeError(f"{name}[{index}] must be a torch.Tensor, got {type(item).__name__}")
     return items
 
 
 def grads_of(parameters: TensorOrTensors) -> list[torch.Tensor]:
     """The ``.grad`` of every parameter that has one, checked to be dense."""
-    grads = [p.grad for p in as_tensor_list(parameters) if p.grad is not None]
+    grads = [g for g in [p.grad for p in as_tensor_list(parameters)] if g is not None]
     check_dense(grads, "gradient")
     return grads
 
 
 def check_dense(tensors: list[torch.Tensor], what: str) -> None:
-    if all(tensor.layout is torch.strided for tensor in tensors):
+    if {tensor.layout for tensor in tensors} <= {torch.strided}:
         return
     for index, tensor in enumerate(tensors):
         if tensor.layout is not torch.strided:

@@ -82,26 +82,26 @@ def single_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 class _BufferViews:
-    """The views a GradBuffer handed out over one buffer, for an O(n) identity check."""
+    """The views a GradBuffer handed out over one buffer, held weakly, for an O(n) identity check."""
 
     def __init__(self, buffer: torch.Tensor, views: list[torch.Tensor]) -> None:
-        self.buffer = buffer
-        self.views = views
+        self.buffer = weakref.ref(buffer)
+        self.views = [weakref.ref(view) for view in views]
 
     def matches(self, base: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
         return (
-            self.buffer is base
+            self.buffer() is base
             and len(tensors) == len(self.views)
-            and all(t is v for t, v in zip(tensors, self.views))
+            and all(t is v() for t, v in zip(tensors, self.views))
         )
 
 
-# id(buffer) -> its views; an entry leaves when the object that owns the buffer dies.
+# id(buffer) -> its views. Nothing here keeps a tensor alive; an entry leaves with its buffer.
 _REGISTERED_VIEWS: dict[int, _BufferViews] = {}
 
 
-def register_views(owner: object, buffer: torch.Tensor, views: list[torch.Tensor]) -> None:
+def register_views(buffer: torch.Tensor, views: list[torch.Tensor]) -> None:
     """Let single_buffer accept exactly these views of ``buffer`` without re-checking offsets."""
     key = id(buffer)
     _REGISTERED_VIEWS[key] = _BufferViews(buffer, views)
-    weakref.finalize(owner, _REGISTERED_VIEWS.pop, key, None)
+    weakref.finalize(buffer, _REGISTERED_VIEWS.pop, key, None)

@@ -57,7 +57,7 @@ class GradBuffer:
                 group_views.append(buffer[offset : offset + param.numel()].view(param.shape))
                 views_by_param[id(param)] = group_views[-1]
                 offset += param.numel()
-            _groups.register_views(self, buffer, group_views)
+            _groups.register_views(buffer, group_views)
         self._views = [views_by_param[id(p)] for p in self.parameters]
         self.rebind_()
 

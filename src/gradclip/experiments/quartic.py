@@ -1,8 +1,4 @@
-"""Small deterministic experiments the book runs, built on the real clipping functions.
-
-They are library code so that chapters share them, readers can call them from
-their own notebooks, and tests can re-run any grid point a chapter saved.
-"""
+"""Gradient descent on f(x) = x^4: where fixed steps explode and clipped steps do not."""
 
 from __future__ import annotations
 
@@ -11,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .clip import clip_grad_norm_
+from ..clip import clip_grad_norm_
 
 # A loss or iterate beyond this counts as diverged: the run stops there.
 DIVERGED = 1e12
@@ -51,7 +47,7 @@ def quartic_descent(x0: float, lr: float, max_norm: float | None = None, steps: 
         The losses :math:`f(x_0), \dots, f(x_T)`, cut at divergence.
 
     Example:
-        >>> from gradclip.toys import quartic_descent
+        >>> from gradclip.experiments import quartic_descent
         >>> quartic_descent(x0=4.0, lr=0.1, steps=3).diverged_at
         2
         >>> quartic_descent(x0=4.0, lr=0.1, max_norm=1.0, steps=3).diverged_at is None

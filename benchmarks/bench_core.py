@@ -1,0 +1,86 @@
+"""gradclip.clip_grad_norm_ against torch.nn.utils.clip_grad_norm_, in one process.
+
+Run: .venv/bin/python benchmarks/bench_core.py [--repeats N]
+
+Candidates and torch alternate call by call (interleaved), so drifts in clock
+speed or cache state hit both alike; each prints the median of N calls and
+the ratio torch / gradclip (above 1 means gradclip is faster). Targets:
+ResNet-50 gradients no slower than torch (ratio >= 1/1.05); 2,000 small
+tensors at least 2x faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gradclip  # noqa: E402
+from shapes import resnet50_shapes, transformer_small_shapes  # noqa: E402
+
+
+def make_params(shapes, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.empty(s)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator)
+    return params
+
+
+def interleaved(functions: dict, repeats: int) -> dict[str, float]:
+    """Median wall time in ms of each function, calls alternating between them."""
+    times = {name: [] for name in functions}
+    for fn in functions.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def compare(title, params, repeats, flat_params=None):
+    # max_norm far below the norm, so every call really scales every gradient
+    functions = {
+        "torch": lambda: torch.nn.utils.clip_grad_norm_(params, 1e-3),
+        "gradclip": lambda: gradclip.clip_grad_norm_(params, 1e-3),
+    }
+    if flat_params is not None:
+        functions["gradclip + GradBuffer"] = lambda: gradclip.clip_grad_norm_(flat_params, 1e-3)
+    medians = interleaved(functions, repeats)
+    print(f"\n{title}")
+    for name, ms in medians.items():
+        ratio = medians["torch"] / ms
+        print(f"  {name:<24} {ms:9.3f} ms   torch/this = {ratio:5.2f}x")
+    return medians
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, python {platform.python_version()}")
+
+    resnet = resnet50_shapes()
+    print(f"ResNet-50: {len(resnet)} tensors, {sum(torch.Size(s).numel() for s in resnet):,} values")
+    compare("(a) ResNet-50 gradients, float32", make_params(resnet), args.repeats)
+
+    small = transformer_small_shapes()
+    params = make_params(small)
+    flat = make_params(small, seed=1)
+    gradclip.GradBuffer(flat)
+    print(f"\nsmall set: {len(small)} tensors, {sum(torch.Size(s).numel() for s in small):,} values")
+    compare("(b) 2,000 small transformer-like tensors, float32", params, args.repeats * 3, flat)
+
+
+if __name__ == "__main__":
+    main()
