@@ -1,27 +1,9 @@
-"""Shared pieces of the adaptive-clipper tests: gradclip's public names for the new classes."""
+"""Shared pieces of the adaptive-clipper tests."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-import gradclip
-from gradclip.autoclip import AutoClip
-from gradclip.guard import SpikeGuard
-from gradclip.monitor import GradientMonitor
-from gradclip.zclip import ZClip
-
-# The public names, as gradclip/__init__.py exports them.
-EXPORTS = {"AutoClip": AutoClip, "ZClip": ZClip, "SpikeGuard": SpikeGuard, "GradientMonitor": GradientMonitor}
-
-
-def use_exports(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, obj in EXPORTS.items():
-        if hasattr(gradclip, name):
-            assert getattr(gradclip, name) is obj, f"gradclip.{name} is not the class under test"
-        else:
-            monkeypatch.setattr(gradclip, name, obj, raising=False)
-
 
 def forbid_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reading a tensor's value on the host is what a sync is; make every such read fail."""

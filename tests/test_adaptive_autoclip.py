@@ -94,6 +94,10 @@ def test_nonfinite_norms_are_recorded_as_inf_and_never_lower_the_threshold():
     assert clipper.history().tolist() == [1.0, 2.0, 3.0, math.inf, math.inf]
     # among the inf entries the threshold is inf (numpy says nan)
     assert float(AutoClip(100.0)([scalar_param(math.inf)]).threshold) == math.inf
+    for percentile in (30.0, 50.0, 70.0):  # interpolating towards +inf gives inf, not nan
+        clipper = AutoClip(percentile)
+        clipper([scalar_param(1.0)])
+        assert float(clipper([scalar_param(math.inf)]).threshold) == math.inf
 
 
 def test_first_step_without_current_norm_is_not_clipped():

@@ -10,6 +10,7 @@ from helpers_methods import LargestTemporary, NoSync, clone_params, make_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gradclip.agc as agc_module
 from gradclip.agc import UnitSpec, adaptive_clip_grad_, agc_parameters, agc_unit_dims
 
 
@@ -275,22 +276,36 @@ def test_non_finite_gradients_stay_non_finite_per_unit():
     assert torch.isnan(v.grad).all()
 
 
-def test_agc_does_not_sync_and_makes_no_full_size_temporary():
-    params = make_params([(256, 64, 3, 3), (256,), (512, 256), (10, 512)], seed=5)
-    for p in params:
-        p.grad = p.grad.contiguous(memory_format=torch.channels_last) if p.ndim == 4 else p.grad
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_agc_does_not_sync_and_makes_no_full_size_temporary(channels_last, monkeypatch):
+    monkeypatch.setattr(agc_module, "BLOCK_NUMEL", 1 << 17)  # smaller than the test's largest tensor
+    params = make_params([(512, 128, 3, 3), (512,), (1024, 512), (10, 512)], seed=5)
+    if channels_last:  # the general (strided reduction) path
+        params[0].grad = params[0].grad.contiguous(memory_format=torch.channels_last)
     with NoSync():
         adaptive_clip_grad_(params, 0.01)
     recorder = LargestTemporary()
     with recorder:
         adaptive_clip_grad_(params, 0.01)
-    largest_unit_count = 256 + 256 + 512 + 10 + 1  # every per-unit norm together
-    assert recorder.largest <= largest_unit_count, (recorder.largest, recorder.op)
+    unit_count = 512 + 1 + 1024 + 10  # every per-unit norm together
+    assert recorder.largest <= max(1 << 17, unit_count), (recorder.largest, recorder.op)
+    assert recorder.largest * 4 <= 512 * 128 * 9
     # the recorder does see full-size temporaries: timm's reference makes them
     timm_recorder = LargestTemporary()
     with timm_recorder:
         timm_adaptive_clip_grad(params, 0.01)
-    assert timm_recorder.largest == 256 * 64 * 9
+    assert timm_recorder.largest == 512 * 128 * 9
+
+
+def test_blocked_and_general_paths_agree_on_rows_longer_than_a_block(monkeypatch):
+    monkeypatch.setattr(agc_module, "BLOCK_NUMEL", 1 << 14)
+    BLOCK_NUMEL = 1 << 14
+    params = make_params([(3, BLOCK_NUMEL + 7), (BLOCK_NUMEL // 5 + 3, 5, 2)], torch.float64, seed=12, grad_scale=0.2)
+    general = clone_params(params)
+    adaptive_clip_grad_(params, 0.05)  # blocked rows
+    adaptive_clip_grad_(general, 0.05, norm_type=2.0000000001)  # same math through the strided reduction
+    for p, q in zip(params, general):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12)
 
 
 def test_channels_last_gradients_are_clipped_in_place():

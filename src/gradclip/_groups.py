@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._foreach_utils import (
@@ -15,13 +16,41 @@ from torch.utils._foreach_utils import (
 GroupKey = tuple[torch.device, torch.dtype]
 
 
+class Sharding(NamedTuple):
+    """What a group of DTensors shares, and their local shards."""
+
+    mesh: Any
+    placements: tuple[Any, ...]
+    tensors: list[torch.Tensor]
+    buffer: torch.Tensor | None
+
+
 class Group(NamedTuple):
-    """Tensors of one device and dtype, and the flat buffer they tile, if any."""
+    """Tensors of one device and dtype, and the flat buffer they tile, if any.
+
+    ``sharding`` is ``None`` for plain tensors. A group of DTensors (same
+    device, dtype, mesh and placements) keeps the DTensors in ``tensors``, has
+    no ``buffer``, and a :class:`Sharding` with their local shards; see
+    :func:`local`.
+    """
 
     device: torch.device
     dtype: torch.dtype
     tensors: list[torch.Tensor]
     buffer: torch.Tensor | None
+    sharding: Sharding | None = None
+
+
+def local(group: Group) -> Group:
+    """The group with its DTensors replaced by their local shards; a plain group as is.
+
+    Scaling or clamping the local shards in place scales or clamps the DTensors,
+    with no communication and no DTensor dispatch.
+    """
+    sharding = group.sharding
+    if sharding is None:
+        return group
+    return Group(group.device, group.dtype, sharding.tensors, sharding.buffer, sharding)
 
 
 def by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[GroupKey, list[torch.Tensor]]:
@@ -33,11 +62,54 @@ def by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[GroupKey, list[torc
 
 
 def groups_of(tensors: list[torch.Tensor], foreach: bool | None) -> list[Group]:
-    """Group by (device, dtype) and find flat buffers (not when ``foreach=False``)."""
+    """Group by (device, dtype) and find flat buffers (not when ``foreach=False``).
+
+    DTensors (``torch.distributed.tensor.DTensor``, e.g. the gradients of
+    ``fully_shard``) are grouped apart, by (device, dtype, mesh, placements),
+    after the plain tensors; see :class:`Group`.
+    """
+    dtensor = dtensor_type()
+    if dtensor is not None and any(issubclass(kind, dtensor) for kind in {type(t) for t in tensors}):
+        return _groups_with_dtensors(tensors, foreach, dtensor)
     return [
         Group(device, dtype, group, None if foreach is False else single_buffer(group))
         for (device, dtype), group in by_device_and_dtype(tensors).items()
     ]
+
+
+_DTENSOR: Any = None
+
+
+def dtensor_type() -> Any:
+    """``torch.distributed.tensor.DTensor`` if that module was imported, else None.
+
+    No DTensor can exist before ``torch.distributed.tensor`` is imported, so the
+    single-process path costs one dictionary look-up and imports nothing.
+    """
+    global _DTENSOR
+    if _DTENSOR is None:
+        module = sys.modules.get("torch.distributed.tensor")
+        _DTENSOR = getattr(module, "DTensor", None) if module is not None else None
+    return _DTENSOR
+
+
+def _groups_with_dtensors(tensors: list[torch.Tensor], foreach: bool | None, dtensor: Any) -> list[Group]:
+    plain: list[torch.Tensor] = []
+    sharded: dict[tuple[Any, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for tensor in tensors:
+        if isinstance(tensor, dtensor):
+            shard = tensor.to_local()
+            key = (shard.device, shard.dtype, tensor.device_mesh, tuple(tensor.placements))
+            whole, shards = sharded.setdefault(key, ([], []))
+            whole.append(tensor)
+            shards.append(shard)
+        else:
+            plain.append(tensor)
+    groups = groups_of(plain, foreach) if plain else []
+    for (device, dtype, mesh, placements), (whole, shards) in sharded.items():
+        buffer = None if foreach is False else single_buffer(shards)
+        groups.append(Group(device, dtype, whole, None, Sharding(mesh, placements, shards, buffer)))
+    return groups
 
 
 def use_foreach(tensors: list[torch.Tensor], device: torch.device, foreach: bool | None) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -82,6 +82,8 @@ class AutoClip(Clipper):
         dtype: ``torch.float64`` (exact) or ``torch.float32`` for the history.
         foreach: as in :func:`gradclip.clip_grad_norm_`.
         scaler: the ``GradScaler`` of the loss, to check that gradients were unscaled.
+        process_group, replicated: for sharded gradients under ``torch.distributed``,
+            as in :class:`~gradclip.Clipper`.
 
     Example:
         >>> import torch, gradclip
@@ -98,8 +100,11 @@ class AutoClip(Clipper):
 
     def __init__(self, percentile: float = 10.0, window: int | None = None, include_current: bool = True,
                  *, norm_type: float | str = 2.0, dtype: torch.dtype = torch.float64,
-                 foreach: bool | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
-        super().__init__(norm_type=norm_type, foreach=foreach, scaler=scaler)
+                 foreach: bool | None = None, scaler: torch.amp.GradScaler | None = None,
+                 process_group: Any = None,
+                 replicated: Iterable[torch.Tensor] | None = None) -> None:
+        super().__init__(norm_type=norm_type, foreach=foreach, scaler=scaler, process_group=process_group,
+                         replicated=replicated)
         self.percentile = check_real("percentile", percentile, 0.0, 100.0)
         self.window = None if window is None else check_int("window", window, 1)
         self.include_current = check_bool("include_current", include_current)
@@ -193,10 +198,18 @@ class AutoClip(Clipper):
         assert self._sorted is not None and self._added is not None and self._removed is not None
         r, d, s = self._n_added, self._n_removed, self._sorted_n
         snapshot = self._sorted
+        start = max(0, lower - r)
+        if d == 0:
+            # S[:start] holds only values ranked before `lower`, and S[upper + 1:] only values
+            # ranked after `upper`: in sorted(S[start : upper + 1] + R) they sit at index - start.
+            window = snapshot[start : min(s, upper + 1)]
+            candidates = torch.cat([window, self._added[:r]]) if r else window
+            ordered = torch.sort(candidates).values if r else candidates
+            return ordered[lower - start], ordered[upper - start]
         added = torch.sort(self._added[:r]).values if r else None
         removed = torch.sort(self._removed[:d]).values if d else None
         # The k-th smallest of S + R - D has a copy in S[k - |R| : k + |D| + 1] or in R.
-        start, stop = max(0, lower - r), min(s, upper + d + 1)
+        stop = min(s, upper + d + 1)
         pieces = [snapshot[start:stop]] + ([added] if added is not None else [])
         candidates = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         at_most = torch.searchsorted(snapshot, candidates, right=True)
@@ -204,9 +217,8 @@ class AutoClip(Clipper):
             at_most = at_most + torch.searchsorted(added, candidates, right=True)
         if removed is not None:
             at_most = at_most - torch.searchsorted(removed, candidates, right=True)
-        inf = torch.tensor(math.inf, dtype=self.dtype, device=candidates.device)
-        low = torch.where(at_most > lower, candidates, inf).amin()
-        high = low if upper == lower else torch.where(at_most > upper, candidates, inf).amin()
+        low = torch.where(at_most > lower, candidates, math.inf).amin()
+        high = low if upper == lower else torch.where(at_most > upper, candidates, math.inf).amin()
         return low, high
 
     def _threshold(self) -> torch.Tensor:
@@ -218,13 +230,14 @@ class AutoClip(Clipper):
             return low
         diff = high - low
         value = high - diff * (1 - gamma) if gamma >= 0.5 else low + diff * gamma
-        return torch.where(high == low, low, value)  # inf - inf would give nan
+        # inf - inf gives nan where the interpolation touches +inf entries; the answer there is inf
+        return torch.nan_to_num(value, nan=math.inf, posinf=math.inf)
 
     # --- the step --------------------------------------------------------------------------
 
     def _step(self, groups: list[_groups.Group], norm: torch.Tensor) -> ClipResult:
         value = norm.detach().to(self.dtype)
-        value = torch.where(value.isnan(), math.inf, value)
+        value = torch.nan_to_num(value, nan=math.inf, posinf=math.inf)
         if self.include_current:
             self._record(value)
             threshold = self._threshold()

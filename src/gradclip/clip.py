@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 
 from . import _args, _groups
@@ -14,6 +17,7 @@ NORM_EPS = 1e-6
 def scale_(groups: list[_groups.Group], factor: torch.Tensor, foreach: bool | None) -> None:
     """Multiply every gradient in place by the 0-dim tensor ``factor``."""
     for group in groups:
+        group = _groups.local(group)
         device_factor = factor.to(group.device)
         if group.buffer is not None:
             group.buffer.mul_(device_factor)
@@ -53,6 +57,10 @@ def clip_grads_with_norm_(
         total_norm: the norm of all gradients, a tensor.
         foreach: as in :func:`get_total_norm`.
 
+    A DTensor ``total_norm`` (what ``torch.nn.utils.get_total_norm`` returns
+    for DTensor gradients) is made whole with ``full_tensor()`` first, and
+    DTensor gradients are scaled through their local shards.
+
     Example:
         >>> import torch, gradclip
         >>> w = torch.zeros(2, requires_grad=True); w.grad = torch.tensor([3.0, 4.0])
@@ -64,6 +72,9 @@ def clip_grads_with_norm_(
     if not isinstance(total_norm, torch.Tensor):
         raise TypeError(f"total_norm must be a torch.Tensor (from get_total_norm), got {type(total_norm).__name__}")
     _args.check_foreach(foreach)
+    dtensor = _groups.dtensor_type()
+    if dtensor is not None and isinstance(total_norm, dtensor):
+        total_norm = total_norm.full_tensor()
     grads = _args.grads_of(parameters)
     if grads:
         scale_(_groups.groups_of(grads, foreach), clip_coefficient(max_norm, total_norm), foreach)
@@ -76,6 +87,9 @@ def clip_grad_norm_(
     norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    process_group: Any = None,
+    replicated: Iterable[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     r"""Clip the global norm of the gradients in place; return the norm before clipping.
 
@@ -103,6 +117,15 @@ def clip_grad_norm_(
     Non-finite gradients stay non-finite: an inf norm gives a factor 0, so
     inf entries become NaN, and a NaN norm makes every gradient NaN, as in torch.
 
+    Distributed training (see :mod:`gradclip.distributed`; every rank must call):
+
+    * DistributedDataParallel: call it as on one process, after ``backward()``
+      (the gradients are already averaged); do not pass ``process_group``.
+    * DTensor gradients (``fully_shard``, tensor parallel): nothing to pass;
+      the norm is that of the full gradients, a plain tensor equal on every rank.
+    * Parameters sharded by hand: ``process_group=True`` (or a group), and
+      ``replicated=`` for the parameters every rank holds a copy of.
+
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped.
         max_norm: the threshold c, a number in [0, inf] (or a 0-dim tensor, used unchecked).
@@ -110,6 +133,12 @@ def clip_grad_norm_(
         error_if_nonfinite: raise ``RuntimeError`` when the norm is NaN or inf (syncs).
         foreach: ``None`` picks the fastest batched path, ``True`` insists on
             torch's foreach kernels, ``False`` loops over tensors.
+        process_group: ``None``, ``True`` or :data:`gradclip.distributed.WORLD`
+            (the default group), a ``ProcessGroup`` or a 1-D ``DeviceMesh``:
+            the ranks the plain gradients are sharded over; the partial sums of
+            :math:`|g|^p` (max for p = inf) are all-reduced across it.
+        replicated: parameters whose gradient every rank of ``process_group``
+            holds identically; counted once, not once per rank.
 
     Returns:
         The total norm before clipping, a 0-dim tensor.
@@ -122,21 +151,40 @@ def clip_grad_norm_(
         >>> w.grad
         tensor([0.6000, 0.8000])
     """
+    norm, _ = clip_norm_and_scale_(parameters, max_norm, norm_type, error_if_nonfinite, foreach,
+                                   process_group=process_group, replicated=replicated)
+    return norm
+
+
+def clip_norm_and_scale_(
+    parameters: _args.TensorOrTensors,
+    max_norm: _args.Threshold,
+    norm_type: float | str,
+    error_if_nonfinite: bool,
+    foreach: bool | None,
+    *,
+    process_group: Any = None,
+    replicated: Iterable[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The work of :func:`clip_grad_norm_`: returns the pre-clip norm and the factor applied."""
     max_norm = _args.check_threshold("max_norm", max_norm)
     p = _args.check_norm_type(norm_type)
     _args.check_foreach(foreach)
     grads = _args.grads_of(parameters)
     groups = _groups.groups_of(grads, foreach)
-    norm = total_norm(groups, p, foreach, grads[0].device if grads else None)
+    norm = total_norm(groups, p, foreach, grads[0].device if grads else None,
+                      process_group=process_group, replicated=replicated)
     if error_if_nonfinite:
         raise_if_nonfinite(norm, p)
+    scale = clip_coefficient(max_norm, norm)
     if grads:
-        scale_(groups, clip_coefficient(max_norm, norm), foreach)
-    return norm
+        scale_(groups, scale, foreach)
+    return norm, scale
 
 
 def _clamp_(groups: list[_groups.Group], low: float, high: float, foreach: bool | None) -> None:
     for group in groups:
+        group = _groups.local(group)
         if group.buffer is not None:
             group.buffer.clamp_(min=low, max=high)
         elif _groups.use_foreach(group.tensors, group.device, foreach):
@@ -167,6 +215,10 @@ def clip_grad_value_(
     entries stay NaN), except that a negative or NaN ``clip_value`` raises
     ``ValueError`` instead of producing an empty interval.
 
+    DTensor gradients are clamped through their local shards, with no
+    communication; a ``Partial`` placement raises ``ValueError`` (its local
+    values are summands, not entries).
+
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is clamped.
         clip_value: v, a number in [0, inf].
@@ -185,4 +237,9 @@ def clip_grad_value_(
     _args.check_foreach(foreach)
     grads = _args.grads_of(parameters)
     if grads:
-        _clamp_(_groups.groups_of(grads, foreach), -float(clip_value), float(clip_value), foreach)
+        groups = _groups.groups_of(grads, foreach)
+        if any(group.sharding is not None for group in groups):
+            from .distributed import check_not_partial
+
+            check_not_partial(groups, "clip_grad_value_")
+        _clamp_(groups, -float(clip_value), float(clip_value), foreach)

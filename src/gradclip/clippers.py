@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numbers
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -101,19 +101,31 @@ class Clipper:
     configuration, and ``load_state_dict`` of a state saved by a differently
     configured clipper raises ``ValueError`` naming the field.
 
+    Under ``torch.distributed``, every rank calls the clipper on its own
+    gradients; DTensor gradients (FSDP2) are reduced to the global norm
+    automatically, and hand-sharded ones with ``process_group``. Every rank
+    then sees the same norm, so the state stays identical across ranks with
+    no communication beyond the norm's all-reduce.
+
     Args:
         norm_type: p of the global norm, in (0, inf].
         foreach: as in :func:`gradclip.clip_grad_norm_`.
         scaler: the ``GradScaler`` used for the loss, to check unscaling.
+        process_group: for hand-sharded gradients, the group to reduce the
+            norm over (``True`` for the default group); see :func:`gradclip.clip_grad_norm_`.
+        replicated: parameters every rank holds a copy of, counted once.
     """
 
     def __init__(self, *, norm_type: float | str = 2.0, foreach: bool | None = None,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
+                 scaler: torch.amp.GradScaler | None = None, process_group: Any = None,
+                 replicated: Iterable[torch.Tensor] | None = None) -> None:
         self._p = _args.check_norm_type(norm_type)
         self.foreach = _args.check_foreach(foreach)
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         self.scaler = scaler
+        self.process_group = process_group
+        self.replicated = None if replicated is None else list(replicated)
         self.steps = 0
         self.last_result: ClipResult | None = None
         self._hook: Any = None
@@ -152,7 +164,7 @@ class Clipper:
             A :class:`~gradclip.result.ClipResult` of 0-dim tensors.
         """
         grads = _args.grads_of(parameters)
-        if not grads:
+        if not grads and self.process_group is None:  # a rank may hold no shard of a sharded model
             raise RuntimeError(
                 f"{type(self).__name__} was called but no parameter has a gradient: call "
                 "loss.backward() before the clipper (and before optimizer.step() when attached)."
@@ -160,7 +172,8 @@ class Clipper:
         self._check_unscaled(optimizer)
         self._check_not_twice(grads)
         groups = _groups.groups_of(grads, self.foreach)
-        norm = total_norm(groups, self._p, self.foreach, grads[0].device)
+        norm = total_norm(groups, self._p, self.foreach, grads[0].device if grads else None,
+                          process_group=self.process_group, replicated=self.replicated)
         result = self._step(groups, norm)
         self._last_grads = [weakref.ref(g) for g in grads]
         self._last_versions = [g._version for g in grads]
@@ -189,7 +202,7 @@ class Clipper:
 
     def _check_not_twice(self, grads: list[torch.Tensor]) -> None:
         previous, versions = self._last_grads, self._last_versions
-        if previous is None or versions is None or len(previous) != len(grads):
+        if not grads or previous is None or versions is None or len(previous) != len(grads):
             return
         for ref, version, grad in zip(previous, versions, grads):
             if ref() is not grad or grad._version != version:

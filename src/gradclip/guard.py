@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -68,6 +68,8 @@ class SpikeGuard(Clipper):
         norm_type: p of the global norm, in (0, inf].
         foreach: as in :func:`gradclip.clip_grad_norm_`.
         scaler: the ``GradScaler`` of the loss, to check that gradients were unscaled.
+        process_group, replicated: for sharded gradients under ``torch.distributed``,
+            as in :class:`~gradclip.Clipper`.
 
     Attributes:
         skipped_steps: the number of steps skipped so far, an int64 0-dim tensor.
@@ -86,8 +88,10 @@ class SpikeGuard(Clipper):
 
     def __init__(self, mode: str = "zscore", threshold: float = 6.0, window: int = 128,
                  min_history: int = 20, *, norm_type: float | str = 2.0, foreach: bool | None = None,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
-        super().__init__(norm_type=norm_type, foreach=foreach, scaler=scaler)
+                 scaler: torch.amp.GradScaler | None = None, process_group: Any = None,
+                 replicated: Iterable[torch.Tensor] | None = None) -> None:
+        super().__init__(norm_type=norm_type, foreach=foreach, scaler=scaler, process_group=process_group,
+                         replicated=replicated)
         self.mode = check_choice("mode", mode, ("zscore", "median"))
         self.threshold = check_real("threshold", threshold, 0.0, None, low_open=True)
         self.window = check_int("window", window, 2)

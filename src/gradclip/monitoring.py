@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
-from typing import Union
+from collections.abc import Iterable, Sequence
+from typing import Any, Union
 
 import torch
 
-from . import _args, _groups
-from .clip import clip_coefficient, scale_
-from .norms import raise_if_nonfinite, total_norm
+from . import _args
+from .clip import clip_norm_and_scale_
 from .result import ClipResult
 
 History = Union[torch.Tensor, Sequence[Union[float, torch.Tensor]]]
@@ -23,6 +22,9 @@ def clip_grad_norm_report_(
     norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    process_group: Any = None,
+    replicated: Iterable[torch.Tensor] | None = None,
 ) -> ClipResult:
     r""":func:`gradclip.clip_grad_norm_`, returning a :class:`~gradclip.result.ClipResult` instead of the norm.
 
@@ -43,6 +45,7 @@ def clip_grad_norm_report_(
         norm_type: p, in (0, inf].
         error_if_nonfinite: raise ``RuntimeError`` when the norm is NaN or inf (syncs).
         foreach: as in :func:`gradclip.clip_grad_norm_`.
+        process_group, replicated: for sharded gradients, as in :func:`gradclip.clip_grad_norm_`.
 
     Returns:
         A :class:`~gradclip.result.ClipResult` of 0-dim tensors: ``norm``,
@@ -55,17 +58,8 @@ def clip_grad_norm_report_(
         >>> r.norm, r.clipped, r.post_norm
         (tensor(5.), tensor(True), tensor(1.0000))
     """
-    max_norm = _args.check_threshold("max_norm", max_norm)
-    p = _args.check_norm_type(norm_type)
-    _args.check_foreach(foreach)
-    grads = _args.grads_of(parameters)
-    groups = _groups.groups_of(grads, foreach)
-    norm = total_norm(groups, p, foreach, grads[0].device if grads else None)
-    if error_if_nonfinite:
-        raise_if_nonfinite(norm, p)
-    scale = clip_coefficient(max_norm, norm)
-    if grads:
-        scale_(groups, scale, foreach)
+    norm, scale = clip_norm_and_scale_(parameters, max_norm, norm_type, error_if_nonfinite, foreach,
+                                       process_group=process_group, replicated=replicated)
     if isinstance(max_norm, torch.Tensor):
         threshold = max_norm.detach().reshape(()).to(device=norm.device, dtype=norm.dtype)
     else:

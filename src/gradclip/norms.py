@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 from torch._utils import _flatten_dense_tensors
 
@@ -42,9 +45,26 @@ def _norms_of_group(group: _groups.Group, p: float, foreach: bool | None) -> tor
 
 
 def total_norm(
-    groups: list[_groups.Group], p: float, foreach: bool | None, first_device: torch.device | None
+    groups: list[_groups.Group],
+    p: float,
+    foreach: bool | None,
+    first_device: torch.device | None,
+    *,
+    process_group: Any = None,
+    replicated: Iterable[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The p-norm of all entries of the grouped tensors, on ``first_device``."""
+    """The p-norm of all entries of the grouped tensors, on ``first_device``.
+
+    With DTensor groups, or a ``process_group``, the global norm over the
+    ranks (see :func:`gradclip.distributed.global_norm`, which documents
+    ``process_group`` and ``replicated``); every rank must call it then.
+    """
+    if (process_group is not None and process_group is not False) or any(
+        group.sharding is not None for group in groups
+    ):
+        from .distributed import global_norm
+
+        return global_norm(groups, p, foreach, first_device, process_group, replicated)
     if not groups:
         return torch.tensor(0.0)
     partial_norms = [_norms_of_group(group, p, foreach).to(first_device) for group in groups]
@@ -67,6 +87,9 @@ def get_total_norm(
     norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    process_group: Any = None,
+    replicated: Iterable[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     r"""Norm of all entries of ``tensors``, as if concatenated into one vector.
 
@@ -82,6 +105,14 @@ def get_total_norm(
 
     No host-device synchronisation happens unless ``error_if_nonfinite=True``.
 
+    Distributed: DTensors (e.g. gradients of ``fully_shard``) give the norm of
+    the full tensors, as a plain tensor equal on every rank (torch returns a
+    DTensor whose ``.item()`` is only a partial value). For tensors sharded by
+    hand, ``process_group`` all-reduces the partial sums of
+    :math:`|g|^p` (the max for p = inf) in float64 and ``replicated`` marks
+    the tensors every rank holds a copy of, counted once; see
+    :mod:`gradclip.distributed`. Every rank must then make the call.
+
     Args:
         tensors: a tensor or an iterable of tensors (typically gradients).
         norm_type: p, in (0, inf]; ``'inf'`` or ``float('inf')`` for the max-norm.
@@ -89,9 +120,16 @@ def get_total_norm(
             Checking reads the value, which synchronises with the device.
         foreach: ``None`` picks the fastest batched path available,
             ``True`` insists on torch's foreach kernels, ``False`` loops.
+        process_group: ``None`` (no reduction over plain tensors), ``True`` or
+            :data:`gradclip.distributed.WORLD` (the default group), a
+            ``ProcessGroup`` or a 1-D ``DeviceMesh``: the ranks ``tensors`` are
+            sharded over.
+        replicated: tensors (or parameters whose ``.grad`` is in ``tensors``)
+            that are identical on every rank of ``process_group``.
 
     Returns:
-        A 0-dim tensor on the first tensor's device; ``tensor(0.)`` for no tensors.
+        A 0-dim tensor on the first tensor's device; ``tensor(0.)`` for no tensors
+        (with ``process_group``, a rank without tensors still gets the global norm).
 
     Example:
         >>> import torch, gradclip
@@ -102,9 +140,16 @@ def get_total_norm(
     _args.check_dense(tensors, "tensor")
     p = _args.check_norm_type(norm_type)
     _args.check_foreach(foreach)
-    tensors = [t.detach() for t in tensors]
+    detached = [t.detach() for t in tensors]
+    if replicated is not None and process_group is not None and process_group is not False:
+        from .distributed import replicated_ids
+
+        marked = replicated_ids(replicated)  # match the caller's tensors, not our detached copies
+        replicated = [d for t, d in zip(tensors, detached) if id(t) in marked]
+    tensors = detached
     first_device = tensors[0].device if tensors else None
-    norm = total_norm(_groups.groups_of(tensors, foreach), p, foreach, first_device)
+    norm = total_norm(_groups.groups_of(tensors, foreach), p, foreach, first_device,
+                      process_group=process_group, replicated=replicated)
     if error_if_nonfinite:
         raise_if_nonfinite(norm, p)
     return norm

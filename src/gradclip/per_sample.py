@@ -50,12 +50,12 @@ def _check_batch(inputs: torch.Tensor, targets: torch.Tensor) -> int:
 def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, p in model.named_parameters():
+        if isinstance(p, nn.parameter.UninitializedParameter) or p.is_meta:
+            raise ValueError(f"parameter {name!r} has no data (meta or uninitialised); run a forward pass first")
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError("model has no parameters with requires_grad=True")
-    for name, p in params.items():
-        if isinstance(p, nn.parameter.UninitializedParameter) or p.is_meta:
-            raise ValueError(f"parameter {name!r} has no data (meta or uninitialised); run a forward pass first")
     return params
 
 

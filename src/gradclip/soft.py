@@ -8,6 +8,8 @@ smoothly with its size instead of switching at a threshold.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -22,6 +24,9 @@ def soft_clip_grad_norm_(
     max_norm: float,
     norm_type: float | str = 2.0,
     foreach: bool | None = None,
+    *,
+    process_group: Any = None,
+    replicated: Iterable[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     r"""Scale the gradients by :math:`c/(\|g\|+c)` in place; return the norm before scaling.
 
@@ -59,6 +64,7 @@ def soft_clip_grad_norm_(
         max_norm: c, a number in (0, inf]; ``inf`` leaves the gradients unchanged.
         norm_type: p, in (0, inf].
         foreach: as in :func:`gradclip.clip_grad_norm_`.
+        process_group, replicated: for sharded gradients, as in :func:`gradclip.clip_grad_norm_`.
 
     Returns:
         The total norm before scaling, a 0-dim tensor.
@@ -80,7 +86,8 @@ def soft_clip_grad_norm_(
     _args.check_foreach(foreach)
     grads = _args.grads_of(parameters)
     groups = _groups.groups_of(grads, foreach)
-    norm = total_norm(groups, p, foreach, grads[0].device if grads else None)
+    norm = total_norm(groups, p, foreach, grads[0].device if grads else None,
+                      process_group=process_group, replicated=replicated)
     if grads:
         scale_(groups, 1.0 / (1.0 + norm / max_norm), foreach)
     return norm

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -75,6 +75,8 @@ class ZClip(Clipper):
         dtype: ``torch.float64`` or ``torch.float32`` for the state.
         foreach: as in :func:`gradclip.clip_grad_norm_`.
         scaler: the ``GradScaler`` of the loss, to check that gradients were unscaled.
+        process_group, replicated: for sharded gradients under ``torch.distributed``,
+            as in :class:`~gradclip.Clipper`.
 
     Example:
         >>> import torch, gradclip
@@ -92,8 +94,10 @@ class ZClip(Clipper):
                  clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
                  skip_update_on_spike: bool = False, *, norm_type: float | str = 2.0,
                  dtype: torch.dtype = torch.float64, foreach: bool | None = None,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
-        super().__init__(norm_type=norm_type, foreach=foreach, scaler=scaler)
+                 scaler: torch.amp.GradScaler | None = None, process_group: Any = None,
+                 replicated: Iterable[torch.Tensor] | None = None) -> None:
+        super().__init__(norm_type=norm_type, foreach=foreach, scaler=scaler, process_group=process_group,
+                         replicated=replicated)
         self.alpha = check_real("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
         self.z_thresh = check_real("z_thresh", z_thresh, 0.0, None, low_open=True)
         self.max_grad_norm = None if max_grad_norm is None else check_real("max_grad_norm", max_grad_norm, 0.0)
