@@ -239,8 +239,8 @@ def _item(param: torch.Tensor, spec: UnitSpec, p: float) -> _Item:
     weight, grad = param.detach(), param.grad
     if spec.dim is None:
         return _Item(weight, grad, None, False)
-    rows = (
-        p == 2.0 and spec.dim == 0 and spec.groups == 1 and grad.dtype in _BLAS_DTYPES
+    rows = (  # a CPU trick: on a GPU one reduction kernel per tensor is already at memory speed
+        grad.device.type == "cpu" and p == 2.0 and spec.dim == 0 and spec.groups == 1 and grad.dtype in _BLAS_DTYPES
         and weight.dtype == grad.dtype and grad.numel() >= BLOCKED_MIN_NUMEL and weight.is_contiguous() and grad.is_contiguous()
     )
     kept = {spec.dim}
