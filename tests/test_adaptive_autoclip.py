@@ -111,3 +111,33 @@ def test_history_is_bounded_by_the_window_and_in_order():
         clipper([scalar_param(float(value))])
     assert clipper.history().tolist() == [7.0, 8.0, 9.0, 10.0]
     assert len(clipper) == 4
+
+
+def test_returned_thresholds_are_not_changed_by_later_steps():
+    # gamma == 0 (p = 0, 100; p = 50 at odd lengths) returns an order statistic itself
+    rng = np.random.default_rng(4)
+    values = rng.lognormal(size=80)
+    for percentile in (0.0, 50.0, 100.0, 37.5):
+        for window in (None, 7):
+            clipper = AutoClip(percentile, window)
+            kept = [clipper([scalar_param(float(v))]).threshold for v in values]
+            for step, threshold in enumerate(kept):
+                live = values[: step + 1] if window is None else values[max(0, step + 1 - window) : step + 1]
+                assert float(threshold) == np.percentile(live, percentile)
+
+
+def test_history_grows_past_its_first_buffer_and_stays_exact_and_in_order():
+    rng = np.random.default_rng(5)
+    values = rng.lognormal(size=1100)
+    values[[100, 500, 1050]] = math.inf
+    clipper = AutoClip(62.5)
+    for step, value in enumerate(values):
+        result = clipper([scalar_param(float(value))])
+        expected = np.percentile(values[: step + 1], 62.5)
+        assert float(result.threshold) == (math.inf if math.isnan(expected) else expected)
+        if step in (0, 15, 16, 17, 1023, 1024, 1099):
+            assert clipper.history().tolist() == values[: step + 1].tolist()
+    state = clipper.state_dict()
+    resumed = AutoClip(62.5)
+    resumed.load_state_dict(state)
+    assert resumed.history().tolist() == values.tolist()

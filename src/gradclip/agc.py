@@ -187,91 +187,39 @@ class _Item(NamedTuple):
     weight: torch.Tensor  # viewed so that the units are the kept axes
     grad: torch.Tensor  # the same view of the gradient
     reduce: tuple[int, ...] | None  # axes reduced per unit; None: the whole tensor is one unit
-    rows: bool  # units along axis 0 of contiguous weight and gradient: the blocked L2 path applies
 
 
-# Rows are processed in blocks of about this many values: a block's squares fit in cache,
-# and the scratch buffer they go through is the only temporary, whatever the tensor size.
-BLOCK_NUMEL = 1 << 20
-# Below this size a tensor's reduction is cheap and one kernel beats the blocked path's several.
-BLOCKED_MIN_NUMEL = 1 << 15
-_BLAS_DTYPES = (torch.float32, torch.float64)
-
-
-def _row_blocks(n_rows: int, row_numel: int) -> list[tuple[int, int]]:
-    per = max(1, BLOCK_NUMEL // max(row_numel, 1))
-    return [(start, min(start + per, n_rows)) for start in range(0, n_rows, per)]
-
-
-def _row_norms(tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """L2 norms of the rows of each contiguous tensor: square a block into scratch, then one mv.
-
-    torch's reduction over inner dimensions runs several times slower on the CPU than a
-    whole-tensor norm; squaring a cache-sized block and summing it with a BLAS mv runs at
-    memory speed, with one small scratch buffer for all tensors instead of a temporary each.
-    """
-    row_numels = [t[0].numel() for t in tensors]
-    scratch = torch.empty(max(min(t.numel(), max(k, BLOCK_NUMEL)) for t, k in zip(tensors, row_numels)),
-                          dtype=dtype, device=device)
-    ones = torch.ones(max(row_numels), dtype=dtype, device=device)
-    norms = []
-    for tensor, k in zip(tensors, row_numels):
-        rows = tensor.view(tensor.shape[0], k)
-        out = torch.empty(rows.shape[0], dtype=dtype, device=device)
-        for start, stop in _row_blocks(rows.shape[0], k):
-            block = rows[start:stop]
-            squares = scratch[: block.numel()].view(block.shape)
-            torch.mul(block, block, out=squares)
-            torch.mv(squares, ones[:k], out=out[start:stop])
-        norms.append(out.sqrt_().view((-1,) + (1,) * (tensor.ndim - 1)))
-    return norms
-
-
-def _scale_rows_(tensor: torch.Tensor, factors: torch.Tensor) -> None:
-    """Multiply row i of a contiguous tensor by factors[i], block by block (cache-sized)."""
-    rows = tensor.view(tensor.shape[0], -1)
-    factors = factors.reshape(-1, 1)
-    for start, stop in _row_blocks(rows.shape[0], rows.shape[1]):
-        rows[start:stop].mul_(factors[start:stop])
-
-
-def _item(param: torch.Tensor, spec: UnitSpec, p: float) -> _Item:
+def _item(param: torch.Tensor, spec: UnitSpec) -> _Item:
     weight, grad = param.detach(), param.grad
     if spec.dim is None:
-        return _Item(weight, grad, None, False)
-    rows = (  # a CPU trick: on a GPU one reduction kernel per tensor is already at memory speed
-        grad.device.type == "cpu" and p == 2.0 and spec.dim == 0 and spec.groups == 1 and grad.dtype in _BLAS_DTYPES
-        and weight.dtype == grad.dtype and grad.numel() >= BLOCKED_MIN_NUMEL and weight.is_contiguous() and grad.is_contiguous()
-    )
+        return _Item(weight, grad, None)
     kept = {spec.dim}
     if spec.groups > 1:
         weight = weight.unflatten(0, (spec.groups, -1))  # always a view, for any strides
         grad = grad.unflatten(0, (spec.groups, -1))
         kept = {0, spec.dim + 1}
-    return _Item(weight, grad, tuple(d for d in range(weight.ndim) if d not in kept), rows)
+    return _Item(weight, grad, tuple(d for d in range(weight.ndim) if d not in kept))
 
 
-def _unit_norms(tensors: list[torch.Tensor], items: list[_Item], p: float, dtype: torch.dtype,
-                device: torch.device, foreach: bool | None) -> list[torch.Tensor]:
-    """Per-unit p-norms of each tensor (keepdim shapes); whole-tensor ones batched."""
-    norms: list[torch.Tensor | None] = [None] * len(items)
-    whole = [i for i, item in enumerate(items) if item.reduce is None]
-    if whole:
-        whole_tensors = [tensors[i] for i in whole]
-        if _groups.use_foreach(whole_tensors, device, foreach):
-            results = torch._foreach_norm(whole_tensors, p, dtype=dtype)
+def _flat_norms(tensors: list[torch.Tensor], n_whole: int, items: list[_Item], p: float, dtype: torch.dtype,
+                device: torch.device, foreach: bool | None) -> torch.Tensor:
+    """The per-unit p-norms of the tensors in one 1-D tensor: the first ``n_whole`` (one unit
+    each) batched, then each other tensor's units in order.
+
+    One reduction kernel per tensor with units: torch's reduction over the inner axes runs at
+    memory speed and makes no temporary of the tensor's size.
+    """
+    parts = []
+    if n_whole:
+        whole = tensors[:n_whole]
+        if _groups.use_foreach(whole, device, foreach):
+            parts.append(torch.stack(torch._foreach_norm(whole, p, dtype=dtype)))
         else:
-            results = [torch.linalg.vector_norm(t, p, dtype=dtype) for t in whole_tensors]
-        for i, norm in zip(whole, results):
-            norms[i] = norm
-    blocked = [i for i, item in enumerate(items) if item.rows]
-    if blocked:
-        for i, norm in zip(blocked, _row_norms([tensors[i] for i in blocked], dtype, device)):
-            norms[i] = norm
-    for i, item in enumerate(items):
-        if item.reduce is not None and not item.rows:
-            norms[i] = torch.linalg.vector_norm(tensors[i], p, dim=item.reduce, keepdim=True, dtype=dtype)
-    return norms  # type: ignore[return-value]
+            parts.append(torch.stack([torch.linalg.vector_norm(t, p, dtype=dtype) for t in whole]))
+    for tensor, item in zip(tensors[n_whole:], items[n_whole:]):
+        norm = torch.linalg.vector_norm(tensor, p, dim=item.reduce, dtype=dtype)
+        parts.append(norm if norm.ndim == 1 else norm.reshape(-1))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 @torch.no_grad()
@@ -307,12 +255,9 @@ def adaptive_clip_grad_(
 
     Cost: two reductions (weight and gradient norms) and one in-place multiply
     per tensor, by one factor per unit; no host-device synchronisation. The
-    norms of one-dimensional tensors are batched. For the L2 norm of
-    contiguous float32/float64 tensors with units along axis 0, rows are
-    squared block by block into one scratch buffer of about ``2**20`` values
-    (or one row, if longer) and summed with a matrix-vector product, which is
-    several times faster on the CPU than torch's reduction over inner
-    dimensions; no temporary of a parameter's size is made.
+    norms of one-dimensional tensors are batched, and the per-unit norms are
+    torch reductions over the non-unit axes, which make no temporary of a
+    parameter's size.
 
     **Units.** By default a tensor with two or more dimensions has its units
     along axis 0, which is right for ``Linear``, ``ConvNd``, ``Embedding`` and
@@ -401,28 +346,31 @@ def adaptive_clip_grad_(
             spec = _as_spec(module_specs[param], param, f"unit axis of parameters[{index}]")
         else:
             spec = UnitSpec(0 if param.ndim >= 2 else None)
-        grouped.setdefault((grad.device, grad.dtype), []).append(_item(param, spec, p))
+        grouped.setdefault((grad.device, grad.dtype), []).append(_item(param, spec))
 
     clipped_counts, unit_counts = [], 0
     first_device = None
-    for (device, dtype), items in grouped.items():
+    for (device, dtype), group in grouped.items():
+        items = [it for it in group if it.reduce is None]
+        n_whole = len(items)
+        items += [it for it in group if it.reduce is not None]
+        grads = [it.grad for it in items]
         acc = accumulation_dtype(dtype)
-        w_norms = _unit_norms([it.weight for it in items], items, p, acc, device, foreach)
-        g_norms = _unit_norms([it.grad for it in items], items, p, acc, device, foreach)
-        w_flat = torch.cat([n.reshape(-1).to(acc) for n in w_norms])
-        g_flat = torch.cat([n.reshape(-1) for n in g_norms])
-        max_norm = w_flat.clamp_(min=eps).mul_(clip_factor)
-        keep = g_flat < max_norm
-        scale = torch.where(keep, 1.0, max_norm / g_flat.clamp(min=DIV_EPS))
-        scales = [piece.view(n.shape) for piece, n in zip(scale.split([n.numel() for n in g_norms]), g_norms)]
-        for it, factor in zip(items, scales):
-            if it.rows:
-                _scale_rows_(it.grad, factor)
-        others = [(it.grad, factor) for it, factor in zip(items, scales) if not it.rows]
-        if others and _groups.use_foreach([g for g, _ in others], device, foreach):
-            torch._foreach_mul_([g for g, _ in others], [f for _, f in others])
+        max_norm = _flat_norms([it.weight for it in items], n_whole, items, p, acc, device, foreach)
+        g_norm = _flat_norms(grads, n_whole, items, p, acc, device, foreach)
+        max_norm = max_norm.clamp_(min=eps).mul_(clip_factor)
+        keep = g_norm < max_norm
+        scale = torch.where(keep, 1.0, max_norm.div_(g_norm.clamp_(min=DIV_EPS)))
+        # one factor per unit, shaped to broadcast over its tensor's reduced axes
+        factors = list(scale[:n_whole].unbind()) if n_whole else []
+        if n_whole < len(items):
+            shapes = [tuple(1 if d in it.reduce else n for d, n in enumerate(it.grad.shape)) for it in items[n_whole:]]
+            pieces = scale[n_whole:].split([math.prod(shape) for shape in shapes])
+            factors += [piece.view(shape) for piece, shape in zip(pieces, shapes)]
+        if _groups.use_foreach(grads, device, foreach):
+            torch._foreach_mul_(grads, factors)
         else:
-            for grad, factor in others:
+            for grad, factor in zip(grads, factors):
                 grad.mul_(factor)
         first_device = device if first_device is None else first_device
         clipped_counts.append(torch.logical_not(keep).sum().to(first_device))

@@ -65,11 +65,16 @@ class AutoClip(Clipper):
     steps; in between, the values added (R) and evicted by the window (D)
     since the snapshot are kept in small buffers. The two order statistics
     needed lie among the slice ``S[i - |R| : i + 1 + |D| + 1]`` (indices known on
-    the host) and R; their exact ranks in :math:`S + R - D` come from
-    ``torch.searchsorted``. So a step costs :math:`O(\sqrt n \log n)` work in a
-    fixed number of kernels, plus an :math:`O(n \log n)` sort every
-    :math:`\sqrt n` steps: :math:`O(\sqrt n \log n)` amortised per step,
-    with an :math:`O(n\log n)` step once every :math:`\sqrt n` steps. The
+    the host) and R. Until the window first evicts, the union of those slices
+    over the next m steps and R are kept sorted by inserting each new norm with
+    one ``torch.clamp`` kernel (:math:`O(\sqrt n)` work), and the order
+    statistics are read off at positions known on the host: a step is about
+    five small kernels. Once the window evicts, the exact ranks of the
+    candidates in :math:`S + R - D` come from ``torch.searchsorted``:
+    :math:`O(\sqrt n \log n)` work in a fixed number of kernels. Either way,
+    an :math:`O(n \log n)` sort every :math:`\sqrt n` steps:
+    :math:`O(\sqrt n \log n)` amortised per step, with an :math:`O(n\log n)`
+    step once every :math:`\sqrt n` steps. The
     reference implementation syncs once per parameter and calls
     ``numpy.percentile`` on a Python list: :math:`O(n)` per step. No step
     reads a tensor value on the host.
@@ -114,13 +119,22 @@ class AutoClip(Clipper):
     def _reset(self) -> None:
         self._count = 0  # norms recorded so far (host int: known without reading a tensor)
         self._history: torch.Tensor | None = None  # chronological, or a ring when window is set
+        # without a window, the norms recorded since the snapshot (0-dim tensors, not modified
+        # after _record): written into the history at the next rebuild, in one copy
+        self._pending: list[torch.Tensor] = []
         self._sorted: torch.Tensor | None = None
         self._sorted_n = 0
-        self._added: torch.Tensor | None = None
+        self._added: torch.Tensor | None = None  # only with a window: for steps after an eviction
         self._removed: torch.Tensor | None = None
         self._n_added = 0
         self._n_removed = 0
         self._rebuild_every = _MIN_REBUILD
+        # While nothing was evicted since the snapshot: [-inf, the span of S that holds the
+        # order statistics, R, +inf padding], kept sorted by inserting each norm (two buffers).
+        self._inserts: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] = ()
+        # for r = 0, 1, ... norms added: the two order statistics (views of the buffer that
+        # holds the order after r insertions) and the interpolation weight
+        self._statistics: list[tuple[torch.Tensor, torch.Tensor, float]] = []
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "percentile": self.percentile, "window": self.window,
@@ -135,6 +149,8 @@ class AutoClip(Clipper):
         n = len(self)
         if self._history is None:
             return torch.empty(0, dtype=self.dtype)
+        if self.window is None and self._pending:
+            return torch.cat([self._history[: self._sorted_n], torch.stack(self._pending)])
         if self.window is None or self._count <= self.window:
             return self._history[:n].clone()
         start = self._count % self.window
@@ -143,27 +159,35 @@ class AutoClip(Clipper):
     # --- the history ----------------------------------------------------------------------
 
     def _record(self, value: torch.Tensor) -> None:
-        """Append a 0-dim tensor to the history; host bookkeeping only."""
-        device = value.device
-        value = value.reshape(1)
-        if self._history is None or self._history.device != device:
-            self._move_to(device)
-        assert self._history is not None and self._added is not None and self._removed is not None
+        """Append a one-value tensor to the history, which must not be modified afterwards.
+
+        Without a window and before an eviction, one kernel: the sorted insertion.
+        """
+        if value.dim():
+            value = value.reshape(())
+        history = self._history
+        if history is None or history.device != value.device:
+            self._move_to(value.device)
+            history = self._history
+        assert history is not None and self._removed is not None
+        count = self._count
         if self.window is None:
-            if self._count == self._history.numel():
-                grown = torch.empty(2 * self._count, dtype=self.dtype, device=device)
-                grown[: self._count].copy_(self._history)
-                self._history = grown
-            self._history[self._count : self._count + 1].copy_(value)
+            self._pending.append(value)
         else:
-            slot = self._count % self.window
-            if self._count >= self.window:
-                self._removed[self._n_removed : self._n_removed + 1].copy_(self._history[slot : slot + 1])
+            assert self._added is not None
+            slot = count % self.window
+            if count >= self.window:
+                self._removed[self._n_removed] = history[slot]
                 self._n_removed += 1
-            self._history[slot : slot + 1].copy_(value)
-        self._added[self._n_added : self._n_added + 1].copy_(value)
+            history[slot] = value
+            self._added[self._n_added] = value
+        if not self._n_removed:
+            # sorted insertion: new[k] = clamp(v, old[k - 1], old[k]) keeps the buffer sorted,
+            # with v at its place, and drops the last entry (a +inf of the padding)
+            low, high, out = self._inserts[self._n_added & 1]
+            torch.clamp(value, low, high, out=out)
         self._n_added += 1
-        self._count += 1
+        self._count = count + 1
         if self._n_added >= self._rebuild_every:
             self._rebuild()
 
@@ -178,6 +202,7 @@ class AutoClip(Clipper):
             self._history[:count].copy_(live)
         # the ring now starts at slot 0: renumber so that slot = count % window still holds
         self._count = count
+        self._pending = []
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -185,27 +210,59 @@ class AutoClip(Clipper):
         assert self._history is not None
         n = len(self)
         device = self._history.device
+        if self._pending:  # no window: write the norms recorded since the snapshot
+            if n > self._history.numel():
+                grown = torch.empty(2 * n, dtype=self.dtype, device=device)
+                grown[: self._sorted_n].copy_(self._history[: self._sorted_n])
+                self._history = grown
+            self._history[self._sorted_n : n].copy_(torch.stack(self._pending))
+            self._pending = []
         self._sorted = torch.sort(self._history[:n]).values
         self._sorted_n = n
-        self._rebuild_every = max(_MIN_REBUILD, math.isqrt(n))
-        if self._added is None or self._added.numel() < self._rebuild_every or self._added.device != device:
-            self._added = torch.empty(self._rebuild_every, dtype=self.dtype, device=device)
-            self._removed = torch.empty(self._rebuild_every, dtype=self.dtype, device=device)
+        every = self._rebuild_every = max(_MIN_REBUILD, math.isqrt(n))
+        # Until the next rebuild, a step with nothing evicted sees the n + r norms S + R, r < every.
+        # Their `lower`-th smallest is >= S[lower - r] (at most r of the lower + 1 smallest are in
+        # R) and their `upper`-th is <= S[upper]: so S[:first] ranks before both and S[stop:]
+        # after both, for first <= lower - r and stop >= upper + 1 (or stop = n), and they are the
+        # (k - first)-th smallest of S[first:stop] + R. Take first and stop good for every r.
+        first, stop = n, 0
+        positions = []
+        for r in range(every):
+            position = percentile_position(n + r, self.percentile) if n + r else (0, 0, 0.0)
+            positions.append(position)
+            if n + r:
+                first = min(first, max(0, position[0] - r))
+                stop = max(stop, min(n, position[1] + 1))
+        span = max(0, stop - first)
+        buffers = torch.full((2, span + every + 1), math.inf, dtype=self.dtype, device=device)
+        buffers[:, 0] = -math.inf
+        if span:
+            buffers[:, 1 : span + 1] = self._sorted[first:stop]
+        one, two = buffers[0], buffers[1]
+        self._inserts = ((one[:-1], one[1:], two[1:]), (two[:-1], two[1:], one[1:]))
+        # after r insertions the order is in `one` (r even) or `two` (r odd); the k-th
+        # smallest live norm at index k - first + 1
+        self._statistics = [
+            ((two if r & 1 else one)[lower - first + 1], (two if r & 1 else one)[upper - first + 1], gamma)
+            for r, (lower, upper, gamma) in enumerate(positions)
+        ]
+        if self.window is not None and (self._added is None or self._added.numel() < every
+                                        or self._added.device != device):
+            self._added = torch.empty(every, dtype=self.dtype, device=device)
+        if self._removed is None or self._removed.numel() < every or self._removed.device != device:
+            self._removed = torch.empty(every, dtype=self.dtype, device=device)
         self._n_added = self._n_removed = 0
 
     def _order_statistics(self, lower: int, upper: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``lower``-th and ``upper``-th smallest live norms (0-based), as 0-dim tensors."""
+        """The ``lower``-th and ``upper``-th smallest live norms (0-based), as 0-dim tensors.
+
+        Only for steps after an eviction (``_n_removed > 0``); before one, :meth:`_threshold`
+        reads them from the sorted buffer.
+        """
         assert self._sorted is not None and self._added is not None and self._removed is not None
         r, d, s = self._n_added, self._n_removed, self._sorted_n
         snapshot = self._sorted
         start = max(0, lower - r)
-        if d == 0:
-            # S[:start] holds only values ranked before `lower`, and S[upper + 1:] only values
-            # ranked after `upper`: in sorted(S[start : upper + 1] + R) they sit at index - start.
-            window = snapshot[start : min(s, upper + 1)]
-            candidates = torch.cat([window, self._added[:r]]) if r else window
-            ordered = torch.sort(candidates).values if r else candidates
-            return ordered[lower - start], ordered[upper - start]
         added = torch.sort(self._added[:r]).values if r else None
         removed = torch.sort(self._removed[:d]).values if d else None
         # The k-th smallest of S + R - D has a copy in S[k - |R| : k + |D| + 1] or in R.
@@ -223,15 +280,21 @@ class AutoClip(Clipper):
 
     def _threshold(self) -> torch.Tensor:
         """numpy.percentile(history, p) of the live history, as a 0-dim tensor."""
-        n = len(self)
-        lower, upper, gamma = percentile_position(n, self.percentile)
-        low, high = self._order_statistics(lower, upper)
+        if self._n_removed:
+            lower, upper, gamma = percentile_position(len(self), self.percentile)
+            low, high = self._order_statistics(lower, upper)
+        else:
+            # nothing evicted: read them off the sorted [-inf, S[first:stop], R, +inf...] (_rebuild)
+            low, high, gamma = self._statistics[self._n_added]
+            if gamma == 0.0:
+                return low.clone()  # a view of a buffer that later insertions overwrite
         if gamma == 0.0:
             return low
+        # numpy's _lerp, operation for operation (torch.lerp fuses a multiply-add: not bitwise)
         diff = high - low
         value = high - diff * (1 - gamma) if gamma >= 0.5 else low + diff * gamma
         # inf - inf gives nan where the interpolation touches +inf entries; the answer there is inf
-        return torch.nan_to_num(value, nan=math.inf, posinf=math.inf)
+        return value.nan_to_num_(nan=math.inf, posinf=math.inf)
 
     # --- the step --------------------------------------------------------------------------
 
