@@ -343,11 +343,17 @@ def _ghost_clipped_grad(
             summed = torch.mm(delta.reshape(-1, delta.shape[2]).T, a.reshape(-1, a.shape[2]))
         else:
             summed = torch.mv(summed_delta.T, c)
-        if noise_multiplier > 0:
-            noise = torch.randn(summed.shape, generator=generator, dtype=summed.dtype, device=summed.device)
-            summed.add_(noise, alpha=noise_multiplier * max_norm)
-        grads[name] = summed.div_(batch).to(param.dtype)
+        grads[name] = _noisy_mean(summed, noise_multiplier, max_norm, batch, generator).to(param.dtype)
     return PerSampleClipResult(grads, norms, scales)
+
+
+def _noisy_mean(summed: torch.Tensor, noise_multiplier: float, max_norm: float, batch: int,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """(sum of clipped gradients + N(0, sigma^2 C^2 I)) / B, in place; noise drawn only when sigma > 0."""
+    if noise_multiplier > 0:
+        noise = torch.randn(summed.shape, generator=generator, dtype=summed.dtype, device=summed.device)
+        summed.add_(noise, alpha=noise_multiplier * max_norm)
+    return summed.div_(batch)
 
 
 def per_sample_clipped_grad(
@@ -488,10 +494,7 @@ def per_sample_clipped_grad(
     for name, g in samples.items():
         summed = torch.tensordot(scales.to(device=g.device, dtype=accumulation_dtype(g.dtype)),
                                  g.to(accumulation_dtype(g.dtype)), dims=1)
-        if noise_multiplier > 0:
-            noise = torch.randn(summed.shape, generator=generator, dtype=summed.dtype, device=summed.device)
-            summed.add_(noise, alpha=noise_multiplier * max_norm)
-        grads[name] = summed.div_(batch).to(g.dtype)
+        grads[name] = _noisy_mean(summed, noise_multiplier, max_norm, batch, generator).to(g.dtype)
     return PerSampleClipResult(grads, norms, scales)
 
 
