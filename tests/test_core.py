@@ -12,27 +12,9 @@ from hypothesis import strategies as st
 
 import gradclip
 from gradclip import norms
+from helpers_methods import clone_params, make_params
 
 NORM_TYPES = [0.5, 1.0, 1.5, 2.0, 3.0, math.inf]
-
-
-def make_params(shapes, dtype=torch.float32, seed=0, scale=1.0):
-    generator = torch.Generator().manual_seed(seed)
-    params = []
-    for shape in shapes:
-        p = torch.nn.Parameter(torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype))
-        p.grad = (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
-        params.append(p)
-    return params
-
-
-def clone_params(params):
-    out = []
-    for p in params:
-        q = torch.nn.Parameter(p.detach().clone())
-        q.grad = None if p.grad is None else p.grad.clone()
-        out.append(q)
-    return out
 
 
 shapes_strategy = st.lists(
@@ -51,7 +33,7 @@ shapes_strategy = st.lists(
     seed=st.integers(0, 2**16),
 )
 def test_clip_grad_norm_matches_torch(shapes, dtype, norm_type, max_norm, scale, foreach, seed):
-    ours = make_params(shapes, dtype, seed, scale)
+    ours = make_params(shapes, dtype, seed, grad_scale=scale)
     theirs = clone_params(ours)
     norm = gradclip.clip_grad_norm_(ours, max_norm, norm_type, foreach=foreach)
     expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type, foreach=foreach)
@@ -98,7 +80,7 @@ def test_clip_grads_with_norm_matches_torch():
 
 @pytest.mark.parametrize("foreach", [None, True, False])
 def test_clip_grad_value_matches_torch_and_keeps_nan(foreach):
-    ours = make_params([(6, 2), (9,)], seed=5, scale=3.0)
+    ours = make_params([(6, 2), (9,)], seed=5, grad_scale=3.0)
     ours[1].grad[0] = float("nan")
     theirs = clone_params(ours)
     assert gradclip.clip_grad_value_(ours, 1.5, foreach=foreach) is None
@@ -166,7 +148,7 @@ def test_fp16_norm_above_65504_is_right_where_torch_zeroes_everything():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("foreach", [None, True, False])
 def test_low_precision_norms_are_accumulated_in_float32(dtype, foreach):
-    grads = [p.grad for p in make_params([(4000,), (300, 7), (5,)], dtype, seed=11, scale=50.0)]
+    grads = [p.grad for p in make_params([(4000,), (300, 7), (5,)], dtype, seed=11, grad_scale=50.0)]
     reference = torch.cat([g.double().reshape(-1) for g in grads]).norm()
     norm = gradclip.get_total_norm(grads, foreach=foreach)
     assert norm.dtype == torch.float32

@@ -168,18 +168,31 @@ def clip_norm_and_scale_(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The work of :func:`clip_grad_norm_`: returns the pre-clip norm and the factor applied."""
     max_norm = _args.check_threshold("max_norm", max_norm)
+    groups, norm = grouped_total_norm(parameters, norm_type, foreach, process_group=process_group,
+                                      replicated=replicated)
+    if error_if_nonfinite:
+        raise_if_nonfinite(norm, _args.check_norm_type(norm_type))
+    scale = clip_coefficient(max_norm, norm)
+    scale_(groups, scale, foreach)
+    return norm, scale
+
+
+def grouped_total_norm(
+    parameters: _args.TensorOrTensors,
+    norm_type: float | str,
+    foreach: bool | None,
+    *,
+    process_group: Any = None,
+    replicated: Iterable[torch.Tensor] | None = None,
+) -> tuple[list[_groups.Group], torch.Tensor]:
+    """Check the arguments, group the gradients of ``parameters`` and take their total norm."""
     p = _args.check_norm_type(norm_type)
     _args.check_foreach(foreach)
     grads = _args.grads_of(parameters)
     groups = _groups.groups_of(grads, foreach)
     norm = total_norm(groups, p, foreach, grads[0].device if grads else None,
                       process_group=process_group, replicated=replicated)
-    if error_if_nonfinite:
-        raise_if_nonfinite(norm, p)
-    scale = clip_coefficient(max_norm, norm)
-    if grads:
-        scale_(groups, scale, foreach)
-    return norm, scale
+    return groups, norm
 
 
 def _clamp_(groups: list[_groups.Group], low: float, high: float, foreach: bool | None) -> None:

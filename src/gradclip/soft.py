@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from . import _args, _groups
-from .clip import scale_
-from .norms import total_norm
+from .clip import grouped_total_norm, scale_
 
 
 @torch.no_grad()
@@ -82,14 +81,9 @@ def soft_clip_grad_norm_(
         raise TypeError("max_norm must be a number, not a tensor")
     if max_norm == 0:
         raise ValueError("max_norm must be a number in (0, inf], got 0")
-    p = _args.check_norm_type(norm_type)
-    _args.check_foreach(foreach)
-    grads = _args.grads_of(parameters)
-    groups = _groups.groups_of(grads, foreach)
-    norm = total_norm(groups, p, foreach, grads[0].device if grads else None,
-                      process_group=process_group, replicated=replicated)
-    if grads:
-        scale_(groups, 1.0 / (1.0 + norm / max_norm), foreach)
+    groups, norm = grouped_total_norm(parameters, norm_type, foreach, process_group=process_group,
+                                      replicated=replicated)
+    scale_(groups, 1.0 / (1.0 + norm / max_norm), foreach)
     return norm
 
 
