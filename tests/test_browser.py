@@ -137,7 +137,7 @@ def _set_slider(page, index: int, value: int) -> float:
 
 
 def test_explorer_sliders_reach_every_combination_they_are_moved_to(browser, book_server):
-    from gradclip.experiments import quartic_descent
+    from gradclip_book import quartic_descent
 
     watch = PageWatch(browser)
     watch.open(f"{book_server}/chapters/figures.html")

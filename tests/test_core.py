@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradclip
-from gradclip import norms
+from gradclip import _norms as norms
 from helpers_methods import clone_params, make_params
 
 NORM_TYPES = [0.5, 1.0, 1.5, 2.0, 3.0, math.inf]

@@ -97,12 +97,6 @@ def make_clippers():
     }
 
 
-def clipper_takes_process_group():
-    from gradclip.clippers import Clipper
-
-    return "process_group" in inspect.signature(Clipper.__init__).parameters
-
-
 def plain_state(clipper):
     """A clipper's state_dict with tensors only, for comparison."""
     return {k: v for k, v in clipper.state_dict().items() if isinstance(v, torch.Tensor) or k == "steps"}
@@ -266,7 +260,6 @@ def scenario_clippers(rank, world):
     mesh = init_device_mesh("cpu", (world,))
     out = {}
     owners = SPLITS[world]["uneven"]
-    takes_group = clipper_takes_process_group()
     for name, make in make_clippers().items():
         # DTensor gradients: nothing to pass
         clipper = make()
@@ -279,28 +272,16 @@ def scenario_clippers(rank, world):
         out[f"dtensor/{name}/norms"] = torch.stack(norms)
         # plain tensors sharded by hand, with replicated ones
         norms = []
-        original = gradclip.clippers.total_norm
-        if takes_group:
-            clipper = make(process_group=True)
-        else:  # until the clippers take process_group: inject it into their norm
-            clipper = make()
-        try:
-            for step in range(CLIP_STEPS):
-                full = full_tensors(SHARD_SPECS, seed=200 + step, scale=step_scale(step))
-                rep = full_tensors(REPLICATED_SPECS, seed=300 + step, scale=step_scale(step))
-                local = params_with([g for g, owner in zip(full, owners) if owner == rank])
-                shared = params_with(rep)
-                if not takes_group:
-                    gradclip.clippers.total_norm = functools.partial(
-                        original, process_group=True, replicated=shared)
-                elif hasattr(clipper, "replicated"):
-                    clipper.replicated = shared
-                norms.append(clipper(local + shared).norm)
-        finally:
-            gradclip.clippers.total_norm = original
+        clipper = make(process_group=True)
+        for step in range(CLIP_STEPS):
+            full = full_tensors(SHARD_SPECS, seed=200 + step, scale=step_scale(step))
+            rep = full_tensors(REPLICATED_SPECS, seed=300 + step, scale=step_scale(step))
+            local = params_with([g for g, owner in zip(full, owners) if owner == rank])
+            shared = params_with(rep)
+            clipper.replicated = shared
+            norms.append(clipper(local + shared).norm)
         out[f"sharded/{name}/state"] = plain_state(clipper)
         out[f"sharded/{name}/norms"] = torch.stack([n.to(F64) for n in norms])
-    out["takes_group"] = takes_group
     return out
 
 

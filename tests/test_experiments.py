@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from gradclip.experiments import (
+from gradclip_book import (
     angle_degrees, apply_method, cliff_descent, cliff_gradient, cliff_loss, clip_vector, deep_gradients,
     depth_profile, fit_layer_ratio, gradient_through_time, largest_stable_lr, local_smoothness,
     predicted_layer_factor, predicted_norms, quartic_descent, quartic_steps, record_gradient_stream,
     smoothness_along_training,
 )
-from gradclip.experiments import exercises
-from gradclip.experiments.depth import init_weights
-from gradclip.experiments.rnn import recurrent_matrix
+from gradclip_book import exercises
+from gradclip_book.depth import init_weights
+from gradclip_book.rnn import recurrent_matrix
 
 # --- depth ------------------------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from gradclip import clip_grad_norm_
 from gradclip.layerwise import clip_grad_block_rms_, clip_grad_norm_per_tensor_
-from gradclip.monitoring import clip_grad_norm_report_, clipped_fraction, should_lower_lr, suggest_threshold
+from gradclip.clip import clip_grad_norm_report_
+from gradclip.tuning import clipped_fraction, should_lower_lr, suggest_threshold
 from gradclip.quantize import qsgd_quantize, qsgd_quantize_grad_, sign_grad_
 from gradclip.result import ClipResult
 from gradclip.soft import soft_clip_grad_norm_, soft_clip_grad_value_

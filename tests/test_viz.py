@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from gradclip.experiments import quartic_descent
-from gradclip.viz import Explorer, LaunchNote, Param, PlotlyFigure, compact
+from gradclip_book import quartic_descent
+from gradclip_book.figures import Explorer, LaunchNote, Param, PlotlyFigure, compact
 
 
 def quartic_frame(x0, lr, max_norm):

@@ -9,14 +9,14 @@ per-sample) and adaptive clippers (AutoClip, ZClip, a spike guard).
 
 from .agc import UnitSpec, adaptive_clip_grad_, agc_parameters, agc_unit_dims
 from .autoclip import AutoClip
-from .clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_
+from .clip import clip_grad_norm_, clip_grad_norm_report_, clip_grad_value_, clip_grads_with_norm_
 from .clippers import Clipper
 from . import distributed
 from .flat import GradBuffer
 from .guard import SpikeGuard
 from .layerwise import clip_grad_block_rms_, clip_grad_norm_per_tensor_
 from .monitor import GradientMonitor
-from .monitoring import clip_grad_norm_report_, clipped_fraction, should_lower_lr, suggest_threshold
+from .tuning import clipped_fraction, should_lower_lr, suggest_threshold
 from .norms import get_total_norm
 from .per_sample import PerSampleClipResult, per_sample_clip_grad_, per_sample_clipped_grad, per_sample_grads
 from .quantize import qsgd_quantize_grad_, sign_grad_

@@ -1,4 +1,4 @@
-"""Grouping tensors for batched kernels, and spotting gradients that tile one buffer."""
+"""Grouping tensors for batched kernels, spotting gradients that tile one buffer, and the one dispatch."""
 
 from __future__ import annotations
 
@@ -119,6 +119,37 @@ def use_foreach(tensors: list[torch.Tensor], device: torch.device, foreach: bool
     if foreach and not _device_has_foreach_support(device):
         raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
     return foreach
+
+
+def targets(group: Group, foreach: bool | None) -> tuple[list[torch.Tensor], bool]:
+    """What to act on in place for one group, and whether to use the foreach kernels.
+
+    The flat buffer alone when the group tiles one (one kernel for everything),
+    else the group's tensors (DTensors replaced by their local shards).
+    """
+    group = local(group)
+    if group.buffer is not None:
+        return [group.buffer], False
+    return group.tensors, use_foreach(group.tensors, group.device, foreach)
+
+
+def apply_(tensors: list[torch.Tensor], batched: bool, op: str, *args: Any) -> None:
+    """The one dispatch of an in-place op: ``torch._foreach_<op>_`` when batched, else ``t.<op>_`` per tensor.
+
+    An argument is shared by every tensor, or is a list with one entry per tensor.
+    """
+    if batched:
+        getattr(torch, f"_foreach_{op}_")(tensors, *args)
+        return
+    for index, tensor in enumerate(tensors):
+        getattr(tensor, f"{op}_")(*(arg[index] if isinstance(arg, list) else arg for arg in args))
+
+
+def map_(tensors: list[torch.Tensor], batched: bool, op: str) -> list[torch.Tensor]:
+    """The out-of-place counterpart of :func:`apply_` for a unary op (``abs``, ``isnan``...)."""
+    if batched:
+        return list(getattr(torch, f"_foreach_{op}")(tensors))
+    return [getattr(tensor, op)() for tensor in tensors]
 
 
 def single_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple, Union
 
 import torch
 from torch import nn
 
-from . import _args, _groups
-from .norms import accumulation_dtype
+from . import _groups, _validate
+from ._norms import accumulation_dtype, tensor_norms
+
+__all__ = ["UnitSpec", "adaptive_clip_grad_", "agc_parameters", "agc_unit_dims"]
 
 # The guard against dividing by a zero gradient norm, as in timm and the NFNets code.
 DIV_EPS = 1e-6
@@ -34,17 +35,6 @@ class UnitSpec(NamedTuple):
 
 
 UnitDim = Union[int, None, UnitSpec]
-
-
-def _check_positive_number(name: str, value: float, allow_zero: bool, allow_inf: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    low = "[0" if allow_zero else "(0"
-    high = "inf]" if allow_inf else "inf)"
-    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero) or (math.isinf(value) and not allow_inf):
-        raise ValueError(f"{name} must be a number in {low}, {high}, got {value!r}")
-    return value
 
 
 def _as_spec(value: object, param: torch.Tensor, where: str) -> UnitSpec:
@@ -101,8 +91,7 @@ def agc_unit_dims(model: nn.Module) -> dict[torch.Tensor, UnitSpec]:
         >>> tuple(up.weight.shape), gradclip.agc_unit_dims(up)[up.weight]
         ((8, 4, 3, 3), UnitSpec(dim=1, groups=1))
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _validate.check_module("model", model)
     specs: dict[torch.Tensor, UnitSpec] = {}
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -172,10 +161,8 @@ def agc_parameters(
         >>> [tuple(p.shape) for p in gradclip.agc_parameters(model)]
         [(8, 4), (8,)]
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(exclude_head, bool):
-        raise TypeError(f"exclude_head must be True or False, got {exclude_head!r}")
+    _validate.check_module("model", model)
+    _validate.check_bool("exclude_head", exclude_head)
     params = list(model.parameters())
     if not exclude_head:
         return params
@@ -201,21 +188,16 @@ def _item(param: torch.Tensor, spec: UnitSpec) -> _Item:
     return _Item(weight, grad, tuple(d for d in range(weight.ndim) if d not in kept))
 
 
-def _flat_norms(tensors: list[torch.Tensor], n_whole: int, items: list[_Item], p: float, dtype: torch.dtype,
-                device: torch.device, foreach: bool | None) -> torch.Tensor:
+def _unit_norms(tensors: list[torch.Tensor], n_whole: int, items: list[_Item], p: float, device: torch.device,
+                foreach: bool | None) -> torch.Tensor:
     """The per-unit p-norms of the tensors in one 1-D tensor: the first ``n_whole`` (one unit
     each) batched, then each other tensor's units in order.
 
     One reduction kernel per tensor with units: torch's reduction over the inner axes runs at
     memory speed and makes no temporary of the tensor's size.
     """
-    parts = []
-    if n_whole:
-        whole = tensors[:n_whole]
-        if _groups.use_foreach(whole, device, foreach):
-            parts.append(torch.stack(torch._foreach_norm(whole, p, dtype=dtype)))
-        else:
-            parts.append(torch.stack([torch.linalg.vector_norm(t, p, dtype=dtype) for t in whole]))
+    parts = [tensor_norms(tensors[:n_whole], p, device, foreach)] if n_whole else []
+    dtype = accumulation_dtype(tensors[0].dtype)
     for tensor, item in zip(tensors[n_whole:], items[n_whole:]):
         norm = torch.linalg.vector_norm(tensor, p, dim=item.reduce, dtype=dtype)
         parts.append(norm if norm.ndim == 1 else norm.reshape(-1))
@@ -224,7 +206,7 @@ def _flat_norms(tensors: list[torch.Tensor], n_whole: int, items: list[_Item], p
 
 @torch.no_grad()
 def adaptive_clip_grad_(
-    parameters: _args.TensorOrTensors | nn.Module,
+    parameters: _validate.TensorOrTensors | nn.Module,
     clip_factor: float = 0.01,
     eps: float = 1e-3,
     norm_type: float | str = 2.0,
@@ -313,12 +295,12 @@ def adaptive_clip_grad_(
     if isinstance(parameters, nn.Module):
         module_specs = agc_unit_dims(parameters)
         parameters = list(parameters.parameters())
-    clip_factor = _check_positive_number("clip_factor", clip_factor, allow_zero=True, allow_inf=True)
-    eps = _check_positive_number("eps", eps, allow_zero=False, allow_inf=False)
-    p = _args.check_norm_type(norm_type)
-    _args.check_foreach(foreach)
-    params = _args.as_tensor_list(parameters)
-    skipped = set() if exclude is None else {id(t) for t in _args.as_tensor_list(exclude, "exclude")}
+    clip_factor = _validate.check_real("clip_factor", clip_factor, 0.0)
+    eps = _validate.check_real("eps", eps, 0.0, math.inf, low_open=True, high_open=True)
+    p = _validate.check_norm_type(norm_type)
+    _validate.check_foreach(foreach)
+    params = _validate.as_tensor_list(parameters)
+    skipped = set() if exclude is None else {id(t) for t in _validate.as_tensor_list(exclude, "exclude")}
     overrides: dict[int, object] = {}
     if unit_dims is not None:
         if not isinstance(unit_dims, Mapping):
@@ -335,7 +317,7 @@ def adaptive_clip_grad_(
         if isinstance(param, nn.parameter.UninitializedParameter) or param.is_meta:
             raise ValueError(f"parameters[{index}] has no data (meta or uninitialised); AGC needs the weights")
         grad = param.grad
-        _args.check_dense([param, grad], f"parameters[{index}] or its")
+        _validate.check_dense([param, grad], f"parameters[{index}] or its")
         if grad.shape != param.shape:
             raise ValueError(
                 f"parameters[{index}] has shape {tuple(param.shape)} but its gradient has shape {tuple(grad.shape)}"
@@ -355,9 +337,8 @@ def adaptive_clip_grad_(
         n_whole = len(items)
         items += [it for it in group if it.reduce is not None]
         grads = [it.grad for it in items]
-        acc = accumulation_dtype(dtype)
-        max_norm = _flat_norms([it.weight for it in items], n_whole, items, p, acc, device, foreach)
-        g_norm = _flat_norms(grads, n_whole, items, p, acc, device, foreach)
+        max_norm = _unit_norms([it.weight for it in items], n_whole, items, p, device, foreach)
+        g_norm = _unit_norms(grads, n_whole, items, p, device, foreach)
         max_norm = max_norm.clamp_(min=eps).mul_(clip_factor)
         keep = g_norm < max_norm
         scale = torch.where(keep, 1.0, max_norm.div_(g_norm.clamp_(min=DIV_EPS)))
@@ -367,11 +348,7 @@ def adaptive_clip_grad_(
             shapes = [tuple(1 if d in it.reduce else n for d, n in enumerate(it.grad.shape)) for it in items[n_whole:]]
             pieces = scale[n_whole:].split([math.prod(shape) for shape in shapes])
             factors += [piece.view(shape) for piece, shape in zip(pieces, shapes)]
-        if _groups.use_foreach(grads, device, foreach):
-            torch._foreach_mul_(grads, factors)
-        else:
-            for grad, factor in zip(grads, factors):
-                grad.mul_(factor)
+        _groups.apply_(grads, _groups.use_foreach(grads, device, foreach), "mul", factors)
         first_device = device if first_device is None else first_device
         clipped_counts.append(torch.logical_not(keep).sum().to(first_device))
         unit_counts += scale.numel()

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from . import _groups
-from .clip import clip_coefficient, scale_
-from .clippers import Clipper, check_bool, check_int, check_real, check_state_dtype
+from . import _groups, _validate
+from ._scaling import clip_coefficient, scale_
+from .clippers import Clipper
 from .result import ClipResult
 
 __all__ = ["AutoClip"]
@@ -110,10 +110,10 @@ class AutoClip(Clipper):
                  replicated: Iterable[torch.Tensor] | None = None) -> None:
         super().__init__(norm_type=norm_type, foreach=foreach, scaler=scaler, process_group=process_group,
                          replicated=replicated)
-        self.percentile = check_real("percentile", percentile, 0.0, 100.0)
-        self.window = None if window is None else check_int("window", window, 1)
-        self.include_current = check_bool("include_current", include_current)
-        self.dtype = check_state_dtype(dtype)
+        self.percentile = _validate.check_real("percentile", percentile, 0.0, 100.0)
+        self.window = None if window is None else _validate.check_int("window", window, 1)
+        self.include_current = _validate.check_bool("include_current", include_current)
+        self.dtype = _validate.check_state_dtype(dtype)
         self._reset()
 
     def _reset(self) -> None:

@@ -1,4 +1,7 @@
-"""Global norm clipping and value clipping: drop-in replacements for ``torch.nn.utils``."""
+"""Global norm clipping and value clipping: drop-in replacements for ``torch.nn.utils``.
+
+Also :func:`clip_grad_norm_report_`, the same clipping returning what it did.
+"""
 
 from __future__ import annotations
 
@@ -7,36 +10,18 @@ from typing import Any
 
 import torch
 
-from . import _args, _groups
-from .norms import raise_if_nonfinite, total_norm
+from . import _groups, _validate
+from ._scaling import NORM_EPS, clamp_, clip_coefficient, scale_
+from .norms import grouped_norm, raise_if_nonfinite
+from .result import ClipResult
 
-# torch's guard against dividing by a zero norm; kept for exact parity.
-NORM_EPS = 1e-6
-
-
-def scale_(groups: list[_groups.Group], factor: torch.Tensor, foreach: bool | None) -> None:
-    """Multiply every gradient in place by the 0-dim tensor ``factor``."""
-    for group in groups:
-        group = _groups.local(group)
-        device_factor = factor.to(group.device)
-        if group.buffer is not None:
-            group.buffer.mul_(device_factor)
-        elif _groups.use_foreach(group.tensors, group.device, foreach):
-            torch._foreach_mul_(group.tensors, device_factor)
-        else:
-            for grad in group.tensors:
-                grad.mul_(device_factor)
-
-
-def clip_coefficient(max_norm: _args.Threshold, total_norm: torch.Tensor) -> torch.Tensor:
-    """``min(1, max_norm / (total_norm + 1e-6))`` as a tensor, without a sync."""
-    return torch.clamp(max_norm / (total_norm + NORM_EPS), max=1.0)
+__all__ = ["NORM_EPS", "clip_grad_norm_", "clip_grad_norm_report_", "clip_grad_value_", "clip_grads_with_norm_"]
 
 
 @torch.no_grad()
 def clip_grads_with_norm_(
-    parameters: _args.TensorOrTensors,
-    max_norm: _args.Threshold,
+    parameters: _validate.TensorOrTensors,
+    max_norm: _validate.Threshold,
     total_norm: torch.Tensor,
     foreach: bool | None = None,
 ) -> None:
@@ -68,22 +53,22 @@ def clip_grads_with_norm_(
         >>> w.grad
         tensor([0.6000, 0.8000])
     """
-    max_norm = _args.check_threshold("max_norm", max_norm)
+    max_norm = _validate.check_threshold("max_norm", max_norm)
     if not isinstance(total_norm, torch.Tensor):
         raise TypeError(f"total_norm must be a torch.Tensor (from get_total_norm), got {type(total_norm).__name__}")
-    _args.check_foreach(foreach)
+    _validate.check_foreach(foreach)
     dtensor = _groups.dtensor_type()
     if dtensor is not None and isinstance(total_norm, dtensor):
         total_norm = total_norm.full_tensor()
-    grads = _args.grads_of(parameters)
+    grads = _validate.grads_of(parameters)
     if grads:
         scale_(_groups.groups_of(grads, foreach), clip_coefficient(max_norm, total_norm), foreach)
 
 
 @torch.no_grad()
 def clip_grad_norm_(
-    parameters: _args.TensorOrTensors,
-    max_norm: _args.Threshold,
+    parameters: _validate.TensorOrTensors,
+    max_norm: _validate.Threshold,
     norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
@@ -157,8 +142,8 @@ def clip_grad_norm_(
 
 
 def clip_norm_and_scale_(
-    parameters: _args.TensorOrTensors,
-    max_norm: _args.Threshold,
+    parameters: _validate.TensorOrTensors,
+    max_norm: _validate.Threshold,
     norm_type: float | str,
     error_if_nonfinite: bool,
     foreach: bool | None,
@@ -167,50 +152,33 @@ def clip_norm_and_scale_(
     replicated: Iterable[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The work of :func:`clip_grad_norm_`: returns the pre-clip norm and the factor applied."""
-    max_norm = _args.check_threshold("max_norm", max_norm)
-    groups, norm = grouped_total_norm(parameters, norm_type, foreach, process_group=process_group,
-                                      replicated=replicated)
+    max_norm = _validate.check_threshold("max_norm", max_norm)
+    groups, norm = grad_norm(parameters, norm_type, foreach, process_group=process_group, replicated=replicated)
     if error_if_nonfinite:
-        raise_if_nonfinite(norm, _args.check_norm_type(norm_type))
+        raise_if_nonfinite(norm, _validate.check_norm_type(norm_type))
     scale = clip_coefficient(max_norm, norm)
     scale_(groups, scale, foreach)
     return norm, scale
 
 
-def grouped_total_norm(
-    parameters: _args.TensorOrTensors,
+def grad_norm(
+    parameters: _validate.TensorOrTensors,
     norm_type: float | str,
     foreach: bool | None,
     *,
     process_group: Any = None,
     replicated: Iterable[torch.Tensor] | None = None,
 ) -> tuple[list[_groups.Group], torch.Tensor]:
-    """Check the arguments, group the gradients of ``parameters`` and take their total norm."""
-    p = _args.check_norm_type(norm_type)
-    _args.check_foreach(foreach)
-    grads = _args.grads_of(parameters)
-    groups = _groups.groups_of(grads, foreach)
-    norm = total_norm(groups, p, foreach, grads[0].device if grads else None,
-                      process_group=process_group, replicated=replicated)
-    return groups, norm
-
-
-def _clamp_(groups: list[_groups.Group], low: float, high: float, foreach: bool | None) -> None:
-    for group in groups:
-        group = _groups.local(group)
-        if group.buffer is not None:
-            group.buffer.clamp_(min=low, max=high)
-        elif _groups.use_foreach(group.tensors, group.device, foreach):
-            torch._foreach_clamp_min_(group.tensors, low)
-            torch._foreach_clamp_max_(group.tensors, high)
-        else:
-            for grad in group.tensors:
-                grad.clamp_(min=low, max=high)
+    """Check the arguments, then the groups and total norm of the gradients of ``parameters``."""
+    p = _validate.check_norm_type(norm_type)
+    _validate.check_foreach(foreach)
+    return grouped_norm(_validate.grads_of(parameters), p, foreach, process_group=process_group,
+                        replicated=replicated)
 
 
 @torch.no_grad()
 def clip_grad_value_(
-    parameters: _args.TensorOrTensors,
+    parameters: _validate.TensorOrTensors,
     clip_value: float,
     foreach: bool | None = None,
 ) -> None:
@@ -244,15 +212,65 @@ def clip_grad_value_(
         >>> w.grad
         tensor([-1.0000,  0.5000,  1.0000])
     """
-    clip_value = _args.check_threshold("clip_value", clip_value)
-    if isinstance(clip_value, torch.Tensor):
-        raise TypeError("clip_value must be a number, not a tensor")
-    _args.check_foreach(foreach)
-    grads = _args.grads_of(parameters)
+    clip_value = _validate.check_threshold("clip_value", clip_value, tensor_ok=False)
+    _validate.check_foreach(foreach)
+    grads = _validate.grads_of(parameters)
     if grads:
         groups = _groups.groups_of(grads, foreach)
         if any(group.sharding is not None for group in groups):
             from .distributed import check_not_partial
 
             check_not_partial(groups, "clip_grad_value_")
-        _clamp_(groups, -float(clip_value), float(clip_value), foreach)
+        clamp_(groups, -float(clip_value), float(clip_value), foreach)
+
+
+@torch.no_grad()
+def clip_grad_norm_report_(
+    parameters: _validate.TensorOrTensors,
+    max_norm: _validate.Threshold,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    process_group: Any = None,
+    replicated: Iterable[torch.Tensor] | None = None,
+) -> ClipResult:
+    r""":func:`gradclip.clip_grad_norm_`, returning a :class:`~gradclip.result.ClipResult` instead of the norm.
+
+    .. math::
+
+        s = \min\Big(1, \frac{c}{\|g\|_p + 10^{-6}}\Big), \qquad g \leftarrow s\, g
+
+    Same kernels, same result and same cost as :func:`gradclip.clip_grad_norm_`
+    (Pascanu et al. 2013, `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_),
+    and no host-device synchronisation: the result's fields (pre-clip norm,
+    threshold, factor) and properties (``clipped``, ``post_norm``) are
+    tensors on the device. Keep them, stack them over many steps, and read
+    them once; reading one (``float(result.norm)``) synchronises.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped.
+        max_norm: the threshold c, a number in [0, inf] (or a 0-dim tensor, used unchecked).
+        norm_type: p, in (0, inf].
+        error_if_nonfinite: raise ``RuntimeError`` when the norm is NaN or inf (syncs).
+        foreach: as in :func:`gradclip.clip_grad_norm_`.
+        process_group, replicated: for sharded gradients, as in :func:`gradclip.clip_grad_norm_`.
+
+    Returns:
+        A :class:`~gradclip.result.ClipResult` of 0-dim tensors: ``norm``,
+        ``threshold`` and ``scale``, all on the norm's device.
+
+    Example:
+        >>> import torch, gradclip
+        >>> w = torch.zeros(2, requires_grad=True); w.grad = torch.tensor([3.0, 4.0])
+        >>> r = gradclip.clip_grad_norm_report_([w], max_norm=1.0)
+        >>> r.norm, r.clipped, r.post_norm
+        (tensor(5.), tensor(True), tensor(1.0000))
+    """
+    norm, scale = clip_norm_and_scale_(parameters, max_norm, norm_type, error_if_nonfinite, foreach,
+                                       process_group=process_group, replicated=replicated)
+    if isinstance(max_norm, torch.Tensor):
+        threshold = max_norm.detach().reshape(()).to(device=norm.device, dtype=norm.dtype)
+    else:
+        threshold = torch.full((), float(max_norm), dtype=norm.dtype, device=norm.device)
+    return ClipResult(norm=norm, threshold=threshold, scale=scale)

@@ -10,64 +10,17 @@ the host, so a step costs no host-device synchronisation.
 
 from __future__ import annotations
 
-import numbers
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from . import _args, _groups
-from .norms import total_norm
+from . import _groups, _validate
+from .norms import grouped_norm
 from .result import ClipResult
 
 __all__ = ["Clipper"]
-
-
-def check_real(name: str, value: Any, low: float | None = None, high: float | None = None,
-               low_open: bool = False, high_open: bool = False) -> float:
-    """``value`` as a float after checking it is a real number in the given range."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    left = "(" if low_open else "["
-    right = ")" if high_open else "]"
-    interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-    bad = value != value  # NaN
-    if low is not None:
-        bad = bad or (value <= low if low_open else value < low)
-    if high is not None:
-        bad = bad or (value >= high if high_open else value > high)
-    if bad:
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
-    return value
-
-
-def check_int(name: str, value: Any, low: int) -> int:
-    """``value`` after checking it is an int >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value
-
-
-def check_state_dtype(dtype: Any) -> torch.dtype:
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
-    return dtype
 
 
 def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -119,8 +72,8 @@ class Clipper:
     def __init__(self, *, norm_type: float | str = 2.0, foreach: bool | None = None,
                  scaler: torch.amp.GradScaler | None = None, process_group: Any = None,
                  replicated: Iterable[torch.Tensor] | None = None) -> None:
-        self._p = _args.check_norm_type(norm_type)
-        self.foreach = _args.check_foreach(foreach)
+        self._p = _validate.check_norm_type(norm_type)
+        self.foreach = _validate.check_foreach(foreach)
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         self.scaler = scaler
@@ -150,7 +103,7 @@ class Clipper:
     # --- the shared protocol ---------------------------------------------------------------
 
     @torch.no_grad()
-    def __call__(self, parameters: _args.TensorOrTensors,
+    def __call__(self, parameters: _validate.TensorOrTensors,
                  optimizer: torch.optim.Optimizer | None = None) -> ClipResult:
         """Clip the gradients of ``parameters`` in place and return what was done.
 
@@ -163,7 +116,7 @@ class Clipper:
         Returns:
             A :class:`~gradclip.result.ClipResult` of 0-dim tensors.
         """
-        grads = _args.grads_of(parameters)
+        grads = _validate.grads_of(parameters)
         if not grads and self.process_group is None:  # a rank may hold no shard of a sharded model
             raise RuntimeError(
                 f"{type(self).__name__} was called but no parameter has a gradient: call "
@@ -171,9 +124,8 @@ class Clipper:
             )
         self._check_unscaled(optimizer)
         self._check_not_twice(grads)
-        groups = _groups.groups_of(grads, self.foreach)
-        norm = total_norm(groups, self._p, self.foreach, grads[0].device if grads else None,
-                          process_group=self.process_group, replicated=self.replicated)
+        groups, norm = grouped_norm(grads, self._p, self.foreach, process_group=self.process_group,
+                                    replicated=self.replicated)
         result = self._step(groups, norm)
         self._last_grads = [weakref.ref(g) for g in grads]
         self._last_versions = [g._version for g in grads]
@@ -218,8 +170,7 @@ class Clipper:
 
         Uses ``optimizer.register_step_pre_hook``. Returns ``self``.
         """
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        _validate.check_optimizer(optimizer)
         if self._hook is not None:
             raise RuntimeError(f"{type(self).__name__} is already attached; call detach() first")
 

@@ -51,8 +51,10 @@ from typing import Any
 
 import torch
 
-from . import _groups
-from .norms import _norms_of_group, accumulation_dtype
+from . import _groups, _norms
+from ._norms import accumulation_dtype
+
+__all__ = ["WORLD", "global_norm", "replicated_ids", "resolve_process_group"]
 
 WORLD: Any = "WORLD"
 """``process_group=WORLD`` (or ``True``): reduce over the default process group."""
@@ -145,7 +147,7 @@ def _local_partial(group: _groups.Group, p: float, foreach: bool | None, device:
         return torch.zeros((), dtype=dtype, device=device)
     if len(tensors) != len(group.tensors):
         group = _groups.Group(group.device, group.dtype, tensors, None)
-    norms = _norms_of_group(group, p, foreach).to(device=device, dtype=dtype)
+    norms = _norms.group_norms(group, p, foreach).to(device=device, dtype=dtype)
     return norms.max() if math.isinf(p) else norms.pow(p).sum()
 
 
@@ -208,7 +210,7 @@ def global_norm(
 
     The engine behind the ``process_group=`` and ``replicated=`` keywords of
     :func:`gradclip.clip_grad_norm_`, :func:`gradclip.get_total_norm` and
-    :func:`gradclip.norms.total_norm`, and behind their handling of DTensors.
+    :func:`gradclip.norms.grouped_norm`, and behind their handling of DTensors.
     With :math:`S_r` the tensors only rank r holds and :math:`\mathcal{R}` the
     replicated ones,
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _args, _groups
+from . import _groups, _validate
+
+__all__ = ["GradBuffer"]
 
 
 class GradBuffer:
@@ -37,8 +39,8 @@ class GradBuffer:
         True
     """
 
-    def __init__(self, parameters: _args.TensorOrTensors) -> None:
-        self.parameters = [p for p in _args.as_tensor_list(parameters) if p.requires_grad]
+    def __init__(self, parameters: _validate.TensorOrTensors) -> None:
+        self.parameters = [p for p in _validate.as_tensor_list(parameters) if p.requires_grad]
         if not self.parameters:
             raise ValueError("parameters must contain at least one tensor with requires_grad=True")
         self.buffers: dict[_groups.GroupKey, torch.Tensor] = {}

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from . import _groups
-from .clippers import Clipper, check_choice, check_int, check_real, optimizer_parameters
+from . import _groups, _validate
+from .clippers import Clipper, optimizer_parameters
 from .result import ClipResult
 
 __all__ = ["SpikeGuard"]
@@ -92,10 +92,10 @@ class SpikeGuard(Clipper):
                  replicated: Iterable[torch.Tensor] | None = None) -> None:
         super().__init__(norm_type=norm_type, foreach=foreach, scaler=scaler, process_group=process_group,
                          replicated=replicated)
-        self.mode = check_choice("mode", mode, ("zscore", "median"))
-        self.threshold = check_real("threshold", threshold, 0.0, None, low_open=True)
-        self.window = check_int("window", window, 2)
-        self.min_history = check_int("min_history", min_history, 2)
+        self.mode = _validate.check_choice("mode", mode, ("zscore", "median"))
+        self.threshold = _validate.check_real("threshold", threshold, 0.0, None, low_open=True)
+        self.window = _validate.check_int("window", window, 2)
+        self.min_history = _validate.check_int("min_history", min_history, 2)
         if self.min_history > self.window:
             raise ValueError(f"min_history must be in [2, window={self.window}], got {min_history}")
         self._history: torch.Tensor | None = None

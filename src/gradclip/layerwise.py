@@ -7,34 +7,18 @@ import math
 
 import torch
 
-from . import _args, _groups
-from .clip import NORM_EPS
-from .norms import accumulation_dtype
+from . import _groups, _validate
+from ._norms import tensor_norms
+from ._scaling import clip_coefficient, scale_each_
+
+__all__ = ["clip_grad_block_rms_", "clip_grad_norm_per_tensor_"]
 
 
-def per_tensor_norms(
-    groups: list[_groups.Group], p: float, foreach: bool | None
-) -> list[tuple[_groups.Group, torch.Tensor]]:
-    """For each group, a 1-D tensor of the p-norms of its tensors (accumulated in float32 at least)."""
-    out = []
-    for group in groups:
-        dtype = accumulation_dtype(group.dtype)
-        if _groups.use_foreach(group.tensors, group.device, foreach):
-            norms = torch._foreach_norm(group.tensors, p, dtype=dtype)
-        else:
-            norms = [torch.linalg.vector_norm(t, p, dtype=dtype) for t in group.tensors]
-        out.append((group, torch.stack(norms)))
-    return out
-
-
-def scale_each_(group: _groups.Group, factors: torch.Tensor, foreach: bool | None) -> None:
-    """Multiply tensor i of the group in place by the 0-dim tensor ``factors[i]``."""
-    pieces = list(factors.unbind())
-    if _groups.use_foreach(group.tensors, group.device, foreach):
-        torch._foreach_mul_(group.tensors, pieces)
-    else:
-        for tensor, factor in zip(group.tensors, pieces):
-            tensor.mul_(factor)
+def _norms_by_group(grads: list[torch.Tensor], p: float,
+                    foreach: bool | None) -> list[tuple[_groups.Group, torch.Tensor]]:
+    """Group the gradients (no flat buffers) and take each tensor's p-norm, group by group."""
+    return [(group, tensor_norms(_groups.local(group).tensors, p, group.device, foreach))
+            for group in _groups.groups_of(grads, False)]
 
 
 def _in_original_order(grads: list[torch.Tensor], results: list[tuple[_groups.Group, torch.Tensor]]) -> torch.Tensor:
@@ -54,7 +38,7 @@ def _in_original_order(grads: list[torch.Tensor], results: list[tuple[_groups.Gr
 
 @torch.no_grad()
 def clip_grad_norm_per_tensor_(
-    parameters: _args.TensorOrTensors,
+    parameters: _validate.TensorOrTensors,
     max_norm: float,
     norm_type: float | str = 2.0,
     foreach: bool | None = None,
@@ -97,21 +81,19 @@ def clip_grad_norm_per_tensor_(
         >>> a.grad, b.grad
         (tensor([0.6000, 0.8000]), tensor([0.5000]))
     """
-    max_norm = _args.check_threshold("max_norm", max_norm)
-    if isinstance(max_norm, torch.Tensor):
-        raise TypeError("max_norm must be a number, not a tensor")
-    p = _args.check_norm_type(norm_type)
-    _args.check_foreach(foreach)
-    grads = _args.grads_of(parameters)
-    results = per_tensor_norms(_groups.groups_of(grads, False), p, foreach)
+    max_norm = _validate.check_threshold("max_norm", max_norm, tensor_ok=False)
+    p = _validate.check_norm_type(norm_type)
+    _validate.check_foreach(foreach)
+    grads = _validate.grads_of(parameters)
+    results = _norms_by_group(grads, p, foreach)
     for group, norms in results:
-        scale_each_(group, torch.clamp(max_norm / (norms + NORM_EPS), max=1.0), foreach)
+        scale_each_(group, clip_coefficient(max_norm, norms), foreach)
     return _in_original_order(grads, results)
 
 
 @torch.no_grad()
 def clip_grad_block_rms_(
-    parameters: _args.TensorOrTensors,
+    parameters: _validate.TensorOrTensors,
     max_rms: float,
     foreach: bool | None = None,
 ) -> torch.Tensor:
@@ -147,15 +129,11 @@ def clip_grad_block_rms_(
         >>> w.grad
         tensor([ 0.5000, -0.5000,  0.5000, -0.5000])
     """
-    max_rms = _args.check_threshold("max_rms", max_rms)
-    if isinstance(max_rms, torch.Tensor):
-        raise TypeError("max_rms must be a number, not a tensor")
-    if max_rms == 0:
-        raise ValueError("max_rms must be a number in (0, inf], got 0")
-    _args.check_foreach(foreach)
-    grads = _args.grads_of(parameters)
+    max_rms = _validate.check_threshold("max_rms", max_rms, tensor_ok=False, zero_ok=False)
+    _validate.check_foreach(foreach)
+    grads = _validate.grads_of(parameters)
     results = []
-    for group, norms in per_tensor_norms(_groups.groups_of(grads, False), 2.0, foreach):
+    for group, norms in _norms_by_group(grads, 2.0, foreach):
         counts = torch.tensor([1.0 / math.sqrt(max(t.numel(), 1)) for t in group.tensors], dtype=norms.dtype)
         rms = norms * counts.to(norms.device, non_blocking=True)
         scale_each_(group, 1.0 / torch.clamp(rms / max_rms, min=1.0), foreach)

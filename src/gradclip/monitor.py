@@ -8,8 +8,8 @@ from typing import Any, Union
 
 import torch
 
-from . import _args, _groups
-from .norms import accumulation_dtype
+from . import _validate
+from ._norms import tensor_norms
 
 __all__ = ["GradientMonitor"]
 
@@ -79,11 +79,10 @@ class GradientMonitor:
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
                     and isinstance(item[1], torch.Tensor)):
                 raise TypeError(f"parameters[{index}] must be a (name, tensor) pair, got {type(item).__name__}")
-        if layer_fn is not None and not callable(layer_fn):
-            raise TypeError("layer_fn must be callable (parameter name -> layer name) or None")
-        if not isinstance(track_updates, bool):
-            raise TypeError(f"track_updates must be True or False, got {track_updates!r}")
-        self._p = _args.check_norm_type(norm_type)
+        if layer_fn is not None:
+            _validate.check_callable("layer_fn", layer_fn, "parameter name -> layer name, or None")
+        _validate.check_bool("track_updates", track_updates)
+        self._p = _validate.check_norm_type(norm_type)
         self.track_updates = track_updates
         self.names = [name for name, _ in named]
         self.parameters = [param for _, param in named]
@@ -118,12 +117,7 @@ class GradientMonitor:
         for i, t in present:
             by_key.setdefault((t.device, t.dtype), []).append((i, t))
         for (group_device, group_dtype), items in by_key.items():
-            group = [t.detach() for _, t in items]
-            acc = accumulation_dtype(group_dtype)
-            if _groups.use_foreach(group, group_device, None):
-                norms = torch.stack(torch._foreach_norm(group, self._p, dtype=acc))
-            else:
-                norms = torch.stack([torch.linalg.vector_norm(t, self._p, dtype=acc) for t in group])
+            norms = tensor_norms([t.detach() for _, t in items], self._p, group_device, None)
             key = (device, tuple(i for i, _ in items))
             where = self._index_cache.get(key)
             if where is None:
@@ -169,8 +163,7 @@ class GradientMonitor:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "GradientMonitor":
         """Record on every ``optimizer.step()`` (and measure the update). Returns ``self``."""
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        _validate.check_optimizer(optimizer)
         if self._hooks:
             raise RuntimeError("GradientMonitor is already attached; call detach() first")
         self._hooks = [optimizer.register_step_pre_hook(lambda opt, a, k: self._before_step()),

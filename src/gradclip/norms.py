@@ -1,4 +1,12 @@
-"""Total norms of many tensors: batched, sync-free, accumulated in float32 at least."""
+"""The global gradient norm: one pipeline from tensors to a 0-dim norm, local or distributed.
+
+:func:`grouped_norm` is the only way the library computes a global norm:
+:func:`get_total_norm`, :func:`gradclip.clip_grad_norm_`, the soft and
+report variants and every stateful clipper call it. It groups the tensors by
+(device, dtype) (finding flat buffers), takes per-group partial norms with
+:func:`gradclip._norms.group_norms`, and combines them locally, or, for
+DTensors and ``process_group=``, through :func:`gradclip.distributed.global_norm`.
+"""
 
 from __future__ import annotations
 
@@ -6,69 +14,41 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch._utils import _flatten_dense_tensors
 
-from . import _args, _groups
+from . import _groups, _norms, _validate, distributed
 
-# On the CPU, torch's foreach norm is a loop of one kernel per tensor. Below
-# this size a tensor is cheaper to copy into one concatenated buffer and
-# reduce there with a single kernel; above it the copy costs more than the
-# kernel launch it saves (measured with benchmarks/bench_core.py).
-CPU_CONCAT_MAX_NUMEL = 256
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+__all__ = ["get_total_norm"]
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision inputs, the input dtype otherwise."""
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
+def _is_distributed(groups: list[_groups.Group], process_group: Any) -> bool:
+    return (process_group is not None and process_group is not False) or any(
+        group.sharding is not None for group in groups)
 
 
-def _norms_of_group(group: _groups.Group, p: float, foreach: bool | None) -> torch.Tensor:
-    """A 1-D tensor of partial p-norms whose p-norm is the group's total norm."""
-    dtype = accumulation_dtype(group.dtype)
-    if group.buffer is not None:
-        return torch.linalg.vector_norm(group.buffer, p, dtype=dtype).reshape(1)
-    tensors = group.tensors
-    if not _groups.use_foreach(tensors, group.device, foreach):
-        return torch.stack([torch.linalg.vector_norm(t, p, dtype=dtype) for t in tensors])
-    partial_norms = []
-    if group.device.type == "cpu" and foreach is None:
-        small = [t for t in tensors if t.numel() <= CPU_CONCAT_MAX_NUMEL]
-        if len(small) > 1:
-            flat = _flatten_dense_tensors(small)
-            partial_norms.append(torch.linalg.vector_norm(flat, p, dtype=dtype).reshape(1))
-            tensors = [t for t in tensors if t.numel() > CPU_CONCAT_MAX_NUMEL]
-    if tensors:
-        partial_norms.append(torch.stack(torch._foreach_norm(tensors, p, dtype=dtype)))
-    return torch.cat(partial_norms) if len(partial_norms) > 1 else partial_norms[0]
-
-
-def total_norm(
-    groups: list[_groups.Group],
+def grouped_norm(
+    tensors: list[torch.Tensor],
     p: float,
     foreach: bool | None,
-    first_device: torch.device | None,
     *,
     process_group: Any = None,
     replicated: Iterable[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The p-norm of all entries of the grouped tensors, on ``first_device``.
+) -> tuple[list[_groups.Group], torch.Tensor]:
+    """Group already-checked tensors and return the groups and their total p-norm.
 
-    With DTensor groups, or a ``process_group``, the global norm over the
-    ranks (see :func:`gradclip.distributed.global_norm`, which documents
-    ``process_group`` and ``replicated``); every rank must call it then.
+    The norm lies on the first tensor's device; ``tensor(0.)`` for no tensors.
+    With DTensor groups, or a ``process_group``, it is the global norm over the
+    ranks (see :mod:`gradclip.distributed`) and every rank must call.
     """
-    if (process_group is not None and process_group is not False) or any(
-        group.sharding is not None for group in groups
-    ):
-        from .distributed import global_norm
-
-        return global_norm(groups, p, foreach, first_device, process_group, replicated)
-    if not groups:
-        return torch.tensor(0.0)
-    partial_norms = [_norms_of_group(group, p, foreach).to(first_device) for group in groups]
-    return torch.linalg.vector_norm(torch.cat(partial_norms), p)
+    groups = _groups.groups_of(tensors, foreach)
+    first_device = tensors[0].device if tensors else None
+    if _is_distributed(groups, process_group):
+        norm = distributed.global_norm(groups, p, foreach, first_device, process_group, replicated)
+    elif not groups:
+        norm = torch.tensor(0.0)
+    else:
+        partial_norms = [_norms.group_norms(group, p, foreach).to(first_device) for group in groups]
+        norm = torch.linalg.vector_norm(torch.cat(partial_norms), p)
+    return groups, norm
 
 
 def raise_if_nonfinite(norm: torch.Tensor, p: float) -> None:
@@ -83,7 +63,7 @@ def raise_if_nonfinite(norm: torch.Tensor, p: float) -> None:
 
 @torch.no_grad()
 def get_total_norm(
-    tensors: _args.TensorOrTensors,
+    tensors: _validate.TensorOrTensors,
     norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
@@ -136,20 +116,15 @@ def get_total_norm(
         >>> gradclip.get_total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
         tensor(5.)
     """
-    tensors = _args.as_tensor_list(tensors, "tensors")
-    _args.check_dense(tensors, "tensor")
-    p = _args.check_norm_type(norm_type)
-    _args.check_foreach(foreach)
+    tensors = _validate.as_tensor_list(tensors, "tensors")
+    _validate.check_dense(tensors, "tensor")
+    p = _validate.check_norm_type(norm_type)
+    _validate.check_foreach(foreach)
     detached = [t.detach() for t in tensors]
     if replicated is not None and process_group is not None and process_group is not False:
-        from .distributed import replicated_ids
-
-        marked = replicated_ids(replicated)  # match the caller's tensors, not our detached copies
+        marked = distributed.replicated_ids(replicated)  # match the caller's tensors, not our detached copies
         replicated = [d for t, d in zip(tensors, detached) if id(t) in marked]
-    tensors = detached
-    first_device = tensors[0].device if tensors else None
-    norm = total_norm(_groups.groups_of(tensors, foreach), p, foreach, first_device,
-                      process_group=process_group, replicated=replicated)
+    _, norm = grouped_norm(detached, p, foreach, process_group=process_group, replicated=replicated)
     if error_if_nonfinite:
         raise_if_nonfinite(norm, p)
     return norm

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -12,9 +11,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.func import functional_call, grad, vmap
 
-from . import _args
-from .clip import NORM_EPS
-from .norms import accumulation_dtype
+from . import _validate
+from ._norms import accumulation_dtype
+from ._scaling import clip_coefficient
+
+__all__ = ["PerSampleClipResult", "per_sample_clip_grad_", "per_sample_clipped_grad", "per_sample_grads"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Method = Literal["auto", "ghost", "vmap"]
@@ -51,8 +52,7 @@ def _check_batch(inputs: torch.Tensor, targets: torch.Tensor) -> int:
 
 
 def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _validate.check_module("model", model)
     for name, p in model.named_parameters():
         if isinstance(p, nn.parameter.UninitializedParameter) or p.is_meta:
             raise ValueError(f"parameter {name!r} has no data (meta or uninitialised); run a forward pass first")
@@ -101,10 +101,8 @@ def per_sample_grads(
         >>> grads["weight"].shape
         torch.Size([4, 1, 3])
     """
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    _validate.check_callable("loss_fn", loss_fn, "loss_fn(output, target) -> scalar loss")
+    _validate.check_optional_int("chunk_size", chunk_size, 1)
     _check_batch(inputs, targets)
     params = _trainable(model)
     frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
@@ -118,17 +116,11 @@ def per_sample_grads(
 
 
 def _check_dp_args(max_norm: float, noise_multiplier: float, generator: torch.Generator | None) -> float:
-    max_norm = _args.check_threshold("max_norm", max_norm)
-    if isinstance(max_norm, torch.Tensor):
-        raise TypeError("max_norm must be a number, not a tensor")
-    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, numbers.Real):
-        raise TypeError(f"noise_multiplier must be a number >= 0, got {type(noise_multiplier).__name__}")
-    if not 0 <= noise_multiplier < math.inf:
-        raise ValueError(f"noise_multiplier must be a finite number in [0, inf), got {noise_multiplier!r}")
+    max_norm = _validate.check_threshold("max_norm", max_norm, tensor_ok=False)
+    _validate.check_real("noise_multiplier", noise_multiplier, 0.0, math.inf, high_open=True)
     if noise_multiplier > 0 and math.isinf(max_norm):
         raise ValueError("max_norm must be finite when noise_multiplier > 0 (the noise std is noise_multiplier * max_norm)")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    _validate.check_generator(generator)
     return float(max_norm)
 
 
@@ -329,7 +321,7 @@ def _ghost_clipped_grad(
         if module.bias is not None and module.bias.requires_grad:
             partial.append(torch.linalg.vector_norm(summed_delta, dim=1).to(first.device))
     norms = torch.linalg.vector_norm(torch.stack(partial, dim=1), dim=1).to(acc)
-    scales = torch.clamp(max_norm / (norms + NORM_EPS), max=1.0)
+    scales = clip_coefficient(max_norm, norms)
     grads: dict[str, torch.Tensor] = {}
     for name, param in params.items():
         module, kind = owner[name]
@@ -469,12 +461,11 @@ def per_sample_clipped_grad(
         True
     """
     max_norm = _check_dp_args(max_norm, noise_multiplier, generator)
-    if not isinstance(method, str) or method not in _METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}")
+    _validate.check_choice("method", method, _METHODS)
+    _validate.check_optional_int("chunk_size", chunk_size, 1)
     batch = _check_batch(inputs, targets)
     if method != "vmap":
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        _validate.check_callable("loss_fn", loss_fn, "loss_fn(output, target) -> scalar loss")
         try:
             return _ghost_clipped_grad(model, loss_fn, inputs, targets, max_norm, noise_multiplier, generator,
                                        vouched=method == "ghost")
@@ -489,7 +480,7 @@ def per_sample_clipped_grad(
         for g in samples.values()
     ]
     norms = torch.linalg.vector_norm(torch.stack(partial, dim=1), dim=1).to(acc)
-    scales = torch.clamp(max_norm / (norms + NORM_EPS), max=1.0)
+    scales = clip_coefficient(max_norm, norms)
     grads: dict[str, torch.Tensor] = {}
     for name, g in samples.items():
         summed = torch.tensordot(scales.to(device=g.device, dtype=accumulation_dtype(g.dtype)),

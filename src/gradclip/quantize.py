@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from . import _args, _groups
-from .norms import accumulation_dtype
+from . import _groups, _validate
+from ._norms import accumulation_dtype
+
+__all__ = ["qsgd_quantize", "qsgd_quantize_grad_", "sign_grad_"]
 
 
 @torch.no_grad()
-def sign_grad_(parameters: _args.TensorOrTensors, foreach: bool | None = None) -> None:
+def sign_grad_(parameters: _validate.TensorOrTensors, foreach: bool | None = None) -> None:
     r"""Replace every gradient entry by its sign, in place (signSGD).
 
     .. math::
@@ -37,26 +39,14 @@ def sign_grad_(parameters: _args.TensorOrTensors, foreach: bool | None = None) -
         >>> w.grad
         tensor([-1.,  0.,  1., nan])
     """
-    _args.check_foreach(foreach)
-    grads = _args.grads_of(parameters)
+    _validate.check_foreach(foreach)
+    grads = _validate.grads_of(parameters)
     for group in _groups.groups_of(grads, foreach):
-        tensors = [group.buffer] if group.buffer is not None else group.tensors
+        tensors, batched = _groups.targets(group, foreach)
         nan_masks = [t.isnan() for t in tensors]
-        if _groups.use_foreach(tensors, group.device, foreach):
-            torch._foreach_sign_(tensors)
-        else:
-            for t in tensors:
-                t.sign_()
+        _groups.apply_(tensors, batched, "sign")
         for t, mask in zip(tensors, nan_masks):
             t.masked_fill_(mask, float("nan"))
-
-
-def check_levels(levels: int) -> int:
-    if isinstance(levels, bool) or not isinstance(levels, int):
-        raise TypeError(f"levels must be an int >= 1, got {type(levels).__name__}")
-    if levels < 1:
-        raise ValueError(f"levels must be an int >= 1, got {levels}")
-    return levels
 
 
 def qsgd_quantize(v: torch.Tensor, levels: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -76,7 +66,7 @@ def qsgd_quantize(v: torch.Tensor, levels: int, generator: torch.Generator | Non
         >>> qsgd_quantize(torch.tensor([0.0, 3.0, -4.0]), levels=5)  # exact levels: no randomness
         tensor([ 0.,  3., -4.])
     """
-    check_levels(levels)
+    _validate.check_int("levels", levels, 1)
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
     out = v.detach().clone()
@@ -98,7 +88,7 @@ def _quantize_(v: torch.Tensor, norm: torch.Tensor, s: int, generator: torch.Gen
 
 @torch.no_grad()
 def qsgd_quantize_grad_(
-    parameters: _args.TensorOrTensors,
+    parameters: _validate.TensorOrTensors,
     levels: int,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -151,10 +141,9 @@ def qsgd_quantize_grad_(
         >>> set(w.grad.abs().tolist()) <= {0.0, 1.0}  # each entry is 0 or +-||v||
         True
     """
-    check_levels(levels)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    grads = _args.grads_of(parameters)
+    _validate.check_int("levels", levels, 1)
+    _validate.check_generator(generator)
+    grads = _validate.grads_of(parameters)
     norms = []
     for grad in grads:
         norm = torch.linalg.vector_norm(grad, dtype=accumulation_dtype(grad.dtype))

@@ -7,19 +7,21 @@ smoothly with its size instead of switching at a threshold.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from . import _args, _groups
-from .clip import grouped_total_norm, scale_
+from . import _groups, _validate
+from ._scaling import scale_
+from .clip import grad_norm
+
+__all__ = ["soft_clip_grad_norm_", "soft_clip_grad_value_"]
 
 
 @torch.no_grad()
 def soft_clip_grad_norm_(
-    parameters: _args.TensorOrTensors,
+    parameters: _validate.TensorOrTensors,
     max_norm: float,
     norm_type: float | str = 2.0,
     foreach: bool | None = None,
@@ -76,20 +78,15 @@ def soft_clip_grad_norm_(
         >>> w.grad  # factor 5 / (5 + 5) = 0.5, where hard clipping would give 1
         tensor([1.5000, 2.0000])
     """
-    max_norm = _args.check_threshold("max_norm", max_norm)
-    if isinstance(max_norm, torch.Tensor):
-        raise TypeError("max_norm must be a number, not a tensor")
-    if max_norm == 0:
-        raise ValueError("max_norm must be a number in (0, inf], got 0")
-    groups, norm = grouped_total_norm(parameters, norm_type, foreach, process_group=process_group,
-                                      replicated=replicated)
+    max_norm = _validate.check_threshold("max_norm", max_norm, tensor_ok=False, zero_ok=False)
+    groups, norm = grad_norm(parameters, norm_type, foreach, process_group=process_group, replicated=replicated)
     scale_(groups, 1.0 / (1.0 + norm / max_norm), foreach)
     return norm
 
 
 @torch.no_grad()
 def soft_clip_grad_value_(
-    parameters: _args.TensorOrTensors,
+    parameters: _validate.TensorOrTensors,
     alpha: float,
     foreach: bool | None = None,
 ) -> None:
@@ -125,20 +122,12 @@ def soft_clip_grad_value_(
         >>> w.grad
         tensor([-0.7500,  0.3333,  0.5000])
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise TypeError(f"alpha must be a number >= 0, got {type(alpha).__name__}")
-    if not 0 <= alpha < float("inf"):
-        raise ValueError(f"alpha must be a finite number in [0, inf), got {alpha!r}")
-    _args.check_foreach(foreach)
-    grads = _args.grads_of(parameters)
+    alpha = _validate.check_real("alpha", alpha, 0.0, float("inf"), high_open=True)
+    _validate.check_foreach(foreach)
+    grads = _validate.grads_of(parameters)
     for group in _groups.groups_of(grads, foreach):
-        if group.buffer is not None:
-            group.buffer.div_(group.buffer.abs().mul_(alpha).add_(1.0))
-        elif _groups.use_foreach(group.tensors, group.device, foreach):
-            denominators = torch._foreach_abs(group.tensors)
-            torch._foreach_mul_(denominators, float(alpha))
-            torch._foreach_add_(denominators, 1.0)
-            torch._foreach_div_(group.tensors, denominators)
-        else:
-            for grad in group.tensors:
-                grad.div_(grad.abs().mul_(alpha).add_(1.0))
+        tensors, batched = _groups.targets(group, foreach)
+        denominators = _groups.map_(tensors, batched, "abs")
+        _groups.apply_(denominators, batched, "mul", alpha)
+        _groups.apply_(denominators, batched, "add", 1.0)
+        _groups.apply_(tensors, batched, "div", denominators)

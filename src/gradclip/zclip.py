@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from . import _groups
-from .clip import NORM_EPS, clip_coefficient, scale_
-from .clippers import Clipper, check_bool, check_choice, check_int, check_real, check_state_dtype
+from . import _groups, _validate
+from ._scaling import NORM_EPS, clip_coefficient, scale_
+from .clippers import Clipper
 from .result import ClipResult
 
 __all__ = ["ZClip"]
@@ -98,16 +98,16 @@ class ZClip(Clipper):
                  replicated: Iterable[torch.Tensor] | None = None) -> None:
         super().__init__(norm_type=norm_type, foreach=foreach, scaler=scaler, process_group=process_group,
                          replicated=replicated)
-        self.alpha = check_real("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
-        self.z_thresh = check_real("z_thresh", z_thresh, 0.0, None, low_open=True)
-        self.max_grad_norm = None if max_grad_norm is None else check_real("max_grad_norm", max_grad_norm, 0.0)
-        self.eps = check_real("eps", eps, 0.0)
-        self.warmup_steps = check_int("warmup_steps", warmup_steps, 1)
-        self.mode = check_choice("mode", mode, ("zscore", "percentile"))
-        self.clip_option = check_choice("clip_option", clip_option, ("adaptive_scaling", "mean"))
-        self.clip_factor = check_real("clip_factor", clip_factor, 0.0, None, low_open=True)
-        self.skip_update_on_spike = check_bool("skip_update_on_spike", skip_update_on_spike)
-        self.dtype = check_state_dtype(dtype)
+        self.alpha = _validate.check_real("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
+        self.z_thresh = _validate.check_real("z_thresh", z_thresh, 0.0, None, low_open=True)
+        self.max_grad_norm = None if max_grad_norm is None else _validate.check_real("max_grad_norm", max_grad_norm, 0.0)
+        self.eps = _validate.check_real("eps", eps, 0.0)
+        self.warmup_steps = _validate.check_int("warmup_steps", warmup_steps, 1)
+        self.mode = _validate.check_choice("mode", mode, ("zscore", "percentile"))
+        self.clip_option = _validate.check_choice("clip_option", clip_option, ("adaptive_scaling", "mean"))
+        self.clip_factor = _validate.check_real("clip_factor", clip_factor, 0.0, None, low_open=True)
+        self.skip_update_on_spike = _validate.check_bool("skip_update_on_spike", skip_update_on_spike)
+        self.dtype = _validate.check_state_dtype(dtype)
         self._buffer: torch.Tensor | None = None
         self.mean: torch.Tensor | None = None
         """The EMA of the norms, a 0-dim tensor (``None`` during warm-up)."""

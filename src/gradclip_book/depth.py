@@ -59,7 +59,7 @@ def init_weights(depth: int, width: int, gain: float, init: str, rng: np.random.
 
     Example:
         >>> import numpy as np, torch
-        >>> from gradclip.experiments.depth import init_weights
+        >>> from gradclip_book.depth import init_weights
         >>> w = init_weights(2, 4, 1.0, "orthogonal", np.random.default_rng(0))
         >>> torch.allclose(w[0] @ w[0].T, torch.eye(4, dtype=torch.float64))
         True
@@ -96,7 +96,7 @@ def predicted_layer_factor(gain: float, activation: str, init: str, width: int) 
         q, the predicted per-layer factor (an upper bound for tanh).
 
     Example:
-        >>> from gradclip.experiments.depth import predicted_layer_factor
+        >>> from gradclip_book.depth import predicted_layer_factor
         >>> predicted_layer_factor(1.1, "relu", "he", 64)
         1.1
     """
@@ -155,7 +155,7 @@ def predicted_norms(depth: int, width: int = 64, gain: float = 1.0, activation: 
         The predicted log10 norms.
 
     Example:
-        >>> from gradclip.experiments.depth import predicted_norms
+        >>> from gradclip_book.depth import predicted_norms
         >>> p = predicted_norms(10, width=100, gain=1.1, loss="probe")
         >>> round(p.log_activation_grads[0] - p.log_activation_grads[-1], 4)  # 10 * log10(1.1)
         0.4139
@@ -212,7 +212,7 @@ def deep_gradients(depth: int, width: int = 64, gain: float = 1.0, activation: s
         The per-layer activation- and weight-gradient norms and the total norm.
 
     Example:
-        >>> from gradclip.experiments import deep_gradients
+        >>> from gradclip_book import deep_gradients
         >>> r = deep_gradients(depth=3, width=8, gain=2.0, init="orthogonal")
         >>> round(r.activation_grad_norms[0] / r.activation_grad_norms[-1], 6)  # exactly g**L
         8.0
@@ -251,7 +251,7 @@ def fit_layer_ratio(activation_grad_norms: list[float]) -> float:
         r, the fitted factor per layer.
 
     Example:
-        >>> from gradclip.experiments.depth import fit_layer_ratio
+        >>> from gradclip_book.depth import fit_layer_ratio
         >>> round(fit_layer_ratio([8.0, 4.0, 2.0, 1.0]), 6)
         2.0
     """
@@ -299,7 +299,7 @@ def depth_profile(depth: int, width: int = 64, gain: float = 1.0, activation: st
         The averaged profile, with each seed's fitted per-layer ratio.
 
     Example:
-        >>> from gradclip.experiments.depth import depth_profile
+        >>> from gradclip_book.depth import depth_profile
         >>> p = depth_profile(4, width=8, gain=1.0, init="orthogonal", seeds=2)
         >>> [round(r, 6) for r in p.layer_ratios]
         [1.0, 1.0]

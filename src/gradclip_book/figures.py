@@ -11,7 +11,7 @@ In a live notebook, :meth:`Explorer.live` offers ipywidgets sliders that run
 the experiment for values off the grid; in the built book (``GRADCLIP_STATIC=1``
 is set by ``make book``) it shows a note with launch links instead of dead widgets.
 
-plotly is needed only here: ``pip install gradclip[figures]``.
+plotly comes with the book extra: ``pip install "gradclip[book]"``.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class Explorer:
             computed from ``compute`` when omitted.
 
     Example:
-        >>> from gradclip.viz import Explorer, Param
+        >>> from gradclip_book.figures import Explorer, Param
         >>> ex = Explorer("demo", [Param("a", [1, 2])],
         ...               compute=lambda a: {"traces": [{"x": [0, 1], "y": [0, a]}]},
         ...               traces=[{"mode": "lines"}])
@@ -375,7 +375,7 @@ class PlotlyFigure:
         name: a stable id for the figure's element.
 
     Example:
-        >>> from gradclip.viz import PlotlyFigure
+        >>> from gradclip_book.figures import PlotlyFigure
         >>> fig = PlotlyFigure([{"x": [0, 1], "y": [1, 0]}], {"title": {"text": "a line"}}, "a-line")
         >>> 'id="gc-a-line"' in fig._repr_html_()
         True

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..clip import clip_grad_norm_, clip_grad_value_
+from gradclip import clip_grad_norm_, clip_grad_value_
+
+from .data import digits
 
 METHODS = ("none", "norm", "value", "agc", "autoclip", "zclip", "soft-norm", "soft-value", "sign", "qsgd")
 
@@ -39,7 +41,7 @@ def angle_degrees(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) ->
         The angle in [0, 180]; 0 when either vector is zero.
 
     Example:
-        >>> from gradclip.experiments import angle_degrees
+        >>> from gradclip_book import angle_degrees
         >>> angle_degrees([1.0, 0.0], [1.0, 1.0])
         45.0
     """
@@ -69,7 +71,7 @@ def clip_vector(g: list[float] | np.ndarray, threshold: float, rule: str) -> np.
         The clipped vector, a new array.
 
     Example:
-        >>> from gradclip.experiments.families import clip_vector
+        >>> from gradclip_book.families import clip_vector
         >>> clip_vector([3.0, 0.5], 1.0, "value").tolist()
         [1.0, 0.5]
     """
@@ -128,18 +130,14 @@ def record_gradient_stream(steps: int = 120, spike_at: int = 90, spike_scale: fl
         The stream.
 
     Example:
-        >>> from gradclip.experiments.families import record_gradient_stream
+        >>> from gradclip_book.families import record_gradient_stream
         >>> s = record_gradient_stream(steps=6, spike_at=4)
         >>> max(range(6), key=lambda t: s.norms[t])
         4
     """
-    from sklearn.datasets import load_digits
-
     if not 0 <= spike_at < steps:
         raise ValueError(f"need 0 <= spike_at < steps, got {spike_at}, {steps}")
-    digits = load_digits()
-    inputs = torch.tensor(digits.data / 16.0, dtype=torch.float64)
-    labels = torch.tensor(digits.target)
+    inputs, labels = digits()
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)).double()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
@@ -190,7 +188,7 @@ def default_settings(stream: GradientStream) -> dict[str, dict]:
         A dict from method name to keyword arguments.
 
     Example:
-        >>> from gradclip.experiments.families import record_gradient_stream, default_settings
+        >>> from gradclip_book.families import record_gradient_stream, default_settings
         >>> sorted(default_settings(record_gradient_stream(steps=4, spike_at=3)))[:3]
         ['agc', 'autoclip', 'norm']
     """
@@ -226,7 +224,7 @@ def apply_method(method: str, stream: GradientStream, **settings: float | None) 
         The norms before and after and the angle turned, per step.
 
     Example:
-        >>> from gradclip.experiments.families import record_gradient_stream, apply_method
+        >>> from gradclip_book.families import record_gradient_stream, apply_method
         >>> s = record_gradient_stream(steps=6, spike_at=4)
         >>> t = apply_method("norm", s, max_norm=0.1)
         >>> max(t.norm_after) <= 0.1 + 1e-6, max(t.angle) < 1e-5
@@ -238,10 +236,10 @@ def apply_method(method: str, stream: GradientStream, **settings: float | None) 
     params = list(stream.model.parameters())
     clipper = None
     if method == "autoclip":
-        from ..autoclip import AutoClip
+        from gradclip import AutoClip
         clipper = AutoClip(**settings)
     elif method == "zclip":
-        from ..zclip import ZClip
+        from gradclip import ZClip
         clipper = ZClip(**settings)
     generator = torch.Generator().manual_seed(0)
     before, after, angles = [], [], []
@@ -266,19 +264,19 @@ def _apply_one(method: str, params: list[torch.Tensor], model: torch.nn.Module, 
     elif method == "value":
         clip_grad_value_(params, **settings)
     elif method == "agc":
-        from ..agc import adaptive_clip_grad_
+        from gradclip import adaptive_clip_grad_
         adaptive_clip_grad_(model, **settings)
     elif method in ("autoclip", "zclip"):
         clipper(params)
     elif method == "soft-norm":
-        from ..soft import soft_clip_grad_norm_
+        from gradclip import soft_clip_grad_norm_
         soft_clip_grad_norm_(params, **settings)
     elif method == "soft-value":
-        from ..soft import soft_clip_grad_value_
+        from gradclip import soft_clip_grad_value_
         soft_clip_grad_value_(params, **settings)
     elif method == "sign":
-        from ..quantize import sign_grad_
+        from gradclip import sign_grad_
         sign_grad_(params)
     elif method == "qsgd":
-        from ..quantize import qsgd_quantize_grad_
+        from gradclip import qsgd_quantize_grad_
         qsgd_quantize_grad_(params, generator=generator, **settings)

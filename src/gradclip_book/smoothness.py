@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..clip import NORM_EPS, clip_grad_norm_
+from gradclip import clip_grad_norm_
+from gradclip.clip import NORM_EPS
+from .data import digits
 from .quartic import DIVERGED
 
 
@@ -24,7 +26,7 @@ def quartic_steps(x0: float, lr: float, max_norm: float | None = None, target: f
                   max_steps: int = 10_000_000) -> int | None:
     r"""How many steps gradient descent on :math:`f(x) = x^4` needs to reach :math:`f < \text{target}`.
 
-    The same iteration as :func:`gradclip.experiments.quartic_descent`,
+    The same iteration as :func:`gradclip_book.quartic_descent`,
     :math:`x \leftarrow x - \eta\, \min(1, c/(|4x^3| + 10^{-6}))\, 4x^3`, in plain
     Python floats, so that runs of hundreds of thousands of steps take a
     fraction of a second. With :math:`\eta = 0.9/(2x_0^2)` fixed-step descent
@@ -42,10 +44,10 @@ def quartic_steps(x0: float, lr: float, max_norm: float | None = None, target: f
 
     Returns:
         The first step whose loss is below ``target``; None if the run diverges
-        (its loss passes :data:`~gradclip.experiments.DIVERGED`) or gives up.
+        (its loss passes :data:`~gradclip_book.DIVERGED`) or gives up.
 
     Example:
-        >>> from gradclip.experiments import quartic_steps
+        >>> from gradclip_book import quartic_steps
         >>> quartic_steps(10.0, 0.1, max_norm=1.0)
         213
         >>> quartic_steps(10.0, 0.01) is None  # 0.01 > 1/(2 * 10**2): diverges
@@ -85,7 +87,7 @@ def largest_stable_lr(x0: float, steps: int = 100, rel_tol: float = 1e-3) -> flo
         :math:`\eta_\max`.
 
     Example:
-        >>> from gradclip.experiments.smoothness import largest_stable_lr
+        >>> from gradclip_book.smoothness import largest_stable_lr
         >>> round(largest_stable_lr(10.0) * 2 * 10.0**2, 2)
         1.0
     """
@@ -127,7 +129,7 @@ def local_smoothness(grad_before: torch.Tensor, grad_after: torch.Tensor,
 
     Example:
         >>> import torch
-        >>> from gradclip.experiments.smoothness import local_smoothness
+        >>> from gradclip_book.smoothness import local_smoothness
         >>> x0, x1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0])
         >>> local_smoothness(3 * x0, 3 * x1, x0, x1)  # f = 1.5 |x|^2 has curvature 3
         3.0
@@ -174,18 +176,14 @@ def smoothness_along_training(steps: int = 300, lr: float = 0.5, max_norm: float
         Per-step losses, gradient norms and smoothness estimates (``steps`` each).
 
     Example:
-        >>> from gradclip.experiments import smoothness_along_training
+        >>> from gradclip_book import smoothness_along_training
         >>> trace = smoothness_along_training(steps=5, samples=64)
         >>> len(trace.smoothness), all(s > 0 for s in trace.smoothness)
         (5, True)
     """
-    from sklearn.datasets import load_digits
-
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
-    digits = load_digits()
-    inputs = torch.tensor(digits.data[:samples] / 16.0, dtype=torch.float64)
-    labels = torch.tensor(digits.target[:samples])
+    inputs, labels = digits(samples)
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
         torch.nn.Linear(64, hidden), torch.nn.Tanh(),

@@ -1,70 +1,25 @@
-"""Watching clipping: a sync-free result per step, and the Tuning Playbook's threshold advice as functions."""
+"""Choosing and checking a threshold: the Deep Learning Tuning Playbook's advice as functions.
+
+Log the unclipped gradient norms, set the threshold near their 90th percentile
+(:func:`suggest_threshold`), and if most steps end up clipped
+(:func:`clipped_fraction`), lower the learning rate instead
+(:func:`should_lower_lr`).
+"""
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Sequence
-from typing import Any, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 
-from . import _args
-from .clip import clip_norm_and_scale_
+from . import _validate
 from .result import ClipResult
 
+__all__ = ["clipped_fraction", "should_lower_lr", "suggest_threshold"]
+
 History = Union[torch.Tensor, Sequence[Union[float, torch.Tensor]]]
-
-
-@torch.no_grad()
-def clip_grad_norm_report_(
-    parameters: _args.TensorOrTensors,
-    max_norm: _args.Threshold,
-    norm_type: float | str = 2.0,
-    error_if_nonfinite: bool = False,
-    foreach: bool | None = None,
-    *,
-    process_group: Any = None,
-    replicated: Iterable[torch.Tensor] | None = None,
-) -> ClipResult:
-    r""":func:`gradclip.clip_grad_norm_`, returning a :class:`~gradclip.result.ClipResult` instead of the norm.
-
-    .. math::
-
-        s = \min\Big(1, \frac{c}{\|g\|_p + 10^{-6}}\Big), \qquad g \leftarrow s\, g
-
-    Same kernels, same result and same cost as :func:`gradclip.clip_grad_norm_`
-    (Pascanu et al. 2013, `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_),
-    and no host-device synchronisation: the result's fields (pre-clip norm,
-    threshold, factor) and properties (``clipped``, ``post_norm``) are
-    tensors on the device. Keep them, stack them over many steps, and read
-    them once; reading one (``float(result.norm)``) synchronises.
-
-    Args:
-        parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped.
-        max_norm: the threshold c, a number in [0, inf] (or a 0-dim tensor, used unchecked).
-        norm_type: p, in (0, inf].
-        error_if_nonfinite: raise ``RuntimeError`` when the norm is NaN or inf (syncs).
-        foreach: as in :func:`gradclip.clip_grad_norm_`.
-        process_group, replicated: for sharded gradients, as in :func:`gradclip.clip_grad_norm_`.
-
-    Returns:
-        A :class:`~gradclip.result.ClipResult` of 0-dim tensors: ``norm``,
-        ``threshold`` and ``scale``, all on the norm's device.
-
-    Example:
-        >>> import torch, gradclip
-        >>> w = torch.zeros(2, requires_grad=True); w.grad = torch.tensor([3.0, 4.0])
-        >>> r = gradclip.clip_grad_norm_report_([w], max_norm=1.0)
-        >>> r.norm, r.clipped, r.post_norm
-        (tensor(5.), tensor(True), tensor(1.0000))
-    """
-    norm, scale = clip_norm_and_scale_(parameters, max_norm, norm_type, error_if_nonfinite, foreach,
-                                       process_group=process_group, replicated=replicated)
-    if isinstance(max_norm, torch.Tensor):
-        threshold = max_norm.detach().reshape(()).to(device=norm.device, dtype=norm.dtype)
-    else:
-        threshold = torch.full((), float(max_norm), dtype=norm.dtype, device=norm.device)
-    return ClipResult(norm=norm, threshold=threshold, scale=scale)
 
 
 def _as_history(values: History, name: str) -> torch.Tensor:
@@ -134,7 +89,7 @@ def suggest_threshold(norm_history: History, q: float = 0.9) -> torch.Tensor:
     return torch.quantile(history, float(q), interpolation="linear")
 
 
-def clipped_fraction(history: History | Sequence[ClipResult], threshold: _args.Threshold | None = None) -> torch.Tensor:
+def clipped_fraction(history: History | Sequence[ClipResult], threshold: _validate.Threshold | None = None) -> torch.Tensor:
     r"""The fraction of steps whose gradient was clipped.
 
     .. math::
@@ -176,7 +131,7 @@ def clipped_fraction(history: History | Sequence[ClipResult], threshold: _args.T
         else:
             if threshold is None:
                 raise ValueError("threshold is required for a history of norms (or pass ClipResults or booleans)")
-            threshold = _args.check_threshold("threshold", threshold)
+            threshold = _validate.check_threshold("threshold", threshold)
             flags = torch.logical_not(values <= threshold)  # NaN counts as clipped
     if flags.numel() == 0:
         raise ValueError("history is empty: at least one step is needed")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..clip import clip_grad_norm_
+from gradclip import clip_grad_norm_
 
 # A loss or iterate beyond this counts as diverged: the run stops there.
 DIVERGED = 1e12
@@ -47,7 +47,7 @@ def quartic_descent(x0: float, lr: float, max_norm: float | None = None, steps: 
         The losses :math:`f(x_0), \dots, f(x_T)`, cut at divergence.
 
     Example:
-        >>> from gradclip.experiments import quartic_descent
+        >>> from gradclip_book import quartic_descent
         >>> quartic_descent(x0=4.0, lr=0.1, steps=3).diverged_at
         2
         >>> quartic_descent(x0=4.0, lr=0.1, max_norm=1.0, steps=3).diverged_at is None

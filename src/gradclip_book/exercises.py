@@ -36,7 +36,7 @@ def answer(name: str) -> float:
         The expected answer.
 
     Example:
-        >>> from gradclip.experiments.exercises import answer
+        >>> from gradclip_book.exercises import answer
         >>> answer("sigmoid_radius") > 1
         True
     """
@@ -70,7 +70,7 @@ def check_decades(given: float | None) -> bool:
         Whether it is right.
 
     Example:
-        >>> from gradclip.experiments.exercises import check_decades
+        >>> from gradclip_book.exercises import check_decades
         >>> check_decades(0.0)
         Not quite: your answer is too low. Hint: each layer multiplies the norm by about the gain; a decade is a factor of 10, so count log10 of the gain per layer.
         False
@@ -92,7 +92,7 @@ def check_relu_xavier(given: float | None) -> bool:
         Whether it is right.
 
     Example:
-        >>> from gradclip.experiments.exercises import check_relu_xavier
+        >>> from gradclip_book.exercises import check_relu_xavier
         >>> check_relu_xavier(1.0)
         Not quite: your answer is too high. Hint: Xavier is matched to a linear unit; a ReLU passes the gradient through only half of its units.
         False
@@ -113,7 +113,7 @@ def check_sigmoid_radius(given: float | None) -> bool:
         Whether it is right.
 
     Example:
-        >>> from gradclip.experiments.exercises import check_sigmoid_radius
+        >>> from gradclip_book.exercises import check_sigmoid_radius
         >>> check_sigmoid_radius(1.0)
         Not quite: your answer is too low. Hint: each step multiplies by at most gamma times the largest singular value; what is the largest slope of the sigmoid?
         False
@@ -135,7 +135,7 @@ def check_clipped_steps(given: float | None) -> bool:
         Whether it is right.
 
     Example:
-        >>> from gradclip.experiments.exercises import check_clipped_steps
+        >>> from gradclip_book.exercises import check_clipped_steps
         >>> check_clipped_steps(10)
         Not quite: your answer is too low. Hint: while the gradient is above c, every step moves exactly eta * c.
         False
@@ -156,7 +156,7 @@ def check_value_angle(given: float | None) -> bool:
         Whether it is right.
 
     Example:
-        >>> from gradclip.experiments.exercises import check_value_angle
+        >>> from gradclip_book.exercises import check_value_angle
         >>> check_value_angle(0)
         Not quite: your answer is too low. Hint: write down the clipped vector, then compare the angles both vectors make with the first axis.
         False

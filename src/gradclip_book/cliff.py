@@ -1,9 +1,4 @@
-r"""Recurrent networks: gradients through time, and the cliff of a one-unit RNN.
-
-Both experiments follow Pascanu, Mikolov and Bengio (2013), "On the
-difficulty of training recurrent neural networks",
-`arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_.
-"""
+"""Pascanu, Mikolov and Bengio's one-unit RNN: its loss surface, its cliff, and descent across it."""
 
 from __future__ import annotations
 
@@ -13,127 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..clip import clip_grad_norm_
+from gradclip import clip_grad_norm_
 
-# The bound gamma on |phi'| of each activation (Pascanu et al. 2013, section 2.1).
-GAMMA = {"linear": 1.0, "tanh": 1.0, "sigmoid": 0.25}
-
-_PHI = {
-    "linear": lambda z: z,
-    "tanh": np.tanh,
-    "sigmoid": lambda z: 1.0 / (1.0 + np.exp(-z)),
-}
-_DPHI = {
-    "linear": lambda z: np.ones_like(z),
-    "tanh": lambda z: 1.0 - np.tanh(z) ** 2,
-    "sigmoid": lambda z: (s := 1.0 / (1.0 + np.exp(-z))) * (1.0 - s),
-}
-
-
-def recurrent_matrix(width: int, radius: float, seed: int = 0) -> np.ndarray:
-    r"""A random Gaussian matrix rescaled to spectral radius ``radius``.
-
-    The entries are drawn from :math:`N(0, 1/n)`; the matrix is then divided by its
-    spectral radius (largest :math:`|\lambda|`) and multiplied by ``radius``.
-
-    Args:
-        width: n, >= 1.
-        radius: :math:`\rho`, the spectral radius wanted, >= 0.
-        seed: seeds the draw.
-
-    Returns:
-        An ``(n, n)`` float64 array with spectral radius ``radius``.
-
-    Example:
-        >>> import numpy as np
-        >>> from gradclip.experiments.rnn import recurrent_matrix
-        >>> w = recurrent_matrix(16, 0.9)
-        >>> round(float(max(abs(np.linalg.eigvals(w)))), 6)
-        0.9
-    """
-    if width < 1 or radius < 0:
-        raise ValueError(f"need width >= 1 and radius >= 0, got {width}, {radius}")
-    raw = np.random.default_rng(seed).standard_normal((width, width)) / math.sqrt(width)
-    return raw * (radius / max(abs(np.linalg.eigvals(raw))))
-
-
-@dataclass(frozen=True)
-class ThroughTime:
-    r"""Gradient norms back through time of one recurrent network.
-
-    Attributes:
-        norms: :math:`\|\partial J/\partial h_{T-k}\|` for :math:`k = 0, \dots, T` steps back.
-        radius: the spectral radius :math:`\rho` of :math:`W_\text{rec}`.
-        largest_singular_value: :math:`\lambda_1`, the largest singular value of :math:`W_\text{rec}`.
-        gamma: :math:`\gamma`, the bound on :math:`|\phi'|`.
-    """
-
-    norms: list[float]
-    radius: float
-    largest_singular_value: float
-    gamma: float
-
-
-def gradient_through_time(radius: float, steps: int, activation: str = "tanh", width: int = 32,
-                          input_scale: float = 1.0, seed: int = 0) -> ThroughTime:
-    r"""Backpropagate a probe loss through T steps of :math:`h_t = \phi(W h_{t-1} + x_t)`.
-
-    The loss is :math:`J = u^\top h_T` with a random unit vector u, and
-
-    .. math::
-
-        \frac{\partial J}{\partial h_{t-1}} = W^\top \operatorname{diag}\big(\phi'(W h_{t-1} + x_t)\big)
-        \frac{\partial J}{\partial h_t},
-
-    a product of T Jacobians. Each factor has norm at most :math:`\gamma\lambda_1`,
-    so :math:`\gamma\lambda_1 < 1` is *sufficient* for the gradient to vanish,
-    and :math:`\gamma\lambda_1 > 1` is *necessary* for it to explode
-    (Pascanu et al. 2013, `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_),
-    with :math:`\gamma = 1` for tanh and 1/4 for the sigmoid. For a linear
-    network the norm grows or shrinks like :math:`\rho^k`.
-
-    Args:
-        radius: the spectral radius of W (:func:`recurrent_matrix`).
-        steps: T, >= 1.
-        activation: ``linear``, ``tanh`` or ``sigmoid``.
-        width: n, the hidden size.
-        input_scale: the standard deviation of the inputs :math:`x_t \sim N(0, s^2 I)`.
-        seed: seeds W, the inputs and the probe.
-
-    Returns:
-        The norms for k = 0..T steps back, and :math:`\rho`, :math:`\lambda_1`, :math:`\gamma`.
-
-    Example:
-        >>> from gradclip.experiments import gradient_through_time
-        >>> r = gradient_through_time(radius=0.5, steps=20, activation="linear")
-        >>> r.norms[20] < 1e-4 < r.norms[0]
-        True
-    """
-    if activation not in GAMMA:
-        raise ValueError(f"activation must be one of {tuple(GAMMA)}, got {activation!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    w = recurrent_matrix(width, radius, seed)
-    rng = np.random.default_rng(seed + 10_000)
-    inputs = input_scale * rng.standard_normal((steps, width))
-    probe = rng.standard_normal(width)
-    probe /= np.linalg.norm(probe)
-    h = np.zeros(width)
-    pre = []
-    for t in range(steps):
-        z = w @ h + inputs[t]
-        pre.append(z)
-        h = _PHI[activation](z)
-    delta = probe
-    norms = [float(np.linalg.norm(delta))]
-    for z in reversed(pre):
-        delta = w.T @ (_DPHI[activation](z) * delta)
-        norms.append(float(np.linalg.norm(delta)))
-    return ThroughTime(norms, float(radius), float(np.linalg.norm(w, 2)), GAMMA[activation])
-
-
-# --- the one-unit RNN and its cliff -----------------------------------------------------------
-
+# The constants of the experiment in the chapter: start state, sequence length, target.
 CLIFF = {"x0": 0.5, "steps": 50, "target": 0.7}
 
 
@@ -161,7 +38,7 @@ def cliff_loss(w: np.ndarray | float, b: np.ndarray | float, x0: float = 0.5, st
         E, with the broadcast shape of ``w`` and ``b``.
 
     Example:
-        >>> from gradclip.experiments.rnn import cliff_loss
+        >>> from gradclip_book.cliff import cliff_loss
         >>> round(float(cliff_loss(5.0, -2.62)), 2), round(float(cliff_loss(5.0, -2.61)), 2)
         (7.56, 0.49)
     """
@@ -186,7 +63,7 @@ def cliff_gradient(w: float, b: float, x0: float = 0.5, steps: int = 50, target:
         ``(E, dE/dw, dE/db)`` as floats.
 
     Example:
-        >>> from gradclip.experiments.rnn import cliff_gradient
+        >>> from gradclip_book.cliff import cliff_gradient
         >>> loss, dw, db = cliff_gradient(5.0, -2.55)
         >>> db > 0
         True
@@ -253,7 +130,7 @@ def cliff_descent(w0: float, b0: float, lr: float, max_norm: float | None = None
         The path, its losses and gradient norms; a non-finite step ends the path.
 
     Example:
-        >>> from gradclip.experiments import cliff_descent
+        >>> from gradclip_book import cliff_descent
         >>> run = cliff_descent(5.0, -2.55, lr=0.002, max_norm=1.0, iters=5)
         >>> run.farthest() <= 5 * 0.002 * 1.0 + 1e-12
         True

@@ -1,0 +1,42 @@
+"""Acting on gradients in place: the clip coefficient, one factor for all, one per tensor, a clamp.
+
+Each function walks the groups of :func:`gradclip._groups.groups_of` and acts
+through :func:`gradclip._groups.apply_`, so a flat buffer costs one kernel, a
+group of tensors one foreach kernel, and DTensors are changed through their
+local shards with no communication.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _groups
+
+# torch's guard against dividing by a zero norm; kept for exact parity.
+NORM_EPS = 1e-6
+
+
+def clip_coefficient(max_norm: float | torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """``min(1, max_norm / (norm + 1e-6))`` as a tensor (any shape), without a sync."""
+    return torch.clamp(max_norm / (norm + NORM_EPS), max=1.0)
+
+
+def scale_(groups: list[_groups.Group], factor: torch.Tensor, foreach: bool | None) -> None:
+    """Multiply every tensor of every group in place by the 0-dim tensor ``factor``."""
+    for group in groups:
+        tensors, batched = _groups.targets(group, foreach)
+        _groups.apply_(tensors, batched, "mul", factor.to(group.device))
+
+
+def scale_each_(group: _groups.Group, factors: torch.Tensor, foreach: bool | None) -> None:
+    """Multiply tensor i of one group (no flat buffer) in place by the 0-dim tensor ``factors[i]``."""
+    tensors = _groups.local(group).tensors
+    _groups.apply_(tensors, _groups.use_foreach(tensors, group.device, foreach), "mul", list(factors.unbind()))
+
+
+def clamp_(groups: list[_groups.Group], low: float, high: float, foreach: bool | None) -> None:
+    """Clamp every entry of every tensor into ``[low, high]`` in place (NaN stays NaN)."""
+    for group in groups:
+        tensors, batched = _groups.targets(group, foreach)
+        _groups.apply_(tensors, batched, "clamp_min", low)
+        _groups.apply_(tensors, batched, "clamp_max", high)

@@ -1,0 +1,191 @@
+"""Every argument check of the library, in one place.
+
+Every check here runs on the host, on Python values, and never reads a tensor's
+value: validating must not cost a host-device synchronisation. Each error
+names the argument, the values it accepts and, where it helps, what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import types
+import warnings
+from collections.abc import Iterable
+from typing import Any, Union
+
+import torch
+
+TensorOrTensors = Union[torch.Tensor, Iterable[torch.Tensor]]
+Threshold = Union[float, int, torch.Tensor]
+
+
+def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters") -> list[torch.Tensor]:
+    """Turn a tensor or an iterable of tensors into a list, as torch does.
+
+    Warns, like ``torch.nn.utils.clip_grad_norm_``, when an empty generator is
+    passed: that is almost always a generator consumed by an earlier call.
+    """
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    if not isinstance(tensors, Iterable):
+        raise TypeError(f"{name} must be a tensor or an iterable of tensors, got {type(tensors).__name__}")
+    is_generator = isinstance(tensors, types.GeneratorType)
+    items = list(tensors)
+    if is_generator and not items:
+        warnings.warn(
+            f"`{name}` is an empty generator, no gradient clipping will occur.",
+            UserWarning,
+            stacklevel=3,
+        )
+    if not all(issubclass(kind, torch.Tensor) for kind in {type(item) for item in items}):
+        for index, item in enumerate(items):
+            if not isinstance(item, torch.Tensor):
+                raise TypeError(f"{name}[{index}] must be a torch.Tensor, got {type(item).__name__}")
+    return items
+
+
+def grads_of(parameters: TensorOrTensors) -> list[torch.Tensor]:
+    """The ``.grad`` of every parameter that has one, checked to be dense."""
+    grads = [g for g in [p.grad for p in as_tensor_list(parameters)] if g is not None]
+    check_dense(grads, "gradient")
+    return grads
+
+
+def check_dense(tensors: list[torch.Tensor], what: str) -> None:
+    if {tensor.layout for tensor in tensors} <= {torch.strided}:
+        return
+    for index, tensor in enumerate(tensors):
+        if tensor.layout is not torch.strided:
+            raise TypeError(
+                f"{what} {index} has layout {tensor.layout}; gradclip clips dense (strided) "
+                "gradients only. Convert it with .to_dense(), or use a dense embedding "
+                "(nn.Embedding(sparse=False))."
+            )
+
+
+def check_norm_type(norm_type: float | int | str) -> float:
+    """Return ``norm_type`` as a float after checking it is in (0, inf].
+
+    A norm of per-tensor norms equals the norm of all entries only for p > 0;
+    for p = 0 or p < 0 (including -inf) it is not, so those are refused.
+    """
+    if isinstance(norm_type, bool) or not isinstance(norm_type, (numbers.Real, str)):
+        raise TypeError(f"norm_type must be a positive number or 'inf', got {type(norm_type).__name__}")
+    try:
+        p = float(norm_type)
+    except ValueError:
+        raise ValueError(f"norm_type must be a positive number or 'inf', got {norm_type!r}") from None
+    if math.isnan(p) or p <= 0:
+        raise ValueError(
+            f"norm_type must be in (0, inf] (a positive number or inf), got {norm_type!r}; "
+            "p <= 0 and -inf are not norms of norms"
+        )
+    return p
+
+
+def check_threshold(name: str, value: Threshold, *, tensor_ok: bool = True, zero_ok: bool = True) -> Threshold:
+    """Check a clipping threshold is a number >= 0 (inf allowed; > 0 unless ``zero_ok``).
+
+    A tensor threshold (when ``tensor_ok``) is accepted as is: checking its
+    value would need a host-device synchronisation. It must be a real
+    floating-point scalar.
+    """
+    if isinstance(value, torch.Tensor):
+        if not tensor_ok:
+            raise TypeError(f"{name} must be a number, not a tensor; pass float({name}) if it is a 0-dim tensor")
+        if value.numel() != 1 or not value.is_floating_point():
+            raise TypeError(f"{name} as a tensor must be a floating-point scalar, got shape "
+                            f"{tuple(value.shape)} and dtype {value.dtype}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number >= 0, got {type(value).__name__}")
+    if math.isnan(value) or value < 0 or (value == 0 and not zero_ok):
+        interval = "[0, inf]" if zero_ok else "(0, inf]"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return value
+
+
+def check_foreach(foreach: bool | None) -> bool | None:
+    if foreach is not None and not isinstance(foreach, bool):
+        raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
+    return foreach
+
+
+def check_real(name: str, value: Any, low: float | None = None, high: float | None = None,
+               low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a float after checking it is a real number in the given interval."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    left = "(" if low_open else "["
+    right = ")" if high_open else "]"
+    interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+    bad = math.isnan(value)
+    if low is not None:
+        bad = bad or (value <= low if low_open else value < low)
+    if high is not None:
+        bad = bad or (value >= high if high_open else value > high)
+    if bad:
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return value
+
+
+def check_int(name: str, value: Any, low: int) -> int:
+    """``value`` after checking it is an int >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {low}, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_optional_int(name: str, value: Any, low: int) -> int | None:
+    """``value`` after checking it is ``None`` or an int >= ``low``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be None or an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_state_dtype(dtype: Any) -> torch.dtype:
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    return dtype
+
+
+def check_generator(generator: Any) -> torch.Generator | None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
+
+
+def check_module(name: str, value: Any) -> torch.nn.Module:
+    if not isinstance(value, torch.nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
+    return value
+
+
+def check_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def check_callable(name: str, value: Any, signature: str) -> Any:
+    if not callable(value):
+        raise TypeError(f"{name} must be callable ({signature}), got {type(value).__name__}")
+    return value

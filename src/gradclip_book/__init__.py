@@ -1,0 +1,49 @@
+"""gradclip_book: the experiments, figures and exercises of the book *Exploring gradient clipping*.
+
+A separate package from :mod:`gradclip` (the clipping library), installed by
+the ``book`` extra (``pip install -e ".[book]"``), which brings plotly,
+scikit-learn and ipywidgets. Readers can call any experiment from their own
+notebook; the book's tests re-run them to check what the chapters state.
+
+Modules, one per experiment or concern:
+
+* :mod:`~gradclip_book.data`: the digits data set, loaded from scikit-learn.
+* :mod:`~gradclip_book.depth`: gradients through deep linear/tanh/ReLU networks.
+* :mod:`~gradclip_book.rnn`: gradients through time in a recurrent network.
+* :mod:`~gradclip_book.cliff`: Pascanu et al.'s one-unit RNN and its cliff.
+* :mod:`~gradclip_book.quartic`: gradient descent on :math:`x^4`, clipped or not.
+* :mod:`~gradclip_book.smoothness`: step counts, stable learning rates and local smoothness.
+* :mod:`~gradclip_book.families`: every clipping method applied to one recorded gradient stream.
+* :mod:`~gradclip_book.exercises`: checkers for the chapters' exercises.
+* :mod:`~gradclip_book.figures`: interactive plotly figures that work in the static book.
+"""
+
+from .cliff import cliff_descent, cliff_gradient, cliff_loss
+from .depth import deep_gradients, depth_profile, fit_layer_ratio, predicted_layer_factor, predicted_norms
+from .families import angle_degrees, apply_method, clip_vector, record_gradient_stream
+from .quartic import DIVERGED, Run, quartic_descent
+from .rnn import gradient_through_time
+from .smoothness import largest_stable_lr, local_smoothness, quartic_steps, smoothness_along_training
+
+__all__ = [
+    "DIVERGED",
+    "Run",
+    "angle_degrees",
+    "apply_method",
+    "cliff_descent",
+    "cliff_gradient",
+    "cliff_loss",
+    "clip_vector",
+    "deep_gradients",
+    "depth_profile",
+    "fit_layer_ratio",
+    "gradient_through_time",
+    "largest_stable_lr",
+    "local_smoothness",
+    "predicted_layer_factor",
+    "predicted_norms",
+    "quartic_descent",
+    "quartic_steps",
+    "record_gradient_stream",
+    "smoothness_along_training",
+]
