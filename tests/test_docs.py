@@ -1,4 +1,4 @@
-"""Every public name is documented with a formula, a reference and an example, and the examples run."""
+"""Every public name is documented with a formula, its errors, references and an example, and the examples run."""
 
 from __future__ import annotations
 
@@ -10,9 +10,13 @@ import pkgutil
 import pytest
 
 import gradclip
+import gradclip_book
 
 MODULES = sorted(
-    name for _, name, _ in pkgutil.walk_packages(gradclip.__path__, "gradclip.") if not name.split(".")[-1].startswith("_")
+    name
+    for package in (gradclip, gradclip_book)
+    for _, name, _ in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+    if not name.split(".")[-1].startswith("_")
 )
 
 
@@ -58,3 +62,26 @@ def test_public_functions_state_their_formula_and_source(name):
     assert ".. math::" in doc or ":math:" in doc, f"gradclip.{name} states no formula"
     assert "arxiv.org" in doc or "torch.nn.utils" in doc or "Playbook" in doc or ":func:`gradclip." in doc, \
         f"gradclip.{name} cites no paper or reference"
+
+
+# Plain records raise nothing of their own.
+RAISE_NOTHING = {"ClipResult", "UnitSpec", "PerSampleClipResult"}
+
+
+@pytest.mark.parametrize("name", [name for name, _ in public_callables()] + sorted(RECORDS))
+def test_public_names_state_errors_and_references(name):
+    doc = inspect.getdoc(getattr(gradclip, name)) or ""
+    if name not in RAISE_NOTHING:
+        assert "\nRaises:\n" in doc, f"gradclip.{name} has no Raises: section"
+    references = doc.split("\nReferences:\n", 1)
+    assert len(references) == 2, f"gradclip.{name} has no References: section"
+    assert "https://" in references[1].split("\nExample:\n")[0], f"gradclip.{name}: References without a link"
+
+
+def test_conventions_are_written_once_in_the_package_docstring():
+    doc = gradclip.__doc__
+    for topic in ("Non-finite values", "Distributed training", "No host-device synchronisation"):
+        assert topic in doc, topic
+    # the distributed recipe lives in gradclip.distributed, not repeated in every function
+    repeated = [name for name, obj in public_callables() if "DistributedDataParallel" in (inspect.getdoc(obj) or "")]
+    assert not repeated, f"the distributed paragraph is repeated in {repeated}"

@@ -1,10 +1,37 @@
-"""gradclip: correct, fast gradient clipping for PyTorch.
+r"""gradclip: correct, fast gradient clipping for PyTorch.
 
 Drop-in replacements for ``torch.nn.utils`` clipping that are right where
 torch is silently wrong (half-precision norms, negative thresholds), never
 synchronise with the device on their default paths, and batch their kernels;
 plus the methods the book teaches (AGC, per-tensor, soft, quantized,
 per-sample) and adaptive clippers (AutoClip, ZClip, a spike guard).
+
+**Conventions shared by every function.** The rules below hold everywhere
+and are not repeated in each docstring.
+
+* *Inputs.* ``parameters`` is a tensor or an iterable of tensors (a
+  generator is consumed once); the functions act on their ``.grad`` in place
+  and skip tensors whose ``.grad`` is ``None``. In-place functions end with
+  ``_``. Gradients must be dense (strided); a sparse one raises ``TypeError``
+  naming it.
+* *Outputs.* Norms are 0-dim tensors on the first gradient's device, in the
+  gradients' dtype for float32/float64 and in float32 for float16/bfloat16
+  (which are accumulated in float32, so a norm above 65504 is not ``inf``).
+  Norms are in the gradients' own units (loss per parameter unit).
+* *No host-device synchronisation* on default paths: nothing reads a
+  tensor's value on the host, so a step costs no sync on an accelerator.
+  Options that must read a value say so (``error_if_nonfinite=True``).
+* *Non-finite values* are never turned into finite ones silently: a NaN in
+  a gradient makes the norm NaN and the clipped gradients NaN; an inf makes
+  the norm inf, the factor 0, and the inf entries NaN, as in torch. Stateful
+  clippers keep non-finite norms out of their statistics.
+* *Distributed training*: call the same function on every rank. DDP needs
+  nothing; DTensor gradients (FSDP2, tensor parallelism) are reduced to the
+  global norm automatically; hand-sharded gradients take ``process_group=``
+  and ``replicated=``. The details, and the formula, are in
+  :mod:`gradclip.distributed`.
+* *Arguments* are checked on the host; an error names the argument, the
+  values it accepts and what to do.
 """
 
 from .agc import UnitSpec, adaptive_clip_grad_, agc_parameters, agc_unit_dims

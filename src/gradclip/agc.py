@@ -28,6 +28,9 @@ class UnitSpec(NamedTuple):
         groups: for a ``ConvTranspose`` weight of shape ``(in, out/groups, k...)``
             with ``groups > 1``: axis 0 is split into ``groups`` blocks, and a unit
             is one output channel of one group.
+
+    References:
+        * Brock, De, Smith and Simonyan (2021), "High-Performance Large-Scale Image Recognition Without Normalization", `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`_.
     """
 
     dim: int | None
@@ -84,6 +87,12 @@ def agc_unit_dims(model: nn.Module) -> dict[torch.Tensor, UnitSpec]:
     Returns:
         A dict from each parameter to its :class:`UnitSpec`, for the
         ``unit_dims`` argument of :func:`adaptive_clip_grad_`.
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
+
+    References:
+        * Brock, De, Smith and Simonyan (2021), "High-Performance Large-Scale Image Recognition Without Normalization", `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`_.
 
     Example:
         >>> import torch, gradclip
@@ -154,6 +163,9 @@ def agc_parameters(
 
     Raises:
         ValueError: ``exclude_head`` is set and no head can be found.
+
+    References:
+        * Brock, De, Smith and Simonyan (2021), "High-Performance Large-Scale Image Recognition Without Normalization", `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`_.
 
     Example:
         >>> import torch, gradclip
@@ -280,6 +292,9 @@ def adaptive_clip_grad_(
         ValueError: a bad ``clip_factor``, ``eps``, ``norm_type`` or unit axis,
             a gradient whose shape is not its parameter's, or a parameter with no
             data (meta or uninitialised lazy parameters).
+
+    References:
+        * Brock, De, Smith and Simonyan (2021), "High-Performance Large-Scale Image Recognition Without Normalization", `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`_.
 
     Example:
         >>> import torch, gradclip

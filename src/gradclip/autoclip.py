@@ -90,6 +90,14 @@ class AutoClip(Clipper):
         process_group, replicated: for sharded gradients under ``torch.distributed``,
             as in :class:`~gradclip.Clipper`.
 
+    Raises:
+        RuntimeError: no parameter has a gradient (call ``loss.backward()`` first), the clipper is called twice on the same gradients, or, with ``scaler=``, the gradients are still scaled.
+        ValueError: an argument is outside the range given above (the message names it).
+        TypeError: an argument has the wrong type (the message names it).
+
+    References:
+        * Seetharaman, Wichern, Pardo and Le Roux (2020), "AutoClip: Adaptive Gradient Clipping for Source Separation Networks", `arXiv:2007.14469 <https://arxiv.org/abs/2007.14469>`_.
+
     Example:
         >>> import torch, gradclip
         >>> w = torch.zeros(2, requires_grad=True)

@@ -46,6 +46,15 @@ def clip_grads_with_norm_(
     for DTensor gradients) is made whole with ``full_tensor()`` first, and
     DTensor gradients are scaled through their local shards.
 
+    Raises:
+        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse, or ``total_norm`` is not a tensor.
+        ValueError: ``max_norm`` is negative or NaN (it must be in [0, inf]).
+        RuntimeError: ``foreach=True`` on a device without foreach kernels.
+
+    References:
+        * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_.
+        * PyTorch, ``torch.nn.utils.clip_grad_norm_`` and ``get_total_norm``: `pytorch.org/docs <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html>`_.
+
     Example:
         >>> import torch, gradclip
         >>> w = torch.zeros(2, requires_grad=True); w.grad = torch.tensor([3.0, 4.0])
@@ -98,18 +107,9 @@ def clip_grad_norm_(
     * ``norm_type`` 0, negative or -inf raises ``ValueError``;
     * sparse gradients raise ``TypeError`` with a message saying what to do.
 
-    No host-device synchronisation happens unless ``error_if_nonfinite=True``.
-    Non-finite gradients stay non-finite: an inf norm gives a factor 0, so
-    inf entries become NaN, and a NaN norm makes every gradient NaN, as in torch.
-
-    Distributed training (see :mod:`gradclip.distributed`; every rank must call):
-
-    * DistributedDataParallel: call it as on one process, after ``backward()``
-      (the gradients are already averaged); do not pass ``process_group``.
-    * DTensor gradients (``fully_shard``, tensor parallel): nothing to pass;
-      the norm is that of the full gradients, a plain tensor equal on every rank.
-    * Parameters sharded by hand: ``process_group=True`` (or a group), and
-      ``replicated=`` for the parameters every rank holds a copy of.
+    Non-finite values, synchronisation and distributed training follow the
+    conventions of :mod:`gradclip` (under DDP pass no ``process_group``; see
+    :mod:`gradclip.distributed`).
 
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped.
@@ -127,6 +127,18 @@ def clip_grad_norm_(
 
     Returns:
         The total norm before clipping, a 0-dim tensor.
+
+    Raises:
+        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse, or ``max_norm``/``norm_type`` is not a number.
+        ValueError: ``max_norm`` is negative or NaN (it must be in [0, inf]).
+        ValueError: ``norm_type`` is not in (0, inf] (0, negative, -inf or NaN).
+        RuntimeError: ``error_if_nonfinite=True`` and the norm is NaN or inf.
+        RuntimeError: ``foreach=True`` on a device without foreach kernels.
+        RuntimeError: ``process_group`` is given but ``torch.distributed`` is not initialized.
+
+    References:
+        * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_.
+        * PyTorch, ``torch.nn.utils.clip_grad_norm_`` and ``get_total_norm``: `pytorch.org/docs <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html>`_.
 
     Example:
         >>> import torch, gradclip
@@ -205,6 +217,15 @@ def clip_grad_value_(
         clip_value: v, a number in [0, inf].
         foreach: as in :func:`clip_grad_norm_`.
 
+    Raises:
+        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse, or ``clip_value`` is a tensor or not a number.
+        ValueError: ``clip_value`` is negative or NaN (it must be in [0, inf]), or a DTensor gradient has a ``Partial`` placement.
+        RuntimeError: ``foreach=True`` on a device without foreach kernels.
+
+    References:
+        * Bernstein, Wang, Azizzadenesheli and Anandkumar (2018), "signSGD", `arXiv:1802.04434 <https://arxiv.org/abs/1802.04434>`_.
+        * PyTorch, ``torch.nn.utils.clip_grad_value_``: `pytorch.org/docs <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_value_.html>`_.
+
     Example:
         >>> import torch, gradclip
         >>> w = torch.zeros(3, requires_grad=True); w.grad = torch.tensor([-5.0, 0.5, 2.0])
@@ -259,6 +280,17 @@ def clip_grad_norm_report_(
     Returns:
         A :class:`~gradclip.result.ClipResult` of 0-dim tensors: ``norm``,
         ``threshold`` and ``scale``, all on the norm's device.
+
+    Raises:
+        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse.
+        ValueError: ``max_norm`` is negative or NaN (it must be in [0, inf]).
+        ValueError: ``norm_type`` is not in (0, inf] (0, negative, -inf or NaN).
+        RuntimeError: ``error_if_nonfinite=True`` and the norm is NaN or inf.
+        RuntimeError: ``foreach=True`` on a device without foreach kernels.
+        RuntimeError: ``process_group`` is given but ``torch.distributed`` is not initialized.
+
+    References:
+        * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_.
 
     Example:
         >>> import torch, gradclip

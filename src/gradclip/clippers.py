@@ -67,6 +67,14 @@ class Clipper:
         process_group: for hand-sharded gradients, the group to reduce the
             norm over (``True`` for the default group); see :func:`gradclip.clip_grad_norm_`.
         replicated: parameters every rank holds a copy of, counted once.
+
+    Raises:
+        RuntimeError: no parameter has a gradient (call ``loss.backward()`` first), the clipper is called twice on the same gradients, or, with ``scaler=``, the gradients are still scaled.
+        ValueError: an argument is outside the range given above (the message names it).
+        TypeError: an argument has the wrong type (the message names it).
+
+    References:
+        * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_.
     """
 
     def __init__(self, *, norm_type: float | str = 2.0, foreach: bool | None = None,

@@ -28,6 +28,13 @@ class GradBuffer:
         parameters: the parameters whose gradients the buffer holds; those
             with ``requires_grad=False`` are left alone.
 
+    Raises:
+        TypeError: ``parameters`` is not a tensor or an iterable of tensors.
+        ValueError: no parameter has ``requires_grad=True``.
+
+    References:
+        * Shoeybi et al. (2019), "Megatron-LM" (flat gradient buffers and the global norm), `arXiv:1909.08053 <https://arxiv.org/abs/1909.08053>`_.
+
     Example:
         >>> import torch, gradclip
         >>> model = torch.nn.Linear(3, 2)

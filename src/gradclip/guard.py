@@ -74,6 +74,15 @@ class SpikeGuard(Clipper):
     Attributes:
         skipped_steps: the number of steps skipped so far, an int64 0-dim tensor.
 
+    Raises:
+        RuntimeError: no parameter has a gradient (call ``loss.backward()`` first), the clipper is called twice on the same gradients, or, with ``scaler=``, the gradients are still scaled.
+        ValueError: an argument is outside the range given above (the message names it).
+        TypeError: an argument has the wrong type (the message names it).
+
+    References:
+        * Chowdhery et al. (2022), "PaLM" (skipping batches around loss spikes), `arXiv:2204.02311 <https://arxiv.org/abs/2204.02311>`_.
+        * Kumar, Owen, Chowdhury and Güra (2025), "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", `arXiv:2504.02507 <https://arxiv.org/abs/2504.02507>`_.
+
     Example:
         >>> import torch, gradclip
         >>> w = torch.nn.Parameter(torch.zeros(1))

@@ -72,6 +72,15 @@ def clip_grad_norm_per_tensor_(
         A 1-D tensor of the norms before clipping, one per gradient, in the
         order of the tensors that have one (float32 at least).
 
+    Raises:
+        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse, or ``max_norm`` is a tensor.
+        ValueError: ``max_norm`` is negative or NaN (it must be in [0, inf]).
+        ValueError: ``norm_type`` is not in (0, inf] (0, negative, -inf or NaN).
+        RuntimeError: ``foreach=True`` on a device without foreach kernels.
+
+    References:
+        * Keras optimizers' ``clipnorm`` (per variable), `keras.io/api/optimizers <https://keras.io/api/optimizers/>`_; optax ``clip_by_block_rms``, `optax.readthedocs.io <https://optax.readthedocs.io/en/latest/api/transformations.html>`_.
+
     Example:
         >>> import torch, gradclip
         >>> a = torch.zeros(2, requires_grad=True); a.grad = torch.tensor([3.0, 4.0])
@@ -120,6 +129,14 @@ def clip_grad_block_rms_(
 
     Returns:
         A 1-D tensor of each gradient's RMS before clipping, in order (float32 at least).
+
+    Raises:
+        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse, or ``max_rms`` is a tensor.
+        ValueError: ``max_rms`` is not in (0, inf].
+        RuntimeError: ``foreach=True`` on a device without foreach kernels.
+
+    References:
+        * Keras optimizers' ``clipnorm`` (per variable), `keras.io/api/optimizers <https://keras.io/api/optimizers/>`_; optax ``clip_by_block_rms``, `optax.readthedocs.io <https://optax.readthedocs.io/en/latest/api/transformations.html>`_.
 
     Example:
         >>> import torch, gradclip

@@ -59,6 +59,14 @@ class GradientMonitor:
         norm_type: p, in (0, inf].
         track_updates: measure update-to-weight ratios when attached.
 
+    Raises:
+        TypeError: ``parameters`` holds something else than (name, tensor) pairs, ``layer_fn`` is not callable or returns a non-str, or ``track_updates`` is not a bool.
+        ValueError: ``parameters`` is empty or ``norm_type`` is not in (0, inf].
+        RuntimeError: :meth:`attach` on a monitor that is already attached.
+
+    References:
+        * You, Gitman and Ginsburg (2017), "Large Batch Training of Convolutional Networks" (LARS), `arXiv:1708.03888 <https://arxiv.org/abs/1708.03888>`_.
+
     Example:
         >>> import torch, gradclip
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))

@@ -83,15 +83,10 @@ def get_total_norm(
     float32 and the norm is returned in float32. torch reduces them into their
     own dtype, so a float16 norm above 65504 becomes ``inf``.
 
-    No host-device synchronisation happens unless ``error_if_nonfinite=True``.
-
-    Distributed: DTensors (e.g. gradients of ``fully_shard``) give the norm of
-    the full tensors, as a plain tensor equal on every rank (torch returns a
-    DTensor whose ``.item()`` is only a partial value). For tensors sharded by
-    hand, ``process_group`` all-reduces the partial sums of
-    :math:`|g|^p` (the max for p = inf) in float64 and ``replicated`` marks
-    the tensors every rank holds a copy of, counted once; see
-    :mod:`gradclip.distributed`. Every rank must then make the call.
+    Synchronisation and distributed training follow the conventions of
+    :mod:`gradclip`: DTensors give the norm of the full tensors as a plain
+    tensor equal on every rank (torch returns a DTensor whose ``.item()`` is
+    only a partial value); see :mod:`gradclip.distributed`.
 
     Args:
         tensors: a tensor or an iterable of tensors (typically gradients).
@@ -110,6 +105,16 @@ def get_total_norm(
     Returns:
         A 0-dim tensor on the first tensor's device; ``tensor(0.)`` for no tensors
         (with ``process_group``, a rank without tensors still gets the global norm).
+
+    Raises:
+        TypeError: ``tensors`` is not a tensor or an iterable of tensors, or one is sparse.
+        ValueError: ``norm_type`` is not in (0, inf] (0, negative, -inf or NaN).
+        RuntimeError: ``error_if_nonfinite=True`` and the norm is NaN or inf.
+        RuntimeError: ``foreach=True`` on a device without foreach kernels.
+        RuntimeError: ``process_group`` is given but ``torch.distributed`` is not initialized.
+
+    References:
+        * PyTorch, ``torch.nn.utils.clip_grad_norm_`` and ``get_total_norm``: `pytorch.org/docs <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html>`_.
 
     Example:
         >>> import torch, gradclip

@@ -29,6 +29,9 @@ class PerSampleClipResult(NamedTuple):
         grads: parameter name to the averaged, clipped (and noised) gradient.
         norms: each example's gradient norm before clipping, a 1-D tensor of length B.
         scales: each example's clipping factor :math:`\\min(1, C/(\\|g_i\\| + 10^{-6}))`.
+
+    References:
+        * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`_.
     """
 
     grads: dict[str, torch.Tensor]
@@ -92,6 +95,13 @@ def per_sample_grads(
 
     Returns:
         Parameter name to a tensor of shape ``(B, *param.shape)``.
+
+    Raises:
+        TypeError: ``model`` is not a module, ``loss_fn`` is not callable, or ``inputs``/``targets`` are not tensors.
+        ValueError: ``inputs`` and ``targets`` differ in batch size or hold no example, ``chunk_size`` is not None or an int >= 1, or the model has no trainable or initialised parameters.
+
+    References:
+        * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`_.
 
     Example:
         >>> import torch, gradclip
@@ -444,6 +454,10 @@ def per_sample_clipped_grad(
     Raises:
         ValueError: ``method="ghost"`` for a model the ghost-norm identity does not fit.
 
+    References:
+        * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`_.
+        * Li, Tramer, Liang and Hashimoto (2022), "Large Language Models Can Be Strong Differentially Private Learners" (ghost norms), `arXiv:2110.05679 <https://arxiv.org/abs/2110.05679>`_.
+
     Example:
         >>> import torch, gradclip
         >>> model = torch.nn.Linear(1, 1, bias=False)
@@ -527,6 +541,12 @@ def per_sample_clip_grad_(
 
     Returns:
         Each example's gradient norm before clipping, a 1-D tensor of length B.
+
+    Raises:
+        TypeError, ValueError: as :func:`per_sample_clipped_grad`.
+
+    References:
+        * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`_.
 
     Example:
         >>> import torch, gradclip

@@ -32,6 +32,13 @@ def sign_grad_(parameters: _validate.TensorOrTensors, foreach: bool | None = Non
         parameters: a tensor or an iterable of tensors whose ``.grad`` is replaced.
         foreach: as in :func:`gradclip.clip_grad_norm_`.
 
+    Raises:
+        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse.
+        RuntimeError: ``foreach=True`` on a device without foreach kernels.
+
+    References:
+        * Bernstein, Wang, Azizzadenesheli and Anandkumar (2018), "signSGD", `arXiv:1802.04434 <https://arxiv.org/abs/1802.04434>`_.
+
     Example:
         >>> import torch, gradclip
         >>> w = torch.zeros(4, requires_grad=True); w.grad = torch.tensor([-2.0, 0.0, 0.1, float("nan")])
@@ -59,6 +66,13 @@ def qsgd_quantize(v: torch.Tensor, levels: int, generator: torch.Generator | Non
 
     Returns:
         A new tensor of ``v``'s shape and dtype.
+
+    Raises:
+        TypeError: ``v`` is not a tensor or ``levels`` is not an int.
+        ValueError: ``levels`` < 1.
+
+    References:
+        * Alistarh, Grubic, Li, Tomioka and Vojnovic (2017), "QSGD", `arXiv:1610.02132 <https://arxiv.org/abs/1610.02132>`_.
 
     Example:
         >>> import torch
@@ -131,6 +145,13 @@ def qsgd_quantize_grad_(
 
     Returns:
         A 1-D tensor of each gradient's L2 norm, the scale of its levels (float32 at least).
+
+    Raises:
+        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse, ``levels`` is not an int, or ``generator`` is not a ``torch.Generator``.
+        ValueError: ``levels`` < 1.
+
+    References:
+        * Alistarh, Grubic, Li, Tomioka and Vojnovic (2017), "QSGD", `arXiv:1610.02132 <https://arxiv.org/abs/1610.02132>`_.
 
     Example:
         >>> import torch, gradclip

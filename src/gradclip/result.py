@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = ["ClipResult"]
+
 
 @dataclass(frozen=True)
 class ClipResult:
@@ -20,6 +22,9 @@ class ClipResult:
         threshold: the threshold c that was applied (``inf`` when none).
         scale: the factor the gradients were multiplied by, in [0, 1] for
             norm clipping (:math:`\min(1, c/(\|g\|+10^{-6}))`).
+
+    References:
+        * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_.
 
     Example:
         >>> import torch

@@ -70,6 +70,16 @@ def soft_clip_grad_norm_(
     Returns:
         The total norm before scaling, a 0-dim tensor.
 
+    Raises:
+        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse, or ``max_norm`` is a tensor.
+        ValueError: ``max_norm`` is not in (0, inf], or ``norm_type`` is not in (0, inf].
+        RuntimeError: ``foreach=True`` on a device without foreach kernels.
+        RuntimeError: ``process_group`` is given but ``torch.distributed`` is not initialized.
+
+    References:
+        * Zhang, He, Sra and Jadbabaie (2020), "Why gradient clipping accelerates training", `arXiv:1905.11881 <https://arxiv.org/abs/1905.11881>`_.
+        * Bu, Wang, Zha and Karypis (2022), "Automatic Clipping" (AUTO-S), `arXiv:2206.07136 <https://arxiv.org/abs/2206.07136>`_.
+
     Example:
         >>> import torch, gradclip
         >>> w = torch.zeros(2, requires_grad=True); w.grad = torch.tensor([3.0, 4.0])
@@ -114,6 +124,14 @@ def soft_clip_grad_value_(
         parameters: a tensor or an iterable of tensors whose ``.grad`` is tamed.
         alpha: :math:`\alpha`, a finite number >= 0.
         foreach: as in :func:`gradclip.clip_grad_norm_`.
+
+    Raises:
+        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse, or ``alpha`` is not a number.
+        ValueError: ``alpha`` is negative, infinite or NaN.
+        RuntimeError: ``foreach=True`` on a device without foreach kernels.
+
+    References:
+        * Williamson, Eisenmann and Stillfjord (2024), component-wise tamed (soft) clipping, `arXiv:2406.16640 <https://arxiv.org/abs/2406.16640>`_.
 
     Example:
         >>> import torch, gradclip

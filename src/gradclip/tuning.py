@@ -72,6 +72,13 @@ def suggest_threshold(norm_history: History, q: float = 0.9) -> torch.Tensor:
     Returns:
         A 0-dim tensor, on the history's device (no sync for a tensor history).
 
+    Raises:
+        TypeError: ``norm_history`` is not a tensor or a sequence of numbers, or ``q`` is not a number.
+        ValueError: ``q`` is outside [0, 1], or the history is empty or not 1-D.
+
+    References:
+        * Godbole, Dahl, Gilmer, Shallue and Nado (2023), Deep Learning Tuning Playbook, `github.com/google-research/tuning_playbook <https://github.com/google-research/tuning_playbook>`_.
+
     Example:
         >>> import gradclip
         >>> gradclip.suggest_threshold([1.0, 2.0, 3.0, 4.0, 100.0], q=0.9)
@@ -109,6 +116,13 @@ def clipped_fraction(history: History | Sequence[ClipResult], threshold: _valida
 
     Returns:
         A 0-dim float32 tensor in [0, 1] (no sync for tensor inputs).
+
+    Raises:
+        TypeError: ``history`` holds neither ClipResults, booleans nor numbers.
+        ValueError: ``threshold`` is missing for norms, given for ClipResults or booleans, or negative; or the history is empty.
+
+    References:
+        * Godbole, Dahl, Gilmer, Shallue and Nado (2023), Deep Learning Tuning Playbook, `github.com/google-research/tuning_playbook <https://github.com/google-research/tuning_playbook>`_.
 
     Example:
         >>> import gradclip
@@ -156,6 +170,13 @@ def should_lower_lr(fraction: float | torch.Tensor, limit: float = 0.5) -> torch
 
     Returns:
         A 0-dim bool tensor (on the fraction's device; no sync).
+
+    Raises:
+        TypeError: ``fraction`` is not a number or a tensor.
+        ValueError: ``fraction`` is outside [0, 1] or not a scalar, or ``limit`` is outside [0, 1).
+
+    References:
+        * Godbole, Dahl, Gilmer, Shallue and Nado (2023), Deep Learning Tuning Playbook, `github.com/google-research/tuning_playbook <https://github.com/google-research/tuning_playbook>`_.
 
     Example:
         >>> import gradclip

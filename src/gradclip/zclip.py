@@ -78,6 +78,14 @@ class ZClip(Clipper):
         process_group, replicated: for sharded gradients under ``torch.distributed``,
             as in :class:`~gradclip.Clipper`.
 
+    Raises:
+        RuntimeError: no parameter has a gradient (call ``loss.backward()`` first), the clipper is called twice on the same gradients, or, with ``scaler=``, the gradients are still scaled.
+        ValueError: an argument is outside the range given above (the message names it).
+        TypeError: an argument has the wrong type (the message names it).
+
+    References:
+        * Kumar, Owen, Chowdhury and Güra (2025), "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", `arXiv:2504.02507 <https://arxiv.org/abs/2504.02507>`_.
+
     Example:
         >>> import torch, gradclip
         >>> w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
