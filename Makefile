@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup book test clean
+.PHONY: setup book test install-cells clean
 
 $(STAMP): requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,5 +21,9 @@ book: setup
 test: setup
 	$(PY) -m pytest tests chapters --nbval-lax --nbval-current-env
 
+# Regenerate each chapter's hidden install cell from _config.yml (repository.url, branch).
+install-cells: setup
+	$(PY) tools/nbtool.py install-cells chapters/*.ipynb
+
 clean:
-	rm -rf _build
+	rm -rf _build build dist

@@ -15,28 +15,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' shared references
 from shapes import RESNET50_NUMEL, numel, resnet50_shapes, transformer_small_shapes  # noqa: E402
+from support.references import per_sample_clipped_mean, timm_adaptive_clip_grad  # noqa: E402
 
 from gradclip.agc import adaptive_clip_grad_  # noqa: E402
 from gradclip.per_sample import per_sample_clipped_grad  # noqa: E402
-
-
-def timm_adaptive_clip_grad(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0):
-    """The common reference pattern (timm/utils/agc.py): two norms, clamp, divide, where, copy per parameter."""
-    for p in parameters:
-        if p.grad is None:
-            continue
-        p_data, g_data = p.detach(), p.grad.detach()
-        if p_data.ndim <= 1:
-            max_norm = p_data.norm(norm_type).clamp_(min=eps).mul_(clip_factor)
-            grad_norm = g_data.norm(norm_type)
-        else:
-            dims = tuple(range(1, p_data.ndim))
-            max_norm = p_data.norm(norm_type, dim=dims, keepdim=True).clamp_(min=eps).mul_(clip_factor)
-            grad_norm = g_data.norm(norm_type, dim=dims, keepdim=True)
-        clipped_grad = g_data * (max_norm / grad_norm.clamp(min=1e-6))
-        new_grads = torch.where(grad_norm < max_norm, g_data, clipped_grad)
-        p.grad.detach().copy_(new_grads)
 
 
 def interleaved(candidates: dict, runs: int, setup=None) -> dict[str, float]:
@@ -107,16 +91,8 @@ def largest_temporary(params) -> int:
 
 
 def reference_dp(model, inputs, targets, max_norm):
-    """The per-example loop: one forward/backward per example, clip, sum, average."""
-    params = list(model.parameters())
-    summed = [torch.zeros_like(p) for p in params]
-    for x, y in zip(inputs, targets):
-        grads = torch.autograd.grad(F.cross_entropy(model(x.unsqueeze(0)), y.unsqueeze(0)), params)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for s, g in zip(summed, grads):
-            s.add_(g * factor)
-    return [s / len(inputs) for s in summed]
+    """The per-example loop: one forward/backward per example, clip, sum, average (in the model's float32)."""
+    return per_sample_clipped_mean(model, F.cross_entropy, inputs, targets, max_norm, dtype=torch.float32)[0]
 
 
 def bench_dp(name: str, model, input_shape, batch: int, runs: int, method: str = "auto") -> tuple[str, float, float]:

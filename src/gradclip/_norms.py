@@ -1,12 +1,36 @@
-"""The ground floor of every norm in the library: per-tensor and per-group p-norms.
+r"""The ground floor of every norm in the library: per-tensor, per-group and combined p-norms.
 
 Everything that measures gradients (the global norm, its distributed
-reduction, per-tensor clipping, AGC, the monitor) calls these two functions, so
-there is one place where the accumulation dtype, the batched kernels and the
-CPU small-tensor optimisation are decided. Nothing here reads a value on the host.
+reduction, per-tensor clipping, AGC, the monitor) goes through these
+functions, so there is one place where the accumulation dtype, the batched
+kernels, the CPU small-tensor optimisation and overflow safety are decided.
+
+**Overflow and underflow.** A p-norm computed naively overflows when
+:math:`|g|^p` does (float32 entries above about 1.8e19 for p = 2) and
+underflows to 0 when every :math:`|g|^p` is below the smallest normal number
+(float32 entries below about 1e-19), although the norm itself is
+representable. Three rules keep the library right:
+
+* per-tensor norms come back in a *wide* dtype (float64; float32 on MPS,
+  which has no float64), so a norm too large for the gradients' dtype is
+  still a finite number;
+* partial norms are combined with the largest one factored out,
+  :math:`\|n\|_p = m\,\|n/m\|_p` with :math:`m = \max_i n_i`, so combining never
+  overflows;
+* on the CPU, where reading a value costs no device synchronisation, a
+  per-tensor norm that may have under- or overflowed (0, tiny or inf) is
+  recomputed exactly the same way, with its largest entry factored out.
+  On accelerators the per-tensor kernels are torch's, which accumulate in
+  float32: there a tensor with entries above 1.8e19 gets an ``inf`` norm, as
+  in torch (no host read is allowed there to detect it).
+
+Nothing here reads a value on the host except that CPU check, which is
+skipped while ``torch.compile`` traces.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch._utils import _flatten_dense_tensors
@@ -21,42 +45,116 @@ CPU_CONCAT_MAX_NUMEL = 256
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+# A norm below tiny ** (1/p) times this margin may have lost entries to underflow.
+_UNDERFLOW_MARGIN = 1e4
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half-precision inputs, the input dtype otherwise."""
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
-def tensor_norms(tensors: list[torch.Tensor], p: float, device: torch.device, foreach: bool | None) -> torch.Tensor:
-    """A 1-D tensor with the p-norm of each tensor (all of one device and dtype), in order.
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """The dtype norms are combined in: float64, or float32 where the device has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
-    Accumulated in float32 at least; one foreach kernel where supported, a loop otherwise.
+
+# Tests of the accelerator paths switch this off, so that CPU tensors stand in for device tensors.
+HOST_CHECKS_ON_CPU = True
+
+
+def exact_on_host(device: torch.device) -> bool:
+    """Whether suspicious norms on ``device`` may be checked on the host: the CPU, outside compilation."""
+    return HOST_CHECKS_ON_CPU and device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def scaled_norm(tensor: torch.Tensor, p: float, dim: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The p-norm with the largest magnitude factored out, in the wide dtype: never over- or underflows.
+
+    :math:`\\|x\\|_p = m \\|x / m\\|_p`, :math:`m = \\max |x|`; exact up to rounding
+    whenever the result is representable. Costs a copy of the tensor in float64.
     """
+    wide = tensor.to(wide_dtype(tensor.device))
+    largest = wide.abs().amax(dim=dim, keepdim=True) if wide.numel() else wide.new_zeros([1] * wide.ndim)
+    if math.isinf(p):
+        return largest.squeeze(dim) if dim is not None else largest.reshape(())
+    divisor = torch.where((largest > 0) & torch.isfinite(largest), largest, torch.ones_like(largest))
+    norm = torch.linalg.vector_norm(wide / divisor, p, dim=dim, keepdim=True) * divisor
+    # all zero -> 0; an inf entry -> inf; a NaN entry -> NaN (through the sum)
+    norm = torch.where(torch.isinf(largest) & ~torch.isnan(norm), largest, norm)
+    return norm.squeeze(dim) if dim is not None else norm.reshape(())
+
+
+def suspicious(norms: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask of norms that may have under- or overflowed when computed in ``dtype``."""
+    if math.isinf(p):
+        return torch.zeros_like(norms, dtype=torch.bool)  # the max needs no powers
+    tiny = torch.finfo(dtype).tiny ** (1.0 / p) * _UNDERFLOW_MARGIN
+    return (norms < tiny) | torch.isinf(norms)
+
+
+def tensor_norms(tensors: list[torch.Tensor], p: float, device: torch.device, foreach: bool | None) -> torch.Tensor:
+    """A 1-D tensor with the p-norm of each tensor (all of one device and dtype), in order, in the wide dtype.
+
+    Accumulated in float32 at least; one foreach kernel where supported, a
+    loop otherwise; empty tensors have norm 0. On the CPU, norms that may have
+    under- or overflowed are recomputed exactly (see the module docstring).
+    """
+    wide = wide_dtype(device)
+    nonempty = [t for t in tensors if t.numel()]
+    if len(nonempty) < len(tensors):
+        out = torch.zeros(len(tensors), dtype=wide, device=device)
+        if nonempty:
+            where = torch.tensor([i for i, t in enumerate(tensors) if t.numel()], device=device)
+            out.index_copy_(0, where, tensor_norms(nonempty, p, device, foreach))
+        return out
     dtype = accumulation_dtype(tensors[0].dtype)
     if _groups.use_foreach(tensors, device, foreach):
-        return torch.stack(torch._foreach_norm(tensors, p, dtype=dtype))
-    return torch.stack([torch.linalg.vector_norm(t, p, dtype=dtype) for t in tensors])
+        norms = torch.stack(torch._foreach_norm(tensors, p, dtype=dtype))
+    else:
+        norms = torch.stack([torch.linalg.vector_norm(t, p, dtype=dtype) for t in tensors])
+    norms = norms.to(wide)
+    if exact_on_host(device):
+        _repair_(norms, tensors, p, dtype)
+    return norms
+
+
+def _repair_(norms: torch.Tensor, tensors: list[torch.Tensor], p: float, dtype: torch.dtype) -> None:
+    """Recompute in place, exactly, the norms that may have under- or overflowed (CPU only: reads values)."""
+    suspect = suspicious(norms, p, dtype)
+    if not bool(suspect.any()):
+        return
+    for index in suspect.nonzero().flatten().tolist():
+        norms[index] = scaled_norm(tensors[index], p)
 
 
 def group_norms(group: _groups.Group, p: float, foreach: bool | None) -> torch.Tensor:
-    """A 1-D tensor of partial p-norms whose own p-norm is the group's total norm.
+    """A 1-D tensor of partial p-norms (wide dtype) whose own p-norm is the group's total norm.
 
     A flat buffer gives one norm; on the CPU (with ``foreach=None``) the small
     tensors are concatenated and reduced together; the rest get one norm each.
     """
-    dtype = accumulation_dtype(group.dtype)
+    tensors = [t for t in group.tensors if t.numel()]
+    if not tensors:
+        return torch.zeros(1, dtype=wide_dtype(group.device), device=group.device)
     if group.buffer is not None:
-        return torch.linalg.vector_norm(group.buffer, p, dtype=dtype).reshape(1)
-    tensors = group.tensors
+        return tensor_norms([group.buffer], p, group.device, foreach)
     if not _groups.use_foreach(tensors, group.device, foreach):
         return tensor_norms(tensors, p, group.device, False)
     partial_norms = []
     if group.device.type == "cpu" and foreach is None:
         small = [t for t in tensors if t.numel() <= CPU_CONCAT_MAX_NUMEL]
         if len(small) > 1:
-            flat = _flatten_dense_tensors(small)
-            partial_norms.append(torch.linalg.vector_norm(flat, p, dtype=dtype).reshape(1))
+            partial_norms.append(tensor_norms([_flatten_dense_tensors(small)], p, group.device, False))
             tensors = [t for t in tensors if t.numel() > CPU_CONCAT_MAX_NUMEL]
     if tensors:
         partial_norms.append(tensor_norms(tensors, p, group.device, True))
     return torch.cat(partial_norms) if len(partial_norms) > 1 else partial_norms[0]
+
+
+def combine(partial_norms: torch.Tensor, p: float) -> torch.Tensor:
+    """The p-norm of a 1-D tensor of norms, with the largest factored out so it cannot overflow.
+
+    NaN anywhere gives NaN; inf (and no NaN) gives inf; all zeros give 0.
+    """
+    return scaled_norm(partial_norms, p)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _groups
+from ._norms import accumulation_dtype
 
 # torch's guard against dividing by a zero norm; kept for exact parity.
 NORM_EPS = 1e-6
@@ -22,21 +23,34 @@ def clip_coefficient(max_norm: float | torch.Tensor, norm: torch.Tensor) -> torc
 
 
 def scale_(groups: list[_groups.Group], factor: torch.Tensor, foreach: bool | None) -> None:
-    """Multiply every tensor of every group in place by the 0-dim tensor ``factor``."""
+    """Multiply every tensor of every group in place by the 0-dim tensor ``factor``.
+
+    The factor is cast to the group's accumulation dtype (float32 for
+    half-precision gradients), in which the multiply is computed.
+    """
     for group in groups:
         tensors, batched = _groups.targets(group, foreach)
-        _groups.apply_(tensors, batched, "mul", factor.to(group.device))
+        _groups.apply_(tensors, batched, "mul", factor.to(group.device, accumulation_dtype(group.dtype)))
 
 
 def scale_each_(group: _groups.Group, factors: torch.Tensor, foreach: bool | None) -> None:
     """Multiply tensor i of one group (no flat buffer) in place by the 0-dim tensor ``factors[i]``."""
     tensors = _groups.local(group).tensors
+    factors = factors.to(group.device, accumulation_dtype(group.dtype))
     _groups.apply_(tensors, _groups.use_foreach(tensors, group.device, foreach), "mul", list(factors.unbind()))
 
 
-def clamp_(groups: list[_groups.Group], low: float, high: float, foreach: bool | None) -> None:
-    """Clamp every entry of every tensor into ``[low, high]`` in place (NaN stays NaN)."""
+def clamp_(groups: list[_groups.Group], bound: float | torch.Tensor, foreach: bool | None) -> None:
+    """Clamp every entry of every tensor into ``[-bound, bound]`` in place (NaN stays NaN).
+
+    A tensor bound is used on the device, without reading it: one clamp per tensor.
+    """
     for group in groups:
         tensors, batched = _groups.targets(group, foreach)
-        _groups.apply_(tensors, batched, "clamp_min", low)
-        _groups.apply_(tensors, batched, "clamp_max", high)
+        if isinstance(bound, torch.Tensor):
+            high = bound.to(group.device, accumulation_dtype(group.dtype))
+            for tensor in tensors:
+                tensor.clamp_(min=-high, max=high)
+            continue
+        _groups.apply_(tensors, batched, "clamp_min", -bound)
+        _groups.apply_(tensors, batched, "clamp_max", bound)

@@ -17,7 +17,7 @@ from typing import Any, Union
 import torch
 
 TensorOrTensors = Union[torch.Tensor, Iterable[torch.Tensor]]
-Threshold = Union[float, int, torch.Tensor]
+Threshold = Union[float, torch.Tensor]
 
 
 def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters") -> list[torch.Tensor]:
@@ -42,12 +42,25 @@ def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters") -> list[t
         for index, item in enumerate(items):
             if not isinstance(item, torch.Tensor):
                 raise TypeError(f"{name}[{index}] must be a torch.Tensor, got {type(item).__name__}")
-    return items
+    return distinct(items)
+
+
+def distinct(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors without repeats (by identity), in order of first appearance.
+
+    A parameter listed twice (tied weights passed by hand) is one parameter:
+    its gradient is measured once and clipped once. torch counts it twice in
+    the norm and scales it twice.
+    """
+    if len({id(t) for t in tensors}) == len(tensors):
+        return tensors
+    seen: set[int] = set()
+    return [t for t in tensors if not (id(t) in seen or seen.add(id(t)))]
 
 
 def grads_of(parameters: TensorOrTensors) -> list[torch.Tensor]:
     """The ``.grad`` of every parameter that has one, checked to be dense."""
-    grads = [g for g in [p.grad for p in as_tensor_list(parameters)] if g is not None]
+    grads = distinct([g for g in [p.grad for p in as_tensor_list(parameters)] if g is not None])
     check_dense(grads, "gradient")
     return grads
 
@@ -64,18 +77,22 @@ def check_dense(tensors: list[torch.Tensor], what: str) -> None:
             )
 
 
-def check_norm_type(norm_type: float | int | str) -> float:
+def check_norm_type(norm_type: Any) -> float:
     """Return ``norm_type`` as a float after checking it is in (0, inf].
 
-    A norm of per-tensor norms equals the norm of all entries only for p > 0;
-    for p = 0 or p < 0 (including -inf) it is not, so those are refused.
+    Accepts what torch accepts (anything ``float()`` takes: numbers, ``'inf'``,
+    numpy scalars, one-element tensors; a tensor is read on the host, as torch
+    does, since it picks the kernel). A norm of per-tensor norms equals the
+    norm of all entries only for p > 0; for p = 0 or p < 0 (including -inf) it
+    is not, so those are refused.
     """
-    if isinstance(norm_type, bool) or not isinstance(norm_type, (numbers.Real, str)):
-        raise TypeError(f"norm_type must be a positive number or 'inf', got {type(norm_type).__name__}")
     try:
         p = float(norm_type)
-    except ValueError:
-        raise ValueError(f"norm_type must be a positive number or 'inf', got {norm_type!r}") from None
+    except (TypeError, ValueError, RuntimeError) as error:  # the kind float() raises, as in torch
+        kind = ValueError if isinstance(error, ValueError) else TypeError
+        raise kind(
+            f"norm_type must be a positive number or 'inf' (anything float() accepts), got {norm_type!r}"
+        ) from None
     if math.isnan(p) or p <= 0:
         raise ValueError(
             f"norm_type must be in (0, inf] (a positive number or inf), got {norm_type!r}; "
@@ -84,26 +101,31 @@ def check_norm_type(norm_type: float | int | str) -> float:
     return p
 
 
-def check_threshold(name: str, value: Threshold, *, tensor_ok: bool = True, zero_ok: bool = True) -> Threshold:
-    """Check a clipping threshold is a number >= 0 (inf allowed; > 0 unless ``zero_ok``).
+def check_threshold(name: str, value: Any, *, tensor_ok: bool = True, zero_ok: bool = True) -> Threshold:
+    """Check a clipping threshold is a number in [0, inf] ((0, inf] unless ``zero_ok``).
 
-    A tensor threshold (when ``tensor_ok``) is accepted as is: checking its
-    value would need a host-device synchronisation. It must be a real
-    floating-point scalar.
+    Accepts what torch accepts (anything ``float()`` takes) and returns a
+    float. A one-element tensor (when ``tensor_ok``; any shape, any real dtype)
+    comes back as a 0-dim floating-point tensor on its device, unchecked:
+    reading its value would cost a host-device synchronisation.
     """
     if isinstance(value, torch.Tensor):
         if not tensor_ok:
             raise TypeError(f"{name} must be a number, not a tensor; pass float({name}) if it is a 0-dim tensor")
-        if value.numel() != 1 or not value.is_floating_point():
-            raise TypeError(f"{name} as a tensor must be a floating-point scalar, got shape "
-                            f"{tuple(value.shape)} and dtype {value.dtype}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number >= 0, got {type(value).__name__}")
-    if math.isnan(value) or value < 0 or (value == 0 and not zero_ok):
+        if value.numel() != 1 or value.is_complex():
+            raise TypeError(f"{name} as a tensor must hold one real value, got shape {tuple(value.shape)} "
+                            f"and dtype {value.dtype}")
+        value = value.detach().reshape(())
+        return value if value.is_floating_point() else value.to(torch.get_default_dtype())
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as error:  # the kind float() raises, as in torch
+        kind = ValueError if isinstance(error, ValueError) else TypeError
+        raise kind(f"{name} must be a number >= 0 (anything float() accepts), got {value!r}") from None
+    if math.isnan(number) or number < 0 or (number == 0 and not zero_ok):
         interval = "[0, inf]" if zero_ok else "(0, inf]"
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-    return value
+    return number
 
 
 def check_foreach(foreach: bool | None) -> bool | None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import _groups, _validate
-from ._norms import accumulation_dtype, tensor_norms
+from ._norms import accumulation_dtype, exact_on_host, scaled_norm, suspicious, tensor_norms, wide_dtype
 
 __all__ = ["UnitSpec", "adaptive_clip_grad_", "agc_parameters", "agc_unit_dims"]
 
@@ -30,7 +30,7 @@ class UnitSpec(NamedTuple):
             is one output channel of one group.
 
     References:
-        * Brock, De, Smith and Simonyan (2021), "High-Performance Large-Scale Image Recognition Without Normalization", `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`_.
+        * Brock, De, Smith and Simonyan (2021), "High-Performance Large-Scale Image Recognition Without Normalization", `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`__.
     """
 
     dim: int | None
@@ -70,7 +70,7 @@ def _as_spec(value: object, param: torch.Tensor, where: str) -> UnitSpec:
 def agc_unit_dims(model: nn.Module) -> dict[torch.Tensor, UnitSpec]:
     r"""The output-unit axis of every parameter of ``model``, read from its modules.
 
-    AGC (Brock et al. 2021, `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`_)
+    AGC (Brock et al. 2021, `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`__)
     clips each output unit. PyTorch stores ``Linear`` and ``ConvNd`` weights as ``(out, in, k...)``, so
     their units lie along axis 0, but ``ConvTransposeNd`` weights are
     ``(in, out/groups, k...)``: their output units lie along axis 1 (and, with
@@ -92,7 +92,7 @@ def agc_unit_dims(model: nn.Module) -> dict[torch.Tensor, UnitSpec]:
         TypeError: ``model`` is not a ``torch.nn.Module``.
 
     References:
-        * Brock, De, Smith and Simonyan (2021), "High-Performance Large-Scale Image Recognition Without Normalization", `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`_.
+        * Brock, De, Smith and Simonyan (2021), "High-Performance Large-Scale Image Recognition Without Normalization", `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`__.
 
     Example:
         >>> import torch, gradclip
@@ -142,7 +142,7 @@ def agc_parameters(
 ) -> list[nn.Parameter]:
     r"""The parameters to clip with AGC: all of ``model``'s except its classifier.
 
-    Brock et al. (2021, `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`_)
+    Brock et al. (2021, `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`__)
     do not clip the final linear layer: "we found it was always better not to
     clip the final linear layer". Forgetting this is a
     common bug in ports. timm drops the last two parameters by order, which is
@@ -165,7 +165,7 @@ def agc_parameters(
         ValueError: ``exclude_head`` is set and no head can be found.
 
     References:
-        * Brock, De, Smith and Simonyan (2021), "High-Performance Large-Scale Image Recognition Without Normalization", `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`_.
+        * Brock, De, Smith and Simonyan (2021), "High-Performance Large-Scale Image Recognition Without Normalization", `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`__.
 
     Example:
         >>> import torch, gradclip
@@ -211,8 +211,10 @@ def _unit_norms(tensors: list[torch.Tensor], n_whole: int, items: list[_Item], p
     parts = [tensor_norms(tensors[:n_whole], p, device, foreach)] if n_whole else []
     dtype = accumulation_dtype(tensors[0].dtype)
     for tensor, item in zip(tensors[n_whole:], items[n_whole:]):
-        norm = torch.linalg.vector_norm(tensor, p, dim=item.reduce, dtype=dtype)
-        parts.append(norm if norm.ndim == 1 else norm.reshape(-1))
+        norm = torch.linalg.vector_norm(tensor, p, dim=item.reduce, dtype=dtype).to(wide_dtype(device))
+        if exact_on_host(device) and bool(suspicious(norm, p, dtype).any()):
+            norm = scaled_norm(tensor, p, dim=item.reduce)  # some unit under- or overflowed
+        parts.append(norm.reshape(-1))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
@@ -243,7 +245,7 @@ def adaptive_clip_grad_(
     with :math:`\lambda` = ``clip_factor`` and :math:`\varepsilon` = ``eps``
     (Brock, De, Smith and Simonyan 2021, "High-Performance Large-Scale Image
     Recognition Without Normalization",
-    `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`_). For float32 and
+    `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`__). For float32 and
     float64 this is timm's ``adaptive_clip_grad`` to rounding; float16 and
     bfloat16 norms are accumulated in float32, where timm overflows.
 
@@ -294,7 +296,7 @@ def adaptive_clip_grad_(
             data (meta or uninitialised lazy parameters).
 
     References:
-        * Brock, De, Smith and Simonyan (2021), "High-Performance Large-Scale Image Recognition Without Normalization", `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`_.
+        * Brock, De, Smith and Simonyan (2021), "High-Performance Large-Scale Image Recognition Without Normalization", `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`__.
 
     Example:
         >>> import torch, gradclip
@@ -356,7 +358,7 @@ def adaptive_clip_grad_(
         g_norm = _unit_norms(grads, n_whole, items, p, device, foreach)
         max_norm = max_norm.clamp_(min=eps).mul_(clip_factor)
         keep = g_norm < max_norm
-        scale = torch.where(keep, 1.0, max_norm.div_(g_norm.clamp_(min=DIV_EPS)))
+        scale = torch.where(keep, 1.0, max_norm.div_(g_norm.clamp_(min=DIV_EPS))).to(accumulation_dtype(dtype))
         # one factor per unit, shaped to broadcast over its tensor's reduced axes
         factors = list(scale[:n_whole].unbind()) if n_whole else []
         if n_whole < len(items):

@@ -35,7 +35,7 @@ class AutoClip(Clipper):
 
     At step t, with :math:`G_t = \{\|g_1\|, \dots, \|g_t\|\}` the history
     (Seetharaman, Wichern, Pardo and Le Roux 2020, Algorithm 1,
-    `arXiv:2007.14469 <https://arxiv.org/abs/2007.14469>`_):
+    `arXiv:2007.14469 <https://arxiv.org/abs/2007.14469>`__):
 
     .. math::
 
@@ -96,7 +96,7 @@ class AutoClip(Clipper):
         TypeError: an argument has the wrong type (the message names it).
 
     References:
-        * Seetharaman, Wichern, Pardo and Le Roux (2020), "AutoClip: Adaptive Gradient Clipping for Source Separation Networks", `arXiv:2007.14469 <https://arxiv.org/abs/2007.14469>`_.
+        * Seetharaman, Wichern, Pardo and Le Roux (2020), "AutoClip: Adaptive Gradient Clipping for Source Separation Networks", `arXiv:2007.14469 <https://arxiv.org/abs/2007.14469>`__.
 
     Example:
         >>> import torch, gradclip
@@ -306,8 +306,8 @@ class AutoClip(Clipper):
 
     # --- the step --------------------------------------------------------------------------
 
-    def _step(self, groups: list[_groups.Group], norm: torch.Tensor) -> ClipResult:
-        value = norm.detach().to(self.dtype)
+    def _step(self, groups: list[_groups.Group], norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
+        value = wide.to(self.dtype)
         value = torch.nan_to_num(value, nan=math.inf, posinf=math.inf)
         if self.include_current:
             self._record(value)
@@ -316,7 +316,7 @@ class AutoClip(Clipper):
             threshold = (self._threshold() if len(self) else
                          torch.tensor(math.inf, dtype=self.dtype, device=norm.device))
             self._record(value)
-        scale = clip_coefficient(threshold.to(norm.dtype), norm)
+        scale = clip_coefficient(threshold, wide).to(norm.dtype)
         scale_(groups, scale, self.foreach)
         return ClipResult(norm=norm, threshold=threshold, scale=scale)
 

@@ -21,7 +21,7 @@ __all__ = ["NORM_EPS", "clip_grad_norm_", "clip_grad_norm_report_", "clip_grad_v
 @torch.no_grad()
 def clip_grads_with_norm_(
     parameters: _validate.TensorOrTensors,
-    max_norm: _validate.Threshold,
+    max_norm: Any,
     total_norm: torch.Tensor,
     foreach: bool | None = None,
 ) -> None:
@@ -52,8 +52,8 @@ def clip_grads_with_norm_(
         RuntimeError: ``foreach=True`` on a device without foreach kernels.
 
     References:
-        * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_.
-        * PyTorch, ``torch.nn.utils.clip_grad_norm_`` and ``get_total_norm``: `pytorch.org/docs <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html>`_.
+        * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`__.
+        * PyTorch, ``torch.nn.utils.clip_grad_norm_`` and ``get_total_norm``: `pytorch.org/docs <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html>`__.
 
     Example:
         >>> import torch, gradclip
@@ -77,8 +77,8 @@ def clip_grads_with_norm_(
 @torch.no_grad()
 def clip_grad_norm_(
     parameters: _validate.TensorOrTensors,
-    max_norm: _validate.Threshold,
-    norm_type: float | str = 2.0,
+    max_norm: Any,
+    norm_type: Any = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
     *,
@@ -94,7 +94,7 @@ def clip_grad_norm_(
 
     Norm clipping rescales the whole gradient, so its direction is kept and
     its length is capped at c (Pascanu, Mikolov and Bengio 2013,
-    `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_).
+    `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`__).
 
     A drop-in for ``torch.nn.utils.clip_grad_norm_`` with the same contract
     (parameters without ``.grad`` skipped, ``tensor(0.)`` for none, any
@@ -137,8 +137,8 @@ def clip_grad_norm_(
         RuntimeError: ``process_group`` is given but ``torch.distributed`` is not initialized.
 
     References:
-        * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_.
-        * PyTorch, ``torch.nn.utils.clip_grad_norm_`` and ``get_total_norm``: `pytorch.org/docs <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html>`_.
+        * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`__.
+        * PyTorch, ``torch.nn.utils.clip_grad_norm_`` and ``get_total_norm``: `pytorch.org/docs <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html>`__.
 
     Example:
         >>> import torch, gradclip
@@ -148,40 +148,45 @@ def clip_grad_norm_(
         >>> w.grad
         tensor([0.6000, 0.8000])
     """
-    norm, _ = clip_norm_and_scale_(parameters, max_norm, norm_type, error_if_nonfinite, foreach,
-                                   process_group=process_group, replicated=replicated)
+    norm, _, _ = clip_norm_and_scale_(parameters, max_norm, norm_type, error_if_nonfinite, foreach,
+                                      process_group=process_group, replicated=replicated)
     return norm
 
 
 def clip_norm_and_scale_(
     parameters: _validate.TensorOrTensors,
-    max_norm: _validate.Threshold,
-    norm_type: float | str,
+    max_norm: Any,
+    norm_type: Any,
     error_if_nonfinite: bool,
     foreach: bool | None,
     *,
     process_group: Any = None,
     replicated: Iterable[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The work of :func:`clip_grad_norm_`: returns the pre-clip norm and the factor applied."""
+) -> tuple[torch.Tensor, torch.Tensor, _validate.Threshold]:
+    """The work of :func:`clip_grad_norm_`: the pre-clip norm, the factor applied and the checked threshold.
+
+    The factor is computed from the norm in float64, so it is right even when
+    the norm is too large for the gradients' dtype.
+    """
     max_norm = _validate.check_threshold("max_norm", max_norm)
-    groups, norm = grad_norm(parameters, norm_type, foreach, process_group=process_group, replicated=replicated)
+    groups, norm, wide = grad_norm(parameters, norm_type, foreach, process_group=process_group,
+                                   replicated=replicated)
     if error_if_nonfinite:
         raise_if_nonfinite(norm, _validate.check_norm_type(norm_type))
-    scale = clip_coefficient(max_norm, norm)
+    scale = clip_coefficient(max_norm, wide)
     scale_(groups, scale, foreach)
-    return norm, scale
+    return norm, scale.to(norm.dtype), max_norm
 
 
 def grad_norm(
     parameters: _validate.TensorOrTensors,
-    norm_type: float | str,
+    norm_type: Any,
     foreach: bool | None,
     *,
     process_group: Any = None,
     replicated: Iterable[torch.Tensor] | None = None,
-) -> tuple[list[_groups.Group], torch.Tensor]:
-    """Check the arguments, then the groups and total norm of the gradients of ``parameters``."""
+) -> tuple[list[_groups.Group], torch.Tensor, torch.Tensor]:
+    """Check the arguments; the groups, total norm and float64 total norm of the gradients of ``parameters``."""
     p = _validate.check_norm_type(norm_type)
     _validate.check_foreach(foreach)
     return grouped_norm(_validate.grads_of(parameters), p, foreach, process_group=process_group,
@@ -191,7 +196,7 @@ def grad_norm(
 @torch.no_grad()
 def clip_grad_value_(
     parameters: _validate.TensorOrTensors,
-    clip_value: float,
+    clip_value: Any,
     foreach: bool | None = None,
 ) -> None:
     r"""Clamp every gradient entry into ``[-clip_value, clip_value]`` in place.
@@ -202,7 +207,7 @@ def clip_grad_value_(
 
     Value clipping bounds each entry but changes the gradient's direction;
     as v goes to 0, ``clamp(g, -v, v) / v`` becomes ``sign(g)`` (signSGD,
-    Bernstein et al. 2018, `arXiv:1802.04434 <https://arxiv.org/abs/1802.04434>`_).
+    Bernstein et al. 2018, `arXiv:1802.04434 <https://arxiv.org/abs/1802.04434>`__).
 
     A drop-in for ``torch.nn.utils.clip_grad_value_`` (returns ``None``; NaN
     entries stay NaN), except that a negative or NaN ``clip_value`` raises
@@ -223,8 +228,8 @@ def clip_grad_value_(
         RuntimeError: ``foreach=True`` on a device without foreach kernels.
 
     References:
-        * Bernstein, Wang, Azizzadenesheli and Anandkumar (2018), "signSGD", `arXiv:1802.04434 <https://arxiv.org/abs/1802.04434>`_.
-        * PyTorch, ``torch.nn.utils.clip_grad_value_``: `pytorch.org/docs <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_value_.html>`_.
+        * Bernstein, Wang, Azizzadenesheli and Anandkumar (2018), "signSGD", `arXiv:1802.04434 <https://arxiv.org/abs/1802.04434>`__.
+        * PyTorch, ``torch.nn.utils.clip_grad_value_``: `pytorch.org/docs <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_value_.html>`__.
 
     Example:
         >>> import torch, gradclip
@@ -233,7 +238,7 @@ def clip_grad_value_(
         >>> w.grad
         tensor([-1.0000,  0.5000,  1.0000])
     """
-    clip_value = _validate.check_threshold("clip_value", clip_value, tensor_ok=False)
+    clip_value = _validate.check_threshold("clip_value", clip_value)
     _validate.check_foreach(foreach)
     grads = _validate.grads_of(parameters)
     if grads:
@@ -242,14 +247,14 @@ def clip_grad_value_(
             from .distributed import check_not_partial
 
             check_not_partial(groups, "clip_grad_value_")
-        clamp_(groups, -float(clip_value), float(clip_value), foreach)
+        clamp_(groups, clip_value, foreach)
 
 
 @torch.no_grad()
 def clip_grad_norm_report_(
     parameters: _validate.TensorOrTensors,
-    max_norm: _validate.Threshold,
-    norm_type: float | str = 2.0,
+    max_norm: Any,
+    norm_type: Any = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
     *,
@@ -263,7 +268,7 @@ def clip_grad_norm_report_(
         s = \min\Big(1, \frac{c}{\|g\|_p + 10^{-6}}\Big), \qquad g \leftarrow s\, g
 
     Same kernels, same result and same cost as :func:`gradclip.clip_grad_norm_`
-    (Pascanu et al. 2013, `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_),
+    (Pascanu et al. 2013, `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`__),
     and no host-device synchronisation: the result's fields (pre-clip norm,
     threshold, factor) and properties (``clipped``, ``post_norm``) are
     tensors on the device. Keep them, stack them over many steps, and read
@@ -290,7 +295,7 @@ def clip_grad_norm_report_(
         RuntimeError: ``process_group`` is given but ``torch.distributed`` is not initialized.
 
     References:
-        * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_.
+        * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`__.
 
     Example:
         >>> import torch, gradclip
@@ -299,10 +304,10 @@ def clip_grad_norm_report_(
         >>> r.norm, r.clipped, r.post_norm
         (tensor(5.), tensor(True), tensor(1.0000))
     """
-    norm, scale = clip_norm_and_scale_(parameters, max_norm, norm_type, error_if_nonfinite, foreach,
-                                       process_group=process_group, replicated=replicated)
+    norm, scale, max_norm = clip_norm_and_scale_(parameters, max_norm, norm_type, error_if_nonfinite, foreach,
+                                                 process_group=process_group, replicated=replicated)
     if isinstance(max_norm, torch.Tensor):
-        threshold = max_norm.detach().reshape(()).to(device=norm.device, dtype=norm.dtype)
+        threshold = max_norm.to(device=norm.device, dtype=norm.dtype)
     else:
-        threshold = torch.full((), float(max_norm), dtype=norm.dtype, device=norm.device)
+        threshold = torch.full((), max_norm, dtype=norm.dtype, device=norm.device)
     return ClipResult(norm=norm, threshold=threshold, scale=scale)

@@ -74,7 +74,7 @@ class Clipper:
         TypeError: an argument has the wrong type (the message names it).
 
     References:
-        * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_.
+        * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`__.
     """
 
     def __init__(self, *, norm_type: float | str = 2.0, foreach: bool | None = None,
@@ -105,7 +105,8 @@ class Clipper:
     def _load_state(self, state: Mapping[str, Any]) -> None:
         pass
 
-    def _step(self, groups: list[_groups.Group], norm: torch.Tensor) -> ClipResult:
+    def _step(self, groups: list[_groups.Group], norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
+        """Clip the grouped gradients given their norm (``wide``: the same in float64) and update the state."""
         raise NotImplementedError
 
     # --- the shared protocol ---------------------------------------------------------------
@@ -132,9 +133,9 @@ class Clipper:
             )
         self._check_unscaled(optimizer)
         self._check_not_twice(grads)
-        groups, norm = grouped_norm(grads, self._p, self.foreach, process_group=self.process_group,
-                                    replicated=self.replicated)
-        result = self._step(groups, norm)
+        groups, norm, wide = grouped_norm(grads, self._p, self.foreach, process_group=self.process_group,
+                                       replicated=self.replicated)
+        result = self._step(groups, norm, wide)
         self._last_grads = [weakref.ref(g) for g in grads]
         self._last_versions = [g._version for g in grads]
         self.steps += 1

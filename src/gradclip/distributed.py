@@ -19,8 +19,8 @@ in float64, one all-reduce (``SUM``, or ``MAX``) combines them, the replicated
 part is added locally after the all-reduce (it is the same on every rank, so
 it costs no communication), and every rank takes the same root. This is the
 recipe of Megatron-LM (Shoeybi et al. 2019, `arXiv:1909.08053
-<https://arxiv.org/abs/1909.08053>`_) and of PyTorch FSDP (Zhao et al. 2023,
-`arXiv:2304.11277 <https://arxiv.org/abs/2304.11277>`_).
+<https://arxiv.org/abs/1909.08053>`__) and of PyTorch FSDP (Zhao et al. 2023,
+`arXiv:2304.11277 <https://arxiv.org/abs/2304.11277>`__).
 
 You rarely call this module directly: the public functions take the keywords.
 
@@ -198,6 +198,18 @@ def _all_reduce(value: torch.Tensor, groups: tuple[Any, ...], inf: bool) -> torc
     return value
 
 
+def wide_global_norm(
+    groups: list[_groups.Group],
+    p: float,
+    foreach: bool | None,
+    first_device: torch.device | None,
+    process_group: Any = None,
+    replicated: Iterable[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """:func:`global_norm` in the wide dtype (float64; float32 on MPS), for clipping factors."""
+    return _global_norm(groups, p, foreach, first_device, process_group, replicated)
+
+
 def global_norm(
     groups: list[_groups.Group],
     p: float,
@@ -220,8 +232,8 @@ def global_norm(
         \Big(\sum_{i \in S_r} \|g_i\|_p^p\Big) + \sum_{i \in \mathcal{R}} \|g_i\|_p^p\Big)^{1/p}
 
     and ``MAX`` instead of the sums for :math:`p = \infty`
-    (Megatron-LM, `arXiv:1909.08053 <https://arxiv.org/abs/1909.08053>`_;
-    PyTorch FSDP, `arXiv:2304.11277 <https://arxiv.org/abs/2304.11277>`_).
+    (Megatron-LM, `arXiv:1909.08053 <https://arxiv.org/abs/1909.08053>`__;
+    PyTorch FSDP, `arXiv:2304.11277 <https://arxiv.org/abs/2304.11277>`__).
 
     * Plain tensors count as rank-local when ``process_group`` is given,
       except those in ``replicated``; without ``process_group`` they count
@@ -262,12 +274,23 @@ def global_norm(
         >>> distributed.global_norm(groups, 2.0, None, torch.device("cpu"))  # no group: local
         tensor(5.)
     """
-    inf = math.isinf(p)
-    pg = resolve_process_group(process_group)
-    rep = replicated_ids(replicated) if pg is not None else set()
     out_dtype = torch.float32
     for group in groups:
         out_dtype = torch.promote_types(out_dtype, accumulation_dtype(group.dtype))
+    return _global_norm(groups, p, foreach, first_device, process_group, replicated).to(out_dtype)
+
+
+def _global_norm(
+    groups: list[_groups.Group],
+    p: float,
+    foreach: bool | None,
+    first_device: torch.device | None,
+    process_group: Any,
+    replicated: Iterable[torch.Tensor] | None,
+) -> torch.Tensor:
+    inf = math.isinf(p)
+    pg = resolve_process_group(process_group)
+    rep = replicated_ids(replicated) if pg is not None else set()
 
     # reduce path (a tuple of process groups) -> [device, list of 0-dim partials]
     buckets: dict[tuple[Any, ...], list[Any]] = {}
@@ -314,10 +337,10 @@ def global_norm(
         totals[0].device if totals else local_device)
     values = [t.to(device=result_device, dtype=_reduce_dtype(result_device)) for t in totals + local]
     if not values:
-        return torch.zeros((), dtype=out_dtype, device=result_device)
+        return torch.zeros((), dtype=_reduce_dtype(result_device), device=result_device)
     stacked = torch.stack(values)
-    norm = stacked.max() if inf else stacked.sum().pow(1.0 / p)
-    return norm.to(out_dtype)
+    return stacked.max() if inf else stacked.sum().pow(1.0 / p)
+
 
 
 def check_not_partial(groups: list[_groups.Group], what: str) -> None:

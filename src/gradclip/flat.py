@@ -33,7 +33,7 @@ class GradBuffer:
         ValueError: no parameter has ``requires_grad=True``.
 
     References:
-        * Shoeybi et al. (2019), "Megatron-LM" (flat gradient buffers and the global norm), `arXiv:1909.08053 <https://arxiv.org/abs/1909.08053>`_.
+        * Shoeybi et al. (2019), "Megatron-LM" (flat gradient buffers and the global norm), `arXiv:1909.08053 <https://arxiv.org/abs/1909.08053>`__.
 
     Example:
         >>> import torch, gradclip

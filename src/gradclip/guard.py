@@ -34,7 +34,7 @@ class SpikeGuard(Clipper):
     spikes (one-sided). This is the 0/1 *step factor* rule of OLMo-core's
     ``SkipStepOptimizer`` (z-score over a rolling window of 128, factor 6; see
     also the RNMT+ rule of Chen et al. 2018, `arXiv:1804.09849
-    <https://arxiv.org/abs/1804.09849>`_). Every finite norm, spikes included,
+    <https://arxiv.org/abs/1804.09849>`__). Every finite norm, spikes included,
     enters the history, so a lasting change of scale is absorbed after about
     ``window`` steps instead of skipping forever.
 
@@ -80,8 +80,8 @@ class SpikeGuard(Clipper):
         TypeError: an argument has the wrong type (the message names it).
 
     References:
-        * Chowdhery et al. (2022), "PaLM" (skipping batches around loss spikes), `arXiv:2204.02311 <https://arxiv.org/abs/2204.02311>`_.
-        * Kumar, Owen, Chowdhury and Güra (2025), "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", `arXiv:2504.02507 <https://arxiv.org/abs/2504.02507>`_.
+        * Chowdhery et al. (2022), "PaLM" (skipping batches around loss spikes), `arXiv:2204.02311 <https://arxiv.org/abs/2204.02311>`__.
+        * Kumar, Owen, Chowdhury and Güra (2025), "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", `arXiv:2504.02507 <https://arxiv.org/abs/2504.02507>`__.
 
     Example:
         >>> import torch, gradclip
@@ -120,7 +120,7 @@ class SpikeGuard(Clipper):
         return {**super()._config(), "mode": self.mode, "threshold": self.threshold,
                 "window": self.window, "min_history": self.min_history}
 
-    def _step(self, groups: list[_groups.Group], norm: torch.Tensor) -> ClipResult:
+    def _step(self, groups: list[_groups.Group], norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
         device = norm.device
         if self._history is None or self._history.device != device:
             history = torch.full((self.window,), math.nan, dtype=torch.float64, device=device)
@@ -128,7 +128,7 @@ class SpikeGuard(Clipper):
                 history.copy_(self._history)
             self._history = history
         self.skipped_steps = self.skipped_steps.to(device)
-        x = norm.detach().to(torch.float64)
+        x = wide.to(torch.float64)
         h = self._history
         valid = torch.isfinite(h)
         count = valid.sum()

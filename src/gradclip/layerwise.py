@@ -8,7 +8,7 @@ import math
 import torch
 
 from . import _groups, _validate
-from ._norms import tensor_norms
+from ._norms import accumulation_dtype, tensor_norms
 from ._scaling import clip_coefficient, scale_each_
 
 __all__ = ["clip_grad_block_rms_", "clip_grad_norm_per_tensor_"]
@@ -24,11 +24,12 @@ def _norms_by_group(grads: list[torch.Tensor], p: float,
 def _in_original_order(grads: list[torch.Tensor], results: list[tuple[_groups.Group, torch.Tensor]]) -> torch.Tensor:
     if not grads:
         return torch.zeros(0)
+    # reported in the accumulation dtype (float32 at least); the factors used the wide norms
+    dtype = functools.reduce(torch.promote_types, [accumulation_dtype(group.dtype) for group, _ in results])
     if len(results) == 1:
-        return results[0][1]
+        return results[0][1].to(dtype)
     position = {id(g): i for i, g in enumerate(grads)}
     first = grads[0].device
-    dtype = functools.reduce(torch.promote_types, [values.dtype for _, values in results])
     out = torch.empty(len(grads), dtype=dtype, device=first)
     for group, values in results:
         index = torch.tensor([position[id(t)] for t in group.tensors], device=first)
@@ -79,7 +80,7 @@ def clip_grad_norm_per_tensor_(
         RuntimeError: ``foreach=True`` on a device without foreach kernels.
 
     References:
-        * Keras optimizers' ``clipnorm`` (per variable), `keras.io/api/optimizers <https://keras.io/api/optimizers/>`_; optax ``clip_by_block_rms``, `optax.readthedocs.io <https://optax.readthedocs.io/en/latest/api/transformations.html>`_.
+        * Keras optimizers' ``clipnorm`` (per variable), `keras.io/api/optimizers <https://keras.io/api/optimizers/>`__; optax ``clip_by_block_rms``, `optax.readthedocs.io <https://optax.readthedocs.io/en/latest/api/transformations.html>`__.
 
     Example:
         >>> import torch, gradclip
@@ -136,7 +137,7 @@ def clip_grad_block_rms_(
         RuntimeError: ``foreach=True`` on a device without foreach kernels.
 
     References:
-        * Keras optimizers' ``clipnorm`` (per variable), `keras.io/api/optimizers <https://keras.io/api/optimizers/>`_; optax ``clip_by_block_rms``, `optax.readthedocs.io <https://optax.readthedocs.io/en/latest/api/transformations.html>`_.
+        * Keras optimizers' ``clipnorm`` (per variable), `keras.io/api/optimizers <https://keras.io/api/optimizers/>`__; optax ``clip_by_block_rms``, `optax.readthedocs.io <https://optax.readthedocs.io/en/latest/api/transformations.html>`__.
 
     Example:
         >>> import torch, gradclip

@@ -9,7 +9,7 @@ from typing import Any, Union
 import torch
 
 from . import _validate
-from ._norms import tensor_norms
+from ._norms import tensor_norms, wide_dtype
 
 __all__ = ["GradientMonitor"]
 
@@ -32,7 +32,7 @@ class GradientMonitor:
         r_l = \frac{\|w_l^{t+1} - w_l^{t}\|_p}{\|w_l^{t}\|_p}
 
     The update-to-weight ratio :math:`r_l` is the diagnostic of
-    LARS (You, Gitman and Ginsburg 2017, `arXiv:1708.03888 <https://arxiv.org/abs/1708.03888>`_):
+    LARS (You, Gitman and Ginsburg 2017, `arXiv:1708.03888 <https://arxiv.org/abs/1708.03888>`__):
     around :math:`10^{-3}` per step is healthy for SGD-like training.
 
     Each record runs one ``torch._foreach_norm`` per (device, dtype) group
@@ -65,7 +65,7 @@ class GradientMonitor:
         RuntimeError: :meth:`attach` on a monitor that is already attached.
 
     References:
-        * You, Gitman and Ginsburg (2017), "Large Batch Training of Convolutional Networks" (LARS), `arXiv:1708.03888 <https://arxiv.org/abs/1708.03888>`_.
+        * You, Gitman and Ginsburg (2017), "Large Batch Training of Convolutional Networks" (LARS), `arXiv:1708.03888 <https://arxiv.org/abs/1708.03888>`__.
 
     Example:
         >>> import torch, gradclip
@@ -119,7 +119,7 @@ class GradientMonitor:
     def _param_norms(self, tensors: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
         """Per-tensor p-norms (0 for ``None``), in one foreach kernel per (device, dtype)."""
         present = [(i, t) for i, t in enumerate(tensors) if t is not None]
-        dtype = torch.float64 if any(t.dtype == torch.float64 for _, t in present) else torch.float32
+        dtype = wide_dtype(device)  # per-tensor norms come back wide: never overflowed
         out = torch.zeros(len(tensors), dtype=dtype, device=device)
         by_key: dict[tuple[torch.device, torch.dtype], list[tuple[int, torch.Tensor]]] = {}
         for i, t in present:

@@ -25,6 +25,14 @@ def _is_distributed(groups: list[_groups.Group], process_group: Any) -> bool:
         group.sharding is not None for group in groups)
 
 
+def output_dtype(groups: list[_groups.Group]) -> torch.dtype:
+    """The dtype a norm is returned in: float32 at least, float64 when any gradient is float64."""
+    dtype = torch.float32
+    for group in groups:
+        dtype = torch.promote_types(dtype, _norms.accumulation_dtype(group.dtype))
+    return dtype
+
+
 def grouped_norm(
     tensors: list[torch.Tensor],
     p: float,
@@ -32,23 +40,26 @@ def grouped_norm(
     *,
     process_group: Any = None,
     replicated: Iterable[torch.Tensor] | None = None,
-) -> tuple[list[_groups.Group], torch.Tensor]:
-    """Group already-checked tensors and return the groups and their total p-norm.
+) -> tuple[list[_groups.Group], torch.Tensor, torch.Tensor]:
+    """Group already-checked tensors; return the groups, their total p-norm, and that norm in float64.
 
-    The norm lies on the first tensor's device; ``tensor(0.)`` for no tensors.
-    With DTensor groups, or a ``process_group``, it is the global norm over the
+    The norm lies on the first tensor's device, in :func:`output_dtype`;
+    ``tensor(0.)`` for no tensors. The float64 ("wide") copy is what clipping
+    factors are computed from: it is finite whenever the true norm is, even
+    when the returned dtype cannot hold it (see :mod:`gradclip._norms`). With
+    DTensor groups, or a ``process_group``, it is the global norm over the
     ranks (see :mod:`gradclip.distributed`) and every rank must call.
     """
     groups = _groups.groups_of(tensors, foreach)
     first_device = tensors[0].device if tensors else None
     if _is_distributed(groups, process_group):
-        norm = distributed.global_norm(groups, p, foreach, first_device, process_group, replicated)
+        wide = distributed.wide_global_norm(groups, p, foreach, first_device, process_group, replicated)
     elif not groups:
-        norm = torch.tensor(0.0)
+        wide = torch.zeros((), dtype=torch.float64)
     else:
         partial_norms = [_norms.group_norms(group, p, foreach).to(first_device) for group in groups]
-        norm = torch.linalg.vector_norm(torch.cat(partial_norms), p)
-    return groups, norm
+        wide = _norms.combine(torch.cat(partial_norms), p)
+    return groups, wide.to(output_dtype(groups)), wide
 
 
 def raise_if_nonfinite(norm: torch.Tensor, p: float) -> None:
@@ -114,7 +125,7 @@ def get_total_norm(
         RuntimeError: ``process_group`` is given but ``torch.distributed`` is not initialized.
 
     References:
-        * PyTorch, ``torch.nn.utils.clip_grad_norm_`` and ``get_total_norm``: `pytorch.org/docs <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html>`_.
+        * PyTorch, ``torch.nn.utils.clip_grad_norm_`` and ``get_total_norm``: `pytorch.org/docs <https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html>`__.
 
     Example:
         >>> import torch, gradclip
@@ -129,7 +140,7 @@ def get_total_norm(
     if replicated is not None and process_group is not None and process_group is not False:
         marked = distributed.replicated_ids(replicated)  # match the caller's tensors, not our detached copies
         replicated = [d for t, d in zip(tensors, detached) if id(t) in marked]
-    _, norm = grouped_norm(detached, p, foreach, process_group=process_group, replicated=replicated)
+    _, norm, _ = grouped_norm(detached, p, foreach, process_group=process_group, replicated=replicated)
     if error_if_nonfinite:
         raise_if_nonfinite(norm, p)
     return norm

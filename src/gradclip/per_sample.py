@@ -31,7 +31,7 @@ class PerSampleClipResult(NamedTuple):
         scales: each example's clipping factor :math:`\\min(1, C/(\\|g_i\\| + 10^{-6}))`.
 
     References:
-        * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`_.
+        * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__.
     """
 
     grads: dict[str, torch.Tensor]
@@ -79,7 +79,7 @@ def per_sample_grads(
         g_i = \nabla_\theta\, \ell\big(f_\theta(x_i), y_i\big), \qquad i = 1..B
 
     The per-example gradients that DP-SGD clips (Abadi et al. 2016,
-    `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`_), vectorised with
+    `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__), vectorised with
     ``torch.func``. The model is called on one example at a time (``x_i.unsqueeze(0)``), so
     ``loss_fn(output, target)`` receives a batch of one and must return a
     scalar. Modules that mix examples (BatchNorm in training mode) have no
@@ -101,7 +101,7 @@ def per_sample_grads(
         ValueError: ``inputs`` and ``targets`` differ in batch size or hold no example, ``chunk_size`` is not None or an int >= 1, or the model has no trainable or initialised parameters.
 
     References:
-        * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`_.
+        * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__.
 
     Example:
         >>> import torch, gradclip
@@ -378,7 +378,7 @@ def per_sample_clipped_grad(
 
     Abadi, Chu, Goodfellow, McMahan, Mironov, Talwar and Zhang (2016), "Deep
     Learning with Differential Privacy",
-    `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`_. :math:`\|g_i\|_2`
+    `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__. :math:`\|g_i\|_2`
     is the norm of example i's gradient over all trainable parameters
     together (flat clipping); the 1e-6 guard is Opacus's (and torch's)
     convention. B is the actual batch size. The noise is drawn from
@@ -406,13 +406,13 @@ def per_sample_clipped_grad(
       with :math:`c_i` the clipping factor and :math:`A`, :math:`\Delta` the
       layer's inputs and output gradients, one row per example (Goodfellow
       2015, "Efficient Per-Example Gradient Computations",
-      `arXiv:1510.01799 <https://arxiv.org/abs/1510.01799>`_). For inputs with
+      `arXiv:1510.01799 <https://arxiv.org/abs/1510.01799>`__). For inputs with
       more dimensions, :math:`(B, T, d)`, example i's weight gradient is
       :math:`\sum_t \delta_{it} a_{it}^\top`, whose squared norm is
       :math:`\langle A_i A_i^\top, \Delta_i \Delta_i^\top\rangle` (ghost
       clipping, Li, Tramèr, Liang and Hashimoto 2022, "Large Language Models
       Can Be Strong Differentially Private Learners",
-      `arXiv:2110.05679 <https://arxiv.org/abs/2110.05679>`_), used when
+      `arXiv:2110.05679 <https://arxiv.org/abs/2110.05679>`__), used when
       :math:`T^2 \le d p`. The inputs :math:`a_i` are recorded by forward hooks
       and the :math:`\delta_i` come from one backward pass of
       :math:`\sum_i \ell_i` to the layers' outputs, with the per-example losses
@@ -455,8 +455,8 @@ def per_sample_clipped_grad(
         ValueError: ``method="ghost"`` for a model the ghost-norm identity does not fit.
 
     References:
-        * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`_.
-        * Li, Tramer, Liang and Hashimoto (2022), "Large Language Models Can Be Strong Differentially Private Learners" (ghost norms), `arXiv:2110.05679 <https://arxiv.org/abs/2110.05679>`_.
+        * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__.
+        * Li, Tramer, Liang and Hashimoto (2022), "Large Language Models Can Be Strong Differentially Private Learners" (ghost norms), `arXiv:2110.05679 <https://arxiv.org/abs/2110.05679>`__.
 
     Example:
         >>> import torch, gradclip
@@ -522,7 +522,7 @@ def per_sample_clip_grad_(
         \min\Big(1, \frac{C}{\|g_i\| + 10^{-6}}\Big) + \mathcal N(0, \sigma^2 C^2 I)\Big)
 
     :func:`per_sample_clipped_grad` (Abadi et al. 2016,
-    `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`_), then written into
+    `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__), then written into
     ``.grad`` as a backward pass would: added to an existing gradient, set
     where there is none. Call it instead of ``loss.backward()``, then step the
     optimizer.
@@ -546,7 +546,7 @@ def per_sample_clip_grad_(
         TypeError, ValueError: as :func:`per_sample_clipped_grad`.
 
     References:
-        * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`_.
+        * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__.
 
     Example:
         >>> import torch, gradclip

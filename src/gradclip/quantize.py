@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _groups, _validate
-from ._norms import accumulation_dtype
+from ._norms import accumulation_dtype, tensor_norms
 
 __all__ = ["qsgd_quantize", "qsgd_quantize_grad_", "sign_grad_"]
 
@@ -20,7 +20,7 @@ def sign_grad_(parameters: _validate.TensorOrTensors, foreach: bool | None = Non
 
     Bernstein, Wang, Azizzadenesheli and Anandkumar (2018), "signSGD:
     Compressed Optimisation for Non-Convex Problems",
-    `arXiv:1802.04434 <https://arxiv.org/abs/1802.04434>`_. It is the limit of
+    `arXiv:1802.04434 <https://arxiv.org/abs/1802.04434>`__. It is the limit of
     value clipping, :math:`\lim_{v\to 0} \mathrm{clamp}(g, -v, v)/v`; one bit
     per entry. Scale the learning rate accordingly.
 
@@ -37,7 +37,7 @@ def sign_grad_(parameters: _validate.TensorOrTensors, foreach: bool | None = Non
         RuntimeError: ``foreach=True`` on a device without foreach kernels.
 
     References:
-        * Bernstein, Wang, Azizzadenesheli and Anandkumar (2018), "signSGD", `arXiv:1802.04434 <https://arxiv.org/abs/1802.04434>`_.
+        * Bernstein, Wang, Azizzadenesheli and Anandkumar (2018), "signSGD", `arXiv:1802.04434 <https://arxiv.org/abs/1802.04434>`__.
 
     Example:
         >>> import torch, gradclip
@@ -72,7 +72,7 @@ def qsgd_quantize(v: torch.Tensor, levels: int, generator: torch.Generator | Non
         ValueError: ``levels`` < 1.
 
     References:
-        * Alistarh, Grubic, Li, Tomioka and Vojnovic (2017), "QSGD", `arXiv:1610.02132 <https://arxiv.org/abs/1610.02132>`_.
+        * Alistarh, Grubic, Li, Tomioka and Vojnovic (2017), "QSGD", `arXiv:1610.02132 <https://arxiv.org/abs/1610.02132>`__.
 
     Example:
         >>> import torch
@@ -84,20 +84,29 @@ def qsgd_quantize(v: torch.Tensor, levels: int, generator: torch.Generator | Non
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
     out = v.detach().clone()
-    _quantize_(out, torch.linalg.vector_norm(out, dtype=accumulation_dtype(out.dtype)), levels, generator)
+    _quantize_(out, tensor_norms([out], 2.0, out.device, False)[0], levels, generator)
     return out
 
 
-def _quantize_(v: torch.Tensor, norm: torch.Tensor, s: int, generator: torch.Generator | None) -> None:
-    """In place: v <- ||v|| sign(v) xi / s, xi = floor(r) + Bernoulli(r - floor(r)), r = s |v| / ||v||."""
-    acc = norm.dtype
-    # A zero norm means an all-zero tensor, which stays zero; NaN and inf norms stay non-finite.
-    safe_norm = torch.where(norm == 0, torch.ones_like(norm), norm)
-    ratio = v.abs().to(acc).mul_(s / safe_norm)
+def _quantize_(v: torch.Tensor, norm: torch.Tensor, s: int, generator: torch.Generator | None) -> torch.Tensor:
+    """In place: v <- scale sign(v) xi / s, xi = floor(r) + Bernoulli(r - floor(r)), r = s |v| / scale.
+
+    ``norm`` is ||v||_2 in the wide dtype. The scale is that norm, unless it
+    exceeds the largest value of v's dtype (then no level above the first could
+    be stored): the scale is then max |v|, which keeps the estimator unbiased
+    and every level representable. Returns the scale used (a 0-dim tensor).
+    """
+    acc = accumulation_dtype(v.dtype)
+    too_large = norm > torch.finfo(v.dtype).max
+    scale = torch.where(too_large, v.abs().amax().to(norm.dtype) if v.numel() else norm, norm)
+    # A zero scale means an all-zero tensor, which stays zero; NaN and inf scales stay non-finite.
+    safe_scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    ratio = v.abs().to(acc).mul_((s / safe_scale).to(acc))
     level = ratio.floor()
     uniform = torch.rand(v.shape, generator=generator, dtype=acc, device=v.device)
     level.add_(uniform.lt_(ratio.sub_(level)).to(acc))  # round up with probability r - floor(r)
-    v.copy_(level.mul_(v.sign()).mul_(norm / s))
+    v.copy_(level.mul_(v.sign()).mul_((scale / s).to(acc)))
+    return scale
 
 
 @torch.no_grad()
@@ -121,7 +130,7 @@ def qsgd_quantize_grad_(
 
     Alistarh, Grubic, Li, Tomioka and Vojnovic (2017), "QSGD:
     Communication-Efficient SGD via Gradient Quantization and Encoding",
-    `arXiv:1610.02132 <https://arxiv.org/abs/1610.02132>`_. It is unbiased,
+    `arXiv:1610.02132 <https://arxiv.org/abs/1610.02132>`__. It is unbiased,
     :math:`\mathbb{E}[Q_s(v)] = v`, with variance
     :math:`\mathbb{E}\|Q_s(v) - v\|^2 \le \min(d/s^2, \sqrt{d}/s)\,\|v\|^2`
     for a tensor of d entries (Lemma 3.1). Each entry becomes one of the
@@ -144,14 +153,17 @@ def qsgd_quantize_grad_(
             one if ``None``.
 
     Returns:
-        A 1-D tensor of each gradient's L2 norm, the scale of its levels (float32 at least).
+        A 1-D tensor of each gradient's scale (float32 at least): its L2 norm, or,
+        when that norm exceeds the largest value of the gradient's dtype (float16
+        ``[60000, 30000]``), its largest magnitude, which keeps every level
+        representable and the estimate unbiased.
 
     Raises:
         TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse, ``levels`` is not an int, or ``generator`` is not a ``torch.Generator``.
         ValueError: ``levels`` < 1.
 
     References:
-        * Alistarh, Grubic, Li, Tomioka and Vojnovic (2017), "QSGD", `arXiv:1610.02132 <https://arxiv.org/abs/1610.02132>`_.
+        * Alistarh, Grubic, Li, Tomioka and Vojnovic (2017), "QSGD", `arXiv:1610.02132 <https://arxiv.org/abs/1610.02132>`__.
 
     Example:
         >>> import torch, gradclip
@@ -167,9 +179,8 @@ def qsgd_quantize_grad_(
     grads = _validate.grads_of(parameters)
     norms = []
     for grad in grads:
-        norm = torch.linalg.vector_norm(grad, dtype=accumulation_dtype(grad.dtype))
-        _quantize_(grad, norm, levels, generator)
-        norms.append(norm.to(grads[0].device))
+        scale = _quantize_(grad, tensor_norms([grad], 2.0, grad.device, False)[0], levels, generator)
+        norms.append(scale.to(grads[0].device, accumulation_dtype(grad.dtype)))
     if not norms:
         return torch.zeros(0)
     return torch.stack(norms)

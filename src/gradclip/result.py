@@ -24,7 +24,7 @@ class ClipResult:
             norm clipping (:math:`\min(1, c/(\|g\|+10^{-6}))`).
 
     References:
-        * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`_.
+        * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`__.
 
     Example:
         >>> import torch

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from . import _groups, _validate
+from ._norms import accumulation_dtype
 from ._scaling import scale_
 from .clip import grad_norm
 
@@ -50,9 +51,9 @@ def soft_clip_grad_norm_(
     no-op: a small gradient is still scaled by up to one half, so it acts on
     the effective learning rate everywhere. This is the smoothed clipping
     analysed by Zhang, He, Sra and Jadbabaie (2020), "Why gradient clipping
-    accelerates training", `arXiv:1905.11881 <https://arxiv.org/abs/1905.11881>`_;
+    accelerates training", `arXiv:1905.11881 <https://arxiv.org/abs/1905.11881>`__;
     with per-example gradients it is the AUTO-S rule of Bu et al.
-    (`arXiv:2206.07136 <https://arxiv.org/abs/2206.07136>`_) up to their
+    (`arXiv:2206.07136 <https://arxiv.org/abs/2206.07136>`__) up to their
     small constant.
 
     One norm pass and one multiply, batched, with no host-device synchronisation.
@@ -77,8 +78,8 @@ def soft_clip_grad_norm_(
         RuntimeError: ``process_group`` is given but ``torch.distributed`` is not initialized.
 
     References:
-        * Zhang, He, Sra and Jadbabaie (2020), "Why gradient clipping accelerates training", `arXiv:1905.11881 <https://arxiv.org/abs/1905.11881>`_.
-        * Bu, Wang, Zha and Karypis (2022), "Automatic Clipping" (AUTO-S), `arXiv:2206.07136 <https://arxiv.org/abs/2206.07136>`_.
+        * Zhang, He, Sra and Jadbabaie (2020), "Why gradient clipping accelerates training", `arXiv:1905.11881 <https://arxiv.org/abs/1905.11881>`__.
+        * Bu, Wang, Zha and Karypis (2022), "Automatic Clipping" (AUTO-S), `arXiv:2206.07136 <https://arxiv.org/abs/2206.07136>`__.
 
     Example:
         >>> import torch, gradclip
@@ -89,8 +90,9 @@ def soft_clip_grad_norm_(
         tensor([1.5000, 2.0000])
     """
     max_norm = _validate.check_threshold("max_norm", max_norm, tensor_ok=False, zero_ok=False)
-    groups, norm = grad_norm(parameters, norm_type, foreach, process_group=process_group, replicated=replicated)
-    scale_(groups, 1.0 / (1.0 + norm / max_norm), foreach)
+    groups, norm, wide = grad_norm(parameters, norm_type, foreach, process_group=process_group,
+                                   replicated=replicated)
+    scale_(groups, 1.0 / (1.0 + wide / max_norm), foreach)
     return norm
 
 
@@ -114,7 +116,7 @@ def soft_clip_grad_value_(
     \le |\mathrm{clamp}(g_j, \pm v)|`. Like value clipping it changes the
     gradient's direction. This is the "tamed" component-wise soft clipping
     analysed by Williamson, Eisenmann and Stillfjord (2024),
-    `arXiv:2406.16640 <https://arxiv.org/abs/2406.16640>`_. ``alpha=0`` is a no-op.
+    `arXiv:2406.16640 <https://arxiv.org/abs/2406.16640>`__. ``alpha=0`` is a no-op.
 
     Non-finite values: NaN stays NaN; :math:`\pm\infty` becomes NaN
     (:math:`\infty/\infty`) rather than the finite limit :math:`\pm 1/\alpha`,
@@ -131,7 +133,7 @@ def soft_clip_grad_value_(
         RuntimeError: ``foreach=True`` on a device without foreach kernels.
 
     References:
-        * Williamson, Eisenmann and Stillfjord (2024), component-wise tamed (soft) clipping, `arXiv:2406.16640 <https://arxiv.org/abs/2406.16640>`_.
+        * Williamson, Eisenmann and Stillfjord (2024), component-wise tamed (soft) clipping, `arXiv:2406.16640 <https://arxiv.org/abs/2406.16640>`__.
 
     Example:
         >>> import torch, gradclip
@@ -144,8 +146,24 @@ def soft_clip_grad_value_(
     _validate.check_foreach(foreach)
     grads = _validate.grads_of(parameters)
     for group in _groups.groups_of(grads, foreach):
-        tensors, batched = _groups.targets(group, foreach)
-        denominators = _groups.map_(tensors, batched, "abs")
-        _groups.apply_(denominators, batched, "mul", alpha)
-        _groups.apply_(denominators, batched, "add", 1.0)
-        _groups.apply_(tensors, batched, "div", denominators)
+        tensors, _ = _groups.targets(group, foreach)
+        for tensor in tensors:
+            tensor.copy_(_tamed(tensor, alpha))
+
+
+def _tamed(g: torch.Tensor, alpha: float) -> torch.Tensor:
+    """g / (1 + alpha |g|), computed where it cannot overflow or underflow.
+
+    Where alpha |g| > 1 the equal form sign(g) / (alpha + 1/|g|) is used, so a
+    huge entry gives about 1/alpha instead of g / inf = 0; elsewhere the plain
+    form, so a tiny entry keeps its value instead of 1/(1/g) = 1/inf = 0.
+    Half-precision entries are computed in float32.
+    """
+    x = g.to(accumulation_dtype(g.dtype))
+    magnitude = x.abs()
+    large = magnitude * alpha > 1
+    plain = x / (1.0 + torch.where(large, 0.0, magnitude) * alpha)
+    saturated = torch.sign(x) / (alpha + 1.0 / torch.where(large, magnitude, 1.0))
+    # non-finite entries: NaN stays NaN, inf / inf gives NaN (an overflow is not hidden)
+    out = torch.where(large, saturated, plain)
+    return torch.where(torch.isinf(x), x / x.abs().mul(alpha).add(1.0), out)

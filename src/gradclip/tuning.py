@@ -54,7 +54,7 @@ def suggest_threshold(norm_history: History, q: float = 0.9) -> torch.Tensor:
 
     The Deep Learning Tuning Playbook (Godbole, Dahl, Gilmer, Shallue and
     Nado 2023, `github.com/google-research/tuning_playbook
-    <https://github.com/google-research/tuning_playbook>`_) advises running
+    <https://github.com/google-research/tuning_playbook>`__) advises running
     without clipping, watching the unclipped gradient norms, and setting the
     threshold near their 90th percentile. The quantile is numpy's default
     ("linear" interpolation between order statistics), computed in float64 for
@@ -77,7 +77,7 @@ def suggest_threshold(norm_history: History, q: float = 0.9) -> torch.Tensor:
         ValueError: ``q`` is outside [0, 1], or the history is empty or not 1-D.
 
     References:
-        * Godbole, Dahl, Gilmer, Shallue and Nado (2023), Deep Learning Tuning Playbook, `github.com/google-research/tuning_playbook <https://github.com/google-research/tuning_playbook>`_.
+        * Godbole, Dahl, Gilmer, Shallue and Nado (2023), Deep Learning Tuning Playbook, `github.com/google-research/tuning_playbook <https://github.com/google-research/tuning_playbook>`__.
 
     Example:
         >>> import gradclip
@@ -122,7 +122,7 @@ def clipped_fraction(history: History | Sequence[ClipResult], threshold: _valida
         ValueError: ``threshold`` is missing for norms, given for ClipResults or booleans, or negative; or the history is empty.
 
     References:
-        * Godbole, Dahl, Gilmer, Shallue and Nado (2023), Deep Learning Tuning Playbook, `github.com/google-research/tuning_playbook <https://github.com/google-research/tuning_playbook>`_.
+        * Godbole, Dahl, Gilmer, Shallue and Nado (2023), Deep Learning Tuning Playbook, `github.com/google-research/tuning_playbook <https://github.com/google-research/tuning_playbook>`__.
 
     Example:
         >>> import gradclip
@@ -176,7 +176,7 @@ def should_lower_lr(fraction: float | torch.Tensor, limit: float = 0.5) -> torch
         ValueError: ``fraction`` is outside [0, 1] or not a scalar, or ``limit`` is outside [0, 1).
 
     References:
-        * Godbole, Dahl, Gilmer, Shallue and Nado (2023), Deep Learning Tuning Playbook, `github.com/google-research/tuning_playbook <https://github.com/google-research/tuning_playbook>`_.
+        * Godbole, Dahl, Gilmer, Shallue and Nado (2023), Deep Learning Tuning Playbook, `github.com/google-research/tuning_playbook <https://github.com/google-research/tuning_playbook>`__.
 
     Example:
         >>> import gradclip

@@ -19,7 +19,7 @@ __all__ = ["ZClip"]
 class ZClip(Clipper):
     r"""Adaptive clipping of gradient-norm spikes by z-score against an EMA (ZClip).
 
-    Kumar, Owen, Chowdhury and Güra 2025, `arXiv:2504.02507 <https://arxiv.org/abs/2504.02507>`_;
+    Kumar, Owen, Chowdhury and Güra 2025, `arXiv:2504.02507 <https://arxiv.org/abs/2504.02507>`__;
     the same defaults and the same thresholds as the authors' reference
     (``bluorion-com/ZClip``, ``zclip/zclip.py``). For the first ``warmup_steps``
     steps the norms :math:`g_t` are collected and the gradients are clipped to
@@ -84,7 +84,7 @@ class ZClip(Clipper):
         TypeError: an argument has the wrong type (the message names it).
 
     References:
-        * Kumar, Owen, Chowdhury and Güra (2025), "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", `arXiv:2504.02507 <https://arxiv.org/abs/2504.02507>`_.
+        * Kumar, Owen, Chowdhury and Güra (2025), "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", `arXiv:2504.02507 <https://arxiv.org/abs/2504.02507>`__.
 
     Example:
         >>> import torch, gradclip
@@ -134,8 +134,8 @@ class ZClip(Clipper):
         """Whether the EMA has not started yet."""
         return self.steps < self.warmup_steps
 
-    def _step(self, groups: list[_groups.Group], norm: torch.Tensor) -> ClipResult:
-        g = norm.detach().to(self.dtype)
+    def _step(self, groups: list[_groups.Group], norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
+        g = wide.to(self.dtype)
         if self.warming_up:
             return self._warmup_step(groups, norm, g)
         assert self.mean is not None and self.var is not None
@@ -186,7 +186,7 @@ class ZClip(Clipper):
             scale = torch.ones((), dtype=norm.dtype, device=norm.device)
         else:
             threshold = torch.full((), self.max_grad_norm, dtype=norm.dtype, device=norm.device)
-            scale = clip_coefficient(self.max_grad_norm, norm)
+            scale = clip_coefficient(self.max_grad_norm, g).to(norm.dtype)
             scale_(groups, scale, self.foreach)
         return ClipResult(norm=norm, threshold=threshold, scale=scale)
 

@@ -31,8 +31,10 @@ from typing import Any
 # Okabe & Ito (2008): distinguishable under the common colour-vision deficiencies.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
 
-REPOSITORY = "gradclip/gradclip-book"
-BRANCH = "main"
+# The repository and branch live in one place, the book's _config.yml (repository.url, .branch).
+CONFIG_FILE = "_config.yml"
+_DEFAULT_BRANCH = "master"  # Jupyter Book 1's default when _config.yml names no branch
+_GITHUB = re.compile(r"^https?://github\.com/([\w.-]+/[\w.-]+?)(?:\.git)?/?$")
 
 _SIGNIFICANT_DIGITS = 6
 _NAME = re.compile(r"^[a-z][a-z0-9-]*$")
@@ -43,11 +45,55 @@ def is_static_build() -> bool:
     return os.environ.get("GRADCLIP_STATIC", "") == "1"
 
 
-def launch_links(notebook: str) -> dict[str, str]:
-    """Binder and Colab links that open ``notebook`` (a path in the repository) live."""
+def book_repository(start: str | Path | None = None) -> dict[str, str] | None:
+    """The book's ``repository`` settings (``url``, ``branch``, ``path_to_book``) from its _config.yml.
+
+    The book root is the first directory holding a ``_config.yml`` with a
+    ``repository:`` key, walking up from ``start`` (default: the current
+    working directory, then this package's location). None when there is none,
+    or it names no URL.
+    """
+    starts = [Path(start)] if start is not None else [Path.cwd(), Path(__file__).resolve().parent]
+    for origin in starts:
+        for folder in [origin.resolve(), *origin.resolve().parents]:
+            config = folder / CONFIG_FILE
+            if not config.is_file():
+                continue
+            import yaml  # the book extra installs PyYAML
+
+            try:
+                settings = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+            except (OSError, yaml.YAMLError):
+                continue
+            repository = settings.get("repository") if isinstance(settings, dict) else None
+            if not isinstance(repository, dict):
+                continue
+            url = str(repository.get("url") or "").strip()
+            if not url:
+                return None
+            return {
+                "url": url.rstrip("/"),
+                "branch": str(repository.get("branch") or _DEFAULT_BRANCH),
+                "path_to_book": str(repository.get("path_to_book") or "").strip("/"),
+            }
+    return None
+
+
+def launch_links(notebook: str, start: str | Path | None = None) -> dict[str, str]:
+    """Binder and Colab links that open ``notebook`` (a path from the book root) live.
+
+    The repository comes from the book's _config.yml (see :func:`book_repository`);
+    with no such file, or a repository not on GitHub, there are no links.
+    """
+    repository = book_repository(start)
+    match = _GITHUB.match(repository["url"]) if repository else None
+    if not notebook or match is None:
+        return {}
+    slug, branch = match.group(1), repository["branch"]
+    path = "/".join(part for part in (repository["path_to_book"], notebook.lstrip("/")) if part)
     return {
-        "Binder": f"https://mybinder.org/v2/gh/{REPOSITORY}/{BRANCH}?urlpath=lab/tree/{notebook}",
-        "Colab": f"https://colab.research.google.com/github/{REPOSITORY}/blob/{BRANCH}/{notebook}",
+        "Binder": f"https://mybinder.org/v2/gh/{slug}/{branch}?urlpath=lab/tree/{path}",
+        "Colab": f"https://colab.research.google.com/github/{slug}/blob/{branch}/{path}",
     }
 
 
@@ -413,12 +459,11 @@ class LaunchNote:
         self.notebook = notebook
 
     def _repr_html_(self) -> str:
-        links = ""
-        if self.notebook:
-            links = " ".join(
-                f'<a href="{html.escape(url)}" rel="noopener">{name}</a>'
-                for name, url in launch_links(self.notebook).items()
-            )
+        links = " ".join(
+            f'<a href="{html.escape(url)}" rel="noopener">{name}</a>'
+            for name, url in launch_links(self.notebook).items()
+        )
+        if links:
             links = f" Open this page live: {links}."
         return (
             '<div class="gc-launch-note admonition note"><p>'

@@ -8,55 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from support.params import scalar_param
+from support.references import ReferenceZClip
+
 from gradclip.zclip import ZClip
-from helpers_adaptive import scalar_param
-
-
-class ReferenceZClip:
-    """zclip/zclip.py of bluorion-com/ZClip, with Python floats; returns what each step did."""
-
-    def __init__(self, alpha=0.97, z_thresh=2.5, max_grad_norm=1.0, eps=1e-6, warmup_steps=25,
-                 mode="zscore", clip_option="adaptive_scaling", clip_factor=1.0, skip_update_on_spike=False):
-        self.alpha, self.z_thresh, self.max_grad_norm, self.eps = alpha, z_thresh, max_grad_norm, eps
-        self.warmup_steps, self.mode, self.clip_option = warmup_steps, mode, clip_option
-        self.clip_factor, self.skip_update_on_spike = clip_factor, skip_update_on_spike
-        self.buffer, self.initialized, self.mean, self.var = [], False, None, None
-
-    def _compute_clip_val(self, g):
-        std = self.var ** 0.5
-        if self.mode == "percentile":
-            threshold = self.mean + self.z_thresh * std
-            if g > threshold:
-                return threshold
-        else:
-            z = (g - self.mean) / (std + self.eps)
-            if z > self.z_thresh:
-                if self.clip_option == "adaptive_scaling":
-                    eta = z / self.z_thresh
-                    return (self.mean + (self.z_thresh * std) / eta) * self.clip_factor
-                return self.mean
-        return None
-
-    def step(self, g):
-        """(coefficient applied, adaptive clip value or None) for norm g."""
-        if not self.initialized:
-            self.buffer.append(g)
-            if len(self.buffer) >= self.warmup_steps:
-                self.mean = sum(self.buffer) / len(self.buffer)
-                self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
-                self.initialized, self.buffer = True, []
-            if self.max_grad_norm is None:
-                return 1.0, None
-            return min(1.0, self.max_grad_norm / (g + 1e-6)), None  # torch.nn.utils.clip_grad_norm_
-        clip_val = self._compute_clip_val(g)
-        adaptive = clip_val if clip_val is not None else g
-        effective = min(adaptive, self.max_grad_norm) if self.max_grad_norm is not None else adaptive
-        coef = effective / (g + 1e-6) if g > effective else 1.0
-        if not (clip_val is not None and self.skip_update_on_spike):
-            x = clip_val if clip_val is not None else g
-            self.mean = self.alpha * self.mean + (1 - self.alpha) * x
-            self.var = self.alpha * self.var + (1 - self.alpha) * (x - self.mean) ** 2
-        return coef, clip_val
 
 
 def norms_with_spikes(seed, n=90):

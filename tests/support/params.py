@@ -1,4 +1,4 @@
-"""Shared helpers for the method tests: parameter factories and op recorders."""
+"""Parameter factories for the tests, and a recorder of the largest temporary an op makes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def make_params(shapes, dtype=torch.float32, seed=0, grad_scale=1.0, weight_scale=1.0):
+    """Parameters of ``shapes`` with seeded normal weights and ``.grad``, drawn in float64 then cast."""
     generator = torch.Generator().manual_seed(seed)
     params = []
     for shape in shapes:
@@ -17,6 +18,7 @@ def make_params(shapes, dtype=torch.float32, seed=0, grad_scale=1.0, weight_scal
 
 
 def clone_params(params):
+    """Independent copies of ``params``, gradients included."""
     out = []
     for p in params:
         q = torch.nn.Parameter(p.detach().clone())
@@ -25,15 +27,11 @@ def clone_params(params):
     return out
 
 
-class NoSync(TorchDispatchMode):
-    """Fails on any op that reads a tensor's value on the host (a host-device sync on an accelerator)."""
-
-    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.SYNCING:
-            raise AssertionError(f"{func} reads a value on the host: a device sync")
-        return func(*args, **(kwargs or {}))
+def scalar_param(value: float, dtype=torch.float64) -> torch.nn.Parameter:
+    """A one-entry parameter whose gradient norm is exactly |value|."""
+    w = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+    w.grad = torch.tensor([value], dtype=dtype)
+    return w
 
 
 class LargestTemporary(TorchDispatchMode):

@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from support.references import per_sample_clipped_mean
+from support.sync import no_host_sync
+
 import gradclip.per_sample as per_sample_module
 from gradclip.per_sample import per_sample_clip_grad_, per_sample_clipped_grad, per_sample_grads
-from helpers_methods import NoSync
 
 
 def mlp(seed=0):
@@ -27,23 +29,10 @@ def cnn(seed=0):
     )
 
 
-def reference_dp_gradient(model, loss_fn, inputs, targets, max_norm, noise_multiplier=0.0, generator=None):
-    """Abadi et al. 2016, Algorithm 1, one example at a time with autograd."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    summed = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    norms = []
-    for x, y in zip(inputs, targets):
-        loss = loss_fn(model(x.unsqueeze(0)), y.unsqueeze(0))
-        grads = torch.autograd.grad(loss, params)
-        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
-        norms.append(norm)
-        factor = min(1.0, max_norm / (norm + 1e-6))
-        for s, g in zip(summed, grads):
-            s.add_(g.double() * factor)
-    if noise_multiplier > 0:
-        for s in summed:
-            s.add_(torch.randn(s.shape, generator=generator, dtype=torch.float32).double() * noise_multiplier * max_norm)
-    return [s / len(inputs) for s in summed], norms
+def reference_dp_gradient(*args, **kwargs):
+    """The reference's averaged DP-SGD gradient, with the per-example norms as floats."""
+    grads, norms = per_sample_clipped_mean(*args, **kwargs)
+    return grads, [float(norm) for norm in norms]
 
 
 @pytest.mark.parametrize("make_model,input_shape", [(mlp, (6,)), (cnn, (1, 6, 6))])
@@ -336,7 +325,7 @@ def test_the_ghost_path_never_syncs(loss, shape):
     inputs = torch.randn(shape)
     targets = torch.randint(0, 3, (8,)) if loss == "cross_entropy" else torch.randn(8, 3)
     loss_fn = F.cross_entropy if loss == "cross_entropy" else F.mse_loss
-    with NoSync():
+    with no_host_sync():
         per_sample_clipped_grad(model, loss_fn, inputs, targets, 0.5, 1.0, torch.Generator().manual_seed(0))
         per_sample_clip_grad_(model, loss_fn, inputs, targets, 0.5, method="ghost")
 

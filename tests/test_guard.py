@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import math
-import statistics
 
 import numpy as np
 import pytest
 import torch
 
+from support.params import scalar_param
+from support.references import spike_guard_decisions
+
 from gradclip.guard import SpikeGuard
-from helpers_adaptive import scalar_param
-
-
-def reference_decisions(norms, mode, k, window, min_history):
-    history, out = [], []
-    for g in norms:
-        h = [x for x in history[-window:] if math.isfinite(x)]
-        if not math.isfinite(g):
-            out.append(True)
-        elif len(h) < min_history:
-            out.append(False)
-        elif mode == "zscore":
-            out.append(g > statistics.fmean(h) + k * statistics.stdev(h))
-        else:
-            out.append(g > k * sorted(h)[(len(h) - 1) // 2])
-        history.append(g)
-    return out
 
 
 @pytest.mark.parametrize("mode, k", [("zscore", 3.0), ("median", 2.0)])
@@ -37,7 +22,7 @@ def test_decisions_equal_a_plain_python_reference(mode, k):
         norms[i] = value
     guard = SpikeGuard(mode, threshold=k, window=24, min_history=10)
     got = [bool(guard([scalar_param(float(g))]).scale == 0) for g in norms]
-    expected = reference_decisions(norms, mode, k, 24, 10)
+    expected = spike_guard_decisions(norms, mode, k, 24, 10)
     assert got == expected
     assert sum(expected) >= 4 and int(guard.skipped_steps) == sum(expected)
 

@@ -1,0 +1,26 @@
+"""The cliff (gradclip_book.cliff): its gradient against finite differences, and clipping bounding the steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradclip_book import cliff_descent, cliff_gradient, cliff_loss
+
+
+def test_cliff_gradient_matches_finite_differences():
+    for w, b in [(5.0, -2.55), (4.0, -2.0), (5.0, -2.7)]:
+        loss, dw, db = cliff_gradient(w, b)
+        eps = 1e-6
+        assert loss == pytest.approx(float(cliff_loss(w, b)), rel=1e-12)
+        assert dw == pytest.approx(float(cliff_loss(w + eps, b) - cliff_loss(w - eps, b)) / (2 * eps), rel=1e-4)
+        assert db == pytest.approx(float(cliff_loss(w, b + eps) - cliff_loss(w, b - eps)) / (2 * eps), rel=1e-4)
+
+
+def test_cliff_has_a_wall_and_clipping_bounds_the_steps():
+    assert cliff_loss(5.0, -2.62) > 10 * cliff_loss(5.0, -2.61)
+    plain = cliff_descent(5.0, -2.55, lr=0.005, iters=40)
+    clipped = cliff_descent(5.0, -2.55, lr=0.005, max_norm=1.0, iters=40)
+    steps = np.hypot(np.diff(clipped.w), np.diff(clipped.b))
+    assert steps.max() <= 0.005 * 1.0 + 1e-12
+    assert plain.farthest() > 5 * clipped.farthest()

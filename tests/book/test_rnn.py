@@ -1,0 +1,36 @@
+"""Gradients through time (gradclip_book.rnn) against finite differences and the spectral radius."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradclip_book import fit_layer_ratio, gradient_through_time
+from gradclip_book.rnn import recurrent_matrix
+
+
+def test_gradient_through_time_matches_finite_differences():
+    radius, steps, width, seed = 1.2, 8, 6, 1
+    result = gradient_through_time(radius, steps, "tanh", width, seed=seed)
+    w = recurrent_matrix(width, radius, seed)
+    rng = np.random.default_rng(seed + 10_000)
+    inputs, probe = rng.standard_normal((steps, width)), rng.standard_normal(width)
+    probe /= np.linalg.norm(probe)
+
+    def loss_from(h0):  # J as a function of h_0
+        h = h0
+        for t in range(steps):
+            h = np.tanh(w @ h + inputs[t])
+        return probe @ h
+
+    eps, h0 = 1e-6, np.zeros(width)
+    grad = np.array([(loss_from(h0 + eps * e) - loss_from(h0 - eps * e)) / (2 * eps) for e in np.eye(width)])
+    assert result.norms[-1] == pytest.approx(np.linalg.norm(grad), rel=1e-5)
+    assert result.largest_singular_value == pytest.approx(np.linalg.svd(w, compute_uv=False)[0])
+
+
+def test_linear_rnn_factor_per_step_is_the_spectral_radius():
+    for radius in (0.9, 1.1):
+        fitted = np.mean([fit_layer_ratio(gradient_through_time(radius, 100, "linear", seed=s).norms[::-1])
+                          for s in range(3)])
+        assert abs(fitted / radius - 1) < 0.10

@@ -1,0 +1,240 @@
+"""Slow, plain references for every method, written from the formulas in the docstrings.
+
+One function per method, in float64 unless it transcribes a library that works in the
+gradients' own dtype (timm), each with a one-line docstring naming its formula or source.
+Loops and host-side arithmetic are on purpose: these are to be read, not to be fast.
+The tests compare gradclip with them; ``benchmarks/bench_methods.py`` times gradclip
+against ``timm_adaptive_clip_grad`` and ``per_sample_clipped_mean``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+import torch
+
+# --- norms and global clipping (gradclip.norms, gradclip.clip) --------------------------------
+
+
+def global_norm(tensors, norm_type=2.0):
+    """Global p-norm (sum_ij |g_ij|^p)^(1/p), max_ij |g_ij| for p = inf, over all tensors as one vector."""
+    flat = torch.cat([t.detach().double().reshape(-1) for t in tensors])
+    if math.isinf(norm_type):
+        return flat.abs().max()
+    return flat.abs().pow(norm_type).sum().pow(1.0 / norm_type)
+
+
+def clip_by_norm(tensors, max_norm, norm_type=2.0):
+    """Norm clipping g * min(1, c / (||g||_p + 1e-6)) (Pascanu et al. 2013); returns (norm, clipped tensors)."""
+    norm = global_norm(tensors, norm_type)
+    factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return norm, [t.detach().double() * factor for t in tensors]
+
+
+def clip_by_value(tensors, clip_value):
+    """Value clipping max(-v, min(v, g_j)), NaN kept (torch.nn.utils.clip_grad_value_)."""
+    return [t.detach().double().clamp(-clip_value, clip_value) for t in tensors]
+
+
+# --- per tensor (gradclip.layerwise) -----------------------------------------------------------
+
+
+def keras_clipnorm(values, clipnorm):
+    """Per-tensor norm clipping g * c / max(||g||_2, c): keras/src/optimizers/base_optimizer.py, per variable, transcribed."""
+    values = values.double()
+    l2sum = (values * values).sum()
+    l2norm = torch.sqrt(l2sum) if l2sum > 0 else l2sum
+    return values * clipnorm / torch.maximum(l2norm, torch.tensor(clipnorm, dtype=values.dtype))
+
+
+def optax_block_rms(u, threshold):
+    """Block-RMS clipping g / max(1, rms(g) / c): optax/transforms/_clipping.py clip_by_block_rms, transcribed."""
+    u = u.double()
+    rms = torch.sqrt(torch.mean(u.abs() ** 2))
+    return u / torch.clamp(rms / threshold, min=1.0)
+
+
+# --- soft clipping (gradclip.soft) -------------------------------------------------------------
+
+
+def soft_clip_norm(tensors, max_norm, norm_type=2.0):
+    """Soft norm clipping g * c / (||g||_p + c) (Zhang, He, Sra and Jadbabaie 2020)."""
+    norm = global_norm(tensors, norm_type)
+    return [t.detach().double() * max_norm / (norm + max_norm) for t in tensors]
+
+
+def soft_clip_value(tensor, alpha):
+    """Tamed value clipping g_j / (1 + alpha |g_j|), entry by entry (Williamson, Eisenmann and Stillfjord 2024)."""
+    values = [g / (1 + alpha * abs(g)) for g in tensor.detach().double().reshape(-1).tolist()]
+    return torch.tensor(values, dtype=torch.float64).reshape(tensor.shape)
+
+
+# --- quantization (gradclip.quantize) ----------------------------------------------------------
+
+
+def sign(tensor):
+    """signSGD's sign(g_j) in {-1, 0, 1}, NaN kept (Bernstein et al. 2018)."""
+    values = tensor.detach().double()
+    return torch.where(torch.isnan(values), values, torch.sign(values))
+
+
+def qsgd_paper(v, s, uniforms):
+    """Alistarh et al. 2017, eq. (1), entry by entry, in float64, given the uniform draws."""
+    norm = math.sqrt(sum(x * x for x in v))
+    out = []
+    for x, u in zip(v, uniforms):
+        if norm == 0:
+            out.append(0.0)
+            continue
+        r = abs(x) / norm * s
+        level = math.floor(r)
+        xi = (level + 1) / s if u < r - level else level / s
+        out.append(norm * math.copysign(1.0, x) * xi if x != 0 else 0.0)
+    return out
+
+
+# --- adaptive gradient clipping (gradclip.agc) ------------------------------------------------
+
+
+def timm_unitwise_norm(x, norm_type=2.0):
+    """timm/utils/agc.py ``unitwise_norm``, transcribed: every axis but 0 reduced."""
+    if x.ndim <= 1:
+        return x.norm(norm_type)
+    return x.norm(norm_type, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+def timm_adaptive_clip_grad(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0):
+    """timm/utils/agc.py ``adaptive_clip_grad``, transcribed (in place, in the gradients' dtype)."""
+    for p in parameters:
+        if p.grad is None:
+            continue
+        p_data = p.detach()
+        g_data = p.grad.detach()
+        max_norm = timm_unitwise_norm(p_data, norm_type=norm_type).clamp_(min=eps).mul_(clip_factor)
+        grad_norm = timm_unitwise_norm(g_data, norm_type=norm_type)
+        clipped_grad = g_data * (max_norm / grad_norm.clamp(min=1e-6))
+        new_grads = torch.where(grad_norm < max_norm, g_data, clipped_grad)
+        p.grad.detach().copy_(new_grads)
+
+
+def agc_unitwise(weight, grad, clip_factor, eps, norm_type=2.0):
+    """Brock et al. 2021, eq. 3, one output unit (row of the (out, -1) view) at a time, in float64."""
+    w = weight.detach().double().reshape(weight.shape[0], -1) if weight.ndim > 1 else weight.detach().double().reshape(1, -1)
+    g = grad.double().reshape(w.shape)
+    out = g.clone()
+    for i in range(w.shape[0]):
+        w_norm = float(torch.linalg.vector_norm(w[i], norm_type))
+        g_norm = float(torch.linalg.vector_norm(g[i], norm_type))
+        limit = clip_factor * max(w_norm, eps)
+        if g_norm >= limit:
+            out[i] = g[i] * (limit / max(g_norm, 1e-6))
+    return out.reshape(grad.shape)
+
+
+# --- per-sample clipping (gradclip.per_sample) --------------------------------------------------
+
+
+def per_sample_clipped_mean(model, loss_fn, inputs, targets, max_norm, noise_multiplier=0.0, generator=None,
+                            dtype=torch.float64):
+    """Abadi et al. 2016, Algorithm 1, one example at a time with autograd: (mean of clipped grads + noise, norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    summed = [torch.zeros_like(p, dtype=dtype) for p in params]
+    norms = []
+    for x, y in zip(inputs, targets):
+        loss = loss_fn(model(x.unsqueeze(0)), y.unsqueeze(0))
+        grads = [g if g.dtype == dtype else g.to(dtype) for g in torch.autograd.grad(loss, params)]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norms.append(norm)
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for s, g in zip(summed, grads):
+            s.add_(g * factor)
+    if noise_multiplier > 0:
+        for s in summed:
+            s.add_(torch.randn(s.shape, generator=generator, dtype=torch.float32).to(dtype) * noise_multiplier * max_norm)
+    return [s / len(inputs) for s in summed], norms
+
+
+# --- stateful clippers (gradclip.autoclip, gradclip.zclip, gradclip.guard, gradclip.monitor) ---
+
+
+def autoclip_threshold(history, percentile):
+    """AutoClip's threshold numpy.percentile(history, p), NaN recorded as +inf, +inf where numpy says NaN (Seetharaman et al. 2020)."""
+    values = np.asarray(history, dtype=np.float64)
+    if values.size == 0:
+        return math.inf
+    threshold = float(np.percentile(np.where(np.isnan(values), math.inf, values), percentile))
+    return math.inf if math.isnan(threshold) else threshold
+
+
+class ReferenceZClip:
+    """zclip/zclip.py of bluorion-com/ZClip (Kumar et al. 2025), with Python floats; returns what each step did."""
+
+    def __init__(self, alpha=0.97, z_thresh=2.5, max_grad_norm=1.0, eps=1e-6, warmup_steps=25,
+                 mode="zscore", clip_option="adaptive_scaling", clip_factor=1.0, skip_update_on_spike=False):
+        self.alpha, self.z_thresh, self.max_grad_norm, self.eps = alpha, z_thresh, max_grad_norm, eps
+        self.warmup_steps, self.mode, self.clip_option = warmup_steps, mode, clip_option
+        self.clip_factor, self.skip_update_on_spike = clip_factor, skip_update_on_spike
+        self.buffer, self.initialized, self.mean, self.var = [], False, None, None
+
+    def _compute_clip_val(self, g):
+        std = self.var ** 0.5
+        if self.mode == "percentile":
+            threshold = self.mean + self.z_thresh * std
+            if g > threshold:
+                return threshold
+        else:
+            z = (g - self.mean) / (std + self.eps)
+            if z > self.z_thresh:
+                if self.clip_option == "adaptive_scaling":
+                    eta = z / self.z_thresh
+                    return (self.mean + (self.z_thresh * std) / eta) * self.clip_factor
+                return self.mean
+        return None
+
+    def step(self, g):
+        """(coefficient applied, adaptive clip value or None) for norm g."""
+        if not self.initialized:
+            self.buffer.append(g)
+            if len(self.buffer) >= self.warmup_steps:
+                self.mean = sum(self.buffer) / len(self.buffer)
+                self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
+                self.initialized, self.buffer = True, []
+            if self.max_grad_norm is None:
+                return 1.0, None
+            return min(1.0, self.max_grad_norm / (g + 1e-6)), None  # torch.nn.utils.clip_grad_norm_
+        clip_val = self._compute_clip_val(g)
+        adaptive = clip_val if clip_val is not None else g
+        effective = min(adaptive, self.max_grad_norm) if self.max_grad_norm is not None else adaptive
+        coef = effective / (g + 1e-6) if g > effective else 1.0
+        if not (clip_val is not None and self.skip_update_on_spike):
+            x = clip_val if clip_val is not None else g
+            self.mean = self.alpha * self.mean + (1 - self.alpha) * x
+            self.var = self.alpha * self.var + (1 - self.alpha) * (x - self.mean) ** 2
+        return coef, clip_val
+
+
+def spike_guard_decisions(norms, mode, k, window, min_history):
+    """SpikeGuard's skip rule: not finite, or g > mean + k std (zscore) / k lower-median (median) of the last finite norms."""
+    history, out = [], []
+    for g in norms:
+        h = [x for x in history[-window:] if math.isfinite(x)]
+        if not math.isfinite(g):
+            out.append(True)
+        elif len(h) < min_history:
+            out.append(False)
+        elif mode == "zscore":
+            out.append(g > statistics.fmean(h) + k * statistics.stdev(h))
+        else:
+            out.append(g > k * sorted(h)[(len(h) - 1) // 2])
+        history.append(g)
+    return out
+
+
+def layer_norms(named, norm_type=2.0):
+    """GradientMonitor's per-layer p-norm: the global norm of each layer's tensors, layer = name up to the last dot."""
+    layers = {}
+    for name, t in named:
+        layers.setdefault(name.rsplit(".", 1)[0], []).append(t)
+    return {layer: float(global_norm(tensors, norm_type)) for layer, tensors in layers.items()}

@@ -1,0 +1,55 @@
+"""The opt-in flat gradient buffer (gradclip.flat.GradBuffer) and the single-buffer detection it relies on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradclip
+
+
+def test_grad_buffer_takes_the_single_kernel_path_and_matches_torch():
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    twin = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    twin.load_state_dict(model.state_dict())
+    buffer = gradclip.GradBuffer(model.parameters())
+    x = torch.randn(16, 5, generator=torch.Generator().manual_seed(0))
+    for step in range(3):
+        buffer.zero_grad()
+        twin.zero_grad()
+        (model(x) ** 2).sum().backward()
+        (twin(x) ** 2).sum().backward()
+        assert buffer.views_intact()
+        grads = [p.grad for p in model.parameters()]
+        assert gradclip._groups.single_buffer(grads) is not None
+        norm = gradclip.clip_grad_norm_(model.parameters(), 0.7)
+        expected = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.7)
+        torch.testing.assert_close(norm, expected)
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_single_buffer_rejects_overlapping_and_gapped_views():
+    base = torch.arange(10.0)
+    assert gradclip._groups.single_buffer([base[0:5], base[5:10]]) is not None
+    assert gradclip._groups.single_buffer([base[0:5], base[4:10]]) is None  # overlap
+    assert gradclip._groups.single_buffer([base[0:4], base[5:10]]) is None  # gap
+    assert gradclip._groups.single_buffer([base[0:5], base[0:5]]) is None  # same view twice
+    assert gradclip._groups.single_buffer([base.view(2, 5)[:, :2], base[5:10]]) is None  # strided
+    span = gradclip._groups.single_buffer([base[5:10], base[2:5]])
+    assert span is not None and torch.equal(span, base[2:10])
+
+
+def test_grad_buffer_rebinds_after_zero_grad_set_to_none():
+    model = torch.nn.Linear(4, 2)
+    buffer = gradclip.GradBuffer(model.parameters())
+    model.zero_grad(set_to_none=True)
+    model(torch.ones(1, 4)).sum().backward()
+    assert not buffer.views_intact()
+    expected = [p.grad.clone() for p in model.parameters()]
+    buffer.rebind_()
+    assert buffer.views_intact()
+    for p, e in zip(model.parameters(), expected):
+        assert torch.equal(p.grad, e)
+    with pytest.raises(ValueError, match="parameters"):
+        gradclip.GradBuffer([torch.zeros(2)])
