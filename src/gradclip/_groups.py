@@ -160,8 +160,8 @@ def single_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     :class:`gradclip.GradBuffer` sets up), one kernel over the span does the
     work of one kernel per tensor. Only host metadata is read: no sync.
     """
-    if len(tensors) < 2:
-        return None
+    if len(tensors) < 2 or torch.compiler.is_compiling():
+        return None  # storage pointers are not traceable; a compiled graph fuses the kernels anyway
     first, last = tensors[0], tensors[-1]
     storage_ptr = first.untyped_storage().data_ptr()
     if last.untyped_storage().data_ptr() != storage_ptr:

@@ -66,15 +66,21 @@ def grads_of(parameters: TensorOrTensors) -> list[torch.Tensor]:
 
 
 def check_dense(tensors: list[torch.Tensor], what: str) -> None:
+    """Raise ``TypeError`` naming the first tensor that is not dense (strided), e.g. ``gradient 3``."""
     if {tensor.layout for tensor in tensors} <= {torch.strided}:
         return
     for index, tensor in enumerate(tensors):
-        if tensor.layout is not torch.strided:
-            raise TypeError(
-                f"{what} {index} has layout {tensor.layout}; gradclip clips dense (strided) "
-                "gradients only. Convert it with .to_dense(), or use a dense embedding "
-                "(nn.Embedding(sparse=False))."
-            )
+        check_dense_one(tensor, f"{what} {index}")
+
+
+def check_dense_one(tensor: torch.Tensor, name: str) -> None:
+    """Raise ``TypeError`` if ``tensor`` (called ``name`` in the message) is not dense (strided)."""
+    if tensor.layout is not torch.strided:
+        raise TypeError(
+            f"{name} has layout {tensor.layout}; gradclip clips dense (strided) "
+            "gradients only. Convert it with .to_dense(), or use a dense embedding "
+            "(nn.Embedding(sparse=False))."
+        )
 
 
 def check_norm_type(norm_type: Any) -> float:

@@ -329,12 +329,13 @@ def adaptive_clip_grad_(
 
     grouped: dict[_groups.GroupKey, list[_Item]] = {}
     for index, param in enumerate(params):
-        if id(param) in skipped or param.grad is None:
+        if id(param) in skipped or param.grad is None or param.grad.numel() == 0:  # no units, nothing to clip
             continue
         if isinstance(param, nn.parameter.UninitializedParameter) or param.is_meta:
             raise ValueError(f"parameters[{index}] has no data (meta or uninitialised); AGC needs the weights")
         grad = param.grad
-        _validate.check_dense([param, grad], f"parameters[{index}] or its")
+        _validate.check_dense_one(param, f"parameters[{index}]")
+        _validate.check_dense_one(grad, f"parameters[{index}].grad")
         if grad.shape != param.shape:
             raise ValueError(
                 f"parameters[{index}] has shape {tuple(param.shape)} but its gradient has shape {tuple(grad.shape)}"

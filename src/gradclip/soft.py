@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import _groups, _validate
-from ._norms import accumulation_dtype
+from ._norms import wide_dtype
 from ._scaling import scale_
 from .clip import grad_norm
 
@@ -157,9 +157,10 @@ def _tamed(g: torch.Tensor, alpha: float) -> torch.Tensor:
     Where alpha |g| > 1 the equal form sign(g) / (alpha + 1/|g|) is used, so a
     huge entry gives about 1/alpha instead of g / inf = 0; elsewhere the plain
     form, so a tiny entry keeps its value instead of 1/(1/g) = 1/inf = 0.
-    Half-precision entries are computed in float32.
+    Computed in the wide dtype (float64), so that alpha itself may lie beyond
+    the gradients' range (alpha = 1e39 for bfloat16 entries of 1e-39).
     """
-    x = g.to(accumulation_dtype(g.dtype))
+    x = g.to(wide_dtype(g.device))
     magnitude = x.abs()
     large = magnitude * alpha > 1
     plain = x / (1.0 + torch.where(large, 0.0, magnitude) * alpha)
