@@ -34,6 +34,16 @@ def transformer_small_shapes(count: int = 2000) -> list[tuple[int, ...]]:
     return [block[i % len(block)] for i in range(count)]
 
 
+def model_shapes() -> list[tuple[int, ...]]:
+    """67 tensors shaped like a mid-size model (13.6 M values): the set measured in the performance issue.
+
+    One 64x3x7x7 stem, sixteen 256x256x3x3 convolutions, eight 1024x256 projections,
+    forty 256-vectors, a 1000x2048 classifier and its 1000-vector bias.
+    """
+    return ([(64, 3, 7, 7)] + [(256, 256, 3, 3)] * 16 + [(1024, 256)] * 8 + [(256,)] * 40
+            + [(1000, 2048), (1000,)])
+
+
 def numel(shapes: list[tuple[int, ...]]) -> int:
     """Total number of values."""
     return sum(torch.Size(shape).numel() for shape in shapes)

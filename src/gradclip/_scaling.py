@@ -3,7 +3,8 @@
 Each function walks the groups of :func:`gradclip._groups.groups_of` and acts
 through :func:`gradclip._groups.apply_`, so a flat buffer costs one kernel, a
 group of tensors one foreach kernel, and DTensors are changed through their
-local shards with no communication.
+local shards with no communication. On the CPU a factor of exactly 1 skips
+the pass (reading it is free there); on accelerators the multiply always runs.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import _groups
-from ._norms import accumulation_dtype
+from ._norms import accumulation_dtype, exact_on_host
 
 # torch's guard against dividing by a zero norm; kept for exact parity.
 NORM_EPS = 1e-6
@@ -28,13 +29,29 @@ def scale_(groups: list[_groups.Group], factor: torch.Tensor, foreach: bool | No
     The factor is cast to the group's accumulation dtype (float32 for
     half-precision gradients), in which the multiply is computed.
     """
+    if _skippable(groups, factor):
+        return
     for group in groups:
         tensors, batched = _groups.targets(group, foreach)
         _groups.apply_(tensors, batched, "mul", factor.to(group.device, accumulation_dtype(group.dtype)))
 
 
+def _skippable(groups: list[_groups.Group], factors: torch.Tensor) -> bool:
+    """True when every gradient and the factors live on the CPU and every factor is exactly 1.
+
+    Multiplying by 1 changes nothing, and on the CPU reading the factor costs
+    no device synchronisation, so the pass over every gradient is skipped.
+    On accelerators the multiply always runs: deciding would need a sync.
+    """
+    if not all(exact_on_host(group.device) for group in groups) or not exact_on_host(factors.device):
+        return False
+    return bool((factors == 1).all())
+
+
 def scale_each_(group: _groups.Group, factors: torch.Tensor, foreach: bool | None) -> None:
     """Multiply tensor i of one group (no flat buffer) in place by the 0-dim tensor ``factors[i]``."""
+    if _skippable([group], factors):
+        return
     tensors = _groups.local(group).tensors
     factors = factors.to(group.device, accumulation_dtype(group.dtype))
     _groups.apply_(tensors, _groups.use_foreach(tensors, group.device, foreach), "mul", list(factors.unbind()))
