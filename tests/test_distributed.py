@@ -315,7 +315,7 @@ def _entry(rank, world, port, scenario, outdir):
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        result = SCENARIOS[scenario](rank, world)
+        result = (SCENARIOS[scenario] if isinstance(scenario, str) else scenario)(rank, world)
         dist.barrier()
         tmp = Path(outdir) / f"rank{rank}.tmp"
         torch.save(result, tmp)
@@ -333,7 +333,9 @@ def free_port():
 
 
 def run_ranks(scenario, world, outdir, timeout_s=120.0):
-    """Run ``SCENARIOS[scenario]`` on ``world`` spawned ranks; their results, by rank.
+    """Run ``SCENARIOS[scenario]`` (or ``scenario``, a module-level function) on ``world`` spawned ranks.
+
+    Returns their results, by rank.
 
     Fails fast: as soon as one rank exits with an error, the others are
     terminated and ``RankFailed`` carries the error; after ``timeout_s`` all are.

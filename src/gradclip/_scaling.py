@@ -32,8 +32,27 @@ def scale_(groups: list[_groups.Group], factor: torch.Tensor, foreach: bool | No
     if _skippable(groups, factor):
         return
     for group in groups:
+        _check_scalable(group)
         tensors, batched = _groups.targets(group, foreach)
         _groups.apply_(tensors, batched, "mul", factor.to(group.device, accumulation_dtype(group.dtype)))
+
+
+def _check_scalable(group: _groups.Group) -> None:
+    """Refuse DTensors whose local values multiply together (``Partial("product")``).
+
+    Scaling every rank's local value by s scales a sum, an average, a max or a
+    min by s, and entries (``Shard``, ``Replicate``) by s; a product of R local
+    values would be scaled by s to the power R.
+    """
+    if group.sharding is None:
+        return
+    for dim, placement in enumerate(group.sharding.placements):
+        if str(getattr(placement, "reduce_op", "")).lower() in ("product", "prod"):
+            raise ValueError(
+                f"cannot scale DTensor gradients with placement {placement} on mesh dim {dim}: scaling "
+                "each rank's factor would scale their product by a power of the factor. Redistribute "
+                "them to Shard or Replicate first."
+            )
 
 
 def _skippable(groups: list[_groups.Group], factors: torch.Tensor) -> bool:
@@ -52,6 +71,7 @@ def scale_each_(group: _groups.Group, factors: torch.Tensor, foreach: bool | Non
     """Multiply tensor i of one group (no flat buffer) in place by the 0-dim tensor ``factors[i]``."""
     if _skippable([group], factors):
         return
+    _check_scalable(group)
     tensors = _groups.local(group).tensors
     factors = factors.to(group.device, accumulation_dtype(group.dtype))
     _groups.apply_(tensors, _groups.use_foreach(tensors, group.device, foreach), "mul", list(factors.unbind()))

@@ -26,10 +26,30 @@ You rarely call this module directly: the public functions take the keywords.
 
 * DTensor gradients (what ``torch.distributed.fsdp.fully_shard`` and tensor
   parallelism produce) need nothing: :func:`gradclip.clip_grad_norm_`,
-  :func:`gradclip.get_total_norm` and the clippers reduce their local shards
-  over the mesh dimensions they are sharded on (``Shard``), not over those
-  they are replicated on (``Replicate``); ``Partial`` gradients are summed
-  first. The norm comes back as a plain tensor, equal on every rank.
+  :func:`gradclip.get_total_norm` and the clippers read each mesh
+  dimension's placement, by its exact type, and reduce accordingly:
+
+  - ``Shard(d)`` and ``_StridedShard(d, split_factor)`` (``fully_shard`` of a
+    parameter that tensor parallelism already sharded on ``d``: the
+    ``"dp"`` dimension of a 2-D ``("dp", "tp")`` mesh): the ranks hold
+    disjoint pieces, so :math:`\|g\|_p^p` is summed (the max taken, for
+    :math:`p=\infty`) over that dimension's ranks;
+  - ``Replicate()``: the ranks hold identical copies, counted once, no
+    communication;
+  - ``Partial(op)`` for ``op`` in ``sum``, ``avg``, ``max``, ``min``,
+    ``product``, and ``_MaskPartial`` (a row-wise sharded embedding's
+    output, masked first, on a copy): the ranks hold operands of the full
+    values, so the values are first all-reduced with ``op`` over that
+    dimension (one extra all-reduce of those gradients), which is then
+    treated as ``Replicate``.
+
+  Any other placement (a custom ``Placement`` subclass, ``_NormPartial``,
+  a bitwise ``Partial``) raises ``ValueError`` rather than give a wrong
+  norm: gradclip cannot tell whether its local values are disjoint pieces;
+  redistribute such gradients to ``Shard`` or ``Replicate``. Elementwise
+  clipping (:func:`gradclip.clip_grad_value_`) acts on the local values of
+  ``Shard``, ``_StridedShard`` and ``Replicate`` gradients and refuses the
+  partial ones. The norm comes back as a plain tensor, equal on every rank.
 * Manually sharded plain tensors: pass ``process_group=`` (a
   ``ProcessGroup``, a 1-D ``DeviceMesh``, or :data:`WORLD`/``True`` for the
   default group) and mark the parameters every rank holds a copy of with
@@ -54,7 +74,7 @@ import torch
 from . import _groups, _norms
 from ._norms import accumulation_dtype
 
-__all__ = ["WORLD", "global_norm", "replicated_ids", "resolve_process_group"]
+__all__ = ["WORLD", "global_norm", "replicated_ids", "resolve_process_group", "sharded_tensor_norms"]
 
 WORLD: Any = "WORLD"
 """``process_group=WORLD`` (or ``True``): reduce over the default process group."""
@@ -151,32 +171,141 @@ def _local_partial(group: _groups.Group, p: float, foreach: bool | None, device:
     return norms.max() if math.isinf(p) else norms.pow(p).sum()
 
 
-def _sum_partial_shards(group: _groups.Group) -> tuple[_groups.Group, tuple[Any, ...]]:
-    """Reduce ``Partial`` placements of a local DTensor group to full values (one all-reduce each)."""
+# DTensor placements, by exact type: what a rank's local values are on that mesh dimension.
+SHARD, REPLICATE, PARTIAL, MASK_PARTIAL = "shard", "replicate", "partial", "mask_partial"
+_KNOWN_PLACEMENTS: dict[type, str] | None = None
+
+# Partial reduce ops -> the ReduceOp that turns the local values into full values ("avg" divides after).
+_PARTIAL_OPS = {"sum": "SUM", "avg": "SUM", "max": "MAX", "min": "MIN", "product": "PRODUCT"}
+
+
+def _known_placements() -> dict[type, str]:
+    """Every placement class gradclip can reduce, mapped to its kind; looked up once, by exact type.
+
+    Exact types, not ``isinstance`` nor ``is_shard()``: torch's private
+    placements change their base classes between releases (``_StridedShard``
+    subclassed ``Shard`` in older releases, not in 2.13, where its ``is_shard()``
+    is False), and a subclass may redefine what the local values are
+    (``_NormPartial`` holds local norms, not summands).
+    """
+    global _KNOWN_PLACEMENTS
+    if _KNOWN_PLACEMENTS is None:
+        import importlib
+
+        modules = [getattr(torch._C, "_distributed", None)]
+        for name in ("torch.distributed.tensor.placement_types",
+                     "torch.distributed.tensor._ops._embedding_ops"):  # _MaskPartial's home in older torch
+            try:
+                modules.append(importlib.import_module(name))
+            except ImportError:
+                pass
+        names = {"Shard": SHARD, "_StridedShard": SHARD, "StridedShard": SHARD, "Replicate": REPLICATE,
+                 "Partial": PARTIAL, "_Partial": PARTIAL, "_MaskPartial": MASK_PARTIAL}
+        known: dict[type, str] = {}
+        for module in modules:
+            for name, kind in names.items():
+                cls = getattr(module, name, None)
+                if isinstance(cls, type):
+                    known.setdefault(cls, kind)
+        _KNOWN_PLACEMENTS = known
+    return _KNOWN_PLACEMENTS
+
+
+def placement_kinds(placements: Any, what: str = "gradclip") -> tuple[str, ...]:
+    """The kind of each placement: ``"shard"``, ``"replicate"``, ``"partial"`` or ``"mask_partial"``.
+
+    * ``Shard(d)`` and ``_StridedShard(d, split_factor)`` (what ``fully_shard``
+      gives a parameter that tensor parallelism already sharded on ``d``):
+      the ranks of that mesh dimension hold disjoint pieces of the tensor.
+    * ``Replicate()``: they hold identical copies.
+    * ``Partial(op)`` and ``_MaskPartial``: they hold summands (operands of
+      ``op``) of the full values.
+
+    Raises:
+        ValueError: a placement of any other type (a custom ``Placement``,
+            ``_NormPartial``, a subclass of the above), whose local values
+            gradclip cannot interpret.
+    """
+    known = _known_placements()
+    kinds = []
+    for dim, placement in enumerate(placements):
+        kind = known.get(type(placement))
+        if kind is None:
+            cls = type(placement)
+            raise ValueError(
+                f"{what} does not know the DTensor placement {placement!r} "
+                f"({cls.__module__}.{cls.__qualname__}) on mesh dimension {dim}: it cannot tell whether "
+                "its local values are disjoint pieces of the tensor (Shard), copies (Replicate) or "
+                "summands (Partial), so the result would be wrong. Redistribute these gradients to "
+                "Shard or Replicate placements first, e.g. grad.redistribute(grad.device_mesh, "
+                "[Shard(0)] * grad.device_mesh.ndim), or use torch.nn.utils on full_tensor()."
+            )
+        kinds.append(kind)
+    return tuple(kinds)
+
+
+def _mask_partial_values(dtensors: list[Any], shards: list[torch.Tensor], dims: list[int]) -> list[torch.Tensor]:
+    """Local values of ``_MaskPartial`` DTensors with their masked entries zeroed, as reduction does.
+
+    ``_MaskPartial`` (a row-wise sharded embedding's output) keeps, until it
+    is reduced, the mask of the lookups that fell outside this rank's rows;
+    those entries are garbage until masked. Each DTensor has its own mask
+    (equal placements compare equal whatever the mask), so it is read from
+    each DTensor's own placement, on a copy: the mask stays for the real
+    reduction.
+    """
+    values = []
+    for dtensor, shard in zip(dtensors, shards):
+        shard = shard.clone()
+        for dim in dims:
+            placement = dtensor.placements[dim]
+            buffer = getattr(placement, "mask_buffer", None)
+            if buffer is None or getattr(buffer, "data", None) is None:
+                raise ValueError(
+                    f"{placement!r} DTensor whose mask is not materialized (already reduced, or never "
+                    "computed): its local values are not summands. Redistribute it to Shard or Replicate first."
+                )
+            buffer.apply_mask(shard)
+        values.append(shard)
+    return values
+
+
+def _sum_partial_shards(
+    group: _groups.Group, dtensors: list[Any], kinds: tuple[str, ...]
+) -> tuple[_groups.Group, tuple[str, ...]]:
+    """Reduce the partial mesh dimensions of a local DTensor group to full values (one all-reduce each).
+
+    ``dtensors`` are the group's DTensors (for the masks of ``_MaskPartial``);
+    the kinds come back with those dimensions marked replicated.
+    """
     import torch.distributed as dist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-    from torch.distributed.tensor import Replicate
 
     assert group.sharding is not None
     mesh, placements = group.sharding.mesh, group.sharding.placements
     tensors = group.tensors
-    flat = _flatten_dense_tensors(tensors) if tensors else torch.zeros(0, dtype=group.dtype, device=group.device)
+    masked = [dim for dim, kind in enumerate(kinds) if kind == MASK_PARTIAL]
+    values = _mask_partial_values(dtensors, tensors, masked) if masked and tensors else tensors
+    flat = _flatten_dense_tensors(values) if values else torch.zeros(0, dtype=group.dtype, device=group.device)
     flat = flat.to(accumulation_dtype(group.dtype), copy=True)
-    ops = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-    new_placements = list(placements)
-    for dim, placement in enumerate(placements):
-        if not placement.is_partial():
+    new_kinds = list(kinds)
+    for dim, kind in enumerate(kinds):
+        if kind not in (PARTIAL, MASK_PARTIAL):
             continue
-        reduce_op = getattr(placement, "reduce_op", "sum")
-        if reduce_op not in ops:
-            raise ValueError(f"cannot take the norm of a Partial({reduce_op!r}) DTensor gradient")
+        reduce_op = str(getattr(placements[dim], "reduce_op", "sum"))
+        if reduce_op not in _PARTIAL_OPS:
+            raise ValueError(
+                f"cannot take the norm of a DTensor gradient with placement {placements[dim]!r}: reduce op "
+                f"{reduce_op!r} is none of {sorted(_PARTIAL_OPS)} (bitwise ops apply to integer tensors, "
+                "which have no norm). Redistribute it to Shard or Replicate first."
+            )
         dim_group = mesh.get_group(dim)
-        dist.all_reduce(flat, op=ops[reduce_op], group=dim_group)
+        dist.all_reduce(flat, op=getattr(dist.ReduceOp, _PARTIAL_OPS[reduce_op]), group=dim_group)
         if reduce_op == "avg":
             flat.div_(dist.get_world_size(dim_group))
-        new_placements[dim] = Replicate()
+        new_kinds[dim] = REPLICATE
     full = list(_unflatten_dense_tensors(flat, tensors)) if tensors else []
-    return _groups.Group(group.device, flat.dtype, full, None), tuple(new_placements)
+    return _groups.Group(group.device, flat.dtype, full, None), tuple(new_kinds)
 
 
 def _all_reduce(value: torch.Tensor, groups: tuple[Any, ...], inf: bool) -> torch.Tensor:
@@ -239,10 +368,12 @@ def global_norm(
       except those in ``replicated``; without ``process_group`` they count
       as replicated (each rank's copy once).
     * DTensor groups (``group.sharding`` set by :func:`gradclip._groups.groups_of`):
-      the partial sums of their local shards are all-reduced over the mesh's
-      ``Shard`` dimensions only;
-      ``Partial`` placements are summed into full values first (one extra
-      all-reduce of those gradients).
+      the partial sums of their local shards are all-reduced over the mesh
+      dimensions whose placement splits the tensor into disjoint pieces
+      (``Shard``, ``_StridedShard``) only, not over ``Replicate`` ones;
+      ``Partial`` and ``_MaskPartial`` placements are reduced into full
+      values first (one extra all-reduce of those gradients). Other
+      placements raise (see :func:`placement_kinds`).
     * Partial sums are reduced in float64 whatever the gradients' dtype
       (float16/bfloat16 norms are first computed in float32), one collective
       per distinct process group, usually exactly one. A NaN or inf anywhere
@@ -316,11 +447,14 @@ def _global_norm(
                 sub = _groups.Group(group.device, group.dtype, mine, None)
                 buckets[(pg,)][1].append(_local_partial(sub, p, foreach, buckets[(pg,)][0]))
             continue
-        mesh, placements = group.sharding.mesh, group.sharding.placements
+        mesh = group.sharding.mesh
+        kinds = placement_kinds(group.sharding.placements)
+        dtensors = group.tensors
         group = _groups.local(group)
-        if any(placement.is_partial() for placement in placements):
-            group, placements = _sum_partial_shards(group)
-        key = tuple(mesh.get_group(dim) for dim, placement in enumerate(placements) if placement.is_shard())
+        if PARTIAL in kinds or MASK_PARTIAL in kinds:
+            group, kinds = _sum_partial_shards(group, dtensors, kinds)
+        # sum |g|^p over the dimensions whose ranks hold disjoint pieces (Shard, _StridedShard) only
+        key = tuple(mesh.get_group(dim) for dim, kind in enumerate(kinds) if kind == SHARD)
         if key not in buckets:
             buckets[key] = [group.device, []]
         buckets[key][1].append(_local_partial(group, p, foreach, buckets[key][0]))
@@ -342,11 +476,54 @@ def _global_norm(
     return stacked.max() if inf else stacked.sum().pow(1.0 / p)
 
 
+def sharded_tensor_norms(group: _groups.Group, p: float, foreach: bool | None) -> torch.Tensor:
+    r"""The p-norm of each full DTensor of one sharded group, a 1-D wide tensor equal on every rank.
+
+    For per-tensor methods (per-tensor and block-RMS clipping, QSGD): each
+    rank takes :math:`\|g_i\|_p^p` of its local pieces (the max for
+    :math:`p = \infty`), one all-reduce of the whole vector over the mesh
+    dimensions that split the tensors (``Shard``, ``_StridedShard``) sums them,
+    and every rank takes the root; ``Partial`` values are summed first.
+    Every rank of the mesh must call.
+
+    Args:
+        group: a group of DTensors, as :func:`gradclip._groups.groups_of` makes them.
+        p: the norm order, in (0, inf].
+        foreach: as in :func:`gradclip.clip_grad_norm_`.
+
+    Returns:
+        A 1-D tensor with one norm per DTensor, in float64 (float32 on MPS).
+
+    Raises:
+        ValueError: a placement gradclip does not know (see :func:`placement_kinds`).
+    """
+    assert group.sharding is not None, "sharded_tensor_norms takes a group of DTensors"
+    mesh = group.sharding.mesh
+    kinds = placement_kinds(group.sharding.placements)
+    dtensors = group.tensors
+    local = _groups.local(group)
+    if PARTIAL in kinds or MASK_PARTIAL in kinds:
+        local, kinds = _sum_partial_shards(local, dtensors, kinds)
+    inf = math.isinf(p)
+    norms = _norms.tensor_norms(local.tensors, p, local.device, foreach).to(_reduce_dtype(local.device))
+    groups = tuple(mesh.get_group(dim) for dim, kind in enumerate(kinds) if kind == SHARD)
+    reduced = _all_reduce(norms if inf else norms.pow(p), groups, inf)
+    return reduced if inf else reduced.pow(1.0 / p)
+
 
 def check_not_partial(groups: list[_groups.Group], what: str) -> None:
-    """Raise ``ValueError`` when a DTensor group has a ``Partial`` placement (for elementwise clipping)."""
+    """Raise ``ValueError`` unless every DTensor group's local values are entries (for elementwise clipping).
+
+    ``Shard``, ``_StridedShard`` and ``Replicate`` local values are entries of
+    the tensor: clamping them clamps the tensor. ``Partial`` and
+    ``_MaskPartial`` ones are summands, and unknown placements are refused
+    (see :func:`placement_kinds`).
+    """
     for group in groups:
-        if group.sharding is not None and any(pl.is_partial() for pl in group.sharding.placements):
+        if group.sharding is None:
+            continue
+        kinds = placement_kinds(group.sharding.placements, what)
+        if PARTIAL in kinds or MASK_PARTIAL in kinds:
             raise ValueError(
                 f"{what} cannot act on DTensor gradients with a Partial placement: their local "
                 "values are summands, not entries. Redistribute them to Shard or Replicate first."

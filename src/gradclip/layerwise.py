@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from . import _groups, _validate
+from . import _groups, _validate, distributed
 from ._norms import accumulation_dtype, tensor_norms
 from ._scaling import clip_coefficient, scale_each_
 
@@ -17,7 +17,8 @@ __all__ = ["clip_grad_block_rms_", "clip_grad_norm_per_tensor_"]
 def _norms_by_group(grads: list[torch.Tensor], p: float,
                     foreach: bool | None) -> list[tuple[_groups.Group, torch.Tensor]]:
     """Group the gradients (no flat buffers) and take each tensor's p-norm, group by group."""
-    return [(group, tensor_norms(_groups.local(group).tensors, p, group.device, foreach))
+    return [(group, distributed.sharded_tensor_norms(group, p, foreach) if group.sharding is not None
+             else tensor_norms(group.tensors, p, group.device, foreach))
             for group in _groups.groups_of(grads, False)]
 
 

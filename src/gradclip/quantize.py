@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from . import _groups, _validate
+from . import _groups, _validate, distributed
 from ._norms import accumulation_dtype, tensor_norms
 
 __all__ = ["qsgd_quantize", "qsgd_quantize_grad_", "sign_grad_"]
@@ -48,7 +50,9 @@ def sign_grad_(parameters: _validate.TensorOrTensors, foreach: bool | None = Non
     """
     _validate.check_foreach(foreach)
     grads = _validate.grads_of(parameters)
-    for group in _groups.groups_of(grads, foreach):
+    groups = _groups.groups_of(grads, foreach)
+    distributed.check_not_partial(groups, "sign_grad_")
+    for group in groups:
         tensors, batched = _groups.targets(group, foreach)
         nan_masks = [t.isnan() for t in tensors]
         _groups.apply_(tensors, batched, "sign")
@@ -88,7 +92,8 @@ def qsgd_quantize(v: torch.Tensor, levels: int, generator: torch.Generator | Non
     return out
 
 
-def _quantize_(v: torch.Tensor, norm: torch.Tensor, s: int, generator: torch.Generator | None) -> torch.Tensor:
+def _quantize_(v: torch.Tensor, norm: torch.Tensor, s: int, generator: torch.Generator | None,
+               largest: torch.Tensor | None = None) -> torch.Tensor:
     """In place: v <- scale sign(v) xi / s, xi = floor(r) + Bernoulli(r - floor(r)), r = s |v| / scale.
 
     ``norm`` is ||v||_2 in the wide dtype. The scale is that norm, unless it
@@ -98,7 +103,9 @@ def _quantize_(v: torch.Tensor, norm: torch.Tensor, s: int, generator: torch.Gen
     """
     acc = accumulation_dtype(v.dtype)
     too_large = norm > torch.finfo(v.dtype).max
-    scale = torch.where(too_large, v.abs().amax().to(norm.dtype) if v.numel() else norm, norm)
+    if largest is None:  # max |v| of the whole tensor (given for a DTensor's local piece)
+        largest = v.abs().amax().to(norm.dtype) if v.numel() else norm
+    scale = torch.where(too_large, largest.to(norm.dtype), norm)
     # A zero scale means an all-zero tensor, which stays zero; NaN and inf scales stay non-finite.
     safe_scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     ratio = v.abs().to(acc).mul_((s / safe_scale).to(acc))
@@ -178,9 +185,27 @@ def qsgd_quantize_grad_(
     _validate.check_generator(generator)
     grads = _validate.grads_of(parameters)
     norms = []
+    dtensor = _groups.dtensor_type()
     for grad in grads:
-        scale = _quantize_(grad, tensor_norms([grad], 2.0, grad.device, False)[0], levels, generator)
+        if dtensor is not None and isinstance(grad, dtensor):
+            scale = _quantize_dtensor_(grad, levels, generator)
+        else:
+            scale = _quantize_(grad, tensor_norms([grad], 2.0, grad.device, False)[0], levels, generator)
         norms.append(scale.to(grads[0].device, accumulation_dtype(grad.dtype)))
     if not norms:
         return torch.zeros(0)
     return torch.stack(norms)
+
+
+def _quantize_dtensor_(grad: torch.Tensor, levels: int, generator: torch.Generator | None) -> torch.Tensor:
+    """QSGD of one DTensor: its local piece, quantized with the norm of the whole tensor.
+
+    The norm (and the max, for the overflow case) are reduced over the mesh, so
+    every piece uses the scale the full tensor would. Replicated pieces stay
+    identical across ranks when every rank seeds ``generator`` alike.
+    """
+    (group,) = _groups.groups_of([grad], False)
+    distributed.check_not_partial([group], "qsgd_quantize_grad_")
+    norm = distributed.sharded_tensor_norms(group, 2.0, False)[0]
+    largest = distributed.sharded_tensor_norms(group, math.inf, False)[0]
+    return _quantize_(grad.to_local(), norm, levels, generator, largest)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from . import _groups, _validate
+from . import _groups, _validate, distributed
 from ._norms import wide_dtype
 from ._scaling import scale_
 from .clip import grad_norm
@@ -145,7 +145,9 @@ def soft_clip_grad_value_(
     alpha = _validate.check_real("alpha", alpha, 0.0, float("inf"), high_open=True)
     _validate.check_foreach(foreach)
     grads = _validate.grads_of(parameters)
-    for group in _groups.groups_of(grads, foreach):
+    groups = _groups.groups_of(grads, foreach)
+    distributed.check_not_partial(groups, "soft_clip_grad_value_")
+    for group in groups:
         tensors, _ = _groups.targets(group, foreach)
         for tensor in tensors:
             tensor.copy_(_tamed(tensor, alpha))
