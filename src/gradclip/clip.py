@@ -287,12 +287,7 @@ def clip_grad_norm_report_(
         ``threshold`` and ``scale``, all on the norm's device.
 
     Raises:
-        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse.
-        ValueError: ``max_norm`` is negative or NaN (it must be in [0, inf]).
-        ValueError: ``norm_type`` is not in (0, inf] (0, negative, -inf or NaN).
-        RuntimeError: ``error_if_nonfinite=True`` and the norm is NaN or inf.
-        RuntimeError: ``foreach=True`` on a device without foreach kernels.
-        RuntimeError: ``process_group`` is given but ``torch.distributed`` is not initialized.
+        TypeError, ValueError, RuntimeError: as :func:`clip_grad_norm_`.
 
     References:
         * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`__.

@@ -72,10 +72,9 @@ def soft_clip_grad_norm_(
         The total norm before scaling, a 0-dim tensor.
 
     Raises:
-        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse, or ``max_norm`` is a tensor.
-        ValueError: ``max_norm`` is not in (0, inf], or ``norm_type`` is not in (0, inf].
-        RuntimeError: ``foreach=True`` on a device without foreach kernels.
-        RuntimeError: ``process_group`` is given but ``torch.distributed`` is not initialized.
+        TypeError: as :func:`gradclip.clip_grad_norm_`, or ``max_norm`` is a tensor.
+        ValueError: ``max_norm`` is not in (0, inf], or as :func:`gradclip.clip_grad_norm_`.
+        RuntimeError: as :func:`gradclip.clip_grad_norm_`.
 
     References:
         * Zhang, He, Sra and Jadbabaie (2020), "Why gradient clipping accelerates training", `arXiv:1905.11881 <https://arxiv.org/abs/1905.11881>`__.
