@@ -154,3 +154,33 @@ def cliff_descent(w0: float, b0: float, lr: float, max_norm: float | None = None
         with torch.no_grad():
             params -= lr * params.grad
     return CliffRun(ws, bs, losses, norms)
+
+
+def bistable_window(w: float) -> tuple[float, float]:
+    r"""The biases b for which :math:`x \mapsto w\,\sigma(x) + b` has two stable fixed points.
+
+    A fixed point is born or dies where the map touches the diagonal,
+    :math:`w\,\sigma'(x) = 1`, i.e. :math:`\sigma(x) = (1 \pm \sqrt{1 - 4/w})/2`;
+    the bias there is :math:`b = x - w\,\sigma(x)`. Between the two values
+    (a saddle-node bifurcation at each end) the map has two stable fixed
+    points; outside, one. Only :math:`w > 4` has a window at all.
+
+    Args:
+        w: the recurrent weight, > 4.
+
+    Returns:
+        ``(b_low, b_high)``, the open window of biases.
+
+    Example:
+        >>> from gradclip_book.cliff import bistable_window
+        >>> [round(v, 3) for v in bistable_window(5.0)]
+        [-2.656, -2.344]
+    """
+    if not w > 4:
+        raise ValueError(f"two stable fixed points need w > 4, got {w}")
+    root = math.sqrt(1.0 - 4.0 / w)
+    ends = []
+    for s in ((1 + root) / 2, (1 - root) / 2):
+        x = math.log(s / (1 - s))
+        ends.append(x - w * s)
+    return min(ends), max(ends)

@@ -1,14 +1,19 @@
-"""Checkers for the book's prediction-first exercises.
+"""The book's prediction-first exercises: one data structure, and checkers built from it.
 
-Each ``check_*`` function compares a reader's answer with a value computed
-here, from the same law or experiment the chapter uses, and prints whether it
-is right (with a hint when it is not) without printing the answer. Each returns
-True or False, so the book's own tests can verify the checkers.
+:data:`EXERCISES` holds, per exercise, its question, every accepted answer
+(each with its tolerance and the feedback a reader who gives it sees), a hint
+for a wrong answer and the worked solution. The ``check_*`` functions compare
+a reader's number with those answers and print whether it is right (with the
+hint when it is not) without printing the answer; each returns True or False,
+so the book's own tests can verify them. A static widget (no kernel) can take
+the same data: answers, tolerances, hints and solution text.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import cache
 
 from .depth import predicted_layer_factor
 from .families import angle_degrees, clip_vector
@@ -16,44 +21,155 @@ from .rnn import GAMMA
 from .smoothness import quartic_steps
 
 
-def _answers() -> dict[str, float]:
-    return {
-        "decades": 20 * math.log10(predicted_layer_factor(1.2, "linear", "xavier", 64)),
-        "relu_xavier": predicted_layer_factor(1.0, "relu", "xavier", 64),
-        "sigmoid_radius": 1.0 / GAMMA["sigmoid"],
-        "clipped_steps": float(quartic_steps(50.0, 0.1, max_norm=1.0)),
-        "value_angle": angle_degrees([4.0, 1.0], clip_vector([4.0, 1.0], 1.0, "value")),
-    }
+@dataclass(frozen=True)
+class Answer:
+    """One accepted answer.
+
+    Attributes:
+        value: the number.
+        tolerance: the accepted error, relative to ``value`` when ``relative``, else absolute.
+        relative: whether ``tolerance`` is relative.
+        feedback: what a reader who gives this answer is told (it never states the number).
+    """
+
+    value: float
+    tolerance: float
+    relative: bool = True
+    feedback: str = "Correct."
+
+    def accepts(self, given: float) -> bool:
+        """Whether ``given`` lies within the tolerance of this answer."""
+        error = abs(given - self.value) / (abs(self.value) if self.relative else 1.0)
+        return error <= self.tolerance
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One exercise: question, accepted answers, hint and worked solution.
+
+    Attributes:
+        name: the key in :data:`EXERCISES`.
+        question: the question, in Markdown with TeX.
+        answers: every accepted answer; the first is the exact one.
+        hint: shown for a wrong answer.
+        solution: the worked solution, in Markdown with TeX (it states the answer).
+    """
+
+    name: str
+    question: str
+    answers: tuple[Answer, ...]
+    hint: str
+    solution: str
+
+    @property
+    def exact(self) -> float:
+        """The exact answer (the first accepted one)."""
+        return self.answers[0].value
+
+
+@cache
+def _exercises() -> dict[str, Exercise]:
+    decades = 20 * math.log10(predicted_layer_factor(1.2, "linear", "xavier", 64))
+    relu = predicted_layer_factor(1.0, "relu", "xavier", 64)
+    sigmoid = 1.0 / GAMMA["sigmoid"]
+    steps = float(quartic_steps(50.0, 0.1, max_norm=1.0))
+    walk = 50.0 / (0.1 * 1.0)
+    angle = angle_degrees([4.0, 1.0], clip_vector([4.0, 1.0], 1.0, "value"))
+    items = [
+        Exercise("decades",
+                 r"A linear network with Xavier initialisation, gain $\kappa = 1.2$, depth 20, probe loss. "
+                 r"By how many decades is $\lVert\partial J/\partial h_0\rVert$ larger than "
+                 r"$\lVert\partial J/\partial h_{20}\rVert$?",
+                 (Answer(decades, 0.25, relative=False),),
+                 "each layer multiplies the norm by about the gain; a decade is a factor of 10, "
+                 "so count log10 of the gain per layer.",
+                 rf"Each layer multiplies by $\kappa = 1.2$, so 20 layers give $20 \log_{{10}} 1.2 = {decades:.2f}$ decades."),
+        Exercise("relu_xavier",
+                 r"A ReLU network initialised with Xavier's $1/\sqrt n$ and gain 1. By what factor per layer "
+                 r"does $\lVert\partial J/\partial h_l\rVert$ change?",
+                 (Answer(relu, 0.05),),
+                 "Xavier is matched to a linear unit; a ReLU passes the gradient through only half of its units.",
+                 rf"Half the units pass the gradient, halving the variance: the factor is $1/\sqrt 2 = {relu:.3f}$."),
+        Exercise("sigmoid_radius",
+                 r"A recurrent network with sigmoid units. Below which largest singular value of "
+                 r"$W_\text{rec}$ is the gradient guaranteed to vanish?",
+                 (Answer(sigmoid, 0.02),),
+                 "each step multiplies by at most gamma times the largest singular value; "
+                 "what is the largest slope of the sigmoid?",
+                 rf"The sigmoid's slope is at most $\gamma = 1/4$, so $\gamma\lambda_1 < 1$ means $\lambda_1 < {sigmoid:g}$."),
+        Exercise("clipped_steps",
+                 r"Clipped gradient descent on $x^4$ with $\eta = 0.1$ and $c = 1$, from $x_0 = 50$. "
+                 r"About how many steps until $f < 10^{-4}$? (Within 15% counts.)",
+                 (Answer(steps, 0.15),
+                  Answer(walk, 0.15, feedback=(
+                      "Correct for the clipped walk: x0/(eta c) counts the steps of full length eta c. The exact "
+                      "count is about a fifth higher, because near the minimum |4x^3| < c and the steps shrink."))),
+                 "while the gradient is above c, every step moves exactly eta * c.",
+                 rf"While $\lvert 4x^3\rvert > c$ each step moves $\eta c = 0.1$, so the walk takes "
+                 rf"$x_0/(\eta c) = {walk:.0f}$ steps; the last stretch, where the gradient is below $c$, is "
+                 rf"unclipped and slow. The exact count is {steps:.0f}; both are accepted."),
+        Exercise("value_angle",
+                 r"Value-clip $g = (4, 1)$ at $v = 1$. By how many degrees does its direction turn?",
+                 (Answer(angle, 2.0, relative=False),),
+                 "write down the clipped vector, then compare the angles both vectors make with the first axis.",
+                 rf"The clipped vector is $(1, 1)$ at 45°; $g$ is at $\arctan(1/4) = 14.0°$: it turns {angle:.1f}°."),
+    ]
+    return {e.name: e for e in items}
+
+
+def exercise(name: str) -> Exercise:
+    """The exercise called ``name`` (its answers spoil it).
+
+    Example:
+        >>> from gradclip_book.exercises import exercise
+        >>> len(exercise("clipped_steps").answers)
+        2
+    """
+    return _exercises()[name]
+
+
+def names() -> list[str]:
+    """The exercises' names, in the chapter's order."""
+    return list(_exercises())
 
 
 def answer(name: str) -> float:
-    """The value a checker accepts (for tests; reading it spoils the exercise).
+    """The exact value a checker accepts (for tests; reading it spoils the exercise).
 
     Args:
         name: ``decades``, ``relu_xavier``, ``sigmoid_radius``, ``clipped_steps`` or ``value_angle``.
 
     Returns:
-        The expected answer.
+        The exact answer.
 
     Example:
         >>> from gradclip_book.exercises import answer
         >>> answer("sigmoid_radius") > 1
         True
     """
-    return _answers()[name]
+    return _exercises()[name].exact
 
 
-def _check(name: str, given: object, tolerance: float, relative: bool, hint: str) -> bool:
+def check(name: str, given: object) -> bool:
+    """Check ``given`` against every accepted answer of exercise ``name``; print feedback, never the answer.
+
+    Args:
+        name: the exercise.
+        given: the reader's prediction.
+
+    Returns:
+        Whether some accepted answer takes it.
+    """
     if given is None or isinstance(given, bool) or not isinstance(given, (int, float)) or not math.isfinite(given):
         print("Replace None with your prediction, a number, and run the cell again.")
         return False
-    expected = _answers()[name]
-    error = abs(given - expected) / (abs(expected) if relative else 1.0)
-    if error <= tolerance:
-        print("Correct.")
-        return True
-    direction = "high" if given > expected else "low"
-    print(f"Not quite: your answer is too {direction}. Hint: {hint}")
+    ex = _exercises()[name]
+    for accepted in ex.answers:
+        if accepted.accepts(given):
+            print(accepted.feedback)
+            return True
+    direction = "high" if given > ex.exact else "low"
+    print(f"Not quite: your answer is too {direction}. Hint: {ex.hint}")
     return False
 
 
@@ -63,33 +179,17 @@ def check_decades(given: float | None) -> bool:
     By how many decades (powers of ten) is :math:`\|\partial J/\partial h_0\|` larger
     than :math:`\|\partial J/\partial h_{20}\|`? Accepted within 0.25 decades.
 
-    Args:
-        given: the reader's prediction.
-
-    Returns:
-        Whether it is right.
-
     Example:
         >>> from gradclip_book.exercises import check_decades
         >>> check_decades(0.0)
         Not quite: your answer is too low. Hint: each layer multiplies the norm by about the gain; a decade is a factor of 10, so count log10 of the gain per layer.
         False
     """
-    return _check("decades", given, 0.25, False,
-                  "each layer multiplies the norm by about the gain; a decade is a factor of 10, "
-                  "so count log10 of the gain per layer.")
+    return check("decades", given)
 
 
 def check_relu_xavier(given: float | None) -> bool:
-    r"""Exercise: the per-layer factor of a ReLU network with Xavier initialisation and gain 1.
-
-    Accepted within 5%.
-
-    Args:
-        given: the reader's prediction of the factor.
-
-    Returns:
-        Whether it is right.
+    r"""Exercise: the per-layer factor of a ReLU network with Xavier initialisation and gain 1. Within 5%.
 
     Example:
         >>> from gradclip_book.exercises import check_relu_xavier
@@ -97,20 +197,11 @@ def check_relu_xavier(given: float | None) -> bool:
         Not quite: your answer is too high. Hint: Xavier is matched to a linear unit; a ReLU passes the gradient through only half of its units.
         False
     """
-    return _check("relu_xavier", given, 0.05, True,
-                  "Xavier is matched to a linear unit; a ReLU passes the gradient through only half of its units.")
+    return check("relu_xavier", given)
 
 
 def check_sigmoid_radius(given: float | None) -> bool:
-    r"""Exercise: below which largest singular value of :math:`W_\text{rec}` must a sigmoid RNN's gradient vanish?
-
-    Accepted within 2%.
-
-    Args:
-        given: the reader's prediction.
-
-    Returns:
-        Whether it is right.
+    r"""Exercise: below which largest singular value of :math:`W_\text{rec}` must a sigmoid RNN's gradient vanish? Within 2%.
 
     Example:
         >>> from gradclip_book.exercises import check_sigmoid_radius
@@ -118,21 +209,14 @@ def check_sigmoid_radius(given: float | None) -> bool:
         Not quite: your answer is too low. Hint: each step multiplies by at most gamma times the largest singular value; what is the largest slope of the sigmoid?
         False
     """
-    return _check("sigmoid_radius", given, 0.02, True,
-                  "each step multiplies by at most gamma times the largest singular value; "
-                  "what is the largest slope of the sigmoid?")
+    return check("sigmoid_radius", given)
 
 
 def check_clipped_steps(given: float | None) -> bool:
     r"""Exercise: clipped descent on :math:`x^4` (:math:`\eta = 0.1`, c = 1) from :math:`x_0 = 50`.
 
-    How many steps until :math:`f < 10^{-4}`? Accepted within 15%.
-
-    Args:
-        given: the reader's prediction.
-
-    Returns:
-        Whether it is right.
+    How many steps until :math:`f < 10^{-4}`? The exact count and the walk
+    :math:`x_0/(\eta c)` are both accepted, each within 15%.
 
     Example:
         >>> from gradclip_book.exercises import check_clipped_steps
@@ -140,20 +224,11 @@ def check_clipped_steps(given: float | None) -> bool:
         Not quite: your answer is too low. Hint: while the gradient is above c, every step moves exactly eta * c.
         False
     """
-    return _check("clipped_steps", given, 0.15, True,
-                  "while the gradient is above c, every step moves exactly eta * c.")
+    return check("clipped_steps", given)
 
 
 def check_value_angle(given: float | None) -> bool:
-    r"""Exercise: value-clip :math:`g = (4, 1)` at v = 1. By how many degrees does its direction turn?
-
-    Accepted within 2 degrees.
-
-    Args:
-        given: the reader's prediction, in degrees.
-
-    Returns:
-        Whether it is right.
+    r"""Exercise: value-clip :math:`g = (4, 1)` at v = 1. By how many degrees does its direction turn? Within 2 degrees.
 
     Example:
         >>> from gradclip_book.exercises import check_value_angle
@@ -161,5 +236,4 @@ def check_value_angle(given: float | None) -> bool:
         Not quite: your answer is too low. Hint: write down the clipped vector, then compare the angles both vectors make with the first axis.
         False
     """
-    return _check("value_angle", given, 2.0, False,
-                  "write down the clipped vector, then compare the angles both vectors make with the first axis.")
+    return check("value_angle", given)

@@ -171,11 +171,13 @@ class MethodTrace:
     angle: list[float]
 
 
-def default_settings(stream: GradientStream) -> dict[str, dict]:
+def default_settings(stream: GradientStream, warmup: int | None = None) -> dict[str, dict]:
     r"""The hyperparameters :func:`apply_method` uses for each method on ``stream``.
 
     The norm threshold c is the 90th percentile of the stream's norms (the
-    Tuning Playbook's starting point); the value threshold is :math:`c/\sqrt d`
+    Tuning Playbook's starting point), over the first ``warmup`` steps only
+    when given (:func:`gradclip.suggest_threshold` on the past, as a user
+    could compute it before the steps it is applied to); the value threshold is :math:`c/\sqrt d`
     for d parameters, so a value-clipped gradient is never longer than c; the
     soft variants use the same c and :math:`\alpha = \sqrt d / c`; AGC uses
     :math:`\lambda = 0.05`; AutoClip its paper's 10th percentile; ZClip the
@@ -183,6 +185,7 @@ def default_settings(stream: GradientStream) -> dict[str, dict]:
 
     Args:
         stream: the recorded gradients.
+        warmup: how many leading steps the norm threshold is computed from; all when None.
 
     Returns:
         A dict from method name to keyword arguments.
@@ -192,7 +195,11 @@ def default_settings(stream: GradientStream) -> dict[str, dict]:
         >>> sorted(default_settings(record_gradient_stream(steps=4, spike_at=3)))[:3]
         ['agc', 'autoclip', 'norm']
     """
-    c = float(np.percentile(stream.norms, 90))
+    from gradclip import suggest_threshold
+    past = stream.norms if warmup is None else stream.norms[:warmup]
+    if not past:
+        raise ValueError(f"warmup must be >= 1, got {warmup}")
+    c = float(suggest_threshold(past, 0.9))
     d = sum(g.numel() for g in stream.grads[0])
     v = c / math.sqrt(d)
     return {

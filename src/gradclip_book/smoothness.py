@@ -217,3 +217,33 @@ def smoothness_along_training(steps: int = 300, lr: float = 0.5, max_norm: float
         smooth.append(local_smoothness(grad, grad_after, x_before, flat()))
         grad = grad_after
     return SmoothnessTrace(losses, norms, smooth)
+
+
+def smoothness_envelope(grad_norms: list[float], smoothness: list[float]) -> tuple[float, float]:
+    r"""An :math:`(L_0, L_1)` bound that lies above every measured point: :math:`\hat L_t \le L_0 + L_1 \|\nabla f(x_t)\|`.
+
+    :math:`(L_0, L_1)`-smoothness (Zhang et al. 2020, `arXiv:1905.11881
+    <https://arxiv.org/abs/1905.11881>`_) is an upper bound, so it is drawn as
+    an envelope, not fitted through the points. :math:`L_0` is the smallest
+    measured :math:`\hat L_t` (the curvature left where the gradient is
+    smallest), and :math:`L_1` the smallest slope that puts every point on or
+    under the line.
+
+    Args:
+        grad_norms: :math:`\|\nabla f(x_t)\|` per step (finite values are used).
+        smoothness: :math:`\hat L_t` per step.
+
+    Returns:
+        ``(L0, L1)``.
+
+    Example:
+        >>> from gradclip_book.smoothness import smoothness_envelope
+        >>> smoothness_envelope([1.0, 2.0, 4.0], [1.0, 2.0, 3.0])
+        (1.0, 0.5)
+    """
+    pairs = [(g, s) for g, s in zip(grad_norms, smoothness) if math.isfinite(g) and math.isfinite(s) and g > 0]
+    if not pairs:
+        raise ValueError("need at least one finite (gradient norm, smoothness) pair")
+    l0 = min(s for _, s in pairs)
+    l1 = max((s - l0) / g for g, s in pairs)
+    return l0, l1

@@ -24,3 +24,19 @@ def test_cliff_has_a_wall_and_clipping_bounds_the_steps():
     steps = np.hypot(np.diff(clipped.w), np.diff(clipped.b))
     assert steps.max() <= 0.005 * 1.0 + 1e-12
     assert plain.farthest() > 5 * clipped.farthest()
+
+
+def test_bistable_window_has_two_stable_fixed_points_inside_and_one_outside():
+    from gradclip_book.cliff import bistable_window
+
+    def stable_points(w, b):
+        xs = np.linspace(-20, 20, 400001)
+        f = w / (1 + np.exp(-xs)) + b - xs
+        roots = xs[:-1][np.sign(f[:-1]) != np.sign(f[1:])]
+        s = 1 / (1 + np.exp(-roots))
+        return int(np.sum(np.abs(w * s * (1 - s)) < 1))
+
+    lo, hi = bistable_window(5.0)
+    assert (lo, hi) == pytest.approx((-2.656, -2.344), abs=1e-3)
+    assert stable_points(5.0, (lo + hi) / 2) == 2
+    assert stable_points(5.0, lo - 0.05) == 1 and stable_points(5.0, hi + 0.05) == 1

@@ -35,3 +35,13 @@ def test_methods_on_a_recorded_stream():
     d = sum(g.numel() for g in stream.grads[0])
     assert max(sign.norm_after) <= math.sqrt(d) + 1e-9
     assert apply_method("none", stream).norm_after == pytest.approx(norms)
+
+
+def test_default_settings_threshold_uses_only_the_warmup_prefix():
+    import gradclip
+    from gradclip_book.families import default_settings, record_gradient_stream
+
+    s = record_gradient_stream(steps=12, spike_at=10)
+    c = default_settings(s, warmup=8)["norm"]["max_norm"]
+    assert c == pytest.approx(float(gradclip.suggest_threshold(s.norms[:8], 0.9)))
+    assert c < s.norms[10]

@@ -9,7 +9,10 @@ import re
 import pytest
 
 from gradclip_book import quartic_descent
-from gradclip_book.figures import Explorer, LaunchNote, Param, PlotlyFigure, compact
+from gradclip_book.exercise import Exercise, markdown_html
+from gradclip_book.figures import (
+    PLOTLY_TRACE_TYPES, RUN_STYLES, Explorer, Figures, LaunchNote, Param, PlotlyFigure, compact, run_style,
+)
 
 
 def quartic_frame(x0, lr, max_norm):
@@ -56,7 +59,10 @@ def test_caption_and_slider_defaults_come_from_the_params():
     caption = explorer.full_caption()
     assert caption.startswith("Quartic descent.") and "threshold: off, 1 (starts at off)" in caption
     page = explorer.to_html()
-    assert 'aria-valuetext="off"' in page and 'max="1"' in page
+    # numbers get sliders; a grid with None ("off") gets buttons, with the default checked
+    assert [p["control"] for p in spec["params"]] == ["slider", "slider", "buttons"]
+    assert 'id="gc-test-explorer-s0"' in page and 'type="range"' in page and 'max="1"' in page
+    assert 'role="radiogroup"' in page and 'id="gc-test-explorer-s2-0" value="0" checked' in page
 
 
 def test_saved_grid_round_trips_and_a_sample_re_runs_to_the_same_values(tmp_path):
@@ -115,3 +121,96 @@ def test_plotly_figure_offers_plotly_json_live_and_only_html_in_the_book(monkeyp
     monkeypatch.setenv("GRADCLIP_STATIC", "1")
     assert set(figure._repr_mimebundle_()) == {"text/html"}
     assert 'id="gc-tiny"' in figure._repr_html_()
+
+
+def test_param_picks_buttons_for_categories_and_sliders_for_numbers():
+    assert Param("lr", [0.1, 1.0]).control == "slider"
+    assert Param("act", ["relu", "tanh"]).control == "buttons"
+    assert Param("clip", [None, 1.0]).control == "buttons"
+    assert Param("on", [False, True]).control == "buttons"
+    assert Param("depth", [1, 2, 3], kind="buttons").control == "buttons"
+    with pytest.raises(ValueError, match="kind"):
+        Param("x", [1], kind="dial")
+
+
+def test_a_note_may_be_a_list_of_sentences_and_nothing_else():
+    explorer = make_explorer(compute=lambda **v: {"traces": [{"y": [1]}], "note": ["One.", "Two."]})
+    assert explorer.frame(x0=1.0, lr=0.01, max_norm=None)["note"] == ["One.", "Two."]
+    with pytest.raises(TypeError, match="note"):
+        make_explorer(compute=lambda **v: {"traces": [{"y": [1]}], "note": 3})
+
+
+def test_figures_are_numbered_per_chapter_and_shown_in_the_caption():
+    figs = Figures(chapter=2, glue=False)
+    assert figs.ref("fig-later") == "Figure 2.1"  # a reference may come first
+    explorer = figs(make_explorer(caption="Quartic descent.", label="fig-quartic"))
+    assert explorer.number == "Figure 2.2" and figs.ref("fig-quartic") == "Figure 2.2"
+    assert explorer.full_caption().startswith("Figure 2.2. Quartic descent.")
+    page = explorer.to_html()
+    assert '<span class="gc-number">Figure 2.2.</span> Quartic descent.' in page and 'id="fig-quartic"' in page
+    figure = figs(PlotlyFigure([{"y": [1]}], name="tiny", caption="A point.", label="fig-tiny"))
+    assert "Figure 2.3." in figure._repr_html_()
+    with pytest.raises(ValueError, match="label"):
+        figs(make_explorer())
+
+
+def test_compared_runs_differ_in_colour_and_dash_and_ticks_never_use_si_suffixes():
+    colours = [style["line"]["color"] for style in RUN_STYLES.values()]
+    dashes = [style["line"]["dash"] for style in RUN_STYLES.values()]
+    assert len(set(colours)) == len(colours) and len(set(dashes)) == len(dashes)
+    assert run_style("plain", name="a")["line"]["dash"] != run_style("clipped")["line"]["dash"]
+    layout = make_explorer(layout={"xaxis": {"type": "log"}}).spec()["layout"]
+    assert layout["xaxis"] == {"type": "log"}  # the author's axis settings are kept ...
+    for axis in ("xaxis", "yaxis"):  # ... and every axis gets power tick labels from the template
+        assert layout["template"]["layout"][axis]["exponentformat"] == "power"
+
+
+def test_side_by_side_panels_stack_on_a_phone_with_colour_bars_beside_their_panel():
+    layout = {"xaxis": {"domain": [0, 0.45]}, "xaxis2": {"domain": [0.6, 1], "anchor": "y2"},
+              "yaxis2": {"anchor": "x2"}}
+    traces = [{"type": "heatmap", "z": [[1, 2]]}, {"xaxis": "x2", "yaxis": "y2", "mode": "lines"}]
+    spec = make_explorer(traces=traces, layout=layout,
+                         compute=lambda **v: {"traces": [{}, {"y": [1]}]}).spec()
+    # desktop: the heat map's colour bar sits in the gap right of its own panel, not on the next one
+    assert 0.45 < spec["base"][0]["colorbar"]["x"] < 0.6
+    stacked = spec["stacked"]["layout"]
+    assert stacked["xaxis"]["domain"] == [0, 1] and stacked["xaxis2"]["domain"] == [0, 1]
+    top, bottom = stacked["yaxis"]["domain"], stacked["yaxis2"]["domain"]
+    assert bottom[1] < top[0], (top, bottom)  # first panel above the second, not overlapping
+    bar = spec["stacked"]["colorbars"]["0"]
+    assert top[0] <= bar["y"] <= top[1]
+    assert make_explorer().spec()["stacked"] is None  # one panel: nothing to stack
+
+
+def test_only_trace_types_of_the_vendored_bundle_are_accepted_and_no_cdn_is_named():
+    assert {"scatter", "heatmap", "bar", "contour"} <= PLOTLY_TRACE_TYPES
+    with pytest.raises(ValueError, match="bundle"):
+        PlotlyFigure([{"type": "scatter3d", "x": [1], "y": [1], "z": [1]}], name="three-d")
+    for page in (make_explorer().to_html(), PlotlyFigure([{"y": [1]}], name="tiny")._repr_html_()):
+        assert "cdn." not in page and "https://" not in page
+        assert "_static/vendor/plotly-cartesian.min.js" in page  # the book's own copy, found from the page
+
+
+def test_explorer_offers_its_starting_state_as_plotly_json_outside_the_book(monkeypatch):
+    monkeypatch.delenv("GRADCLIP_STATIC", raising=False)
+    bundle = make_explorer().__class__._repr_mimebundle_(make_explorer())
+    assert set(bundle) == {"text/html", "application/vnd.plotly.v1+json"}
+    monkeypatch.setenv("GRADCLIP_STATIC", "1")
+    assert set(make_explorer()._repr_mimebundle_()) == {"text/html"}
+
+
+def test_exercise_accepts_the_answer_other_answers_and_intervals(capsys):
+    exercise = Exercise("step", "Pick $\\eta$.", answer=1 / 64, tolerance=0.01, accept=[(0.0, 1 / 32), 0.5],
+                        hint="Use $x_1$.", solution_md="So $0 < \\eta < 1/32$.")
+    assert exercise.accepts(0.0156) and exercise.accepts(0.03) and exercise.accepts(0.5)
+    assert not exercise.accepts(1 / 32) and not exercise.accepts(0.0) and not exercise.accepts(float("nan"))
+    assert exercise.check(0.1) is False and "Not quite" in capsys.readouterr().out
+    page = exercise._repr_html_()
+    assert "<details" in page and "\\(x_1\\)" in page and "gc-ex-step-check" in page
+    assert "0.015625" in page  # the page checks with the same targets
+    with pytest.raises(ValueError, match="interval"):
+        Exercise("bad", "?", answer=1, accept=[(2, 1)])
+
+
+def test_markdown_keeps_math_for_mathjax():
+    assert markdown_html("a $x_1 < 2$ b") == "<p>a \\(x_1 &lt; 2\\) b</p>"

@@ -34,3 +34,11 @@ def test_linear_rnn_factor_per_step_is_the_spectral_radius():
         fitted = np.mean([fit_layer_ratio(gradient_through_time(radius, 100, "linear", seed=s).norms[::-1])
                           for s in range(3)])
         assert abs(fitted / radius - 1) < 0.10
+
+
+def test_mean_field_factor_tracks_the_measured_tanh_factor():
+    runs = [gradient_through_time(1.5, 100, "tanh", input_scale=0.1, seed=s) for s in range(3)]
+    fitted = np.mean([fit_layer_ratio(r.norms[::-1]) for r in runs])
+    mean_field = np.mean([r.mean_field_factor for r in runs])
+    assert abs(mean_field - fitted) < 0.05 < abs(runs[0].largest_singular_value - fitted)
+    assert gradient_through_time(1.5, 10, "linear").mean_field_factor == pytest.approx(1.5)

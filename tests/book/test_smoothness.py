@@ -36,3 +36,12 @@ def test_smoothness_correlates_with_gradient_norm():
     trace = smoothness_along_training(steps=120, lr=1.0, samples=256)
     assert spearmanr(trace.grad_norms, trace.smoothness).statistic > 0.5
     assert trace.losses[-1] < trace.losses[0]
+
+
+def test_smoothness_envelope_bounds_every_point_and_is_tight():
+    from gradclip_book.smoothness import smoothness_envelope
+
+    g, s = [0.5, 1.0, 2.0, 4.0], [1.0, 3.0, 2.0, 5.0]
+    l0, l1 = smoothness_envelope(g, s)
+    assert all(si <= l0 + l1 * gi + 1e-12 for gi, si in zip(g, s))
+    assert any(abs(si - (l0 + l1 * gi)) < 1e-12 for gi, si in zip(g, s)) and l0 == min(s)
