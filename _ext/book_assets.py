@@ -1,27 +1,48 @@
-"""Sphinx glue for the book: copy plotly.js from the installed plotly, drop duplicate scripts.
+"""Sphinx glue for the book's browser assets: plotly.js check, page weight, duplicate scripts.
 
-plotly.js is taken from the plotly package at build time so that the figures
-the notebooks produce and the library that draws them are always the same
-version; nothing is fetched from a CDN.
+plotly.js is not added to every page. The book vendors the partial bundle
+``_assets/vendor/plotly-cartesian.min.js`` (from the npm registry, see
+``_assets/vendor/README.md``) and the figures of :mod:`gradclip_book.figures`
+load it themselves, once per page, only on pages that have figures. The build
+fails when that bundle's version is not the plotly.js bundled with the
+installed plotly, so the figures and the library that draws them agree.
+
+Also:
+
+- ``gradclip.css`` (figures, exercises, phone-width and dark-mode fixes) is
+  added to every page;
+- the theme's ``fontawesome.js`` (1.5 MB, icons as SVG) is removed from the
+  written pages: the theme's stylesheet already draws the same icons with its
+  web font, so nothing changes on screen;
+- Sphinx 7.4 + sphinx-thebe emit the same inline script twice (THEBE_JS_URL
+  redeclared): duplicates are dropped.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import re
 from pathlib import Path
 
 from sphinx.builders.html._assets import _JavaScript
+from sphinx.errors import ExtensionError
+
+BUNDLE = Path("_assets") / "vendor" / "plotly-cartesian.min.js"
+_VERSION = re.compile(rb"plotly\.js \(cartesian - minified\) v(\d+\.\d+\.\d+)")
+_FONTAWESOME_JS = re.compile(r'<script defer src="[^"]*_static/scripts/fontawesome\.js[^"]*"></script>\s*')
 
 
-def _copy_plotly_js(app) -> None:
-    import plotly
+def _check_plotly_bundle(app) -> None:
+    from plotly.offline import get_plotlyjs_version
 
-    source = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-    target = Path(app.srcdir) / "_assets" / "vendor" / "plotly.min.js"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.exists() or target.stat().st_size != source.stat().st_size:
-        shutil.copyfile(source, target)
+    bundle = Path(app.srcdir) / BUNDLE
+    if not bundle.exists():
+        raise ExtensionError(f"{BUNDLE} is missing: see _assets/vendor/README.md")
+    match = _VERSION.search(bundle.read_bytes()[:400])
+    wanted = get_plotlyjs_version()
+    if match is None or match.group(1).decode() != wanted:
+        found = match.group(1).decode() if match else "unknown"
+        raise ExtensionError(f"{BUNDLE} is plotly.js {found}, but plotly bundles {wanted}: "
+                             f"npm pack plotly.js-cartesian-dist-min@{wanted} (see _assets/vendor/README.md)")
 
 
 def _drop_duplicate_scripts(app, pagename, templatename, context, doctree) -> None:
@@ -42,7 +63,19 @@ def _drop_duplicate_scripts(app, pagename, templatename, context, doctree) -> No
     context["script_files"] = unique
 
 
+def _drop_fontawesome_js(app, exception) -> None:
+    if exception is not None or app.builder.format != "html":
+        return
+    for page in Path(app.outdir).rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        lighter = _FONTAWESOME_JS.sub("", text)
+        if lighter != text:
+            page.write_text(lighter, encoding="utf-8")
+
+
 def setup(app):
-    app.connect("builder-inited", _copy_plotly_js)
+    app.connect("builder-inited", _check_plotly_bundle)
     app.connect("html-page-context", _drop_duplicate_scripts)
+    app.connect("build-finished", _drop_fontawesome_js)
+    app.add_css_file("gradclip.css")
     return {"parallel_read_safe": True, "parallel_write_safe": True}

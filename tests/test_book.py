@@ -33,11 +33,12 @@ def test_pages_reference_no_other_host(built_book):
 
 
 def test_plotly_and_mathjax_are_served_locally(built_book):
-    assert (built_book / "_static" / "vendor" / "plotly.min.js").stat().st_size > 1_000_000
+    # the partial plotly.js bundle, loaded by the figures themselves on pages that have figures only
+    assert (built_book / "_static" / "vendor" / "plotly-cartesian.min.js").stat().st_size > 1_000_000
     assert (built_book / "_static" / "vendor" / "mathjax" / "tex-chtml.js").exists()
     page = (built_book / "chapters" / "figures.html").read_text()
-    assert "_static/vendor/plotly.min.js" in page
-    assert page.count("vendor/plotly.min.js") == 1, "plotly.js is included more than once"
+    assert "_static/vendor/plotly-cartesian.min.js" in page and "cdn.plot.ly" not in page
+    assert "plotly" not in (built_book / "intro.html").read_text().lower()
 
 
 def test_notebooks_are_committed_without_outputs():

@@ -5,11 +5,12 @@ norm of the *whole* gradient, not of the shard a rank holds:
 
 .. math::
 
-    \|g\|_p = \Big(\sum_{r=0}^{R-1} \sum_{i \in S_r} \|g_i\|_p^p
-              \;+\; \sum_{i \in \mathcal{R}} \|g_i\|_p^p\Big)^{1/p},
-    \qquad
-    \|g\|_\infty = \max\Big(\max_r \max_{i \in S_r} \|g_i\|_\infty,\;
-                            \max_{i \in \mathcal{R}} \|g_i\|_\infty\Big)
+    \begin{aligned}
+    \|g\|_p &= \Big(\sum_{r=0}^{R-1} \sum_{i \in S_r} \|g_i\|_p^p
+               + \sum_{i \in \mathcal{R}} \|g_i\|_p^p\Big)^{1/p}, \\
+    \|g\|_\infty &= \max\Big(\max_r \max_{i \in S_r} \|g_i\|_\infty,\;
+                             \max_{i \in \mathcal{R}} \|g_i\|_\infty\Big)
+    \end{aligned}
 
 where :math:`S_r` are the gradients (or gradient shards) held by rank
 :math:`r` only, and :math:`\mathcal{R}` those that every rank holds an

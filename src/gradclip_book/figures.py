@@ -1,14 +1,69 @@
 """Interactive figures that work in a static page: plotly plus a few lines of JavaScript.
 
 The book is read as static HTML, with no Python kernel behind the page, so a
-slider cannot run an experiment. An :class:`Explorer` therefore runs the real
+control cannot run an experiment. An :class:`Explorer` therefore runs the real
 experiment for every combination of its parameters ahead of time, embeds the
-results in the page, and ships a small controller that, on every slider move,
+results in the page, and ships a small controller that, on every change,
 looks the combination up and redraws with ``Plotly.react``. Every combination
-is reachable, nothing is fetched, and a redraw takes milliseconds.
+is reachable, nothing is fetched but the book's own plotly.js, and a redraw
+takes milliseconds.
 
-In a live notebook, :meth:`Explorer.live` offers ipywidgets sliders that run
-the experiment for values off the grid; in the built book (``GRADCLIP_STATIC=1``
+Controls
+    A :class:`Param` decides its control: numbers become a slider; strings,
+    booleans and ``None`` ("off") make it categorical and it becomes a row of
+    buttons (radio inputs styled as a segmented control: Tab to the group,
+    arrow keys to choose). ``Param(..., kind="buttons")`` or ``kind="slider"``
+    overrides the choice.
+
+Per-state notes and the caption
+    ``experiment(**values)`` returns a frame ``{"traces": [...], "note": ...}``;
+    ``note`` is a sentence or a list of sentences about *that* state (what
+    diverged, by how much) and is shown under the figure, announced to screen
+    readers. The static ``caption`` must say only what holds in every state
+    (what is plotted, the axes, the fixed settings); anything that changes
+    with the controls belongs in the note.
+
+Numbering and references
+    ``figs = Figures(chapter=2)`` numbers the figures of one notebook in
+    order: ``figs(Explorer(..., label="fig-cliff"))`` sets its number, shown as
+    "Figure 2.3" at the start of the caption, and (in a running notebook)
+    glues the text under the label, so prose cites it with
+    ``{glue:text}`fig-cliff``` and links to it with ``<a href="#fig-cliff">``.
+    ``figs.ref("fig-cliff")`` returns the same text (numbering a label on first
+    use, so a reference may come before its figure).
+
+Compared runs
+    :data:`RUN_STYLES` (and :func:`run_style`) give the "plain" and "clipped"
+    runs, and a "reference" and "other" curve, colours far apart in the
+    Okabe–Ito palette *and* different dash patterns, so they stay apart in
+    grey print and for colour-blind readers. Default layouts write tick labels
+    as powers (10⁻⁶, never SI suffixes such as "100u"), and colour bars sit
+    beside their own panel.
+
+Phone, dark mode, page weight
+    Side-by-side panels (axes with different ``domain``) are stacked on
+    narrow screens: the controller swaps to a stacked layout computed here.
+    Figure backgrounds, fonts and grid lines follow the page's light or dark
+    theme, and change with it. plotly.js is not on every page: the first
+    figure on a page loads the book's vendored partial bundle
+    (``_static/vendor/plotly-cartesian.min.js``, see :data:`PLOTLY_TRACE_TYPES`),
+    and each figure draws when it scrolls near the viewport. In a live
+    notebook without plotly.js in the page, figures are offered in plotly's
+    own mimetype; nothing is ever loaded from a CDN.
+
+Example:
+    >>> from gradclip_book.figures import Explorer, Figures, Param, RUN_STYLES
+    >>> figs = Figures(chapter=2, glue=False)
+    >>> ex = figs(Explorer("demo", [Param("a", [1, 2]), Param("clip", [None, 1.0])],
+    ...                    compute=lambda a, clip: {"traces": [{"x": [0, 1], "y": [0, a]}],
+    ...                                             "note": ["One sentence.", "Another."]},
+    ...                    traces=[{"mode": "lines", **RUN_STYLES["clipped"]}],
+    ...                    caption="A line.", label="fig-demo"))
+    >>> ex.number, figs.ref("fig-demo"), ex.params[1].control
+    ('Figure 2.1', 'Figure 2.1', 'buttons')
+
+In a live notebook, :meth:`Explorer.live` offers ipywidgets that run the
+experiment for values off the grid; in the built book (``GRADCLIP_STATIC=1``
 is set by ``make book``) it shows a note with launch links instead of dead widgets.
 
 plotly comes with the book extra: ``pip install "gradclip[book]"``.
@@ -16,6 +71,7 @@ plotly comes with the book extra: ``pip install "gradclip[book]"``.
 
 from __future__ import annotations
 
+import copy
 import html
 import itertools
 import json
@@ -112,16 +168,62 @@ def compact(value: Any) -> Any:
     return value
 
 
+# The trace types in the book's partial plotly.js bundle (plotly.js-cartesian-dist-min).
+PLOTLY_TRACE_TYPES = frozenset({
+    "scatter", "bar", "box", "heatmap", "histogram", "histogram2d", "histogram2dcontour",
+    "contour", "image", "pie", "violin",
+})
+PLOTLY_BUNDLE = "vendor/plotly-cartesian.min.js"  # under the book's _static/
+
+# Compared runs: colours far apart in the Okabe-Ito palette and different dash patterns.
+RUN_STYLES: dict[str, dict] = {
+    "plain": {"line": {"color": "#D55E00", "dash": "dash", "width": 2}, "marker": {"color": "#D55E00"}},
+    "clipped": {"line": {"color": "#0072B2", "dash": "solid", "width": 3}, "marker": {"color": "#0072B2"}},
+    "reference": {"line": {"color": "#009E73", "dash": "dot", "width": 2}, "marker": {"color": "#009E73"}},
+    "other": {"line": {"color": "#CC79A7", "dash": "dashdot", "width": 2}, "marker": {"color": "#CC79A7"}},
+}
+
+
+def run_style(kind: str, **trace: Any) -> dict:
+    """A trace dict in the style of a compared run (``"plain"``, ``"clipped"``, ...), plus ``trace``.
+
+    Example:
+        >>> run_style("plain", name="no clipping")["line"]["dash"]
+        'dash'
+    """
+    return _deep_merge(RUN_STYLES[kind], trace)
+
+
+def _deep_merge(base: Mapping, extra: Mapping) -> dict:
+    merged = copy.deepcopy(dict(base))
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _check_trace_types(traces: Sequence[Mapping]) -> None:
+    for trace in traces:
+        kind = trace.get("type", "scatter")
+        if kind not in PLOTLY_TRACE_TYPES:
+            raise ValueError(f"trace type {kind!r} is not in the book's plotly.js bundle "
+                             f"({', '.join(sorted(PLOTLY_TRACE_TYPES))})")
+
+
 @dataclass(frozen=True)
 class Param:
-    """One slider: a name, the values on the grid, and how to show them.
+    """One control: a name, the values on the grid, and how to show them.
 
     Args:
         name: the keyword the experiment function receives.
-        values: the grid, in slider order. ``None`` may stand for "off".
-        label: the slider's visible label.
+        values: the grid, in order. ``None`` may stand for "off".
+        label: the control's visible label.
         default: the value shown first; the middle of the grid if omitted.
         fmt: a format spec for the value readout (``".3g"``), or a callable.
+        kind: ``"slider"`` or ``"buttons"``; by default numbers get a slider and
+            a grid holding a string, a boolean or ``None`` gets buttons.
     """
 
     name: str
@@ -129,6 +231,7 @@ class Param:
     label: str = ""
     default: Any = None
     fmt: str | Callable[[Any], str] = ".3g"
+    kind: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -137,16 +240,30 @@ class Param:
             raise ValueError(f"Param {self.name!r}: values must not be empty")
         if self.default is not None and self.default not in list(self.values):
             raise ValueError(f"Param {self.name!r}: default {self.default!r} is not one of its values")
+        if self.kind not in (None, "slider", "buttons"):
+            raise ValueError(f"Param {self.name!r}: kind must be 'slider' or 'buttons', got {self.kind!r}")
+
+    @property
+    def control(self) -> str:
+        """``"buttons"`` for categorical grids (strings, booleans, None), else ``"slider"``."""
+        if self.kind:
+            return self.kind
+        categorical = any(v is None or isinstance(v, (str, bool)) for v in self.values)
+        return "buttons" if categorical else "slider"
 
     @property
     def default_index(self) -> int:
         if self.default is None:
+            if None in list(self.values) and self.control == "buttons":
+                pass  # an explicit default=None is indistinguishable from none given: use the middle
             return (len(self.values) - 1) // 2
         return list(self.values).index(self.default)
 
     def show(self, value: Any) -> str:
         if value is None:
             return "off"
+        if isinstance(value, bool):
+            return "on" if value else "off"
         if callable(self.fmt):
             return self.fmt(value)
         return format(value, self.fmt) if isinstance(value, (int, float)) else str(value)
@@ -157,22 +274,93 @@ class Param:
         return f"{self.label or self.name}: {span} (starts at {self.show(self.values[self.default_index])})"
 
 
+class Figures:
+    """Numbers the figures of one chapter: "Figure 2.1", "Figure 2.2", ... in order of first use.
+
+    Args:
+        chapter: the chapter number.
+        glue: also glue each number under its label (``myst_nb.glue``) when
+            running in a kernel, so prose can write ``{glue:text}`fig-cliff```.
+
+    Example:
+        >>> figs = Figures(chapter=2, glue=False)
+        >>> figs.ref("fig-a"), figs.ref("fig-b"), figs.ref("fig-a")
+        ('Figure 2.1', 'Figure 2.2', 'Figure 2.1')
+    """
+
+    def __init__(self, chapter: int | str, glue: bool = True) -> None:
+        self.chapter = chapter
+        self.glue = glue
+        self.numbers: dict[str, str] = {}
+
+    def ref(self, label: str) -> str:
+        """The figure's number as text; numbers ``label`` now if it is new."""
+        if not _LABEL.match(label):
+            raise ValueError(f"label must match {_LABEL.pattern}, got {label!r}")
+        if label not in self.numbers:
+            self.numbers[label] = f"Figure {self.chapter}.{len(self.numbers) + 1}"
+            if self.glue:
+                _glue(label, self.numbers[label])
+        return self.numbers[label]
+
+    def __call__(self, figure: Any) -> Any:
+        """Number ``figure`` (an :class:`Explorer` or :class:`PlotlyFigure` with a ``label``); returns it."""
+        if not getattr(figure, "label", ""):
+            raise ValueError("give the figure a label=... to number it")
+        figure.number = self.ref(figure.label)
+        return figure
+
+
+def _glue(label: str, text: str) -> None:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    if get_ipython() is None:
+        return
+    from myst_nb import glue
+
+    glue(label, text, display=False)
+
+
+_LABEL = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+def _note_text(note: Any) -> str | list[str]:
+    if note is None:
+        return ""
+    if isinstance(note, str):
+        return note
+    if isinstance(note, (list, tuple)) and all(isinstance(s, str) for s in note):
+        return list(note)
+    raise TypeError(f"a frame's note must be a string or a list of strings, got {note!r}")
+
+
 @dataclass
 class Explorer:
-    """A plotly figure driven by one slider per parameter, over precomputed results.
+    """A plotly figure driven by one control per parameter, over precomputed results.
 
     Args:
         name: a stable id (lowercase letters, digits, dashes), unique on its page.
-        params: the sliders.
+        params: the controls (sliders for numbers, buttons for categories).
         compute: ``compute(**values) -> frame`` for one combination, where a
-            frame is ``{"traces": [{"x": ..., "y": ...}, ...], "note": "..."}``;
-            the i-th entry of ``traces`` updates the i-th base trace.
+            frame is ``{"traces": [{"x": ..., "y": ...}, ...], "note": ...}``;
+            the i-th entry of ``traces`` updates the i-th base trace, and
+            ``note`` (optional) is a sentence or a list of sentences about this
+            state only, shown under the figure.
         traces: the base traces (style, name, mode), shared by every frame.
         layout: the plotly layout.
-        caption: what the figure shows; the slider ranges and defaults are
-            appended from ``params``, so the text cannot drift from the figure.
+        caption: what the figure shows *in every state*: what is plotted and
+            what is held fixed. Never a statement that only holds for some
+            settings (put that in the frame's ``note``). The control ranges
+            and starting values are appended from ``params``, so the text
+            cannot drift from the figure.
         frames: precomputed frames keyed by :meth:`key` (from :meth:`load`);
             computed from ``compute`` when omitted.
+        label: an anchor id (``fig-cliff``) for numbering with :class:`Figures`
+            and for links.
+        number: the number shown before the caption ("Figure 2.3"); set by
+            :class:`Figures`.
 
     Example:
         >>> from gradclip_book.figures import Explorer, Param
@@ -190,13 +378,18 @@ class Explorer:
     layout: dict = field(default_factory=dict)
     caption: str = ""
     frames: dict[str, dict] | None = None
+    label: str = ""
+    number: str = ""
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise ValueError(f"name must match {_NAME.pattern}, got {self.name!r}")
+        if self.label and not _LABEL.match(self.label):
+            raise ValueError(f"label must match {_LABEL.pattern}, got {self.label!r}")
         names = [p.name for p in self.params]
         if len(set(names)) != len(names):
             raise ValueError(f"params must have distinct names, got {names}")
+        _check_trace_types(self.traces)
         if self.frames is None:
             if self.compute is None:
                 raise ValueError("give either compute or frames")
@@ -212,13 +405,15 @@ class Explorer:
         return [dict(zip([p.name for p in self.params], combo)) for combo in itertools.product(*grids)]
 
     def key(self, values: Mapping[str, Any]) -> str:
-        """The frame key of a combination: slider indices joined by ``|``."""
+        """The frame key of a combination: control indices joined by ``|``."""
         return "|".join(str(list(p.values).index(values[p.name])) for p in self.params)
 
     def _run(self, values: dict[str, Any]) -> dict:
         frame = compact(self.compute(**values))
         if not isinstance(frame, dict) or not isinstance(frame.get("traces"), list):
             raise TypeError("compute must return a dict with a list under 'traces'")
+        if "note" in frame:
+            frame["note"] = _note_text(frame["note"])
         return frame
 
     def frame(self, **values: Any) -> dict:
@@ -249,41 +444,54 @@ class Explorer:
     # --- rendering ---------------------------------------------------------------------------
 
     def full_caption(self) -> str:
-        sliders = "; ".join(p.describe() for p in self.params)
-        return f"{self.caption} Sliders: {sliders}.".strip()
+        controls = "; ".join(p.describe() for p in self.params)
+        text = f"{self.caption} Controls: {controls}.".strip()
+        return f"{self.number}. {text}" if self.number else text
 
     def spec(self) -> dict:
+        layout = _layout(self.layout)
         return {
             "params": [
                 {"name": p.name, "label": p.label or p.name, "shown": [p.show(v) for v in p.values],
-                 "start": p.default_index}
+                 "start": p.default_index, "control": p.control}
                 for p in self.params
             ],
-            "base": self.traces,
-            "layout": _layout(self.layout),
+            "base": _place_colorbars(self.traces, layout),
+            "layout": layout,
+            "stacked": _stacked(layout, self.traces),
             "frames": self.frames,
         }
 
     def to_html(self) -> str:
         root = f"gc-{self.name}"
-        sliders = "".join(_slider_html(root, i, p) for i, p in enumerate(self.params))
+        controls = "".join(_control_html(root, i, p) for i, p in enumerate(self.params))
         payload = json.dumps(self.spec(), separators=(",", ":")).replace("</", "<\\/")
         return (
-            f'<figure class="gc-explorer" id="{root}">'
-            f'<div class="gc-plot" id="{root}-plot" style="width:100%;min-height:320px"></div>'
-            f'<div class="gc-sliders">{sliders}</div>'
+            f'<figure class="gc-explorer gc-box" id="{root}">'
+            + (f'<span class="gc-anchor" id="{self.label}"></span>' if self.label else "")
+            + f'<div class="gc-plot" id="{root}-plot" style="width:100%;min-height:320px"></div>'
+            f'<div class="gc-controls">{controls}</div>'
             f'<p class="gc-note" id="{root}-note" aria-live="polite"></p>'
-            f"<figcaption>{html.escape(self.full_caption())}</figcaption>"
+            f"<figcaption>{_caption_html(self.number, self.full_caption(), self.number)}</figcaption>"
             f'<script type="application/json" id="{root}-data">{payload}</script>'
-            f"<script>{_with_plotly(_CONTROLLER_JS.replace('__ROOT__', root))}</script>"
+            f"<script>{_boot('gcFig.explorer(' + json.dumps(root) + ')')}</script>"
             "</figure>"
         )
 
     def _repr_html_(self) -> str:
         return self.to_html()
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
+        bundle = {"text/html": self.to_html()}
+        if not is_static_build():  # a front end without plotly.js in the page draws the starting state
+            start = {p.name: p.values[p.default_index] for p in self.params}
+            spec = self.spec()
+            bundle["application/vnd.plotly.v1+json"] = {
+                "data": _merge(spec["base"], self.frame(**start)), "layout": spec["layout"]}
+        return bundle
+
     def live(self, compute: Callable[..., dict] | None = None, notebook: str = "") -> Any:
-        """ipywidgets sliders that re-run ``compute`` live, for values off the grid.
+        """ipywidgets controls that re-run ``compute`` live, for values off the grid.
 
         In the built book there is no kernel, so this returns a note with
         launch links instead of widgets that would not respond.
@@ -299,7 +507,7 @@ class Explorer:
 
         def redraw(**values: Any) -> None:
             for p in self.params:
-                if isinstance(controls[p.name], widgets.SelectionSlider):
+                if isinstance(controls[p.name], (widgets.SelectionSlider, widgets.ToggleButtons)):
                     values[p.name] = p.values[values[p.name]]
             frame = compact(compute(**values))
             output.clear_output(wait=True)
@@ -309,25 +517,41 @@ class Explorer:
         return widgets.VBox([widgets.interactive(redraw, **controls), output])
 
 
+def _caption_html(number: str, text: str, strip: str) -> str:
+    if number and text.startswith(f"{number}. "):
+        text = text[len(number) + 2:]
+        return f'<span class="gc-number">{html.escape(number)}.</span> {html.escape(text)}'
+    return html.escape(text)
+
+
 def _live_widget(param: Param) -> Any:
     import ipywidgets as widgets
 
     values = list(param.values)
+    label = param.label or param.name
+    if param.control == "buttons":
+        return widgets.ToggleButtons(options=[(param.show(v), i) for i, v in enumerate(values)],
+                                     value=param.default_index, description=label)
     numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     start = values[param.default_index]
     if len(numeric) == len(values) and all(v > 0 for v in numeric) and max(numeric) / min(numeric) >= 100:
         return widgets.FloatLogSlider(value=start, base=10, min=math.log10(min(numeric)),
-                                      max=math.log10(max(numeric)), description=param.label or param.name)
+                                      max=math.log10(max(numeric)), description=label)
     if len(numeric) == len(values) and all(isinstance(v, int) for v in numeric):
-        return widgets.IntSlider(value=start, min=min(numeric), max=max(numeric), description=param.label or param.name)
+        return widgets.IntSlider(value=start, min=min(numeric), max=max(numeric), description=label)
     # Options carry grid positions: a selection widget cannot hold None (our "off") as a value.
     return widgets.SelectionSlider(options=[(param.show(v), i) for i, v in enumerate(values)],
-                                   index=param.default_index, description=param.label or param.name)
+                                   index=param.default_index, description=label)
 
 
 def _merge(base: list[dict], frame: dict) -> list[dict]:
     updates = frame.get("traces", [])
     return [{**trace, **(updates[i] if i < len(updates) else {})} for i, trace in enumerate(base)]
+
+
+_AXIS = {"exponentformat": "power", "showexponent": "all", "automargin": True,
+         "gridcolor": "#e4e4e4", "zerolinecolor": "#bdbdbd", "linecolor": "#6b6b6b"}
+_COLORBAR = {"exponentformat": "power", "thickness": 12, "outlinewidth": 0}
 
 
 def _layout(layout: dict) -> dict:
@@ -337,22 +561,114 @@ def _layout(layout: dict) -> dict:
         "colorway": PALETTE,
         "font": {"size": 13},
         "legend": {"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom"},
-        "template": {"layout": {"paper_bgcolor": "white", "plot_bgcolor": "white"}},
+        "template": {
+            "layout": {"paper_bgcolor": "white", "plot_bgcolor": "white", "xaxis": _AXIS, "yaxis": _AXIS},
+            "data": {kind: [{"colorbar": _COLORBAR}] for kind in ("heatmap", "contour", "histogram2d")},
+        },
     }
-    return {**defaults, **layout}
+    return _deep_merge(defaults, layout)
 
 
-def _slider_html(root: str, index: int, param: Param) -> str:
+def _axis_keys(layout: Mapping, letter: str) -> list[str]:
+    return sorted(k for k in layout if re.fullmatch(f"{letter}axis\\d*", k))
+
+
+def _columns(layout: Mapping) -> dict[str, tuple[float, float]]:
+    """Each x axis's domain, for layouts with panels side by side (two or more distinct domains)."""
+    domains = {k: tuple(layout[k].get("domain", (0, 1))) for k in _axis_keys(layout, "x")
+               if isinstance(layout[k], Mapping)}
+    return domains if len(set(domains.values())) > 1 else {}
+
+
+def _axis_of(trace: Mapping, letter: str) -> str:
+    ref = str(trace.get(f"{letter}axis", letter))
+    return f"{letter}axis{ref[1:]}"
+
+
+def _has_colorbar(trace: Mapping) -> bool:
+    kind = trace.get("type", "scatter")
+    if kind in ("heatmap", "contour", "histogram2d", "histogram2dcontour"):
+        return trace.get("showscale", True) is not False
+    return bool(trace.get("marker", {}).get("showscale")) if isinstance(trace.get("marker"), Mapping) else False
+
+
+def _place_colorbars(traces: list[dict], layout: Mapping) -> list[dict]:
+    """Side-by-side panels: a colour bar with no explicit place goes just right of its own panel."""
+    columns = _columns(layout)
+    placed = []
+    for trace in traces:
+        domain = columns.get(_axis_of(trace, "x"))
+        colorbar = trace.get("colorbar", {})
+        if domain and _has_colorbar(trace) and "x" not in colorbar and domain[1] < 1:
+            trace = _deep_merge(trace, {"colorbar": {"x": domain[1] + 0.01, "xanchor": "left", "thickness": 10}})
+        placed.append(trace)
+    return placed
+
+
+def _stacked(layout: Mapping, traces: list[dict]) -> dict | None:
+    """For a phone: the same panels one above the other, with colour bars beside their own panel.
+
+    Returns ``{"layout": ..., "colorbars": {trace index: colorbar}}``, or None
+    when the panels are not side by side.
+    """
+    columns = _columns(layout)
+    if not columns:
+        return None
+    order = sorted(set(columns.values()))
+    rows = len(order)
+    gap = 0.14 / rows * 2
+    stacked = copy.deepcopy(dict(layout))
+    stacked["height"] = max(int(layout.get("height", 450)), 340 * rows)
+    stacked["margin"] = {**layout.get("margin", {}), "l": 55, "r": 20}
+    bands = {}
+    for index, domain in enumerate(order):
+        top = 1 - index / rows
+        bottom = 1 - (index + 1) / rows + (gap if index < rows - 1 else 0)
+        bands[domain] = (bottom, top - (gap / 3 if index else 0))
+    for key, domain in columns.items():
+        bottom, top = bands[domain]
+        stacked[key] = {**stacked[key], "domain": [0, 1]}
+        anchor = str(layout[key].get("anchor", "y" + key[5:]))
+        ykey = f"yaxis{anchor[1:]}"
+        yaxis = dict(stacked.get(ykey, {}))
+        lo, hi = yaxis.get("domain", (0, 1))
+        span = top - bottom
+        yaxis["domain"] = [round(bottom + lo * span, 4), round(bottom + hi * span, 4)]
+        stacked[ykey] = yaxis
+    colorbars = {}
+    for index, trace in enumerate(traces):
+        domain = columns.get(_axis_of(trace, "x"))
+        if domain and _has_colorbar(trace):
+            bottom, top = bands[domain]
+            colorbars[str(index)] = {**trace.get("colorbar", {}), "x": 1.0, "xanchor": "left",
+                                     "y": (bottom + top) / 2, "yanchor": "middle", "len": (top - bottom) * 0.95,
+                                     "thickness": 10}
+    if colorbars:
+        stacked["margin"]["r"] = 70
+    return {"layout": stacked, "colorbars": colorbars}
+
+
+def _control_html(root: str, index: int, param: Param) -> str:
     label = html.escape(param.label or param.name)
     ident = f"{root}-s{index}"
     start = param.default_index
+    name = html.escape(param.name)
+    if param.control == "buttons":
+        options = "".join(
+            f'<label class="gc-option"><input type="radio" name="{ident}" id="{ident}-{j}" value="{j}"'
+            f'{" checked" if j == start else ""}><span>{html.escape(param.show(v))}</span></label>'
+            for j, v in enumerate(param.values)
+        )
+        return (f'<fieldset class="gc-choice" id="{ident}" data-index="{index}" data-param="{name}" '
+                f'role="radiogroup" aria-label="{label}"><legend>{label}</legend>'
+                f'<div class="gc-options">{options}</div></fieldset>')
+    shown = html.escape(param.show(param.values[start]))
     return (
-        f'<label class="gc-slider" for="{ident}" style="display:flex;align-items:center;gap:.5em">'
-        f'<span style="flex:0 0 7.5em">{label}</span>'
-        f'<input type="range" id="{ident}" data-param="{html.escape(param.name)}" min="0" '
-        f'max="{len(param.values) - 1}" step="1" value="{start}" style="flex:1 1 auto;min-width:0" '
-        f'aria-valuetext="{html.escape(param.show(param.values[start]))}">'
-        f'<output for="{ident}" style="flex:0 0 3.5em">{html.escape(param.show(param.values[start]))}</output>'
+        f'<label class="gc-slider" for="{ident}">'
+        f'<span class="gc-label">{label}</span>'
+        f'<input type="range" id="{ident}" data-index="{index}" data-param="{name}" min="0" '
+        f'max="{len(param.values) - 1}" step="1" value="{start}" aria-valuetext="{shown}">'
+        f'<output for="{ident}">{shown}</output>'
         "</label>"
     )
 
@@ -360,50 +676,99 @@ def _slider_html(root: str, index: int, param: Param) -> str:
 _PLOTLY_CONFIG = {"responsive": True, "displaylogo": False}
 
 
-def _plotlyjs_url() -> str:
-    try:
-        from plotly.offline import get_plotlyjs_version
-
-        return f"https://cdn.plot.ly/plotly-{get_plotlyjs_version()}.min.js"
-    except ImportError:  # plotly is optional; the page then needs plotly.js some other way
-        return "https://cdn.plot.ly/plotly-latest.min.js"
+def _boot(call: str) -> str:
+    """The shared controller (defined once per page) and then ``call``."""
+    return "(function(){" + _RUNTIME_JS + call + ";})();"
 
 
-def _with_plotly(body: str) -> str:
-    """Run ``body`` once plotly.js is there.
-
-    The book serves plotly.js itself, so nothing is fetched there; a live
-    notebook whose front end lacks it (Colab, classic HTML output) loads it.
-    """
-    return (
-        "(function(){var run=function(){" + body + "};"
-        "if(window.Plotly){run();}else{var s=document.createElement('script');"
-        f"s.src='{_plotlyjs_url()}';s.onload=run;document.head.appendChild(s);}}}})();"
-    )
-
-
-_CONTROLLER_JS = """
-var root=document.getElementById('__ROOT__');
-var spec=JSON.parse(document.getElementById('__ROOT__-data').textContent);
-var plot=document.getElementById('__ROOT__-plot');
-var note=document.getElementById('__ROOT__-note');
-var inputs=Array.prototype.slice.call(root.querySelectorAll('input[type=range]'));
-var config=%s;
-function draw(){
-  var t0=performance.now();
-  var key=inputs.map(function(el){return el.value;}).join('|');
-  var frame=spec.frames[key];
-  var data=spec.base.map(function(tr,i){return Object.assign({},tr,(frame.traces[i]||{}));});
-  Plotly.react(plot,data,spec.layout,config);
-  inputs.forEach(function(el,i){var shown=spec.params[i].shown[+el.value];
-    el.setAttribute('aria-valuetext',shown);el.nextElementSibling.textContent=shown;});
-  note.textContent=frame.note||'';
-  root.dataset.key=key;root.dataset.updateMs=(performance.now()-t0).toFixed(2);
-}
-inputs.forEach(function(el){el.addEventListener('input',draw);});
-root.gcDraw=draw;
-draw();
-""" % json.dumps(_PLOTLY_CONFIG)
+# The page-side runtime, shared by every figure on a page (defined by the first one).
+_RUNTIME_JS = r"""
+if(!window.gcFig){(function(){
+var G=window.gcFig={waiting:[],loading:false,figures:[]};
+var CONFIG=__CONFIG__;
+G.bundle=function(){
+  var root=document.documentElement.getAttribute('data-content_root');
+  if(root===null&&window.DOCUMENTATION_OPTIONS&&DOCUMENTATION_OPTIONS.URL_ROOT!=null){root=DOCUMENTATION_OPTIONS.URL_ROOT;}
+  return root===null?null:root+'_static/__BUNDLE__';
+};
+G.withPlotly=function(done,fail){
+  if(window.Plotly){done();return;}
+  var url=G.bundle();
+  if(!url){fail();return;}
+  G.waiting.push(done);
+  if(G.loading){return;}
+  G.loading=true;
+  var s=document.createElement('script');s.src=url;s.async=true;
+  s.onload=function(){var w=G.waiting;G.waiting=[];w.forEach(function(f){f();});};
+  document.head.appendChild(s);
+};
+G.whenNear=function(el,run){
+  if(!('IntersectionObserver' in window)){run();return;}
+  var io=new IntersectionObserver(function(entries){
+    if(entries.some(function(e){return e.isIntersecting;})){io.disconnect();run();}
+  },{rootMargin:'400px 0px'});
+  io.observe(el);
+};
+G.colours=function(el){
+  var fg=getComputedStyle(el).color,bg='',node=el;
+  while(node&&node.nodeType===1){var c=getComputedStyle(node).backgroundColor;
+    if(c&&c!=='transparent'&&!/rgba\(.*,\s*0\)$/.test(c)){bg=c;break;}node=node.parentElement;}
+  var dark=document.documentElement.getAttribute('data-theme')==='dark';
+  return {fg:fg||(dark?'#ced6dd':'#222'),bg:bg||(dark?'#14181e':'#ffffff'),dark:dark};
+};
+G.themed=function(layout,el){
+  var L=JSON.parse(JSON.stringify(layout)),c=G.colours(el);
+  var grid=c.dark?'rgba(255,255,255,0.14)':'rgba(0,0,0,0.10)',line=c.dark?'rgba(255,255,255,0.45)':'rgba(0,0,0,0.5)';
+  L.paper_bgcolor=c.bg;L.plot_bgcolor=c.bg;L.font=Object.assign({},L.font||{},{color:c.fg});
+  var T=L.template=L.template||{};T.layout=T.layout||{};
+  ['xaxis','yaxis'].forEach(function(a){T.layout[a]=Object.assign({},T.layout[a]||{},{gridcolor:grid,zerolinecolor:line,linecolor:line});});
+  T.layout.paper_bgcolor=c.bg;T.layout.plot_bgcolor=c.bg;
+  if(L.legend){L.legend=Object.assign({},L.legend,{bgcolor:'rgba(0,0,0,0)'});}
+  return L;
+};
+G.narrow=function(el){return el.clientWidth>0&&el.clientWidth<560;};
+G.fail=function(note){if(note){note.textContent='This figure needs plotly.js, which this page does not load: run the notebook in Jupyter, or read it in the book.';}};
+G.redrawAll=function(){G.figures.forEach(function(f){if(f.drawn){f.draw();}});};
+G.watch=function(){
+  if(G.watching){return;}G.watching=true;
+  new MutationObserver(G.redrawAll).observe(document.documentElement,{attributes:true,attributeFilter:['data-theme']});
+  var t=null;window.addEventListener('resize',function(){clearTimeout(t);t=setTimeout(function(){
+    G.figures.forEach(function(f){if(f.drawn&&f.narrow!==G.narrow(f.plot)){f.draw();}});},150);});
+};
+G.explorer=function(id){
+  var root=document.getElementById(id),spec=JSON.parse(document.getElementById(id+'-data').textContent);
+  var plot=document.getElementById(id+'-plot'),note=document.getElementById(id+'-note');
+  var controls=spec.params.map(function(p,i){return root.querySelector('[data-index="'+i+'"]');});
+  function position(i){var el=controls[i];if(el.tagName==='INPUT'){return +el.value;}
+    var c=el.querySelector('input:checked');return c?+c.value:spec.params[i].start;}
+  var fig={plot:plot,drawn:false};
+  fig.draw=function(){
+    var t0=performance.now(),idx=spec.params.map(function(p,i){return position(i);}),key=idx.join('|');
+    var frame=spec.frames[key],narrow=G.narrow(plot),stack=narrow&&spec.stacked;
+    var data=spec.base.map(function(tr,i){var d=Object.assign({},tr,(frame.traces[i]||{}));
+      if(stack&&spec.stacked.colorbars[i]){d.colorbar=spec.stacked.colorbars[i];}return d;});
+    Plotly.react(plot,data,G.themed(stack?spec.stacked.layout:spec.layout,root),CONFIG);
+    controls.forEach(function(el,i){if(el.tagName==='INPUT'){var shown=spec.params[i].shown[idx[i]];
+      el.setAttribute('aria-valuetext',shown);el.nextElementSibling.textContent=shown;}});
+    var n=frame.note||'';note.textContent=Array.isArray(n)?n.join(' '):n;
+    fig.drawn=true;fig.narrow=narrow;
+    root.dataset.key=key;root.dataset.updateMs=(performance.now()-t0).toFixed(2);
+  };
+  controls.forEach(function(el){el.addEventListener(el.tagName==='INPUT'?'input':'change',function(){if(window.Plotly){fig.draw();}});});
+  root.gcDraw=fig.draw;G.figures.push(fig);G.watch();
+  G.withPlotly(function(){G.whenNear(root,fig.draw);},function(){G.fail(note);});
+};
+G.figure=function(id){
+  var root=document.getElementById(id),spec=JSON.parse(document.getElementById(id+'-data').textContent);
+  var plot=root.querySelector('.gc-figure')||root,fig={plot:plot,drawn:false};
+  fig.draw=function(){var narrow=G.narrow(plot),stack=narrow&&spec.stacked;
+    var data=spec.data.map(function(tr,i){return stack&&spec.stacked.colorbars[i]?Object.assign({},tr,{colorbar:spec.stacked.colorbars[i]}):tr;});
+    Plotly.react(plot,data,G.themed(stack?spec.stacked.layout:spec.layout,root),CONFIG);fig.drawn=true;fig.narrow=narrow;};
+  G.figures.push(fig);G.watch();
+  G.withPlotly(function(){G.whenNear(root,fig.draw);},function(){G.fail(root.querySelector('.gc-note'));});
+};
+})();}
+""".replace("__CONFIG__", json.dumps(_PLOTLY_CONFIG)).replace("__BUNDLE__", PLOTLY_BUNDLE)
 
 
 class PlotlyFigure:
@@ -412,13 +777,15 @@ class PlotlyFigure:
     plotly >= 6 shows figures through a mimetype the book's builder cannot
     render. This object offers two representations: plotly's own JSON
     mimetype, which JupyterLab and VS Code draw natively, and HTML with a
-    stable element id, which the book embeds and which draws itself with the
-    plotly.js the book serves.
+    stable element id, which the book embeds and which draws itself (when it
+    scrolls into view) with the plotly.js the book serves.
 
     Args:
         data: a plotly figure, or a list of trace dicts (with ``layout``).
         layout: the layout, when ``data`` is a list of traces.
         name: a stable id for the figure's element.
+        caption: an optional caption (what the figure shows).
+        label: an anchor id for numbering with :class:`Figures`.
 
     Example:
         >>> from gradclip_book.figures import PlotlyFigure
@@ -427,23 +794,36 @@ class PlotlyFigure:
         True
     """
 
-    def __init__(self, data: Any, layout: dict | None = None, name: str = "figure") -> None:
+    def __init__(self, data: Any, layout: dict | None = None, name: str = "figure",
+                 caption: str = "", label: str = "") -> None:
         if not _NAME.match(name):
             raise ValueError(f"name must match {_NAME.pattern}, got {name!r}")
+        if label and not _LABEL.match(label):
+            raise ValueError(f"label must match {_LABEL.pattern}, got {label!r}")
         if hasattr(data, "to_plotly_json"):
             spec = data.to_plotly_json()
             data, layout = spec["data"], {**spec.get("layout", {}), **(layout or {})}
         self.data = compact(list(data))
+        _check_trace_types(self.data)
         self.layout = _layout(compact(layout or {}))
         self.name = name
+        self.caption = caption
+        self.label = label
+        self.number = ""
 
     def _repr_html_(self) -> str:
         root = f"gc-{self.name}"
-        payload = json.dumps({"data": self.data, "layout": self.layout}, separators=(",", ":")).replace("</", "<\\/")
-        body = (f"var s={payload};Plotly.newPlot(document.getElementById('{root}'),s.data,s.layout,"
-                f"{json.dumps(_PLOTLY_CONFIG)});")
-        return (f'<div class="gc-figure" id="{root}" style="width:100%;min-height:320px"></div>'
-                f"<script>{_with_plotly(body)}</script>")
+        payload = json.dumps({"data": _place_colorbars(self.data, self.layout), "layout": self.layout,
+                              "stacked": _stacked(self.layout, self.data)},
+                             separators=(",", ":")).replace("</", "<\\/")
+        text = f"{self.number}. {self.caption}" if self.number else self.caption
+        caption = f"<figcaption>{_caption_html(self.number, text, self.number)}</figcaption>" if text else ""
+        anchor = f'<span class="gc-anchor" id="{self.label}"></span>' if self.label else ""
+        return (f'<figure class="gc-box gc-static" id="{root}-box">{anchor}'
+                f'<div class="gc-figure" id="{root}" style="width:100%;min-height:320px"></div>'
+                f'<p class="gc-note"></p>{caption}'
+                f'<script type="application/json" id="{root}-box-data">{payload}</script>'
+                f"<script>{_boot('gcFig.figure(' + json.dumps(root + '-box') + ')')}</script></figure>")
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
         bundle = {"text/html": self._repr_html_()}

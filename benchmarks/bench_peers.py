@@ -1,0 +1,460 @@
+"""gradclip against the packages users would pick instead, in one process, calls interleaved.
+
+Run: .venv/bin/python benchmarks/bench_peers.py [--repeats N] [--threads T] [--only WORD]
+(peers: ``pip install -e '.[bench]'``; install opacus and timm with ``--no-deps`` beside a pinned torch).
+
+Peers: Opacus 1.6 (GradSampleModule + DPOptimizer, and its ghost / fast gradient clipping),
+the ZClip authors' ``zclip``, ``autoclip``'s ``QuantileClip``, timm's ``adaptive_clip_grad`` and
+``torch.nn.utils.clip_grad_norm_``. Each row times gradclip and the peer alternately, call by call,
+and prints medians and peer/gradclip (above 1: gradclip is faster), at 0.25x, 1x and 4x the values
+(DP-SGD: the batch size). Before timing, every row checks that both give the same answer (norms,
+clipped gradients within float32 tolerance; DP-SGD with noise 0: the clipped mean gradient); a
+mismatch prints loudly and the script exits 1. DP-SGD rows also report the largest tensor each
+side materialises in one step (per-sample gradients, unfolded inputs...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gradclip  # noqa: E402
+from shapes import model_shapes, numel, resnet50_shapes  # noqa: E402
+
+SIZES = (0.25, 1.0, 4.0)
+FAILURES: list[str] = []
+SKIPPED: list[str] = []
+ROWS: list[tuple[str, str, float, str, float]] = []  # (step, size, gradclip ms, peer, peer ms)
+MEMORY: list[tuple[str, str, str, str]] = []
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+
+def interleaved(functions: dict, repeats: int) -> dict[str, float]:
+    """Median wall time in ms of each function, calls alternating between them (one warm-up call each)."""
+    times = {name: [] for name in functions}
+    for fn in functions.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def check(what: str, got, want, tol: float = 1e-5) -> None:
+    """Max |got - want| relative to max |want|; a mismatch is recorded and printed loudly."""
+    got = torch.as_tensor(got, dtype=torch.float64)
+    want = torch.as_tensor(want, dtype=torch.float64)
+    scale = want.abs().max().clamp_min(1e-30)
+    err = float((got - want).abs().max() / scale) if want.numel() else 0.0
+    if not (err <= tol):
+        FAILURES.append(f"{what}: relative error {err:.3g} > {tol:g}")
+        print(f"\n!!!!! MISMATCH {what}: relative error {err:.3g} > {tol:g} !!!!!\n", flush=True)
+
+
+def check_grads(what: str, got: list[torch.Tensor], want: list[torch.Tensor], tol: float = 1e-5) -> None:
+    check(what, torch.cat([p.grad.reshape(-1) for p in got]), torch.cat([p.grad.reshape(-1) for p in want]), tol)
+
+
+def scale_shapes(shapes, factor: float) -> list[tuple[int, ...]]:
+    """The same tensors with dim 0 scaled by ``factor`` (so about ``factor`` times the values)."""
+    return [(max(1, round(s[0] * factor)),) + tuple(s[1:]) for s in shapes]
+
+
+def transformer_shapes(blocks: int = 6, d: int = 384) -> list[tuple[int, ...]]:
+    """A stack of pre-norm transformer blocks (ViT-S width): 12 tensors and 12 d^2 + 13 d values per block."""
+    block = [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return block * blocks
+
+
+def make_params(shapes, seed: int = 0, grad_scale: float = 1.0, weights: bool = False) -> list[nn.Parameter]:
+    """Parameters with random gradients; random weights too when ``weights`` (AGC reads them), else zeros."""
+    generator = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.randn(s, generator=generator) if weights else torch.zeros(s)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator) * grad_scale
+    return params
+
+
+def clone_params(params) -> list[nn.Parameter]:
+    out = [nn.Parameter(p.detach().clone()) for p in params]
+    for q, p in zip(out, params):
+        q.grad = p.grad.clone()
+    return out
+
+
+def fresh(clipper):
+    """The clipper, told to forget the gradients it saw: the benchmark re-clips the same gradients on purpose."""
+    clipper._last_grads = None
+    return clipper
+
+
+def as_module(params) -> nn.Module:
+    holder = nn.Module()
+    holder.params = nn.ParameterList(params)
+    return holder
+
+
+def record(step: str, size: str, gc_ms: float, peer: str, peer_ms: float) -> None:
+    ROWS.append((step, size, gc_ms, peer, peer_ms))
+    print(f"  {step:<34} {size:>6}  gradclip {gc_ms:9.3f} ms   {peer:<22} {peer_ms:9.3f} ms   "
+          f"peer/gradclip {peer_ms / gc_ms:5.2f}x", flush=True)
+
+
+class LargestTemporary(TorchDispatchMode):
+    """Records the largest tensor an out-of-place op returns (in bytes), as tests/support/params.py does."""
+
+    VIEWS = ("aten::view", "aten::split", "aten::unbind", "aten::detach", "aten::unflatten",
+             "aten::split_with_sizes", "aten::_unsafe_view", "aten::alias", "aten::expand", "aten::as_strided",
+             "aten::t", "aten::transpose", "aten::permute", "aten::select", "aten::slice", "aten::unsqueeze",
+             "aten::squeeze", "aten::reshape")
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.op, self.shape = 0, None, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        schema = func._schema
+        inplace = schema.name.endswith("_") or any(a.is_out for a in schema.arguments)
+        if not inplace and schema.name not in self.VIEWS:
+            for t in out if isinstance(out, (list, tuple)) else [out]:
+                if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > self.largest:
+                    self.largest, self.op, self.shape = t.numel() * t.element_size(), schema.name, tuple(t.shape)
+        return out
+
+
+def largest(fn) -> str:
+    with LargestTemporary() as mode:
+        fn()
+    return f"{mode.largest / 2**20:8.2f} MiB {mode.op} {mode.shape}"
+
+
+# --- peers --------------------------------------------------------------------------------------------------------
+
+def load_timm_agc():
+    try:
+        from timm.utils.agc import adaptive_clip_grad
+        return adaptive_clip_grad, "timm.utils.agc"
+    except ImportError:
+        # timm's package __init__ imports timm.models, which needs torchvision (not installable beside
+        # the pinned torch); agc.py itself only imports torch, so load that file from the installed wheel.
+        spec = importlib.util.find_spec("timm")
+        if spec is None or not spec.submodule_search_locations:
+            raise
+        path = Path(list(spec.submodule_search_locations)[0]) / "utils" / "agc.py"
+        file_spec = importlib.util.spec_from_file_location("timm_utils_agc", path)
+        module = importlib.util.module_from_spec(file_spec)
+        file_spec.loader.exec_module(module)
+        return module.adaptive_clip_grad, "timm/utils/agc.py loaded by path (timm needs torchvision)"
+
+
+def version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version as v
+    try:
+        return v(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+# --- DP-SGD -------------------------------------------------------------------------------------------------------
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(32 * 7 * 7, 10))
+
+
+def dp_steps(make_model, batch: int, noise: float, max_norm: float = 1.0):
+    """Step functions (no optimizer update) writing the DP-SGD gradient into .grad, and their models."""
+    import opacus
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    torch.manual_seed(0)
+    base = make_model()
+    models = {k: copy.deepcopy(base) for k in ("gradclip", "opacus", "ghost")}
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 1, 28, 28, generator=generator)
+    y = torch.randint(0, 10, (batch,), generator=generator)
+
+    gc_model = models["gradclip"]
+    gc_gen = torch.Generator().manual_seed(2)
+
+    def gradclip_step():
+        for p in gc_model.parameters():
+            p.grad = None
+        gradclip.per_sample_clip_grad_(gc_model, F.cross_entropy, x, y, max_norm, noise, gc_gen)
+
+    gsm = opacus.GradSampleModule(models["opacus"], loss_reduction="mean")
+    opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=0.1), noise_multiplier=noise, max_grad_norm=max_norm,
+                      expected_batch_size=batch, loss_reduction="mean")
+
+    def opacus_step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(gsm(x), y).backward()
+        opt.pre_step()
+
+    fgc = GradSampleModuleFastGradientClipping(models["ghost"], max_grad_norm=max_norm, use_ghost_clipping=True,
+                                               loss_reduction="mean")
+    fopt = DPOptimizerFastGradientClipping(torch.optim.SGD(fgc.parameters(), lr=0.1), noise_multiplier=noise,
+                                           max_grad_norm=max_norm, expected_batch_size=batch, loss_reduction="mean")
+    criterion = DPLossFastGradientClipping(fgc, fopt, nn.CrossEntropyLoss(reduction="mean"), "mean")
+
+    def ghost_step():
+        fopt.zero_grad(set_to_none=True)
+        criterion(fgc(x), y).backward()
+        fopt.pre_step()
+
+    steps = {"gradclip": gradclip_step, "opacus": opacus_step, "ghost": ghost_step}
+    return steps, models
+
+
+def bench_dp(name: str, make_model, base_batch: int, repeats: int) -> None:
+    try:
+        import opacus  # noqa: F401
+    except ImportError as exc:
+        SKIPPED.append(f"DP-SGD {name}: opacus not importable ({exc})")
+        return
+    labels = {"opacus": "Opacus GSM+DPOptimizer", "ghost": "Opacus ghost/FGC"}
+    # same answer: noise 0, the clipped mean gradient in .grad
+    steps, models = dp_steps(make_model, base_batch, noise=0.0)
+    for fn in steps.values():
+        fn()
+    want = list(models["gradclip"].parameters())
+    for peer in ("opacus", "ghost"):
+        check(f"DP-SGD {name} batch {base_batch}: gradclip vs {labels[peer]} clipped mean grad",
+              torch.cat([p.grad.reshape(-1) for p in want]),
+              torch.cat([p.grad.reshape(-1) for p in models[peer].parameters()]), tol=1e-4)
+    for factor in SIZES:
+        batch = int(base_batch * factor)
+        steps, _ = dp_steps(make_model, batch, noise=1.0)
+        medians = interleaved(steps, repeats)
+        for peer in ("opacus", "ghost"):
+            record(f"DP-SGD {name}", f"B={batch}", medians["gradclip"], labels[peer], medians[peer])
+        if factor == 1.0:
+            MEMORY.append((f"DP-SGD {name} B={batch}", largest(steps["gradclip"]), "gradclip", ""))
+            for peer in ("opacus", "ghost"):
+                MEMORY.append((f"DP-SGD {name} B={batch}", largest(steps[peer]), labels[peer], ""))
+
+
+# --- ZClip --------------------------------------------------------------------------------------------------------
+
+def bench_zclip(repeats: int) -> None:
+    try:
+        from zclip import ZClip as RefZClip
+    except ImportError as exc:
+        SKIPPED.append(f"ZClip: zclip not importable ({exc})")
+        return
+    config = dict(alpha=0.97, z_thresh=2.5, max_grad_norm=1.0, warmup_steps=25)
+    for factor in SIZES:
+        shapes = scale_shapes(model_shapes(), factor)
+        # gradients with norm ~0.4 at 1x (below max_grad_norm): the cap and the z-score both matter
+        base = make_params(shapes, grad_scale=1e-4)
+        mine, theirs = clone_params(base), clone_params(base)
+        module = as_module(theirs)
+        gc, ref = gradclip.ZClip(**config), RefZClip(**config)
+        if factor == 1.0:  # same answer through warm-up, steady steps, spikes and a capped step
+            generator = torch.Generator().manual_seed(3)
+            scales = [1 + 0.1 * float(torch.randn((), generator=generator)) for _ in range(40)]
+            scales[30], scales[35], scales[38] = 2.0, 1.6, 4.0
+            for step, s in enumerate(scales):
+                for a, b, c in zip(mine, theirs, base):
+                    a.grad.copy_(c.grad).mul_(s)
+                    b.grad.copy_(c.grad).mul_(s)
+                norm = gc(mine).norm
+                ref_norm = ref.step(module)
+                check(f"ZClip step {step}: norm", norm, ref_norm, 1e-5)
+                check_grads(f"ZClip step {step}: clipped grads", mine, theirs, 1e-5)
+            for a, b, c in zip(mine, theirs, base):
+                a.grad.copy_(c.grad)
+                b.grad.copy_(c.grad)
+        else:  # just finish the warm-up
+            for _ in range(config["warmup_steps"]):
+                fresh(gc)(mine)
+                ref.step(module)
+        medians = interleaved({"gradclip": lambda: fresh(gc)(mine), "peer": lambda: ref.step(module)}, repeats)
+        record("ZClip step (no spike)", f"{factor:g}x", medians["gradclip"], "zclip.ZClip", medians["peer"])
+
+
+# --- AutoClip -----------------------------------------------------------------------------------------------------
+
+def bench_autoclip(repeats: int) -> None:
+    try:
+        from autoclip.torch import QuantileClip
+    except ImportError as exc:
+        SKIPPED.append(f"AutoClip: autoclip not importable ({exc})")
+        return
+    quantile, window = 0.1, 1000
+    for factor in SIZES:
+        shapes = scale_shapes(model_shapes(), factor)
+        base = make_params(shapes, grad_scale=1e-3)
+        norm = float(torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in base])))
+        generator = torch.Generator().manual_seed(4)
+        history = (norm * torch.exp(0.5 * torch.randn(window, generator=generator))).float()
+        mine, theirs = clone_params(base), clone_params(base)
+        gc = gradclip.AutoClip(quantile * 100, window=window, include_current=False)
+        gc.load_state_dict({"config": gc._config(), "steps": window, "history": history.double()})
+        ref = QuantileClip(theirs, quantile=quantile, history_length=window, global_threshold=True)
+        ref.state["global_history"] = history.clone()
+        if factor == 1.0:
+            for step, s in enumerate((1.0, 0.3, 2.0, 1.0, 0.9)):
+                for a, b, c in zip(mine, theirs, base):
+                    a.grad.copy_(c.grad).mul_(s)
+                    b.grad.copy_(c.grad).mul_(s)
+                got = gc(mine)
+                ref.step()
+                check(f"AutoClip step {step}: norm", got.norm, ref.state["global_history"][-1], 1e-5)
+                check_grads(f"AutoClip step {step}: clipped grads", mine, theirs, 1e-5)
+        medians = interleaved({"gradclip": lambda: fresh(gc)(mine), "peer": ref.step}, repeats)
+        record("AutoClip step (global, p10)", f"{factor:g}x", medians["gradclip"], "autoclip QuantileClip",
+               medians["peer"])
+
+
+# --- AGC ----------------------------------------------------------------------------------------------------------
+
+def bench_agc(repeats: int) -> None:
+    try:
+        timm_agc, where = load_timm_agc()
+    except Exception as exc:  # noqa: BLE001
+        SKIPPED.append(f"AGC: timm's adaptive_clip_grad not loadable ({exc})")
+        return
+    print(f"  (timm AGC from {where})")
+    for title, shapes0 in (("ResNet-50", resnet50_shapes()), ("transformer", transformer_shapes())):
+        for factor in SIZES:
+            base = make_params(scale_shapes(shapes0, factor), grad_scale=0.01, weights=True)
+            for i, p in enumerate(base):  # about half the units clip
+                if i % 2:
+                    p.grad.mul_(3.0)
+            if factor == 1.0:
+                mine, theirs = clone_params(base), clone_params(base)
+                gradclip.adaptive_clip_grad_(mine)
+                timm_agc(theirs)
+                check_grads(f"AGC {title}: clipped grads", mine, theirs, 1e-5)
+                del mine, theirs
+            medians = interleaved({"gradclip": lambda: gradclip.adaptive_clip_grad_(base),
+                                   "peer": lambda: timm_agc(base)}, repeats)
+            record(f"AGC {title}", f"{factor:g}x", medians["gradclip"], "timm adaptive_clip_grad", medians["peer"])
+            del base
+
+
+# --- clip_grad_norm_ ----------------------------------------------------------------------------------------------
+
+def bench_clip(repeats: int) -> None:
+    sets = (("ResNet-50", resnet50_shapes()), ("model-shaped", model_shapes()), ("transformer", transformer_shapes()))
+    for title, shapes0 in sets:
+        for factor in SIZES:
+            base = make_params(scale_shapes(shapes0, factor))
+            for mode, max_norm in (("clipping", 1e-3), ("no clip", 1e9)):
+                if factor == 1.0:
+                    mine, theirs = clone_params(base), clone_params(base)
+                    got = gradclip.clip_grad_norm_(mine, max_norm)
+                    want = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+                    check(f"clip_grad_norm_ {title} {mode}: norm", got, want, 1e-5)
+                    check_grads(f"clip_grad_norm_ {title} {mode}: clipped grads", mine, theirs, 1e-5)
+                    del mine, theirs
+                medians = interleaved({"gradclip": lambda: gradclip.clip_grad_norm_(base, max_norm),
+                                       "peer": lambda: torch.nn.utils.clip_grad_norm_(base, max_norm)}, repeats)
+                record(f"clip_grad_norm_ {title} {mode}", f"{factor:g}x", medians["gradclip"],
+                       "torch clip_grad_norm_", medians["peer"])
+            del base
+
+
+# --- main ---------------------------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def print_summary() -> None:
+    print("\n" + "=" * 100)
+    print(f"{'step':<36} {'size':>6} | {'gradclip ms':>11} | {'peer':<23} {'peer ms':>9} | {'peer/gradclip':>13}")
+    print("-" * 100)
+    for step, size, gc_ms, peer, peer_ms in ROWS:
+        print(f"{step:<36} {size:>6} | {gc_ms:11.3f} | {peer:<23} {peer_ms:9.3f} | {peer_ms / gc_ms:12.2f}x")
+    print("\nScaling (median ms at the three sizes; growth = 4x-size cost / 0.25x-size cost, 16 = linear):")
+    groups: dict[tuple[str, str], list] = {}
+    for step, size, gc_ms, peer, peer_ms in ROWS:
+        groups.setdefault((step, peer), []).append((size, gc_ms, peer_ms))
+    for (step, peer), points in groups.items():
+        if len(points) != len(SIZES):
+            continue
+        gc = " -> ".join(f"{p[1]:.2f}" for p in points)
+        pr = " -> ".join(f"{p[2]:.2f}" for p in points)
+        print(f"  {step:<38} gradclip {gc:<26} x{points[-1][1] / points[0][1]:5.1f}   "
+              f"{peer}: {pr:<26} x{points[-1][2] / points[0][2]:5.1f}")
+    if MEMORY:
+        print("\nLargest tensor materialised in one DP-SGD step (noise 1):")
+        for step, text, who, _ in MEMORY:
+            print(f"  {step:<24} {who:<23} {text}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per candidate and row (median)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--only", default="", help="comma-separated sections to run: dp, zclip, autoclip, agc, clip")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    print(f"machine: {cpu_model()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
+          f"python {platform.python_version()}, gradclip {gradclip.__version__}")
+    print("peers: " + ", ".join(f"{d} {version(d)}" for d in ("opacus", "zclip", "autoclip", "timm")))
+    print(f"repeats {args.repeats}, interleaved, medians; peer/gradclip above 1 means gradclip is faster\n")
+    sections = {
+        "dp": lambda: (bench_dp("MLP 784-256-10", mlp, 64, args.repeats),
+                       bench_dp("CNN 2conv+linear", cnn, 64, args.repeats)),
+        "zclip": lambda: bench_zclip(args.repeats),
+        "autoclip": lambda: bench_autoclip(args.repeats),
+        "agc": lambda: bench_agc(args.repeats),
+        "clip": lambda: bench_clip(args.repeats),
+    }
+    start = time.perf_counter()
+    for name, run in sections.items():
+        if args.only and name not in args.only.split(","):
+            continue
+        print(f"[{name}]", flush=True)
+        run()
+    print_summary()
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    for line in SKIPPED:
+        print(f"NOT COMPARED: {line}")
+    if FAILURES:
+        print("\n" + "!" * 100)
+        print(f"!!!!! {len(FAILURES)} RESULT MISMATCH(ES) against the peers: speed is not comparable !!!!!")
+        for line in FAILURES:
+            print(f"!!!!!   {line}")
+        print("!" * 100)
+        return 1
+    print("all results equal the peers' (within float32 tolerance)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
