@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -142,3 +143,20 @@ def test_history_grows_past_its_first_buffer_and_stays_exact_and_in_order():
     resumed = AutoClip(62.5)
     resumed.load_state_dict(state)
     assert resumed.history().tolist() == values.tolist()
+
+
+@pytest.mark.parametrize("window", [None, 9])
+@pytest.mark.parametrize("cut", [5, 23, 40])  # before and after rebuilds (every 16) and evictions
+def test_pickled_autoclip_rebuilds_its_buffers_and_stays_exact(window, cut):
+    rng = np.random.default_rng(6)
+    values = rng.lognormal(size=70)
+    clipper = AutoClip(37.5, window)
+    for value in values[:cut]:
+        clipper([scalar_param(float(value))])
+    clone = pickle.loads(pickle.dumps(clipper))
+    assert clone.history().tolist() == clipper.history().tolist()
+    for step in range(cut, len(values)):
+        a = clipper([scalar_param(float(values[step]))])
+        b = clone([scalar_param(float(values[step]))])
+        live = values[: step + 1] if window is None else values[max(0, step + 1 - window) : step + 1]
+        assert float(a.threshold) == float(b.threshold) == np.percentile(live, 37.5)

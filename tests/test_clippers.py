@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import io
 import math
+import pickle
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from support.params import scalar_param
 from support.sync import no_host_sync
 
@@ -254,3 +259,268 @@ def test_steps_never_read_a_tensor_on_the_host(name):
                 p.grad.mul_(1.0)
             optimizer.step()
     assert clipper.steps == 59 and other.steps == 60
+
+
+# --- optimizer.step(closure): the clipper clips the gradients the closure makes -------------------
+
+
+def closure_for(model, optimizer, x, by_hand=None):
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), torch.zeros(x.shape[0], 1))
+        loss.backward()
+        if by_hand is not None:
+            by_hand(model.parameters())
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+@pytest.mark.parametrize("optimizer_name", ["SGD", "LBFGS"])
+@pytest.mark.parametrize("keyword", [False, True])
+def test_a_step_with_a_closure_clips_the_closures_gradients(name, optimizer_name, keyword):
+    def make_optimizer(model):
+        if optimizer_name == "LBFGS":
+            return torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=4, history_size=3)
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    model, model_ref = make_model(), make_model()
+    optimizer, optimizer_ref = make_optimizer(model), make_optimizer(model_ref)
+    clipper, by_hand = FACTORIES[name]().attach(optimizer), FACTORIES[name]()
+    guard = isinstance(by_hand, SpikeGuard)
+    for step in range(15):
+        x = batch(step)[0]
+        closure = closure_for(model, optimizer, x)
+        loss = optimizer.step(closure=closure) if keyword else optimizer.step(closure)
+        # the reference: the clipper by hand inside the closure (a guard: the step undone by hand)
+        saved = [p.detach().clone() for p in model_ref.parameters()]
+        saved_state = copy.deepcopy(optimizer_ref.state, memo={id(p): p for p in model_ref.parameters()})
+        decisions = []
+        loss_ref = optimizer_ref.step(closure_for(model_ref, optimizer_ref, x,
+                                                  lambda ps: decisions.append(bool(by_hand(ps).scale == 0))))
+        if guard and any(decisions):
+            with torch.no_grad():
+                for p, q in zip(model_ref.parameters(), saved):
+                    p.copy_(q)
+            optimizer_ref.state.clear()
+            optimizer_ref.state.update(saved_state)
+        assert torch.equal(loss, loss_ref)  # the wrapped closure returns the loss
+        for p, q in zip(model.parameters(), model_ref.parameters()):
+            assert torch.equal(p, q), step
+        if guard:  # the step's decision: skipped if any evaluation says so
+            assert float(clipper.last_result.scale) == (0.0 if any(decisions) else 1.0)
+        else:
+            assert torch.equal(clipper.last_result.scale, by_hand.last_result.scale)
+    assert clipper.steps == by_hand.steps >= 15  # LBFGS: one call per evaluation of the closure
+    if optimizer_name == "LBFGS":
+        assert clipper.steps > 15
+
+
+def test_a_closure_step_clips_after_backward_not_before():
+    # before the fix: the pre-hook ran before the closure's backward and raised "no parameter has a gradient"
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    clipper = ZClip(warmup_steps=1, max_grad_norm=1e-3).attach(optimizer)
+    optimizer.step(closure_for(model, optimizer, batch(0)[0]))
+    norm = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    assert math.isclose(float(norm), 1e-3, rel_tol=1e-4) and clipper.steps == 1
+    # the previous gradients are not clipped again: the closure made new ones
+    optimizer.step(closure_for(model, optimizer, batch(1)[0]))
+    assert clipper.steps == 2
+
+
+def test_lbfgs_runs_the_clipper_once_per_closure_evaluation():
+    model = make_model()
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
+    clipper = AutoClip(20.0).attach(optimizer)
+    evaluations = 0
+    inner = closure_for(model, optimizer, batch(0)[0])
+
+    def counting():
+        nonlocal evaluations
+        evaluations += 1
+        return inner()
+
+    optimizer.step(counting)
+    assert evaluations > 1 and clipper.steps == evaluations == len(clipper)
+
+
+# --- fused optimizers under GradScaler: the true norm ---------------------------------------------
+
+FUSED = [name for name in ("Adam", "AdamW", "SGD", "Adagrad")
+         if "fused" in inspect.signature(getattr(torch.optim, name).__init__).parameters]
+
+
+def amp_run(name, optimizer_name, fused, steps=18):
+    """Attached clipper, scaler.step: (the gradients each step used, unscaled; results; clipper)."""
+    model = make_model()
+    optimizer = getattr(torch.optim, optimizer_name)(model.parameters(), lr=0.01, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    clipper = FACTORIES[name]()
+    clipper.scaler = scaler
+    clipper.attach(optimizer)
+    used, results = [], []
+
+    def capture(opt, args, kwargs):  # registered after the clipper: sees what the step uses
+        scale = getattr(opt, "grad_scale", None)
+        used.append([p.grad.double() / (1.0 if scale is None else scale.double()) for p in model.parameters()])
+
+    optimizer.register_step_pre_hook(capture)
+    for step in range(steps):
+        x, y = batch(step)
+        optimizer.zero_grad()
+        spike = 30.0 if step == 14 else 1.0  # after every warm-up
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y) * spike).backward()
+        if not fused:
+            scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        results.append(clipper.last_result)
+    return used, results, clipper, model
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+@pytest.mark.parametrize("optimizer_name", FUSED)
+def test_a_fused_optimizer_under_grad_scaler_is_clipped_on_the_true_norm(name, optimizer_name):
+    used, results, clipper, model = amp_run(name, optimizer_name, fused=True)
+    used_ref, results_ref, clipper_ref, model_ref = amp_run(name, optimizer_name, fused=False)
+    for step, (a, b) in enumerate(zip(results, results_ref)):
+        torch.testing.assert_close(a.norm, b.norm, rtol=1e-5, atol=0, msg=f"norm at step {step}")
+        torch.testing.assert_close(a.scale, b.scale, rtol=1e-5, atol=0, msg=f"scale at step {step}")
+        torch.testing.assert_close(a.threshold, b.threshold, rtol=1e-5, atol=0, equal_nan=True)
+    for step, (a, b) in enumerate(zip(used, used_ref)):
+        for g, h in zip(a, b):
+            # fused and single-tensor Adam round differently: the weights drift apart by float32 rounding
+            torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-7, msg=f"clipped gradients at step {step}")
+    state, state_ref = clipper.state_dict(), clipper_ref.state_dict()
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(value, state_ref[key], rtol=1e-5, atol=0, equal_nan=True, msg=key)
+        else:
+            assert value == state_ref[key], key
+    for p, q in zip(model.parameters(), model_ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert any(bool(r.scale < 1) for r in results)  # clipping (or skipping) was exercised
+
+
+def test_the_reported_zclip_fused_adam_case_decides_on_the_true_norm():
+    w = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.Adam([w], lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    zclip = ZClip(warmup_steps=1, max_grad_norm=1.0, scaler=scaler).attach(optimizer)
+    captured = []
+    optimizer.register_step_pre_hook(lambda opt, a, k: captured.append(w.grad / opt.grad_scale))
+    scaler.scale((w * torch.tensor([48.0, 42.75])).sum()).backward()  # norm 64.25...
+    scaler.step(optimizer)
+    scaler.update()
+    true = math.hypot(48.0, 42.75)
+    assert math.isclose(float(zclip.last_result.norm), true, rel_tol=1e-6)
+    assert math.isclose(float(zclip.last_result.scale), 1.0 / (true + 1e-6), rel_tol=1e-6)
+    assert math.isclose(float(torch.linalg.vector_norm(captured[0])), 1.0, rel_tol=1e-5)
+
+
+def test_the_unscale_message_is_true_for_fused_optimizers():
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+    clipper = AutoClip(scaler=scaler)
+    scaler.scale(model(torch.ones(2, 6)).sum()).backward()
+    with pytest.raises(RuntimeError, match=r"unscale_\(optimizer\).*fused=True.*does not") as error:
+        clipper(model.parameters(), optimizer=optimizer)
+    assert "attach" in str(error.value)
+    clipper.attach(optimizer)  # attached, scaler.step of a fused optimizer is accepted
+    scaler.step(optimizer)
+    scaler.update()
+    assert clipper.steps == 1
+
+
+# --- state_dict() is a copy, pickling ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+@pytest.mark.parametrize("calls", [3, 12])  # zclip: during and after warm-up
+def test_state_dict_is_a_copy_that_later_steps_do_not_change(name, calls):
+    clipper = FACTORIES[name]()
+    for step in range(calls):
+        clipper([scalar_param(1.0 + step % 3)])
+    state = clipper.state_dict()
+    kept = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in state.items()}
+    for step in range(20):
+        clipper([scalar_param(5.0 + step)])
+    for key, value in kept.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+        else:
+            assert state[key] == value, key
+
+
+def same_results(a, b):
+    return all(torch.equal(x, y) or (x.isnan().all() and y.isnan().all())
+               for x, y in zip((a.norm, a.threshold, a.scale), (b.norm, b.threshold, b.scale)))
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+@pytest.mark.parametrize("attached", [False, True])
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_pickled_clipper_is_detached_and_continues_bitwise(name, attached, how):
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    clipper = FACTORIES[name]()
+    if attached:
+        clipper.attach(optimizer)
+    train(model, optimizer, clipper, range(40), [])
+    if how == "pickle":
+        copy_ = pickle.loads(pickle.dumps(clipper))
+    else:
+        buffer = io.BytesIO()
+        torch.save(clipper, buffer)
+        buffer.seek(0)
+        copy_ = torch.load(buffer, weights_only=False)
+    assert not copy_.attached and copy_.steps == clipper.steps
+    assert clipper.attached == attached
+    for step in range(40, 80):
+        x, y = batch(step)
+        model.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        twins = []
+        for p in model.parameters():
+            q = torch.nn.Parameter(p.detach().clone())
+            q.grad = p.grad.clone()
+            twins.append(q)
+        a, b = clipper(model.parameters()), copy_(twins)
+        assert same_results(a, b), step
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), twins)), step
+    # and it attaches again
+    model.zero_grad()
+    model(batch(0)[0]).sum().backward()
+    copy_.attach(torch.optim.SGD(model.parameters(), lr=0.1)).detach()
+
+
+# --- non-finite norms never poison the statistics ---------------------------------------------
+
+NONFINITE_FACTORIES = {
+    "autoclip": lambda: AutoClip(10.0),
+    "autoclip-window": lambda: AutoClip(10.0, window=16),
+    "zclip": lambda: ZClip(warmup_steps=3, max_grad_norm=None),
+    "zclip-1": lambda: ZClip(warmup_steps=1, max_grad_norm=None),
+    "zclip-percentile": lambda: ZClip(warmup_steps=2, mode="percentile", max_grad_norm=None),
+    "guard": lambda: SpikeGuard(threshold=3.0, window=16, min_history=4),
+    "guard-median": lambda: SpikeGuard("median", threshold=3.0, window=16, min_history=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NONFINITE_FACTORIES))
+@settings(max_examples=25, deadline=None)
+@given(prefix=st.lists(st.sampled_from([math.nan, math.inf, 0.5, 1.0, 2.0]), max_size=12))
+@example(prefix=[math.inf])
+@example(prefix=[math.nan, math.inf, math.nan, math.inf, math.nan])
+def test_nonfinite_norms_never_poison_the_statistics(name, prefix):
+    clipper = NONFINITE_FACTORIES[name]()
+    for value in prefix:
+        clipper([scalar_param(value)])
+    for _ in range(20):  # a steady run ...
+        result = clipper([scalar_param(1.0)])
+        assert not result.threshold.isnan() and not result.scale.isnan()
+    spike = clipper([scalar_param(1000.0)])  # ... then a spike: clipped (or skipped)
+    assert float(spike.scale) < 0.1, (name, prefix)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import numpy as np
 import pytest
 import torch
 
 from support.params import scalar_param
-from support.references import spike_guard_decisions
+from support.references import global_norm, spike_guard_decisions
+from support.sync import no_host_sync
 
 from gradclip.guard import SpikeGuard
 
@@ -125,3 +128,208 @@ def test_guard_never_changes_gradients():
     w = scalar_param(3.0)
     SpikeGuard()([w])
     assert w.grad.tolist() == [3.0]
+
+
+# --- optimizer state that is not a tensor, and the closure path ------------------------------------
+
+
+class CountingSGD(torch.optim.Optimizer):
+    """SGD that keeps a Python int step counter per parameter, a list, and a param_group entry it changes."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr, "k": 0})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            group["k"] += 1
+            for p in group["params"]:
+                state = self.state[p]
+                state["step"] = state.get("step", 0) + 1
+                state.setdefault("history", []).append(state["step"])
+                if state["step"] == 3:
+                    state["third"] = p.detach().clone()
+                p.add_(p.grad, alpha=-group["lr"])
+        return loss
+
+
+def full_snapshot(model, optimizer):
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(dict(optimizer.state), memo={id(p): p for p in model.parameters()})
+    groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return params, state, groups
+
+
+def equal_values(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(equal_values(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(equal_values(a[k], b[k]) for k in a)
+    return a == b
+
+
+def fully_same(a, b):
+    (pa, sa, ga), (pb, sb, gb) = a, b
+    return (all(torch.equal(x, y) for x, y in zip(pa, pb)) and sa.keys() == sb.keys()
+            and all(equal_values(sa[p], sb[p]) for p in sa) and equal_values(ga, gb))
+
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
+    "adam-amsgrad-fused": lambda ps: torch.optim.Adam(ps, lr=0.01, amsgrad=True, fused=True),
+    "counting": lambda ps: CountingSGD(ps, lr=0.01),
+    "lbfgs": lambda ps: torch.optim.LBFGS(ps, lr=0.05, max_iter=3, history_size=4),
+}
+
+
+@pytest.mark.parametrize("optimizer_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("closure_step", [False, True])
+def test_a_skipped_step_restores_every_state_entry_python_values_included(optimizer_name, closure_step):
+    if optimizer_name == "lbfgs" and not closure_step:
+        pytest.skip("LBFGS.step needs a closure")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
+    guard = SpikeGuard("median", threshold=3.0, window=16, min_history=3).attach(optimizer)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    spikes = {0: math.inf, 6: 1e3, 9: math.nan}  # step 0: the optimizer's first step, state not yet created
+    for step in range(12):
+        def closure():
+            optimizer.zero_grad()
+            loss = model(x).pow(2).mean() * spikes.get(step, 1.0)
+            loss.backward()
+            return loss
+
+        before = full_snapshot(model, optimizer)
+        if closure_step:
+            optimizer.step(closure)
+        else:
+            closure()
+            optimizer.step()
+        after = full_snapshot(model, optimizer)
+        assert fully_same(before, after) == (step in spikes), step
+    assert int(guard.skipped_steps) == len(spikes)
+    if optimizer_name == "counting":
+        counter = optimizer.state[next(model.parameters())]
+        assert counter["step"] == 12 - len(spikes) and optimizer.param_groups[0]["k"] == 12 - len(spikes)
+        assert counter["history"] == list(range(1, 13 - len(spikes)))
+
+
+def test_the_reported_int_counter_does_not_advance_on_a_skipped_step():
+    w = torch.nn.Parameter(torch.zeros(2))
+    optimizer = CountingSGD([w])
+    SpikeGuard(threshold=3.0, min_history=3).attach(optimizer)
+    for g in (1.0, 1.1, 0.9, 1.0):
+        w.grad = torch.tensor([g, g])
+        optimizer.step()
+    assert optimizer.state[w]["step"] == 4
+    w.grad = torch.tensor([500.0, 500.0])
+    optimizer.step()
+    assert optimizer.state[w]["step"] == 4 and optimizer.param_groups[0]["k"] == 4 and "third" in optimizer.state[w]
+    w.grad = torch.tensor([1.0, 1.0])
+    optimizer.step()
+    assert optimizer.state[w]["step"] == 5
+
+
+# (non-fused Adam reads its CPU step counter with .item() itself: only fused Adam steps without a host read)
+@pytest.mark.parametrize("optimizer_name", ["sgd-momentum", "adam-amsgrad-fused"])
+@pytest.mark.parametrize("closure_step", [False, True])
+def test_tensor_only_optimizer_state_costs_no_sync(optimizer_name, closure_step):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
+    guard = SpikeGuard(threshold=3.0, window=16, min_history=3).attach(optimizer)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+
+    def step(scale):
+        def closure():
+            optimizer.zero_grad()
+            loss = model(x).pow(2).mean() * scale
+            loss.backward()
+            return loss
+
+        if closure_step:
+            optimizer.step(closure)
+        else:
+            closure()
+            optimizer.step()
+
+    step(1.0)  # the first step creates the optimizer's state: one host read of the decision
+    with no_host_sync():
+        for i in range(12):
+            step(1e3 if i == 8 else 1.0)
+    assert int(guard.skipped_steps) == 1
+
+
+def test_lbfgs_skips_the_whole_step_if_any_evaluation_is_an_outlier_and_counts_it_once():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.05, max_iter=4)
+    guard = SpikeGuard("median", threshold=3.0, window=64, min_history=3).attach(optimizer)
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
+    evaluations = []
+
+    def closure_for(spike_at):
+        def closure():
+            optimizer.zero_grad()
+            loss = model(x).pow(2).mean() * (1e3 if len(evaluations) == spike_at else 1.0)
+            evaluations.append(1)
+            loss.backward()
+            return loss
+        return closure
+
+    optimizer.step(closure_for(-1))
+    first = len(evaluations)
+    assert first > 3 and int(guard.skipped_steps) == 0
+    before = full_snapshot(model, optimizer)
+    optimizer.step(closure_for(first + 1))  # the second evaluation of this step is a spike
+    assert fully_same(before, full_snapshot(model, optimizer))
+    assert int(guard.skipped_steps) == 1 and float(guard.last_result.scale) == 0.0
+    assert guard.steps == len(evaluations)
+
+
+def test_a_fused_optimizer_under_grad_scaler_is_guarded_on_the_true_norm():
+    model, _ = make("adam")
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    guard = SpikeGuard(threshold=3.0, window=16, min_history=5, scaler=scaler).attach(optimizer)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+    for step in range(14):
+        optimizer.zero_grad()
+        loss = model(x).pow(2).mean() * (1e3 if step == 10 else 1.0)
+        scaler.scale(loss).backward()
+        before = snapshot(model, optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        true = float(global_norm([p.grad for p in model.parameters()]))  # the fused kernel unscaled them
+        assert math.isclose(float(guard.last_result.norm), true, rel_tol=1e-5), step
+        assert same(before, snapshot(model, optimizer)) == (step == 10), step
+    assert int(guard.skipped_steps) == 1
+
+
+def test_state_dict_is_a_copy():
+    guard = SpikeGuard(window=4, min_history=2)
+    guard([scalar_param(1.0)])
+    state = guard.state_dict()
+    kept = state["history"].clone(), state["skipped_steps"].clone()
+    for g in (2.0, 3.0, math.inf, 5.0):
+        guard([scalar_param(g)])
+    torch.testing.assert_close(state["history"], kept[0], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(state["skipped_steps"], kept[1])
+
+
+def test_pickled_attached_guard_is_detached_and_holds_no_snapshot():
+    model, optimizer = make("adam")
+    guard = SpikeGuard(threshold=3.0, window=16, min_history=5).attach(optimizer)
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    clone = pickle.loads(pickle.dumps(guard))
+    assert not clone.attached and clone._snapshot is None and clone._copies is None
+    assert torch.equal(clone.skipped_steps, guard.skipped_steps) and clone.steps == 1

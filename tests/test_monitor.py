@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import math
+import pickle
 
 import pytest
 import torch
@@ -73,3 +75,132 @@ def test_bad_arguments():
         GradientMonitor([torch.zeros(1)])
     with pytest.raises(ValueError, match="norm_type"):
         GradientMonitor(torch.nn.Linear(2, 2), norm_type=-1)
+
+
+def test_a_closure_step_records_the_gradients_the_step_uses():
+    model, optimizer = make()
+    monitor = GradientMonitor(model).attach(optimizer)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    expected = []
+    for step in range(3):
+        def closure():
+            optimizer.zero_grad()
+            loss = model(x).pow(2).sum() * (step + 1)
+            loss.backward()
+            expected.append(layer_norms([(n, q.grad) for n, q in model.named_parameters()]))
+            return loss
+
+        before = {n: q.detach().clone() for n, q in model.named_parameters()}
+        weights = layer_norms(list(model.named_parameters()))
+        optimizer.step(closure)
+        updates = layer_norms([(n, q.detach() - before[n]) for n, q in model.named_parameters()])
+        rows = [r for r in monitor.table() if r["step"] == step]
+        for row in rows:
+            assert math.isclose(row["grad_norm"], expected[step][row["layer"]], rel_tol=1e-6)
+            assert math.isclose(row["weight_norm"], weights[row["layer"]], rel_tol=1e-6)
+            assert math.isclose(row["update_ratio"], updates[row["layer"]] / weights[row["layer"]], rel_tol=1e-4)
+
+
+def test_lbfgs_records_one_row_per_step_with_the_first_evaluation():
+    model, _ = make()
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=4)
+    monitor = GradientMonitor(model).attach(optimizer)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    firsts = []
+    for step in range(2):
+        evaluations = []
+
+        def closure():
+            optimizer.zero_grad()
+            loss = model(x).pow(2).sum()
+            loss.backward()
+            evaluations.append(layer_norms([(n, q.grad) for n, q in model.named_parameters()]))
+            return loss
+
+        optimizer.step(closure)
+        assert len(evaluations) > 1
+        firsts.append(evaluations[0])
+    rows = monitor.table()
+    assert len(rows) == 2 * len(monitor.layers)
+    for row in rows:
+        assert math.isclose(row["grad_norm"], firsts[row["step"]][row["layer"]], rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer_name", ["Adam", "SGD"])
+def test_a_fused_optimizer_under_grad_scaler_records_the_true_gradient_norms(optimizer_name):
+    model, _ = make()
+    optimizer = getattr(torch.optim, optimizer_name)(model.parameters(), lr=0.01, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    monitor = GradientMonitor(model).attach(optimizer)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    expected = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        scaler.scale(model(x).pow(2).sum()).backward()
+        scaler.step(optimizer)  # the fused kernel unscales the gradients in place
+        scaler.update()
+        expected.append(layer_norms([(n, q.grad) for n, q in model.named_parameters()]))
+    for row in monitor.table():
+        assert math.isclose(row["grad_norm"], expected[row["step"]][row["layer"]], rel_tol=1e-5)
+
+
+def test_a_sparse_gradient_raises_a_type_error_naming_the_parameter():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 3, sparse=True), torch.nn.Linear(3, 1))
+    monitor = GradientMonitor(model)
+    model(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(TypeError, match=r"'0\.weight'.*dense.*sparse=False.*to_dense"):
+        monitor.record()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor.attach(optimizer)
+    with pytest.raises(TypeError, match=r"'0\.weight'"):
+        optimizer.step()
+
+
+def same_tables(a, b):
+    """Rows equal, NaN equal to NaN (the update ratio of a record made by hand)."""
+    def key(rows):
+        return [{k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()} for row in rows]
+    return key(a) == key(b)
+
+
+def run_and_record(monitor, model, optimizer, steps):
+    for step in steps:
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        model(x).pow(2).sum().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("attached", [False, True])
+def test_pickled_monitor_is_detached_and_continues_identically(attached):
+    model, optimizer = make()
+    monitor = GradientMonitor(model)
+    if attached:
+        monitor.attach(optimizer)
+    run_and_record(monitor, model, optimizer, range(3))
+    monitor.record()
+    clone = pickle.loads(pickle.dumps(monitor))
+    assert not clone._hooks and same_tables(clone.table(), monitor.table())
+    # bound to copies of the parameters: give it the same gradients
+    for p, q in zip(model.parameters(), clone.parameters):
+        q.grad = p.grad.clone()
+    monitor.record()
+    clone.record()
+    assert same_tables(clone.table(), monitor.table())
+
+
+def test_state_dict_round_trips_through_weights_only_load():
+    model, optimizer = make()
+    monitor = GradientMonitor(model).attach(optimizer)
+    run_and_record(monitor, model, optimizer, range(4))
+    state = monitor.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    fresh = GradientMonitor(make()[0])
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert same_tables(fresh.table(), monitor.table())
+    with pytest.raises(ValueError, match="layers"):
+        GradientMonitor(model, layer_fn=lambda name: "all").load_state_dict(state)
+    with pytest.raises(ValueError, match="norm_type"):
+        GradientMonitor(model, norm_type=1.0).load_state_dict(state)

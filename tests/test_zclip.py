@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from support.params import scalar_param
 from support.references import ReferenceZClip
@@ -92,3 +94,46 @@ def test_float32_state_stays_close_to_the_reference():
         result = ours([scalar_param(float(g))])
         coef, _ = reference.step(float(g))
         assert math.isclose(float(result.scale), coef, rel_tol=1e-5)
+
+
+def test_a_warmup_of_nonfinite_norms_leaves_the_ema_unstarted_until_a_finite_norm():
+    # the reported case: warmup_steps=1, the first norm inf -> mean and var were NaN for good
+    zclip = ZClip(warmup_steps=1, max_grad_norm=None)
+    zclip([scalar_param(math.inf)])
+    assert zclip.mean.isnan() and zclip.var.isnan()  # undefined, not started
+    first = zclip([scalar_param(1.0)])  # starts the EMA: no spike decision on this step
+    assert float(first.scale) == 1.0 and float(first.threshold) == math.inf
+    assert (float(zclip.mean), float(zclip.var)) == (1.0, 0.0)
+    for _ in range(10):
+        assert float(zclip([scalar_param(1.0)]).scale) == 1.0
+    spike = zclip([scalar_param(1000.0)])
+    assert bool(spike.clipped) and float(spike.norm * spike.scale) < 2.0
+
+
+def test_the_first_finite_norm_after_a_nonfinite_warmup_is_still_capped_by_max_grad_norm():
+    zclip = ZClip(warmup_steps=2, max_grad_norm=0.5)
+    zclip([scalar_param(math.nan)])
+    zclip([scalar_param(math.inf)])
+    result = zclip([scalar_param(4.0)])
+    assert float(result.threshold) == 0.5 and math.isclose(float(result.scale), 0.5 / (4.0 + 1e-6))
+    assert float(zclip.mean) == 4.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(warmup=st.integers(1, 4),
+       norms=st.lists(st.sampled_from([math.nan, math.inf, -math.inf, 0.0, 0.3, 1.0, 2.5, 40.0]), max_size=25),
+       mode=st.sampled_from(["zscore", "percentile"]), skip=st.booleans())
+@example(warmup=1, norms=[math.inf, 1.0, 1.0], mode="zscore", skip=False)  # the reported case
+@example(warmup=3, norms=[math.nan, math.inf, math.nan, math.inf, 0.3], mode="percentile", skip=True)
+def test_mean_and_var_are_never_nan_once_a_finite_norm_was_seen(warmup, norms, mode, skip):
+    zclip = ZClip(warmup_steps=warmup, max_grad_norm=None, mode=mode, skip_update_on_spike=skip)
+    seen_finite = False
+    for step, g in enumerate(norms):
+        result = zclip([scalar_param(g)])
+        seen_finite |= math.isfinite(g)
+        assert not result.scale.isnan()
+        if not zclip.warming_up and seen_finite:
+            assert math.isfinite(float(zclip.mean)) and math.isfinite(float(zclip.var)), (step, norms)
+    for _ in range(30):  # a steady run, then a spike: clipped
+        zclip([scalar_param(1.0)])
+    assert bool(zclip([scalar_param(1000.0)]).clipped)

@@ -57,7 +57,14 @@ class AutoClip(Clipper):
     formula. In float32 it equals numpy's float32 result to rounding.
     A non-finite norm is recorded as ``+inf`` (NaN too), so it sorts to the top
     and never lowers the threshold; if the percentile falls among ``+inf``
-    entries the threshold is ``inf`` (numpy gives ``nan`` there).
+    entries the threshold is ``inf`` (numpy gives ``nan`` there). The
+    threshold is never NaN, so non-finite norms cannot poison later steps.
+
+    **Attached** (``attach(optimizer)``), it clips inside the closure of
+    ``optimizer.step(closure)`` (each LBFGS evaluation is a call and enters the
+    history) and, with a fused optimizer under ``scaler.step``, decides on the
+    unscaled norm; see :class:`~gradclip.Clipper`. ``state_dict()`` returns
+    copies, and the clipper pickles (detached).
 
     **Cost.** The history lives in device tensors (doubling storage, or a ring
     buffer of ``window`` entries). A sorted snapshot S of the history is
@@ -91,9 +98,9 @@ class AutoClip(Clipper):
             as in :class:`~gradclip.Clipper`.
 
     Raises:
-        RuntimeError: no parameter has a gradient (call ``loss.backward()`` first), the clipper is called twice on the same gradients, or, with ``scaler=``, the gradients are still scaled.
+        RuntimeError: no parameter has a gradient (call ``loss.backward()`` first, or inside the closure given to ``optimizer.step``), the clipper is called twice on the same gradients, or, with ``scaler=``, it is called by hand on gradients that are still scaled (call ``scaler.unscale_(optimizer)`` first, or attach it).
         ValueError: an argument is outside the range given above (the message names it).
-        TypeError: an argument has the wrong type (the message names it).
+        TypeError: an argument has the wrong type (the message names it), or a gradient is sparse.
 
     References:
         * Seetharaman, Wichern, Pardo and Le Roux (2020), "AutoClip: Adaptive Gradient Clipping for Source Separation Networks", `arXiv:2007.14469 <https://arxiv.org/abs/2007.14469>`__.
@@ -332,6 +339,10 @@ class AutoClip(Clipper):
         if self.window is not None and history.numel() > self.window:
             raise ValueError(f"state_dict['history'] has {history.numel()} norms, more than window={self.window}")
         device = self._history.device if self._history is not None else history.device
+        self._load_history(history, device)
+
+    def _load_history(self, history: torch.Tensor, device: torch.device) -> None:
+        """Start over from ``history`` (oldest first), with the buffers on ``device``."""
         self._reset()
         n = history.numel()
         capacity = self.window if self.window is not None else max(1024, 2 * n)
@@ -339,3 +350,24 @@ class AutoClip(Clipper):
         self._history[:n].copy_(history.to(device=device, dtype=self.dtype))
         self._count = n  # slot = count % window is the next to overwrite: the oldest, as saved
         self._rebuild()
+
+    # --- pickling --------------------------------------------------------------------------
+
+    # the history's buffers and the views into them that the sorted insertion uses: pickle does
+    # not keep views of one storage together, so they are rebuilt from the history on unpickling
+    _BUFFERS = ("_history", "_pending", "_sorted", "_added", "_removed", "_inserts", "_statistics")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        for key in self._BUFFERS:
+            state.pop(key, None)
+        state["_pickled_history"] = None if self._history is None else self.history()
+        return state
+
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
+        state = dict(state)
+        history = state.pop("_pickled_history", None)
+        super().__setstate__(state)
+        self._reset()
+        if history is not None:
+            self._load_history(history, history.device)

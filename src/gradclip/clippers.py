@@ -6,12 +6,17 @@ updates its state, scales the gradients in place and returns a
 :class:`~gradclip.result.ClipResult`. Its state lives in tensors on the
 gradients' device, and nothing on its default path reads a tensor's value on
 the host, so a step costs no host-device synchronisation.
+
+Attached to an optimizer, a clipper runs in the step pre-hook; the helpers
+here find a step's closure (``optimizer.step(closure)``) and the scale a fused
+optimizer's gradients still carry under ``GradScaler`` (``grad_scale``), which
+:class:`~gradclip.monitor.GradientMonitor` uses too.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -27,6 +32,71 @@ def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+# --- what a step pre-hook sees -----------------------------------------------------------------
+# A step pre-hook gets (optimizer, args, kwargs) where args[0] is the optimizer itself (torch's
+# wrapper passes ``self`` in args) and may return (new_args, new_kwargs) to change the call.
+
+
+def step_closure(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Callable[[], Any] | None, int | str | None]:
+    """The closure a step was given and where: ``kwargs["closure"]``, or positional ``args[1]``; else (None, None)."""
+    closure = kwargs.get("closure")
+    if closure is not None:
+        return closure, "closure"
+    if len(args) > 1 and args[1] is not None:
+        return args[1], 1
+    return None, None
+
+
+def wrap_closure(args: tuple[Any, ...], kwargs: Mapping[str, Any],
+                 after: Callable[[], None]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """For a step given a closure: (args, kwargs) whose closure runs the original one, then ``after()``.
+
+    The original closure runs under ``torch.enable_grad()`` (as optimizers call
+    it), ``after`` once it has returned, and the wrapper returns the closure's
+    loss. An optimizer that evaluates the closure several times per step
+    (LBFGS) runs ``after`` after each evaluation. ``None`` when the step has no
+    closure.
+    """
+    closure, where = step_closure(args, kwargs)
+    if closure is None:
+        return None
+
+    def closure_then(*closure_args: Any, **closure_kwargs: Any) -> Any:
+        with torch.enable_grad():
+            loss = closure(*closure_args, **closure_kwargs)
+        after()
+        return loss
+
+    if where == "closure":
+        return tuple(args), {**kwargs, "closure": closure_then}
+    return (*args[:1], closure_then, *args[2:]), dict(kwargs)
+
+
+def grad_scale_of(optimizer: torch.optim.Optimizer, kwargs: Mapping[str, Any]) -> torch.Tensor | float | None:
+    """The scale the gradients are still multiplied by when a fused optimizer steps under a GradScaler, else None.
+
+    ``scaler.step(optimizer)`` does not unscale the gradients of an optimizer
+    that unscales them itself (``fused=True``): it sets ``optimizer.grad_scale``
+    (torch >= 2.1; a ``grad_scale=`` keyword in other conventions) and the fused
+    kernel divides by it. ``None`` when the gradients were unscaled already.
+    """
+    scale = kwargs.get("grad_scale")
+    if scale is None:
+        scale = getattr(optimizer, "grad_scale", None)
+    return scale
+
+
+def true_norm(norm: torch.Tensor, wide: torch.Tensor, grad_scale: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The norm of gradients that are still multiplied by ``grad_scale``, divided by it on the device (no sync).
+
+    Returns (norm in ``norm``'s dtype, the same in float64), like :func:`gradclip.norms.grouped_norm`.
+    """
+    if isinstance(grad_scale, torch.Tensor):
+        grad_scale = grad_scale.detach().to(device=wide.device, dtype=wide.dtype).reshape(())
+    wide = wide / grad_scale
+    return wide.to(norm.dtype), wide
+
+
 class Clipper:
     r"""Base class of the stateful clippers (:class:`~gradclip.AutoClip`, :class:`~gradclip.ZClip`,
     :class:`~gradclip.SpikeGuard`).
@@ -37,6 +107,33 @@ class Clipper:
     * or ``clipper.attach(optimizer)``: it then runs in the optimizer's step
       pre-hook, on the optimizer's parameters, every time ``optimizer.step()``
       runs (also inside ``scaler.step(optimizer)``), until ``detach()``.
+
+    **Closures.** ``optimizer.step(closure)`` (LBFGS, SAM-style optimizers,
+    PyTorch Lightning's automatic optimization) computes the gradients inside
+    the step, after the pre-hooks. An attached clipper then clips inside the
+    closure: the pre-hook hands the optimizer a closure that runs yours (under
+    ``torch.enable_grad()``), clips the gradients it made and returns its loss.
+    An optimizer that evaluates the closure several times per step (LBFGS)
+    gets each evaluation's gradients clipped, and each evaluation counts as a
+    call (``steps``, the warm-up, the history). Gradients that exist before a
+    step given a closure (SAM's first, ascent gradients) are not clipped.
+
+    **Fused optimizers under GradScaler.** ``scaler.step(optimizer)`` does not
+    unscale the gradients of an optimizer with ``fused=True``: the fused kernel
+    divides by the scale itself (``optimizer.grad_scale``). An attached
+    clipper sees that scale: it divides the norm by it on the device, decides
+    its factor on the true norm (and records that norm in its state and its
+    :class:`~gradclip.result.ClipResult`), and multiplies the still-scaled
+    gradients by the factor, which the fused step then unscales. A step the
+    scaler skips for inf/NaN gradients still runs the hooks of a fused
+    optimizer, so the clipper sees a non-finite norm there; with a non-fused
+    optimizer ``scaler.step`` skips the step and its hooks altogether.
+
+    ``pickle`` and ``torch.save(clipper)`` save the configuration and the
+    state, not the attachment (hooks) nor the record of the last gradients
+    seen: an unpickled clipper is detached and resumes from the saved state;
+    ``attach`` it again. A ``scaler`` is pickled with it, under the
+    GradScaler's own rule (between iterations, after ``scaler.update()``).
 
     Misuse is caught on the host, without reading a tensor's value:
 
@@ -69,9 +166,9 @@ class Clipper:
         replicated: parameters every rank holds a copy of, counted once.
 
     Raises:
-        RuntimeError: no parameter has a gradient (call ``loss.backward()`` first), the clipper is called twice on the same gradients, or, with ``scaler=``, the gradients are still scaled.
+        RuntimeError: no parameter has a gradient (call ``loss.backward()`` first, or inside the closure given to ``optimizer.step``), the clipper is called twice on the same gradients, or, with ``scaler=``, it is called by hand on gradients that are still scaled (call ``scaler.unscale_(optimizer)`` first, or attach it).
         ValueError: an argument is outside the range given above (the message names it).
-        TypeError: an argument has the wrong type (the message names it).
+        TypeError: an argument has the wrong type (the message names it), or a gradient is sparse.
 
     References:
         * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`__.
@@ -92,6 +189,7 @@ class Clipper:
         self._hook: Any = None
         self._last_grads: list[weakref.ReferenceType] | None = None
         self._last_versions: list[int] | None = None
+        self._hooked = False  # True while the step pre-hook (or its closure) calls the clipper
 
     # --- what subclasses provide -----------------------------------------------------------
 
@@ -111,7 +209,6 @@ class Clipper:
 
     # --- the shared protocol ---------------------------------------------------------------
 
-    @torch.no_grad()
     def __call__(self, parameters: _validate.TensorOrTensors,
                  optimizer: torch.optim.Optimizer | None = None) -> ClipResult:
         """Clip the gradients of ``parameters`` in place and return what was done.
@@ -124,17 +221,32 @@ class Clipper:
 
         Returns:
             A :class:`~gradclip.result.ClipResult` of 0-dim tensors.
+
+        Raises:
+            RuntimeError: no parameter has a gradient, the gradients did not
+                change since the last call, or (with ``scaler=``) they are still scaled.
+            TypeError: a gradient is sparse.
         """
+        return self._apply(parameters, optimizer, None)
+
+    @torch.no_grad()
+    def _apply(self, parameters: _validate.TensorOrTensors, optimizer: torch.optim.Optimizer | None,
+               grad_scale: torch.Tensor | float | None) -> ClipResult:
+        """The call, for gradients still multiplied by ``grad_scale`` (a fused step under GradScaler) or not."""
         grads = _validate.grads_of(parameters)
         if not grads and self.process_group is None:  # a rank may hold no shard of a sharded model
             raise RuntimeError(
                 f"{type(self).__name__} was called but no parameter has a gradient: call "
-                "loss.backward() before the clipper (and before optimizer.step() when attached)."
+                "loss.backward() before the clipper (when attached: before optimizer.step(), or inside "
+                "the closure passed to optimizer.step(closure))."
             )
-        self._check_unscaled(optimizer)
+        if grad_scale is None:
+            self._check_unscaled(optimizer)
         self._check_not_twice(grads)
         groups, norm, wide = grouped_norm(grads, self._p, self.foreach, process_group=self.process_group,
                                        replicated=self.replicated)
+        if grad_scale is not None:
+            norm, wide = true_norm(norm, wide, grad_scale)
         result = self._step(groups, norm, wide)
         self._last_grads = [weakref.ref(g) for g in grads]
         self._last_versions = [g._version for g in grads]
@@ -157,8 +269,10 @@ class Clipper:
         if not unscaled:
             raise RuntimeError(
                 f"{type(self).__name__}: the gradients are still multiplied by the GradScaler's "
-                "scale. Call scaler.unscale_(optimizer) before clipping (scaler.step(optimizer) "
-                "does it for you when the clipper is attached to the optimizer)."
+                "scale. Call scaler.unscale_(optimizer) before calling the clipper by hand, or attach "
+                "it (clipper.attach(optimizer)) and let scaler.step(optimizer) run it: for a non-fused "
+                "optimizer scaler.step unscales the gradients before the clipper runs; for a fused one "
+                "(fused=True) it does not, and the attached clipper divides the norm by the scale itself."
             )
 
     def _check_not_twice(self, grads: list[torch.Tensor]) -> None:
@@ -175,19 +289,42 @@ class Clipper:
         )
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "Clipper":
-        """Run the clipper on ``optimizer``'s parameters before each ``optimizer.step()``.
+        """Run the clipper on ``optimizer``'s parameters on each ``optimizer.step()``.
 
-        Uses ``optimizer.register_step_pre_hook``. Returns ``self``.
+        Uses ``optimizer.register_step_pre_hook``: without a closure the
+        clipper runs before the step; with ``optimizer.step(closure)`` it runs
+        inside the closure, after each evaluation's ``backward()``. Under
+        ``scaler.step`` with a fused optimizer it accounts for the scale the
+        gradients still carry (see the class docstring). Returns ``self``.
+
+        Raises:
+            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            RuntimeError: the clipper is already attached (``detach()`` first).
         """
         _validate.check_optimizer(optimizer)
         if self._hook is not None:
             raise RuntimeError(f"{type(self).__name__} is already attached; call detach() first")
-
-        def pre_hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            self(optimizer_parameters(opt), optimizer=opt)
-
-        self._hook = optimizer.register_step_pre_hook(pre_hook)
+        self._hook = optimizer.register_step_pre_hook(self._pre_hook)
         return self
+
+    def _pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        self._begin_step(optimizer)
+
+        def clip() -> None:
+            self._hooked = True
+            try:
+                self._apply(optimizer_parameters(optimizer), optimizer, grad_scale_of(optimizer, kwargs))
+            finally:
+                self._hooked = False
+
+        wrapped = wrap_closure(args, kwargs, clip)
+        if wrapped is None:
+            clip()
+        return wrapped
+
+    def _begin_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called by the step pre-hook before anything else (before the closure, if any)."""
 
     def detach(self) -> None:
         """Stop clipping on ``optimizer.step()``; a no-op when not attached."""
@@ -199,6 +336,22 @@ class Clipper:
     def attached(self) -> bool:
         """Whether the clipper runs on an optimizer's step."""
         return self._hook is not None
+
+    # --- pickling --------------------------------------------------------------------------
+
+    def _transient(self) -> dict[str, Any]:
+        """Attributes that are not pickled, with the values an unpickled clipper starts with."""
+        return {"_hook": None, "_last_grads": None, "_last_versions": None, "_hooked": False}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The configuration and state; hooks and weak references are dropped (an unpickled clipper is detached)."""
+        state = self.__dict__.copy()
+        state.update(self._transient())
+        return state
+
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
+        self.__dict__.update(self._transient())
+        self.__dict__.update(state)
 
     def state_dict(self) -> dict[str, Any]:
         """Configuration, step count and state tensors; loadable with ``weights_only=True``."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import numbers
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -42,23 +44,51 @@ class SpikeGuard(Clipper):
     ``result.scale`` is the step factor (1.0 to step, 0.0 to skip),
     ``result.threshold`` is :math:`\ell` (``inf`` before ``min_history`` norms).
     **Attached** to an optimizer it enforces the decision without a host sync:
-    the pre-hook copies the parameters and the optimizer's state tensors, the
-    step runs unconditionally, and the post-hook puts back the copies with
-    ``torch.where(skip, copy, new)``. A skipped step therefore leaves
+    the pre-hook copies the parameters and the optimizer's state, the step
+    runs unconditionally, and the post-hook puts back the copies of tensors
+    with ``torch.where(skip, copy, new)``. A skipped step therefore leaves
     parameters and optimizer state bitwise unchanged (momentum, Adam moments
     and step counts, weight decay included). The cost: one extra copy of the
-    parameters and of the optimizer state in memory, and a copy plus a select
-    over them each step. Two cases read the flag on the host (one sync):
-    state tensors on another device than the gradients (Adam's ``step`` stays
-    on the CPU unless ``capturable=True`` or ``fused=True``), and the very
-    first step of an optimizer, when the state the step creates must be deleted
-    if it is skipped.
+    parameters and of the optimizer state tensors in memory, and a copy plus
+    a select over them each step.
+
+    Optimizer state that is not a tensor (a Python ``int`` step counter,
+    LBFGS's ``n_iter``, ``func_evals`` and lists of directions, a new state
+    entry, a ``param_groups`` entry the step changes) cannot be chosen on the
+    device. The pre-hook keeps a copy of every such value (plain values as
+    they are, containers and the tensors in them copied) and a fingerprint
+    (values, and the identity and version counter of tensors); the post-hook
+    compares fingerprints on the host, which costs nothing, and only when a
+    step changed such state does it read the decision on the host (one sync)
+    and, on a skip, put the copies back. A value of another type (not a
+    number, string, tensor, list, tuple or dict) is assumed changed. So a
+    step costs no sync with optimizers whose state is all tensors, once they
+    have created it (SGD, Adam and every ``torch.optim`` optimizer but LBFGS,
+    which reads the loss on the host every step anyway). The cases that
+    read the decision on the host (one sync each): such a change (including
+    the very first step of an optimizer, which creates its state, deleted
+    again if the step is skipped), and state tensors on another device than
+    the gradients (Adam's ``step`` stays on the CPU unless ``capturable=True``
+    or ``fused=True``).
+
+    With ``optimizer.step(closure)`` the snapshot is taken before the closure
+    runs and the decision is made inside it, after each evaluation's
+    ``backward()``: an optimizer that evaluates the closure several times per
+    step (LBFGS) has each evaluation's norm decided on and entered in the
+    history, and the whole step is skipped if any evaluation is
+    (``skipped_steps`` counts the step once).
 
     With :class:`torch.amp.GradScaler`: call ``scaler.step(optimizer)`` as
     usual. The scaler unscales first and itself skips steps with inf/NaN
     gradients (the guard's hooks do not run then, and such steps are not in
     ``skipped_steps``); the guard sees unscaled gradients on the steps the
-    scaler takes.
+    scaler takes. A fused optimizer (``fused=True``) unscales in its own
+    kernel: the guard decides on the norm divided by the scale, and the
+    steps the scaler skips run the hooks, so the guard sees a non-finite norm
+    and counts them in ``skipped_steps``.
+
+    ``state_dict()`` returns copies; the guard pickles (detached, with no
+    snapshot).
 
     Args:
         mode: ``"zscore"`` or ``"median"``.
@@ -75,9 +105,9 @@ class SpikeGuard(Clipper):
         skipped_steps: the number of steps skipped so far, an int64 0-dim tensor.
 
     Raises:
-        RuntimeError: no parameter has a gradient (call ``loss.backward()`` first), the clipper is called twice on the same gradients, or, with ``scaler=``, the gradients are still scaled.
+        RuntimeError: no parameter has a gradient (call ``loss.backward()`` first, or inside the closure given to ``optimizer.step``), the clipper is called twice on the same gradients, or, with ``scaler=``, it is called by hand on gradients that are still scaled (call ``scaler.unscale_(optimizer)`` first, or attach it).
         ValueError: an argument is outside the range given above (the message names it).
-        TypeError: an argument has the wrong type (the message names it).
+        TypeError: an argument has the wrong type (the message names it), a gradient is sparse, or (attached) an optimizer state value cannot be copied.
 
     References:
         * Chowdhery et al. (2022), "PaLM" (skipping batches around loss spikes), `arXiv:2204.02311 <https://arxiv.org/abs/2204.02311>`__.
@@ -112,9 +142,10 @@ class SpikeGuard(Clipper):
         self.skip: torch.Tensor | None = None
         """The last decision, a bool 0-dim tensor (``True``: skip)."""
         self._hooks: list[Any] = []
-        self._copies: list[torch.Tensor] | None = None
-        self._tracked: list[tuple[torch.Tensor, str | None]] = []
-        self._fresh: list[torch.Tensor] = []
+        self._copies: list[torch.Tensor] | None = None  # reused from step to step when the shapes agree
+        self._snapshot: _Snapshot | None = None
+        self._in_step = False  # between the pre-hook and the post-hook of an attached step
+        self._step_skip: torch.Tensor | None = None  # the decision of the step so far (closures: OR)
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "mode": self.mode, "threshold": self.threshold,
@@ -144,7 +175,14 @@ class SpikeGuard(Clipper):
         skip = ~finite | (x > level)
         slot = self.steps % self.window
         h[slot : slot + 1].copy_(torch.where(finite, x, math.nan).reshape(1))
-        self.skipped_steps = self.skipped_steps + skip
+        previous = self._step_skip if (self._hooked and self._in_step) else None
+        if previous is None:
+            self.skipped_steps = self.skipped_steps + skip
+        else:  # another closure evaluation of the same step: the step is skipped if any evaluation is
+            self.skipped_steps = self.skipped_steps + (skip & ~previous)
+            skip = skip | previous
+        if self._hooked and self._in_step:
+            self._step_skip = skip
         self.skip = skip
         factor = (~skip).to(norm.dtype)
         return ClipResult(norm=norm, threshold=level, scale=factor)
@@ -152,12 +190,18 @@ class SpikeGuard(Clipper):
     # --- enforcing the decision on an optimizer ----------------------------------------------
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "SpikeGuard":
-        """Decide before each ``optimizer.step()`` and undo the step when it must be skipped.
+        """Decide on each ``optimizer.step()`` and undo the step when it must be skipped.
 
-        Returns ``self``.
+        The pre-hook snapshots the parameters and the optimizer state and
+        decides (inside the closure, when the step is given one); the post-hook
+        undoes a skipped step. Returns ``self``.
+
+        Raises:
+            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            RuntimeError: the guard is already attached (``detach()`` first).
         """
         super().attach(optimizer)
-        self._hooks = [optimizer.register_step_post_hook(lambda opt, args, kwargs: self._restore(opt))]
+        self._hooks = [optimizer.register_step_post_hook(self._post_hook)]
         return self
 
     def detach(self) -> None:
@@ -165,26 +209,37 @@ class SpikeGuard(Clipper):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        self._copies = None
+        self._copies = self._snapshot = self._step_skip = None
+        self._in_step = False
 
-    @torch.no_grad()
-    def __call__(self, parameters: Any, optimizer: torch.optim.Optimizer | None = None) -> ClipResult:
-        result = super().__call__(parameters, optimizer)
-        if optimizer is not None and self._hooks:
-            self._snapshot(optimizer)
-        return result
+    def _transient(self) -> dict[str, Any]:
+        return {**super()._transient(), "_hooks": [], "_copies": None, "_snapshot": None,
+                "_in_step": False, "_step_skip": None}
 
-    def _snapshot(self, optimizer: torch.optim.Optimizer) -> None:
+    def _begin_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._take_snapshot(optimizer)
+        self._in_step = True
+        self._step_skip = None
+
+    def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._restore(optimizer)
+
+    def _take_snapshot(self, optimizer: torch.optim.Optimizer) -> None:
         tracked: list[tuple[torch.Tensor, str | None]] = []
-        fresh = []
+        entries: list[tuple[torch.Tensor, dict[Any, Any]]] = []
         for p in optimizer_parameters(optimizer):
             tracked.append((p, None))
-            state = optimizer.state.get(p)
-            if not state:
-                fresh.append(p)
-                continue
-            tracked.extend((p, key) for key, value in state.items() if isinstance(value, torch.Tensor))
-        tensors = [self._lookup(optimizer, p, key) for p, key in tracked]
+            saved: dict[Any, Any] = {}
+            for key, value in (optimizer.state.get(p) or {}).items():
+                if isinstance(value, torch.Tensor):
+                    saved[key] = _Saved(len(tracked), None, None)
+                    tracked.append((p, key))
+                else:
+                    saved[key] = _Saved(None, _fingerprint(value), _copy_value(value, key))
+            entries.append((p, saved))
+        groups = [{key: _Saved(None, _fingerprint(value), _copy_value(value, key))
+                   for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+        tensors = [p.data if key is None else optimizer.state[p][key] for p, key in tracked]
         copies = self._copies
         if copies is None or len(copies) != len(tensors) or any(
             c.shape != t.shape or c.dtype != t.dtype or c.device != t.device for c, t in zip(copies, tensors)
@@ -192,33 +247,34 @@ class SpikeGuard(Clipper):
             copies = [torch.empty_like(t) for t in tensors]
         for c, t in zip(copies, tensors):
             c.copy_(t)
-        self._copies, self._tracked, self._fresh = copies, tracked, fresh
-
-    @staticmethod
-    def _lookup(optimizer: torch.optim.Optimizer, p: torch.Tensor, key: str | None) -> torch.Tensor:
-        return p.data if key is None else optimizer.state[p][key]
+        self._copies = copies
+        self._snapshot = _Snapshot(tracked, copies, entries, groups)
 
     @torch.no_grad()
     def _restore(self, optimizer: torch.optim.Optimizer) -> None:
-        skip, copies = self.skip, self._copies
-        if skip is None or copies is None:
+        snapshot, skip = self._snapshot, self._step_skip
+        self._snapshot, self._step_skip, self._in_step = None, None, False
+        if snapshot is None or skip is None:  # no decision in this step (a closure never evaluated)
             return
-        for (p, key), copy in zip(self._tracked, copies):
-            tensor = self._lookup(optimizer, p, key)
+        changed = False  # whether state that torch.where cannot restore changed
+        for (p, key), saved in zip(snapshot.tracked, snapshot.copies):
+            tensor = p.data if key is None else (optimizer.state.get(p) or {}).get(key)
+            if not _same_layout(tensor, saved):
+                changed = True
+                continue
             flag = skip if tensor.device == skip.device else skip.to(tensor.device)  # a sync: see docstring
-            torch.where(flag, copy, tensor, out=tensor)
-        if self._fresh and bool(skip):  # the optimizer's first step: one sync, once
-            for p in self._fresh:
-                optimizer.state.pop(p, None)
-        self._fresh = []
+            torch.where(flag, saved, tensor, out=tensor)
+        if (changed or _python_state_changed(optimizer, snapshot)) and bool(skip):  # a sync: see docstring
+            _put_back(optimizer, snapshot)
 
     # --- state -----------------------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:
         history = self._history
+        # copies, also on the CPU (where .cpu() returns the tensor itself, which later steps change)
         return {
-            "history": None if history is None else history.cpu(),
-            "skipped_steps": self.skipped_steps.cpu(),
+            "history": None if history is None else history.to("cpu", copy=True),
+            "skipped_steps": self.skipped_steps.to("cpu", copy=True),
         }
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
@@ -230,3 +286,107 @@ class SpikeGuard(Clipper):
         self._history = None if history is None else history.to(torch.float64).clone()
         self.skipped_steps = skipped.to(torch.int64).clone()
         self.skip = None
+
+
+# --- the snapshot of an optimizer's state -----------------------------------------------------------
+
+
+class _Saved(NamedTuple):
+    """One saved entry: a tensor (its index in the copies) or a plain value (its fingerprint and a copy)."""
+
+    index: int | None
+    fingerprint: Any
+    value: Any
+
+
+class _Snapshot(NamedTuple):
+    tracked: list[tuple[torch.Tensor, str | None]]  # (parameter, state key or None for the parameter)
+    copies: list[torch.Tensor]  # one per tracked tensor
+    entries: list[tuple[torch.Tensor, dict[Any, _Saved]]]  # each parameter's state entries
+    groups: list[dict[Any, _Saved]]  # each param_group's entries but "params"
+
+
+_PLAIN = (numbers.Number, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _fingerprint(value: Any) -> Any:
+    """What tells, on the host, whether a value changed: plain values themselves, tensors by identity and version.
+
+    A value of another type gets a fresh object, unequal to any other: it always counts as changed.
+    """
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value), value._version)
+    if isinstance(value, _PLAIN):
+        return value
+    if type(value) in (list, tuple):
+        return (type(value), tuple(_fingerprint(v) for v in value))
+    if type(value) is dict:
+        return (dict, tuple((k, _fingerprint(v)) for k, v in value.items()))
+    return object()
+
+
+def _copy_value(value: Any, key: Any) -> Any:
+    """A copy to put back: plain values as they are (immutable), tensors cloned, containers copied."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, _PLAIN):
+        return value
+    if type(value) in (list, tuple):
+        return type(value)(_copy_value(v, key) for v in value)
+    if type(value) is dict:
+        return {k: _copy_value(v, key) for k, v in value.items()}
+    try:
+        return copy.deepcopy(value)
+    except Exception as error:
+        raise TypeError(
+            f"SpikeGuard cannot copy the optimizer state entry {key!r} of type {type(value).__name__} "
+            f"({error}); it copies the optimizer state to undo skipped steps. Keep optimizer state in "
+            "tensors, numbers, strings, lists, tuples and dicts, or use SpikeGuard by hand (unattached)."
+        ) from error
+
+
+def _same_layout(tensor: Any, saved: torch.Tensor) -> bool:
+    return (isinstance(tensor, torch.Tensor) and tensor.shape == saved.shape and tensor.dtype == saved.dtype
+            and tensor.device == saved.device)
+
+
+def _python_state_changed(optimizer: torch.optim.Optimizer, snapshot: _Snapshot) -> bool:
+    """Whether the step changed state that is not a tensor updated in place (host only: no sync)."""
+    for p, saved in snapshot.entries:
+        state = optimizer.state.get(p) or {}
+        if state.keys() != saved.keys():
+            return True
+        for key, entry in saved.items():
+            if entry.index is None and _fingerprint(state[key]) != entry.fingerprint:
+                return True
+    if len(optimizer.param_groups) != len(snapshot.groups):
+        return True
+    for group, saved in zip(optimizer.param_groups, snapshot.groups):
+        if group.keys() - {"params"} != saved.keys():
+            return True
+        for key, entry in saved.items():
+            if _fingerprint(group[key]) != entry.fingerprint:
+                return True
+    return False
+
+
+def _put_back(optimizer: torch.optim.Optimizer, snapshot: _Snapshot) -> None:
+    """Undo, on a skipped step, what torch.where could not: entries added, removed, replaced or not tensors."""
+    for p, saved in snapshot.entries:
+        if not saved:
+            optimizer.state.pop(p, None)
+            continue
+        state = optimizer.state[p]
+        for key in [k for k in state if k not in saved]:
+            del state[key]
+        for key, entry in saved.items():
+            if entry.index is None:
+                state[key] = entry.value
+            elif not _same_layout(state.get(key), snapshot.copies[entry.index]):
+                state[key] = snapshot.copies[entry.index].clone()
+    for group, saved in zip(optimizer.param_groups, snapshot.groups):
+        for key in [k for k in group if k != "params" and k not in saved]:
+            del group[key]
+        for key, entry in saved.items():
+            if key not in group or _fingerprint(group[key]) != entry.fingerprint:
+                group[key] = entry.value

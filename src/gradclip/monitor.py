@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
 
 import torch
 
 from . import _validate
 from ._norms import tensor_norms, wide_dtype
+from .clippers import grad_scale_of, wrap_closure
 
 __all__ = ["GradientMonitor"]
 
@@ -52,6 +53,18 @@ class GradientMonitor:
       Attach it after a clipper to see the clipped gradients, before to see
       the raw ones (step pre-hooks run in the order they were registered).
 
+    Attached, it records the gradients the step uses. With
+    ``optimizer.step(closure)`` (LBFGS, SAM-style optimizers, Lightning) the
+    gradients are made inside the step: the monitor measures them inside the
+    closure, after its ``backward()`` (and after the clippers attached before
+    it); when the closure is evaluated several times per step (LBFGS) the
+    first evaluation is recorded, the gradients at the weights the step
+    starts from. With a fused optimizer under ``scaler.step`` (whose
+    gradients are still multiplied by the scale) the gradient norms are
+    divided by the scale, so they are the true ones. ``state_dict()`` holds
+    the records (tensors and plain values, loadable with
+    ``torch.load(weights_only=True)``); the monitor pickles (detached).
+
     Args:
         parameters: a module (its ``named_parameters()``) or (name, parameter) pairs.
         layer_fn: maps a parameter name to its layer name; default drops the
@@ -60,8 +73,8 @@ class GradientMonitor:
         track_updates: measure update-to-weight ratios when attached.
 
     Raises:
-        TypeError: ``parameters`` holds something else than (name, tensor) pairs, ``layer_fn`` is not callable or returns a non-str, or ``track_updates`` is not a bool.
-        ValueError: ``parameters`` is empty or ``norm_type`` is not in (0, inf].
+        TypeError: ``parameters`` holds something else than (name, tensor) pairs, ``layer_fn`` is not callable or returns a non-str, or ``track_updates`` is not a bool; when recording, a parameter has a sparse gradient (the message names it; only dense gradients are supported).
+        ValueError: ``parameters`` is empty or ``norm_type`` is not in (0, inf]; :meth:`load_state_dict` of another configuration.
         RuntimeError: :meth:`attach` on a monitor that is already attached.
 
     References:
@@ -145,18 +158,39 @@ class GradientMonitor:
 
     # --- recording -------------------------------------------------------------------------
 
+    def _check_dense(self, grads: list[torch.Tensor | None]) -> None:
+        if {g.layout for g in grads if g is not None} <= {torch.strided}:
+            return
+        for name, grad in zip(self.names, grads):
+            if grad is not None and grad.layout is not torch.strided:
+                raise TypeError(
+                    f"GradientMonitor: the gradient of parameter {name!r} has layout {grad.layout}; only "
+                    "dense (strided) gradients are supported. Use a dense gradient (for an embedding, "
+                    "nn.Embedding(sparse=False)), convert it with .to_dense() before recording, or leave "
+                    "this parameter out of the monitor."
+                )
+
     @torch.no_grad()
-    def _measure(self) -> torch.Tensor:
+    def _measure(self, grad_scale: torch.Tensor | float | None = None) -> torch.Tensor:
         device = self._device()
-        grads = self._layer_norms(self._param_norms([p.grad for p in self.parameters], device))
+        grads = [p.grad for p in self.parameters]
+        self._check_dense(grads)
+        grad_norms = self._layer_norms(self._param_norms(grads, device))
+        if grad_scale is not None:  # a fused step under GradScaler: the gradients are still scaled
+            if isinstance(grad_scale, torch.Tensor):
+                grad_scale = grad_scale.detach().to(device=device, dtype=grad_norms.dtype)
+            grad_norms = grad_norms / grad_scale
         weights = self._layer_norms(self._param_norms(list(self.parameters), device))
-        return torch.stack([grads, weights, torch.full_like(grads, math.nan)])
+        return torch.stack([grad_norms, weights, torch.full_like(grad_norms, math.nan)])
 
     def record(self, step: int | None = None) -> None:
         """Record the current gradient and weight norms (call after ``backward()``).
 
         Args:
             step: the step number for the table; default: one more than the last.
+
+        Raises:
+            TypeError: ``step`` is not an int, or a parameter has a sparse gradient.
         """
         step = self._next_step(step)
         self._steps.append(step)
@@ -170,13 +204,38 @@ class GradientMonitor:
         return step
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "GradientMonitor":
-        """Record on every ``optimizer.step()`` (and measure the update). Returns ``self``."""
+        """Record on every ``optimizer.step()`` (and measure the update). Returns ``self``.
+
+        Without a closure the gradients are measured before the step; with
+        ``optimizer.step(closure)``, inside the closure after its first
+        evaluation (see the class docstring).
+
+        Raises:
+            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            RuntimeError: the monitor is already attached (``detach()`` first).
+        """
         _validate.check_optimizer(optimizer)
         if self._hooks:
             raise RuntimeError("GradientMonitor is already attached; call detach() first")
-        self._hooks = [optimizer.register_step_pre_hook(lambda opt, a, k: self._before_step()),
-                       optimizer.register_step_post_hook(lambda opt, a, k: self._after_step())]
+        self._hooks = [optimizer.register_step_pre_hook(self._pre_hook),
+                       optimizer.register_step_post_hook(self._post_hook)]
         return self
+
+    def _pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        self._before_step()
+
+        def measure() -> None:
+            if self._pending is None:  # LBFGS evaluates the closure again: the first evaluation counts
+                self._pending = self._measure(grad_scale_of(optimizer, kwargs))
+
+        wrapped = wrap_closure(args, kwargs, measure)
+        if wrapped is None:
+            measure()
+        return wrapped
+
+    def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._after_step()
 
     def detach(self) -> None:
         """Stop recording on ``optimizer.step()``."""
@@ -187,7 +246,7 @@ class GradientMonitor:
 
     @torch.no_grad()
     def _before_step(self) -> None:
-        self._pending = self._measure()
+        self._pending = None
         self._pending_step = self._next_step(None)
         if self.track_updates:
             if self._before is None or any(b.shape != p.shape or b.dtype != p.dtype
@@ -228,3 +287,67 @@ class GradientMonitor:
     def clear(self) -> None:
         """Forget every record."""
         self._steps, self._records = [], []
+
+    # --- saving ----------------------------------------------------------------------------
+
+    def _config(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "layers": list(self.layers), "norm_type": self._p}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The records: ``{"config", "steps", "records"}``, tensors (copies, on the CPU) and plain values.
+
+        ``records`` is a float tensor of shape (steps, 3, layers): gradient
+        norm, weight norm and update ratio per step and layer. Loadable with
+        ``torch.load(path, weights_only=True)``.
+        """
+        if self._records:
+            records = torch.stack([r.to(torch.float64) for r in self._records]).to("cpu", copy=True)
+        else:
+            records = torch.zeros(0, 3, len(self.layers), dtype=torch.float64)
+        return {"config": self._config(), "steps": list(self._steps), "records": records}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Replace the records by those of a :meth:`state_dict` of a monitor of the same layers and norm.
+
+        Raises:
+            TypeError: ``state_dict`` is not a mapping.
+            ValueError: it was saved by a monitor of other layers or another ``norm_type`` (the
+                message names the field), or it is not a monitor state.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        config, steps, records = state_dict.get("config"), state_dict.get("steps"), state_dict.get("records")
+        if not isinstance(config, Mapping) or not isinstance(steps, list) or not isinstance(records, torch.Tensor):
+            raise ValueError("state_dict is not a GradientMonitor state: it needs 'config', 'steps' and 'records'")
+        mine = self._config()
+        for key in mine:
+            if config.get(key) != mine[key]:
+                raise ValueError(f"state_dict was saved with {key}={config.get(key)!r} but this "
+                                 f"GradientMonitor has {key}={mine[key]!r}")
+        if records.shape != (len(steps), 3, len(self.layers)):
+            raise ValueError(f"state_dict['records'] must have shape ({len(steps)}, 3, {len(self.layers)}), "
+                             f"got {tuple(records.shape)}")
+        device = self._device()
+        self._steps = [int(s) for s in steps]
+        self._records = [r.to(device) for r in records.unbind(0)]
+
+    # --- pickling --------------------------------------------------------------------------
+
+    _TRANSIENT = {"_hooks": [], "_before": None, "_pending": None, "_index_cache": {}}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Records, names and parameters; hooks and the weights' copy are dropped (an unpickled monitor is detached).
+
+        The parameters are pickled with the monitor: pickle it in one call
+        with the model (``torch.save({"model": model, "monitor": monitor})``) to
+        keep them the model's own.
+        """
+        state = self.__dict__.copy()
+        for key, value in self._TRANSIENT.items():
+            state[key] = type(value)() if value is not None else None
+        return state
+
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
+        self.__dict__.update({key: type(value)() if value is not None else None
+                              for key, value in self._TRANSIENT.items()})
+        self.__dict__.update(state)

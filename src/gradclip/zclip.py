@@ -58,8 +58,20 @@ class ZClip(Clipper):
     synchronises (the reference calls ``.item()`` each step); the warm-up
     buffer is a device tensor; a non-finite norm does not update the EMA and is
     left out of the warm-up statistics (in the reference one ``nan`` poisons
-    the EMA for the rest of training). With ``max_grad_norm=None`` the reported
-    ``threshold`` is ``inf`` on steps without a spike.
+    the EMA for the rest of training), and so is a norm whose update would make
+    :math:`\mu` or :math:`\sigma^2` overflow. If the warm-up saw no finite
+    norm at all, :math:`\mu` and :math:`\sigma^2` stay undefined (NaN) until
+    the first finite norm after it, which starts them (:math:`\mu = g`,
+    :math:`\sigma^2 = 0`) with no spike decision on that step (only
+    ``max_grad_norm`` applies); once a finite norm has been seen they are never
+    NaN again. With ``max_grad_norm=None`` the reported ``threshold`` is
+    ``inf`` on steps without a spike.
+
+    **Attached** (``attach(optimizer)``), it clips inside the closure of
+    ``optimizer.step(closure)`` (each LBFGS evaluation is a step of the EMA
+    and of the warm-up) and, with a fused optimizer under ``scaler.step``,
+    decides on the unscaled norm; see :class:`~gradclip.Clipper`.
+    ``state_dict()`` returns copies, and the clipper pickles (detached).
 
     Args:
         alpha: EMA smoothing factor, in (0, 1).
@@ -79,9 +91,9 @@ class ZClip(Clipper):
             as in :class:`~gradclip.Clipper`.
 
     Raises:
-        RuntimeError: no parameter has a gradient (call ``loss.backward()`` first), the clipper is called twice on the same gradients, or, with ``scaler=``, the gradients are still scaled.
+        RuntimeError: no parameter has a gradient (call ``loss.backward()`` first, or inside the closure given to ``optimizer.step``), the clipper is called twice on the same gradients, or, with ``scaler=``, it is called by hand on gradients that are still scaled (call ``scaler.unscale_(optimizer)`` first, or attach it).
         ValueError: an argument is outside the range given above (the message names it).
-        TypeError: an argument has the wrong type (the message names it).
+        TypeError: an argument has the wrong type (the message names it), or a gradient is sparse.
 
     References:
         * Kumar, Owen, Chowdhury and Güra (2025), "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", `arXiv:2504.02507 <https://arxiv.org/abs/2504.02507>`__.
@@ -140,6 +152,8 @@ class ZClip(Clipper):
             return self._warmup_step(groups, norm, g)
         assert self.mean is not None and self.var is not None
         mean, var = self.mean.to(g.device), self.var.to(g.device)
+        # False only while no finite norm was seen (warm-up without one): the EMA is undefined (NaN)
+        started = torch.isfinite(mean) & torch.isfinite(var)
         std = var.sqrt()
         if self.mode == "percentile":
             clip_val = mean + self.z_thresh * std
@@ -151,6 +165,7 @@ class ZClip(Clipper):
                 clip_val = (mean + (self.z_thresh * std) / (z / self.z_thresh)) * self.clip_factor
             else:
                 clip_val = mean
+        spike = spike & started  # (NaN comparisons are False anyway: said once, explicitly)
         inf = torch.full((), math.inf, dtype=self.dtype, device=g.device)
         threshold = torch.where(spike, clip_val, inf)
         if self.max_grad_norm is not None:
@@ -160,7 +175,10 @@ class ZClip(Clipper):
         x = torch.where(spike, clip_val, g)
         new_mean = self.alpha * mean + (1 - self.alpha) * x
         new_var = self.alpha * var + (1 - self.alpha) * (x - new_mean) ** 2
-        keep = ~torch.isfinite(g)
+        # the first finite norm after a warm-up without one starts the EMA
+        new_mean = torch.where(started, new_mean, g)
+        new_var = torch.where(started, new_var, torch.zeros_like(g))
+        keep = ~torch.isfinite(g) | ~torch.isfinite(new_mean) | ~torch.isfinite(new_var)
         if self.skip_update_on_spike:
             keep = keep | spike
         self.mean = torch.where(keep, mean, new_mean)
@@ -192,7 +210,8 @@ class ZClip(Clipper):
 
     def _state(self) -> dict[str, Any]:
         def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.detach().cpu()
+            # a copy, also on the CPU (where .cpu() returns the tensor itself, which later steps change)
+            return None if t is None else t.detach().to("cpu", copy=True)
 
         return {"mean": cpu(self.mean), "var": cpu(self.var), "buffer": cpu(self._buffer)}
 

@@ -1,0 +1,270 @@
+"""Every torch.optim optimizer x every way it steps x every attachable tool: what the optimizer used was clipped.
+
+For each optimizer class (in its plain, foreach and fused variants, as far as
+its constructor offers them), each way of stepping (``opt.step()``,
+``opt.step(closure)``, ``scaler.step(opt)`` with a CPU GradScaler) and each
+attachable tool (AutoClip, ZClip, SpikeGuard, GradientMonitor), a few real
+steps on a tiny model with a gradient spike are compared with a reference run
+that does by hand, after ``backward()`` (and ``scaler.unscale_``), what the
+tool's own ClipResult says it did: multiply the gradients by ``scale``, or
+undo the step when the guard's factor is 0. So the parameters show that the
+gradients the optimizer stepped with were the clipped ones. Along the way:
+no "twice"/"no gradient" error, a twin tool called by hand on the unscaled
+gradients agrees with the attached one (the true norm under a fused
+optimizer), and ``state_dict()`` survives ``torch.save``/``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+
+import pytest
+import torch
+
+from gradclip.autoclip import AutoClip
+from gradclip.guard import SpikeGuard
+from gradclip.monitor import GradientMonitor
+from gradclip.zclip import ZClip
+
+STEPS = 5
+SPIKE_STEP, SPIKE = 3, 40.0
+INIT_SCALE = 2.0**8
+
+# SparseAdam is left out: it steps only with sparse gradients, and gradclip clips dense ones only.
+OPTIMIZERS = {
+    "SGD": dict(lr=0.05, momentum=0.9),
+    "Adam": dict(lr=0.01),
+    "AdamW": dict(lr=0.01),
+    "Adamax": dict(lr=0.01),
+    "NAdam": dict(lr=0.01),
+    "RAdam": dict(lr=0.01),
+    "Adagrad": dict(lr=0.05),
+    "Adadelta": dict(lr=1.0),
+    "RMSprop": dict(lr=0.01),
+    "Rprop": dict(lr=0.01),
+    "ASGD": dict(lr=0.05),
+    "LBFGS": dict(lr=0.1, max_iter=3, history_size=4),
+    "Muon": dict(lr=0.02, ns_steps=1),  # torch >= 2.9; 2-D parameters only; bfloat16 Newton-Schulz is slow on the CPU
+    "Adafactor": dict(lr=0.01),  # torch >= 2.5
+}
+OPTIMIZERS = {name: kwargs for name, kwargs in OPTIMIZERS.items() if hasattr(torch.optim, name)}
+
+
+def variants(name):
+    """plain (one tensor at a time), foreach and fused: those the constructor offers (all of them run on the CPU)."""
+    accepted = inspect.signature(getattr(torch.optim, name).__init__).parameters
+    out = {"plain": {"foreach": False} if "foreach" in accepted else {}}
+    if "foreach" in accepted:
+        out["foreach"] = {"foreach": True}
+    if "fused" in accepted:
+        out["fused"] = {"fused": True}
+    return out
+
+
+TOOLS = {
+    "autoclip": lambda model: AutoClip(50.0),
+    "zclip": lambda model: ZClip(warmup_steps=2, z_thresh=2.0, max_grad_norm=None),
+    "guard": lambda model: SpikeGuard("median", threshold=3.0, window=8, min_history=2),
+    "monitor": lambda model: GradientMonitor(model),
+}
+
+MODES = ["step", "closure", "scaler"]
+EXCLUDED = {
+    ("LBFGS", "step"): "LBFGS.step needs a closure",
+    ("LBFGS", "scaler"): "GradScaler.step does not take a closure, and LBFGS needs one",
+}
+
+
+def cases():
+    for name in OPTIMIZERS:
+        for variant in variants(name):
+            for mode in MODES:
+                reason = EXCLUDED.get((name, mode))
+                marks = [pytest.mark.skip(reason=reason)] if reason else []
+                yield pytest.param(name, variant, mode, marks=marks, id=f"{name}-{variant}-{mode}")
+
+
+def make_model(name):
+    torch.manual_seed(0)
+    bias = name != "Muon"
+    return torch.nn.Sequential(torch.nn.Linear(4, 6, bias=bias), torch.nn.Tanh(), torch.nn.Linear(6, 3, bias=bias))
+
+
+def make_optimizer(name, variant, model):
+    return getattr(torch.optim, name)(model.parameters(), **OPTIMIZERS[name], **variants(name)[variant])
+
+
+X = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+Y = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
+
+
+def loss_of(model, step):
+    return torch.nn.functional.mse_loss(model(X), Y) * (SPIKE if step == SPIKE_STEP else 1.0)
+
+
+def after_each_evaluation(optimizer, action):
+    """A step pre-hook registered last: runs ``action`` after the tools of every closure evaluation (or before the step)."""
+
+    def hook(opt, args, kwargs):
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            action()
+            return None
+
+        def then():
+            loss = closure()
+            action()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": then}
+        return (args[0], then, *args[2:]), kwargs
+
+    return optimizer.register_step_pre_hook(hook)
+
+
+def step_once(model, optimizer, mode, step, scaler, by_hand=None):
+    """One training step; ``by_hand()`` runs after each backward (and unscale_), before the optimizer uses the gradients."""
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_of(model, step)
+        loss.backward()
+        if by_hand is not None:
+            by_hand()
+        return loss
+
+    if mode == "closure":
+        optimizer.step(closure)
+    elif mode == "step":
+        closure()
+        optimizer.step()
+    else:
+        optimizer.zero_grad()
+        scaler.scale(loss_of(model, step)).backward()
+        if by_hand is not None:
+            scaler.unscale_(optimizer)
+            by_hand()
+        scaler.step(optimizer)
+        scaler.update()
+
+
+def grad_norms(model, scale=1.0):
+    """Per-layer gradient norms the monitor should record, by a plain loop (float64)."""
+    layers = {}
+    for name, p in model.named_parameters():
+        layers.setdefault(name.rsplit(".", 1)[0], []).append(p.grad.double().reshape(-1) / scale)
+    return [float(torch.linalg.vector_norm(torch.cat(v))) for v in layers.values()]
+
+
+def roundtrip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("tool_name", sorted(TOOLS))
+@pytest.mark.parametrize("name, variant, mode", list(cases()))
+def test_the_optimizer_steps_with_what_the_tool_says_it_did(name, variant, mode, tool_name):
+    fused_scaled = mode == "scaler" and variant == "fused"
+
+    # --- the run under test: the tool attached --------------------------------------------
+    model = make_model(name)
+    optimizer = make_optimizer(name, variant, model)
+    tool = TOOLS[tool_name](model).attach(optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE) if mode == "scaler" else None
+    results, seen, weights = [], [], []  # per evaluation: the tool's result, the gradients' norms (unscaled)
+
+    def log():
+        grad_scale = getattr(optimizer, "grad_scale", None)
+        seen.append(grad_norms(model, 1.0 if grad_scale is None else grad_scale.double()))
+        if tool_name != "monitor":
+            results.append(tool.last_result)
+
+    after_each_evaluation(optimizer, log)
+    per_step = []
+    for step in range(STEPS):
+        step_once(model, optimizer, mode, step, scaler)
+        per_step.append(len(results) if tool_name != "monitor" else len(seen))
+        weights.append([p.detach().clone() for p in model.parameters()])
+    if tool_name != "monitor":
+        assert len(results) == tool.steps == per_step[-1]  # one call per evaluation, none refused
+
+    # --- the reference run: the same by hand, with the tool's own factors -----------------
+    model_ref = make_model(name)
+    optimizer_ref = make_optimizer(name, variant, model_ref)
+    scaler_ref = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE) if mode == "scaler" else None
+    twin = TOOLS[tool_name](model_ref)
+    evaluation = iter(range(len(results) if tool_name != "monitor" else len(seen)))
+    reference_norms, step_skipped = [], [False]
+
+    def by_hand():
+        i = next(evaluation)
+        if tool_name == "monitor":
+            reference_norms.append(grad_norms(model_ref))
+            return
+        params = [p for p in model_ref.parameters()]
+        copies = []
+        for p in params:
+            q = torch.nn.Parameter(p.detach().clone())
+            q.grad = p.grad.clone()
+            copies.append(q)
+        mine = twin(copies)  # the twin, on the unscaled gradients, decides as the attached tool did
+        tested = results[i]
+        if fused_scaled:
+            torch.testing.assert_close(mine.norm, tested.norm, rtol=1e-6, atol=0)
+            torch.testing.assert_close(mine.scale, tested.scale, rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(mine.norm, tested.norm) and torch.equal(mine.scale, tested.scale), i
+        if tool_name == "guard":
+            step_skipped[0] |= bool(tested.scale == 0)
+        else:
+            for p in params:
+                p.grad.mul_(tested.scale.to(p.grad.dtype))
+
+    for step in range(STEPS):
+        keep = {id(p): p for p in model_ref.parameters()}
+        saved_params = [p.detach().clone() for p in model_ref.parameters()]
+        saved_state = copy.deepcopy(optimizer_ref.state, memo=dict(keep))
+        step_skipped[0] = False
+        step_once(model_ref, optimizer_ref, mode, step, scaler_ref, by_hand)
+        if step_skipped[0]:  # the guard said skip: undo the step
+            with torch.no_grad():
+                for p, saved in zip(model_ref.parameters(), saved_params):
+                    p.copy_(saved)
+            optimizer_ref.state.clear()
+            optimizer_ref.state.update(saved_state)
+        for p, q in zip(model_ref.parameters(), weights[step]):
+            if fused_scaled:
+                torch.testing.assert_close(q, p.detach(), rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(q, p.detach()), (step, name)
+    assert next(evaluation, None) is None  # as many evaluations in both runs
+
+    # --- what each tool did, beyond the parameters -----------------------------------------
+    if tool_name == "monitor":
+        rows = tool.table()
+        assert [r["step"] for r in rows[:: len(tool.layers)]] == list(range(STEPS))
+        firsts = [0] + per_step[:-1]  # the monitor records a step's first evaluation
+        for step, first in enumerate(firsts):
+            got = [r["grad_norm"] for r in rows if r["step"] == step]
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(reference_norms[first]), rtol=1e-5, atol=0)
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(seen[first]), rtol=1e-5, atol=0)
+    elif mode != "closure" or name != "LBFGS":
+        clipped = [bool(r.scale < 1) for r in results]
+        assert clipped[SPIKE_STEP], "the spike was neither clipped nor skipped"
+
+    # --- state_dict through torch.save / torch.load(weights_only=True) ---------------------
+    state = tool.state_dict()
+    fresh = TOOLS[tool_name](model)
+    fresh.load_state_dict(roundtrip(state))
+    again = fresh.state_dict()
+    assert again.keys() == state.keys()
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(value, again[key], rtol=0, atol=0, equal_nan=True, msg=key)
+        else:
+            assert value == again[key], key
