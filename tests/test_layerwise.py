@@ -34,7 +34,9 @@ def test_per_tensor_is_torch_clip_on_each_tensor_and_keras(shapes, max_norm, sca
     for p, q, b in zip(ours, each, before):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-300)
         if norm_type == 2.0:
-            torch.testing.assert_close(p.grad, keras_clipnorm(b.grad, max_norm), rtol=1e-5, atol=1e-12)
+            # Keras divides by max(||g||, c), torch by ||g|| + 1e-6: they differ by up to 1e-6 / c relative
+            torch.testing.assert_close(p.grad, keras_clipnorm(b.grad, max_norm), rtol=max(1e-5, 2e-6 / max_norm),
+                                       atol=1e-12)
         new, old = p.grad.norm(norm_type), b.grad.norm(norm_type)
         assert new <= old * (1 + 1e-12) and new <= max_norm * (1 + 1e-9)  # never grows, capped
         if old + 1e-6 <= max_norm:
