@@ -5,16 +5,20 @@
 for a wrong answer and the worked solution. The ``check_*`` functions compare
 a reader's number with those answers and print whether it is right (with the
 hint when it is not) without printing the answer; each returns True or False,
-so the book's own tests can verify them. A static widget (no kernel) can take
-the same data: answers, tolerances, hints and solution text.
+so the book's own tests can verify them. :func:`widget` builds the static
+:class:`~gradclip_book.exercise.Exercise` (answer box, Check button, hint,
+solution behind a toggle; no kernel) from the same data, with the feedback of
+each accepted line of reasoning.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
+from . import exercise as _static
 from .depth import predicted_layer_factor
 from .families import angle_degrees, clip_vector
 from .rnn import GAMMA
@@ -70,7 +74,7 @@ class Exercise:
 @cache
 def _exercises() -> dict[str, Exercise]:
     decades = 20 * math.log10(predicted_layer_factor(1.2, "linear", "xavier", 64))
-    relu = predicted_layer_factor(1.0, "relu", "xavier", 64)
+    relu_gain = 1.0 / predicted_layer_factor(1.0, "relu", "xavier", 64)
     sigmoid = 1.0 / GAMMA["sigmoid"]
     steps = float(quartic_steps(50.0, 0.1, max_norm=1.0))
     walk = 50.0 / (0.1 * 1.0)
@@ -84,12 +88,15 @@ def _exercises() -> dict[str, Exercise]:
                  "each layer multiplies the norm by about the gain; a decade is a factor of 10, "
                  "so count log10 of the gain per layer.",
                  rf"Each layer multiplies by $\kappa = 1.2$, so 20 layers give $20 \log_{{10}} 1.2 = {decades:.2f}$ decades."),
-        Exercise("relu_xavier",
-                 r"A ReLU network initialised with Xavier's $1/\sqrt n$ and gain 1. By what factor per layer "
-                 r"does $\lVert\partial J/\partial h_l\rVert$ change?",
-                 (Answer(relu, 0.05),),
-                 "Xavier is matched to a linear unit; a ReLU passes the gradient through only half of its units.",
-                 rf"Half the units pass the gradient, halving the variance: the factor is $1/\sqrt 2 = {relu:.3f}$."),
+        Exercise("relu_gain",
+                 r"A ReLU network initialised with Xavier's $1/\sqrt n$ scale times a gain $\kappa$. Which gain "
+                 r"keeps $\lVert\partial J/\partial h_l\rVert$ the same from layer to layer?",
+                 (Answer(relu_gain, 0.03),),
+                 "a ReLU passes the gradient through only half of its units, which halves its mean square; "
+                 "which factor on the weights' standard deviation doubles the mean square again?",
+                 rf"Half the units pass the gradient, so the per-layer factor is $\kappa/\sqrt 2$ (section 2.2); it is "
+                 rf"1 for $\kappa = \sqrt 2 = {relu_gain:.3f}$. That is He's initialisation: a standard deviation "
+                 rf"$\sqrt 2$ times Xavier's."),
         Exercise("sigmoid_radius",
                  r"A recurrent network with sigmoid units. Below which largest singular value of "
                  r"$W_\text{rec}$ is the gradient guaranteed to vanish?",
@@ -100,7 +107,9 @@ def _exercises() -> dict[str, Exercise]:
         Exercise("clipped_steps",
                  r"Clipped gradient descent on $x^4$ with $\eta = 0.1$ and $c = 1$, from $x_0 = 50$. "
                  r"About how many steps until $f < 10^{-4}$? (Within 15% counts.)",
-                 (Answer(steps, 0.15),
+                 (Answer(steps, 0.15, feedback=(
+                      "Correct: that is the exact count. The walk x0/(eta c) predicts fewer steps: it leaves out the "
+                      "last stretch near the minimum, where |4x^3| < c and the unclipped steps shrink.")),
                   Answer(walk, 0.15, feedback=(
                       "Correct for the clipped walk: x0/(eta c) counts the steps of full length eta c. The exact "
                       "count is about a fifth higher, because near the minimum |4x^3| < c and the steps shrink."))),
@@ -137,7 +146,7 @@ def answer(name: str) -> float:
     """The exact value a checker accepts (for tests; reading it spoils the exercise).
 
     Args:
-        name: ``decades``, ``relu_xavier``, ``sigmoid_radius``, ``clipped_steps`` or ``value_angle``.
+        name: ``decades``, ``relu_gain``, ``sigmoid_radius``, ``clipped_steps`` or ``value_angle``.
 
     Returns:
         The exact answer.
@@ -188,16 +197,16 @@ def check_decades(given: float | None) -> bool:
     return check("decades", given)
 
 
-def check_relu_xavier(given: float | None) -> bool:
-    r"""Exercise: the per-layer factor of a ReLU network with Xavier initialisation and gain 1. Within 5%.
+def check_relu_gain(given: float | None) -> bool:
+    r"""Exercise: which gain on Xavier's scale keeps a ReLU network's per-layer factor at 1? Within 3%.
 
     Example:
-        >>> from gradclip_book.exercises import check_relu_xavier
-        >>> check_relu_xavier(1.0)
-        Not quite: your answer is too high. Hint: Xavier is matched to a linear unit; a ReLU passes the gradient through only half of its units.
+        >>> from gradclip_book.exercises import check_relu_gain
+        >>> check_relu_gain(1.0)
+        Not quite: your answer is too low. Hint: a ReLU passes the gradient through only half of its units, which halves its mean square; which factor on the weights' standard deviation doubles the mean square again?
         False
     """
-    return check("relu_xavier", given)
+    return check("relu_gain", given)
 
 
 def check_sigmoid_radius(given: float | None) -> bool:
@@ -237,3 +246,68 @@ def check_value_angle(given: float | None) -> bool:
         False
     """
     return check("value_angle", given)
+
+
+@dataclass
+class StaticExercise(_static.Exercise):
+    """The static widget, plus a sentence per accepted line of reasoning shown after "Correct.".
+
+    ``notes`` holds ``(low, high, text)``: a right answer in ``[low, high]`` gets ``text``
+    (the first range that holds it, in the order of :attr:`Exercise.answers`).
+    """
+
+    notes: list = field(default_factory=list)
+
+    def check(self, value: float) -> bool:
+        right = self.accepts(value)
+        note = next((t for lo, hi, t in self.notes if lo <= float(value) <= hi), "") if right else ""
+        print(f"Correct. {note}".strip() if right else "Not quite." + (" Open the hint." if self.hint else ""))
+        return right
+
+    def _repr_html_(self) -> str:
+        page = super()._repr_html_()
+        root = f"gc-ex-{self.name}"
+        notes = [{"low": lo, "high": hi, "text": t} for lo, hi, t in self.notes]
+        script = f"<script>({_NOTES_JS})({json.dumps(root)},{json.dumps(notes)});</script>"
+        return page[: -len("</div>")] + script + "</div>"
+
+
+_NOTES_JS = r"""function(id,notes){
+var root=document.getElementById(id),input=document.getElementById(id+'-input'),out=document.getElementById(id+'-feedback');
+root.querySelector('form').addEventListener('submit',function(){
+  if(root.dataset.result!=='right'){return;}
+  var t=String(input.value).trim().replace(/\u2212/g,'-').replace(/\s+/g,''),v;
+  if(/^[-+]?\d+\/\d+$/.test(t)){var p=t.split('/');v=(+p[0])/(+p[1]);}
+  else{v=parseFloat(t.replace(/(?:\u00d7|x|\*)10\^/i,'e').replace(/^10\^/,'1e'));}
+  for(var i=0;i<notes.length;i++){var n=notes[i];if(n.low<=v&&v<=n.high){out.textContent='Correct. '+n.text;return;}}
+});}"""
+
+
+def _bounds(a: Answer) -> tuple[float, float]:
+    allowed = a.tolerance * abs(a.value) if a.relative else a.tolerance
+    return a.value - allowed, a.value + allowed
+
+
+def widget(name: str, number: int | str = "") -> StaticExercise:
+    """The static exercise widget of exercise ``name``, built from :data:`EXERCISES`' data.
+
+    The first accepted answer is the widget's answer; the others are accepted
+    too (as numbers with the same tolerance, or as intervals), and each one's
+    feedback is shown after "Correct." when a reader's answer falls in it.
+
+    Example:
+        >>> from gradclip_book.exercises import answer, widget
+        >>> w = widget("clipped_steps", 4)
+        >>> w.answer == answer("clipped_steps"), w.accepts(500), w.name
+        (True, True, 'clipped-steps')
+    """
+    ex = _exercises()[name]
+    first, *others = ex.answers
+    accept = [a.value if (a.tolerance, a.relative) == (first.tolerance, first.relative) else _bounds(a)
+              for a in others]
+    notes = [(*_bounds(a), a.feedback) for a in ex.answers if a.feedback != "Correct."]
+    prompt = f"**{number}.** {ex.question}" if number != "" else ex.question
+    return StaticExercise(name.replace("_", "-"), prompt, answer=first.value, tolerance=first.tolerance,
+                          relative=first.relative, hint=ex.hint[:1].upper() + ex.hint[1:], solution_md=ex.solution,
+                          accept=accept, notes=notes)
+

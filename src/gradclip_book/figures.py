@@ -47,7 +47,9 @@ Phone, dark mode, page weight
     theme, and change with it. plotly.js is not on every page: the first
     figure on a page loads the book's vendored partial bundle
     (``_static/vendor/plotly-cartesian.min.js``, see :data:`PLOTLY_TRACE_TYPES`),
-    and each figure draws when it scrolls near the viewport. In a live
+    and each figure draws when it scrolls near the viewport.
+    ``Explorer(..., share_traces=True)`` stores a trace that recurs in several
+    frames (a run that one control does not change) once per page. In a live
     notebook without plotly.js in the page, figures are offered in plotly's
     own mimetype; nothing is ever loaded from a CDN.
 
@@ -361,6 +363,9 @@ class Explorer:
             and for links.
         number: the number shown before the caption ("Figure 2.3"); set by
             :class:`Figures`.
+        share_traces: store a frame trace that recurs in several frames once in
+            the page (``spec()["shared"]``) and let the frames point to it
+            (``{"gcShared": i}``); the drawn figure is the same, the page lighter.
 
     Example:
         >>> from gradclip_book.figures import Explorer, Param
@@ -380,6 +385,7 @@ class Explorer:
     frames: dict[str, dict] | None = None
     label: str = ""
     number: str = ""
+    share_traces: bool = False
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -459,7 +465,7 @@ class Explorer:
             "base": _place_colorbars(self.traces, layout),
             "layout": layout,
             "stacked": _stacked(layout, self.traces),
-            "frames": self.frames,
+            **(_shared_frames(self.frames) if self.share_traces else {"frames": self.frames}),
         }
 
     def to_html(self) -> str:
@@ -515,6 +521,27 @@ class Explorer:
                 display(PlotlyFigure(_merge(self.traces, frame), self.layout, f"{self.name}-live"))
 
         return widgets.VBox([widgets.interactive(redraw, **controls), output])
+
+
+def _shared_frames(frames: Mapping[str, dict]) -> dict:
+    """``{"frames": ..., "shared": [...]}``: each trace found in two or more frames is stored once."""
+    text = {key: [json.dumps(t, sort_keys=True, separators=(",", ":")) for t in frame["traces"]]
+            for key, frame in frames.items()}
+    counts: dict[str, int] = {}
+    for traces in text.values():
+        for t in traces:
+            counts[t] = counts.get(t, 0) + 1
+    shared: dict[str, int] = {}
+    out = {}
+    for key, frame in frames.items():
+        traces = []
+        for trace, t in zip(frame["traces"], text[key]):
+            if counts[t] > 1 and len(t) > 24:
+                traces.append({"gcShared": shared.setdefault(t, len(shared))})
+            else:
+                traces.append(trace)
+        out[key] = {**frame, "traces": traces}
+    return {"frames": out, "shared": [json.loads(t) for t in shared]}
 
 
 def _caption_html(number: str, text: str, strip: str) -> str:
@@ -745,7 +772,8 @@ G.explorer=function(id){
   fig.draw=function(){
     var t0=performance.now(),idx=spec.params.map(function(p,i){return position(i);}),key=idx.join('|');
     var frame=spec.frames[key],narrow=G.narrow(plot),stack=narrow&&spec.stacked;
-    var data=spec.base.map(function(tr,i){var d=Object.assign({},tr,(frame.traces[i]||{}));
+    var data=spec.base.map(function(tr,i){var ft=frame.traces[i]||{};
+      if(ft.gcShared!=null){ft=spec.shared[ft.gcShared];}var d=Object.assign({},tr,ft);
       if(stack&&spec.stacked.colorbars[i]){d.colorbar=spec.stacked.colorbars[i];}return d;});
     Plotly.react(plot,data,G.themed(stack?spec.stacked.layout:spec.layout,root),CONFIG);
     controls.forEach(function(el,i){if(el.tagName==='INPUT'){var shown=spec.params[i].shown[idx[i]];

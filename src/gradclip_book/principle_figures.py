@@ -24,6 +24,33 @@ from .quartic import quartic_descent
 from .rnn import gradient_through_time
 from .smoothness import quartic_steps, smoothness_along_training, smoothness_envelope
 
+# --- page weight: store what a reader can see -------------------------------------------------
+
+def _sig(values, digits: int = 4, decimals: int | None = None) -> list:
+    """``values`` rounded to ``digits`` significant digits (and at most ``decimals`` decimals); NaN/inf -> None.
+
+    A log10 value plotted over several decades needs no more than 3 decimals.
+
+    Example:
+        >>> _sig([3.14159, -12.3456, float("inf"), 0.0001234], decimals=3)
+        [3.142, -12.35, None, 0.0]
+    """
+    out = []
+    for v in np.asarray(values, dtype=float).ravel().tolist():
+        if not math.isfinite(v):
+            out.append(None)
+            continue
+        if decimals is not None:
+            v = round(v, decimals)
+        out.append(float(f"{v:.{digits}g}") if v else 0.0)
+    return out
+
+
+def _line(x0: float, x1: float, y0: float, y1: float) -> dict:
+    """A straight line (a power law on a log axis) as its two end points."""
+    return {"x": [x0, x1], "y": _sig([y0, y1], decimals=3)}
+
+
 # --- 2.2 depth -------------------------------------------------------------------------------
 
 DEPTH_WIDTH, DEPTH_SEEDS = 64, 3
@@ -56,19 +83,22 @@ def depth_explorer() -> Explorer:
         ratio = float(np.exp(np.mean(np.log(measured.layer_ratios))))
         q = predicted_layer_factor(gain, activation, init, DEPTH_WIDTH)
         bound = " (an upper bound for tanh)" if activation == "tanh" else ""
-        layers = list(range(depth + 1))
+        law_y = np.asarray(law.log_activation_grads, dtype=float)
+        assert np.allclose(law_y, np.linspace(law_y[0], law_y[-1], len(law_y)), atol=1e-6)  # a straight line
+        spread = max(measured.log_weight_grads) - min(measured.log_weight_grads)
         return {
-            "traces": [
-                {"x": layers, "y": measured.log_activation_grads},
-                {"x": layers, "y": law.log_activation_grads},
-                {"x": layers[1:], "y": measured.log_weight_grads},
-                {"x": list(DEPTHS), "y": [group[(d, "probe")][0].log_total_norm for d in DEPTHS]},
-                {"x": list(DEPTHS), "y": [group[(d, "probe")][1].log_total_norm for d in DEPTHS]},
-                {"x": list(DEPTHS), "y": [group[(d, "mse")][0].log_total_norm for d in DEPTHS]},
-                {"x": list(DEPTHS), "y": [group[(d, "mse")][1].log_total_norm for d in DEPTHS]},
+            "traces": [  # x is the layer index: plotly's default 0, 1, 2, ... (x0 = 1 for the weights)
+                {"y": _sig(measured.log_activation_grads, decimals=3)},
+                _line(0, depth, law_y[0], law_y[-1]),
+                {"y": _sig(measured.log_weight_grads, decimals=3)},
+                {"y": _sig([group[(d, "probe")][0].log_total_norm for d in DEPTHS], decimals=3)},
+                {"y": _sig([group[(d, "probe")][1].log_total_norm for d in DEPTHS], decimals=3)},
+                {"y": _sig([group[(d, "mse")][0].log_total_norm for d in DEPTHS], decimals=3)},
+                {"y": _sig([group[(d, "mse")][1].log_total_norm for d in DEPTHS], decimals=3)},
             ],
             "note": f"Fitted per-layer ratio {ratio:.3f}; the law's factor q = {q:.3f}{bound}. Over {depth} layers "
-                    f"the activation gradient changes by {depth_change(depth, gain, activation, init):+.2f} decades.",
+                    f"the activation gradient changes by {depth_change(depth, gain, activation, init):+.2f} decades; "
+                    f"the per-layer weight-gradient norms span {spread:.2f} decades.",
         }
 
     left, right = {"xaxis": "x", "yaxis": "y"}, {"xaxis": "x2", "yaxis": "y2"}
@@ -82,13 +112,13 @@ def depth_explorer() -> Explorer:
         traces=[
             {**left, "mode": "markers", "name": "‖∂J/∂h_l‖ measured", "marker": {"color": PALETTE[0], "size": 6}},
             {**left, "mode": "lines", "name": "law q^(D−l)", "line": {"color": PALETTE[0]}},
-            {**left, "mode": "markers", "name": "‖∂J/∂W_l‖ measured",
+            {**left, "mode": "markers", "name": "‖∂J/∂W_l‖ measured", "x0": 1,
              "marker": {"color": PALETTE[1], "symbol": "square", "size": 6}},
-            {**right, "mode": "markers", "name": "total, probe loss", "marker": {"color": PALETTE[2], "size": 9}},
-            {**right, "mode": "lines", "name": "law √D q^(D−1)", "line": {"color": PALETTE[2], "dash": "dot"}},
-            {**right, "mode": "markers", "name": "total, squared error",
+            {**right, "x": list(DEPTHS), "mode": "markers", "name": "total, probe loss", "marker": {"color": PALETTE[2], "size": 9}},
+            {**right, "x": list(DEPTHS), "mode": "lines", "name": "law √D q^(D−1)", "line": {"color": PALETTE[2], "dash": "dot"}},
+            {**right, "x": list(DEPTHS), "mode": "markers", "name": "total, squared error",
              "marker": {"color": PALETTE[3], "symbol": "diamond", "size": 9}},
-            {**right, "mode": "lines", "name": "law √D q^(2D−1)", "line": {"color": PALETTE[3], "dash": "dot"}},
+            {**right, "x": list(DEPTHS), "mode": "lines", "name": "law √D q^(2D−1)", "line": {"color": PALETTE[3], "dash": "dot"}},
         ],
         layout={
             "height": 520,
@@ -100,9 +130,10 @@ def depth_explorer() -> Explorer:
             "margin": {"l": 60, "r": 20, "t": 20, "b": 140},
         },
         caption=(f"Left: gradient norms per layer of one backward pass at initialisation (geometric mean of "
-                 f"{DEPTH_SEEDS} seeds, width {DEPTH_WIDTH}, probe loss): activation gradients (circles) follow the "
-                 "law q^(D−l) (line) while weight gradients (squares) stay flat. Right: the total gradient norm "
+                 f"{DEPTH_SEEDS} seeds, width {DEPTH_WIDTH}, probe loss): activation gradients (circles) with the "
+                 "law q^(D−l) (line), and weight gradients (squares). Right: the total gradient norm "
                  "against depth for the probe loss and for a squared error on the output, with their laws."),
+        label="fig-depth", share_traces=True,
     )
 
 
@@ -137,17 +168,17 @@ def rnn_summary(radius: float, steps: int, activation: str, input_scale: float) 
 def rnn_explorer() -> Explorer:
     """Gradient norm back through time against spectral radius, length and input scale."""
     def frame(radius, steps, input_scale):
-        ks = list(range(steps + 1))
         lin, tanh, sig = (rnn_summary(radius, steps, a, input_scale) for a in ("linear", "tanh", "sigmoid"))
         lam1 = lin["lam1"]
-        bound = lambda gamma: [k * math.log10(gamma * lam1) for k in ks]
+        bound = lambda gamma: _line(0, steps, 0.0, steps * math.log10(gamma * lam1))
         verdict = lambda gamma: "can explode" if gamma * lam1 > 1 else "must vanish"
         return {
             "traces": [
-                {"x": ks, "y": lin["logs"]}, {"x": ks, "y": [k * math.log10(radius) for k in ks]},
-                {"x": ks, "y": tanh["logs"]}, {"x": ks, "y": bound(1.0)},
-                {"x": ks, "y": [k * math.log10(tanh["mean_field"]) for k in ks]},
-                {"x": ks, "y": sig["logs"]}, {"x": ks, "y": bound(0.25)},
+                # x is the step k: plotly's default 0, 1, 2, ...; the laws are straight lines
+                {"y": _sig(lin["logs"], decimals=3)}, _line(0, steps, 0.0, steps * math.log10(radius)),
+                {"y": _sig(tanh["logs"], decimals=3)}, bound(1.0),
+                _line(0, steps, 0.0, steps * math.log10(tanh["mean_field"])),
+                {"y": _sig(sig["logs"], decimals=3)}, bound(0.25),
             ],
             "note": f"λ1 ≈ {lam1:.2f}: tanh (γλ1 = {lam1:.2f}) {verdict(1.0)}, its mean-field factor "
                     f"ρ·mean tanh′ = {tanh['mean_field']:.2f}; sigmoid (γλ1 = {lam1 / 4:.2f}) {verdict(0.25)}. "
@@ -178,6 +209,7 @@ def rnn_explorer() -> Explorer:
                  f"through time (geometric mean of {RNN_SEEDS} seeds; inputs N(0, s²)). Lines: the linear law ρ^k, "
                  "Pascanu et al.'s bound (γλ1)^k (γ = 1 for tanh, 1/4 for the sigmoid) and, for tanh, the "
                  "mean-field factor ρ times the mean slope tanh′ along the trajectory."),
+        label="fig-rnn", share_traces=True,
     )
 
 
@@ -205,8 +237,17 @@ def cliff_explorer() -> Explorer:
     b_grid = np.round(np.linspace(-4.5, -0.5, 81), 4)
     surface = np.log10(cliff_loss(w_grid[None, :], b_grid[:, None]) + 1e-4)
 
+    def every(run):  # at most 201 points per curve: every second iteration of the long horizon
+        return max(1, math.ceil((len(run.w) - 1) / 200))
+
+    def path(run):
+        k = every(run)
+        return {"x": _sig(run.w[::k]), "y": _sig(run.b[::k])}
+
     def dist(run):
-        return [max(math.hypot(w - CLIFF_START[0], b - CLIFF_START[1]), 1e-4) for w, b in zip(run.w, run.b)]
+        k = every(run)
+        d = [max(math.hypot(w - CLIFF_START[0], b - CLIFF_START[1]), 1e-4) for w, b in zip(run.w[::k], run.b[::k])]
+        return {"x0": 0, "dx": k, "y": _sig(d)}
 
     def frame(lr, max_norm, iters):
         plain, clipped = cliff_run(lr, None, iters), cliff_run(lr, max_norm, iters)
@@ -214,9 +255,7 @@ def cliff_explorer() -> Explorer:
         return {
             "traces": [
                 {},
-                {"x": plain.w, "y": plain.b}, {"x": clipped.w, "y": clipped.b},
-                {"x": list(range(len(plain.w))), "y": dist(plain)},
-                {"x": list(range(len(clipped.w))), "y": dist(clipped)},
+                path(plain), path(clipped), dist(plain), dist(clipped),
             ],
             "note": f"Start loss {plain.losses[0]:.3g}. Plain: farthest {plain.farthest():.2f} from the start, "
                     f"final loss {plain.losses[-1]:.3g}. Clipped{label}: farthest {clipped.farthest():.3f}, "
@@ -256,6 +295,7 @@ def cliff_explorer() -> Explorer:
                  f"at t = 50), with gradient descent from {CLIFF_START}, plain and with norm clipping; a run thrown "
                  "out of the frame continues off the picture. Right: the distance from the start at each iteration "
                  "(log scale)."),
+        label="fig-cliff", share_traces=True,
     )
 
 
@@ -287,7 +327,11 @@ def quartic_figure(table: dict, gd_const: float, clip_offset: float) -> PlotlyFi
     ], {"height": 420, "xaxis": {"type": "log", "title": {"text": "start x₀"}},
         "yaxis": {"type": "log", "title": {"text": "steps to f < 1e-4"}},
         "legend": {"orientation": "h", "x": 0, "y": -0.2, "yanchor": "top"},
-        "margin": {"l": 60, "r": 20, "t": 20, "b": 120}}, name="quartic-steps")
+        "margin": {"l": 60, "r": 20, "t": 20, "b": 120}}, name="quartic-steps",
+        caption="Steps of gradient descent on f(x) = x⁴ to reach f < 1e-4, against the start x₀ (log–log). "
+                "Markers are measured; the dotted lines are the laws C·x₀² (fixed step) and x₀/(ηc) + C (clipped). "
+                "Hover for values; drag to zoom.",
+        label="fig-quartic-steps")
 
 
 def quartic_explorer() -> Explorer:
@@ -299,7 +343,7 @@ def quartic_explorer() -> Explorer:
 
         def curve(run):  # log-spaced samples keep the page small
             idx = np.unique(np.round(np.logspace(0, np.log10(len(run.losses)), 120)).astype(int) - 1)
-            return {"x": (idx + 1).tolist(), "y": [run.losses[i] for i in idx]}
+            return {"x": (idx + 1).tolist(), "y": _sig([run.losses[i] for i in idx])}
         return {"traces": [curve(plain), curve(clipped)],
                 "note": f"Fixed step η = {lr:.2g}: {len(plain.losses) - 1} steps; clipped (η = 0.1, c = 1): "
                         f"{len(clipped.losses) - 1} steps."}
@@ -314,6 +358,7 @@ def quartic_explorer() -> Explorer:
                 "yaxis": {"type": "log", "title": {"text": "loss f(x) = x⁴"}, "range": [-4.5, 5]}},
         caption="Gradient descent on x⁴ until the loss is below 1e-4: fixed step size 0.9/(2x₀²), just below the "
                 "largest stable one, against clipped descent with η = 0.1 and c = 1.",
+        label="fig-quartic-curves",
     )
 
 
@@ -343,9 +388,8 @@ def smoothness_explorer() -> Explorer:
         t, st = smooth_run(lr, max_norm), smooth_stats(lr, max_norm)
         grid = np.logspace(np.log10(min(t.grad_norms)), np.log10(max(t.grad_norms)), 30)
         return {"traces": [
-                    {"x": np.round(t.grad_norms, 5).tolist(), "y": np.round(t.smoothness, 5).tolist(),
-                     "marker": {"color": list(range(len(t.grad_norms)))}},
-                    {"x": grid.tolist(), "y": (st["l0"] + st["l1"] * grid).tolist()}],
+                    {"x": _sig(t.grad_norms), "y": _sig(t.smoothness)},
+                    {"x": _sig(grid), "y": _sig(st["l0"] + st["l1"] * grid)}],
                 "note": f"Spearman correlation {st['rho']:.2f} over the run ({st['rho_late']:.2f} over its second "
                         f"half); envelope L0 = {st['l0']:.3g}, L1 = {st['l1']:.3g}; training loss "
                         f"{st['start']:.3g} → {st['final']:.3g}."}
@@ -356,7 +400,7 @@ def smoothness_explorer() -> Explorer:
          Param("max_norm", list(SMOOTH_THRESHOLDS), label="threshold c", default=None)],
         compute=frame,
         traces=[{"mode": "markers", "name": "one step (colour: step number)",
-                 "marker": {"size": 6, "colorscale": "Viridis", "showscale": True,
+                 "marker": {"size": 6, "colorscale": "Viridis", "showscale": True, "color": list(range(250)),
                             "colorbar": {"title": {"text": "step"}, "thickness": 10}}},
                 {"mode": "lines", "name": "bound L0 + L1‖∇f‖ (envelope)", "line": {"color": PALETTE[5]}}],
         layout={"height": 440, "xaxis": {"type": "log", "title": {"text": "gradient norm ‖∇f(x_t)‖"}},
@@ -366,6 +410,7 @@ def smoothness_explorer() -> Explorer:
         caption="Gradient norm against local smoothness at each of 250 full-batch steps of a 64–32–32–10 tanh "
                 "network on 512 digits from scikit-learn, coloured by step. The line is the smallest bound "
                 "L0 + L1‖∇f‖ above every point, with L0 the smallest measured L̂: an envelope, not a fit.",
+        label="fig-smoothness",
     )
 
 
@@ -422,6 +467,7 @@ def arrows_explorer() -> Explorer:
                 "yaxis": {"range": [-1, 5.2], "title": {"text": "g₂"}, "scaleanchor": "x", "zeroline": True}},
         caption="A two-dimensional gradient g and its norm-clipped and value-clipped versions, with the same "
                 "threshold for the norm (c) and for each entry (v). The note gives the angle each one turned.",
+        label="fig-arrows", share_traces=True,
     )
 
 
@@ -467,10 +513,9 @@ def families_explorer() -> Explorer:
 
     def frame(method):
         tr, s = traces[method], family_summary(method)
-        steps = list(range(len(tr.norm_before)))
-        return {"traces": [{"x": steps, "y": np.round(tr.norm_before, 5).tolist()},
-                           {"x": steps, "y": np.round(tr.norm_after, 5).tolist()},
-                           {"x": steps, "y": np.round(tr.angle, 3).tolist()}],
+        steps = list(range(len(tr.norm_before)))  # x is the step: plotly's default 0, 1, 2, ...
+        return {"traces": [{"y": _sig(tr.norm_before)}, {"y": _sig(tr.norm_after)},
+                           {"y": _sig(tr.angle, decimals=2)}],
                 "note": f"{FAMILY_NAMES[method]}: at the spike the norm goes from "
                         f"{tr.norm_before[stream.spike_at]:.3g} to {s['spike_after']:.3g} ({s['spike_ratio']:.1f} "
                         f"times its typical output {s['typical']:.3g}); {len(s['changed'])} of {len(steps)} steps "
@@ -494,6 +539,7 @@ def families_explorer() -> Explorer:
         caption="The same 120 recorded gradients (a corrupted batch at step 90) passed through each method. Top: "
                 "the global norm before and after (log scale). Bottom: the angle between the method's output and "
                 "the original gradient.",
+        label="fig-families", share_traces=True,
     )
 
 
