@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from support.references import per_sample_clipped_mean
+from support.references import opacus_dp_step, per_example_grads, per_sample_clipped_mean
 from support.sync import no_host_sync
 
 import gradclip.per_sample as per_sample_module
@@ -298,8 +299,8 @@ def test_ghost_refuses_what_its_identity_does_not_fit_and_auto_falls_back(monkey
     if case == "an unbatched layer":
         return  # no per-example gradient on either path
     calls = spy_vmap(monkeypatch)
-    if case == "batch norm in training mode":  # the vmap path refuses it too (see per_sample_grads)
-        with pytest.raises(RuntimeError, match="mutate a captured Tensor"):
+    if case == "batch norm in training mode":  # the vmap path refuses it too, saying why (see per_sample_grads)
+        with pytest.raises(ValueError, match="BatchNorm in training mode: .*batch statistics, which mix the examples"):
             per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 1.0)
         assert calls
         return
@@ -340,3 +341,390 @@ def test_ghost_norms_run_under_no_grad_and_write_into_grad(monkeypatch):
     torch.testing.assert_close(norms, expected.norms)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected.grads[name])
+
+
+
+# --- Parameters the loss does not reach: .grad stays None, no noise, on every path -----------------------------------
+
+class WithUnusedLayers(torch.nn.Module):
+    """``unused`` never runs; ``aux`` runs but its output does not reach the loss; ``zeroed`` reaches it times 0."""
+
+    def __init__(self, zeroed=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden, self.unused, self.aux, self.out = (torch.nn.Linear(6, 16), torch.nn.Linear(16, 3),
+                                                        torch.nn.Linear(16, 3), torch.nn.Linear(16, 3))
+        self.zeroed = torch.nn.Linear(16, 3) if zeroed else None
+
+    def forward(self, x):
+        h = torch.relu(self.hidden(x))
+        self.aux(h)  # computed, not used
+        out = self.out(h)
+        return out if self.zeroed is None else out + 0.0 * self.zeroed(h)
+
+
+UNREACHED = ("unused.weight", "unused.bias", "aux.weight", "aux.bias")
+
+
+def replayed_noise(model, names, seed, std, dtype=torch.float32):
+    """The noise gradclip draws: one randn per parameter in ``names``, in named_parameters order, times std."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(p.shape, generator=generator, dtype=dtype) * std
+            for name, p in model.named_parameters() if name in names}
+
+
+def assert_matches_opacus(model, loss_fn, inputs, targets, max_norm, noise_multiplier, method, seed=7, **kwargs):
+    """gradclip's step against opacus_dp_step on the per-example loop, noise replayed from the same seed."""
+    samples = per_example_grads(model, loss_fn, inputs, targets)
+    reached = [name for name, g in samples.items() if g is not None]
+    noise = replayed_noise(model, reached, seed, noise_multiplier * max_norm)
+    reduction = kwargs.get("loss_reduction", "mean")
+    divisor = kwargs.get("expected_batch_size") or len(inputs)
+    expected = opacus_dp_step([samples[name] for name in reached], max_norm, [noise[name] for name in reached],
+                              divisor, reduction)
+    result = per_sample_clipped_grad(model, loss_fn, inputs, targets, max_norm, noise_multiplier,
+                                     torch.Generator().manual_seed(seed), method=method, **kwargs)
+    assert list(result.grads) == reached
+    for name, e in zip(reached, expected):
+        torch.testing.assert_close(result.grads[name].double(), e, rtol=1e-5, atol=1e-6 * (1 + float(e.abs().max())))
+    return result
+
+
+@pytest.mark.parametrize("method", ["ghost", "vmap", "auto"])
+@pytest.mark.parametrize("batch", [5, 0])
+def test_a_parameter_the_loss_does_not_reach_keeps_grad_none_and_gets_no_noise(method, batch):
+    model = WithUnusedLayers()
+    inputs, targets = torch.randn(batch, 6), torch.randint(0, 3, (batch,))
+    # a plain backward leaves exactly these gradients None
+    F.cross_entropy(model(torch.randn(4, 6)), torch.randint(0, 3, (4,))).backward()
+    assert sorted(n for n, p in model.named_parameters() if p.grad is None) == sorted(UNREACHED)
+    model.zero_grad(set_to_none=True)
+    result = assert_matches_opacus(model, F.cross_entropy, inputs, targets, 0.5, 1.3, method, expected_batch_size=4)
+    assert not set(UNREACHED) & set(result.grads)
+    generator = torch.Generator().manual_seed(7)
+    per_sample_clip_grad_(model, F.cross_entropy, inputs, targets, 0.5, 1.3, generator, method=method,
+                          expected_batch_size=4)
+    # the noise of the reached parameters only: the generator moved by exactly their draws
+    replay = torch.Generator().manual_seed(7)
+    for name, p in model.named_parameters():
+        if name not in UNREACHED:
+            torch.randn(p.shape, generator=replay)
+    assert torch.equal(generator.get_state(), replay.get_state())
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == (name in UNREACHED), name
+    # AdamW's weight decay (and its moments) leave a parameter without a gradient alone
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5).step()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) == (name in UNREACHED), name
+
+
+@pytest.mark.parametrize("method", ["ghost", "vmap"])
+def test_a_parameter_with_a_true_zero_gradient_is_clipped_and_noised(method):
+    """Absence is structural: a reached parameter whose gradient is 0 still gets its noise."""
+    model = WithUnusedLayers(zeroed=True)
+    inputs, targets = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    result = assert_matches_opacus(model, F.cross_entropy, inputs, targets, 0.5, 1.1, method)
+    assert "zeroed.weight" in result.grads and bool(result.grads["zeroed.weight"].abs().sum() > 0)
+    quiet = per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 0.5, method=method)
+    assert torch.equal(quiet.grads["zeroed.weight"], torch.zeros(3, 16))
+
+
+class UsesAnIdleLayersWeight(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.idle = torch.nn.Linear(6, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.first(x)), self.idle.weight)  # the layer's weight without its forward
+
+
+def test_ghost_refuses_a_parameter_that_reaches_the_loss_without_its_layer_running(monkeypatch):
+    model = UsesAnIdleLayersWeight()
+    inputs, targets = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match="method='ghost' does not apply: .*did not run reaches the loss"):
+        per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 1.0, method="ghost")
+    calls = spy_vmap(monkeypatch)  # auto does not take a custom forward on trust: vmap, right
+    result = assert_matches_opacus(model, F.cross_entropy, inputs, targets, 0.3, 0.0, "auto")
+    assert calls and set(result.grads) == {"first.weight", "first.bias", "idle.weight"}
+
+
+def test_the_vmap_path_with_unreached_parameters_never_syncs():
+    model = WithUnusedLayers()
+    with no_host_sync():
+        for batch in (4, 0):
+            per_sample_clipped_grad(model, F.cross_entropy, torch.randn(batch, 6), torch.randint(0, 3, (batch,)), 0.5,
+                                    1.0, torch.Generator().manual_seed(0), method="vmap", expected_batch_size=4)
+
+
+# --- Empty batches, expected_batch_size and loss_reduction against Opacus's formula -------------------------------
+
+@pytest.mark.parametrize("method", ["ghost", "vmap", "auto"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_an_empty_batch_is_a_noise_only_step(method, reduction):
+    model = mlp(3)
+    inputs, targets = torch.randn(0, 6), torch.randint(0, 3, (0,))
+    result = assert_matches_opacus(model, F.cross_entropy, inputs, targets, 0.7, 1.2, method,
+                                   expected_batch_size=16, loss_reduction=reduction)
+    assert result.norms.shape == (0,) and result.scales.shape == (0,)
+    noise = replayed_noise(model, dict(model.named_parameters()), 7, 1.2 * 0.7)
+    for name, g in result.grads.items():  # the noise alone, divided by the expected batch size for a mean
+        torch.testing.assert_close(g, noise[name] / (16 if reduction == "mean" else 1))
+    quiet = per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 0.7, method=method,
+                                    expected_batch_size=16, loss_reduction=reduction)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in quiet.grads.values())  # the sum of nothing
+    model.zero_grad(set_to_none=True)
+    norms = per_sample_clip_grad_(model, F.cross_entropy, inputs, targets, 0.7, 1.2, torch.Generator().manual_seed(7),
+                                  method=method, expected_batch_size=16, loss_reduction=reduction)
+    assert norms.shape == (0,)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, result.grads[name])
+
+
+@pytest.mark.parametrize("method", ["ghost", "vmap", "auto"])
+def test_an_empty_batch_with_a_mean_over_the_batch_size_would_divide_by_zero_and_raises(method):
+    model = mlp()
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    with pytest.raises(ValueError, match="expected_batch_size.*at least one example|at least one example.*"
+                                         "expected_batch_size"):
+        per_sample_clip_grad_(model, F.cross_entropy, torch.randn(0, 6), torch.randint(0, 3, (0,)), 1.0, 1.0,
+                              generator, method=method)
+    assert torch.equal(generator.get_state(), state) and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_per_sample_grads_of_an_empty_batch_are_empty(chunk_size):
+    model = cnn()
+    grads = per_sample_grads(model, F.cross_entropy, torch.randn(0, 1, 6, 6), torch.randint(0, 3, (0,)), chunk_size)
+    assert {name: g.shape for name, g in grads.items()} == {name: (0, *p.shape) for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("method", ["ghost", "vmap"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("expected_batch_size", [None, 20])
+@pytest.mark.parametrize("noise_multiplier", [0.0, 1.3])
+def test_expected_batch_size_and_loss_reduction_follow_opacus(method, reduction, expected_batch_size,
+                                                              noise_multiplier):
+    model = deep_mlp(2, seed=5)
+    inputs = torch.randn(9, 6, generator=torch.Generator().manual_seed(1)) * 2
+    targets = torch.randint(0, 3, (9,), generator=torch.Generator().manual_seed(2))
+    _, unclipped = reference_dp_gradient(model, F.cross_entropy, inputs, targets, math.inf)
+    max_norm = thresholds(unclipped)[0]  # some examples clipped, some not
+    kwargs = dict(expected_batch_size=expected_batch_size, loss_reduction=reduction)
+    result = assert_matches_opacus(model, F.cross_entropy, inputs, targets, max_norm, noise_multiplier, method,
+                                   **kwargs)
+    assert 0 < float((result.scales < 1).float().mean()) < 1
+    # the same draws: the mean is exactly the sum divided by N
+    other = per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, max_norm, noise_multiplier,
+                                    torch.Generator().manual_seed(7), method=method,
+                                    expected_batch_size=expected_batch_size,
+                                    loss_reduction="sum" if reduction == "mean" else "mean")
+    summed, mean = (result, other) if reduction == "sum" else (other, result)
+    divisor = expected_batch_size or len(inputs)
+    for name in result.grads:
+        assert torch.equal(summed.grads[name] / divisor, mean.grads[name])
+    if noise_multiplier == 0:  # no noise drawn: the generator is untouched and the result is the same without it
+        generator = torch.Generator().manual_seed(3)
+        state = generator.get_state()
+        again = per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, max_norm, 0.0, generator,
+                                        method=method, **kwargs)
+        assert torch.equal(generator.get_state(), state)
+        assert all(torch.equal(again.grads[name], result.grads[name]) for name in result.grads)
+
+
+def test_loss_reduction_sum_ignores_expected_batch_size_as_opacus_does():
+    model = mlp(2)
+    inputs, targets = torch.randn(6, 6), torch.randint(0, 3, (6,))
+    plain = per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 0.5, loss_reduction="sum")
+    ignored = per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 0.5, loss_reduction="sum",
+                                      expected_batch_size=100)
+    assert all(torch.equal(plain.grads[n], ignored.grads[n]) for n in plain.grads)
+
+
+@pytest.mark.parametrize("method", ["auto", "ghost", "vmap"])
+def test_expected_batch_size_and_loss_reduction_are_checked_on_every_path(method):
+    model = mlp()
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    for bad in (0, -3, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="expected_batch_size"):
+            per_sample_clipped_grad(model, F.cross_entropy, x, y, 1.0, method=method, expected_batch_size=bad)
+    for bad in ("avg", None, "MEAN"):
+        with pytest.raises(ValueError, match="loss_reduction"):
+            per_sample_clip_grad_(model, F.cross_entropy, x, y, 1.0, method=method, loss_reduction=bad)
+    assert all(p.grad is None for p in model.parameters())
+
+
+# --- Clear errors: BatchNorm in training mode, chunk_size, on every path -----------------------------------------
+
+def batch_norm_models():
+    torch.manual_seed(0)
+    untracked = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, track_running_stats=False),
+                                    torch.nn.Linear(4, 3)).eval()
+    return {
+        "training": torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3)),
+        "frozen, training": torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4).requires_grad_(False),
+                                                torch.nn.Linear(4, 3)),
+        "deep inside a custom module, training": TwoLayersWithBatchNorm(),
+        "eval, without running statistics": untracked,
+    }
+
+
+class TwoLayersWithBatchNorm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        self.out = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.block(x)))
+
+
+@pytest.mark.parametrize("case", list(batch_norm_models()))
+@pytest.mark.parametrize("method", ["auto", "ghost", "vmap", "per_sample_grads", "per_sample_clip_grad_"])
+def test_batch_norm_on_batch_statistics_raises_saying_batchnorm_and_why(case, method):
+    model = batch_norm_models()[case]
+    inputs, targets = torch.randn(5, 3), torch.randint(0, 3, (5,))
+    running = [b.clone() for b in model.buffers()]
+    with pytest.raises(ValueError) as error:
+        if method == "per_sample_grads":
+            per_sample_grads(model, F.cross_entropy, inputs, targets)
+        elif method == "per_sample_clip_grad_":
+            per_sample_clip_grad_(model, F.cross_entropy, inputs, targets, 1.0)
+        else:
+            per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 1.0, method=method)
+    message = str(error.value)
+    for words in ("BatchNorm1d", "batch statistics", "mix the examples", "per-example gradients do not exist",
+                  "GroupNorm or LayerNorm", "eval mode"):
+        assert words in message, (words, message)
+    assert all(torch.equal(b, r) for b, r in zip(model.buffers(), running))  # refused before any forward pass
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_batch_norm_in_eval_mode_is_per_example_on_both_paths(monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, affine=False), torch.nn.Linear(4, 3))
+    model(torch.randn(32, 3))  # running statistics
+    model.eval()
+    inputs, targets = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    for method in ("ghost", "vmap"):
+        assert_matches_opacus(model, F.cross_entropy, inputs, targets, 0.4, 1.0, method)
+
+
+@pytest.mark.parametrize("method", ["auto", "ghost", "vmap"])
+@pytest.mark.parametrize("chunk_size", [-1, 0, -64, 2.0, True, "4"])
+def test_a_bad_chunk_size_is_refused_on_every_path(method, chunk_size):
+    model = mlp()  # eligible for ghost norms, which do not use chunk_size
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    with pytest.raises(ValueError, match=r"chunk_size must be None or an int >= 1"):
+        per_sample_clipped_grad(model, F.cross_entropy, x, y, 1.0, 1.0, generator, chunk_size=chunk_size,
+                                method=method)
+    with pytest.raises(ValueError, match=r"chunk_size must be None or an int >= 1"):
+        per_sample_clip_grad_(model, F.cross_entropy, x, y, 1.0, 1.0, generator, chunk_size=chunk_size, method=method)
+    with pytest.raises(ValueError, match=r"chunk_size must be None or an int >= 1"):
+        per_sample_grads(model, F.cross_entropy, x, y, chunk_size=chunk_size)
+    assert torch.equal(generator.get_state(), state) and all(p.grad is None for p in model.parameters())
+    assert per_sample_clipped_grad(model, F.cross_entropy, x, y, 1.0, chunk_size=3, method=method).norms.shape == (4,)
+
+
+# --- Norms that neither overflow nor underflow, in every dtype, on both paths --------------------------------------
+
+def ranged_case(dtype, magnitude, steps):
+    """A ReLU network (no biases) whose per-example gradients have entries near ``magnitude`` (MSE towards 0)."""
+    torch.manual_seed(0)
+    if steps:
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8, bias=False), torch.nn.ReLU(), torch.nn.Flatten(),
+                                    torch.nn.Linear(8 * steps, 3, bias=False))
+        shape = (7, steps, 6)
+    else:
+        model = torch.nn.Sequential(torch.nn.Linear(6, 128, bias=False), torch.nn.ReLU(),
+                                    torch.nn.Linear(128, 3, bias=False))
+        shape = (7, 6)
+    model = model.to(dtype)
+    spread = torch.logspace(-0.5, 0.5, shape[0], dtype=torch.float64).reshape(-1, *[1] * (len(shape) - 1))
+    inputs = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * spread
+    return model, (inputs * math.sqrt(magnitude)).to(dtype), torch.zeros(shape[0], 3, dtype=dtype)
+
+
+def exact_norms(samples):
+    """Each example's norm over all its per-example gradients (float64), its largest entry factored out."""
+    flat = torch.cat([g.reshape(len(g), -1) for g in samples], dim=1)
+    largest = flat.abs().amax(dim=1, keepdim=True)
+    largest = torch.where(largest > 0, largest, torch.ones_like(largest))
+    return (flat / largest).norm(dim=1) * largest.squeeze(1)
+
+
+RANGES = {  # dtype: (huge, tiny) gradient entries, each representable, whose squares are not (in the dtype)
+    torch.float32: (1e20, 1e-25),
+    torch.bfloat16: (1e20, 1e-25),
+    torch.float16: (1e4, 1e-2),  # squares above float16's 65504, norms near it: float32 accumulation
+    torch.float64: (1e160, 1e-170),
+}
+
+
+# ghost: 2-D inputs, and sequences by Gram matrices (T^2 <= d p) or by a bmm; vmap: 2-D inputs and sequences
+@pytest.mark.parametrize("method,steps", [("ghost", 0), ("ghost", 3), ("ghost", 12), ("vmap", 0), ("vmap", 12)])
+@pytest.mark.parametrize("dtype", list(RANGES), ids=str)
+@pytest.mark.parametrize("size", ["huge", "tiny"])
+@pytest.mark.parametrize("host", [True, False], ids=["cpu-checks", "no-host-read"])
+def test_norms_and_factors_neither_overflow_nor_underflow(method, steps, dtype, size, host):
+    magnitude = RANGES[dtype][0 if size == "huge" else 1]
+    model, inputs, targets = ranged_case(dtype, magnitude, steps)
+    samples = per_example_grads(model, F.mse_loss, inputs, targets)
+    assert all(torch.isfinite(g).all() for g in samples.values())
+    largest = max(float(g.abs().max()) for g in samples.values())
+    assert magnitude / 100 < largest < magnitude * 100  # the entries are as large (or small) as meant
+    norms = exact_norms(list(samples.values()))
+    if dtype == torch.float16 and size == "huge":
+        assert float(norms.max()) > 3e4
+    # the median clips half; for norms far below the 1e-6 guard, every factor is about 1/2
+    guarded = float(norms.max()) < 1e-8
+    max_norm = 5e-7 if guarded else float(norms.median())
+    factors = (max_norm / (norms + 1e-6)).clamp(max=1)
+    expected = [torch.einsum("i,i...", factors, g) / len(inputs) for g in samples.values()]
+    with contextlib.nullcontext() if host else no_host_sync():
+        result = per_sample_clipped_grad(model, F.mse_loss, inputs, targets, max_norm, method=method)
+    tolerance = {torch.float16: 2e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-5)
+    torch.testing.assert_close(result.norms.double(), norms, rtol=tolerance, atol=0)
+    torch.testing.assert_close(result.scales.double(), factors, rtol=tolerance, atol=0)
+    assert bool((result.scales > 0).all())
+    if not guarded:
+        assert 0 < int((result.scales < 1).sum()) < len(inputs)
+    for name, e in zip(samples, expected):
+        scale = float(e.abs().max())
+        assert scale > 0 and bool(result.grads[name].abs().max() > 0)
+        torch.testing.assert_close(result.grads[name].double() / scale, e / scale, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("method", ["ghost", "vmap"])
+def test_a_factor_too_small_for_float32_does_not_zero_the_gradient_on_the_cpu(method):
+    model, inputs, targets = ranged_case(torch.float32, 1e20, 0)
+    samples = per_example_grads(model, F.mse_loss, inputs, targets)
+    max_norm = 1e-30  # factors near 1e-51: zero in float32
+    expected = opacus_dp_step(list(samples.values()), max_norm, [torch.zeros(()) for _ in samples], len(inputs), "sum")
+    result = per_sample_clipped_grad(model, F.mse_loss, inputs, targets, max_norm, method=method, loss_reduction="sum")
+    assert bool((result.scales == 0).all())  # reported in float32, where they are 0 ...
+    for name, e in zip(samples, expected):  # ... but applied in float64: the gradient is not zeroed
+        scale = float(e.abs().max())
+        assert 0 < scale < 1e-28
+        torch.testing.assert_close(result.grads[name].double() / scale, e / scale, rtol=1e-4, atol=1e-4)
+
+
+def test_the_vmap_path_reads_the_parameters_reached_from_the_graph_without_another_pass(monkeypatch):
+    """Only when a parameter is missing from the graph of ``grad`` does autograd get asked again (one example)."""
+    calls = []
+    real = per_sample_module._reached
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+    monkeypatch.setattr(per_sample_module, "_reached", spy)
+    model = cnn()
+    inputs, targets = torch.randn(4, 1, 6, 6), torch.randint(0, 3, (4,))
+    result = per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 1.0, chunk_size=3)
+    assert not calls and list(result.grads) == [name for name, _ in model.named_parameters()]
+    result = per_sample_clipped_grad(WithUnusedLayers(), F.cross_entropy, torch.randn(4, 6),
+                                     torch.randint(0, 3, (4,)), 1.0, method="vmap")
+    assert calls and not set(UNREACHED) & set(result.grads)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import Callable
 from typing import Literal, NamedTuple
@@ -12,7 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.func import functional_call, grad, vmap
 
 from . import _validate
-from ._norms import accumulation_dtype
+from ._norms import accumulation_dtype, exact_on_host, scaled_norm, suspicious, wide_dtype
 from ._scaling import clip_coefficient
 
 __all__ = ["PerSampleClipResult", "per_sample_clip_grad_", "per_sample_clipped_grad", "per_sample_grads"]
@@ -20,14 +21,22 @@ __all__ = ["PerSampleClipResult", "per_sample_clip_grad_", "per_sample_clipped_g
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Method = Literal["auto", "ghost", "vmap"]
 _METHODS = ("auto", "ghost", "vmap")
+Reduction = Literal["mean", "sum"]
+_REDUCTIONS = ("mean", "sum")
+
+# While per_sample_clipped_grad calls per_sample_grads: a set to fill with the names of the
+# parameters that one example's loss reaches, read from its autograd graph inside ``grad``.
+_REACHED: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("gradclip_per_sample_reached", default=None)
 
 
 class PerSampleClipResult(NamedTuple):
     """What :func:`per_sample_clipped_grad` computed.
 
     Attributes:
-        grads: parameter name to the averaged, clipped (and noised) gradient.
-        norms: each example's gradient norm before clipping, a 1-D tensor of length B.
+        grads: parameter name to the clipped (and noised) gradient, averaged or summed as
+            ``loss_reduction`` says, for each trainable parameter the loss reaches; a
+            parameter it does not reach has no entry (see :func:`per_sample_clipped_grad`).
+        norms: each example's gradient norm before clipping, a 1-D tensor of length B (0 for an empty batch).
         scales: each example's clipping factor :math:`\\min(1, C/(\\|g_i\\| + 10^{-6}))`.
 
     References:
@@ -49,9 +58,30 @@ def _check_batch(inputs: torch.Tensor, targets: torch.Tensor) -> int:
         raise ValueError(
             f"inputs and targets must have the same batch size (dim 0), got {inputs.shape[0]} and {targets.shape[0]}"
         )
-    if inputs.shape[0] == 0:
-        raise ValueError("inputs must hold at least one example, got a batch of 0")
     return inputs.shape[0]
+
+
+def _batch_norm_problem(name: str, module: nn.Module) -> str | None:
+    """Why ``module`` has no per-example gradient if it is a BatchNorm on batch statistics, else ``None``."""
+    if not isinstance(module, _BatchNorm):
+        return None
+    if module.training:
+        state = "in training mode"
+    elif module.running_mean is None or module.running_var is None:
+        state = "without running statistics (track_running_stats=False)"
+    else:
+        return None
+    return (f"{name} ({type(module).__name__}) is a BatchNorm {state}: it normalises with batch statistics, "
+            "which mix the examples, so per-example gradients do not exist. Use GroupNorm or LayerNorm instead "
+            "(as DP-SGD requires), or put the BatchNorm in eval mode (model.eval()) so that it normalises "
+            "with its running statistics")
+
+
+def _refuse_batch_norm(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        problem = _batch_norm_problem(name or type(module).__name__, module)
+        if problem is not None:
+            raise ValueError(problem)
 
 
 def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -83,8 +113,12 @@ def per_sample_grads(
     ``torch.func``. The model is called on one example at a time (``x_i.unsqueeze(0)``), so
     ``loss_fn(output, target)`` receives a batch of one and must return a
     scalar. Modules that mix examples (BatchNorm in training mode) have no
-    per-example gradient: use GroupNorm or LayerNorm, as DP-SGD requires anyway.
-    Random modules (dropout) raise under ``vmap``'s default ``randomness="error"``.
+    per-example gradient and raise: use GroupNorm or LayerNorm, as DP-SGD
+    requires anyway, or BatchNorm in eval mode. Random modules (dropout) raise
+    under ``vmap``'s default ``randomness="error"``. A trainable parameter the
+    loss does not reach gets zeros (``torch.func.grad`` cannot tell it apart);
+    :func:`per_sample_clipped_grad` leaves it out. A batch of 0 examples gives
+    tensors of shape ``(0, *param.shape)``.
 
     Args:
         model: the network; its parameters with ``requires_grad`` are differentiated.
@@ -98,7 +132,7 @@ def per_sample_grads(
 
     Raises:
         TypeError: ``model`` is not a module, ``loss_fn`` is not callable, or ``inputs``/``targets`` are not tensors.
-        ValueError: ``inputs`` and ``targets`` differ in batch size or hold no example, ``chunk_size`` is not None or an int >= 1, or the model has no trainable or initialised parameters.
+        ValueError: ``inputs`` and ``targets`` differ in batch size or have no batch dimension, ``chunk_size`` is not None or an int >= 1, the model has no trainable or initialised parameters, or it holds a BatchNorm in training mode (or without running statistics).
 
     References:
         * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__.
@@ -113,16 +147,224 @@ def per_sample_grads(
     """
     _validate.check_callable("loss_fn", loss_fn, "loss_fn(output, target) -> scalar loss")
     _validate.check_optional_int("chunk_size", chunk_size, 1)
-    _check_batch(inputs, targets)
+    batch = _check_batch(inputs, targets)
     params = _trainable(model)
+    _refuse_batch_norm(model)
     frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
 
+    reached = _REACHED.get()
+
     def loss_of_one(trainable: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         output = functional_call(model, {**frozen, **buffers, **trainable}, (x.unsqueeze(0),))
-        return loss_fn(output, y.unsqueeze(0))
+        loss = loss_fn(output, y.unsqueeze(0))
+        if reached is not None and not reached and isinstance(loss, torch.Tensor):
+            reached.update(_leaves_reached(loss, trainable))
+        return loss
 
+    if batch == 0:  # (vmap over 0 examples cannot infer some shapes, e.g. in Flatten)
+        return {name: p.new_zeros((0, *p.shape)) for name, p in params.items()}
     return vmap(grad(loss_of_one), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, inputs, targets)
+
+
+def _leaves_reached(loss: torch.Tensor, leaves: dict[str, torch.Tensor]) -> set[str]:
+    """The names of ``leaves`` that ``loss``'s autograd graph reaches (a walk of the graph, no backward pass)."""
+    names = {id(t): name for name, t in leaves.items()}
+    found: set[str] = set()
+    seen: set[object] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+        if variable is not None and id(variable) in names:
+            found.add(names[id(variable)])
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def _reached(model: nn.Module, loss_fn: LossFn, params: dict[str, torch.Tensor], inputs: torch.Tensor,
+             targets: torch.Tensor) -> set[str]:
+    """The names of the trainable parameters whose gradient autograd reaches from one example's loss.
+
+    Structural, not by value: a parameter used with a zero gradient is reached. The vmap path's
+    model has no data-dependent control flow (vmap refuses it), so one example (zeros for an
+    empty batch) gives the structure of every example's graph.
+    """
+    if inputs.shape[0]:
+        x, y = inputs[:1], targets[:1]
+    else:
+        x, y = inputs.new_zeros((1, *inputs.shape[1:])), targets.new_zeros((1, *targets.shape[1:]))
+    leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
+    frozen = {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+    with torch.enable_grad():
+        loss = loss_fn(functional_call(model, {**frozen, **buffers, **leaves}, (x,)), y)
+    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        return set()
+    found = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return {name for name, g in zip(leaves, found) if g is not None}
+
+
+def _check_reduction(batch: int, expected_batch_size: int | None, loss_reduction: str) -> int | None:
+    """The divisor of the clipped, noised sum: ``None`` for a sum, else ``expected_batch_size`` or B (never 0)."""
+    _validate.check_choice("loss_reduction", loss_reduction, _REDUCTIONS)
+    expected_batch_size = _validate.check_optional_int("expected_batch_size", expected_batch_size, 1)
+    if loss_reduction == "sum":
+        return None
+    if expected_batch_size is not None:
+        return expected_batch_size
+    if batch == 0:
+        raise ValueError("loss_reduction='mean' without expected_batch_size divides by the batch size, so the batch "
+                         "must hold at least one example, got a batch of 0 (Poisson sampling draws empty batches): "
+                         "pass expected_batch_size (the divisor Opacus uses: sample rate x dataset size) or "
+                         "loss_reduction='sum'")
+    return batch
+
+
+# --- Per-example norms that neither overflow nor underflow (see gradclip._norms) -------------------------------
+
+def _max_scaled(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (in its accumulation dtype) divided by each example's largest magnitude over ``dims``, and those
+    magnitudes (wide dtype, shape (B,)).
+
+    A zero, inf or NaN magnitude divides by 1 instead, so zeros stay zeros and
+    non-finite values stay non-finite.
+    """
+    acc = accumulation_dtype(x.dtype)
+    if x.numel() == 0:
+        return x.to(acc), torch.ones(x.shape[0], dtype=wide_dtype(x.device), device=x.device)
+    largest = torch.linalg.vector_norm(x, math.inf, dim=dims, keepdim=True).to(acc)
+    largest = torch.where((largest > 0) & torch.isfinite(largest), largest, torch.ones_like(largest))
+    return x / largest, largest.reshape(-1).to(wide_dtype(x.device))
+
+
+def _scaled_row_norms(rows: torch.Tensor) -> torch.Tensor:
+    """The 2-norm of each row of a 2-D tensor, each row divided by its largest magnitude first (wide dtype)."""
+    if rows.shape[1] == 0:
+        return torch.zeros(rows.shape[0], dtype=wide_dtype(rows.device), device=rows.device)
+    scaled, largest = _max_scaled(rows, dims=(1,))
+    # an inf entry divides by 1 and keeps the norm inf (NaN with a NaN), as it should
+    return torch.linalg.vector_norm(scaled, dim=1).to(largest.dtype) * largest
+
+
+class _ExampleNorms:
+    """Each example's gradient norm, from parts, without over- or underflow.
+
+    The parts are row norms of 2-D tensors (one row per example), products of two of them
+    (a ghost norm), or norms already computed safely (wide dtype).
+
+    On the CPU (where a host read costs no sync) the row norms come from one kernel in the
+    accumulation dtype and are combined in it, as in torch, and one host read checks the
+    result: every row norm and every combined norm within [1e-15, 1e18] (the low end as
+    :func:`gradclip._norms.suspicious`), so that no square over- or underflowed on the way,
+    and no factor underflows float32. Otherwise, the row norms that may have over- or underflowed are
+    recomputed with their largest entry factored out and everything is combined again in the
+    wide dtype. Elsewhere (no host read) each row is divided by its largest magnitude before
+    its norm is taken (two more passes) and the parts are combined in the wide dtype, with
+    the largest factored out when the gradients are as wide as it.
+    """
+
+    # float32 squares of norms in this range neither overflow nor underflow (LOW as _norms.suspicious)
+    LOW, HIGH = torch.finfo(torch.float32).tiny ** 0.5 * 1e4, 1e18
+
+    def __init__(self, batch: int, device: torch.device) -> None:
+        self.batch, self.device = batch, device
+        self.on_host = exact_on_host(device)
+        self.wide = wide_dtype(device)
+        self.sources: list[torch.Tensor] = []
+        self.row_norms: list[torch.Tensor] = []
+        self.pairs: list[tuple[int, int | None]] = []
+        self.exact: list[torch.Tensor] = []
+        self.narrow = self.wide == torch.float64  # every part from a dtype narrower than the wide one
+
+    def rows(self, rows: torch.Tensor) -> int:
+        """Register the rows of a 2-D tensor (B, n); returns the index of their norms."""
+        acc = accumulation_dtype(rows.dtype)
+        self.narrow = self.narrow and acc != torch.float64
+        self.sources.append(rows)
+        if self.on_host:
+            self.row_norms.append(torch.linalg.vector_norm(rows, dim=1, dtype=acc))
+        else:
+            self.row_norms.append(_scaled_row_norms(rows).to(self.device))
+        return len(self.sources) - 1
+
+    def add(self, first: int, second: int | None = None) -> None:
+        """A part: the norms of rows ``first``, or their product with those of rows ``second``."""
+        self.pairs.append((first, second))
+
+    def add_exact(self, norms: torch.Tensor) -> None:
+        """A part computed without over- or underflow already (wide dtype)."""
+        self.exact.append(norms.to(self.device))
+
+    def _combined(self, row_norms: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        parts = [row_norms[first] if second is None else row_norms[first] * row_norms[second]
+                 for first, second in self.pairs] + self.exact
+        if not parts:
+            return torch.zeros(self.batch, dtype=dtype, device=self.device)
+        stacked = torch.stack(parts, dim=1)
+        if self.narrow or dtype != self.wide:
+            return torch.linalg.vector_norm(stacked, dim=1)
+        return scaled_norm(stacked, 2.0, dim=(1,))
+
+    def finish(self, max_norm: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The norms and factors, and whether a factor would underflow float32 (CPU only).
+
+        In float32 from the CPU's fast path, else in the wide dtype.
+        """
+        # a factor below float32's smallest normal number: norm > max_norm / tiny
+        limit = max_norm / torch.finfo(torch.float32).tiny if max_norm > 0 else math.inf
+        fast = (self.on_host and self.narrow and not self.exact and self.batch > 0 and self.row_norms
+                and {(n.dtype, n.device) for n in self.row_norms} == {(torch.float32, self.device)})
+        if fast:
+            norms = self._combined(self.row_norms, torch.float32)
+            smallest, largest = torch.aminmax(torch.cat([*self.row_norms, norms]))
+            # (a NaN fails this test, and takes the careful path to its NaN result)
+            if smallest.item() >= self.LOW and largest.item() <= min(self.HIGH, limit):
+                return norms, clip_coefficient(max_norm, norms), False
+        if self.on_host:
+            row_norms = [self._repaired(k) for k in range(len(self.sources))]
+        else:
+            row_norms = self.row_norms
+        norms = self._combined(row_norms, self.wide)
+        scales = clip_coefficient(max_norm, norms)
+        in_wide = self.on_host and self.batch > 0 and bool(norms.amax() > limit)
+        return norms, scales, in_wide
+
+    def _repaired(self, index: int) -> torch.Tensor:
+        """Row norms ``index`` in the wide dtype, the ones that may have over- or underflowed recomputed (CPU)."""
+        norms = self.row_norms[index].to(self.device, self.wide)
+        suspect = suspicious(norms, 2.0, torch.float32)
+        if bool(suspect.any()):
+            rows = suspect.nonzero().flatten()
+            norms[rows] = scaled_norm(self.sources[index][rows.to(self.sources[index].device)], 2.0, dim=(1,)).to(
+                self.device)
+        return norms
+
+
+class _Factors:
+    """The clipping factors (wide dtype) cast to each gradient's dtype, once per dtype and device.
+
+    ``in_wide``: on the CPU, a factor that the cast would flush below float32's smallest
+    normal number (a norm above about 1e38 times ``max_norm``) sends the weighted sums of
+    narrower dtypes to the wide dtype instead, so that no finite gradient is zeroed.
+    Elsewhere (no host read) such a factor loses precision in the cast.
+    """
+
+    def __init__(self, scales: torch.Tensor, in_wide: bool, cast: torch.Tensor) -> None:
+        self.scales, self.in_wide = scales, in_wide
+        self._cast = {(cast.dtype, cast.device): cast}
+
+    def get(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, bool]:
+        """The factors to multiply by, and whether to multiply in the wide dtype (then they are wide)."""
+        if self.in_wide and dtype != self.scales.dtype:
+            return self.scales.to(device), True
+        key = (dtype, device)
+        if key not in self._cast:
+            self._cast[key] = self.scales.to(device=device, dtype=dtype)
+        return self._cast[key], False
 
 
 def _check_dp_args(max_norm: float, noise_multiplier: float, generator: torch.Generator | None) -> float:
@@ -175,9 +417,9 @@ def _leaf_rule(module: nn.Module, name: str) -> tuple[int, int | None] | None:
     if _same_forward(module, (nn.Linear,)) or _same_forward(module, _ELEMENTWISE):
         return 2 if isinstance(module, nn.Linear) else 1, None
     if isinstance(module, _BatchNorm):
-        if module.training or module.running_mean is None or module.running_var is None:
-            raise _NotEligible(f"{name} ({type(module).__name__}) normalises with batch statistics, "
-                               "which mix the examples")
+        problem = _batch_norm_problem(name, module)
+        if problem is not None:
+            raise _NotEligible(problem)
         return (2, None) if _same_forward(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) else None
     if _same_forward(module, _DROPOUT):
         if module.training and module.p > 0:
@@ -211,8 +453,21 @@ def _ghost_plan(model: nn.Module, vouched: bool) -> tuple[list[tuple[str, nn.Lin
     Raises :class:`_NotEligible` when the ghost-norm identity does not hold for the model:
     a trainable parameter outside an ``nn.Linear`` (or not its ``weight`` or ``bias``), a
     parameter or module used at two places, or a module that mixes examples. Modules this
-    function does not know (custom ``forward``) are refused unless ``vouched``.
+    function does not know (custom ``forward``) are refused unless ``vouched``. A BatchNorm on
+    batch statistics is the reason given first, wherever it is: no method applies to it.
     """
+    try:
+        return _ghost_layers_and_rules(model, vouched)
+    except _NotEligible:
+        for name, module in model.named_modules():
+            problem = _batch_norm_problem(name or type(module).__name__, module)
+            if problem is not None:
+                raise _NotEligible(problem) from None
+        raise
+
+
+def _ghost_layers_and_rules(model: nn.Module, vouched: bool) -> tuple[list[tuple[str, nn.Linear]],
+                                                                      dict[nn.Module, tuple]]:
     layers: list[tuple[str, nn.Linear]] = []
     rules: dict[nn.Module, tuple] = {}
     seen: set[int] = set()
@@ -254,6 +509,7 @@ def _ghost_clipped_grad(
     max_norm: float,
     noise_multiplier: float,
     generator: torch.Generator | None,
+    divisor: int | None,
     vouched: bool,
 ) -> PerSampleClipResult:
     """:func:`per_sample_clipped_grad` by ghost norms; raises :class:`_NotEligible` before drawing any noise."""
@@ -297,65 +553,99 @@ def _ghost_clipped_grad(
     if problems:
         raise _NotEligible(problems[0])
     for name, module in layers:
-        if len(seen[module]) != 1:
+        if len(seen[module]) > 1:
             raise _NotEligible(f"nn.Linear {name!r} ran {len(seen[module])} times in one forward pass, not once")
     if not isinstance(losses, torch.Tensor) or losses.shape != (batch,):
         raise _NotEligible("loss_fn does not return a scalar for one example")
-    deltas = torch.autograd.grad(total, [seen[module][0][2] for _, module in layers],
-                                 allow_unused=True, materialize_grads=True)
-    if any(a._version != version for a, version, _ in (seen[module][0] for _, module in layers)):
+
+    # Which layers the loss reaches, from autograd's graph (structure, not values): a layer
+    # that ran gets the gradient of its output, or None when the loss does not depend on it;
+    # a layer that did not run (a custom forward skipped it) must not reach the loss either.
+    ran = [(name, module) for name, module in layers if seen[module]]
+    idle = [p for _, module in layers if not seen[module]
+            for p in (module.weight, module.bias) if p is not None and p.requires_grad]
+    wrt = [seen[module][0][2] for _, module in ran] + idle
+    found = torch.autograd.grad(total, wrt, allow_unused=True) if wrt and total.requires_grad else [None] * len(wrt)
+    if any(g is not None for g in found[len(ran):]):
+        raise _NotEligible("a parameter of an nn.Linear that did not run reaches the loss (used outside the "
+                           "layer's forward)")
+    if any(a._version != version for a, version, _ in (seen[module][0] for _, module in ran)):
         raise _NotEligible("a Linear layer's input was modified in place after the layer used it")
+    reached = [(module, delta) for (_, module), delta in zip(ran, found) if delta is not None]
 
     # Per layer: A is (B, T, d) and Delta (B, T, p), T = 1 for 2-D inputs.
     first = next(iter(params.values()))
     acc = accumulation_dtype(first.dtype)
     factors: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    partial: list[torch.Tensor] = []
-    for (_, module), delta in zip(layers, deltas):
+    norms = _ExampleNorms(batch, first.device)
+    for module, delta in reached:
         a = seen[module][0][0].detach()
         dtype = accumulation_dtype(module.weight.dtype)
-        a = a.reshape(batch, -1, a.shape[-1]).to(dtype)
-        delta = delta.reshape(batch, -1, delta.shape[-1]).to(dtype)
-        steps, d, p = a.shape[1], a.shape[2], delta.shape[2]
+        d, p = a.shape[-1], delta.shape[-1]
+        steps = math.prod(a.shape[1:-1])
+        a = a.reshape(batch, steps, d).to(dtype)
+        delta = delta.reshape(batch, steps, p).to(dtype)
         summed_delta = delta[:, 0] if steps == 1 else delta.sum(dim=1)  # the bias gradients, (B, p)
         factors[module] = (a, delta, summed_delta)
-        if module.weight.requires_grad:
-            if steps == 1:  # ||delta_i a_i^T|| = ||delta_i|| ||a_i||
-                weight_norm = torch.linalg.vector_norm(delta[:, 0], dim=1) * torch.linalg.vector_norm(a[:, 0], dim=1)
-            elif steps * steps <= d * p:  # ||sum_t delta_t a_t^T||^2 = <A A^T, Delta Delta^T>
-                gram = torch.bmm(a, a.transpose(1, 2)).mul_(torch.bmm(delta, delta.transpose(1, 2)))
+        bias_rows = None
+        if steps == 1:  # ||delta_i a_i^T|| = ||delta_i|| ||a_i||
+            bias_rows = norms.rows(summed_delta)
+            if module.weight.requires_grad:
+                norms.add(bias_rows, norms.rows(a[:, 0]))
+        elif module.weight.requires_grad:  # each example's factors divided by its largest entry: no overflow
+            a_scaled, a_largest = _max_scaled(a, dims=(1, 2))
+            delta_scaled, delta_largest = _max_scaled(delta, dims=(1, 2))
+            if steps * steps <= d * p:  # ||sum_t delta_t a_t^T||^2 = <A A^T, Delta Delta^T>
+                gram = torch.bmm(a_scaled, a_scaled.transpose(1, 2))
+                gram.mul_(torch.bmm(delta_scaled, delta_scaled.transpose(1, 2)))
                 weight_norm = gram.sum(dim=(1, 2)).clamp_(min=0).sqrt_()
             else:
-                weight_norm = torch.linalg.vector_norm(torch.bmm(delta.transpose(1, 2), a), dim=(1, 2))
-            partial.append(weight_norm.to(first.device))
+                weight_norm = torch.linalg.vector_norm(torch.bmm(delta_scaled.transpose(1, 2), a_scaled), dim=(1, 2))
+            norms.add_exact(weight_norm.to(a_largest.dtype) * a_largest * delta_largest)
         if module.bias is not None and module.bias.requires_grad:
-            partial.append(torch.linalg.vector_norm(summed_delta, dim=1).to(first.device))
-    norms = torch.linalg.vector_norm(torch.stack(partial, dim=1), dim=1).to(acc)
-    scales = clip_coefficient(max_norm, norms)
+            norms.add(bias_rows if bias_rows is not None else norms.rows(summed_delta))
+    found_norms, found_scales, in_wide = norms.finish(max_norm)
+    scales = found_scales.to(acc)
+    cast = _Factors(found_scales, in_wide, scales)
     grads: dict[str, torch.Tensor] = {}
     for name, param in params.items():
         module, kind = owner[name]
+        if module not in factors:
+            continue  # the loss does not reach this layer: no gradient, as in a backward pass
         a, delta, summed_delta = factors[module]
-        c = scales.to(device=delta.device, dtype=delta.dtype)
+        c, in_wide = cast.get(delta.dtype, delta.device)
         if kind == "weight":  # sum_i c_i delta_i a_i^T = (c * Delta)^T A, scaling the smaller factor
             if delta.shape[2] <= a.shape[2]:
-                delta, a = delta * c[:, None, None], a
+                delta, a = _scale_examples(delta, c, in_wide), a
             else:
-                delta, a = delta, a * c[:, None, None]
+                delta, a = delta, _scale_examples(a, c, in_wide)
             summed = torch.mm(delta.reshape(-1, delta.shape[2]).T, a.reshape(-1, a.shape[2]))
+        elif in_wide:
+            summed = torch.mv(summed_delta.T.to(c.dtype), c).to(delta.dtype)
         else:
             summed = torch.mv(summed_delta.T, c)
-        grads[name] = _noisy_mean(summed, noise_multiplier, max_norm, batch, generator).to(param.dtype)
-    return PerSampleClipResult(grads, norms, scales)
+        grads[name] = _noisy_mean(summed, noise_multiplier, max_norm, divisor, generator).to(param.dtype)
+    return PerSampleClipResult(grads, found_norms.to(acc), scales)
 
 
-def _noisy_mean(summed: torch.Tensor, noise_multiplier: float, max_norm: float, batch: int,
+def _scale_examples(x: torch.Tensor, c: torch.Tensor, in_wide: bool) -> torch.Tensor:
+    """``x`` (B, ...) with example i multiplied by ``c[i]``, in ``x``'s dtype (computed in ``c``'s when ``in_wide``)."""
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    if in_wide:
+        return (x.to(c.dtype) * c.reshape(shape)).to(x.dtype)
+    return x * c.reshape(shape)
+
+
+def _noisy_mean(summed: torch.Tensor, noise_multiplier: float, max_norm: float, divisor: int | None,
                 generator: torch.Generator | None) -> torch.Tensor:
-    """(sum of clipped gradients + N(0, sigma^2 C^2 I)) / B, in place; noise drawn only when sigma > 0."""
+    """(sum of clipped gradients + N(0, sigma^2 C^2 I)) / divisor, in place; noise drawn only when sigma > 0.
+
+    ``divisor`` is ``None`` for ``loss_reduction="sum"`` (no division).
+    """
     if noise_multiplier > 0:
         noise = torch.randn(summed.shape, generator=generator, dtype=summed.dtype, device=summed.device)
         summed.add_(noise, alpha=noise_multiplier * max_norm)
-    return summed.div_(batch)
+    return summed if divisor is None else summed.div_(divisor)
 
 
 def per_sample_clipped_grad(
@@ -368,12 +658,15 @@ def per_sample_clipped_grad(
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     method: Method = "auto",
+    *,
+    expected_batch_size: int | None = None,
+    loss_reduction: Reduction = "mean",
 ) -> PerSampleClipResult:
     r"""The DP-SGD gradient: clip each example's gradient to C, sum, add noise, average.
 
     .. math::
 
-        \bar g = \frac{1}{B}\Big(\sum_{i=1}^{B} g_i \min\Big(1, \frac{C}{\|g_i\|_2 + 10^{-6}}\Big)
+        \bar g = \frac{1}{N}\Big(\sum_{i=1}^{B} g_i \min\Big(1, \frac{C}{\|g_i\|_2 + 10^{-6}}\Big)
         + \mathcal N(0, \sigma^2 C^2 I)\Big)
 
     Abadi, Chu, Goodfellow, McMahan, Mironov, Talwar and Zhang (2016), "Deep
@@ -381,15 +674,58 @@ def per_sample_clipped_grad(
     `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__. :math:`\|g_i\|_2`
     is the norm of example i's gradient over all trainable parameters
     together (flat clipping); the 1e-6 guard is Opacus's (and torch's)
-    convention. B is the actual batch size. The noise is drawn from
+    convention. The divisor N is ``expected_batch_size`` when given (under
+    Poisson sampling the batch size B is random, and the privacy analysis
+    divides by its expectation), else the actual batch size B; with
+    ``loss_reduction="sum"`` nothing is divided (N = 1). The noise is drawn from
     ``generator``, one ``randn`` of each parameter's shape, in
-    ``model.named_parameters()`` order, only when ``noise_multiplier > 0``.
+    ``model.named_parameters()`` order, only when ``noise_multiplier > 0`` and
+    only for the parameters that get a gradient (below).
+
+    *An empty batch* (B = 0, which Poisson sampling draws) is a valid step:
+    the sum of no clipped gradients is 0, so the gradient is the noise alone,
+    divided by ``expected_batch_size``; ``loss_reduction="mean"`` without
+    ``expected_batch_size`` would divide by 0 and raises.
+
+    *A trainable parameter the loss does not reach* (never used in ``forward``,
+    or only in a branch whose output does not reach the loss) has no
+    per-example gradient at all, and gets no entry in ``grads``: no clipped sum
+    and no noise, so :func:`per_sample_clip_grad_` leaves its ``.grad``
+    ``None``, as ``loss.backward()`` does, and an optimizer (AdamW's weight
+    decay, momentum) leaves it alone. This is decided from autograd's graph,
+    not from values: a parameter used with a zero gradient (a dead ReLU) is
+    clipped and noised as usual. Which parameters are absent must not depend
+    on the data, or its absence would itself reveal something: it does not
+    for any model the ``"vmap"`` path accepts (``vmap`` refuses data-dependent
+    control flow) nor for the models ``"auto"`` sends to ghost norms; with
+    ``method="ghost"`` and a custom ``forward`` that branches on the data it is
+    yours to ensure.
+
+    *Opacus.* This is the step of Opacus's ``DPOptimizer`` (``opacus/optimizers/optimizer.py``):
+    ``clip_and_accumulate`` clips each example with the factor above and sums
+    into ``p.summed_grad`` (for an empty batch the factors are an empty
+    tensor and the sum is 0), ``add_noise`` adds :math:`\mathcal N(0, \sigma^2
+    C^2)` to every parameter it manages, and ``scale_grad`` divides by
+    ``expected_batch_size`` when ``loss_reduction="mean"`` and does nothing for
+    ``"sum"``; ``expected_batch_size`` and ``loss_reduction`` here mean the same.
+    Opacus manages the parameters with ``requires_grad``; one whose per-sample
+    gradient was never computed (``p.grad_sample is None``, its module unused
+    in ``forward``) makes ``_get_flat_grad_sample`` raise "Per sample gradient
+    is not initialized. Not updated in backward pass?", so Opacus refuses the
+    step until that parameter is frozen; ``_check_skip_next_step`` only pops the
+    queue of skipped (virtual) steps of ``BatchMemoryManager`` and never skips
+    a parameter. gradclip instead leaves such a parameter out, as freezing it
+    would: no gradient and no noise. Opacus's per-sample gradients of a
+    ``"mean"`` loss are rescaled by the batch size; here ``loss_fn`` is
+    evaluated on one example at a time, so there is nothing to rescale.
 
     Two ways to the same result, chosen by ``method``:
 
     * ``"vmap"``: per-example gradients from :func:`per_sample_grads`
       (``vmap`` over ``grad``), one vectorised pass instead of B backward
       passes, for any model; it holds all B per-example gradients at once.
+      The model is also run on one example outside ``vmap``, to find which
+      parameters the loss reaches.
     * ``"ghost"``: ghost norms, for models whose trainable parameters all
       belong to ``torch.nn.Linear`` layers. Example i's gradient of a linear
       layer :math:`z = W a + b` is the outer product of the gradient
@@ -417,7 +753,10 @@ def per_sample_clipped_grad(
       and the :math:`\delta_i` come from one backward pass of
       :math:`\sum_i \ell_i` to the layers' outputs, with the per-example losses
       :math:`\ell_i` from ``vmap(loss_fn)``. One forward and one backward
-      pass for the whole batch; ``chunk_size`` is not used.
+      pass for the whole batch; ``chunk_size`` is checked but not used. A layer
+      whose output the loss does not reach, or that a custom ``forward`` does
+      not call, gets no gradient; a parameter of such a layer that reaches the
+      loss some other way is refused.
     * ``"auto"`` (the default): ``"ghost"`` where it is known to be exact, else
       ``"vmap"``. That is: every trainable parameter is the ``weight`` or
       ``bias`` of an ``nn.Linear`` used once per forward pass, on an input with
@@ -429,8 +768,25 @@ def per_sample_clipped_grad(
       independently; the other conditions still hold, and a ``ValueError``
       says which one fails.
 
-    Norms are accumulated in float32 at least. No host-device synchronisation
-    on either path.
+    *Range.* Each example's norm neither overflows nor underflows while it is
+    representable (float32 entries near 1e20 or 1e-25, whose squares are
+    not), as in :mod:`gradclip._norms`: the factors are computed from those
+    norms, so a finite gradient is never zeroed by an overflowed norm. On the
+    CPU, where reading a value costs no synchronisation, the norms are
+    computed in float32 (at least) as torch would, and one host read checks
+    that no square can have over- or underflowed (every partial norm and
+    every example's norm within [1e-15, 1e18]); if one can,
+    the doubtful partial norms are recomputed with their largest entry
+    factored out and combined in float64, and a factor too small for float32
+    (a norm above about 1e38 times C) is applied in float64. Elsewhere, with
+    no host read, each example's rows are divided by their largest magnitude
+    before their norm is taken (two more passes over the per-example
+    gradients on the ``"vmap"`` path; over the layers' inputs and output
+    gradients on the ghost path) and combined in float64 (float32 on MPS);
+    there a factor below float32's smallest normal number loses precision in
+    the cast. The ghost norms of sequences (Gram matrices) are always
+    computed on inputs and output gradients divided by each example's
+    largest entry. No host-device synchronisation on either path.
 
     Non-finite values: an example whose gradient holds a NaN or inf has a
     non-finite norm and factor, and makes the averaged gradient NaN; it is not
@@ -439,24 +795,32 @@ def per_sample_clipped_grad(
     Args:
         model: the network (no BatchNorm in training mode; see :func:`per_sample_grads`).
         loss_fn: ``loss_fn(output, target) -> scalar`` for a batch of one example.
-        inputs: the batch, examples along dim 0.
+        inputs: the batch, examples along dim 0; may hold 0 examples.
         targets: the targets, examples along dim 0.
         max_norm: C, a number in [0, inf] (finite when there is noise).
         noise_multiplier: :math:`\sigma`, a finite number >= 0.
         generator: the random generator for the noise; the global one if ``None``.
-        chunk_size: as in :func:`per_sample_grads` (the ``"vmap"`` path only).
+        chunk_size: as in :func:`per_sample_grads` (the ``"vmap"`` path only), checked on every path.
         method: ``"auto"``, ``"ghost"`` or ``"vmap"``, as above.
+        expected_batch_size: N, the divisor of the ``"mean"``: under Poisson sampling
+            with rate q over a dataset of n examples, q n (Opacus's ``expected_batch_size``);
+            ``None`` divides by the actual batch size B. Ignored by ``"sum"``, as in Opacus.
+        loss_reduction: ``"mean"`` (the default) divides the noisy clipped sum by N;
+            ``"sum"`` returns the noisy clipped sum itself (Opacus's ``loss_reduction``).
 
     Returns:
-        A :class:`PerSampleClipResult`: the averaged gradients by parameter name,
-        the per-example norms before clipping, and the per-example factors.
+        A :class:`PerSampleClipResult`: the gradients by parameter name (the
+        parameters the loss reaches), the per-example norms before clipping, and
+        the per-example factors.
 
     Raises:
-        ValueError: ``method="ghost"`` for a model the ghost-norm identity does not fit.
+        TypeError: ``model`` is not a module, ``loss_fn`` is not callable, ``inputs``/``targets`` are not tensors, ``generator`` is not a ``torch.Generator``, or ``max_norm``/``noise_multiplier`` are not numbers.
+        ValueError: an argument is out of range (``max_norm`` < 0 or infinite with noise, ``noise_multiplier`` < 0, ``chunk_size`` or ``expected_batch_size`` not None or an int >= 1, ``method`` or ``loss_reduction`` not one of theirs); ``inputs`` and ``targets`` differ in batch size; the batch is empty with ``loss_reduction="mean"`` and no ``expected_batch_size``; the model holds a BatchNorm in training mode (or without running statistics), whose batch statistics mix the examples; or ``method="ghost"`` for a model the ghost-norm identity does not fit.
 
     References:
         * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__.
         * Li, Tramer, Liang and Hashimoto (2022), "Large Language Models Can Be Strong Differentially Private Learners" (ghost norms), `arXiv:2110.05679 <https://arxiv.org/abs/2110.05679>`__.
+        * Opacus, ``DPOptimizer`` (``clip_and_accumulate``, ``add_noise``, ``scale_grad``), `opacus/optimizers/optimizer.py <https://github.com/meta-pytorch/opacus/blob/main/opacus/optimizers/optimizer.py>`__.
 
     Example:
         >>> import torch, gradclip
@@ -473,34 +837,48 @@ def per_sample_clipped_grad(
         >>> slow = gradclip.per_sample_clipped_grad(model, torch.nn.functional.mse_loss, x, y, 1.0, method="vmap")
         >>> torch.allclose(slow.grads["weight"], result.grads["weight"])
         True
+        >>> empty = gradclip.per_sample_clipped_grad(model, torch.nn.functional.mse_loss, x[:0], y[:0], 1.0,
+        ...                                          expected_batch_size=4)
+        >>> empty.grads["weight"], empty.norms  # no example, no noise: zero
+        (tensor([[0.]]), tensor([]))
     """
     max_norm = _check_dp_args(max_norm, noise_multiplier, generator)
     _validate.check_choice("method", method, _METHODS)
     _validate.check_optional_int("chunk_size", chunk_size, 1)
     batch = _check_batch(inputs, targets)
+    divisor = _check_reduction(batch, expected_batch_size, loss_reduction)
     if method != "vmap":
         _validate.check_callable("loss_fn", loss_fn, "loss_fn(output, target) -> scalar loss")
         try:
             return _ghost_clipped_grad(model, loss_fn, inputs, targets, max_norm, noise_multiplier, generator,
-                                       vouched=method == "ghost")
+                                       divisor, vouched=method == "ghost")
         except _NotEligible as reason:
             if method == "ghost":
                 raise ValueError(f"method='ghost' does not apply: {reason}") from None
-    samples = per_sample_grads(model, loss_fn, inputs, targets, chunk_size)
+    reached: set[str] = set()
+    token = _REACHED.set(reached)
+    try:
+        samples = per_sample_grads(model, loss_fn, inputs, targets, chunk_size)
+    finally:
+        _REACHED.reset(token)
     first = next(iter(samples.values()))
     acc = accumulation_dtype(first.dtype)
-    partial = [
-        torch.linalg.vector_norm(g.reshape(batch, -1), dim=1, dtype=accumulation_dtype(g.dtype)).to(first.device)
-        for g in samples.values()
-    ]
-    norms = torch.linalg.vector_norm(torch.stack(partial, dim=1), dim=1).to(acc)
-    scales = clip_coefficient(max_norm, norms)
+    if len(reached) < len(samples):  # an empty batch, or parameters not found in the graph: ask autograd
+        reached |= _reached(model, loss_fn, _trainable(model), inputs, targets)
+    samples = {name: g for name, g in samples.items() if name in reached}
+    norms = _ExampleNorms(batch, first.device)
+    for g in samples.values():
+        norms.add(norms.rows(g.reshape(batch, math.prod(g.shape[1:]))))
+    found_norms, found_scales, in_wide = norms.finish(max_norm)
+    scales = found_scales.to(acc)
+    cast = _Factors(found_scales, in_wide, scales)
     grads: dict[str, torch.Tensor] = {}
     for name, g in samples.items():
-        summed = torch.tensordot(scales.to(device=g.device, dtype=accumulation_dtype(g.dtype)),
-                                 g.to(accumulation_dtype(g.dtype)), dims=1)
-        grads[name] = _noisy_mean(summed, noise_multiplier, max_norm, batch, generator).to(g.dtype)
-    return PerSampleClipResult(grads, norms, scales)
+        dtype = accumulation_dtype(g.dtype)
+        c, in_wide = cast.get(dtype, g.device)
+        summed = torch.tensordot(c, g.to(c.dtype), dims=1)
+        grads[name] = _noisy_mean(summed.to(dtype), noise_multiplier, max_norm, divisor, generator).to(g.dtype)
+    return PerSampleClipResult(grads, found_norms.to(acc), scales)
 
 
 def per_sample_clip_grad_(
@@ -513,24 +891,32 @@ def per_sample_clip_grad_(
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
     method: Method = "auto",
+    *,
+    expected_batch_size: int | None = None,
+    loss_reduction: Reduction = "mean",
 ) -> torch.Tensor:
     r"""Compute the DP-SGD gradient and accumulate it into each parameter's ``.grad``; return the per-example norms.
 
     .. math::
 
-        \theta.\mathrm{grad} \mathrel{+}= \frac{1}{B}\Big(\sum_{i} g_i
+        \theta.\mathrm{grad} \mathrel{+}= \frac{1}{N}\Big(\sum_{i} g_i
         \min\Big(1, \frac{C}{\|g_i\| + 10^{-6}}\Big) + \mathcal N(0, \sigma^2 C^2 I)\Big)
 
     :func:`per_sample_clipped_grad` (Abadi et al. 2016,
     `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__), then written into
     ``.grad`` as a backward pass would: added to an existing gradient, set
-    where there is none. Call it instead of ``loss.backward()``, then step the
-    optimizer.
+    where there is none. N is ``expected_batch_size``, or the batch size B, or
+    1 with ``loss_reduction="sum"``. Call it instead of ``loss.backward()``,
+    then step the optimizer. A trainable parameter the loss does not reach
+    (unused in ``forward``) is left alone: its ``.grad`` stays ``None``, with no
+    noise, as after ``loss.backward()`` (Opacus refuses such a step instead;
+    see :func:`per_sample_clipped_grad`). An empty batch (Poisson sampling)
+    writes the noise alone, divided by ``expected_batch_size``.
 
     Args:
         model: the network.
         loss_fn: ``loss_fn(output, target) -> scalar`` for a batch of one example.
-        inputs: the batch, examples along dim 0.
+        inputs: the batch, examples along dim 0; may hold 0 examples.
         targets: the targets, examples along dim 0.
         max_norm: C, a number in [0, inf] (finite when there is noise).
         noise_multiplier: :math:`\sigma`, a finite number >= 0.
@@ -538,6 +924,9 @@ def per_sample_clip_grad_(
         chunk_size: examples per vectorised chunk, or ``None`` (the ``"vmap"`` path only).
         method: ``"auto"``, ``"ghost"`` (ghost norms, for models trained only in
             ``nn.Linear`` layers) or ``"vmap"``, as in :func:`per_sample_clipped_grad`.
+        expected_batch_size: N, the divisor of the ``"mean"`` under Poisson sampling
+            (Opacus's ``expected_batch_size``); ``None`` divides by the batch size.
+        loss_reduction: ``"mean"`` (divide by N) or ``"sum"`` (do not divide), as in Opacus.
 
     Returns:
         Each example's gradient norm before clipping, a 1-D tensor of length B.
@@ -557,7 +946,7 @@ def per_sample_clip_grad_(
         (torch.Size([8]), True)
     """
     result = per_sample_clipped_grad(model, loss_fn, inputs, targets, max_norm, noise_multiplier, generator, chunk_size,
-                                     method)
+                                     method, expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name not in result.grads:

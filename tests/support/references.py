@@ -238,3 +238,58 @@ def layer_norms(named, norm_type=2.0):
     for name, t in named:
         layers.setdefault(name.rsplit(".", 1)[0], []).append(t)
     return {layer: float(global_norm(tensors, norm_type)) for layer, tensors in layers.items()}
+
+
+# --- Opacus's DP-SGD step (gradclip.per_sample: expected_batch_size, loss_reduction) ------------
+
+
+def per_example_grads(model, loss_fn, inputs, targets):
+    """Each example's gradient of its own loss, one autograd call per example, in float64: {name: (B, *shape)}.
+
+    A trainable parameter the loss does not reach (autograd returns None with
+    ``allow_unused=True``) maps to ``None``, as Opacus's ``p.grad_sample`` stays ``None``.
+    For an empty batch the structure comes from an example of zeros.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    probe = (inputs[:1], targets[:1]) if len(inputs) else (
+        inputs.new_zeros((1, *inputs.shape[1:])), targets.new_zeros((1, *targets.shape[1:])))
+    reached = torch.autograd.grad(loss_fn(model(probe[0]), probe[1]), [p for _, p in named], allow_unused=True)
+    out = {}
+    for (name, p), g in zip(named, reached):
+        out[name] = None if g is None else torch.zeros((len(inputs), *p.shape), dtype=torch.float64)
+    for i in range(len(inputs)):
+        grads = torch.autograd.grad(loss_fn(model(inputs[i:i + 1]), targets[i:i + 1]), [p for _, p in named],
+                                    allow_unused=True)
+        for (name, _), g in zip(named, grads):
+            if out[name] is not None and g is not None:
+                out[name][i] = g.double()
+    return out
+
+
+def opacus_dp_step(per_sample_grads, max_norm, noise, expected_batch_size, reduction):
+    """Opacus's DPOptimizer step (clip_and_accumulate, add_noise, scale_grad) in float64; Abadi et al. 2016, arXiv:1607.00133.
+
+    ``per_sample_grads``: one (B, *shape) tensor per parameter that has per-sample
+    gradients; ``noise``: the Gaussian noise already drawn, std ``noise_multiplier * max_norm``,
+    one tensor per parameter. Transcribed from opacus/optimizers/optimizer.py:
+    per-sample norms are the norms of the per-parameter norms, the factor is
+    ``(max_norm / (norm + 1e-6)).clamp(max=1)`` (an empty factor for an empty batch),
+    ``summed_grad = einsum("i,i...", factor, grad_sample)``, ``grad = summed_grad + noise``,
+    divided by ``expected_batch_size`` when ``reduction == "mean"``, left alone for ``"sum"``.
+    """
+    grads = [g.double() for g in per_sample_grads]
+    batch = grads[0].shape[0] if grads else 0
+    if batch == 0:
+        factor = torch.zeros(0, dtype=torch.float64)
+    else:
+        per_param = [g.reshape(batch, -1).norm(2, dim=-1) for g in grads]
+        norms = torch.stack(per_param, dim=1).norm(2, dim=1)
+        factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    out = []
+    for g, z in zip(grads, noise):
+        summed = torch.einsum("i,i...", factor, g)
+        step = summed + z.double()
+        if reduction == "mean":
+            step = step / expected_batch_size
+        out.append(step)
+    return out
