@@ -478,3 +478,40 @@ def test_a_sparse_gradient_gets_an_error_that_says_what_to_do(function):
     assert "sparse" in message and "dense" in message and ".to_dense()" in message, message
     assert "1" in message, "the message names which tensor"
     assert "or its" not in message
+
+
+def test_a_tensor_threshold_is_checked_on_the_cpu_and_made_loud_on_an_accelerator(monkeypatch):
+    for bad in (torch.tensor(-1.0), torch.tensor(float("nan"))):
+        ours, _ = twin_params()
+        before = [p.grad.clone() for p in ours]
+        with pytest.raises(ValueError, match="max_norm"):
+            gradclip.clip_grad_norm_(ours, bad)
+        with pytest.raises(ValueError, match="clip_value"):
+            gradclip.clip_grad_value_(ours, bad)
+        assert all(torch.equal(p.grad, b) for p, b in zip(ours, before))
+    # a device tensor is not read (that would be a sync): the factor becomes NaN, never a flip
+    monkeypatch.setattr(gradclip._norms, "HOST_CHECKS_ON_CPU", False)
+    ours, _ = twin_params()
+    gradclip.clip_grad_norm_(ours, torch.tensor(-1.0))
+    assert all(torch.isnan(p.grad).all() for p in ours)
+
+
+def test_errors_say_what_to_pass():
+    model = torch.nn.Linear(3, 2)
+    model(torch.ones(1, 3)).sum().backward()
+    with pytest.raises(TypeError, match=r"parameters\(\)"):
+        gradclip.clip_grad_norm_(model, 1.0)
+    with pytest.raises(TypeError, match="not named_parameters"):
+        gradclip.clip_grad_norm_(model.named_parameters(), 1.0)
+    with pytest.raises(TypeError, match="error_if_nonfinite"):
+        gradclip.clip_grad_norm_(model.parameters(), 1.0, error_if_nonfinite="yes")
+
+
+def test_a_sparse_gradient_is_named_by_its_own_position():
+    no_grad = torch.nn.Parameter(torch.ones(2))
+    dense = torch.nn.Parameter(torch.ones(3))
+    dense.grad = torch.ones(3)
+    sparse = torch.nn.Parameter(torch.ones(4, 2))
+    sparse.grad = torch.ones(4, 2).to_sparse()
+    with pytest.raises(TypeError, match=r"parameters\[2\]\.grad"):
+        gradclip.clip_grad_norm_([no_grad, dense, sparse], 1.0)

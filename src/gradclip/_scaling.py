@@ -19,8 +19,16 @@ NORM_EPS = 1e-6
 
 
 def clip_coefficient(max_norm: float | torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """``min(1, max_norm / (norm + 1e-6))`` as a tensor (any shape), without a sync."""
-    return torch.clamp(max_norm / (norm + NORM_EPS), max=1.0)
+    """``min(1, max_norm / (norm + 1e-6))`` as a tensor (any shape), without a sync.
+
+    A tensor ``max_norm`` on an accelerator is not checked on the host: if it is
+    negative (or NaN) the factor is NaN, so the mistake shows in the gradients
+    instead of silently flipping them.
+    """
+    factor = torch.clamp(max_norm / (norm + NORM_EPS), max=1.0)
+    if isinstance(max_norm, torch.Tensor):
+        factor = torch.where(max_norm >= 0, factor, torch.nan)
+    return factor
 
 
 def scale_(groups: list[_groups.Group], factor: torch.Tensor, foreach: bool | None) -> None:

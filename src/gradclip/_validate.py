@@ -16,6 +16,8 @@ from typing import Any, Union
 
 import torch
 
+from . import _norms
+
 TensorOrTensors = Union[torch.Tensor, Iterable[torch.Tensor]]
 Threshold = Union[float, torch.Tensor]
 
@@ -29,7 +31,9 @@ def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters") -> list[t
     if isinstance(tensors, torch.Tensor):
         return [tensors]
     if not isinstance(tensors, Iterable):
-        raise TypeError(f"{name} must be a tensor or an iterable of tensors, got {type(tensors).__name__}")
+        hint = f"; pass {name}.parameters()" if isinstance(tensors, torch.nn.Module) else ""
+        raise TypeError(f"{name} must be a tensor or an iterable of tensors (model.parameters()), "
+                        f"got {type(tensors).__name__}{hint}")
     is_generator = isinstance(tensors, types.GeneratorType)
     items = list(tensors)
     if is_generator and not items:
@@ -41,7 +45,9 @@ def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters") -> list[t
     if not all(issubclass(kind, torch.Tensor) for kind in {type(item) for item in items}):
         for index, item in enumerate(items):
             if not isinstance(item, torch.Tensor):
-                raise TypeError(f"{name}[{index}] must be a torch.Tensor, got {type(item).__name__}")
+                named = isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor)
+                hint = " (a (name, tensor) pair: pass model.parameters(), not named_parameters())" if named else ""
+                raise TypeError(f"{name}[{index}] must be a torch.Tensor, got {type(item).__name__}{hint}")
     return distinct(items)
 
 
@@ -60,9 +66,11 @@ def distinct(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def grads_of(parameters: TensorOrTensors) -> list[torch.Tensor]:
     """The ``.grad`` of every parameter that has one, checked to be dense."""
-    grads = distinct([g for g in [p.grad for p in as_tensor_list(parameters)] if g is not None])
-    check_dense(grads, "gradient")
-    return grads
+    params = as_tensor_list(parameters)
+    for index, param in enumerate(params):
+        if param.grad is not None:
+            check_dense_one(param.grad, f"parameters[{index}].grad")
+    return distinct([p.grad for p in params if p.grad is not None])
 
 
 def check_dense(tensors: list[torch.Tensor], what: str) -> None:
@@ -112,8 +120,10 @@ def check_threshold(name: str, value: Any, *, tensor_ok: bool = True, zero_ok: b
 
     Accepts what torch accepts (anything ``float()`` takes) and returns a
     float. A one-element tensor (when ``tensor_ok``; any shape, any real dtype)
-    comes back as a 0-dim floating-point tensor on its device, unchecked:
-    reading its value would cost a host-device synchronisation.
+    comes back as a 0-dim floating-point tensor on its device: checked on the
+    CPU, where reading it is free; on an accelerator it is not read (that
+    would be a sync), and :func:`gradclip._scaling.clip_coefficient` turns a
+    negative or NaN one into a NaN factor rather than flipped gradients.
     """
     if isinstance(value, torch.Tensor):
         if not tensor_ok:
@@ -122,16 +132,23 @@ def check_threshold(name: str, value: Any, *, tensor_ok: bool = True, zero_ok: b
             raise TypeError(f"{name} as a tensor must hold one real value, got shape {tuple(value.shape)} "
                             f"and dtype {value.dtype}")
         value = value.detach().reshape(())
-        return value if value.is_floating_point() else value.to(torch.get_default_dtype())
+        value = value if value.is_floating_point() else value.to(torch.get_default_dtype())
+        if _norms.exact_on_host(value.device):
+            _check_number(name, float(value), zero_ok, value)  # reading a CPU value costs no sync
+        return value  # on an accelerator: unchecked here; a negative or NaN one makes the factor NaN
     try:
         number = float(value)
     except (TypeError, ValueError) as error:  # the kind float() raises, as in torch
         kind = ValueError if isinstance(error, ValueError) else TypeError
         raise kind(f"{name} must be a number >= 0 (anything float() accepts), got {value!r}") from None
+    _check_number(name, number, zero_ok, value)
+    return number
+
+
+def _check_number(name: str, number: float, zero_ok: bool, given: Any) -> None:
     if math.isnan(number) or number < 0 or (number == 0 and not zero_ok):
         interval = "[0, inf]" if zero_ok else "(0, inf]"
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-    return number
+        raise ValueError(f"{name} must be a number in {interval}, got {given!r}")
 
 
 def check_foreach(foreach: bool | None) -> bool | None:

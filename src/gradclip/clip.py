@@ -171,7 +171,7 @@ def clip_norm_and_scale_(
     max_norm = _validate.check_threshold("max_norm", max_norm)
     groups, norm, wide = grad_norm(parameters, norm_type, foreach, process_group=process_group,
                                    replicated=replicated)
-    if error_if_nonfinite:
+    if _validate.check_bool("error_if_nonfinite", error_if_nonfinite):
         raise_if_nonfinite(norm, _validate.check_norm_type(norm_type))
     scale = clip_coefficient(max_norm, wide)
     scale_(groups, scale, foreach)

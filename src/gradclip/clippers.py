@@ -157,6 +157,21 @@ class Clipper:
     then sees the same norm, so the state stays identical across ranks with
     no communication beyond the norm's all-reduce.
 
+    **What it did.** Every call returns a :class:`~gradclip.result.ClipResult`
+    (pre-clip norm, threshold, factor; device tensors, read them when you log).
+    Attached, read the same from ``clipper.last_result`` after
+    ``optimizer.step()``, for example::
+
+        clipper = gradclip.ZClip().attach(optimizer)
+        ...
+        optimizer.step()
+        log(step, float(clipper.last_result.norm), float(clipper.last_result.threshold))
+
+    Attributes:
+        last_result: the :class:`~gradclip.result.ClipResult` of the latest call, or ``None``.
+        steps: how many times the clipper ran (an int; one per closure evaluation).
+        attached: whether it runs on an optimizer's step.
+
     Args:
         norm_type: p of the global norm, in (0, inf].
         foreach: as in :func:`gradclip.clip_grad_norm_`.

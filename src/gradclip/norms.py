@@ -141,6 +141,6 @@ def get_total_norm(
         marked = distributed.replicated_ids(replicated)  # match the caller's tensors, not our detached copies
         replicated = [d for t, d in zip(tensors, detached) if id(t) in marked]
     _, norm, _ = grouped_norm(detached, p, foreach, process_group=process_group, replicated=replicated)
-    if error_if_nonfinite:
+    if _validate.check_bool("error_if_nonfinite", error_if_nonfinite):
         raise_if_nonfinite(norm, p)
     return norm
