@@ -1,4 +1,4 @@
-"""gradclip_book: the experiments, figures and exercises of the book *Exploring gradient clipping*.
+"""gradclip_book: the experiments, figures and exercises of the book *Exploding gradients and how to clip them*.
 
 A separate package from :mod:`gradclip` (the clipping library), installed by
 the ``book`` extra (``pip install -e ".[book]"``), which brings plotly,
@@ -14,7 +14,12 @@ Modules, one per experiment or concern:
 * :mod:`~gradclip_book.quartic`: gradient descent on :math:`x^4`, clipped or not.
 * :mod:`~gradclip_book.smoothness`: step counts, stable learning rates and local smoothness.
 * :mod:`~gradclip_book.families`: every clipping method applied to one recorded gradient stream.
-* :mod:`~gradclip_book.exercises`: checkers for the chapters' exercises.
+* :mod:`~gradclip_book.principle_figures`: the figures and run grids of chapter 2.
+* :mod:`~gradclip_book.classification`: chapter 4's training harness (one config in, one record out).
+* :mod:`~gradclip_book.grids`: the precomputed grids (``python -m gradclip_book.grids classification``).
+* :mod:`~gradclip_book.classification_figures`: chapter 4's figures, read from the grid.
+* :mod:`~gradclip_book.exercises`: the chapters' exercises (answers, hints, solutions) and their checkers.
+* :mod:`~gradclip_book.exercise`: the exercise widget that works in the static book.
 * :mod:`~gradclip_book.figures`: interactive plotly figures that work in the static book.
 """
 
