@@ -444,3 +444,36 @@ def test_exercise_checks_answers_without_a_kernel(browser, book_server):
     page.locator(f"{root} .gc-solution summary").click()
     assert page.locator(f"{root} .gc-solution mjx-container").count() > 0  # the math in it is typeset
     assert watch.errors == [] and watch.foreign == []
+
+
+def test_classification_grid_sliders_show_the_stored_record(browser, book_server):
+    # Chapter 4's Figure 4.6: every slider position draws the stored run of that exact configuration
+    from gradclip_book import classification_figures as cf
+
+    watch = PageWatch(browser)
+    page = watch.page
+    page.goto(f"{book_server}/chapters/classification.html")
+    root = "#gc-cls-grid"
+    page.locator(root).scroll_into_view_if_needed()
+    page.wait_for_function(f"document.querySelector('{root}').dataset.key !== undefined", timeout=20_000)
+    ex = cf.grid_explorer()
+    moved = 0
+    for index, param in enumerate(ex.params):
+        if param.control != "slider":
+            continue
+        for position in range(len(param.values)):
+            page.evaluate(f"""() => {{ const s = document.querySelector('{root} input[data-index="{index}"]');
+                s.value = '{position}'; s.dispatchEvent(new Event('input')); }}""")
+            key = page.evaluate(f"document.querySelector('{root}').dataset.key").split("|")
+            assert int(key[index]) == position
+            values = {q.name: q.values[int(k)] for q, k in zip(ex.params, key)}
+            expected = cf.grid_frame(cf.run_of(cf.grid_config(**values)))
+            drawn = page.evaluate("document.getElementById('gc-cls-grid-plot').data.map(t => t.y)")
+            assert drawn[0] == expected["traces"][0]["y"], values
+            assert drawn[2] == expected["traces"][2]["y"], values
+            note = page.locator(f"{root}-note").inner_text()
+            assert note.startswith(expected["note"][0][:40]), (note, values)
+            moved += 1
+    assert moved >= 4 + 6 + 4, "depth, learning-rate and threshold sliders were all moved"
+    assert watch.errors == [] and watch.foreign == []
+    page.close()

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.params import clone_params, make_params
-from support.references import clip_by_norm
+from support.references import clip_by_norm, global_norm
 from support.strategies import NORM_TYPES, seeds, shape_lists
 from support.sync import forbid_sync, no_host_sync  # noqa: F401 (forbid_sync is a fixture)
 
@@ -35,12 +35,18 @@ NAN = float("nan")
 def test_clip_grad_norm_matches_torch(shapes, dtype, norm_type, max_norm, scale, foreach, seed):
     ours = make_params(shapes, dtype, seed, grad_scale=scale)
     theirs = clone_params(ours)
+    exact = global_norm([p.grad for p in ours], norm_type)  # float64 transcription
     norm = gradclip.clip_grad_norm_(ours, max_norm, norm_type, foreach=foreach)
     expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type, foreach=foreach)
     assert norm.dtype == expected.dtype and norm.device == expected.device
-    torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
+    # gradclip combines the per-tensor norms in float64, torch in the gradients' dtype: both are a few
+    # roundings of that dtype from the exact norm (p < 1 amplifies rounding), so they agree to that
+    ulp = torch.finfo(dtype).eps
+    rtol = (32 if norm_type < 1 else 8) * ulp
+    torch.testing.assert_close(norm, expected, rtol=rtol, atol=0)
+    torch.testing.assert_close(norm.double(), exact, rtol=rtol, atol=0)
     for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=1e-12)
 
 
 def test_clip_grads_with_norm_matches_torch():

@@ -728,3 +728,177 @@ def test_the_vmap_path_reads_the_parameters_reached_from_the_graph_without_anoth
     result = per_sample_clipped_grad(WithUnusedLayers(), F.cross_entropy, torch.randn(4, 6),
                                      torch.randint(0, 3, (4,)), 1.0, method="vmap")
     assert calls and not set(UNREACHED) & set(result.grads)
+
+
+# --- Ghost norms of nn.Conv2d (unfolded inputs; Bu et al. 2023's per-layer "mixed" choice) -------------------------
+
+def conv_net(conv_kwargs, c_in=2, c_out=5, size=9, seed=0, bias=True):
+    """Conv2d(**conv_kwargs) -> ReLU -> MaxPool -> Conv2d 1x1 -> AvgPool -> Flatten -> Linear, for inputs (c_in, size, size)."""
+    torch.manual_seed(seed)
+    features = torch.nn.Sequential(
+        torch.nn.Conv2d(c_in, c_out, bias=bias, **conv_kwargs), torch.nn.ReLU(), torch.nn.MaxPool2d(2, ceil_mode=True),
+        torch.nn.Conv2d(c_out, 3, 1), torch.nn.AvgPool2d(1), torch.nn.Flatten())
+    width = features(torch.zeros(1, c_in, size, size)).shape[1]
+    return torch.nn.Sequential(*features, torch.nn.Linear(width, 3))
+
+
+CONVS = {
+    "k3": dict(kernel_size=3),
+    "k3 stride 2 padding 1": dict(kernel_size=3, stride=2, padding=1),
+    "k(2,3) dilation 2 padding (1,2)": dict(kernel_size=(2, 3), dilation=2, padding=(1, 2)),
+    "k4 padding same": dict(kernel_size=4, padding="same"),
+    "k3 valid stride (1,2)": dict(kernel_size=3, padding="valid", stride=(1, 2)),
+    "k5 stride 3 dilation (1,2)": dict(kernel_size=5, stride=3, dilation=(1, 2), padding=2),
+    "k1": dict(kernel_size=1),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("conv", list(CONVS))
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("noise_multiplier", [0.0, 1.1])
+@pytest.mark.parametrize("bias", [True, False])
+def test_ghost_norms_of_conv2d_match_the_per_example_loop(monkeypatch, conv, batch, noise_multiplier, bias):
+    model = conv_net(CONVS[conv], bias=bias, seed=batch)
+    generator = torch.Generator().manual_seed(batch)
+    inputs = torch.randn(batch, 2, 9, 9, generator=generator)
+    targets = torch.randint(0, 3, (batch,), generator=generator)
+    no_vmap(monkeypatch)  # "auto" picks ghost norms for Conv2d + Linear
+    assert_matches_loop(model, F.cross_entropy, inputs, targets, noise_multiplier)
+
+
+def spy_gram(monkeypatch, force=None):
+    """Record (T, d, p, gram) for each layer on sequences/convolutions; ``force`` overrides the choice."""
+    choices = []
+    real = per_sample_module._use_gram
+
+    def spy(steps, d, p):
+        choice = real(steps, d, p) if force is None else force
+        choices.append((steps, d, p, choice))
+        return choice
+    monkeypatch.setattr(per_sample_module, "_use_gram", spy)
+    return choices
+
+
+@pytest.mark.parametrize("force", [None, True, False], ids=["by-cost", "gram", "direct"])
+@pytest.mark.parametrize("case", ["few positions, many channels", "many positions, few channels"])
+def test_conv2d_ghost_norms_by_gram_matrices_and_by_per_example_gradients(monkeypatch, force, case):
+    if case == "few positions, many channels":  # L = 4: L^2 = 16 <= (8 * 9) * 6: Gram matrices
+        model, shape = conv_net(dict(kernel_size=3, stride=2), c_in=8, c_out=6, size=5), (7, 8, 5, 5)
+    else:  # L = 64: L^2 > (1 * 9) * 2: per-example gradients
+        model, shape = conv_net(dict(kernel_size=3), c_in=1, c_out=2, size=10), (7, 1, 10, 10)
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(shape, generator=generator) * 2
+    targets = torch.randint(0, 3, (7,), generator=generator)
+    no_vmap(monkeypatch)
+    choices = spy_gram(monkeypatch, force)
+    assert_matches_loop(model, F.cross_entropy, inputs, targets, 0.0)
+    first = choices[0]  # the first Conv2d
+    assert first[3] == (force if force is not None else case.startswith("few"))
+    if force is None:
+        assert first[:3] == ((4, 72, 6) if case.startswith("few") else (64, 9, 2))
+
+
+@pytest.mark.parametrize("method", ["ghost", "auto"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_an_empty_batch_through_conv2d_ghost_norms_is_a_noise_only_step(monkeypatch, method, reduction):
+    model = conv_net(CONVS["k3 stride 2 padding 1"])
+    inputs, targets = torch.randn(0, 2, 9, 9), torch.randint(0, 3, (0,))
+    no_vmap(monkeypatch)
+    result = per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 0.7, 1.2, torch.Generator().manual_seed(7),
+                                     method=method, expected_batch_size=16, loss_reduction=reduction)
+    assert result.norms.shape == (0,) and result.scales.shape == (0,)
+    noise = replayed_noise(model, dict(model.named_parameters()), 7, 1.2 * 0.7)
+    assert list(result.grads) == [name for name, _ in model.named_parameters()]
+    for name, g in result.grads.items():
+        torch.testing.assert_close(g, noise[name] / (16 if reduction == "mean" else 1))
+    quiet = per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 0.7, method=method,
+                                    expected_batch_size=16, loss_reduction=reduction)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in quiet.grads.values())
+
+
+def benchmark_cnn():
+    """The DP-SGD CNN of benchmarks/bench_peers.py (2 conv + linear on 1x28x28)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(32 * 7 * 7, 10))
+
+
+def test_auto_picks_ghost_norms_for_the_benchmark_cnn(monkeypatch):
+    model = benchmark_cnn()
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(6, 1, 28, 28, generator=generator)
+    targets = torch.randint(0, 10, (6,), generator=generator)
+    no_vmap(monkeypatch)
+    choices = spy_gram(monkeypatch)
+    assert_matches_loop(model, F.cross_entropy, inputs, targets, 1.1)
+    assert [c[3] for c in choices[:2]] == [False, False]  # both convolutions: L^2 > d p, per-example gradients
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("groups", "groups=2: ghost norms of grouped convolutions are not implemented"),
+    ("reflect", "padding_mode='reflect': ghost norms need zero padding"),
+])
+def test_conv2d_ghost_refuses_groups_and_non_zero_padding_and_auto_falls_back(monkeypatch, case, reason):
+    torch.manual_seed(0)
+    conv = (torch.nn.Conv2d(4, 4, 3, groups=2) if case == "groups"
+            else torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    model = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    inputs, targets = torch.randn(5, 4, 6, 6), torch.randint(0, 3, (5,))
+    model(inputs)
+    with pytest.raises(ValueError, match=f"method='ghost' does not apply: .*{reason}"):
+        per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 1.0, method="ghost")
+    calls = spy_vmap(monkeypatch)
+    result = per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 1.0)
+    assert calls
+    expected, norms = reference_dp_gradient(model, F.cross_entropy, inputs, targets, 1.0)
+    torch.testing.assert_close(result.norms.double(), torch.tensor(norms, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    for (name, _), e in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(result.grads[name].double(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_a_frozen_grouped_convolution_before_a_trainable_one_keeps_ghost_norms(monkeypatch):
+    model = conv_net(CONVS["k3"], c_in=4, size=8)
+    model.insert(0, torch.nn.Conv2d(4, 4, 3, padding=1, groups=4).requires_grad_(False))
+    inputs, targets = torch.randn(6, 4, 8, 8), torch.randint(0, 3, (6,))
+    no_vmap(monkeypatch)
+    assert_matches_loop(model, F.cross_entropy, inputs, targets, 0.0)
+
+
+@pytest.mark.parametrize("force", [True, False], ids=["gram", "direct"])
+def test_the_conv2d_ghost_path_never_syncs(monkeypatch, force):
+    model = conv_net(CONVS["k3 stride 2 padding 1"])
+    inputs, targets = torch.randn(7, 2, 9, 9), torch.randint(0, 3, (7,))
+    spy_gram(monkeypatch, force)
+    with no_host_sync():
+        per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 0.5, 1.0, torch.Generator().manual_seed(0))
+        per_sample_clip_grad_(model, F.cross_entropy, inputs, targets, 0.5, method="ghost")
+
+
+@pytest.mark.parametrize("force", [True, False], ids=["gram", "direct"])
+@pytest.mark.parametrize("size", ["huge", "tiny"])
+@pytest.mark.parametrize("host", [True, False], ids=["cpu-checks", "no-host-read"])
+def test_conv2d_ghost_norms_neither_overflow_nor_underflow(monkeypatch, force, size, host):
+    torch.manual_seed(0)
+    magnitude = RANGES[torch.float32][0 if size == "huge" else 1]
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, bias=False), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 3 * 3, 3, bias=False))
+    spread = torch.logspace(-0.5, 0.5, 7, dtype=torch.float64).reshape(-1, 1, 1, 1)
+    inputs = (torch.randn(7, 2, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * spread
+              * math.sqrt(magnitude)).float()
+    targets = torch.zeros(7, 3)
+    samples = per_example_grads(model, F.mse_loss, inputs, targets)
+    assert all(torch.isfinite(g).all() for g in samples.values())
+    norms = exact_norms(list(samples.values()))
+    max_norm = 5e-7 if size == "tiny" else float(norms.median())  # (tiny norms: every factor about 1/2)
+    factors = (max_norm / (norms + 1e-6)).clamp(max=1)
+    expected = [torch.einsum("i,i...", factors, g) / len(inputs) for g in samples.values()]
+    spy_gram(monkeypatch, force)
+    with contextlib.nullcontext() if host else no_host_sync():
+        result = per_sample_clipped_grad(model, F.mse_loss, inputs, targets, max_norm, method="ghost")
+    torch.testing.assert_close(result.norms.double(), norms, rtol=1e-5, atol=0)
+    for name, e in zip(samples, expected):
+        scale = float(e.abs().max())
+        torch.testing.assert_close(result.grads[name].double() / scale, e / scale, rtol=1e-5, atol=1e-5)

@@ -391,6 +391,8 @@ _DROPOUT: tuple[type[nn.Module], ...] = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
 )
 _SOFTMAX: tuple[type[nn.Module], ...] = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
+# Layers whose trainable weight and bias get ghost norms.
+_GHOST_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 _PER_EXAMPLE_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 # Frozen spatial layers: examples stay independent when the input has its batch dimension (ndim = k + 2).
 _SPATIAL: dict[type[nn.Module], int] = {
@@ -447,11 +449,90 @@ def _leaf_rule(module: nn.Module, name: str) -> tuple[int, int | None] | None:
     return None
 
 
-def _ghost_plan(model: nn.Module, vouched: bool) -> tuple[list[tuple[str, nn.Linear]], dict[nn.Module, tuple]]:
-    """The trainable ``nn.Linear`` layers (by module name) and the input rules of the other leaf modules.
+def _check_conv(module: nn.Conv2d, label: str) -> None:
+    """Raise :class:`_NotEligible` for a trainable ``nn.Conv2d`` whose gradient is not ``G U^T`` with ``U`` unfolded."""
+    if module.groups != 1:
+        raise _NotEligible(f"{label!r} (Conv2d) has groups={module.groups}: ghost norms of grouped convolutions are "
+                           "not implemented (only groups=1)")
+    if module.padding_mode != "zeros":
+        raise _NotEligible(f"{label!r} (Conv2d) pads with padding_mode={module.padding_mode!r}: ghost norms need "
+                           "zero padding")
+
+
+def _conv_padding(module: nn.Conv2d) -> list[int]:
+    """``F.pad``'s (left, right, top, bottom) zero padding that ``module`` applies to its input."""
+    if module.padding == "valid":
+        return [0, 0, 0, 0]
+    if module.padding == "same":  # as torch: total dilation (k - 1), the odd one on the right/bottom
+        pads = []
+        for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return pads
+    ph, pw = module.padding
+    return [pw, pw, ph, ph]
+
+
+def _unfolded(module: nn.Module, x: torch.Tensor, delta: torch.Tensor, batch: int,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's inputs (B, T, d) and output gradients (B, T, p), so that example i's weight gradient is
+    ``sum_t delta_it a_it^T`` (reshaped to the weight's shape).
+
+    For an ``nn.Linear``, T is the product of the middle dims (1 for 2-D inputs). For an
+    ``nn.Conv2d``, ``a_i`` is ``unfold(x_i)^T``: T = L output positions, d = C_in k_h k_w
+    (in the order of ``weight.reshape(C_out, -1)``), p = C_out.
+    """
+    if isinstance(module, nn.Conv2d):
+        x = x.to(dtype)
+        pads = _conv_padding(module)
+        if any(pads):
+            x = torch.nn.functional.pad(x, pads)
+        u = torch.nn.functional.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+        p = delta.shape[1]
+        return u.transpose(1, 2), delta.reshape(batch, p, -1).to(dtype).transpose(1, 2)
+    d, p = x.shape[-1], delta.shape[-1]
+    steps = math.prod(x.shape[1:-1])
+    return x.reshape(batch, steps, d).to(dtype), delta.reshape(batch, steps, p).to(dtype)
+
+
+def _layer_dims(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> tuple[int, int, int]:
+    """(T, d, p) of :func:`_unfolded`, without unfolding."""
+    if isinstance(module, nn.Conv2d):
+        return delta.shape[2] * delta.shape[3], module.weight[0].numel(), delta.shape[1]
+    return math.prod(x.shape[1:-1]), x.shape[-1], delta.shape[-1]
+
+
+def _conv_weight_grads(module: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Each example's gradient of a Conv2d's weight, (B, C_out, C_in k_h k_w), from its input ``x`` (B, C_in, H, W)
+    and output gradient ``delta`` (B, C_out, H', W'): the examples as the groups of one convolution's weight
+    gradient (Rochette, Manoel and Tramel 2019, `arXiv:1912.06015 <https://arxiv.org/abs/1912.06015>`__)."""
+    batch, c_in = x.shape[:2]
+    c_out = delta.shape[1]
+    if batch == 0:
+        return x.new_zeros((0, c_out, module.weight[0].numel()))
+    padding = module.padding
+    if isinstance(padding, str):
+        pads = _conv_padding(module)
+        x, padding = (torch.nn.functional.pad(x, pads) if any(pads) else x), (0, 0)
+    g = torch.ops.aten.convolution_backward(
+        delta.reshape(1, batch * c_out, *delta.shape[2:]), x.reshape(1, batch * c_in, *x.shape[2:]),
+        x.new_empty((batch * c_out, c_in, *module.kernel_size)), None, module.stride, padding, module.dilation,
+        False, (0, 0), batch, (False, True, False))[1]
+    return g.reshape(batch, c_out, -1)
+
+
+def _use_gram(steps: int, d: int, p: int) -> bool:
+    """Per layer, the cheaper way to ``||sum_t delta_t a_t^T||_F^2`` (Bu et al. 2023's "mixed" choice):
+    the T x T Gram matrices ``<A A^T, Delta Delta^T>`` when ``T^2 <= d p``, else the p x d per-example gradient."""
+    return steps * steps <= d * p
+
+
+def _ghost_plan(model: nn.Module, vouched: bool) -> tuple[list[tuple[str, nn.Module]], dict[nn.Module, tuple]]:
+    """The trainable ``nn.Linear`` and ``nn.Conv2d`` layers (by module name) and the input rules of the leaf modules.
 
     Raises :class:`_NotEligible` when the ghost-norm identity does not hold for the model:
-    a trainable parameter outside an ``nn.Linear`` (or not its ``weight`` or ``bias``), a
+    a trainable parameter outside an ``nn.Linear`` or ``nn.Conv2d`` (or not its ``weight`` or
+    ``bias``), a grouped or non-zero-padded ``nn.Conv2d``, a
     parameter or module used at two places, or a module that mixes examples. Modules this
     function does not know (custom ``forward``) are refused unless ``vouched``. A BatchNorm on
     batch statistics is the reason given first, wherever it is: no method applies to it.
@@ -466,9 +547,9 @@ def _ghost_plan(model: nn.Module, vouched: bool) -> tuple[list[tuple[str, nn.Lin
         raise
 
 
-def _ghost_layers_and_rules(model: nn.Module, vouched: bool) -> tuple[list[tuple[str, nn.Linear]],
+def _ghost_layers_and_rules(model: nn.Module, vouched: bool) -> tuple[list[tuple[str, nn.Module]],
                                                                       dict[nn.Module, tuple]]:
-    layers: list[tuple[str, nn.Linear]] = []
+    layers: list[tuple[str, nn.Module]] = []
     rules: dict[nn.Module, tuple] = {}
     seen: set[int] = set()
     for name, module in model.named_modules(remove_duplicate=False):
@@ -477,16 +558,19 @@ def _ghost_layers_and_rules(model: nn.Module, vouched: bool) -> tuple[list[tuple
             raise _NotEligible(f"module {label!r} appears at two places in the model")
         seen.add(id(module))
         trainable = [n for n, p in module._parameters.items() if p is not None and p.requires_grad]
-        if _same_forward(module, (nn.Linear,)):
+        if _same_forward(module, _GHOST_LAYERS):
             extra = [n for n in trainable if n not in ("weight", "bias")]
             if extra:
-                raise _NotEligible(f"trainable parameter {extra[0]!r} of {label!r} is not an nn.Linear weight or bias")
+                raise _NotEligible(f"trainable parameter {extra[0]!r} of {label!r} is not a weight or bias of an "
+                                   "nn.Linear or nn.Conv2d")
             if trainable:
+                if isinstance(module, nn.Conv2d):
+                    _check_conv(module, label)
                 layers.append((name, module))
         elif trainable:
             prefix = f"{name}." if name else ""
             raise _NotEligible(f"trainable parameter {prefix}{trainable[0]} belongs to a {type(module).__name__}, "
-                               "not an nn.Linear")
+                               "not an nn.Linear or nn.Conv2d")
         if type(module) is nn.Sequential:
             continue
         rule = _leaf_rule(module, label)
@@ -554,7 +638,8 @@ def _ghost_clipped_grad(
         raise _NotEligible(problems[0])
     for name, module in layers:
         if len(seen[module]) > 1:
-            raise _NotEligible(f"nn.Linear {name!r} ran {len(seen[module])} times in one forward pass, not once")
+            raise _NotEligible(f"{type(module).__name__} {name!r} ran {len(seen[module])} times in one forward "
+                               "pass, not once")
     if not isinstance(losses, torch.Tensor) or losses.shape != (batch,):
         raise _NotEligible("loss_fn does not return a scalar for one example")
 
@@ -567,41 +652,49 @@ def _ghost_clipped_grad(
     wrt = [seen[module][0][2] for _, module in ran] + idle
     found = torch.autograd.grad(total, wrt, allow_unused=True) if wrt and total.requires_grad else [None] * len(wrt)
     if any(g is not None for g in found[len(ran):]):
-        raise _NotEligible("a parameter of an nn.Linear that did not run reaches the loss (used outside the "
+        raise _NotEligible("a parameter of an nn.Linear or nn.Conv2d that did not run reaches the loss (used outside the "
                            "layer's forward)")
     if any(a._version != version for a, version, _ in (seen[module][0] for _, module in ran)):
-        raise _NotEligible("a Linear layer's input was modified in place after the layer used it")
+        raise _NotEligible("a Linear or Conv2d layer's input was modified in place after the layer used it")
     reached = [(module, delta) for (_, module), delta in zip(ran, found) if delta is not None]
 
     # Per layer: A is (B, T, d) and Delta (B, T, p), T = 1 for 2-D inputs.
     first = next(iter(params.values()))
     acc = accumulation_dtype(first.dtype)
-    factors: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    factors: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     norms = _ExampleNorms(batch, first.device)
     for module, delta in reached:
-        a = seen[module][0][0].detach()
         dtype = accumulation_dtype(module.weight.dtype)
-        d, p = a.shape[-1], delta.shape[-1]
-        steps = math.prod(a.shape[1:-1])
-        a = a.reshape(batch, steps, d).to(dtype)
-        delta = delta.reshape(batch, steps, p).to(dtype)
+        x = seen[module][0][0].detach()
+        steps, d, p = _layer_dims(module, x, delta)
+        if isinstance(module, nn.Conv2d) and steps > 1 and module.weight.requires_grad and not _use_gram(steps, d, p):
+            # the per-example gradients by one grouped convolution: no unfolded input
+            x, delta_map = x.to(dtype), delta.to(dtype)
+            a, delta = None, delta_map.reshape(batch, p, steps).transpose(1, 2)
+        else:
+            a, delta = _unfolded(module, x, delta, batch, dtype)
         summed_delta = delta[:, 0] if steps == 1 else delta.sum(dim=1)  # the bias gradients, (B, p)
-        factors[module] = (a, delta, summed_delta)
+        per_example = None
         bias_rows = None
         if steps == 1:  # ||delta_i a_i^T|| = ||delta_i|| ||a_i||
             bias_rows = norms.rows(summed_delta)
             if module.weight.requires_grad:
                 norms.add(bias_rows, norms.rows(a[:, 0]))
-        elif module.weight.requires_grad:  # each example's factors divided by its largest entry: no overflow
+        elif module.weight.requires_grad and _use_gram(steps, d, p):
+            # ||sum_t delta_t a_t^T||^2 = <A A^T, Delta Delta^T>, each example's factors divided by its
+            # largest entry first, so that the squares in the Gram matrices neither overflow nor underflow
             a_scaled, a_largest = _max_scaled(a, dims=(1, 2))
             delta_scaled, delta_largest = _max_scaled(delta, dims=(1, 2))
-            if steps * steps <= d * p:  # ||sum_t delta_t a_t^T||^2 = <A A^T, Delta Delta^T>
-                gram = torch.bmm(a_scaled, a_scaled.transpose(1, 2))
-                gram.mul_(torch.bmm(delta_scaled, delta_scaled.transpose(1, 2)))
-                weight_norm = gram.sum(dim=(1, 2)).clamp_(min=0).sqrt_()
-            else:
-                weight_norm = torch.linalg.vector_norm(torch.bmm(delta_scaled.transpose(1, 2), a_scaled), dim=(1, 2))
+            gram = torch.bmm(a_scaled, a_scaled.transpose(1, 2))
+            gram.mul_(torch.bmm(delta_scaled, delta_scaled.transpose(1, 2)))
+            weight_norm = gram.sum(dim=(1, 2)).clamp_(min=0).sqrt_()
             norms.add_exact(weight_norm.to(a_largest.dtype) * a_largest * delta_largest)
+        elif module.weight.requires_grad:
+            # the per-example gradients themselves, (B, p, d) (cheaper than the Gram matrices here): their
+            # norms as the vmap path's, and the clipped sum their weighted sum (no second pass over A)
+            per_example = torch.bmm(delta.transpose(1, 2), a) if a is not None else _conv_weight_grads(module, x, delta_map)
+            norms.add(norms.rows(per_example.reshape(batch, p * d)))
+        factors[module] = (a, delta, summed_delta, per_example)
         if module.bias is not None and module.bias.requires_grad:
             norms.add(bias_rows if bias_rows is not None else norms.rows(summed_delta))
     found_norms, found_scales, in_wide = norms.finish(max_norm)
@@ -612,14 +705,16 @@ def _ghost_clipped_grad(
         module, kind = owner[name]
         if module not in factors:
             continue  # the loss does not reach this layer: no gradient, as in a backward pass
-        a, delta, summed_delta = factors[module]
+        a, delta, summed_delta, per_example = factors[module]
         c, in_wide = cast.get(delta.dtype, delta.device)
-        if kind == "weight":  # sum_i c_i delta_i a_i^T = (c * Delta)^T A, scaling the smaller factor
+        if kind == "weight" and per_example is not None:  # sum_i c_i g_i
+            summed = torch.tensordot(c, per_example.to(c.dtype), dims=1).to(delta.dtype).reshape(param.shape)
+        elif kind == "weight":  # sum_i c_i delta_i a_i^T = (c * Delta)^T A, scaling the smaller factor
             if delta.shape[2] <= a.shape[2]:
                 delta, a = _scale_examples(delta, c, in_wide), a
             else:
                 delta, a = delta, _scale_examples(a, c, in_wide)
-            summed = torch.mm(delta.reshape(-1, delta.shape[2]).T, a.reshape(-1, a.shape[2]))
+            summed = torch.mm(delta.reshape(-1, delta.shape[2]).T, a.reshape(-1, a.shape[2])).reshape(param.shape)
         elif in_wide:
             summed = torch.mv(summed_delta.T.to(c.dtype), c).to(delta.dtype)
         else:
@@ -727,7 +822,7 @@ def per_sample_clipped_grad(
       The model is also run on one example outside ``vmap``, to find which
       parameters the loss reaches.
     * ``"ghost"``: ghost norms, for models whose trainable parameters all
-      belong to ``torch.nn.Linear`` layers. Example i's gradient of a linear
+      belong to ``torch.nn.Linear`` or ``torch.nn.Conv2d`` layers. Example i's gradient of a linear
       layer :math:`z = W a + b` is the outer product of the gradient
       :math:`\delta_i = \partial \ell_i / \partial z_i` with its input
       :math:`a_i`, so its norm needs no per-example gradient, and neither
@@ -749,7 +844,18 @@ def per_sample_clipped_grad(
       clipping, Li, Tramèr, Liang and Hashimoto 2022, "Large Language Models
       Can Be Strong Differentially Private Learners",
       `arXiv:2110.05679 <https://arxiv.org/abs/2110.05679>`__), used when
-      :math:`T^2 \le d p`. The inputs :math:`a_i` are recorded by forward hooks
+      :math:`T^2 \le d p`; otherwise the :math:`p \times d` per-example
+      gradients are formed (one batched product) and the clipped sum is their
+      weighted sum. An ``nn.Conv2d`` (``groups=1``, zero padding; any stride,
+      padding, dilation and kernel size) is such a layer with
+      :math:`a_{it}` the columns of ``unfold(x_i)`` (:math:`d = C_{in} k_h k_w`,
+      :math:`p = C_{out}`, T the L output positions); the choice between the
+      L x L Gram matrices and the per-example gradients is made per layer
+      (the "mixed" ghost clipping of Bu, Mao and Xu 2023, "Differentially
+      Private Optimization on Large Model at Small Cost",
+      `arXiv:2210.00038 <https://arxiv.org/abs/2210.00038>`__), and the
+      per-example gradients of a convolution come from one grouped
+      convolution, without unfolding its input. The inputs :math:`a_i` are recorded by forward hooks
       and the :math:`\delta_i` come from one backward pass of
       :math:`\sum_i \ell_i` to the layers' outputs, with the per-example losses
       :math:`\ell_i` from ``vmap(loss_fn)``. One forward and one backward
@@ -759,7 +865,8 @@ def per_sample_clipped_grad(
       loss some other way is refused.
     * ``"auto"`` (the default): ``"ghost"`` where it is known to be exact, else
       ``"vmap"``. That is: every trainable parameter is the ``weight`` or
-      ``bias`` of an ``nn.Linear`` used once per forward pass, on an input with
+      ``bias`` of an ``nn.Linear`` or a zero-padded ``nn.Conv2d`` with ``groups=1``
+      (a grouped convolution goes to ``"vmap"``) used once per forward pass, on an input with
       the batch along dim 0; and every other module is an ``nn.Sequential`` or a
       module known to treat the examples independently (activations, dropout
       in eval mode, ``Flatten``, ``LayerNorm``, ``GroupNorm``, BatchNorm in eval
@@ -923,7 +1030,7 @@ def per_sample_clip_grad_(
         generator: the random generator for the noise.
         chunk_size: examples per vectorised chunk, or ``None`` (the ``"vmap"`` path only).
         method: ``"auto"``, ``"ghost"`` (ghost norms, for models trained only in
-            ``nn.Linear`` layers) or ``"vmap"``, as in :func:`per_sample_clipped_grad`.
+            ``nn.Linear`` and ``nn.Conv2d`` layers) or ``"vmap"``, as in :func:`per_sample_clipped_grad`.
         expected_batch_size: N, the divisor of the ``"mean"`` under Poisson sampling
             (Opacus's ``expected_batch_size``); ``None`` divides by the batch size.
         loss_reduction: ``"mean"`` (divide by N) or ``"sum"`` (do not divide), as in Opacus.

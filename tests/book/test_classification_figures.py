@@ -1,0 +1,67 @@
+"""Chapter 4's figures (gradclip_book.classification_figures): built from the stored grid, light, and honest."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from gradclip_book import classification as cls
+from gradclip_book import classification_figures as cf
+from gradclip_book import grids
+
+ROOT = Path(__file__).resolve().parents[2]
+CODE_VERSION = "8fde0f4d01987b7c"
+
+
+def test_this_module_leaves_the_grid_code_version_unchanged():
+    assert cls.code_version() == CODE_VERSION == {line["code_version"] for line in cf.lines()}.pop()
+
+
+def test_headline_summary_matches_the_measured_story():
+    rows = {(r["method"], r["threshold"]): r for r in cf.headline_summary()}
+    assert rows["none", None]["diverged"] == len(grids.HEADLINE_SEEDS)
+    assert min(rows["norm", grids.HARD_THRESHOLD]["accuracies"]) >= 0.9
+    assert rows["agc", 0.03]["mean"] < 0.12
+    assert cf.better(rows["norm", 0.1], rows["value", 0.003]) and not cf.better(rows["norm", 0.1], rows["soft", 0.3])
+
+
+def test_grid_explorer_frames_are_the_stored_runs_and_light():
+    ex = cf.grid_explorer()
+    assert len(ex.frames) == len(grids.DEPTHS) * len(grids.LRS) * 4 * len(cf.EXPLORER_METHODS)
+    for values in ex.sample(20, seed=3):
+        run = cf.run_of(cf.grid_config(**values))
+        frame = ex.frame(**values)
+        assert frame == cf.grid_frame(run)
+        diverged = run["diverged_at"] is not None
+        assert frame["traces"][1]["x"] == ([run["diverged_at"]] if diverged else [])
+        assert any(("Diverged at step" in n) == diverged for n in frame["note"])
+    size = len(json.dumps(ex.spec(), separators=(",", ":")))
+    assert size < 1_500_000, size  # the page budget is 4.5 MB with a 1.5 MB plotly.js
+
+
+def test_live_frame_reproduces_the_stored_frame():
+    values = {"depth": 4, "lr": 0.1, "level": 0, "method": "norm"}
+    assert cf.live_frame(**values) == cf.grid_frame(cf.run_of(cf.grid_config(**values)))
+
+
+def test_rescue_explorer_marks_divergence_and_never_crashes():
+    ex = cf.rescue_explorer()
+    frame = ex.frame(method="zclip@2", seed=0)
+    assert frame["traces"][2]["x"] and "Diverged at step" in frame["note"][0]
+    frame = ex.frame(method="norm@0.1", seed=0)
+    assert frame["traces"][2]["x"] == [] and "test accuracy" in frame["note"][0]
+
+
+def test_layer_profile_replays_the_harness():
+    profile = cf.layer_profile(grids.HARD, steps=1)
+    stored = cf.headline_runs("none", None)[0]["grad_norm"]
+    assert math.isclose(profile["total"][0], float(stored[0]), rel_tol=1e-3)
+    assert math.isclose(profile["total"][1], float(stored[1]), rel_tol=1e-3)
+    assert abs(profile["gain"][0] - 1) < 0.06 < profile["gain"][1] - 1
+
+
+# --- the built page: moving each slider shows the stored record for that combination ---------------
