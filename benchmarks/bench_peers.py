@@ -43,13 +43,18 @@ MEMORY: list[tuple[str, str, str, str]] = []
 
 # --- helpers ------------------------------------------------------------------------------------------------------
 
-def interleaved(functions: dict, repeats: int) -> dict[str, float]:
-    """Median wall time in ms of each function, calls alternating between them (one warm-up call each)."""
+def interleaved(functions: dict, repeats: int, before=None) -> dict[str, float]:
+    """Median wall time in ms of each function, calls alternating between them (one warm-up call each).
+
+    ``before``, if given, runs untimed before every call (to restore the state a call changed).
+    """
     times = {name: [] for name in functions}
     for fn in functions.values():
         fn()
     for _ in range(repeats):
         for name, fn in functions.items():
+            if before is not None:
+                before()
             start = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - start) * 1000)
@@ -365,7 +370,13 @@ def bench_clip(repeats: int) -> None:
     for title, shapes0 in sets:
         for factor in SIZES:
             base = make_params(scale_shapes(shapes0, factor))
-            for mode, max_norm in (("clipping", 1e-3), ("no clip", 1e9)):
+            # clipping: max_norm is half the norm, so every call scales by 1/2, and an untimed refresh doubles
+            # the gradients back before each call (a fixed tiny max_norm would shrink them into underflow, and
+            # a norm that settles on max_norm gives a factor of exactly 1, which is no clipping at all)
+            half = float(torch.nn.utils.get_total_norm([p.grad for p in base])) / 2
+            grads = [p.grad for p in base]
+            for mode, max_norm in (("clipping", half), ("no clip", 1e9)):
+                refresh = (lambda: torch._foreach_mul_(grads, 2.0)) if mode == "clipping" else None
                 if factor == 1.0:
                     mine, theirs = clone_params(base), clone_params(base)
                     got = gradclip.clip_grad_norm_(mine, max_norm)
@@ -374,7 +385,8 @@ def bench_clip(repeats: int) -> None:
                     check_grads(f"clip_grad_norm_ {title} {mode}: clipped grads", mine, theirs, 1e-5)
                     del mine, theirs
                 medians = interleaved({"gradclip": lambda: gradclip.clip_grad_norm_(base, max_norm),
-                                       "peer": lambda: torch.nn.utils.clip_grad_norm_(base, max_norm)}, repeats)
+                                       "peer": lambda: torch.nn.utils.clip_grad_norm_(base, max_norm)}, repeats,
+                                      before=refresh)
                 record(f"clip_grad_norm_ {title} {mode}", f"{factor:g}x", medians["gradclip"],
                        "torch clip_grad_norm_", medians["peer"])
             del base

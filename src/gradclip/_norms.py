@@ -101,7 +101,7 @@ def tensor_norms(tensors: list[torch.Tensor], p: float, device: torch.device, fo
     under- or overflowed are recomputed exactly (see the module docstring).
     """
     wide = wide_dtype(device)
-    nonempty = [t for t in tensors if t.numel()]
+    nonempty = [t for t in tensors if t.numel()] if not all(t.numel() for t in tensors) else tensors
     if len(nonempty) < len(tensors):
         out = torch.zeros(len(tensors), dtype=wide, device=device)
         if nonempty:
@@ -134,7 +134,8 @@ def group_norms(group: _groups.Group, p: float, foreach: bool | None) -> torch.T
     A flat buffer gives one norm; on the CPU (with ``foreach=None``) the small
     tensors are concatenated and reduced together; the rest get one norm each.
     """
-    tensors = [t for t in group.tensors if t.numel()]
+    sizes = [t.numel() for t in group.tensors]
+    tensors = [t for t, n in zip(group.tensors, sizes) if n] if 0 in sizes else group.tensors
     if not tensors:
         return torch.zeros(1, dtype=wide_dtype(group.device), device=group.device)
     if group.buffer is not None:
@@ -143,10 +144,10 @@ def group_norms(group: _groups.Group, p: float, foreach: bool | None) -> torch.T
         return tensor_norms(tensors, p, group.device, False)
     partial_norms = []
     if group.device.type == "cpu" and foreach is None:
-        small = [t for t in tensors if t.numel() <= CPU_CONCAT_MAX_NUMEL]
+        small = [t for t, n in zip(group.tensors, sizes) if 0 < n <= CPU_CONCAT_MAX_NUMEL]
         if len(small) > 1:
             partial_norms.append(tensor_norms([_flatten_dense_tensors(small)], p, group.device, False))
-            tensors = [t for t in tensors if t.numel() > CPU_CONCAT_MAX_NUMEL]
+            tensors = [t for t, n in zip(group.tensors, sizes) if n > CPU_CONCAT_MAX_NUMEL]
     if tensors:
         partial_norms.append(tensor_norms(tensors, p, group.device, True))
     return torch.cat(partial_norms) if len(partial_norms) > 1 else partial_norms[0]

@@ -67,10 +67,12 @@ def distinct(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 def grads_of(parameters: TensorOrTensors) -> list[torch.Tensor]:
     """The ``.grad`` of every parameter that has one, checked to be dense."""
     params = as_tensor_list(parameters)
-    for index, param in enumerate(params):
-        if param.grad is not None:
-            check_dense_one(param.grad, f"parameters[{index}].grad")
-    return distinct([p.grad for p in params if p.grad is not None])
+    grads = [p.grad for p in params]
+    if any(g is not None and g.layout is not torch.strided for g in grads):  # name the parameter's own index
+        for index, grad in enumerate(grads):
+            if grad is not None:
+                check_dense_one(grad, f"parameters[{index}].grad")
+    return distinct([g for g in grads if g is not None])
 
 
 def check_dense(tensors: list[torch.Tensor], what: str) -> None:

@@ -108,10 +108,10 @@ def _exercises() -> dict[str, Exercise]:
                  r"Clipped gradient descent on $x^4$ with $\eta = 0.1$ and $c = 1$, from $x_0 = 50$. "
                  r"About how many steps until $f < 10^{-4}$? (Within 15% counts.)",
                  (Answer(steps, 0.15, feedback=(
-                      "Correct: that is the exact count. The walk x0/(eta c) predicts fewer steps: it leaves out the "
-                      "last stretch near the minimum, where |4x^3| < c and the unclipped steps shrink.")),
+                      "Correct: within 15% of the exact count. The walk x0/(eta c) alone predicts fewer steps: it "
+                      "leaves out the last stretch near the minimum, where |4x^3| < c and the unclipped steps shrink.")),
                   Answer(walk, 0.15, feedback=(
-                      "Correct for the clipped walk: x0/(eta c) counts the steps of full length eta c. The exact "
+                      "Correct: within 15% of the clipped walk x0/(eta c), the steps of full length eta c. The exact "
                       "count is about a fifth higher, because near the minimum |4x^3| < c and the steps shrink."))),
                  "while the gradient is above c, every step moves exactly eta * c.",
                  rf"While $\lvert 4x^3\rvert > c$ each step moves $\eta c = 0.1$, so the walk takes "
@@ -250,7 +250,7 @@ def check_value_angle(given: float | None) -> bool:
 
 @dataclass
 class StaticExercise(_static.Exercise):
-    """The static widget, plus a sentence per accepted line of reasoning shown after "Correct.".
+    """The static widget, with its own message per accepted line of reasoning (each starts with "Correct").
 
     ``notes`` holds ``(low, high, text)``: a right answer in ``[low, high]`` gets ``text``
     (the first range that holds it, in the order of :attr:`Exercise.answers`).
@@ -260,8 +260,8 @@ class StaticExercise(_static.Exercise):
 
     def check(self, value: float) -> bool:
         right = self.accepts(value)
-        note = next((t for lo, hi, t in self.notes if lo <= float(value) <= hi), "") if right else ""
-        print(f"Correct. {note}".strip() if right else "Not quite." + (" Open the hint." if self.hint else ""))
+        note = next((t for lo, hi, t in self.notes if lo <= float(value) <= hi), "Correct.") if right else ""
+        print(note if right else "Not quite." + (" Open the hint." if self.hint else ""))
         return right
 
     def _repr_html_(self) -> str:
@@ -279,7 +279,7 @@ root.querySelector('form').addEventListener('submit',function(){
   var t=String(input.value).trim().replace(/\u2212/g,'-').replace(/\s+/g,''),v;
   if(/^[-+]?\d+\/\d+$/.test(t)){var p=t.split('/');v=(+p[0])/(+p[1]);}
   else{v=parseFloat(t.replace(/(?:\u00d7|x|\*)10\^/i,'e').replace(/^10\^/,'1e'));}
-  for(var i=0;i<notes.length;i++){var n=notes[i];if(n.low<=v&&v<=n.high){out.textContent='Correct. '+n.text;return;}}
+  for(var i=0;i<notes.length;i++){var n=notes[i];if(n.low<=v&&v<=n.high){out.textContent=n.text;return;}}
 });}"""
 
 
@@ -293,7 +293,7 @@ def widget(name: str, number: int | str = "") -> StaticExercise:
 
     The first accepted answer is the widget's answer; the others are accepted
     too (as numbers with the same tolerance, or as intervals), and each one's
-    feedback is shown after "Correct." when a reader's answer falls in it.
+    feedback replaces the plain "Correct." when a reader's answer falls in it.
 
     Example:
         >>> from gradclip_book.exercises import answer, widget
