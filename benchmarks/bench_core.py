@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gradclip  # noqa: E402
 from shapes import model_shapes, numel, resnet50_shapes, transformer_small_shapes  # noqa: E402
+from timing import interleaved  # noqa: E402
 
 
 def make_params(shapes, seed=0):
@@ -32,21 +31,6 @@ def make_params(shapes, seed=0):
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator)
     return params
-
-
-def interleaved(functions: dict, repeats: int, before=None) -> dict[str, float]:
-    """Median wall time in ms of each function, calls alternating between them."""
-    times = {name: [] for name in functions}
-    for fn in functions.values():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            if before is not None:
-                before()
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def compare(title, params, repeats, flat_params=None, clip=True):

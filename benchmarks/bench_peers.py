@@ -19,7 +19,6 @@ import argparse
 import copy
 import importlib.util
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -33,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gradclip  # noqa: E402
 from shapes import model_shapes, numel, resnet50_shapes  # noqa: E402
+from timing import interleaved  # noqa: E402
 
 SIZES = (0.25, 1.0, 4.0)
 FAILURES: list[str] = []
@@ -42,24 +42,6 @@ MEMORY: list[tuple[str, str, str, str]] = []
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
-
-def interleaved(functions: dict, repeats: int, before=None) -> dict[str, float]:
-    """Median wall time in ms of each function, calls alternating between them (one warm-up call each).
-
-    ``before``, if given, runs untimed before every call (to restore the state a call changed).
-    """
-    times = {name: [] for name in functions}
-    for fn in functions.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            if before is not None:
-                before()
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
 
 def check(what: str, got, want, tol: float = 1e-5) -> None:
     """Max |got - want| relative to max |want|; a mismatch is recorded and printed loudly."""

@@ -88,6 +88,16 @@ class ThroughTime:
         return self.radius * self.mean_slope
 
 
+
+def _setup(width: int, radius: float, steps: int, input_scale: float, seed: int
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The recurrent matrix, the input sequence (steps, width) and a unit probe, all seeded by ``seed``."""
+    w = recurrent_matrix(width, radius, seed)
+    rng = np.random.default_rng(seed + 10_000)
+    inputs = input_scale * rng.standard_normal((steps, width))
+    probe = rng.standard_normal(width)
+    return w, inputs, probe / np.linalg.norm(probe)
+
 def gradient_through_time(radius: float, steps: int, activation: str = "tanh", width: int = 32,
                           input_scale: float = 1.0, seed: int = 0) -> ThroughTime:
     r"""Backpropagate a probe loss through T steps of :math:`h_t = \phi(W h_{t-1} + x_t)`.
@@ -127,11 +137,7 @@ def gradient_through_time(radius: float, steps: int, activation: str = "tanh", w
         raise ValueError(f"activation must be one of {tuple(GAMMA)}, got {activation!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    w = recurrent_matrix(width, radius, seed)
-    rng = np.random.default_rng(seed + 10_000)
-    inputs = input_scale * rng.standard_normal((steps, width))
-    probe = rng.standard_normal(width)
-    probe /= np.linalg.norm(probe)
+    w, inputs, probe = _setup(width, radius, steps, input_scale, seed)
     h = np.zeros(width)
     pre = []
     for t in range(steps):
@@ -186,11 +192,7 @@ def gated_gradient_through_time(radius: float, steps: int, gate_bias: float = -3
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    w = recurrent_matrix(width, radius, seed)
-    rng = np.random.default_rng(seed + 10_000)
-    inputs = input_scale * rng.standard_normal((steps, width))
-    probe = rng.standard_normal(width)
-    probe /= np.linalg.norm(probe)
+    w, inputs, probe = _setup(width, radius, steps, input_scale, seed)
     v = np.random.default_rng(seed + 20_000).standard_normal((width, width)) / math.sqrt(width)
     h = np.zeros(width)
     gates, pre = [], []
