@@ -186,7 +186,7 @@ SET_CONTROL_JS = r"""([rootId, index, value]) => {
 }"""
 
 DRAWN_MATCHES_FRAME_JS = r"""(rootId) => {
-  const root = document.getElementById(rootId), spec = JSON.parse(document.getElementById(rootId + '-data').textContent);
+  const root = document.getElementById(rootId), spec = window.gcData[rootId];  // inline or loaded from its file
   const frame = spec.frames[root.dataset.key], data = document.getElementById(rootId + '-plot').data;
   return frame.traces.every((t, i) => ['x', 'y', 'z'].every(k => !(k in t) ||
     JSON.stringify(Array.from(data[i][k] || [], v => Array.isArray(v) || ArrayBuffer.isView(v) ? Array.from(v) : v)) === JSON.stringify(t[k])));
@@ -197,9 +197,9 @@ def drive_every_control(page) -> list[str]:
     """Move each control of each Explorer to another value; report any that does not redraw to its frame."""
     problems = []
     for root in page.evaluate("Array.from(document.querySelectorAll('.gc-explorer')).map(e => e.id)"):
-        spec = json.loads(page.locator(f"#{root}-data").text_content())
         page.locator(f"#{root}").scroll_into_view_if_needed()
         page.wait_for_function(f"document.getElementById('{root}').dataset.key !== undefined", timeout=10_000)
+        spec = page.evaluate(f"window.gcData['{root}']")  # inline in the page, or loaded from its data file
         for index, param in enumerate(spec["params"]):
             for value in {(param["start"] + 1) % len(param["shown"]), param["start"]}:
                 if len(param["shown"]) == 1:
@@ -336,7 +336,7 @@ def _open_explorer(browser, book_server, width=1280, dark=False):
 
 
 def _embedded_spec(page) -> dict:
-    return json.loads(page.locator(f"{EXPLORER}-data").text_content())
+    return page.evaluate(f"window.gcData['{EXPLORER[1:]}']")
 
 
 def _plotted(page) -> list[dict]:
@@ -454,6 +454,10 @@ def test_classification_grid_sliders_show_the_stored_record(browser, book_server
     page = watch.page
     page.goto(f"{book_server}/chapters/classification.html")
     root = "#gc-cls-grid"
+    data = page.locator(f"{root}-data")
+    assert data.get_attribute("data-src") == "data/cls-grid.js" and data.text_content() == "", \
+        "the grid's frames are not inlined: the page loads them from the book when the figure is reached"
+    assert page.evaluate("!(window.gcData && window.gcData['gc-cls-grid'])"), "loaded before it was reached"
     page.locator(root).scroll_into_view_if_needed()
     page.wait_for_function(f"document.querySelector('{root}').dataset.key !== undefined", timeout=20_000)
     ex = cf.grid_explorer()
@@ -477,3 +481,14 @@ def test_classification_grid_sliders_show_the_stored_record(browser, book_server
     assert moved >= 4 + 6 + 4, "depth, learning-rate and threshold sliders were all moved"
     assert watch.errors == [] and watch.foreign == []
     page.close()
+
+
+def test_a_lazily_loaded_figure_draws_from_disk_too(browser, built_book):
+    # the README offers opening _build/html/index.html directly: a script tag loads over file://, fetch would not
+    watch = PageWatch(browser)
+    watch.page.goto((built_book / "chapters" / "classification.html").resolve().as_uri())
+    watch.page.locator("#gc-cls-grid").scroll_into_view_if_needed()
+    watch.page.wait_for_function("document.querySelector('#gc-cls-grid').dataset.key !== undefined", timeout=15_000)
+    assert watch.page.evaluate("document.getElementById('gc-cls-grid-plot').data.length") >= 2
+    assert watch.errors == []
+    watch.page.close()

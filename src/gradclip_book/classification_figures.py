@@ -475,7 +475,7 @@ def grid_explorer(points: int = GRID_POINTS) -> Explorer:
          Param("lr", list(grids.LRS), label="learning rate", default=grids.HARD.lr, fmt="g"),
          Param("level", [0, 1, 2, 3], label="threshold", default=0, fmt=lambda i: LEVEL_NAMES[i]),
          Param("method", list(EXPLORER_METHODS), label="method", default="norm", fmt=lambda m: LABELS[m])],
-        compute=compute, traces=traces, layout=layout, share_traces=True, label="fig-cls-grid",
+        compute=compute, traces=traces, layout=layout, share_traces=True, data_file=True, label="fig-cls-grid",
         caption="One stored training run (seed 0, ReLU MLP of width 64, SGD with momentum 0.9, batch 64, 300 "
                 "steps) per combination of the controls. Left: training loss; right: largest gradient norm before "
                 "clipping per bin of steps, open circles where the method fired. A cross marks a divergence. The "

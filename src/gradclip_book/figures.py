@@ -103,6 +103,23 @@ def is_static_build() -> bool:
     return os.environ.get("GRADCLIP_STATIC", "") == "1"
 
 
+# The book's static folder (sphinx html_static_path in _config.yml), copied to _static/ in the build.
+STATIC_FOLDER = "_assets"
+
+
+def book_root(start: str | Path | None = None) -> Path | None:
+    """The book's root folder: the first one holding a ``_config.yml`` and the static folder, walking up.
+
+    From ``start`` (default: the current working directory, then this package's location).
+    """
+    starts = [Path(start)] if start is not None else [Path.cwd(), Path(__file__).resolve().parent]
+    for origin in starts:
+        for folder in [origin.resolve(), *origin.resolve().parents]:
+            if (folder / CONFIG_FILE).is_file() and (folder / STATIC_FOLDER).is_dir():
+                return folder
+    return None
+
+
 def book_repository(start: str | Path | None = None) -> dict[str, str] | None:
     """The book's ``repository`` settings (``url``, ``branch``, ``path_to_book``) from its _config.yml.
 
@@ -366,6 +383,12 @@ class Explorer:
         share_traces: store a frame trace that recurs in several frames once in
             the page (``spec()["shared"]``) and let the frames point to it
             (``{"gcShared": i}``); the drawn figure is the same, the page lighter.
+        data_file: in the built book, write the frames to a script the book
+            serves (``_static/data/<name>.js``) and load it only when the
+            figure comes near the viewport, instead of inlining them in the
+            page. A script tag loads from disk (``file://``) as well as over
+            HTTP, where ``fetch`` would not. Outside the book build the frames
+            stay inline.
 
     Example:
         >>> from gradclip_book.figures import Explorer, Param
@@ -386,6 +409,7 @@ class Explorer:
     label: str = ""
     number: str = ""
     share_traces: bool = False
+    data_file: bool = False
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -472,6 +496,10 @@ class Explorer:
         root = f"gc-{self.name}"
         controls = "".join(_control_html(root, i, p) for i, p in enumerate(self.params))
         payload = json.dumps(self.spec(), separators=(",", ":")).replace("</", "<\\/")
+        data_element = f'<script type="application/json" id="{root}-data">{payload}</script>'
+        source = self._write_data_file(root, payload) if self.data_file and is_static_build() else None
+        if source is not None:
+            data_element = f'<script type="application/json" id="{root}-data" data-src="{source}"></script>'
         return (
             f'<figure class="gc-explorer gc-box" id="{root}">'
             + (f'<span class="gc-anchor" id="{self.label}"></span>' if self.label else "")
@@ -479,10 +507,21 @@ class Explorer:
             f'<div class="gc-controls">{controls}</div>'
             f'<p class="gc-note" id="{root}-note" aria-live="polite"></p>'
             f"<figcaption>{_caption_html(self.number, self.full_caption(), self.number)}</figcaption>"
-            f'<script type="application/json" id="{root}-data">{payload}</script>'
-            f"<script>{_boot('gcFig.explorer(' + json.dumps(root) + ')')}</script>"
+            + data_element
+            + f"<script>{_boot('gcFig.explorer(' + json.dumps(root) + ')')}</script>"
             "</figure>"
         )
+
+    def _write_data_file(self, root: str, payload: str) -> str | None:
+        """Write the frames under the book's static folder; the path the page loads them from, or None."""
+        book = book_root()
+        if book is None:
+            return None
+        folder = book / STATIC_FOLDER / "data"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{self.name}.js").write_text(
+            f"(window.gcData=window.gcData||{{}})[{json.dumps(root)}]={payload};\n", encoding="utf-8")
+        return f"data/{self.name}.js"
 
     def _repr_html_(self) -> str:
         return self.to_html()
@@ -713,10 +752,16 @@ _RUNTIME_JS = r"""
 if(!window.gcFig){(function(){
 var G=window.gcFig={waiting:[],loading:false,figures:[]};
 var CONFIG=__CONFIG__;
-G.bundle=function(){
+G.asset=function(path){
   var root=document.documentElement.getAttribute('data-content_root');
   if(root===null&&window.DOCUMENTATION_OPTIONS&&DOCUMENTATION_OPTIONS.URL_ROOT!=null){root=DOCUMENTATION_OPTIONS.URL_ROOT;}
-  return root===null?null:root+'_static/__BUNDLE__';
+  return root===null?null:root+path;
+};
+G.bundle=function(){return G.asset('_static/__BUNDLE__');};
+G.script=function(url,done,fail){
+  if(!url){fail();return;}
+  var s=document.createElement('script');s.src=url;s.async=true;s.onload=done;s.onerror=fail;
+  document.head.appendChild(s);
 };
 G.withPlotly=function(done,fail){
   if(window.Plotly){done();return;}
@@ -763,7 +808,15 @@ G.watch=function(){
     G.figures.forEach(function(f){if(f.drawn&&f.narrow!==G.narrow(f.plot)){f.draw();}});},150);});
 };
 G.explorer=function(id){
-  var root=document.getElementById(id),spec=JSON.parse(document.getElementById(id+'-data').textContent);
+  var el=document.getElementById(id+'-data'),src=el.getAttribute('data-src');
+  window.gcData=window.gcData||{};
+  if(!src){window.gcData[id]=JSON.parse(el.textContent);G.explorerWith(id);return;}
+  G.whenNear(document.getElementById(id),function(){
+    G.script(G.asset('_static/'+src),function(){G.explorerWith(id);},function(){G.fail(document.getElementById(id+'-note'));});
+  });
+};
+G.explorerWith=function(id){
+  var root=document.getElementById(id),spec=window.gcData[id];
   var plot=document.getElementById(id+'-plot'),note=document.getElementById(id+'-note');
   var controls=spec.params.map(function(p,i){return root.querySelector('[data-index="'+i+'"]');});
   function position(i){var el=controls[i];if(el.tagName==='INPUT'){return +el.value;}

@@ -214,3 +214,26 @@ def test_exercise_accepts_the_answer_other_answers_and_intervals(capsys):
 
 def test_markdown_keeps_math_for_mathjax():
     assert markdown_html("a $x_1 < 2$ b") == "<p>a \\(x_1 &lt; 2\\) b</p>"
+
+
+def test_data_file_frames_are_written_for_the_book_and_inline_elsewhere(tmp_path, monkeypatch):
+    from gradclip_book.figures import Explorer, Param
+
+    book = tmp_path / "book"
+    (book / "_assets").mkdir(parents=True)
+    (book / "_config.yml").write_text("title: t\n")
+    (book / "chapters").mkdir()
+    monkeypatch.chdir(book / "chapters")
+    ex = Explorer("lazy-demo", [Param("a", [1, 2])], compute=lambda a: {"traces": [{"x": [0, 1], "y": [0, a]}]},
+                  traces=[{"mode": "lines"}], data_file=True)
+    monkeypatch.delenv("GRADCLIP_STATIC", raising=False)
+    inline = ex.to_html()
+    assert '"frames"' in inline and 'id="gc-lazy-demo-data" data-src' not in inline  # live: inline
+    monkeypatch.setenv("GRADCLIP_STATIC", "1")
+    page = ex.to_html()
+    assert 'id="gc-lazy-demo-data" data-src="data/lazy-demo.js"></script>' in page and '"frames"' not in page
+    written = (book / "_assets" / "data" / "lazy-demo.js").read_text()
+    prefix = '(window.gcData=window.gcData||{})["gc-lazy-demo"]='
+    assert written.startswith(prefix)
+    spec = json.loads(written[len(prefix):].rstrip().rstrip(";"))
+    assert spec["frames"][ex.key({"a": 2})]["traces"][0]["y"] == [0, 2]
