@@ -153,9 +153,21 @@ def group_norms(group: _groups.Group, p: float, foreach: bool | None) -> torch.T
     return torch.cat(partial_norms) if len(partial_norms) > 1 else partial_norms[0]
 
 
-def combine(partial_norms: torch.Tensor, p: float) -> torch.Tensor:
-    """The p-norm of a 1-D tensor of norms, with the largest factored out so it cannot overflow.
+# Partial norms of float32/bfloat16/float16 gradients lie within about [1e-45, 1e43] (a tensor's norm
+# is at most its largest entry times the square root of its size): their float64 powers up to this
+# order neither overflow nor underflow, so the plain float64 norm is exact there.
+_PLAIN_COMBINE_MAX_P = 6.0
 
-    NaN anywhere gives NaN; inf (and no NaN) gives inf; all zeros give 0.
+
+def combine(partial_norms: torch.Tensor, p: float, narrow_inputs: bool = False) -> torch.Tensor:
+    """The p-norm of a 1-D tensor of norms, in the wide dtype, never overflowing.
+
+    ``narrow_inputs``: every partial norm comes from float32 or narrower
+    gradients; then, for p <= 6 in float64, a plain norm is exact and cheaper.
+    Otherwise the largest is factored out first. NaN anywhere gives NaN; inf
+    (and no NaN) gives inf; all zeros give 0.
     """
-    return scaled_norm(partial_norms, p)
+    wide = partial_norms.to(wide_dtype(partial_norms.device))
+    if narrow_inputs and wide.dtype == torch.float64 and p <= _PLAIN_COMBINE_MAX_P:
+        return torch.linalg.vector_norm(wide, p)
+    return scaled_norm(wide, p)
