@@ -145,13 +145,6 @@ def apply_(tensors: list[torch.Tensor], batched: bool, op: str, *args: Any) -> N
         getattr(tensor, f"{op}_")(*(arg[index] if isinstance(arg, list) else arg for arg in args))
 
 
-def map_(tensors: list[torch.Tensor], batched: bool, op: str) -> list[torch.Tensor]:
-    """The out-of-place counterpart of :func:`apply_` for a unary op (``abs``, ``isnan``...)."""
-    if batched:
-        return list(getattr(torch, f"_foreach_{op}")(tensors))
-    return [getattr(tensor, op)() for tensor in tensors]
-
-
 def single_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """A 1-D view of the storage that the tensors tile exactly, or None.
 

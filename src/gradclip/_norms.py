@@ -14,9 +14,10 @@ representable. Three rules keep the library right:
 * per-tensor norms come back in a *wide* dtype (float64; float32 on MPS,
   which has no float64), so a norm too large for the gradients' dtype is
   still a finite number;
-* partial norms are combined with the largest one factored out,
-  :math:`\|n\|_p = m\,\|n/m\|_p` with :math:`m = \max_i n_i`, so combining never
-  overflows;
+* partial norms are combined in float64, where their powers cannot over- or
+  underflow for float32-or-narrower gradients (p <= 6), and otherwise with the
+  largest one factored out, :math:`\|n\|_p = m\,\|n/m\|_p` with
+  :math:`m = \max_i n_i`, so combining never overflows;
 * on the CPU, where reading a value costs no device synchronisation, a
   per-tensor norm that may have under- or overflowed (0, tiny or inf) is
   recomputed exactly the same way, with its largest entry factored out.
@@ -52,6 +53,14 @@ _UNDERFLOW_MARGIN = 1e4
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half-precision inputs, the input dtype otherwise."""
     return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def output_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
+    """The dtype a global norm is returned in: float32 at least, float64 when any gradient is float64."""
+    out = torch.float32
+    for dtype in dtypes:
+        out = torch.promote_types(out, accumulation_dtype(dtype))
+    return out
 
 
 def wide_dtype(device: torch.device) -> torch.dtype:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import _groups, _validate
+from . import _groups, _validate, distributed
 from ._scaling import NORM_EPS, clamp_, clip_coefficient, scale_
 from .norms import grouped_norm, raise_if_nonfinite
 from .result import ClipResult
@@ -243,10 +243,7 @@ def clip_grad_value_(
     grads = _validate.grads_of(parameters)
     if grads:
         groups = _groups.groups_of(grads, foreach)
-        if any(group.sharding is not None for group in groups):
-            from .distributed import check_not_partial
-
-            check_not_partial(groups, "clip_grad_value_")
+        distributed.check_not_partial(groups, "clip_grad_value_")
         clamp_(groups, clip_value, foreach)
 
 

@@ -328,18 +328,6 @@ def _all_reduce(value: torch.Tensor, groups: tuple[Any, ...], inf: bool) -> torc
     return value
 
 
-def wide_global_norm(
-    groups: list[_groups.Group],
-    p: float,
-    foreach: bool | None,
-    first_device: torch.device | None,
-    process_group: Any = None,
-    replicated: Iterable[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """:func:`global_norm` in the wide dtype (float64; float32 on MPS), for clipping factors."""
-    return _global_norm(groups, p, foreach, first_device, process_group, replicated)
-
-
 def global_norm(
     groups: list[_groups.Group],
     p: float,
@@ -406,20 +394,19 @@ def global_norm(
         >>> distributed.global_norm(groups, 2.0, None, torch.device("cpu"))  # no group: local
         tensor(5.)
     """
-    out_dtype = torch.float32
-    for group in groups:
-        out_dtype = torch.promote_types(out_dtype, accumulation_dtype(group.dtype))
-    return _global_norm(groups, p, foreach, first_device, process_group, replicated).to(out_dtype)
+    wide = wide_global_norm(groups, p, foreach, first_device, process_group, replicated)
+    return wide.to(_norms.output_dtype([group.dtype for group in groups]))
 
 
-def _global_norm(
+def wide_global_norm(
     groups: list[_groups.Group],
     p: float,
     foreach: bool | None,
     first_device: torch.device | None,
-    process_group: Any,
-    replicated: Iterable[torch.Tensor] | None,
+    process_group: Any = None,
+    replicated: Iterable[torch.Tensor] | None = None,
 ) -> torch.Tensor:
+    """:func:`global_norm` in the wide dtype (float64; float32 on MPS), for clipping factors."""
     inf = math.isinf(p)
     pg = resolve_process_group(process_group)
     rep = replicated_ids(replicated) if pg is not None else set()

@@ -5,7 +5,7 @@
 report variants and every stateful clipper call it. It groups the tensors by
 (device, dtype) (finding flat buffers), takes per-group partial norms with
 :func:`gradclip._norms.group_norms`, and combines them locally, or, for
-DTensors and ``process_group=``, through :func:`gradclip.distributed.global_norm`.
+DTensors and ``process_group=``, through :func:`gradclip.distributed.wide_global_norm`.
 """
 
 from __future__ import annotations
@@ -25,14 +25,6 @@ def _is_distributed(groups: list[_groups.Group], process_group: Any) -> bool:
         group.sharding is not None for group in groups)
 
 
-def output_dtype(groups: list[_groups.Group]) -> torch.dtype:
-    """The dtype a norm is returned in: float32 at least, float64 when any gradient is float64."""
-    dtype = torch.float32
-    for group in groups:
-        dtype = torch.promote_types(dtype, _norms.accumulation_dtype(group.dtype))
-    return dtype
-
-
 def grouped_norm(
     tensors: list[torch.Tensor],
     p: float,
@@ -43,7 +35,7 @@ def grouped_norm(
 ) -> tuple[list[_groups.Group], torch.Tensor, torch.Tensor]:
     """Group already-checked tensors; return the groups, their total p-norm, and that norm in float64.
 
-    The norm lies on the first tensor's device, in :func:`output_dtype`;
+    The norm lies on the first tensor's device, in :func:`gradclip._norms.output_dtype`;
     ``tensor(0.)`` for no tensors. The float64 ("wide") copy is what clipping
     factors are computed from: it is finite whenever the true norm is, even
     when the returned dtype cannot hold it (see :mod:`gradclip._norms`). With
@@ -60,7 +52,7 @@ def grouped_norm(
         partial_norms = [_norms.group_norms(group, p, foreach).to(first_device) for group in groups]
         narrow = all(group.dtype != torch.float64 for group in groups)
         wide = _norms.combine(torch.cat(partial_norms), p, narrow_inputs=narrow)
-    return groups, wide.to(output_dtype(groups)), wide
+    return groups, wide.to(_norms.output_dtype([group.dtype for group in groups])), wide
 
 
 def raise_if_nonfinite(norm: torch.Tensor, p: float) -> None:

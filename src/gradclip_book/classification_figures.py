@@ -219,14 +219,21 @@ def describe(run: dict[str, Any]) -> str:
     return f"Trained all {run['steps_run']} steps: test accuracy {100 * acc:.1f}%, clipped at {100 * frac:.0f}% of steps."
 
 
-def _two_panels(x_title: str = "step", height: int = 430) -> dict[str, Any]:
+def _two_panels(x_title: str = "step", height: int = 430, x_range: list[float] | None = None) -> dict[str, Any]:
+    """Loss (left) and gradient norm before clipping (right), both log, over the same step range."""
+    range_ = {} if x_range is None else {"range": list(x_range)}
     return {
         "height": height,
-        "xaxis": {"domain": [0, 0.46], "title": {"text": x_title}, "anchor": "y"},
+        "xaxis": {"domain": [0, 0.46], "title": {"text": x_title}, "anchor": "y", **range_},
         "yaxis": {"type": "log", "title": {"text": "training loss (nats)"}, "anchor": "x"},
-        "xaxis2": {"domain": [0.56, 1], "title": {"text": x_title}, "anchor": "y2"},
+        "xaxis2": {"domain": [0.56, 1], "title": {"text": x_title}, "anchor": "y2", **range_},
         "yaxis2": {"type": "log", "title": {"text": "gradient norm before clipping"}, "anchor": "x2"},
     }
+
+
+# The right panel's markers where a method fired (scaled, clamped or skipped the step).
+FIRED_TRACE = {"mode": "markers", "name": "the method fired", "xaxis": "x2", "yaxis": "y2",
+               "marker": {"symbol": "circle-open", "size": 5, "color": "#009E73"}}
 
 
 def explosion_figure(steps: int = 30) -> PlotlyFigure:
@@ -245,8 +252,7 @@ def explosion_figure(steps: int = 30) -> PlotlyFigure:
         mark = _divergence(run)
         traces.append({**mark, "mode": "markers", "name": "diverged", "showlegend": i == 0, "legendgroup": "div",
                        "marker": {"symbol": "x", "size": 12, "color": colour, "line": {"width": 1}}})
-    layout = _two_panels()
-    layout["xaxis"]["range"] = layout["xaxis2"]["range"] = [-0.5, steps]
+    layout = _two_panels(x_range=[-0.5, steps])
     return PlotlyFigure(traces, layout, name="cls-explosion", label="fig-cls-explosion",
                         caption="No clipping at the hard setting (ReLU MLP of depth 16, width 64, SGD with momentum "
                                 "0.9 at learning rate 0.5), one line per seed. Left: training loss of each step's "
@@ -281,11 +287,9 @@ def rescue_explorer() -> Explorer:
          "marker": {"symbol": "x-open", "size": 13, "color": "#D55E00"}},
         run_style("plain", name="no clipping", mode="lines", xaxis="x2", yaxis="y2", showlegend=False),
         run_style("clipped", name="with the method", mode="lines", xaxis="x2", yaxis="y2", showlegend=False),
-        {"mode": "markers", "name": "the method fired", "xaxis": "x2", "yaxis": "y2",
-         "marker": {"symbol": "circle-open", "size": 5, "color": "#009E73"}},
+        dict(FIRED_TRACE),
     ]
-    layout = _two_panels()
-    layout["xaxis"]["range"] = layout["xaxis2"]["range"] = [0, grids.HARD.steps]
+    layout = _two_panels(x_range=[0, grids.HARD.steps])
     return Explorer(
         "cls-rescue",
         [Param("method", names, label="method", default=names[0], fmt=lambda v: shown[v]),
@@ -464,11 +468,9 @@ def grid_explorer(points: int = GRID_POINTS) -> Explorer:
         run_style("clipped", name="training loss", mode="lines"),
         {"mode": "markers", "name": "diverged", "marker": {"symbol": "x", "size": 13, "color": "#D55E00"}},
         run_style("plain", name="gradient norm", mode="lines", xaxis="x2", yaxis="y2"),
-        {"mode": "markers", "name": "the method fired", "xaxis": "x2", "yaxis": "y2",
-         "marker": {"symbol": "circle-open", "size": 5, "color": "#009E73"}},
+        dict(FIRED_TRACE),
     ]
-    layout = _two_panels()
-    layout["xaxis"]["range"] = layout["xaxis2"]["range"] = [0, grids.HARD.steps]
+    layout = _two_panels(x_range=[0, grids.HARD.steps])
     return Explorer(
         "cls-grid",
         [Param("depth", list(grids.DEPTHS), label="depth", default=grids.HARD.depth, fmt="d"),

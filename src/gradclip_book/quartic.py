@@ -72,3 +72,38 @@ def quartic_descent(x0: float, lr: float, max_norm: float | None = None, steps: 
         with torch.no_grad():
             x -= lr * x.grad
     return Run(losses, None)
+
+
+def quartic_frame(x0: float, lr: float, max_norm: float | None) -> dict:
+    """One frame of the book's quartic explorer: 100 steps without clipping and with ``max_norm``.
+
+    Args:
+        x0: the starting point.
+        lr: the learning rate.
+        max_norm: the clipping threshold, or ``None`` for no clipping.
+
+    Returns:
+        ``{"traces": [plain loss curve, clipped loss curve, divergence markers], "note": [two sentences]}``,
+        the frame format of :class:`gradclip_book.figures.Explorer`; a run that diverged is marked at
+        the top edge of the plot (:data:`DIVERGED`) at the step where it stopped.
+
+    Example:
+        >>> from gradclip_book.quartic import quartic_frame
+        >>> frame = quartic_frame(4.0, 0.1, 1.0)
+        >>> frame["note"][0].startswith("Without clipping, the run diverged")
+        True
+    """
+    clipped = quartic_descent(x0, lr, max_norm=max_norm, steps=100)
+    plain = quartic_descent(x0, lr, max_norm=None, steps=100)
+
+    def curve(run: Run) -> dict:
+        return {"x": list(range(len(run.losses))), "y": run.losses}
+
+    def status(run: Run, name: str) -> str:
+        if run.diverged_at is not None:
+            return f"{name} diverged at step {run.diverged_at}."
+        return f"{name} ends at loss {run.final_loss:.3g}."
+
+    stops = [run.diverged_at for run in (plain, clipped) if run.diverged_at is not None]
+    return {"traces": [curve(plain), curve(clipped), {"x": stops, "y": [DIVERGED] * len(stops)}],
+            "note": [status(plain, "Without clipping, the run"), status(clipped, "With this threshold, it")]}
