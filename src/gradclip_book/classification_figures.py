@@ -255,8 +255,8 @@ def explosion_figure(steps: int = 30) -> PlotlyFigure:
     layout = _two_panels(x_range=[-0.5, steps])
     return PlotlyFigure(traces, layout, name="cls-explosion", label="fig-cls-explosion",
                         caption="No clipping at the hard setting (ReLU MLP of depth 16, width 64, SGD with momentum "
-                                "0.9 at learning rate 0.5), one line per seed. Left: training loss of each step's "
-                                f"minibatch; right: the global gradient norm of that step. A cross marks the loss "
+                                "0.9 at learning rate 0.5), one line per seed. First panel (left, or top on a phone): training loss of each "
+                                f"step's minibatch; second panel: the global gradient norm of that step. A cross marks the loss "
                                 f"that stopped a run (non-finite or above {cls.DIVERGED_LOSS:g}). Both axes of "
                                 "values are logarithmic; only the first steps are shown.")
 
@@ -296,8 +296,8 @@ def rescue_explorer() -> Explorer:
          Param("seed", list(grids.HEADLINE_SEEDS), label="seed", default=0, fmt="d")],
         compute=compute, traces=traces, layout=layout, share_traces=True, label="fig-cls-rescue",
         caption="Each clipping method at the hard setting (depth 16, learning rate 0.5, 300 steps of SGD with "
-                "momentum) against the same seed without clipping. Left: training loss (mean over each plotted "
-                "bin of steps); right: the largest gradient norm before clipping in each bin, with open circles "
+                "momentum) against the same seed without clipping. First panel (left, or top on a phone): training "
+                "loss (mean over each plotted bin of steps); second panel: the largest gradient norm before clipping in each bin, with open circles "
                 "where the method fired in the bin. A cross marks where a run diverged and stopped.")
 
 
@@ -479,7 +479,8 @@ def grid_explorer(points: int = GRID_POINTS) -> Explorer:
          Param("method", list(EXPLORER_METHODS), label="method", default="norm", fmt=lambda m: LABELS[m])],
         compute=compute, traces=traces, layout=layout, share_traces=True, data_file=True, label="fig-cls-grid",
         caption="One stored training run (seed 0, ReLU MLP of width 64, SGD with momentum 0.9, batch 64, 300 "
-                "steps) per combination of the controls. Left: training loss; right: largest gradient norm before "
+                "steps) per combination of the controls. First panel (left, or top on a phone): training loss; "
+                "second panel: largest gradient norm before "
                 "clipping per bin of steps, open circles where the method fired. A cross marks a divergence. The "
                 "threshold slider picks one of each method's four thresholds, from tightest to loosest (value "
                 "0.001-0.03, global norm 0.1-3, AGC 0.01-0.3, AutoClip percentile 10-90, ZClip z 1.5-3).")

@@ -106,4 +106,5 @@ def quartic_frame(x0: float, lr: float, max_norm: float | None) -> dict:
 
     stops = [run.diverged_at for run in (plain, clipped) if run.diverged_at is not None]
     return {"traces": [curve(plain), curve(clipped), {"x": stops, "y": [DIVERGED] * len(stops)}],
-            "note": [status(plain, "Without clipping, the run"), status(clipped, "With this threshold, it")]}
+            "note": [status(plain, "Without clipping, the run"),
+                     status(clipped, "With this threshold, it" if max_norm is not None else "With clipping off, it")]}
