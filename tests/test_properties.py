@@ -2,7 +2,8 @@
 
 1. Extreme magnitudes and low precision: for every in-place method, every
    floating dtype and magnitudes from subnormal to near the dtype's largest
-   value, on every path (foreach, loop, flat buffer), the outputs are finite
+   value, on every path (foreach, loop, flat buffer, and the accelerator
+   paths: no value read on the host), the outputs are finite
    wherever the exact result is, and within a stated tolerance of a float64
    transcription that factors out the largest magnitude (so the reference
    itself cannot overflow).
@@ -164,13 +165,20 @@ METHODS = {
                        lambda ps, m: ref_norm_clip(flat(ps), 1.0)),
 }
 
-PATHS = {"default": None, "foreach": True, "loop": False, "buffer": None}
+PATHS = {"default": None, "foreach": True, "loop": False, "buffer": None,
+         "accelerator": None, "accelerator-loop": False}
 
 
-def on_path(params, path):
-    """For the flat-buffer path, move the gradients into one GradBuffer (per dtype) first."""
+def on_path(params, path, monkeypatch=None):
+    """For the flat-buffer path, move the gradients into one GradBuffer (per dtype) first.
+
+    The accelerator paths run on CPU tensors with the CPU-only host checks switched off
+    (as tests/support/sync.py does): the code an accelerator runs, with no value read.
+    """
     if path == "buffer":
         gradclip.GradBuffer(params)
+    if path.startswith("accelerator"):
+        monkeypatch.setattr(gradclip._norms, "HOST_CHECKS_ON_CPU", False)
     return PATHS[path]
 
 
@@ -183,12 +191,12 @@ def case_ids():
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("dtype,size", list(case_ids()), ids=lambda v: str(v).replace("torch.", ""))
-def test_finite_and_accurate_at_every_magnitude(method, dtype, size, path):
+def test_finite_and_accurate_at_every_magnitude(method, dtype, size, path, monkeypatch):
     call, reference = METHODS[method]
     magnitude = magnitudes(dtype)[size]
     params = make(dtype, magnitude)
     expected = reference(params, magnitude)
-    call(params, magnitude, on_path(params, path))
+    call(params, magnitude, on_path(params, path, monkeypatch))
     rtol, atol = tolerance(dtype)
     info = torch.finfo(dtype)
     for p, want in zip(params, expected):
@@ -212,10 +220,10 @@ NORM_FUNCTIONS = {
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("function", list(NORM_FUNCTIONS))
 @pytest.mark.parametrize("dtype,size", list(case_ids()), ids=lambda v: str(v).replace("torch.", ""))
-def test_norms_are_right_whenever_representable(function, dtype, size, path):
+def test_norms_are_right_whenever_representable(function, dtype, size, path, monkeypatch):
     params = make(dtype, magnitudes(dtype)[size])
     exact = exact_norm([v for g in flat(params) for v in g])
-    norm = NORM_FUNCTIONS[function](params, on_path(params, path))
+    norm = NORM_FUNCTIONS[function](params, on_path(params, path, monkeypatch))
     assert norm.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     torch.testing.assert_close(norm.double(), torch.tensor(exact, dtype=torch.float64).to(norm.dtype).double(),
                                rtol=8 * torch.finfo(norm.dtype).eps, atol=0.0)
@@ -363,13 +371,13 @@ def drop_empty(value, params):
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
 @pytest.mark.parametrize("function", list(EMPTY_CALLS))
-def test_an_empty_tensor_contributes_nothing(function, norm_type, path):
+def test_an_empty_tensor_contributes_nothing(function, norm_type, path, monkeypatch):
     params = with_empty()
     alone = [params[1]]
     twin = torch.nn.Parameter(alone[0].detach().clone())
     twin.grad = alone[0].grad.clone()
     expected = EMPTY_CALLS[function]([twin], norm_type, PATHS[path])
-    result = EMPTY_CALLS[function](params, norm_type, on_path(params, path))
+    result = EMPTY_CALLS[function](params, norm_type, on_path(params, path, monkeypatch))
     if isinstance(result, torch.Tensor) and result.ndim == 1 and len(result) == 3:
         assert torch.all(result[[0, 2]] == 0), "an empty tensor's own norm is 0"
     if isinstance(expected, torch.Tensor):

@@ -18,12 +18,17 @@ representable. Three rules keep the library right:
   underflow for float32-or-narrower gradients (p <= 6), and otherwise with the
   largest one factored out, :math:`\|n\|_p = m\,\|n/m\|_p` with
   :math:`m = \max_i n_i`, so combining never overflows;
-* on the CPU, where reading a value costs no device synchronisation, a
-  per-tensor norm that may have under- or overflowed (0, tiny or inf) is
-  recomputed exactly the same way, with its largest entry factored out.
-  On accelerators the per-tensor kernels are torch's, which accumulate in
-  float32: there a tensor with entries above 1.8e19 gets an ``inf`` norm, as
-  in torch (no host read is allowed there to detect it).
+* per-tensor norms are computed where they cannot go wrong. On the CPU,
+  where reading a value costs no device synchronisation, they are accumulated
+  in float32 (fast) and a norm that may have under- or overflowed (0, tiny or
+  inf) is recomputed exactly, with its largest entry factored out. Elsewhere
+  (accelerators, and while ``torch.compile`` traces) no value may be read, so
+  every norm is made safe up front: float32-or-narrower gradients are
+  accumulated in float64 (torch's foreach kernels accumulate in the output
+  dtype's precision), where their powers cannot over- or underflow for
+  p <= 6; float64 gradients, and larger p, have each tensor's largest entry
+  factored out first (two more passes; on MPS, which has no float64, only
+  this factored form is exact and it is not used: MPS keeps float32).
 
 Nothing here reads a value on the host except that CPU check, which is
 skipped while ``torch.compile`` traces.
@@ -48,6 +53,11 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # A norm below tiny ** (1/p) times this margin may have lost entries to underflow.
 _UNDERFLOW_MARGIN = 1e4
+
+# Partial norms of float32/bfloat16/float16 gradients lie within about [1e-45, 1e43] (a tensor's norm
+# is at most its largest entry times the square root of its size): their float64 powers up to this
+# order neither overflow nor underflow, so a plain float64 norm of them, or of their entries, is exact there.
+_PLAIN_COMBINE_MAX_P = 6.0
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -117,15 +127,59 @@ def tensor_norms(tensors: list[torch.Tensor], p: float, device: torch.device, fo
             where = torch.tensor([i for i, t in enumerate(tensors) if t.numel()], device=device)
             out.index_copy_(0, where, tensor_norms(nonempty, p, device, foreach))
         return out
-    dtype = accumulation_dtype(tensors[0].dtype)
-    if _groups.use_foreach(tensors, device, foreach):
-        norms = torch.stack(torch._foreach_norm(tensors, p, dtype=dtype))
+    use_foreach = _groups.use_foreach(tensors, device, foreach)
+    if exact_on_host(device) or wide != torch.float64 or math.isinf(p):
+        dtype = accumulation_dtype(tensors[0].dtype)
+        norms = _plain_norms(tensors, p, dtype, use_foreach).to(wide)
+        if exact_on_host(device):
+            _repair_(norms, tensors, p, dtype)
+        return norms
+    if tensors[0].dtype != torch.float64 and p <= _PLAIN_COMBINE_MAX_P:
+        return _plain_norms(tensors, p, torch.float64, use_foreach)
+    return _factored_norms(tensors, p, use_foreach)
+
+
+def _plain_norms(tensors: list[torch.Tensor], p: float, dtype: torch.dtype, use_foreach: bool) -> torch.Tensor:
+    """The p-norm of each tensor accumulated in ``dtype``: one foreach kernel, or a loop."""
+    if use_foreach:
+        return torch.stack(torch._foreach_norm(tensors, p, dtype=dtype))
+    return torch.stack([torch.linalg.vector_norm(t, p, dtype=dtype) for t in tensors])
+
+
+def _factored_norms(tensors: list[torch.Tensor], p: float, use_foreach: bool) -> torch.Tensor:
+    """The p-norm of each tensor with its largest magnitude factored out, in float64, without a host read.
+
+    :math:`\\|x\\|_p = m \\|x / m\\|_p`: three passes (max, divide, norm) and a temporary
+    copy of the tensors; used where float64 accumulation alone could over- or underflow.
+    """
+    largest = _plain_norms(tensors, math.inf, torch.float64, use_foreach)
+    divisors = torch.where((largest > 0) & torch.isfinite(largest), largest, torch.ones_like(largest))
+    wide = [t.to(torch.float64) for t in tensors]
+    if use_foreach:
+        scaled = torch._foreach_div(wide, list(divisors.unbind()))
     else:
-        norms = torch.stack([torch.linalg.vector_norm(t, p, dtype=dtype) for t in tensors])
-    norms = norms.to(wide)
-    if exact_on_host(device):
-        _repair_(norms, tensors, p, dtype)
-    return norms
+        scaled = [t / d for t, d in zip(wide, divisors.unbind())]
+    norms = _plain_norms(scaled, p, torch.float64, use_foreach) * divisors
+    # an inf entry gives inf (a NaN entry stays NaN through the sum)
+    return torch.where(torch.isinf(largest) & ~torch.isnan(norms), largest, norms)
+
+
+def axis_norms(tensor: torch.Tensor, p: float, dim: tuple[int, ...]) -> torch.Tensor:
+    """The p-norms of ``tensor`` over the axes ``dim`` (one per unit), in the wide dtype, as safe as :func:`tensor_norms`.
+
+    On the CPU accumulated in float32 and recomputed exactly if any unit may have under- or
+    overflowed; elsewhere accumulated in float64, or with each unit's largest entry factored out.
+    """
+    device, wide = tensor.device, wide_dtype(tensor.device)
+    if exact_on_host(device) or wide != torch.float64 or math.isinf(p):
+        dtype = accumulation_dtype(tensor.dtype)
+        norms = torch.linalg.vector_norm(tensor, p, dim=dim, dtype=dtype).to(wide)
+        if exact_on_host(device) and bool(suspicious(norms, p, dtype).any()):
+            norms = scaled_norm(tensor, p, dim=dim)
+        return norms
+    if tensor.dtype != torch.float64 and p <= _PLAIN_COMBINE_MAX_P:
+        return torch.linalg.vector_norm(tensor, p, dim=dim, dtype=torch.float64)
+    return scaled_norm(tensor, p, dim=dim)
 
 
 def _repair_(norms: torch.Tensor, tensors: list[torch.Tensor], p: float, dtype: torch.dtype) -> None:
@@ -160,12 +214,6 @@ def group_norms(group: _groups.Group, p: float, foreach: bool | None) -> torch.T
     if tensors:
         partial_norms.append(tensor_norms(tensors, p, group.device, True))
     return torch.cat(partial_norms) if len(partial_norms) > 1 else partial_norms[0]
-
-
-# Partial norms of float32/bfloat16/float16 gradients lie within about [1e-45, 1e43] (a tensor's norm
-# is at most its largest entry times the square root of its size): their float64 powers up to this
-# order neither overflow nor underflow, so the plain float64 norm is exact there.
-_PLAIN_COMBINE_MAX_P = 6.0
 
 
 def combine(partial_norms: torch.Tensor, p: float, narrow_inputs: bool = False) -> torch.Tensor:

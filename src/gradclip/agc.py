@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import _groups, _validate
-from ._norms import accumulation_dtype, exact_on_host, scaled_norm, suspicious, tensor_norms, wide_dtype
+from ._norms import accumulation_dtype, axis_norms, tensor_norms
 
 __all__ = ["UnitSpec", "adaptive_clip_grad_", "agc_parameters", "agc_unit_dims"]
 
@@ -209,12 +209,8 @@ def _unit_norms(tensors: list[torch.Tensor], n_whole: int, items: list[_Item], p
     memory speed and makes no temporary of the tensor's size.
     """
     parts = [tensor_norms(tensors[:n_whole], p, device, foreach)] if n_whole else []
-    dtype = accumulation_dtype(tensors[0].dtype)
     for tensor, item in zip(tensors[n_whole:], items[n_whole:]):
-        norm = torch.linalg.vector_norm(tensor, p, dim=item.reduce, dtype=dtype).to(wide_dtype(device))
-        if exact_on_host(device) and bool(suspicious(norm, p, dtype).any()):
-            norm = scaled_norm(tensor, p, dim=item.reduce)  # some unit under- or overflowed
-        parts.append(norm.reshape(-1))
+        parts.append(axis_norms(tensor, p, item.reduce).reshape(-1))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
