@@ -477,6 +477,12 @@ def test_classification_grid_sliders_show_the_stored_record(browser, book_server
             assert drawn[2] == expected["traces"][2]["y"], values
             note = page.locator(f"{root}-note").inner_text()
             assert note.startswith(expected["note"][0][:40]), (note, values)
+            # each slider shows what its frame says (the threshold slider: the method's own threshold)
+            shown = page.evaluate(f"""Array.from(document.querySelectorAll('{root} input[type=range]'))
+                .map(s => s.getAttribute('aria-valuetext'))""")
+            sliders = [q for q in ex.params if q.control == "slider"]
+            want = [expected.get("shown", {}).get(q.name, q.show(values[q.name])) for q in sliders]
+            assert shown == want, (shown, want)
             moved += 1
     assert moved >= 4 + 6 + 4, "depth, learning-rate and threshold sliders were all moved"
     assert watch.errors == [] and watch.foreign == []

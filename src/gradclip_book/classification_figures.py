@@ -186,27 +186,45 @@ def _coarse(run: dict[str, Any], points: int) -> dict[str, Any]:
     return out
 
 
-def _xs(steps: list[int]) -> dict[str, Any]:
+# On a logarithmic step axis step s is drawn at s + LOG_SHIFT (step 0 has no logarithm); the tick
+# labels give the steps themselves.
+LOG_SHIFT = 1
+
+
+def _xs(steps: list[int], shift: int = 0) -> dict[str, Any]:
     """``x0``/``dx`` when the steps are evenly spaced (a much lighter page), else the ``x`` array."""
     if len(steps) >= 2 and all(b - a == steps[1] - steps[0] for a, b in zip(steps, steps[1:])):
-        return {"x0": steps[0], "dx": steps[1] - steps[0]}
-    return {"x": list(steps)}
+        return {"x0": steps[0] + shift, "dx": steps[1] - steps[0]}
+    return {"x": [s + shift for s in steps]}
 
 
-def _curves(run: dict[str, Any], points: int = cls.CURVE_POINTS) -> dict[str, Any]:
+def _curves(run: dict[str, Any], points: int = cls.CURVE_POINTS, shift: int = 0) -> dict[str, Any]:
     c = _coarse(run, points)
     fired_norm = [n if f and f > 0 else None for n, f in zip(c["norm"], c["clipped"])]
-    return {"xs": _xs(c["step"]), "loss": [_r4(v) for v in c["loss"]], "norm": [_r4(v) for v in c["norm"]],
+    return {"xs": _xs(c["step"], shift), "loss": [_r4(v) for v in c["loss"]], "norm": [_r4(v) for v in c["norm"]],
             "fired": [_r4(v) for v in fired_norm] if any(v is not None for v in fired_norm) else []}
 
 
-def _divergence(run: dict[str, Any]) -> dict[str, Any]:
+def _divergence(run: dict[str, Any], shift: int = 0) -> dict[str, Any]:
     """A marker trace update at the step and loss that stopped a diverged run (empty otherwise)."""
     if run["diverged_at"] is None:
         return {"x": [], "y": []}
     loss = _num(run["diverged_loss"])
     y = loss if loss is not None and math.isfinite(loss) else cls.DIVERGED_LOSS
-    return {"x": [run["diverged_at"]], "y": [_r4(y)]}
+    return {"x": [run["diverged_at"] + shift], "y": [_r4(y)]}
+
+
+def _log_step_axis(last_step: int, title: str = "step (logarithmic)") -> dict[str, Any]:
+    """A logarithmic x axis over steps 0..last_step (drawn at step + LOG_SHIFT), ticks labelled with the steps.
+
+    A run that diverges at step 2 then takes a fifth of the axis instead of a sliver at
+    its left edge, while a run of all the steps is still drawn whole.
+    """
+    # about evenly spaced on the log axis, few enough to stay level on a phone
+    ticks = [s for s in (0, 1, 3, 10, 30, 100, 300, 1000) if s <= last_step]
+    return {"type": "log", "title": {"text": title}, "tickangle": 0,
+            "range": [math.log10(LOG_SHIFT * 0.9), math.log10((last_step + LOG_SHIFT) * 1.05)],
+            "tickvals": [s + LOG_SHIFT for s in ticks], "ticktext": [str(s) for s in ticks]}
 
 
 def describe(run: dict[str, Any]) -> str:
@@ -219,14 +237,20 @@ def describe(run: dict[str, Any]) -> str:
     return f"Trained all {run['steps_run']} steps: test accuracy {100 * acc:.1f}%, clipped at {100 * frac:.0f}% of steps."
 
 
-def _two_panels(x_title: str = "step", height: int = 430, x_range: list[float] | None = None) -> dict[str, Any]:
-    """Loss (left) and gradient norm before clipping (right), both log, over the same step range."""
-    range_ = {} if x_range is None else {"range": list(x_range)}
+def _two_panels(x_title: str = "step", height: int = 430, x_range: list[float] | None = None,
+                log_steps_to: int | None = None) -> dict[str, Any]:
+    """Loss (left) and gradient norm before clipping (right), both log, over the same step range.
+
+    ``log_steps_to``: a logarithmic step axis up to this step (see :func:`_log_step_axis`).
+    """
+    axis = {"title": {"text": x_title}} if x_range is None else {"title": {"text": x_title}, "range": list(x_range)}
+    if log_steps_to is not None:
+        axis = _log_step_axis(log_steps_to)
     return {
         "height": height,
-        "xaxis": {"domain": [0, 0.46], "title": {"text": x_title}, "anchor": "y", **range_},
+        "xaxis": {"domain": [0, 0.46], "anchor": "y", **axis},
         "yaxis": {"type": "log", "title": {"text": "training loss (nats)"}, "anchor": "x"},
-        "xaxis2": {"domain": [0.56, 1], "title": {"text": x_title}, "anchor": "y2", **range_},
+        "xaxis2": {"domain": [0.56, 1], "anchor": "y2", **axis},
         "yaxis2": {"type": "log", "title": {"text": "gradient norm before clipping"}, "anchor": "x2"},
     }
 
@@ -271,11 +295,12 @@ def rescue_explorer() -> Explorer:
         name, t = method.split("@")
         run = run_of(replace(grids.HARD, method=name, threshold=float(t), seed=seed))
         plain = run_of(replace(grids.HARD, seed=seed))
-        c, p = _curves(run), _curves(plain)
+        c, p = _curves(run, shift=LOG_SHIFT), _curves(plain, shift=LOG_SHIFT)
         note = [f"{shown[method]} ({cls.METHODS[name].knob} = {float(t):g}), seed {seed}: {describe(run)}",
                 f"Without clipping this seed: {describe(plain)}"]
         return {"traces": [
-            {"y": p["loss"], **p["xs"]}, {"y": c["loss"], **c["xs"]}, _divergence(run), _divergence(plain),
+            {"y": p["loss"], **p["xs"]}, {"y": c["loss"], **c["xs"]}, _divergence(run, LOG_SHIFT),
+            _divergence(plain, LOG_SHIFT),
             {"y": p["norm"], **p["xs"]}, {"y": c["norm"], **c["xs"]}, {"y": c["fired"], **c["xs"]},
         ], "note": note}
 
@@ -289,7 +314,7 @@ def rescue_explorer() -> Explorer:
         run_style("clipped", name="with the method", mode="lines", xaxis="x2", yaxis="y2", showlegend=False),
         dict(FIRED_TRACE),
     ]
-    layout = _two_panels(x_range=[0, grids.HARD.steps])
+    layout = _two_panels(log_steps_to=grids.HARD.steps)
     return Explorer(
         "cls-rescue",
         [Param("method", names, label="method", default=names[0], fmt=lambda v: shown[v]),
@@ -298,7 +323,8 @@ def rescue_explorer() -> Explorer:
         caption="Each clipping method at the hard setting (depth 16, learning rate 0.5, 300 steps of SGD with "
                 "momentum) against the same seed without clipping. First panel (left, or top on a phone): training "
                 "loss (mean over each plotted bin of steps); second panel: the largest gradient norm before clipping in each bin, with open circles "
-                "where the method fired in the bin. A cross marks where a run diverged and stopped.")
+                "where the method fired in the bin. A cross marks where a run diverged and stopped. The step axes are "
+                "logarithmic, so that runs that stop in the first few steps stay visible beside runs of all 300.")
 
 
 # --- the stable region and the threshold -------------------------------------------------------------
@@ -351,7 +377,11 @@ def threshold_figure(depth: int, lr: float, suggested: dict[float, float]) -> Pl
     for q, c in suggested.items():
         traces.append({**styles.get(q, run_style("other", mode="lines")), "x": [c, c], "y": [0, 100],
                        "name": f"suggest_threshold, q = {q:g}"})
-    layout = {"height": 400, "xaxis": {"type": "log", "title": {"text": "max_norm (global-norm threshold)"}},
+    # room on both sides, so that no vertical line sits on the plot's edge
+    xs = list(ts) + list(suggested.values())
+    x_range = [math.log10(min(xs) / 2), math.log10(max(xs) * 2)]
+    layout = {"height": 400, "xaxis": {"type": "log", "title": {"text": "max_norm (global-norm threshold)"},
+                                       "range": x_range},
               "yaxis": {"title": {"text": "test accuracy (%)"}, "range": [0, 100]}}
     return PlotlyFigure(traces, layout, name="cls-threshold", label="fig-cls-threshold",
                         caption=f"Test accuracy after global-norm clipping at depth {depth}, learning rate {lr:g}, "
@@ -443,14 +473,17 @@ def grid_frame(run: dict[str, Any], points: int = GRID_POINTS) -> dict:
     """The explorer frame of one run (a stored grid line, or ``RunRecord.to_json()`` of a fresh run)."""
     c = run["config"]
     method, t = c["method"], c["threshold"]
-    curves = _curves(run, points)
+    curves = _curves(run, points, shift=LOG_SHIFT)
     what = "No clipping" if t is None else f"{LABELS[method]} clipping with {cls.METHODS[method].knob} = {t:g}"
     what = what[0].upper() + what[1:]
     note = [f"{what}, depth {c['depth']}, learning rate {c['lr']:g}: {describe(run)}"]
     if t is None:
         note.append("(The threshold slider does nothing without clipping.)")
-    return {"traces": [{"y": curves["loss"], **curves["xs"]}, _divergence(run), {"y": curves["norm"], **curves["xs"]},
-                       {"y": curves["fired"], **curves["xs"]}], "note": note}
+    # the slider's position read as this method's own threshold
+    shown = {"level": "off" if t is None else f"{t:g}"}
+    return {"traces": [{"y": curves["loss"], **curves["xs"]}, _divergence(run, LOG_SHIFT),
+                       {"y": curves["norm"], **curves["xs"]},
+                       {"y": curves["fired"], **curves["xs"]}], "note": note, "shown": shown}
 
 
 def live_frame(depth: int, lr: float, level: int, method: str) -> dict:
@@ -470,7 +503,7 @@ def grid_explorer(points: int = GRID_POINTS) -> Explorer:
         run_style("plain", name="gradient norm", mode="lines", xaxis="x2", yaxis="y2"),
         dict(FIRED_TRACE),
     ]
-    layout = _two_panels(x_range=[0, grids.HARD.steps])
+    layout = _two_panels(log_steps_to=grids.HARD.steps)
     return Explorer(
         "cls-grid",
         [Param("depth", list(grids.DEPTHS), label="depth", default=grids.HARD.depth, fmt="d"),
@@ -481,6 +514,8 @@ def grid_explorer(points: int = GRID_POINTS) -> Explorer:
         caption="One stored training run (seed 0, ReLU MLP of width 64, SGD with momentum 0.9, batch 64, 300 "
                 "steps) per combination of the controls. First panel (left, or top on a phone): training loss; "
                 "second panel: largest gradient norm before "
-                "clipping per bin of steps, open circles where the method fired. A cross marks a divergence. The "
+                "clipping per bin of steps, open circles where the method fired. A cross marks a divergence. Step "
+                "axes are logarithmic, so that runs that stop in the first few steps stay visible. The "
                 "threshold slider picks one of each method's four thresholds, from tightest to loosest (value "
-                "0.001-0.03, global norm 0.1-3, AGC 0.01-0.3, AutoClip percentile 10-90, ZClip z 1.5-3).")
+                "0.001-0.03, global norm 0.1-3, AGC 0.01-0.3, AutoClip percentile 10-90, ZClip z 1.5-3), and "
+                "shows the chosen method's value.")

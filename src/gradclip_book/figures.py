@@ -19,7 +19,9 @@ Per-state notes and the caption
     ``experiment(**values)`` returns a frame ``{"traces": [...], "note": ...}``;
     ``note`` is a sentence or a list of sentences about *that* state (what
     diverged, by how much) and is shown under the figure, announced to screen
-    readers. The static ``caption`` must say only what holds in every state
+    readers. ``"shown": {"param name": "text"}`` (optional) replaces the text a
+    slider shows for its position in that state (a slider of threshold levels
+    can show the chosen method's own threshold). The static ``caption`` must say only what holds in every state
     (what is plotted, the axes, the fixed settings); anything that changes
     with the controls belongs in the note.
 
@@ -444,6 +446,9 @@ class Explorer:
             raise TypeError("compute must return a dict with a list under 'traces'")
         if "note" in frame:
             frame["note"] = _note_text(frame["note"])
+        unknown = set(frame.get("shown", {})) - {p.name for p in self.params}
+        if unknown:
+            raise ValueError(f"a frame's 'shown' names no control: {sorted(unknown)}; use the params' names")
         return frame
 
     def frame(self, **values: Any) -> dict:
@@ -739,7 +744,9 @@ def _control_html(root: str, index: int, param: Param) -> str:
     )
 
 
-_PLOTLY_CONFIG = {"responsive": True, "displaylogo": False}
+# No mode bar: on a phone it covers the legend, and the figures' controls are the sliders and buttons
+# (dragging still zooms, a double click resets).
+_PLOTLY_CONFIG = {"responsive": True, "displaylogo": False, "displayModeBar": False}
 
 
 def _boot(call: str) -> str:
@@ -829,7 +836,8 @@ G.explorerWith=function(id){
       if(ft.gcShared!=null){ft=spec.shared[ft.gcShared];}var d=Object.assign({},tr,ft);
       if(stack&&spec.stacked.colorbars[i]){d.colorbar=spec.stacked.colorbars[i];}return d;});
     Plotly.react(plot,data,G.themed(stack?spec.stacked.layout:spec.layout,root),CONFIG);
-    controls.forEach(function(el,i){if(el.tagName==='INPUT'){var shown=spec.params[i].shown[idx[i]];
+    var own=frame.shown||{};
+    controls.forEach(function(el,i){if(el.tagName==='INPUT'){var p=spec.params[i],shown=own[p.name]!=null?own[p.name]:p.shown[idx[i]];
       el.setAttribute('aria-valuetext',shown);el.nextElementSibling.textContent=shown;}});
     var n=frame.note||'';note.textContent=Array.isArray(n)?n.join(' '):n;
     fig.drawn=true;fig.narrow=narrow;

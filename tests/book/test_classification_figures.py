@@ -37,8 +37,10 @@ def test_grid_explorer_frames_are_the_stored_runs_and_light():
         frame = ex.frame(**values)
         assert frame == cf.grid_frame(run)
         diverged = run["diverged_at"] is not None
-        assert frame["traces"][1]["x"] == ([run["diverged_at"]] if diverged else [])
+        assert frame["traces"][1]["x"] == ([run["diverged_at"] + cf.LOG_SHIFT] if diverged else [])
         assert any(("Diverged at step" in n) == diverged for n in frame["note"])
+        t = run["config"]["threshold"]
+        assert frame["shown"]["level"] == ("off" if t is None else f"{t:g}")
     size = len(json.dumps(ex.spec(), separators=(",", ":")))
     assert size < 1_500_000, size  # the page budget is 4.5 MB with a 1.5 MB plotly.js
 
@@ -65,3 +67,25 @@ def test_layer_profile_replays_the_harness():
 
 
 # --- the built page: moving each slider shows the stored record for that combination ---------------
+
+
+def test_log_step_axes_keep_a_run_that_stops_at_step_2_visible():
+    # the issue: on a 0-300 linear axis a run that diverges at step 2 is a sliver at the left edge
+    axis = cf._two_panels(log_steps_to=grids.HARD.steps)["xaxis"]
+    lo, hi = axis["range"]
+    share = (math.log10(2 + cf.LOG_SHIFT) - lo) / (hi - lo)
+    assert share > 0.15, share  # steps 0-2 take more than a sixth of the panel
+    assert axis["ticktext"][0] == "0" and axis["tickvals"][0] == cf.LOG_SHIFT
+    # and every plotted point of every run lies inside the range
+    frame = cf.rescue_explorer().frame(method="norm@0.1", seed=0)
+    for trace in frame["traces"]:
+        xs = trace.get("x") or ([trace["x0"] + i * trace["dx"] for i in range(len(trace["y"]))] if "x0" in trace else [])
+        assert all(lo <= math.log10(x) <= hi for x in xs)
+
+
+def test_threshold_lines_sit_inside_the_plot():
+    fig = cf.threshold_figure(8, 0.5, {0.5: 0.2, 0.9: 3.0})
+    lo, hi = fig.layout["xaxis"]["range"]
+    for trace in fig.data:
+        for x in trace["x"]:
+            assert lo + 0.1 < math.log10(x) < hi - 0.1

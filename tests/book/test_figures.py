@@ -237,3 +237,16 @@ def test_data_file_frames_are_written_for_the_book_and_inline_elsewhere(tmp_path
     assert written.startswith(prefix)
     spec = json.loads(written[len(prefix):].rstrip().rstrip(";"))
     assert spec["frames"][ex.key({"a": 2})]["traces"][0]["y"] == [0, 2]
+
+
+def test_a_frame_may_name_the_text_its_slider_shows_and_only_for_real_controls():
+    def compute(level, method):
+        return {"traces": [{"x": [0], "y": [level]}], "shown": {"level": f"{method} {10 ** -level:g}"}}
+
+    ex = Explorer("levels", [Param("level", [1, 2], kind="slider"), Param("method", ["a", "b"])],
+                  compute=compute, traces=[{"mode": "lines"}])
+    assert ex.frame(level=2, method="b")["shown"] == {"level": "b 0.01"}
+    assert "own[p.name]" in ex.to_html()  # the controller reads it
+    with pytest.raises(ValueError, match="names no control"):
+        Explorer("levels", [Param("level", [1, 2])], traces=[{"mode": "lines"}],
+                 compute=lambda level: {"traces": [{"y": [level]}], "shown": {"threshold": "x"}})
