@@ -239,3 +239,114 @@ def test_no_warning_on_ordinary_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gradclip.clip_grad_norm_(make_params([(3,)]), 1.0)
+
+
+# --- an iterator that yields nothing: a consumed model.parameters() -----------------------------
+# torch warns only in clip_grad_norm_ and only for generators; a consumed filter/map object, or any
+# empty iterator passed to get_total_norm, gives a norm of 0 in silence. gradclip warns for every
+# single-use iterator, in every function, and says what to do.
+
+
+def _consumed(kind, params):
+    """An iterator of the kind a training loop hands over, already exhausted by an earlier loop."""
+    made = {"generator": lambda: (p for p in params), "filter": lambda: filter(lambda p: p.requires_grad, params),
+            "map": lambda: map(lambda p: p, params), "iter": lambda: iter(params)}[kind]()
+    for _ in made:  # e.g. a finiteness check over the parameters
+        pass
+    return made
+
+
+ITERATOR_KINDS = ["generator", "filter", "map", "iter"]
+PARAMETER_FUNCTIONS = {
+    "clip_grad_norm_": lambda ps: gradclip.clip_grad_norm_(ps, 1.0),
+    "clip_grad_value_": lambda ps: gradclip.clip_grad_value_(ps, 1.0),
+    "clip_grads_with_norm_": lambda ps: gradclip.clip_grads_with_norm_(ps, 1.0, torch.tensor(2.0)),
+    "clip_grad_norm_report_": lambda ps: gradclip.clip_grad_norm_report_(ps, 1.0),
+    "adaptive_clip_grad_": lambda ps: gradclip.adaptive_clip_grad_(ps),
+    "soft_clip_grad_norm_": lambda ps: gradclip.soft_clip_grad_norm_(ps, 1.0),
+    "clip_grad_norm_per_tensor_": lambda ps: gradclip.clip_grad_norm_per_tensor_(ps, 1.0),
+    "sign_grad_": lambda ps: gradclip.sign_grad_(ps),
+}
+
+
+@pytest.mark.parametrize("kind", ITERATOR_KINDS)
+@pytest.mark.parametrize("function", sorted(PARAMETER_FUNCTIONS))
+def test_consumed_iterator_warns_in_every_function_and_points_at_the_caller(function, kind):
+    params = make_params([(3,), (2, 2)])
+    before = [p.grad.clone() for p in params]
+    consumed = _consumed(kind, params)
+    with pytest.warns(UserWarning, match=r"yielded no tensors") as record:
+        PARAMETER_FUNCTIONS[function](consumed)
+    message = str(record[0].message)
+    named = "empty generator" if kind == "generator" else f"empty iterator ({type(consumed).__name__})"
+    assert named in message and "list(model.parameters())" in message
+    assert record[0].filename == __file__  # the caller's line, not a line inside gradclip or torch
+    for param, grad in zip(params, before):  # nothing was touched
+        torch.testing.assert_close(param.grad, grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ITERATOR_KINDS)
+def test_consumed_iterator_norm_is_zero_as_in_torch_with_the_warning(kind):
+    params = make_params([(5,)], seed=3)
+    with pytest.warns(UserWarning, match="yielded no tensors"):
+        norm = gradclip.clip_grad_norm_(_consumed(kind, params), 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = torch.nn.utils.clip_grad_norm_(_consumed(kind, clone_params(params)), 0.1)
+    assert float(norm) == float(expected) == 0.0
+    with pytest.warns(UserWarning, match="`tensors` yielded no tensors"):
+        total = gradclip.get_total_norm(_consumed(kind, [p.grad for p in params]))
+    assert float(total) == 0.0
+
+
+def test_torch_is_silent_where_gradclip_warns():
+    # the difference the README's table states, checked on torch itself
+    params = make_params([(4,)], seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(torch.nn.utils.clip_grad_norm_(_consumed("filter", params), 0.1)) == 0.0
+        assert float(torch.nn.utils.get_total_norm(_consumed("generator", [p.grad for p in params]))) == 0.0
+    with pytest.raises(RuntimeError):
+        torch.nn.utils.clip_grad_value_(_consumed("map", params), 0.1)
+    with pytest.warns(UserWarning, match="yielded no tensors"):
+        assert gradclip.clip_grad_value_(_consumed("map", params), 0.1) is None
+
+
+@pytest.mark.parametrize("clipper", [gradclip.AutoClip, gradclip.ZClip, gradclip.SpikeGuard])
+def test_clippers_warn_then_say_there_is_no_gradient(clipper):
+    params = make_params([(3,)], seed=5)
+    with pytest.warns(UserWarning, match="yielded no tensors") as record:
+        with pytest.raises(RuntimeError, match="no parameter has a gradient"):
+            clipper()(_consumed("generator", params))
+    assert record[0].filename == __file__
+
+
+def test_agc_exclude_consumed_warns_that_nothing_is_excluded():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model(torch.ones(2, 3)).sum().backward()
+    with pytest.warns(UserWarning, match="`exclude` yielded no tensors: .* nothing is excluded"):
+        gradclip.adaptive_clip_grad_(model, exclude=_consumed("generator", list(model[1].parameters())))
+
+
+@pytest.mark.parametrize("empty", [[], ()], ids=["list", "tuple"])
+def test_empty_list_or_tuple_the_caller_built_does_not_warn(empty):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(gradclip.clip_grad_norm_(empty, 1.0)) == 0.0
+        assert float(gradclip.get_total_norm(empty)) == 0.0
+        gradclip.clip_grad_value_(empty, 1.0)
+
+
+@pytest.mark.parametrize("kind", ITERATOR_KINDS)
+def test_fresh_iterators_are_clipped_like_torch_without_a_warning_or_a_sync(kind):
+    params = make_params([(3,), (4, 2)], seed=6)
+    theirs = clone_params(params)
+    fresh = {"generator": lambda ps: (p for p in ps), "filter": lambda ps: filter(lambda p: p.requires_grad, ps),
+             "map": lambda ps: map(lambda p: p, ps), "iter": iter}[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with no_host_sync():
+            norm = gradclip.clip_grad_norm_(fresh(params), 0.1)
+    torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(fresh(theirs), 0.1))
+    for ours, reference in zip(params, theirs):
+        torch.testing.assert_close(ours.grad, reference.grad)

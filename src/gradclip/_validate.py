@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import types
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Union
 
 import torch
@@ -25,8 +27,13 @@ Threshold = Union[float, torch.Tensor]
 def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters") -> list[torch.Tensor]:
     """Turn a tensor or an iterable of tensors into a list, as torch does.
 
-    Warns, like ``torch.nn.utils.clip_grad_norm_``, when an empty generator is
-    passed: that is almost always a generator consumed by an earlier call.
+    Warns when an *iterator* yields nothing: a generator such as
+    ``model.parameters()``, or a ``filter``/``map``/``iter(...)`` object, can be
+    iterated once, so an empty one is almost always one consumed earlier (a
+    loop over it, an optimizer built from it), and nothing would be clipped.
+    torch warns only for generators, and only in ``clip_grad_norm_``; this
+    covers every iterator and every public function. A list or tuple the
+    caller built is taken as meant, empty or not. Host-only: no tensor is read.
     """
     if isinstance(tensors, torch.Tensor):
         return [tensors]
@@ -34,14 +41,10 @@ def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters") -> list[t
         hint = f"; pass {name}.parameters()" if isinstance(tensors, torch.nn.Module) else ""
         raise TypeError(f"{name} must be a tensor or an iterable of tensors (model.parameters()), "
                         f"got {type(tensors).__name__}{hint}")
-    is_generator = isinstance(tensors, types.GeneratorType)
+    is_iterator = isinstance(tensors, Iterator)  # generators, filter/map/zip objects, iter(list): single-use
     items = list(tensors)
-    if is_generator and not items:
-        warnings.warn(
-            f"`{name}` is an empty generator, no gradient clipping will occur.",
-            UserWarning,
-            stacklevel=3,
-        )
+    if is_iterator and not items:
+        warn_consumed(name, tensors)
     if not all(issubclass(kind, torch.Tensor) for kind in {type(item) for item in items}):
         for index, item in enumerate(items):
             if not isinstance(item, torch.Tensor):
@@ -49,6 +52,38 @@ def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters") -> list[t
                 hint = " (a (name, tensor) pair: pass model.parameters(), not named_parameters())" if named else ""
                 raise TypeError(f"{name}[{index}] must be a torch.Tensor, got {type(item).__name__}{hint}")
     return distinct(items)
+
+
+def warn_consumed(name: str, iterator: Any) -> None:
+    """The warning for an iterator that yielded no tensors, pointing at the caller's line."""
+    kind = "generator" if isinstance(iterator, types.GeneratorType) else f"iterator ({type(iterator).__name__})"
+    effect = "nothing is excluded" if name == "exclude" else "nothing is clipped or measured (a norm comes back as 0)"
+    warnings.warn(
+        f"`{name}` yielded no tensors: it is an empty {kind}, so {effect}. "
+        "A generator such as model.parameters(), or a filter/map object, can "
+        "be iterated only once; if a loop or an optimizer consumed it earlier, pass a list instead: "
+        f"list(model.parameters()). Pass an empty list if {name} is meant to be empty.",
+        UserWarning,
+        stacklevel=_outside_stacklevel(),
+    )
+
+
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+             os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside gradclip and torch.
+
+    Public functions reach the argument checks through different depths (and
+    through torch's ``no_grad`` wrapper, or an optimizer's step hook), so a
+    fixed stacklevel would blame a line inside the library. Level 1 is the
+    function that calls ``warnings.warn`` (this function's caller).
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def distinct(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
