@@ -101,6 +101,8 @@ class RunConfig:
         steps: optimizer steps (minibatches drawn in a seeded random order, reshuffled each epoch).
         seed: seeds the initialisation (``torch.manual_seed``) and the batch order (a ``torch.Generator``).
         split_seed: the ``random_state`` of the train / validation / test split.
+        warmup: linear learning-rate warm-up over this many steps: step ``t`` (0-based) uses
+            ``lr * min(1, (t + 1) / warmup)``; ``0`` (the default) keeps ``lr`` constant from the first step.
 
     Example:
         >>> RunConfig(depth=12, lr=0.3, method="norm", threshold=1.0).depth
@@ -120,6 +122,7 @@ class RunConfig:
     steps: int = 300
     seed: int = 0
     split_seed: int = 0
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         for name, table in (("model", MODELS), ("activation", ACTIVATIONS), ("init", INITS), ("optimizer", OPTIMIZERS),
@@ -131,6 +134,8 @@ class RunConfig:
                              f"threshold={self.threshold!r}")
         if self.depth < 1 or self.width < 1 or self.batch < 1 or self.steps < 1 or not self.lr > 0:
             raise ValueError(f"depth, width, batch, steps and lr must be positive: {self}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be a number of steps >= 0 (0 = no warm-up), got {self.warmup!r}")
 
 
 def config_key(config: RunConfig) -> str:
@@ -487,12 +492,18 @@ def _batches(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.T
             yield order[start:start + batch]
 
 
+def _warm_up_(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def train(config: RunConfig = DEFAULT) -> RunRecord:
     """Train one network on the digits and record it; the same config gives the same record, bit for bit.
 
     Runs on one CPU thread with ``torch.use_deterministic_algorithms(True)`` (both restored afterwards).
     The loop per step: minibatch loss (recorded; if non-finite or above :data:`DIVERGED_LOSS` the run
-    stops as diverged), ``backward()``, the method's ``clip()``, ``optimizer.step()``, the method's report
+    stops as diverged), ``backward()``, the method's ``clip()``, the warm-up's learning rate (when
+    ``config.warmup``), ``optimizer.step()``, the method's report
     (pre-clip norm, fired). Accuracies are measured once at the end.
 
     Args:
@@ -529,6 +540,8 @@ def train(config: RunConfig = DEFAULT) -> RunRecord:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             clip()
+            if config.warmup:  # without warm-up the optimizer's lr is never touched
+                _warm_up_(optimizer, config.lr * min(1.0, (step + 1) / config.warmup))
             optimizer.step()
             norm, did = clip.report()
             norms.append(float(norm))

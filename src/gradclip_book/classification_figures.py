@@ -170,11 +170,18 @@ def accuracy_table_html(rows: Sequence[dict[str, Any]]) -> str:
 # --- curves ------------------------------------------------------------------------------------------
 
 
-def _coarse(run: dict[str, Any], points: int) -> dict[str, Any]:
-    """The run's curves merged pairwise down to at most ``points`` bins (mean loss, max norm, mean clipped)."""
+def _spacing(run: dict[str, Any]) -> int:
+    """Steps per stored point of a run's curves (the harness stores short runs step by step)."""
+    steps = run["curve_step"]
+    return steps[1] - steps[0] if len(steps) >= 2 else 1
+
+
+def _coarse(run: dict[str, Any], points: int, factor: int | None = None) -> dict[str, Any]:
+    """The run's curves merged ``factor`` points at a time, by default down to at most ``points`` bins
+    (mean loss, max norm, mean clipped)."""
     steps, loss = run["curve_step"], [_num(v) for v in run["loss"]]
     norm, fired = [_num(v) for v in run["grad_norm"]], [_num(v) for v in run["clipped"]]
-    factor = max(1, math.ceil(len(steps) / points))
+    factor = factor or max(1, math.ceil(len(steps) / points))
     if factor == 1:
         return {"step": steps, "loss": loss, "norm": norm, "clipped": fired}
     groups = [range(i, min(i + factor, len(steps))) for i in range(0, len(steps), factor)]
@@ -198,11 +205,26 @@ def _xs(steps: list[int], shift: int = 0) -> dict[str, Any]:
     return {"x": [s + shift for s in steps]}
 
 
-def _curves(run: dict[str, Any], points: int = cls.CURVE_POINTS, shift: int = 0) -> dict[str, Any]:
-    c = _coarse(run, points)
+# A curve of this many points or fewer is drawn with markers too: a single point drawn as a line is invisible.
+SHORT_CURVE = 3
+
+
+def _curves(run: dict[str, Any], points: int = cls.CURVE_POINTS, shift: int = 0,
+            spacing: int | None = None) -> dict[str, Any]:
+    """Plot-ready curves of a run; ``spacing``: bin them to this many steps per point (to match another run)."""
+    factor = max(1, spacing // _spacing(run)) if spacing else None
+    c = _coarse(run, points, factor)
     fired_norm = [n if f and f > 0 else None for n, f in zip(c["norm"], c["clipped"])]
-    return {"xs": _xs(c["step"], shift), "loss": [_r4(v) for v in c["loss"]], "norm": [_r4(v) for v in c["norm"]],
+    mode = {"mode": "lines+markers"} if len(c["step"]) <= SHORT_CURVE else {}
+    return {"xs": {**_xs(c["step"], shift), **mode}, "loss": [_r4(v) for v in c["loss"]],
+            "norm": [_r4(v) for v in c["norm"]],
             "fired": [_r4(v) for v in fired_norm] if any(v is not None for v in fired_norm) else []}
+
+
+def _common_spacing(runs: Sequence[dict[str, Any]], points: int = cls.CURVE_POINTS) -> int:
+    """The steps per plotted point of the most coarsely binned run: bin every run alike, so that
+    runs that share their first steps share their first points."""
+    return max(_spacing(r) * max(1, math.ceil(len(r["curve_step"]) / points)) for r in runs)
 
 
 def _divergence(run: dict[str, Any], shift: int = 0) -> dict[str, Any]:
@@ -257,7 +279,7 @@ def _two_panels(x_title: str = "step", height: int = 430, x_range: list[float] |
 
 # The right panel's markers where a method fired (scaled, clamped or skipped the step).
 FIRED_TRACE = {"mode": "markers", "name": "the method fired", "xaxis": "x2", "yaxis": "y2",
-               "marker": {"symbol": "circle-open", "size": 5, "color": "#009E73"}}
+               "marker": {"symbol": "circle-open", "size": 7, "color": "#009E73", "line": {"width": 1.5}}}
 
 
 def explosion_figure(steps: int = 30) -> PlotlyFigure:
@@ -267,22 +289,26 @@ def explosion_figure(steps: int = 30) -> PlotlyFigure:
         seed = run["config"]["seed"]
         colour, dash = PALETTE[i % len(PALETTE)], DASHES[i % len(DASHES)]
         n = min(steps, run["steps_run"])
+        xs = [s + LOG_SHIFT for s in run["curve_step"][:n]]
         style = {"line": {"color": colour, "dash": dash, "width": 2}, "legendgroup": f"s{seed}"}
-        traces.append({"x": run["curve_step"][:n], "y": [_num(v) for v in run["loss"][:n]], "mode": "lines+markers",
+        traces.append({"x": xs, "y": [_num(v) for v in run["loss"][:n]], "mode": "lines+markers",
                        "name": f"seed {seed}", **style, "marker": {"size": 4}})
-        traces.append({"x": run["curve_step"][:n], "y": [_num(v) for v in run["grad_norm"][:n]],
+        traces.append({"x": xs, "y": [_num(v) for v in run["grad_norm"][:n]],
                        "mode": "lines+markers", "name": f"seed {seed}", "showlegend": False, "xaxis": "x2",
                        "yaxis": "y2", **style, "marker": {"size": 4}})
-        mark = _divergence(run)
-        traces.append({**mark, "mode": "markers", "name": "diverged", "showlegend": i == 0, "legendgroup": "div",
+        traces.append({**_divergence(run, LOG_SHIFT), "mode": "markers", "name": f"seed {seed} diverged",
+                       "showlegend": False, "legendgroup": f"s{seed}",
                        "marker": {"symbol": "x", "size": 12, "color": colour, "line": {"width": 1}}})
-    layout = _two_panels(x_range=[-0.5, steps])
+    # one legend entry for every seed's cross, in a neutral colour
+    traces.append({"x": [None], "y": [None], "mode": "markers", "name": "diverged (in the seed's colour)",
+                   "marker": {"symbol": "x", "size": 12, "color": "#777777"}})
+    layout = _two_panels(log_steps_to=steps)
     return PlotlyFigure(traces, layout, name="cls-explosion", label="fig-cls-explosion",
                         caption="No clipping at the hard setting (ReLU MLP of depth 16, width 64, SGD with momentum "
                                 "0.9 at learning rate 0.5), one line per seed. First panel (left, or top on a phone): training loss of each "
                                 f"step's minibatch; second panel: the global gradient norm of that step. A cross marks the loss "
-                                f"that stopped a run (non-finite or above {cls.DIVERGED_LOSS:g}). Both axes of "
-                                "values are logarithmic; only the first steps are shown.")
+                                f"that stopped a run (non-finite or above {cls.DIVERGED_LOSS:g}). All axes are "
+                                "logarithmic; only the first steps are shown.")
 
 
 def rescue_explorer() -> Explorer:
@@ -295,23 +321,28 @@ def rescue_explorer() -> Explorer:
         name, t = method.split("@")
         run = run_of(replace(grids.HARD, method=name, threshold=float(t), seed=seed))
         plain = run_of(replace(grids.HARD, seed=seed))
-        c, p = _curves(run, shift=LOG_SHIFT), _curves(plain, shift=LOG_SHIFT)
+        spacing = _common_spacing([run, plain])
+        c = _curves(run, shift=LOG_SHIFT, spacing=spacing)
+        p = _curves(plain, shift=LOG_SHIFT, spacing=spacing)
         note = [f"{shown[method]} ({cls.METHODS[name].knob} = {float(t):g}), seed {seed}: {describe(run)}",
                 f"Without clipping this seed: {describe(plain)}"]
+        if c["loss"] == p["loss"] and c["norm"] == p["norm"]:
+            note.append("The two runs are identical here: the dashed line lies on the solid one.")
+        # the method's run first, the unclipped run drawn over it (dashed, so both show where they coincide)
         return {"traces": [
-            {"y": p["loss"], **p["xs"]}, {"y": c["loss"], **c["xs"]}, _divergence(run, LOG_SHIFT),
+            {"y": c["loss"], **c["xs"]}, {"y": p["loss"], **p["xs"]}, _divergence(run, LOG_SHIFT),
             _divergence(plain, LOG_SHIFT),
-            {"y": p["norm"], **p["xs"]}, {"y": c["norm"], **c["xs"]}, {"y": c["fired"], **c["xs"]},
+            {"y": c["norm"], **c["xs"]}, {"y": p["norm"], **p["xs"]}, {"y": c["fired"], **c["xs"]},
         ], "note": note}
 
     traces = [
-        run_style("plain", name="no clipping", mode="lines"),
         run_style("clipped", name="with the method", mode="lines"),
-        {"mode": "markers", "name": "diverged (method)", "marker": {"symbol": "x", "size": 13, "color": "#0072B2"}},
+        run_style("plain", name="no clipping", mode="lines"),
+        {"mode": "markers", "name": "diverged (method)", "marker": {"symbol": "x", "size": 17, "color": "#0072B2"}},
         {"mode": "markers", "name": "diverged (no clipping)",
-         "marker": {"symbol": "x-open", "size": 13, "color": "#D55E00"}},
-        run_style("plain", name="no clipping", mode="lines", xaxis="x2", yaxis="y2", showlegend=False),
+         "marker": {"symbol": "x-open", "size": 11, "color": "#D55E00", "line": {"width": 2}}},
         run_style("clipped", name="with the method", mode="lines", xaxis="x2", yaxis="y2", showlegend=False),
+        run_style("plain", name="no clipping", mode="lines", xaxis="x2", yaxis="y2", showlegend=False),
         dict(FIRED_TRACE),
     ]
     layout = _two_panels(log_steps_to=grids.HARD.steps)
@@ -440,10 +471,11 @@ def layer_profile(config: cls.RunConfig, steps: int = 1) -> dict[str, Any]:
 
 def layer_figure(profiles: dict[str, dict[str, Any]]) -> PlotlyFigure:
     """Per-layer gradient norms, one line per named profile (``{"name": layer_profile(...) step index}``)."""
-    kinds = ["reference", "other", "plain", "clipped"]
     traces = []
-    for i, (name, norms) in enumerate(profiles.items()):
-        traces.append(run_style(kinds[i % len(kinds)], x=list(range(1, len(norms) + 1)), y=list(norms),
+    for name, norms in profiles.items():
+        # the book's convention: no clipping vermillion dashed, clipped blue solid, the rest neutral
+        kind = "plain" if "no clipping" in name else "clipped" if "clipped" in name else "reference"
+        traces.append(run_style(kind, x=list(range(1, len(norms) + 1)), y=list(norms),
                                 mode="lines+markers", name=name, marker={"size": 6}))
     layout = {"height": 400, "xaxis": {"title": {"text": "layer (1 = input layer, last = head)"}},
               "yaxis": {"type": "log", "title": {"text": "gradient norm of the layer's weights and bias"}}}
@@ -497,10 +529,11 @@ def grid_explorer(points: int = GRID_POINTS) -> Explorer:
     def compute(depth: int, lr: float, level: int, method: str) -> dict:
         return grid_frame(run_of(grid_config(depth, lr, level, method)), points)
 
+    # one run in both panels: one colour (chapter 4's orange dashes mean "no clipping" elsewhere)
     traces = [
         run_style("clipped", name="training loss", mode="lines"),
-        {"mode": "markers", "name": "diverged", "marker": {"symbol": "x", "size": 13, "color": "#D55E00"}},
-        run_style("plain", name="gradient norm", mode="lines", xaxis="x2", yaxis="y2"),
+        {"mode": "markers", "name": "diverged", "marker": {"symbol": "x", "size": 15, "color": "#0072B2"}},
+        run_style("clipped", name="gradient norm", mode="lines", xaxis="x2", yaxis="y2", showlegend=False),
         dict(FIRED_TRACE),
     ]
     layout = _two_panels(log_steps_to=grids.HARD.steps)

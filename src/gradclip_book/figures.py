@@ -291,7 +291,8 @@ class Param:
 
     def describe(self) -> str:
         shown = [self.show(v) for v in self.values]
-        span = ", ".join(shown) if len(shown) <= 6 else f"{shown[0]} to {shown[-1]} in {len(shown)} steps"
+        unit = "choices" if self.control == "buttons" else "positions"
+        span = ", ".join(shown) if len(shown) <= 6 else f"{len(shown)} {unit} from {shown[0]} to {shown[-1]}"
         return f"{self.label or self.name}: {span} (starts at {self.show(self.values[self.default_index])})"
 
 

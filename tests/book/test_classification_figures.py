@@ -14,7 +14,7 @@ from gradclip_book import classification_figures as cf
 from gradclip_book import grids
 
 ROOT = Path(__file__).resolve().parents[2]
-CODE_VERSION = "8fde0f4d01987b7c"
+CODE_VERSION = "613190212635ea17"
 
 
 def test_this_module_leaves_the_grid_code_version_unchanged():
@@ -89,3 +89,27 @@ def test_threshold_lines_sit_inside_the_plot():
     for trace in fig.data:
         for x in trace["x"]:
             assert lo + 0.1 < math.log10(x) < hi - 0.1
+
+
+def test_both_runs_of_figure_4_2_are_binned_alike_and_visible_when_they_coincide():
+    ex = cf.rescue_explorer()
+    frame = ex.frame(method="norm@0.1", seed=0)
+    method_loss, plain_loss = frame["traces"][0], frame["traces"][1]
+    # same seed, same first steps: the first plotted point is the same mean over the same bin
+    assert method_loss["x0"] == plain_loss.get("x0", (plain_loss.get("x") or [None])[0]) == cf.LOG_SHIFT
+    assert method_loss["dx"] == plain_loss.get("dx", method_loss["dx"])
+    # ZClip at seed 0 behaves exactly as no clipping (no history yet): the note says the lines coincide
+    frame = ex.frame(method="zclip@2", seed=0)
+    assert frame["traces"][0]["y"] == frame["traces"][1]["y"] and "identical" in frame["note"][-1]
+    # and the dashed unclipped line is drawn over the solid one, so it shows where they coincide
+    assert ex.traces[0]["line"]["dash"] == "solid" and ex.traces[1]["line"]["dash"] == "dash"
+
+
+def test_a_run_that_stops_at_step_1_is_drawn_with_markers():
+    ex = cf.grid_explorer()
+    short = [v for v in ex.sample(200, seed=1)
+             if cf.run_of(cf.grid_config(**v))["steps_run"] <= cf.SHORT_CURVE]
+    assert short, "the grid has runs that stop within three steps"
+    for values in short[:5]:
+        frame = ex.frame(**values)
+        assert frame["traces"][0]["mode"] == frame["traces"][2]["mode"] == "lines+markers"
