@@ -14,7 +14,16 @@ def toc_files() -> list[str]:
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = [toc["root"]]
     for part in toc.get("parts", []):
-        files += [chapter["file"] for chapter in part["chapters"]]
+        files += _entries(part["chapters"])
+    return files
+
+
+def _entries(chapters: list[dict]) -> list[str]:
+    """Every file of a list of toc entries, with their nested ``sections``, in reading order."""
+    files = []
+    for chapter in chapters:
+        files.append(chapter["file"])
+        files += _entries(chapter.get("sections", []))
     return files
 
 

@@ -36,9 +36,14 @@ HARMLESS = ("Got invalid theme mode", "favicon.ico", "Failed to load resource: t
 MODES = {"desktop": (1280, False), "phone": (390, False), "dark": (1280, True)}
 
 
+def _entries(chapters: list[dict]) -> list[str]:
+    """Every file of a list of toc entries, with their nested ``sections``, in reading order."""
+    return [f for c in chapters for f in [c["file"], *_entries(c.get("sections", []))]]
+
+
 def toc_pages() -> list[str]:
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [toc["root"]] + [c["file"] for part in toc.get("parts", []) for c in part.get("chapters", [])]
+    files = [toc["root"]] + [f for part in toc.get("parts", []) for f in _entries(part.get("chapters", []))]
     return [f"{f}.html" for f in files]
 
 
@@ -114,6 +119,12 @@ class PageWatch:
 
     def wait_for_figures(self) -> int:
         count = self.page.locator(".gc-figure, .gc-plot").count()
+        # a figure draws when it comes near the viewport; a fast scroll on a busy machine can pass one
+        # before the browser reports it, so bring each one not yet drawn into view
+        for index in range(count):
+            figure = self.page.locator(".gc-figure, .gc-plot").nth(index)
+            if not figure.evaluate("d => !!(d.querySelector('.main-svg') && d.data)"):
+                figure.scroll_into_view_if_needed()
         if count:
             self.page.wait_for_function(
                 "Array.from(document.querySelectorAll('.gc-figure, .gc-plot'))"

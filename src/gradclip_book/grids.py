@@ -6,6 +6,9 @@ and appends one JSON line per run to ``chapters/data/classification_grid.jsonl.g
 JSON lines; appending adds a gzip member, which every gzip reader reads as one stream). An interrupted
 run resumes: configs whose key is already in the file (computed by the same code version) are skipped;
 lines from another code version are dropped first. When every run is done the file is rewritten sorted.
+``python -m gradclip_book.grids optimization`` does the same for chapter 5.1's grid
+(:func:`optimization_configs`: warm-up against clipping, Adam against SGD) in
+``chapters/data/optimization_grid.jsonl.gz``.
 
 Each line: ``{"key": config_key, "code_version": ..., "section": ..., **compact(record)}`` (see
 :func:`gradclip_book.classification.compact`), where ``config`` holds every field of the run's
@@ -35,7 +38,13 @@ from tqdm import tqdm
 from . import classification as cls
 
 __all__ = [
+    "ADAM_LRS",
     "CLASSIFICATION_FILE",
+    "OPTIMIZATION_FILE",
+    "OPT_SEEDS",
+    "OPT_THRESHOLDS",
+    "SGD_LRS",
+    "WARMUP_STEPS",
     "DEPTHS",
     "GRID_METHODS",
     "HARD",
@@ -44,6 +53,7 @@ __all__ = [
     "STABILITY_LRS",
     "THRESHOLDS",
     "classification_configs",
+    "optimization_configs",
     "load",
     "main",
     "run_grid",
@@ -53,6 +63,8 @@ __all__ = [
 ROOT = Path(__file__).resolve().parents[2]
 CLASSIFICATION_FILE = ROOT / "chapters" / "data" / "classification_grid.jsonl.gz"
 COMMAND = "python -m gradclip_book.grids classification"
+OPTIMIZATION_FILE = ROOT / "chapters" / "data" / "optimization_grid.jsonl.gz"
+OPTIMIZATION_COMMAND = "python -m gradclip_book.grids optimization"
 
 DEPTHS = (4, 8, 12, 16)
 """Hidden layers of the ReLU MLP (width 64, He init), the grid's first axis."""
@@ -114,6 +126,51 @@ def classification_configs() -> list[tuple[str, cls.RunConfig]]:
                     out.append(("stability", replace(HARD, depth=depth, lr=lr, method=method, threshold=t,
                                                      seed=seed)))
     return out
+
+
+# --- chapter 5.1: warm-up, clipping, Adam, all at the hard depth --------------------------------------
+
+SGD_LRS = (0.0125, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+"""SGD (momentum 0.9) learning rates of the warm-up section: from one at which unclipped SGD trains depth 16 (chapter 4's
+stability scan starts at 0.025, where it does not for every seed) up to 2."""
+ADAM_LRS = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)
+"""Adam learning rates (about a factor 3 apart), around Adam's usual 0.001."""
+WARMUP_STEPS = 50
+"""Linear warm-up length of the warm-up runs (a sixth of the 300 steps)."""
+OPT_THRESHOLDS = (None, HARD_THRESHOLD, 1.0)
+"""Global-norm thresholds of chapter 5.1's runs: none, chapter 4's hard-setting threshold, and a looser one."""
+OPT_SEEDS = (0, 1, 2)
+
+
+def _norm_or_none(threshold: float | None) -> dict[str, Any]:
+    return {"method": "none" if threshold is None else "norm", "threshold": threshold}
+
+
+def optimization_configs() -> list[tuple[str, cls.RunConfig]]:
+    """Chapter 5.1's grid as ``(section, config)`` pairs, every run at the hard depth (:data:`HARD`, depth 16).
+
+    * ``"warmup"``: SGD at :data:`SGD_LRS` x warm-up {0, :data:`WARMUP_STEPS`} x global-norm threshold
+      :data:`OPT_THRESHOLDS`, seeds :data:`OPT_SEEDS`;
+    * ``"adam"``: Adam at :data:`ADAM_LRS` x :data:`OPT_THRESHOLDS`, no warm-up, seeds :data:`OPT_SEEDS`.
+    """
+    out: list[tuple[str, cls.RunConfig]] = []
+    for lr in SGD_LRS:
+        for warmup in (0, WARMUP_STEPS):
+            for t in OPT_THRESHOLDS:
+                for seed in OPT_SEEDS:
+                    out.append(("warmup", replace(HARD, lr=lr, warmup=warmup, seed=seed, **_norm_or_none(t))))
+    for lr in ADAM_LRS:
+        for t in OPT_THRESHOLDS:
+            for seed in OPT_SEEDS:
+                out.append(("adam", replace(HARD, optimizer="adam", lr=lr, seed=seed, **_norm_or_none(t))))
+    return out
+
+
+GRIDS = {
+    "classification": (classification_configs, CLASSIFICATION_FILE),
+    "optimization": (optimization_configs, OPTIMIZATION_FILE),
+}
+"""Grid name (the command's argument) -> (its configs, its default file)."""
 
 
 def load(path: Path = CLASSIFICATION_FILE) -> list[dict[str, Any]]:
@@ -202,16 +259,19 @@ def stable_lrs(lines: list[dict[str, Any]], accuracy: float = 0.9) -> dict[int, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gradclip_book.grids", description=__doc__.split("\n")[0])
-    parser.add_argument("grid", choices=["classification"])
+    parser.add_argument("grid", choices=sorted(GRIDS))
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
-    parser.add_argument("--out", type=Path, default=CLASSIFICATION_FILE)
+    parser.add_argument("--out", type=Path, default=None, help="the grid file (default: the grid's own in chapters/data)")
     args = parser.parse_args(argv)
-    configs = classification_configs()
-    seconds = run_grid(configs, args.out, args.jobs)
-    print(f"{len(configs)} runs in {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); "
+    make_configs, default_file = GRIDS[args.grid]
+    out = args.out or default_file
+    configs = make_configs()
+    seconds = run_grid(configs, out, args.jobs)
+    print(f"{len(configs)} runs in {out} ({out.stat().st_size / 1e6:.2f} MB); "
           f"this invocation took {seconds:.0f} s with {args.jobs} processes")
-    for depth, row in stable_lrs(load(args.out)).items():
-        print(f"depth {depth}: largest stable lr {row}")
+    if args.grid == "classification":
+        for depth, row in stable_lrs(load(out)).items():
+            print(f"depth {depth}: largest stable lr {row}")
 
 
 if __name__ == "__main__":

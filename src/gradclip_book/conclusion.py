@@ -1,0 +1,547 @@
+r"""Chapter 6, the conclusion: a decision guide whose every number is read from chapters 2-5.
+
+Each ``*_evidence`` function below reads one result of an earlier chapter from
+where that chapter keeps it (the stored grids in ``chapters/data`` through the
+chapter's own loaders, or the package's fast experiment functions) and returns
+the numbers the guide cites, so the guide cannot drift from the chapters:
+when a grid is recomputed, the conclusion changes with it.
+
+:func:`guide_rows` turns them into the rows of the decision table (situation,
+method and setting, an evidence sentence built from the numbers, a link to the
+section that measured it), :func:`guide_table_html` renders them, and
+:func:`flow_chart` draws the short decision tree as plain HTML (nested lists
+styled with the theme's colours: no script, no network, readable at 390 px and
+in dark mode).
+
+Links are relative to ``chapters/`` (the conclusion sits beside the chapters)
+and use the anchors Jupyter Book derives from the section titles
+(:func:`slug`); :data:`SECTIONS` holds the titles.
+
+Example:
+    >>> from gradclip_book import conclusion
+    >>> conclusion.link("cls-methods")
+    'classification.html#every-method-at-the-hard-setting'
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradclip_book import bugzoo, grids
+from gradclip_book import classification_figures as cf
+from gradclip_book import performance as perf
+from gradclip_book import scalability as sc
+
+__all__ = ["SECTIONS", "FlowChart", "Row", "adam_evidence", "batch_evidence", "bug_zoo_evidence",
+           "direction_evidence", "distributed_evidence", "flow_chart", "guide_rows", "guide_table_html",
+           "hard_setting_evidence", "link", "lower_lr_evidence", "safety_rows", "slug", "stability_evidence",
+           "usable_lr_evidence", "warmup_evidence"]
+
+# --- where the evidence is: page and section title (the anchor is the title's slug) ----------------
+
+SECTIONS: dict[str, tuple[str, str]] = {
+    "clip-rule": ("principle", "The clipping rule"),
+    "families": ("principle", "The families of clipping, side by side"),
+    "when-not": ("principle", "When not to clip"),
+    "bug-zoo": ("implementation", "A zoo of clipping bugs"),
+    "placement": ("implementation", "Where the call goes"),
+    "cls-methods": ("classification", "Every method at the hard setting"),
+    "cls-stable": ("classification", "The stable region"),
+    "cls-threshold": ("classification", "Choosing the threshold"),
+    "perf-usable": ("performance", "How far clipping widens the usable learning rates"),
+    "perf-lower": ("performance", "Clipping, or a lower learning rate?"),
+    "perf-warmup": ("performance", "Warm-up or clipping?"),
+    "perf-adam": ("performance", "Clipping with Adam and with SGD"),
+    "scal-dist": ("scalability", "Clipping under torch.distributed"),
+    "scal-batch": ("scalability", "Large batches without normalisation layers"),
+    "scal-structure": ("scalability", "Structure-aware clipping"),
+    "safety-guards": ("safety", "What each guard survives"),
+}
+"""Key -> (page under ``chapters/``, section title as written in the notebook, without its number)."""
+
+
+def slug(title: str) -> str:
+    """The anchor Jupyter Book (docutils) gives a section title: lowercase, runs of other characters to ``-``.
+
+    A leading section number ("4.4 ") is dropped, as docutils drops leading digits.
+
+    Example:
+        >>> slug("4.4 What clipping changed, and why")
+        'what-clipping-changed-and-why'
+        >>> slug("Mixed precision: after `scaler.unscale_(optimizer)`")
+        'mixed-precision-after-scaler-unscale-optimizer'
+    """
+    text = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+    return re.sub(r"^[0-9-]+", "", text)
+
+
+def link(key: str) -> str:
+    """Relative link from a page in ``chapters/`` to the section :data:`SECTIONS` names ``key``.
+
+    Raises:
+        KeyError: ``key`` is not in :data:`SECTIONS` (the message lists the keys).
+    """
+    if key not in SECTIONS:
+        raise KeyError(f"no section {key!r}; known: {', '.join(SECTIONS)}")
+    page, title = SECTIONS[key]
+    return f"{page}.html#{slug(title)}"
+
+
+def _pct(x: float, digits: int = 1) -> str:
+    return f"{100 * x:.{digits}f}%"
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+# --- chapter 4: the hard setting and the stable region ------------------------------------------------
+
+
+def hard_setting_evidence() -> dict[str, Any]:
+    """Chapter 4's headline: each method at the hard setting (depth 16, lr 0.5), over the headline seeds.
+
+    Returns ``{"seeds", "depth", "lr", "methods": {(method, threshold): row}, "rescue": [(method, threshold)],
+    "fail": [...]}``; a row is :func:`classification_figures.headline_summary`'s, and a method *rescues*
+    when every seed trains (no divergence) to a mean test accuracy of at least 90%.
+    """
+    rows = cf.headline_summary()
+    methods = {(r["method"], r["threshold"]): r for r in rows}
+    rescue = [k for k, r in methods.items() if r["mean"] is not None and r["mean"] >= perf.TRAINS]
+    return {"seeds": len(grids.HEADLINE_SEEDS), "depth": grids.HARD.depth, "lr": grids.HARD.lr,
+            "methods": methods, "rescue": rescue, "fail": [k for k in methods if k not in rescue]}
+
+
+def stability_evidence() -> dict[str, Any]:
+    """Chapter 4's stable region: per depth the largest lr at which every seed trains, without and with clipping.
+
+    Returns ``{"table": grids.stable_lrs(...), "factors": {depth: factor} (where both exist),
+    "seeds", "threshold"}``.
+    """
+    table = grids.stable_lrs(cf.lines())
+    return {"table": table, "factors": {d: r["factor"] for d, r in table.items() if r["factor"] is not None},
+            "seeds": len(grids.STABILITY_SEEDS), "threshold": grids.HARD_THRESHOLD}
+
+
+# --- chapter 5.1: usable learning rates, lower lr, warm-up, Adam ------------------------------------------
+
+
+def usable_lr_evidence(depth: int = grids.HARD.depth) -> dict[str, Any]:
+    """Chapter 5.1's map at ``depth``: how many of the grid's lrs each method makes usable (>= 90% test accuracy).
+
+    Returns ``{"n_lrs", "depth", "none": count without clipping, "clipped": {method: count at some threshold},
+    "top": {method: largest usable lr or None}}``.
+    """
+    usable = {m: perf.usable_lrs(perf.heatmap_cells(depth, m)) for m in grids.GRID_METHODS}
+    return {"n_lrs": len(grids.LRS), "depth": depth, "none": len(usable["norm"]["none"]),
+            "clipped": {m: len(u["clipped"]) for m, u in usable.items()},
+            "top": {m: max(u["clipped"]) if u["clipped"] else None for m, u in usable.items()}}
+
+
+def lower_lr_evidence(depth: int = grids.HARD.depth) -> dict[str, Any]:
+    """Chapter 5.1's "clipping or a lower learning rate": the best clipped and best unclipped run at ``depth``.
+
+    Returns ``{"clipped_lr", "clip_fraction", "plain_lr", "slowdown" (unclipped steps / clipped steps to the
+    target loss), "clipped_acc", "plain_acc"}``.
+    """
+    row = perf.lower_lr_comparison()[depth]
+    c, p = row["clipped"], row["plain"]
+    return {"clipped_lr": c["lr"], "clip_fraction": c["clip_fraction"], "plain_lr": p["lr"],
+            "slowdown": row["slowdown"], "clipped_acc": c["accuracy"], "plain_acc": p["accuracy"]}
+
+
+def warmup_evidence(threshold: float = grids.HARD_THRESHOLD) -> dict[str, Any]:
+    """Chapter 5.1's warm-up against clipping: per arm the largest lr at which every seed trains, and the best accuracy.
+
+    Returns ``{arm: {"top": lr or None, "best": mean accuracy}}`` for the arms of :data:`performance.WARMUP_ARMS`.
+    """
+    arms = perf.warmup_summary(threshold)
+    return {arm: {"top": s["largest_stable_lr"], "best": s["best_accuracy"]} for arm, s in arms.items()}
+
+
+def adam_evidence() -> dict[str, Any]:
+    """Chapter 5.1's Adam against SGD: per optimizer, the stable range without and with clipping (best threshold).
+
+    Returns ``{opt: {"plain_top", "clip_top", "range" (clip_top / plain_top), "plain_best", "clip_best"}}``,
+    where ``clip_top`` is the widest range over the clipping thresholds and ``clip_best`` the best accuracy.
+    """
+    summary = perf.optimizer_summary()
+    out = {}
+    for opt, by_t in summary.items():
+        plain = by_t[None]
+        clipped = {t: s for t, s in by_t.items() if t is not None}
+        top = max((s["largest_stable_lr"] or 0.0) for s in clipped.values())
+        out[opt] = {"plain_top": plain["largest_stable_lr"], "clip_top": top,
+                    "range": top / plain["largest_stable_lr"], "plain_best": plain["best_accuracy"],
+                    "clip_best": max(s["best_accuracy"] for s in clipped.values())}
+    return out
+
+
+# --- chapter 5.2: batch size and distributed training ---------------------------------------------------
+
+
+def batch_evidence() -> dict[str, Any]:
+    """Chapter 5.2's AGC against global-norm clipping per batch size (best threshold of each, 3 seeds).
+
+    Returns ``{"batches", "agc": {batch: (lambda, mean)}, "norm": {batch: (c, mean)}, "none": {batch: mean},
+    "max_gap": largest |AGC - norm| over the batches, "wins": [(batch, method)] where one beats the other
+    by more than the larger seed spread}``.
+    """
+    best = sc.best_per_batch(sc.load())
+    batches = sorted(best)
+    wins = []
+    for b in batches:
+        a, n = best[b]["agc"], best[b]["norm"]
+        spread = max(np.std(a["scores"]), np.std(n["scores"]))
+        if a["mean"] - n["mean"] > spread:
+            wins.append((b, "agc"))
+        elif n["mean"] - a["mean"] > spread:
+            wins.append((b, "norm"))
+    return {"batches": batches,
+            "agc": {b: (best[b]["agc"]["threshold"], best[b]["agc"]["mean"]) for b in batches},
+            "norm": {b: (best[b]["norm"]["threshold"], best[b]["norm"]["mean"]) for b in batches},
+            "none": {b: best[b]["none"]["mean"] for b in batches},
+            "max_gap": max(abs(best[b]["agc"]["mean"] - best[b]["norm"]["mean"]) for b in batches),
+            "wins": wins}
+
+
+def distributed_evidence(timeout: float = 120.0) -> dict[str, Any]:
+    """Chapter 5.2's distributed run, launched afresh (2 CPU processes, gloo; about 5 s).
+
+    Returns ``{"world", "steps", "max_rel": largest relative difference of any rank's DDP or FSDP2 norm from
+    the one-process norm, "naive_ratio": the naive local-norm clipped gradient's norm / the threshold}``.
+    """
+    from gradclip_book import dist_demo  # imported here: it is only needed when the run is launched
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dist = dist_demo.launch(Path(tmp) / "dist.json", nproc=2, timeout=timeout)
+    single = np.array(dist["single"]["norms"])
+    rel = max(float(np.max(np.abs(np.array(r[mode]["norms"]) / single - 1)))
+              for r in dist["ranks"] for mode in ("ddp", "fsdp"))
+    naive = dist["ranks"][0]["naive"]
+    return {"world": dist["world"], "steps": dist["steps"], "max_rel": rel,
+            "naive_ratio": naive["naive_clipped_norm"] / dist["max_norm"]}
+
+
+# --- chapter 2: direction; chapter 3: the bug zoo ---------------------------------------------------------
+
+
+def direction_evidence() -> dict[str, Any]:
+    """Chapter 2's families on one recorded gradient stream with a spike: how far each method turns the gradient.
+
+    Returns ``{"steps", "angle": {method: mean angle in degrees}, "max_angle": {method: largest angle},
+    "spike": {method: spike / typical output norm}}``.
+    """
+    from gradclip_book import principle_figures as pf  # its import builds nothing; family_traces is cached
+
+    summaries = {m: pf.family_summary(m) for m in pf.FAMILY_NAMES}
+    _, _, traces = pf.family_traces()
+    return {"steps": len(traces["none"].angle),
+            "angle": {m: s["mean_angle"] for m, s in summaries.items()},
+            "max_angle": {m: float(max(traces[m].angle)) for m in summaries},
+            "spike": {m: s["spike_ratio"] for m, s in summaries.items()}}
+
+
+def bug_zoo_evidence() -> dict[str, Any]:
+    """Chapter 3's bug zoo: how many reported bugs gradclip flags, and how many its API prevents.
+
+    A bug counts as *flagged* when its check fires on the buggy code and stays silent on the fixed code
+    (both run here); as *prevented* when gradclip has no check for it but an API that computes the right
+    thing (``Catch.fires`` is None). Returns ``{"total", "flagged": [names], "prevented": [names],
+    "neither": [names]}``.
+    """
+    flagged, prevented, neither = [], [], []
+    for b in bugzoo.BUGS:
+        catch = b.caught_by
+        if catch is None:
+            neither.append(b.name)
+        elif catch.fires is None:
+            prevented.append(b.name)
+        elif catch.fires(b.buggy) and not catch.fires(b.fixed):
+            flagged.append(b.name)
+        else:
+            neither.append(b.name)
+    return {"total": len(bugzoo.BUGS), "flagged": flagged, "prevented": prevented, "neither": neither}
+
+
+# --- the guide -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One recommendation: when, what to use, the measured evidence (a sentence with numbers), where."""
+
+    situation: str
+    method: str
+    evidence: str
+    section: str  # a key of SECTIONS, or a page name when ``url`` is given
+    url: str = ""  # a link not in SECTIONS (chapter 5.3's page, whose sections are not fixed yet)
+
+    @property
+    def href(self) -> str:
+        return self.url or link(self.section)
+
+
+_NAMES = {"agc": "AGC", "norm": "global-norm clipping"}
+
+
+def _label(method: str, threshold: float | None) -> str:
+    name = cf.LABELS[method]
+    return name if threshold is None else f"{name} {threshold:g}"
+
+
+def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
+    """The decision table, each evidence sentence built from ``evidence`` (the ``*_evidence`` results).
+
+    ``evidence`` maps ``"hard", "stability", "usable", "lower", "warmup", "adam", "batch", "distributed",
+    "direction", "bugs"`` to the results of the functions of those names.
+    """
+    h, st, u, lo = evidence["hard"], evidence["stability"], evidence["usable"], evidence["lower"]
+    w, ad, b, d = evidence["warmup"], evidence["adam"], evidence["batch"], evidence["distributed"]
+    dr, bz = evidence["direction"], evidence["bugs"]
+    norm = h["methods"]["norm", grids.HARD_THRESHOLD]
+    factors = st["factors"]
+    failed = ", ".join(_label(m, t) for m, t in h["fail"] if m != "none")
+    also = ", ".join(_label(m, t) for m, t in h["rescue"] if (m, t) != ("norm", grids.HARD_THRESHOLD))
+    rows = [
+        Row("A deep network without normalisation diverges in the first steps (SGD, large learning rate)",
+            f"Global-norm clipping, clip_grad_norm_(params, max_norm={grids.HARD_THRESHOLD:g})",
+            f"At depth {h['depth']} and lr {h['lr']:g} all {h['seeds']} seeds diverge without clipping; "
+            f"with it every seed trains, {_pct(norm['mean'])} mean test accuracy (worst "
+            f"{_pct(min(norm['accuracies']))}). Also rescuing it: {also}; not rescuing it at the thresholds "
+            f"compared: {failed}.",
+            "cls-methods"),
+        Row("You want a learning rate that need not be tuned first",
+            "Global-norm clipping with a fixed threshold",
+            f"Clipping widens the largest stable learning rate by {min(factors.values()):g}x to "
+            f"{max(factors.values()):g}x at depths {', '.join(map(str, factors))} ({st['seeds']} seeds each); at "
+            f"depth {u['depth']} it makes {u['clipped']['norm']} of {u['n_lrs']} grid learning rates usable, "
+            f"against {u['none']} without.",
+            "cls-stable"),
+        Row("Early instability: is a warm-up enough?",
+            "Clip first; a warm-up adds little on top",
+            f"Every seed trains up to lr {w['neither']['top']:g} with neither, {w['warm-up']['top']:g} with a "
+            f"warm-up alone, {w['clipping']['top']:g} with clipping; best mean accuracy "
+            f"{_pct(w['clipping']['best'])} with clipping, {_pct(w['both']['best'])} with both.",
+            "perf-warmup"),
+        Row("Clipping fires on most steps",
+            "Lower the learning rate instead (gradclip.should_lower_lr)",
+            f"At depth {u['depth']} the best clipped run (lr {lo['clipped_lr']:g}) clips "
+            f"{_pct(lo['clip_fraction'], 0)} of its steps; the best unclipped run (lr {lo['plain_lr']:g}) needs "
+            f"{lo['slowdown']:.2f}x its steps to the target loss and ends at {_pct(lo['plain_acc'])} against "
+            f"{_pct(lo['clipped_acc'])}.",
+            "perf-lower"),
+        Row("You train with Adam",
+            "Clipping is optional; keep it as a guard",
+            f"Clipping widens SGD's stable range {ad['sgd']['range']:.2g}x but Adam's only "
+            f"{ad['adam']['range']:.2g}x; Adam without clipping reaches {_pct(ad['adam']['plain_best'])}, "
+            f"clipped SGD {_pct(ad['sgd']['clip_best'])}.",
+            "perf-adam"),
+        Row("Large batches, no normalisation layers",
+            "AGC (adaptive_clip_grad_) or a tuned global threshold; lower either as the batch grows",
+            f"Best AGC λ {', '.join(f'{b_[0]:g}' for b_ in b['agc'].values())} and best global c "
+            f"{', '.join(f'{n_[0]:g}' for n_ in b['norm'].values())} at batches "
+            f"{', '.join(map(str, b['batches']))}; the best of each stay within {100 * b['max_gap']:.1f} points "
+            "of each other. By the seed-spread rule "
+            + ("neither is better at any batch size." if not b["wins"] else
+               " and ".join(f"{_NAMES[m]} is better at batch {bb}" for bb, m in b["wins"]) + "."),
+            "scal-batch"),
+        Row("Several processes (DDP, FSDP2, tensor parallel)",
+            "The same gradclip.clip_grad_norm_ call on every rank",
+            f"On {d['world']} processes over {d['steps']} steps every rank's DDP and FSDP2 norm equals the "
+            f"one-process norm to {d['max_rel']:.0e}; clipping each rank's shards by their own norm gave a "
+            f"gradient {d['naive_ratio']:.2f}x the threshold.",
+            "scal-dist"),
+        Row("The gradient's direction matters (keep it)",
+            "Norm clipping, not value clipping or signSGD",
+            f"On the same {dr['steps']} recorded gradients norm clipping keeps the direction (largest turn "
+            f"{dr['max_angle']['norm']:.0e}°); value clipping turns them {dr['angle']['value']:.0f}° and signSGD "
+            f"{dr['angle']['sign']:.0f}° on average; a spike {dr['spike']['none']:.0f}x the typical step "
+            f"becomes {dr['spike']['norm']:.1f}x.",
+            "families"),
+        Row("Placing the call in real training code (AMP, accumulation, closures, FSDP)",
+            "After the gradients are complete and unscaled; clipper.attach(optimizer) puts it there",
+            f"Of {bz['total']} reported clipping bugs, gradclip's checks flag {len(bz['flagged'])} (and stay "
+            f"silent on the fix) and its API prevents {len(bz['prevented'])}.",
+            "bug-zoo"),
+    ]
+    return rows
+
+
+def guide_table_html(rows: list[Row]) -> str:
+    """The decision table as HTML: situation, method and setting, evidence with a link to its section.
+
+    Wrapped in a horizontally scrollable box so that it stays readable on a phone.
+    """
+    body = "".join(
+        f"<tr><td>{html.escape(r.situation)}</td><td>{html.escape(r.method)}</td>"
+        f'<td>{html.escape(r.evidence)} <a href="{r.href}">{html.escape(_section_name(r.section))}</a></td></tr>'
+        for r in rows)
+    return ('<div class="gc-box" style="overflow-x:auto"><table class="table gc-table"><thead><tr>'
+            "<th>situation</th><th>use</th><th>measured evidence</th></tr></thead><tbody>"
+            + body + "</tbody></table></div>")
+
+
+_CHAPTERS = {"principle": "2", "implementation": "3", "classification": "4", "performance": "5.1",
+             "scalability": "5.2", "safety": "5.3"}
+
+
+def _section_name(key: str) -> str:
+    if key not in SECTIONS:
+        return f"(chapter {_CHAPTERS.get(key, key)})"
+    page, title = SECTIONS[key]
+    return f"(chapter {_CHAPTERS[page]}: {title})"
+
+
+# Short names for chapter 5.3's faults and guards (its tables hold the long descriptions).
+FAULT_NAMES = {"outliers": "outlier inputs", "nan-grad": "a batch of NaN gradients", "scaled": "gradients x1000",
+               "labels": "a corrupt shard of labels"}
+GUARD_NAMES = {"softcap": "soft-capped logits", "activation": "activation check", "loss": "loss guard",
+               "layerwise": "per-layer clipping in backward", "spike": "SpikeGuard", "rollback": "rollback"}
+
+
+def safety_rows(summary: dict[str, Any]) -> list[Row]:
+    """Chapter 5.3's rows, one per fault, from ``gradclip_book.safety.summary()``.
+
+    Per fault: the guards that recover the run (every seed finishes, mean test accuracy within the page's
+    tolerance of the clean run), best first, and what happens without a guard.
+    """
+    rows = []
+    clean = summary["clean"]
+    for fault, by_guard in summary["faults"].items():
+        plain = by_guard["none"]
+        good = sorted((g for g, r in by_guard.items() if g != "none" and r["recovers"]),
+                      key=lambda g: -by_guard[g]["accuracy"])
+        without = (f"without a guard {sum(o != 'finished' for o in plain['outcomes'])} of "
+                   f"{len(plain['outcomes'])} seeds are lost" if plain["lost"] else
+                   f"without a guard the run ends at {_pct(plain['accuracy'])}")
+        names = [GUARD_NAMES.get(g, g) for g in good]
+        if good:
+            best = by_guard[good[0]]
+            evidence = (f"With the fault {without}; with the {names[0]} every seed finishes at "
+                        f"{_pct(best['accuracy'])} (clean run {_pct(clean)}).")
+        else:
+            evidence = f"With the fault {without}; no guard brings it within a point of the clean {_pct(clean)}."
+        rows.append(Row(f"A fault in training: {FAULT_NAMES.get(fault, fault)}",
+                        ", ".join(names) or "none of the guards recovers it", evidence, "safety-guards"))
+    return rows
+
+
+# --- the flow chart ---------------------------------------------------------------------------------------
+
+_FLOW_STYLE = (
+    "<style>"
+    ".gc-flow ul{list-style:none;margin:0;padding-left:1.1em;border-left:2px solid var(--pst-color-border,#ccc)}"
+    ".gc-flow>ul{padding-left:0;border-left:0}"
+    ".gc-flow li{margin:.35em 0;overflow-wrap:anywhere}"
+    ".gc-flow .gc-q{font-weight:600}"
+    ".gc-flow .gc-a{display:inline-block;font-size:.85em;padding:0 .45em;margin-right:.35em;border-radius:.3em;"
+    "border:1px solid var(--pst-color-border,#ccc)}"
+    ".gc-flow .gc-leaf{display:inline-block;padding:.1em .5em;border-radius:.3em;"
+    "border:1px solid var(--pst-color-primary,#0a6273)}"
+    "</style>")
+
+
+@dataclass
+class FlowChart:
+    """A decision tree as nested HTML lists: questions, answers and leaves that link to their evidence.
+
+    ``tree`` is ``(question, [(answer, subtree-or-leaf), ...])``; a leaf is ``(method, section key)``.
+    Numbered with :class:`gradclip_book.figures.Figures` like any figure (``label``, ``number``).
+    """
+
+    tree: tuple
+    caption: str
+    label: str = "fig-guide-flow"
+    number: str = ""
+
+    def _node(self, node: tuple) -> str:
+        if isinstance(node[1], str):  # a leaf: (method, section key)
+            method, key = node
+            return (f'<span class="gc-leaf">{html.escape(method)}</span> '
+                    f'<a href="{link(key)}">evidence</a>')
+        question, branches = node
+        items = "".join(f'<li><span class="gc-a">{html.escape(answer)}</span>{self._node(sub)}</li>'
+                        for answer, sub in branches)
+        return f'<span class="gc-q">{html.escape(question)}</span><ul>{items}</ul>'
+
+    def _repr_html_(self) -> str:
+        text = f"{self.number}. {self.caption}" if self.number else self.caption
+        number, rest = (text.split(". ", 1) if self.number else ("", text))
+        caption = (f'<figcaption><span class="gc-number">{html.escape(number)}.</span> {html.escape(rest)}'
+                   if number else f"<figcaption>{html.escape(rest)}") + "</figcaption>"
+        return (f'<figure class="gc-box gc-flow" id="{self.label}">{_FLOW_STYLE}'
+                f"<ul><li>{self._node(self.tree)}</li></ul>{caption}</figure>")
+
+    def leaves(self) -> list[tuple[str, str]]:
+        """Every (method, section key) leaf, depth first."""
+        found: list[tuple[str, str]] = []
+
+        def walk(node: tuple) -> None:
+            if isinstance(node[1], str):
+                found.append(node)
+            else:
+                for _, sub in node[1]:
+                    walk(sub)
+
+        walk(self.tree)
+        return found
+
+
+def flow_chart() -> FlowChart:
+    """The decision tree of the guide (each leaf links to the section that measured it)."""
+    tree = (
+        "Does clipping fire on most steps already?", [
+            ("yes", ("Lower the learning rate", "perf-lower")),
+            ("no, or not clipping yet", (
+                "Are the gradients sharded or spread over processes?", [
+                    ("yes", ("gradclip.clip_grad_norm_ on every rank", "scal-dist")),
+                    ("no", (
+                        "Does each example's influence need a bound (DP-SGD)?", [
+                            ("yes", ("Per-sample clipping", "scal-structure")),
+                            ("no", (
+                                "Large batch, no normalisation layers?", [
+                                    ("yes", ("AGC or a tuned global threshold", "scal-batch")),
+                                    ("no", (
+                                        "Optimizer?", [
+                                            ("SGD", ("Global-norm clipping, threshold tied to the lr",
+                                                     "cls-methods")),
+                                            ("Adam", ("Clipping as a guard only", "perf-adam")),
+                                        ])),
+                                ])),
+                        ])),
+                ])),
+        ])
+    return FlowChart(tree, caption="Which clipping to use: follow the questions from the top; each leaf links to "
+                                   "the measurement behind it.")
+
+
+# --- how to cite ------------------------------------------------------------------------------------------
+
+
+def citation(start: str | Path | None = None) -> dict[str, str] | None:
+    """How to cite the book: title, author, year and repository URL, read from the book's ``_config.yml``.
+
+    Returns ``{"title", "author", "year", "url", "bibtex"}``, or None outside a clone that has a
+    ``_config.yml`` naming a repository (:func:`gradclip_book.figures.book_repository`).
+    """
+    import yaml  # the book extra installs PyYAML
+
+    from gradclip_book.figures import CONFIG_FILE, book_repository, book_root
+
+    repository, root = book_repository(start), book_root(start)
+    if repository is None or root is None:
+        return None
+    settings = yaml.safe_load((root / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    title, author = str(settings.get("title", "")), str(settings.get("author", ""))
+    year = str(settings.get("copyright", ""))
+    bibtex = (f"@misc{{gradclip_book,\n  title = {{{title}}},\n  author = {{{author}}},\n"
+              f"  year = {{{year}}},\n  howpublished = {{\\url{{{repository['url']}}}}}\n}}")
+    return {"title": title, "author": author, "year": year, "url": repository["url"], "bibtex": bibtex}

@@ -1,0 +1,463 @@
+r"""Chapter 5.1's analysis: clipping and the learning rate, warm-up, Adam against SGD, and what clipping costs.
+
+Three sources:
+
+* chapter 4's grid (``chapters/data/classification_grid.jsonl.gz``, read through
+  :mod:`gradclip_book.classification_figures`): test accuracy over learning rate x threshold, and the
+  ``"stability"`` runs (three seeds) for the learning rate that is best with and without clipping;
+* chapter 5.1's grid (``chapters/data/optimization_grid.jsonl.gz``, :func:`gradclip_book.grids.optimization_configs`):
+  warm-up against clipping, Adam against SGD (unclipped SGD at depth 16 from a learning rate of 0.0125 up);
+* a small benchmark timed on the machine that runs this module (:func:`benchmark`): calls interleaved in one
+  process, medians, the method of ``benchmarks/timing.py``.
+
+"Trains" means: not diverged and test accuracy at least :data:`TRAINS` (90%).
+
+This module is not part of the grids' code version (``classification.code_version()``): editing it never makes
+a stored grid stale.
+
+Example:
+    >>> from gradclip_book import performance as perf
+    >>> perf.speed_words(1.3), perf.speed_words(0.5), perf.speed_words(1.02)
+    ('is 1.3 times as fast as', 'takes 2.0 times as long as', 'is as fast as')
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import gradclip
+
+from . import classification as cls
+from . import classification_figures as cf
+from . import grids
+
+__all__ = [
+    "LOSS_WINDOW",
+    "TARGET_LOSS",
+    "TRAINS",
+    "WARMUP_ARMS",
+    "benchmark",
+    "best_lr",
+    "describe_machine",
+    "heatmap_cells",
+    "interleaved",
+    "loop_agc_",
+    "loop_clip_",
+    "lower_lr_comparison",
+    "machine",
+    "model_shaped",
+    "opt_run",
+    "opt_runs",
+    "optimizer_summary",
+    "overhead_words",
+    "small_tensors",
+    "speed_words",
+    "steps_to_loss",
+    "usable_lrs",
+    "warmup_summary",
+]
+
+TRAINS = 0.9
+"""A run trains when it does not diverge and reaches at least this test accuracy."""
+
+TARGET_LOSS = 0.3
+"""The training loss (nats, smoothed over :data:`LOSS_WINDOW` steps) that :func:`steps_to_loss` waits for."""
+LOSS_WINDOW = 20
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _trains(run: dict[str, Any]) -> bool:
+    return run["diverged_at"] is None and (_num(run["test_accuracy"]) or 0.0) >= TRAINS
+
+
+# --- the stored runs ---------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _opt_by_key() -> dict[str, dict[str, Any]]:
+    lines = grids.load(grids.OPTIMIZATION_FILE)
+    return {line["key"]: line for line in lines}
+
+
+def opt_run(config: cls.RunConfig) -> dict[str, Any]:
+    """The stored run of ``config`` in chapter 5.1's grid; ``KeyError`` naming the command when it is missing."""
+    try:
+        return _opt_by_key()[cls.config_key(config)]
+    except KeyError:
+        raise KeyError(f"the optimization grid has no run {config}; recompute it with "
+                       f"`{grids.OPTIMIZATION_COMMAND}`") from None
+
+
+def opt_runs(lr: float, threshold: float | None, warmup: int = 0, optimizer: str = "sgd") -> list[dict[str, Any]]:
+    """The stored runs (one per seed of :data:`grids.OPT_SEEDS`) of one setting at the hard depth."""
+    method = "none" if threshold is None else "norm"
+    return [opt_run(replace(grids.HARD, lr=lr, method=method, threshold=threshold, warmup=warmup,
+                            optimizer=optimizer, seed=s)) for s in grids.OPT_SEEDS]
+
+
+def _mean_accuracy(runs: Sequence[dict[str, Any]]) -> float:
+    """Mean test accuracy over the runs, a diverged run counting as 0."""
+    return float(np.mean([_num(r["test_accuracy"]) or 0.0 for r in runs]))
+
+
+# --- 1. learning rate x threshold (chapter 4's grid, seed 0) -----------------------------------------
+
+
+def heatmap_cells(depth: int, method: str) -> dict[str, Any]:
+    """Test accuracy of the grid's runs at ``depth``: rows = off + the method's 4 thresholds, columns = :data:`grids.LRS`.
+
+    Returns ``{"lrs", "thresholds" (None first), "accuracy" (rows x columns, None when diverged),
+    "diverged" (rows x columns of bool)}``.
+    """
+    thresholds = [None, *grids.THRESHOLDS[method]]
+    accuracy, diverged = [], []
+    for t in thresholds:
+        runs = [cf.grid_run(depth, lr, "none" if t is None else method, t) for lr in grids.LRS]
+        accuracy.append([_num(r["test_accuracy"]) for r in runs])
+        diverged.append([r["diverged_at"] is not None for r in runs])
+    return {"lrs": list(grids.LRS), "thresholds": thresholds, "accuracy": accuracy, "diverged": diverged}
+
+
+def usable_lrs(cells: dict[str, Any]) -> dict[str, list[float]]:
+    """From :func:`heatmap_cells`: the lrs at which the unclipped run trains, and at which some threshold does."""
+    ok = [[a is not None and a >= TRAINS for a in row] for row in cells["accuracy"]]
+    lrs = cells["lrs"]
+    return {"none": [lr for lr, good in zip(lrs, ok[0]) if good],
+            "clipped": [lr for j, lr in enumerate(lrs) if any(row[j] for row in ok[1:])]}
+
+
+# --- 2. "lower the learning rate instead": steps to a training loss ------------------------------------
+
+
+def steps_to_loss(run: dict[str, Any], target: float = TARGET_LOSS, window: int = LOSS_WINDOW) -> int | None:
+    """Steps a stored run took until its training loss, averaged over the last ``window`` steps, fell to ``target``.
+
+    Read from the stored curve (bin means over consecutive steps, :func:`gradclip_book.classification.compact`):
+    the moving average covers the bins of the last ``window`` steps, and the answer is the step at which the
+    first such window ends. ``None`` when the run never gets there (or diverged first).
+    """
+    steps, loss = run["curve_step"], [_num(v) for v in run["loss"]]
+    ends = [*steps[1:], run["steps_run"]]  # bin i covers steps steps[i] .. ends[i] - 1
+    for i, end in enumerate(ends):
+        if end < window:
+            continue
+        inside = [j for j in range(i + 1) if steps[j] >= end - window]
+        sizes = [ends[j] - steps[j] for j in inside]
+        if np.average([loss[j] for j in inside], weights=sizes) <= target:
+            return end
+    return None
+
+
+def best_lr(runs_by_lr: dict[float, list[dict[str, Any]]]) -> float | None:
+    """The lr whose runs all train with the highest mean accuracy (``None`` if no lr trains every seed)."""
+    good = {lr: runs for lr, runs in runs_by_lr.items() if all(_trains(r) for r in runs)}
+    return max(good, key=lambda lr: (_mean_accuracy(good[lr]), lr)) if good else None
+
+
+def _stability_runs(depth: int, threshold: float | None) -> dict[float, list[dict[str, Any]]]:
+    method = "none" if threshold is None else "norm"
+    return {lr: [cf.grid_run(depth, lr, method, threshold, seed=s) for s in grids.STABILITY_SEEDS]
+            for lr in grids.STABILITY_LRS}
+
+
+def _lower_runs() -> dict[float, list[dict[str, Any]]]:
+    """Unclipped SGD without warm-up at depth 16 over :data:`grids.SGD_LRS` (chapter 5.1's grid, 300 steps)."""
+    return {lr: opt_runs(lr, None) for lr in grids.SGD_LRS}
+
+
+def _side(runs_by_lr: dict[float, list[dict[str, Any]]], target: float) -> dict[str, Any]:
+    lr = best_lr(runs_by_lr)
+    if lr is None:
+        return {"lr": None, "accuracy": None, "steps": None, "per_seed": [], "runs": [], "clip_fraction": None}
+    runs = runs_by_lr[lr]
+    per_seed = [steps_to_loss(r, target) for r in runs]
+    steps = float(np.mean(per_seed)) if all(s is not None for s in per_seed) else None
+    return {"lr": lr, "accuracy": _mean_accuracy(runs), "steps": steps, "per_seed": per_seed,
+            "max_steps": runs[0]["config"]["steps"], "runs": runs,
+            "clip_fraction": float(np.mean([_num(r["clip_fraction"]) for r in runs]))}
+
+
+def lower_lr_comparison(target: float = TARGET_LOSS) -> dict[int, dict[str, Any]]:
+    """Per depth: the best lr with global-norm clipping against the best lr without, and steps to ``target`` loss.
+
+    "Best": the lr of chapter 4's stability scan (0.025 to 1.6, three seeds) whose runs all train, with the
+    highest mean test accuracy; clipping at :data:`grids.HARD_THRESHOLD`. Where no unclipped lr of the scan
+    trains (depth 16), the unclipped side comes from chapter 5.1's grid (:data:`grids.SGD_LRS`, which reach
+    lower, same 300 steps). Returns ``{depth: {"clipped": side, "plain": side, "slowdown": plain steps /
+    clipped steps or None}}``, each side ``{"lr", "accuracy" (mean over seeds), "steps" (mean steps to the target,
+    None unless every seed reaches it), "per_seed", "max_steps", "runs" (the stored runs, one per seed),
+    "clip_fraction" (mean share of clipped steps)}``.
+    """
+    table = {}
+    for depth in grids.DEPTHS:
+        clipped = _side(_stability_runs(depth, grids.HARD_THRESHOLD), target)
+        plain = _side(_stability_runs(depth, None), target)
+        if plain["lr"] is None and depth == grids.HARD.depth:
+            plain = _side(_lower_runs(), target)
+        slowdown = plain["steps"] / clipped["steps"] if plain["steps"] and clipped["steps"] else None
+        table[depth] = {"clipped": clipped, "plain": plain, "slowdown": slowdown}
+    return table
+
+
+# --- 3. warm-up against clipping, Adam against SGD (chapter 5.1's grid) --------------------------------
+
+WARMUP_ARMS = {
+    "neither": (0, None),
+    "warm-up": (grids.WARMUP_STEPS, None),
+    "clipping": (0, "t"),
+    "both": (grids.WARMUP_STEPS, "t"),
+}
+"""The four arms of the warm-up comparison: (warm-up steps, threshold; ``"t"`` = the chosen threshold)."""
+
+
+def _arm_runs(arm: str, threshold: float, lrs: Sequence[float] = grids.SGD_LRS,
+              optimizer: str = "sgd") -> dict[float, list[dict[str, Any]]]:
+    warmup, t = WARMUP_ARMS[arm]
+    return {lr: opt_runs(lr, threshold if t == "t" else None, warmup, optimizer) for lr in lrs}
+
+
+def _scan(runs_by_lr: dict[float, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Largest lr at which every seed trains, the best mean accuracy and its lr, mean accuracy per lr."""
+    means = {lr: _mean_accuracy(runs) for lr, runs in runs_by_lr.items()}
+    stable = [lr for lr, runs in runs_by_lr.items() if all(_trains(r) for r in runs)]
+    best = max(means, key=lambda lr: (means[lr], lr))
+    return {"largest_stable_lr": max(stable) if stable else None, "stable_lrs": sorted(stable),
+            "best_accuracy": means[best], "best_lr": best, "mean_accuracy": means,
+            "diverged": {lr: sum(r["diverged_at"] is not None for r in runs) for lr, runs in runs_by_lr.items()}}
+
+
+def warmup_summary(threshold: float) -> dict[str, dict[str, Any]]:
+    """Per arm of :data:`WARMUP_ARMS` (SGD, depth 16, global-norm ``threshold``): :func:`_scan` over :data:`grids.SGD_LRS`."""
+    return {arm: _scan(_arm_runs(arm, threshold)) for arm in WARMUP_ARMS}
+
+
+def optimizer_summary() -> dict[str, dict[Any, dict[str, Any]]]:
+    """Per optimizer (``"sgd"``, ``"adam"``) and threshold (None and :data:`grids.OPT_THRESHOLDS`): :func:`_scan`.
+
+    SGD over :data:`grids.SGD_LRS`, Adam over :data:`grids.ADAM_LRS`; no warm-up, depth 16, seeds
+    :data:`grids.OPT_SEEDS`.
+    """
+    out: dict[str, dict[Any, dict[str, Any]]] = {}
+    for optimizer, lrs in (("sgd", grids.SGD_LRS), ("adam", grids.ADAM_LRS)):
+        out[optimizer] = {t: _scan({lr: opt_runs(lr, t, 0, optimizer) for lr in lrs}) for t in grids.OPT_THRESHOLDS}
+    return out
+
+
+# --- 4. what clipping costs: a small benchmark on this machine -----------------------------------------
+
+
+def interleaved(functions: dict[str, Callable[[], Any]], repeats: int,
+                before: Callable[[], Any] | None = None) -> dict[str, float]:
+    """Median wall time in ms of each function, calls alternating between them (one untimed warm-up call each).
+
+    The method of the repository's ``benchmarks/timing.py``: alternating puts drifts of clock speed or cache
+    state on every candidate alike. ``before``, if given, runs untimed before every timed call.
+    """
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for fn in functions.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            if before is not None:
+                before()
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def machine() -> dict[str, Any]:
+    """The machine this runs on: CPU model, logical CPUs, OS, torch version and the threads torch uses."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "system": f"{platform.system()} {platform.machine()}", "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def speed_words(ratio: float, tolerance: float = 0.05) -> str:
+    """A verb phrase for ``ratio`` = reference time / gradclip time, to read "gradclip {words} the reference".
+
+    "is as fast as" within ``tolerance``, else how many times faster, or how many times as long it takes.
+
+    Example:
+        >>> speed_words(2.0), speed_words(0.8)
+        ('is 2.0 times as fast as', 'takes 1.2 times as long as')
+    """
+    if abs(ratio - 1) <= tolerance:
+        return "is as fast as"
+    if ratio > 1:
+        return f"is {ratio:.1f} times as fast as"
+    return f"takes {1 / ratio:.1f} times as long as"
+
+
+def model_shaped(seed: int = 0) -> list[nn.Parameter]:
+    """67 parameters shaped like a small convolutional network (3.4 M values), with random gradients.
+
+    ``benchmarks/shapes.py``'s ``model_shapes`` (13.6 M values) at half the channels, so that a build
+    times it in seconds: a 64x3x7x7 stem, sixteen 128x128x3x3 convolutions, eight 512x128 projections,
+    forty 128-vectors, a 1000x512 classifier and its bias.
+    """
+    shapes = ([(64, 3, 7, 7)] + [(128, 128, 3, 3)] * 16 + [(512, 128)] * 8 + [(128,)] * 40
+              + [(1000, 512), (1000,)])
+    return _with_grads(shapes, seed)
+
+
+def small_tensors(count: int = 2000, seed: int = 0) -> list[nn.Parameter]:
+    """``count`` small parameters cycling through one tiny transformer block's shapes (d = 32)."""
+    block = [(32,), (32,), (96, 32), (96,), (32, 32), (32,), (32,), (32,), (128, 32), (128,), (32, 128), (32,)]
+    return _with_grads([block[i % len(block)] for i in range(count)], seed)
+
+
+def _with_grads(shapes: list[tuple[int, ...]], seed: int) -> list[nn.Parameter]:
+    generator = torch.Generator().manual_seed(seed)
+    params = [nn.Parameter(torch.randn(s, generator=generator) * 0.05) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator)
+    return params
+
+
+def loop_clip_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """The hand-written pattern found in tutorials: a Python sum over parameters, a host read, a loop of scalings."""
+    norm = torch.sqrt(sum(torch.sum(p.grad ** 2) for p in params))
+    if norm > max_norm:  # reads the norm on the host
+        for p in params:
+            p.grad.mul_(max_norm / norm)
+    return norm
+
+
+def loop_agc_(params: list[nn.Parameter], clip_factor: float, eps: float = 1e-3) -> None:
+    """AGC written the straightforward way: per parameter, unit norms of weight and gradient, then a ``where``.
+
+    Brock et al. 2021 (arXiv:2102.06171), eq. 3: a unit's gradient G_i is scaled to ``clip_factor *
+    max(||W_i||, eps)`` when its norm exceeds that; units are the rows of the (out, -1) view, a vector is one unit.
+    """
+    for p in params:
+        w = p.detach().reshape(p.shape[0], -1) if p.dim() > 1 else p.detach().reshape(1, -1)
+        g = p.grad.reshape(w.shape)
+        limit = w.norm(dim=1, keepdim=True).clamp(min=eps) * clip_factor
+        g_norm = g.norm(dim=1, keepdim=True)
+        g.copy_(torch.where(g_norm > limit, g * (limit / g_norm.clamp(min=1e-6)), g))
+
+
+def _clip_pair(params: list[nn.Parameter], clip: bool, repeats: int, extra: dict | None = None) -> dict[str, float]:
+    """torch against gradclip on ``params``; clipping halves every gradient each call (an untimed refresh doubles it back)."""
+    norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    max_norm = norm / 2 if clip else 1e9
+    grads = [p.grad for p in params]
+    functions = {"torch": lambda: torch.nn.utils.clip_grad_norm_(params, max_norm),
+                 "gradclip": lambda: gradclip.clip_grad_norm_(params, max_norm)}
+    for name, fn in (extra or {}).items():
+        functions[name] = lambda fn=fn: fn(max_norm)
+    return interleaved(functions, repeats, before=(lambda: torch._foreach_mul_(grads, 2.0)) if clip else None)
+
+
+def _step_overhead(repeats: int) -> dict[str, float]:
+    """One training step of chapter 4's hard network (depth 16, batch 64) with and without clipping."""
+    config = replace(grids.HARD, lr=0.001)  # a small lr: the weights barely move while timing
+    x, y = cls._split(config.split_seed)["train"]
+    x, y = x[:config.batch], y[:config.batch]
+    model = cls.build_model(config)
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9)
+
+    def step(clip: bool) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        if clip:
+            gradclip.clip_grad_norm_(params, grids.HARD_THRESHOLD)
+        optimizer.step()
+
+    return interleaved({"step": lambda: step(False), "step + clip_grad_norm_": lambda: step(True)}, repeats)
+
+
+def benchmark(repeats: int = 15) -> dict[str, Any]:
+    """Time gradclip against torch and the hand-written patterns here and now; return the rows and the machine.
+
+    Each row: ``{"what", "reference" (its name), "ms" (gradclip), "reference_ms", "ratio" (reference / gradclip:
+    above 1, gradclip is faster)}``. Before timing, each pair is checked to give the same gradients.
+    ``repeats`` timed calls per candidate (the repository's benchmarks use 30 and more; fewer keep a page fast).
+    """
+    _check_same_answers()
+    rows = []
+
+    def row(what: str, reference: str, ms: float, reference_ms: float) -> None:
+        rows.append({"what": what, "reference": reference, "ms": ms, "reference_ms": reference_ms,
+                     "ratio": reference_ms / ms})
+
+    big = model_shaped()
+    values = sum(p.numel() for p in big)
+    size = f"{len(big)} tensors, {values / 1e6:.1f} M values"
+    timed = _clip_pair(big, True, repeats, {"loop": lambda c: loop_clip_(big, c)})
+    row(f"clip_grad_norm_, {size}, clipping", "torch.nn.utils.clip_grad_norm_", timed["gradclip"], timed["torch"])
+    row(f"clip_grad_norm_, {size}, clipping", "hand-written loop", timed["gradclip"], timed["loop"])
+    timed = _clip_pair(big, False, repeats)
+    row(f"clip_grad_norm_, {size}, norm below the threshold", "torch.nn.utils.clip_grad_norm_",
+        timed["gradclip"], timed["torch"])
+    small = small_tensors()
+    flat = small_tensors(seed=1)
+    gradclip.GradBuffer(flat)
+    timed = _clip_pair(small, True, repeats, {"buffer": lambda c: gradclip.clip_grad_norm_(flat, c)})
+    row(f"clip_grad_norm_, {len(small):,} small tensors, clipping", "torch.nn.utils.clip_grad_norm_",
+        timed["gradclip"], timed["torch"])
+    row(f"clip_grad_norm_ on a GradBuffer, {len(small):,} small tensors, clipping", "torch.nn.utils.clip_grad_norm_",
+        timed["buffer"], timed["torch"])
+    saved = [p.grad.clone() for p in big]
+    timed = interleaved({"gradclip": lambda: gradclip.adaptive_clip_grad_(big, 0.01),
+                         "loop": lambda: loop_agc_(big, 0.01)}, repeats,
+                        before=lambda: torch._foreach_copy_([p.grad for p in big], saved))
+    row(f"adaptive_clip_grad_ (AGC), {size}", "per-parameter loop", timed["gradclip"], timed["loop"])
+    step = _step_overhead(repeats * 10)
+    return {"rows": rows, "machine": machine(), "repeats": repeats, "step_ms": step["step"],
+            "step_clip_ms": step["step + clip_grad_norm_"],
+            "step_overhead": step["step + clip_grad_norm_"] / step["step"] - 1}
+
+
+def _check_same_answers() -> None:
+    """The compared calls give the same gradients (small sets, so the check is quick)."""
+    for clip, reference in ((lambda ps, c: gradclip.clip_grad_norm_(ps, c), torch.nn.utils.clip_grad_norm_),
+                            (lambda ps, c: gradclip.clip_grad_norm_(ps, c), loop_clip_)):
+        a, b = small_tensors(24, seed=3), small_tensors(24, seed=3)
+        clip(a, 1.0)
+        reference(b, 1.0)
+        assert all(torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7) for p, q in zip(a, b))
+    a, b = small_tensors(24, seed=4), small_tensors(24, seed=4)
+    gradclip.adaptive_clip_grad_(a, 0.01)
+    loop_agc_(b, 0.01)
+    assert all(torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7) for p, q in zip(a, b))
+
+
+def overhead_words(fraction: float, noise: float = 0.03) -> str:
+    """What a measured relative overhead says: "adds about N%", or "no cost measurable" within ``noise``.
+
+    Example:
+        >>> overhead_words(0.12), overhead_words(-0.01)
+        ('adds about 12% to', 'adds no cost measurable here (under 3%) to')
+    """
+    if fraction <= noise:
+        return f"adds no cost measurable here (under {100 * noise:.0f}%) to"
+    return f"adds about {100 * fraction:.0f}% to"
+
+
+def describe_machine(m: dict[str, Any]) -> str:
+    """One line naming the machine, e.g. for a table caption."""
+    return (f"{m['cpu']} ({m['cpus']} logical CPUs, {m['system']}), torch {m['torch']} on {m['threads']} "
+            f"thread{'s' if m['threads'] != 1 else ''}, Python {m['python']}")

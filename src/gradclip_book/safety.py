@@ -1,0 +1,592 @@
+r"""Chapter 5.3's experiments: faults injected into chapter 4's digits run, and the guards that survive them.
+
+A run is chapter 4's network, data split, batch order and optimizer
+(:mod:`gradclip_book.classification`: :func:`~gradclip_book.classification.build_model`,
+the seeded split and minibatch stream, :data:`~gradclip_book.classification.OPTIMIZERS`)
+trained by :func:`train`, a loop that can break one batch on purpose and
+protect itself. Without a fault and without a guard it is
+:func:`gradclip_book.classification.train` step for step (tested).
+
+**Faults** (:data:`FAULTS`) hit the batches of steps ``step .. step + span - 1``:
+
+* ``"outliers"``: a quarter of the batch's images replaced by noise 1000 times the pixels' scale (corrupt records);
+* ``"nan-grad"``: every gradient of the batch NaN (an overflow inside backward), the loss itself finite;
+* ``"scaled"``: the batch's gradients 1000 times too large (a loss scale that was never undone), loss finite;
+* ``"labels"``: the labels of 10 consecutive batches replaced by random ones (a corrupt shard; one such
+  batch costs this run less than a point, see chapter 5.3).
+
+The two backward faults act through a tensor hook on the logits' gradient, so
+they enter backward upstream of every parameter, as a real fault would, and
+hooks on the parameters see them.
+
+**Guards** (:data:`GUARDS`), forward ones before ``backward()``, backward ones during and after it:
+
+* ``"softcap"``: logit soft-capping, ``z <- cap tanh(z / cap)`` on the network's output;
+* ``"activation"``: the batch is skipped when the RMS of the last hidden activation is non-finite or above
+  ``k`` times the median of the last ``window`` batches';
+* ``"loss"``: the batch is skipped (no backward) when its loss is non-finite or above ``k`` times the median
+  of the last ``window`` losses;
+* ``"layerwise"``: every parameter's gradient capped at norm ``c`` by a tensor hook *during* backward;
+* ``"spike"``: :class:`gradclip.SpikeGuard` attached to the optimizer (the step is undone on a device-side
+  ``where`` when the gradient norm is non-finite or an outlier);
+* ``"rollback"``: model and optimizer state kept in memory every ``every`` steps (only from a state whose loss
+  passed the check); on a non-finite loss or one above ``k`` times the recent median, training goes back to that
+  state and carries on with the *next* batches (the ones in between are skipped, as in PaLM's restarts).
+
+Where each decision is made: the loop reads every loss on the host anyway (to record it, like chapter 4's
+harness), so the loss guard and rollback decide on the host at no extra synchronisation; the activation check
+reads its one number in the same transfer as the loss (``torch.stack``); soft-capping and the per-layer hooks
+never decide anything (they only transform), and SpikeGuard decides on the device.
+
+Example:
+    >>> from gradclip_book import safety
+    >>> run = safety.train(safety.SafetyConfig(fault="nan-grad", guard="spike", steps=60, fault_step=40))
+    >>> run.outcome, run.spike_skips
+    ('finished', 1)
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import gzip
+import json
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import gradclip
+
+from . import classification as cls
+from . import performance
+
+__all__ = [
+    "FAULTS",
+    "FAULT_STEPS",
+    "GUARDS",
+    "BASE",
+    "Fault",
+    "Guard",
+    "SafetyConfig",
+    "SafetyRun",
+    "costs",
+    "grid",
+    "load",
+    "summary",
+    "train",
+]
+
+# --- faults ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One row of :data:`FAULTS`: what is broken in a faulty batch.
+
+    Attributes:
+        description: what it models.
+        inputs: ``inputs(x, y, generator) -> (x, y)`` for the faulty batch (``None``: the batch is intact).
+        grad_factor: the logits' gradient is multiplied by this in backward (``None``: backward is intact).
+        span: how many consecutive batches are faulty.
+    """
+
+    description: str
+    inputs: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None
+    grad_factor: float | None = None
+    span: int = 1
+
+
+def _outliers(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone()
+    n = len(x) // 4  # the batch is already in random order: the first quarter is a random quarter
+    # garbage records: noise 1000 times the scale of the standardised pixels (a scaled digit would not do: a ReLU
+    # network classifies it as confidently as the digit, and its loss and gradient are then near zero)
+    x[:n] = 1000.0 * torch.randn(x[:n].shape, generator=generator)
+    return x, y
+
+
+def _random_labels(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return x, torch.randint(0, 10, y.shape, generator=generator)
+
+
+FAULTS: dict[str, Fault] = {
+    "none": Fault("no fault"),
+    "outliers": Fault("a quarter of the batch's images replaced by noise of 1000 x the pixels' scale", inputs=_outliers),
+    "nan-grad": Fault("every gradient of the batch NaN (the loss finite)", grad_factor=math.nan),
+    "scaled": Fault("the batch's gradients x1000 (the loss finite)", grad_factor=1000.0),
+    "labels": Fault("the labels of 10 consecutive batches replaced by random ones (a corrupt shard)",
+                    inputs=_random_labels, span=10),
+}
+"""Fault name -> :class:`Fault`."""
+
+# --- guards ----------------------------------------------------------------------------------------
+
+
+class _Running:
+    """An outlier test on host floats: non-finite, or above both ``k`` x the median of the last ``window`` values
+    and ``floor`` (no test before ``min_history`` values). The floor matters for losses: late in training the
+    median loss nears 0, and a ratio alone would refuse ordinary batches."""
+
+    def __init__(self, window: int, min_history: int, floor: float = 0.0) -> None:
+        self.values: deque[float] = deque(maxlen=window)
+        self.min_history, self.floor = min_history, floor
+
+    def level(self) -> float | None:
+        return statistics.median(self.values) if len(self.values) >= self.min_history else None
+
+    def outlier(self, value: float, k: float) -> bool:
+        """Whether ``value`` is non-finite or above the level; every finite value joins the history.
+
+        Outliers join too (the median ignores a few of them), so that a lasting change of scale is absorbed within
+        ``window`` steps instead of refusing every batch from then on (SpikeGuard's rule for the same reason).
+        """
+        if not math.isfinite(value):
+            return True
+        level = self.level()
+        self.values.append(value)
+        return level is not None and value > max(k * level, self.floor)
+
+
+class _Protection:
+    """The no-op guard; subclasses override the moments they act at.
+
+    The loop calls ``setup(model, optimizer)`` once, ``logits(z)`` on every forward, ``probe()`` (a 0-dim tensor
+    or ``None``, read with the loss), ``decide(step, loss, probe) -> "step" | "skip" | "rollback"`` before
+    backward, and ``restore(model, optimizer)`` after a ``"rollback"``.
+    """
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def probe(self) -> torch.Tensor | None:
+        return None
+
+    def decide(self, step: int, loss: float, probe: float | None, model: nn.Module,
+               optimizer: torch.optim.Optimizer) -> str:
+        return "step"
+
+    def skipped(self) -> int:
+        """Steps the guard skipped without the loop knowing (SpikeGuard's device-side skips)."""
+        return 0
+
+
+class _SoftCap(_Protection):
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.cap * torch.tanh(z / self.cap)  # smooth, odd, slope 1 at 0, |output| < cap
+
+
+class _Activation(_Protection):
+    def __init__(self, k: float, window: int, min_history: int) -> None:
+        self.k, self.history, self.rms = k, _Running(window, min_history), None
+
+    def setup(self, model, optimizer):
+        last_hidden = [m for m in model if isinstance(m, (nn.ReLU, nn.Tanh))][-1]
+        last_hidden.register_forward_hook(self._record)
+
+    def _record(self, module, inputs, output):
+        self.rms = output.detach().pow(2).mean().sqrt()
+
+    def probe(self):
+        return self.rms
+
+    def decide(self, step, loss, probe, model, optimizer):
+        return "skip" if self.history.outlier(probe, self.k) else "step"
+
+
+class _LossGuard(_Protection):
+    def __init__(self, k: float, window: int, min_history: int) -> None:
+        self.k, self.history = k, _Running(window, min_history, LOSS_FLOOR)
+
+    def decide(self, step, loss, probe, model, optimizer):
+        return "skip" if self.history.outlier(loss, self.k) else "step"
+
+
+class _Layerwise(_Protection):
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = max_norm
+
+    def setup(self, model, optimizer):
+        for p in model.parameters():
+            p.register_hook(self._clip)
+
+    def _clip(self, grad: torch.Tensor) -> torch.Tensor:
+        # the factor of clip_grad_norm_ applied to this tensor alone, on the device: no host read
+        return grad * (self.max_norm / (grad.norm() + 1e-6)).clamp(max=1.0)
+
+
+class _Spike(_Protection):
+    def __init__(self, threshold: float) -> None:
+        self.guard = gradclip.SpikeGuard(threshold=threshold)
+
+    def setup(self, model, optimizer):
+        self.guard.attach(optimizer)
+
+    def skipped(self):
+        return int(self.guard.skipped_steps)
+
+
+class _Rollback(_Protection):
+    def __init__(self, k: float, window: int, min_history: int, every: int) -> None:
+        self.k, self.history, self.every = k, _Running(window, min_history, LOSS_FLOOR), every
+        self.saved: tuple[dict, dict] | None = None
+
+    def decide(self, step, loss, probe, model, optimizer):
+        if self.history.outlier(loss, self.k):
+            if self.saved is None:
+                return "skip"
+            model.load_state_dict(self.saved[0])
+            optimizer.load_state_dict(self.saved[1])
+            return "rollback"
+        if step % self.every == 0:  # this state's loss passed the check: keep it
+            self.saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
+        return "step"
+
+
+@dataclass(frozen=True)
+class Guard:
+    """One row of :data:`GUARDS`.
+
+    Attributes:
+        side: ``"forward"`` (acts before backward) or ``"backward"`` (during or after it).
+        description: the rule, with its setting.
+        build: ``build() -> protection`` (a fresh, unattached guard for one run).
+        reference: where the practice comes from.
+    """
+
+    side: str
+    description: str
+    build: Callable[[], _Protection] = field(repr=False)
+    reference: str = ""
+
+
+SOFTCAP = 15.0
+"""The soft cap on the logits (Gemma 2 uses 30 on its final layer, over a vocabulary of 256k)."""
+K, WINDOW, MIN_HISTORY = 5.0, 50, 10
+"""The outlier rule of the loss, activation and rollback guards: above 5 x the median of the last 50 values, after 10."""
+LOSS_FLOOR = math.log(10)
+"""A loss counts as an outlier only above this too: ln 10 nats, the loss of guessing uniformly among the 10 classes."""
+LAYER_MAX_NORM = 1.0
+"""Per-tensor gradient norm cap of the ``"layerwise"`` guard."""
+SPIKE_Z = 6.0
+"""SpikeGuard's threshold in standard deviations (OLMo-core's factor)."""
+EVERY = 10
+"""Rollback keeps a state every this many steps."""
+
+GUARDS: dict[str, Guard] = {
+    "none": Guard("-", "no guard", _Protection),
+    "softcap": Guard("forward", f"logits soft-capped: z <- {SOFTCAP:g} tanh(z / {SOFTCAP:g})",
+                     lambda: _SoftCap(SOFTCAP), "Gemma Team 2024 (Gemma 2), arXiv:2408.00118"),
+    "activation": Guard("forward", f"batch skipped when the last hidden layer's RMS activation is non-finite or above "
+                        f"{K:g} x its median over the last {WINDOW} batches",
+                        lambda: _Activation(K, WINDOW, MIN_HISTORY)),
+    "loss": Guard("forward", f"batch skipped before backward when its loss is non-finite or above {K:g} x the median "
+                  f"of the last {WINDOW} losses", lambda: _LossGuard(K, WINDOW, MIN_HISTORY)),
+    "layerwise": Guard("backward", f"each parameter's gradient capped at norm {LAYER_MAX_NORM:g} by a tensor hook "
+                       "during backward", lambda: _Layerwise(LAYER_MAX_NORM)),
+    "spike": Guard("backward", f"gradclip.SpikeGuard(threshold={SPIKE_Z:g}) attached: the step is undone on the "
+                   "device when the gradient norm is non-finite or a z-score outlier",
+                   lambda: _Spike(SPIKE_Z), "Chowdhery et al. 2022 (PaLM), arXiv:2204.02311"),
+    "rollback": Guard("backward", f"state kept every {EVERY} steps; on a non-finite loss or one above {K:g} x the "
+                      "recent median, back to it, and on with the next batches",
+                      lambda: _Rollback(K, WINDOW, MIN_HISTORY, EVERY),
+                      "Chowdhery et al. 2022 (PaLM), arXiv:2204.02311; Zhang et al. 2022 (OPT), arXiv:2205.01068"),
+}
+"""Guard name -> :class:`Guard`."""
+
+# --- one run ---------------------------------------------------------------------------------------
+
+BASE = replace(cls.DEFAULT, lr=0.02)
+"""The run every fault hits: chapter 4's depth-8 ReLU MLP, SGD with momentum 0.9 at lr 0.02, 300 steps of 64
+images. Why 0.02 and not chapter 4's 0.03: a guard is judged to a point of test accuracy, so the clean run must not
+be chaotic. Skipping one clean batch at step 100 moved the final accuracy by up to 0.9 points at lr 0.02, by up to
+5 points at 0.03, and at 0.05 made one seed diverge."""
+
+FAULT_STEPS = (50, 100, 150, 200, 250)
+"""The fault steps of the stored grid (the explorer's slider)."""
+DEFAULT_FAULT_STEP = 200
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    """One run: chapter 4's config (the run's network, data and optimizer), a fault and a guard.
+
+    Attributes:
+        fault: a key of :data:`FAULTS`.
+        guard: a key of :data:`GUARDS`.
+        fault_step: the first faulty step (0-based).
+        span: how many consecutive steps are faulty (``None``: the fault's own ``span``).
+        steps: optimizer steps (overrides ``base.steps``).
+        base: the chapter 4 :class:`~gradclip_book.classification.RunConfig` (method ``"none"``).
+    """
+
+    fault: str = "none"
+    guard: str = "none"
+    fault_step: int = DEFAULT_FAULT_STEP
+    span: int | None = None
+    steps: int = BASE.steps
+    base: cls.RunConfig = BASE
+
+    def __post_init__(self) -> None:
+        for name, table in (("fault", FAULTS), ("guard", GUARDS)):
+            if getattr(self, name) not in table:
+                raise ValueError(f"{name} must be one of {sorted(table)}, got {getattr(self, name)!r}")
+        if self.base.method != "none" or self.base.warmup:
+            raise ValueError("base must be a RunConfig with method 'none' and no warm-up (the guards are the "
+                             f"protection here), got method={self.base.method!r}, warmup={self.base.warmup}")
+        if (self.span is not None and self.span < 1) or self.fault_step < 0:
+            raise ValueError(f"span must be >= 1 and fault_step >= 0, got span={self.span}, "
+                             f"fault_step={self.fault_step}")
+
+
+@dataclass
+class SafetyRun:
+    """What one run produced.
+
+    Attributes:
+        config: the :class:`SafetyConfig` as a dict.
+        loss: each step's minibatch loss (nats) as the network saw it, faulty batches included.
+        actions: per step, ``"step"``, ``"skip"`` (the guard refused the batch before backward) or
+            ``"rollback"``; SpikeGuard's device-side skips show as ``"step"`` and are counted in ``spike_skips``.
+        spike_skips: steps SpikeGuard undid.
+        finite: whether every weight is finite at the end.
+        test_accuracy: final test accuracy in [0, 1] (``None`` when the weights are not finite).
+        outcome: ``"nan"`` (non-finite weights), ``"diverged"`` (finite, but test accuracy below
+            :data:`LOST_ACCURACY`) or ``"finished"``.
+        seconds: wall time.
+    """
+
+    config: dict[str, Any]
+    loss: list[float]
+    actions: list[str]
+    spike_skips: int
+    finite: bool
+    test_accuracy: float | None
+    outcome: str
+    seconds: float = 0.0
+
+    @property
+    def lost(self) -> bool:
+        return self.outcome != "finished"
+
+
+LOST_ACCURACY = 0.5
+"""A run with finite weights whose test accuracy ends below this (chance is 0.1) counts as diverged."""
+
+
+def _all_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def train(config: SafetyConfig = SafetyConfig()) -> SafetyRun:
+    """Train chapter 4's network with ``config.fault`` injected and ``config.guard`` on; deterministic.
+
+    The step: batch (faulty at the fault steps), forward through the guard's ``logits``, loss read on the host,
+    the guard's decision (step / skip / rollback), ``backward()`` (with the fault's gradient hook at the fault
+    steps), ``optimizer.step()``. The run always takes ``steps`` steps: a lost run is not stopped at its first
+    huge loss (that would itself be a loss guard), except that a run whose loss and weights are non-finite stops
+    there (nothing can bring it back).
+    """
+    start = time.perf_counter()
+    base = replace(config.base, steps=config.steps)
+    fault = FAULTS[config.fault]
+    span = fault.span if config.span is None else config.span
+    with cls._deterministic():
+        parts = cls._split(base.split_seed)
+        x, y = parts["train"]
+        model = cls.build_model(base)
+        optimizer = cls.OPTIMIZERS[base.optimizer](list(model.parameters()), base.lr)
+        guard = GUARDS[config.guard].build()
+        guard.setup(model, optimizer)
+        batches = cls._batches(len(y), min(base.batch, len(y)), torch.Generator().manual_seed(base.seed))
+        fault_generator = torch.Generator().manual_seed(1000 + base.seed)
+        losses, actions = [], []
+        for step in range(base.steps):
+            index = next(batches)
+            xb, yb = x[index], y[index]
+            faulty = config.fault_step <= step < config.fault_step + span
+            if faulty and fault.inputs is not None:
+                xb, yb = fault.inputs(xb, yb, fault_generator)
+            z = model(xb)
+            if faulty and fault.grad_factor is not None:
+                factor = fault.grad_factor
+                z.register_hook(lambda g: g * factor)
+            loss = nn.functional.cross_entropy(guard.logits(z), yb)
+            probe = guard.probe()
+            if probe is None:
+                value, seen = float(loss.detach()), None
+            else:  # one transfer for both numbers
+                value, seen = torch.stack([loss.detach(), probe.to(loss.dtype)]).tolist()
+            losses.append(value)
+            action = guard.decide(step, value, seen, model, optimizer)
+            actions.append(action)
+            if action == "step":
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            elif not math.isfinite(value) and not _all_finite(model):
+                break  # non-finite weights and nothing to go back to
+        finite = _all_finite(model)
+        accuracy = cls._accuracy(model, *parts["test"]) if finite else None
+    outcome = "nan" if not finite else ("diverged" if accuracy < LOST_ACCURACY else "finished")
+    return SafetyRun(config=_config_dict(config), loss=losses, actions=actions, spike_skips=guard.skipped(),
+                     finite=finite, test_accuracy=accuracy, outcome=outcome, seconds=time.perf_counter() - start)
+
+
+def _config_dict(config: SafetyConfig) -> dict[str, Any]:
+    out = asdict(config)
+    out["base"] = asdict(config.base)
+    return out
+
+
+# --- the stored grid ---------------------------------------------------------------------------------
+
+SEEDS = (0, 1, 2)
+"""Seeds of the summary (at :data:`DEFAULT_FAULT_STEP`); the explorer's other fault steps use seed 0."""
+GRID_PATH = Path(__file__).resolve().parents[2] / "chapters" / "data" / "safety_grid.jsonl.gz"
+
+
+def grid_configs() -> list[SafetyConfig]:
+    """Every stored run: each fault x guard at every fault step (seed 0) and at the default step (all seeds), and
+    each guard without a fault (all seeds)."""
+    configs = []
+    for guard in GUARDS:
+        for seed in SEEDS:
+            configs.append(SafetyConfig(guard=guard, base=replace(BASE, seed=seed)))
+        for fault in FAULTS:
+            if fault == "none":
+                continue
+            for step in FAULT_STEPS:
+                for seed in (SEEDS if step == DEFAULT_FAULT_STEP else SEEDS[:1]):
+                    configs.append(SafetyConfig(fault=fault, guard=guard, fault_step=step,
+                                                base=replace(BASE, seed=seed)))
+    return configs
+
+
+def key(config: SafetyConfig | dict[str, Any]) -> tuple[str, str, int, int]:
+    """``(fault, guard, fault_step, seed)``: a stored run's identity (a fault-free run has fault_step -1)."""
+    c = _config_dict(config) if isinstance(config, SafetyConfig) else config
+    return c["fault"], c["guard"], (-1 if c["fault"] == "none" else c["fault_step"]), c["base"]["seed"]
+
+
+def to_json(run: SafetyRun) -> dict[str, Any]:
+    """A stored line: the run's scalars and its loss curve (4 significant digits; non-finite as strings)."""
+    return {"config": run.config, "outcome": run.outcome, "finite": run.finite,
+            "test_accuracy": None if run.test_accuracy is None else round(run.test_accuracy, 6),
+            "skips": run.actions.count("skip"), "rollbacks": run.actions.count("rollback"),
+            "spike_skips": run.spike_skips, "seconds": round(run.seconds, 3),
+            "loss": [float(f"{v:.4g}") if math.isfinite(v) else str(v) for v in run.loss]}
+
+
+def grid(path: str | Path = GRID_PATH, progress: bool = True) -> None:
+    """Compute every run of :func:`grid_configs` and write them, one JSON line each, gzipped (about 3 minutes)."""
+    configs = grid_configs()
+    if progress:
+        from tqdm import tqdm
+        configs = tqdm(configs, desc="safety grid", unit="run")
+    lines = [json.dumps(to_json(train(c)), separators=(",", ":")) for c in configs]
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+@functools.lru_cache(maxsize=2)
+def _load(path: str) -> tuple[dict[str, Any], ...]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return tuple(json.loads(line) for line in f if line.strip())
+
+
+def load(path: str | Path = GRID_PATH) -> dict[tuple[str, str, int, int], dict[str, Any]]:
+    """The stored runs by :func:`key`."""
+    return {key(line["config"]): line for line in _load(str(path))}
+
+
+# --- what the page states ------------------------------------------------------------------------------
+
+TOLERANCE = 0.01
+"""A guarded faulty run "recovers" when its mean test accuracy over :data:`SEEDS` is within this of the clean run's."""
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    values = list(values)
+    return None if any(v is None for v in values) else statistics.fmean(values)
+
+
+def summary(path: str | Path = GRID_PATH, with_costs: bool = False) -> dict[str, Any]:
+    """The page's key numbers, from the stored grid (at :data:`DEFAULT_FAULT_STEP`, means over :data:`SEEDS`).
+
+    Returns ``{"clean": accuracy, "clean_by_guard": {guard: accuracy}, "faults": {fault: {guard: {"outcomes":
+    [per seed], "lost": bool (some seed lost), "accuracy": mean or None, "recovers": bool}}}, "costs": ...}``;
+    ``costs`` (:func:`costs`, timed on this machine) only when ``with_costs``.
+    """
+    runs = load(path)
+    clean_by_guard = {g: _mean(runs["none", g, -1, s]["test_accuracy"] for s in SEEDS) for g in GUARDS}
+    clean = clean_by_guard["none"]
+    faults: dict[str, dict[str, dict[str, Any]]] = {}
+    for fault in FAULTS:
+        if fault == "none":
+            continue
+        faults[fault] = {}
+        for guard in GUARDS:
+            lines = [runs[fault, guard, DEFAULT_FAULT_STEP, s] for s in SEEDS]
+            outcomes = [line["outcome"] for line in lines]
+            accuracy = _mean(line["test_accuracy"] for line in lines)
+            lost = any(o != "finished" for o in outcomes)
+            faults[fault][guard] = {"outcomes": outcomes, "lost": lost, "accuracy": accuracy,
+                                    "recovers": not lost and accuracy >= clean - TOLERANCE,
+                                    "finite": all(line["finite"] for line in lines)}
+    out: dict[str, Any] = {"clean": clean, "clean_by_guard": clean_by_guard, "faults": faults,
+                           "fault_step": DEFAULT_FAULT_STEP, "seeds": list(SEEDS)}
+    if with_costs:
+        out["costs"] = costs()
+    return out
+
+
+def costs(repeats: int = 15, steps: int = EVERY) -> dict[str, float]:
+    """Time per training step with each guard relative to no guard (clean batches; medians, calls interleaved).
+
+    Each timed call trains ``steps`` steps (one rollback period, so its checkpoint is in every call) with
+    :func:`gradclip_book.performance.interleaved`. Returns ``{guard: ratio}`` with ``"none"`` = 1.
+    """
+    with cls._deterministic():
+        x, y = cls._split(BASE.split_seed)["train"]
+        xb, yb = x[: BASE.batch], y[: BASE.batch]
+
+        def stepper(name: str) -> Callable[[], None]:
+            model = cls.build_model(BASE)
+            optimizer = cls.OPTIMIZERS[BASE.optimizer](list(model.parameters()), BASE.lr * 0.01)
+            guard = GUARDS[name].build()
+            guard.setup(model, optimizer)
+            counter = iter(range(10**9))
+
+            def run() -> None:
+                for _ in range(steps):
+                    step = next(counter)
+                    loss = nn.functional.cross_entropy(guard.logits(model(xb)), yb)
+                    probe = guard.probe()
+                    value, seen = ((float(loss.detach()), None) if probe is None
+                                   else torch.stack([loss.detach(), probe.to(loss.dtype)]).tolist())
+                    if guard.decide(step, value, seen, model, optimizer) == "step":
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+            return run
+
+        times = performance.interleaved({name: stepper(name) for name in GUARDS}, repeats)
+    return {name: times[name] / times["none"] for name in GUARDS}
+
+
+if __name__ == "__main__":  # python -m gradclip_book.safety: recompute the stored grid
+    grid()

@@ -1,0 +1,357 @@
+r"""Chapter 5.2's experiments: AGC against global-norm clipping across batch sizes, and the cost of structure-aware clipping.
+
+**The batch-size grid.** ``python -m gradclip_book.scalability grid [--jobs 2]`` trains, with chapter 4's
+harness (:func:`gradclip_book.classification.train`, unchanged), the ReLU MLP of depth 8 without
+normalisation layers at every batch size of :data:`BATCHES`, with the learning rate scaled linearly with
+the batch (:func:`lr_for`, as Brock et al. 2021 do), once without clipping and with every threshold of
+:data:`THRESHOLDS` for AGC and for global-norm clipping, for each seed of :data:`SEEDS`. It writes one JSON
+line per run to ``chapters/data/scalability_grid.jsonl.gz`` (gzip), with the run's full config, so a
+stored run can be re-trained from its line alone (:func:`config_of`). Interrupted, it resumes.
+
+**Structure-aware clipping.** :func:`clip_costs` times global, per-tensor, block-RMS and AGC clipping on the
+same gradients (interleaved calls, medians); :func:`per_sample_check` compares gradclip's per-sample
+(DP-SGD) clipping with a per-example loop (same clipped gradient, and the time of each);
+:func:`dp_train` trains the digits MLP with DP-SGD.
+
+References:
+    * Brock, De, Smith, Simonyan (2021), "High-Performance Large-Scale Image Recognition Without
+      Normalization", `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`__.
+    * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__.
+
+Example:
+    >>> configs = grid_configs()
+    >>> len(configs), lr_for(1024)
+    (168, 1.6)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import gradclip
+
+from . import classification as cls
+
+__all__ = [
+    "BASE",
+    "BATCHES",
+    "GRID_FILE",
+    "SEEDS",
+    "THRESHOLDS",
+    "best_per_batch",
+    "cell_table",
+    "clip_costs",
+    "config_of",
+    "dp_train",
+    "grid_configs",
+    "load",
+    "lr_for",
+    "main",
+    "per_sample_check",
+    "run_grid",
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+GRID_FILE = ROOT / "chapters" / "data" / "scalability_grid.jsonl.gz"
+COMMAND = "python -m gradclip_book.scalability grid --jobs 2"
+
+BATCHES = (16, 64, 256, 1024)
+"""Batch sizes (images per step; the training set has 1,077)."""
+BASE = cls.RunConfig(depth=8, width=64, steps=200)
+"""Every grid run: ReLU MLP of depth 8 and width 64, He init, no normalisation, SGD with momentum 0.9, 200 steps."""
+BASE_LR, BASE_BATCH = 0.025, 16
+THRESHOLDS: dict[str, tuple[float, ...]] = {
+    "agc": (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16),
+    "norm": (0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
+}
+"""AGC's clip factors lambda (the paper's 0.01 .. 0.16, and two smaller) and global-norm thresholds c."""
+SEEDS = (0, 1, 2)
+CHANCE = 0.1
+"""A diverged run counts at chance accuracy (10 classes) in the means."""
+
+
+def lr_for(batch: int) -> float:
+    """The linearly scaled learning rate: 0.025 at batch 16, so 0.1 at 64 and 1.6 at 1024 (the paper's lr at 4096)."""
+    return BASE_LR * batch / BASE_BATCH
+
+
+def grid_configs() -> list[cls.RunConfig]:
+    """Every run of the grid: :data:`BATCHES` x (none + each method's :data:`THRESHOLDS`) x :data:`SEEDS`."""
+    out = []
+    for batch in BATCHES:
+        points = [("none", None)] + [(m, t) for m, ts in THRESHOLDS.items() for t in ts]
+        for method, t in points:
+            for seed in SEEDS:
+                out.append(replace(BASE, batch=batch, lr=lr_for(batch), method=method, threshold=t, seed=seed))
+    return out
+
+
+def _identity(config: dict[str, Any]) -> tuple:
+    """What tells runs apart here: the fields this grid varies (stable if the harness gains defaulted fields)."""
+    return (config["batch"], config["lr"], config["method"], config["threshold"], config["seed"])
+
+
+def config_of(line: dict[str, Any]) -> cls.RunConfig:
+    """The :class:`~gradclip_book.classification.RunConfig` a stored line was trained with.
+
+    Fields the harness has gained since keep their defaults; a stored field the harness no longer has raises.
+    """
+    known = {f.name for f in fields(cls.RunConfig)}
+    unknown = set(line["config"]) - known
+    if unknown:
+        raise ValueError(f"stored fields {sorted(unknown)} are not RunConfig fields: recompute with {COMMAND}")
+    return cls.RunConfig(**line["config"])
+
+
+def load(path: Path = GRID_FILE) -> list[dict[str, Any]]:
+    """Every complete line of the grid file (``[]`` if there is none; a cut-off end is ignored)."""
+    if not Path(path).exists():
+        return []
+    lines = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        try:
+            for line in f:
+                if line.endswith("\n"):
+                    lines.append(json.loads(line))
+        except (EOFError, gzip.BadGzipFile):
+            pass
+    return lines
+
+
+def _write(path: Path, lines: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with gzip.GzipFile(tmp, "wb", mtime=0) as f:
+        f.write("".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines).encode())
+    os.replace(tmp, path)
+
+
+def _one(config: cls.RunConfig) -> str:
+    return json.dumps(cls.train(config).to_json(), separators=(",", ":"))
+
+
+def run_grid(configs: Iterable[cls.RunConfig], path: Path = GRID_FILE, jobs: int = 2) -> float:
+    """Train the runs of ``configs`` missing from ``path`` in ``jobs`` processes (tqdm bar); return the wall seconds.
+
+    Lines are appended as runs finish; at the end the file is rewritten in ``configs`` order.
+    """
+    from tqdm import tqdm
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    configs = list(configs)
+    kept = load(path)
+    _write(path, kept)  # repairs a file cut off by an interruption
+    done = {_identity(line["config"]) for line in kept}
+    todo = [c for c in configs if _identity(asdict(c)) not in done]
+    start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=jobs) as pool, gzip.open(path, "at", encoding="utf-8") as out:
+        futures = [pool.submit(_one, c) for c in todo]
+        for future in tqdm(as_completed(futures), total=len(todo), desc="runs", unit="run"):
+            out.write(future.result() + "\n")
+            out.flush()
+    seconds = time.perf_counter() - start
+    by_id = {_identity(line["config"]): line for line in load(path)}
+    _write(path, [by_id[_identity(asdict(c))] for c in configs if _identity(asdict(c)) in by_id])
+    return seconds
+
+
+# --- reading the grid ------------------------------------------------------------------------------
+
+
+def _score(line: dict[str, Any]) -> float:
+    return CHANCE if line["diverged_at"] is not None else float(line["test_accuracy"])
+
+
+def cell_table(lines: list[dict[str, Any]]) -> dict[tuple[int, str, float | None], dict[str, Any]]:
+    """Per (batch, method, threshold): the seeds' test accuracies, their mean (a diverged run at chance), divergences."""
+    cells: dict[tuple[int, str, float | None], list[dict[str, Any]]] = {}
+    for line in lines:
+        c = line["config"]
+        cells.setdefault((c["batch"], c["method"], c["threshold"]), []).append(line)
+    return {key: {"scores": [_score(r) for r in runs], "mean": float(np.mean([_score(r) for r in runs])),
+                  "diverged": sum(r["diverged_at"] is not None for r in runs), "seeds": len(runs)}
+            for key, runs in cells.items()}
+
+
+def best_per_batch(lines: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, Any]]]:
+    """Per batch size and method (``none``, ``agc``, ``norm``): the threshold with the best mean accuracy, and that cell.
+
+    Ties go to the smaller threshold.
+    """
+    table = cell_table(lines)
+    out: dict[int, dict[str, dict[str, Any]]] = {}
+    for batch in sorted({b for b, _, _ in table}):
+        row = {"none": {"threshold": None, **table[batch, "none", None]}}
+        for method in THRESHOLDS:
+            t = max(sorted(t for b, m, t in table if b == batch and m == method),
+                    key=lambda t: table[batch, method, t]["mean"])
+            row[method] = {"threshold": t, **table[batch, method, t]}
+        out[batch] = row
+    return out
+
+
+# --- structure-aware clipping: cost and DP-SGD ------------------------------------------------------
+
+
+def _gradients(config: cls.RunConfig = BASE, batch: int = 64) -> tuple[nn.Module, list[torch.Tensor]]:
+    """The harness's model for ``config`` and the gradients of one training minibatch (cloned)."""
+    model = cls.build_model(config)
+    x, y = cls._split(config.split_seed)["train"]
+    nn.functional.cross_entropy(model(x[:batch]), y[:batch]).backward()
+    return model, [p.grad.detach().clone() for p in model.parameters()]
+
+
+def clip_costs(repeats: int = 30, config: cls.RunConfig = BASE) -> dict[str, dict[str, float]]:
+    """Median time of one call of each clipping function on the same gradients, interleaved, and its ratio to global.
+
+    Each round restores the gradients (untimed) and times every method once, in turn, so a slow
+    moment of a shared machine hits all of them alike. Thresholds are chosen so every method
+    scales its gradients: global norm 0.1, per-tensor norm 0.01, block RMS 1e-4, AGC lambda 0.001.
+
+    Returns ``{method: {"seconds": median, "ratio": median / global's median}}``.
+    """
+    model, saved = _gradients(config)
+    params = list(model.parameters())
+    agc_params = gradclip.agc_parameters(model)
+    calls: dict[str, Callable[[], Any]] = {
+        "global": lambda: gradclip.clip_grad_norm_(params, 0.1),
+        "per_tensor": lambda: gradclip.clip_grad_norm_per_tensor_(params, 0.01),
+        "block_rms": lambda: gradclip.clip_grad_block_rms_(params, 1e-4),
+        "agc": lambda: gradclip.adaptive_clip_grad_(agc_params, clip_factor=0.001),
+    }
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with cls._deterministic():
+        for _ in range(repeats):
+            for name, call in calls.items():
+                for p, g in zip(params, saved):
+                    p.grad.copy_(g)
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["global"])
+    return {name: {"seconds": statistics.median(t), "ratio": statistics.median(t) / base} for name, t in times.items()}
+
+
+def _loop_clipped(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_norm: float) -> list[torch.Tensor]:
+    """The reference DP-SGD gradient: one backward pass per example, each clipped to ``max_norm``, averaged."""
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(y)):
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params)
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+        factor = min(1.0, max_norm / (float(norm) + 1e-6))  # the same guard as gradclip and Opacus
+        for t, g in zip(total, grads):
+            t.add_(g, alpha=factor)
+    return [t / len(y) for t in total]
+
+
+def per_sample_check(config: cls.RunConfig = BASE, batch: int = 64, max_norm: float = 1.0,
+                     repeats: int = 5) -> dict[str, Any]:
+    """gradclip's per-sample clipping (``method="auto"``) against a per-example loop on one minibatch.
+
+    Same clipped gradient (largest absolute difference), and the median times of each, interleaved,
+    next to an ordinary ``loss.backward()`` plus ``clip_grad_norm_`` on the same batch.
+    """
+    model = cls.build_model(config)
+    x, y = cls._split(config.split_seed)["train"]
+    x, y = x[:batch], y[:batch]
+    params = list(model.parameters())
+
+    def fast() -> list[torch.Tensor]:
+        for p in params:
+            p.grad = None
+        gradclip.per_sample_clip_grad_(model, nn.functional.cross_entropy, x, y, max_norm=max_norm)
+        return [p.grad.clone() for p in params]
+
+    def plain() -> None:
+        for p in params:
+            p.grad = None
+        nn.functional.cross_entropy(model(x), y).backward()
+        gradclip.clip_grad_norm_(params, max_norm)
+
+    times: dict[str, list[float]] = {"fast": [], "loop": [], "plain": []}
+    with cls._deterministic():
+        for _ in range(repeats):
+            for name, call in (("fast", fast), ("loop", lambda: _loop_clipped(model, x, y, max_norm)),
+                               ("plain", plain)):
+                start = time.perf_counter()
+                out = call()
+                times[name].append(time.perf_counter() - start)
+                if name == "fast":
+                    fast_grads = out
+                elif name == "loop":
+                    loop_grads = out
+    scale = max(float(g.abs().max()) for g in loop_grads)
+    diff = max(float((a - b).abs().max()) for a, b in zip(fast_grads, loop_grads))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    return {"max_abs_difference": diff, "relative_difference": diff / scale, "seconds": median,
+            "speedup": median["loop"] / median["fast"], "versus_plain": median["fast"] / median["plain"],
+            "batch": batch, "max_norm": max_norm}
+
+
+def dp_train(noise_multiplier: float = 1.0, max_norm: float = 1.0, steps: int = 300, batch: int = 64,
+             lr: float = 0.5, depth: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Train a ReLU MLP (width 64, He init) on the digits with DP-SGD through ``gradclip.per_sample_clip_grad_``.
+
+    Each step: every example's gradient clipped to ``max_norm``, summed, Gaussian noise of standard
+    deviation ``noise_multiplier * max_norm`` added, divided by the batch size (Abadi et al. 2016),
+    then plain SGD. The minibatches are a seeded shuffle (not Poisson sampling, so no privacy budget is
+    claimed). ``noise_multiplier=0`` gives per-sample clipping without noise.
+
+    Returns the test accuracy, the share of examples whose gradient was clipped, and the wall seconds.
+    """
+    config = replace(cls.DEFAULT, depth=depth, seed=seed)
+    start = time.perf_counter()
+    with cls._deterministic():
+        parts = cls._split(config.split_seed)
+        x, y = parts["train"]
+        model = cls.build_model(config)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.Generator().manual_seed(seed + 1)
+        batches = cls._batches(len(y), batch, generator)
+        clipped = []
+        for _ in range(steps):
+            index = next(batches)
+            optimizer.zero_grad(set_to_none=True)
+            norms = gradclip.per_sample_clip_grad_(model, nn.functional.cross_entropy, x[index], y[index],
+                                                   max_norm=max_norm, noise_multiplier=noise_multiplier,
+                                                   generator=noise)
+            clipped.append(float((norms > max_norm).float().mean()))
+            optimizer.step()
+        accuracy = cls._accuracy(model, *parts["test"])
+    return {"test_accuracy": accuracy, "clipped_share": float(np.mean(clipped)),
+            "seconds": time.perf_counter() - start, "noise_multiplier": noise_multiplier, "max_norm": max_norm,
+            "steps": steps, "batch": batch, "lr": lr, "depth": depth}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gradclip_book.scalability", description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=["grid"])
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--out", type=Path, default=GRID_FILE)
+    args = parser.parse_args(argv)
+    configs = grid_configs()
+    seconds = run_grid(configs, args.out, args.jobs)
+    print(f"{len(configs)} runs in {args.out} ({args.out.stat().st_size / 1e3:.0f} kB); "
+          f"this invocation took {seconds:.0f} s with {args.jobs} processes")
+    for batch, row in best_per_batch(load(args.out)).items():
+        print(f"batch {batch}: " + ", ".join(f"{m} best {r['threshold']} -> {r['mean']:.3f}" for m, r in row.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""Chapter 6's evidence functions against independent recounts from the raw grid files (gzip JSON lines)."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from gradclip_book import bugzoo, conclusion as cc, grids, scalability as sc
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "chapters" / "data"
+TRAINS = 0.9
+
+
+def raw(name: str) -> list[dict]:
+    with gzip.open(DATA / name, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def acc(line: dict) -> float | None:
+    return None if line["test_accuracy"] is None else float(line["test_accuracy"])
+
+
+def ok(line: dict) -> bool:
+    return line["diverged_at"] is None and (acc(line) or 0.0) >= TRAINS
+
+
+# --- links --------------------------------------------------------------------------------------------
+
+
+def headings(page: str) -> list[str]:
+    cells = json.loads((ROOT / "chapters" / f"{page}.ipynb").read_text(encoding="utf-8"))["cells"]
+    text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    return [m.group(1) for m in re.finditer(r"^#{1,4} +(.+)$", text, flags=re.M)]
+
+
+@pytest.mark.parametrize("key", list(cc.SECTIONS))
+def test_each_link_names_a_heading_of_its_chapter(key):
+    page, title = cc.SECTIONS[key]
+    plain = [re.sub(r"^[\d.]+ +", "", h).replace("`", "") for h in headings(page)]
+    assert title in plain, (page, title)
+    anchor = cc.link(key).split("#")[1]
+    # the anchor docutils writes: lowercase ASCII letters and digits joined by single hyphens, starting with a letter
+    assert re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", anchor)
+    built = ROOT / "_build" / "html" / "chapters" / f"{page}.html"
+    if built.exists():
+        assert f'id="{anchor}"' in built.read_text(encoding="utf-8"), (page, anchor)
+
+
+def test_slug_examples_and_unknown_key():
+    assert cc.slug("Clipping under `torch.distributed`") == "clipping-under-torch-distributed"
+    assert cc.slug("3.5 A zoo of clipping bugs") == "a-zoo-of-clipping-bugs"
+    assert cc.slug("The article's listing, corrected") == "the-article-s-listing-corrected"
+    with pytest.raises(KeyError, match="cls-methods"):
+        cc.link("nowhere")
+
+
+# --- chapter 4 ----------------------------------------------------------------------------------------
+
+
+def test_hard_setting_against_the_raw_headline_lines():
+    runs: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for line in raw("classification_grid.jsonl.gz"):
+        c = line["config"]
+        if line["section"] == "headline" and c["depth"] == 16 and c["lr"] == 0.5:
+            runs[c["method"], c["threshold"]][c["seed"]] = line
+    ev = cc.hard_setting_evidence()
+    assert set(ev["methods"]) == set(runs)
+    for key, by_seed in runs.items():
+        accs = [acc(by_seed[s]) for s in sorted(by_seed)]
+        row = ev["methods"][key]
+        assert row["accuracies"] == pytest.approx(accs)
+        assert row["diverged"] == sum(a is None for a in accs)
+        rescues = all(a is not None for a in accs) and np.mean(accs) >= TRAINS
+        assert (key in ev["rescue"]) == rescues, key
+    assert ev["seeds"] == len(runs["norm", 0.1]) == 5
+
+
+def test_stability_factors_recounted_from_the_stability_section():
+    ok_by: dict[tuple, list[bool]] = defaultdict(list)
+    for line in raw("classification_grid.jsonl.gz"):
+        if line["section"] == "stability":
+            c = line["config"]
+            ok_by[c["depth"], c["method"], c["lr"]].append(ok(line))
+    expected = {}
+    for depth in {d for d, _, _ in ok_by}:
+        top = {}
+        for method in ("none", "norm"):
+            lrs = sorted(lr for d, m, lr in ok_by if d == depth and m == method)
+            passing = [all(ok_by[depth, method, lr]) for lr in lrs]
+            # the largest lr of the first unbroken run of passing lrs
+            first = passing.index(True) if True in passing else None
+            if first is None:
+                top[method] = None
+                continue
+            end = first
+            while end + 1 < len(lrs) and passing[end + 1]:
+                end += 1
+            top[method] = lrs[end]
+        if top["none"] and top["norm"]:
+            expected[depth] = top["norm"] / top["none"]
+    assert cc.stability_evidence()["factors"] == pytest.approx(expected)
+
+
+def test_usable_learning_rates_recounted_from_the_grid_section():
+    usable: dict[str, set] = defaultdict(set)
+    plain = set()
+    for line in raw("classification_grid.jsonl.gz"):
+        c = line["config"]
+        if c["depth"] != 16 or c["seed"] != 0 or c["lr"] not in grids.LRS or c["steps"] != 300 or c["warmup"]:
+            continue
+        if c["method"] == "none" and ok(line):
+            plain.add(c["lr"])
+        elif c["method"] in grids.GRID_METHODS and c["threshold"] in grids.THRESHOLDS[c["method"]] and ok(line):
+            usable[c["method"]].add(c["lr"])
+    ev = cc.usable_lr_evidence()
+    assert ev["none"] == len(plain)
+    assert ev["clipped"] == {m: len(usable[m]) for m in grids.GRID_METHODS}
+    assert ev["top"]["norm"] == max(usable["norm"])
+
+
+# --- chapter 5.1 --------------------------------------------------------------------------------------
+
+
+def opt_lines(section: str) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for line in raw("optimization_grid.jsonl.gz"):
+        if line["section"] == section:
+            c = line["config"]
+            groups[c["optimizer"], c["warmup"], c["threshold"], c["lr"]].append(line)
+    return groups
+
+
+def largest_stable(groups, optimizer, warmup, threshold):
+    lrs = [lr for (o, w, t, lr), runs in groups.items() if (o, w, t) == (optimizer, warmup, threshold)
+           and all(ok(r) for r in runs)]
+    return max(lrs) if lrs else None
+
+
+def test_warmup_arms_recounted():
+    groups = opt_lines("warmup")
+    ev = cc.warmup_evidence(0.1)
+    assert ev["neither"]["top"] == largest_stable(groups, "sgd", 0, None)
+    assert ev["warm-up"]["top"] == largest_stable(groups, "sgd", 50, None)
+    assert ev["clipping"]["top"] == largest_stable(groups, "sgd", 0, 0.1)
+    assert ev["both"]["top"] == largest_stable(groups, "sgd", 50, 0.1)
+    best_clip = max(np.mean([acc(r) or 0.0 for r in runs]) for (o, w, t, lr), runs in groups.items()
+                    if (o, w, t) == ("sgd", 0, 0.1))
+    assert ev["clipping"]["best"] == pytest.approx(best_clip)
+
+
+def test_adam_range_recounted():
+    groups = {**opt_lines("warmup"), **opt_lines("adam")}
+    ev = cc.adam_evidence()
+    for opt in ("sgd", "adam"):
+        plain = largest_stable(groups, opt, 0, None)
+        clipped = max(largest_stable(groups, opt, 0, t) or 0.0 for t in (0.1, 1.0))
+        assert ev[opt]["plain_top"] == plain and ev[opt]["range"] == pytest.approx(clipped / plain)
+
+
+def test_lower_lr_clip_fraction_matches_the_stored_runs():
+    ev = cc.lower_lr_evidence()
+    fractions = [float(line["clip_fraction"]) for line in raw("classification_grid.jsonl.gz")
+                 if line["section"] == "stability" and line["config"]["depth"] == 16
+                 and line["config"]["method"] == "norm" and line["config"]["lr"] == ev["clipped_lr"]]
+    assert len(fractions) == len(grids.STABILITY_SEEDS)
+    assert ev["clip_fraction"] == pytest.approx(np.mean(fractions))
+
+
+# --- chapter 5.2 --------------------------------------------------------------------------------------
+
+
+def test_batch_evidence_recounted_from_the_scalability_grid():
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    for line in raw("scalability_grid.jsonl.gz"):
+        c = line["config"]
+        score = sc.CHANCE if line["diverged_at"] is not None else float(line["test_accuracy"])
+        cells[c["batch"], c["method"], c["threshold"]].append(score)
+    ev = cc.batch_evidence()
+    gaps = []
+    for batch in ev["batches"]:
+        for method in ("agc", "norm"):
+            options = {t: np.mean(s) for (b, m, t), s in cells.items() if (b, m) == (batch, method)}
+            best = max(options.values())
+            threshold, mean = ev[method][batch]
+            assert mean == pytest.approx(best) and options[threshold] == pytest.approx(best)
+        gaps.append(abs(ev["agc"][batch][1] - ev["norm"][batch][1]))
+        assert ev["none"][batch] == pytest.approx(np.mean(cells[batch, "none", None]))
+    assert ev["max_gap"] == pytest.approx(max(gaps))
+
+
+def test_distributed_naive_clipping_reaches_sqrt_ranks_times_the_threshold():
+    ev = cc.distributed_evidence()
+    assert ev["max_rel"] < 1e-5
+    # both ranks' local norms exceed max_norm, so each scales its half to max_norm: sqrt(2) c in all
+    assert ev["naive_ratio"] == pytest.approx(math.sqrt(ev["world"]), rel=1e-4)
+
+
+# --- chapters 2 and 3 ---------------------------------------------------------------------------------
+
+
+def test_direction_norm_keeps_it_and_value_turns_it():
+    from gradclip_book import families
+
+    ev = cc.direction_evidence()
+    assert ev["max_angle"]["norm"] < 1e-3 and ev["angle"]["value"] > 5
+    # independently: a 2-D gradient (3, 1) clipped by value 1 turns by atan(1/3) to 45 degrees
+    turned = families.angle_degrees(np.array([3.0, 1.0]), families.clip_vector([3.0, 1.0], 1.0, "value"))
+    assert turned == pytest.approx(45 - math.degrees(math.atan(1 / 3)), abs=1e-6)
+
+
+def test_bug_zoo_counts_follow_the_catches():
+    ev = cc.bug_zoo_evidence()
+    prevented = [b.name for b in bugzoo.BUGS if b.caught_by is not None and b.caught_by.how.startswith("Prevented")]
+    assert sorted(ev["prevented"]) == sorted(prevented)
+    assert len(ev["flagged"]) + len(ev["prevented"]) + len(ev["neither"]) == ev["total"] == len(bugzoo.BUGS)
+
+
+def test_a_check_that_also_fires_on_the_fix_is_not_counted(monkeypatch):
+    noisy = dataclasses.replace(bugzoo.BUGS[0], caught_by=bugzoo.Catch("fires always", lambda step: "fired"))
+    monkeypatch.setattr(bugzoo, "BUGS", [noisy])
+    assert cc.bug_zoo_evidence() == {"total": 1, "flagged": [], "prevented": [], "neither": [noisy.name]}
+
+
+# --- the guide, the flow chart, the citation ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def evidence():
+    return {"hard": cc.hard_setting_evidence(), "stability": cc.stability_evidence(),
+            "usable": cc.usable_lr_evidence(), "lower": cc.lower_lr_evidence(), "warmup": cc.warmup_evidence(),
+            "adam": cc.adam_evidence(), "batch": cc.batch_evidence(),
+            "distributed": {"world": 2, "steps": 6, "max_rel": 3e-8, "naive_ratio": 1.41421},
+            "direction": cc.direction_evidence(), "bugs": cc.bug_zoo_evidence()}
+
+
+def test_rows_quote_the_evidence(evidence):
+    rows = cc.guide_rows(evidence)
+    text = {r.section: r.evidence for r in rows}
+    norm = evidence["hard"]["methods"]["norm", 0.1]
+    assert f"{100 * norm['mean']:.1f}%" in text["cls-methods"]
+    assert f"{max(evidence['stability']['factors'].values()):g}x" in text["cls-stable"]
+    assert "1.41x the threshold" in text["scal-dist"] and "3e-08" in text["scal-dist"]
+    assert f"flag {len(evidence['bugs']['flagged'])}" in text["bug-zoo"]
+    table = cc.guide_table_html(rows)
+    assert table.count("<tr>") == len(rows) + 1 and all(f'href="{r.href}"' in table for r in rows)
+
+
+def test_flow_chart_leaves_link_and_escape():
+    from gradclip_book.figures import Figures
+
+    flow = Figures(chapter=6, glue=False)(cc.flow_chart())
+    page = flow._repr_html_()
+    assert "Figure 6.1." in page and 'id="fig-guide-flow"' in page
+    for method, key in flow.leaves():
+        assert f'href="{cc.link(key)}"' in page and method.split(",")[0] in page
+    assert "<script" not in page and "http" not in page  # nothing to load
+
+
+def test_citation_reads_the_config():
+    settings = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
+    cite = cc.citation(ROOT)
+    assert cite["url"] == settings["repository"]["url"].rstrip("/")
+    assert settings["title"] in cite["bibtex"] and cite["url"] in cite["bibtex"]
+
+
+def test_safety_rows_pick_the_guards_that_recover():
+    summary = {"clean": 0.95, "faults": {
+        "nan-grad": {"none": {"outcomes": ["diverged", "diverged", "finished"], "lost": True, "accuracy": None,
+                              "recovers": False},
+                     "spike": {"outcomes": ["finished"] * 3, "lost": False, "accuracy": 0.948, "recovers": True},
+                     "loss": {"outcomes": ["finished"] * 3, "lost": False, "accuracy": 0.951, "recovers": True},
+                     "softcap": {"outcomes": ["diverged"] * 3, "lost": True, "accuracy": None, "recovers": False}},
+        "labels": {"none": {"outcomes": ["finished"] * 3, "lost": False, "accuracy": 0.90, "recovers": False}}}}
+    nan, labels = cc.safety_rows(summary)
+    assert nan.method == "loss guard, SpikeGuard" and "2 of 3 seeds are lost" in nan.evidence
+    assert "95.1%" in nan.evidence and nan.situation.endswith("a batch of NaN gradients")
+    assert labels.method.startswith("none") and "90.0%" in labels.evidence
+    assert labels.href == cc.link("safety-guards") == "safety.html#what-each-guard-survives"
+    assert f'href="{labels.href}"' in cc.guide_table_html([nan])

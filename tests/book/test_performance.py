@@ -1,0 +1,236 @@
+"""Chapter 5.1: the harness's warm-up, the optimization grid, gradclip_book.performance and its figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradclip
+from gradclip_book import classification as cls
+from gradclip_book import grids
+from gradclip_book import performance as perf
+from gradclip_book import performance_figures as pf
+from gradclip_book.classification import RunConfig, code_version, compact, config_key, train
+
+HINT = f"recompute it with `{grids.OPTIMIZATION_COMMAND}` (then update chapters/data/README.md)"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# --- warm-up in the harness ---------------------------------------------------------------------------
+
+
+def test_warmup_zero_reproduces_the_stored_chapter_4_records():
+    """warmup=0 is the harness as it was: stored chapter-4 runs come back identical, curve for curve."""
+    lines = grids.load(grids.CLASSIFICATION_FILE)
+    assert lines, f"no chapter 4 grid; run `{grids.COMMAND}`"
+    cheap = [line for line in lines if line["config"]["depth"] <= 8 and line["config"]["steps"] == 300]
+    for line in random.Random(51).sample(cheap, 2):
+        assert line["config"]["warmup"] == 0
+        fresh = compact(train(RunConfig(**line["config"])))
+        for key in ("steps_run", "diverged_at", "test_accuracy", "val_accuracy", "loss", "grad_norm", "clipped"):
+            assert fresh[key] == line[key], (key, line["config"])
+
+
+def _reference_losses(config: RunConfig) -> list[float]:
+    """The harness's loop written with torch's own LambdaLR scheduler for the warm-up (the reference)."""
+    with cls._deterministic():
+        x, y = cls._split(config.split_seed)["train"]
+        model = cls.build_model(config)
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, (t + 1) / config.warmup))
+        batches = cls._batches(len(y), config.batch, torch.Generator().manual_seed(config.seed))
+        losses = []
+        for _ in range(config.steps):
+            index = next(batches)
+            loss = nn.functional.cross_entropy(model(x[index]), y[index])
+            losses.append(float(loss.detach()))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return losses
+
+
+def test_warmup_is_linear_like_torchs_lambda_scheduler():
+    config = RunConfig(depth=3, width=16, lr=0.5, warmup=7, steps=15, seed=2)
+    record = train(config)
+    np.testing.assert_allclose(record.loss, _reference_losses(config), rtol=1e-5, atol=1e-7)
+    # and it matters: without warm-up the same run takes other steps from the second one on
+    plain = train(replace(config, warmup=0))
+    assert plain.loss[0] == record.loss[0] and plain.loss[1] != record.loss[1]
+
+
+def test_warmup_is_part_of_the_identity_and_checked():
+    assert config_key(RunConfig(warmup=0)) != config_key(RunConfig(warmup=50))
+    with pytest.raises(ValueError, match="warmup"):
+        RunConfig(warmup=-1)
+
+
+# --- the optimization grid -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def opt_lines():
+    lines = grids.load(grids.OPTIMIZATION_FILE)
+    assert lines, f"{grids.OPTIMIZATION_FILE} is missing: {HINT}"
+    return lines
+
+
+def test_optimization_grid_is_current_and_complete(opt_lines):
+    assert {line["code_version"] for line in opt_lines} == {code_version()}, HINT
+    wanted = [config_key(c) for _, c in grids.optimization_configs()]
+    assert len(wanted) == len(set(wanted)) <= 300
+    assert set(wanted) <= {line["key"] for line in opt_lines}, HINT
+    for line in opt_lines:
+        assert line["key"] == config_key(RunConfig(**line["config"]))
+
+
+def test_optimization_grid_records_match_a_rerun(opt_lines):
+    short = [line for line in opt_lines if line["config"]["steps"] == grids.HARD.steps]
+    for line in random.Random(5).sample(short, 3):
+        fresh = compact(train(RunConfig(**line["config"])))
+        for key in ("steps_run", "diverged_at", "config", "curve_step", "test_accuracy", "clip_fraction"):
+            assert fresh[key] == line[key], (key, line["config"], HINT)
+        for key in ("loss", "grad_norm"):
+            assert np.allclose(np.array(fresh[key], dtype=float), np.array(line[key], dtype=float),
+                               rtol=1e-3, atol=1e-6, equal_nan=True), (key, line["config"])
+
+
+def test_readme_documents_the_optimization_grid():
+    text = (grids.OPTIMIZATION_FILE.parent / "README.md").read_text(encoding="utf-8")
+    assert grids.OPTIMIZATION_COMMAND in text and grids.OPTIMIZATION_FILE.name in text
+
+
+# --- the analysis ------------------------------------------------------------------------------------
+
+
+def test_steps_to_loss_matches_a_moving_average_of_the_raw_losses():
+    record = train(RunConfig(depth=2, steps=120, lr=0.1))
+    stored = compact(record)  # 120 steps <= 150 points: one point per step
+    assert stored["curve_step"] == list(range(120))
+    losses = np.array(record.loss)
+    window, target = 10, float(np.median(losses))
+    moving = np.convolve(losses, np.ones(window) / window, mode="valid")  # moving[i]: steps i .. i + window - 1
+    expected = int(np.argmax(moving <= target)) + window
+    assert perf.steps_to_loss(stored, target, window) == expected
+    assert perf.steps_to_loss(stored, -1.0, window) is None
+
+
+def test_steps_to_loss_weights_unequal_bins_by_their_length():
+    run = {"curve_step": [0, 1, 4], "loss": [9.0, 1.0, 0.0], "steps_run": 5}
+    # after 4 steps the window holds bin 0 (1 step of 9) and bin 1 (3 steps of 1): mean 3;
+    # after 5 steps it holds bins 1 and 2 (4 steps: 3 of 1, 1 of 0): mean 0.75
+    assert perf.steps_to_loss(run, 3.0, window=4) == 4
+    assert perf.steps_to_loss(run, 1.0, window=4) == 5
+    assert perf.steps_to_loss(run, 0.5, window=4) is None
+
+
+def test_usable_lrs_and_best_lr():
+    cells = {"lrs": [0.1, 1.0, 2.0], "accuracy": [[0.95, None, 0.1], [0.5, 0.92, None], [0.95, 0.2, 0.91]]}
+    assert perf.usable_lrs(cells) == {"none": [0.1], "clipped": [0.1, 1.0, 2.0]}
+    good = {"diverged_at": None, "test_accuracy": 0.95}
+    better = {"diverged_at": None, "test_accuracy": 0.97}
+    bad = {"diverged_at": 3, "test_accuracy": None}
+    assert perf.best_lr({0.1: [good, good], 0.2: [better, good], 0.4: [better, bad]}) == 0.2
+    assert perf.best_lr({0.4: [bad]}) is None
+
+
+def test_heatmap_cells_are_the_stored_accuracies():
+    cells = perf.heatmap_cells(grids.HARD.depth, "norm")
+    from gradclip_book import classification_figures as cf
+    for i, t in enumerate(cells["thresholds"]):
+        for j, lr in enumerate(cells["lrs"]):
+            run = cf.grid_run(grids.HARD.depth, lr, "none" if t is None else "norm", t)
+            assert cells["accuracy"][i][j] == (None if run["test_accuracy"] is None else float(run["test_accuracy"]))
+
+
+def test_heatmap_explorer_frames_spot_checked_against_the_grid():
+    explorer = pf.heatmap_explorer()
+    assert explorer.params[0].control == "slider" and explorer.params[1].control == "buttons"
+    for values in explorer.sample(4, seed=2):
+        z = explorer.frame(**values)["traces"][0]["z"]
+        cells = perf.heatmap_cells(values["depth"], values["method"])
+        for row, stored in zip(z, cells["accuracy"]):
+            assert row == [None if a is None else pytest.approx(100 * a, abs=0.051) for a in stored]
+
+
+def test_warmup_and_optimizer_summaries_read_the_grid(opt_lines):
+    summary = perf.warmup_summary(grids.HARD_THRESHOLD)
+    assert set(summary) == set(perf.WARMUP_ARMS)
+    runs = perf.opt_runs(grids.SGD_LRS[-1], None)  # the largest lr, no clipping, no warm-up
+    assert summary["neither"]["mean_accuracy"][grids.SGD_LRS[-1]] == pytest.approx(
+        np.mean([float(r["test_accuracy"] or 0) for r in runs]))
+    adam = perf.optimizer_summary()
+    assert set(adam) == {"sgd", "adam"} and set(adam["adam"]) == set(grids.OPT_THRESHOLDS)
+    assert set(adam["adam"][None]["mean_accuracy"]) == set(grids.ADAM_LRS)
+
+
+# --- the benchmark ------------------------------------------------------------------------------------
+
+
+def _load_benchmark_timing():
+    spec = importlib.util.spec_from_file_location("bench_timing", ROOT / "benchmarks" / "timing.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_interleaved_times_like_the_benchmarks_timer(monkeypatch):
+    """Against benchmarks/timing.py on a fake clock: the same call order and the same medians."""
+    bench = _load_benchmark_timing()
+    results = []
+    for module in (perf, bench):
+        clock = {"now": 0.0}
+        calls: list[str] = []
+        monkeypatch.setattr(module.time, "perf_counter", lambda: clock["now"])
+
+        def make(name, costs):
+            it = iter(costs)
+
+            def fn():
+                calls.append(name)
+                clock["now"] += next(it)
+            return fn
+
+        functions = {"a": make("a", [9, 1, 2, 3, 50]), "b": make("b", [9, 4, 4, 4, 1])}
+        medians = module.interleaved(functions, 4, before=lambda: calls.append("before"))
+        results.append((medians, calls))
+        monkeypatch.undo()
+    assert results[0] == results[1]
+    assert results[0][0] == {"a": 2500.0, "b": 4000.0}
+
+
+def test_the_hand_written_patterns_agree_with_torch_and_the_reference():
+    from support.references import timm_adaptive_clip_grad
+    a, b = perf.small_tensors(30, seed=7), perf.small_tensors(30, seed=7)
+    norm = perf.loop_clip_(a, 0.5)
+    expected = torch.nn.utils.clip_grad_norm_(b, 0.5)
+    assert float(norm) == pytest.approx(float(expected), rel=1e-5)
+    assert all(torch.allclose(p.grad, q.grad, rtol=1e-5) for p, q in zip(a, b))
+    a, b = perf.model_shaped(seed=1)[:6], perf.model_shaped(seed=1)[:6]
+    perf.loop_agc_(a, 0.01)
+    timm_adaptive_clip_grad(b, 0.01)
+    assert all(torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-8) for p, q in zip(a, b))
+    assert sum(p.numel() for p in perf.model_shaped()) == (64 * 3 * 7 * 7 + 16 * 128 * 128 * 9 + 8 * 512 * 128
+                                                       + 40 * 128 + 1000 * 512 + 1000)
+
+
+def test_benchmark_rows_and_words():
+    result = perf.benchmark(repeats=1)
+    assert len(result["rows"]) == 6 and result["machine"]["cpus"] >= 1 and result["machine"]["cpu"]
+    for row in result["rows"]:
+        assert row["ms"] > 0 and row["ratio"] == pytest.approx(row["reference_ms"] / row["ms"])
+    assert result["step_ms"] > 0 and math.isfinite(result["step_overhead"])
+    html = pf.benchmark_table_html(result)
+    assert perf.describe_machine(result["machine"]) in html.replace("&amp;", "&")
+    assert perf.speed_words(1.04) == "is as fast as" and perf.speed_words(1.5).startswith("is 1.5 times")
+    assert perf.speed_words(0.5) == "takes 2.0 times as long as"
+    assert perf.overhead_words(0.2) == "adds about 20% to" and "no cost" in perf.overhead_words(0.0)

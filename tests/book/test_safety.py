@@ -1,0 +1,106 @@
+"""Chapter 5.3's fault-injection loop and guards (src/gradclip_book/safety.py)."""
+
+import math
+import random
+import statistics
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import gradclip
+from gradclip_book import classification as cls
+from gradclip_book import safety
+
+SHORT = 60
+
+
+def test_without_fault_or_guard_it_is_chapter_4s_train():
+    # the same network, split, batch order and optimizer: every loss and the final accuracy agree bit for bit
+    config = replace(safety.BASE, steps=SHORT)
+    reference = cls.train(config)
+    run = safety.train(safety.SafetyConfig(steps=SHORT))
+    assert run.loss == reference.loss
+    assert run.test_accuracy == reference.test_accuracy
+    assert run.actions == ["step"] * SHORT and run.outcome == "finished"
+
+
+def test_softcap_is_cap_tanh_and_bounded():
+    z = torch.tensor([-1e6, -30.0, -1.0, 0.0, 0.5, 15.0, 1e6], dtype=torch.float64)
+    capped = safety.GUARDS["softcap"].build().logits(z)
+    expected = safety.SOFTCAP * np.tanh(z.numpy() / safety.SOFTCAP)
+    np.testing.assert_allclose(capped.numpy(), expected, rtol=1e-12)
+    assert capped.abs().max() <= safety.SOFTCAP
+
+
+def test_layerwise_hook_equals_gradclip_per_tensor_clipping():
+    torch.manual_seed(0)
+    model = cls.build_model(replace(safety.BASE, depth=3))
+    x, y = torch.randn(32, 64) * 5, torch.randint(0, 10, (32,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    params = list(model.parameters())
+    reference = [p.grad.clone() for p in params]
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, g in zip(ref_params, reference):
+        p.grad = g.clone()
+    gradclip.clip_grad_norm_per_tensor_(ref_params, safety.LAYER_MAX_NORM)
+    model.zero_grad(set_to_none=True)
+    safety.GUARDS["layerwise"].build().setup(model, None)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert any(g.norm() > safety.LAYER_MAX_NORM for g in reference)  # the case clips something
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_outlier_rule_against_a_hand_median():
+    rule = safety._Running(window=5, min_history=3, floor=1.0)
+    history = []
+    rng = random.Random(0)
+    for _ in range(40):
+        v = rng.choice([0.5, 0.6, 0.7, 10.0, 0.4])
+        window = history[-5:]
+        expected = len(window) >= 3 and v > max(2.0 * statistics.median(window), 1.0)
+        assert rule.outlier(v, 2.0) == expected
+        history.append(v)
+    assert rule.outlier(math.nan, 2.0) and rule.outlier(math.inf, 2.0)
+
+
+@pytest.mark.parametrize("fault", ["nan-grad", "scaled"])
+def test_backward_faults_leave_the_loss_finite_and_break_the_gradients(fault):
+    config = safety.SafetyConfig(fault=fault, steps=12, fault_step=10)
+    run = safety.train(config)
+    assert math.isfinite(run.loss[10])  # the forward pass of the faulty batch is intact
+    if fault == "nan-grad":
+        assert run.outcome == "nan" and not math.isfinite(run.loss[11])
+    else:
+        assert run.loss[11] > 100 * run.loss[9]
+
+
+def test_spike_guard_and_rollback_skip_the_nan_batch():
+    spike = safety.train(safety.SafetyConfig(fault="nan-grad", guard="spike", steps=SHORT, fault_step=40))
+    back = safety.train(safety.SafetyConfig(fault="nan-grad", guard="rollback", steps=SHORT, fault_step=40))
+    assert spike.spike_skips == 1 and spike.finite
+    assert back.actions.count("rollback") == 1 and back.actions[41] == "rollback" and back.finite
+
+
+def test_stored_runs_spot_check():
+    runs = safety.load()
+    assert len(runs) == len(safety.grid_configs())
+    for config in random.Random(1).sample(safety.grid_configs(), 3):
+        fresh = safety.to_json(safety.train(config))
+        stored = runs[safety.key(config)]
+        for name in ("outcome", "test_accuracy", "skips", "rollbacks", "spike_skips", "loss"):
+            assert fresh[name] == stored[name], (config, name)
+
+
+def test_the_issue_assertions_hold_on_the_stored_runs():
+    s = safety.summary()
+    for fault in ("outliers", "nan-grad", "scaled"):
+        assert s["faults"][fault]["none"]["lost"]  # without a guard the run is lost
+    assert not s["faults"]["labels"]["none"]["lost"]  # random labels degrade the run; the page says so
+    for fault, cells in s["faults"].items():
+        good = [g for g, c in cells.items() if c["recovers"]]
+        assert good, fault
+        assert all(cells[g]["finite"] for g in good)
+    assert s["faults"]["nan-grad"]["spike"]["recovers"] and s["faults"]["nan-grad"]["rollback"]["recovers"]
