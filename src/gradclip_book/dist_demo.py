@@ -160,6 +160,9 @@ def run_rank(out: Path | None) -> dict[str, Any] | None:
         }
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, mine)
+        # every rank finishes its last collective before any tears gloo down: a rank that destroyed the
+        # group while its peer was still in all_gather_object once made the peer abort at exit (1 run in ~25)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     if rank != 0:

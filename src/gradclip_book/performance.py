@@ -10,7 +10,9 @@ Three sources:
 * a small benchmark timed on the machine that runs this module (:func:`benchmark`): calls interleaved in one
   process, medians, the method of ``benchmarks/timing.py``.
 
-"Trains" means: not diverged and test accuracy at least :data:`TRAINS` (90%).
+"Trains" is chapter 4's rule, used everywhere on the page: a run trains when it does not diverge and ends at
+test accuracy at least :data:`TRAINS` (90%); a learning rate with several seeds trains when every seed does. A
+range of learning rates is the *set* that trains (:func:`lrs_words`), which need not be contiguous.
 
 This module is not part of the grids' code version (``classification.code_version()``): editing it never makes
 a stored grid stale.
@@ -54,6 +56,7 @@ __all__ = [
     "interleaved",
     "loop_agc_",
     "loop_clip_",
+    "lrs_words",
     "lower_lr_comparison",
     "machine",
     "model_shaped",
@@ -62,6 +65,7 @@ __all__ = [
     "optimizer_summary",
     "overhead_words",
     "small_tensors",
+    "smoothed_loss",
     "speed_words",
     "steps_to_loss",
     "usable_lrs",
@@ -82,6 +86,29 @@ def _num(value: Any) -> float | None:
 
 def _trains(run: dict[str, Any]) -> bool:
     return run["diverged_at"] is None and (_num(run["test_accuracy"]) or 0.0) >= TRAINS
+
+
+def lrs_words(lrs: Sequence[float], scan: Sequence[float]) -> str:
+    """The set ``lrs`` (a subset of the scanned ``scan``) in words: a run of neighbours as "a to b", else a list.
+
+    Example:
+        >>> scan = [0.01, 0.03, 0.1, 0.3, 1.0]
+        >>> lrs_words([0.03, 0.1, 0.3], scan), lrs_words([0.3, 1.0], scan), lrs_words([0.01, 0.3, 1.0], scan)
+        ('0.03 to 0.3 (3 of 5)', '0.3 and 1 (2 of 5)', '0.01, 0.3 and 1 (3 of 5)')
+        >>> lrs_words([], scan), lrs_words([0.1], scan)
+        ('none of the 5', 'only 0.1 (1 of 5)')
+    """
+    chosen = sorted(lrs)
+    count = f"({len(chosen)} of {len(scan)})"
+    if not chosen:
+        return f"none of the {len(scan)}"
+    if len(chosen) == 1:
+        return f"only {chosen[0]:g} {count}"
+    positions = [sorted(scan).index(lr) for lr in chosen]
+    if len(chosen) > 2 and positions == list(range(positions[0], positions[0] + len(chosen))):
+        return f"{chosen[0]:g} to {chosen[-1]:g} {count}"
+    names = [f"{lr:g}" for lr in chosen]
+    return ", ".join(names[:-1]) + " and " + names[-1] + " " + count
 
 
 # --- the stored runs ---------------------------------------------------------------------------------
@@ -143,23 +170,34 @@ def usable_lrs(cells: dict[str, Any]) -> dict[str, list[float]]:
 # --- 2. "lower the learning rate instead": steps to a training loss ------------------------------------
 
 
-def steps_to_loss(run: dict[str, Any], target: float = TARGET_LOSS, window: int = LOSS_WINDOW) -> int | None:
-    """Steps a stored run took until its training loss, averaged over the last ``window`` steps, fell to ``target``.
+def smoothed_loss(run: dict[str, Any], window: int = LOSS_WINDOW) -> dict[str, list[float]]:
+    """A stored run's training loss averaged over the last ``window`` steps, after each bin that completes one.
 
     Read from the stored curve (bin means over consecutive steps, :func:`gradclip_book.classification.compact`):
-    the moving average covers the bins of the last ``window`` steps, and the answer is the step at which the
-    first such window ends. ``None`` when the run never gets there (or diverged first).
+    the moving average covers the bins of the last ``window`` steps, weighted by their length. Returns
+    ``{"step": steps done when the window ends, "loss": the moving average in nats}``.
     """
     steps, loss = run["curve_step"], [_num(v) for v in run["loss"]]
     ends = [*steps[1:], run["steps_run"]]  # bin i covers steps steps[i] .. ends[i] - 1
+    out: dict[str, list[float]] = {"step": [], "loss": []}
     for i, end in enumerate(ends):
         if end < window:
             continue
         inside = [j for j in range(i + 1) if steps[j] >= end - window]
         sizes = [ends[j] - steps[j] for j in inside]
-        if np.average([loss[j] for j in inside], weights=sizes) <= target:
-            return end
-    return None
+        out["step"].append(end)
+        out["loss"].append(float(np.average([loss[j] for j in inside], weights=sizes)))
+    return out
+
+
+def steps_to_loss(run: dict[str, Any], target: float = TARGET_LOSS, window: int = LOSS_WINDOW) -> int | None:
+    """Steps a stored run took until its training loss, averaged over the last ``window`` steps, fell to ``target``.
+
+    The first step of :func:`smoothed_loss` at or below ``target``; ``None`` when the run never gets there (or
+    diverged first).
+    """
+    smooth = smoothed_loss(run, window)
+    return next((end for end, value in zip(smooth["step"], smooth["loss"]) if value <= target), None)
 
 
 def best_lr(runs_by_lr: dict[float, list[dict[str, Any]]]) -> float | None:
@@ -231,12 +269,17 @@ def _arm_runs(arm: str, threshold: float, lrs: Sequence[float] = grids.SGD_LRS,
 
 
 def _scan(runs_by_lr: dict[float, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Largest lr at which every seed trains, the best mean accuracy and its lr, mean accuracy per lr."""
+    """The lrs at which every seed trains, the best mean accuracy and its lr, per lr the mean accuracy and counts.
+
+    ``stable_lrs`` is the set that trains (sorted; it need not be contiguous), ``largest_stable_lr`` its largest
+    member (None when empty), ``trained`` / ``diverged`` per lr the number of seeds that train / diverge.
+    """
     means = {lr: _mean_accuracy(runs) for lr, runs in runs_by_lr.items()}
     stable = [lr for lr, runs in runs_by_lr.items() if all(_trains(r) for r in runs)]
     best = max(means, key=lambda lr: (means[lr], lr))
     return {"largest_stable_lr": max(stable) if stable else None, "stable_lrs": sorted(stable),
             "best_accuracy": means[best], "best_lr": best, "mean_accuracy": means,
+            "trained": {lr: sum(_trains(r) for r in runs) for lr, runs in runs_by_lr.items()},
             "diverged": {lr: sum(r["diverged_at"] is not None for r in runs) for lr, runs in runs_by_lr.items()}}
 
 
@@ -393,38 +436,41 @@ def benchmark(repeats: int = 15) -> dict[str, Any]:
     """Time gradclip against torch and the hand-written patterns here and now; return the rows and the machine.
 
     Each row: ``{"what", "reference" (its name), "ms" (gradclip), "reference_ms", "ratio" (reference / gradclip:
-    above 1, gradclip is faster)}``. Before timing, each pair is checked to give the same gradients.
+    above 1, gradclip is faster), "short" (a lettered label for a narrow figure; the table spells it out)}``. Before timing, each pair is checked to give the same gradients.
     ``repeats`` timed calls per candidate (the repository's benchmarks use 30 and more; fewer keep a page fast).
     """
     _check_same_answers()
     rows = []
 
-    def row(what: str, reference: str, ms: float, reference_ms: float) -> None:
+    def row(what: str, reference: str, ms: float, reference_ms: float, short: str) -> None:
         rows.append({"what": what, "reference": reference, "ms": ms, "reference_ms": reference_ms,
-                     "ratio": reference_ms / ms})
+                     "ratio": reference_ms / ms, "short": short})
 
     big = model_shaped()
     values = sum(p.numel() for p in big)
     size = f"{len(big)} tensors, {values / 1e6:.1f} M values"
     timed = _clip_pair(big, True, repeats, {"loop": lambda c: loop_clip_(big, c)})
-    row(f"clip_grad_norm_, {size}, clipping", "torch.nn.utils.clip_grad_norm_", timed["gradclip"], timed["torch"])
-    row(f"clip_grad_norm_, {size}, clipping", "hand-written loop", timed["gradclip"], timed["loop"])
+    row(f"clip_grad_norm_, {size}, clipping", "torch.nn.utils.clip_grad_norm_", timed["gradclip"], timed["torch"],
+        "A. big, clips, vs torch")
+    row(f"clip_grad_norm_, {size}, clipping", "hand-written loop", timed["gradclip"], timed["loop"],
+        "B. big, clips, vs loop")
     timed = _clip_pair(big, False, repeats)
     row(f"clip_grad_norm_, {size}, norm below the threshold", "torch.nn.utils.clip_grad_norm_",
-        timed["gradclip"], timed["torch"])
+        timed["gradclip"], timed["torch"], "C. big, no clip, vs torch")
     small = small_tensors()
     flat = small_tensors(seed=1)
     gradclip.GradBuffer(flat)
     timed = _clip_pair(small, True, repeats, {"buffer": lambda c: gradclip.clip_grad_norm_(flat, c)})
     row(f"clip_grad_norm_, {len(small):,} small tensors, clipping", "torch.nn.utils.clip_grad_norm_",
-        timed["gradclip"], timed["torch"])
+        timed["gradclip"], timed["torch"], "D. small, vs torch")
     row(f"clip_grad_norm_ on a GradBuffer, {len(small):,} small tensors, clipping", "torch.nn.utils.clip_grad_norm_",
-        timed["buffer"], timed["torch"])
+        timed["buffer"], timed["torch"], "E. GradBuffer, vs torch")
     saved = [p.grad.clone() for p in big]
     timed = interleaved({"gradclip": lambda: gradclip.adaptive_clip_grad_(big, 0.01),
                          "loop": lambda: loop_agc_(big, 0.01)}, repeats,
                         before=lambda: torch._foreach_copy_([p.grad for p in big], saved))
-    row(f"adaptive_clip_grad_ (AGC), {size}", "per-parameter loop", timed["gradclip"], timed["loop"])
+    row(f"adaptive_clip_grad_ (AGC), {size}", "per-parameter loop", timed["gradclip"], timed["loop"],
+        "F. AGC, vs loop")
     step = _step_overhead(repeats * 10)
     return {"rows": rows, "machine": machine(), "repeats": repeats, "step_ms": step["step"],
             "step_clip_ms": step["step + clip_grad_norm_"],

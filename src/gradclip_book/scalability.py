@@ -62,6 +62,7 @@ __all__ = [
     "lr_for",
     "main",
     "per_sample_check",
+    "percent",
     "run_grid",
 ]
 
@@ -170,6 +171,19 @@ def run_grid(configs: Iterable[cls.RunConfig], path: Path = GRID_FILE, jobs: int
 
 
 # --- reading the grid ------------------------------------------------------------------------------
+
+
+def percent(fraction: float, digits: int = 1) -> str:
+    """A fraction as chapter 5.2 prints it, rounded once from the unrounded value.
+
+    The figures' notes and the page's prose both call this, so a mean of 0.90648 reads 90.6% in
+    both (rounding to 90.65 first and then to one digit would give 90.7%).
+
+    Example:
+        >>> percent(0.90648), percent(0.9435167), percent(0.25, 0)
+        ('90.6%', '94.4%', '25%')
+    """
+    return f"{100 * fraction:.{digits}f}%"
 
 
 def _score(line: dict[str, Any]) -> float:

@@ -33,7 +33,16 @@ def lines() -> list[dict[str, Any]]:
 
 
 def _pct(x: float) -> float:
-    return round(100 * x, 2)
+    """A mean accuracy in percent, unrounded: the notes round it once, with :func:`~gradclip_book.scalability.percent`."""
+    return 100 * x
+
+
+def _log_ticks(values: list[float]) -> dict[str, Any]:
+    """Tick labels at the grid's own values (0.005, 0.02, ...) instead of plotly's minor log ticks."""
+    return {"tickvals": list(values), "ticktext": [f"{v:g}" for v in values]}
+
+
+HOVER = "%{x:g}: %{y:.1f}%"
 
 
 def _frame(table: dict, batch: int) -> dict:
@@ -45,10 +54,11 @@ def _frame(table: dict, batch: int) -> dict:
     norm = [_pct(table[batch, "norm", t]["mean"]) for t in norm_t]
     best_agc = max(agc_t, key=lambda t: (table[batch, "agc", t]["mean"], -t))
     best_norm = max(norm_t, key=lambda t: (table[batch, "norm", t]["mean"], -t))
-    note = [f"Batch {batch}, learning rate {sc.lr_for(batch):g}: without clipping the mean test accuracy is {none:.1f}% "
-            f"({table[batch, 'none', None]['diverged']} of {table[batch, 'none', None]['seeds']} seeds diverged).",
-            f"Best AGC factor λ = {best_agc:g} ({_pct(table[batch, 'agc', best_agc]['mean']):.1f}%); best global "
-            f"threshold c = {best_norm:g} ({_pct(table[batch, 'norm', best_norm]['mean']):.1f}%)."]
+    unclipped = table[batch, "none", None]
+    note = [f"Batch {batch}, learning rate {sc.lr_for(batch):g}: without clipping the mean test accuracy is "
+            f"{sc.percent(unclipped['mean'])} ({unclipped['diverged']} of {unclipped['seeds']} seeds diverged).",
+            f"Best AGC factor λ = {best_agc:g} ({sc.percent(table[batch, 'agc', best_agc]['mean'])}); best global "
+            f"threshold c = {best_norm:g} ({sc.percent(table[batch, 'norm', best_norm]['mean'])})."]
     return {"traces": [{"x": agc_t, "y": agc}, {"x": [agc_t[0], agc_t[-1]], "y": [none, none]},
                        {"x": norm_t, "y": norm}, {"x": [norm_t[0], norm_t[-1]], "y": [none, none]}],
             "note": note}
@@ -71,28 +81,32 @@ def live_frame(batch: int) -> dict:
 
 def _layout() -> dict[str, Any]:
     return {
-        "height": 420,
-        "xaxis": {"domain": [0, 0.46], "type": "log", "title": {"text": "AGC clip factor λ"}, "anchor": "y"},
+        "height": 440,
+        "margin": {"t": 70},  # the legend sits above the panels (the book's default), clear of the axis titles
+        "xaxis": {"domain": [0, 0.46], "type": "log", "title": {"text": "AGC clip factor λ"}, "anchor": "y",
+                  **_log_ticks(sc.THRESHOLDS["agc"])},
         "yaxis": {"range": [0, 100], "title": {"text": "test accuracy (%), mean of 3 seeds"}, "anchor": "x"},
-        "xaxis2": {"domain": [0.56, 1], "type": "log", "title": {"text": "global-norm threshold c"}, "anchor": "y2"},
+        "xaxis2": {"domain": [0.56, 1], "type": "log", "title": {"text": "global-norm threshold c"}, "anchor": "y2",
+                   **_log_ticks(sc.THRESHOLDS["norm"])},
         "yaxis2": {"range": [0, 100], "anchor": "x2"},
-        "legend": {"orientation": "h", "y": -0.25},
     }
 
 
 def batch_explorer() -> Explorer:
     """A batch-size slider over the stored grid: accuracy against AGC's λ and against the global threshold c."""
-    traces = [run_style("clipped", name="AGC", mode="lines+markers"),
-              run_style("plain", name="no clipping", mode="lines", showlegend=True),
-              run_style("other", name="global norm", mode="lines+markers", xaxis="x2", yaxis="y2"),
-              run_style("plain", name="no clipping", mode="lines", xaxis="x2", yaxis="y2", showlegend=False)]
+    traces = [run_style("clipped", name="AGC", mode="lines+markers", hovertemplate=HOVER),
+              run_style("plain", name="no clipping", mode="lines", showlegend=True, hovertemplate=HOVER),
+              run_style("other", name="global norm", mode="lines+markers", xaxis="x2", yaxis="y2",
+                        hovertemplate=HOVER),
+              run_style("plain", name="no clipping", mode="lines", xaxis="x2", yaxis="y2", showlegend=False,
+                        hovertemplate=HOVER)]
     return Explorer(
         "scal-batch", [Param("batch", list(sc.BATCHES), label="batch size", default=1024, fmt="d")],
         compute=batch_frame, traces=traces, layout=_layout(), label="fig-scal-batch",
         caption="Test accuracy of the depth-8 ReLU MLP without normalisation layers on the digits (200 SGD steps "
                 "with momentum 0.9, learning rate 0.025 x batch/16; mean of 3 seeds, a diverged run counted at "
-                "10%) against AGC's clip factor λ (left) and the global-norm threshold c (right); the dashed "
-                "line is the same training without clipping.")
+                "10%) against AGC's clip factor λ (left, or top on a phone) and the global-norm threshold c "
+                "(right, or bottom on a phone); the dashed line is the same training without clipping.")
 
 
 def best_figure() -> PlotlyFigure:
@@ -100,21 +114,22 @@ def best_figure() -> PlotlyFigure:
     best = sc.best_per_batch(lines())
     batches = list(best)
     styles = {"none": "plain", "agc": "clipped", "norm": "other"}
-    traces = [run_style(styles[m], name=LABELS[m], mode="lines+markers", x=batches,
+    traces = [run_style(styles[m], name=LABELS[m], mode="lines+markers", x=batches, hovertemplate=HOVER,
                         y=[_pct(best[b][m]["mean"]) for b in batches]) for m in ("none", "agc", "norm")]
     traces.append(run_style("clipped", name="best λ", mode="lines+markers", x=batches, xaxis="x2", yaxis="y2",
-                            y=[best[b]["agc"]["threshold"] for b in batches], showlegend=False))
+                            y=[best[b]["agc"]["threshold"] for b in batches], showlegend=False,
+                            hovertemplate="batch %{x}: λ = %{y:g}<extra></extra>"))
     layout = {
-        "height": 400,
+        "height": 420,
+        "margin": {"t": 70},  # the legend sits above the panels (the book's default), clear of the axis titles
         "xaxis": {"domain": [0, 0.56], "type": "log", "title": {"text": "batch size"}, "tickvals": batches,
                   "anchor": "y"},
         "yaxis": {"range": [0, 100], "title": {"text": "best mean test accuracy (%)"}, "anchor": "x"},
         "xaxis2": {"domain": [0.68, 1], "type": "log", "title": {"text": "batch size"}, "tickvals": batches,
                    "anchor": "y2"},
-        "yaxis2": {"type": "log", "title": {"text": "best AGC λ"}, "anchor": "x2"},
-        "legend": {"orientation": "h", "y": -0.25},
+        "yaxis2": {"type": "log", "title": {"text": "best AGC λ"}, "anchor": "x2", **_log_ticks(sc.THRESHOLDS["agc"])},
     }
     return PlotlyFigure(traces, layout, "scal-best", label="fig-scal-best",
-                        caption="Left: at each batch size, the best mean test accuracy over the grid's thresholds "
+                        caption="Left (top on a phone): at each batch size, the best mean test accuracy over the grid's thresholds "
                                 "for AGC and for global-norm clipping, and without clipping (learning rate scaled "
-                                "linearly with the batch). Right: the AGC factor λ that gave AGC's best.")
+                                "linearly with the batch). Right (bottom on a phone): the AGC factor λ that gave AGC's best.")

@@ -234,3 +234,16 @@ def test_benchmark_rows_and_words():
     assert perf.speed_words(1.04) == "is as fast as" and perf.speed_words(1.5).startswith("is 1.5 times")
     assert perf.speed_words(0.5) == "takes 2.0 times as long as"
     assert perf.overhead_words(0.2) == "adds about 20% to" and "no cost" in perf.overhead_words(0.0)
+
+
+def test_lrs_words_names_the_set_and_scan_counts_every_seed():
+    scan = list(grids.SGD_LRS)
+    assert perf.lrs_words([0.5, 1.0], scan) == "0.5 and 1 (2 of 8)"  # neighbours, but only two: no "to"
+    assert perf.lrs_words([0.05, 0.1, 0.2], scan) == "0.05 to 0.2 (3 of 8)"
+    assert perf.lrs_words([0.0125, 0.5, 1.0], scan) == "0.0125, 0.5 and 1 (3 of 8)"
+    summary = perf.warmup_summary(grids.HARD_THRESHOLD)["both"]
+    for lr in grids.SGD_LRS:  # a learning rate is in the set exactly when all its seeds train (chapter 4's rule)
+        runs = perf.opt_runs(lr, grids.HARD_THRESHOLD, grids.WARMUP_STEPS)
+        trained = sum(r["diverged_at"] is None and float(r["test_accuracy"] or 0) >= 0.9 for r in runs)
+        assert summary["trained"][lr] == trained
+        assert (lr in summary["stable_lrs"]) == (trained == len(runs))

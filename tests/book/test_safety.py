@@ -104,3 +104,54 @@ def test_the_issue_assertions_hold_on_the_stored_runs():
         assert good, fault
         assert all(cells[g]["finite"] for g in good)
     assert s["faults"]["nan-grad"]["spike"]["recovers"] and s["faults"]["nan-grad"]["rollback"]["recovers"]
+
+
+# --- the figures (src/gradclip_book/safety_figures.py) -----------------------------------------------
+
+
+def test_every_run_has_its_own_colour_readable_on_both_pages():
+    from gradclip_book import safety_figures as sf
+    traces = sf.loss_explorer().traces
+    colours = [t["line"]["color"].lower() for t in traces]
+    assert len(traces) == len(safety.GUARDS) + 1 and len(set(colours)) == len(colours)
+    assert not {"#000000", "#f0e442"} & set(colours)  # black vanishes on the dark page, yellow on the light one
+
+
+def test_loss_note_words_match_the_drawn_curves():
+    # "diverged" runs keep a finite loss to the last step, "NaN weights" runs end in a gap; the note names the
+    # runs whose stored losses are identical (compared here on the raw stored curves, not the plotted bins)
+    from gradclip_book import safety_figures as sf
+    runs = safety.load()
+    for fault, step in (("scaled", 200), ("nan-grad", 200), ("outliers", 50)):
+        frame = sf.loss_frame(fault, step)
+        note = " ".join(frame["note"])
+        for trace, guard in zip(frame["traces"][1:], safety.GUARDS):
+            line = runs[fault, guard, step, 0]
+            if line["outcome"] == "diverged":
+                assert trace["y"][-1] is not None and f"{sf.LABELS[guard]}: diverged" in note
+            if line["outcome"] == "nan":
+                assert trace["y"][-1] is None and f"{sf.LABELS[guard]}: NaN weights" in note
+        raw = {g: [str(v) for v in runs[fault, g, step, 0]["loss"]] for g in safety.GUARDS}
+        same = [(a, b) for a in raw for b in raw if a < b and raw[a] == raw[b]]
+        for a, b in same:
+            assert any(a in group and b in group for group in sf.coinciding(dict(zip(
+                safety.GUARDS, [t["y"] for t in frame["traces"][1:]]))))
+    assert ["activation", "loss"] in sf.coinciding({"activation": [1.0, None], "loss": [1.0, None],
+                                                   "none": [1.0, 2.0]})
+
+
+def test_accuracy_figure_labels_every_cell_including_nan():
+    from gradclip_book import safety_figures as sf
+    s = safety.summary()
+    fig = sf.accuracy_figure()
+    notes = {(a["x"], a["y"]): a["text"] for a in fig.layout["annotations"]}
+    faults, guards = list(s["faults"]), list(safety.GUARDS)
+    assert len(notes) == len(faults) * len(guards)
+    for fi, fault in enumerate(faults):
+        for gi, guard in enumerate(guards):
+            cell = s["faults"][fault][guard]
+            text = notes[fi, gi]
+            if cell["accuracy"] is None:
+                assert text.startswith("NaN") and f"{cell['outcomes'].count('nan')} of" in text
+            else:
+                assert text.startswith(f"{100 * cell['accuracy']:.1f}")

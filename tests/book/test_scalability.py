@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -105,6 +106,47 @@ def test_explorer_frames_are_the_stored_means():
         agc_means = [100 * table[batch, "agc", t]["mean"] for t in sc.THRESHOLDS["agc"]]
         np.testing.assert_allclose(frame["traces"][0]["y"], agc_means, atol=0.01)
         assert frame["traces"][1]["y"][0] == pytest.approx(100 * table[batch, "none", None]["mean"], abs=0.01)
+
+
+def test_percent_rounds_the_unrounded_value_once():
+    # 0.90648 must not become 90.65 and then 90.7; the reference rounds exact fractions half to even
+    for value in (0.90648, 0.9435166666666666, 0.25, 0.9999, 0.0004):
+        exact = Fraction(value) * 1000
+        assert sc.percent(value) == f"{round(exact) / 10:.1f}%"
+    assert sc.percent(0.9435166666666666) == "94.4%" and sc.percent(0.90648) == "90.6%"
+    assert sc.percent(0.125, 0) == "12%" and sc.percent(0.126, 0) == "13%"
+
+
+def test_notes_give_each_best_mean_rounded_once_from_the_seeds():
+    # the chapter's prose prints sc.percent(best mean); the notes must print the same digits. The reference
+    # here is the exact mean of the stored seed accuracies (fractions), rounded half to even.
+    best = sc.best_per_batch(sc.load())
+    explorer = sf.batch_explorer()
+    for batch in sc.BATCHES:
+        note = " ".join(explorer.frame(batch=batch)["note"])
+        for method, name in (("agc", "λ"), ("norm", "c")):
+            cell = best[batch][method]
+            exact = sum(Fraction(str(s)) for s in cell["scores"]) / len(cell["scores"])
+            expected = f"{round(exact * 1000) / 10:.1f}%"
+            assert f"{name} = {cell['threshold']:g} ({expected})" in note, (batch, method, note)
+    # the two cases a reader caught when the notes rounded twice (90.65 -> 90.7, 94.35 -> 94.3)
+    assert "c = 3 (90.6%)" in " ".join(explorer.frame(batch=16)["note"])
+    assert "λ = 0.02 (94.4%)" in " ".join(explorer.frame(batch=64)["note"])
+
+
+def test_figures_keep_legends_above_the_panels_and_label_log_axes_at_the_grid_values():
+    explorer_layout, best = sf.batch_explorer().spec()["layout"], sf.best_figure()
+    for layout in (explorer_layout, best.layout):
+        # a legend below the panels covered the x-axis titles; above them it needs a top margin
+        assert layout["legend"]["yanchor"] == "bottom" and layout["legend"]["y"] >= 1
+        assert layout["margin"]["t"] >= 60
+    assert explorer_layout["xaxis"]["tickvals"] == list(sc.THRESHOLDS["agc"])
+    assert explorer_layout["xaxis"]["ticktext"][:2] == ["0.0025", "0.005"]
+    assert explorer_layout["xaxis2"]["tickvals"] == list(sc.THRESHOLDS["norm"])
+    lambdas = {b["agc"]["threshold"] for b in sc.best_per_batch(sc.load()).values()}
+    assert lambdas <= set(best.layout["yaxis2"]["tickvals"])   # every plotted best lambda has its own label
+    for caption in (sf.batch_explorer().caption, best.caption):
+        assert "top on a phone" in caption   # the panels stack on a narrow screen
 
 
 # --- structure-aware clipping ----------------------------------------------------------------------
