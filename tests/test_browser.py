@@ -191,7 +191,7 @@ CONTRAST_JS = r"""() => {
 }"""
 
 SET_CONTROL_JS = r"""([rootId, index, value]) => {
-  const root = document.getElementById(rootId), el = root.querySelector(`[data-index="${index}"]`);
+  const root = document.getElementById(rootId), el = root.querySelector(`.gc-controls [data-index="${index}"]`);
   if (el.tagName === 'INPUT') { el.value = String(value); el.dispatchEvent(new Event('input', {bubbles: true})); }
   else { el.querySelector(`input[value="${value}"]`).click(); }
 }"""
@@ -246,6 +246,10 @@ def audit(browser, server: str, page_name: str, mode: str) -> dict:
         result["overflowing_figures"] = watch.page.evaluate(
             "Array.from(document.querySelectorAll('.gc-box')).filter(f => f.getBoundingClientRect().right > "
             "window.innerWidth + 1).map(f => f.id)")
+        # a table of text shows every column on a phone (rows become cards): nothing hides off to the side
+        result["hidden_columns"] = watch.page.evaluate(
+            "Array.from(document.querySelectorAll('table.gc-table')).filter(t => t.scrollWidth > t.clientWidth + 1)"
+            ".map(t => (t.querySelector('th, td') || t).textContent.slice(0, 40))")
     if mode == "dark":
         assert watch.page.evaluate("document.documentElement.dataset.theme") == "dark"
         result["contrast"] = watch.page.evaluate(CONTRAST_JS)
@@ -303,6 +307,7 @@ def test_nothing_scrolls_sideways_at_390_px(audits, page_name):
     result = audits(page_name, "phone")
     assert unexpected("sideways", page_name, result["sideways"][:1]) == [], (page_name, result["sideways"])
     assert result["overflowing_figures"] == [], page_name
+    assert result["hidden_columns"] == [], (page_name, "tables whose columns scroll out of sight", result["hidden_columns"])
 
 
 @pytest.mark.parametrize("page_name", PAGES)
@@ -477,7 +482,7 @@ def test_classification_grid_sliders_show_the_stored_record(browser, book_server
         if param.control != "slider":
             continue
         for position in range(len(param.values)):
-            page.evaluate(f"""() => {{ const s = document.querySelector('{root} input[data-index="{index}"]');
+            page.evaluate(f"""() => {{ const s = document.querySelector('{root} .gc-controls input[data-index="{index}"]');
                 s.value = '{position}'; s.dispatchEvent(new Event('input')); }}""")
             key = page.evaluate(f"document.querySelector('{root}').dataset.key").split("|")
             assert int(key[index]) == position

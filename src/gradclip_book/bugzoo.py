@@ -451,7 +451,7 @@ def closure_buggy(model, optimizer, x, y, max_norm, clip=torch.nn.utils.clip_gra
         loss.backward()  # the gradients the step uses are made here, inside step()
         return loss
 
-    clip(model.parameters(), max_norm)  # runs before the closure: no gradient yet
+    clip(model.parameters(), max_norm)  # before the closure: clips old gradients (or none) that it discards
     optimizer.step(closure)
 
 
@@ -841,6 +841,8 @@ def symptom_text(bug: Bug, measured: dict[str, Any]) -> str:
         text = f"largest unit ratio |G|/|W| {bad['max_ratio']:.3g} (fixed: {good['max_ratio']:.3g})"
     if measured.get("threshold", MAX_NORM) != MAX_NORM:
         text += f" at max_norm {measured['threshold']:g}"
+        if measured["threshold"] < 0:
+            text += " (the fix floors the schedule at 1% of its start)"
     if bad.get("cosine", 1.0) < 0.9999:
         text += f"; cosine with the right one {bad['cosine']:.3f}"
     return text

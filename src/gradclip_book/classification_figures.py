@@ -30,7 +30,7 @@ import gradclip
 from . import classification as cls
 from . import grids
 from .depth import fit_layer_ratio
-from .figures import PALETTE, Explorer, Param, PlotlyFigure, run_style
+from .figures import PALETTE, Explorer, Param, PlotlyFigure, run_style, table_html
 
 __all__ = [
     "EXPLORER_METHODS",
@@ -148,8 +148,7 @@ def better(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def accuracy_table_html(rows: Sequence[dict[str, Any]]) -> str:
     """An HTML table: method, its knob and threshold, test accuracy mean +- std, diverged seeds, share clipped."""
-    head = ("<tr><th>method</th><th>knob = threshold</th><th>test accuracy (mean &plusmn; std)</th>"
-            "<th>seeds diverged</th><th>steps clipped</th></tr>")
+    head = ["method", "knob = threshold", "test accuracy (mean &plusmn; std)", "seeds diverged", "steps clipped"]
     body = []
     for row in rows:
         knob = "&ndash;" if row["threshold"] is None else f"{cls.METHODS[row['method']].knob} = {row['threshold']:g}"
@@ -160,11 +159,9 @@ def accuracy_table_html(rows: Sequence[dict[str, Any]]) -> str:
             acc = "diverged" if not trained else "per seed: " + ", ".join(
                 "div." if a is None else f"{100 * a:.0f}%" for a in row["accuracies"])
         n = len(row["accuracies"])
-        body.append(f"<tr><td>{row['label']}</td><td>{knob}</td><td>{acc}</td><td>{row['diverged']} of {n}</td>"
-                    f"<td>{100 * row['clip_fraction']:.0f}%</td></tr>")
-    return ('<table class="table gc-table"><caption>Test accuracy at depth 16, lr 0.5, over seeds '
-            f"{grids.HEADLINE_SEEDS[0]}&ndash;{grids.HEADLINE_SEEDS[-1]}</caption><thead>{head}</thead>"
-            f"<tbody>{''.join(body)}</tbody></table>")
+        body.append([row["label"], knob, acc, f"{row['diverged']} of {n}", f"{100 * row['clip_fraction']:.0f}%"])
+    caption = f"Test accuracy at depth 16, lr 0.5, over seeds {grids.HEADLINE_SEEDS[0]}&ndash;{grids.HEADLINE_SEEDS[-1]}"
+    return table_html(head, body, caption)  # rows become labelled cards on a phone
 
 
 # --- curves ------------------------------------------------------------------------------------------
@@ -256,7 +253,8 @@ def describe(run: dict[str, Any]) -> str:
         shown = "not a number" if loss is None or not math.isfinite(loss) else f"{loss:.3g}"
         return f"Diverged at step {run['diverged_at']} (training loss {shown})."
     acc, frac = _num(run["test_accuracy"]), _num(run["clip_fraction"])
-    return f"Trained all {run['steps_run']} steps: test accuracy {100 * acc:.1f}%, clipped at {100 * frac:.0f}% of steps."
+    return (f"Ran all {run['steps_run']} steps without diverging: test accuracy {100 * acc:.1f}%, clipped at "
+            f"{100 * frac:.0f}% of steps.")
 
 
 def _two_panels(x_title: str = "step", height: int = 430, x_range: list[float] | None = None,

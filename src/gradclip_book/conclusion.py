@@ -37,6 +37,7 @@ import numpy as np
 from gradclip_book import bugzoo, grids
 from gradclip_book import classification_figures as cf
 from gradclip_book import performance as perf
+from gradclip_book.figures import table_html
 from gradclip_book import scalability as sc
 
 __all__ = ["SECTIONS", "FlowChart", "Row", "adam_evidence", "batch_evidence", "bug_zoo_evidence",
@@ -158,33 +159,42 @@ def lower_lr_evidence(depth: int = grids.HARD.depth) -> dict[str, Any]:
 
 
 def warmup_evidence(threshold: float = grids.HARD_THRESHOLD) -> dict[str, Any]:
-    """Chapter 5.1's warm-up against clipping: per arm the largest lr at which every seed trains, and the best accuracy.
+    """Chapter 5.1's warm-up against clipping: per arm the learning rates at which every seed trains, and the best accuracy.
 
-    Returns ``{arm: {"top": lr or None, "best": mean accuracy}}`` for the arms of :data:`performance.WARMUP_ARMS`.
+    "Trains" is chapter 4's rule (not diverged, test accuracy >= 90%); the set need not be contiguous.
+    Returns ``{arm: {"lrs": sorted list, "words": the set in words, "best": mean accuracy}}`` for the arms of
+    :data:`performance.WARMUP_ARMS`.
     """
     arms = perf.warmup_summary(threshold)
-    return {arm: {"top": s["largest_stable_lr"], "best": s["best_accuracy"]} for arm, s in arms.items()}
+    return {arm: {"lrs": s["stable_lrs"], "words": perf.lrs_words(s["stable_lrs"], grids.SGD_LRS),
+                  "best": s["best_accuracy"]} for arm, s in arms.items()}
 
 
 def adam_evidence() -> dict[str, Any]:
-    """Chapter 5.1's Adam against SGD: per optimizer, the stable range without and with clipping (best threshold).
+    """Chapter 5.1's Adam against SGD: what clipping changes for each optimizer.
 
-    Returns ``{opt: {"plain_top", "clip_top", "range" (clip_top / plain_top), "plain_best", "clip_best"}}``,
-    where ``clip_top`` is the widest range over the clipping thresholds and ``clip_best`` the best accuracy.
+    Returns ``{opt: {"n_lrs", "plain_calm", "clip_calm", "plain_best", "clip_best"}}``: the learning rates
+    scanned, how many of them no seed diverges at without clipping and with the better threshold, and the best
+    mean test accuracy without and with clipping (any threshold).
     """
     summary = perf.optimizer_summary()
     out = {}
     for opt, by_t in summary.items():
         plain = by_t[None]
-        clipped = {t: s for t, s in by_t.items() if t is not None}
-        top = max((s["largest_stable_lr"] or 0.0) for s in clipped.values())
-        out[opt] = {"plain_top": plain["largest_stable_lr"], "clip_top": top,
-                    "range": top / plain["largest_stable_lr"], "plain_best": plain["best_accuracy"],
-                    "clip_best": max(s["best_accuracy"] for s in clipped.values())}
+        clipped = [s for t, s in by_t.items() if t is not None]
+        calm = [sum(d == 0 for d in s["diverged"].values()) for s in clipped]
+        out[opt] = {"n_lrs": len(plain["diverged"]), "plain_calm": sum(d == 0 for d in plain["diverged"].values()),
+                    "clip_calm": max(calm), "plain_best": plain["best_accuracy"],
+                    "clip_best": max(s["best_accuracy"] for s in clipped)}
     return out
 
 
 # --- chapter 5.2: batch size and distributed training ---------------------------------------------------
+
+
+def _printed(fraction: float) -> float:
+    """A fraction as chapter 5.2 prints it (``scalability.percent``), back as a fraction."""
+    return float(sc.percent(fraction)[:-1]) / 100
 
 
 def batch_evidence() -> dict[str, Any]:
@@ -208,7 +218,8 @@ def batch_evidence() -> dict[str, Any]:
             "agc": {b: (best[b]["agc"]["threshold"], best[b]["agc"]["mean"]) for b in batches},
             "norm": {b: (best[b]["norm"]["threshold"], best[b]["norm"]["mean"]) for b in batches},
             "none": {b: best[b]["none"]["mean"] for b in batches},
-            "max_gap": max(abs(best[b]["agc"]["mean"] - best[b]["norm"]["mean"]) for b in batches),
+            # from the percentages chapter 5.2 prints (one rounding), so that both pages state the same gap
+            "max_gap": max(abs(_printed(best[b]["agc"]["mean"]) - _printed(best[b]["norm"]["mean"])) for b in batches),
             "wins": wins}
 
 
@@ -297,6 +308,11 @@ def _label(method: str, threshold: float | None) -> str:
     return name if threshold is None else f"{name} {threshold:g}"
 
 
+def _degrees(angle: float) -> str:
+    """An angle for a sentence: "0°" when it is (numerically) none, else one decimal."""
+    return "0°" if angle < 0.05 else f"{angle:.1f}°"
+
+
 def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
     """The decision table, each evidence sentence built from ``evidence`` (the ``*_evidence`` results).
 
@@ -320,29 +336,33 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             "cls-methods"),
         Row("You want a learning rate that need not be tuned first",
             "Global-norm clipping with a fixed threshold",
-            f"Clipping widens the largest stable learning rate by {min(factors.values()):g}x to "
-            f"{max(factors.values()):g}x at depths {', '.join(map(str, factors))} ({st['seeds']} seeds each); at "
+            f"In chapter 4's stability sweep clipping widens the largest learning rate at which every seed "
+            f"trains by {min(factors.values()):g}x to {max(factors.values()):g}x at depths "
+            f"{', '.join(map(str, factors))} ({st['seeds']} seeds each); in chapter 5.1's grid, at "
             f"depth {u['depth']} it makes {u['clipped']['norm']} of {u['n_lrs']} grid learning rates usable, "
             f"against {u['none']} without.",
             "cls-stable"),
         Row("Early instability: is a warm-up enough?",
-            "Clip first; a warm-up adds little on top",
-            f"Every seed trains up to lr {w['neither']['top']:g} with neither, {w['warm-up']['top']:g} with a "
-            f"warm-up alone, {w['clipping']['top']:g} with clipping; best mean accuracy "
-            f"{_pct(w['clipping']['best'])} with clipping, {_pct(w['both']['best'])} with both.",
+            "Clip; a warm-up alone does not do it, and on top of clipping it did not help here",
+            f"At depth 16 every seed trains at lr {w['neither']['words']} with neither remedy, "
+            f"{w['warm-up']['words']} with a warm-up alone, {w['clipping']['words']} with clipping and "
+            f"{w['both']['words']} with both; best mean accuracy {_pct(w['clipping']['best'])} with clipping, "
+            f"{_pct(w['both']['best'])} with both.",
             "perf-warmup"),
         Row("Clipping fires on most steps",
             "Lower the learning rate instead (gradclip.should_lower_lr)",
             f"At depth {u['depth']} the best clipped run (lr {lo['clipped_lr']:g}) clips "
             f"{_pct(lo['clip_fraction'], 0)} of its steps; the best unclipped run (lr {lo['plain_lr']:g}) needs "
-            f"{lo['slowdown']:.2f}x its steps to the target loss and ends at {_pct(lo['plain_acc'])} against "
-            f"{_pct(lo['clipped_acc'])}.",
+            f"{lo['slowdown']:.2f}x its steps to the target loss and ends at {_pct(lo['plain_acc'])} test "
+            f"accuracy, the clipped run at {_pct(lo['clipped_acc'])}.",
             "perf-lower"),
         Row("You train with Adam",
             "Clipping is optional; keep it as a guard",
-            f"Clipping widens SGD's stable range {ad['sgd']['range']:.2g}x but Adam's only "
-            f"{ad['adam']['range']:.2g}x; Adam without clipping reaches {_pct(ad['adam']['plain_best'])}, "
-            f"clipped SGD {_pct(ad['sgd']['clip_best'])}.",
+            f"Of {ad['sgd']['n_lrs']} SGD learning rates, clipping makes {ad['sgd']['clip_calm']} free of "
+            f"divergence against {ad['sgd']['plain_calm']}, and adds "
+            f"{100 * (ad['sgd']['clip_best'] - ad['sgd']['plain_best']):.1f} points to the best accuracy; for "
+            f"Adam {ad['adam']['clip_calm']} of {ad['adam']['n_lrs']} against {ad['adam']['plain_calm']}, and "
+            f"{100 * (ad['adam']['clip_best'] - ad['adam']['plain_best']):.1f} points.",
             "perf-adam"),
         Row("Large batches, no normalisation layers",
             "AGC (adaptive_clip_grad_) or a tuned global threshold; lower either as the batch grows",
@@ -362,7 +382,7 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
         Row("The gradient's direction matters (keep it)",
             "Norm clipping, not value clipping or signSGD",
             f"On the same {dr['steps']} recorded gradients norm clipping keeps the direction (largest turn "
-            f"{dr['max_angle']['norm']:.0e}°); value clipping turns them {dr['angle']['value']:.0f}° and signSGD "
+            f"{_degrees(dr['max_angle']['norm'])}); value clipping turns them {dr['angle']['value']:.0f}° and signSGD "
             f"{dr['angle']['sign']:.0f}° on average; a spike {dr['spike']['none']:.0f}x the typical step "
             f"becomes {dr['spike']['norm']:.1f}x.",
             "families"),
@@ -378,15 +398,12 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
 def guide_table_html(rows: list[Row]) -> str:
     """The decision table as HTML: situation, method and setting, evidence with a link to its section.
 
-    Wrapped in a horizontally scrollable box so that it stays readable on a phone.
+    On a phone each row becomes a card (:func:`gradclip_book.figures.table_html`).
     """
-    body = "".join(
-        f"<tr><td>{html.escape(r.situation)}</td><td>{html.escape(r.method)}</td>"
-        f'<td>{html.escape(r.evidence)} <a href="{r.href}">{html.escape(_section_name(r.section))}</a></td></tr>'
-        for r in rows)
-    return ('<div class="gc-box" style="overflow-x:auto"><table class="table gc-table"><thead><tr>'
-            "<th>situation</th><th>use</th><th>measured evidence</th></tr></thead><tbody>"
-            + body + "</tbody></table></div>")
+    cells = [[html.escape(r.situation), html.escape(r.method),
+              f'{html.escape(r.evidence)} <a href="{r.href}">{html.escape(_section_name(r.section))}</a>']
+             for r in rows]
+    return table_html(["situation", "use", "measured evidence"], cells)
 
 
 _CHAPTERS = {"principle": "2", "implementation": "3", "classification": "4", "performance": "5.1",
@@ -419,8 +436,9 @@ def safety_rows(summary: dict[str, Any]) -> list[Row]:
         plain = by_guard["none"]
         good = sorted((g for g, r in by_guard.items() if g != "none" and r["recovers"]),
                       key=lambda g: -by_guard[g]["accuracy"])
-        without = (f"without a guard {sum(o != 'finished' for o in plain['outcomes'])} of "
-                   f"{len(plain['outcomes'])} seeds are lost" if plain["lost"] else
+        lost = sum(o != "finished" for o in plain["outcomes"])
+        without = (f"without a guard {lost} of {len(plain['outcomes'])} seeds {'is' if lost == 1 else 'are'} lost"
+                   if plain["lost"] else
                    f"without a guard the run ends at {_pct(plain['accuracy'])}")
         names = [GUARD_NAMES.get(g, g) for g in good]
         if good:

@@ -826,7 +826,7 @@ G.explorer=function(id){
 G.explorerWith=function(id){
   var root=document.getElementById(id),spec=window.gcData[id];
   var plot=document.getElementById(id+'-plot'),note=document.getElementById(id+'-note');
-  var controls=spec.params.map(function(p,i){return root.querySelector('[data-index="'+i+'"]');});
+  var controls=spec.params.map(function(p,i){return root.querySelector('.gc-controls [data-index="'+i+'"]');});
   function position(i){var el=controls[i];if(el.tagName==='INPUT'){return +el.value;}
     var c=el.querySelector('input:checked');return c?+c.value:spec.params[i].start;}
   var fig={plot:plot,drawn:false};
@@ -859,6 +859,25 @@ G.figure=function(id){
 };
 })();}
 """.replace("__CONFIG__", json.dumps(_PLOTLY_CONFIG)).replace("__BUNDLE__", PLOTLY_BUNDLE)
+
+
+def table_html(head: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "") -> str:
+    """An HTML table that reads on a phone: below 560 px each row becomes a card of labelled lines.
+
+    ``head`` and the cells are HTML (escape text yourself); each cell carries its column's name
+    (``data-label``), which the book's stylesheet shows before it on narrow screens, so no
+    column is ever hidden behind a sideways scroll.
+
+    Example:
+        >>> table_html(["a", "b"], [["1", "<code>x</code>"]])[:46]
+        '<table class="table gc-table gc-cards"><thead>'
+    """
+    labels = [html.escape(re.sub("<[^>]+>", "", h), quote=True) for h in head]
+    body = "".join("<tr>" + "".join(f'<td data-label="{label}">{cell}</td>' for label, cell in zip(labels, row))
+                   + "</tr>" for row in rows)
+    cap = f"<caption>{caption}</caption>" if caption else ""
+    return (f'<table class="table gc-table gc-cards">{cap}<thead><tr>' + "".join(f"<th>{h}</th>" for h in head)
+            + f"</tr></thead><tbody>{body}</tbody></table>")
 
 
 class PlotlyFigure:

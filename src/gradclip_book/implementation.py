@@ -38,6 +38,7 @@ import platform
 import re
 import textwrap
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,7 @@ import gradclip
 
 from . import classification as cls
 from . import data
+from .figures import table_html
 from .grids import HARD, HARD_THRESHOLD, THRESHOLDS
 
 __all__ = [
@@ -332,12 +334,12 @@ def methods_table_html(rows: list[dict]) -> str:
     body = []
     for r in rows:
         threshold = None if r.get("threshold") is None else ("none" if math.isinf(r["threshold"]) else f"{r['threshold']:.3g}")
-        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in [
+        body.append([
             f"<code>{html.escape(r['name'])}</code>", html.escape(r["input"]), f"<code>{html.escape(r['setting'])}</code>",
             cell(r["pre"], ".3g"), cell(r["post"], ".3g"), cell(r["changed"], ".0%"), cell(r["units"], ".0%"),
-            cell(round(r["angle"], 1) + 0.0, ".1f"), threshold or "–"]) + "</tr>")
-    return ('<div style="overflow-x:auto"><table class="table gc-table"><thead><tr>'
-            + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>" + "".join(body) + "</tbody></table></div>")
+            cell(round(r["angle"], 1) + 0.0, ".1f"), threshold or "–"])
+    # a smaller font: nine columns fit the desktop column instead of scrolling
+    return '<div style="font-size:0.85em">' + table_html(head, body) + "</div>"
 
 
 def _without_docstring(source: str) -> str:
@@ -366,9 +368,10 @@ def source_html(objects: dict[str, Any]) -> str:
     """
     parts = []
     for label, obj in objects.items():
+        obj = inspect.unwrap(obj)  # past decorators such as @torch.no_grad(), to the function's own file
         lines, first = inspect.getsourcelines(obj)
         where = inspect.getsourcefile(obj) or "?"
-        short = where[where.rfind("gradclip"):] if "gradclip" in where else where
+        short = where[where.rfind("gradclip"):] if "gradclip" in where else Path(where).name
         code = _without_docstring("".join(lines))
         parts.append(
             f'<details class="gc-source"><summary><code>{html.escape(label)}</code>: '

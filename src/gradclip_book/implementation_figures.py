@@ -78,6 +78,8 @@ def _circle(radius: float) -> dict:
 
 
 def _arrow(vector: tuple[float, float]) -> dict:
+    if vector[0] == 0 and vector[1] == 0:
+        return {"x": [], "y": []}  # no arrow: an arrowhead at the origin would point nowhere
     return {"x": [0.0, float(vector[0])], "y": [0.0, float(vector[1])]}
 
 
@@ -133,10 +135,11 @@ def playground() -> Explorer:
                 {"mode": "lines", "line": {"color": PALETTE[2], "dash": "dash", "width": 1.5}, "hoverinfo": "skip"},
                 _arrow_style("#6b6b6b", 2, "gradient g", "dash"),
                 _arrow_style(PALETTE[5], 3.5, "clipped")],
-        layout={"height": 470, "margin": {"l": 40, "r": 10, "t": 10, "b": 40},
+        # the legend above the plot: below it, it would sit on the g₁ axis title
+        layout={"height": 500, "margin": {"l": 40, "r": 10, "t": 40, "b": 40},
                 "xaxis": {**axis, "title": {"text": "g₁"}},
                 "yaxis": {**axis, "title": {"text": "g₂"}, "scaleanchor": "x", "scaleratio": 1, "constrain": "domain"},
-                "legend": {"orientation": "h", "x": 0, "y": -0.12, "yanchor": "top"}},
+                "legend": {"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom"}},
         caption="A two-dimensional gradient g (grey, dashed) and the vector a clipping rule makes of it (orange), "
                 "computed by gradclip. Norm clipping keeps g inside the ball ‖g‖ ≤ c (dotted circle), value "
                 "clipping inside the box |g₁|, |g₂| ≤ c (dotted square); soft clipping multiplies g by "

@@ -140,31 +140,31 @@ def opt_lines(section: str) -> dict[tuple, list[dict]]:
     return groups
 
 
-def largest_stable(groups, optimizer, warmup, threshold):
-    lrs = [lr for (o, w, t, lr), runs in groups.items() if (o, w, t) == (optimizer, warmup, threshold)
-           and all(ok(r) for r in runs)]
-    return max(lrs) if lrs else None
+def stable_set(groups, optimizer, warmup, threshold):
+    return sorted(lr for (o, w, t, lr), runs in groups.items() if (o, w, t) == (optimizer, warmup, threshold)
+                  and all(ok(r) for r in runs))
 
 
 def test_warmup_arms_recounted():
     groups = opt_lines("warmup")
     ev = cc.warmup_evidence(0.1)
-    assert ev["neither"]["top"] == largest_stable(groups, "sgd", 0, None)
-    assert ev["warm-up"]["top"] == largest_stable(groups, "sgd", 50, None)
-    assert ev["clipping"]["top"] == largest_stable(groups, "sgd", 0, 0.1)
-    assert ev["both"]["top"] == largest_stable(groups, "sgd", 50, 0.1)
+    assert ev["neither"]["lrs"] == stable_set(groups, "sgd", 0, None)
+    assert ev["warm-up"]["lrs"] == stable_set(groups, "sgd", 50, None)
+    assert ev["clipping"]["lrs"] == stable_set(groups, "sgd", 0, 0.1)
+    assert ev["both"]["lrs"] == stable_set(groups, "sgd", 50, 0.1)
     best_clip = max(np.mean([acc(r) or 0.0 for r in runs]) for (o, w, t, lr), runs in groups.items()
                     if (o, w, t) == ("sgd", 0, 0.1))
     assert ev["clipping"]["best"] == pytest.approx(best_clip)
 
 
-def test_adam_range_recounted():
+def test_adam_evidence_recounted():
     groups = {**opt_lines("warmup"), **opt_lines("adam")}
     ev = cc.adam_evidence()
     for opt in ("sgd", "adam"):
-        plain = largest_stable(groups, opt, 0, None)
-        clipped = max(largest_stable(groups, opt, 0, t) or 0.0 for t in (0.1, 1.0))
-        assert ev[opt]["plain_top"] == plain and ev[opt]["range"] == pytest.approx(clipped / plain)
+        def calm(t):
+            return sum(all(r["diverged_at"] is None for r in runs)
+                       for (o, w, tt, lr), runs in groups.items() if (o, w, tt) == (opt, 0, t))
+        assert ev[opt]["plain_calm"] == calm(None) and ev[opt]["clip_calm"] == max(calm(0.1), calm(1.0))
 
 
 def test_lower_lr_clip_fraction_matches_the_stored_runs():
@@ -193,9 +193,9 @@ def test_batch_evidence_recounted_from_the_scalability_grid():
             best = max(options.values())
             threshold, mean = ev[method][batch]
             assert mean == pytest.approx(best) and options[threshold] == pytest.approx(best)
-        gaps.append(abs(ev["agc"][batch][1] - ev["norm"][batch][1]))
+        gaps.append(abs(round(100 * ev["agc"][batch][1], 1) - round(100 * ev["norm"][batch][1], 1)) / 100)
         assert ev["none"][batch] == pytest.approx(np.mean(cells[batch, "none", None]))
-    assert ev["max_gap"] == pytest.approx(max(gaps))
+    assert ev["max_gap"] == pytest.approx(max(gaps), abs=1e-9)   # the gap between the printed percentages
 
 
 def test_distributed_naive_clipping_reaches_sqrt_ranks_times_the_threshold():
