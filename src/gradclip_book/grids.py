@@ -58,6 +58,7 @@ __all__ = [
     "main",
     "run_grid",
     "stable_lrs",
+    "write_lines",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -206,7 +207,7 @@ def run_grid(configs: Iterable[tuple[str, cls.RunConfig]], path: Path, jobs: int
     configs = list(configs)
     lines = load(path)
     kept = [line for line in lines if line.get("code_version") == version]
-    _write(path, kept)  # drops other versions and repairs a file cut off by an interruption
+    write_lines(path, kept)  # drops other versions and repairs a file cut off by an interruption
     done = {line["key"] for line in kept}
     todo = [(s, c) for s, c in configs if cls.config_key(c) not in done]
     start = time.perf_counter()
@@ -217,11 +218,12 @@ def run_grid(configs: Iterable[tuple[str, cls.RunConfig]], path: Path, jobs: int
             out.flush()
     seconds = time.perf_counter() - start
     by_key = {line["key"]: line for line in load(path)}
-    _write(path, [by_key[cls.config_key(c)] for s, c in dict.fromkeys(configs) if cls.config_key(c) in by_key])
+    write_lines(path, [by_key[cls.config_key(c)] for s, c in dict.fromkeys(configs) if cls.config_key(c) in by_key])
     return seconds
 
 
-def _write(path: Path, lines: list[dict[str, Any]]) -> None:
+def write_lines(path: Path, lines: list[dict[str, Any]]) -> None:
+    """Rewrite a grid file with ``lines`` (gzip without a timestamp, so equal lines give an equal file)."""
     tmp = path.with_suffix(".tmp")
     with gzip.GzipFile(tmp, "wb", mtime=0) as f:
         f.write("".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines).encode())

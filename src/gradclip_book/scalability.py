@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -45,6 +44,7 @@ from torch import nn
 import gradclip
 
 from . import classification as cls
+from . import grids
 
 __all__ = [
     "BASE",
@@ -120,24 +120,7 @@ def config_of(line: dict[str, Any]) -> cls.RunConfig:
 
 def load(path: Path = GRID_FILE) -> list[dict[str, Any]]:
     """Every complete line of the grid file (``[]`` if there is none; a cut-off end is ignored)."""
-    if not Path(path).exists():
-        return []
-    lines = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        try:
-            for line in f:
-                if line.endswith("\n"):
-                    lines.append(json.loads(line))
-        except (EOFError, gzip.BadGzipFile):
-            pass
-    return lines
-
-
-def _write(path: Path, lines: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with gzip.GzipFile(tmp, "wb", mtime=0) as f:
-        f.write("".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines).encode())
-    os.replace(tmp, path)
+    return grids.load(path)
 
 
 def _one(config: cls.RunConfig) -> str:
@@ -155,7 +138,7 @@ def run_grid(configs: Iterable[cls.RunConfig], path: Path = GRID_FILE, jobs: int
     path.parent.mkdir(parents=True, exist_ok=True)
     configs = list(configs)
     kept = load(path)
-    _write(path, kept)  # repairs a file cut off by an interruption
+    grids.write_lines(path, kept)  # repairs a file cut off by an interruption
     done = {_identity(line["config"]) for line in kept}
     todo = [c for c in configs if _identity(asdict(c)) not in done]
     start = time.perf_counter()
@@ -166,7 +149,7 @@ def run_grid(configs: Iterable[cls.RunConfig], path: Path = GRID_FILE, jobs: int
             out.flush()
     seconds = time.perf_counter() - start
     by_id = {_identity(line["config"]): line for line in load(path)}
-    _write(path, [by_id[_identity(asdict(c))] for c in configs if _identity(asdict(c)) in by_id])
+    grids.write_lines(path, [by_id[_identity(asdict(c))] for c in configs if _identity(asdict(c)) in by_id])
     return seconds
 
 
