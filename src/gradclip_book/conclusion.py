@@ -111,11 +111,11 @@ def hard_setting_evidence() -> dict[str, Any]:
 
     Returns ``{"seeds", "depth", "lr", "methods": {(method, threshold): row}, "rescue": [(method, threshold)],
     "fail": [...]}``; a row is :func:`classification_figures.headline_summary`'s, and a method *rescues*
-    when every seed trains (no divergence) to a mean test accuracy of at least 90%.
+    when every seed trains by the book's rule: no divergence and a test accuracy of at least 90%.
     """
     rows = cf.headline_summary()
     methods = {(r["method"], r["threshold"]): r for r in rows}
-    rescue = [k for k, r in methods.items() if r["mean"] is not None and r["mean"] >= perf.TRAINS]
+    rescue = [k for k, r in methods.items() if all(a is not None and a >= perf.TRAINS for a in r["accuracies"])]
     return {"seeds": len(grids.HEADLINE_SEEDS), "depth": grids.HARD.depth, "lr": grids.HARD.lr,
             "methods": methods, "rescue": rescue, "fail": [k for k in methods if k not in rescue]}
 
@@ -331,8 +331,9 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             f"Global-norm clipping, clip_grad_norm_(params, max_norm={grids.HARD_THRESHOLD:g})",
             f"At depth {h['depth']} and lr {h['lr']:g} all {h['seeds']} seeds diverge without clipping; "
             f"with it every seed trains, {_pct(norm['mean'])} mean test accuracy (worst "
-            f"{_pct(min(norm['accuracies']))}). Also rescuing it: {also}; not rescuing it at the thresholds "
-            f"compared: {failed}.",
+            f"{_pct(min(norm['accuracies']))}). "
+            + (f"Also training every seed: {also}; " if also else "No other method compared trains every seed; ")
+            + f"not training every seed at the thresholds compared: {failed}.",
             "cls-methods"),
         Row("You want a learning rate that need not be tuned first",
             "Global-norm clipping with a fixed threshold",
@@ -443,8 +444,8 @@ def safety_rows(summary: dict[str, Any]) -> list[Row]:
         names = [GUARD_NAMES.get(g, g) for g in good]
         if good:
             best = by_guard[good[0]]
-            evidence = (f"With the fault {without}; with the {names[0]} every seed finishes at "
-                        f"{_pct(best['accuracy'])} (clean run {_pct(clean)}).")
+            evidence = (f"With the fault {without}; with the {names[0]} every seed finishes, at "
+                        f"{_pct(best['accuracy'])} mean test accuracy (clean run {_pct(clean)}).")
         else:
             evidence = f"With the fault {without}; no guard brings it within a point of the clean {_pct(clean)}."
         rows.append(Row(f"A fault in training: {FAULT_NAMES.get(fault, fault)}",

@@ -94,9 +94,9 @@ def _layout() -> dict[str, Any]:
 
 def batch_explorer() -> Explorer:
     """A batch-size slider over the stored grid: accuracy against AGC's λ and against the global threshold c."""
-    traces = [run_style("clipped", name="AGC", mode="lines+markers", hovertemplate=HOVER),
+    traces = [run_style("other", name="AGC", mode="lines+markers", hovertemplate=HOVER),
               run_style("plain", name="no clipping", mode="lines", showlegend=True, hovertemplate=HOVER),
-              run_style("other", name="global norm", mode="lines+markers", xaxis="x2", yaxis="y2",
+              run_style("clipped", name="global norm", mode="lines+markers", xaxis="x2", yaxis="y2",
                         hovertemplate=HOVER),
               run_style("plain", name="no clipping", mode="lines", xaxis="x2", yaxis="y2", showlegend=False,
                         hovertemplate=HOVER)]
@@ -113,10 +113,10 @@ def best_figure() -> PlotlyFigure:
     """Per batch size: the best mean accuracy of AGC, of global-norm clipping and without clipping (left), and the best λ (right)."""
     best = sc.best_per_batch(lines())
     batches = list(best)
-    styles = {"none": "plain", "agc": "clipped", "norm": "other"}
+    styles = {"none": "plain", "agc": "other", "norm": "clipped"}  # blue: global norm, as in chapter 5.1
     traces = [run_style(styles[m], name=LABELS[m], mode="lines+markers", x=batches, hovertemplate=HOVER,
                         y=[_pct(best[b][m]["mean"]) for b in batches]) for m in ("none", "agc", "norm")]
-    traces.append(run_style("clipped", name="best λ", mode="lines+markers", x=batches, xaxis="x2", yaxis="y2",
+    traces.append(run_style("other", name="best λ", mode="lines+markers", x=batches, xaxis="x2", yaxis="y2",
                             y=[best[b]["agc"]["threshold"] for b in batches], showlegend=False,
                             hovertemplate="batch %{x}: λ = %{y:g}<extra></extra>"))
     layout = {

@@ -80,7 +80,7 @@ def test_hard_setting_against_the_raw_headline_lines():
         row = ev["methods"][key]
         assert row["accuracies"] == pytest.approx(accs)
         assert row["diverged"] == sum(a is None for a in accs)
-        rescues = all(a is not None for a in accs) and np.mean(accs) >= TRAINS
+        rescues = all(a is not None and a >= TRAINS for a in accs)          # every seed trains (the book's rule)
         assert (key in ev["rescue"]) == rescues, key
     assert ev["seeds"] == len(runs["norm", 0.1]) == 5
 
