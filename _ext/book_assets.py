@@ -14,6 +14,10 @@ Also:
 - the theme's ``fontawesome.js`` (1.5 MB, icons as SVG) is removed from the
   written pages: the theme's stylesheet already draws the same icons with its
   web font, so nothing changes on screen;
+- the theme loads ``searchindex.js`` (the whole book's search index, which grows
+  with every chapter) on every page, for a search-as-you-type box this book does
+  not enable (``search_as_you_type`` is off): it is kept on ``search.html`` only,
+  where the search runs;
 - Sphinx 7.4 + sphinx-thebe emit the same inline script twice (THEBE_JS_URL
   redeclared): duplicates are dropped.
 """
@@ -29,6 +33,7 @@ from sphinx.errors import ExtensionError
 BUNDLE = Path("_assets") / "vendor" / "plotly-cartesian.min.js"
 _VERSION = re.compile(rb"plotly\.js \(cartesian - minified\) v(\d+\.\d+\.\d+)")
 _FONTAWESOME_JS = re.compile(r'<script defer src="[^"]*_static/scripts/fontawesome\.js[^"]*"></script>\s*')
+_SEARCH_INDEX = re.compile(r'<script src="[^"]*searchindex\.js"></script>\s*')
 
 
 def _check_plotly_bundle(app) -> None:
@@ -63,12 +68,15 @@ def _drop_duplicate_scripts(app, pagename, templatename, context, doctree) -> No
     context["script_files"] = unique
 
 
-def _drop_fontawesome_js(app, exception) -> None:
+def _lighten_pages(app, exception) -> None:
+    """Drop ``fontawesome.js`` from every written page, and ``searchindex.js`` from all but the search page."""
     if exception is not None or app.builder.format != "html":
         return
     for page in Path(app.outdir).rglob("*.html"):
         text = page.read_text(encoding="utf-8")
         lighter = _FONTAWESOME_JS.sub("", text)
+        if page.name != "search.html":
+            lighter = _SEARCH_INDEX.sub("", lighter)
         if lighter != text:
             page.write_text(lighter, encoding="utf-8")
 
@@ -76,6 +84,6 @@ def _drop_fontawesome_js(app, exception) -> None:
 def setup(app):
     app.connect("builder-inited", _check_plotly_bundle)
     app.connect("html-page-context", _drop_duplicate_scripts)
-    app.connect("build-finished", _drop_fontawesome_js)
+    app.connect("build-finished", _lighten_pages)
     app.add_css_file("gradclip.css")
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -64,3 +64,11 @@ def test_live_widgets_are_replaced_by_a_note_in_the_built_book(built_book):
     page = (built_book / "chapters" / "figures.html").read_text()
     assert "gc-launch-note" in page and "mybinder.org" in page
     assert "widget-view+json" not in page and "jupyter-widgets" not in page
+
+
+def test_the_search_index_is_loaded_by_the_search_page_only(built_book):
+    # the theme would load the whole book's index on every page for a search-as-you-type box that is off
+    assert "searchindex.js" in (built_book / "search.html").read_text()
+    assert (built_book / "searchindex.js").exists()
+    for entry in toc_files():
+        assert "searchindex.js" not in (built_book / f"{entry}.html").read_text(), entry

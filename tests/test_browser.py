@@ -514,3 +514,14 @@ def test_a_lazily_loaded_figure_draws_from_disk_too(browser, built_book):
     assert watch.page.evaluate("document.getElementById('gc-cls-grid-plot').data.length") >= 2
     assert watch.errors == []
     watch.page.close()
+
+
+def test_search_finds_pages_with_the_index_loaded_by_the_search_page_only(browser, book_server):
+    # chapter pages no longer load the search index (tests/test_book.py); the search page must still search
+    watch = PageWatch(browser)
+    watch.open(f"{book_server}/search.html?q=accumulation")
+    watch.page.wait_for_function("document.querySelectorAll('ul.search li').length > 0", timeout=15_000)
+    found = watch.page.evaluate("Array.from(document.querySelectorAll('ul.search li a')).map(a => a.getAttribute('href'))")
+    assert any("implementation" in href for href in found), found  # chapter 3 places the call under accumulation
+    assert watch.errors == [] and watch.foreign == []
+    watch.page.close()
