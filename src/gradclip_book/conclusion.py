@@ -404,7 +404,7 @@ def guide_table_html(rows: list[Row]) -> str:
     cells = [[html.escape(r.situation), html.escape(r.method),
               f'{html.escape(r.evidence)} <a href="{r.href}">{html.escape(_section_name(r.section))}</a>']
              for r in rows]
-    return table_html(["situation", "use", "measured evidence"], cells)
+    return table_html(["situation", "use", "measured evidence"], cells, widths=[24, 24, 52])
 
 
 _CHAPTERS = {"principle": "2", "implementation": "3", "classification": "4", "performance": "5.1",

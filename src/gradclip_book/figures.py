@@ -861,12 +861,15 @@ G.figure=function(id){
 """.replace("__CONFIG__", json.dumps(_PLOTLY_CONFIG)).replace("__BUNDLE__", PLOTLY_BUNDLE)
 
 
-def table_html(head: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "") -> str:
+def table_html(head: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "",
+               widths: Sequence[int] | None = None) -> str:
     """An HTML table that reads on a phone: below 560 px each row becomes a card of labelled lines.
 
     ``head`` and the cells are HTML (escape text yourself); each cell carries its column's name
     (``data-label``), which the book's stylesheet shows before it on narrow screens, so no
-    column is ever hidden behind a sideways scroll.
+    column is ever hidden behind a sideways scroll. ``widths`` (percentages, one per column)
+    fixes the columns' shares on wider screens, for tables of long text that would otherwise
+    grow wider than the page column.
 
     Example:
         >>> table_html(["a", "b"], [["1", "<code>x</code>"]])[:46]
@@ -876,7 +879,12 @@ def table_html(head: Sequence[str], rows: Sequence[Sequence[str]], caption: str 
     body = "".join("<tr>" + "".join(f'<td data-label="{label}">{cell}</td>' for label, cell in zip(labels, row))
                    + "</tr>" for row in rows)
     cap = f"<caption>{caption}</caption>" if caption else ""
-    return (f'<table class="table gc-table gc-cards">{cap}<thead><tr>' + "".join(f"<th>{h}</th>" for h in head)
+    cols, kind = "", "gc-cards"
+    if widths is not None:
+        if len(widths) != len(head):
+            raise ValueError(f"widths needs one percentage per column ({len(head)}), got {len(widths)}")
+        cols, kind = "<colgroup>" + "".join(f'<col style="width:{w}%">' for w in widths) + "</colgroup>", "gc-cards gc-text"
+    return (f'<table class="table gc-table {kind}">{cap}{cols}<thead><tr>' + "".join(f"<th>{h}</th>" for h in head)
             + f"</tr></thead><tbody>{body}</tbody></table>")
 
 

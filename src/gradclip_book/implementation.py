@@ -339,7 +339,7 @@ def methods_table_html(rows: list[dict]) -> str:
             cell(r["pre"], ".3g"), cell(r["post"], ".3g"), cell(r["changed"], ".0%"), cell(r["units"], ".0%"),
             cell(round(r["angle"], 1) + 0.0, ".1f"), threshold or "–"])
     # a smaller font: nine columns fit the desktop column instead of scrolling
-    return '<div style="font-size:0.85em">' + table_html(head, body) + "</div>"
+    return '<div style="font-size:0.85em">' + table_html(head, body, widths=[22, 7, 17, 8, 8, 10, 9, 8, 11]) + "</div>"
 
 
 def _without_docstring(source: str) -> str:

@@ -83,12 +83,17 @@ def _arrow(vector: tuple[float, float]) -> dict:
     return {"x": [0.0, float(vector[0])], "y": [0.0, float(vector[1])]}
 
 
+def _num(value: float) -> str:
+    """A clipped component for the note: whole numbers as such, others with three significant digits (1.90, 0.632)."""
+    return f"{value:g}" if float(value).is_integer() else f"{value:#.3g}"
+
+
 def _note(g: tuple[float, float], c: float, rule: str, r: dict) -> str:
     """One short sentence per state (the page stores one per frame): the vectors, the norms, the turn."""
     if r["norm_before"] == 0:
         return "g = (0, 0): nothing to clip."
     change = "unchanged" if r["norm_after"] == r["norm_before"] else f"× {r['norm_after'] / r['norm_before']:.2f}"
-    return (f"{RULES[rule].capitalize()}, c = {c:g}: ({g[0]:g}, {g[1]:g}) → ({r['after'][0]:.3g}, {r['after'][1]:.3g}); "
+    return (f"{RULES[rule].capitalize()}, c = {c:g}: ({g[0]:g}, {g[1]:g}) → ({_num(r['after'][0])}, {_num(r['after'][1])}); "
             f"‖g‖ {r['norm_before']:.2f} → {r['norm_after']:.2f} ({change}); turned {r['angle']:.1f}°.")
 
 

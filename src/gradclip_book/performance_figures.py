@@ -56,7 +56,8 @@ def _cells_frame(cells: dict[str, Any], depth: int, method: str) -> dict:
     rows = ["off"] + [f"{t:g}" for t in cells["thresholds"][1:]]
     usable = perf.usable_lrs(cells)
     lrs = cells["lrs"]
-    note = [f"Depth {depth}, {LABELS[method]} clipping ({cls.METHODS[method].knob}). Learning rates at which the "
+    name = LABELS[method] + (" clipping" if method in ("value", "norm") else "")  # not "AGC clipping"
+    note = [f"Depth {depth}, {name} ({cls.METHODS[method].knob}). Learning rates at which the "
             f"run trains without clipping: {perf.lrs_words(usable['none'], lrs)}; with some threshold: "
             f"{perf.lrs_words(usable['clipped'], lrs)}."]
     return {"traces": [{"z": z, "text": text, "y": rows}], "note": note}
@@ -155,9 +156,15 @@ def lower_lr_explorer(table: dict[int, dict[str, Any]], target: float = perf.TAR
               {**marker("plain", "x-thin-open"), "legendgroup": "plain"},
               {**marker("clipped", "circle-open"), "legendgroup": "clipped"},
               run_style("reference", name=f"target {target:g}", mode="lines")]
-    layout = {"height": 400, "xaxis": cf._log_step_axis(last),
+    # the x axis starts where the first {window}-step mean exists; y ticks labelled down to the lowest loss reached
+    x_axis = {**cf._log_step_axis(last), "range": [math.log10(window - 1 + cf.LOG_SHIFT), math.log10((last + cf.LOG_SHIFT) * 1.05)]}
+    ticks = [(window + cf.LOG_SHIFT, str(window))] + [(v, t) for v, t in zip(x_axis["tickvals"], x_axis["ticktext"])
+                                                       if v > window + cf.LOG_SHIFT]
+    x_axis["tickvals"], x_axis["ticktext"] = [v for v, _ in ticks], [t for _, t in ticks]
+    y_ticks = [10.0 ** k * m for k in range(-6, 1) for m in (1, 3)]
+    layout = {"height": 400, "xaxis": x_axis,
               "yaxis": {"type": "log", "title": {"text": f"training loss, {window}-step mean (nats)"},
-                        "tickvals": [0.03, 0.1, 0.3, 1, 3], "ticktext": ["0.03", "0.1", "0.3", "1", "3"]}}
+                        "tickvals": y_ticks, "ticktext": [f"{t:g}" for t in y_ticks]}}
     return Explorer(
         "perf-lower", [Param("depth", list(grids.DEPTHS), label="depth", default=grids.HARD.depth, fmt="d")],
         compute=compute, traces=traces, layout=layout, label="fig-perf-lower",
@@ -303,7 +310,7 @@ def benchmark_table_html(result: dict[str, Any]) -> str:
     caption = (f"Medians of {result['repeats']} interleaved calls each, measured while this page was built on "
                f"{html.escape(perf.describe_machine(result['machine']))}. The letters label the bars of the "
                "figure below.")
-    return table_html(head, rows, caption)
+    return table_html(head, rows, caption, widths=[8, 34, 12, 22, 11, 13])
 
 
 def benchmark_figure(result: dict[str, Any]) -> PlotlyFigure:

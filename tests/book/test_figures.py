@@ -250,3 +250,13 @@ def test_a_frame_may_name_the_text_its_slider_shows_and_only_for_real_controls()
     with pytest.raises(ValueError, match="names no control"):
         Explorer("levels", [Param("level", [1, 2])], traces=[{"mode": "lines"}],
                  compute=lambda level: {"traces": [{"y": [level]}], "shown": {"threshold": "x"}})
+
+
+def test_a_text_table_fixes_its_column_shares_and_checks_them():
+    from gradclip_book.figures import table_html
+
+    html_text = table_html(["a", "b"], [["x", "y"]], widths=[30, 70])
+    assert 'class="table gc-table gc-cards gc-text"' in html_text and '<col style="width:70%">' in html_text
+    assert 'data-label="b">y</td>' in html_text
+    with pytest.raises(ValueError, match="one percentage per column"):
+        table_html(["a", "b"], [["x", "y"]], widths=[100])
