@@ -762,8 +762,10 @@ BUGS: list[Bug] = [
     Bug(
         name="closure",
         title="backward() inside step(closure), after the clipper ran",
-        citation=Citation("Lightning-AI/pytorch-lightning", 6346),
-        also=(Citation("Lightning-AI/pytorch-lightning", 10248, "pull"),),
+        # #10167: Lightning's own fix, "backward will not have been run yet (hence no gradients)" in the hook
+        # it advertised for inspecting gradients before the step
+        citation=Citation("Lightning-AI/pytorch-lightning", 10167, "pull"),
+        also=(Citation("Lightning-AI/pytorch-lightning", 10248, "pull"), Citation("Lightning-AI/pytorch-lightning", 6346)),
         description="When the optimizer is given a closure (LBFGS, SAM, Lightning's automatic "
                     "optimization), backward() runs inside optimizer.step(closure); a clip call placed "
                     "before step() sees no gradient (or a stale one) and the step uses the closure's "
