@@ -398,6 +398,20 @@ def global_norm(
     return wide.to(_norms.output_dtype([group.dtype for group in groups]))
 
 
+def _local_pieces(group: _groups.Group) -> tuple[_groups.Group, tuple[Any, ...]]:
+    """A DTensor group's local pieces (``Partial`` values summed first) and the process groups to reduce over.
+
+    Sums of :math:`|g|^p` are reduced over the mesh dimensions whose ranks hold disjoint pieces
+    (``Shard``, ``_StridedShard``) only; replicated dimensions already hold the whole sum.
+    """
+    kinds = placement_kinds(group.sharding.placements)
+    local = _groups.local(group)
+    if PARTIAL in kinds or MASK_PARTIAL in kinds:
+        local, kinds = _sum_partial_shards(local, group.tensors, kinds)
+    mesh = group.sharding.mesh
+    return local, tuple(mesh.get_group(dim) for dim, kind in enumerate(kinds) if kind == SHARD)
+
+
 def wide_global_norm(
     groups: list[_groups.Group],
     p: float,
@@ -435,14 +449,7 @@ def wide_global_norm(
                 sub = _groups.Group(group.device, group.dtype, mine, None)
                 buckets[(pg,)][1].append(_local_partial(sub, p, foreach, buckets[(pg,)][0]))
             continue
-        mesh = group.sharding.mesh
-        kinds = placement_kinds(group.sharding.placements)
-        dtensors = group.tensors
-        group = _groups.local(group)
-        if PARTIAL in kinds or MASK_PARTIAL in kinds:
-            group, kinds = _sum_partial_shards(group, dtensors, kinds)
-        # sum |g|^p over the dimensions whose ranks hold disjoint pieces (Shard, _StridedShard) only
-        key = tuple(mesh.get_group(dim) for dim, kind in enumerate(kinds) if kind == SHARD)
+        group, key = _local_pieces(group)
         if key not in buckets:
             buckets[key] = [group.device, []]
         buckets[key][1].append(_local_partial(group, p, foreach, buckets[key][0]))
@@ -486,15 +493,9 @@ def sharded_tensor_norms(group: _groups.Group, p: float, foreach: bool | None) -
         ValueError: a placement gradclip does not know (see :func:`placement_kinds`).
     """
     assert group.sharding is not None, "sharded_tensor_norms takes a group of DTensors"
-    mesh = group.sharding.mesh
-    kinds = placement_kinds(group.sharding.placements)
-    dtensors = group.tensors
-    local = _groups.local(group)
-    if PARTIAL in kinds or MASK_PARTIAL in kinds:
-        local, kinds = _sum_partial_shards(local, dtensors, kinds)
+    local, groups = _local_pieces(group)
     inf = math.isinf(p)
     norms = _norms.tensor_norms(local.tensors, p, local.device, foreach).to(_reduce_dtype(local.device))
-    groups = tuple(mesh.get_group(dim) for dim, kind in enumerate(kinds) if kind == SHARD)
     reduced = _all_reduce(norms if inf else norms.pow(p), groups, inf)
     return reduced if inf else reduced.pow(1.0 / p)
 

@@ -29,6 +29,7 @@ Modules, one per experiment or concern:
 * :mod:`~gradclip_book.safety`, :mod:`~gradclip_book.safety_figures`: chapter 5.3 (guards against injected
   faults: ``python -m gradclip_book.safety`` precomputes its runs).
 * :mod:`~gradclip_book.conclusion`: chapter 6's decision guide, its evidence read from the other chapters.
+* :mod:`~gradclip_book.timing`: the one interleaved timer (also behind ``benchmarks/timing.py``).
 * :mod:`~gradclip_book.exercises`: the chapters' exercises (answers, hints, solutions) and their checkers.
 * :mod:`~gradclip_book.exercise`: the exercise widget that works in the static book.
 * :mod:`~gradclip_book.figures`: interactive plotly figures that work in the static book.

@@ -69,9 +69,7 @@ EXPLORER_METHODS = ("none",) + grids.GRID_METHODS
 DASHES = ["solid", "dash", "dot", "dashdot", "longdash"]
 
 
-def _num(value: Any) -> float | None:
-    """A stored float (``"nan"``/``"inf"`` strings included) as a float; ``None`` stays ``None``."""
-    return None if value is None else float(value)
+_num = grids.number
 
 
 def _r4(value: float | None) -> float | None:

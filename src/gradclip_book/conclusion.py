@@ -95,12 +95,10 @@ def link(key: str) -> str:
     return f"{page}.html#{slug(title)}"
 
 
-def _pct(x: float, digits: int = 1) -> str:
-    return f"{100 * x:.{digits}f}%"
+_pct = sc.percent  # one rounding rule for the percentages the book prints
 
 
-def _num(value: Any) -> float | None:
-    return None if value is None else float(value)
+_num = grids.number
 
 
 # --- chapter 4: the hard setting and the stable region ------------------------------------------------

@@ -56,6 +56,7 @@ __all__ = [
     "optimization_configs",
     "load",
     "main",
+    "number",
     "run_grid",
     "stable_lrs",
     "write_lines",
@@ -172,6 +173,11 @@ GRIDS = {
     "optimization": (optimization_configs, OPTIMIZATION_FILE),
 }
 """Grid name (the command's argument) -> (its configs, its default file)."""
+
+
+def number(value: Any) -> float | None:
+    """A stored float as a float (the files write non-finite values as ``"nan"``/``"inf"`` strings); ``None`` stays."""
+    return None if value is None else float(value)
 
 
 def load(path: Path = CLASSIFICATION_FILE) -> list[dict[str, Any]]:

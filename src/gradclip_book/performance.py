@@ -28,8 +28,6 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -43,6 +41,7 @@ import gradclip
 from . import classification as cls
 from . import classification_figures as cf
 from . import grids
+from .timing import interleaved
 
 __all__ = [
     "LOSS_WINDOW",
@@ -53,7 +52,6 @@ __all__ = [
     "best_lr",
     "describe_machine",
     "heatmap_cells",
-    "interleaved",
     "loop_agc_",
     "loop_clip_",
     "lrs_words",
@@ -80,8 +78,7 @@ TARGET_LOSS = 0.3
 LOSS_WINDOW = 20
 
 
-def _num(value: Any) -> float | None:
-    return None if value is None else float(value)
+_num = grids.number
 
 
 def _trains(run: dict[str, Any]) -> bool:
@@ -301,26 +298,6 @@ def optimizer_summary() -> dict[str, dict[Any, dict[str, Any]]]:
 
 
 # --- 4. what clipping costs: a small benchmark on this machine -----------------------------------------
-
-
-def interleaved(functions: dict[str, Callable[[], Any]], repeats: int,
-                before: Callable[[], Any] | None = None) -> dict[str, float]:
-    """Median wall time in ms of each function, calls alternating between them (one untimed warm-up call each).
-
-    The method of the repository's ``benchmarks/timing.py``: alternating puts drifts of clock speed or cache
-    state on every candidate alike. ``before``, if given, runs untimed before every timed call.
-    """
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for fn in functions.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in functions.items():
-            if before is not None:
-                before()
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def machine() -> dict[str, Any]:

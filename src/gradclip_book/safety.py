@@ -49,8 +49,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import gzip
-import json
 import math
 import statistics
 import time
@@ -66,7 +64,7 @@ from torch import nn
 import gradclip
 
 from . import classification as cls
-from . import performance
+from . import grids, timing
 
 __all__ = [
     "FAULTS",
@@ -391,6 +389,31 @@ def _all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def _guarded_step(model: nn.Module, optimizer: torch.optim.Optimizer, guard: Any, step: int, xb: torch.Tensor,
+                  yb: torch.Tensor, grad_factor: float | None = None) -> tuple[float, str]:
+    """One step under ``guard``; returns the loss read on the host and the guard's decision.
+
+    Forward through the guard's ``logits``, the loss (and the guard's probe, in the same transfer) read
+    once, the guard's decision, and ``backward()`` and the update when it says ``"step"``.
+    ``grad_factor`` multiplies the gradient at the logits (the backward faults).
+    """
+    z = model(xb)
+    if grad_factor is not None:
+        z.register_hook(lambda g: g * grad_factor)
+    loss = nn.functional.cross_entropy(guard.logits(z), yb)
+    probe = guard.probe()
+    if probe is None:
+        value, seen = float(loss.detach()), None
+    else:  # one transfer for both numbers
+        value, seen = torch.stack([loss.detach(), probe.to(loss.dtype)]).tolist()
+    action = guard.decide(step, value, seen, model, optimizer)
+    if action == "step":
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return value, action
+
+
 def train(config: SafetyConfig = SafetyConfig()) -> SafetyRun:
     """Train chapter 4's network with ``config.fault`` injected and ``config.guard`` on; deterministic.
 
@@ -420,24 +443,11 @@ def train(config: SafetyConfig = SafetyConfig()) -> SafetyRun:
             faulty = config.fault_step <= step < config.fault_step + span
             if faulty and fault.inputs is not None:
                 xb, yb = fault.inputs(xb, yb, fault_generator)
-            z = model(xb)
-            if faulty and fault.grad_factor is not None:
-                factor = fault.grad_factor
-                z.register_hook(lambda g: g * factor)
-            loss = nn.functional.cross_entropy(guard.logits(z), yb)
-            probe = guard.probe()
-            if probe is None:
-                value, seen = float(loss.detach()), None
-            else:  # one transfer for both numbers
-                value, seen = torch.stack([loss.detach(), probe.to(loss.dtype)]).tolist()
+            value, action = _guarded_step(model, optimizer, guard, step, xb, yb,
+                                          fault.grad_factor if faulty else None)
             losses.append(value)
-            action = guard.decide(step, value, seen, model, optimizer)
             actions.append(action)
-            if action == "step":
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            elif not math.isfinite(value) and not _all_finite(model):
+            if action != "step" and not math.isfinite(value) and not _all_finite(model):
                 break  # non-finite weights and nothing to go back to
         finite = _all_finite(model)
         accuracy = cls._accuracy(model, *parts["test"]) if finite else None
@@ -492,20 +502,17 @@ def to_json(run: SafetyRun) -> dict[str, Any]:
 
 
 def grid(path: str | Path = GRID_PATH, progress: bool = True) -> None:
-    """Compute every run of :func:`grid_configs` and write them, one JSON line each, gzipped (about 3 minutes)."""
+    """Compute every run of :func:`grid_configs` and write them, one JSON line each, gzipped (about a minute)."""
     configs = grid_configs()
     if progress:
         from tqdm import tqdm
         configs = tqdm(configs, desc="safety grid", unit="run")
-    lines = [json.dumps(to_json(train(c)), separators=(",", ":")) for c in configs]
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    grids.write_lines(Path(path), [to_json(train(c)) for c in configs])
 
 
 @functools.lru_cache(maxsize=2)
 def _load(path: str) -> tuple[dict[str, Any], ...]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return tuple(json.loads(line) for line in f if line.strip())
+    return tuple(grids.load(Path(path)))
 
 
 def load(path: str | Path = GRID_PATH) -> dict[tuple[str, str, int, int], dict[str, Any]]:
@@ -558,7 +565,7 @@ def costs(repeats: int = 15, steps: int = EVERY) -> dict[str, float]:
     """Time per training step with each guard relative to no guard (clean batches; medians, calls interleaved).
 
     Each timed call trains ``steps`` steps (one rollback period, so its checkpoint is in every call) with
-    :func:`gradclip_book.performance.interleaved`. Returns ``{guard: ratio}`` with ``"none"`` = 1.
+    :func:`gradclip_book.timing.interleaved`. Returns ``{guard: ratio}`` with ``"none"`` = 1.
     """
     with cls._deterministic():
         x, y = cls._split(BASE.split_seed)["train"]
@@ -573,18 +580,10 @@ def costs(repeats: int = 15, steps: int = EVERY) -> dict[str, float]:
 
             def run() -> None:
                 for _ in range(steps):
-                    step = next(counter)
-                    loss = nn.functional.cross_entropy(guard.logits(model(xb)), yb)
-                    probe = guard.probe()
-                    value, seen = ((float(loss.detach()), None) if probe is None
-                                   else torch.stack([loss.detach(), probe.to(loss.dtype)]).tolist())
-                    if guard.decide(step, value, seen, model, optimizer) == "step":
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
+                    _guarded_step(model, optimizer, guard, next(counter), xb, yb)
             return run
 
-        times = performance.interleaved({name: stepper(name) for name in GUARDS}, repeats)
+        times = timing.interleaved({name: stepper(name) for name in GUARDS}, repeats)
     return {name: times[name] / times["none"] for name in GUARDS}
 
 

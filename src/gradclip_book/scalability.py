@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import statistics
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -44,7 +43,7 @@ from torch import nn
 import gradclip
 
 from . import classification as cls
-from . import grids
+from . import grids, timing
 
 __all__ = [
     "BASE",
@@ -230,17 +229,13 @@ def clip_costs(repeats: int = 30, config: cls.RunConfig = BASE) -> dict[str, dic
         "block_rms": lambda: gradclip.clip_grad_block_rms_(params, 1e-4),
         "agc": lambda: gradclip.adaptive_clip_grad_(agc_params, clip_factor=0.001),
     }
-    times: dict[str, list[float]] = {name: [] for name in calls}
+    def restore() -> None:
+        for p, g in zip(params, saved):
+            p.grad.copy_(g)
+
     with cls._deterministic():
-        for _ in range(repeats):
-            for name, call in calls.items():
-                for p, g in zip(params, saved):
-                    p.grad.copy_(g)
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["global"])
-    return {name: {"seconds": statistics.median(t), "ratio": statistics.median(t) / base} for name, t in times.items()}
+        ms = timing.interleaved(calls, repeats, before=restore)
+    return {name: {"seconds": t / 1000, "ratio": t / ms["global"]} for name, t in ms.items()}
 
 
 def _loop_clipped(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_norm: float) -> list[torch.Tensor]:
@@ -280,21 +275,14 @@ def per_sample_check(config: cls.RunConfig = BASE, batch: int = 64, max_norm: fl
         nn.functional.cross_entropy(model(x), y).backward()
         gradclip.clip_grad_norm_(params, max_norm)
 
-    times: dict[str, list[float]] = {"fast": [], "loop": [], "plain": []}
+    out: dict[str, Any] = {}  # the last clipped gradients of each side, compared below
+    calls = {"fast": lambda: out.__setitem__("fast", fast()),
+             "loop": lambda: out.__setitem__("loop", _loop_clipped(model, x, y, max_norm)),
+             "plain": plain}
     with cls._deterministic():
-        for _ in range(repeats):
-            for name, call in (("fast", fast), ("loop", lambda: _loop_clipped(model, x, y, max_norm)),
-                               ("plain", plain)):
-                start = time.perf_counter()
-                out = call()
-                times[name].append(time.perf_counter() - start)
-                if name == "fast":
-                    fast_grads = out
-                elif name == "loop":
-                    loop_grads = out
-    scale = max(float(g.abs().max()) for g in loop_grads)
-    diff = max(float((a - b).abs().max()) for a, b in zip(fast_grads, loop_grads))
-    median = {name: statistics.median(t) for name, t in times.items()}
+        median = {name: t / 1000 for name, t in timing.interleaved(calls, repeats).items()}
+    scale = max(float(g.abs().max()) for g in out["loop"])
+    diff = max(float((a - b).abs().max()) for a, b in zip(out["fast"], out["loop"]))
     return {"max_abs_difference": diff, "relative_difference": diff / scale, "seconds": median,
             "speedup": median["loop"] / median["fast"], "versus_plain": median["fast"] / median["plain"],
             "batch": batch, "max_norm": max_norm}

@@ -26,13 +26,8 @@ STEPS = 8
 MAX_NORM = 1.5  # clips the first, large-gradient steps of this run and not the later ones: both branches
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The framework runs use one thread (fw._quiet_single_thread); so does the reference loop here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The framework runs use one thread (fw._quiet_single_thread); so does the reference loop here.
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def plain_loop(steps: int, clip=None) -> dict[str, list]:

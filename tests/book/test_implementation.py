@@ -23,12 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SMALL = cls.RunConfig(depth=3, width=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --- 3.1 -------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from gradclip_book import classification as cls
 from gradclip_book import grids
 from gradclip_book import performance as perf
 from gradclip_book import performance_figures as pf
+from gradclip_book import timing
 from gradclip_book.classification import RunConfig, code_version, compact, config_key, train
 
 HINT = f"recompute it with `{grids.OPTIMIZATION_COMMAND}` (then update chapters/data/README.md)"
@@ -183,29 +184,26 @@ def _load_benchmark_timing():
     return module
 
 
-def test_interleaved_times_like_the_benchmarks_timer(monkeypatch):
-    """Against benchmarks/timing.py on a fake clock: the same call order and the same medians."""
-    bench = _load_benchmark_timing()
-    results = []
-    for module in (perf, bench):
-        clock = {"now": 0.0}
-        calls: list[str] = []
-        monkeypatch.setattr(module.time, "perf_counter", lambda: clock["now"])
+def test_interleaved_alternates_the_calls_and_takes_medians(monkeypatch):
+    """On a fake clock: warm-up calls first, then the candidates in turn, ``before`` ahead of each timed call."""
+    clock = {"now": 0.0}
+    calls: list[str] = []
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
 
-        def make(name, costs):
-            it = iter(costs)
+    def make(name, costs):
+        it = iter(costs)
 
-            def fn():
-                calls.append(name)
-                clock["now"] += next(it)
-            return fn
+        def fn():
+            calls.append(name)
+            clock["now"] += next(it)
+        return fn
 
-        functions = {"a": make("a", [9, 1, 2, 3, 50]), "b": make("b", [9, 4, 4, 4, 1])}
-        medians = module.interleaved(functions, 4, before=lambda: calls.append("before"))
-        results.append((medians, calls))
-        monkeypatch.undo()
-    assert results[0] == results[1]
-    assert results[0][0] == {"a": 2500.0, "b": 4000.0}
+    functions = {"a": make("a", [9, 1, 2, 3, 50]), "b": make("b", [9, 4, 4, 4, 1])}
+    medians = timing.interleaved(functions, 4, before=lambda: calls.append("before"))
+    assert medians == {"a": 2500.0, "b": 4000.0}
+    assert calls == ["a", "b"] + ["before", "a", "before", "b"] * 4
+    # the benchmarks time with the same function, and so do chapters 5.1-5.3
+    assert _load_benchmark_timing().interleaved is timing.interleaved is perf.interleaved
 
 
 def test_the_hand_written_patterns_agree_with_torch_and_the_reference():
