@@ -61,3 +61,64 @@ def test_bad_norm_types_raise(norm_type):
 def test_inf_string_norm_type_is_accepted():
     grads = [torch.tensor([1.0, -7.0]), torch.tensor([3.0])]
     assert float(gradclip.get_total_norm(grads, "inf")) == 7.0
+
+
+# --- the CPU's BLAS dot path for large float32/float64 tensors ---------------------------------------------
+
+
+def _exact(tensor: torch.Tensor) -> float:
+    """The 2-norm in float64 with the largest entry factored out (no over- or underflow)."""
+    wide = tensor.double().reshape(-1)
+    largest = wide.abs().max()
+    return float(largest * torch.linalg.vector_norm(wide / largest)) if largest > 0 else 0.0
+
+
+def test_huge_float32_norms_are_accurate_where_torchs_cpu_kernel_drifts():
+    # 5 M entries: torch's float32 CPU kernel is off by about 1e-4 (normal entries) and 1e-3 (equal ones);
+    # the BLAS pieces added in float64 by 3e-6 and 3e-4 at most
+    generator = torch.Generator().manual_seed(0)
+    cases = [(torch.randn(5_000_000, generator=generator), 1e-5), (torch.full((5_000_000,), 1.1), 5e-4)]
+    for grad, bound in cases:
+        exact = _exact(grad)
+        ours = abs(float(gradclip.get_total_norm([grad])) - exact) / exact
+        torchs = abs(float(torch.nn.utils.get_total_norm([grad])) - exact) / exact
+        assert ours < bound
+        assert ours < torchs / 5
+
+
+def test_twenty_million_equal_entries_the_readme_row():
+    grad = torch.full((20_000_000,), 0.3)
+    exact = _exact(grad)
+    assert abs(float(torch.nn.utils.get_total_norm([grad])) - exact) / exact > 5e-3  # torch: 1.4e-2
+    assert abs(float(gradclip.get_total_norm([grad])) - exact) / exact < 5e-4  # gradclip: 8e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_large_tensors_mixed_with_small_keep_their_order_and_values(dtype, foreach):
+    generator = torch.Generator().manual_seed(5)
+    sizes = [3, norms._DOT_MIN_NUMEL, 700, 2 * norms._DOT_PIECE + 17, 1]
+    grads = [torch.randn(n, generator=generator, dtype=dtype) * (i + 1) for i, n in enumerate(sizes)]
+    per_tensor = norms.tensor_norms(grads, 2.0, torch.device("cpu"), foreach)
+    expected = torch.tensor([_exact(g) for g in grads], dtype=torch.float64)
+    torch.testing.assert_close(per_tensor, expected, rtol=2e-5 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+@pytest.mark.parametrize("entry,expected", [(1e30, "exact"), (1e-30, "exact"), (math.inf, math.inf)])
+def test_a_large_tensor_whose_squares_over_or_underflow_is_recomputed_exactly(entry, expected):
+    grad = torch.full((norms._DOT_PIECE + 5,), 0.5)
+    grad[:1000] = entry  # 1e30 ** 2 overflows float32, 1e-30 ** 2 underflows (and the rest must not hide it)
+    if entry < 1:
+        grad[1000:] = entry / 2
+    norm = float(gradclip.get_total_norm([grad]))
+    want = _exact(grad) if expected == "exact" else expected
+    assert norm == want or math.isclose(norm, want, rel_tol=1e-6)
+
+
+def test_a_large_tensor_with_a_nan_has_a_nan_norm_and_a_non_contiguous_one_is_right():
+    grad = torch.randn(norms._DOT_MIN_NUMEL * 2)
+    grad[7] = math.nan
+    assert math.isnan(float(gradclip.get_total_norm([grad])))
+    matrix = torch.randn(512, 300, generator=torch.Generator().manual_seed(2)).t()  # not contiguous
+    assert not matrix.is_contiguous()
+    assert math.isclose(float(gradclip.get_total_norm([matrix])), _exact(matrix), rel_tol=1e-6)

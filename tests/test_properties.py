@@ -3,7 +3,8 @@
 1. Extreme magnitudes and low precision: for every in-place method, every
    floating dtype and magnitudes from subnormal to near the dtype's largest
    value, on every path (foreach, loop, flat buffer, and the accelerator
-   paths: no value read on the host), the outputs are finite
+   paths: no value read on the host; and the CPU's BLAS dot path for large
+   tensors), the outputs are finite
    wherever the exact result is, and within a stated tolerance of a float64
    transcription that factors out the largest magnitude (so the reference
    itself cannot overflow).
@@ -165,7 +166,7 @@ METHODS = {
                        lambda ps, m: ref_norm_clip(flat(ps), 1.0)),
 }
 
-PATHS = {"default": None, "foreach": True, "loop": False, "buffer": None,
+PATHS = {"default": None, "foreach": True, "loop": False, "buffer": None, "dot": None,
          "accelerator": None, "accelerator-loop": False}
 
 
@@ -174,9 +175,14 @@ def on_path(params, path, monkeypatch=None):
 
     The accelerator paths run on CPU tensors with the CPU-only host checks switched off
     (as tests/support/sync.py does): the code an accelerator runs, with no value read.
+    The dot path lowers the size from which the CPU sums squares with BLAS ``dot`` (and the
+    piece size), so that these small tensors take it, in several pieces each.
     """
     if path == "buffer":
         gradclip.GradBuffer(params)
+    if path == "dot":
+        monkeypatch.setattr(gradclip._norms, "_DOT_MIN_NUMEL", 2)
+        monkeypatch.setattr(gradclip._norms, "_DOT_PIECE", 64)
     if path.startswith("accelerator"):
         monkeypatch.setattr(gradclip._norms, "HOST_CHECKS_ON_CPU", False)
     return PATHS[path]
