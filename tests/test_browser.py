@@ -324,12 +324,13 @@ def test_dark_mode_keeps_contrast_and_figures_follow_the_theme(audits, page_name
     assert result["dark_figures"] == [], f"{page_name}: figures with a white background in dark mode"
 
 
-@pytest.mark.parametrize("check,page_name,text", [
-    pytest.param(c, p, t, marks=pytest.mark.xfail(strict=True, reason=f"known on {p}: {t}")) for c, p, t in KNOWN
-])
-def test_known_problem_is_still_there(audits, check, page_name, text):
-    mode = {"raw_tex": "desktop", "wide_equations": "desktop", "sideways": "phone", "contrast": "dark"}[check]
-    assert not any(text in problem for problem in audits(page_name, mode)[check])
+if KNOWN:  # defined only while a problem is known: an empty parametrization would show as a skip
+    @pytest.mark.parametrize("check,page_name,text", [
+        pytest.param(c, p, t, marks=pytest.mark.xfail(strict=True, reason=f"known on {p}: {t}")) for c, p, t in KNOWN
+    ])
+    def test_known_problem_is_still_there(audits, check, page_name, text):
+        mode = {"raw_tex": "desktop", "wide_equations": "desktop", "sideways": "phone", "contrast": "dark"}[check]
+        assert not any(text in problem for problem in audits(page_name, mode)[check])
 
 
 def test_math_renders_with_the_local_mathjax(audits):

@@ -77,7 +77,9 @@ __all__ = [
     "SafetyRun",
     "costs",
     "grid",
+    "by_fault_step",
     "load",
+    "step_phrase",
     "summary",
     "train",
 ]
@@ -559,6 +561,35 @@ def summary(path: str | Path = GRID_PATH, with_costs: bool = False) -> dict[str,
     if with_costs:
         out["costs"] = costs()
     return out
+
+
+def by_fault_step(fault: str, guard: str = "none", seed: int = 0,
+                  path: str | Path = GRID_PATH) -> list[tuple[int, str]]:
+    """How the stored run ends (``"finished"``, ``"diverged"`` or ``"nan"``) at each of :data:`FAULT_STEPS`.
+
+    Example:
+        >>> [step for step, _ in by_fault_step("scaled")] == list(FAULT_STEPS)
+        True
+    """
+    runs = load(path)
+    return [(step, runs[fault, guard, step, seed]["outcome"]) for step in FAULT_STEPS]
+
+
+def step_phrase(outcomes: list[tuple[int, str]]) -> str:
+    """``[(50, "nan"), (100, "nan"), (200, "finished")]`` -> ``"nan at steps 50 and 100, finished at step 200"``.
+
+    Steps are grouped by outcome, in the order each outcome first appears.
+    """
+    groups: dict[str, list[int]] = {}
+    for step, outcome in outcomes:
+        groups.setdefault(outcome, []).append(step)
+
+    def steps_text(steps: list[int]) -> str:
+        if len(steps) == 1:
+            return f"step {steps[0]}"
+        return "steps " + ", ".join(str(s) for s in steps[:-1]) + f" and {steps[-1]}"
+
+    return ", ".join(f"{outcome} at {steps_text(steps)}" for outcome, steps in groups.items())
 
 
 def costs(repeats: int = 15, steps: int = EVERY) -> dict[str, float]:

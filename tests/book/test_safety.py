@@ -155,3 +155,13 @@ def test_accuracy_figure_labels_every_cell_including_nan():
                 assert text.startswith("NaN") and f"{cell['outcomes'].count('nan')} of" in text
             else:
                 assert text.startswith(f"{100 * cell['accuracy']:.1f}")
+
+
+def test_outcomes_by_fault_step_come_from_the_grid_and_read_as_a_phrase():
+    runs = safety.load()
+    scaled = safety.by_fault_step("scaled")
+    assert [step for step, _ in scaled] == list(safety.FAULT_STEPS)
+    assert all(runs["scaled", "none", step, 0]["outcome"] == outcome for step, outcome in scaled)
+    assert safety.step_phrase([(50, "nan"), (100, "finished"), (150, "nan")]) == \
+        "nan at steps 50 and 150, finished at step 100"
+    assert safety.step_phrase([(50, "nan"), (100, "nan"), (150, "nan")]) == "nan at steps 50, 100 and 150"
