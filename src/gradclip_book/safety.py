@@ -576,7 +576,7 @@ def by_fault_step(fault: str, guard: str = "none", seed: int = 0,
 
 
 def step_phrase(outcomes: list[tuple[int, str]]) -> str:
-    """``[(50, "nan"), (100, "nan"), (200, "finished")]`` -> ``"nan at steps 50 and 100, finished at step 200"``.
+    """``[(50, "nan"), (100, "nan"), (200, "finished")]`` -> ``"nan at steps 50 and 100; finished at step 200"``.
 
     Steps are grouped by outcome, in the order each outcome first appears.
     """
@@ -589,7 +589,7 @@ def step_phrase(outcomes: list[tuple[int, str]]) -> str:
             return f"step {steps[0]}"
         return "steps " + ", ".join(str(s) for s in steps[:-1]) + f" and {steps[-1]}"
 
-    return ", ".join(f"{outcome} at {steps_text(steps)}" for outcome, steps in groups.items())
+    return "; ".join(f"{outcome} at {steps_text(steps)}" for outcome, steps in groups.items())
 
 
 def costs(repeats: int = 15, steps: int = EVERY) -> dict[str, float]:

@@ -163,5 +163,5 @@ def test_outcomes_by_fault_step_come_from_the_grid_and_read_as_a_phrase():
     assert [step for step, _ in scaled] == list(safety.FAULT_STEPS)
     assert all(runs["scaled", "none", step, 0]["outcome"] == outcome for step, outcome in scaled)
     assert safety.step_phrase([(50, "nan"), (100, "finished"), (150, "nan")]) == \
-        "nan at steps 50 and 150, finished at step 100"
+        "nan at steps 50 and 150; finished at step 100"
     assert safety.step_phrase([(50, "nan"), (100, "nan"), (150, "nan")]) == "nan at steps 50, 100 and 150"
