@@ -460,7 +460,8 @@ def test_exercise_checks_answers_without_a_kernel(browser, book_server):
     page, root = watch.page, "#gc-ex-quartic-step"
     page.locator(root).scroll_into_view_if_needed()
     for typed, result in [("1/64", "right"), ("0.02", "right"), ("0.1", "wrong"), ("0.04", "wrong"),
-                          ("abc", "invalid"), ("1.5e-2", "right")]:
+                          ("abc", "invalid"), ("1.5e-2", "right"), ("0.1/6.4", "right"),
+                          ("1/0", "invalid")]:
         page.fill(f"{root}-input", typed)
         page.press(f"{root}-input", "Enter")
         assert page.locator(root).get_attribute("data-result") == result, typed

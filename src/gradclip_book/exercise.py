@@ -153,7 +153,7 @@ var root=document.getElementById(id),spec=JSON.parse(root.getAttribute('data-che
 var input=document.getElementById(id+'-input'),out=document.getElementById(id+'-feedback');
 function parse(text){text=String(text).trim().replace(/\u2212/g,'-').replace(/\s+/g,'')
   .replace(/(?:\u00d7|x|\*)10\^/i,'e').replace(/^10\^/,'1e');
-  if(/^[-+]?\d+\/\d+$/.test(text)){var p=text.split('/');return (+p[0])/(+p[1]);}
+  if(/^[-+]?(\d+\.?\d*|\.\d+)\/(\d+\.?\d*|\.\d+)$/.test(text)){var p=text.split('/');return (+p[0])/(+p[1]);}
   return /^[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$/i.test(text)?parseFloat(text):NaN;}
 function ok(v){return spec.targets.some(function(t){
   if('value' in t){var allowed=spec.relative?spec.tolerance*Math.abs(t.value):spec.tolerance;
