@@ -82,9 +82,10 @@ def test_gradients_equal_torch_clipping_with_the_numpy_threshold():
         history.append(float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))))
         threshold = np.percentile(history, 25.0)
         assert float(result.threshold) == threshold
-        torch.nn.utils.clip_grad_norm_(theirs, float(np.float32(threshold)))
+        norm = history[-1]
+        factor = threshold / norm if norm > threshold else 1.0  # to exactly the threshold, only above it
         for p, q in zip(ours, theirs):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+            torch.testing.assert_close(p.grad, (q.grad.double() * factor).float(), rtol=1e-6, atol=0)
 
 
 def test_nonfinite_norms_are_recorded_as_inf_and_never_lower_the_threshold():
@@ -160,3 +161,30 @@ def test_pickled_autoclip_rebuilds_its_buffers_and_stays_exact(window, cut):
         b = clone([scalar_param(float(values[step]))])
         live = values[: step + 1] if window is None else values[max(0, step + 1 - window) : step + 1]
         assert float(a.threshold) == float(b.threshold) == np.percentile(live, 37.5)
+
+
+@pytest.mark.parametrize("include_current", [True, False])
+@pytest.mark.parametrize("scale", [1e-7, 1.0, 1e5])
+def test_a_norm_at_or_below_the_threshold_is_left_alone_and_not_counted_as_clipped(scale, include_current):
+    # percentile 100 with the current norm included: the threshold equals every new maximum, and
+    # torch's factor c / (c + 1e-6) would halve gradients of norm 1e-6 (found by a new user)
+    clipper = AutoClip(100.0, include_current=include_current)
+    rng = np.random.default_rng(5)
+    for step in range(6):
+        g = torch.tensor(rng.normal(size=7) * scale * (step + 1), dtype=torch.float64)  # growing norms
+        p = torch.nn.Parameter(torch.zeros(7, dtype=torch.float64))
+        p.grad = g.clone()
+        result = clipper([p])
+        if include_current or step == 0:
+            assert torch.equal(p.grad, g) and not bool(result.clipped) and float(result.scale) == 1.0
+        else:  # a new maximum above the earlier ones is clipped to exactly the largest earlier norm
+            assert bool(result.clipped)
+            torch.testing.assert_close(torch.linalg.vector_norm(p.grad), result.threshold, rtol=1e-12, atol=0)
+
+
+def test_the_first_step_never_clips():
+    for percentile in (0.0, 10.0, 100.0):
+        p = torch.nn.Parameter(torch.zeros(3))
+        p.grad = torch.tensor([3e-7, 4e-7, 0.0])
+        result = AutoClip(percentile)([p])
+        assert torch.equal(p.grad, torch.tensor([3e-7, 4e-7, 0.0])) and not bool(result.clipped)

@@ -72,7 +72,8 @@ def exact_norm(values: list[float], p: float = 2.0) -> float:
 
 
 def flat(params: list[torch.Tensor]) -> list[list[float]]:
-    return [p.grad.double().reshape(-1).tolist() for p in params]
+    # complex gradients by their moduli (all a norm sees)
+    return [(p.grad.abs() if p.grad.is_complex() else p.grad).double().reshape(-1).tolist() for p in params]
 
 
 def scaled(grads: list[list[float]], factor: float) -> list[list[float]]:
@@ -135,6 +136,19 @@ def relative_norm(params, fraction):
     return fraction * exact_norm([v for g in flat(params) for v in g])
 
 
+def autoclip_at_half(ps, foreach):
+    """AutoClip whose history holds half the current norm: it clips to exactly that."""
+    clipper = gradclip.AutoClip(percentile=0.0, include_current=False, foreach=foreach)
+    history = torch.tensor([relative_norm(ps, 0.5)], dtype=torch.float64)
+    clipper.load_state_dict({"config": clipper._config(), "steps": 1, "history": history})
+    return clipper(ps)
+
+
+def ref_clip_to(grads, c):
+    n = exact_norm([v for g in grads for v in g])
+    return scaled(grads, c / n if n > c else 1.0)
+
+
 def soft_alpha(magnitude):
     """An alpha that puts alpha |g| around 1 (both regimes of the tamed formula), kept finite."""
     return min(1.5 / magnitude, 1e300)
@@ -160,8 +174,11 @@ METHODS = {
     "sign_grad_": (lambda ps, m, f: gradclip.sign_grad_(ps, foreach=f), lambda ps, m: ref_sign(flat(ps), m)),
     "adaptive_clip_grad_": (lambda ps, m, f: gradclip.adaptive_clip_grad_(ps, clip_factor=0.05, foreach=f),
                             lambda ps, m: ref_agc(ps, 0.05)),
+    # the first step's threshold is its own norm: nothing is clipped (torch's factor c / (c + 1e-6) would be)
     "AutoClip": (lambda ps, m, f: gradclip.AutoClip(percentile=50, foreach=f)(ps),
-                 lambda ps, m: ref_norm_clip(flat(ps), exact_norm([v for g in flat(ps) for v in g]))),
+                 lambda ps, m: flat(ps)),
+    "AutoClip(clipping)": (lambda ps, m, f: autoclip_at_half(ps, f),
+                           lambda ps, m: ref_clip_to(flat(ps), relative_norm(ps, 0.5))),
     "ZClip(warm-up)": (lambda ps, m, f: gradclip.ZClip(max_grad_norm=1.0, foreach=f)(ps),
                        lambda ps, m: ref_norm_clip(flat(ps), 1.0)),
 }
@@ -529,3 +546,98 @@ def test_a_sparse_gradient_is_named_by_its_own_position():
     sparse.grad = torch.ones(4, 2).to_sparse()
     with pytest.raises(TypeError, match=r"parameters\[2\]\.grad"):
         gradclip.clip_grad_norm_([no_grad, dense, sparse], 1.0)
+
+
+# --- 6. Complex gradients -------------------------------------------------------------------------
+# A norm of complex entries is the norm of their moduli, a real number (as torch returns); clipping by a
+# norm multiplies by a real factor. Reference: the same call on real twins whose gradients (and weights)
+# are the moduli, which have the same norms: every complex gradient must come back as z times the factor
+# its twin got. Entrywise rules (clamp, sign, quantise) have no meaning for complex values: TypeError.
+
+COMPLEX_NORM_CALLS = {
+    "clip_grad_norm_": lambda ps, f: gradclip.clip_grad_norm_(ps, 1.0, foreach=f),
+    "clip_grad_norm_report_": lambda ps, f: gradclip.clip_grad_norm_report_(ps, 1.0, foreach=f).norm,
+    "clip_grad_norm_per_tensor_": lambda ps, f: gradclip.clip_grad_norm_per_tensor_(ps, 1.0, foreach=f),
+    "clip_grad_block_rms_": lambda ps, f: gradclip.clip_grad_block_rms_(ps, 0.3, foreach=f),
+    "soft_clip_grad_norm_": lambda ps, f: gradclip.soft_clip_grad_norm_(ps, 1.0, foreach=f),
+    "adaptive_clip_grad_": lambda ps, f: gradclip.adaptive_clip_grad_(ps, clip_factor=0.05, foreach=f),
+    "AutoClip(clipping)": lambda ps, f: autoclip_at_half(ps, f).norm,
+    "ZClip(warm-up)": lambda ps, f: gradclip.ZClip(max_grad_norm=1.0, foreach=f)(ps).norm,
+}
+
+
+def complex_params(dtype: torch.dtype, scale: float, seed: int = 1) -> list[torch.nn.Parameter]:
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in SHAPES:
+        weight = torch.randn(shape + (2,), generator=generator, dtype=torch.float64)
+        grad = torch.randn(shape + (2,), generator=generator, dtype=torch.float64) * scale
+        p = torch.nn.Parameter(torch.view_as_complex(weight).to(dtype))
+        p.grad = torch.view_as_complex(grad).to(dtype)
+        params.append(p)
+    return params
+
+
+def real_twins(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    twins = []
+    for p in params:
+        twin = torch.nn.Parameter(p.detach().abs().clone())
+        twin.grad = p.grad.abs().clone()
+        twins.append(twin)
+    return twins
+
+
+@pytest.mark.parametrize("path", ["default", "foreach", "loop", "dot", "accelerator"])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("function", list(COMPLEX_NORM_CALLS))
+def test_complex_gradients_are_clipped_by_their_moduli_norms(function, dtype, scale, path, monkeypatch):
+    params = complex_params(dtype, scale)
+    before = [p.grad.clone() for p in params]
+    twins = real_twins(params)
+    twin_before = [t.grad.clone() for t in twins]
+    foreach = on_path(params, path, monkeypatch)
+    norm = COMPLEX_NORM_CALLS[function](params, foreach)
+    twin_norm = COMPLEX_NORM_CALLS[function](twins, foreach)
+    if isinstance(norm, torch.Tensor):  # what the twin returns, in the same (real) dtype
+        assert not norm.is_complex()
+        torch.testing.assert_close(norm, twin_norm)
+    tol = 1e-12 if dtype == torch.complex128 else 2e-6
+    for p, z, t, m in zip(params, before, twins, twin_before):
+        factor = torch.where(m > 0, t.grad / torch.where(m > 0, m, 1), 1)  # what each modulus was multiplied by
+        torch.testing.assert_close(p.grad, z * factor.to(z.dtype), rtol=tol, atol=tol * scale)
+
+
+def test_complex_norms_equal_torchs_real_norms():
+    params = complex_params(torch.complex64, 2.0)
+    grads = [p.grad for p in params]
+    for norm_type in (1.0, 2.0, 3.0, math.inf):
+        ours = gradclip.get_total_norm(grads, norm_type)
+        assert not ours.is_complex()
+        torch.testing.assert_close(ours, torch.nn.utils.get_total_norm(grads, norm_type), rtol=1e-6, atol=0)
+    assert bool(gradclip.clip_grad_norm_report_(params, 1.0).clipped)
+
+
+def test_a_complex_modulus_beyond_float32_keeps_the_right_norm_on_the_cpu():
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))
+    p.grad = torch.tensor([3e38 + 3e38j, 1.0 + 0j], dtype=torch.complex64)  # |z| = 4.2e38 > float32's max
+    _, _, wide = gradclip.norms.grouped_norm([p.grad], 2.0, None)
+    assert math.isclose(float(wide), math.hypot(3e38, 3e38), rel_tol=1e-6)
+
+
+ENTRYWISE_CALLS = {
+    "clip_grad_value_": lambda ps: gradclip.clip_grad_value_(ps, 1.0),
+    "soft_clip_grad_value_": lambda ps: gradclip.soft_clip_grad_value_(ps, 1.0),
+    "sign_grad_": lambda ps: gradclip.sign_grad_(ps),
+    "qsgd_quantize_grad_": lambda ps: gradclip.qsgd_quantize_grad_(ps, 4, torch.Generator().manual_seed(0)),
+}
+
+
+@pytest.mark.parametrize("function", list(ENTRYWISE_CALLS))
+def test_entrywise_rules_refuse_complex_gradients_by_name(function):
+    params = [torch.nn.Parameter(torch.zeros(2))] + complex_params(torch.complex64, 1.0)
+    params[0].grad = torch.ones(2)
+    before = [p.grad.clone() for p in params]
+    with pytest.raises(TypeError, match=r"parameters\[1\]\.grad is complex .*view_as_real"):
+        ENTRYWISE_CALLS[function](params)
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before))  # nothing changed

@@ -70,8 +70,16 @@ _UNDERFLOW_MARGIN = 1e4
 _PLAIN_COMBINE_MAX_P = 6.0
 
 
+_COMPLEX_TO_REAL = {torch.complex32: torch.float32, torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision inputs, the input dtype otherwise."""
+    """float32 for half-precision inputs, the real dtype for complex ones, the input dtype otherwise.
+
+    A norm of complex entries is real (of their moduli), and a real factor scales them.
+    """
+    if dtype in _COMPLEX_TO_REAL:
+        return _COMPLEX_TO_REAL[dtype]
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
@@ -103,7 +111,10 @@ def scaled_norm(tensor: torch.Tensor, p: float, dim: tuple[int, ...] | None = No
     :math:`\\|x\\|_p = m \\|x / m\\|_p`, :math:`m = \\max |x|`; exact up to rounding
     whenever the result is representable. Costs a copy of the tensor in float64.
     """
-    wide = tensor.to(wide_dtype(tensor.device))
+    if tensor.is_complex():  # moduli computed in the wide precision: a float32 modulus can overflow
+        wide = tensor.to(torch.complex64 if wide_dtype(tensor.device) == torch.float32 else torch.complex128).abs()
+    else:
+        wide = tensor.to(wide_dtype(tensor.device))
     largest = wide.abs().amax(dim=dim, keepdim=True) if wide.numel() else wide.new_zeros([1] * wide.ndim)
     if math.isinf(p):
         return largest.squeeze(dim) if dim is not None else largest.reshape(())
@@ -129,6 +140,9 @@ def tensor_norms(tensors: list[torch.Tensor], p: float, device: torch.device, fo
     loop otherwise; empty tensors have norm 0. On the CPU, norms that may have
     under- or overflowed are recomputed exactly (see the module docstring).
     """
+    originals = tensors
+    if tensors and tensors[0].is_complex():  # the norm of complex entries is the norm of their moduli
+        tensors = [t.abs() for t in tensors]
     wide = wide_dtype(device)
     nonempty = [t for t in tensors if t.numel()] if not all(t.numel() for t in tensors) else tensors
     if len(nonempty) < len(tensors):
@@ -145,7 +159,7 @@ def tensor_norms(tensors: list[torch.Tensor], p: float, device: torch.device, fo
         else:
             norms = _plain_norms(tensors, p, dtype, use_foreach).to(wide)
         if exact_on_host(device):
-            _repair_(norms, tensors, p, dtype)
+            _repair_(norms, originals, p, dtype)
         return norms
     if tensors[0].dtype != torch.float64 and p <= _PLAIN_COMBINE_MAX_P:
         return _plain_norms(tensors, p, torch.float64, use_foreach)
@@ -210,16 +224,19 @@ def axis_norms(tensor: torch.Tensor, p: float, dim: tuple[int, ...]) -> torch.Te
     On the CPU accumulated in float32 and recomputed exactly if any unit may have under- or
     overflowed; elsewhere accumulated in float64, or with each unit's largest entry factored out.
     """
+    original = tensor
+    if tensor.is_complex():  # the moduli's norms
+        tensor = tensor.abs()
     device, wide = tensor.device, wide_dtype(tensor.device)
     if exact_on_host(device) or wide != torch.float64 or math.isinf(p):
         dtype = accumulation_dtype(tensor.dtype)
         norms = torch.linalg.vector_norm(tensor, p, dim=dim, dtype=dtype).to(wide)
         if exact_on_host(device) and bool(suspicious(norms, p, dtype).any()):
-            norms = scaled_norm(tensor, p, dim=dim)
+            norms = scaled_norm(original, p, dim=dim)
         return norms
     if tensor.dtype != torch.float64 and p <= _PLAIN_COMBINE_MAX_P:
         return torch.linalg.vector_norm(tensor, p, dim=dim, dtype=torch.float64)
-    return scaled_norm(tensor, p, dim=dim)
+    return scaled_norm(original, p, dim=dim)
 
 
 def _repair_(norms: torch.Tensor, tensors: list[torch.Tensor], p: float, dtype: torch.dtype) -> None:

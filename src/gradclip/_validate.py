@@ -99,15 +99,33 @@ def distinct(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t for t in tensors if not (id(t) in seen or seen.add(id(t)))]
 
 
-def grads_of(parameters: TensorOrTensors) -> list[torch.Tensor]:
-    """The ``.grad`` of every parameter that has one, checked to be dense."""
+def grads_of(parameters: TensorOrTensors, entrywise: str | None = None) -> list[torch.Tensor]:
+    """The ``.grad`` of every parameter that has one, checked to be dense.
+
+    ``entrywise``: the name of a function that acts on each entry's value (clamp, sign,
+    quantise); complex gradients are then refused with a ``TypeError`` naming the parameter.
+    """
     params = as_tensor_list(parameters)
     grads = [p.grad for p in params]
     if any(g is not None and g.layout is not torch.strided for g in grads):  # name the parameter's own index
         for index, grad in enumerate(grads):
             if grad is not None:
                 check_dense_one(grad, f"parameters[{index}].grad")
+    if entrywise is not None:
+        for index, grad in enumerate(grads):
+            if grad is not None and grad.is_complex():
+                check_real_one(grad, f"parameters[{index}].grad", entrywise)
     return distinct([g for g in grads if g is not None])
+
+
+def check_real_one(tensor: torch.Tensor, name: str, function: str) -> None:
+    """Raise ``TypeError`` if ``tensor`` is complex: ``function`` acts on entries' values, which need an order."""
+    if tensor.is_complex():
+        raise TypeError(
+            f"{function} acts on each entry's value, and {name} is complex ({tensor.dtype}), which has no "
+            "order or sign. Clip complex gradients by a norm (clip_grad_norm_, clip_grad_norm_per_tensor_, "
+            "soft_clip_grad_norm_), or act on real and imaginary parts through torch.view_as_real(grad)."
+        )
 
 
 def check_dense(tensors: list[torch.Tensor], what: str) -> None:

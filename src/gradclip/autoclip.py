@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from . import _groups, _validate
-from ._scaling import clip_coefficient, scale_
+from ._scaling import scale_
 from .clippers import Clipper
 from .result import ClipResult
 
@@ -40,7 +40,8 @@ class AutoClip(Clipper):
     .. math::
 
         c_t = P_p(G_t), \qquad
-        g_t \leftarrow g_t \cdot \min\Big(1, \frac{c_t}{\|g_t\| + 10^{-6}}\Big)
+        g_t \leftarrow \begin{cases} g_t \, c_t / \|g_t\| & \|g_t\| > c_t \\
+        g_t & \text{otherwise} \end{cases}
 
     where :math:`P_p` is ``numpy.percentile`` with linear interpolation: with
     the history sorted as :math:`x_{(0)} \le \dots \le x_{(n-1)}`,
@@ -50,6 +51,13 @@ class AutoClip(Clipper):
     (``include_current=True, window=None``, its recommended p = 10); the
     ``autoclip`` package uses only earlier norms over a window of 1000
     (``include_current=False, window=1000``; the first step is then not clipped).
+    Both scale by :math:`\min(1, c_t/(\|g_t\| + 10^{-6}))` (torch's ``clip_grad_norm_``), which
+    is below 1 also when :math:`\|g_t\| = c_t`, as happens whenever the current norm is the
+    order statistic taken (the first step, every new maximum at p = 100), and which leaves a
+    clipped norm near :math:`10^{-6}` far below :math:`c_t`. Here a gradient is scaled only when
+    its norm exceeds the threshold, and then to exactly the threshold: p = 100 never clips,
+    ``result.clipped`` counts real clipping, and results differ from the references by a
+    relative :math:`10^{-6}/\|g_t\|` at most where both clip.
 
     **Exactness.** In ``dtype=torch.float64`` (the default) the threshold is
     bitwise ``numpy.percentile`` of the same history: the same host-side
@@ -323,7 +331,10 @@ class AutoClip(Clipper):
             threshold = (self._threshold() if len(self) else
                          torch.tensor(math.inf, dtype=self.dtype, device=norm.device))
             self._record(value)
-        scale = clip_coefficient(threshold, wide).to(norm.dtype)
+        # unchanged unless the norm exceeds the threshold (with the current norm in the history the
+        # threshold can equal it), and then scaled to exactly the threshold: torch's c / (g + 1e-6)
+        # would shrink norms near 1e-6 far below c. NaN and inf norms give NaN and 0, as torch's.
+        scale = torch.where(wide <= threshold, torch.ones_like(wide), threshold / wide).to(norm.dtype)
         scale_(groups, scale, self.foreach)
         return ClipResult(norm=norm, threshold=threshold, scale=scale)
 

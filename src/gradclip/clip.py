@@ -33,12 +33,13 @@ def clip_grads_with_norm_(
 
     The second half of :func:`clip_grad_norm_`, as ``torch.nn.utils.clip_grads_with_norm_``:
     compute the norm with :func:`get_total_norm` (for instance reduced over
-    pipeline stages), then scale. The multiply always runs, even when the
-    factor is 1, so that there is no host-device sync.
+    pipeline stages), then scale. On an accelerator the multiply always runs,
+    even when the factor is 1, so that there is no host-device sync; on the
+    CPU, where reading the factor is free, a factor of exactly 1 skips it.
 
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is scaled.
-        max_norm: the threshold c, a number in [0, inf] (or a 0-dim tensor, used unchecked).
+        max_norm: the threshold c, a number in [0, inf], or a one-element tensor (checked on the CPU; on an accelerator used without a read, and a negative or NaN one gives NaN gradients).
         total_norm: the norm of all gradients, a tensor.
         foreach: as in :func:`get_total_norm`.
 
@@ -113,7 +114,7 @@ def clip_grad_norm_(
 
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped.
-        max_norm: the threshold c, a number in [0, inf] (or a 0-dim tensor, used unchecked).
+        max_norm: the threshold c, a number in [0, inf], or a one-element tensor (checked on the CPU; on an accelerator used without a read, and a negative or NaN one gives NaN gradients).
         norm_type: p, in (0, inf].
         error_if_nonfinite: raise ``RuntimeError`` when the norm is NaN or inf (syncs).
         foreach: ``None`` picks the fastest batched path, ``True`` insists on
@@ -223,7 +224,7 @@ def clip_grad_value_(
         foreach: as in :func:`clip_grad_norm_`.
 
     Raises:
-        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse, or ``clip_value`` is a tensor or not a number.
+        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse or complex, or ``clip_value`` is not a number or a one-element tensor.
         ValueError: ``clip_value`` is negative or NaN (it must be in [0, inf]), or a DTensor gradient has a ``Partial`` placement.
         RuntimeError: ``foreach=True`` on a device without foreach kernels.
 
@@ -240,7 +241,7 @@ def clip_grad_value_(
     """
     clip_value = _validate.check_threshold("clip_value", clip_value)
     _validate.check_foreach(foreach)
-    grads = _validate.grads_of(parameters)
+    grads = _validate.grads_of(parameters, entrywise="clip_grad_value_")
     if grads:
         groups = _groups.groups_of(grads, foreach)
         distributed.check_not_partial(groups, "clip_grad_value_")
@@ -273,7 +274,7 @@ def clip_grad_norm_report_(
 
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped.
-        max_norm: the threshold c, a number in [0, inf] (or a 0-dim tensor, used unchecked).
+        max_norm: the threshold c, a number in [0, inf], or a one-element tensor (checked on the CPU; on an accelerator used without a read, and a negative or NaN one gives NaN gradients).
         norm_type: p, in (0, inf].
         error_if_nonfinite: raise ``RuntimeError`` when the norm is NaN or inf (syncs).
         foreach: as in :func:`gradclip.clip_grad_norm_`.

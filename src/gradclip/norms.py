@@ -50,7 +50,7 @@ def grouped_norm(
         wide = torch.zeros((), dtype=torch.float64)
     else:
         partial_norms = [_norms.group_norms(group, p, foreach).to(first_device) for group in groups]
-        narrow = all(group.dtype != torch.float64 for group in groups)
+        narrow = all(_norms.accumulation_dtype(group.dtype) != torch.float64 for group in groups)
         wide = _norms.combine(torch.cat(partial_norms), p, narrow_inputs=narrow)
     return groups, wide.to(_norms.output_dtype([group.dtype for group in groups])), wide
 

@@ -35,7 +35,7 @@ def sign_grad_(parameters: _validate.TensorOrTensors, foreach: bool | None = Non
         foreach: as in :func:`gradclip.clip_grad_norm_`.
 
     Raises:
-        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse.
+        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse or complex.
         RuntimeError: ``foreach=True`` on a device without foreach kernels.
 
     References:
@@ -49,7 +49,7 @@ def sign_grad_(parameters: _validate.TensorOrTensors, foreach: bool | None = Non
         tensor([-1.,  0.,  1., nan])
     """
     _validate.check_foreach(foreach)
-    grads = _validate.grads_of(parameters)
+    grads = _validate.grads_of(parameters, entrywise="sign_grad_")
     groups = _groups.groups_of(grads, foreach)
     distributed.check_not_partial(groups, "sign_grad_")
     for group in groups:
@@ -72,7 +72,7 @@ def qsgd_quantize(v: torch.Tensor, levels: int, generator: torch.Generator | Non
         A new tensor of ``v``'s shape and dtype.
 
     Raises:
-        TypeError: ``v`` is not a tensor or ``levels`` is not an int.
+        TypeError: ``v`` is not a tensor or is complex, or ``levels`` is not an int.
         ValueError: ``levels`` < 1.
 
     References:
@@ -87,6 +87,7 @@ def qsgd_quantize(v: torch.Tensor, levels: int, generator: torch.Generator | Non
     _validate.check_int("levels", levels, 1)
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
+    _validate.check_real_one(v, "v", "qsgd_quantize")
     out = v.detach().clone()
     _quantize_(out, tensor_norms([out], 2.0, out.device, False)[0], levels, generator)
     return out
@@ -166,7 +167,7 @@ def qsgd_quantize_grad_(
         representable and the estimate unbiased.
 
     Raises:
-        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse, ``levels`` is not an int, or ``generator`` is not a ``torch.Generator``.
+        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse or complex, ``levels`` is not an int, or ``generator`` is not a ``torch.Generator``.
         ValueError: ``levels`` < 1.
 
     References:
@@ -183,7 +184,7 @@ def qsgd_quantize_grad_(
     """
     _validate.check_int("levels", levels, 1)
     _validate.check_generator(generator)
-    grads = _validate.grads_of(parameters)
+    grads = _validate.grads_of(parameters, entrywise="qsgd_quantize_grad_")
     norms = []
     dtensor = _groups.dtensor_type()
     for grad in grads:

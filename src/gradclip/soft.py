@@ -127,7 +127,7 @@ def soft_clip_grad_value_(
         foreach: as in :func:`gradclip.clip_grad_norm_`.
 
     Raises:
-        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse, or ``alpha`` is not a number.
+        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or a gradient is sparse or complex, or ``alpha`` is not a number.
         ValueError: ``alpha`` is negative, infinite or NaN.
         RuntimeError: ``foreach=True`` on a device without foreach kernels.
 
@@ -143,7 +143,7 @@ def soft_clip_grad_value_(
     """
     alpha = _validate.check_real("alpha", alpha, 0.0, float("inf"), high_open=True)
     _validate.check_foreach(foreach)
-    grads = _validate.grads_of(parameters)
+    grads = _validate.grads_of(parameters, entrywise="soft_clip_grad_value_")
     groups = _groups.groups_of(grads, foreach)
     distributed.check_not_partial(groups, "soft_clip_grad_value_")
     for group in groups:
