@@ -313,12 +313,40 @@ def test_torch_is_silent_where_gradclip_warns():
 
 
 @pytest.mark.parametrize("clipper", [gradclip.AutoClip, gradclip.ZClip, gradclip.SpikeGuard])
-def test_clippers_warn_then_say_there_is_no_gradient(clipper):
+def test_clippers_warn_then_say_the_parameters_were_consumed(clipper):
     params = make_params([(3,)], seed=5)
     with pytest.warns(UserWarning, match="yielded no tensors") as record:
-        with pytest.raises(RuntimeError, match="no parameter has a gradient"):
+        with pytest.raises(RuntimeError, match=r"no parameters: .*consumed earlier.*list\(model.parameters\(\)\)"):
             clipper()(_consumed("generator", params))
     assert record[0].filename == __file__
+    with pytest.raises(RuntimeError, match="no parameters"):  # an empty list too (no warning: taken as meant)
+        clipper()([])
+    bare = torch.nn.Parameter(torch.zeros(2))  # parameters without gradients: the other message
+    with pytest.raises(RuntimeError, match="no parameter has a gradient"):
+        clipper()([bare])
+
+
+@pytest.mark.parametrize("call,hint", [
+    (lambda m: gradclip.clip_grad_norm_(m, 1.0), r"got Linear; pass model\.parameters\(\)"),
+    (lambda m: gradclip.clip_grad_norm_(torch.nn.Sequential(m), 1.0), r"got Sequential; pass model\.parameters\(\)"),
+    (lambda m: gradclip.clip_grad_norm_([m], 1.0), r"parameters\[0\] .*got Linear \(a module: pass model\.parameters\(\)\)"),
+    (lambda m: gradclip.get_total_norm(m), r"pass the gradients, \[p\.grad for p in model\.parameters\(\)"),
+    (lambda m: gradclip.AutoClip()(m), r"got Linear; pass model\.parameters\(\)"),
+    (lambda m: gradclip.GradientMonitor(m.parameters()), r"pass the model itself or model\.named_parameters\(\)"),
+])
+def test_a_module_or_the_wrong_iterable_gets_a_hint_that_fits_the_function(call, hint):
+    with pytest.raises(TypeError, match=hint):
+        call(torch.nn.Linear(2, 2))
+
+
+def test_autoclip_warns_when_its_percentile_looks_like_a_quantile():
+    with pytest.warns(UserWarning, match=r"percentile=90") as record:
+        gradclip.AutoClip(percentile=0.9)
+    assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for percentile in (0.0, 1.5, 10.0, 100.0):
+            gradclip.AutoClip(percentile=percentile)
 
 
 def test_agc_exclude_consumed_warns_that_nothing_is_excluded():

@@ -137,3 +137,14 @@ def test_mean_and_var_are_never_nan_once_a_finite_norm_was_seen(warmup, norms, m
     for _ in range(30):  # a steady run, then a spike: clipped
         zclip([scalar_param(1.0)])
     assert bool(zclip([scalar_param(1000.0)]).clipped)
+
+
+def test_the_results_dtypes_do_not_change_when_the_warm_up_ends():
+    clipper = ZClip(warmup_steps=3)
+    dtypes = set()
+    for step in range(6):
+        p = torch.nn.Parameter(torch.zeros(3))
+        p.grad = torch.full((3,), 0.1 * (step + 1))
+        r = clipper([p])
+        dtypes.add((r.norm.dtype, r.threshold.dtype, r.scale.dtype))
+    assert dtypes == {(torch.float32, torch.float64, torch.float32)}

@@ -46,7 +46,7 @@ from .monitor import GradientMonitor
 from .tuning import clipped_fraction, should_lower_lr, suggest_threshold
 from .norms import get_total_norm
 from .per_sample import PerSampleClipResult, per_sample_clip_grad_, per_sample_clipped_grad, per_sample_grads
-from .quantize import qsgd_quantize_grad_, sign_grad_
+from .quantize import qsgd_quantize, qsgd_quantize_grad_, sign_grad_
 from .result import ClipResult
 from .soft import soft_clip_grad_norm_, soft_clip_grad_value_
 from .zclip import ZClip
@@ -78,6 +78,7 @@ __all__ = [
     "per_sample_clip_grad_",
     "per_sample_clipped_grad",
     "per_sample_grads",
+    "qsgd_quantize",
     "qsgd_quantize_grad_",
     "should_lower_lr",
     "sign_grad_",

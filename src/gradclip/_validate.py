@@ -37,8 +37,9 @@ def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters") -> list[t
     """
     if isinstance(tensors, torch.Tensor):
         return [tensors]
-    if not isinstance(tensors, Iterable):
-        hint = f"; pass {name}.parameters()" if isinstance(tensors, torch.nn.Module) else ""
+    if isinstance(tensors, torch.nn.Module) or not isinstance(tensors, Iterable):
+        # an nn.Sequential or nn.ModuleList is iterable (over modules): refuse every module alike
+        hint = f"; {_MODULE_HINTS.get(name, 'pass model.parameters()')}" if isinstance(tensors, torch.nn.Module) else ""
         raise TypeError(f"{name} must be a tensor or an iterable of tensors (model.parameters()), "
                         f"got {type(tensors).__name__}{hint}")
     is_iterator = isinstance(tensors, Iterator)  # generators, filter/map/zip objects, iter(list): single-use
@@ -50,8 +51,17 @@ def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters") -> list[t
             if not isinstance(item, torch.Tensor):
                 named = isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor)
                 hint = " (a (name, tensor) pair: pass model.parameters(), not named_parameters())" if named else ""
+                if isinstance(item, torch.nn.Module):
+                    hint = f" (a module: {_MODULE_HINTS.get(name, 'pass model.parameters()')})"
                 raise TypeError(f"{name}[{index}] must be a torch.Tensor, got {type(item).__name__}{hint}")
     return distinct(items)
+
+
+# What to pass instead of a module, by argument name: the parameters, or for norms of given tensors the gradients.
+_MODULE_HINTS = {
+    "tensors": "pass the gradients, [p.grad for p in model.parameters() if p.grad is not None]",
+    "exclude": "pass its parameters, list(module.parameters())",
+}
 
 
 def warn_consumed(name: str, iterator: Any) -> None:

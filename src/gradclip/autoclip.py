@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -106,7 +107,7 @@ class AutoClip(Clipper):
             as in :class:`~gradclip.Clipper`.
 
     Raises:
-        RuntimeError: no parameter has a gradient (call ``loss.backward()`` first, or inside the closure given to ``optimizer.step``), the clipper is called twice on the same gradients, or, with ``scaler=``, it is called by hand on gradients that are still scaled (call ``scaler.unscale_(optimizer)`` first, or attach it).
+        RuntimeError: no parameters were given (an empty list, or an iterator consumed earlier), no parameter has a gradient (call ``loss.backward()`` first, or inside the closure given to ``optimizer.step``), the clipper is called twice on the same gradients, or, with ``scaler=``, it is called by hand on gradients that are still scaled (call ``scaler.unscale_(optimizer)`` first, or attach it).
         ValueError: an argument is outside the range given above (the message names it).
         TypeError: an argument has the wrong type (the message names it), or a gradient is sparse.
 
@@ -134,6 +135,12 @@ class AutoClip(Clipper):
         super().__init__(norm_type=norm_type, foreach=foreach, scaler=scaler, process_group=process_group,
                          replicated=replicated)
         self.percentile = _validate.check_real("percentile", percentile, 0.0, 100.0)
+        if 0.0 < self.percentile <= 1.0:  # the autoclip package's QuantileClip takes a quantile in [0, 1]
+            warnings.warn(
+                f"AutoClip(percentile={percentile}) clips to the {percentile}th percentile of the norms "
+                f"seen, on a 0-100 scale (the paper recommends 10). If you meant the quantile {percentile} "
+                f"(as autoclip's QuantileClip(quantile=...) takes), pass percentile={100 * percentile:g}.",
+                UserWarning, stacklevel=_validate._outside_stacklevel())
         self.window = None if window is None else _validate.check_int("window", window, 1)
         self.include_current = _validate.check_bool("include_current", include_current)
         self.dtype = _validate.check_state_dtype(dtype)

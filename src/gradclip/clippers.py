@@ -181,7 +181,7 @@ class Clipper:
         replicated: parameters every rank holds a copy of, counted once.
 
     Raises:
-        RuntimeError: no parameter has a gradient (call ``loss.backward()`` first, or inside the closure given to ``optimizer.step``), the clipper is called twice on the same gradients, or, with ``scaler=``, it is called by hand on gradients that are still scaled (call ``scaler.unscale_(optimizer)`` first, or attach it).
+        RuntimeError: no parameters were given (an empty list, or an iterator consumed earlier), no parameter has a gradient (call ``loss.backward()`` first, or inside the closure given to ``optimizer.step``), the clipper is called twice on the same gradients, or, with ``scaler=``, it is called by hand on gradients that are still scaled (call ``scaler.unscale_(optimizer)`` first, or attach it).
         ValueError: an argument is outside the range given above (the message names it).
         TypeError: an argument has the wrong type (the message names it), or a gradient is sparse.
 
@@ -238,7 +238,7 @@ class Clipper:
             A :class:`~gradclip.result.ClipResult` of 0-dim tensors.
 
         Raises:
-            RuntimeError: no parameter has a gradient, the gradients did not
+            RuntimeError: no parameters were given (an empty list, or an iterator consumed earlier), no parameter has a gradient, the gradients did not
                 change since the last call, or (with ``scaler=``) they are still scaled.
             TypeError: a gradient is sparse.
         """
@@ -248,7 +248,14 @@ class Clipper:
     def _apply(self, parameters: _validate.TensorOrTensors, optimizer: torch.optim.Optimizer | None,
                grad_scale: torch.Tensor | float | None) -> ClipResult:
         """The call, for gradients still multiplied by ``grad_scale`` (a fused step under GradScaler) or not."""
-        grads = _validate.grads_of(parameters)
+        params = _validate.as_tensor_list(parameters)
+        grads = _validate.grads_of(params)
+        if not params and self.process_group is None:
+            raise RuntimeError(
+                f"{type(self).__name__} was called with no parameters: an empty list, or an iterator "
+                "(model.parameters(), a generator, filter or map) consumed earlier, for instance by the "
+                "optimizer's constructor or a loop. Pass list(model.parameters()), made once and reused."
+            )
         if not grads and self.process_group is None:  # a rank may hold no shard of a sharded model
             raise RuntimeError(
                 f"{type(self).__name__} was called but no parameter has a gradient: call "

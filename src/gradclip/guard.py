@@ -105,7 +105,7 @@ class SpikeGuard(Clipper):
         skipped_steps: the number of steps skipped so far, an int64 0-dim tensor.
 
     Raises:
-        RuntimeError: no parameter has a gradient (call ``loss.backward()`` first, or inside the closure given to ``optimizer.step``), the clipper is called twice on the same gradients, or, with ``scaler=``, it is called by hand on gradients that are still scaled (call ``scaler.unscale_(optimizer)`` first, or attach it).
+        RuntimeError: no parameters were given (an empty list, or an iterator consumed earlier), no parameter has a gradient (call ``loss.backward()`` first, or inside the closure given to ``optimizer.step``), the clipper is called twice on the same gradients, or, with ``scaler=``, it is called by hand on gradients that are still scaled (call ``scaler.unscale_(optimizer)`` first, or attach it).
         ValueError: an argument is outside the range given above (the message names it).
         TypeError: an argument has the wrong type (the message names it), a gradient is sparse, or (attached) an optimizer state value cannot be copied.
 

@@ -99,7 +99,9 @@ class GradientMonitor:
         for index, item in enumerate(named):
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
                     and isinstance(item[1], torch.Tensor)):
-                raise TypeError(f"parameters[{index}] must be a (name, tensor) pair, got {type(item).__name__}")
+                hint = (": pass the model itself or model.named_parameters(), not model.parameters()"
+                        if isinstance(item, torch.Tensor) else "")
+                raise TypeError(f"parameters[{index}] must be a (name, tensor) pair, got {type(item).__name__}{hint}")
         if layer_fn is not None:
             _validate.check_callable("layer_fn", layer_fn, "parameter name -> layer name, or None")
         _validate.check_bool("track_updates", track_updates)

@@ -18,10 +18,14 @@ class ClipResult:
     them once, does not.
 
     Attributes:
-        norm: the gradient norm before clipping, :math:`\|g\|`.
-        threshold: the threshold c that was applied (``inf`` when none).
+        norm: the gradient norm before clipping, :math:`\|g\|`, in the dtype a
+            global norm is returned in (float32, float64 for float64 gradients).
+        threshold: the threshold c that was applied (``inf`` when none); in a
+            stateful clipper's state dtype (float64 by default) on every step, so
+            thresholds stacked across the warm-up keep one dtype.
         scale: the factor the gradients were multiplied by, in [0, 1] for
-            norm clipping (:math:`\min(1, c/(\|g\|+10^{-6}))`).
+            norm clipping (:math:`\min(1, c/(\|g\|+10^{-6}))`; AutoClip:
+            :math:`c/\|g\|` when :math:`\|g\| > c`, else 1), in the norm's dtype.
 
     References:
         * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`__.

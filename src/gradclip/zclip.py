@@ -91,7 +91,7 @@ class ZClip(Clipper):
             as in :class:`~gradclip.Clipper`.
 
     Raises:
-        RuntimeError: no parameter has a gradient (call ``loss.backward()`` first, or inside the closure given to ``optimizer.step``), the clipper is called twice on the same gradients, or, with ``scaler=``, it is called by hand on gradients that are still scaled (call ``scaler.unscale_(optimizer)`` first, or attach it).
+        RuntimeError: no parameters were given (an empty list, or an iterator consumed earlier), no parameter has a gradient (call ``loss.backward()`` first, or inside the closure given to ``optimizer.step``), the clipper is called twice on the same gradients, or, with ``scaler=``, it is called by hand on gradients that are still scaled (call ``scaler.unscale_(optimizer)`` first, or attach it).
         ValueError: an argument is outside the range given above (the message names it).
         TypeError: an argument has the wrong type (the message names it), or a gradient is sparse.
 
@@ -183,7 +183,7 @@ class ZClip(Clipper):
             keep = keep | spike
         self.mean = torch.where(keep, mean, new_mean)
         self.var = torch.where(keep, var, new_var)
-        return ClipResult(norm=norm, threshold=threshold, scale=scale)
+        return ClipResult(norm=norm, threshold=threshold, scale=scale.to(norm.dtype))
 
     def _warmup_step(self, groups: list[_groups.Group], norm: torch.Tensor, g: torch.Tensor) -> ClipResult:
         if self._buffer is None or self._buffer.device != g.device:
@@ -199,11 +199,12 @@ class ZClip(Clipper):
             self.mean = values.sum() / count
             self.var = torch.where(finite, (self._buffer - self.mean) ** 2, 0.0).sum() / count
             self._buffer = None
+        # the threshold in the state dtype, as after the warm-up (a result's dtypes do not change mid-run)
         if self.max_grad_norm is None:
-            threshold = torch.full((), math.inf, dtype=norm.dtype, device=norm.device)
+            threshold = torch.full((), math.inf, dtype=self.dtype, device=norm.device)
             scale = torch.ones((), dtype=norm.dtype, device=norm.device)
         else:
-            threshold = torch.full((), self.max_grad_norm, dtype=norm.dtype, device=norm.device)
+            threshold = torch.full((), self.max_grad_norm, dtype=self.dtype, device=norm.device)
             scale = clip_coefficient(self.max_grad_norm, g).to(norm.dtype)
             scale_(groups, scale, self.foreach)
         return ClipResult(norm=norm, threshold=threshold, scale=scale)
