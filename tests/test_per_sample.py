@@ -902,3 +902,22 @@ def test_conv2d_ghost_norms_neither_overflow_nor_underflow(monkeypatch, force, s
     for name, e in zip(samples, expected):
         scale = float(e.abs().max())
         torch.testing.assert_close(result.grads[name].double() / scale, e / scale, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_a_loss_without_reduction_gets_an_error_that_says_to_reduce(method):
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar .* got \(1,\).*not reduction='none'"):
+        per_sample_clip_grad_(model, nn.CrossEntropyLoss(reduction="none"), x, y, 1.0, 0.0, method=method)
+
+
+def test_dropout_on_the_vmap_path_gets_an_error_that_says_what_to_do():
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.LayerNorm(8), nn.Linear(8, 3))  # LayerNorm: vmap path
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with pytest.raises(RuntimeError, match=r"dropout in training mode.*model\.eval\(\)"):
+        per_sample_clip_grad_(model, F.cross_entropy, x, y, 1.0, 0.0)
+    model.eval()  # the advice works
+    per_sample_clip_grad_(model, F.cross_entropy, x, y, 1.0, 0.0)

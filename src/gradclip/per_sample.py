@@ -132,7 +132,8 @@ def per_sample_grads(
 
     Raises:
         TypeError: ``model`` is not a module, ``loss_fn`` is not callable, or ``inputs``/``targets`` are not tensors.
-        ValueError: ``inputs`` and ``targets`` differ in batch size or have no batch dimension, ``chunk_size`` is not None or an int >= 1, the model has no trainable or initialised parameters, or it holds a BatchNorm in training mode (or without running statistics).
+        ValueError: ``inputs`` and ``targets`` differ in batch size or have no batch dimension, ``chunk_size`` is not None or an int >= 1, the model has no trainable or initialised parameters, or it holds a BatchNorm in training mode (or without running statistics), or ``loss_fn`` does not return a 0-dim loss for one example (``reduction='none'``).
+        RuntimeError: a module draws random numbers (dropout in training mode); the message says what to do.
 
     References:
         * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__.
@@ -158,13 +159,29 @@ def per_sample_grads(
     def loss_of_one(trainable: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         output = functional_call(model, {**frozen, **buffers, **trainable}, (x.unsqueeze(0),))
         loss = loss_fn(output, y.unsqueeze(0))
-        if reached is not None and not reached and isinstance(loss, torch.Tensor):
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar (0-dim) loss for a batch of one example, got {shape}: use a "
+                "mean or sum reduction (F.cross_entropy, nn.CrossEntropyLoss()), not reduction='none'"
+            )
+        if reached is not None and not reached:
             reached.update(_leaves_reached(loss, trainable))
         return loss
 
     if batch == 0:  # (vmap over 0 examples cannot infer some shapes, e.g. in Flatten)
         return {name: p.new_zeros((0, *p.shape)) for name, p in params.items()}
-    return vmap(grad(loss_of_one), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, inputs, targets)
+    try:
+        return vmap(grad(loss_of_one), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, inputs, targets)
+    except RuntimeError as error:
+        if "randomness" not in str(error):
+            raise
+        raise RuntimeError(
+            "a module draws random numbers (dropout in training mode) inside the per-example computation, "
+            "which torch.func.vmap refuses: call model.eval() for the per-sample step or remove the dropout; "
+            "models of nn.Linear/nn.Conv2d layers with dropout take method='ghost', which runs one ordinary "
+            f"forward pass. ({error})"
+        ) from error
 
 
 def _leaves_reached(loss: torch.Tensor, leaves: dict[str, torch.Tensor]) -> set[str]:
@@ -922,7 +939,8 @@ def per_sample_clipped_grad(
 
     Raises:
         TypeError: ``model`` is not a module, ``loss_fn`` is not callable, ``inputs``/``targets`` are not tensors, ``generator`` is not a ``torch.Generator``, or ``max_norm``/``noise_multiplier`` are not numbers.
-        ValueError: an argument is out of range (``max_norm`` < 0 or infinite with noise, ``noise_multiplier`` < 0, ``chunk_size`` or ``expected_batch_size`` not None or an int >= 1, ``method`` or ``loss_reduction`` not one of theirs); ``inputs`` and ``targets`` differ in batch size; the batch is empty with ``loss_reduction="mean"`` and no ``expected_batch_size``; the model holds a BatchNorm in training mode (or without running statistics), whose batch statistics mix the examples; or ``method="ghost"`` for a model the ghost-norm identity does not fit.
+        ValueError: an argument is out of range (``max_norm`` < 0 or infinite with noise, ``noise_multiplier`` < 0, ``chunk_size`` or ``expected_batch_size`` not None or an int >= 1, ``method`` or ``loss_reduction`` not one of theirs); ``inputs`` and ``targets`` differ in batch size; the batch is empty with ``loss_reduction="mean"`` and no ``expected_batch_size``; the model holds a BatchNorm in training mode (or without running statistics), whose batch statistics mix the examples; ``method="ghost"`` for a model the ghost-norm identity does not fit; or ``loss_fn`` does not return a 0-dim loss for one example.
+        RuntimeError: on the ``vmap`` path, a module draws random numbers (dropout in training mode).
 
     References:
         * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__.
