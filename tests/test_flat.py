@@ -44,7 +44,8 @@ def test_grad_buffer_rebinds_after_zero_grad_set_to_none():
     model = torch.nn.Linear(4, 2)
     buffer = gradclip.GradBuffer(model.parameters())
     model.zero_grad(set_to_none=True)
-    model(torch.ones(1, 4)).sum().backward()
+    with pytest.warns(UserWarning, match="outside the buffer"):
+        model(torch.ones(1, 4)).sum().backward()
     assert not buffer.views_intact()
     expected = [p.grad.clone() for p in model.parameters()]
     buffer.rebind_()
@@ -53,3 +54,41 @@ def test_grad_buffer_rebinds_after_zero_grad_set_to_none():
         assert torch.equal(p.grad, e)
     with pytest.raises(ValueError, match="parameters"):
         gradclip.GradBuffer([torch.zeros(2)])
+
+
+def test_a_backward_pass_outside_the_buffer_warns_once_at_the_callers_line():
+    import warnings
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    buffer = gradclip.GradBuffer(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"outside the buffer.*set_to_none=False") as record:
+        for _ in range(3):
+            optimizer.zero_grad()  # set_to_none=True by default: the views are dropped
+            model(torch.ones(2, 3)).sum().backward()
+    assert len([w for w in record if "outside the buffer" in str(w.message)]) == 1
+    assert record[0].filename == __file__
+    quiet = gradclip.GradBuffer(model.parameters())  # a newer buffer: the old one no longer checks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for zero in (quiet.zero_grad, lambda: optimizer.zero_grad(set_to_none=False)):
+            zero()
+            model(torch.ones(2, 3)).sum().backward()
+            assert quiet.views_intact()
+
+
+def test_a_dropped_buffer_is_freed_and_its_check_goes_with_it():
+    import gc
+    import weakref
+
+    model = torch.nn.Linear(3, 2)
+    buffer = gradclip.GradBuffer(model.parameters())
+    gone = weakref.ref(buffer)
+    del buffer
+    gc.collect()
+    assert gone() is None  # the hooks hold it weakly
+    model.zero_grad(set_to_none=True)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.ones(1, 3)).sum().backward()

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
+
 import torch
 
 from . import _groups, _validate
 
 __all__ = ["GradBuffer"]
+
+
+# id(parameter) -> weak reference to the GradBuffer that holds its gradient now. Keyed by id: tensors
+# compare elementwise, so they cannot be dictionary keys; a stale entry (a dead parameter's id reused)
+# at worst silences one check.
+_OWNER: dict[int, weakref.ref] = {}
+
+
+def _view_check(buffer_ref: weakref.ref, view_ref: weakref.ref):
+    """A post-accumulate-grad hook: the buffer warns once when backward wrote a gradient outside its view."""
+    def check(param: torch.Tensor) -> None:
+        buffer, view = buffer_ref(), view_ref()
+        owner = _OWNER.get(id(param))
+        if buffer is None or view is None or owner is None or owner() is not buffer:
+            return  # the buffer is gone or a newer one holds this parameter
+        if param.grad is not view:
+            buffer._warn_outside()
+    return check
 
 
 class GradBuffer:
@@ -22,7 +43,10 @@ class GradBuffer:
 
     ``optimizer.zero_grad()`` sets gradients to ``None`` by default, which
     would detach them from the buffer. Use ``buffer.zero_grad()`` (or
-    ``optimizer.zero_grad(set_to_none=False)``) instead.
+    ``optimizer.zero_grad(set_to_none=False)``) instead. If a backward pass
+    finds a gradient outside the buffer, the buffer warns once (clipping then
+    works tensor by tensor, correct but without the speed-up); ``rebind_()``
+    moves the gradients back.
 
     Args:
         parameters: the parameters whose gradients the buffer holds; those
@@ -53,6 +77,27 @@ class GradBuffer:
         self.buffers: dict[_groups.GroupKey, torch.Tensor] = {}
         self._views: list[torch.Tensor] = []
         self._allocate()
+        self._warned = False
+        for param in self.parameters:  # the newest buffer of a parameter is the one that checks it
+            _OWNER[id(param)] = weakref.ref(self)
+        self._hooks = [param.register_post_accumulate_grad_hook(_view_check(weakref.ref(self), weakref.ref(view)))
+                       for param, view in zip(self.parameters, self._views)]
+
+    def _warn_outside(self) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                "GradBuffer: a backward pass wrote gradients outside the buffer, so clipping runs "
+                "tensor by tensor (correct, without the flat-buffer speed-up). optimizer.zero_grad() "
+                "sets gradients to None by default: call buffer.zero_grad() or "
+                "optimizer.zero_grad(set_to_none=False) instead.",
+                UserWarning, stacklevel=_validate._outside_stacklevel())
+
+    def remove_hooks(self) -> None:
+        """Stop checking after each backward pass whether the gradients are still in the buffer."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def _allocate(self) -> None:
         grouped = _groups.by_device_and_dtype(self.parameters)
