@@ -92,3 +92,36 @@ def test_a_dropped_buffer_is_freed_and_its_check_goes_with_it():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(torch.ones(1, 3)).sum().backward()
+
+
+def test_channels_last_weights_get_views_of_their_own_layout():
+    # autograd accumulates into .grad in place only if its strides match the parameter's; a contiguous
+    # view of a channels_last weight made every backward pass warn and copy
+    import warnings
+
+    def model():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+        return net.to(memory_format=torch.channels_last)
+
+    ours, theirs = model(), model()
+    buffer = gradclip.GradBuffer(ours.parameters())
+    x = torch.randn(2, 3, 10, 10).to(memory_format=torch.channels_last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "gradient layout contract" warning
+        for _ in range(2):  # the second backward accumulates into the views
+            ours(x).sum().backward()
+            theirs(x).sum().backward()
+    assert buffer.views_intact()
+    assert all(p.grad.stride() == p.stride() for p in ours.parameters())
+    assert gradclip._groups.single_buffer([p.grad for p in ours.parameters()]) is not None
+    torch.testing.assert_close(gradclip.clip_grad_norm_(ours.parameters(), 0.5),
+                               torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.5))
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_a_parameter_with_gaps_in_its_strides_gets_a_contiguous_view():
+    weight = torch.nn.Parameter(torch.randn(4, 6)[:, ::2])  # strides (6, 2): not dense
+    buffer = gradclip.GradBuffer([weight])
+    assert weight.grad.is_contiguous() and buffer.views_intact()

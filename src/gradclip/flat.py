@@ -12,6 +12,28 @@ from . import _groups, _validate
 __all__ = ["GradBuffer"]
 
 
+def _dense_strides(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s strides lay its entries out without gaps or overlaps (any dimension order)."""
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda pair: pair[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _view_like(buffer: torch.Tensor, offset: int, param: torch.Tensor) -> torch.Tensor:
+    """A view of ``buffer[offset : offset + numel]`` with ``param``'s strides where they are dense.
+
+    Autograd accumulates into an existing ``.grad`` in place only when its layout matches the
+    parameter's (the "gradient layout contract"): a channels_last weight needs a channels_last
+    gradient, or every backward pass warns and goes through a copy.
+    """
+    if _dense_strides(param):
+        return buffer.as_strided(param.shape, param.stride(), buffer.storage_offset() + offset)
+    return buffer[offset : offset + param.numel()].view(param.shape)
+
+
 # id(parameter) -> weak reference to the GradBuffer that holds its gradient now. Keyed by id: tensors
 # compare elementwise, so they cannot be dictionary keys; a stale entry (a dead parameter's id reused)
 # at worst silences one check.
@@ -39,7 +61,9 @@ class GradBuffer:
     then run one kernel for the norm and one for the scale, whatever the
     number of tensors (the same idea as the flat buckets of Megatron-LM,
     DeepSpeed and FSDP). With thousands of small tensors this is many times
-    faster than one kernel per tensor; the results are identical.
+    faster than one kernel per tensor; the results are identical. Each view
+    has its parameter's layout (a channels_last weight gets a channels_last
+    view), which autograd's in-place accumulation requires.
 
     ``optimizer.zero_grad()`` sets gradients to ``None`` by default, which
     would detach them from the buffer. Use ``buffer.zero_grad()`` (or
@@ -108,7 +132,7 @@ class GradBuffer:
             self.buffers[(device, dtype)] = buffer
             offset, group_views = 0, []
             for param in group:
-                group_views.append(buffer[offset : offset + param.numel()].view(param.shape))
+                group_views.append(_view_like(buffer, offset, param))
                 views_by_param[id(param)] = group_views[-1]
                 offset += param.numel()
             _groups.register_views(buffer, group_views)
