@@ -27,7 +27,7 @@ Modules, one per experiment or concern:
 * :mod:`~gradclip_book.scalability`, :mod:`~gradclip_book.scalability_figures`: chapter 5.2 (AGC across batch
   sizes, structure-aware and per-sample clipping); :mod:`~gradclip_book.dist_demo`: its two-process torchrun run.
 * :mod:`~gradclip_book.safety`, :mod:`~gradclip_book.safety_figures`: chapter 5.3 (guards against injected
-  faults: ``python -m gradclip_book.safety`` precomputes its runs).
+  faults: ``python -m gradclip_book.safety grid`` precomputes its runs).
 * :mod:`~gradclip_book.conclusion`: chapter 6's decision guide, its evidence read from the other chapters.
 * :mod:`~gradclip_book.timing`: the one interleaved timer (also behind ``benchmarks/timing.py``).
 * :mod:`~gradclip_book.exercises`: the chapters' exercises (answers, hints, solutions) and their checkers.

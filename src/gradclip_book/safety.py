@@ -47,6 +47,8 @@ Example:
 
 from __future__ import annotations
 
+import argparse
+
 import copy
 import functools
 import math
@@ -81,6 +83,7 @@ __all__ = [
     "load",
     "step_phrase",
     "summary",
+    "main",
     "train",
 ]
 
@@ -618,5 +621,17 @@ def costs(repeats: int = 15, steps: int = EVERY) -> dict[str, float]:
     return {name: times[name] / times["none"] for name in GUARDS}
 
 
-if __name__ == "__main__":  # python -m gradclip_book.safety: recompute the stored grid
-    grid()
+def main(argv: list[str] | None = None) -> None:
+    """``python -m gradclip_book.safety grid [--out PATH]``: recompute the stored grid (about a minute)."""
+    parser = argparse.ArgumentParser(prog="python -m gradclip_book.safety",
+                                     description="Recompute chapter 5.3's stored grid of faults and guards "
+                                                 f"({len(grid_configs())} runs, about a minute); it rewrites the file.")
+    parser.add_argument("what", choices=["grid"], help="what to compute: the stored grid")
+    parser.add_argument("--out", type=Path, default=Path(GRID_PATH), help=f"the file to write (default {GRID_PATH})")
+    args = parser.parse_args(argv)
+    grid(args.out)
+    print(f"{len(grid_configs())} runs in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

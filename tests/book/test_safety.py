@@ -165,3 +165,14 @@ def test_outcomes_by_fault_step_come_from_the_grid_and_read_as_a_phrase():
     assert safety.step_phrase([(50, "nan"), (100, "finished"), (150, "nan")]) == \
         "nan at steps 50 and 150; finished at step 100"
     assert safety.step_phrase([(50, "nan"), (100, "nan"), (150, "nan")]) == "nan at steps 50, 100 and 150"
+
+
+def test_the_grid_command_has_a_help_and_does_not_run_without_its_argument(tmp_path, capsys):
+    # `python -m gradclip_book.safety --help` used to start recomputing (and rewriting) the stored grid
+    with pytest.raises(SystemExit) as exit_info:
+        safety.main(["--help"])
+    assert exit_info.value.code == 0 and "rewrites the file" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        safety.main([])  # the argument is required
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "x.jsonl.gz").exists()
