@@ -249,6 +249,16 @@ def scenario_fsdp(rank, world):
         out[f"norm/{p}"] = gradclip.clip_grad_norm_(model.parameters(), 0.1, p)
         out[f"grads/{p}"] = [q.grad.full_tensor() for q in model.parameters()]
         out["local_numels"] = [q.grad.to_local().numel() for q in model.parameters()]
+    # what does not support DTensors says so up front (GradBuffer used to break FSDP's backward pass)
+    refusals = {"GradBuffer": lambda: gradclip.GradBuffer(model.parameters()),
+                "adaptive_clip_grad_": lambda: gradclip.adaptive_clip_grad_(list(model.parameters()), 0.01),
+                "GradientMonitor": lambda: gradclip.GradientMonitor(model).record(0)}
+    for name, call in refusals.items():
+        try:
+            call()
+            out[f"refused/{name}"] = "no error"
+        except TypeError as error:
+            out[f"refused/{name}"] = str(error)
     return out
 
 
@@ -500,6 +510,9 @@ def test_fsdp2_fully_shard_on_cpu(ranks):
             for got, param in zip(result["fsdp"][f"grads/{p}"], model.parameters()):
                 close(got, param.grad)
         same_on_every_rank([r["fsdp"][f"norm/{p}"] for r in results])
+    for name in ("GradBuffer", "adaptive_clip_grad_", "GradientMonitor"):
+        for result in results:
+            assert f"{name} does not support DTensor" in result["fsdp"][f"refused/{name}"], result["fsdp"][f"refused/{name}"]
 
 
 def test_adaptive_clippers_keep_identical_state(ranks):

@@ -921,3 +921,20 @@ def test_dropout_on_the_vmap_path_gets_an_error_that_says_what_to_do():
         per_sample_clip_grad_(model, F.cross_entropy, x, y, 1.0, 0.0)
     model.eval()  # the advice works
     per_sample_clip_grad_(model, F.cross_entropy, x, y, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("method", ["auto", "ghost", "vmap"])
+def test_an_empty_batch_is_noise_alone_for_a_cnn_on_every_method(method):
+    # Poisson sampling draws empty batches; the ghost path used to fail reshaping 0 examples of a conv layer
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(2, 8, affine=False), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+    x, y = torch.randn(0, 1, 14, 14), torch.zeros(0, dtype=torch.long)
+    noiseless = per_sample_clipped_grad(model, F.cross_entropy, x, y, 1.0, method=method, expected_batch_size=64)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in noiseless.grads.values()) and noiseless.norms.numel() == 0
+    noisy = per_sample_clipped_grad(model, F.cross_entropy, x, y, 1.0, noise_multiplier=1.0, method=method,
+                                    expected_batch_size=64, generator=torch.Generator().manual_seed(3))
+    everything = torch.cat([g.reshape(-1) for g in noisy.grads.values()])
+    assert abs(float(everything.std()) - 1.0 / 64) < 0.1 / 64  # N(0, (sigma C / N)^2)
+    assert set(noisy.grads) == {name for name, _ in model.named_parameters()}

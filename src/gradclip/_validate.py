@@ -299,3 +299,21 @@ def check_callable(name: str, value: Any, signature: str) -> Any:
     if not callable(value):
         raise TypeError(f"{name} must be callable ({signature}), got {type(value).__name__}")
     return value
+
+
+def refuse_dtensors(tensors: list[torch.Tensor], what: str, instead: str) -> None:
+    """Raise ``TypeError`` if any tensor is a ``DTensor`` (FSDP2, tensor parallel): ``what`` does not support them.
+
+    ``instead`` says what to use. Host-only: checks types.
+    """
+    from ._groups import dtensor_type  # (no import cycle at module load)
+
+    dtensor = dtensor_type()
+    if dtensor is None:
+        return
+    for index, tensor in enumerate(tensors):
+        if isinstance(tensor, dtensor):
+            raise TypeError(
+                f"{what} does not support DTensor parameters or gradients (FSDP2's fully_shard, tensor "
+                f"parallelism): tensor {index} is a DTensor with placements {tuple(tensor.placements)}. {instead}"
+            )

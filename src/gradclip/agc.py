@@ -290,6 +290,7 @@ def adaptive_clip_grad_(
         ValueError: a bad ``clip_factor``, ``eps``, ``norm_type`` or unit axis,
             a gradient whose shape is not its parameter's, or a parameter with no
             data (meta or uninitialised lazy parameters).
+        TypeError: a parameter or gradient is a DTensor (FSDP2, tensor parallelism).
 
     References:
         * Brock, De, Smith and Simonyan (2021), "High-Performance Large-Scale Image Recognition Without Normalization", `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`__.
@@ -313,6 +314,9 @@ def adaptive_clip_grad_(
     p = _validate.check_norm_type(norm_type)
     _validate.check_foreach(foreach)
     params = _validate.as_tensor_list(parameters)
+    _validate.refuse_dtensors([p for p in params if p.grad is not None] + [p.grad for p in params if p.grad is not None],
+                              "adaptive_clip_grad_", "Gather the parameters first (FSDP2: clip before resharding "
+                              "is not supported), or clip by the global norm (clip_grad_norm_), which handles DTensors.")
     skipped = set() if exclude is None else {id(t) for t in _validate.as_tensor_list(exclude, "exclude")}
     overrides: dict[int, object] = {}
     if unit_dims is not None:

@@ -77,7 +77,7 @@ class GradBuffer:
             with ``requires_grad=False`` are left alone.
 
     Raises:
-        TypeError: ``parameters`` is not a tensor or an iterable of tensors.
+        TypeError: ``parameters`` is not a tensor or an iterable of tensors, or holds DTensors (FSDP2).
         ValueError: no parameter has ``requires_grad=True``.
 
     References:
@@ -96,6 +96,9 @@ class GradBuffer:
 
     def __init__(self, parameters: _validate.TensorOrTensors) -> None:
         self.parameters = [p for p in _validate.as_tensor_list(parameters) if p.requires_grad]
+        _validate.refuse_dtensors(self.parameters, "GradBuffer",
+                                  "FSDP2 keeps its own flat buffers; clip its DTensor gradients directly "
+                                  "(gradclip.clip_grad_norm_ reduces them over the ranks).")
         if not self.parameters:
             raise ValueError("parameters must contain at least one tensor with requires_grad=True")
         self.buffers: dict[_groups.GroupKey, torch.Tensor] = {}

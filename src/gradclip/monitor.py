@@ -192,9 +192,12 @@ class GradientMonitor:
             step: the step number for the table; default: one more than the last.
 
         Raises:
-            TypeError: ``step`` is not an int, or a parameter has a sparse gradient.
+            TypeError: ``step`` is not an int, a parameter has a sparse gradient, or the parameters are DTensors (FSDP2).
         """
         step = self._next_step(step)
+        _validate.refuse_dtensors(self.parameters, "GradientMonitor",
+                                  "Record on a model that is not sharded (for example one rank's full copy), or "
+                                  "log gradclip.clip_grad_norm_report_, which reduces DTensor norms over the ranks.")
         self._steps.append(step)
         self._records.append(self._measure())
 

@@ -505,8 +505,8 @@ def _unfolded(module: nn.Module, x: torch.Tensor, delta: torch.Tensor, batch: in
         if any(pads):
             x = torch.nn.functional.pad(x, pads)
         u = torch.nn.functional.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
-        p = delta.shape[1]
-        return u.transpose(1, 2), delta.reshape(batch, p, -1).to(dtype).transpose(1, 2)
+        p, steps = delta.shape[1], math.prod(delta.shape[2:])  # (not -1: ambiguous for an empty batch)
+        return u.transpose(1, 2), delta.reshape(batch, p, steps).to(dtype).transpose(1, 2)
     d, p = x.shape[-1], delta.shape[-1]
     steps = math.prod(x.shape[1:-1])
     return x.reshape(batch, steps, d).to(dtype), delta.reshape(batch, steps, p).to(dtype)
