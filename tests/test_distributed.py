@@ -617,3 +617,22 @@ def test_distributed_docstring_examples_run():
     for test in tests:
         runner.run(test)
     assert runner.failures == 0
+
+
+def test_replicated_without_a_group_warns_in_a_multi_rank_run(monkeypatch):
+    # a sign of a forgotten process_group: each rank would get the norm of its own tensors only
+    import warnings
+
+    import gradclip.norms
+
+    w = torch.nn.Parameter(torch.zeros(2))
+    w.grad = torch.tensor([3.0, 4.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one process: nothing to warn about
+        gradclip.get_total_norm([w.grad], replicated=[w.grad])
+    monkeypatch.setattr(gradclip.norms, "_in_multi_rank_run", lambda: True)
+    with pytest.warns(UserWarning, match="without `process_group`") as record:
+        gradclip.get_total_norm([w.grad], replicated=[w.grad])
+    assert record[0].filename == __file__
+    with pytest.warns(UserWarning, match="without `process_group`"):
+        gradclip.ZClip(replicated=[w])([w])

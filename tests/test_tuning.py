@@ -71,3 +71,19 @@ def test_bad_arguments_raise_naming_them():
         should_lower_lr(0.3, limit=1.0)
     with pytest.raises(ValueError, match="fraction"):
         should_lower_lr(1.5)
+
+
+def test_clip_results_feed_the_tuning_helpers_and_export_plain_values():
+    import gradclip
+    results = []
+    for g in ([3.0, 4.0], [0.3, 0.4], [6.0, 8.0], [0.6, 0.8]):
+        w = torch.nn.Parameter(torch.zeros(2))
+        w.grad = torch.tensor(g)
+        results.append(gradclip.clip_grad_norm_report_([w], 2.0))
+    torch.testing.assert_close(gradclip.suggest_threshold(results, q=0.5),
+                               gradclip.suggest_threshold([5.0, 0.5, 10.0, 1.0], q=0.5).float())
+    rows = [r.to_dict() for r in results]
+    assert rows[0] == {"norm": 5.0, "threshold": 2.0, "scale": pytest.approx(2.0 / (5.0 + 1e-6)), "clipped": True,
+                       "post_norm": pytest.approx(2.0, rel=1e-6)}
+    assert [row["clipped"] for row in rows] == [True, False, True, False]
+    assert all(type(v) in (float, bool) for row in rows for v in row.values())

@@ -10,6 +10,8 @@ DTensors and ``process_group=``, through :func:`gradclip.distributed.wide_global
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Iterable
 from typing import Any
 
@@ -44,7 +46,14 @@ def grouped_norm(
     """
     groups = _groups.groups_of(tensors, foreach)
     first_device = tensors[0].device if tensors else None
-    if _is_distributed(groups, process_group):
+    distributed_now = _is_distributed(groups, process_group)
+    if replicated is not None and not distributed_now and _in_multi_rank_run():
+        warnings.warn(
+            "`replicated` was given without `process_group`, so nothing is reduced over the ranks and each "
+            "rank gets the norm of its own tensors only. For tensors sharded by hand pass process_group=True "
+            "(or the group); for DDP, whose gradients are already identical on every rank, pass neither.",
+            UserWarning, stacklevel=_validate._outside_stacklevel())
+    if distributed_now:
         wide = distributed.wide_global_norm(groups, p, foreach, first_device, process_group, replicated)
     elif not groups:
         wide = torch.zeros((), dtype=torch.float64)
@@ -53,6 +62,13 @@ def grouped_norm(
         narrow = all(_norms.accumulation_dtype(group.dtype) != torch.float64 for group in groups)
         wide = _norms.combine(torch.cat(partial_norms), p, narrow_inputs=narrow)
     return groups, wide.to(_norms.output_dtype([group.dtype for group in groups])), wide
+
+
+def _in_multi_rank_run() -> bool:
+    """Whether torch.distributed is initialised with more than one rank (host metadata only)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def raise_if_nonfinite(norm: torch.Tensor, p: float) -> None:

@@ -44,8 +44,24 @@ class ClipResult:
 
     @property
     def clipped(self) -> torch.Tensor:
-        """A bool tensor: whether the gradients were scaled down."""
+        r"""A bool tensor: whether the gradients were scaled down (``scale < 1``).
+
+        With torch's factor :math:`c/(\|g\|+10^{-6})` (``clip_grad_norm_report_``) this
+        includes norms up to :math:`10^{-6}` below the threshold, which
+        :func:`gradclip.clipped_fraction` counting norms against a threshold
+        (``norm > threshold``) does not; AutoClip, ZClip and SpikeGuard scale
+        only above their threshold, so for them both counts agree.
+        """
         return self.scale < 1
+
+    def to_dict(self) -> dict[str, float | bool]:
+        """Plain Python values for logging (``norm``, ``threshold``, ``scale``, ``clipped``, ``post_norm``).
+
+        Reads the values on the host: one device sync. To log every step without
+        syncing, keep the results and convert them later (or stack their fields).
+        """
+        return {"norm": float(self.norm), "threshold": float(self.threshold), "scale": float(self.scale),
+                "clipped": bool(self.clipped), "post_norm": float(self.post_norm)}
 
     @property
     def post_norm(self) -> torch.Tensor:

@@ -66,7 +66,8 @@ def suggest_threshold(norm_history: History, q: float = 0.9) -> torch.Tensor:
 
     Args:
         norm_history: the pre-clip norms, a 1-D tensor or a sequence of numbers
-            or 0-dim tensors (for example ``[r.norm for r in results]``).
+            or 0-dim tensors (for example ``[r.norm for r in results]``), or a
+            sequence of :class:`~gradclip.result.ClipResult` (their ``norm``).
         q: the quantile, in [0, 1].
 
     Returns:
@@ -88,6 +89,8 @@ def suggest_threshold(norm_history: History, q: float = 0.9) -> torch.Tensor:
         raise TypeError(f"q must be a number in [0, 1], got {type(q).__name__}")
     if not 0 <= q <= 1:
         raise ValueError(f"q must be a number in [0, 1], got {q!r}")
+    if isinstance(norm_history, Sequence) and norm_history and all(isinstance(r, ClipResult) for r in norm_history):
+        norm_history = [r.norm for r in norm_history]
     history = _as_history(norm_history, "norm_history")
     if not history.is_floating_point():
         history = history.to(torch.float64)
