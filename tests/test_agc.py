@@ -306,3 +306,26 @@ def test_bad_arguments_raise_naming_them():
         adaptive_clip_grad_([3.0])
     before = p.grad.clone()
     assert torch.equal(p.grad, before)
+
+
+def test_agc_parameters_warns_when_the_head_is_a_guess():
+    import warnings
+
+    class HeadFirst(torch.nn.Module):  # the classifier registered before the body
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(8, 2)
+            self.body = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    model = HeadFirst()
+    with pytest.warns(UserWarning, match=r"'body\.2', is taken as the head.*head='its name'") as record:
+        agc_parameters(model)
+    assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = agc_parameters(model, head="head")  # named: no guess, no warning
+        assert {id(p) for p in kept} == {id(p) for p in model.body.parameters()}
+        agc_parameters(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)))  # call order

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple, Union
 
@@ -128,13 +129,21 @@ def _find_head(model: nn.Module, head: nn.Module | str | None) -> nn.Module:
         classifier = get_classifier()
         if isinstance(classifier, nn.Module) and any(True for _ in classifier.parameters()):
             return classifier
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(
             "exclude_head=True found no classifier: the model has no get_classifier() and no "
             "nn.Linear; pass head= (a module or its name) or exclude_head=False"
         )
-    return linears[-1]
+    name, last = linears[-1]
+    if len(linears) > 1 and not isinstance(model, nn.Sequential):
+        # registration order is call order only in a Sequential: elsewhere this is a guess
+        warnings.warn(
+            f"agc_parameters: the model has no get_classifier(), so the last nn.Linear registered, {name!r}, "
+            "is taken as the head and left unclipped. If the classifier is another layer (a head defined "
+            "before the body), pass head='its name'.",
+            UserWarning, stacklevel=_validate._outside_stacklevel())
+    return last
 
 
 def agc_parameters(
@@ -146,12 +155,18 @@ def agc_parameters(
     do not clip the final linear layer: "we found it was always better not to
     clip the final linear layer". Forgetting this is a
     common bug in ports. timm drops the last two parameters by order, which is
-    wrong for any model that registers its head elsewhere; this finds the head
-    by name instead:
+    wrong for any model that registers its head elsewhere; this looks for the
+    head as a module instead:
 
     * ``head`` if given (a module or its qualified name, e.g. ``"fc"``),
     * else ``model.get_classifier()`` if the model has one (timm models),
-    * else the last ``nn.Linear`` in ``model.modules()`` order.
+    * else the last ``nn.Linear`` in ``model.modules()`` order: the last one
+      called in an ``nn.Sequential``, a guess elsewhere (a head defined before
+      the body is missed), so for other models with several ``nn.Linear`` it
+      warns, naming the layer it took; pass ``head=`` to be sure.
+
+    Parameters tied to the head (an embedding shared with an LM head) are
+    left out with it, since they are the same tensors.
 
     Args:
         model: the network.
