@@ -310,11 +310,32 @@ def test_ghost_refuses_what_its_identity_does_not_fit_and_auto_falls_back(monkey
     torch.testing.assert_close(result.norms, expected.norms)
 
 
-def test_dropout_in_training_mode_is_refused_before_it_draws():
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5), torch.nn.Linear(3, 3))
-    with pytest.raises(ValueError, match="training mode"):
-        per_sample_clipped_grad(model, F.cross_entropy, torch.randn(4, 3), torch.randint(0, 3, (4,)), 1.0,
-                                method="ghost")
+def test_dropout_in_training_mode_takes_the_ghost_path_with_the_masks_it_drew():
+    # reference: a per-example loop through the same network with each example's drawn mask fixed
+    torch.manual_seed(0)
+    first, dropout, second = torch.nn.Linear(6, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3)
+    model = torch.nn.Sequential(first, torch.nn.Tanh(), dropout, second).train()
+    x, y = torch.randn(5, 6) * 3, torch.randint(0, 3, (5,))
+    calls = []
+    handle = dropout.register_forward_hook(lambda m, i, o: calls.append((i[0].detach(), o.detach())))
+    result = per_sample_clipped_grad(model, F.cross_entropy, x, y, 0.5, method="ghost")
+    handle.remove()
+    assert len(calls) == 1  # one ordinary forward pass
+    inputs, outputs = calls[0]
+    masks = torch.where(inputs != 0, outputs / torch.where(inputs != 0, inputs, 1), 0)  # 0 or 1 / (1 - p)
+    assert set(masks.unique().tolist()) <= {0.0, 2.0} and 0 < int((masks == 0).sum()) < masks.numel()
+    expected = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(second(torch.tanh(first(x[i : i + 1])) * masks[i]), y[i : i + 1]).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        norm = float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads.values()])))
+        for name in expected:
+            expected[name] += grads[name] * min(1.0, 0.5 / (norm + 1e-6)) / len(x)
+    for name in expected:
+        torch.testing.assert_close(result.grads[name], expected[name], rtol=1e-5, atol=1e-7)
+    auto = per_sample_clipped_grad(model, F.cross_entropy, x, y, 0.5)  # "auto" picks the ghost path too
+    assert set(auto.grads) == set(expected)
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])

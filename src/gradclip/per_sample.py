@@ -179,8 +179,8 @@ def per_sample_grads(
         raise RuntimeError(
             "a module draws random numbers (dropout in training mode) inside the per-example computation, "
             "which torch.func.vmap refuses: call model.eval() for the per-sample step or remove the dropout; "
-            "models of nn.Linear/nn.Conv2d layers with dropout take method='ghost', which runs one ordinary "
-            f"forward pass. ({error})"
+            "models of nn.Linear/nn.Conv2d layers (with dropout, activations, pooling, LayerNorm/GroupNorm "
+            f"without affine weights) take method='ghost', which runs one ordinary forward pass. ({error})"
         ) from error
 
 
@@ -431,7 +431,7 @@ def _leaf_rule(module: nn.Module, name: str) -> tuple[int, int | None] | None:
     """``(min_ndim, exact_ndim)`` its input must have for a module known to keep examples apart, else ``None``.
 
     Raises :class:`_NotEligible` for a known module that mixes examples (BatchNorm on batch
-    statistics), draws random numbers (dropout in training mode), or may act along the batch dimension.
+    statistics) or may act along the batch dimension.
     """
     if _same_forward(module, (nn.Linear,)) or _same_forward(module, _ELEMENTWISE):
         return 2 if isinstance(module, nn.Linear) else 1, None
@@ -441,8 +441,8 @@ def _leaf_rule(module: nn.Module, name: str) -> tuple[int, int | None] | None:
             raise _NotEligible(problem)
         return (2, None) if _same_forward(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) else None
     if _same_forward(module, _DROPOUT):
-        if module.training and module.p > 0:
-            raise _NotEligible(f"{name} ({type(module).__name__}) is in training mode: put the model in eval mode")
+        # in training mode each example gets its own mask (per entry or per channel): the examples stay
+        # independent, and the ghost norms are those of the gradients under the masks this forward drew
         return 1, None
     if _same_forward(module, _SOFTMAX):
         if module.dim is None or not (module.dim >= 1 or module.dim == -1):
@@ -886,8 +886,10 @@ def per_sample_clipped_grad(
       (a grouped convolution goes to ``"vmap"``) used once per forward pass, on an input with
       the batch along dim 0; and every other module is an ``nn.Sequential`` or a
       module known to treat the examples independently (activations, dropout
-      in eval mode, ``Flatten``, ``LayerNorm``, ``GroupNorm``, BatchNorm in eval
-      mode, frozen convolutions and pooling). With ``method="ghost"`` modules
+      (in training mode each example gets its own mask, and the clipped
+      gradients are those under the masks of this forward pass, as in Opacus),
+      ``Flatten``, ``LayerNorm``, ``GroupNorm``, BatchNorm in eval mode, frozen
+      convolutions and pooling). With ``method="ghost"`` modules
       with their own ``forward`` are taken on trust to treat the examples
       independently; the other conditions still hold, and a ``ValueError``
       says which one fails.
@@ -940,7 +942,7 @@ def per_sample_clipped_grad(
     Raises:
         TypeError: ``model`` is not a module, ``loss_fn`` is not callable, ``inputs``/``targets`` are not tensors, ``generator`` is not a ``torch.Generator``, or ``max_norm``/``noise_multiplier`` are not numbers.
         ValueError: an argument is out of range (``max_norm`` < 0 or infinite with noise, ``noise_multiplier`` < 0, ``chunk_size`` or ``expected_batch_size`` not None or an int >= 1, ``method`` or ``loss_reduction`` not one of theirs); ``inputs`` and ``targets`` differ in batch size; the batch is empty with ``loss_reduction="mean"`` and no ``expected_batch_size``; the model holds a BatchNorm in training mode (or without running statistics), whose batch statistics mix the examples; ``method="ghost"`` for a model the ghost-norm identity does not fit; or ``loss_fn`` does not return a 0-dim loss for one example.
-        RuntimeError: on the ``vmap`` path, a module draws random numbers (dropout in training mode).
+        RuntimeError: on the ``vmap`` path, a module draws random numbers (dropout in training mode; the ghost path takes it).
 
     References:
         * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__.
