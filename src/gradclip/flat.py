@@ -105,10 +105,9 @@ class GradBuffer:
         self._views: list[torch.Tensor] = []
         self._allocate()
         self._warned = False
-        for param in self.parameters:  # the newest buffer of a parameter is the one that checks it
+        for param, view in zip(self.parameters, self._views):  # the newest buffer of a parameter checks it
             _OWNER[id(param)] = weakref.ref(self)
-        self._hooks = [param.register_post_accumulate_grad_hook(_view_check(weakref.ref(self), weakref.ref(view)))
-                       for param, view in zip(self.parameters, self._views)]
+            param.register_post_accumulate_grad_hook(_view_check(weakref.ref(self), weakref.ref(view)))
 
     def _warn_outside(self) -> None:
         if not self._warned:
@@ -119,12 +118,6 @@ class GradBuffer:
                 "sets gradients to None by default: call buffer.zero_grad() or "
                 "optimizer.zero_grad(set_to_none=False) instead.",
                 UserWarning, stacklevel=_validate._outside_stacklevel())
-
-    def remove_hooks(self) -> None:
-        """Stop checking after each backward pass whether the gradients are still in the buffer."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
 
     def _allocate(self) -> None:
         grouped = _groups.by_device_and_dtype(self.parameters)

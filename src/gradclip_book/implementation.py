@@ -53,7 +53,6 @@ from .figures import table_html
 from .grids import HARD, HARD_THRESHOLD, THRESHOLDS
 
 __all__ = [
-    "METHOD_ROWS",
     "accumulation_case",
     "amp_case",
     "attach_case",
@@ -209,25 +208,6 @@ def layer_norms(config: cls.RunConfig = HARD, batch: int = 64) -> dict:
     return {"rows": monitor.table(), "by_hand": by_hand, "total": total}
 
 
-METHOD_ROWS: list[dict[str, str]] = [
-    {"name": "clip_grad_norm_", "acts_on": "all gradients as one vector",
-     "formula": r"g \leftarrow g\,\min\big(1, c/(\lVert g\rVert + 10^{-6})\big)"},
-    {"name": "clip_grad_value_", "acts_on": "each entry",
-     "formula": r"g_j \leftarrow \max(-v, \min(v, g_j))"},
-    {"name": "clip_grad_norm_per_tensor_", "acts_on": "each tensor",
-     "formula": r"g_l \leftarrow g_l\,\min\big(1, c/(\lVert g_l\rVert + 10^{-6})\big)"},
-    {"name": "soft_clip_grad_norm_", "acts_on": "all gradients as one vector",
-     "formula": r"g \leftarrow g\,c/(\lVert g\rVert + c)"},
-    {"name": "adaptive_clip_grad_", "acts_on": "each output unit (head excluded)",
-     "formula": r"G_i \leftarrow G_i \min\big(1, \lambda\max(\lVert W_i\rVert, \varepsilon)/\lVert G_i\rVert\big)"},
-    {"name": "AutoClip", "acts_on": "all gradients as one vector",
-     "formula": r"c_t = P_p(\lVert g_1\rVert, \dots, \lVert g_t\rVert),\ g \leftarrow g\,\min\big(1, c_t/\lVert g\rVert\big)"},
-    {"name": "ZClip", "acts_on": "all gradients as one vector",
-     "formula": r"z = (\lVert g\rVert - \mu)/\sigma;\ z > z_t:\ g \leftarrow g\,(\mu + z_t^2\sigma/z)/\lVert g\rVert"},
-]
-"""The methods :func:`clip_each_method` applies: gradclip name, what it acts on, and its rule (LaTeX)."""
-
-
 def _batch_grads(model: nn.Module, count: int, batch: int, split_seed: int) -> list[list[torch.Tensor]]:
     """The gradients of ``count`` different minibatches at the same weights (a history for the stateful clippers)."""
     x, y = cls._split(split_seed)["train"]
@@ -240,7 +220,7 @@ def _batch_grads(model: nn.Module, count: int, batch: int, split_seed: int) -> l
 
 
 def clip_each_method(config: cls.RunConfig = HARD, batch: int = 32, history: int = 30, spike: float = 10.0) -> list[dict]:
-    r"""Apply every clipping method of :data:`METHOD_ROWS` to the same gradient and measure what it did.
+    r"""Apply each clipping method of chapter 3 (five functions, AutoClip, ZClip) to one gradient and measure it.
 
     The gradient is that of ``config``'s network at initialisation on chapter
     4's first training minibatch. Thresholds are chapter 4's: global and
@@ -294,7 +274,7 @@ def clip_each_method(config: cls.RunConfig = HARD, batch: int = 32, history: int
         "AutoClip": ("percentile=10", lambda: autoclip(params)),
         "ZClip": ("z_thresh=2.5, max_grad_norm=None", lambda: zclip(params)),
     }
-    jobs = [(row["name"], 1.0, calls[row["name"]]) for row in METHOD_ROWS]
+    jobs = [(name, 1.0, setting_and_call) for name, setting_and_call in calls.items()]
     jobs += [(name, spike, (calls[name][0], lambda c=clipper: c(params))) for name, clipper in spiked.items()]
     rows = []
     for name, factor, (setting, call) in jobs:
