@@ -34,6 +34,7 @@ and are not repeated in each docstring.
   values it accepts and what to do.
 """
 
+from .adagc import AdaGC, AdaGCResult
 from .agc import UnitSpec, adaptive_clip_grad_, agc_parameters, agc_unit_dims
 from .autoclip import AutoClip
 from .clip import clip_grad_norm_, clip_grad_norm_report_, clip_grad_value_, clip_grads_with_norm_
@@ -55,6 +56,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "distributed",
+    "AdaGC",
+    "AdaGCResult",
     "AutoClip",
     "ClipResult",
     "Clipper",

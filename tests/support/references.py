@@ -293,3 +293,86 @@ def opacus_dp_step(per_sample_grads, max_norm, noise, expected_batch_size, reduc
             step = step / expected_batch_size
         out.append(step)
     return out
+
+
+# --- per-tensor adaptive clipping (gradclip.adagc) ------------------------------------------------
+
+
+def _tensor_norm(g, norm_type):
+    return float(torch.linalg.vector_norm(g, norm_type))
+
+
+class ReferenceAdaGC:
+    """The authors' AdaGC (lishuai-97/AdaGC, megatron-gpt2.patch at commit 32c249fa: class AdaGC, clip_by_norm).
+
+    Transcribed with host floats and float64 tensors: calls count from 1; for the first
+    ``start_clip_steps`` calls, global clipping at ``max_norm`` (factor max_norm / (total + eps),
+    applied only below 1) and gamma = the smallest clipped norm of each tensor; then, per tensor,
+    gamma starts at the tensor's norm if it has none, the tensor is clipped by
+    ratio * gamma / (norm + eps) only when norm > ratio * gamma, the clipped norm is taken as
+    ratio * gamma, and gamma = beta * gamma + (1 - beta) * clipped norm. ``grads``: one float64
+    tensor per position, or None for a parameter without a gradient; returns the clipped copies.
+    """
+
+    def __init__(self, clip_ratio, beta, eps, start_clip_steps, max_norm, norm_type=2.0):
+        self.clip_ratio, self.beta, self.eps = clip_ratio, beta, eps
+        self.start_clip_steps, self.max_norm, self.norm_type = start_clip_steps, max_norm, norm_type
+        self.steps = 0
+        self.norm_value = {}
+
+    def __call__(self, grads):
+        self.steps += 1
+        out = [None if g is None else g.detach().double().clone() for g in grads]
+        present = [i for i, g in enumerate(out) if g is not None]
+        if self.steps <= self.start_clip_steps:
+            total = float(global_norm([out[i] for i in present], self.norm_type))
+            coeff = self.max_norm / (total + self.eps)
+            for i in present:
+                if coeff < 1.0:
+                    out[i] = out[i] * coeff
+                norm = _tensor_norm(out[i], self.norm_type)
+                if i not in self.norm_value or norm < self.norm_value[i]:
+                    self.norm_value[i] = norm
+            return out
+        for i in present:
+            norm = _tensor_norm(out[i], self.norm_type)
+            average = self.norm_value.setdefault(i, norm)
+            if norm > self.clip_ratio * average:
+                out[i] = out[i] * (self.clip_ratio * average / (norm + self.eps))
+                norm = self.clip_ratio * average
+            self.norm_value[i] = average * self.beta + norm * (1.0 - self.beta)
+        return out
+
+
+class ReferenceOLMoAdaptiveClipping:
+    """OLMo's max_grad_norm_ratio (allenai/OLMo olmo/optim.py, Optimizer._do_adaptive_clipping at 59a53e3f).
+
+    Transcribed in float64: ``global_step`` counts from 1 as OLMo's trainer does; each tensor's
+    EMA starts at its norm, and is stored only from global step 2 on (OLMo adds no optimizer
+    state on step 1); coef = min(1, ratio * ema / (norm + 1e-6)) multiplies the gradient, and
+    the EMA moves toward the clipped norm norm * coef by lerp with weight 1 - beta.
+    """
+
+    def __init__(self, max_norm_ratio, beta, norm_type=2.0):
+        self.ratio, self.beta, self.norm_type = max_norm_ratio, beta, norm_type
+        self.global_step = 0
+        self.exp_avg = {}
+
+    def __call__(self, grads):
+        self.global_step += 1
+        out = [None if g is None else g.detach().double().clone() for g in grads]
+        for i, g in enumerate(out):
+            if g is None:
+                continue
+            norm = _tensor_norm(g, self.norm_type)
+            ema = self.exp_avg.get(i)
+            if ema is None:
+                ema = norm
+                if self.global_step > 1:
+                    self.exp_avg[i] = ema
+            coef = min(self.ratio * ema / (norm + 1e-6), 1.0)
+            out[i] = g * coef
+            ema = ema + (1 - self.beta) * (norm * coef - ema)  # torch.lerp_(end, weight)
+            if i in self.exp_avg:
+                self.exp_avg[i] = ema
+        return out
