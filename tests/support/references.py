@@ -376,3 +376,92 @@ class ReferenceOLMoAdaptiveClipping:
             if i in self.exp_avg:
                 self.exp_avg[i] = ema
         return out
+
+
+# --- update clipping (gradclip.update_clip) -------------------------------------------------------
+
+
+def rms(tensor):
+    """Root mean square sqrt(mean(x^2)) of a tensor, in float64."""
+    return float(tensor.detach().double().pow(2).mean().sqrt())
+
+
+class ReferenceStableAdamW:
+    """StableAdamW (Wortsman et al. 2023) as the first author's StableAdamWUnfused does it, in float64.
+
+    Transcribed from the gist mitchellnw/d42e22a0b9ec02ceaf4f7b4457f51423 (as copied into public
+    repositories): the step t counts from 1; the moments use the debiased coefficients
+    beta_hat = beta (1 - beta^(t-1)) / (1 - beta^t), so m and u are already bias-corrected;
+    R = sqrt(mean(g^2 / max(u, eps^2))) per tensor; theta <- theta (1 - lr wd) -
+    lr / max(1, R / d) * m / (sqrt(u) + eps). ``decay_scaled``: optimi's StableAdamW, whose decay
+    uses the scaled rate too, theta (1 - lr / max(1, R / d) * wd).
+    """
+
+    def __init__(self, params, lr, betas, eps, weight_decay, d=1.0, decay_scaled=False):
+        self.params = [p.detach().double().clone() for p in params]
+        self.lr, (self.beta1, self.beta2), self.eps, self.wd, self.d = lr, betas, eps, weight_decay, d
+        self.decay_scaled = decay_scaled
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.u = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    def step(self, grads):
+        """One step with these gradients (float64 copies); returns each tensor's R."""
+        self.t += 1
+        t, out = self.t, []
+        b1 = self.beta1 * (1 - self.beta1 ** (t - 1)) / (1 - self.beta1 ** t)
+        b2 = self.beta2 * (1 - self.beta2 ** (t - 1)) / (1 - self.beta2 ** t)
+        for k, g in enumerate(grads):
+            g = g.double()
+            self.m[k] = b1 * self.m[k] + (1 - b1) * g
+            self.u[k] = b2 * self.u[k] + (1 - b2) * g * g
+            ratio = math.sqrt(float((g * g / torch.clamp(self.u[k], min=self.eps ** 2)).mean()))
+            rate = self.lr / max(1.0, ratio / self.d)
+            decay = rate if self.decay_scaled else self.lr
+            self.params[k] = self.params[k] * (1 - decay * self.wd) - rate * self.m[k] / (self.u[k].sqrt() + self.eps)
+            out.append(ratio)
+        return out
+
+
+class ReferenceAdamWUpdateClipped:
+    """AdamW (Loshchilov and Hutter 2019) whose update U = m_hat / (sqrt(v_hat) + eps) is clipped by Adafactor's rule.
+
+    In float64: theta <- theta (1 - lr wd) - lr U / max(1, RMS(U) / d) (Shazeer and Stern 2018,
+    update clipping, arXiv:1804.04235), the decay left unclipped as in torch.optim.Adafactor.
+    """
+
+    def __init__(self, params, lr, betas, eps, weight_decay, d=1.0):
+        self.params = [p.detach().double().clone() for p in params]
+        self.lr, (self.beta1, self.beta2), self.eps, self.wd, self.d = lr, betas, eps, weight_decay, d
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    def step(self, grads):
+        """One step; returns each tensor's RMS(U)."""
+        self.t += 1
+        out = []
+        for k, g in enumerate(grads):
+            g = g.double()
+            self.m[k] = self.beta1 * self.m[k] + (1 - self.beta1) * g
+            self.v[k] = self.beta2 * self.v[k] + (1 - self.beta2) * g * g
+            m_hat = self.m[k] / (1 - self.beta1 ** self.t)
+            v_hat = self.v[k] / (1 - self.beta2 ** self.t)
+            update = m_hat / (v_hat.sqrt() + self.eps)
+            size = rms(update)
+            self.params[k] = self.params[k] * (1 - self.lr * self.wd) - self.lr * update / max(1.0, size / self.d)
+            out.append(size)
+        return out
+
+
+def update_clipped_by_hand(before, after, decay, step_size, d):
+    """Adafactor's rule on a step already taken, in float64: the step (1 - c) before - a U, with U clipped.
+
+    ``decay`` is c (the decoupled weight decay), ``step_size`` a; returns (1 - c) before - a U /
+    max(1, RMS(U) / d) with a U = (1 - c) before - after.
+    """
+    decayed = before.double() * (1 - decay)
+    update = decayed - after.double()
+    size = rms(update) / step_size if step_size else math.nan
+    scale = d / size if size > d else 1.0
+    return decayed - scale * update
