@@ -244,7 +244,9 @@ class UpdateClip:
         skipped = getattr(optimizer, "found_inf", None)  # a fused step under GradScaler that found inf/NaN
         for entries in _by_device_and_dtype(stepped, params):
             ratio = self._ratios(optimizer, entries, params, copies)
-            scale = torch.where(ratio > self.d, self.d / ratio, torch.ones_like(ratio))
+            # (a tensor d: torch computes number / tensor as number * (1 / tensor), which overflows for ratios below 1/max)
+            threshold = torch.full_like(ratio, self.d)
+            scale = torch.where(ratio > threshold, threshold / ratio, torch.ones_like(ratio))
             if skipped is not None:
                 scale = torch.where(skipped.to(scale.device) > 0, torch.ones_like(scale), scale)
             self._rescale(entries, params, copies, scale)
