@@ -448,3 +448,64 @@ def test_torch_compile_does_not_recompile_per_step(rule):
     assert counter.frame_count == early[0], "a new graph after the second step"
     for a, b in zip(whole, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- FSDP2: each RMS is the full tensor's, on 2 gloo ranks -----------------------------------------------
+
+FSDP_STEPS = 4
+
+
+def fsdp_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5), torch.nn.Tanh(),
+                               torch.nn.Linear(5, 1))
+
+
+def fsdp_batch(step):
+    generator = torch.Generator().manual_seed(600 + step)
+    x, y = torch.randn(12, 8, generator=generator), torch.randn(12, 1, generator=generator)
+    return x, y * (30.0 if step == 2 else 1.0)
+
+
+def fsdp_run(rule, world=1, rank=0, mesh=None):
+    model = fsdp_model()
+    if mesh is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    clipper = gradclip.UpdateClip(rule, d=0.5).attach(optimizer)
+    scales = []
+    for step in range(FSDP_STEPS):
+        optimizer.zero_grad()
+        x, y = fsdp_batch(step)
+        torch.nn.functional.mse_loss(model(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
+        optimizer.step()
+        scales.append(clipper.last_result.scales)
+    full = [p.full_tensor() if mesh is not None else p.detach() for p in model.parameters()]
+    return full, torch.stack(scales)
+
+
+def scenario_update_clip(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    return {rule: fsdp_run(rule, world, rank, mesh) for rule in ("adafactor", "stable_adamw")}
+
+
+def test_fsdp2_clips_by_full_tensor_rms_on_two_ranks(tmp_path):
+    from test_distributed import run_ranks
+
+    results = run_ranks(scenario_update_clip, 2, tmp_path)
+    for rule in ("adafactor", "stable_adamw"):
+        params, scales = fsdp_run(rule)
+        assert (scales < 1).any(), f"{rule}: the run must exercise the clip"
+        for result in results:
+            got_params, got_scales = result[rule]
+            torch.testing.assert_close(got_scales, scales, rtol=1e-5, atol=0)
+            for got, want in zip(got_params, params):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(results[0][rule][1], results[1][rule][1])  # the same decisions on every rank

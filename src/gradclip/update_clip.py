@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from . import _groups, _norms, _validate
+from . import _groups, _norms, _validate, distributed
 from .clippers import optimizer_parameters
 
 __all__ = ["UpdateClip", "UpdateClipResult"]
@@ -100,8 +100,9 @@ class UpdateClip:
     scaler skips runs no hook, or, for a fused optimizer, leaves every scale at 1;
     ``"stable_adamw"`` reads the gradients after the step, which are unscaled then:
     ``scaler.step`` unscales them before a non-fused step, and torch's fused kernels,
-    which get them scaled, divide them in place, their schema marking them as
-    written; tested on the CPU kernel); several param groups, each with its own learning
+    which get them scaled, write them back unscaled (the CUDA kernel's "conditional
+    gradient store", ``aten/src/ATen/native/cuda/fused_adam_utils.cuh``; tested on the
+    CPU kernel); several param groups, each with its own learning
     rate and weight decay; parameters whose ``.grad`` is ``None`` (frozen, unused),
     which the step and the clip leave alone. Parameters with ``requires_grad=False``
     are not copied. Non-finite updates are not made finite: an inf in
@@ -118,6 +119,15 @@ class UpdateClip:
     inside ``Optimizer.step``, compiles no new graph after the first steps (a
     learning rate that a scheduler changes must then be a tensor, as for torch's
     compiled optimizers).
+
+    **Distributed.** Under FSDP2 (``fully_shard``) or tensor parallelism the
+    parameters are DTensors: the copy holds the local shards, and each RMS is that
+    of the full tensor, the ranks' local sums of squares combined by one
+    all-reduce per group of parameters with the same mesh and placements (as
+    :func:`gradclip.distributed.sharded_tensor_norms`), so every rank scales a tensor
+    by the same factor (tested on 2 gloo ranks against one process). Under DDP
+    nothing is needed. Placements other than ``Shard`` and ``Replicate`` raise
+    ``TypeError``.
 
     Attach it before a :class:`~gradclip.SpikeGuard` on the same optimizer: post-hooks
     run in the order they were registered, and the guard must undo a skipped step
@@ -138,7 +148,8 @@ class UpdateClip:
         ValueError: an argument is outside the range given above (the message names it).
         TypeError: an argument has the wrong type; ``attach`` to something that is not a
             ``torch.optim.Optimizer``; ``"stable_adamw"`` on an optimizer without Adam's
-            ``betas``, ``eps`` and ``exp_avg_sq``; a sparse gradient under ``"stable_adamw"``.
+            ``betas``, ``eps`` and ``exp_avg_sq``; a sparse gradient under ``"stable_adamw"``;
+            a DTensor parameter placed other than ``Shard`` or ``Replicate``.
         RuntimeError: ``attach`` while attached, or after a SpikeGuard on the same optimizer.
 
     References:
@@ -236,21 +247,20 @@ class UpdateClip:
         if copies is None:
             return
         params = optimizer_parameters(optimizer)
-        stepped = _stepped(optimizer, copies)
-        device = params[0].device
+        device = _local(params[0]).device
         wide = _norms.wide_dtype(device)
         rms = torch.full((len(params),), math.nan, dtype=wide, device=device)
         scales = torch.ones(len(params), dtype=wide, device=device)
         skipped = getattr(optimizer, "found_inf", None)  # a fused step under GradScaler that found inf/NaN
-        for entries in _by_device_and_dtype(stepped, params):
-            ratio = self._ratios(optimizer, entries, params, copies)
+        for bucket in _buckets(optimizer, params, copies):
+            ratio = self._ratios(optimizer, bucket)
             # (a tensor d: torch computes number / tensor as number * (1 / tensor), which overflows for ratios below 1/max)
             threshold = torch.full_like(ratio, self.d)
             scale = torch.where(ratio > threshold, threshold / ratio, torch.ones_like(ratio))
             if skipped is not None:
                 scale = torch.where(skipped.to(scale.device) > 0, torch.ones_like(scale), scale)
-            self._rescale(entries, params, copies, scale)
-            where = torch.tensor([index for index, _ in entries], device=device)
+            self._rescale(bucket, scale)
+            where = torch.tensor(bucket.positions, device=device)
             rms.index_copy_(0, where, ratio.to(device))
             scales.index_copy_(0, where, scale.to(device))
         if self._steps.device != device:
@@ -258,48 +268,37 @@ class UpdateClip:
         self._steps += 1
         self.last_result = UpdateClipResult(rms=rms, scales=scales)
 
-    def _ratios(self, optimizer: torch.optim.Optimizer, entries: list[tuple[int, dict[str, Any]]],
-                params: list[torch.Tensor], copies: list[torch.Tensor | None]) -> torch.Tensor:
-        """The quantity each tensor's rule compares with d; for "adafactor" this also forms the updates."""
-        device = params[entries[0][0]].device
+    def _ratios(self, optimizer: torch.optim.Optimizer, bucket: "_Bucket") -> torch.Tensor:
+        """The quantity each tensor's rule compares with d; also turns the copies into the updates."""
         if self.rule == "stable_adamw":
-            ratio = torch.stack([_second_moment_ratio(optimizer, params[i], copies[i], group)
-                                 for i, group in entries])
-            self._form_updates(optimizer, entries, params, copies)
+            local_sums = torch.stack([_second_moment_sum(optimizer, bucket, k) for k in range(len(bucket.params))])
+            ratio = (_full_norms(bucket, local_sums.sqrt().unsqueeze(1).unbind(), None) ** 2 * bucket.inverse_counts()).sqrt()
+            self._form_updates(optimizer, bucket)
             return ratio
-        step_sizes = _step_sizes(optimizer, entries, params, copies)
-        self._form_updates(optimizer, entries, params, copies)
-        updates = [copies[i] for i, _ in entries]
-        counts = torch.tensor([1.0 / math.sqrt(max(u.numel(), 1)) for u in updates],
-                              dtype=_norms.wide_dtype(device), device=device)
-        update_rms = _norms.tensor_norms(updates, 2.0, device, self.foreach) * counts
-        return update_rms / step_sizes
+        step_sizes = _step_sizes(optimizer, bucket)
+        self._form_updates(optimizer, bucket)
+        return _full_norms(bucket, bucket.updates, self.foreach) * bucket.inverse_counts().sqrt() / step_sizes
 
-    def _form_updates(self, optimizer: torch.optim.Optimizer, entries: list[tuple[int, dict[str, Any]]],
-                      params: list[torch.Tensor], copies: list[torch.Tensor | None]) -> None:
+    def _form_updates(self, optimizer: torch.optim.Optimizer, bucket: "_Bucket") -> None:
         """Turn each copy of a parameter before the step into the step's update, a U (in place).
 
         The optimizer first multiplies the parameter by (1 - c) (decoupled weight decay),
         then adds -a U: (1 - c) * before - after = a U, the same (1 - c) multiply as the
         optimizer's, so the decay cancels exactly.
         """
-        for index, group in entries:
+        for update, group in zip(bucket.updates, bucket.groups):
             decay = 0.0 if self.scale_weight_decay else _decoupled_decay(optimizer, group)
             if not (isinstance(decay, float) and decay == 0.0):
-                copies[index].mul_(1 - decay)
-        tensors = [params[i] for i, _ in entries]
-        olds = [copies[i] for i, _ in entries]
-        _groups.apply_(olds, _groups.use_foreach(olds, olds[0].device, self.foreach), "sub", tensors)
+                update.mul_(1 - decay)
+        batched = _groups.use_foreach(bucket.updates, bucket.device, self.foreach)
+        _groups.apply_(bucket.updates, batched, "sub", bucket.local)
 
-    def _rescale(self, entries: list[tuple[int, dict[str, Any]]], params: list[torch.Tensor],
-                 copies: list[torch.Tensor | None], scale: torch.Tensor) -> None:
-        """theta <- theta + (1 - s) a U, which replaces the step's update a U by s a U."""
-        tensors = [params[i] for i, _ in entries]
-        updates = [copies[i] for i, _ in entries]
-        batched = _groups.use_foreach(tensors, tensors[0].device, self.foreach)
-        factors = (1 - scale).to(tensors[0].device, _norms.accumulation_dtype(tensors[0].dtype))
-        _groups.apply_(updates, batched, "mul", list(factors.unbind()))
-        _groups.apply_(tensors, batched, "add", updates)
+    def _rescale(self, bucket: "_Bucket", scale: torch.Tensor) -> None:
+        """theta <- theta + (1 - s) a U, which replaces the step's update a U by s a U (on the local values)."""
+        batched = _groups.use_foreach(bucket.local, bucket.device, self.foreach)
+        factors = (1 - scale).to(bucket.device, _norms.accumulation_dtype(bucket.local[0].dtype))
+        _groups.apply_(bucket.updates, batched, "mul", list(factors.unbind()))
+        _groups.apply_(bucket.local, batched, "add", bucket.updates)
 
     # --- state -----------------------------------------------------------------------------
 
@@ -358,23 +357,76 @@ def _has_spike_guard(optimizer: torch.optim.Optimizer) -> bool:
     return any(isinstance(getattr(hook, "__self__", None), SpikeGuard) for hook in hooks.values())
 
 
-def _stepped(optimizer: torch.optim.Optimizer, copies: list[torch.Tensor | None]) -> list[tuple[int, dict[str, Any]]]:
-    """(position, param group) of each parameter the step updated: it has a gradient, and was copied."""
-    out, index = [], 0
+class _Bucket(NamedTuple):
+    """Parameters the step updated that share device, dtype and (for DTensors) mesh and placements."""
+
+    positions: list[int]  # in optimizer_parameters(optimizer)
+    groups: list[dict[str, Any]]  # each one's param group
+    params: list[torch.Tensor]  # as the optimizer holds them (DTensors under FSDP2 or tensor parallelism)
+    local: list[torch.Tensor]  # their local values (the tensors themselves for plain tensors)
+    updates: list[torch.Tensor]  # the local values of the copies taken before the step
+    sharding: tuple[Any, tuple[Any, ...]] | None  # (mesh, placements) of DTensors
+    device: torch.device
+
+    def inverse_counts(self) -> torch.Tensor:
+        """1 / n of each (full) tensor, in the wide dtype: RMS = norm * sqrt(1/n)."""
+        return torch.tensor([1.0 / max(p.numel(), 1) for p in self.params], dtype=_norms.wide_dtype(self.device),
+                            device=self.device)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    dtensor = _groups.dtensor_type()
+    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor) else tensor
+
+
+def _buckets(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+             copies: list[torch.Tensor | None]) -> list[_Bucket]:
+    """The parameters the step updated (a gradient, and a copy), in buckets for batched kernels."""
+    dtensor = _groups.dtensor_type()
+    found: dict[tuple[Any, ...], _Bucket] = {}
+    index = 0
     for group in optimizer.param_groups:
         for param in group["params"]:
-            if copies[index] is not None and param.grad is not None:
-                out.append((index, group))
+            copy = copies[index]
+            if copy is not None and param.grad is not None:
+                local = _local(param)
+                sharding = None
+                if dtensor is not None and isinstance(param, dtensor):
+                    sharding = (param.device_mesh, tuple(param.placements))
+                    _check_placements(sharding[1])
+                key = (local.device, local.dtype) + (() if sharding is None else sharding)
+                bucket = found.get(key)
+                if bucket is None:
+                    bucket = found[key] = _Bucket([], [], [], [], [], sharding, local.device)
+                bucket.positions.append(index)
+                bucket.groups.append(group)
+                bucket.params.append(param)
+                bucket.local.append(local)
+                bucket.updates.append(_local(copy))
             index += 1
-    return out
+    return list(found.values())
 
 
-def _by_device_and_dtype(entries: list[tuple[int, dict[str, Any]]],
-                         params: list[torch.Tensor]) -> list[list[tuple[int, dict[str, Any]]]]:
-    buckets: dict[tuple[torch.device, torch.dtype], list[tuple[int, dict[str, Any]]]] = {}
-    for index, group in entries:
-        buckets.setdefault((params[index].device, params[index].dtype), []).append((index, group))
-    return list(buckets.values())
+def _check_placements(placements: tuple[Any, ...]) -> None:
+    kinds = distributed.placement_kinds(placements, "UpdateClip")
+    if any(kind not in (distributed.SHARD, distributed.REPLICATE) for kind in kinds):
+        raise TypeError(f"UpdateClip clips parameters placed as Shard or Replicate, not {placements}")
+
+
+def _full_norms(bucket: _Bucket, tensors: Any, foreach: bool | None) -> torch.Tensor:
+    """The 2-norm of each full tensor whose local values are ``tensors`` (one per parameter of the bucket).
+
+    For DTensors, each rank's local norms are combined over the mesh dimensions that shard
+    the parameters (one all-reduce for the bucket), as :func:`gradclip.distributed.sharded_tensor_norms` does.
+    """
+    tensors = list(tensors)
+    if bucket.sharding is None:
+        return _norms.tensor_norms(tensors, 2.0, bucket.device, foreach)
+    mesh, placements = bucket.sharding
+    pieces = [norm.reshape(1) for norm in _norms.tensor_norms(tensors, 2.0, bucket.device, foreach).unbind()]
+    group = _groups.Group(bucket.device, pieces[0].dtype, bucket.params, None,
+                          _groups.Sharding(mesh, placements, pieces, None))
+    return distributed.sharded_tensor_norms(group, 2.0, foreach)
 
 
 _DECOUPLED = tuple(getattr(torch.optim, name) for name in ("AdamW", "Adafactor", "Muon") if hasattr(torch.optim, name))
@@ -398,45 +450,42 @@ def _is_decoupled(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) ->
     return bool(group.get("decoupled_weight_decay", False)) or isinstance(optimizer, _DECOUPLED)
 
 
-def _step_sizes(optimizer: torch.optim.Optimizer, entries: list[tuple[int, dict[str, Any]]],
-                params: list[torch.Tensor], copies: list[torch.Tensor | None]) -> torch.Tensor:
-    """The step size a of each entry: the group's lr; Adafactor's relative step max(eps2, RMS(before)) min(lr, t^-1/2)."""
-    device = params[entries[0][0]].device
-    wide = _norms.wide_dtype(device)
-    lrs = _on_device([group["lr"] for _, group in entries], wide, device)
+def _step_sizes(optimizer: torch.optim.Optimizer, bucket: _Bucket) -> torch.Tensor:
+    """The step size a of each parameter: the group's lr; Adafactor's relative step max(eps2, RMS(before)) min(lr, t^-1/2)."""
+    wide = _norms.wide_dtype(bucket.device)
+    lrs = _on_device([group["lr"] for group in bucket.groups], wide, bucket.device)
     adafactor = getattr(torch.optim, "Adafactor", None)
     if adafactor is None or not isinstance(optimizer, adafactor):
         return lrs
-    before = [copies[i] for i, _ in entries]
-    counts = torch.tensor([1.0 / math.sqrt(max(t.numel(), 1)) for t in before], dtype=wide, device=device)
-    param_rms = _norms.tensor_norms(before, 2.0, device, None) * counts
-    steps = torch.stack([optimizer.state[params[i]]["step"].to(device=device, dtype=wide) for i, _ in entries])
-    eps2 = _on_device([group["eps"][1] for _, group in entries], wide, device)
+    param_rms = _full_norms(bucket, bucket.updates, None) * bucket.inverse_counts().sqrt()  # still the copies
+    steps = torch.stack([_local(optimizer.state[p]["step"]).to(device=bucket.device, dtype=wide)
+                         for p in bucket.params])
+    eps2 = _on_device([group["eps"][1] for group in bucket.groups], wide, bucket.device)
     return torch.maximum(param_rms, eps2) * torch.minimum(lrs, steps.rsqrt())
 
 
-def _second_moment_ratio(optimizer: torch.optim.Optimizer, param: torch.Tensor, before: torch.Tensor,
-                         group: Mapping[str, Any]) -> torch.Tensor:
-    """StableAdamW's R = sqrt(mean(g^2 / max(v_hat, eps^2))) for one tensor, in the wide dtype."""
+def _second_moment_sum(optimizer: torch.optim.Optimizer, bucket: _Bucket, k: int) -> torch.Tensor:
+    """sum(g^2 / max(v_hat, eps^2)) over one parameter's local values (StableAdamW's R^2 times n), in the wide dtype."""
+    param, group = bucket.params[k], bucket.groups[k]
     state = optimizer.state.get(param) or {}
     if "exp_avg_sq" not in state or "step" not in state:
         raise TypeError(
             f"UpdateClip('stable_adamw') reads Adam's second moment, but {type(optimizer).__name__} keeps no "
             "'exp_avg_sq' and 'step' for a parameter it stepped: use it with Adam, AdamW, NAdam or RAdam.")
-    grad = param.grad
+    grad = _local(param.grad)
     _validate.check_dense_one(grad, "a gradient")
-    wide = _norms.wide_dtype(param.device)
+    wide = _norms.wide_dtype(bucket.device)
     beta2, eps = group["betas"][1], group["eps"]
-    square = state["exp_avg_sq"]
+    square, before = _local(state["exp_avg_sq"]), bucket.updates[k]  # (the copy still holds the parameter)
     if grad.is_complex():  # torch's Adam steps complex tensors as their real views
         grad, square, before = (torch.view_as_real(t) for t in (grad, square, before))
     g = grad.to(wide)  # unscaled: by GradScaler before the step, or in place by a fused kernel (see the class)
     weight_decay = group.get("weight_decay", 0.0) or 0.0
     if weight_decay != 0.0 and not _is_decoupled(optimizer, group):  # Adam's L2 term is part of the gradient it averages
         g = g + weight_decay * before.to(wide)
-    bias = 1 - beta2 ** state["step"].to(device=g.device, dtype=wide)
+    bias = 1 - beta2 ** _local(state["step"]).to(device=g.device, dtype=wide)
     v_hat = torch.clamp(square.to(wide) / bias, min=eps * eps)
-    return torch.sqrt(torch.mean(g * g / v_hat))
+    return torch.sum(g * g / v_hat)
 
 
 def _on_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
