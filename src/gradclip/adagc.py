@@ -17,8 +17,6 @@ from .layerwise import _norms_by_group
 
 __all__ = ["AdaGC", "AdaGCResult"]
 
-_RULES = ("adagc", "olmo")
-
 
 @dataclass(frozen=True)
 class AdaGCResult:
