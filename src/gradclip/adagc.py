@@ -306,8 +306,8 @@ class AdaGC(Clipper):
                 gamma.copy_(self.gamma)
             self.gamma = gamma
         if self._calls.device != device:
-            self._calls = self._calls.to(device)
-        where = torch.tensor(positions, device=device)
+            self._calls = self._calls.to(device, non_blocking=True)
+        where = _on(positions, device)
         previous = self.gamma.index_select(0, where)
         warm = self._calls < self.warmup_steps
         known = ~torch.isnan(previous)
@@ -369,5 +369,10 @@ def _places(grads: list[torch.Tensor], groups: list[_groups.Group], device: torc
         sharding = group.sharding
         key = (group.device, group.dtype) if sharding is None else (
             group.device, group.dtype, sharding.mesh, tuple(sharding.placements))
-        places.append(torch.tensor([k for k, other in enumerate(keys) if other == key], device=device))
+        places.append(_on([k for k, other in enumerate(keys) if other == key], device))
     return places
+
+
+def _on(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host numbers as a device tensor, copied without waiting (a blocking host-to-device copy synchronises)."""
+    return torch.tensor(values).to(device, non_blocking=True)

@@ -260,11 +260,11 @@ class UpdateClip:
             if skipped is not None:
                 scale = torch.where(skipped.to(scale.device) > 0, torch.ones_like(scale), scale)
             self._rescale(bucket, scale)
-            where = torch.tensor(bucket.positions, device=device)
+            where = torch.tensor(bucket.positions).to(device, non_blocking=True)
             rms.index_copy_(0, where, ratio.to(device))
             scales.index_copy_(0, where, scale.to(device))
         if self._steps.device != device:
-            self._steps = self._steps.to(device)
+            self._steps = self._steps.to(device, non_blocking=True)
         self._steps += 1
         self.last_result = UpdateClipResult(rms=rms, scales=scales)
 
@@ -370,8 +370,7 @@ class _Bucket(NamedTuple):
 
     def inverse_counts(self) -> torch.Tensor:
         """1 / n of each (full) tensor, in the wide dtype: RMS = norm * sqrt(1/n)."""
-        return torch.tensor([1.0 / max(p.numel(), 1) for p in self.params], dtype=_norms.wide_dtype(self.device),
-                            device=self.device)
+        return _on_device([1.0 / max(p.numel(), 1) for p in self.params], _norms.wide_dtype(self.device), self.device)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -458,7 +457,7 @@ def _step_sizes(optimizer: torch.optim.Optimizer, bucket: _Bucket) -> torch.Tens
     if adafactor is None or not isinstance(optimizer, adafactor):
         return lrs
     param_rms = _full_norms(bucket, bucket.updates, None) * bucket.inverse_counts().sqrt()  # still the copies
-    steps = torch.stack([_local(optimizer.state[p]["step"]).to(device=bucket.device, dtype=wide)
+    steps = torch.stack([_local(optimizer.state[p]["step"]).to(device=bucket.device, dtype=wide, non_blocking=True)
                          for p in bucket.params])
     eps2 = _on_device([group["eps"][1] for group in bucket.groups], wide, bucket.device)
     return torch.maximum(param_rms, eps2) * torch.minimum(lrs, steps.rsqrt())
@@ -483,13 +482,17 @@ def _second_moment_sum(optimizer: torch.optim.Optimizer, bucket: _Bucket, k: int
     weight_decay = group.get("weight_decay", 0.0) or 0.0
     if weight_decay != 0.0 and not _is_decoupled(optimizer, group):  # Adam's L2 term is part of the gradient it averages
         g = g + weight_decay * before.to(wide)
-    bias = 1 - beta2 ** _local(state["step"]).to(device=g.device, dtype=wide)
+    bias = 1 - beta2 ** _local(state["step"]).to(device=g.device, dtype=wide, non_blocking=True)
     v_hat = torch.clamp(square.to(wide) / bias, min=eps * eps)
     return torch.sum(g * g / v_hat)
 
 
 def _on_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Numbers (one copy to the device) or tensors (a learning rate kept in a tensor) as one 1-D tensor."""
+    """Numbers (one copy to the device) or tensors (a learning rate kept in a tensor) as one 1-D tensor.
+
+    Host-to-device copies do not wait (``non_blocking``): a blocking one synchronises with the device.
+    """
     if any(isinstance(v, torch.Tensor) for v in values):
-        return torch.stack([torch.as_tensor(v).to(device=device, dtype=dtype).reshape(()) for v in values])
-    return torch.tensor(values, dtype=dtype, device=device)
+        return torch.stack([torch.as_tensor(v).to(device=device, dtype=dtype, non_blocking=True).reshape(())
+                            for v in values])
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
