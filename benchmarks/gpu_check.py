@@ -57,6 +57,8 @@ NOT_DEVICE_PATHS = {
     "per_sample_grads": "materialises per-sample gradients (per_sample_clip_grad_ is the default path)",
     "per_sample_clipped_grad": "the out-of-place form of per_sample_clip_grad_, which is checked",
 }
+NOT_DEVICE_PATHS["AdaGCResult"] = "the result type of AdaGC"
+NOT_DEVICE_PATHS["UpdateClipResult"] = "the result type of UpdateClip"
 
 
 # --- gradients ----------------------------------------------------------------------------------------------------
@@ -133,6 +135,22 @@ PATHS: dict[str, Callable[[list[nn.Parameter]], Any]] = {
     "per_sample_clip_grad_": _per_sample,
 }
 """Path name -> a call on a list of parameters with gradients (the name's first word is the public name)."""
+
+
+def _update_clipped(optimizer_class: type, rule: str) -> Callable[[list[nn.Parameter]], Any]:
+    """UpdateClip attached to an optimizer: its pre- and post-step hooks around ``optimizer.step()``."""
+    def run(params):
+        optimizer = optimizer_class(params, lr=1e-3)
+        gradclip.UpdateClip(rule).attach(optimizer)
+        optimizer.step()
+    return run
+
+
+PATHS["AdaGC (warm-up)"] = lambda ps: gradclip.AdaGC()(ps)
+PATHS["AdaGC (per-tensor)"] = lambda ps: gradclip.AdaGC(warmup_steps=0)(ps)
+PATHS["AdaGC (olmo, attached)"] = _attached(lambda ps: gradclip.AdaGC.olmo(1.05, beta=0.95))
+PATHS["UpdateClip (adafactor, SGD)"] = _update_clipped(torch.optim.SGD, "adafactor")
+PATHS["UpdateClip (stable_adamw, AdamW)"] = _update_clipped(torch.optim.AdamW, "stable_adamw")
 
 
 def check_sync(device: str, dtype: torch.dtype, shapes) -> list[tuple[str, str]]:

@@ -15,6 +15,9 @@
 5. Aliased and duplicated tensors: a parameter listed twice (tied weights
    passed by hand) is one parameter: every function gives the result of
    listing it once (torch counts it twice and scales it twice).
+7. Non-finite gradients: a NaN or inf gradient entry never comes out as a finite
+   gradient (clippers) or a finite parameter (update clipping), in every dtype, on the
+   CPU and the accelerator paths.
 """
 
 from __future__ import annotations
@@ -182,6 +185,47 @@ METHODS = {
     "ZClip(warm-up)": (lambda ps, m, f: gradclip.ZClip(max_grad_norm=1.0, foreach=f)(ps),
                        lambda ps, m: ref_norm_clip(flat(ps), 1.0)),
 }
+
+# AdaGC (gradclip.adagc) and update clipping (gradclip.update_clip)
+
+
+def adagc_at_half(ps, foreach, rule="adagc"):
+    """AdaGC past its warm-up with gamma at half of each tensor's exact norm: it clips each tensor to that."""
+    clipper = gradclip.AdaGC(lambda_rel=1.0, warmup_steps=0, foreach=foreach) if rule == "adagc" else \
+        gradclip.AdaGC.olmo(1.0, beta=0.9, foreach=foreach)
+    gamma = torch.tensor([0.5 * exact_norm(g) for g in flat(ps)], dtype=torch.float64)
+    clipper.load_state_dict({"config": clipper._config(), "steps": 1, "gamma": gamma})
+    return clipper(ps)
+
+
+def ref_adagc_half(grads):
+    # c = n/2 < n: both rules scale by c / (n + 1e-6)
+    return [[v * (0.5 * exact_norm(g) / (exact_norm(g) + 1e-6)) for v in g] for g in grads]
+
+
+def update_clip_at_half(ps, magnitude, foreach):
+    """UpdateClip('adafactor', d = m/2) on SGD(lr=1) from zero weights; the new weights are written into .grad."""
+    with torch.no_grad():
+        for p in ps:
+            p.zero_()
+    optimizer = torch.optim.SGD(ps, lr=1.0, foreach=foreach)
+    gradclip.UpdateClip("adafactor", d=0.5 * magnitude, foreach=foreach).attach(optimizer)
+    optimizer.step()
+    for p in ps:
+        p.grad.copy_(p.detach())
+
+
+def ref_update_clip_half(grads, magnitude):
+    # U = g (SGD, lr 1): the new weights are -g / max(1, RMS(g) / d), d = m/2
+    return [[-v / max(1.0, exact_norm(g) / math.sqrt(len(g)) / (0.5 * magnitude)) for v in g] for g in grads]
+
+
+METHODS["AdaGC(warm-up)"] = (lambda ps, m, f: gradclip.AdaGC(lambda_abs=1.0, foreach=f)(ps),
+                             lambda ps, m: ref_norm_clip(flat(ps), 1.0))
+METHODS["AdaGC(per-tensor)"] = (lambda ps, m, f: adagc_at_half(ps, f), lambda ps, m: ref_adagc_half(flat(ps)))
+METHODS["AdaGC.olmo"] = (lambda ps, m, f: adagc_at_half(ps, f, "olmo"), lambda ps, m: ref_adagc_half(flat(ps)))
+METHODS["UpdateClip(adafactor)"] = (lambda ps, m, f: update_clip_at_half(ps, m, f),
+                                    lambda ps, m: ref_update_clip_half(flat(ps), m))
 
 PATHS = {"default": None, "foreach": True, "loop": False, "buffer": None, "dot": None,
          "accelerator": None, "accelerator-loop": False}
@@ -448,6 +492,8 @@ def test_torchs_own_case_compiles_too():
 
 # --- 5. a parameter listed twice ----------------------------------------------------------------
 
+EMPTY_CALLS["AdaGC"] = lambda ps, p, f: gradclip.AdaGC(norm_type=p, foreach=f)(ps).norm
+
 TWICE_CALLS = {name: call for name, call in EMPTY_CALLS.items()}
 TWICE_CALLS["GradientMonitor"] = None  # named parameters: duplicates come from module sharing, see test_monitor
 
@@ -495,6 +541,9 @@ SPARSE_CALLS = {
     "ZClip": lambda ps: gradclip.ZClip()(ps),
     "SpikeGuard": lambda ps: gradclip.SpikeGuard()(ps),
 }
+
+
+SPARSE_CALLS["AdaGC"] = lambda ps: gradclip.AdaGC()(ps)
 
 
 @pytest.mark.parametrize("function", list(SPARSE_CALLS))
@@ -564,6 +613,10 @@ COMPLEX_NORM_CALLS = {
     "AutoClip(clipping)": lambda ps, f: autoclip_at_half(ps, f).norm,
     "ZClip(warm-up)": lambda ps, f: gradclip.ZClip(max_grad_norm=1.0, foreach=f)(ps).norm,
 }
+
+
+COMPLEX_NORM_CALLS["AdaGC(warm-up)"] = lambda ps, f: gradclip.AdaGC(lambda_abs=1.0, foreach=f)(ps).norm
+COMPLEX_NORM_CALLS["AdaGC(per-tensor)"] = lambda ps, f: adagc_at_half(ps, f).norm
 
 
 def complex_params(dtype: torch.dtype, scale: float, seed: int = 1) -> list[torch.nn.Parameter]:
@@ -641,3 +694,56 @@ def test_entrywise_rules_refuse_complex_gradients_by_name(function):
     with pytest.raises(TypeError, match=r"parameters\[1\]\.grad is complex .*view_as_real"):
         ENTRYWISE_CALLS[function](params)
     assert all(torch.equal(p.grad, b) for p, b in zip(params, before))  # nothing changed
+
+
+# --- 7. Non-finite gradients never become finite -------------------------------------------------
+# A NaN or inf entry in one gradient: whatever the method does to the rest, the entry it produces
+# from it (a clipped gradient, or a parameter after a clipped update) is not finite.
+
+
+def with_state_then(fault, call):
+    """Run ``call`` on parameters whose state (gamma) comes from clean gradients, then with ``fault`` injected."""
+    def run(ps, foreach):
+        clean = [g.clone() for g in (p.grad for p in ps)]
+        fault(ps)
+        return call(ps, foreach, clean)
+    return run
+
+
+def adagc_after_clean(ps, foreach, clean, rule):
+    clipper = gradclip.AdaGC(lambda_rel=1.0, warmup_steps=0, foreach=foreach) if rule == "adagc" else \
+        gradclip.AdaGC.olmo(1.0, beta=0.9, foreach=foreach)
+    gamma = torch.tensor([0.5 * exact_norm(g.double().reshape(-1).tolist()) for g in clean], dtype=torch.float64)
+    clipper.load_state_dict({"config": clipper._config(), "steps": 1, "gamma": gamma})
+    clipper(ps)
+    return [p.grad for p in ps]
+
+
+def stepped(ps, foreach, optimizer_class, rule):
+    optimizer = optimizer_class(ps, lr=0.1, foreach=foreach)
+    gradclip.UpdateClip(rule, d=0.5).attach(optimizer)
+    optimizer.step()
+    return [p.detach() for p in ps]
+
+
+NONFINITE_CALLS = {
+    "AdaGC(warm-up)": lambda ps, f, clean: (gradclip.AdaGC(lambda_abs=1.0, foreach=f)(ps), [p.grad for p in ps])[1],
+    "AdaGC(per-tensor)": lambda ps, f, clean: adagc_after_clean(ps, f, clean, "adagc"),
+    "AdaGC.olmo": lambda ps, f, clean: adagc_after_clean(ps, f, clean, "olmo"),
+    "UpdateClip(adafactor, SGD)": lambda ps, f, clean: stepped(ps, f, torch.optim.SGD, "adafactor"),
+    "UpdateClip(stable_adamw, Adam)": lambda ps, f, clean: stepped(ps, f, torch.optim.Adam, "stable_adamw"),
+}
+
+
+@pytest.mark.parametrize("path", ["default", "loop", "accelerator"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("method", list(NONFINITE_CALLS))
+def test_a_non_finite_gradient_never_comes_out_finite(method, dtype, bad, path, monkeypatch):
+    params = make(dtype, 1.0)
+
+    def fault(ps):
+        ps[0].grad[5] = bad
+
+    out = with_state_then(fault, NONFINITE_CALLS[method])(params, on_path(params, path, monkeypatch))
+    assert not torch.isfinite(out[0][5]), f"{method}: a {bad} gradient entry came out {float(out[0][5])}"
