@@ -96,6 +96,26 @@ def test_writes_into_grad_like_backward_and_skips_frozen_parameters():
     torch.testing.assert_close(model[2].weight.grad, 2 * result.grads["2.weight"])
 
 
+def test_writes_into_a_grad_buffer_as_backward_does():
+    # with a GradBuffer the DP-SGD gradients land in its views (one kernel to clip them again), and a frozen
+    # parameter keeps .grad None, as after loss.backward()
+    import gradclip
+
+    model = mlp(4)
+    buffer = gradclip.GradBuffer(model.parameters())
+    model[0].weight.requires_grad_(False)
+    buffer.zero_grad()
+    inputs, targets = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    result = per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 0.2)
+    per_sample_clip_grad_(model, F.cross_entropy, inputs, targets, 0.2)
+    assert model[0].weight.grad is None and buffer.views_intact()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert gradclip._groups.single_buffer(grads) is not None
+    for name, p in model.named_parameters():
+        if name in result.grads:
+            torch.testing.assert_close(p.grad, result.grads[name])
+
+
 @pytest.mark.parametrize("method", ["ghost", "vmap"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_example_poisons_the_average_instead_of_vanishing(method, bad):

@@ -3,8 +3,8 @@
 1. Extreme magnitudes and low precision: for every in-place method, every
    floating dtype and magnitudes from subnormal to near the dtype's largest
    value, on every path (foreach, loop, flat buffer, and the accelerator
-   paths: no value read on the host; and the CPU's BLAS dot path for large
-   tensors), the outputs are finite
+   paths: no value read on the host; the CPU's BLAS dot path for large
+   tensors; a flat buffer with parameters that got no gradient in between), the outputs are finite
    wherever the exact result is, and within a stated tolerance of a float64
    transcription that factors out the largest magnitude (so the reference
    itself cannot overflow).
@@ -183,12 +183,14 @@ METHODS = {
                        lambda ps, m: ref_norm_clip(flat(ps), 1.0)),
 }
 
-PATHS = {"default": None, "foreach": True, "loop": False, "buffer": None, "dot": None,
+PATHS = {"default": None, "foreach": True, "loop": False, "buffer": None, "buffer-gaps": None, "dot": None,
          "accelerator": None, "accelerator-loop": False}
+_BUFFERS: list[gradclip.GradBuffer] = []  # the buffer of the latest buffer-gaps case, kept alive while it runs
 
 
 def on_path(params, path, monkeypatch=None):
-    """For the flat-buffer path, move the gradients into one GradBuffer (per dtype) first.
+    """For the flat-buffer paths, move the gradients into one GradBuffer (per dtype) first (with parameters
+    that have no gradient between them for buffer-gaps).
 
     The accelerator paths run on CPU tensors with the CPU-only host checks switched off
     (as tests/support/sync.py does): the code an accelerator runs, with no value read.
@@ -197,6 +199,15 @@ def on_path(params, path, monkeypatch=None):
     """
     if path == "buffer":
         gradclip.GradBuffer(params)
+    if path == "buffer-gaps":
+        # parameters without a gradient (frozen, or in a branch the forward skipped) between the others: their
+        # .grad stays None and their views hold zeros, and clipping still runs one kernel over the whole buffer
+        gaps = [torch.nn.Parameter(torch.ones(3, dtype=p.dtype)) for p in params]
+        _BUFFERS[:] = [gradclip.GradBuffer([t for pair in zip(gaps, params) for t in pair])]
+        assert all(gap.grad is None for gap in gaps)
+        grads = [p.grad for p in params if p.grad is not None]
+        assert len(grads) < 2 or gradclip._groups.single_buffer(grads) is _BUFFERS[0].buffers[
+            (grads[0].device, grads[0].dtype)], "the buffer with gaps is not taken as one buffer"
     if path == "dot":
         monkeypatch.setattr(gradclip._norms, "_DOT_MIN_NUMEL", 2)
         monkeypatch.setattr(gradclip._norms, "_DOT_PIECE", 64)

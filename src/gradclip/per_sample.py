@@ -13,6 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.func import functional_call, grad, vmap
 
 from . import _validate
+from .flat import accumulate_
 from ._norms import accumulation_dtype, exact_on_host, scaled_norm, suspicious, wide_dtype
 from ._scaling import clip_coefficient
 
@@ -1076,10 +1077,6 @@ def per_sample_clip_grad_(
                                      method, expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name not in result.grads:
-                continue
-            if p.grad is None:
-                p.grad = result.grads[name]
-            else:
-                p.grad.add_(result.grads[name])
+            if name in result.grads:
+                accumulate_(p, result.grads[name])  # into a GradBuffer's view if one holds p
     return result.norms
