@@ -113,19 +113,30 @@ def ref_sign(grads, _):
     return [[math.copysign(1.0, x) if x else 0.0 for x in g] for g in grads]
 
 
-def ref_agc(params, clip_factor, eps=1e-3):
+def ref_agc(params, clip_factor, eps=1e-3, axis=0):
+    """Per unit along ``axis`` (a ConvTranspose-like layout for axis 1), in float64 with the largest factored out."""
     out = []
     for p in params:
         w, g = p.detach().double(), p.grad.double()
-        rows_w = w.reshape(w.shape[0], -1).tolist() if w.ndim > 1 else [w.reshape(-1).tolist()]
-        rows_g = g.reshape(g.shape[0], -1).tolist() if g.ndim > 1 else [g.reshape(-1).tolist()]
-        result = []
-        for rw, rg in zip(rows_w, rows_g):
-            limit = clip_factor * max(exact_norm(rw), eps)
-            gn = exact_norm(rg)
-            result += [x * (limit / max(gn, 1e-6)) for x in rg] if gn >= limit else rg
-        out.append(result)
+        if axis and w.ndim > 1:  # units along ``axis``: move it first, then back into the original order
+            w, g = w.movedim(axis, 0), g.movedim(axis, 0)
+            rows = ref_agc_rows(w, g, clip_factor, eps)
+            out.append(torch.tensor(rows, dtype=torch.float64).reshape(g.shape).movedim(0, axis).reshape(-1).tolist())
+            continue
+        out.append(ref_agc_rows(w, g, clip_factor, eps))
     return out
+
+
+def ref_agc_rows(w, g, clip_factor, eps):
+    """Brock et al. eq. 3 on the rows (axis 0) of ``w`` and ``g``, as a flat list."""
+    rows_w = w.reshape(w.shape[0], -1).tolist() if w.ndim > 1 else [w.reshape(-1).tolist()]
+    rows_g = g.reshape(g.shape[0], -1).tolist() if g.ndim > 1 else [g.reshape(-1).tolist()]
+    result = []
+    for rw, rg in zip(rows_w, rows_g):
+        limit = clip_factor * max(exact_norm(rw), eps)
+        gn = exact_norm(rg)
+        result += [x * (limit / max(gn, 1e-6)) for x in rg] if gn >= limit else rg
+    return result
 
 
 # --- the methods, each with its threshold relative to the magnitude ----------------------------
@@ -174,6 +185,11 @@ METHODS = {
     "sign_grad_": (lambda ps, m, f: gradclip.sign_grad_(ps, foreach=f), lambda ps, m: ref_sign(flat(ps), m)),
     "adaptive_clip_grad_": (lambda ps, m, f: gradclip.adaptive_clip_grad_(ps, clip_factor=0.05, foreach=f),
                             lambda ps, m: ref_agc(ps, 0.05)),
+    # output units along axis 1, as in a ConvTranspose weight
+    "adaptive_clip_grad_(units on axis 1)": (
+        lambda ps, m, f: gradclip.adaptive_clip_grad_(ps, clip_factor=0.05, foreach=f,
+                                                      unit_dims={p: 1 for p in ps if p.ndim > 1}),
+        lambda ps, m: ref_agc(ps, 0.05, axis=1)),
     # the first step's threshold is its own norm: nothing is clipped (torch's factor c / (c + 1e-6) would be)
     "AutoClip": (lambda ps, m, f: gradclip.AutoClip(percentile=50, foreach=f)(ps),
                  lambda ps, m: flat(ps)),
