@@ -295,6 +295,42 @@ def test_the_issue_case_two_float32_tensors_of_1e18():
     assert math.isclose(float(total), 1.0, rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("values,exact", [([2e200, 0.0], 2e200), ([1e-163, 0.0], 1e-163)], ids=["2e200", "1e-163"])
+def test_float64_gradients_whose_squares_overflow_or_underflow(values, exact):
+    # torch squares in float64: 4e400 overflows (norm inf, gradients zeroed), 1e-326 underflows (norm 0)
+    theirs = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    theirs.grad = torch.tensor(values, dtype=torch.float64)
+    ours = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    ours.grad = theirs.grad.clone()
+    torch_norm = torch.nn.utils.clip_grad_norm_([theirs], 1.0)
+    assert float(torch_norm) == (math.inf if exact > 1 else 0.0)
+    if exact > 1:
+        assert torch.all(theirs.grad == 0)  # torch: silently wrong
+    norm = gradclip.clip_grad_norm_([ours], 1.0)
+    assert math.isclose(float(norm), exact, rel_tol=1e-12)
+    expected = [1.0, 0.0] if exact > 1 else values  # scaled to the threshold, or left alone below it
+    torch.testing.assert_close(ours.grad, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert math.isclose(float(gradclip.get_total_norm([theirs.grad.new_tensor(values)])), exact, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_an_empty_gradient_under_the_inf_norm_contributes_nothing_where_torch_raises(foreach):
+    # torch: a max over no entries has no identity, so it raises; gradclip: as for every other p, nothing
+    def params():
+        empty, full = torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.zeros(3))
+        empty.grad, full.grad = torch.zeros(0), torch.tensor([1.0, -3.0, 2.0])
+        return [empty, full]
+
+    theirs, ours = params(), params()
+    with pytest.raises(RuntimeError, match="empty tensor"):
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0, math.inf, foreach=foreach)
+    with pytest.raises(RuntimeError, match="empty tensor"):
+        torch.nn.utils.get_total_norm([p.grad for p in theirs], math.inf, foreach=foreach)
+    assert float(gradclip.clip_grad_norm_(ours, 1.0, math.inf, foreach=foreach)) == 3.0
+    torch.testing.assert_close(ours[1].grad, torch.tensor([1.0, -3.0, 2.0]) / (3.0 + 1e-6))
+    assert float(gradclip.get_total_norm([torch.zeros(0)], math.inf, foreach=foreach)) == 0.0
+
+
 def test_the_issue_case_qsgd_float16_stays_finite_and_unbiased():
     torch.manual_seed(0)
     draws = []
