@@ -1180,3 +1180,20 @@ def test_the_unrolled_layers_give_torchs_outputs_and_gradients(kind, kwargs, bat
         results.append([out, *states, *grads])
     for ours, theirs in zip(results[1], results[0]):
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_recurrent_layers_and_renormalised_embeddings_never_sync():
+    class Text(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(20, 5, max_norm=1.0)
+            self.gru = torch.nn.GRU(5, 6, batch_first=True, bidirectional=True)
+            self.head = torch.nn.Linear(12, 2)
+
+        def forward(self, tokens):
+            return self.head(self.gru(self.embed(tokens))[0][:, -1])
+
+    with no_host_sync():
+        per_sample_clipped_grad(Text(), F.cross_entropy, torch.randint(0, 20, (4, 7)), torch.randint(0, 2, (4,)), 0.5,
+                                1.0, torch.Generator().manual_seed(0), method="vmap")
