@@ -246,3 +246,29 @@ def test_parameters_without_gradients_are_not_stepped_as_in_an_eager_set_to_none
         for key in theirs:  # the same number of steps and the same moments: no update from a zero gradient
             torch.testing.assert_close(torch.as_tensor(mine[key]), torch.as_tensor(theirs[key]), rtol=1e-5, atol=1e-6,
                                        msg=f"{name} {key}")
+
+
+def test_a_compiled_model_with_a_layer_frozen_mid_training_keeps_the_buffer_and_torchs_gradients():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    twin.load_state_dict(model.state_dict())
+    buffer = gradclip.GradBuffer(model.parameters())
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    for step in range(5):
+        frozen = step in (1, 2)
+        model[0].weight.requires_grad_(not frozen)
+        twin[0].weight.requires_grad_(not frozen)
+        buffer.zero_grad()
+        twin.zero_grad()
+        compiled(x).pow(2).sum().backward()
+        twin(x).pow(2).sum().backward()
+        assert buffer.views_intact() and (model[0].weight.grad is None) == frozen
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert (p.grad is None) == (q.grad is None)
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad)
+        assert gradclip._groups.single_buffer([p.grad for p in model.parameters() if p.grad is not None]) is not None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # frozen and not: no recompiling per step
