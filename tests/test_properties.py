@@ -3,8 +3,8 @@
 1. Extreme magnitudes and low precision: for every in-place method, every
    floating dtype and magnitudes from subnormal to near the dtype's largest
    value, on every path (foreach, loop, flat buffer, and the accelerator
-   paths: no value read on the host; and the CPU's BLAS dot path for large
-   tensors), the outputs are finite
+   paths: no value read on the host; the CPU's BLAS dot path for large
+   tensors; a flat buffer with parameters that got no gradient in between), the outputs are finite
    wherever the exact result is, and within a stated tolerance of a float64
    transcription that factors out the largest magnitude (so the reference
    itself cannot overflow).
@@ -116,19 +116,30 @@ def ref_sign(grads, _):
     return [[math.copysign(1.0, x) if x else 0.0 for x in g] for g in grads]
 
 
-def ref_agc(params, clip_factor, eps=1e-3):
+def ref_agc(params, clip_factor, eps=1e-3, axis=0):
+    """Per unit along ``axis`` (a ConvTranspose-like layout for axis 1), in float64 with the largest factored out."""
     out = []
     for p in params:
         w, g = p.detach().double(), p.grad.double()
-        rows_w = w.reshape(w.shape[0], -1).tolist() if w.ndim > 1 else [w.reshape(-1).tolist()]
-        rows_g = g.reshape(g.shape[0], -1).tolist() if g.ndim > 1 else [g.reshape(-1).tolist()]
-        result = []
-        for rw, rg in zip(rows_w, rows_g):
-            limit = clip_factor * max(exact_norm(rw), eps)
-            gn = exact_norm(rg)
-            result += [x * (limit / max(gn, 1e-6)) for x in rg] if gn >= limit else rg
-        out.append(result)
+        if axis and w.ndim > 1:  # units along ``axis``: move it first, then back into the original order
+            w, g = w.movedim(axis, 0), g.movedim(axis, 0)
+            rows = ref_agc_rows(w, g, clip_factor, eps)
+            out.append(torch.tensor(rows, dtype=torch.float64).reshape(g.shape).movedim(0, axis).reshape(-1).tolist())
+            continue
+        out.append(ref_agc_rows(w, g, clip_factor, eps))
     return out
+
+
+def ref_agc_rows(w, g, clip_factor, eps):
+    """Brock et al. eq. 3 on the rows (axis 0) of ``w`` and ``g``, as a flat list."""
+    rows_w = w.reshape(w.shape[0], -1).tolist() if w.ndim > 1 else [w.reshape(-1).tolist()]
+    rows_g = g.reshape(g.shape[0], -1).tolist() if g.ndim > 1 else [g.reshape(-1).tolist()]
+    result = []
+    for rw, rg in zip(rows_w, rows_g):
+        limit = clip_factor * max(exact_norm(rw), eps)
+        gn = exact_norm(rg)
+        result += [x * (limit / max(gn, 1e-6)) for x in rg] if gn >= limit else rg
+    return result
 
 
 # --- the methods, each with its threshold relative to the magnitude ----------------------------
@@ -177,6 +188,11 @@ METHODS = {
     "sign_grad_": (lambda ps, m, f: gradclip.sign_grad_(ps, foreach=f), lambda ps, m: ref_sign(flat(ps), m)),
     "adaptive_clip_grad_": (lambda ps, m, f: gradclip.adaptive_clip_grad_(ps, clip_factor=0.05, foreach=f),
                             lambda ps, m: ref_agc(ps, 0.05)),
+    # output units along axis 1, as in a ConvTranspose weight
+    "adaptive_clip_grad_(units on axis 1)": (
+        lambda ps, m, f: gradclip.adaptive_clip_grad_(ps, clip_factor=0.05, foreach=f,
+                                                      unit_dims={p: 1 for p in ps if p.ndim > 1}),
+        lambda ps, m: ref_agc(ps, 0.05, axis=1)),
     # the first step's threshold is its own norm: nothing is clipped (torch's factor c / (c + 1e-6) would be)
     "AutoClip": (lambda ps, m, f: gradclip.AutoClip(percentile=50, foreach=f)(ps),
                  lambda ps, m: flat(ps)),
@@ -227,12 +243,14 @@ METHODS["AdaGC.olmo"] = (lambda ps, m, f: adagc_at_half(ps, f, "olmo"), lambda p
 METHODS["UpdateClip(adafactor)"] = (lambda ps, m, f: update_clip_at_half(ps, m, f),
                                     lambda ps, m: ref_update_clip_half(flat(ps), m))
 
-PATHS = {"default": None, "foreach": True, "loop": False, "buffer": None, "dot": None,
+PATHS = {"default": None, "foreach": True, "loop": False, "buffer": None, "buffer-gaps": None, "dot": None,
          "accelerator": None, "accelerator-loop": False}
+_BUFFERS: list[gradclip.GradBuffer] = []  # the buffer of the latest buffer-gaps case, kept alive while it runs
 
 
 def on_path(params, path, monkeypatch=None):
-    """For the flat-buffer path, move the gradients into one GradBuffer (per dtype) first.
+    """For the flat-buffer paths, move the gradients into one GradBuffer (per dtype) first (with parameters
+    that have no gradient between them for buffer-gaps).
 
     The accelerator paths run on CPU tensors with the CPU-only host checks switched off
     (as tests/support/sync.py does): the code an accelerator runs, with no value read.
@@ -241,6 +259,15 @@ def on_path(params, path, monkeypatch=None):
     """
     if path == "buffer":
         gradclip.GradBuffer(params)
+    if path == "buffer-gaps":
+        # parameters without a gradient (frozen, or in a branch the forward skipped) between the others: their
+        # .grad stays None and their views hold zeros, and clipping still runs one kernel over the whole buffer
+        gaps = [torch.nn.Parameter(torch.ones(3, dtype=p.dtype)) for p in params]
+        _BUFFERS[:] = [gradclip.GradBuffer([t for pair in zip(gaps, params) for t in pair])]
+        assert all(gap.grad is None for gap in gaps)
+        grads = [p.grad for p in params if p.grad is not None]
+        assert len(grads) < 2 or gradclip._groups.single_buffer(grads) is _BUFFERS[0].buffers[
+            (grads[0].device, grads[0].dtype)], "the buffer with gaps is not taken as one buffer"
     if path == "dot":
         monkeypatch.setattr(gradclip._norms, "_DOT_MIN_NUMEL", 2)
         monkeypatch.setattr(gradclip._norms, "_DOT_PIECE", 64)
@@ -310,6 +337,42 @@ def test_the_issue_case_two_float32_tensors_of_1e18():
     assert math.isclose(float(norm), math.sqrt(600) * 1e18, rel_tol=1e-6)
     total = gradclip.get_total_norm([p.grad for p in params])
     assert math.isclose(float(total), 1.0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("values,exact", [([2e200, 0.0], 2e200), ([1e-163, 0.0], 1e-163)], ids=["2e200", "1e-163"])
+def test_float64_gradients_whose_squares_overflow_or_underflow(values, exact):
+    # torch squares in float64: 4e400 overflows (norm inf, gradients zeroed), 1e-326 underflows (norm 0)
+    theirs = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    theirs.grad = torch.tensor(values, dtype=torch.float64)
+    ours = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    ours.grad = theirs.grad.clone()
+    torch_norm = torch.nn.utils.clip_grad_norm_([theirs], 1.0)
+    assert float(torch_norm) == (math.inf if exact > 1 else 0.0)
+    if exact > 1:
+        assert torch.all(theirs.grad == 0)  # torch: silently wrong
+    norm = gradclip.clip_grad_norm_([ours], 1.0)
+    assert math.isclose(float(norm), exact, rel_tol=1e-12)
+    expected = [1.0, 0.0] if exact > 1 else values  # scaled to the threshold, or left alone below it
+    torch.testing.assert_close(ours.grad, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert math.isclose(float(gradclip.get_total_norm([theirs.grad.new_tensor(values)])), exact, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_an_empty_gradient_under_the_inf_norm_contributes_nothing_where_torch_raises(foreach):
+    # torch: a max over no entries has no identity, so it raises; gradclip: as for every other p, nothing
+    def params():
+        empty, full = torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.zeros(3))
+        empty.grad, full.grad = torch.zeros(0), torch.tensor([1.0, -3.0, 2.0])
+        return [empty, full]
+
+    theirs, ours = params(), params()
+    with pytest.raises(RuntimeError, match="empty tensor"):
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0, math.inf, foreach=foreach)
+    with pytest.raises(RuntimeError, match="empty tensor"):
+        torch.nn.utils.get_total_norm([p.grad for p in theirs], math.inf, foreach=foreach)
+    assert float(gradclip.clip_grad_norm_(ours, 1.0, math.inf, foreach=foreach)) == 3.0
+    torch.testing.assert_close(ours[1].grad, torch.tensor([1.0, -3.0, 2.0]) / (3.0 + 1e-6))
+    assert float(gradclip.get_total_norm([torch.zeros(0)], math.inf, foreach=foreach)) == 0.0
 
 
 def test_the_issue_case_qsgd_float16_stays_finite_and_unbiased():

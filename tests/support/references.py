@@ -133,6 +133,31 @@ def agc_unitwise(weight, grad, clip_factor, eps, norm_type=2.0):
     return out.reshape(grad.shape)
 
 
+def agc_unitwise_along(weight, grad, clip_factor, eps, dim, groups=1, norm_type=2.0):
+    """Brock et al. 2021, eq. 3, with the output units along axis ``dim`` (within each of ``groups`` blocks of
+    axis 0; ``dim=None``: the whole tensor is one unit), one unit at a time, in float64."""
+    w, g = weight.detach().double(), grad.double()
+    out = g.clone()
+    if dim is None or w.ndim <= 1:
+        units = [()]  # w[()] is the whole tensor
+    else:
+        per_block = w.shape[0] // groups
+        units = []
+        for block in range(groups):
+            for j in range(w.shape[dim]):
+                index = [slice(None)] * w.ndim
+                index[0] = slice(block * per_block, (block + 1) * per_block)
+                index[dim] = j
+                units.append(tuple(index))
+    for index in units:
+        w_norm = float(torch.linalg.vector_norm(w[index], norm_type))
+        g_norm = float(torch.linalg.vector_norm(g[index], norm_type))
+        limit = clip_factor * max(w_norm, eps)
+        if g_norm >= limit:
+            out[index] = g[index] * (limit / max(g_norm, 1e-6))
+    return out
+
+
 # --- per-sample clipping (gradclip.per_sample) --------------------------------------------------
 
 
