@@ -159,8 +159,10 @@ def test_compared_runs_differ_in_colour_and_dash_and_ticks_never_use_si_suffixes
     dashes = [style["line"]["dash"] for style in RUN_STYLES.values()]
     assert len(set(colours)) == len(colours) and len(set(dashes)) == len(dashes)
     assert run_style("plain", name="a")["line"]["dash"] != run_style("clipped")["line"]["dash"]
-    layout = make_explorer(layout={"xaxis": {"type": "log"}}).spec()["layout"]
-    assert layout["xaxis"] == {"type": "log"}  # the author's axis settings are kept ...
+    layout = make_explorer(layout={"xaxis": {"type": "log"}, "yaxis2": {"type": "log", "tickformat": ".0e"}}).spec()["layout"]
+    # the author's axis settings are kept, and a log axis labels every tick in full (not "5" for 50) ...
+    assert layout["xaxis"] == {"type": "log", "tickformat": "~g"} and layout["yaxis2"]["tickformat"] == ".0e"
+    assert "tickformat" not in PlotlyFigure([{"y": [1]}], layout={"yaxis": {"type": "linear"}}).layout["yaxis"]
     for axis in ("xaxis", "yaxis"):  # ... and every axis gets power tick labels from the template
         assert layout["template"]["layout"][axis]["exponentformat"] == "power"
 
