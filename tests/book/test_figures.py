@@ -262,3 +262,18 @@ def test_a_text_table_fixes_its_column_shares_and_checks_them():
     assert 'data-label="b">y</td>' in html_text
     with pytest.raises(ValueError, match="one percentage per column"):
         table_html(["a", "b"], [["x", "y"]], widths=[100])
+
+
+def test_a_cross_marks_a_diverged_run_and_nothing_else_in_any_figure_module():
+    # one meaning per marker across the book: every x-shaped marker sits in a trace about divergence
+    from pathlib import Path
+
+    import gradclip_book
+
+    crosses = re.compile(r'"symbol": "x(-thin)?(-open)?(-dot)?"|"x-(thin|open|dot)[a-z-]*"')
+    for module in sorted(Path(gradclip_book.__file__).parent.glob("*figures*.py")):
+        lines = module.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines):
+            if crosses.search(line):
+                context = " ".join(lines[max(0, number - 3):number + 1])
+                assert "diverged" in context, f"{module.name}:{number + 1} uses a cross for something else"
