@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dp_zoo  # noqa: E402
 import gradclip  # noqa: E402
 from shapes import model_shapes, numel, resnet50_shapes  # noqa: E402
 from timing import interleaved  # noqa: E402
@@ -168,40 +169,59 @@ def version(dist: str) -> str:
         return "not installed"
 
 
-# --- DP-SGD -------------------------------------------------------------------------------------------------------
+# --- DP-SGD: the architecture zoo (benchmarks/dp_zoo.py) ----------------------------------------------------------
 
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+DP_BATCHES = (16, 64, 256)
+DP_BASE = 64
+# (model, batch) -> {candidate: median ms}, for the summary of the targets
+DP_TIMES: dict[tuple[str, int], dict[str, float]] = {}
+DP_LABELS = {"auto": "gradclip auto", "ghost": "gradclip ghost", "vmap": "gradclip vmap",
+             "opacus": "Opacus GSM+DPOptimizer", "opacus_ghost": "Opacus ghost/FGC",
+             "floor": "forward+backward", "noise": "noise draw"}
 
 
-def cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(32 * 7 * 7, 10))
+def opacus_twin(name: str, base: nn.Module) -> nn.Module:
+    """The model Opacus trains: the same module, or for the LSTM its DPLSTM twin with the same weights."""
+    if name != "Embedding + LSTM":
+        return copy.deepcopy(base)
+    from opacus import layers
+    twin = dp_zoo.LSTMClassifier(layers.DPLSTM)
+    for part in ("embed", "rnn", "head"):  # (Opacus's layers map torch's names only at their own level)
+        getattr(twin, part).load_state_dict(getattr(base, part).state_dict())
+    return twin
 
 
-def dp_steps(make_model, batch: int, noise: float, max_norm: float = 1.0):
-    """Step functions (no optimizer update) writing the DP-SGD gradient into .grad, and their models."""
+def dp_zoo_steps(name: str, batch: int, noise: float, max_norm: float = 1.0):
+    """Step functions (no optimizer update) that write the DP-SGD gradient into .grad, and their models."""
     import opacus
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
+    make, make_batch, _ = dp_zoo.ZOO[name]
     torch.manual_seed(0)
-    base = make_model()
-    models = {k: copy.deepcopy(base) for k in ("gradclip", "opacus", "ghost")}
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 1, 28, 28, generator=generator)
-    y = torch.randint(0, 10, (batch,), generator=generator)
+    base = make()
+    x, y = make_batch(batch, torch.Generator().manual_seed(1))
+    steps, models = {}, {}
 
-    gc_model = models["gradclip"]
-    gc_gen = torch.Generator().manual_seed(2)
+    def ours(method: str):
+        model, generator = copy.deepcopy(base), torch.Generator().manual_seed(2)
+        models[method] = model
 
-    def gradclip_step():
-        for p in gc_model.parameters():
-            p.grad = None
-        gradclip.per_sample_clip_grad_(gc_model, F.cross_entropy, x, y, max_norm, noise, gc_gen)
+        def step():
+            for p in model.parameters():
+                p.grad = None
+            gradclip.per_sample_clip_grad_(model, F.cross_entropy, x, y, max_norm, noise, generator, method=method)
+        return step
 
+    for method in ("auto", "ghost", "vmap"):
+        steps[method] = ours(method)
+    try:
+        steps["ghost"]()
+    except ValueError:  # the hook path does not take the model (the LSTM)
+        del steps["ghost"], models["ghost"]
+
+    models["opacus"] = opacus_twin(name, base)
     gsm = opacus.GradSampleModule(models["opacus"], loss_reduction="mean")
     opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=0.1), noise_multiplier=noise, max_grad_norm=max_norm,
                       expected_batch_size=batch, loss_reduction="mean")
@@ -210,17 +230,20 @@ def dp_steps(make_model, batch: int, noise: float, max_norm: float = 1.0):
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(gsm(x), y).backward()
         opt.pre_step()
+    steps["opacus"] = opacus_step
 
-    fgc = GradSampleModuleFastGradientClipping(models["ghost"], max_grad_norm=max_norm, use_ghost_clipping=True,
+    models["opacus_ghost"] = opacus_twin(name, base)
+    fgc = GradSampleModuleFastGradientClipping(models["opacus_ghost"], max_grad_norm=max_norm, use_ghost_clipping=True,
                                                loss_reduction="mean")
     fopt = DPOptimizerFastGradientClipping(torch.optim.SGD(fgc.parameters(), lr=0.1), noise_multiplier=noise,
                                            max_grad_norm=max_norm, expected_batch_size=batch, loss_reduction="mean")
     criterion = DPLossFastGradientClipping(fgc, fopt, nn.CrossEntropyLoss(reduction="mean"), "mean")
 
-    def ghost_step():
+    def opacus_ghost_step():
         fopt.zero_grad(set_to_none=True)
         criterion(fgc(x), y).backward()
         fopt.pre_step()
+    steps["opacus_ghost"] = opacus_ghost_step
 
     plain_model = copy.deepcopy(base)
 
@@ -228,39 +251,77 @@ def dp_steps(make_model, batch: int, noise: float, max_norm: float = 1.0):
         for p in plain_model.parameters():
             p.grad = None
         F.cross_entropy(plain_model(x), y).backward()
+    steps["floor"] = plain_step
 
-    steps = {"gradclip": gradclip_step, "opacus": opacus_step, "ghost": ghost_step, "floor": plain_step}
+    shapes, generator = [p.shape for p in base.parameters()], torch.Generator().manual_seed(3)
+
+    def noise_step():  # the Gaussian noise every DP-SGD step draws, one tensor per parameter (no other work)
+        for shape in shapes:
+            torch.randn(shape, generator=generator)
+    steps["noise"] = noise_step
     return steps, models
 
 
-def bench_dp(name: str, make_model, base_batch: int, repeats: int) -> None:
+def dp_grads(model: nn.Module) -> torch.Tensor:
+    named = dict(model.named_parameters())
+    return torch.cat([named[key].grad.reshape(-1) for key in sorted(named)])  # (the LSTM twin registers another order)
+
+
+def bench_dp_zoo(repeats: int, only: str = "") -> None:
     try:
         import opacus  # noqa: F401
     except ImportError as exc:
-        SKIPPED.append(f"DP-SGD {name}: opacus not importable ({exc})")
+        SKIPPED.append(f"DP-SGD zoo: opacus not importable ({exc})")
         return
-    labels = {"opacus": "Opacus GSM+DPOptimizer", "ghost": "Opacus ghost/FGC"}
-    # same answer: noise 0, the clipped mean gradient in .grad
-    steps, models = dp_steps(make_model, base_batch, noise=0.0)
-    for fn in steps.values():
-        fn()
-    want = list(models["gradclip"].parameters())
-    for peer in ("opacus", "ghost"):
-        check(f"DP-SGD {name} batch {base_batch}: gradclip vs {labels[peer]} clipped mean grad",
-              torch.cat([p.grad.reshape(-1) for p in want]),
-              torch.cat([p.grad.reshape(-1) for p in models[peer].parameters()]), tol=1e-4)
-    for factor in SIZES:
-        batch = int(base_batch * factor)
-        steps, _ = dp_steps(make_model, batch, noise=1.0)
-        medians = interleaved(steps, repeats)
-        for peer in ("opacus", "ghost"):
-            record(f"DP-SGD {name}", f"B={batch}", medians["gradclip"], labels[peer], medians[peer])
-        record_floor(f"DP-SGD {name}", f"B={batch}", "forward + backward without DP, vs Opacus GSM",
-                     medians["floor"], medians["opacus"])
-        if factor == 1.0:
-            MEMORY.append((f"DP-SGD {name} B={batch}", largest(steps["gradclip"]), "gradclip", ""))
-            for peer in ("opacus", "ghost"):
-                MEMORY.append((f"DP-SGD {name} B={batch}", largest(steps[peer]), labels[peer], ""))
+    for name, (_, _, floor_target) in dp_zoo.ZOO.items():
+        if only and only.lower() not in name.lower():
+            continue
+        steps, models = dp_zoo_steps(name, DP_BASE, noise=0.0)  # same answer: noise 0, the clipped mean gradient
+        for fn in steps.values():
+            fn()
+        want = dp_grads(models["auto"])
+        for other in [k for k in models if k != "auto"]:
+            check(f"DP-SGD {name} batch {DP_BASE}: gradclip auto vs {DP_LABELS[other]} clipped mean grad",
+                  dp_grads(models[other]), want, tol=1e-4)
+        for batch in DP_BATCHES:
+            steps, _ = dp_zoo_steps(name, batch, noise=1.0)
+            medians = interleaved(steps, repeats)
+            DP_TIMES[(name, batch)] = medians
+            for peer in ("opacus", "opacus_ghost"):
+                record(f"DP-SGD {name}", f"B={batch}", medians["auto"], DP_LABELS[peer], medians[peer])
+            record_floor(f"DP-SGD {name}", f"B={batch}", "forward + backward without DP, vs Opacus GSM",
+                         medians["floor"], medians["opacus"])
+            own = {k: medians[k] for k in ("auto", "ghost", "vmap") if k in medians}
+            print(f"  {'':<34} {f'B={batch}':>6}  gradclip " + ", ".join(f"{k} {v:.3f}" for k, v in own.items())
+                  + f" ms; noise draw alone {medians['noise']:.3f} ms", flush=True)
+            if batch == DP_BASE:
+                for who in ("auto", "opacus", "opacus_ghost"):
+                    MEMORY.append((f"DP-SGD {name} B={batch}", largest(steps[who]), DP_LABELS[who], ""))
+
+
+def print_dp_targets() -> None:
+    """Issue 28's DP-SGD targets, model by model and batch by batch, with their status."""
+    if not DP_TIMES:
+        return
+    print("\nDP-SGD zoo (median ms; targets at every batch: auto <= 1.1x gradclip's fastest method, Opacus/auto >= 1.0;")
+    print("at B=64 on the MLP and CNNs: auto <= 1.5x forward+backward; 'floor+noise' adds the noise draw any DP step pays):")
+    print(f"  {'model':<26} {'B':>4} | {'auto':>8} {'ghost':>8} {'vmap':>8} | {'Opacus':>8} {'O.ghost':>8} | "
+          f"{'fwd+bwd':>8} {'noise':>7} | {'auto/best':>9} {'Op/auto':>7} {'OpG/auto':>8} {'auto/fb':>7} "
+          f"{'auto/(fb+n)':>11}")
+    for (name, batch), t in DP_TIMES.items():
+        best = min(t[k] for k in ("auto", "ghost", "vmap") if k in t)
+        ghost = f"{t['ghost']:8.2f}" if "ghost" in t else f"{'n/a':>8}"
+        fb_ratio = t["auto"] / t["floor"]
+        target_fb = dp_zoo.ZOO[name][2] and batch == DP_BASE
+        marks = [("auto/best", t["auto"] / best <= 1.1), ("Opacus", t["opacus"] / t["auto"] >= 1.0),
+                 ("Opacus ghost", t["opacus_ghost"] / t["auto"] >= 1.0)]
+        if target_fb:
+            marks.append(("1.5x fwd+bwd", fb_ratio <= 1.5))
+        missed = [label for label, ok in marks if not ok]
+        print(f"  {name:<26} {batch:>4} | {t['auto']:8.2f} {ghost} {t['vmap']:8.2f} | {t['opacus']:8.2f} "
+              f"{t['opacus_ghost']:8.2f} | {t['floor']:8.2f} {t['noise']:7.2f} | {t['auto'] / best:8.2f}x "
+              f"{t['opacus'] / t['auto']:6.2f}x {t['opacus_ghost'] / t['auto']:7.2f}x {fb_ratio:6.2f}x "
+              f"{t['auto'] / (t['floor'] + t['noise']):10.2f}x  " + ("met" if not missed else "MISSED: " + ", ".join(missed)))
 
 
 # --- DP-SGD of a recurrent text model -------------------------------------------------------------------------
@@ -546,6 +607,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per candidate and row (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--only", default="", help="comma-separated sections to run: dp, rnn, zclip, autoclip, agc, clip")
+    parser.add_argument("--model", default="", help="dp section: only the zoo models whose name contains this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -554,8 +616,7 @@ def main() -> int:
     print("peers: " + ", ".join(f"{d} {version(d)}" for d in ("opacus", "zclip", "autoclip", "timm")))
     print(f"repeats {args.repeats}, interleaved, medians; peer/gradclip above 1 means gradclip is faster\n")
     sections = {
-        "dp": lambda: (bench_dp("MLP 784-256-10", mlp, 64, args.repeats),
-                       bench_dp("CNN 2conv+linear", cnn, 64, args.repeats)),
+        "dp": lambda: bench_dp_zoo(args.repeats, args.model),
         "rnn": lambda: (bench_dp_recurrent("LSTM", 32, args.repeats), bench_dp_recurrent("GRU", 32, args.repeats)),
         "zclip": lambda: bench_zclip(args.repeats),
         "autoclip": lambda: bench_autoclip(args.repeats),
@@ -569,6 +630,7 @@ def main() -> int:
         print(f"[{name}]", flush=True)
         run()
     print_summary()
+    print_dp_targets()
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     for line in SKIPPED:
         print(f"NOT COMPARED: {line}")

@@ -1478,3 +1478,47 @@ def test_the_same_step_as_opacus(case, clipping):
     assert list(ours.grads) == list(theirs)
     for name, g in ours.grads.items():  # the same noise draws: equal to float32 rounding
         torch.testing.assert_close(g, theirs[name], rtol=1e-4, atol=1e-6)
+
+
+def loss_cases():
+    nn = torch.nn
+    generator = torch.Generator().manual_seed(0)
+    logits, images = torch.randn(6, 5, generator=generator), torch.randn(6, 5, 3, 2, generator=generator)
+    classes = torch.randint(0, 5, (6,), generator=generator)
+    pixels = torch.randint(0, 5, (6, 3, 2), generator=generator)
+    pixels[0] = -100  # every target of example 0 ignored (its mean over no targets is NaN), one of example 1
+    pixels[1, 0, 0] = -100
+    ignored = classes.clone()
+    ignored[2] = 7
+    probabilities = torch.softmax(torch.randn(6, 5, generator=generator), dim=1)
+    values = torch.randn(6, 5, generator=generator)
+    return {
+        "F.cross_entropy": (F.cross_entropy, logits, classes),
+        "F.cross_entropy, pixels with ignored ones": (F.cross_entropy, images, pixels),
+        "F.cross_entropy, probabilities": (F.cross_entropy, logits, probabilities),
+        "CrossEntropyLoss, label smoothing, ignore_index": (nn.CrossEntropyLoss(ignore_index=7, label_smoothing=0.1),
+                                                            logits, ignored),
+        "CrossEntropyLoss on pixels, label smoothing": (nn.CrossEntropyLoss(label_smoothing=0.2), images, pixels),
+        "F.nll_loss": (F.nll_loss, torch.log_softmax(images, 1), pixels),
+        "F.mse_loss": (F.mse_loss, logits, values),
+        "MSELoss on (B,)": (nn.MSELoss(), values[:, 0], values[:, 1]),
+        "L1Loss": (nn.L1Loss(), logits, values),
+        "BCEWithLogitsLoss": (nn.BCEWithLogitsLoss(), logits, probabilities),
+        "class weights (vmap)": (nn.CrossEntropyLoss(weight=torch.rand(5, generator=generator)), logits, classes),
+        "reduction sum (vmap)": (nn.MSELoss(reduction="sum"), logits, values),
+        "a subclass (vmap)": (type("Mine", (nn.MSELoss,), {})(), logits, values),
+    }
+
+
+@pytest.mark.parametrize("case", list(loss_cases()))
+def test_per_example_losses_of_torchs_losses_equal_vmap_over_batches_of_one(monkeypatch, case):
+    loss_fn, output, targets = loss_cases()[case]
+    expected = torch.stack([loss_fn(output[i:i + 1], targets[i:i + 1]) for i in range(len(output))])
+    vmapped = []
+    real_vmap = ghost_module.vmap
+    monkeypatch.setattr(ghost_module, "vmap", lambda fn: vmapped.append(1) or real_vmap(fn))
+    losses = ghost_module.per_example_losses(loss_fn, output, targets)
+    torch.testing.assert_close(losses, expected, equal_nan=True)
+    assert bool(vmapped) == case.endswith("(vmap)")
+    if case.startswith("F.cross_entropy, pixels"):
+        assert torch.isnan(losses[0]) and not torch.isnan(losses[1:]).any()
