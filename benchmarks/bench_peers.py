@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import importlib.util
 import platform
 import sys
@@ -324,6 +325,64 @@ def print_dp_targets() -> None:
               f"{t['auto'] / (t['floor'] + t['noise']):10.2f}x  " + ("met" if not missed else "MISSED: " + ", ".join(missed)))
 
 
+def bench_dp_layers(repeats: int, only: str = "") -> None:
+    """Per layer of the zoo with more than one position (convolutions, linear layers on sequences): the two ways
+    the hook path can take (Gram matrices, or per-example gradients), each timed alone on the layer's real input
+    and output gradient at batch 64 (norms, factors, clipped sums), beside the way ``method="auto"`` picks."""
+    from gradclip import _ghost
+    from gradclip._example_norms import ABADI, ExampleNorms, Factors
+
+    for name, (make, make_batch, _) in dp_zoo.ZOO.items():
+        if (only and only.lower() not in name.lower()) or name == "Embedding + LSTM":
+            continue
+        torch.manual_seed(0)
+        model = make()
+        x, y = make_batch(DP_BASE, torch.Generator().manual_seed(1))
+        layers = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+        seen = {}
+        handles = [m.register_forward_hook(lambda m, a, o: seen.__setitem__(m, (a[0].detach(), o))) for _, m in layers]
+        total = F.cross_entropy(model(x), y, reduction="sum")
+        for handle in handles:
+            handle.remove()
+        deltas = torch.autograd.grad(total, [seen[m][1] for _, m in layers])
+        for (label, module), delta in zip(layers, deltas):
+            inputs = seen[module][0]
+            handler_class = _ghost._Conv2d if isinstance(module, nn.Conv2d) else _ghost._Linear
+            if isinstance(module, nn.Conv2d):
+                steps, d, p = delta.shape[2] * delta.shape[3], module.weight[0].numel(), delta.shape[1]
+            else:
+                steps, d, p = math.prod(inputs.shape[1:-1]), inputs.shape[-1], delta.shape[-1]
+            if steps == 1:
+                continue
+            names = {kind: kind for kind, p_ in module._parameters.items() if p_ is not None}
+
+            def way(gram: bool):
+                def run():
+                    saved = _ghost._use_gram
+                    _ghost._use_gram = lambda *args: gram
+                    try:
+                        norms = ExampleNorms(DP_BASE, inputs.device)
+                        handler = handler_class(module, names)
+                        handler.norms(inputs, delta, lambda _: norms)
+                        found, scales, in_wide = norms.finish(1.0, ABADI)
+                        factors = Factors(scales, in_wide, scales.float())
+                        for kind in names:
+                            handler.summed(kind, factors)
+                    finally:
+                        _ghost._use_gram = saved
+                return run
+            medians = interleaved({"gram": way(True), "direct": way(False)}, repeats)
+            pick = "gram" if _ghost._use_gram(steps, d, p, inputs.device.type == "cpu") else "direct"
+            best = min(medians.values())
+            DP_LAYERS.append((name, label, steps, d, p, medians["gram"], medians["direct"], pick, medians[pick] / best))
+            print(f"  {name:<26} {label:<16} T={steps:<4} d={d:<4} p={p:<4} Gram {medians['gram']:8.3f} ms  "
+                  f"per-example {medians['direct']:8.3f} ms  auto: {pick:<6} ({medians[pick] / best:.2f}x the better)",
+                  flush=True)
+
+
+DP_LAYERS: list[tuple] = []
+
+
 # --- DP-SGD of a recurrent text model -------------------------------------------------------------------------
 
 class TextModel(nn.Module):
@@ -606,7 +665,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per candidate and row (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--only", default="", help="comma-separated sections to run: dp, rnn, zclip, autoclip, agc, clip")
+    parser.add_argument("--only", default="", help="comma-separated sections to run: dp, dplayers, rnn, zclip, autoclip, agc, clip")
     parser.add_argument("--model", default="", help="dp section: only the zoo models whose name contains this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -617,6 +676,7 @@ def main() -> int:
     print(f"repeats {args.repeats}, interleaved, medians; peer/gradclip above 1 means gradclip is faster\n")
     sections = {
         "dp": lambda: bench_dp_zoo(args.repeats, args.model),
+        "dplayers": lambda: bench_dp_layers(args.repeats, args.model),
         "rnn": lambda: (bench_dp_recurrent("LSTM", 32, args.repeats), bench_dp_recurrent("GRU", 32, args.repeats)),
         "zclip": lambda: bench_zclip(args.repeats),
         "autoclip": lambda: bench_autoclip(args.repeats),

@@ -164,28 +164,38 @@ def _leaf_rule(module: nn.Module, name: str) -> tuple[int, int | None] | None:
 
 # --- the per-layer cost model ---------------------------------------------------------------------------------------
 
-# A per-example gradient entry is written once and read twice (its norm, the weighted sum): memory passes,
-# each worth about this many multiply-adds of a matrix product on the machines measured (CPU; see the README).
-_PASS_COST = 4
 # Above this many bytes of per-example gradients for one layer, Gram matrices that take less memory are used
 # even where they cost more time.
 PER_EXAMPLE_BYTES = 1 << 28
 
 
-def _use_gram(steps: int, d: int, p: int) -> bool:
-    """Per layer, the cheaper way to each example's ``||sum_t delta_t a_t^T||_F^2`` (Bu et al. 2023's mixed choice).
+def _use_gram(steps: int, d: int, p: int, on_cpu: bool = True) -> bool:
+    """Per layer, the cheaper way to each example's ``||sum_t delta_t a_t^T||_F`` (Bu et al. 2023's mixed choice).
 
-    Both ways pay one product of T d p multiply-adds per example (the Gram path for the clipped sum
-    :math:`(c \\odot \\Delta)^T A`, the other for the per-example gradients); beyond that the T x T Gram
-    matrices cost :math:`T^2 (d + p)` multiply-adds, the p x d per-example gradients a few memory passes
-    over their :math:`d p` entries. Gram matrices when :math:`T^2 (d + p) \\le` ``_PASS_COST`` :math:`d p`.
+    Per example, with T positions, d inputs and p outputs: the Gram path costs the two T x T Gram
+    matrices, :math:`T^2 (d + p)` multiply-adds, plus passes over the T (d + p) entries of A and
+    Delta (unfolding, scaling each example by its largest entry), plus one product of T d p
+    multiply-adds for the clipped sum at the speed of one large matrix product; the per-example
+    path costs the same T d p multiply-adds as B small products, plus passes over the d p entries of
+    each example's gradient (written, read for its norm, read for the weighted sum). On the CPU,
+    with the constants fitted to both paths timed alone on 72 layer shapes (``bench_peers.py
+    --only dplayers`` and the README; 2-vCPU AMD EPYC, one thread, batch 64), Gram matrices when
+
+    .. math:: T^2 (d + p) + 200\, T (d + p) + 5 \cdot 10^4 \le 0.75\, T d p + 24\, d p
+
+    which picked the faster path on all but one shape (1.3x slower there, per-example gradients of
+    38 MB, out of the cache). Elsewhere (not measured: no accelerator was available) the rule of
+    the reference code, fastDP's ``clipping_mode='MixOpt'``: Gram matrices when :math:`2 T^2 \le d p`,
+    the one that takes less memory.
     """
-    return steps * steps * (d + p) <= _PASS_COST * d * p
+    if not on_cpu:
+        return 2 * steps * steps <= d * p
+    return steps * steps * (d + p) + 200 * steps * (d + p) + 50_000 <= 0.75 * steps * d * p + 24 * d * p
 
 
-def _gram_instead(batch: int, steps: int, d: int, p: int, itemsize: int) -> bool:
+def _gram_instead(batch: int, steps: int, d: int, p: int, itemsize: int, on_cpu: bool) -> bool:
     """:func:`_use_gram`, or Gram matrices anyway when the per-example gradients would be too large and they are not."""
-    if _use_gram(steps, d, p):
+    if _use_gram(steps, d, p, on_cpu):
         return True
     return batch * d * p * itemsize > PER_EXAMPLE_BYTES and 2 * steps * steps < d * p
 
@@ -305,7 +315,7 @@ class _Linear(_Product):
         delta = delta.reshape(batch, steps, p).to(self.dtype)
         self.bias_rows = delta[:, 0] if steps == 1 else delta.sum(dim=1)
         if self.trains("weight"):
-            if steps > 1 and not _gram_instead(batch, steps, d, p, a.element_size()):
+            if steps > 1 and not _gram_instead(batch, steps, d, p, a.element_size(), a.device.type == "cpu"):
                 self.formed("weight", torch.bmm(delta.transpose(1, 2), a), norms_for)  # (B, p, d)
             else:
                 self.weight_norms(a, delta, norms_for)
@@ -320,7 +330,7 @@ class _Conv2d(_Product):
         delta = delta.to(self.dtype)
         self.bias_rows = delta.sum(dim=(2, 3))
         if self.trains("weight"):
-            if steps > 1 and not _gram_instead(batch, steps, d, p, delta.element_size()):
+            if steps > 1 and not _gram_instead(batch, steps, d, p, delta.element_size(), delta.device.type == "cpu"):
                 # the per-example gradients by one grouped convolution: no unfolded input
                 self.formed("weight", _conv_weight_grads(module, x.to(self.dtype), delta), norms_for)
             else:
