@@ -302,6 +302,11 @@ def bench_dp_zoo(repeats: int, only: str = "") -> None:
 
 def print_dp_targets() -> None:
     """Issue 28's DP-SGD targets, model by model and batch by batch, with their status."""
+    if DP_LAYERS:
+        slower = [row for row in DP_LAYERS if row[-1] > 1.1]
+        print(f"\nPer-layer choice of method='auto' (Gram matrices or per-example gradients): the faster way within 1.1x "
+              f"on {len(DP_LAYERS) - len(slower)} of {len(DP_LAYERS)} layers; worst {max(r[-1] for r in DP_LAYERS):.2f}x"
+              + "".join(f"\n  slower: {r[0]} {r[1]} ({r[-1]:.2f}x)" for r in slower))
     if not DP_TIMES:
         return
     print("\nDP-SGD zoo (median ms; targets at every batch: auto <= 1.1x gradclip's fastest method, Opacus/auto >= 1.0;")
@@ -325,13 +330,9 @@ def print_dp_targets() -> None:
               f"{t['auto'] / (t['floor'] + t['noise']):10.2f}x  " + ("met" if not missed else "MISSED: " + ", ".join(missed)))
 
 
-def bench_dp_layers(repeats: int, only: str = "") -> None:
-    """Per layer of the zoo with more than one position (convolutions, linear layers on sequences): the two ways
-    the hook path can take (Gram matrices, or per-example gradients), each timed alone on the layer's real input
-    and output gradient at batch 64 (norms, factors, clipped sums), beside the way ``method="auto"`` picks."""
-    from gradclip import _ghost
-    from gradclip._example_norms import ABADI, ExampleNorms, Factors
-
+def dp_layer_cases(only: str = ""):
+    """(model, layer, module, input, output gradient) for every zoo layer with more than one position (real
+    inputs and output gradients at batch 64), then wider layers outside the zoo (random ones) where Gram matrices win."""
     for name, (make, make_batch, _) in dp_zoo.ZOO.items():
         if (only and only.lower() not in name.lower()) or name == "Embedding + LSTM":
             continue
@@ -346,38 +347,59 @@ def bench_dp_layers(repeats: int, only: str = "") -> None:
             handle.remove()
         deltas = torch.autograd.grad(total, [seen[m][1] for _, m in layers])
         for (label, module), delta in zip(layers, deltas):
-            inputs = seen[module][0]
-            handler_class = _ghost._Conv2d if isinstance(module, nn.Conv2d) else _ghost._Linear
-            if isinstance(module, nn.Conv2d):
-                steps, d, p = delta.shape[2] * delta.shape[3], module.weight[0].numel(), delta.shape[1]
-            else:
-                steps, d, p = math.prod(inputs.shape[1:-1]), inputs.shape[-1], delta.shape[-1]
-            if steps == 1:
-                continue
-            names = {kind: kind for kind, p_ in module._parameters.items() if p_ is not None}
+            yield name, label, module, seen[module][0], delta
+    if only:
+        return
+    generator = torch.Generator().manual_seed(4)
+    for steps in (4, 16, 64):
+        yield "(wide linear)", f"256->256, T={steps}", nn.Linear(256, 256), \
+            torch.randn(DP_BASE, steps, 256, generator=generator), torch.randn(DP_BASE, steps, 256, generator=generator)
+    for size in (2, 8):
+        yield "(wide conv)", f"128->128 3x3, {size}x{size}", nn.Conv2d(128, 128, 3, padding=1), \
+            torch.randn(DP_BASE, 128, size, size, generator=generator), \
+            torch.randn(DP_BASE, 128, size, size, generator=generator)
 
-            def way(gram: bool):
-                def run():
-                    saved = _ghost._use_gram
-                    _ghost._use_gram = lambda *args: gram
-                    try:
-                        norms = ExampleNorms(DP_BASE, inputs.device)
-                        handler = handler_class(module, names)
-                        handler.norms(inputs, delta, lambda _: norms)
-                        found, scales, in_wide = norms.finish(1.0, ABADI)
-                        factors = Factors(scales, in_wide, scales.float())
-                        for kind in names:
-                            handler.summed(kind, factors)
-                    finally:
-                        _ghost._use_gram = saved
-                return run
-            medians = interleaved({"gram": way(True), "direct": way(False)}, repeats)
-            pick = "gram" if _ghost._use_gram(steps, d, p, inputs.device.type == "cpu") else "direct"
-            best = min(medians.values())
-            DP_LAYERS.append((name, label, steps, d, p, medians["gram"], medians["direct"], pick, medians[pick] / best))
-            print(f"  {name:<26} {label:<16} T={steps:<4} d={d:<4} p={p:<4} Gram {medians['gram']:8.3f} ms  "
-                  f"per-example {medians['direct']:8.3f} ms  auto: {pick:<6} ({medians[pick] / best:.2f}x the better)",
-                  flush=True)
+
+def bench_dp_layers(repeats: int, only: str = "") -> None:
+    """Per layer with more than one position (convolutions, linear layers on sequences): the two ways the hook
+    path can take (Gram matrices, or per-example gradients), each timed alone on the layer's input and output
+    gradient at batch 64 (norms, factors, clipped sums), beside the way ``method="auto"`` picks."""
+    from gradclip import _ghost
+    from gradclip._example_norms import ABADI, ExampleNorms, Factors
+
+    for name, label, module, inputs, delta in dp_layer_cases(only):
+        handler_class = _ghost._Conv2d if isinstance(module, nn.Conv2d) else _ghost._Linear
+        if isinstance(module, nn.Conv2d):
+            steps, d, p = delta.shape[2] * delta.shape[3], module.weight[0].numel(), delta.shape[1]
+        else:
+            steps, d, p = math.prod(inputs.shape[1:-1]), inputs.shape[-1], delta.shape[-1]
+        if steps == 1:
+            continue
+        names = {kind: kind for kind, param in module._parameters.items() if param is not None}
+
+        def way(gram: bool):
+            def run():
+                saved = _ghost._use_gram
+                _ghost._use_gram = lambda *args: gram
+                try:
+                    norms = ExampleNorms(DP_BASE, inputs.device)
+                    handler = handler_class(module, names)
+                    handler.norms(inputs, delta, lambda _: norms)
+                    found, scales, in_wide = norms.finish(1.0, ABADI)
+                    factors = Factors(scales, in_wide, scales.float())
+                    for kind in names:
+                        handler.summed(kind, factors)
+                finally:
+                    _ghost._use_gram = saved
+            return run
+        medians = interleaved({"gram": way(True), "direct": way(False)}, repeats)
+        pick = "gram" if _ghost._use_gram(steps, d, p, inputs.device.type == "cpu", DP_BASE, inputs.element_size()) \
+            else "direct"
+        best = min(medians.values())
+        DP_LAYERS.append((name, label, steps, d, p, medians["gram"], medians["direct"], pick, medians[pick] / best))
+        print(f"  {name:<26} {label:<22} T={steps:<4} d={d:<5} p={p:<4} Gram {medians['gram']:8.3f} ms  "
+              f"per-example {medians['direct']:8.3f} ms  auto: {pick:<6} ({medians[pick] / best:.2f}x the better)",
+              flush=True)
 
 
 DP_LAYERS: list[tuple] = []

@@ -908,8 +908,8 @@ def spy_gram(monkeypatch, force=None):
     choices = []
     real = ghost_module._use_gram
 
-    def spy(steps, d, p, on_cpu=True):
-        choice = real(steps, d, p, on_cpu) if force is None else force
+    def spy(steps, d, p, *more):
+        choice = real(steps, d, p, *more) if force is None else force
         choices.append((steps, d, p, choice))
         return choice
     monkeypatch.setattr(ghost_module, "_use_gram", spy)
@@ -1609,6 +1609,8 @@ def test_the_per_layer_choice_follows_the_cost_model_and_the_reference_rule_off_
     assert not ghost_module._use_gram(4, 64, 64)  # a small layer: the per-example path's fewer operations win
     # elsewhere fastDP's MixOpt rule, 2 T^2 <= d p
     assert ghost_module._use_gram(64, 256, 256, on_cpu=False) and not ghost_module._use_gram(200, 256, 256, False)
+    # per-example gradients out of the cache (above 32 MiB for the layer) cost more per entry
+    assert not ghost_module._use_gram(64, 1152, 128, True, 16, 4) and ghost_module._use_gram(64, 1152, 128, True, 64, 4)
     # per-example gradients above 256 MiB give way to Gram matrices that take less memory
     assert ghost_module._gram_instead(64, 128, 1024, 1024, 4, True)
     assert not ghost_module._gram_instead(64, 2048, 1024, 1024, 4, True)

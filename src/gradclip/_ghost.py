@@ -169,7 +169,12 @@ def _leaf_rule(module: nn.Module, name: str) -> tuple[int, int | None] | None:
 PER_EXAMPLE_BYTES = 1 << 28
 
 
-def _use_gram(steps: int, d: int, p: int, on_cpu: bool = True) -> bool:
+# Per-example gradients of one layer beyond this many bytes leave the CPU's cache: each pass over them
+# cost about 5 times as much on the machine measured (see _use_gram).
+_CACHE_BYTES = 1 << 25
+
+
+def _use_gram(steps: int, d: int, p: int, on_cpu: bool = True, batch: int = 1, itemsize: int = 4) -> bool:
     """Per layer, the cheaper way to each example's ``||sum_t delta_t a_t^T||_F`` (Bu et al. 2023's mixed choice).
 
     Per example, with T positions, d inputs and p outputs: the Gram path costs the two T x T Gram
@@ -178,24 +183,27 @@ def _use_gram(steps: int, d: int, p: int, on_cpu: bool = True) -> bool:
     multiply-adds for the clipped sum at the speed of one large matrix product; the per-example
     path costs the same T d p multiply-adds as B small products, plus passes over the d p entries of
     each example's gradient (written, read for its norm, read for the weighted sum). On the CPU,
-    with the constants fitted to both paths timed alone on 72 layer shapes (``bench_peers.py
-    --only dplayers`` and the README; 2-vCPU AMD EPYC, one thread, batch 64), Gram matrices when
+    with the constants fitted to both paths timed alone on 72 layer shapes at batch 64 (2-vCPU AMD
+    EPYC, one thread; ``bench_peers.py --only dplayers`` times them on the zoo's layers and on wider
+    ones), Gram matrices when
 
-    .. math:: T^2 (d + p) + 200\, T (d + p) + 5 \cdot 10^4 \le 0.75\, T d p + 24\, d p
+    .. math:: T^2 (d + p) + 200\, T (d + p) + 5 \cdot 10^4 \le 0.75\, T d p + m\, d p
 
-    which picked the faster path on all but one shape (1.3x slower there, per-example gradients of
-    38 MB, out of the cache). Elsewhere (not measured: no accelerator was available) the rule of
-    the reference code, fastDP's ``clipping_mode='MixOpt'``: Gram matrices when :math:`2 T^2 \le d p`,
-    the one that takes less memory.
+    with m = 24 multiply-adds per entry of the per-example gradients, and m = 120 when the layer's
+    B d p entries take more than 32 MiB (out of the cache); this picked the faster path on all 72
+    shapes. Elsewhere (not measured: no accelerator was available) the rule of the reference code,
+    fastDP's ``clipping_mode='MixOpt'``: Gram matrices when :math:`2 T^2 \le d p`, the one that takes
+    less memory.
     """
     if not on_cpu:
         return 2 * steps * steps <= d * p
-    return steps * steps * (d + p) + 200 * steps * (d + p) + 50_000 <= 0.75 * steps * d * p + 24 * d * p
+    memory = 120 if batch * d * p * itemsize > _CACHE_BYTES else 24
+    return steps * steps * (d + p) + 200 * steps * (d + p) + 50_000 <= 0.75 * steps * d * p + memory * d * p
 
 
 def _gram_instead(batch: int, steps: int, d: int, p: int, itemsize: int, on_cpu: bool) -> bool:
     """:func:`_use_gram`, or Gram matrices anyway when the per-example gradients would be too large and they are not."""
-    if _use_gram(steps, d, p, on_cpu):
+    if _use_gram(steps, d, p, on_cpu, batch, itemsize):
         return True
     return batch * d * p * itemsize > PER_EXAMPLE_BYTES and 2 * steps * steps < d * p
 
