@@ -11,6 +11,14 @@ and prints medians and peer/gradclip (above 1: gradclip is faster), at 0.25x, 1x
 clipped gradients within float32 tolerance; DP-SGD with noise 0: the clipped mean gradient); a
 mismatch prints loudly and the script exits 1. DP-SGD rows also report the largest tensor each
 side materialises in one step (per-sample gradients, unfolded inputs...).
+
+DP-SGD (``--only dp``) runs the architecture zoo of ``dp_zoo.py`` (MLP; CNNs with 3x3 padded, 5x5
+unpadded and strided convolutions; a ResNet block with GroupNorm; an embedding with a transformer
+block; an embedding with an LSTM) at batch 16, 64 and 256: gradclip's three methods, Opacus's
+GradSampleModule + DPOptimizer and its ghost clipping, the forward+backward floor and the noise draw
+alone, then prints issue 28's targets with their status (``--model WORD`` runs the models whose name
+holds WORD). ``--only dplayers`` times, per layer with more than one position, the two ways the hook
+path can take (Gram matrices or per-example gradients) beside the one ``method="auto"`` picks.
 """
 
 from __future__ import annotations

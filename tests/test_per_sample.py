@@ -954,7 +954,7 @@ def test_an_empty_batch_through_conv2d_ghost_norms_is_a_noise_only_step(monkeypa
 
 
 def benchmark_cnn():
-    """The DP-SGD CNN of benchmarks/bench_peers.py (2 conv + linear on 1x28x28)."""
+    """The DP-SGD CNN with 3x3 padded convolutions of benchmarks/dp_zoo.py (2 conv + linear on 1x28x28)."""
     torch.manual_seed(0)
     return torch.nn.Sequential(
         torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
@@ -1614,3 +1614,26 @@ def test_the_per_layer_choice_follows_the_cost_model_and_the_reference_rule_off_
     # per-example gradients above 256 MiB give way to Gram matrices that take less memory
     assert ghost_module._gram_instead(64, 128, 1024, 1024, 4, True)
     assert not ghost_module._gram_instead(64, 2048, 1024, 1024, 4, True)
+
+
+def dp_zoo():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dp_zoo.py"
+    spec = importlib.util.spec_from_file_location("dp_zoo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ZOO
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", [name for name in dp_zoo() if name != "Embedding + LSTM"])
+def test_auto_takes_the_hook_path_on_the_benchmarked_zoo_and_matches_the_loop(monkeypatch, name):
+    # the ResNet block and the transformer have their own forward: auto checks them once, then trusts them
+    make, make_batch, _ = dp_zoo()[name]
+    torch.manual_seed(0)
+    model = make()
+    inputs, targets = make_batch(4, torch.Generator().manual_seed(1))
+    no_vmap(monkeypatch)
+    assert_matches_loop(model, F.cross_entropy, inputs, targets, 1.0)
