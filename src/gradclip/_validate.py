@@ -317,3 +317,34 @@ def refuse_dtensors(tensors: list[torch.Tensor], what: str, instead: str) -> Non
                 f"{what} does not support DTensor parameters or gradients (FSDP2's fully_shard, tensor "
                 f"parallelism): tensor {index} is a DTensor with placements {tuple(tensor.placements)}. {instead}"
             )
+
+
+class OrthogonalizedUpdateWarning(UserWarning):
+    """A gradient or update clipper was attached to an optimizer that orthogonalises its updates (Muon)."""
+
+
+def orthogonalizes(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` orthogonalises its updates: ``torch.optim.Muon``, a class whose name contains
+    "Muon" (the reference implementation and its variants), or any optimizer that sets the attribute
+    ``gradclip_orthogonalized = True`` (on itself or its class) to say so."""
+    flagged = getattr(optimizer, "gradclip_orthogonalized", None)
+    if flagged is not None:
+        return bool(flagged)
+    muon = getattr(torch.optim, "Muon", None)
+    return (muon is not None and isinstance(optimizer, muon)) or any(
+        "muon" in cls.__name__.lower() for cls in type(optimizer).__mro__)
+
+
+def warn_if_orthogonalizing(optimizer: torch.optim.Optimizer, who: str) -> None:
+    """Warn that clipping before (or of) an orthogonalised update does not bound the step."""
+    if orthogonalizes(optimizer):
+        warnings.warn(
+            f"{who} is attached to {type(optimizer).__name__}, which orthogonalises its updates (Muon): its step "
+            "size is set by the learning rate and the matrix shape, not by the gradient's norm, so clipping "
+            "the gradient does not shorten the step; it only lowers that gradient's weight in the momentum "
+            "(and clipping the orthogonalised update itself divides every step by a shape-dependent constant, "
+            "DeepSpeed issue 8439). The reference Muon does not clip. To guard against spikes, skip the step "
+            "with gradclip.SpikeGuard; to clip the parameters an auxiliary AdamW handles, call the clipper by "
+            "hand on those parameters before optimizer.step(). Set optimizer.gradclip_orthogonalized = False "
+            "if this optimizer does not orthogonalise.",
+            OrthogonalizedUpdateWarning, stacklevel=3)
