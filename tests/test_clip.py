@@ -40,9 +40,11 @@ def test_clip_grad_norm_matches_torch(shapes, dtype, norm_type, max_norm, scale,
     expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type, foreach=foreach)
     assert norm.dtype == expected.dtype and norm.device == expected.device
     # gradclip combines the per-tensor norms in float64, torch in the gradients' dtype: both are a few
-    # roundings of that dtype from the exact norm (p < 1 amplifies rounding), so they agree to that
+    # roundings of that dtype from the exact norm (p < 1 amplifies rounding), so they agree to that.
+    # On the CPU gradclip sums the small tensors in one pass (hundreds of values: up to 5 ulp from the
+    # exact 1-norm, seen for float64 at seed 2545), torch tensor by tensor (3 ulp the other way there)
     ulp = torch.finfo(dtype).eps
-    rtol = (32 if norm_type < 1 else 8) * ulp
+    rtol = (32 if norm_type < 1 else 12) * ulp
     torch.testing.assert_close(norm, expected, rtol=rtol, atol=0)
     torch.testing.assert_close(norm.double(), exact, rtol=rtol, atol=0)
     for p, q in zip(ours, theirs):

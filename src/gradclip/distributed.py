@@ -160,16 +160,17 @@ def _reduce_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else _REDUCE_DTYPE
 
 
-def _local_partial(group: _groups.Group, p: float, foreach: bool | None, device: torch.device) -> torch.Tensor:
+def _local_partial(group: _groups.Group, p: float, device: torch.device) -> torch.Tensor:
     """Sum of ||g_i||_p^p (max of ||g_i||_inf for p = inf) over one group, a 0-dim tensor."""
-    tensors = [t for t in group.tensors if t.numel() > 0]
-    dtype = _reduce_dtype(device)
-    if not tensors:
-        return torch.zeros((), dtype=dtype, device=device)
-    if len(tensors) != len(group.tensors):
-        group = _groups.Group(group.device, group.dtype, tensors, None)
-    norms = _norms.group_norms(group, p, foreach).to(device=device, dtype=dtype)
+    norms = _norms.group_norms(group, p).to(device=device, dtype=_reduce_dtype(device))
     return norms.max() if math.isinf(p) else norms.pow(p).sum()
+
+
+def _part(group: _groups.Group, tensors: list[torch.Tensor]) -> _groups.Group:
+    """A plain group of some of ``group``'s tensors (its kernel choice kept; empty tensors apart)."""
+    nonempty = [t for t in tensors if t.numel()]
+    return group._replace(tensors=tensors, buffer=None, sharding=None, small=None,
+                          large=None if len(nonempty) == len(tensors) else nonempty)
 
 
 # DTensor placements, by exact type: what a rank's local values are on that mesh dimension.
@@ -306,7 +307,7 @@ def _sum_partial_shards(
             flat.div_(dist.get_world_size(dim_group))
         new_kinds[dim] = REPLICATE
     full = list(_unflatten_dense_tensors(flat, tensors)) if tensors else []
-    return _groups.Group(group.device, flat.dtype, full, None), tuple(new_kinds)
+    return _part(group._replace(dtype=flat.dtype), full), tuple(new_kinds)
 
 
 def _all_reduce(value: torch.Tensor, groups: tuple[Any, ...], inf: bool) -> torch.Tensor:
@@ -436,23 +437,21 @@ def wide_global_norm(
     for group in groups:
         if group.sharding is None:
             if pg is None:
-                local.append(_local_partial(group, p, foreach, local_device))
+                local.append(_local_partial(group, p, local_device))
                 continue
             mine = [t for t in group.tensors if id(t) not in rep] if rep else group.tensors
             if len(mine) == len(group.tensors):
-                buckets[(pg,)][1].append(_local_partial(group, p, foreach, buckets[(pg,)][0]))
+                buckets[(pg,)][1].append(_local_partial(group, p, buckets[(pg,)][0]))
                 continue
             shared = [t for t in group.tensors if id(t) in rep]
-            local.append(_local_partial(_groups.Group(group.device, group.dtype, shared, None), p, foreach,
-                                        local_device))
+            local.append(_local_partial(_part(group, shared), p, local_device))
             if mine:
-                sub = _groups.Group(group.device, group.dtype, mine, None)
-                buckets[(pg,)][1].append(_local_partial(sub, p, foreach, buckets[(pg,)][0]))
+                buckets[(pg,)][1].append(_local_partial(_part(group, mine), p, buckets[(pg,)][0]))
             continue
         group, key = _local_pieces(group)
         if key not in buckets:
             buckets[key] = [group.device, []]
-        buckets[key][1].append(_local_partial(group, p, foreach, buckets[key][0]))
+        buckets[key][1].append(_local_partial(group, p, buckets[key][0]))
 
     totals = []
     for key, (device, partials) in buckets.items():

@@ -173,8 +173,13 @@ class SpikeGuard(Clipper):
         level = torch.where(count >= self.min_history, level, inf)
         finite = torch.isfinite(x)
         skip = ~finite | (x > level)
-        slot = self.steps % self.window
-        h[slot : slot + 1].copy_(torch.where(finite, x, math.nan).reshape(1))
+        recorded = torch.where(finite, x, math.nan)
+        if torch.compiler.is_compiling():  # the slot from the device count: no Python int to recompile on
+            slots = torch.arange(self.window, device=device)
+            h.copy_(torch.where(slots == self._device_count(device) % self.window, recorded, h))
+        else:
+            slot = self.steps % self.window
+            h[slot : slot + 1].copy_(recorded.reshape(1))
         previous = self._step_skip if (self._hooked and self._in_step) else None
         if previous is None:
             self.skipped_steps = self.skipped_steps + skip
