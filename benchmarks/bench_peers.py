@@ -396,8 +396,22 @@ def bench_agc(repeats: int) -> None:
 
 # --- clip_grad_norm_ ----------------------------------------------------------------------------------------------
 
+CLIP_SETS = ("ResNet-50", "model-shaped", "transformer")
+# (label, gradclip ms, torch ms) of the fixed cost: a call on ten 100-value tensors
+FIXED: list[tuple[str, float, float]] = []
+
+
 def bench_clip(repeats: int) -> None:
     sets = (("ResNet-50", resnet50_shapes()), ("model-shaped", model_shapes()), ("transformer", transformer_shapes()))
+    tiny = make_params([(100,)] * 10)
+    grads = [p.grad for p in tiny]
+    half = float(torch.nn.utils.get_total_norm(grads)) / 2
+    for mode, max_norm in (("clipping", half), ("no clip", 1e9)):
+        refresh = (lambda: torch._foreach_mul_(grads, 2.0)) if mode == "clipping" else None
+        medians = interleaved({"gradclip": lambda: gradclip.clip_grad_norm_(tiny, max_norm),
+                               "peer": lambda: torch.nn.utils.clip_grad_norm_(tiny, max_norm)}, 50 * repeats,
+                              before=refresh)
+        FIXED.append((mode, medians["gradclip"], medians["peer"]))
     for title, shapes0 in sets:
         for factor in SIZES:
             base = make_params(scale_shapes(shapes0, factor))
@@ -415,8 +429,10 @@ def bench_clip(repeats: int) -> None:
                     check(f"clip_grad_norm_ {title} {mode}: norm", got, want, 1e-5)
                     check_grads(f"clip_grad_norm_ {title} {mode}: clipped grads", mine, theirs, 1e-5)
                     del mine, theirs
+                # small sizes, where the fixed cost shows, take more calls: their medians are noisier
+                calls = repeats * (4 if factor < 1 else 2 if factor == 1 else 1)
                 medians = interleaved({"gradclip": lambda: gradclip.clip_grad_norm_(base, max_norm),
-                                       "peer": lambda: torch.nn.utils.clip_grad_norm_(base, max_norm)}, repeats,
+                                       "peer": lambda: torch.nn.utils.clip_grad_norm_(base, max_norm)}, calls,
                                       before=refresh)
                 record(f"clip_grad_norm_ {title} {mode}", f"{factor:g}x", medians["gradclip"],
                        "torch clip_grad_norm_", medians["peer"])
@@ -452,6 +468,18 @@ def print_summary() -> None:
         pr = " -> ".join(f"{p[2]:.2f}" for p in points)
         print(f"  {step:<38} gradclip {gc:<26} x{points[-1][1] / points[0][1]:5.1f}   "
               f"{peer}: {pr:<26} x{points[-1][2] / points[0][2]:5.1f}")
+    clip_rows = {(step, size): peer_ms / gc_ms for step, size, gc_ms, _, peer_ms in ROWS
+                 if step.startswith("clip_grad_norm_ ")}
+    if clip_rows:
+        print("\nclip_grad_norm_ against torch (torch/gradclip; target: at least 0.97 at every size when clipping):")
+        for title in CLIP_SETS:
+            for mode in ("clipping", "no clip"):
+                ratios = [clip_rows.get((f"clip_grad_norm_ {title} {mode}", f"{factor:g}x")) for factor in SIZES]
+                text = "   ".join(f"{factor:g}x {r:5.2f}" for factor, r in zip(SIZES, ratios) if r is not None)
+                print(f"  {title:<13} {mode:<9} {text}")
+    for mode, gc_ms, peer_ms in FIXED:
+        print(f"fixed cost, ten 100-value tensors, {mode}: gradclip {gc_ms * 1000:6.1f} us, "
+              f"torch {peer_ms * 1000:6.1f} us, torch/gradclip {peer_ms / gc_ms:5.2f}")
     if FLOORS:
         print("\nFloors: the work every implementation must do, timed alone with torch's kernels in the same run;")
         print("peer/floor is the most any library could be faster than the peer:")

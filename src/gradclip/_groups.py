@@ -114,6 +114,25 @@ class Group(NamedTuple):
         return self.sharding.tensors if self.sharding is not None else self.tensors
 
 
+class NormWork(NamedTuple):
+    """What the norm kernels take from one group: ``small`` (normed as one concatenation, or None) and ``targets`` (one norm each)."""
+
+    device: torch.device
+    small: list[torch.Tensor] | None
+    targets: list[torch.Tensor]
+    batched: bool
+    dtype: torch.dtype  # the tensors' dtype
+
+
+class ScaleWork(NamedTuple):
+    """What an in-place factor acts on in one group: ``targets``, with foreach kernels or not, a factor in ``dtype``."""
+
+    group: Group
+    targets: list[torch.Tensor]
+    batched: bool
+    dtype: torch.dtype  # the accumulation dtype, in which the multiply is computed
+
+
 class Plan:
     """The distinct tensors of one call and their groups, in order: plain groups first, then DTensor groups.
 
@@ -125,16 +144,32 @@ class Plan:
         device: the first tensor's device (where a global norm is returned), or ``None`` for no tensor.
         dtypes: the groups' dtypes.
         distributed: whether some group holds DTensors.
+        output_dtype: the dtype a global norm of these tensors is returned in.
+        narrow: whether every group accumulates in less than float64 (a plain float64 combine is exact).
+        norm_work: per group, what the norm kernels take (:class:`NormWork`; empty groups left out).
+        scale_work: per group, what a factor acts on (:class:`ScaleWork`).
     """
 
-    __slots__ = ("tensors", "groups", "device", "dtypes", "distributed")
+    __slots__ = ("tensors", "groups", "device", "dtypes", "distributed", "output_dtype", "narrow",
+                 "norm_work", "scale_work")
 
-    def __init__(self, tensors: list[torch.Tensor], groups: list[Group]) -> None:
+    def __init__(self, tensors: list[torch.Tensor], groups: list[Group],
+                 dtype_facts: tuple[torch.dtype, bool, list[torch.dtype]] | None = None) -> None:
         self.tensors = tensors
         self.groups = groups
         self.device = tensors[0].device if tensors else None
         self.dtypes = [group.dtype for group in groups]
         self.distributed = any(group.sharding is not None for group in groups)
+        self.output_dtype, self.narrow, factor_dtypes = dtype_facts or _dtype_facts(self.dtypes)
+        self.norm_work = []
+        for group in groups:
+            targets = group.norm_targets()
+            if group.buffer is not None and not group.buffer.numel():
+                targets = []
+            if group.small or targets:
+                self.norm_work.append(NormWork(group.device, group.small, targets,
+                                               group.batched and group.buffer is None, group.dtype))
+        self.scale_work = [ScaleWork(group, *group.targets(), dtype) for group, dtype in zip(groups, factor_dtypes)]
 
     def __iter__(self) -> Iterator[Group]:
         return iter(self.groups)
@@ -149,42 +184,35 @@ class Plan:
         return f"Plan({len(self.tensors)} tensors in groups {[(g.device, g.dtype, len(g.tensors)) for g in self.groups]})"
 
 
+def _dtype_facts(dtypes: list[torch.dtype]) -> tuple[torch.dtype, bool, list[torch.dtype]]:
+    """(output dtype, narrow, accumulation dtype per group): asked of the norms once per plan layout."""
+    accumulation = [_norms.accumulation_dtype(dtype) for dtype in dtypes]
+    return _norms.output_dtype(dtypes), all(dtype != torch.float64 for dtype in accumulation), accumulation
+
+
 # --- the entry point ------------------------------------------------------------------------
 
 
-def plan_for(
-    parameters: _validate.TensorOrTensors,
-    foreach: bool | None,
-    *,
-    entrywise: str | None = None,
-    of_grads: bool = True,
-    name: str = "parameters",
-) -> Plan:
-    """The plan for the ``.grad`` of ``parameters`` (``of_grads=False``: for the tensors themselves).
+def plan_for(checked: _validate.Checked, foreach: bool | None, *, entrywise: str | None = None) -> Plan:
+    """The plan for the tensors of a checked call (:func:`gradclip._validate.check_call`).
 
-    Validates the list: ``parameters`` must be a tensor or an iterable of
-    tensors; parameters without ``.grad`` are skipped, a tensor listed twice
-    counts once, every tensor must be dense, and with ``entrywise`` (the name
-    of a function that acts on entries' values) real. Reused as the module
-    docstring says; ``foreach`` is part of the key.
+    Reused as the module docstring says (``foreach`` and ``entrywise`` are
+    part of the key); a new plan checks that every tensor is dense and, with
+    ``entrywise`` (the name of a function that acts on entries' values), real.
 
     Raises:
-        TypeError: ``parameters`` is not a tensor or an iterable of tensors, a tensor is not dense, or (with ``entrywise``) complex.
+        TypeError: a tensor is not dense, or (with ``entrywise``) complex; the message names it.
+        RuntimeError: ``foreach=True`` on a device without foreach kernels.
     """
-    items = _validate.as_tensor_list(parameters, name, distinct=not of_grads)
-    if of_grads:
-        present = [g for g in [p.grad for p in items] if g is not None]
-        tensors = _validate.distinct(present)
-    else:
-        tensors = items
+    tensors = checked.tensors
     if not tensors:
         return Plan([], [])
     if torch.compiler.is_compiling():
-        return _build(tensors, foreach, items, of_grads, entrywise, name)
+        return _build(checked, foreach, entrywise)
     cached = _lookup(tensors, foreach, entrywise)
     if cached is not None:
         return cached
-    plan = _build(tensors, foreach, items, of_grads, entrywise, name)
+    plan = _build(checked, foreach, entrywise)
     _remember(plan, foreach, entrywise)
     return plan
 
@@ -192,22 +220,22 @@ def plan_for(
 _SIGNATURE = operator.attrgetter("dtype", "device", "layout", "shape")
 
 
-def _build(tensors: list[torch.Tensor], foreach: bool | None, items: list[torch.Tensor], of_grads: bool,
-           entrywise: str | None, name: str) -> Plan:
+def _build(checked: _validate.Checked, foreach: bool | None, entrywise: str | None) -> Plan:
     """Check the tensors and group them (the slow path, and the one ``torch.compile`` traces)."""
-    _check(tensors, items, of_grads, entrywise, name)
+    tensors = checked.tensors
+    _check(checked, entrywise)
     return Plan(tensors, _group(tensors, foreach))
 
 
-def _check(tensors: list[torch.Tensor], items: list[torch.Tensor], of_grads: bool, entrywise: str | None,
-           name: str) -> None:
+def _check(checked: _validate.Checked, entrywise: str | None) -> None:
     """Dense (and real, for entrywise rules) tensors, or a ``TypeError`` naming the first that is not."""
+    tensors = checked.tensors
     dense = {t.layout for t in tensors} <= {torch.strided}
     real = entrywise is None or not any(t.is_complex() for t in tensors)
     if dense and real:
         return
     for index, tensor in enumerate(tensors):
-        label = _label(tensor, items, of_grads, name, index)
+        label = _label(tensor, checked.items, checked.of_grads, checked.name, index)
         _validate.check_dense_one(tensor, label)
         if entrywise is not None:
             _validate.check_real_one(tensor, label, entrywise)
@@ -298,6 +326,7 @@ class _Kept(NamedTuple):
     types: list[type]
     signature: list[tuple[torch.dtype, torch.device, torch.layout, torch.Size]]
     layouts: list[_Layout]
+    dtype_facts: tuple[torch.dtype, bool, list[torch.dtype]]
 
 
 _KEPT: list[_Kept] = []  # most recently used first
@@ -336,7 +365,7 @@ def _bind(kept: _Kept, tensors: list[torch.Tensor], same_objects: bool) -> Plan 
         small = None if layout.small is None else [tensors[i] for i in layout.small]
         large = None if layout.large is None else [tensors[i] for i in layout.large]
         groups.append(Group(layout.device, layout.dtype, members, buffer, None, layout.batched, small, large))
-    return Plan(tensors, groups)
+    return Plan(tensors, groups, kept.dtype_facts)
 
 
 def _remember(plan: Plan, foreach: bool | None, entrywise: str | None) -> None:
@@ -361,7 +390,8 @@ def _remember(plan: Plan, foreach: bool | None, entrywise: str | None) -> None:
         layouts.append(_Layout(group.device, group.dtype, members, buffer, group.batched,
                                positions(group.small), positions(group.large)))
     kept = _Kept(foreach, entrywise, [weakref.ref(t) for t in tensors], list(map(type, tensors)),
-                 list(map(_SIGNATURE, tensors)), layouts)
+                 list(map(_SIGNATURE, tensors)), layouts,
+                 (plan.output_dtype, plan.narrow, [work.dtype for work in plan.scale_work]))
     _KEPT.insert(0, kept)
     del _KEPT[CACHE_SIZE:]
 

@@ -274,51 +274,54 @@ def _repair_(norms: torch.Tensor, tensors: list[torch.Tensor], p: float, dtype: 
 
 
 def group_norms(group: Any, p: float) -> torch.Tensor:
-    """A 1-D tensor of partial p-norms (wide dtype) whose own p-norm is the group's total norm.
+    """A 1-D tensor of partial p-norms (wide dtype) whose own p-norm is the norm of one group of a plan.
 
     As the plan chose: a flat buffer gives one norm; the small CPU tensors one
     norm of their concatenation; the others one norm each. A group of
     DTensors gives the norms of its local shards.
     """
-    pieces = []
-    if group.small:
-        pieces.append(safe_norms([_flatten_dense_tensors(group.small)], p, group.device, False))
     targets = group.norm_targets()
-    if targets and (group.buffer is None or group.buffer.numel()):
-        pieces.append(safe_norms(targets, p, group.device, group.batched and group.buffer is None))
+    if group.buffer is not None and not group.buffer.numel():
+        targets = []
+    return _work_norms(group.device, group.small, targets, group.batched and group.buffer is None, p)
+
+
+def _work_norms(device: torch.device, small: list[torch.Tensor] | None, targets: list[torch.Tensor],
+                batched: bool, p: float) -> torch.Tensor:
+    pieces = []
+    if small:
+        pieces.append(safe_norms([_flatten_dense_tensors(small)], p, device, False))
+    if targets:
+        pieces.append(safe_norms(targets, p, device, batched))
     if not pieces:
-        return torch.zeros(1, dtype=wide_dtype(group.device), device=group.device)
+        return torch.zeros(1, dtype=wide_dtype(device), device=device)
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
 def local_total(plan: Any, p: float) -> tuple[float | None, torch.Tensor | None]:
     """The p-norm of every tensor of a plan of plain tensors: ``(value, None)`` or ``(None, wide)``.
 
-    On the CPU outside compilation (:func:`exact_on_host`) the partial norms
-    are read once and combined on the host in float64: ``value`` is a Python
-    float and no tensor is made for it. Anywhere else ``wide`` is a 0-dim
-    float64 tensor (float32 on MPS) on the plan's device, and nothing is read.
+    Takes the plan's ``norm_work`` (see :class:`gradclip._groups.Plan`). On
+    the CPU outside compilation (:func:`exact_on_host`) the partial norms are
+    read once per kernel and combined on the host in float64: ``value`` is a
+    Python float and no tensor is made for it. Anywhere else ``wide`` is a
+    0-dim float64 tensor (float32 on MPS) on the plan's device, and nothing is
+    read.
     """
-    if all(exact_on_host(group.device) for group in plan.groups):
-        return _host_total(plan, p), None
+    work = plan.norm_work
+    if all(exact_on_host(item.device) for item in work):
+        values: list[float] = []
+        for item in work:
+            if item.small:
+                values += _host_norms([_flatten_dense_tensors(item.small)], p, False)
+            if item.targets:
+                values += _host_norms(item.targets, p, item.batched)
+        return host_combine(values, p, plan.narrow), None
     device = plan.device
-    partial_norms = [group_norms(group, p).to(device) for group in plan.groups]
-    narrow = all(accumulation_dtype(dtype) != torch.float64 for dtype in plan.dtypes)
-    return None, combine(torch.cat(partial_norms), p, narrow_inputs=narrow)
-
-
-def _host_total(plan: Any, p: float) -> float:
-    """:func:`local_total` on the host: partial norms read once per kernel, checked and combined in Python floats."""
-    values: list[float] = []
-    narrow = True
-    for group in plan.groups:
-        narrow = narrow and accumulation_dtype(group.dtype) != torch.float64
-        if group.small:
-            values += _host_norms([_flatten_dense_tensors(group.small)], p, False)
-        targets = group.norm_targets()
-        if targets and (group.buffer is None or group.buffer.numel()):
-            values += _host_norms(targets, p, group.batched and group.buffer is None)
-    return host_combine(values, p, narrow)
+    partial_norms = [_work_norms(item.device, item.small, item.targets, item.batched, p).to(device) for item in work]
+    if not partial_norms:
+        return None, torch.zeros((), dtype=wide_dtype(device), device=device)
+    return None, combine(torch.cat(partial_norms), p, narrow_inputs=plan.narrow)
 
 
 def _host_norms(tensors: list[torch.Tensor], p: float, batched: bool) -> list[float]:

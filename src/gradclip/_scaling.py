@@ -53,33 +53,39 @@ def clip_(plan: _groups.Plan, max_norm: float | torch.Tensor, total: TotalNorm) 
         if factor != 1.0:
             scale_(plan, factor)
         return factor
-    factor = clip_coefficient(max_norm, total.wide)
+    wide = total.wide if total.wide is not None else torch.scalar_tensor(
+        total.value, dtype=torch.float64, device=total.norm.device)
+    factor = clip_coefficient(max_norm, wide)
     scale_(plan, factor)
     return factor
 
 
 def scale_(groups: Iterable[_groups.Group], factor: torch.Tensor | float, foreach: bool | None = None) -> None:
-    """Multiply every tensor of every group (or plan) in place by ``factor``, a 0-dim tensor or a float.
+    """Multiply every tensor of a plan (or of a list of groups) in place by ``factor``, a 0-dim tensor or a float.
 
-    A tensor factor is cast to the group's accumulation dtype (float32 for
+    The factor is cast to each group's accumulation dtype (float32 for
     half-precision gradients), in which the multiply is computed. The kernels
     are those the plan chose when the groups were made (``foreach`` is kept for
     callers that pass it; the groups already hold that choice).
     """
-    groups = list(groups)
-    if isinstance(factor, torch.Tensor) and _skippable(groups, factor):
+    work = groups.scale_work if isinstance(groups, _groups.Plan) else [
+        _groups.ScaleWork(group, *group.targets(), accumulation_dtype(group.dtype)) for group in groups]
+    if isinstance(factor, torch.Tensor):
+        if _skippable([item.group for item in work], factor):
+            return
+    elif factor == 1.0:
         return
-    if not isinstance(factor, torch.Tensor) and factor == 1.0:
-        return
-    for group in groups:
-        _check_scalable(group)
-        tensors, batched = group.targets()
-        dtype = accumulation_dtype(group.dtype)
+    for item in work:
+        _check_scalable(item.group)
         if isinstance(factor, torch.Tensor):
-            group_factor = factor.to(group.device, dtype)
+            group_factor = factor.to(item.group.device, item.dtype)
         else:  # a tensor, not the number: torch's foreach multiply by a number is 4x slower on the CPU
-            group_factor = torch.scalar_tensor(factor, dtype=dtype, device=group.device)
-        _groups.apply_(tensors, batched, "mul", group_factor)
+            group_factor = torch.scalar_tensor(factor, dtype=item.dtype, device=item.group.device)
+        if item.batched:
+            torch._foreach_mul_(item.targets, group_factor)
+        else:
+            for tensor in item.targets:
+                tensor.mul_(group_factor)
 
 
 def _check_scalable(group: _groups.Group) -> None:
@@ -107,7 +113,8 @@ def _skippable(groups: list[_groups.Group], factors: torch.Tensor) -> bool:
     no device synchronisation, so the pass over every gradient is skipped.
     On accelerators the multiply always runs: deciding would need a sync.
     """
-    if not all(exact_on_host(group.device) for group in groups) or not exact_on_host(factors.device):
+    device = factors.device
+    if not all(group.device == device for group in groups) or not exact_on_host(device):
         return False
     return bool((factors == 1).all())
 
@@ -127,12 +134,16 @@ def clamp_(groups: Iterable[_groups.Group], bound: float | torch.Tensor, foreach
 
     A tensor bound is used on the device, without reading it: one clamp per tensor.
     """
-    for group in groups:
-        tensors, batched = group.targets()
+    work = groups.scale_work if isinstance(groups, _groups.Plan) else [
+        _groups.ScaleWork(group, *group.targets(), accumulation_dtype(group.dtype)) for group in groups]
+    for item in work:
         if isinstance(bound, torch.Tensor):
-            high = bound.to(group.device, accumulation_dtype(group.dtype))
-            for tensor in tensors:
+            high = bound.to(item.group.device, item.dtype)
+            for tensor in item.targets:
                 tensor.clamp_(min=-high, max=high)
-            continue
-        _groups.apply_(tensors, batched, "clamp_min", -bound)
-        _groups.apply_(tensors, batched, "clamp_max", bound)
+        elif item.batched:
+            torch._foreach_clamp_min_(item.targets, -bound)
+            torch._foreach_clamp_max_(item.targets, bound)
+        else:
+            for tensor in item.targets:
+                tensor.clamp_(min=-bound, max=bound)

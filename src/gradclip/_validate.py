@@ -14,7 +14,7 @@ import sys
 import types
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 
@@ -115,6 +115,61 @@ def distinct(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 _distinct = distinct
+
+
+class Checked(NamedTuple):
+    """A call's arguments after :func:`check_call`: the first stage of the pipeline.
+
+    Attributes:
+        items: ``parameters`` (or, for norms of given tensors, the tensors) as a list, as given.
+        tensors: the distinct gradients of ``items`` that exist (or the distinct tensors).
+        threshold: the checked threshold (``None`` when the call takes none).
+        p: the checked norm order.
+        nonfinite: ``error_if_nonfinite``.
+        of_grads: whether ``tensors`` are the gradients of ``items``.
+        name: what the caller calls ``items`` (for messages).
+    """
+
+    items: list[torch.Tensor]
+    tensors: list[torch.Tensor]
+    threshold: Threshold | None
+    p: float
+    nonfinite: bool
+    of_grads: bool
+    name: str
+
+
+def check_call(
+    parameters: TensorOrTensors,
+    *,
+    threshold: tuple[str, Any] | None = None,
+    norm_type: Any = 2.0,
+    foreach: bool | None = None,
+    error_if_nonfinite: bool = False,
+    of_grads: bool = True,
+    name: str = "parameters",
+) -> Checked:
+    """Every check of a norm or clipping call, in one place: the list, the threshold, ``norm_type``, the flags.
+
+    ``threshold`` is ``(argument name, value)``. Host-only: reads types and
+    Python values (a tensor threshold on the CPU, where it is free), and takes
+    the ``.grad`` of each parameter, without repeats (see :func:`distinct`).
+    Dense and real gradients are checked where the plan is made
+    (:func:`gradclip._groups.plan_for`), once per layout.
+
+    Raises:
+        TypeError, ValueError: as the check of each argument says.
+    """
+    checked_threshold = None if threshold is None else check_threshold(*threshold)
+    p = check_norm_type(norm_type)
+    check_foreach(foreach)
+    nonfinite = check_bool("error_if_nonfinite", error_if_nonfinite)
+    items = as_tensor_list(parameters, name, distinct=not of_grads)
+    if of_grads:
+        tensors = distinct([g for g in [item.grad for item in items] if g is not None])
+    else:
+        tensors = items
+    return Checked(items, tensors, checked_threshold, p, nonfinite, of_grads, name)
 
 
 def grads_of(parameters: TensorOrTensors, entrywise: str | None = None) -> list[torch.Tensor]:

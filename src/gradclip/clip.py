@@ -62,15 +62,14 @@ def clip_grads_with_norm_(
         >>> w.grad
         tensor([0.6000, 0.8000])
     """
-    max_norm = _validate.check_threshold("max_norm", max_norm)
     if not isinstance(total_norm, torch.Tensor):
         raise TypeError(f"total_norm must be a torch.Tensor (from get_total_norm), got {type(total_norm).__name__}")
-    _validate.check_foreach(foreach)
-    if _validate.dtensor_types([total_norm]) is not None:
+    checked = _validate.check_call(parameters, threshold=("max_norm", max_norm), foreach=foreach)
+    if type(total_norm) is not torch.Tensor and hasattr(total_norm, "full_tensor"):  # a DTensor
         total_norm = total_norm.full_tensor()
-    plan = _groups.plan_for(parameters, foreach)
+    plan = _groups.plan_for(checked, foreach)
     if plan:
-        _scaling.scale_(plan, _scaling.clip_coefficient(max_norm, total_norm))
+        _scaling.scale_(plan, _scaling.clip_coefficient(checked.threshold, total_norm))
 
 
 @torch.no_grad()
@@ -169,16 +168,13 @@ def clip_norm_and_scale_(
     is computed from the norm in float64, so it is right even when the norm is
     too large for the gradients' dtype.
     """
-    max_norm = _validate.check_threshold("max_norm", max_norm)
-    p = _validate.check_norm_type(norm_type)
-    _validate.check_foreach(foreach)
-    check_nonfinite = _validate.check_bool("error_if_nonfinite", error_if_nonfinite)
-    plan = _groups.plan_for(parameters, foreach)
-    total = norms.total_norm(plan, p, foreach, process_group=process_group, replicated=replicated)
-    if check_nonfinite:
-        norms.raise_if_nonfinite(total, p)
-    factor = _scaling.clip_(plan, max_norm, total)
-    return total.norm, factor, max_norm
+    checked = _validate.check_call(parameters, threshold=("max_norm", max_norm), norm_type=norm_type,
+                                   foreach=foreach, error_if_nonfinite=error_if_nonfinite)
+    plan = _groups.plan_for(checked, foreach)
+    total = norms.total_norm(plan, checked.p, foreach, process_group=process_group, replicated=replicated,
+                             error_if_nonfinite=checked.nonfinite)
+    factor = _scaling.clip_(plan, checked.threshold, total)
+    return total.norm, factor, checked.threshold
 
 
 def grad_norm(
@@ -190,10 +186,9 @@ def grad_norm(
     replicated: Iterable[torch.Tensor] | None = None,
 ) -> tuple[_groups.Plan, norms.TotalNorm]:
     """Check the arguments; the plan of the gradients of ``parameters`` and their total norm."""
-    p = _validate.check_norm_type(norm_type)
-    _validate.check_foreach(foreach)
-    plan = _groups.plan_for(parameters, foreach)
-    return plan, norms.total_norm(plan, p, foreach, process_group=process_group, replicated=replicated)
+    checked = _validate.check_call(parameters, norm_type=norm_type, foreach=foreach)
+    plan = _groups.plan_for(checked, foreach)
+    return plan, norms.total_norm(plan, checked.p, foreach, process_group=process_group, replicated=replicated)
 
 
 @torch.no_grad()
@@ -241,12 +236,11 @@ def clip_grad_value_(
         >>> w.grad
         tensor([-1.0000,  0.5000,  1.0000])
     """
-    clip_value = _validate.check_threshold("clip_value", clip_value)
-    _validate.check_foreach(foreach)
-    plan = _groups.plan_for(parameters, foreach, entrywise="clip_grad_value_")
+    checked = _validate.check_call(parameters, threshold=("clip_value", clip_value), foreach=foreach)
+    plan = _groups.plan_for(checked, foreach, entrywise="clip_grad_value_")
     if plan.distributed:
         distributed.check_not_partial(plan.groups, "clip_grad_value_")
-    _scaling.clamp_(plan, clip_value)
+    _scaling.clamp_(plan, checked.threshold)
 
 
 @torch.no_grad()

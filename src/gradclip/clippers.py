@@ -290,9 +290,8 @@ class Clipper:
     def _apply(self, parameters: _validate.TensorOrTensors, optimizer: torch.optim.Optimizer | None,
                grad_scale: torch.Tensor | float | None) -> ClipResult:
         """The call, for gradients still multiplied by ``grad_scale`` (a fused step under GradScaler) or not."""
-        params = _validate.as_tensor_list(parameters)
-        plan = _groups.plan_for(params, self.foreach)
-        grads = plan.tensors
+        checked = _validate.check_call(parameters, norm_type=self._p, foreach=self.foreach)
+        params, grads = checked.items, checked.tensors
         if not params and self.process_group is None:
             raise RuntimeError(
                 f"{type(self).__name__} was called with no parameters: an empty list, or an iterator "
@@ -310,8 +309,9 @@ class Clipper:
         compiling = torch.compiler.is_compiling()
         if not compiling:  # version counters are not traceable: see the class docstring
             self._check_not_twice(grads)
+        plan = _groups.plan_for(checked, self.foreach)
         total = norms.total_norm(plan, self._p, self.foreach, process_group=self.process_group,
-                                 replicated=self.replicated)
+                                 replicated=self.replicated, wide=True)
         if grad_scale is not None:
             total = total.divided_by(grad_scale)
         result = self._step(plan, total.norm, total.wide)

@@ -32,31 +32,22 @@ class TotalNorm:
             gradients), on the first tensor's device.
         value: the norm in float64 as a Python float when it was combined on the host (the CPU,
             outside compilation), else ``None``: nothing was read from a device.
-        wide: the norm as a 0-dim float64 tensor (float32 on MPS) on ``norm``'s device; made
-            from ``value`` on first use where it was combined on the host.
-        on_host: whether reading values is free here (``value`` is known).
+        wide: the norm as a 0-dim float64 tensor (float32 on MPS) on ``norm``'s device; ``None``
+            where it was combined on the host and no tensor was asked for (``total_norm(wide=True)``).
     """
 
-    __slots__ = ("norm", "value", "_wide")
+    __slots__ = ("norm", "value", "wide")
 
     def __init__(self, norm: torch.Tensor, wide: torch.Tensor | None = None, value: float | None = None) -> None:
         self.norm = norm
         self.value = value
-        self._wide = wide
-
-    @property
-    def wide(self) -> torch.Tensor:
-        if self._wide is None:
-            self._wide = torch.scalar_tensor(self.value, dtype=torch.float64, device=self.norm.device)
-        return self._wide
-
-    @property
-    def on_host(self) -> bool:
-        return self.value is not None
+        self.wide = wide
 
     def divided_by(self, scale: torch.Tensor | float) -> TotalNorm:
         """The norm of gradients still multiplied by ``scale`` (a GradScaler's), divided on the device (no sync)."""
         wide = self.wide
+        if wide is None:
+            wide = torch.scalar_tensor(self.value, dtype=torch.float64, device=self.norm.device)
         if isinstance(scale, torch.Tensor):
             scale = scale.detach().to(device=wide.device, dtype=wide.dtype).reshape(())
         wide = wide / scale
@@ -70,6 +61,8 @@ def total_norm(
     *,
     process_group: Any = None,
     replicated: Iterable[torch.Tensor] | None = None,
+    error_if_nonfinite: bool = False,
+    wide: bool = False,
 ) -> TotalNorm:
     """The p-norm of every tensor of ``plan``, as if concatenated; over the ranks for DTensors or a ``process_group``.
 
@@ -79,9 +72,13 @@ def total_norm(
     finite whenever the true norm is, even when the returned dtype cannot hold
     it (see :mod:`gradclip._norms`). With DTensor groups, or a
     ``process_group``, it is the global norm over the ranks (see
-    :mod:`gradclip.distributed`) and every rank must call.
+    :mod:`gradclip.distributed`) and every rank must call. ``wide=True`` makes
+    sure the float64 tensor exists (where the norm was combined on the host it
+    is only made when asked for); ``error_if_nonfinite`` raises for a NaN or
+    inf norm.
     """
-    out_dtype = _norms.output_dtype(plan.dtypes)
+    want_wide = wide
+    out_dtype = plan.output_dtype
     distributed_now = plan.distributed or (process_group is not None and process_group is not False)
     if replicated is not None and not distributed_now and _in_multi_rank_run():
         warnings.warn(
@@ -91,15 +88,21 @@ def total_norm(
             UserWarning, stacklevel=_validate._outside_stacklevel())
     if distributed_now:
         wide = distributed.wide_global_norm(plan.groups, p, foreach, plan.device, process_group, replicated)
-        return TotalNorm(wide.to(out_dtype), wide)
-    if not plan.groups:
-        return TotalNorm(torch.zeros((), dtype=out_dtype), value=0.0)
-    value, wide = _norms.local_total(plan, p)
-    if wide is None:
-        if value > _F32_MAX and out_dtype != torch.float64:  # rounds to inf, as a float64 tensor's .to() does
-            return TotalNorm(torch.scalar_tensor(value, dtype=torch.float64).to(out_dtype), value=value)
-        return TotalNorm(torch.scalar_tensor(value, dtype=out_dtype, device=plan.device), value=value)
-    return TotalNorm(wide.to(out_dtype), wide)
+        total = TotalNorm(wide.to(out_dtype), wide)
+    elif not plan.groups:
+        total = TotalNorm(torch.zeros((), dtype=out_dtype), value=0.0)
+    else:
+        value, wide = _norms.local_total(plan, p)
+        if wide is not None:
+            total = TotalNorm(wide.to(out_dtype), wide)
+        elif want_wide or (value > _F32_MAX and out_dtype != torch.float64):  # (.to() rounds past the max to inf)
+            wide = torch.scalar_tensor(value, dtype=torch.float64, device=plan.device)
+            total = TotalNorm(wide.to(out_dtype), wide, value)
+        else:
+            total = TotalNorm(torch.scalar_tensor(value, dtype=out_dtype, device=plan.device), value=value)
+    if error_if_nonfinite:
+        raise_if_nonfinite(total, p)
+    return total
 
 
 def grouped_norm(
@@ -112,7 +115,7 @@ def grouped_norm(
 ) -> tuple[_groups.Plan, torch.Tensor, torch.Tensor]:
     """(plan, norm, wide norm) of already-checked tensors: :func:`total_norm` on their plan (not kept for reuse)."""
     plan = _groups.Plan(tensors, _groups.groups_of(tensors, foreach))
-    total = total_norm(plan, p, foreach, process_group=process_group, replicated=replicated)
+    total = total_norm(plan, p, foreach, process_group=process_group, replicated=replicated, wide=True)
     return plan, total.norm, total.wide
 
 
@@ -194,13 +197,8 @@ def get_total_norm(
         >>> gradclip.get_total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
         tensor(5.)
     """
-    p = _validate.check_norm_type(norm_type)
-    _validate.check_foreach(foreach)
-    check_nonfinite = _validate.check_bool("error_if_nonfinite", error_if_nonfinite)
-    plan = _groups.plan_for(tensors, foreach, of_grads=False, name="tensors")
-    if replicated is not None and process_group is not None and process_group is not False:
-        replicated = list(replicated)
-    total = total_norm(plan, p, foreach, process_group=process_group, replicated=replicated)
-    if check_nonfinite:
-        raise_if_nonfinite(total, p)
-    return total.norm
+    checked = _validate.check_call(tensors, norm_type=norm_type, foreach=foreach,
+                                   error_if_nonfinite=error_if_nonfinite, of_grads=False, name="tensors")
+    plan = _groups.plan_for(checked, foreach)
+    return total_norm(plan, checked.p, foreach, process_group=process_group, replicated=replicated,
+                      error_if_nonfinite=checked.nonfinite).norm

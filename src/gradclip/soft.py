@@ -144,8 +144,8 @@ def soft_clip_grad_value_(
         tensor([-0.7500,  0.3333,  0.5000])
     """
     alpha = _validate.check_real("alpha", alpha, 0.0, float("inf"), high_open=True)
-    _validate.check_foreach(foreach)
-    plan = _groups.plan_for(parameters, foreach, entrywise="soft_clip_grad_value_")
+    plan = _groups.plan_for(_validate.check_call(parameters, foreach=foreach), foreach,
+                            entrywise="soft_clip_grad_value_")
     if plan.distributed:
         distributed.check_not_partial(plan.groups, "soft_clip_grad_value_")
     for group in plan:
