@@ -293,3 +293,33 @@ def test_a_fresh_process_compiles_once_too():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "1", result.stdout
+
+
+@pytest.mark.parametrize("name", ["AutoClip", "AutoClip window", "ZClip", "SpikeGuard"])
+def test_a_clipper_moves_between_compiled_and_eager_calls(name):
+    # steps 0-6 compiled, 7-13 eager (the host-side state catches up), 14-19 compiled again: as all eager
+    made = []
+
+    def plain():
+        made.append(CLIPPERS[name]())
+        return made[-1]
+
+    def switching():
+        clipper = plain()
+        compiled = torch.compile(clipper, backend=CompileCounter(), fullgraph=True)
+        calls = []
+
+        def clip(params):
+            call = compiled if (len(calls) // 7) % 2 == 0 else clipper
+            calls.append(call)
+            return call(params)
+
+        return clip
+
+    eager, eager_weights, _ = run(plain, compiled=False)
+    switched, switched_weights, _ = run(switching, compiled=False)
+    eager_clipper, switched_clipper = made
+    same(eager, switched, name)
+    same([eager_weights], [switched_weights], f"{name} weights", atol=1e-5)
+    same([state_of(eager_clipper)], [state_of(switched_clipper)], f"{name} state")
+    assert switched_clipper.steps == STEPS
