@@ -1,6 +1,6 @@
 """gradclip.clip_grad_norm_ against torch.nn.utils.clip_grad_norm_, in one process.
 
-Run: .venv/bin/python benchmarks/bench_core.py [--repeats N]
+Run: .venv/bin/python benchmarks/bench_core.py [--repeats N] [--threads T]
 
 Candidates and torch alternate call by call (interleaved), so drifts in clock
 speed or cache state hit both alike; each prints the median of N calls and
@@ -64,7 +64,10 @@ def compare(title, params, repeats, flat_params=None, clip=True):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, python {platform.python_version()}")

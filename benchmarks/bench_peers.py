@@ -1,6 +1,6 @@
 """gradclip against the packages users would pick instead, in one process, calls interleaved.
 
-Run: .venv/bin/python benchmarks/bench_peers.py [--repeats N] [--threads T] [--only WORD]
+Run: .venv/bin/python benchmarks/bench_peers.py [--repeats N] [--threads T] [--only WORD] [--clock wall|cpu]
 (peers: ``pip install -e '.[bench]'``; install opacus and timm with ``--no-deps`` beside a pinned torch).
 
 Peers: Opacus 1.6 (GradSampleModule + DPOptimizer, and its ghost / fast gradient clipping),
@@ -35,6 +35,7 @@ from shapes import model_shapes, numel, resnet50_shapes  # noqa: E402
 from timing import interleaved  # noqa: E402
 
 SIZES = (0.25, 1.0, 4.0)
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time
 FAILURES: list[str] = []
 SKIPPED: list[str] = []
 ROWS: list[tuple[str, str, float, str, float]] = []  # (step, size, gradclip ms, peer, peer ms)
@@ -252,7 +253,7 @@ def bench_dp(name: str, make_model, base_batch: int, repeats: int) -> None:
     for factor in SIZES:
         batch = int(base_batch * factor)
         steps, _ = dp_steps(make_model, batch, noise=1.0)
-        medians = interleaved(steps, repeats)
+        medians = interleaved(steps, repeats, clock=CLOCK)
         for peer in ("opacus", "ghost"):
             record(f"DP-SGD {name}", f"B={batch}", medians["gradclip"], labels[peer], medians[peer])
         record_floor(f"DP-SGD {name}", f"B={batch}", "forward + backward without DP, vs Opacus GSM",
@@ -302,7 +303,7 @@ def bench_zclip(repeats: int) -> None:
             fresh(gc)(shared)
             ref.step(module)
         medians = interleaved({"gradclip": lambda: fresh(gc)(shared), "peer": lambda: ref.step(module),
-                               "floor": lambda: torch._foreach_norm(grads)}, repeats)
+                               "floor": lambda: torch._foreach_norm(grads)}, repeats, clock=CLOCK)
         check(f"ZClip {factor:g}x: the timed gradients were not changed", torch.cat([g.reshape(-1) for g in grads]),
               torch.cat([p.grad.reshape(-1) for p in base]), 0.0)
         record("ZClip step (no spike)", f"{factor:g}x", medians["gradclip"], "zclip.ZClip", medians["peer"])
@@ -360,7 +361,7 @@ def bench_autoclip(repeats: int) -> None:
         restore()
         assert bool(fresh(gc)(shared).clipped), "the timed AutoClip step must clip"
         medians = interleaved({"gradclip": lambda: fresh(gc)(shared), "peer": ref.step, "floor": norm_and_scale},
-                              repeats, before=restore)
+                              repeats, before=restore, clock=CLOCK)
         record("AutoClip step (global, p10)", f"{factor:g}x", medians["gradclip"], "autoclip QuantileClip",
                medians["peer"])
         record_floor("AutoClip step (global, p10)", f"{factor:g}x", "one norm and one multiply pass, vs autoclip",
@@ -389,7 +390,7 @@ def bench_agc(repeats: int) -> None:
                 check_grads(f"AGC {title}: clipped grads", mine, theirs, 1e-5)
                 del mine, theirs
             medians = interleaved({"gradclip": lambda: gradclip.adaptive_clip_grad_(base),
-                                   "peer": lambda: timm_agc(base)}, repeats)
+                                   "peer": lambda: timm_agc(base)}, repeats, clock=CLOCK)
             record(f"AGC {title}", f"{factor:g}x", medians["gradclip"], "timm adaptive_clip_grad", medians["peer"])
             del base
 
@@ -410,7 +411,7 @@ def bench_clip(repeats: int) -> None:
         refresh = (lambda: torch._foreach_mul_(grads, 2.0)) if mode == "clipping" else None
         medians = interleaved({"gradclip": lambda: gradclip.clip_grad_norm_(tiny, max_norm),
                                "peer": lambda: torch.nn.utils.clip_grad_norm_(tiny, max_norm)}, 50 * repeats,
-                              before=refresh)
+                              before=refresh, clock=CLOCK)
         FIXED.append((mode, medians["gradclip"], medians["peer"]))
     for title, shapes0 in sets:
         for factor in SIZES:
@@ -433,7 +434,7 @@ def bench_clip(repeats: int) -> None:
                 calls = repeats * (4 if factor < 1 else 2 if factor == 1 else 1)
                 medians = interleaved({"gradclip": lambda: gradclip.clip_grad_norm_(base, max_norm),
                                        "peer": lambda: torch.nn.utils.clip_grad_norm_(base, max_norm)}, calls,
-                                      before=refresh)
+                                      before=refresh, clock=CLOCK)
                 record(f"clip_grad_norm_ {title} {mode}", f"{factor:g}x", medians["gradclip"],
                        "torch clip_grad_norm_", medians["peer"])
             del base
@@ -496,13 +497,20 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per candidate and row (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--only", default="", help="comma-separated sections to run: dp, zclip, autoclip, agc, clip")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time calls by the wall clock, or by this thread's CPU time (steadier on a shared "
+                             "machine; with one thread the kernels run on it)")
     args = parser.parse_args()
+    if args.clock == "cpu":
+        global CLOCK
+        CLOCK = time.thread_time
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     print(f"machine: {cpu_model()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
           f"python {platform.python_version()}, gradclip {gradclip.__version__}")
     print("peers: " + ", ".join(f"{d} {version(d)}" for d in ("opacus", "zclip", "autoclip", "timm")))
-    print(f"repeats {args.repeats}, interleaved, medians; peer/gradclip above 1 means gradclip is faster\n")
+    print(f"repeats {args.repeats}, interleaved, medians of {'CPU' if args.clock == 'cpu' else 'wall'} time; "
+          "peer/gradclip above 1 means gradclip is faster\n")
     sections = {
         "dp": lambda: (bench_dp("MLP 784-256-10", mlp, 64, args.repeats),
                        bench_dp("CNN 2conv+linear", cnn, 64, args.repeats)),

@@ -323,3 +323,19 @@ def test_a_clipper_moves_between_compiled_and_eager_calls(name):
     same([eager_weights], [switched_weights], f"{name} weights", atol=1e-5)
     same([state_of(eager_clipper)], [state_of(switched_clipper)], f"{name} state")
     assert switched_clipper.steps == STEPS
+
+
+def test_autoclip_without_a_window_raises_when_its_compiled_history_is_full(monkeypatch):
+    monkeypatch.setattr(gradclip.autoclip, "TRACED_CAPACITY", 4)
+    torch._dynamo.reset()
+    w = torch.nn.Parameter(torch.zeros(3))
+    clipper = gradclip.AutoClip(percentile=50.0)
+    clip = torch.compile(clipper, backend=CompileCounter(), fullgraph=True)
+    for step in range(4):
+        w.grad = torch.full((3,), float(step + 1))
+        clip([w])
+    w.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match="history is full"):
+        clip([w])
+    torch._dynamo.reset()
+    assert len(clipper) == 4  # the four recorded norms, none dropped

@@ -72,6 +72,14 @@ class AutoClip(Clipper):
     entries the threshold is ``inf`` (numpy gives ``nan`` there). The
     threshold is never NaN, so non-finite norms cannot poison later steps.
 
+    **Inside torch.compile** the same threshold comes from buffers of a fixed
+    size (the bookkeeping above changes shape every step): the live history
+    kept sorted, one insertion per step, positions computed on the device;
+    O(capacity) work per step, where the capacity is ``window``, or without a
+    window 65,536 norms (or twice the history at the first compiled call);
+    a compiled run that records more raises rather than drop norms. The
+    host-side state catches up on the next call outside compilation.
+
     **Attached** (``attach(optimizer)``), it clips inside the closure of
     ``optimizer.step(closure)`` (each LBFGS evaluation is a call and enters the
     history) and, with a fused optimizer under ``scaler.step``, decides on the
