@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from support.params import clone_params, make_params
+
 import gradclip
 
 
@@ -125,3 +127,20 @@ def test_a_parameter_with_gaps_in_its_strides_gets_a_contiguous_view():
     weight = torch.nn.Parameter(torch.randn(4, 6)[:, ::2])  # strides (6, 2): not dense
     buffer = gradclip.GradBuffer([weight])
     assert weight.grad.is_contiguous() and buffer.views_intact()
+
+
+def test_a_grad_buffer_takes_its_flat_path_after_a_plain_list_of_the_same_shapes():
+    # a kept plan of plain tensors with the same types, dtypes and shapes must not stand in for a
+    # GradBuffer's views: the buffer's one-kernel path would be lost (it was, in bench_core)
+    shapes = [(3, 4), (5,), (2, 2)]
+    plain, flat = make_params(shapes, seed=1), make_params(shapes, seed=2)
+    gradclip.GradBuffer(flat)
+    theirs = clone_params(flat)
+    gradclip.clip_grad_norm_(plain, 0.1)
+    gradclip.clip_grad_norm_(plain, 0.1)
+    for _ in range(2):
+        plan = gradclip._groups.plan_for(gradclip._validate.check_call(flat), None)
+        assert plan.groups[0].buffer is not None
+    torch.testing.assert_close(gradclip.clip_grad_norm_(flat, 0.1), torch.nn.utils.clip_grad_norm_(theirs, 0.1))
+    for p, q in zip(flat, theirs):
+        torch.testing.assert_close(p.grad, q.grad)

@@ -354,6 +354,12 @@ _DEREF = weakref.ref.__call__
 
 
 def _bind(kept: _Kept, tensors: list[torch.Tensor], same_objects: bool) -> Plan | None:
+    """The kept layout with these tensors in it, or None where it cannot hold.
+
+    New tensor objects never take a kept flat buffer; and when two of a
+    group's new tensors share a storage (a GradBuffer's views), the group may
+    tile a buffer the kept layout lacks, so a new plan is built.
+    """
     groups = []
     for layout in kept.layouts:
         members = tensors if layout.members is None else [tensors[i] for i in layout.members]
@@ -362,10 +368,17 @@ def _bind(kept: _Kept, tensors: list[torch.Tensor], same_objects: bool) -> Plan 
             buffer = layout.buffer()
             if buffer is None or not same_objects:
                 return None
+        elif (not same_objects and kept.foreach is not False and len(members) > 1
+              and _same_storage(members[0], members[-1])):
+            return None
         small = None if layout.small is None else [tensors[i] for i in layout.small]
         large = None if layout.large is None else [tensors[i] for i in layout.large]
         groups.append(Group(layout.device, layout.dtype, members, buffer, None, layout.batched, small, large))
     return Plan(tensors, groups, kept.dtype_facts)
+
+
+def _same_storage(first: torch.Tensor, last: torch.Tensor) -> bool:
+    return first.untyped_storage().data_ptr() == last.untyped_storage().data_ptr()
 
 
 def _remember(plan: Plan, foreach: bool | None, entrywise: str | None) -> None:
