@@ -234,8 +234,13 @@ def graphs_alone(optimizer: str) -> tuple[int, ...]:
     return tuple(run_attached(lambda: None, compiled=True, optimizer=optimizer)[2])
 
 
-@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-@pytest.mark.parametrize("name", ["AutoClip", "ZClip", "SpikeGuard"])
+# every clipper on SGD with momentum; on Adam (whose step creates two moments per parameter) the guard,
+# which snapshots and restores the optimizer state (the time budget of this file keeps it to these four)
+ATTACHED = [("AutoClip", "SGD momentum"), ("ZClip", "SGD momentum"), ("SpikeGuard", "SGD momentum"),
+            ("SpikeGuard", "Adam")]
+
+
+@pytest.mark.parametrize("name,optimizer", ATTACHED)
 def test_clippers_attached_to_a_compiled_optimizer_step(name, optimizer):
     # torch's step breaks the graph itself (fullgraph=False), and its first steps make the optimizer state
     # (momentum, Adam's moments), which changes what the step and the clipper's pre-hook see: graphs come
@@ -295,9 +300,10 @@ def test_a_fresh_process_compiles_once_too():
     assert result.stdout.split()[-1] == "1", result.stdout
 
 
-@pytest.mark.parametrize("name", ["AutoClip", "AutoClip window", "ZClip", "SpikeGuard"])
+@pytest.mark.parametrize("name", ["AutoClip window", "ZClip"])
 def test_a_clipper_moves_between_compiled_and_eager_calls(name):
     # steps 0-6 compiled, 7-13 eager (the host-side state catches up), 14-19 compiled again: as all eager
+    # (AutoClip's sorted buffers with evictions; ZClip across its warm-up)
     made = []
 
     def plain():

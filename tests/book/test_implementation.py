@@ -132,7 +132,7 @@ def test_autoclip_threshold_is_numpy_percentile_of_the_history():
 
 def test_source_html_shows_code_without_docstring():
     text = im.source_html({"clip_grad_value_": gradclip.clip_grad_value_})
-    assert "check_threshold" in text and "&gt;&gt;&gt;" not in text and text.startswith("<details")
+    assert "check_call" in text and "&gt;&gt;&gt;" not in text and text.startswith("<details")
 
 
 def test_update_lengths_against_hand_computation():
