@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import operator
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -314,6 +314,7 @@ class _Layout(NamedTuple):
     dtype: torch.dtype
     members: tuple[int, ...] | None
     buffer: weakref.ReferenceType | None  # only for plans reused on the same tensor objects
+    partial: bool  # the buffer holds other views too (a GradBuffer vouched that they held zeros): ask again
     batched: bool
     small: tuple[int, ...] | None
     large: tuple[int, ...] | None
@@ -368,6 +369,8 @@ def _bind(kept: _Kept, tensors: list[torch.Tensor], same_objects: bool) -> Plan 
             buffer = layout.buffer()
             if buffer is None or not same_objects:
                 return None
+            if layout.partial and not _REGISTERED_VIEWS[id(buffer)].matches(buffer, members):
+                return None  # the gradients between these views are no longer known zeros
         elif (not same_objects and kept.foreach is not False and len(members) > 1
               and _same_storage(members[0], members[-1])):
             return None
@@ -400,7 +403,8 @@ def _remember(plan: Plan, foreach: bool | None, entrywise: str | None) -> None:
     for group in plan.groups:
         members = None if len(plan.groups) == 1 else positions(group.tensors)
         buffer = None if group.buffer is None else weakref.ref(group.buffer)
-        layouts.append(_Layout(group.device, group.dtype, members, buffer, group.batched,
+        partial = buffer is not None and len(group.tensors) != len(_REGISTERED_VIEWS[id(group.buffer)].views)
+        layouts.append(_Layout(group.device, group.dtype, members, buffer, partial, group.batched,
                                positions(group.small), positions(group.large)))
     kept = _Kept(foreach, entrywise, [weakref.ref(t) for t in tensors], list(map(type, tensors)),
                  list(map(_SIGNATURE, tensors)), layouts,
@@ -505,26 +509,33 @@ def single_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 class _BufferViews:
-    """The views a GradBuffer handed out over one buffer, held weakly, for an O(n) identity check."""
+    """The views a GradBuffer handed out over one buffer, held weakly, for an O(n) identity check.
 
-    def __init__(self, buffer: torch.Tensor, views: list[torch.Tensor]) -> None:
+    ``covers``, from the GradBuffer: whether some of the views (parameters that got no gradient
+    leave gaps) cover the buffer with only zeros between them, so one kernel over it still fits.
+    """
+
+    def __init__(self, buffer: torch.Tensor, views: list[torch.Tensor],
+                 covers: Callable[[list[torch.Tensor]], bool] | None = None) -> None:
         self.buffer = weakref.ref(buffer)
         self.views = [weakref.ref(view) for view in views]
+        self.covers = covers
 
     def matches(self, base: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
-        return (
-            self.buffer() is base
-            and len(tensors) == len(self.views)
-            and all(t is v() for t, v in zip(tensors, self.views))
-        )
+        if self.buffer() is not base:
+            return False
+        if len(tensors) == len(self.views) and all(t is v() for t, v in zip(tensors, self.views)):
+            return True
+        return self.covers is not None and self.covers(tensors)
 
 
 # id(buffer) -> its views. Nothing here keeps a tensor alive; an entry leaves with its buffer.
 _REGISTERED_VIEWS: dict[int, _BufferViews] = {}
 
 
-def register_views(buffer: torch.Tensor, views: list[torch.Tensor]) -> None:
-    """Let single_buffer accept exactly these views of ``buffer`` without re-checking offsets."""
+def register_views(buffer: torch.Tensor, views: list[torch.Tensor],
+                   covers: Callable[[list[torch.Tensor]], bool] | None = None) -> None:
+    """Let single_buffer accept these views of ``buffer`` without re-checking offsets (some of them, if ``covers`` says so)."""
     key = id(buffer)
-    _REGISTERED_VIEWS[key] = _BufferViews(buffer, views)
+    _REGISTERED_VIEWS[key] = _BufferViews(buffer, views, covers)
     weakref.finalize(buffer, _REGISTERED_VIEWS.pop, key, None)
