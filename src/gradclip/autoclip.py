@@ -77,8 +77,10 @@ class AutoClip(Clipper):
     kept sorted, one insertion per step, positions computed on the device;
     O(capacity) work per step, where the capacity is ``window``, or without a
     window 65,536 norms (or twice the history at the first compiled call);
-    a compiled run that records more raises rather than drop norms. The
-    host-side state catches up on the next call outside compilation.
+    a compiled run that records more raises rather than drop norms (torch
+    leaves grad mode disabled after an error raised inside a compiled graph:
+    catch it within ``torch.enable_grad()``). The host-side state catches up
+    on the next call outside compilation.
 
     **Attached** (``attach(optimizer)``), it clips inside the closure of
     ``optimizer.step(closure)`` (each LBFGS evaluation is a call and enters the
