@@ -242,8 +242,13 @@ class SpikeGuard(Clipper):
         skip = ~finite | (x > upper)
         if self.two_sided:
             skip = skip | (enough & (x < lower))
-        slot = self.steps % self.window
-        h[slot : slot + 1].copy_(torch.where(finite, x, math.nan).reshape(1))
+        recorded = torch.where(finite, x, math.nan)
+        if torch.compiler.is_compiling():  # the slot from the device count: no Python int to recompile on
+            slots = torch.arange(self.window, device=device)
+            h.copy_(torch.where(slots == self._device_count(device) % self.window, recorded, h))
+        else:
+            slot = self.steps % self.window
+            h[slot : slot + 1].copy_(recorded.reshape(1))
         return skip, upper, history
 
     def _step(self, groups: list[_groups.Group], norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
