@@ -12,12 +12,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
-from gradclip_book.reproducibility import pin_cpu_kernels
-
-pin_cpu_kernels()  # before torch runs anything: the re-run checks compare with runs stored on another CPU
-
-import torch  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 

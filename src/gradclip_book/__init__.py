@@ -7,8 +7,6 @@ notebook; the book's tests re-run them to check what the chapters state.
 
 Modules, one per experiment or concern:
 
-* :mod:`~gradclip_book.reproducibility`: pins PyTorch's CPU kernels to AVX2 on import, so that stored runs
-  reproduce on every x86-64 CPU.
 * :mod:`~gradclip_book.data`: the digits data set, loaded from scikit-learn.
 * :mod:`~gradclip_book.depth`: gradients through deep linear/tanh/ReLU networks.
 * :mod:`~gradclip_book.rnn`: gradients through time in a recurrent network.
@@ -37,16 +35,12 @@ Modules, one per experiment or concern:
 * :mod:`~gradclip_book.figures`: interactive plotly figures that work in the static book.
 """
 
-from .reproducibility import pin_cpu_kernels
-
-pin_cpu_kernels()  # before any module below runs a torch operation: see reproducibility
-
-from .cliff import cliff_descent, cliff_gradient, cliff_loss  # noqa: E402
-from .depth import deep_gradients, depth_profile, fit_layer_ratio, predicted_layer_factor, predicted_norms  # noqa: E402
-from .families import angle_degrees, apply_method, clip_vector, record_gradient_stream  # noqa: E402
-from .quartic import DIVERGED, Run, quartic_descent  # noqa: E402
-from .rnn import gradient_through_time  # noqa: E402
-from .smoothness import largest_stable_lr, local_smoothness, quartic_steps, smoothness_along_training  # noqa: E402
+from .cliff import cliff_descent, cliff_gradient, cliff_loss
+from .depth import deep_gradients, depth_profile, fit_layer_ratio, predicted_layer_factor, predicted_norms
+from .families import angle_degrees, apply_method, clip_vector, record_gradient_stream
+from .quartic import DIVERGED, Run, quartic_descent
+from .rnn import gradient_through_time
+from .smoothness import largest_stable_lr, local_smoothness, quartic_steps, smoothness_along_training
 
 __all__ = [
     "DIVERGED",
