@@ -28,6 +28,7 @@ from torch import nn
 import gradclip
 
 from . import classification as cls
+from . import harness
 from . import grids
 from .depth import fit_layer_ratio
 from .figures import PALETTE, Explorer, Param, PlotlyFigure, run_style, table_html
@@ -430,8 +431,8 @@ def layer_profile(config: cls.RunConfig, steps: int = 1) -> dict[str, Any]:
     mean over hidden layers 2..D of the forward gain ||h_l|| / ||h_(l-1)|| of the activations on that minibatch]}``; the ratio r > 1 means the weight
     gradients grow towards the input, r < 1 that they shrink.
     """
-    with cls._deterministic():
-        x, y = cls._split(config.split_seed)["train"]
+    with harness.deterministic():
+        x, y = harness.image_split(config.split_seed)["train"]
         model = cls.build_model(config)
         params = list(model.parameters())
         optimizer = cls.OPTIMIZERS[config.optimizer](params, config.lr)
@@ -441,7 +442,7 @@ def layer_profile(config: cls.RunConfig, steps: int = 1) -> dict[str, Any]:
         hooks = [m.register_forward_hook(lambda mod, inp, out: outputs.append(out.detach()))
                  for m in model if isinstance(m, type(model[1]))]
         gains = []
-        batches = cls._batches(len(y), min(config.batch, len(y)), torch.Generator().manual_seed(config.seed))
+        batches = harness.batch_indices(len(y), config.batch, config.seed)
         totals = []
         for step in range(steps + 1):
             index = next(batches)
