@@ -24,6 +24,8 @@ Parts (each a module of this package):
   (per-layer gradient, weight and relative-step norms) and :class:`UpdateStats` (update lengths).
 * :mod:`~gradclip_book.harness.select`: choosing the best setting on a validation metric (:func:`select_best`)
   and comparing settings across seeds (:func:`beats`).
+* :mod:`~gradclip_book.harness.recipe`: the book's threshold recipe (:func:`recommend_threshold` from a short
+  unclipped probe, :func:`recipe_verdict`: lower the learning rate when clipping fires on most steps).
 * :mod:`~gradclip_book.harness.curves`: storing curves with every early step kept (:func:`~curves.log_bins`).
 * :mod:`~gradclip_book.harness.grid`: precomputed grids (:func:`run_grid`, :func:`spot_check`,
   :func:`code_version`).
@@ -47,6 +49,7 @@ from .loop import (DIVERGED_LOSS, Hook, LayerStats, Run, Step, UpdateStats, dete
                    warmup_factor)
 from .methods import METHODS, Clip, Method, bind
 from .models import MODELS, NORMS, OPTIMIZERS, build, count_layers, he_init_, make_optimizer
+from .recipe import recipe_verdict, recommend_threshold
 from .select import RULE, Score, Selection, beats, score, select_best, values_of
 
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
@@ -75,6 +78,7 @@ __all__ = [
     "Clip", "Hook", "LayerStats", "Method", "Run", "Score", "Selection", "Step", "UpdateStats",
     "accuracy", "accuracy_evaluator", "batch_indices", "beats", "bind", "build", "classification_loss",
     "code_version", "config_key", "count_layers", "deterministic", "he_init_", "image_split", "is_diverged",
-    "load_lines", "log_bins", "lr_range", "make_optimizer", "minibatches", "rebin", "run_grid", "score",
+    "load_lines", "log_bins", "lr_range", "make_optimizer", "minibatches", "rebin", "recipe_verdict",
+    "recommend_threshold", "run_grid", "score",
     "select_best", "spot_check", "train", "values_of", "warmup_factor", "write_lines",
 ]
