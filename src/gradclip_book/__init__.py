@@ -5,7 +5,7 @@ the ``book`` extra (``pip install -e ".[book]"``), which brings plotly,
 scikit-learn and ipywidgets. Readers can call any experiment from their own
 notebook; the book's tests re-run them to check what the chapters state.
 
-The package has three kinds of parts.
+The package has two kinds of parts.
 
 **Shared by every chapter** (import these to run the book's experiments or your own):
 
@@ -28,8 +28,12 @@ The package has three kinds of parts.
   gradient stream), :mod:`~gradclip_book.principle_figures`;
 * chapter 3: :mod:`~gradclip_book.implementation`, :mod:`~gradclip_book.implementation_figures`,
   :mod:`~gradclip_book.frameworks` (Lightning, Accelerate), :mod:`~gradclip_book.bugzoo` (real clipping bugs);
-* chapter 4: :mod:`~gradclip_book.classification` (the deep-MLP runs: one config in, one record out), :mod:`~gradclip_book.grids` (its precomputed grids and chapter 5.1's:
-  ``python -m gradclip_book.grids classification|optimization``), :mod:`~gradclip_book.classification_figures`;
+* chapter 4: :mod:`~gradclip_book.images` (one CNN run: config in, harness run out),
+  :mod:`~gradclip_book.images_grid` (its precomputed runs: ``python -m gradclip_book.images_grid``),
+  :mod:`~gradclip_book.images_figures` (its analysis and figures); the deep MLP of its first illustration in
+  :mod:`~gradclip_book.classification` (one config in, one record out), :mod:`~gradclip_book.grids` (its
+  precomputed grids and chapter 5.1's: ``python -m gradclip_book.grids classification|optimization``) and
+  :mod:`~gradclip_book.classification_figures`;
 * chapter 5.1: :mod:`~gradclip_book.performance`, :mod:`~gradclip_book.performance_figures`;
   5.2: :mod:`~gradclip_book.scalability`, :mod:`~gradclip_book.scalability_figures`,
   :mod:`~gradclip_book.dist_demo`; 5.3: :mod:`~gradclip_book.safety`, :mod:`~gradclip_book.safety_figures`;
