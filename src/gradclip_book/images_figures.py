@@ -385,12 +385,14 @@ def grid_frame(line: dict[str, Any]) -> dict:
     what = (f"{MODEL_LABELS[c['model']]}, depth {c['depth']}, learning rate {c['lr']:g}, "
             + ("no clipping" if c["method"] == "none" else f"global-norm clipping at max_norm {c['threshold']:g}"))
     note = [what[0].upper() + what[1:] + ".", describe(line)]
-    if c["method"] == "none":
+    frame = {"traces": [{"x": curve["x"], "y": curve["loss"]}, _cross(line), {"x": curve["x"], "y": curve["norm"]},
+                        {"x": curve["x"] if any(v is not None for v in fired) else [], "y": [v for v in fired]
+                         if any(v is not None for v in fired) else []}],
+             "note": note}
+    if c["method"] == "none":   # the threshold slider says "off" rather than a threshold no run used
         note.append("(The threshold slider does nothing without clipping.)")
-    return {"traces": [{"x": curve["x"], "y": curve["loss"]}, _cross(line), {"x": curve["x"], "y": curve["norm"]},
-                       {"x": curve["x"] if any(v is not None for v in fired) else [], "y": [v for v in fired]
-                        if any(v is not None for v in fired) else []}],
-            "note": note}
+        frame["shown"] = {"threshold": "off"}
+    return frame
 
 
 def live_frame(model: str, method: str, depth: int, lr: float, threshold: float) -> dict:

@@ -115,6 +115,7 @@ def test_explorer_frames_are_the_stored_runs(lines):
         line = images.stored(imf.explore_config(**values))
         assert explorer.frame(**values) == imf.grid_frame(line) or \
             explorer.frame(**values)["note"] == imf.grid_frame(line)["note"]
+        assert explorer.frame(**values).get("shown") == ({"threshold": "off"} if values["method"] == "none" else None)
         curve = imf.drawn_curve(line)
         if line["steps_run"] <= imf.DRAWN_POINTS:                       # a short run: every step drawn
             assert curve["x"] == [s + 1 for s in range(line["steps_run"])]
