@@ -16,6 +16,8 @@ The package has two kinds of parts.
 * :mod:`~gradclip_book.figures`: interactive plotly figures that work in the static book (the Explorer).
 * :mod:`~gradclip_book.exercise`, :mod:`~gradclip_book.exercises`: the exercise widget that works in the static
   book, and the chapters' exercises (answers, hints, solutions) with their checkers.
+* :mod:`~gradclip_book.reproducibility`: pins PyTorch's CPU kernels to AVX2 on import, so that stored runs
+  reproduce on every x86-64 CPU.
 * :mod:`~gradclip_book.data`: the data sets, loaded from installed packages;
   :mod:`~gradclip_book.timing`: the one interleaved timer (also behind ``benchmarks/timing.py``).
 
@@ -40,12 +42,16 @@ The package has two kinds of parts.
 * chapter 6: :mod:`~gradclip_book.conclusion` (the decision guide, its evidence read from the other chapters).
 """
 
-from .cliff import cliff_descent, cliff_gradient, cliff_loss
-from .depth import deep_gradients, depth_profile, fit_layer_ratio, predicted_layer_factor, predicted_norms
-from .families import angle_degrees, apply_method, clip_vector, record_gradient_stream
-from .quartic import DIVERGED, Run, quartic_descent
-from .rnn import gradient_through_time
-from .smoothness import largest_stable_lr, local_smoothness, quartic_steps, smoothness_along_training
+from .reproducibility import pin_cpu_kernels
+
+pin_cpu_kernels()  # before any module below runs a torch operation: see reproducibility
+
+from .cliff import cliff_descent, cliff_gradient, cliff_loss  # noqa: E402
+from .depth import deep_gradients, depth_profile, fit_layer_ratio, predicted_layer_factor, predicted_norms  # noqa: E402
+from .families import angle_degrees, apply_method, clip_vector, record_gradient_stream  # noqa: E402
+from .quartic import DIVERGED, Run, quartic_descent  # noqa: E402
+from .rnn import gradient_through_time  # noqa: E402
+from .smoothness import largest_stable_lr, local_smoothness, quartic_steps, smoothness_along_training  # noqa: E402
 
 __all__ = [
     "DIVERGED",
