@@ -40,7 +40,7 @@ from gradclip_book import performance as perf
 from gradclip_book.figures import table_html
 from gradclip_book import scalability as sc
 
-__all__ = ["SECTIONS", "FlowChart", "Row", "adam_evidence", "batch_evidence", "bug_zoo_evidence",
+__all__ = ["SECTIONS", "FlowChart", "Row", "adam_evidence", "batch_evidence", "budget_evidence", "bug_zoo_evidence",
            "direction_evidence", "distributed_evidence", "flow_chart", "guide_rows", "guide_table_html",
            "hard_setting_evidence", "link", "lower_lr_evidence", "safety_rows", "slug", "stability_evidence",
            "usable_lr_evidence", "warmup_evidence"]
@@ -135,6 +135,29 @@ def stability_evidence() -> dict[str, Any]:
         table[depth] = {"none": imf.stable_lrs(base),
                         **{c: imf.stable_lrs(base, "norm", c) for c in ig.THRESHOLDS}}
     return {"table": table, "seeds": len(ig.SEEDS), "tight": min(ig.THRESHOLDS), "trains": imf.TRAINS}
+
+
+def budget_evidence() -> dict[str, Any]:
+    """Chapter 4's longer runs: does a lower learning rate catch up with clipping on every step given more steps?
+
+    On the residual CNN without normalisation at depth 8: the best unclipped learning rate of the 200-step runs and
+    every lower one, run for ``budget_steps`` steps, the best of them chosen on validation, against the best
+    clipped setting of the 200-step runs run as long; test accuracy over the seeds and the book's verdict.
+
+    Returns ``{"steps", "budget_steps", "plain_lr", "plain", "clipped" (test-accuracy Scores), "verdict"}``.
+    """
+    from dataclasses import replace
+
+    from gradclip_book import harness, images_figures as imf, images_grid as ig
+
+    h, longer = ig.HEADLINE, ig.BUDGET_STEPS
+    top = imf.choose(imf.unclipped(h)).best.setting.lr
+    clip = replace(imf.choose(imf.clipped(h)).best.setting, steps=longer)
+    plain = imf.choose([replace(h, lr=lr, steps=longer) for lr in ig.LRS if lr <= top]).best.setting
+    p, c = imf.scores(plain, "test_accuracy"), imf.scores(clip, "test_accuracy")
+    verdict = ("clipping" if harness.beats(c, p) else "lower lr" if harness.beats(p, c) else "no difference")
+    return {"steps": h.steps, "budget_steps": longer, "plain_lr": plain.lr, "plain": p, "clipped": c,
+            "verdict": verdict}
 
 
 # --- chapter 5.1: usable learning rates, lower lr, warm-up, Adam ------------------------------------------

@@ -28,8 +28,8 @@ from . import harness
 from .images import GRID_FILE, MODELS, ImageConfig, code_version, load, record
 
 __all__ = [
-    "ADAMW_LRS", "DEPTHS", "HARD", "HEADLINE", "LRS", "METHOD_LRS", "METHOD_THRESHOLDS", "SEEDS", "THRESHOLDS",
-    "WARMUP", "grid_points", "main", "phase_one", "phase_two",
+    "ADAMW_LRS", "BUDGET_STEPS", "DEPTHS", "HARD", "HEADLINE", "LRS", "METHOD_LRS", "METHOD_THRESHOLDS", "SEEDS", "THRESHOLDS",
+    "WARMUP", "budget_points", "grid_points", "main", "phase_one", "phase_two", "recipe_points",
 ]
 
 DEPTHS = (4, 8, 16)
@@ -59,6 +59,9 @@ HARD = ImageConfig(model="residual", depth=16)
 """The hard case: the same network at depth 16."""
 WARMUP = 20
 """Linear warm-up steps of the warm-up runs (a tenth of the run)."""
+BUDGET_STEPS = 800
+"""Steps of the longer runs that ask whether a lower learning rate catches up given more steps (4x the default)."""
+
 def _norm_points(base: ImageConfig, lrs: Sequence[float], seeds: Sequence[int],
                  thresholds: Sequence[float] = THRESHOLDS) -> list[ImageConfig]:
     out = []
@@ -104,6 +107,34 @@ def _best_on_seed_zero(by_key: dict[str, dict[str, Any]], candidates: Sequence[I
         return None
     return harness.select_best([(c, harness.values_of([line], "val_accuracy"))
                                 for c, line in zip(candidates, found)]).best.setting
+
+
+def _best_over_seeds(by_key: dict[str, dict[str, Any]], candidates: Sequence[ImageConfig],
+                     seeds: Sequence[int] = SEEDS) -> ImageConfig | None:
+    """The candidate with the best validation accuracy over ``seeds`` (the book's rule), or ``None`` if a run is
+    missing."""
+    found = [[by_key.get(harness.config_key(replace(c, seed=s))) for s in seeds] for c in candidates]
+    if any(line is None for lines in found for line in lines):
+        return None
+    return harness.select_best([(c, harness.values_of(lines, "val_accuracy"))
+                                for c, lines in zip(candidates, found)]).best.setting
+
+
+def budget_points(lines: Sequence[dict[str, Any]]) -> list[tuple[str, ImageConfig]]:
+    """Does a lower learning rate catch up with clipping when it gets more steps? (``budget``)
+
+    In the main case (:data:`HEADLINE`), the best unclipped learning rate and every lower one of :data:`LRS`, and
+    the best global-norm (lr, threshold), each chosen on validation over all :data:`SEEDS` from the stored
+    200-step runs, are run for :data:`BUDGET_STEPS` steps, every seed. Empty until those runs are stored.
+    """
+    by_key = {line["key"]: line for line in lines}
+    plain = _best_over_seeds(by_key, [replace(HEADLINE, lr=lr) for lr in LRS])
+    clip = _best_over_seeds(by_key, [replace(HEADLINE, lr=lr, method="norm", threshold=c)
+                                     for lr in LRS for c in sorted(THRESHOLDS, reverse=True)])
+    if plain is None or clip is None:
+        return []
+    chosen = [replace(HEADLINE, lr=lr) for lr in LRS if lr <= plain.lr] + [clip]
+    return [("budget", replace(c, steps=BUDGET_STEPS, seed=s)) for c in chosen for s in SEEDS]
 
 
 def phase_two(lines: Sequence[dict[str, Any]]) -> list[tuple[str, ImageConfig]]:
@@ -171,9 +202,9 @@ def recipe_threshold(line: dict[str, Any]) -> float | None:
 
 def grid_points(lines: Sequence[dict[str, Any]] | None = None) -> list[tuple[str, ImageConfig]]:
     """The chapter's precomputed runs as ``(section, config)`` pairs: :func:`phase_one`, then :func:`phase_two` and
-    :func:`recipe_points` chosen from the stored runs (``lines``, default: the grid file)."""
+    :func:`recipe_points` and :func:`budget_points` chosen from the stored runs (``lines``, default: the grid file)."""
     lines = load() if lines is None else lines
-    return phase_one() + phase_two(lines) + recipe_points(lines)
+    return phase_one() + phase_two(lines) + recipe_points(lines) + budget_points(lines)
 
 
 
@@ -185,10 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=GRID_FILE)
     args = parser.parse_args(argv)
     version = code_version()
-    seconds = harness.run_grid(phase_one(), args.out, record, version=version, jobs=args.jobs)
-    # phase two is chosen on validation from phase one's stored runs
-    seconds += harness.run_grid(grid_points(harness.load_lines(args.out)), args.out, record, version=version,
-                                jobs=args.jobs)
+    seconds = 0.0
+    # twice: the second pass adds the runs chosen on validation from the first pass's stored runs. Each pass
+    # lists every run derivable so far (run_grid keeps only the runs it is given).
+    for _ in range(2):
+        current = [line for line in harness.load_lines(args.out) if line.get("code_version") == version]
+        seconds += harness.run_grid(grid_points(current), args.out, record, version=version, jobs=args.jobs)
     lines = harness.load_lines(args.out)
     total = sum(line["seconds"] for line in lines)
     print(f"{len(lines)} runs in {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); this invocation took "

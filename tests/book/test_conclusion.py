@@ -103,6 +103,23 @@ def test_stability_recounted_from_chapter_4s_stored_runs():
         assert (lr in table[depth][key]) == all(oks), (depth, key, lr)
 
 
+def test_budget_verdict_recounted_from_chapter_4s_longer_runs():
+    import statistics
+
+    ev = cc.budget_evidence()
+    by_lr: dict[tuple, list[float]] = defaultdict(list)
+    for line in raw("images_grid.jsonl.gz"):
+        if line["section"] == "budget":
+            c = line["config"]
+            by_lr[c["lr"], c["method"]].append(line["metrics"]["test_accuracy"])
+    plain, clipped = by_lr[ev["plain_lr"], "none"], [v for (lr, m), v in by_lr.items() if m == "norm"][0]
+    assert len(plain) == len(clipped) == 5 and ev["budget_steps"] == 4 * ev["steps"]
+    gap = statistics.mean(clipped) - statistics.mean(plain)
+    spread = max(statistics.stdev(plain), statistics.stdev(clipped))
+    expected = "clipping" if gap > spread else "lower lr" if -gap > spread else "no difference"
+    assert ev["verdict"] == expected
+
+
 def test_usable_learning_rates_recounted_from_the_grid_section():
     usable: dict[str, set] = defaultdict(set)
     plain = set()

@@ -102,6 +102,15 @@ def test_phase_two_is_chosen_on_validation_at_seed_zero(lines):
         assert all((vals[chosen] or 0) >= (v or 0) for v in vals.values()), config.method
 
 
+def test_budget_runs_are_the_validation_choices_with_four_times_the_steps(lines):
+    points = ig.budget_points(lines)
+    plain = imf.choose(imf.unclipped(ig.HEADLINE)).best.setting          # on the 200-step runs, all five seeds
+    clip = imf.choose(imf.clipped(ig.HEADLINE)).best.setting
+    chosen = {replace(c, seed=0, steps=ig.HEADLINE.steps) for _, c in points}
+    assert chosen == {replace(ig.HEADLINE, lr=lr) for lr in ig.LRS if lr <= plain.lr} | {clip}
+    assert len(points) == len(ig.SEEDS) * len(chosen) and {c.steps for _, c in points} == {4 * ig.HEADLINE.steps}
+
+
 def test_recipe_thresholds_come_from_the_unclipped_probe(lines):
     for section, config in ig.recipe_points(lines)[:5]:
         probe = images.stored(replace(config, method="none", threshold=None))
