@@ -272,7 +272,7 @@ def two_panels(steps: int, height: int = 430) -> dict[str, Any]:
     }
 
 
-CROSS = {"symbol": "x", "size": 13, "line": {"width": 1}}
+CROSS = {"symbol": "x", "size": 13, "line": {"width": 1}}  # a diverged run, nothing else
 """The book's marker for a diverged run: a cross at the step and loss that stopped it."""
 FIRED = {"mode": "markers", "name": "clipped (in that bin)", "xaxis": "x2", "yaxis": "y2",
          "marker": {"symbol": "circle-open", "size": 7, "color": "#009E73", "line": {"width": 1.5}}}
