@@ -1,6 +1,6 @@
 """Per-step overhead of the stateful clippers against plain clipping, on ResNet-50 gradient shapes.
 
-Run: .venv/bin/python benchmarks/bench_adaptive.py [--rounds N]
+Run: .venv/bin/python benchmarks/bench_adaptive.py [--rounds N] [--threads T] [--clock wall|cpu]
 
 Interleaved rounds in one process (each round times every variant once, in turn),
 medians over rounds. ResNet-50: 161 tensors, 25,557,032 float32 values.
@@ -40,7 +40,13 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall clock, or this thread's CPU time (with --threads 1; steadier on a shared machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
     shapes = resnet50_shapes()
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
@@ -103,15 +109,15 @@ def main() -> None:
         fn()
     for _ in range(args.rounds):
         for name, fn in variants.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
 
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     mean = {name: statistics.fmean(t) * 1e3 for name, t in times.items()}
     base = med["plain clip_grad_norm_"]
     print(f"ResNet-50 shapes: {len(params)} tensors, {sum(p.numel() for p in params):,} values, "
-          f"float32, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
+          f"float32, {torch.get_num_threads()} threads, {args.clock} time, {args.rounds} interleaved rounds")
     print(f"{'variant':34s} {'median ms':>10s} {'mean ms':>9s} {'vs plain':>9s}")
     for name in variants:
         print(f"{name:34s} {med[name]:10.3f} {mean[name]:9.3f} {med[name] / base:8.3f}x")

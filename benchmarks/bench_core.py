@@ -1,6 +1,6 @@
 """gradclip.clip_grad_norm_ against torch.nn.utils.clip_grad_norm_, in one process.
 
-Run: .venv/bin/python benchmarks/bench_core.py [--repeats N]
+Run: .venv/bin/python benchmarks/bench_core.py [--repeats N] [--threads T] [--clock wall|cpu]
 
 Candidates and torch alternate call by call (interleaved), so drifts in clock
 speed or cache state hit both alike; each prints the median of N calls and
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gradclip  # noqa: E402
 from shapes import model_shapes, numel, resnet50_shapes, transformer_small_shapes  # noqa: E402
 from timing import interleaved  # noqa: E402
+
+
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time
 
 
 def make_params(shapes, seed=0):
@@ -54,7 +58,7 @@ def compare(title, params, repeats, flat_params=None, clip=True):
     }
     if flat_params is not None:
         functions["gradclip + GradBuffer"] = lambda: gradclip.clip_grad_norm_(flat_params, max_norm)
-    medians = interleaved(functions, repeats, before=refresh)
+    medians = interleaved(functions, repeats, before=refresh, clock=CLOCK)
     print(f"\n{title}")
     for name, ms in medians.items():
         ratio = medians["torch"] / ms
@@ -90,10 +94,17 @@ def whole_step(shapes, repeats):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall clock, or this thread's CPU time (with --threads 1; steadier on a shared machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, python {platform.python_version()}")
+          f"{torch.get_num_threads()} threads, {args.clock} time, python {platform.python_version()}")
 
     resnet = resnet50_shapes()
     print(f"ResNet-50: {len(resnet)} tensors, {sum(torch.Size(s).numel() for s in resnet):,} values")

@@ -1,6 +1,6 @@
 """gradclip against the packages users would pick instead, in one process, calls interleaved.
 
-Run: .venv/bin/python benchmarks/bench_peers.py [--repeats N] [--threads T] [--only WORD]
+Run: .venv/bin/python benchmarks/bench_peers.py [--repeats N] [--threads T] [--only WORD] [--clock wall|cpu]
 (peers: ``pip install -e '.[bench]'``; install opacus and timm with ``--no-deps`` beside a pinned torch).
 
 Peers: Opacus 1.6 (GradSampleModule + DPOptimizer, and its ghost / fast gradient clipping; DPLSTM/DPGRU),
@@ -45,6 +45,7 @@ from shapes import model_shapes, numel, resnet50_shapes  # noqa: E402
 from timing import interleaved  # noqa: E402
 
 SIZES = (0.25, 1.0, 4.0)
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time
 FAILURES: list[str] = []
 SKIPPED: list[str] = []
 ROWS: list[tuple[str, str, float, str, float]] = []  # (step, size, gradclip ms, peer, peer ms)
@@ -294,7 +295,7 @@ def bench_dp_zoo(repeats: int, only: str = "") -> None:
                   dp_grads(models[other]), want, tol=1e-4)
         for batch in DP_BATCHES:
             steps, _ = dp_zoo_steps(name, batch, noise=1.0)
-            medians = interleaved(steps, repeats)
+            medians = interleaved(steps, repeats, clock=CLOCK)
             DP_TIMES[(name, batch)] = medians
             for peer in ("opacus", "opacus_ghost"):
                 record(f"DP-SGD {name}", f"B={batch}", medians["auto"], DP_LABELS[peer], medians[peer])
@@ -400,7 +401,7 @@ def bench_dp_layers(repeats: int, only: str = "") -> None:
                 finally:
                     _ghost._use_gram = saved
             return run
-        medians = interleaved({"gram": way(True), "direct": way(False)}, repeats)
+        medians = interleaved({"gram": way(True), "direct": way(False)}, repeats, clock=CLOCK)
         pick = "gram" if _ghost._use_gram(steps, d, p, inputs.device.type == "cpu", DP_BASE, inputs.element_size()) \
             else "direct"
         best = min(medians.values())
@@ -486,7 +487,7 @@ def bench_dp_recurrent(kind: str, base_batch: int, repeats: int) -> None:
     for factor in SIZES:
         batch = int(base_batch * factor)
         steps, _ = dp_recurrent_steps(kind, batch, noise=1.0)
-        medians = interleaved(steps, repeats)
+        medians = interleaved(steps, repeats, clock=CLOCK)
         record(name, f"B={batch}", medians["gradclip"], peer, medians["opacus"])
         record_floor(name, f"B={batch}", "forward + backward without DP, vs Opacus", medians["floor"], medians["opacus"])
 
@@ -530,7 +531,7 @@ def bench_zclip(repeats: int) -> None:
             fresh(gc)(shared)
             ref.step(module)
         medians = interleaved({"gradclip": lambda: fresh(gc)(shared), "peer": lambda: ref.step(module),
-                               "floor": lambda: torch._foreach_norm(grads)}, repeats)
+                               "floor": lambda: torch._foreach_norm(grads)}, repeats, clock=CLOCK)
         check(f"ZClip {factor:g}x: the timed gradients were not changed", torch.cat([g.reshape(-1) for g in grads]),
               torch.cat([p.grad.reshape(-1) for p in base]), 0.0)
         record("ZClip step (no spike)", f"{factor:g}x", medians["gradclip"], "zclip.ZClip", medians["peer"])
@@ -588,7 +589,7 @@ def bench_autoclip(repeats: int) -> None:
         restore()
         assert bool(fresh(gc)(shared).clipped), "the timed AutoClip step must clip"
         medians = interleaved({"gradclip": lambda: fresh(gc)(shared), "peer": ref.step, "floor": norm_and_scale},
-                              repeats, before=restore)
+                              repeats, before=restore, clock=CLOCK)
         record("AutoClip step (global, p10)", f"{factor:g}x", medians["gradclip"], "autoclip QuantileClip",
                medians["peer"])
         record_floor("AutoClip step (global, p10)", f"{factor:g}x", "one norm and one multiply pass, vs autoclip",
@@ -617,15 +618,29 @@ def bench_agc(repeats: int) -> None:
                 check_grads(f"AGC {title}: clipped grads", mine, theirs, 1e-5)
                 del mine, theirs
             medians = interleaved({"gradclip": lambda: gradclip.adaptive_clip_grad_(base),
-                                   "peer": lambda: timm_agc(base)}, repeats)
+                                   "peer": lambda: timm_agc(base)}, repeats, clock=CLOCK)
             record(f"AGC {title}", f"{factor:g}x", medians["gradclip"], "timm adaptive_clip_grad", medians["peer"])
             del base
 
 
 # --- clip_grad_norm_ ----------------------------------------------------------------------------------------------
 
+CLIP_SETS = ("ResNet-50", "model-shaped", "transformer")
+# (label, gradclip ms, torch ms) of the fixed cost: a call on ten 100-value tensors
+FIXED: list[tuple[str, float, float]] = []
+
+
 def bench_clip(repeats: int) -> None:
     sets = (("ResNet-50", resnet50_shapes()), ("model-shaped", model_shapes()), ("transformer", transformer_shapes()))
+    tiny = make_params([(100,)] * 10)
+    grads = [p.grad for p in tiny]
+    half = float(torch.nn.utils.get_total_norm(grads)) / 2
+    for mode, max_norm in (("clipping", half), ("no clip", 1e9)):
+        refresh = (lambda: torch._foreach_mul_(grads, 2.0)) if mode == "clipping" else None
+        medians = interleaved({"gradclip": lambda: gradclip.clip_grad_norm_(tiny, max_norm),
+                               "peer": lambda: torch.nn.utils.clip_grad_norm_(tiny, max_norm)}, 50 * repeats,
+                              before=refresh, clock=CLOCK)
+        FIXED.append((mode, medians["gradclip"], medians["peer"]))
     for title, shapes0 in sets:
         for factor in SIZES:
             base = make_params(scale_shapes(shapes0, factor))
@@ -643,9 +658,11 @@ def bench_clip(repeats: int) -> None:
                     check(f"clip_grad_norm_ {title} {mode}: norm", got, want, 1e-5)
                     check_grads(f"clip_grad_norm_ {title} {mode}: clipped grads", mine, theirs, 1e-5)
                     del mine, theirs
+                # small sizes, where the fixed cost shows, take more calls: their medians are noisier
+                calls = repeats * (4 if factor < 1 else 2 if factor == 1 else 1)
                 medians = interleaved({"gradclip": lambda: gradclip.clip_grad_norm_(base, max_norm),
-                                       "peer": lambda: torch.nn.utils.clip_grad_norm_(base, max_norm)}, repeats,
-                                      before=refresh)
+                                       "peer": lambda: torch.nn.utils.clip_grad_norm_(base, max_norm)}, calls,
+                                      before=refresh, clock=CLOCK)
                 record(f"clip_grad_norm_ {title} {mode}", f"{factor:g}x", medians["gradclip"],
                        "torch clip_grad_norm_", medians["peer"])
             del base
@@ -680,6 +697,18 @@ def print_summary() -> None:
         pr = " -> ".join(f"{p[2]:.2f}" for p in points)
         print(f"  {step:<38} gradclip {gc:<26} x{points[-1][1] / points[0][1]:5.1f}   "
               f"{peer}: {pr:<26} x{points[-1][2] / points[0][2]:5.1f}")
+    clip_rows = {(step, size): peer_ms / gc_ms for step, size, gc_ms, _, peer_ms in ROWS
+                 if step.startswith("clip_grad_norm_ ")}
+    if clip_rows:
+        print("\nclip_grad_norm_ against torch (torch/gradclip; target: at least 0.97 at every size when clipping):")
+        for title in CLIP_SETS:
+            for mode in ("clipping", "no clip"):
+                ratios = [clip_rows.get((f"clip_grad_norm_ {title} {mode}", f"{factor:g}x")) for factor in SIZES]
+                text = "   ".join(f"{factor:g}x {r:5.2f}" for factor, r in zip(SIZES, ratios) if r is not None)
+                print(f"  {title:<13} {mode:<9} {text}")
+    for mode, gc_ms, peer_ms in FIXED:
+        print(f"fixed cost, ten 100-value tensors, {mode}: gradclip {gc_ms * 1000:6.1f} us, "
+              f"torch {peer_ms * 1000:6.1f} us, torch/gradclip {peer_ms / gc_ms:5.2f}")
     if FLOORS:
         print("\nFloors: the work every implementation must do, timed alone with torch's kernels in the same run;")
         print("peer/floor is the most any library could be faster than the peer:")
@@ -697,13 +726,20 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--only", default="", help="comma-separated sections to run: dp, dplayers, rnn, zclip, autoclip, agc, clip")
     parser.add_argument("--model", default="", help="dp section: only the zoo models whose name contains this")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time calls by the wall clock, or by this thread's CPU time (steadier on a shared "
+                             "machine; with one thread the kernels run on it)")
     args = parser.parse_args()
+    if args.clock == "cpu":
+        global CLOCK
+        CLOCK = time.thread_time
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     print(f"machine: {cpu_model()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
           f"python {platform.python_version()}, gradclip {gradclip.__version__}")
     print("peers: " + ", ".join(f"{d} {version(d)}" for d in ("opacus", "zclip", "autoclip", "timm")))
-    print(f"repeats {args.repeats}, interleaved, medians; peer/gradclip above 1 means gradclip is faster\n")
+    print(f"repeats {args.repeats}, interleaved, medians of {'CPU' if args.clock == 'cpu' else 'wall'} time; "
+          "peer/gradclip above 1 means gradclip is faster\n")
     sections = {
         "dp": lambda: bench_dp_zoo(args.repeats, args.model),
         "dplayers": lambda: bench_dp_layers(args.repeats, args.model),

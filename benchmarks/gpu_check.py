@@ -96,6 +96,17 @@ def _attached(clipper_factory: Callable[[list[nn.Parameter]], Any]) -> Callable[
     return run
 
 
+def _guarded_on_the_loss(params):
+    """OLMo-core's rule attached to SGD, given a device loss each step (its history filled past min_history)."""
+    optimizer = torch.optim.SGD(params, lr=1e-3)
+    guard = gradclip.SpikeGuard.olmo_core(min_history=2, window=4).attach(optimizer)
+    for step in range(3):
+        for p in params:  # a new gradient each step, as a backward pass gives
+            p.grad = p.grad * 1.0
+        guard.record_loss(params[0].detach().sum() + step)
+        optimizer.step()
+
+
 def _buffer(params):
     buffer = gradclip.GradBuffer(params)  # the gradients move into one flat buffer: one norm and one scale kernel
     return buffer, gradclip.clip_grad_norm_(params, 1e-3)
@@ -130,6 +141,7 @@ PATHS: dict[str, Callable[[list[nn.Parameter]], Any]] = {
     "ZClip": lambda ps: gradclip.ZClip()(ps),
     "ZClip (attached)": _attached(lambda ps: gradclip.ZClip()),
     "SpikeGuard (attached)": _attached(lambda ps: gradclip.SpikeGuard()),
+    "SpikeGuard (olmo_core: loss and norm, attached)": _guarded_on_the_loss,
     "GradientMonitor (attached)": _attached(lambda ps: gradclip.GradientMonitor([(f"p{i}", p) for i, p in enumerate(ps)])),
     "GradBuffer + clip_grad_norm_": _buffer,
     "per_sample_clip_grad_": _per_sample,

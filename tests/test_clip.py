@@ -40,9 +40,11 @@ def test_clip_grad_norm_matches_torch(shapes, dtype, norm_type, max_norm, scale,
     expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type, foreach=foreach)
     assert norm.dtype == expected.dtype and norm.device == expected.device
     # gradclip combines the per-tensor norms in float64, torch in the gradients' dtype: both are a few
-    # roundings of that dtype from the exact norm (p < 1 amplifies rounding), so they agree to that
+    # roundings of that dtype from the exact norm (p < 1 amplifies rounding), so they agree to that.
+    # On the CPU gradclip sums the small tensors in one pass (hundreds of values: up to 5 ulp from the
+    # exact 1-norm, seen for float64 at seed 2545), torch tensor by tensor (3 ulp the other way there)
     ulp = torch.finfo(dtype).eps
-    rtol = (32 if norm_type < 1 else 8) * ulp
+    rtol = (32 if norm_type < 1 else 12) * ulp
     torch.testing.assert_close(norm, expected, rtol=rtol, atol=0)
     torch.testing.assert_close(norm.double(), exact, rtol=rtol, atol=0)
     for p, q in zip(ours, theirs):
@@ -378,3 +380,67 @@ def test_fresh_iterators_are_clipped_like_torch_without_a_warning_or_a_sync(kind
     torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(fresh(theirs), 0.1))
     for ours, reference in zip(params, theirs):
         torch.testing.assert_close(ours.grad, reference.grad)
+
+
+# --- the plan kept between calls (gradclip._groups) never answers for gradients that changed ----------------
+
+
+def _check_against_torch(ours, max_norm=0.5):
+    theirs = clone_params(ours)
+    norm = gradclip.clip_grad_norm_(ours, max_norm)
+    torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(theirs, max_norm), rtol=2e-6, atol=0)
+    for p, q in zip(ours, theirs):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            assert p.grad.dtype == q.grad.dtype and p.grad.shape == q.grad.shape
+            torch.testing.assert_close(p.grad, q.grad, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("change", ["new objects", "None", "dtype", "shape", "resized in place", "requires_grad",
+                                    "a parameter added", "layout"])
+def test_a_kept_plan_is_never_used_for_gradients_that_changed(change):
+    gradclip._groups.forget_plans()
+    shapes = [(300,), (20, 30), (5,), (7, 3)]  # large and small (the CPU's concatenated) tensors
+    params = make_params(shapes, seed=3)
+    for _ in range(2):  # the second call takes the kept plan
+        _check_against_torch(params)
+    generator = torch.Generator().manual_seed(4)
+    if change == "new objects":  # zero_grad()'s default: same type, dtype, device, shape
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+    elif change == "None":
+        params[1].grad = None
+    elif change == "dtype":
+        params[0].data = params[0].data.double()
+        params[0].grad = torch.randn(300, generator=generator, dtype=torch.float64)
+    elif change == "shape":
+        params[2].data = torch.zeros(400)  # a small tensor becomes a large one
+        params[2].grad = torch.randn(400, generator=generator)
+    elif change == "resized in place":  # the same gradient object: the kept plan is used, and must still hold
+        params[0].grad.resize_(2).copy_(torch.tensor([30.0, 40.0]))
+        params[0].data = params[0].data[:2].clone()
+    elif change == "requires_grad":  # torch still clips a frozen parameter's leftover gradient, and so do we
+        params[3].requires_grad_(False)
+    elif change == "a parameter added":
+        params = params + make_params([(6,)], seed=5)
+    elif change == "layout":
+        params[1].grad = params[1].grad.to_sparse()
+        with pytest.raises(TypeError, match=r"parameters\[1\]\.grad"):
+            gradclip.clip_grad_norm_(params, 0.5)
+        return
+    _check_against_torch(params)
+    _check_against_torch(params)
+
+
+def test_kept_plans_hold_no_gradient_alive():
+    import gc
+    import weakref
+
+    params = make_params([(30,), (4, 5)], seed=1)
+    gradclip.clip_grad_norm_(params, 0.5)
+    gradclip.clip_grad_norm_(params, 0.5)
+    grads = [weakref.ref(p.grad) for p in params]
+    for p in params:
+        p.grad = None
+    gc.collect()
+    assert all(ref() is None for ref in grads), "a kept plan holds a gradient"

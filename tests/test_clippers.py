@@ -524,3 +524,65 @@ def test_nonfinite_norms_never_poison_the_statistics(name, prefix):
         assert not result.threshold.isnan() and not result.scale.isnan()
     spike = clipper([scalar_param(1000.0)])  # ... then a spike: clipped (or skipped)
     assert float(spike.scale) < 0.1, (name, prefix)
+
+
+# --- Muon: clipping does not bound an orthogonalised step ----------------------------------------------
+
+
+def _muon_and_friends():
+    import gradclip
+
+    return [gradclip.ZClip(), gradclip.AutoClip(), gradclip.AdaGC(), gradclip.UpdateClip("adafactor")]
+
+
+def test_attaching_a_rescaling_clipper_to_muon_warns_and_says_what_to_do_instead():
+    import warnings
+
+    import gradclip
+    from gradclip.clippers import OrthogonalizedUpdateWarning
+
+    weight = torch.nn.Parameter(torch.zeros(8, 8))
+    for clipper in _muon_and_friends():
+        with pytest.warns(OrthogonalizedUpdateWarning, match="SpikeGuard"):
+            clipper.attach(torch.optim.Muon([weight], lr=0.02))
+
+    class MuonWithAuxAdam(torch.optim.SGD):  # other implementations are recognised by name ...
+        pass
+
+    with pytest.warns(OrthogonalizedUpdateWarning):
+        gradclip.ZClip().attach(MuonWithAuxAdam([weight], lr=0.1))
+    quiet = torch.optim.Muon([weight], lr=0.02)
+    quiet.gradclip_orthogonalized = False  # ... and any optimizer can say what it does
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gradclip.ZClip().attach(quiet)
+        gradclip.SpikeGuard().attach(torch.optim.Muon([weight], lr=0.02))  # skipping is fine under Muon
+        for clipper in _muon_and_friends():
+            clipper.attach(torch.optim.AdamW([weight]))
+    flagged = torch.optim.SGD([weight], lr=0.1)
+    flagged.gradclip_orthogonalized = True
+    with pytest.warns(OrthogonalizedUpdateWarning):
+        gradclip.AutoClip().attach(flagged)
+
+
+def test_muon_step_length_does_not_depend_on_the_gradient_scale():
+    # the measurement the warning rests on (torch.optim.Muon): a clipped gradient gives a step of the same
+    # length, only its direction (its weight in the momentum) changes
+    torch.manual_seed(0)
+    grads = [torch.randn(64, 64) for _ in range(4)]
+
+    def steps(scale_of_step_2):
+        weight = torch.nn.Parameter(torch.zeros(64, 64))
+        optimizer = torch.optim.Muon([weight], lr=0.02)
+        out = []
+        for index, grad in enumerate(grads):
+            before = weight.detach().clone()
+            weight.grad = grad * (scale_of_step_2 if index == 2 else 1.0)
+            optimizer.step()
+            out.append(weight.detach() - before)
+        return out
+
+    plain, clipped = steps(1.0), steps(0.05)
+    assert torch.equal(plain[1], clipped[1])
+    assert float(clipped[2].norm() / plain[2].norm()) == pytest.approx(1.0, abs=0.02)
+    assert float((clipped[3] - plain[3]).norm() / plain[3].norm()) > 0.2

@@ -39,6 +39,9 @@ SPECS_2D = [((6, 3), ("strided0", "shard0")), ((5, 4), ("strided0", "shard0")), 
             ((5,), ("max", "replicate")), ((2, 3), ("shard0", "avg"))]
 MLP_DIM = 8
 BATCH = 4
+# The collective count's case: one gradient reduces over ("dp", "tp"), the other over "dp" only.
+COLLECTIVE_SHAPES = [(6, 3), (7, 2)]
+COLLECTIVE_PLACEMENTS = [("strided0", "shard0"), ("shard0", "replicate")]
 
 
 def full_tensors(shapes, seed):
@@ -327,7 +330,38 @@ def scenario_2d(rank, world):
             param.grad = g
         out[f"mesh2d_clip/{p}"] = gradclip.clip_grad_norm_(params, MAX_NORM, p)
         out[f"mesh2d_clipped/{p}"] = [q.grad.full_tensor() for q in params]
+
+    # the collectives of the reported case: the partial sums reduce over "dp" and "tp", one all-reduce each
+    pair = [distribute_tensor(f.clone(), mesh, [placement(a), placement(b)])
+            for f, (a, b) in zip(full_tensors(COLLECTIVE_SHAPES, seed=4), COLLECTIVE_PLACEMENTS)]
+    for p in NORM_TYPES:
+        out[f"collectives/{p}"], out[f"collectives_norm/{p}"] = all_reduces_of(lambda: gradclip.get_total_norm(pair, p))
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in pair]
+        for param, g in zip(params, pair):
+            param.grad = g.clone()
+        out[f"collectives_clip/{p}"], _ = all_reduces_of(lambda: gradclip.clip_grad_norm_(params, MAX_NORM, p))
+    out["mesh_groups"] = {"dp": tuple(torch.distributed.get_process_group_ranks(mesh.get_group("dp"))),
+                          "tp": tuple(torch.distributed.get_process_group_ranks(mesh.get_group("tp")))}
     return out
+
+
+def all_reduces_of(call):
+    """(the ranks of the group of every ``dist.all_reduce`` that ``call`` makes, in order; its result)."""
+    import torch.distributed as dist
+
+    seen = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, group=None, **kwargs):
+        seen.append(tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)))
+        return original(tensor, *args, group=group, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        result = call()
+    finally:
+        dist.all_reduce = original
+    return seen, result
 
 
 # --- spawning, once per world size ----------------------------------------------------------
@@ -441,6 +475,20 @@ def test_hand_built_placements_on_a_2d_mesh(ranks_2d, p):
         for got, want in zip(out[f"mesh2d_clipped/{p}"], clipped):
             torch.testing.assert_close(got, want)
     same_on_every_rank([out[f"mesh2d/{p}"] for out in ranks_2d])
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_one_all_reduce_per_process_group(ranks_2d, p):
+    # (_StridedShard, Shard) reduces over dp and tp, (Shard, Replicate) over dp: two process groups, two
+    # collectives (torch makes two); one per placement would reduce over dp twice, three in all
+    fulls = full_tensors(COLLECTIVE_SHAPES, seed=4)
+    for out in ranks_2d:
+        mine = {out["mesh_groups"]["dp"], out["mesh_groups"]["tp"]}
+        for key in ("collectives", "collectives_clip"):
+            calls = out[f"{key}/{p}"]
+            assert len(calls) == 2 and set(calls) == mine, (key, calls, mine)
+        close(out[f"collectives_norm/{p}"], vector_norm(fulls, p), rtol=1e-5)
+    same_on_every_rank([out[f"collectives_norm/{p}"] for out in ranks_2d])
 
 
 def test_per_tensor_methods_use_each_full_tensors_norm(ranks_1d):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from support.params import clone_params, make_params
+
 import gradclip
 
 
@@ -274,3 +276,43 @@ def test_a_compiled_model_with_a_layer_frozen_mid_training_keeps_the_buffer_and_
         assert gradclip._groups.single_buffer([p.grad for p in model.parameters() if p.grad is not None]) is not None
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
     assert graphs <= 2  # frozen and not: no recompiling per step
+
+
+def test_a_grad_buffer_takes_its_flat_path_after_a_plain_list_of_the_same_shapes():
+    # a kept plan of plain tensors with the same types, dtypes and shapes must not stand in for a
+    # GradBuffer's views: the buffer's one-kernel path would be lost (it was, in bench_core)
+    shapes = [(3, 4), (5,), (2, 2)]
+    plain, flat = make_params(shapes, seed=1), make_params(shapes, seed=2)
+    gradclip.GradBuffer(flat)
+    theirs = clone_params(flat)
+    gradclip.clip_grad_norm_(plain, 0.1)
+    gradclip.clip_grad_norm_(plain, 0.1)
+    for _ in range(2):
+        plan = gradclip._groups.plan_for(gradclip._validate.check_call(flat), None)
+        assert plan.groups[0].buffer is not None
+    torch.testing.assert_close(gradclip.clip_grad_norm_(flat, 0.1), torch.nn.utils.clip_grad_norm_(theirs, 0.1))
+    for p, q in zip(flat, theirs):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_a_kept_plan_over_part_of_a_buffer_is_not_reused_once_the_rest_has_gradients():
+    # step 0: only the first layer gets gradients, so its views cover the whole buffer with zeros
+    # between (one kernel); step 1: the second layer has gradients too, and clipping the first layer
+    # alone must neither count nor scale them (a kept plan used to take the whole buffer again)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    twin = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    twin.load_state_dict(model.state_dict())
+    buffer = gradclip.GradBuffer(model.parameters())
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    for step in range(3):
+        buffer.zero_grad()
+        twin.zero_grad()
+        for net in (model, twin):
+            (net[0](x).sum() if step == 0 else net(x).pow(2).sum()).backward()
+        torch.testing.assert_close(gradclip.clip_grad_norm_(model[0].parameters(), 0.1),
+                                   torch.nn.utils.clip_grad_norm_(twin[0].parameters(), 0.1))
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert (p.grad is None) == (q.grad is None)
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, msg=f"step {step}")

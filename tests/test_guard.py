@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from support.params import scalar_param
-from support.references import global_norm, spike_guard_decisions
+from support.references import global_norm, olmo_core_skips, spike_guard_decisions
 from support.sync import no_host_sync
 
 from gradclip.guard import SpikeGuard
@@ -333,3 +333,106 @@ def test_pickled_attached_guard_is_detached_and_holds_no_snapshot():
     clone = pickle.loads(pickle.dumps(guard))
     assert not clone.attached and clone._snapshot is None and clone._copies is None
     assert torch.equal(clone.skipped_steps, guard.skipped_steps) and clone.steps == 1
+
+
+# --- the loss as a second signal, and OLMo-core's rule ------------------------------------------------
+
+
+def spiky(rng, n, base, spikes):
+    values = list(base + 0.05 * base * rng.standard_normal(n))
+    for i, factor in spikes:
+        values[i] = base * factor
+    return values
+
+
+def test_olmo_core_preset_decides_as_the_reference_step_by_step():
+    rng = np.random.default_rng(1)
+    # loss spikes up and down (two-sided), norm spikes, one of each inside the reference's first 63 steps
+    losses = spiky(rng, 400, 3.0, [(10, 9.0), (90, 2.0), (150, 0.3), (151, 2.5), (260, 1.8), (300, 0.99)])
+    norms = spiky(rng, 400, 1.0, [(30, 20.0), (120, 1.6), (121, 1.5), (200, 0.2), (330, 3.0)])
+    guard = SpikeGuard.olmo_core()
+    got = []
+    for loss, norm in zip(losses, norms):
+        guard.record_loss(torch.tensor(loss, dtype=torch.float32))
+        got.append(bool(guard([scalar_param(norm)]).scale == 0))
+    expected = olmo_core_skips([float(torch.tensor(v, dtype=torch.float32)) for v in losses], norms)
+    assert got == expected
+    # a spike stays in the 128-value history and widens it, so later spikes within the window may pass
+    assert sum(expected) >= 3 and int(guard.skipped_steps) == sum(expected)
+    low = [i for i, skip in enumerate(expected) if skip and losses[i] < 3.0 * 0.8]
+    assert low, "a loss far below the history is skipped (two-sided), as in the reference"
+
+
+def test_loss_signal_alone_and_one_sided_skips_only_high_losses():
+    rng = np.random.default_rng(2)
+    losses = spiky(rng, 120, 2.0, [(50, 4.0), (80, 0.1)])
+    guard = SpikeGuard(signals="loss", threshold=6.0, window=32, min_history=20)
+    decisions = []
+    for loss in losses:
+        guard.record_loss(loss)
+        decisions.append(bool(guard([scalar_param(1e6 if len(decisions) == 60 else 1.0)]).scale == 0))
+    # the norm of step 60 is huge but not watched; the loss at 80 is low, and one-sided ignores it
+    assert [i for i, d in enumerate(decisions) if d] == [50]
+
+
+def test_non_finite_loss_skips_and_stays_out_of_the_history():
+    guard = SpikeGuard.olmo_core(min_history=4, window=16)
+    losses = [2.0, 2.1, 1.9, 2.0, 2.05, math.nan, 2.02, math.inf, 1.98]
+    skips = []
+    for loss in losses:
+        guard.record_loss(loss)
+        skips.append(bool(guard([scalar_param(1.0 + 0.01 * len(skips))]).scale == 0))
+    assert skips == [False] * 5 + [True, False, True, False]  # the reference skips every step after the NaN
+    assert torch.isfinite(guard.state_dict()["loss_history"]).sum() == len([v for v in losses if math.isfinite(v)])
+
+
+def test_a_guard_watching_the_loss_asks_for_it_and_a_norm_guard_refuses_it():
+    guard = SpikeGuard(signals=("loss", "norm"))
+    with pytest.raises(RuntimeError, match=r"record_loss\(loss\)"):
+        guard([scalar_param(1.0)])
+    guard.record_loss(1.0)
+    guard([scalar_param(1.0)])
+    with pytest.raises(RuntimeError, match="record_loss"):  # once per step: the value was used
+        guard([scalar_param(1.0)])
+    with pytest.raises(RuntimeError, match="signals="):
+        SpikeGuard().record_loss(1.0)
+    with pytest.raises(TypeError, match="loss"):
+        guard.record_loss("1.0")
+    with pytest.raises(TypeError, match="floating-point"):
+        guard.record_loss(torch.tensor(1))
+    for bad in ("grad", (), ("norm", "norm"), ["loss", "x"]):
+        with pytest.raises(ValueError, match="signals"):
+            SpikeGuard(signals=bad)
+    with pytest.raises(TypeError, match="two_sided"):
+        SpikeGuard(two_sided=1)
+
+
+def test_attached_loss_guard_undoes_the_spike_step_and_round_trips_its_state(tmp_path):
+    model, optimizer = make("adam")
+    guard = SpikeGuard.olmo_core(min_history=5, window=16).attach(optimizer)
+    x = torch.randn(8, 4)
+    for step in range(12):
+        loss = model(x).pow(2).mean() * (50.0 if step == 9 else 1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        guard.record_loss(loss)
+        before = snapshot(model, optimizer)
+        optimizer.step()
+        assert same(before, snapshot(model, optimizer)) == (step == 9)
+    path = tmp_path / "guard.pt"
+    torch.save(guard.state_dict(), path)
+    fresh = SpikeGuard.olmo_core(min_history=5, window=16)
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.allclose(fresh.state_dict()["loss_history"], guard.state_dict()["loss_history"], equal_nan=True)
+    again = pickle.loads(pickle.dumps(guard))
+    assert int(again.skipped_steps) == 1 and not again.attached
+    with pytest.raises(ValueError, match="signals"):
+        SpikeGuard(window=16, min_history=5).load_state_dict(guard.state_dict())
+
+
+def test_state_saved_before_the_loss_signal_still_loads():
+    old = SpikeGuard(window=8, min_history=2)
+    old([scalar_param(1.0)])
+    state = old.state_dict()
+    assert "signals" not in state["config"] and "loss_history" not in state
+    SpikeGuard(window=8, min_history=2).load_state_dict(state)

@@ -175,7 +175,7 @@ _CACHE_BYTES = 1 << 25
 
 
 def _use_gram(steps: int, d: int, p: int, on_cpu: bool = True, batch: int = 1, itemsize: int = 4) -> bool:
-    """Per layer, the cheaper way to each example's ``||sum_t delta_t a_t^T||_F`` (Bu et al. 2023's mixed choice).
+    r"""Per layer, the cheaper way to each example's ``||sum_t delta_t a_t^T||_F`` (Bu et al. 2023's mixed choice).
 
     Per example, with T positions, d inputs and p outputs: the Gram path costs the two T x T Gram
     matrices, :math:`T^2 (d + p)` multiply-adds, plus passes over the T (d + p) entries of A and

@@ -39,16 +39,14 @@ from __future__ import annotations
 
 import math
 
+from typing import Any
+
 import torch
 from torch._utils import _flatten_dense_tensors
+from torch.utils._foreach_utils import _device_has_foreach_support, _foreach_supported_types
 
-from . import _groups
-
-# On the CPU, torch's foreach norm is a loop of one kernel per tensor. Below
-# this size a tensor is cheaper to copy into one concatenated buffer and
-# reduce there with a single kernel; above it the copy costs more than the
-# kernel launch it saves (measured with benchmarks/bench_core.py).
-CPU_CONCAT_MAX_NUMEL = 256
+# Which small CPU tensors are normed as one concatenation is the plan's choice
+# (gradclip._groups.CPU_CONCAT_MAX_NUMEL).
 
 # On the CPU, the sum of squares of a float32/float64 tensor of 4 M entries or more comes from BLAS
 # ``dot`` on pieces of ``_DOT_PIECE`` entries, added in float64. torch's CPU norm kernel accumulates
@@ -89,6 +87,27 @@ def output_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
     for dtype in dtypes:
         out = torch.promote_types(out, accumulation_dtype(dtype))
     return out
+
+
+_FOREACH_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def use_foreach(tensors: list[torch.Tensor], device: torch.device, foreach: bool | None) -> bool:
+    """Whether torch's foreach kernels take ``tensors``: None picks them where supported, True insists.
+
+    torch's rule, with ``nn.Parameter`` supported as ``torch.optim`` has it
+    (``get_total_norm`` of the parameters themselves), and what torch adds
+    (DTensor, once imported).
+
+    Raises:
+        RuntimeError: ``foreach=True`` on a device without foreach kernels.
+    """
+    if foreach is None:
+        return _device_has_foreach_support(device) and all(
+            kind in _FOREACH_TYPES or kind in _foreach_supported_types for kind in {type(t) for t in tensors})
+    if foreach and not _device_has_foreach_support(device):
+        raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
+    return foreach
 
 
 def wide_dtype(device: torch.device) -> torch.dtype:
@@ -140,49 +159,55 @@ def tensor_norms(tensors: list[torch.Tensor], p: float, device: torch.device, fo
     loop otherwise; empty tensors have norm 0. On the CPU, norms that may have
     under- or overflowed are recomputed exactly (see the module docstring).
     """
-    originals = tensors
-    if tensors and tensors[0].is_complex():  # the norm of complex entries is the norm of their moduli
-        tensors = [t.abs() for t in tensors]
-    wide = wide_dtype(device)
     nonempty = [t for t in tensors if t.numel()] if not all(t.numel() for t in tensors) else tensors
     if len(nonempty) < len(tensors):
-        out = torch.zeros(len(tensors), dtype=wide, device=device)
+        out = torch.zeros(len(tensors), dtype=wide_dtype(device), device=device)
         if nonempty:
             where = torch.tensor([i for i, t in enumerate(tensors) if t.numel()], device=device)
             out.index_copy_(0, where, tensor_norms(nonempty, p, device, foreach))
         return out
-    use_foreach = _groups.use_foreach(tensors, device, foreach)
+    return safe_norms(tensors, p, device, use_foreach(tensors, device, foreach))
+
+
+def safe_norms(tensors: list[torch.Tensor], p: float, device: torch.device, batched: bool) -> torch.Tensor:
+    """:func:`tensor_norms` of non-empty tensors, with the kernel choice made (``batched``: foreach)."""
+    originals = tensors
+    if tensors[0].is_complex():  # the norm of complex entries is the norm of their moduli
+        tensors = [t.abs() for t in tensors]
+    wide = wide_dtype(device)
     if exact_on_host(device) or wide != torch.float64 or math.isinf(p):
         dtype = accumulation_dtype(tensors[0].dtype)
         if exact_on_host(device) and p == 2 and tensors[0].dtype in (torch.float32, torch.float64):
-            norms = _cpu_two_norms(tensors, use_foreach)
+            norms = _cpu_two_norms(tensors, batched).to(torch.float64)
         else:
-            norms = _plain_norms(tensors, p, dtype, use_foreach).to(wide)
+            norms = _plain_norms(tensors, p, dtype, batched).to(wide)
         if exact_on_host(device):
             _repair_(norms, originals, p, dtype)
         return norms
     if tensors[0].dtype != torch.float64 and p <= _PLAIN_COMBINE_MAX_P:
-        return _plain_norms(tensors, p, torch.float64, use_foreach)
-    return _factored_norms(tensors, p, use_foreach)
+        return _plain_norms(tensors, p, torch.float64, batched)
+    return _factored_norms(tensors, p, batched)
 
 
 def _plain_norms(tensors: list[torch.Tensor], p: float, dtype: torch.dtype, use_foreach: bool) -> torch.Tensor:
     """The p-norm of each tensor accumulated in ``dtype``: one foreach kernel, or a loop."""
+    if dtype == tensors[0].dtype:
+        dtype = None  # the same accumulation, without the slower explicit-dtype kernel
     if use_foreach:
         return torch.stack(torch._foreach_norm(tensors, p, dtype=dtype))
     return torch.stack([torch.linalg.vector_norm(t, p, dtype=dtype) for t in tensors])
 
 
 def _cpu_two_norms(tensors: list[torch.Tensor], use_foreach: bool) -> torch.Tensor:
-    """The 2-norm of each CPU float32/float64 tensor, in float64: large contiguous ones by BLAS ``dot`` on pieces.
+    """The 2-norm of each CPU float32/float64 tensor: large contiguous ones by BLAS ``dot`` on pieces.
 
-    Each piece's sum of squares is accumulated in the tensors' dtype (so over- and underflow
+    In float64 when some tensor took that path, else in the tensors' dtype. Each piece's sum of squares is accumulated in the tensors' dtype (so over- and underflow
     show as inf or a tiny norm, which :func:`_repair_` then recomputes exactly); the pieces of
     a tensor are added in float64.
     """
     large = [i for i, t in enumerate(tensors) if t.numel() >= _DOT_MIN_NUMEL and t.is_contiguous()]
     if not large:
-        return _plain_norms(tensors, 2.0, tensors[0].dtype, use_foreach).to(torch.float64)
+        return _plain_norms(tensors, 2.0, tensors[0].dtype, use_foreach)
     squares, owners = [], []
     for index in large:
         flat = tensors[index].view(-1)
@@ -248,29 +273,107 @@ def _repair_(norms: torch.Tensor, tensors: list[torch.Tensor], p: float, dtype: 
         norms[index] = scaled_norm(tensors[index], p)
 
 
-def group_norms(group: _groups.Group, p: float, foreach: bool | None) -> torch.Tensor:
-    """A 1-D tensor of partial p-norms (wide dtype) whose own p-norm is the group's total norm.
+def group_norms(group: Any, p: float) -> torch.Tensor:
+    """A 1-D tensor of partial p-norms (wide dtype) whose own p-norm is the norm of one group of a plan.
 
-    A flat buffer gives one norm; on the CPU (with ``foreach=None``) the small
-    tensors are concatenated and reduced together; the rest get one norm each.
+    As the plan chose: a flat buffer gives one norm; the small CPU tensors one
+    norm of their concatenation; the others one norm each. A group of
+    DTensors gives the norms of its local shards.
     """
-    sizes = [t.numel() for t in group.tensors]
-    tensors = [t for t, n in zip(group.tensors, sizes) if n] if 0 in sizes else group.tensors
-    if not tensors:
-        return torch.zeros(1, dtype=wide_dtype(group.device), device=group.device)
-    if group.buffer is not None:
-        return tensor_norms([group.buffer], p, group.device, foreach)
-    if not _groups.use_foreach(tensors, group.device, foreach):
-        return tensor_norms(tensors, p, group.device, False)
-    partial_norms = []
-    if group.device.type == "cpu" and foreach is None:
-        small = [t for t, n in zip(group.tensors, sizes) if 0 < n <= CPU_CONCAT_MAX_NUMEL]
-        if len(small) > 1:
-            partial_norms.append(tensor_norms([_flatten_dense_tensors(small)], p, group.device, False))
-            tensors = [t for t, n in zip(group.tensors, sizes) if n > CPU_CONCAT_MAX_NUMEL]
-    if tensors:
-        partial_norms.append(tensor_norms(tensors, p, group.device, True))
-    return torch.cat(partial_norms) if len(partial_norms) > 1 else partial_norms[0]
+    targets = group.norm_targets()
+    if group.buffer is not None and not group.buffer.numel():
+        targets = []
+    return _work_norms(group.device, group.small, targets, group.batched and group.buffer is None, p)
+
+
+def _work_norms(device: torch.device, small: list[torch.Tensor] | None, targets: list[torch.Tensor],
+                batched: bool, p: float) -> torch.Tensor:
+    pieces = []
+    if small:
+        pieces.append(safe_norms([_flatten_dense_tensors(small)], p, device, False))
+    if targets:
+        pieces.append(safe_norms(targets, p, device, batched))
+    if not pieces:
+        return torch.zeros(1, dtype=wide_dtype(device), device=device)
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def local_total(plan: Any, p: float) -> tuple[float | None, torch.Tensor | None]:
+    """The p-norm of every tensor of a plan of plain tensors: ``(value, None)`` or ``(None, wide)``.
+
+    Takes the plan's ``norm_work`` (see :class:`gradclip._groups.Plan`). On
+    the CPU outside compilation (:func:`exact_on_host`) the partial norms are
+    read once per kernel and combined on the host in float64: ``value`` is a
+    Python float and no tensor is made for it. Anywhere else ``wide`` is a
+    0-dim float64 tensor (float32 on MPS) on the plan's device, and nothing is
+    read.
+    """
+    work = plan.norm_work
+    if all(exact_on_host(item.device) for item in work):
+        values: list[float] = []
+        for item in work:
+            if item.small:
+                values += _host_norms([_flatten_dense_tensors(item.small)], p, False)
+            if item.targets:
+                values += _host_norms(item.targets, p, item.batched)
+        return host_combine(values, p, plan.narrow), None
+    device = plan.device
+    partial_norms = [_work_norms(item.device, item.small, item.targets, item.batched, p).to(device) for item in work]
+    if not partial_norms:
+        return None, torch.zeros((), dtype=wide_dtype(device), device=device)
+    return None, combine(torch.cat(partial_norms), p, narrow_inputs=plan.narrow)
+
+
+def _host_norms(tensors: list[torch.Tensor], p: float, batched: bool) -> list[float]:
+    """The p-norm of each non-empty CPU tensor, as Python floats, recomputed exactly where they may have over- or underflowed.
+
+    Accumulated in float32 at least (2-norms of tensors of 4 M entries or
+    more by BLAS ``dot``, see :func:`_cpu_two_norms`), then read in one go;
+    the check for under- and overflow runs on the host floats.
+    """
+    originals = tensors
+    if tensors[0].is_complex():
+        tensors = [t.abs() for t in tensors]
+    dtype = accumulation_dtype(tensors[0].dtype)
+    if p == 2 and tensors[0].dtype in (torch.float32, torch.float64):
+        norms = _cpu_two_norms(tensors, batched)
+    elif len(tensors) == 1:
+        norms = torch.linalg.vector_norm(tensors[0], p, dtype=None if dtype == tensors[0].dtype else dtype).reshape(1)
+    else:
+        norms = _plain_norms(tensors, p, dtype, batched)
+    values = norms.tolist()
+    if math.isinf(p):
+        return values  # the max needs no powers
+    tiny = torch.finfo(dtype).tiny ** (1.0 / p) * _UNDERFLOW_MARGIN
+    if min(values) < tiny or max(values) == math.inf:
+        for index, value in enumerate(values):
+            if value < tiny or value == math.inf:
+                values[index] = float(scaled_norm(originals[index], p))
+    return values
+
+
+def host_combine(values: list[float], p: float, narrow_inputs: bool) -> float:
+    """The p-norm of non-negative floats, in float64, never overflowing: :func:`combine` on the host.
+
+    NaN anywhere gives NaN; inf (and no NaN) gives inf; no values, or all zeros, give 0.
+    """
+    if not values:
+        return 0.0
+    total = sum(values)
+    if total != total:
+        return math.nan
+    if math.isinf(p):
+        return max(values)
+    if p == 2:
+        return math.hypot(*values)  # correctly scaled: no overflow, no underflow
+    largest = max(values)
+    if largest == 0 or largest == math.inf:
+        return largest
+    if p == 1:  # exactly rounded; only a sum beyond float64's range overflows, to inf
+        return total if math.isinf(total) else math.fsum(values)
+    if narrow_inputs and p <= _PLAIN_COMBINE_MAX_P:
+        return math.fsum(v ** p for v in values) ** (1.0 / p)
+    return largest * math.fsum((v / largest) ** p for v in values) ** (1.0 / p)
 
 
 def combine(partial_norms: torch.Tensor, p: float, narrow_inputs: bool = False) -> torch.Tensor:

@@ -1,18 +1,25 @@
 """Acting on gradients in place: the clip coefficient, one factor for all, one per tensor, a clamp.
 
-Each function walks the groups of :func:`gradclip._groups.groups_of` and acts
-through :func:`gradclip._groups.apply_`, so a flat buffer costs one kernel, a
-group of tensors one foreach kernel, and DTensors are changed through their
-local shards with no communication. On the CPU a factor of exactly 1 skips
-the pass (reading it is free there); on accelerators the multiply always runs.
+The last stage of the pipeline: each function walks the groups of a
+:class:`~gradclip._groups.Plan` and acts on what the plan chose (the flat
+buffer with one kernel, a group's tensors with one foreach kernel or a loop,
+DTensors through their local shards with no communication). On the CPU a
+factor of exactly 1 skips the pass (reading it is free there); on
+accelerators, and while ``torch.compile`` traces, the multiply always runs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import _groups
 from ._norms import accumulation_dtype, exact_on_host
+
+if TYPE_CHECKING:
+    from .norms import TotalNorm
 
 # torch's guard against dividing by a zero norm; kept for exact parity.
 NORM_EPS = 1e-6
@@ -31,18 +38,54 @@ def clip_coefficient(max_norm: float | torch.Tensor, norm: torch.Tensor) -> torc
     return factor
 
 
-def scale_(groups: list[_groups.Group], factor: torch.Tensor, foreach: bool | None) -> None:
-    """Multiply every tensor of every group in place by the 0-dim tensor ``factor``.
+def clip_(plan: _groups.Plan, max_norm: float | torch.Tensor, total: TotalNorm) -> torch.Tensor | float:
+    """Scale the plan's tensors by ``min(1, max_norm / (norm + 1e-6))`` in place; return that factor.
 
-    The factor is cast to the group's accumulation dtype (float32 for
-    half-precision gradients), in which the multiply is computed.
+    Where the norm was combined on the host (``total.value``, the CPU) the
+    factor is a Python float, computed in float64 as :func:`clip_coefficient`
+    does, and a factor of exactly 1 skips the pass. Elsewhere it is a tensor
+    and the multiply always runs.
     """
-    if _skippable(groups, factor):
+    if total.value is not None and (not isinstance(max_norm, torch.Tensor) or max_norm.device.type == "cpu"):
+        factor = float(max_norm) / (total.value + NORM_EPS)  # a CPU tensor max_norm is read for free
+        if factor > 1.0:  # (NaN stays NaN, as in torch.clamp)
+            factor = 1.0
+        if factor != 1.0:
+            scale_(plan, factor)
+        return factor
+    wide = total.wide if total.wide is not None else torch.scalar_tensor(
+        total.value, dtype=torch.float64, device=total.norm.device)
+    factor = clip_coefficient(max_norm, wide)
+    scale_(plan, factor)
+    return factor
+
+
+def scale_(groups: Iterable[_groups.Group], factor: torch.Tensor | float, foreach: bool | None = None) -> None:
+    """Multiply every tensor of a plan (or of a list of groups) in place by ``factor``, a 0-dim tensor or a float.
+
+    The factor is cast to each group's accumulation dtype (float32 for
+    half-precision gradients), in which the multiply is computed. The kernels
+    are those the plan chose when the groups were made (``foreach`` is kept for
+    callers that pass it; the groups already hold that choice).
+    """
+    work = groups.scale_work if isinstance(groups, _groups.Plan) else [
+        _groups.ScaleWork(group, *group.targets(), accumulation_dtype(group.dtype)) for group in groups]
+    if isinstance(factor, torch.Tensor):
+        if _skippable([item.group for item in work], factor):
+            return
+    elif factor == 1.0:
         return
-    for group in groups:
-        _check_scalable(group)
-        tensors, batched = _groups.targets(group, foreach)
-        _groups.apply_(tensors, batched, "mul", factor.to(group.device, accumulation_dtype(group.dtype)))
+    for item in work:
+        _check_scalable(item.group)
+        if isinstance(factor, torch.Tensor):
+            group_factor = factor.to(item.group.device, item.dtype)
+        else:  # a tensor, not the number: torch's foreach multiply by a number is 4x slower on the CPU
+            group_factor = torch.scalar_tensor(factor, dtype=item.dtype, device=item.group.device)
+        if item.batched:
+            torch._foreach_mul_(item.targets, group_factor)
+        else:
+            for tensor in item.targets:
+                tensor.mul_(group_factor)
 
 
 def _check_scalable(group: _groups.Group) -> None:
@@ -70,7 +113,8 @@ def _skippable(groups: list[_groups.Group], factors: torch.Tensor) -> bool:
     no device synchronisation, so the pass over every gradient is skipped.
     On accelerators the multiply always runs: deciding would need a sync.
     """
-    if not all(exact_on_host(group.device) for group in groups) or not exact_on_host(factors.device):
+    device = factors.device
+    if not all(group.device == device for group in groups) or not exact_on_host(device):
         return False
     return bool((factors == 1).all())
 
@@ -85,17 +129,21 @@ def scale_each_(group: _groups.Group, factors: torch.Tensor, foreach: bool | Non
     _groups.apply_(tensors, _groups.use_foreach(tensors, group.device, foreach), "mul", list(factors.unbind()))
 
 
-def clamp_(groups: list[_groups.Group], bound: float | torch.Tensor, foreach: bool | None) -> None:
+def clamp_(groups: Iterable[_groups.Group], bound: float | torch.Tensor, foreach: bool | None = None) -> None:
     """Clamp every entry of every tensor into ``[-bound, bound]`` in place (NaN stays NaN).
 
     A tensor bound is used on the device, without reading it: one clamp per tensor.
     """
-    for group in groups:
-        tensors, batched = _groups.targets(group, foreach)
+    work = groups.scale_work if isinstance(groups, _groups.Plan) else [
+        _groups.ScaleWork(group, *group.targets(), accumulation_dtype(group.dtype)) for group in groups]
+    for item in work:
         if isinstance(bound, torch.Tensor):
-            high = bound.to(group.device, accumulation_dtype(group.dtype))
-            for tensor in tensors:
+            high = bound.to(item.group.device, item.dtype)
+            for tensor in item.targets:
                 tensor.clamp_(min=-high, max=high)
-            continue
-        _groups.apply_(tensors, batched, "clamp_min", -bound)
-        _groups.apply_(tensors, batched, "clamp_max", bound)
+        elif item.batched:
+            torch._foreach_clamp_min_(item.targets, -bound)
+            torch._foreach_clamp_max_(item.targets, bound)
+        else:
+            for tensor in item.targets:
+                tensor.clamp_(min=-bound, max=bound)

@@ -14,7 +14,7 @@ import sys
 import types
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 
@@ -24,8 +24,8 @@ TensorOrTensors = Union[torch.Tensor, Iterable[torch.Tensor]]
 Threshold = Union[float, torch.Tensor]
 
 
-def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters") -> list[torch.Tensor]:
-    """Turn a tensor or an iterable of tensors into a list, as torch does.
+def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters", distinct: bool = True) -> list[torch.Tensor]:
+    """Turn a tensor or an iterable of tensors into a list, as torch does (without repeats, unless ``distinct=False``).
 
     Warns when an *iterator* yields nothing: a generator such as
     ``model.parameters()``, or a ``filter``/``map``/``iter(...)`` object, can be
@@ -54,7 +54,7 @@ def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters") -> list[t
                 if isinstance(item, torch.nn.Module):
                     hint = f" (a module: {_MODULE_HINTS.get(name, 'pass model.parameters()')})"
                 raise TypeError(f"{name}[{index}] must be a torch.Tensor, got {type(item).__name__}{hint}")
-    return distinct(items)
+    return _distinct(items) if distinct else items
 
 
 # What to pass instead of a module, by argument name: the parameters, or for norms of given tensors the gradients.
@@ -101,12 +101,75 @@ def distinct(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
     A parameter listed twice (tied weights passed by hand) is one parameter:
     its gradient is measured once and clipped once. torch counts it twice in
-    the norm and scales it twice.
+    the norm and scales it twice. While ``torch.compile`` traces, a dict keyed
+    by the tensors does it: dynamo follows which of them are the same object
+    and guards on that, not on each object's ``id`` (which would recompile
+    whenever ``zero_grad()`` made new gradients).
     """
-    if len({id(t) for t in tensors}) == len(tensors):
+    if torch.compiler.is_compiling():
+        return list(dict.fromkeys(tensors))
+    if len(set(map(id, tensors))) == len(tensors):
         return tensors
     seen: set[int] = set()
     return [t for t in tensors if not (id(t) in seen or seen.add(id(t)))]
+
+
+_distinct = distinct
+
+
+class Checked(NamedTuple):
+    """A call's arguments after :func:`check_call`: the first stage of the pipeline.
+
+    Attributes:
+        items: ``parameters`` (or, for norms of given tensors, the tensors) as a list, as given.
+        tensors: the distinct gradients of ``items`` that exist (or the distinct tensors).
+        threshold: the checked threshold (``None`` when the call takes none).
+        p: the checked norm order.
+        nonfinite: ``error_if_nonfinite``.
+        of_grads: whether ``tensors`` are the gradients of ``items``.
+        name: what the caller calls ``items`` (for messages).
+    """
+
+    items: list[torch.Tensor]
+    tensors: list[torch.Tensor]
+    threshold: Threshold | None
+    p: float
+    nonfinite: bool
+    of_grads: bool
+    name: str
+
+
+def check_call(
+    parameters: TensorOrTensors,
+    *,
+    threshold: tuple[str, Any] | None = None,
+    norm_type: Any = 2.0,
+    foreach: bool | None = None,
+    error_if_nonfinite: bool = False,
+    of_grads: bool = True,
+    name: str = "parameters",
+) -> Checked:
+    """Every check of a norm or clipping call, in one place: the list, the threshold, ``norm_type``, the flags.
+
+    ``threshold`` is ``(argument name, value)``. Host-only: reads types and
+    Python values (a tensor threshold on the CPU, where it is free), and takes
+    the ``.grad`` of each parameter, without repeats (see :func:`distinct`).
+    Dense and real gradients are checked where the plan is made
+    (:func:`gradclip._groups.plan_for`), once per layout.
+
+    Raises:
+        TypeError, ValueError: as the check of each argument says.
+    """
+    checked_threshold = None if threshold is None else check_threshold(*threshold)
+    p = check_norm_type(norm_type)
+    check_foreach(foreach)
+    nonfinite = check_bool("error_if_nonfinite", error_if_nonfinite)
+    items = as_tensor_list(parameters, name, distinct=not of_grads)
+    if of_grads:
+        tensors = distinct([g for g in [item.grad for item in items] if g is not None])
+    else:
+        tensors = items
+    return Checked(items, tensors, checked_threshold, p, nonfinite, of_grads, name)
 
 
 def grads_of(parameters: TensorOrTensors, entrywise: str | None = None) -> list[torch.Tensor]:
@@ -301,14 +364,42 @@ def check_callable(name: str, value: Any, signature: str) -> Any:
     return value
 
 
+_DTENSOR: Any = None
+
+
+def dtensor_type() -> Any:
+    """``torch.distributed.tensor.DTensor`` if that module was imported, else None.
+
+    No DTensor can exist before ``torch.distributed.tensor`` is imported, so the
+    single-process path costs one dictionary look-up and imports nothing.
+    """
+    global _DTENSOR
+    if _DTENSOR is None:
+        module = sys.modules.get("torch.distributed.tensor")
+        _DTENSOR = getattr(module, "DTensor", None) if module is not None else None
+    return _DTENSOR
+
+
+# Types that are never DTensors: checking them first keeps dtensor_type()'s cache, which changes when
+# torch.distributed.tensor is first imported, out of what torch.compile guards on.
+_PLAIN_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+
+
+def dtensor_types(tensors: Iterable[torch.Tensor]) -> Any:
+    """``DTensor`` if some of ``tensors`` are DTensors, else None (host-only: reads their types)."""
+    kinds = {type(t) for t in tensors}
+    if kinds <= _PLAIN_TYPES:
+        return None
+    dtensor = dtensor_type()
+    return dtensor if dtensor is not None and any(issubclass(kind, dtensor) for kind in kinds) else None
+
+
 def refuse_dtensors(tensors: list[torch.Tensor], what: str, instead: str) -> None:
     """Raise ``TypeError`` if any tensor is a ``DTensor`` (FSDP2, tensor parallel): ``what`` does not support them.
 
     ``instead`` says what to use. Host-only: checks types.
     """
-    from ._groups import dtensor_type  # (no import cycle at module load)
-
-    dtensor = dtensor_type()
+    dtensor = dtensor_types(tensors)
     if dtensor is None:
         return
     for index, tensor in enumerate(tensors):
@@ -317,3 +408,34 @@ def refuse_dtensors(tensors: list[torch.Tensor], what: str, instead: str) -> Non
                 f"{what} does not support DTensor parameters or gradients (FSDP2's fully_shard, tensor "
                 f"parallelism): tensor {index} is a DTensor with placements {tuple(tensor.placements)}. {instead}"
             )
+
+
+class OrthogonalizedUpdateWarning(UserWarning):
+    """A gradient or update clipper was attached to an optimizer that orthogonalises its updates (Muon)."""
+
+
+def orthogonalizes(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` orthogonalises its updates: ``torch.optim.Muon``, a class whose name contains
+    "Muon" (the reference implementation and its variants), or any optimizer that sets the attribute
+    ``gradclip_orthogonalized = True`` (on itself or its class) to say so."""
+    flagged = getattr(optimizer, "gradclip_orthogonalized", None)
+    if flagged is not None:
+        return bool(flagged)
+    muon = getattr(torch.optim, "Muon", None)
+    return (muon is not None and isinstance(optimizer, muon)) or any(
+        "muon" in cls.__name__.lower() for cls in type(optimizer).__mro__)
+
+
+def warn_if_orthogonalizing(optimizer: torch.optim.Optimizer, who: str) -> None:
+    """Warn that clipping before (or of) an orthogonalised update does not bound the step."""
+    if orthogonalizes(optimizer):
+        warnings.warn(
+            f"{who} is attached to {type(optimizer).__name__}, which orthogonalises its updates (Muon): its step "
+            "size is set by the learning rate and the matrix shape, not by the gradient's norm, so clipping "
+            "the gradient does not shorten the step; it only lowers that gradient's weight in the momentum "
+            "(and clipping the orthogonalised update itself divides every step by a shape-dependent constant, "
+            "DeepSpeed issue 8439). The reference Muon does not clip. To guard against spikes, skip the step "
+            "with gradclip.SpikeGuard; to clip the parameters an auxiliary AdamW handles, call the clipper by "
+            "hand on those parameters before optimizer.step(). Set optimizer.gradclip_orthogonalized = False "
+            "if this optimizer does not orthogonalise.",
+            OrthogonalizedUpdateWarning, stacklevel=3)

@@ -134,8 +134,10 @@ class AdaGC(Clipper):
     :class:`~gradclip.Clipper`. ``state_dict()`` holds ``gamma`` (a CPU copy, NaN
     for parameters without one yet) and loads with ``weights_only=True``; the
     clipper pickles (detached). Each call returns an :class:`AdaGCResult`, also
-    kept as ``last_result``. ``steps`` reads the device step counter (a sync on
-    an accelerator; read it when you log).
+    kept as ``last_result``. ``steps`` counts calls as in every
+    :class:`~gradclip.Clipper`: the warm-up is decided on the clipper's device
+    counter, and after calls inside ``torch.compile`` the first read of
+    ``steps`` reads that counter once (a sync on an accelerator).
 
     Args:
         lambda_rel: :math:`\lambda_{\text{rel}}` > 0, the threshold relative to :math:`\gamma`.
@@ -227,17 +229,6 @@ class AdaGC(Clipper):
         clipper.rule = "olmo"
         return clipper
 
-    # --- the step counter, a device tensor (a Python int would make every step a new compiled graph) ---
-
-    @property
-    def steps(self) -> int:  # type: ignore[override]
-        """How many calls were made (reads the device counter: a sync on an accelerator)."""
-        return int(self._calls)
-
-    @steps.setter
-    def steps(self, value: int) -> None:
-        self._calls = torch.tensor(int(value), dtype=torch.int64)
-
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "rule": self.rule, "lambda_rel": self.lambda_rel, "beta": self.beta,
                 "warmup_steps": self.warmup_steps, "lambda_abs": self.lambda_abs, "eps": self.eps,
@@ -305,11 +296,9 @@ class AdaGC(Clipper):
             if self.gamma is not None:
                 gamma.copy_(self.gamma)
             self.gamma = gamma
-        if self._calls.device != device:
-            self._calls = self._calls.to(device, non_blocking=True)
         where = _on(positions, device)
         previous = self.gamma.index_select(0, where)
-        warm = self._calls < self.warmup_steps
+        warm = self._device_count(device) < self.warmup_steps  # decided on the device: no sync, one graph
         known = ~torch.isnan(previous)
         start = torch.where(known, previous, norms)  # a tensor's first norm starts its EMA
         cap = self.lambda_rel * start
@@ -332,7 +321,7 @@ class AdaGC(Clipper):
         # no information (no gradient signal, or a non-finite one): gamma stays as it was
         keep = keep | ~(torch.isfinite(norms) & torch.isfinite(entered) & (entered > 0) & torch.isfinite(new))
         self.gamma.index_copy_(0, where, torch.where(keep, previous, new))
-        self._calls += 1
+        self._count_call(device)
         return factors
 
     # --- state -----------------------------------------------------------------------------

@@ -18,6 +18,9 @@ __all__ = ["AutoClip"]
 
 _MIN_REBUILD = 16
 
+# Inside torch.compile, without a window, the history is kept in a buffer of at least this many norms.
+TRACED_CAPACITY = 1 << 16
+
 
 def percentile_position(n: int, percentile: float) -> tuple[int, int, float]:
     """numpy's 'linear' percentile position: (lower index, upper index, weight), on the host.
@@ -68,6 +71,16 @@ class AutoClip(Clipper):
     and never lowers the threshold; if the percentile falls among ``+inf``
     entries the threshold is ``inf`` (numpy gives ``nan`` there). The
     threshold is never NaN, so non-finite norms cannot poison later steps.
+
+    **Inside torch.compile** the same threshold comes from buffers of a fixed
+    size (the bookkeeping above changes shape every step): the live history
+    kept sorted, one insertion per step, positions computed on the device;
+    O(capacity) work per step, where the capacity is ``window``, or without a
+    window 65,536 norms (or twice the history at the first compiled call);
+    a compiled run that records more raises rather than drop norms (torch
+    leaves grad mode disabled after an error raised inside a compiled graph:
+    catch it within ``torch.enable_grad()``). The host-side state catches up
+    on the next call outside compilation.
 
     **Attached** (``attach(optimizer)``), it clips inside the closure of
     ``optimizer.step(closure)`` (each LBFGS evaluation is a call and enters the
@@ -165,6 +178,13 @@ class AutoClip(Clipper):
         # for r = 0, 1, ... norms added: the two order statistics (views of the buffer that
         # holds the order after r insertions) and the interpolation weight
         self._statistics: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        # Inside torch.compile (see _traced_step): the history in order (a ring of `window` slots,
+        # or up to its capacity), the same norms sorted with +inf after them, and how many were
+        # recorded; ahead of the host-side state above while _traced_ahead.
+        self._traced_history: torch.Tensor | None = None
+        self._traced_sorted: torch.Tensor | None = None
+        self._traced_count: torch.Tensor | None = None
+        self._traced_ahead = False
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "percentile": self.percentile, "window": self.window,
@@ -172,6 +192,7 @@ class AutoClip(Clipper):
 
     def __len__(self) -> int:
         """The number of norms in the history."""
+        self._catch_up()
         return self._count if self.window is None else min(self._count, self.window)
 
     def history(self) -> torch.Tensor:
@@ -328,7 +349,10 @@ class AutoClip(Clipper):
 
     # --- the step --------------------------------------------------------------------------
 
-    def _step(self, groups: list[_groups.Group], norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
+    def _step(self, groups: _groups.Plan, norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
+        if torch.compiler.is_compiling():
+            return self._traced_step(groups, norm, wide)
+        self._catch_up()
         value = wide.to(self.dtype)
         value = torch.nan_to_num(value, nan=math.inf, posinf=math.inf)
         if self.include_current:
@@ -344,6 +368,110 @@ class AutoClip(Clipper):
         scale = torch.where(wide <= threshold, torch.ones_like(wide), threshold / wide).to(norm.dtype)
         scale_(groups, scale, self.foreach)
         return ClipResult(norm=norm, threshold=threshold, scale=scale)
+
+    # --- inside torch.compile --------------------------------------------------------------
+
+    def _traced_step(self, groups: _groups.Plan, norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
+        """The step inside ``torch.compile``: the same threshold, from buffers of a fixed size.
+
+        The host-side bookkeeping above (which slice of the sorted snapshot
+        holds the order statistics, when to rebuild it) changes every step,
+        and a compiled graph would recompile for each of its values. Here the
+        whole live history is kept sorted, padded with +inf: each norm is
+        inserted with one clamp (``new[k] = clamp(v, old[k-1], old[k])``), a
+        norm leaving the window is taken out by shifting the entries after its
+        first copy down by one, and the two order statistics are gathered at
+        positions computed on the device with numpy's arithmetic. So the
+        threshold is bitwise the one of the eager step, at O(capacity) work
+        per step (capacity: ``window``, or without a window
+        :data:`TRACED_CAPACITY` norms or twice the history, whichever is more;
+        a run that records more raises inside the graph rather than drop
+        norms). The host-side state catches up on the next call outside
+        compilation, or when the history or ``state_dict`` is read.
+        """
+        device = wide.device
+        if self._traced_history is None or self._traced_history.device != device:
+            self._start_traced(device)
+        value = torch.nan_to_num(wide.to(self.dtype), nan=math.inf, posinf=math.inf)
+        if self.include_current:
+            self._traced_record(value)
+            threshold = self._traced_threshold()
+        else:
+            empty = self._traced_live() == 0
+            threshold = torch.where(empty, math.inf, self._traced_threshold())
+            self._traced_record(value)
+        self._traced_ahead = True
+        scale = torch.where(wide <= threshold, torch.ones_like(wide), threshold / wide).to(norm.dtype)
+        scale_(groups, scale, self.foreach)
+        return ClipResult(norm=norm, threshold=threshold, scale=scale)
+
+    def _start_traced(self, device: torch.device) -> None:
+        """The compiled step's buffers, from the host-side history (traced once, in the first compiled call)."""
+        history = self.history().to(device)
+        n = history.numel()
+        capacity = self.window if self.window is not None else max(TRACED_CAPACITY, 2 * n)
+        self._traced_history = torch.full((capacity,), math.nan, dtype=self.dtype, device=device)
+        self._traced_history[:n] = history  # the ring starts at slot 0, as after _move_to
+        self._traced_sorted = torch.full((capacity,), math.inf, dtype=self.dtype, device=device)
+        self._traced_sorted[:n] = torch.sort(history).values
+        self._traced_count = torch.full((), n, dtype=torch.int64, device=device)
+
+    def _traced_live(self) -> torch.Tensor:
+        count = self._traced_count
+        return count if self.window is None else torch.clamp(count, max=self.window)
+
+    def _traced_record(self, value: torch.Tensor) -> None:
+        history, ordered, count = self._traced_history, self._traced_sorted, self._traced_count
+        capacity = history.numel()
+        slots = torch.arange(capacity, device=history.device)
+        inf = torch.full((1,), math.inf, dtype=self.dtype, device=history.device)
+        if self.window is None:
+            torch._assert_async(count < capacity, "AutoClip inside torch.compile: the history is full "
+                                "(TRACED_CAPACITY norms); pass window=, or run a step outside compilation first")
+            slot = count
+        else:
+            slot = count % capacity
+            evicted = history.gather(0, slot.reshape(1))
+            first = torch.searchsorted(ordered, evicted)  # the first copy of the norm leaving the window
+            first = torch.where(count >= capacity, first, capacity)
+            ordered = torch.where(slots < first, ordered, torch.cat([ordered[1:], inf]))
+        history.copy_(torch.where(slots == slot, value, history))
+        below = torch.cat([-inf, ordered[:-1]])
+        self._traced_sorted.copy_(torch.minimum(torch.maximum(value, below), ordered))
+        count.add_(1)
+
+    def _traced_threshold(self) -> torch.Tensor:
+        """numpy.percentile of the live history, from the sorted buffer at device-computed positions."""
+        n = self._traced_live()
+        virtual = (n.to(torch.float64) - 1) * (self.percentile / 100)
+        floor = torch.floor(virtual)
+        top = virtual >= n.to(torch.float64) - 1
+        lower = torch.where(top, n - 1, floor.to(torch.int64)).clamp(min=0)
+        upper = torch.where(top, n - 1, lower + 1).clamp(min=0)
+        gamma = virtual - floor
+        low = self._traced_sorted.gather(0, lower.reshape(1)).reshape(())
+        high = self._traced_sorted.gather(0, upper.reshape(1)).reshape(())
+        # numpy's _lerp, operation for operation, with the weights rounded to the state dtype as
+        # the Python floats of the eager step are
+        diff = high - low
+        value = torch.where(gamma >= 0.5, high - diff * (1 - gamma).to(self.dtype), low + diff * gamma.to(self.dtype))
+        value = value.nan_to_num(nan=math.inf, posinf=math.inf)
+        return torch.where(gamma == 0, low, value)
+
+    def _catch_up(self) -> None:
+        """Bring the host-side state up to the norms recorded inside compiled steps (one read of their count)."""
+        if not self._traced_ahead:
+            return
+        assert self._traced_history is not None and self._traced_count is not None
+        count, history = int(self._traced_count), self._traced_history
+        if self.window is None:
+            live = history[:count]
+        elif count <= self.window:
+            live = history[:count]
+        else:
+            start = count % self.window
+            live = torch.cat([history[start:], history[:start]])
+        self._load_history(live.clone(), history.device)  # (which drops the compiled step's buffers)
 
     # --- state -----------------------------------------------------------------------------
 
@@ -373,9 +501,11 @@ class AutoClip(Clipper):
 
     # the history's buffers and the views into them that the sorted insertion uses: pickle does
     # not keep views of one storage together, so they are rebuilt from the history on unpickling
-    _BUFFERS = ("_history", "_pending", "_sorted", "_added", "_removed", "_inserts", "_statistics")
+    _BUFFERS = ("_history", "_pending", "_sorted", "_added", "_removed", "_inserts", "_statistics",
+                "_traced_history", "_traced_sorted", "_traced_count", "_traced_ahead")
 
     def __getstate__(self) -> dict[str, Any]:
+        self._catch_up()
         state = super().__getstate__()
         for key in self._BUFFERS:
             state.pop(key, None)

@@ -10,9 +10,8 @@ from typing import Any
 
 import torch
 
-from . import _groups, _validate, distributed
-from ._scaling import NORM_EPS, clamp_, clip_coefficient, scale_
-from .norms import grouped_norm, raise_if_nonfinite
+from . import _groups, _scaling, _validate, distributed, norms
+from ._scaling import NORM_EPS
 from .result import ClipResult
 
 __all__ = ["NORM_EPS", "clip_grad_norm_", "clip_grad_norm_report_", "clip_grad_value_", "clip_grads_with_norm_"]
@@ -63,16 +62,14 @@ def clip_grads_with_norm_(
         >>> w.grad
         tensor([0.6000, 0.8000])
     """
-    max_norm = _validate.check_threshold("max_norm", max_norm)
     if not isinstance(total_norm, torch.Tensor):
         raise TypeError(f"total_norm must be a torch.Tensor (from get_total_norm), got {type(total_norm).__name__}")
-    _validate.check_foreach(foreach)
-    dtensor = _groups.dtensor_type()
-    if dtensor is not None and isinstance(total_norm, dtensor):
+    checked = _validate.check_call(parameters, threshold=("max_norm", max_norm), foreach=foreach)
+    if type(total_norm) is not torch.Tensor and hasattr(total_norm, "full_tensor"):  # a DTensor
         total_norm = total_norm.full_tensor()
-    grads = _validate.grads_of(parameters)
-    if grads:
-        scale_(_groups.groups_of(grads, foreach), clip_coefficient(max_norm, total_norm), foreach)
+    plan = _groups.plan_for(checked, foreach)
+    if plan:
+        _scaling.scale_(plan, _scaling.clip_coefficient(checked.threshold, total_norm))
 
 
 @torch.no_grad()
@@ -167,20 +164,21 @@ def clip_norm_and_scale_(
     *,
     process_group: Any = None,
     replicated: Iterable[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, _validate.Threshold]:
-    """The work of :func:`clip_grad_norm_`: the pre-clip norm, the factor applied and the checked threshold.
+) -> tuple[torch.Tensor, torch.Tensor | float, _validate.Threshold]:
+    """The work of :func:`clip_grad_norm_`, top-down: check, plan, norm, scale.
 
-    The factor is computed from the norm in float64, so it is right even when
-    the norm is too large for the gradients' dtype.
+    Returns the pre-clip norm, the factor applied (a float where the norm was
+    combined on the host, else a tensor) and the checked threshold. The factor
+    is computed from the norm in float64, so it is right even when the norm is
+    too large for the gradients' dtype.
     """
-    max_norm = _validate.check_threshold("max_norm", max_norm)
-    groups, norm, wide = grad_norm(parameters, norm_type, foreach, process_group=process_group,
-                                   replicated=replicated)
-    if _validate.check_bool("error_if_nonfinite", error_if_nonfinite):
-        raise_if_nonfinite(norm, _validate.check_norm_type(norm_type))
-    scale = clip_coefficient(max_norm, wide)
-    scale_(groups, scale, foreach)
-    return norm, scale.to(norm.dtype), max_norm
+    checked = _validate.check_call(parameters, threshold=("max_norm", max_norm), norm_type=norm_type,
+                                   foreach=foreach, error_if_nonfinite=error_if_nonfinite)
+    plan = _groups.plan_for(checked, foreach)
+    total = norms.total_norm(plan, checked.p, foreach, process_group=process_group, replicated=replicated,
+                             error_if_nonfinite=checked.nonfinite)
+    factor = _scaling.clip_(plan, checked.threshold, total)
+    return total.norm, factor, checked.threshold
 
 
 def grad_norm(
@@ -190,12 +188,11 @@ def grad_norm(
     *,
     process_group: Any = None,
     replicated: Iterable[torch.Tensor] | None = None,
-) -> tuple[list[_groups.Group], torch.Tensor, torch.Tensor]:
-    """Check the arguments; the groups, total norm and float64 total norm of the gradients of ``parameters``."""
-    p = _validate.check_norm_type(norm_type)
-    _validate.check_foreach(foreach)
-    return grouped_norm(_validate.grads_of(parameters), p, foreach, process_group=process_group,
-                        replicated=replicated)
+) -> tuple[_groups.Plan, norms.TotalNorm]:
+    """Check the arguments; the plan of the gradients of ``parameters`` and their total norm."""
+    checked = _validate.check_call(parameters, norm_type=norm_type, foreach=foreach)
+    plan = _groups.plan_for(checked, foreach)
+    return plan, norms.total_norm(plan, checked.p, foreach, process_group=process_group, replicated=replicated)
 
 
 @torch.no_grad()
@@ -243,13 +240,11 @@ def clip_grad_value_(
         >>> w.grad
         tensor([-1.0000,  0.5000,  1.0000])
     """
-    clip_value = _validate.check_threshold("clip_value", clip_value)
-    _validate.check_foreach(foreach)
-    grads = _validate.grads_of(parameters, entrywise="clip_grad_value_")
-    if grads:
-        groups = _groups.groups_of(grads, foreach)
-        distributed.check_not_partial(groups, "clip_grad_value_")
-        clamp_(groups, clip_value, foreach)
+    checked = _validate.check_call(parameters, threshold=("clip_value", clip_value), foreach=foreach)
+    plan = _groups.plan_for(checked, foreach, entrywise="clip_grad_value_")
+    if plan.distributed:
+        distributed.check_not_partial(plan.groups, "clip_grad_value_")
+    _scaling.clamp_(plan, checked.threshold)
 
 
 @torch.no_grad()
@@ -303,6 +298,10 @@ def clip_grad_norm_report_(
     """
     norm, scale, max_norm = clip_norm_and_scale_(parameters, max_norm, norm_type, error_if_nonfinite, foreach,
                                                  process_group=process_group, replicated=replicated)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(norm.dtype)
+    else:
+        scale = torch.scalar_tensor(scale, dtype=norm.dtype, device=norm.device)
     if isinstance(max_norm, torch.Tensor):
         threshold = max_norm.to(device=norm.device, dtype=norm.dtype)
     else:

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from . import _groups, _validate
-from .norms import grouped_norm
+from . import _groups, _validate, norms
+from ._validate import OrthogonalizedUpdateWarning
 from .result import ClipResult
 
-__all__ = ["Clipper"]
+__all__ = ["Clipper", "OrthogonalizedUpdateWarning"]
 
 
 def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -86,17 +86,6 @@ def grad_scale_of(optimizer: torch.optim.Optimizer, kwargs: Mapping[str, Any]) -
     return scale
 
 
-def true_norm(norm: torch.Tensor, wide: torch.Tensor, grad_scale: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The norm of gradients that are still multiplied by ``grad_scale``, divided by it on the device (no sync).
-
-    Returns (norm in ``norm``'s dtype, the same in float64), like :func:`gradclip.norms.grouped_norm`.
-    """
-    if isinstance(grad_scale, torch.Tensor):
-        grad_scale = grad_scale.detach().to(device=wide.device, dtype=wide.dtype).reshape(())
-    wide = wide / grad_scale
-    return wide.to(norm.dtype), wide
-
-
 class Clipper:
     r"""Base class of the stateful clippers (:class:`~gradclip.AutoClip`, :class:`~gradclip.ZClip`,
     :class:`~gradclip.SpikeGuard`).
@@ -141,10 +130,20 @@ class Clipper:
     * a second call on gradients that have not changed since the last call,
       e.g. calling it by hand *and* attaching it, or once per sub-module
       (``RuntimeError``); detected from the gradients' identity and version
-      counters, which every in-place change and every new backward bump;
+      counters, which every in-place change and every new backward bump
+      (not inside ``torch.compile``, where neither can be read: run a step
+      eagerly to check the wiring);
     * with ``scaler=`` a :class:`torch.amp.GradScaler` that scaled the loss,
       a call while the gradients are still scaled, i.e. before
       ``scaler.unscale_(optimizer)`` (``RuntimeError``).
+
+    **torch.compile.** A call, by hand or from the optimizer's step, can sit
+    in a compiled region (``fullgraph=True`` for a call by hand): the state
+    lives in tensors that the compiled graph updates in place, and every
+    branch a step takes (ZClip's warm-up, a history slot) is decided on the
+    device, so new gradient objects every step and the passing steps do not
+    recompile; the first call, which makes the state, compiles its own graph.
+    ``steps`` then counts on the device (reading it syncs once).
 
     ``state_dict()`` holds only tensors and plain Python values, so
     ``torch.load(path, weights_only=True)`` reads it back; it records the
@@ -189,6 +188,9 @@ class Clipper:
         * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`__.
     """
 
+    _rescales_gradients = True
+    """Whether the clipper changes gradients (a guard that only skips steps does not)."""
+
     def __init__(self, *, norm_type: float | str = 2.0, foreach: bool | None = None,
                  scaler: torch.amp.GradScaler | None = None, process_group: Any = None,
                  replicated: Iterable[torch.Tensor] | None = None) -> None:
@@ -199,7 +201,10 @@ class Clipper:
         self.scaler = scaler
         self.process_group = process_group
         self.replicated = None if replicated is None else list(replicated)
-        self.steps = 0
+        self._steps = 0  # host count of calls; see the steps property
+        # the same count on the gradients' device: what a call inside torch.compile advances and reads
+        self._device_steps = torch.zeros((), dtype=torch.int64)
+        self._steps_stale = False  # True after calls made under torch.compile, until steps is read
         self.last_result: ClipResult | None = None
         self._hook: Any = None
         self._last_grads: list[weakref.ReferenceType] | None = None
@@ -218,9 +223,50 @@ class Clipper:
     def _load_state(self, state: Mapping[str, Any]) -> None:
         pass
 
-    def _step(self, groups: list[_groups.Group], norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
-        """Clip the grouped gradients given their norm (``wide``: the same in float64) and update the state."""
+    def _step(self, groups: _groups.Plan, norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
+        """Clip the planned gradients given their norm (``wide``: the same in float64) and update the state.
+
+        ``groups`` is the :class:`~gradclip._groups.Plan` (iterating it gives its groups); scale
+        through :func:`gradclip._scaling.scale_`.
+        """
         raise NotImplementedError
+
+    # --- the call count -------------------------------------------------------------------
+
+    @property
+    def steps(self) -> int:
+        """How many times the clipper ran (an int; one per closure evaluation).
+
+        Calls made inside ``torch.compile`` count on the device (a compiled
+        graph cannot change a Python int without recompiling for its next
+        value); the first read after them reads that counter once (a
+        host-device sync on an accelerator).
+        """
+        if self._steps_stale:
+            self._steps = int(self._device_steps)
+            self._steps_stale = False
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._steps = int(value)
+        self._device_steps = torch.full((), self._steps, dtype=torch.int64, device=self._device_steps.device)
+        self._steps_stale = False
+
+    def _count_call(self, device: torch.device) -> None:
+        """Advance the call count: on the device always, on the host too outside compilation."""
+        counter = self._device_count(device)
+        if torch.compiler.is_compiling():
+            self._steps_stale = True
+        else:
+            self._steps = self.steps + 1  # (first catching up with calls made under compile)
+        counter.add_(1)
+
+    def _device_count(self, device: torch.device) -> torch.Tensor:
+        """The number of earlier calls, a 0-dim int64 tensor on ``device`` (what a traced step reads instead of ``steps``)."""
+        if self._device_steps.device != device:
+            self._device_steps = self._device_steps.to(device)
+        return self._device_steps
 
     # --- the shared protocol ---------------------------------------------------------------
 
@@ -248,8 +294,8 @@ class Clipper:
     def _apply(self, parameters: _validate.TensorOrTensors, optimizer: torch.optim.Optimizer | None,
                grad_scale: torch.Tensor | float | None) -> ClipResult:
         """The call, for gradients still multiplied by ``grad_scale`` (a fused step under GradScaler) or not."""
-        params = _validate.as_tensor_list(parameters)
-        grads = _validate.grads_of(params)
+        checked = _validate.check_call(parameters, norm_type=self._p, foreach=self.foreach)
+        params, grads = checked.items, checked.tensors
         if not params and self.process_group is None:
             raise RuntimeError(
                 f"{type(self).__name__} was called with no parameters: an empty list, or an iterator "
@@ -264,15 +310,19 @@ class Clipper:
             )
         if grad_scale is None:
             self._check_unscaled(optimizer)
-        self._check_not_twice(grads)
-        groups, norm, wide = grouped_norm(grads, self._p, self.foreach, process_group=self.process_group,
-                                       replicated=self.replicated)
+        compiling = torch.compiler.is_compiling()
+        if not compiling:  # version counters are not traceable: see the class docstring
+            self._check_not_twice(grads)
+        plan = _groups.plan_for(checked, self.foreach)
+        total = norms.total_norm(plan, self._p, self.foreach, process_group=self.process_group,
+                                 replicated=self.replicated, wide=True)
         if grad_scale is not None:
-            norm, wide = true_norm(norm, wide, grad_scale)
-        result = self._step(groups, norm, wide)
-        self._last_grads = [weakref.ref(g) for g in grads]
-        self._last_versions = [g._version for g in grads]
-        self.steps += 1
+            total = total.divided_by(grad_scale)
+        result = self._step(plan, total.norm, total.wide)
+        if not compiling:
+            self._last_grads = [weakref.ref(g) for g in grads]
+            self._last_versions = [g._version for g in grads]
+        self._count_call(total.norm.device)
         self.last_result = result
         return result
 
@@ -319,6 +369,12 @@ class Clipper:
         ``scaler.step`` with a fused optimizer it accounts for the scale the
         gradients still carry (see the class docstring). Returns ``self``.
 
+        A clipper that rescales gradients warns (``OrthogonalizedUpdateWarning``) when attached to an
+        optimizer that orthogonalises its updates, such as ``torch.optim.Muon``: there the step's size
+        does not depend on the gradient's norm, and clipping only reweights the gradient in the momentum
+        (measured with ``torch.optim.Muon``, lr 0.02, a 256x256 weight: a gradient scaled by 0.05 left
+        that step's length unchanged, ratio 1.002, and changed the next two steps by 51-55%).
+
         Raises:
             TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
             RuntimeError: the clipper is already attached (``detach()`` first).
@@ -326,6 +382,8 @@ class Clipper:
         _validate.check_optimizer(optimizer)
         if self._hook is not None:
             raise RuntimeError(f"{type(self).__name__} is already attached; call detach() first")
+        if self._rescales_gradients:
+            _validate.warn_if_orthogonalizing(optimizer, type(self).__name__)
         self._hook = optimizer.register_step_pre_hook(self._pre_hook)
         return self
 
@@ -372,6 +430,10 @@ class Clipper:
         return state
 
     def __setstate__(self, state: Mapping[str, Any]) -> None:
+        state = dict(state)
+        if "steps" in state:  # pickled before the count moved to the device too
+            steps = state.pop("steps")
+            state.update(_steps=steps, _device_steps=torch.tensor(steps, dtype=torch.int64), _steps_stale=False)
         self.__dict__.update(self._transient())
         self.__dict__.update(state)
 
@@ -399,6 +461,6 @@ class Clipper:
                     f"{type(self).__name__} has {key}={mine.get(key)!r}"
                 )
         self._load_state(state_dict)
-        self.steps = int(state_dict["steps"])
+        self.steps = int(state_dict["steps"])  # (also sets the device count)
         self._last_grads = self._last_versions = None
         self.last_result = None

@@ -160,16 +160,17 @@ def _reduce_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else _REDUCE_DTYPE
 
 
-def _local_partial(group: _groups.Group, p: float, foreach: bool | None, device: torch.device) -> torch.Tensor:
+def _local_partial(group: _groups.Group, p: float, device: torch.device) -> torch.Tensor:
     """Sum of ||g_i||_p^p (max of ||g_i||_inf for p = inf) over one group, a 0-dim tensor."""
-    tensors = [t for t in group.tensors if t.numel() > 0]
-    dtype = _reduce_dtype(device)
-    if not tensors:
-        return torch.zeros((), dtype=dtype, device=device)
-    if len(tensors) != len(group.tensors):
-        group = _groups.Group(group.device, group.dtype, tensors, None)
-    norms = _norms.group_norms(group, p, foreach).to(device=device, dtype=dtype)
+    norms = _norms.group_norms(group, p).to(device=device, dtype=_reduce_dtype(device))
     return norms.max() if math.isinf(p) else norms.pow(p).sum()
+
+
+def _part(group: _groups.Group, tensors: list[torch.Tensor]) -> _groups.Group:
+    """A plain group of some of ``group``'s tensors (its kernel choice kept; empty tensors apart)."""
+    nonempty = [t for t in tensors if t.numel()]
+    return group._replace(tensors=tensors, buffer=None, sharding=None, small=None,
+                          large=None if len(nonempty) == len(tensors) else nonempty)
 
 
 # DTensor placements, by exact type: what a rank's local values are on that mesh dimension.
@@ -306,26 +307,53 @@ def _sum_partial_shards(
             flat.div_(dist.get_world_size(dim_group))
         new_kinds[dim] = REPLICATE
     full = list(_unflatten_dense_tensors(flat, tensors)) if tensors else []
-    return _groups.Group(group.device, flat.dtype, full, None), tuple(new_kinds)
+    return _part(group._replace(dtype=flat.dtype), full), tuple(new_kinds)
 
 
 def _all_reduce(value: torch.Tensor, groups: tuple[Any, ...], inf: bool) -> torch.Tensor:
-    """All-reduce a 0-dim partial over each group in turn; NaN survives a MAX."""
+    """All-reduce a 1-D vector of partials over each group in turn; NaN survives a MAX."""
     import torch.distributed as dist
 
     if not groups:
         return value
     if inf:
-        # MAX implementations may drop NaN (std::max); carry a NaN flag beside the max.
+        # MAX implementations may drop NaN (std::max); carry a NaN flag beside each max.
         nan = value.isnan()
-        packed = torch.stack([torch.where(nan, 0.0, value), nan.to(value.dtype)])
+        packed = torch.cat([torch.where(nan, 0.0, value), nan.to(value.dtype)])
         for group in groups:
             dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
-        return torch.where(packed[1] > 0, math.nan, packed[0])
+        half = value.numel()
+        return torch.where(packed[half:] > 0, math.nan, packed[:half])
     value = value.clone()
     for group in groups:
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
     return value
+
+
+def _reduce_buckets(keys: list[tuple[Any, ...]], values: list[torch.Tensor], inf: bool) -> list[torch.Tensor]:
+    """Reduce each 0-dim partial in ``values`` over the process groups of its key, one collective per group.
+
+    The partials reduced over the same process group travel together, in one
+    vector: with gradients placed ``(_StridedShard, Shard)`` and ``(Shard,
+    Replicate)`` on a ("dp", "tp") mesh the two partials reduce over "dp" in
+    one all-reduce and the first over "tp" in another, two collectives as the
+    docstring of :func:`global_norm` promises (one per bucket would make three).
+    The order of the groups is the order of first appearance, the same on
+    every rank.
+    """
+    order: list[Any] = []
+    for key in keys:
+        for group in key:
+            if not any(group is seen for seen in order):
+                order.append(group)
+    values = list(values)
+    for group in order:
+        members = [i for i, key in enumerate(keys) if any(group is k for k in key)]
+        device = values[members[0]].device
+        reduced = _all_reduce(torch.stack([values[i].to(device) for i in members]), (group,), inf)
+        for position, i in enumerate(members):
+            values[i] = reduced[position]
+    return values
 
 
 def global_norm(
@@ -365,8 +393,11 @@ def global_norm(
       placements raise (see :func:`placement_kinds`).
     * Partial sums are reduced in float64 whatever the gradients' dtype
       (float16/bfloat16 norms are first computed in float32), one collective
-      per distinct process group, usually exactly one. A NaN or inf anywhere
-      gives a NaN or inf norm on every rank.
+      per distinct process group (usually exactly one): the partials that
+      reduce over the same group travel together in one vector, so gradients
+      placed ``(_StridedShard, Shard)`` and ``(Shard, Replicate)`` on a
+      ("dp", "tp") mesh make two all-reduces, as torch does. A NaN or inf
+      anywhere gives a NaN or inf norm on every rank.
     * A rank holding no gradient still takes part and gets the global norm.
 
     Args:
@@ -436,32 +467,31 @@ def wide_global_norm(
     for group in groups:
         if group.sharding is None:
             if pg is None:
-                local.append(_local_partial(group, p, foreach, local_device))
+                local.append(_local_partial(group, p, local_device))
                 continue
             mine = [t for t in group.tensors if id(t) not in rep] if rep else group.tensors
             if len(mine) == len(group.tensors):
-                buckets[(pg,)][1].append(_local_partial(group, p, foreach, buckets[(pg,)][0]))
+                buckets[(pg,)][1].append(_local_partial(group, p, buckets[(pg,)][0]))
                 continue
             shared = [t for t in group.tensors if id(t) in rep]
-            local.append(_local_partial(_groups.Group(group.device, group.dtype, shared, None), p, foreach,
-                                        local_device))
+            local.append(_local_partial(_part(group, shared), p, local_device))
             if mine:
-                sub = _groups.Group(group.device, group.dtype, mine, None)
-                buckets[(pg,)][1].append(_local_partial(sub, p, foreach, buckets[(pg,)][0]))
+                buckets[(pg,)][1].append(_local_partial(_part(group, mine), p, buckets[(pg,)][0]))
             continue
         group, key = _local_pieces(group)
         if key not in buckets:
             buckets[key] = [group.device, []]
-        buckets[key][1].append(_local_partial(group, p, foreach, buckets[key][0]))
+        buckets[key][1].append(_local_partial(group, p, buckets[key][0]))
 
-    totals = []
+    keys, partial_sums = [], []
     for key, (device, partials) in buckets.items():
+        keys.append(key)
         if not partials:
-            value = torch.zeros((), dtype=_reduce_dtype(device), device=device)
+            partial_sums.append(torch.zeros((), dtype=_reduce_dtype(device), device=device))
         else:
             stacked = torch.stack(partials)
-            value = stacked.max() if inf else stacked.sum()
-        totals.append(_all_reduce(value, key, inf))
+            partial_sums.append(stacked.max() if inf else stacked.sum())
+    totals = _reduce_buckets(keys, partial_sums, inf)
     result_device = first_device if first_device is not None else (
         totals[0].device if totals else local_device)
     values = [t.to(device=result_device, dtype=_reduce_dtype(result_device)) for t in totals + local]

@@ -32,13 +32,22 @@ class SpikeGuard(Clipper):
         \end{cases}
 
     with k = ``threshold``, :math:`s_h` the sample standard deviation and the
-    median the lower median (``torch.nanmedian``). Only large norms count as
-    spikes (one-sided). This is the 0/1 *step factor* rule of OLMo-core's
-    ``SkipStepOptimizer`` (z-score over a rolling window of 128, factor 6; see
-    also the RNMT+ rule of Chen et al. 2018, `arXiv:1804.09849
-    <https://arxiv.org/abs/1804.09849>`__). Every finite norm, spikes included,
-    enters the history, so a lasting change of scale is absorbed after about
-    ``window`` steps instead of skipping forever.
+    median the lower median (``torch.nanmedian``). By default only large norms
+    count as spikes (one-sided); ``two_sided=True`` also skips a value below
+    :math:`\bar h - k\, s_h` (``"median"``: below :math:`\operatorname{median}(h)/k`).
+    Every finite value, spikes included, enters the history, so a lasting change
+    of scale is absorbed after about ``window`` steps instead of skipping forever.
+
+    **The loss as a second signal.** With ``signals=("loss", "norm")`` the same
+    test runs on the loss, with its own history, given each step by
+    :meth:`record_loss`; the step is skipped if either signal is an outlier (or
+    non-finite). :meth:`olmo_core` is the rule of OLMo-core's
+    ``SkipStepOptimizer`` (allenai/OLMo-core, ``optim/skip_step_optimizer.py``):
+    both signals, :math:`|x - \bar h| > 6\, s_h` over the previous 128 values,
+    once 64 values are known (the current one included). The defaults here
+    (norm only, one-sided, ``min_history=20``) are an earlier form of the rule;
+    llm.c's outlier detector and Chen et al. 2018 (RNMT+, `arXiv:1804.09849
+    <https://arxiv.org/abs/1804.09849>`__) use z-scores of the loss and norm too.
 
     The guard never changes the gradients. Called by hand it only decides:
     ``result.scale`` is the step factor (1.0 to step, 0.0 to skip),
@@ -94,7 +103,10 @@ class SpikeGuard(Clipper):
         mode: ``"zscore"`` or ``"median"``.
         threshold: k, > 0 (for ``"median"``, a multiple of the median, usually > 1).
         window: how many recent norms form the history, >= 2.
-        min_history: finite norms needed before outliers are detected, in [2, window].
+        min_history: finite values of a signal needed before its outliers are detected, in [2, window].
+        signals: ``"norm"`` (default), ``"loss"``, or both, ``("loss", "norm")``; with the loss, call
+            :meth:`record_loss` every step.
+        two_sided: also skip values far below the history (OLMo-core does), default ``False``.
         norm_type: p of the global norm, in (0, inf].
         foreach: as in :func:`gradclip.clip_grad_norm_`.
         scaler: the ``GradScaler`` of the loss, to check that gradients were unscaled.
@@ -105,13 +117,14 @@ class SpikeGuard(Clipper):
         skipped_steps: the number of steps skipped so far, an int64 0-dim tensor.
 
     Raises:
-        RuntimeError: no parameters were given (an empty list, or an iterator consumed earlier), no parameter has a gradient (call ``loss.backward()`` first, or inside the closure given to ``optimizer.step``), the clipper is called twice on the same gradients, or, with ``scaler=``, it is called by hand on gradients that are still scaled (call ``scaler.unscale_(optimizer)`` first, or attach it).
+        RuntimeError: the guard watches the loss and :meth:`record_loss` was not called for this step, no parameters were given (an empty list, or an iterator consumed earlier), no parameter has a gradient (call ``loss.backward()`` first, or inside the closure given to ``optimizer.step``), the clipper is called twice on the same gradients, or, with ``scaler=``, it is called by hand on gradients that are still scaled (call ``scaler.unscale_(optimizer)`` first, or attach it).
         ValueError: an argument is outside the range given above (the message names it).
         TypeError: an argument has the wrong type (the message names it), a gradient is sparse, or (attached) an optimizer state value cannot be copied.
 
     References:
         * Chowdhery et al. (2022), "PaLM" (skipping batches around loss spikes), `arXiv:2204.02311 <https://arxiv.org/abs/2204.02311>`__.
         * Kumar, Owen, Chowdhury and Güra (2025), "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", `arXiv:2504.02507 <https://arxiv.org/abs/2504.02507>`__.
+        * OLMo-core's ``SkipStepOptimizer`` (reference code: https://github.com/allenai/OLMo-core, ``src/olmo_core/optim/skip_step_optimizer.py``); OLMo 2 (2025), `arXiv:2501.00656 <https://arxiv.org/abs/2501.00656>`__.
 
     Example:
         >>> import torch, gradclip
@@ -125,8 +138,11 @@ class SpikeGuard(Clipper):
         (1, -4.0)
     """
 
+    _rescales_gradients = False  # skipping a step is right under Muon too: no warning on attach
+
     def __init__(self, mode: str = "zscore", threshold: float = 6.0, window: int = 128,
-                 min_history: int = 20, *, norm_type: float | str = 2.0, foreach: bool | None = None,
+                 min_history: int = 20, *, signals: str | Iterable[str] = "norm", two_sided: bool = False,
+                 norm_type: float | str = 2.0, foreach: bool | None = None,
                  scaler: torch.amp.GradScaler | None = None, process_group: Any = None,
                  replicated: Iterable[torch.Tensor] | None = None) -> None:
         super().__init__(norm_type=norm_type, foreach=foreach, scaler=scaler, process_group=process_group,
@@ -137,7 +153,13 @@ class SpikeGuard(Clipper):
         self.min_history = _validate.check_int("min_history", min_history, 2)
         if self.min_history > self.window:
             raise ValueError(f"min_history must be in [2, window={self.window}], got {min_history}")
+        self.signals = _check_signals(signals)
+        if not isinstance(two_sided, bool):
+            raise TypeError(f"two_sided must be a bool, got {type(two_sided).__name__}")
+        self.two_sided = two_sided
         self._history: torch.Tensor | None = None
+        self._loss_history: torch.Tensor | None = None
+        self._pending_loss: torch.Tensor | None = None  # set by record_loss, used by the next decision
         self.skipped_steps = torch.zeros((), dtype=torch.int64)
         self.skip: torch.Tensor | None = None
         """The last decision, a bool 0-dim tensor (``True``: skip)."""
@@ -147,34 +169,105 @@ class SpikeGuard(Clipper):
         self._in_step = False  # between the pre-hook and the post-hook of an attached step
         self._step_skip: torch.Tensor | None = None  # the decision of the step so far (closures: OR)
 
-    def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "mode": self.mode, "threshold": self.threshold,
-                "window": self.window, "min_history": self.min_history}
+    @classmethod
+    def olmo_core(cls, **overrides: Any) -> "SpikeGuard":
+        """OLMo-core's ``SkipStepOptimizer`` rule: loss and gradient norm, two-sided z-scores above 6.
 
-    def _step(self, groups: list[_groups.Group], norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
-        device = norm.device
-        if self._history is None or self._history.device != device:
-            history = torch.full((self.window,), math.nan, dtype=torch.float64, device=device)
-            if self._history is not None:
-                history.copy_(self._history)
-            self._history = history
-        self.skipped_steps = self.skipped_steps.to(device)
-        x = wide.to(torch.float64)
-        h = self._history
+        ``mode="zscore"``, ``threshold=6``, ``window=128``, ``min_history=63`` (OLMo-core decides once
+        64 losses are known, the current one included), ``signals=("loss", "norm")``,
+        ``two_sided=True``; ``overrides`` replace any of these or set the other arguments. Call
+        :meth:`record_loss` with each step's loss before ``optimizer.step()``.
+
+        Differences from the reference, which keeps every value: a non-finite loss or norm skips
+        the step and is kept out of the history (in OLMo-core one NaN makes every later z-score NaN,
+        so every step is skipped until it leaves the window), and a value equal to the mean of a
+        constant history is stepped (OLMo-core computes 0/0 and skips).
+        """
+        settings = {"mode": "zscore", "threshold": 6.0, "window": 128, "min_history": 63,
+                    "signals": ("loss", "norm"), "two_sided": True, **overrides}
+        return cls(**settings)
+
+    def record_loss(self, loss: torch.Tensor | float) -> None:
+        """Give the guard this step's loss, for ``signals`` that include ``"loss"``.
+
+        Call it once per step before ``optimizer.step()`` (or before calling the guard by hand); with
+        ``optimizer.step(closure)``, inside the closure. The value is read without a sync: a tensor
+        is detached and kept on its device (a batch of losses is averaged).
+
+        Raises:
+            RuntimeError: ``"loss"`` is not among the guard's ``signals``.
+            TypeError: ``loss`` is not a real number or a real floating-point tensor.
+        """
+        if "loss" not in self.signals:
+            raise RuntimeError(f"record_loss: this SpikeGuard watches signals={self.signals}; create it "
+                               "with signals=('loss', 'norm') (or SpikeGuard.olmo_core()) to test the loss")
+        if isinstance(loss, torch.Tensor):
+            if not loss.is_floating_point():
+                raise TypeError(f"record_loss: loss must be a floating-point tensor, got {loss.dtype}")
+            self._pending_loss = loss.detach().to(torch.float64).mean()
+        elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+            self._pending_loss = torch.tensor(float(loss), dtype=torch.float64)
+        else:
+            raise TypeError(f"record_loss: loss must be a number or a tensor, got {type(loss).__name__}")
+
+    def _config(self) -> dict[str, Any]:
+        config = {**super()._config(), "mode": self.mode, "threshold": self.threshold,
+                  "window": self.window, "min_history": self.min_history}
+        if self.signals != ("norm",) or self.two_sided:  # states saved before these options load as before
+            config.update(signals=list(self.signals), two_sided=self.two_sided)
+        return config
+
+    def _outlier(self, history: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(skip, upper limit, history)`` for the value ``x``; enters ``x`` in the (new or moved) history."""
+        device = x.device
+        if history is None or history.device != device:
+            fresh = torch.full((self.window,), math.nan, dtype=torch.float64, device=device)
+            if history is not None:
+                fresh.copy_(history)
+            history = fresh
+        h = history
         valid = torch.isfinite(h)
         count = valid.sum()
         if self.mode == "zscore":
             mean = torch.where(valid, h, 0.0).sum() / count
-            var = torch.where(valid, (h - mean) ** 2, 0.0).sum() / (count - 1)
-            level = mean + self.threshold * var.sqrt()
+            spread = self.threshold * (torch.where(valid, (h - mean) ** 2, 0.0).sum() / (count - 1)).sqrt()
+            upper, lower = mean + spread, mean - spread
         else:
-            level = self.threshold * torch.nanmedian(h)
+            median = torch.nanmedian(h)
+            upper, lower = self.threshold * median, median / self.threshold
+        enough = count >= self.min_history
         inf = torch.full((), math.inf, dtype=torch.float64, device=device)
-        level = torch.where(count >= self.min_history, level, inf)
+        upper = torch.where(enough, upper, inf)
         finite = torch.isfinite(x)
-        skip = ~finite | (x > level)
-        slot = self.steps % self.window
-        h[slot : slot + 1].copy_(torch.where(finite, x, math.nan).reshape(1))
+        skip = ~finite | (x > upper)
+        if self.two_sided:
+            skip = skip | (enough & (x < lower))
+        recorded = torch.where(finite, x, math.nan)
+        if torch.compiler.is_compiling():  # the slot from the device count: no Python int to recompile on
+            slots = torch.arange(self.window, device=device)
+            h.copy_(torch.where(slots == self._device_count(device) % self.window, recorded, h))
+        else:
+            slot = self.steps % self.window
+            h[slot : slot + 1].copy_(recorded.reshape(1))
+        return skip, upper, history
+
+    def _step(self, groups: list[_groups.Group], norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
+        device = norm.device
+        self.skipped_steps = self.skipped_steps.to(device)
+        x = wide.to(torch.float64)
+        level = torch.full((), math.inf, dtype=torch.float64, device=device)
+        skip = torch.zeros((), dtype=torch.bool, device=device)
+        if "loss" in self.signals:
+            if self._pending_loss is None:
+                raise RuntimeError(
+                    "SpikeGuard watches the loss: call guard.record_loss(loss) once per step before "
+                    "optimizer.step() (with a closure: inside it), or create the guard with signals='norm'")
+            loss = self._pending_loss.to(device, non_blocking=True)
+            self._pending_loss = None
+            skip, _, self._loss_history = self._outlier(self._loss_history, loss)
+        if "norm" in self.signals:
+            norm_skip, level, self._history = self._outlier(self._history, x)
+            skip = skip | norm_skip
         previous = self._step_skip if (self._hooked and self._in_step) else None
         if previous is None:
             self.skipped_steps = self.skipped_steps + skip
@@ -270,22 +363,34 @@ class SpikeGuard(Clipper):
     # --- state -----------------------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:
-        history = self._history
         # copies, also on the CPU (where .cpu() returns the tensor itself, which later steps change)
-        return {
-            "history": None if history is None else history.to("cpu", copy=True),
+        state = {
+            "history": None if self._history is None else self._history.to("cpu", copy=True),
             "skipped_steps": self.skipped_steps.to("cpu", copy=True),
         }
+        if "loss" in self.signals:
+            state["loss_history"] = None if self._loss_history is None else self._loss_history.to("cpu", copy=True)
+        return state
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
-        history, skipped = state.get("history"), state.get("skipped_steps")
-        if history is not None and (not isinstance(history, torch.Tensor) or history.shape != (self.window,)):
-            raise ValueError(f"state_dict['history'] must be a tensor of shape ({self.window},)")
+        history, skipped, losses = state.get("history"), state.get("skipped_steps"), state.get("loss_history")
+        for name, value in (("history", history), ("loss_history", losses)):
+            if value is not None and (not isinstance(value, torch.Tensor) or value.shape != (self.window,)):
+                raise ValueError(f"state_dict[{name!r}] must be a tensor of shape ({self.window},)")
         if not isinstance(skipped, torch.Tensor):
             raise ValueError("state_dict['skipped_steps'] must be a tensor")
         self._history = None if history is None else history.to(torch.float64).clone()
+        self._loss_history = None if losses is None else losses.to(torch.float64).clone()
         self.skipped_steps = skipped.to(torch.int64).clone()
+        self._pending_loss = None
         self.skip = None
+
+
+def _check_signals(signals: str | Iterable[str]) -> tuple[str, ...]:
+    chosen = (signals,) if isinstance(signals, str) else tuple(signals)
+    if not chosen or len(set(chosen)) != len(chosen) or any(s not in ("norm", "loss") for s in chosen):
+        raise ValueError(f"signals must be 'norm', 'loss' or both, each once (('loss', 'norm')), got {signals!r}")
+    return tuple(sorted(chosen))  # ("loss", "norm") in one order, so configurations compare equal
 
 
 # --- the snapshot of an optimizer's state -----------------------------------------------------------

@@ -53,6 +53,11 @@ class GradientMonitor:
       Attach it after a clipper to see the clipped gradients, before to see
       the raw ones (step pre-hooks run in the order they were registered).
 
+    Attached to an optimizer whose ``step`` is compiled (``torch.compile(optimizer.step)``),
+    the monitor's hooks run outside the compiled graphs (``torch.compiler.disable``: a graph
+    break each, which ``step`` has anyway), so recording does not recompile the step; call
+    ``record()`` outside a ``fullgraph=True`` region.
+
     Attached, it records the gradients the step uses. With
     ``optimizer.step(closure)`` (LBFGS, SAM-style optimizers, Lightning) the
     gradients are made inside the step: the monitor measures them inside the
@@ -226,6 +231,9 @@ class GradientMonitor:
                        optimizer.register_step_post_hook(self._post_hook)]
         return self
 
+    # The hooks append a record per step to Python lists: inside a compiled optimizer step they run
+    # outside the graph (a graph break), so the step's graphs do not recompile for every new length.
+    @torch.compiler.disable
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
                   kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         self._before_step()
@@ -239,6 +247,7 @@ class GradientMonitor:
             measure()
         return wrapped
 
+    @torch.compiler.disable
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._after_step()
 

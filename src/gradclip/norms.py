@@ -1,17 +1,17 @@
-"""The global gradient norm: one pipeline from tensors to a 0-dim norm, local or distributed.
+"""The global gradient norm: one pipeline from a plan to a 0-dim norm, local or distributed.
 
-:func:`grouped_norm` is the only way the library computes a global norm:
+:func:`total_norm` is the only way the library computes a global norm:
 :func:`get_total_norm`, :func:`gradclip.clip_grad_norm_`, the soft and
-report variants and every stateful clipper call it. It groups the tensors by
-(device, dtype) (finding flat buffers), takes per-group partial norms with
-:func:`gradclip._norms.group_norms`, and combines them locally, or, for
-DTensors and ``process_group=``, through :func:`gradclip.distributed.wide_global_norm`.
+report variants and every stateful clipper call it, on the
+:class:`~gradclip._groups.Plan` of their tensors. It takes the norm in one of
+two ways, each entered once: locally (:func:`gradclip._norms.local_total`:
+per-group partial norms, combined in float64), or, for DTensors and
+``process_group=``, over the ranks (:func:`gradclip.distributed.wide_global_norm`).
 """
 
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,10 +21,88 @@ from . import _groups, _norms, _validate, distributed
 
 __all__ = ["get_total_norm"]
 
+_F32_MAX = torch.finfo(torch.float32).max
 
-def _is_distributed(groups: list[_groups.Group], process_group: Any) -> bool:
-    return (process_group is not None and process_group is not False) or any(
-        group.sharding is not None for group in groups)
+
+class TotalNorm:
+    """A global norm as the pipeline hands it on: what is returned, and the float64 value factors come from.
+
+    Attributes:
+        norm: the 0-dim tensor returned to the caller (float32 at least, float64 for float64
+            gradients), on the first tensor's device.
+        value: the norm in float64 as a Python float when it was combined on the host (the CPU,
+            outside compilation), else ``None``: nothing was read from a device.
+        wide: the norm as a 0-dim float64 tensor (float32 on MPS) on ``norm``'s device; ``None``
+            where it was combined on the host and no tensor was asked for (``total_norm(wide=True)``).
+    """
+
+    __slots__ = ("norm", "value", "wide")
+
+    def __init__(self, norm: torch.Tensor, wide: torch.Tensor | None = None, value: float | None = None) -> None:
+        self.norm = norm
+        self.value = value
+        self.wide = wide
+
+    def divided_by(self, scale: torch.Tensor | float) -> TotalNorm:
+        """The norm of gradients still multiplied by ``scale`` (a GradScaler's), divided on the device (no sync)."""
+        wide = self.wide
+        if wide is None:
+            wide = torch.scalar_tensor(self.value, dtype=torch.float64, device=self.norm.device)
+        if isinstance(scale, torch.Tensor):
+            scale = scale.detach().to(device=wide.device, dtype=wide.dtype).reshape(())
+        wide = wide / scale
+        return TotalNorm(wide.to(self.norm.dtype), wide)
+
+
+def total_norm(
+    plan: _groups.Plan,
+    p: float,
+    foreach: bool | None,
+    *,
+    process_group: Any = None,
+    replicated: Iterable[torch.Tensor] | None = None,
+    error_if_nonfinite: bool = False,
+    wide: bool = False,
+) -> TotalNorm:
+    """The p-norm of every tensor of ``plan``, as if concatenated; over the ranks for DTensors or a ``process_group``.
+
+    The returned norm lies on the first tensor's device, in
+    :func:`gradclip._norms.output_dtype`; ``tensor(0.)`` for no tensors. Its
+    float64 ("wide") value is what clipping factors are computed from: it is
+    finite whenever the true norm is, even when the returned dtype cannot hold
+    it (see :mod:`gradclip._norms`). With DTensor groups, or a
+    ``process_group``, it is the global norm over the ranks (see
+    :mod:`gradclip.distributed`) and every rank must call. ``wide=True`` makes
+    sure the float64 tensor exists (where the norm was combined on the host it
+    is only made when asked for); ``error_if_nonfinite`` raises for a NaN or
+    inf norm.
+    """
+    want_wide = wide
+    out_dtype = plan.output_dtype
+    distributed_now = plan.distributed or (process_group is not None and process_group is not False)
+    if replicated is not None and not distributed_now and _in_multi_rank_run():
+        warnings.warn(
+            "`replicated` was given without `process_group`, so nothing is reduced over the ranks and each "
+            "rank gets the norm of its own tensors only. For tensors sharded by hand pass process_group=True "
+            "(or the group); for DDP, whose gradients are already identical on every rank, pass neither.",
+            UserWarning, stacklevel=_validate._outside_stacklevel())
+    if distributed_now:
+        wide = distributed.wide_global_norm(plan.groups, p, foreach, plan.device, process_group, replicated)
+        total = TotalNorm(wide.to(out_dtype), wide)
+    elif not plan.groups:
+        total = TotalNorm(torch.zeros((), dtype=out_dtype), value=0.0)
+    else:
+        value, wide = _norms.local_total(plan, p)
+        if wide is not None:
+            total = TotalNorm(wide.to(out_dtype), wide)
+        elif want_wide or (value > _F32_MAX and out_dtype != torch.float64):  # (.to() rounds past the max to inf)
+            wide = torch.scalar_tensor(value, dtype=torch.float64, device=plan.device)
+            total = TotalNorm(wide.to(out_dtype), wide, value)
+        else:
+            total = TotalNorm(torch.scalar_tensor(value, dtype=out_dtype, device=plan.device), value=value)
+    if error_if_nonfinite:
+        raise_if_nonfinite(total, p)
+    return total
 
 
 def grouped_norm(
@@ -34,34 +112,11 @@ def grouped_norm(
     *,
     process_group: Any = None,
     replicated: Iterable[torch.Tensor] | None = None,
-) -> tuple[list[_groups.Group], torch.Tensor, torch.Tensor]:
-    """Group already-checked tensors; return the groups, their total p-norm, and that norm in float64.
-
-    The norm lies on the first tensor's device, in :func:`gradclip._norms.output_dtype`;
-    ``tensor(0.)`` for no tensors. The float64 ("wide") copy is what clipping
-    factors are computed from: it is finite whenever the true norm is, even
-    when the returned dtype cannot hold it (see :mod:`gradclip._norms`). With
-    DTensor groups, or a ``process_group``, it is the global norm over the
-    ranks (see :mod:`gradclip.distributed`) and every rank must call.
-    """
-    groups = _groups.groups_of(tensors, foreach)
-    first_device = tensors[0].device if tensors else None
-    distributed_now = _is_distributed(groups, process_group)
-    if replicated is not None and not distributed_now and _in_multi_rank_run():
-        warnings.warn(
-            "`replicated` was given without `process_group`, so nothing is reduced over the ranks and each "
-            "rank gets the norm of its own tensors only. For tensors sharded by hand pass process_group=True "
-            "(or the group); for DDP, whose gradients are already identical on every rank, pass neither.",
-            UserWarning, stacklevel=_validate._outside_stacklevel())
-    if distributed_now:
-        wide = distributed.wide_global_norm(groups, p, foreach, first_device, process_group, replicated)
-    elif not groups:
-        wide = torch.zeros((), dtype=torch.float64)
-    else:
-        partial_norms = [_norms.group_norms(group, p, foreach).to(first_device) for group in groups]
-        narrow = all(_norms.accumulation_dtype(group.dtype) != torch.float64 for group in groups)
-        wide = _norms.combine(torch.cat(partial_norms), p, narrow_inputs=narrow)
-    return groups, wide.to(_norms.output_dtype([group.dtype for group in groups])), wide
+) -> tuple[_groups.Plan, torch.Tensor, torch.Tensor]:
+    """(plan, norm, wide norm) of already-checked tensors: :func:`total_norm` on their plan (not kept for reuse)."""
+    plan = _groups.Plan(tensors, _groups.groups_of(tensors, foreach))
+    total = total_norm(plan, p, foreach, process_group=process_group, replicated=replicated, wide=True)
+    return plan, total.norm, total.wide
 
 
 def _in_multi_rank_run() -> bool:
@@ -71,9 +126,10 @@ def _in_multi_rank_run() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def raise_if_nonfinite(norm: torch.Tensor, p: float) -> None:
-    """Raise when ``norm`` is NaN or inf. Reads the value: one host-device sync."""
-    if torch.logical_or(norm.isnan(), norm.isinf()):
+def raise_if_nonfinite(total: TotalNorm, p: float) -> None:
+    """Raise when the norm is NaN or inf. Reads the value: one host-device sync (none on the CPU)."""
+    value = total.value if total.value is not None else float(total.norm)
+    if value != value or value in (float("inf"), float("-inf")):
         raise RuntimeError(
             f"The total norm of order {p} for gradients from `parameters` is non-finite, so it "
             "cannot be clipped. To disable this error and scale the gradients by the non-finite "
@@ -146,15 +202,8 @@ def get_total_norm(
         >>> gradclip.get_total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
         tensor(5.)
     """
-    tensors = _validate.as_tensor_list(tensors, "tensors")
-    _validate.check_dense(tensors, "tensor")
-    p = _validate.check_norm_type(norm_type)
-    _validate.check_foreach(foreach)
-    detached = [t.detach() for t in tensors]
-    if replicated is not None and process_group is not None and process_group is not False:
-        marked = distributed.replicated_ids(replicated)  # match the caller's tensors, not our detached copies
-        replicated = [d for t, d in zip(tensors, detached) if id(t) in marked]
-    _, norm, _ = grouped_norm(detached, p, foreach, process_group=process_group, replicated=replicated)
-    if _validate.check_bool("error_if_nonfinite", error_if_nonfinite):
-        raise_if_nonfinite(norm, p)
-    return norm
+    checked = _validate.check_call(tensors, norm_type=norm_type, foreach=foreach,
+                                   error_if_nonfinite=error_if_nonfinite, of_grads=False, name="tensors")
+    plan = _groups.plan_for(checked, foreach)
+    return total_norm(plan, checked.p, foreach, process_group=process_group, replicated=replicated,
+                      error_if_nonfinite=checked.nonfinite).norm

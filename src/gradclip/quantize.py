@@ -186,7 +186,7 @@ def qsgd_quantize_grad_(
     _validate.check_generator(generator)
     grads = _validate.grads_of(parameters, entrywise="qsgd_quantize_grad_")
     norms = []
-    dtensor = _groups.dtensor_type()
+    dtensor = _validate.dtensor_types(grads)
     for grad in grads:
         if dtensor is not None and isinstance(grad, dtensor):
             scale = _quantize_dtensor_(grad, levels, generator)

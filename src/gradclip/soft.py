@@ -89,10 +89,12 @@ def soft_clip_grad_norm_(
         tensor([1.5000, 2.0000])
     """
     max_norm = _validate.check_threshold("max_norm", max_norm, tensor_ok=False, zero_ok=False)
-    groups, norm, wide = grad_norm(parameters, norm_type, foreach, process_group=process_group,
-                                   replicated=replicated)
-    scale_(groups, 1.0 / (1.0 + wide / max_norm), foreach)
-    return norm
+    plan, total = grad_norm(parameters, norm_type, foreach, process_group=process_group, replicated=replicated)
+    if total.value is not None:  # combined on the host (the CPU): the factor is a float too
+        scale_(plan, 1.0 / (1.0 + total.value / max_norm))
+    else:
+        scale_(plan, 1.0 / (1.0 + total.wide / max_norm))
+    return total.norm
 
 
 @torch.no_grad()
@@ -142,12 +144,12 @@ def soft_clip_grad_value_(
         tensor([-0.7500,  0.3333,  0.5000])
     """
     alpha = _validate.check_real("alpha", alpha, 0.0, float("inf"), high_open=True)
-    _validate.check_foreach(foreach)
-    grads = _validate.grads_of(parameters, entrywise="soft_clip_grad_value_")
-    groups = _groups.groups_of(grads, foreach)
-    distributed.check_not_partial(groups, "soft_clip_grad_value_")
-    for group in groups:
-        tensors, _ = _groups.targets(group, foreach)
+    plan = _groups.plan_for(_validate.check_call(parameters, foreach=foreach), foreach,
+                            entrywise="soft_clip_grad_value_")
+    if plan.distributed:
+        distributed.check_not_partial(plan.groups, "soft_clip_grad_value_")
+    for group in plan:
+        tensors, _ = group.targets()
         for tensor in tensors:
             tensor.copy_(_tamed(tensor, alpha))
 

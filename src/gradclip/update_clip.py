@@ -193,6 +193,7 @@ class UpdateClip:
         _validate.check_optimizer(optimizer)
         if self._handles:
             raise RuntimeError("UpdateClip is already attached; call detach() first")
+        _validate.warn_if_orthogonalizing(optimizer, "UpdateClip")
         if self.rule == "stable_adamw":
             for index, group in enumerate(optimizer.param_groups):
                 if not _adam_like(group):

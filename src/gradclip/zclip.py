@@ -128,11 +128,27 @@ class ZClip(Clipper):
         self.clip_factor = _validate.check_real("clip_factor", clip_factor, 0.0, None, low_open=True)
         self.skip_update_on_spike = _validate.check_bool("skip_update_on_spike", skip_update_on_spike)
         self.dtype = _validate.check_state_dtype(dtype)
-        self._buffer: torch.Tensor | None = None
-        self.mean: torch.Tensor | None = None
+        self._buffer: torch.Tensor | None = None  # the warm-up's norms
+        self._mean: torch.Tensor | None = None
+        self._var: torch.Tensor | None = None
+
+    @property
+    def mean(self) -> torch.Tensor | None:
         """The EMA of the norms, a 0-dim tensor (``None`` during warm-up)."""
-        self.var: torch.Tensor | None = None
+        return None if self.warming_up else self._mean
+
+    @mean.setter
+    def mean(self, value: torch.Tensor | None) -> None:
+        self._mean = value
+
+    @property
+    def var(self) -> torch.Tensor | None:
         """The EMA of the squared deviations, a 0-dim tensor (``None`` during warm-up)."""
+        return None if self.warming_up else self._var
+
+    @var.setter
+    def var(self, value: torch.Tensor | None) -> None:
+        self._var = value
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "alpha": self.alpha, "z_thresh": self.z_thresh,
@@ -146,12 +162,20 @@ class ZClip(Clipper):
         """Whether the EMA has not started yet."""
         return self.steps < self.warmup_steps
 
-    def _step(self, groups: list[_groups.Group], norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
+    def _step(self, groups: _groups.Plan, norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
         g = wide.to(self.dtype)
+        if torch.compiler.is_compiling():
+            return self._traced_step(groups, norm, g)
         if self.warming_up:
             return self._warmup_step(groups, norm, g)
-        assert self.mean is not None and self.var is not None
-        mean, var = self.mean.to(g.device), self.var.to(g.device)
+        assert self._mean is not None and self._var is not None
+        threshold, scale, self._mean, self._var = self._ema_step(g, self._mean.to(g.device), self._var.to(g.device))
+        scale_(groups, scale, self.foreach)
+        return ClipResult(norm=norm, threshold=threshold, scale=scale.to(norm.dtype))
+
+    def _ema_step(self, g: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A step after warm-up: (threshold, scale, new mean, new var), all 0-dim tensors, nothing read."""
         # False only while no finite norm was seen (warm-up without one): the EMA is undefined (NaN)
         started = torch.isfinite(mean) & torch.isfinite(var)
         std = var.sqrt()
@@ -171,7 +195,6 @@ class ZClip(Clipper):
         if self.max_grad_norm is not None:
             threshold = torch.clamp(threshold, max=self.max_grad_norm)
         scale = torch.where(g > threshold, threshold / (g + NORM_EPS), torch.ones_like(g))
-        scale_(groups, scale, self.foreach)
         x = torch.where(spike, clip_val, g)
         new_mean = self.alpha * mean + (1 - self.alpha) * x
         new_var = self.alpha * var + (1 - self.alpha) * (x - new_mean) ** 2
@@ -181,32 +204,70 @@ class ZClip(Clipper):
         keep = ~torch.isfinite(g) | ~torch.isfinite(new_mean) | ~torch.isfinite(new_var)
         if self.skip_update_on_spike:
             keep = keep | spike
-        self.mean = torch.where(keep, mean, new_mean)
-        self.var = torch.where(keep, var, new_var)
-        return ClipResult(norm=norm, threshold=threshold, scale=scale.to(norm.dtype))
+        return threshold, scale, torch.where(keep, mean, new_mean), torch.where(keep, var, new_var)
 
-    def _warmup_step(self, groups: list[_groups.Group], norm: torch.Tensor, g: torch.Tensor) -> ClipResult:
+    @staticmethod
+    def _warmup_statistics(buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and population variance of the finite norms of the warm-up (NaN if none is finite)."""
+        finite = torch.isfinite(buffer)
+        count = finite.sum().to(buffer.dtype)
+        mean = torch.where(finite, buffer, 0.0).sum() / count
+        return mean, torch.where(finite, (buffer - mean) ** 2, 0.0).sum() / count
+
+    def _warmup_result(self, norm: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A warm-up step's threshold (in the state dtype, as after the warm-up) and scale (``None``: leave the gradients)."""
+        if self.max_grad_norm is None:
+            return torch.full((), math.inf, dtype=self.dtype, device=norm.device), None
+        threshold = torch.full((), self.max_grad_norm, dtype=self.dtype, device=norm.device)
+        return threshold, clip_coefficient(self.max_grad_norm, g).to(norm.dtype)
+
+    def _warmup_step(self, groups: _groups.Plan, norm: torch.Tensor, g: torch.Tensor) -> ClipResult:
         if self._buffer is None or self._buffer.device != g.device:
             buffer = torch.full((self.warmup_steps,), math.nan, dtype=self.dtype, device=g.device)
             if self._buffer is not None:
                 buffer.copy_(self._buffer)
             self._buffer = buffer
-        self._buffer[self.steps : self.steps + 1].copy_(g.reshape(1))
-        if self.steps + 1 == self.warmup_steps:
-            finite = torch.isfinite(self._buffer)
-            count = finite.sum().to(self.dtype)
-            values = torch.where(finite, self._buffer, 0.0)
-            self.mean = values.sum() / count
-            self.var = torch.where(finite, (self._buffer - self.mean) ** 2, 0.0).sum() / count
+        steps = self.steps
+        self._buffer[steps : steps + 1].copy_(g.reshape(1))
+        if steps + 1 == self.warmup_steps:
+            self._mean, self._var = self._warmup_statistics(self._buffer)
             self._buffer = None
-        # the threshold in the state dtype, as after the warm-up (a result's dtypes do not change mid-run)
-        if self.max_grad_norm is None:
-            threshold = torch.full((), math.inf, dtype=self.dtype, device=norm.device)
+        threshold, scale = self._warmup_result(norm, g)
+        if scale is None:
             scale = torch.ones((), dtype=norm.dtype, device=norm.device)
         else:
-            threshold = torch.full((), self.max_grad_norm, dtype=self.dtype, device=norm.device)
-            scale = clip_coefficient(self.max_grad_norm, g).to(norm.dtype)
             scale_(groups, scale, self.foreach)
+        return ClipResult(norm=norm, threshold=threshold, scale=scale)
+
+    def _traced_step(self, groups: _groups.Plan, norm: torch.Tensor, g: torch.Tensor) -> ClipResult:
+        """The step inside ``torch.compile``: warm-up and EMA both computed, the device count picks one.
+
+        Equal to the eager steps (same operations); nothing branches on a
+        Python value that changes from step to step, so the graph holds for
+        the whole run. The state is kept as tensors throughout: the warm-up
+        buffer stays after the warm-up, the EMA is NaN during it.
+        """
+        device, width = g.device, self.warmup_steps
+        if self._buffer is None or self._buffer.device != device:  # the first call (or after the warm-up)
+            buffer = torch.full((width,), math.nan, dtype=self.dtype, device=device)
+            self._buffer = buffer if self._buffer is None else buffer.copy_(self._buffer)
+        nan = torch.full((), math.nan, dtype=self.dtype, device=device)
+        mean = nan if self._mean is None else self._mean.to(device)
+        var = nan if self._var is None else self._var.to(device)
+        step = self._device_count(device)
+        warm = step < width
+        slots = torch.arange(width, device=device)
+        buffer = torch.where((slots == step) & warm, g, self._buffer)
+        self._buffer.copy_(buffer)
+        warm_mean, warm_var = self._warmup_statistics(buffer)
+        last = step == width - 1
+        threshold, scale, ema_mean, ema_var = self._ema_step(g, mean, var)
+        warm_threshold, warm_scale = self._warmup_result(norm, g)
+        threshold = torch.where(warm, warm_threshold, threshold)
+        scale = torch.where(warm, 1.0 if warm_scale is None else warm_scale, scale.to(norm.dtype)).to(norm.dtype)
+        self._mean = torch.where(warm, torch.where(last, warm_mean, mean), ema_mean)
+        self._var = torch.where(warm, torch.where(last, warm_var, var), ema_var)
+        scale_(groups, scale, self.foreach)
         return ClipResult(norm=norm, threshold=threshold, scale=scale)
 
     def _state(self) -> dict[str, Any]:
@@ -214,7 +275,9 @@ class ZClip(Clipper):
             # a copy, also on the CPU (where .cpu() returns the tensor itself, which later steps change)
             return None if t is None else t.detach().to("cpu", copy=True)
 
-        return {"mean": cpu(self.mean), "var": cpu(self.var), "buffer": cpu(self._buffer)}
+        warm = self.warming_up  # (a traced run keeps every tensor; the saved state is the same either way)
+        return {"mean": None if warm else cpu(self._mean), "var": None if warm else cpu(self._var),
+                "buffer": cpu(self._buffer) if warm else None}
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
         steps = state["steps"]
@@ -231,4 +294,4 @@ class ZClip(Clipper):
         def load(value: torch.Tensor | None) -> torch.Tensor | None:
             return None if value is None else value.to(self.dtype).clone()
 
-        self.mean, self.var, self._buffer = load(state.get("mean")), load(state.get("var")), load(state.get("buffer"))
+        self._mean, self._var, self._buffer = load(state.get("mean")), load(state.get("var")), load(state.get("buffer"))

@@ -831,19 +831,27 @@ def attach_case(steps: int = 8, resume_at: int = 4, lr: float = 0.5, micro: int 
             "twice_error": twice, "resumed_vs_straight": _max_diff(resumed[0], attached[0])}
 
 
-def compile_case(steps: int = 3, max_norm: float = 0.1, lr: float = 0.5, backend: str = "inductor") -> dict:
+def compile_case(steps: int = 20, max_norm: float = 0.1, lr: float = 0.5, backend: str = "inductor") -> dict:
     """The clipping call compiled with ``torch.compile(fullgraph=True)`` against the same steps in eager mode.
+
+    ``zero_grad()`` gives new gradient tensors every step, as in a real loop;
+    the compiled call must not compile again for them.
 
     Returns:
         ``{"max_diff": max |compiled - eager| over the parameters after ``steps`` SGD steps,
-        "norms": {"eager": [...], "compiled": [...]}, "backend"}``.
+        "norms": {"eager": [...], "compiled": [...]}, "graphs": graphs dynamo compiled over the
+        steps, "steps", "backend"}``.
 
     Example:
-        >>> r = compile_case(steps=2, backend="aot_eager")
-        >>> r["max_diff"] < 1e-6
-        True
+        >>> r = compile_case(steps=3, backend="aot_eager")
+        >>> r["max_diff"] < 1e-6, r["graphs"]
+        (True, 1)
     """
+    from torch._dynamo.utils import counters
+
     finals, norms = {}, {}
+    torch._dynamo.reset()
+    counters.clear()
     for mode in ("eager", "compiled"):
         model, x, y = _tiny()
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
@@ -861,13 +869,15 @@ def compile_case(steps: int = 3, max_norm: float = 0.1, lr: float = 0.5, backend
             optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
-            norm = clip()                     # compiled: one graph, no break
+            norm = clip()                     # compiled: one graph for every step, no break
             optimizer.step()
             # end pattern
             seen.append(float(norm))
         finals[mode], norms[mode] = _snapshot(model), seen
+    graphs = int(counters["stats"]["unique_graphs"])
     torch._dynamo.reset()   # leave no compiled graph behind that holds these parameters
-    return {"max_diff": _max_diff(finals["compiled"], finals["eager"]), "norms": norms, "backend": backend}
+    return {"max_diff": _max_diff(finals["compiled"], finals["eager"]), "norms": norms, "graphs": graphs,
+            "steps": steps, "backend": backend}
 
 
 # --- 3.6 how gradclip is tested ----------------------------------------------------------------

@@ -257,6 +257,27 @@ def spike_guard_decisions(norms, mode, k, window, min_history):
     return out
 
 
+def olmo_core_skips(losses, norms, interval=128, sigma=6.0):
+    """OLMo-core's SkipStepOptimizer.get_step_factor, transcribed in float64 (allenai/OLMo-core 067267c,
+    src/olmo_core/optim/skip_step_optimizer.py): it keeps the last interval + 1 values of each signal
+    (the current one included); once it holds max(20, interval // 2) losses, a step is skipped unless
+    |x - mean| / std <= sigma for the loss and the norm, mean and (n - 1)-std over the values before x."""
+    kept_losses, kept_norms, out = [], [], []
+    for loss, norm in zip(losses, norms):
+        kept_losses = (kept_losses + [loss])[-(interval + 1):]
+        kept_norms = (kept_norms + [norm])[-(interval + 1):]
+        if len(kept_losses) < max(20, interval // 2):
+            out.append(False)
+            continue
+        ok = True
+        for kept in (kept_losses, kept_norms):
+            previous = kept[:-1]
+            z = abs(kept[-1] - statistics.fmean(previous)) / statistics.stdev(previous)
+            ok = ok and z <= sigma
+        out.append(not ok)
+    return out
+
+
 def layer_norms(named, norm_type=2.0):
     """GradientMonitor's per-layer p-norm: the global norm of each layer's tensors, layer = name up to the last dot."""
     layers = {}
