@@ -48,6 +48,7 @@ from torch import nn
 import gradclip
 
 from . import classification as cls
+from . import harness
 from . import data
 from .figures import table_html
 from .grids import HARD, HARD_THRESHOLD, THRESHOLDS
@@ -111,7 +112,7 @@ def book_extra() -> list[str]:
 
 def _train_batch(batch: int = 64, split_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``batch`` training images (standardised) and labels of chapter 4's split."""
-    x, y = cls._split(split_seed)["train"]
+    x, y = harness.image_split(split_seed)["train"]
     return x[:batch], y[:batch]
 
 
@@ -210,7 +211,7 @@ def layer_norms(config: cls.RunConfig = HARD, batch: int = 64) -> dict:
 
 def _batch_grads(model: nn.Module, count: int, batch: int, split_seed: int) -> list[list[torch.Tensor]]:
     """The gradients of ``count`` different minibatches at the same weights (a history for the stateful clippers)."""
-    x, y = cls._split(split_seed)["train"]
+    x, y = harness.image_split(split_seed)["train"]
     out = []
     for k in range(count):
         model.zero_grad(set_to_none=True)
@@ -406,7 +407,7 @@ def corrected_listing(max_norm: float = 1.0, epochs: int = 3, lr: float = 0.01, 
     """
     from torch.utils.data import DataLoader, TensorDataset
 
-    parts = cls._split(0)
+    parts = harness.image_split(0)
     x, y = parts["train"]
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)

@@ -3,8 +3,9 @@ r"""Chapter 5.3's experiments: faults injected into chapter 4's digits run, and 
 A run is chapter 4's network, data split, batch order and optimizer
 (:mod:`gradclip_book.classification`: :func:`~gradclip_book.classification.build_model`,
 the seeded split and minibatch stream, :data:`~gradclip_book.classification.OPTIMIZERS`)
-trained by :func:`train`, a loop that can break one batch on purpose and
-protect itself. Without a fault and without a guard it is
+trained by :func:`train`, which breaks one batch on purpose and protects itself, in the book's one
+training loop (:func:`gradclip_book.harness.train`: the fault in the batches and the loss function, the
+guard's decision in a hook). Without a fault and without a guard it is
 :func:`gradclip_book.classification.train` step for step (tested).
 
 **Faults** (:data:`FAULTS`) hit the batches of steps ``step .. step + span - 1``:
@@ -66,6 +67,7 @@ from torch import nn
 import gradclip
 
 from . import classification as cls
+from . import harness
 from . import grids, timing
 
 __all__ = [
@@ -394,71 +396,70 @@ def _all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def _guarded_step(model: nn.Module, optimizer: torch.optim.Optimizer, guard: Any, step: int, xb: torch.Tensor,
-                  yb: torch.Tensor, grad_factor: float | None = None) -> tuple[float, str]:
-    """One step under ``guard``; returns the loss read on the host and the guard's decision.
+class _Decide(harness.Hook):
+    """Asks the guard after every forward pass; a batch it refuses gets no backward and no update."""
 
-    Forward through the guard's ``logits``, the loss (and the guard's probe, in the same transfer) read
-    once, the guard's decision, and ``backward()`` and the update when it says ``"step"``.
-    ``grad_factor`` multiplies the gradient at the logits (the backward faults).
-    """
-    z = model(xb)
-    if grad_factor is not None:
-        z.register_hook(lambda g: g * grad_factor)
-    loss = nn.functional.cross_entropy(guard.logits(z), yb)
-    probe = guard.probe()
-    if probe is None:
-        value, seen = float(loss.detach()), None
-    else:  # one transfer for both numbers
-        value, seen = torch.stack([loss.detach(), probe.to(loss.dtype)]).tolist()
-    action = guard.decide(step, value, seen, model, optimizer)
-    if action == "step":
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return value, action
+    def __init__(self, guard: _Protection) -> None:
+        self.guard, self.actions = guard, []
+
+    def after_forward(self, step: harness.Step) -> None:
+        probe = self.guard.probe()
+        seen = None if probe is None else float(probe.to(step.loss.dtype))
+        action = self.guard.decide(step.index, step.value, seen, step.model, step.optimizer)
+        self.actions.append(action)
+        if action != "step":
+            step.skip = True
+            # non-finite weights and nothing to go back to: the run cannot recover
+            step.stop = not math.isfinite(step.value) and not _all_finite(step.model)
+
+
+def _faulty_batches(x: torch.Tensor, y: torch.Tensor, config: SafetyConfig, base: cls.RunConfig, fault: Fault,
+                    span: int):
+    """The run's minibatches as ``(x, y, faulty)``, the fault's inputs applied at the faulty steps."""
+    generator = torch.Generator().manual_seed(1000 + base.seed)
+    for step, (xb, yb) in enumerate(harness.minibatches(x, y, base.batch, base.seed)):
+        faulty = config.fault_step <= step < config.fault_step + span
+        if faulty and fault.inputs is not None:
+            xb, yb = fault.inputs(xb, yb, generator)
+        yield xb, yb, faulty
 
 
 def train(config: SafetyConfig = SafetyConfig()) -> SafetyRun:
     """Train chapter 4's network with ``config.fault`` injected and ``config.guard`` on; deterministic.
 
-    The step: batch (faulty at the fault steps), forward through the guard's ``logits``, loss read on the host,
-    the guard's decision (step / skip / rollback), ``backward()`` (with the fault's gradient hook at the fault
-    steps), ``optimizer.step()``. The run always takes ``steps`` steps: a lost run is not stopped at its first
-    huge loss (that would itself be a loss guard), except that a run whose loss and weights are non-finite stops
-    there (nothing can bring it back).
+    The loop is the book's harness (:func:`gradclip_book.harness.train`, no clipping method): the batch
+    (faulty at the fault steps), forward through the guard's ``logits`` (with the fault's gradient hook at the
+    faulty steps), the loss read on the host, the guard's decision after the forward pass (step / skip / rollback:
+    a hook), ``backward()``, ``optimizer.step()``. The run always takes ``steps`` steps: a lost run is not stopped
+    at its first huge loss (that would itself be a loss guard; the harness's divergence rule is off), except that
+    a run whose loss and weights are non-finite stops there (nothing can bring it back).
     """
-    start = time.perf_counter()
     base = replace(config.base, steps=config.steps)
     fault = FAULTS[config.fault]
     span = fault.span if config.span is None else config.span
-    with cls._deterministic():
-        parts = cls._split(base.split_seed)
-        x, y = parts["train"]
+
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, bool]) -> torch.Tensor:
+        xb, yb, faulty = batch
+        z = model(xb)
+        if faulty and fault.grad_factor is not None:
+            z.register_hook(lambda g: g * fault.grad_factor)
+        return nn.functional.cross_entropy(guard.logits(z), yb)
+
+    with harness.deterministic():
+        parts = harness.image_split(base.split_seed)
         model = cls.build_model(base)
         optimizer = cls.OPTIMIZERS[base.optimizer](list(model.parameters()), base.lr)
         guard = GUARDS[config.guard].build()
         guard.setup(model, optimizer)
-        batches = cls._batches(len(y), min(base.batch, len(y)), torch.Generator().manual_seed(base.seed))
-        fault_generator = torch.Generator().manual_seed(1000 + base.seed)
-        losses, actions = [], []
-        for step in range(base.steps):
-            index = next(batches)
-            xb, yb = x[index], y[index]
-            faulty = config.fault_step <= step < config.fault_step + span
-            if faulty and fault.inputs is not None:
-                xb, yb = fault.inputs(xb, yb, fault_generator)
-            value, action = _guarded_step(model, optimizer, guard, step, xb, yb,
-                                          fault.grad_factor if faulty else None)
-            losses.append(value)
-            actions.append(action)
-            if action != "step" and not math.isfinite(value) and not _all_finite(model):
-                break  # non-finite weights and nothing to go back to
+        decide = _Decide(guard)
+        run = harness.train(model, optimizer, _faulty_batches(*parts["train"], config, base, fault, span), base.steps,
+                            loss_fn=loss_fn, hooks=[decide], divergence=None, threads=None)
         finite = _all_finite(model)
-        accuracy = cls._accuracy(model, *parts["test"]) if finite else None
+        accuracy = harness.accuracy(model, *parts["test"]) if finite else None
     outcome = "nan" if not finite else ("diverged" if accuracy < LOST_ACCURACY else "finished")
-    return SafetyRun(config=_config_dict(config), loss=losses, actions=actions, spike_skips=guard.skipped(),
-                     finite=finite, test_accuracy=accuracy, outcome=outcome, seconds=time.perf_counter() - start)
+    return SafetyRun(config=_config_dict(config), loss=run.loss, actions=decide.actions,
+                     spike_skips=guard.skipped(), finite=finite, test_accuracy=accuracy, outcome=outcome,
+                     seconds=run.seconds)
 
 
 def _config_dict(config: SafetyConfig) -> dict[str, Any]:
@@ -595,14 +596,40 @@ def step_phrase(outcomes: list[tuple[int, str]]) -> str:
     return "; ".join(f"{outcome} at {steps_text(steps)}" for outcome, steps in groups.items())
 
 
+def _guarded_step(model: nn.Module, optimizer: torch.optim.Optimizer, guard: Any, step: int, xb: torch.Tensor,
+                  yb: torch.Tensor, grad_factor: float | None = None) -> tuple[float, str]:
+    """One bare step under ``guard`` for :func:`costs` (the timed work of a step; runs of record train through the
+    harness, :func:`train`); returns the loss read on the host and the guard's decision.
+
+    Forward through the guard's ``logits``, the loss (and the guard's probe, in the same transfer) read
+    once, the guard's decision, and ``backward()`` and the update when it says ``"step"``.
+    ``grad_factor`` multiplies the gradient at the logits (the backward faults).
+    """
+    z = model(xb)
+    if grad_factor is not None:
+        z.register_hook(lambda g: g * grad_factor)
+    loss = nn.functional.cross_entropy(guard.logits(z), yb)
+    probe = guard.probe()
+    if probe is None:
+        value, seen = float(loss.detach()), None
+    else:  # one transfer for both numbers
+        value, seen = torch.stack([loss.detach(), probe.to(loss.dtype)]).tolist()
+    action = guard.decide(step, value, seen, model, optimizer)
+    if action == "step":
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return value, action
+
+
 def costs(repeats: int = 15, steps: int = EVERY) -> dict[str, float]:
     """Time per training step with each guard relative to no guard (clean batches; medians, calls interleaved).
 
     Each timed call trains ``steps`` steps (one rollback period, so its checkpoint is in every call) with
     :func:`gradclip_book.timing.interleaved`. Returns ``{guard: ratio}`` with ``"none"`` = 1.
     """
-    with cls._deterministic():
-        x, y = cls._split(BASE.split_seed)["train"]
+    with harness.deterministic():
+        x, y = harness.image_split(BASE.split_seed)["train"]
         xb, yb = x[: BASE.batch], y[: BASE.batch]
 
         def stepper(name: str) -> Callable[[], None]:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import gradclip
+from gradclip_book import harness
 from gradclip_book import classification as cls
 from gradclip_book import implementation as im
 from gradclip_book.implementation_figures import COMPONENTS, RULES, THRESHOLDS, clip_2d, playground
@@ -75,7 +76,7 @@ def test_layer_norms_monitor_matches_torch_per_layer():
 
 def _target_grad(config, batch=32):
     model = cls.build_model(config)
-    x, y = cls._split(0)["train"]
+    x, y = harness.image_split(0)["train"]
     torch.nn.functional.cross_entropy(model(x[:batch]), y[:batch]).backward()
     return model, [p.grad.detach().double().clone() for p in model.parameters()]
 
@@ -119,7 +120,7 @@ def test_clip_each_method_against_torch_and_formulas():
 def test_autoclip_threshold_is_numpy_percentile_of_the_history():
     rows = im.clip_each_method(SMALL, history=8)
     model = cls.build_model(SMALL)
-    x, y = cls._split(0)["train"]
+    x, y = harness.image_split(0)["train"]
     norms = []
     for k in range(9):
         model.zero_grad()

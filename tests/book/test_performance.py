@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import gradclip
-from gradclip_book import classification as cls
+from gradclip_book import classification as cls, harness
 from gradclip_book import grids
 from gradclip_book import performance as perf
 from gradclip_book import performance_figures as pf
@@ -42,12 +42,12 @@ def test_warmup_zero_reproduces_the_stored_chapter_4_records():
 
 def _reference_losses(config: RunConfig) -> list[float]:
     """The harness's loop written with torch's own LambdaLR scheduler for the warm-up (the reference)."""
-    with cls._deterministic():
-        x, y = cls._split(config.split_seed)["train"]
+    with harness.deterministic():
+        x, y = harness.image_split(config.split_seed)["train"]
         model = cls.build_model(config)
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, (t + 1) / config.warmup))
-        batches = cls._batches(len(y), config.batch, torch.Generator().manual_seed(config.seed))
+        batches = harness.batch_indices(len(y), config.batch, config.seed)
         losses = []
         for _ in range(config.steps):
             index = next(batches)

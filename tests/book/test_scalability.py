@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from gradclip_book import harness
 from gradclip_book import classification as cls
 from gradclip_book import dist_demo
 from gradclip_book import scalability as sc
@@ -161,7 +162,7 @@ def test_per_sample_fast_path_matches_a_per_example_loop():
 def test_loop_reference_clips_each_example():
     # the reference itself, against gradclip-free arithmetic: one example's clipped gradient has norm <= C
     model = cls.build_model(sc.BASE)
-    x, y = cls._split(0)["train"]
+    x, y = harness.image_split(0)["train"]
     grads = sc._loop_clipped(model, x[:1], y[:1], 1e-3)
     total = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
     assert total == pytest.approx(1e-3, rel=1e-4)
