@@ -313,6 +313,32 @@ class CharRNN(nn.Module):
         states, state = self.hidden_states(x, state)
         return self.head(states), state
 
+    def unrolled_states(self, x: torch.Tensor) -> list[torch.Tensor]:
+        r"""The states :math:`h_1, \dots, h_T` (each ``(batch, H)``) from a zero state, one step at a time.
+
+        Computes the same states as :meth:`hidden_states` with the layer's own weights, but each
+        :math:`h_t` is a node of the graph that the later steps are computed from, so
+        ``torch.autograd.grad(loss, states)`` gives the full derivative with respect to each :math:`h_t`
+        (through every later step), which the fused layer does not expose. For the LSTM
+        (gates i, f, g, o as in :class:`torch.nn.LSTM`): :math:`c_t = f_t c_{t-1} + i_t g_t`,
+        :math:`h_t = o_t \tanh c_t`.
+        """
+        rnn = self.rnn
+        inputs = self.embed(x)
+        h = inputs.new_zeros(x.shape[0], rnn.hidden_size)
+        c = torch.zeros_like(h)
+        states = []
+        for t in range(x.shape[1]):
+            pre = F.linear(inputs[:, t], rnn.weight_ih_l0, rnn.bias_ih_l0) + F.linear(h, rnn.weight_hh_l0, rnn.bias_hh_l0)
+            if self.cell == "rnn":
+                h = torch.tanh(pre)
+            else:
+                i, f, g, o = pre.chunk(4, dim=1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+            states.append(h)
+        return states
+
 
 class _Block(nn.Module):
     """Pre-LN block: x + attention(LN(x)), then x + MLP(LN(x)); qk-layernorm normalises q and k per head."""

@@ -131,3 +131,13 @@ def test_rnn_cells_and_errors():
         text.CharTransformer(5, width=10, heads=4)
     with pytest.raises(ValueError, match="context"):
         text.CharTransformer(5, width=8, heads=2, context=4)(torch.zeros(1, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_unrolled_states_equal_the_fused_layer(cell):
+    torch.manual_seed(0)
+    model = text.CharRNN(20, 12, cell)
+    x = torch.randint(0, 20, (3, 9))
+    fused, _ = model.hidden_states(x)
+    unrolled = torch.stack(model.unrolled_states(x), dim=1)
+    assert torch.allclose(fused, unrolled, atol=1e-6)
