@@ -58,6 +58,8 @@ __all__ = [
     "TextConfig",
     "ThroughTime",
     "build",
+    "largest_outlier",
+    "largest_rise",
     "run",
     "train",
 ]
@@ -382,8 +384,53 @@ def _rounded(value: Any) -> Any:
     return value
 
 
+def largest_rise(losses: list[float], window: int = 10, start: int = 50) -> dict[str, Any] | None:
+    r"""The largest rise of the training loss: a loss spike, measured on means over ``window`` steps.
+
+    With :math:`m_t` the mean loss of steps t..t+window-1, the rise at t is :math:`m_t - \min_{s \le t - window}
+    m_s` (against the best earlier mean that does not overlap it); returns the largest rise over
+    ``t >= start`` as ``{"step": t, "rise": nats}``, or ``None`` when the run is too short. In a run that
+    keeps learning the rise is at most the noise of a ``window``-step mean; a spike lifts the loss above where
+    it already was for several steps.
+
+    Example:
+        >>> largest_rise([3.0] * 60 + [2.0] * 10 + [2.9] * 10 + [2.0] * 20, window=10, start=50)
+        {'step': 70, 'rise': 0.9}
+    """
+    values = torch.tensor(losses, dtype=torch.float64)
+    if len(values) < start + window:
+        return None
+    means = values.unfold(0, window, 1).mean(dim=1)
+    best_step, best = None, -math.inf
+    for t in range(start, len(means)):
+        rise = float(means[t] - means[:t - window + 1].min())
+        if rise > best:
+            best_step, best = t, rise
+    return {"step": best_step, "rise": round(best, 6)}
+
+
+def largest_outlier(norms: list[float], start: int = 20) -> dict[str, Any] | None:
+    """The step (from ``start`` on) whose gradient norm is the largest multiple of the median of the norms before it:
+    ``{"step", "norm", "median"}``, or ``None`` for a run shorter than ``start + 1`` steps.
+
+    Example:
+        >>> largest_outlier([1.0] * 30 + [8.0] + [1.0] * 5)
+        {'step': 30, 'norm': 8.0, 'median': 1.0}
+    """
+    values = torch.tensor(norms, dtype=torch.float64)
+    best = None
+    for t in range(start, len(values)):
+        median = float(values[:t].nanmedian())
+        if math.isfinite(float(values[t])) and (best is None or values[t] / median > best[1] / best[2]):
+            best = (t, float(values[t]), median)
+    return None if best is None else {"step": best[0], "norm": best[1], "median": best[2]}
+
+
 def run(config: TextConfig) -> dict[str, Any]:
-    """One run as a stored record: the harness's record, the probes (4 significant digits) and the corpus's
-    fingerprint (:func:`gradclip_book.text.corpus_fingerprint`)."""
+    """One run as a stored record: the harness's record, the probes, the largest loss rise
+    (:func:`largest_rise`) and gradient-norm outlier (:func:`largest_outlier`), at 4 significant digits, and the
+    corpus's fingerprint (:func:`gradclip_book.text.corpus_fingerprint`)."""
     result, _, probes = train(config)
-    return {**result.to_json(), **_rounded(probes), "corpus": text.corpus_fingerprint()}
+    extra = {**probes, "rise": largest_rise(result.loss[:result.steps_run]),
+             "outlier": largest_outlier(result.grad_norm)}
+    return {**result.to_json(), **_rounded(extra), "corpus": text.corpus_fingerprint()}
