@@ -68,8 +68,8 @@ SEQ_LENS = (16, 32, 64, 128)
 """Window lengths of truncated backpropagation through time (characters); every run sees 1,024 characters per step."""
 HEADLINE_SEQ_LEN = 128
 """The window length of the recurrent headline comparison (the longest: where the gradient has most steps to grow)."""
-RNN_LRS = harness.lr_range(0.1, 3.0)
-"""Plain-SGD learning rates of the recurrent runs (a stretch of the book's grid)."""
+RNN_LRS = harness.lr_range(0.1, 30.0)
+"""Plain-SGD learning rates of the recurrent runs (a stretch of the book's grid, up to where clipping fails too)."""
 RNN_THRESHOLDS = (0.25, 1.0, 4.0)
 """Global-norm thresholds (max_norm) of the recurrent runs: below, near and far above the typical norm (about 0.5)."""
 LSTM_SEQ_LENS = (32, HEADLINE_SEQ_LEN)
