@@ -151,3 +151,11 @@ def test_transformer_records_start_as_a_rerun_does(grid_lines):
         assert stored["step"][:40] == list(range(40))
         assert [harness.curves.round_float(v) for v in fresh.loss[:40]] == stored["loss"][:40], line["config"]
         assert [harness.curves.round_float(v) for v in fresh.grad_norm[:40]] == stored["grad_norm"][:40]
+
+
+def test_recurrent_learning_rates_continue_the_books_grid_without_changing_it():
+    # the text page's SGD rates go past the shared grid's end (3) at the same spacing; the grid itself stays
+    assert text_grid.RNN_LRS[:4] == harness.lr_range(0.1, 3.0)
+    assert max(harness.LR_GRID) == 3.0 and not set(text_grid.RNN_LRS[4:]) & set(harness.LR_GRID)
+    ratios = [b / a for a, b in zip(text_grid.RNN_LRS, text_grid.RNN_LRS[1:])]
+    assert all(math.isclose(r, 3.0) or math.isclose(r, 10 / 3) for r in ratios)

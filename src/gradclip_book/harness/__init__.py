@@ -49,11 +49,10 @@ from .methods import METHODS, Clip, Method, bind
 from .models import MODELS, NORMS, OPTIMIZERS, build, count_layers, he_init_, make_optimizer
 from .select import RULE, Score, Selection, beats, score, select_best, values_of
 
-LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 """The book's one learning-rate grid: 1 and 3 per decade (about a factor 3.16 = sqrt(10) apart, rounded). Every
 learning-rate scan of the book is a contiguous stretch of it (SGD with momentum from 0.003 up, Adam/AdamW from
-1e-4 up, plain SGD on the recurrent language models of chapter 4's text page up to 30, where an LSTM still trains
-without clipping at 10)."""
+1e-4 up)."""
 
 
 def lr_range(low: float, high: float) -> tuple[float, ...]:
