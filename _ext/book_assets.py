@@ -19,7 +19,10 @@ Also:
   not enable (``search_as_you_type`` is off): it is kept on ``search.html`` only,
   where the search runs;
 - Sphinx 7.4 + sphinx-thebe emit the same inline script twice (THEBE_JS_URL
-  redeclared): duplicates are dropped.
+  redeclared): duplicates are dropped;
+- the theme's light/dark switch starts from ``default_mode``, which Jupyter Book
+  leaves empty: every page logged "Got invalid theme mode" until it is set to
+  ``"auto"`` (follow the reader's system), which is what the page did anyway.
 """
 
 from __future__ import annotations
@@ -81,7 +84,15 @@ def _lighten_pages(app, exception) -> None:
             page.write_text(lighter, encoding="utf-8")
 
 
+def _default_mode_auto(app, config) -> None:
+    """The theme's mode starts as "auto" unless the book sets one (an empty mode logs a console error)."""
+    options = dict(config.html_theme_options or {})
+    options.setdefault("default_mode", "auto")
+    config.html_theme_options = options
+
+
 def setup(app):
+    app.connect("config-inited", _default_mode_auto)
     app.connect("builder-inited", _check_plotly_bundle)
     app.connect("html-page-context", _drop_duplicate_scripts)
     app.connect("build-finished", _lighten_pages)

@@ -7,7 +7,8 @@ speed or cache state hit both alike; each prints the median of N calls and
 the ratio torch / gradclip (above 1 means gradclip is faster). Targets:
 ResNet-50 gradients no slower than torch (ratio >= 1/1.05); 2,000 small
 tensors at least 2x faster; on the CPU, with the norm below the threshold, at
-least 1.5x faster (the scaling pass is skipped when the factor is exactly 1).
+least 1.5x faster (the scaling pass is skipped when the factor is exactly 1). Section (d) times
+a whole step (zero_grad, backward, clip) on the small set, where a GradBuffer's backward hook shows.
 """
 
 from __future__ import annotations
@@ -61,6 +62,31 @@ def compare(title, params, repeats, flat_params=None, clip=True):
     return medians
 
 
+def whole_step(shapes, repeats):
+    """zero_grad + backward + clip on tiny tensors: what a GradBuffer's per-parameter backward hook costs, beside
+    what its one-kernel clipping saves (the backward is one multiply per tensor, so the per-tensor costs show)."""
+    sets = {name: [torch.nn.Parameter(p.detach()) for p in make_params(shapes)] for name in
+            ("torch", "gradclip", "gradclip + GradBuffer")}
+    buffer = gradclip.GradBuffer(sets["gradclip + GradBuffer"])
+    scale = torch.tensor(1.5)
+
+    def step(name):
+        params = sets[name]
+        if name == "gradclip + GradBuffer":
+            buffer.zero_grad()
+        else:
+            for p in params:
+                p.grad = None
+        sum((p * scale).sum() for p in params).backward()
+        clip = torch.nn.utils.clip_grad_norm_ if name == "torch" else gradclip.clip_grad_norm_
+        clip(params, 1.0)
+
+    medians = interleaved({name: (lambda name=name: step(name)) for name in sets}, repeats)
+    print("\n(d) a whole step on the small set: zero_grad, backward, clip_grad_norm_")
+    for name, ms in medians.items():
+        print(f"  {name:<24} {ms:9.3f} ms   torch/this = {medians['torch'] / ms:5.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=30)
@@ -85,6 +111,7 @@ def main() -> None:
     gradclip.GradBuffer(flat)
     print(f"\nsmall set: {len(small)} tensors, {sum(torch.Size(s).numel() for s in small):,} values")
     compare("(b) 2,000 small transformer-like tensors, float32", params, args.repeats * 3, flat)
+    whole_step(small, args.repeats)
 
 
 if __name__ == "__main__":

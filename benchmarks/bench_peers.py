@@ -3,7 +3,7 @@
 Run: .venv/bin/python benchmarks/bench_peers.py [--repeats N] [--threads T] [--only WORD]
 (peers: ``pip install -e '.[bench]'``; install opacus and timm with ``--no-deps`` beside a pinned torch).
 
-Peers: Opacus 1.6 (GradSampleModule + DPOptimizer, and its ghost / fast gradient clipping),
+Peers: Opacus 1.6 (GradSampleModule + DPOptimizer, and its ghost / fast gradient clipping; DPLSTM/DPGRU),
 the ZClip authors' ``zclip``, ``autoclip``'s ``QuantileClip``, timm's ``adaptive_clip_grad`` and
 ``torch.nn.utils.clip_grad_norm_``. Each row times gradclip and the peer alternately, call by call,
 and prints medians and peer/gradclip (above 1: gradclip is faster), at 0.25x, 1x and 4x the values
@@ -263,6 +263,84 @@ def bench_dp(name: str, make_model, base_batch: int, repeats: int) -> None:
                 MEMORY.append((f"DP-SGD {name} B={batch}", largest(steps[peer]), labels[peer], ""))
 
 
+# --- DP-SGD of a recurrent text model -------------------------------------------------------------------------
+
+class TextModel(nn.Module):
+    """Embedding -> a recurrent layer (torch's, or Opacus's DP twin, which loads the same state) -> linear on the last step."""
+
+    def __init__(self, recurrent: type[nn.Module], vocab: int = 1000, dim: int = 32, hidden: int = 64):
+        super().__init__()
+        self.embed, self.rnn, self.head = nn.Embedding(vocab, dim), recurrent(dim, hidden, batch_first=True), \
+            nn.Linear(hidden, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.embed(tokens))
+        return self.head(out[:, -1])
+
+
+def dp_recurrent_steps(kind: str, batch: int, noise: float, steps_in_time: int = 20, max_norm: float = 1.0):
+    import opacus
+    from opacus import layers
+    from opacus.optimizers import DPOptimizer
+
+    torch.manual_seed(0)
+    base = TextModel(getattr(nn, kind))
+    twin = TextModel(getattr(layers, f"DP{kind}"))
+    for name in ("embed", "rnn", "head"):  # (Opacus's layers map torch's names only at their own level)
+        getattr(twin, name).load_state_dict(getattr(base, name).state_dict())
+    models = {"gradclip": copy.deepcopy(base), "opacus": twin}
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 1000, (batch, steps_in_time), generator=generator)
+    labels = torch.randint(0, 2, (batch,), generator=generator)
+    gc_model, gc_gen = models["gradclip"], torch.Generator().manual_seed(2)
+
+    def gradclip_step():
+        for p in gc_model.parameters():
+            p.grad = None
+        gradclip.per_sample_clip_grad_(gc_model, F.cross_entropy, tokens, labels, max_norm, noise, gc_gen)
+
+    gsm = opacus.GradSampleModule(twin, loss_reduction="mean")
+    opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=0.1), noise_multiplier=noise, max_grad_norm=max_norm,
+                      expected_batch_size=batch, loss_reduction="mean")
+
+    def opacus_step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(gsm(tokens), labels).backward()
+        opt.pre_step()
+
+    plain_model = copy.deepcopy(base)
+
+    def plain_step():  # no privacy: the forward and backward every DP-SGD step contains (torch's fused kernel)
+        for p in plain_model.parameters():
+            p.grad = None
+        F.cross_entropy(plain_model(tokens), labels).backward()
+
+    return {"gradclip": gradclip_step, "opacus": opacus_step, "floor": plain_step}, models
+
+
+def bench_dp_recurrent(kind: str, base_batch: int, repeats: int) -> None:
+    try:
+        import opacus  # noqa: F401
+    except ImportError as exc:
+        SKIPPED.append(f"DP-SGD {kind}: opacus not importable ({exc})")
+        return
+    name, peer = f"DP-SGD Embedding+{kind}+Linear", f"Opacus DP{kind}+GSM"
+    steps, models = dp_recurrent_steps(kind, base_batch, noise=0.0)
+    for fn in steps.values():
+        fn()
+    ours, theirs = dict(models["gradclip"].named_parameters()), dict(models["opacus"].named_parameters())
+    assert ours.keys() == theirs.keys()  # (the same names, registered in another order)
+    check(f"{name} batch {base_batch}: gradclip vs {peer} clipped mean grad",
+          torch.cat([ours[key].grad.reshape(-1) for key in ours]),
+          torch.cat([theirs[key].grad.reshape(-1) for key in ours]), tol=1e-4)
+    for factor in SIZES:
+        batch = int(base_batch * factor)
+        steps, _ = dp_recurrent_steps(kind, batch, noise=1.0)
+        medians = interleaved(steps, repeats)
+        record(name, f"B={batch}", medians["gradclip"], peer, medians["opacus"])
+        record_floor(name, f"B={batch}", "forward + backward without DP, vs Opacus", medians["floor"], medians["opacus"])
+
+
 # --- ZClip --------------------------------------------------------------------------------------------------------
 
 def bench_zclip(repeats: int) -> None:
@@ -467,7 +545,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per candidate and row (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--only", default="", help="comma-separated sections to run: dp, zclip, autoclip, agc, clip")
+    parser.add_argument("--only", default="", help="comma-separated sections to run: dp, rnn, zclip, autoclip, agc, clip")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -478,6 +556,7 @@ def main() -> int:
     sections = {
         "dp": lambda: (bench_dp("MLP 784-256-10", mlp, 64, args.repeats),
                        bench_dp("CNN 2conv+linear", cnn, 64, args.repeats)),
+        "rnn": lambda: (bench_dp_recurrent("LSTM", 32, args.repeats), bench_dp_recurrent("GRU", 32, args.repeats)),
         "zclip": lambda: bench_zclip(args.repeats),
         "autoclip": lambda: bench_autoclip(args.repeats),
         "agc": lambda: bench_agc(args.repeats),

@@ -12,7 +12,12 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import torch
+
+from gradclip_book.reproducibility import pin_cpu_kernels
+
+pin_cpu_kernels()  # before torch runs anything: the re-run checks compare with runs stored on another CPU
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

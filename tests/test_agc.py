@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.params import LargestTemporary, clone_params, make_params
-from support.references import agc_unitwise, timm_adaptive_clip_grad
+from support.references import agc_unitwise, agc_unitwise_along, timm_adaptive_clip_grad
 from support.strategies import seeds, shape_lists
 from support.sync import no_host_sync
 
@@ -329,3 +329,148 @@ def test_agc_parameters_warns_when_the_head_is_a_guess():
         kept = agc_parameters(model, head="head")  # named: no guess, no warning
         assert {id(p) for p in kept} == {id(p) for p in model.body.parameters()}
         agc_parameters(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)))  # call order
+
+
+# --- the unit axis follows the layer, whichever way the parameters arrive ---------------------------------------
+
+P = torch.nn.utils.parametrizations
+
+
+def legacy(fn, layer, **kwargs):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates the legacy hooks, users still have them
+        return fn(layer, **kwargs)
+
+
+# kind -> (the layer, {parameter name: (unit axis, groups)} written from the layer's layout, not from gradclip)
+LAYERS = {
+    "Linear": (lambda: torch.nn.Linear(5, 4), {"weight": (0, 1), "bias": (None, 1)}),
+    "Conv2d": (lambda: torch.nn.Conv2d(3, 4, 3), {"weight": (0, 1), "bias": (None, 1)}),
+    "ConvTranspose1d": (lambda: torch.nn.ConvTranspose1d(4, 6, 3), {"weight": (1, 1), "bias": (None, 1)}),
+    "ConvTranspose2d": (lambda: torch.nn.ConvTranspose2d(4, 6, 3), {"weight": (1, 1), "bias": (None, 1)}),
+    "ConvTranspose2d(groups=2)": (lambda: torch.nn.ConvTranspose2d(4, 6, 3, groups=2),
+                                  {"weight": (1, 2), "bias": (None, 1)}),
+    # g (4, 1, 1, 1): one gain per input channel; v (4, 6, 3, 3): the transposed convolution's weight
+    "weight_norm(ConvTranspose2d)": (lambda: P.weight_norm(torch.nn.ConvTranspose2d(4, 6, 3)),
+                                     {"parametrizations.weight.original0": (0, 1),
+                                      "parametrizations.weight.original1": (1, 1), "bias": (None, 1)}),
+    "weight_norm(ConvTranspose2d, dim=1)": (lambda: P.weight_norm(torch.nn.ConvTranspose2d(4, 6, 3), dim=1),
+                                            {"parametrizations.weight.original0": (1, 1),
+                                             "parametrizations.weight.original1": (1, 1), "bias": (None, 1)}),
+    "weight_norm(Linear, dim=None)": (lambda: P.weight_norm(torch.nn.Linear(5, 4), dim=None),
+                                      {"parametrizations.weight.original0": (None, 1),
+                                       "parametrizations.weight.original1": (0, 1), "bias": (None, 1)}),
+    "legacy weight_norm(ConvTranspose2d)": (
+        lambda: legacy(torch.nn.utils.weight_norm, torch.nn.ConvTranspose2d(4, 6, 3, groups=2)),
+        {"weight_g": (0, 1), "weight_v": (1, 2), "bias": (None, 1)}),
+    "spectral_norm(ConvTranspose2d)": (lambda: P.spectral_norm(torch.nn.ConvTranspose2d(4, 6, 3)),
+                                       {"parametrizations.weight.original": (1, 1), "bias": (None, 1)}),
+    "legacy spectral_norm(ConvTranspose2d)": (
+        lambda: legacy(torch.nn.utils.spectral_norm, torch.nn.ConvTranspose2d(4, 6, 3)),
+        {"weight_orig": (1, 1), "bias": (None, 1)}),
+    "orthogonal(Linear)": (lambda: P.orthogonal(torch.nn.Linear(4, 4)),
+                           {"parametrizations.weight.original": (0, 1), "bias": (None, 1)}),
+}
+
+ROUTES = {
+    "the model": lambda model: adaptive_clip_grad_(model, 0.02, exclude=model[1].parameters()),
+    "agc_parameters(model)": lambda model: adaptive_clip_grad_(agc_parameters(model), 0.02),
+    "unit_dims=agc_unit_dims(model)": lambda model: adaptive_clip_grad_(
+        list(model[0].parameters()), 0.02, unit_dims=agc_unit_dims(model)),
+    "an optimizer's parameter group": lambda model: adaptive_clip_grad_(
+        torch.optim.SGD(agc_parameters(model), lr=0.1).param_groups[0]["params"], 0.02),
+    "model.parameters() of a walked model": lambda model: (
+        agc_unit_dims(model), adaptive_clip_grad_(list(model[0].parameters()), 0.02)),
+}
+
+
+def layer_model(kind, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(LAYERS[kind][0](), torch.nn.Linear(3, 2))  # (the head: never clipped)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 0.5
+    return model
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_every_route_clips_each_layer_per_output_unit(kind, route):
+    model = layer_model(kind)
+    named = dict(model[0].named_parameters())
+    assert set(named) == set(LAYERS[kind][1]), "the table names every parameter of the layer"
+    before = {name: (p.detach().clone(), p.grad.clone()) for name, p in named.items()}
+    head = [p.grad.clone() for p in model[1].parameters()]
+    ROUTES[route](model)
+    clipped = 0
+    for name, (dim, groups) in LAYERS[kind][1].items():
+        weight, grad = before[name]
+        expected = agc_unitwise_along(weight, grad, 0.02, 1e-3, dim, groups)
+        torch.testing.assert_close(named[name].grad.double(), expected, rtol=1e-5, atol=1e-7, msg=f"{kind} {name}")
+        clipped += int(not torch.equal(expected, grad.double()))
+    assert clipped, "nothing was clipped: the case shows nothing"
+    assert all(torch.equal(p.grad, h) for p, h in zip(model[1].parameters(), head))
+
+
+def test_an_original_of_another_shape_warns_that_its_axis_is_a_guess():
+    class FromMatrix(torch.nn.Module):  # a transposed convolution's weight stored as an (in, out * k * k) matrix
+        def __init__(self, shape):
+            super().__init__()
+            self.shape = shape
+
+        def forward(self, matrix):
+            return matrix.reshape(self.shape)
+
+        def right_inverse(self, weight):
+            return weight.reshape(weight.shape[0], -1)
+
+    deconv = torch.nn.ConvTranspose2d(4, 6, 3)
+    torch.nn.utils.parametrize.register_parametrization(deconv, "weight", FromMatrix(deconv.weight.shape), unsafe=True)
+    original = deconv.parametrizations.weight.original
+    with pytest.warns(UserWarning, match=r"parametrizations\.weight\.original \(shape \(4, 54\)\).*axis 0 is assumed.*unit_dims") as record:
+        specs = agc_unit_dims(deconv)
+    assert record[0].filename == __file__
+    assert specs[original] == UnitSpec(0)
+
+
+def test_a_bare_tensor_never_walked_gets_axis_0_as_documented():
+    deconv = torch.nn.ConvTranspose2d(4, 6, 3)
+    bare = clone_params([deconv.weight])[0]  # a tensor of no walked module: its layer cannot be known
+    bare.grad = torch.randn_like(bare)
+    weight, grad = bare.detach().clone(), bare.grad.clone()
+    adaptive_clip_grad_([bare], 0.02)
+    torch.testing.assert_close(bare.grad.double(), agc_unitwise_along(weight, grad, 0.02, 1e-3, 0))
+
+
+# --- several heads ----------------------------------------------------------------------------------------------
+
+
+class Distilled(torch.nn.Module):
+    """timm's distilled DeiT: get_classifier() returns the class head and the distillation head."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
+        self.head = torch.nn.Linear(8, 3)
+        self.head_dist = torch.nn.Linear(8, 3)
+
+    def get_classifier(self):
+        return self.head, self.head_dist
+
+
+def test_agc_parameters_leaves_out_every_head_get_classifier_returns_without_warning():
+    import warnings
+
+    model = Distilled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = agc_parameters(model)
+    assert {id(p) for p in kept} == {id(p) for p in model.blocks.parameters()}
+    model.get_classifier = lambda: torch.nn.Identity()  # timm's reset_classifier(0): no classifier, nothing left out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(agc_parameters(model)) == len(list(model.parameters()))
+    model.get_classifier = lambda: "head"  # not a module: the search, and a warning that says why
+    with pytest.warns(UserWarning, match=r"get_classifier\(\) returned str, not a module.*'head_dist'"):
+        kept = agc_parameters(model)
+    assert {id(p) for p in model.head_dist.parameters()}.isdisjoint({id(p) for p in kept})

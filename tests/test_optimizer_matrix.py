@@ -12,6 +12,10 @@ gradients the optimizer stepped with were the clipped ones. Along the way:
 no "twice"/"no gradient" error, a twin tool called by hand on the unscaled
 gradients agrees with the attached one (the true norm under a fused
 optimizer), and ``state_dict()`` survives ``torch.save``/``torch.load(weights_only=True)``.
+
+Also for every optimizer, variant and way of stepping: a ``GradBuffer`` run with a layer frozen
+mid-training and a layer that some forward passes skip steps exactly what an eager
+``optimizer.zero_grad()`` loop steps (same parameters and optimizer state), clipping on the flat path.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import io
 import pytest
 import torch
 
+import gradclip
 from gradclip.autoclip import AutoClip
 from gradclip.guard import SpikeGuard
 from gradclip.monitor import GradientMonitor
@@ -268,3 +273,94 @@ def test_the_optimizer_steps_with_what_the_tool_says_it_did(name, variant, mode,
             torch.testing.assert_close(value, again[key], rtol=0, atol=0, equal_nan=True, msg=key)
         else:
             assert value == again[key], key
+
+
+# --- a GradBuffer with a layer frozen mid-training and a branch some steps skip ---------------------------------
+# Every optimizer, every variant, every way of stepping: the buffered run (buffer.zero_grad(), gradclip's clipping
+# on the flat path) against an eager reference loop without a buffer (optimizer.zero_grad(), whose set_to_none
+# leaves .grad None for what a backward pass does not reach, and torch's clipping): the same parameters and the
+# same optimizer state, so a parameter without a gradient gets no weight decay, momentum or state update.
+
+FROZEN_STEPS = (1, 2)  # the first layer's weight is frozen at step 1 and unfrozen at step 3
+SKIPS_LAST = (2, 3)  # steps whose forward pass skips the last layer (its output is not used)
+
+
+class WithSkippedLayer(torch.nn.Module):
+    def __init__(self, bias):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = torch.nn.Linear(4, 6, bias=bias), torch.nn.Linear(6, 3, bias=bias)
+        self.last = torch.nn.Linear(3, 3, bias=bias)
+
+    def forward(self, x, skip_last):
+        h = self.second(torch.tanh(self.first(x)))
+        return h if skip_last else self.last(h)
+
+
+def buffered_run(name, variant, mode, buffered):
+    model = WithSkippedLayer(bias=name != "Muon")
+    optimizer = make_optimizer(name, variant, model)
+    buffer = gradclip.GradBuffer(model.parameters()) if buffered else None
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE) if mode == "scaler" else None
+    frozen_moved = []
+    for step in range(STEPS):
+        model.first.weight.requires_grad_(step not in FROZEN_STEPS)
+        before = model.first.weight.detach().clone()
+
+        def zero():
+            if buffered:
+                buffer.zero_grad()
+            else:
+                optimizer.zero_grad()
+
+        def clip():
+            if buffered:
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                assert len(grads) < 2 or gradclip._groups.single_buffer(grads) is not None  # one kernel, gaps and all
+                gradclip.clip_grad_norm_(model.parameters(), 0.5)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+
+        def loss():
+            return torch.nn.functional.mse_loss(model(X, step in SKIPS_LAST), Y)
+
+        def closure():
+            zero()
+            value = loss()
+            value.backward()
+            clip()
+            return value
+
+        if mode == "closure":
+            optimizer.step(closure)
+        elif mode == "step":
+            closure()
+            optimizer.step()
+        else:
+            zero()
+            scaler.scale(loss()).backward()
+            scaler.unscale_(optimizer)
+            clip()
+            scaler.step(optimizer)
+            scaler.update()
+        if step in FROZEN_STEPS:
+            frozen_moved.append(not torch.equal(before, model.first.weight))
+    return model, optimizer, frozen_moved
+
+
+@pytest.mark.parametrize("name, variant, mode", list(cases()))
+def test_a_grad_buffer_steps_only_what_got_a_gradient(name, variant, mode):
+    ours, our_optimizer, moved = buffered_run(name, variant, mode, buffered=True)
+    ref, ref_optimizer, ref_moved = buffered_run(name, variant, mode, buffered=False)
+    assert moved == ref_moved
+    if name != "LBFGS":  # (LBFGS's direction mixes in its history: torch moves a weight without a gradient too)
+        assert moved == [False] * len(FROZEN_STEPS)
+    for (label, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=label)
+        mine, theirs = our_optimizer.state.get(p, {}), ref_optimizer.state.get(q, {})
+        assert mine.keys() == theirs.keys(), label
+        for key, value in theirs.items():  # (LBFGS keeps lists of tensors)
+            pairs = zip(mine[key], value) if isinstance(value, list) else [(mine[key], value)]
+            for a, b in pairs:
+                torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-4, atol=1e-6,
+                                           msg=f"{label} {key}")

@@ -30,6 +30,41 @@ def cnn(seed=0):
     )
 
 
+class Recurrent(torch.nn.Module):
+    """An nn.RNN/LSTM/GRU and a linear head on its mean output and its last layer's final state.
+
+    Inputs are (B, T, 3), examples along dim 0; a time-major layer (batch_first=False) gets them
+    transposed. ``features_as_steps``: inputs (B, 3) are read as sequences of 3 steps of 1 feature.
+    ``learned_state``: the initial hidden state is a trainable parameter.
+    """
+
+    def __init__(self, kind, features_as_steps=False, learned_state=False, seed=0, **kwargs):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.features_as_steps = features_as_steps
+        self.rnn = getattr(torch.nn, kind)(1 if features_as_steps else 3, 4, **kwargs)
+        directions = 2 if self.rnn.bidirectional else 1
+        out_size = kwargs.get("proj_size") or 4
+        self.state = torch.nn.Parameter(
+            torch.randn(self.rnn.num_layers * directions, 1, out_size) * 0.5) if learned_state else None
+        self.head = torch.nn.Linear(directions * out_size + out_size, 3)
+
+    def forward(self, x):
+        if self.features_as_steps:
+            x = x.unsqueeze(-1)
+        if not self.rnn.batch_first:
+            x = x.transpose(0, 1)
+        hx = None
+        if self.state is not None:
+            batch = x.shape[0 if self.rnn.batch_first else 1]
+            hx = self.state.expand(-1, batch, -1).contiguous()
+            if isinstance(self.rnn, torch.nn.LSTM):
+                hx = (hx, torch.zeros(hx.shape[0], batch, self.rnn.hidden_size))
+        out, state = self.rnn(x, hx)
+        last = (state[0] if isinstance(state, tuple) else state)[-1]
+        return self.head(torch.cat([out.mean(dim=1 if self.rnn.batch_first else 0), last], dim=1))
+
+
 def reference_dp_gradient(*args, **kwargs):
     """The reference's averaged DP-SGD gradient, with the per-example norms as floats."""
     grads, norms = per_sample_clipped_mean(*args, **kwargs)
@@ -94,6 +129,26 @@ def test_writes_into_grad_like_backward_and_skips_frozen_parameters():
     torch.testing.assert_close(model[2].weight.grad, result.grads["2.weight"])
     per_sample_clip_grad_(model, F.cross_entropy, inputs, targets, 0.2)  # accumulates, as backward does
     torch.testing.assert_close(model[2].weight.grad, 2 * result.grads["2.weight"])
+
+
+def test_writes_into_a_grad_buffer_as_backward_does():
+    # with a GradBuffer the DP-SGD gradients land in its views (one kernel to clip them again), and a frozen
+    # parameter keeps .grad None, as after loss.backward()
+    import gradclip
+
+    model = mlp(4)
+    buffer = gradclip.GradBuffer(model.parameters())
+    model[0].weight.requires_grad_(False)
+    buffer.zero_grad()
+    inputs, targets = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    result = per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 0.2)
+    per_sample_clip_grad_(model, F.cross_entropy, inputs, targets, 0.2)
+    assert model[0].weight.grad is None and buffer.views_intact()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert gradclip._groups.single_buffer(grads) is not None
+    for name, p in model.named_parameters():
+        if name in result.grads:
+            torch.testing.assert_close(p.grad, result.grads[name])
 
 
 @pytest.mark.parametrize("method", ["ghost", "vmap"])
@@ -286,6 +341,7 @@ def ineligible_models():
         "a softmax over the batch": (torch.nn.Sequential(
             torch.nn.Linear(3, 3), torch.nn.Dropout(0.0), torch.nn.Softmax(dim=0), torch.nn.Linear(3, 3)), "dim=0"),
         "an unbatched layer": (torch.nn.Sequential(torch.nn.Flatten(0), torch.nn.Linear(15, 3)), "start_dim"),
+        "a trainable LSTM": (Recurrent("LSTM", features_as_steps=True), "belongs to a LSTM"),
     }
 
 
@@ -959,3 +1015,185 @@ def test_an_empty_batch_is_noise_alone_for_a_cnn_on_every_method(method):
     everything = torch.cat([g.reshape(-1) for g in noisy.grads.values()])
     assert abs(float(everything.std()) - 1.0 / 64) < 0.1 / 64  # N(0, (sigma C / N)^2)
     assert set(noisy.grads) == {name for name, _ in model.named_parameters()}
+
+
+# --- recurrent layers (nn.RNN, nn.LSTM, nn.GRU) and embeddings on the vmap path -------------------------------
+
+RECURRENT = {
+    "one layer, batch_first": dict(batch_first=True),
+    "two layers, time-major": dict(num_layers=2),
+    "bidirectional": dict(bidirectional=True, batch_first=True),
+    "two bidirectional layers, no bias": dict(num_layers=2, bidirectional=True, bias=False),
+    "learned initial state": dict(batch_first=True, learned_state=True),
+}
+EXTRA = {"RNN": dict(nonlinearity="relu"), "LSTM": dict(proj_size=2), "GRU": dict(num_layers=3)}
+
+
+@pytest.mark.parametrize("config", list(RECURRENT) + ["layer-specific"])
+@pytest.mark.parametrize("kind", ["RNN", "LSTM", "GRU"])
+def test_recurrent_layers_match_the_per_example_loop(kind, config):
+    kwargs = EXTRA[kind] if config == "layer-specific" else RECURRENT[config]
+    model = Recurrent(kind, **kwargs)
+    generator = torch.Generator().manual_seed(1)
+    inputs, targets = torch.randn(6, 5, 3, generator=generator) * 2, torch.randint(0, 3, (6,), generator=generator)
+    assert_matches_loop(model, F.cross_entropy, inputs, targets, 1.1)
+    assert model.rnn.forward.__func__ is type(model.rnn).forward  # the module's own forward is back
+
+
+@pytest.mark.parametrize("method", ["auto", "ghost"])
+def test_a_frozen_gru_before_a_trainable_head(monkeypatch, method):
+    # auto does not know the GRU, so it takes vmap (where the GRU runs unrolled); ghost takes it on trust
+    model = Recurrent("GRU", num_layers=2, batch_first=True)
+    model.rnn.requires_grad_(False)
+    inputs, targets = torch.randn(6, 5, 3), torch.randint(0, 3, (6,))
+    calls = spy_vmap(monkeypatch)
+    assert_matches_loop(model, F.cross_entropy, inputs, targets, 1.1, method=method)
+    assert bool(calls) == (method == "auto")
+
+
+def test_a_text_model_embedding_lstm_linear_matches_the_loop_and_takes_vmap(monkeypatch):
+    class Text(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(20, 5)
+            self.lstm = torch.nn.LSTM(5, 6, batch_first=True, num_layers=2, dropout=0.3)
+            self.head = torch.nn.Linear(6, 2)
+
+        def forward(self, tokens):
+            out, _ = self.lstm(self.embed(tokens))
+            return self.head(out[:, -1])
+
+    model = Text().eval()  # (dropout between the layers only in training mode, which vmap refuses: see below)
+    tokens, labels = torch.randint(0, 20, (7, 9)), torch.randint(0, 2, (7,))
+    calls = spy_vmap(monkeypatch)
+    assert_matches_loop(model, F.cross_entropy, tokens, labels, 1.1)
+    assert calls
+    model.train()
+    with pytest.raises(RuntimeError, match=r"dropout in training mode.*model\.eval\(\)"):
+        per_sample_clipped_grad(model, F.cross_entropy, tokens, labels, 1.0)
+
+
+def test_recurrent_per_sample_grads_are_each_examples_gradient_and_an_empty_batch_is_noise_alone():
+    model = Recurrent("GRU", num_layers=2, bidirectional=True)
+    inputs, targets = torch.randn(4, 5, 3), torch.randint(0, 3, (4,))
+    samples = per_sample_grads(model, F.cross_entropy, inputs, targets, chunk_size=3)
+    expected = per_example_grads(model, F.cross_entropy, inputs, targets)
+    for name, g in samples.items():
+        torch.testing.assert_close(g.double(), expected[name], rtol=1e-5, atol=1e-6)
+    empty = per_sample_clipped_grad(model, F.cross_entropy, inputs[:0], targets[:0], 1.0, noise_multiplier=1.0,
+                                    expected_batch_size=4, generator=torch.Generator().manual_seed(0))
+    assert set(empty.grads) == {name for name, _ in model.named_parameters()} and empty.norms.numel() == 0
+
+
+class PackedGRU(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = torch.nn.GRU(3, 4, batch_first=True), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        lengths = (x.abs().sum(-1) > 0).sum(1)  # padding is all zeros
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        return self.head(self.rnn(packed)[1][-1])
+
+
+def test_a_packed_sequence_gets_an_error_that_says_what_to_do():
+    x, y = torch.randn(5, 4, 3), torch.randint(0, 2, (5,))
+    x[1, 2:] = 0
+    for method in ("auto", "vmap"):
+        with pytest.raises(TypeError, match=r"GRU .*PackedSequence.*padded batch.*last valid step"):
+            per_sample_clip_grad_(PackedGRU(), F.cross_entropy, x, y, 1.0, method=method)
+
+
+@pytest.mark.parametrize("kind", ["Embedding", "EmbeddingBag"])
+@pytest.mark.parametrize("call", ["auto", "vmap", "per_sample_grads", "per_sample_clip_grad_"])
+def test_a_sparse_embedding_gets_the_type_error_that_says_what_to_do(kind, call):
+    embed = getattr(torch.nn, kind)(10, 3, sparse=True)
+    model = torch.nn.Sequential(embed, torch.nn.Flatten(), torch.nn.LazyLinear(2)) if kind == "Embedding" else \
+        torch.nn.Sequential(embed, torch.nn.Linear(3, 2))
+    x, y = torch.randint(0, 10, (4, 3)), torch.randint(0, 2, (4,))
+    model(x)  # (materialises the lazy layer)
+    calls = {
+        "auto": lambda: per_sample_clipped_grad(model, F.cross_entropy, x, y, 1.0),
+        "vmap": lambda: per_sample_clipped_grad(model, F.cross_entropy, x, y, 1.0, method="vmap"),
+        "per_sample_grads": lambda: per_sample_grads(model, F.cross_entropy, x, y),
+        "per_sample_clip_grad_": lambda: per_sample_clip_grad_(model, F.cross_entropy, x, y, 1.0),
+    }
+    with pytest.raises(TypeError, match=rf"'0' \({kind}\) has sparse=True.*sparse=False"):
+        calls[call]()
+    embed.weight.requires_grad_(False)  # a frozen sparse embedding has no gradient: nothing to refuse
+    calls[call]()
+
+
+@pytest.mark.parametrize("kind", ["Embedding", "EmbeddingBag"])
+def test_an_embedding_with_max_norm_matches_the_loop_and_renormalises_as_it(kind):
+    import copy
+
+    torch.manual_seed(0)
+    embed = getattr(torch.nn, kind)(12, 4, max_norm=1.0)
+    with torch.no_grad():
+        embed.weight.mul_(3)  # most rows above max_norm
+    model = torch.nn.Sequential(embed, torch.nn.Flatten(), torch.nn.Linear(12, 3)) if kind == "Embedding" else \
+        torch.nn.Sequential(embed, torch.nn.Linear(4, 3))
+    tokens, labels = torch.randint(0, 8, (6, 3)), torch.randint(0, 3, (6,))  # rows 8-11 are never looked up
+    looped = copy.deepcopy(model)
+    expected, norms = reference_dp_gradient(looped, F.cross_entropy, tokens, labels, 0.5)  # renorms as it goes
+    result = per_sample_clipped_grad(model, F.cross_entropy, tokens, labels, 0.5, method="vmap")
+    assert embed.max_norm == 1.0  # restored
+    torch.testing.assert_close(embed.weight, looped[0].weight)  # the same rows renormalised, once
+    assert torch.all(embed.weight[8:].norm(dim=1) > 1.0)
+    torch.testing.assert_close(result.norms.double(), torch.tensor(norms, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    for (name, _), e in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(result.grads[name].double(), e, rtol=1e-5, atol=1e-6)
+
+
+def unrolled_cases():
+    for kind in ("RNN", "LSTM", "GRU"):
+        for layers, bidirectional, batch_first, bias in [(1, False, True, True), (2, True, False, False),
+                                                          (2, False, False, True), (1, True, True, False)]:
+            extra = {"RNN": {"nonlinearity": "relu"}, "LSTM": {"proj_size": 3}, "GRU": {}}[kind] if layers == 2 else {}
+            for batched in (True, False):
+                yield kind, dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias,
+                                 **extra), batched
+
+
+@pytest.mark.parametrize("kind,kwargs,batched", list(unrolled_cases()))
+def test_the_unrolled_layers_give_torchs_outputs_and_gradients(kind, kwargs, batched):
+    # float64, one ordinary backward pass each: the unrolled recurrence (with its tapped weights) against torch's kernel
+    from gradclip import _recurrent
+
+    torch.manual_seed(0)
+    layer = getattr(torch.nn, kind)(3, 5, **kwargs).double()
+    directions = 2 if kwargs["bidirectional"] else 1
+    out_size = kwargs.get("proj_size") or 5
+    x = torch.randn(*((4, 6, 3) if kwargs["batch_first"] else (6, 4, 3)) if batched else (6, 3), dtype=torch.float64)
+    state_shape = (kwargs["num_layers"] * directions, *((4,) if batched else ()))
+    h0 = torch.randn(*state_shape, out_size, dtype=torch.float64)
+    hx = (h0, torch.randn(*state_shape, 5, dtype=torch.float64)) if kind == "LSTM" else h0
+    results = []
+    for run in (layer, lambda *args: _recurrent.forward(layer, *args)):
+        inputs = [x.clone().requires_grad_()] + [t.clone().requires_grad_() for t in (hx if kind == "LSTM" else [hx])]
+        out, state = run(inputs[0], tuple(inputs[1:]) if kind == "LSTM" else inputs[1])
+        states = list(state) if kind == "LSTM" else [state]
+        loss = (out.sin() * 3).sum() + sum((s.cos() * 2).sum() for s in states)
+        grads = torch.autograd.grad(loss, [*layer.parameters(), *inputs])
+        results.append([out, *states, *grads])
+    for ours, theirs in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_recurrent_layers_and_renormalised_embeddings_never_sync():
+    class Text(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(20, 5, max_norm=1.0)
+            self.gru = torch.nn.GRU(5, 6, batch_first=True, bidirectional=True)
+            self.head = torch.nn.Linear(12, 2)
+
+        def forward(self, tokens):
+            return self.head(self.gru(self.embed(tokens))[0][:, -1])
+
+    with no_host_sync():
+        per_sample_clipped_grad(Text(), F.cross_entropy, torch.randint(0, 20, (4, 7)), torch.randint(0, 2, (4,)), 0.5,
+                                1.0, torch.Generator().manual_seed(0), method="vmap")

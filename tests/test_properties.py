@@ -3,8 +3,8 @@
 1. Extreme magnitudes and low precision: for every in-place method, every
    floating dtype and magnitudes from subnormal to near the dtype's largest
    value, on every path (foreach, loop, flat buffer, and the accelerator
-   paths: no value read on the host; and the CPU's BLAS dot path for large
-   tensors), the outputs are finite
+   paths: no value read on the host; the CPU's BLAS dot path for large
+   tensors; a flat buffer with parameters that got no gradient in between), the outputs are finite
    wherever the exact result is, and within a stated tolerance of a float64
    transcription that factors out the largest magnitude (so the reference
    itself cannot overflow).
@@ -15,6 +15,9 @@
 5. Aliased and duplicated tensors: a parameter listed twice (tied weights
    passed by hand) is one parameter: every function gives the result of
    listing it once (torch counts it twice and scales it twice).
+7. Non-finite gradients: a NaN or inf gradient entry never comes out as a finite
+   gradient (clippers) or a finite parameter (update clipping), in every dtype, on the
+   CPU and the accelerator paths.
 """
 
 from __future__ import annotations
@@ -113,19 +116,30 @@ def ref_sign(grads, _):
     return [[math.copysign(1.0, x) if x else 0.0 for x in g] for g in grads]
 
 
-def ref_agc(params, clip_factor, eps=1e-3):
+def ref_agc(params, clip_factor, eps=1e-3, axis=0):
+    """Per unit along ``axis`` (a ConvTranspose-like layout for axis 1), in float64 with the largest factored out."""
     out = []
     for p in params:
         w, g = p.detach().double(), p.grad.double()
-        rows_w = w.reshape(w.shape[0], -1).tolist() if w.ndim > 1 else [w.reshape(-1).tolist()]
-        rows_g = g.reshape(g.shape[0], -1).tolist() if g.ndim > 1 else [g.reshape(-1).tolist()]
-        result = []
-        for rw, rg in zip(rows_w, rows_g):
-            limit = clip_factor * max(exact_norm(rw), eps)
-            gn = exact_norm(rg)
-            result += [x * (limit / max(gn, 1e-6)) for x in rg] if gn >= limit else rg
-        out.append(result)
+        if axis and w.ndim > 1:  # units along ``axis``: move it first, then back into the original order
+            w, g = w.movedim(axis, 0), g.movedim(axis, 0)
+            rows = ref_agc_rows(w, g, clip_factor, eps)
+            out.append(torch.tensor(rows, dtype=torch.float64).reshape(g.shape).movedim(0, axis).reshape(-1).tolist())
+            continue
+        out.append(ref_agc_rows(w, g, clip_factor, eps))
     return out
+
+
+def ref_agc_rows(w, g, clip_factor, eps):
+    """Brock et al. eq. 3 on the rows (axis 0) of ``w`` and ``g``, as a flat list."""
+    rows_w = w.reshape(w.shape[0], -1).tolist() if w.ndim > 1 else [w.reshape(-1).tolist()]
+    rows_g = g.reshape(g.shape[0], -1).tolist() if g.ndim > 1 else [g.reshape(-1).tolist()]
+    result = []
+    for rw, rg in zip(rows_w, rows_g):
+        limit = clip_factor * max(exact_norm(rw), eps)
+        gn = exact_norm(rg)
+        result += [x * (limit / max(gn, 1e-6)) for x in rg] if gn >= limit else rg
+    return result
 
 
 # --- the methods, each with its threshold relative to the magnitude ----------------------------
@@ -174,6 +188,11 @@ METHODS = {
     "sign_grad_": (lambda ps, m, f: gradclip.sign_grad_(ps, foreach=f), lambda ps, m: ref_sign(flat(ps), m)),
     "adaptive_clip_grad_": (lambda ps, m, f: gradclip.adaptive_clip_grad_(ps, clip_factor=0.05, foreach=f),
                             lambda ps, m: ref_agc(ps, 0.05)),
+    # output units along axis 1, as in a ConvTranspose weight
+    "adaptive_clip_grad_(units on axis 1)": (
+        lambda ps, m, f: gradclip.adaptive_clip_grad_(ps, clip_factor=0.05, foreach=f,
+                                                      unit_dims={p: 1 for p in ps if p.ndim > 1}),
+        lambda ps, m: ref_agc(ps, 0.05, axis=1)),
     # the first step's threshold is its own norm: nothing is clipped (torch's factor c / (c + 1e-6) would be)
     "AutoClip": (lambda ps, m, f: gradclip.AutoClip(percentile=50, foreach=f)(ps),
                  lambda ps, m: flat(ps)),
@@ -183,12 +202,55 @@ METHODS = {
                        lambda ps, m: ref_norm_clip(flat(ps), 1.0)),
 }
 
-PATHS = {"default": None, "foreach": True, "loop": False, "buffer": None, "dot": None,
+# AdaGC (gradclip.adagc) and update clipping (gradclip.update_clip)
+
+
+def adagc_at_half(ps, foreach, rule="adagc"):
+    """AdaGC past its warm-up with gamma at half of each tensor's exact norm: it clips each tensor to that."""
+    clipper = gradclip.AdaGC(lambda_rel=1.0, warmup_steps=0, foreach=foreach) if rule == "adagc" else \
+        gradclip.AdaGC.olmo(1.0, beta=0.9, foreach=foreach)
+    gamma = torch.tensor([0.5 * exact_norm(g) for g in flat(ps)], dtype=torch.float64)
+    clipper.load_state_dict({"config": clipper._config(), "steps": 1, "gamma": gamma})
+    return clipper(ps)
+
+
+def ref_adagc_half(grads):
+    # c = n/2 < n: both rules scale by c / (n + 1e-6)
+    return [[v * (0.5 * exact_norm(g) / (exact_norm(g) + 1e-6)) for v in g] for g in grads]
+
+
+def update_clip_at_half(ps, magnitude, foreach):
+    """UpdateClip('adafactor', d = m/2) on SGD(lr=1) from zero weights; the new weights are written into .grad."""
+    with torch.no_grad():
+        for p in ps:
+            p.zero_()
+    optimizer = torch.optim.SGD(ps, lr=1.0, foreach=foreach)
+    gradclip.UpdateClip("adafactor", d=0.5 * magnitude, foreach=foreach).attach(optimizer)
+    optimizer.step()
+    for p in ps:
+        p.grad.copy_(p.detach())
+
+
+def ref_update_clip_half(grads, magnitude):
+    # U = g (SGD, lr 1): the new weights are -g / max(1, RMS(g) / d), d = m/2
+    return [[-v / max(1.0, exact_norm(g) / math.sqrt(len(g)) / (0.5 * magnitude)) for v in g] for g in grads]
+
+
+METHODS["AdaGC(warm-up)"] = (lambda ps, m, f: gradclip.AdaGC(lambda_abs=1.0, foreach=f)(ps),
+                             lambda ps, m: ref_norm_clip(flat(ps), 1.0))
+METHODS["AdaGC(per-tensor)"] = (lambda ps, m, f: adagc_at_half(ps, f), lambda ps, m: ref_adagc_half(flat(ps)))
+METHODS["AdaGC.olmo"] = (lambda ps, m, f: adagc_at_half(ps, f, "olmo"), lambda ps, m: ref_adagc_half(flat(ps)))
+METHODS["UpdateClip(adafactor)"] = (lambda ps, m, f: update_clip_at_half(ps, m, f),
+                                    lambda ps, m: ref_update_clip_half(flat(ps), m))
+
+PATHS = {"default": None, "foreach": True, "loop": False, "buffer": None, "buffer-gaps": None, "dot": None,
          "accelerator": None, "accelerator-loop": False}
+_BUFFERS: list[gradclip.GradBuffer] = []  # the buffer of the latest buffer-gaps case, kept alive while it runs
 
 
 def on_path(params, path, monkeypatch=None):
-    """For the flat-buffer path, move the gradients into one GradBuffer (per dtype) first.
+    """For the flat-buffer paths, move the gradients into one GradBuffer (per dtype) first (with parameters
+    that have no gradient between them for buffer-gaps).
 
     The accelerator paths run on CPU tensors with the CPU-only host checks switched off
     (as tests/support/sync.py does): the code an accelerator runs, with no value read.
@@ -197,6 +259,15 @@ def on_path(params, path, monkeypatch=None):
     """
     if path == "buffer":
         gradclip.GradBuffer(params)
+    if path == "buffer-gaps":
+        # parameters without a gradient (frozen, or in a branch the forward skipped) between the others: their
+        # .grad stays None and their views hold zeros, and clipping still runs one kernel over the whole buffer
+        gaps = [torch.nn.Parameter(torch.ones(3, dtype=p.dtype)) for p in params]
+        _BUFFERS[:] = [gradclip.GradBuffer([t for pair in zip(gaps, params) for t in pair])]
+        assert all(gap.grad is None for gap in gaps)
+        grads = [p.grad for p in params if p.grad is not None]
+        assert len(grads) < 2 or gradclip._groups.single_buffer(grads) is _BUFFERS[0].buffers[
+            (grads[0].device, grads[0].dtype)], "the buffer with gaps is not taken as one buffer"
     if path == "dot":
         monkeypatch.setattr(gradclip._norms, "_DOT_MIN_NUMEL", 2)
         monkeypatch.setattr(gradclip._norms, "_DOT_PIECE", 64)
@@ -266,6 +337,42 @@ def test_the_issue_case_two_float32_tensors_of_1e18():
     assert math.isclose(float(norm), math.sqrt(600) * 1e18, rel_tol=1e-6)
     total = gradclip.get_total_norm([p.grad for p in params])
     assert math.isclose(float(total), 1.0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("values,exact", [([2e200, 0.0], 2e200), ([1e-163, 0.0], 1e-163)], ids=["2e200", "1e-163"])
+def test_float64_gradients_whose_squares_overflow_or_underflow(values, exact):
+    # torch squares in float64: 4e400 overflows (norm inf, gradients zeroed), 1e-326 underflows (norm 0)
+    theirs = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    theirs.grad = torch.tensor(values, dtype=torch.float64)
+    ours = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    ours.grad = theirs.grad.clone()
+    torch_norm = torch.nn.utils.clip_grad_norm_([theirs], 1.0)
+    assert float(torch_norm) == (math.inf if exact > 1 else 0.0)
+    if exact > 1:
+        assert torch.all(theirs.grad == 0)  # torch: silently wrong
+    norm = gradclip.clip_grad_norm_([ours], 1.0)
+    assert math.isclose(float(norm), exact, rel_tol=1e-12)
+    expected = [1.0, 0.0] if exact > 1 else values  # scaled to the threshold, or left alone below it
+    torch.testing.assert_close(ours.grad, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert math.isclose(float(gradclip.get_total_norm([theirs.grad.new_tensor(values)])), exact, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_an_empty_gradient_under_the_inf_norm_contributes_nothing_where_torch_raises(foreach):
+    # torch: a max over no entries has no identity, so it raises; gradclip: as for every other p, nothing
+    def params():
+        empty, full = torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.zeros(3))
+        empty.grad, full.grad = torch.zeros(0), torch.tensor([1.0, -3.0, 2.0])
+        return [empty, full]
+
+    theirs, ours = params(), params()
+    with pytest.raises(RuntimeError, match="empty tensor"):
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0, math.inf, foreach=foreach)
+    with pytest.raises(RuntimeError, match="empty tensor"):
+        torch.nn.utils.get_total_norm([p.grad for p in theirs], math.inf, foreach=foreach)
+    assert float(gradclip.clip_grad_norm_(ours, 1.0, math.inf, foreach=foreach)) == 3.0
+    torch.testing.assert_close(ours[1].grad, torch.tensor([1.0, -3.0, 2.0]) / (3.0 + 1e-6))
+    assert float(gradclip.get_total_norm([torch.zeros(0)], math.inf, foreach=foreach)) == 0.0
 
 
 def test_the_issue_case_qsgd_float16_stays_finite_and_unbiased():
@@ -448,6 +555,8 @@ def test_torchs_own_case_compiles_too():
 
 # --- 5. a parameter listed twice ----------------------------------------------------------------
 
+EMPTY_CALLS["AdaGC"] = lambda ps, p, f: gradclip.AdaGC(norm_type=p, foreach=f)(ps).norm
+
 TWICE_CALLS = {name: call for name, call in EMPTY_CALLS.items()}
 TWICE_CALLS["GradientMonitor"] = None  # named parameters: duplicates come from module sharing, see test_monitor
 
@@ -495,6 +604,9 @@ SPARSE_CALLS = {
     "ZClip": lambda ps: gradclip.ZClip()(ps),
     "SpikeGuard": lambda ps: gradclip.SpikeGuard()(ps),
 }
+
+
+SPARSE_CALLS["AdaGC"] = lambda ps: gradclip.AdaGC()(ps)
 
 
 @pytest.mark.parametrize("function", list(SPARSE_CALLS))
@@ -564,6 +676,10 @@ COMPLEX_NORM_CALLS = {
     "AutoClip(clipping)": lambda ps, f: autoclip_at_half(ps, f).norm,
     "ZClip(warm-up)": lambda ps, f: gradclip.ZClip(max_grad_norm=1.0, foreach=f)(ps).norm,
 }
+
+
+COMPLEX_NORM_CALLS["AdaGC(warm-up)"] = lambda ps, f: gradclip.AdaGC(lambda_abs=1.0, foreach=f)(ps).norm
+COMPLEX_NORM_CALLS["AdaGC(per-tensor)"] = lambda ps, f: adagc_at_half(ps, f).norm
 
 
 def complex_params(dtype: torch.dtype, scale: float, seed: int = 1) -> list[torch.nn.Parameter]:
@@ -641,3 +757,56 @@ def test_entrywise_rules_refuse_complex_gradients_by_name(function):
     with pytest.raises(TypeError, match=r"parameters\[1\]\.grad is complex .*view_as_real"):
         ENTRYWISE_CALLS[function](params)
     assert all(torch.equal(p.grad, b) for p, b in zip(params, before))  # nothing changed
+
+
+# --- 7. Non-finite gradients never become finite -------------------------------------------------
+# A NaN or inf entry in one gradient: whatever the method does to the rest, the entry it produces
+# from it (a clipped gradient, or a parameter after a clipped update) is not finite.
+
+
+def with_state_then(fault, call):
+    """Run ``call`` on parameters whose state (gamma) comes from clean gradients, then with ``fault`` injected."""
+    def run(ps, foreach):
+        clean = [g.clone() for g in (p.grad for p in ps)]
+        fault(ps)
+        return call(ps, foreach, clean)
+    return run
+
+
+def adagc_after_clean(ps, foreach, clean, rule):
+    clipper = gradclip.AdaGC(lambda_rel=1.0, warmup_steps=0, foreach=foreach) if rule == "adagc" else \
+        gradclip.AdaGC.olmo(1.0, beta=0.9, foreach=foreach)
+    gamma = torch.tensor([0.5 * exact_norm(g.double().reshape(-1).tolist()) for g in clean], dtype=torch.float64)
+    clipper.load_state_dict({"config": clipper._config(), "steps": 1, "gamma": gamma})
+    clipper(ps)
+    return [p.grad for p in ps]
+
+
+def stepped(ps, foreach, optimizer_class, rule):
+    optimizer = optimizer_class(ps, lr=0.1, foreach=foreach)
+    gradclip.UpdateClip(rule, d=0.5).attach(optimizer)
+    optimizer.step()
+    return [p.detach() for p in ps]
+
+
+NONFINITE_CALLS = {
+    "AdaGC(warm-up)": lambda ps, f, clean: (gradclip.AdaGC(lambda_abs=1.0, foreach=f)(ps), [p.grad for p in ps])[1],
+    "AdaGC(per-tensor)": lambda ps, f, clean: adagc_after_clean(ps, f, clean, "adagc"),
+    "AdaGC.olmo": lambda ps, f, clean: adagc_after_clean(ps, f, clean, "olmo"),
+    "UpdateClip(adafactor, SGD)": lambda ps, f, clean: stepped(ps, f, torch.optim.SGD, "adafactor"),
+    "UpdateClip(stable_adamw, Adam)": lambda ps, f, clean: stepped(ps, f, torch.optim.Adam, "stable_adamw"),
+}
+
+
+@pytest.mark.parametrize("path", ["default", "loop", "accelerator"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("method", list(NONFINITE_CALLS))
+def test_a_non_finite_gradient_never_comes_out_finite(method, dtype, bad, path, monkeypatch):
+    params = make(dtype, 1.0)
+
+    def fault(ps):
+        ps[0].grad[5] = bad
+
+    out = with_state_then(fault, NONFINITE_CALLS[method])(params, on_path(params, path, monkeypatch))
+    assert not torch.isfinite(out[0][5]), f"{method}: a {bad} gradient entry came out {float(out[0][5])}"

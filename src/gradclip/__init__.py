@@ -34,6 +34,7 @@ and are not repeated in each docstring.
   values it accepts and what to do.
 """
 
+from .adagc import AdaGC, AdaGCResult
 from .agc import UnitSpec, adaptive_clip_grad_, agc_parameters, agc_unit_dims
 from .autoclip import AutoClip
 from .clip import clip_grad_norm_, clip_grad_norm_report_, clip_grad_value_, clip_grads_with_norm_
@@ -43,6 +44,7 @@ from .flat import GradBuffer
 from .guard import SpikeGuard
 from .layerwise import clip_grad_block_rms_, clip_grad_norm_per_tensor_
 from .monitor import GradientMonitor
+from .update_clip import UpdateClip, UpdateClipResult
 from .tuning import clipped_fraction, should_lower_lr, suggest_threshold
 from .norms import get_total_norm
 from .per_sample import PerSampleClipResult, per_sample_clip_grad_, per_sample_clipped_grad, per_sample_grads
@@ -55,6 +57,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "distributed",
+    "AdaGC",
+    "AdaGCResult",
     "AutoClip",
     "ClipResult",
     "Clipper",
@@ -63,6 +67,8 @@ __all__ = [
     "PerSampleClipResult",
     "SpikeGuard",
     "UnitSpec",
+    "UpdateClip",
+    "UpdateClipResult",
     "ZClip",
     "adaptive_clip_grad_",
     "agc_parameters",

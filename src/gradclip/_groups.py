@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import weakref
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -178,26 +179,33 @@ def single_buffer(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 class _BufferViews:
-    """The views a GradBuffer handed out over one buffer, held weakly, for an O(n) identity check."""
+    """The views a GradBuffer handed out over one buffer, held weakly, for an O(n) identity check.
 
-    def __init__(self, buffer: torch.Tensor, views: list[torch.Tensor]) -> None:
+    ``covers``, from the GradBuffer: whether some of the views (parameters that got no gradient
+    leave gaps) cover the buffer with only zeros between them, so one kernel over it still fits.
+    """
+
+    def __init__(self, buffer: torch.Tensor, views: list[torch.Tensor],
+                 covers: Callable[[list[torch.Tensor]], bool] | None = None) -> None:
         self.buffer = weakref.ref(buffer)
         self.views = [weakref.ref(view) for view in views]
+        self.covers = covers
 
     def matches(self, base: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
-        return (
-            self.buffer() is base
-            and len(tensors) == len(self.views)
-            and all(t is v() for t, v in zip(tensors, self.views))
-        )
+        if self.buffer() is not base:
+            return False
+        if len(tensors) == len(self.views) and all(t is v() for t, v in zip(tensors, self.views)):
+            return True
+        return self.covers is not None and self.covers(tensors)
 
 
 # id(buffer) -> its views. Nothing here keeps a tensor alive; an entry leaves with its buffer.
 _REGISTERED_VIEWS: dict[int, _BufferViews] = {}
 
 
-def register_views(buffer: torch.Tensor, views: list[torch.Tensor]) -> None:
-    """Let single_buffer accept exactly these views of ``buffer`` without re-checking offsets."""
+def register_views(buffer: torch.Tensor, views: list[torch.Tensor],
+                   covers: Callable[[list[torch.Tensor]], bool] | None = None) -> None:
+    """Let single_buffer accept these views of ``buffer`` without re-checking offsets (some of them, if ``covers`` says so)."""
     key = id(buffer)
-    _REGISTERED_VIEWS[key] = _BufferViews(buffer, views)
+    _REGISTERED_VIEWS[key] = _BufferViews(buffer, views, covers)
     weakref.finalize(buffer, _REGISTERED_VIEWS.pop, key, None)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm as _LegacyWeightNorm
 
 from . import _groups, _validate
 from ._norms import accumulation_dtype, axis_norms, tensor_norms
@@ -19,6 +23,9 @@ __all__ = ["UnitSpec", "adaptive_clip_grad_", "agc_parameters", "agc_unit_dims"]
 DIV_EPS = 1e-6
 
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# torch.nn.utils.parametrizations.weight_norm's module (original0 = g, original1 = v); private in torch
+_WEIGHT_NORM = getattr(parametrizations, "_WeightNorm", None)
 
 
 class UnitSpec(NamedTuple):
@@ -82,6 +89,24 @@ def agc_unit_dims(model: nn.Module) -> dict[torch.Tensor, UnitSpec]:
     other tensors with two or more dimensions, ``UnitSpec(None)`` (the whole
     tensor) for biases and gains.
 
+    Reparametrised weights follow their layer. With weight normalisation
+    (``torch.nn.utils.parametrizations.weight_norm`` or the legacy
+    ``torch.nn.utils.weight_norm``), the direction ``v`` has the weight's
+    shape and gets the layer's axis; the magnitude ``g`` (size 1 on every axis
+    but ``dim``) is clipped per entry along ``dim``, each entry the gain of one
+    slice (the whole tensor for ``dim=None``). Other parametrizations
+    (``orthogonal``, ``spectral_norm``, the legacy ``spectral_norm``'s
+    ``weight_orig``, your own) whose original tensor has the weight's shape get
+    the layer's axis; an original of another shape (on a ``Linear``, a
+    convolution or a transposed convolution, whose weight shape is known)
+    gets axis 0 with a warning, since only you know its layout: pass
+    ``unit_dims`` for it.
+
+    The axes found are also remembered for these parameters (weakly), so that
+    :func:`adaptive_clip_grad_` applies them however the parameters arrive
+    later: from :func:`agc_parameters`, an optimizer's parameter groups, or
+    ``model.parameters()`` of a model walked before.
+
     Args:
         model: the module whose parameters are described.
 
@@ -94,32 +119,148 @@ def agc_unit_dims(model: nn.Module) -> dict[torch.Tensor, UnitSpec]:
 
     References:
         * Brock, De, Smith and Simonyan (2021), "High-Performance Large-Scale Image Recognition Without Normalization", `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`__.
+        * Salimans and Kingma (2016), "Weight Normalization", `arXiv:1602.07868 <https://arxiv.org/abs/1602.07868>`__.
 
     Example:
         >>> import torch, gradclip
         >>> up = torch.nn.ConvTranspose2d(8, 4, 3)
         >>> tuple(up.weight.shape), gradclip.agc_unit_dims(up)[up.weight]
         ((8, 4, 3, 3), UnitSpec(dim=1, groups=1))
+        >>> up = torch.nn.utils.parametrizations.weight_norm(torch.nn.ConvTranspose2d(8, 4, 3))
+        >>> g, v = up.parametrizations.weight.original0, up.parametrizations.weight.original1
+        >>> specs = gradclip.agc_unit_dims(up)
+        >>> specs[v], specs[g]  # v as the layer's weight; g (8, 1, 1, 1) one gain per input channel
+        (UnitSpec(dim=1, groups=1), UnitSpec(dim=0, groups=1))
     """
     _validate.check_module("model", model)
     specs: dict[torch.Tensor, UnitSpec] = {}
-    for module in model.modules():
+    for module_name, module in model.named_modules():
+        # the originals of reparametrised tensors first: they belong to child modules (parametrizations)
+        for param, spec in _reparametrized_specs(module, module_name).items():
+            if param not in specs:
+                specs[param] = spec
         for name, param in module.named_parameters(recurse=False):
             if param in specs or isinstance(param, nn.parameter.UninitializedParameter):
                 continue
-            if isinstance(module, _CONV_TRANSPOSE) and name == "weight":
-                specs[param] = UnitSpec(1, module.groups)
-            else:
-                specs[param] = UnitSpec(0 if param.ndim >= 2 else None)
+            specs[param] = _layer_spec(module, name, param.ndim)
+    for param, spec in specs.items():
+        _remember(param, spec)
     return specs
 
 
-def _find_head(model: nn.Module, head: nn.Module | str | None) -> nn.Module:
+def _layer_spec(module: nn.Module, name: str, ndim: int) -> UnitSpec:
+    """The unit axis of ``module``'s tensor ``name`` (of ``ndim`` dims) as the layer uses it."""
+    if isinstance(module, _CONV_TRANSPOSE) and name == "weight":
+        return UnitSpec(1, module.groups)
+    return UnitSpec(0 if ndim >= 2 else None)
+
+
+def _weight_shape(module: nn.Module, name: str) -> tuple[int, ...] | None:
+    """The shape of the tensor ``name`` of a layer whose weight layout is known, else ``None``."""
+    if name != "weight":
+        return None
+    if isinstance(module, _CONV_TRANSPOSE):
+        return (module.in_channels, module.out_channels // module.groups, *module.kernel_size)
+    if isinstance(module, _CONV):
+        return (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    return None
+
+
+def _magnitude_spec(dim: int | None) -> UnitSpec:
+    """Weight normalisation's g: one unit per entry along ``dim`` (size 1 elsewhere); the whole tensor for dim -1."""
+    return UnitSpec(None if dim is None or dim == -1 else dim)
+
+
+def _reparametrized_specs(module: nn.Module, module_name: str) -> dict[torch.Tensor, UnitSpec]:
+    """The unit axes of the tensors that ``module``'s parametrizations and weight-norm hooks hold."""
+    specs: dict[torch.Tensor, UnitSpec] = {}
+    if parametrize.is_parametrized(module):
+        for name, plist in module.parametrizations.items():
+            originals = [plist.original] if plist.is_tensor else [
+                getattr(plist, f"original{i}") for i in range(plist.ntensors)]
+            if _WEIGHT_NORM is not None and isinstance(plist[0], _WEIGHT_NORM) and len(originals) == 2:
+                magnitude, direction = originals
+                specs[magnitude] = _magnitude_spec(plist[0].dim)
+                specs[direction] = _layer_spec(module, name, direction.ndim)
+                continue
+            for index, original in enumerate(originals):
+                label = f"{module_name + '.' if module_name else ''}parametrizations.{name}.original" + (
+                    "" if plist.is_tensor else str(index))
+                specs[original] = _original_spec(module, name, original, label)
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, _LegacyWeightNorm):
+            magnitude = module._parameters.get(hook.name + "_g")
+            direction = module._parameters.get(hook.name + "_v")
+            if magnitude is not None:
+                specs[magnitude] = _magnitude_spec(hook.dim)
+            if direction is not None:
+                specs[direction] = _layer_spec(module, hook.name, direction.ndim)
+        elif isinstance(hook, _LegacySpectralNorm):
+            original = module._parameters.get(hook.name + "_orig")
+            if original is not None:
+                specs[original] = _layer_spec(module, hook.name, original.ndim)
+    return specs
+
+
+def _original_spec(module: nn.Module, name: str, original: torch.Tensor, label: str) -> UnitSpec:
+    """The layer's axis for a parametrization's original of the weight's shape; axis 0, with a warning, otherwise."""
+    expected = _weight_shape(module, name)
+    if expected is None or tuple(original.shape) == expected:
+        return _layer_spec(module, name, original.ndim)
+    guess = UnitSpec(0 if original.ndim >= 2 else None)
+    if guess.dim is not None:
+        warnings.warn(
+            f"AGC: {label} (shape {tuple(original.shape)}) parametrizes the {type(module).__name__}'s {name} "
+            f"(shape {expected}) but has another shape, so its output units cannot be read from the layer: "
+            f"axis 0 is assumed. Pass unit_dims={{that tensor: its axis}} to adaptive_clip_grad_ if that is wrong.",
+            UserWarning, stacklevel=_validate._outside_stacklevel())
+    return guess
+
+
+# id(parameter) -> (weak reference to it, its UnitSpec), filled by agc_unit_dims: the unit axis of a parameter
+# whose module was walked, for calls that get the bare tensor. Keyed by id (tensors compare elementwise);
+# an entry leaves with its parameter.
+_KNOWN_UNITS: dict[int, tuple[weakref.ref, UnitSpec]] = {}
+
+
+def _remember(param: torch.Tensor, spec: UnitSpec) -> None:
+    key = id(param)
+    entry = _KNOWN_UNITS.get(key)
+    if entry is not None and entry[0]() is param:
+        if entry[1] != spec:
+            _KNOWN_UNITS[key] = (entry[0], spec)
+        return
+
+    def forget(ref: weakref.ref, key: int = key) -> None:
+        current = _KNOWN_UNITS.get(key)
+        if current is not None and current[0] is ref:
+            del _KNOWN_UNITS[key]
+
+    _KNOWN_UNITS[key] = (weakref.ref(param, forget), spec)
+
+
+def _known_unit(param: torch.Tensor) -> UnitSpec | None:
+    entry = _KNOWN_UNITS.get(id(param))
+    return entry[1] if entry is not None and entry[0]() is param else None
+
+
+def _as_modules(value: object) -> list[nn.Module] | None:
+    """A module, or a non-empty tuple or list of modules (timm's distilled models return two heads), as a list."""
+    if isinstance(value, nn.Module):
+        return [value]
+    if isinstance(value, (tuple, list)) and value and all(isinstance(m, nn.Module) for m in value):
+        return list(value)
+    return None
+
+
+def _find_heads(model: nn.Module, head: nn.Module | str | None) -> list[nn.Module]:
     if isinstance(head, nn.Module):
-        return head
+        return [head]
     if isinstance(head, str):
         try:
-            return model.get_submodule(head)
+            return [model.get_submodule(head)]
         except AttributeError as error:
             raise ValueError(f"head {head!r} is not a submodule of the model: {error}") from None
     if head is not None:
@@ -127,23 +268,29 @@ def _find_head(model: nn.Module, head: nn.Module | str | None) -> nn.Module:
     get_classifier = getattr(model, "get_classifier", None)
     if callable(get_classifier):
         classifier = get_classifier()
-        if isinstance(classifier, nn.Module) and any(True for _ in classifier.parameters()):
-            return classifier
+        heads = _as_modules(classifier)
+        if heads is not None:
+            # every head it names (a distilled DeiT has two); one without parameters (nn.Identity after
+            # timm's reset_classifier(0)) means the model has no classifier: nothing to leave out
+            return heads
+        reason = f"the model's get_classifier() returned {type(classifier).__name__}, not a module or modules"
+    else:
+        reason = "the model has no get_classifier()"
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(
-            "exclude_head=True found no classifier: the model has no get_classifier() and no "
-            "nn.Linear; pass head= (a module or its name) or exclude_head=False"
+            f"exclude_head=True found no classifier: {reason} and no nn.Linear; pass head= (a module or its "
+            "name) or exclude_head=False"
         )
     name, last = linears[-1]
     if len(linears) > 1 and not isinstance(model, nn.Sequential):
         # registration order is call order only in a Sequential: elsewhere this is a guess
         warnings.warn(
-            f"agc_parameters: the model has no get_classifier(), so the last nn.Linear registered, {name!r}, "
+            f"agc_parameters: {reason}, so the last nn.Linear registered, {name!r}, "
             "is taken as the head and left unclipped. If the classifier is another layer (a head defined "
             "before the body), pass head='its name'.",
             UserWarning, stacklevel=_validate._outside_stacklevel())
-    return last
+    return [last]
 
 
 def agc_parameters(
@@ -159,14 +306,21 @@ def agc_parameters(
     head as a module instead:
 
     * ``head`` if given (a module or its qualified name, e.g. ``"fc"``),
-    * else ``model.get_classifier()`` if the model has one (timm models),
+    * else ``model.get_classifier()`` if the model has one (timm models): a
+      module, or a tuple of modules, all left out (timm's distilled DeiT
+      returns its two heads); a head without parameters (``nn.Identity`` after
+      timm's ``reset_classifier(0)``) leaves nothing out,
     * else the last ``nn.Linear`` in ``model.modules()`` order: the last one
       called in an ``nn.Sequential``, a guess elsewhere (a head defined before
       the body is missed), so for other models with several ``nn.Linear`` it
       warns, naming the layer it took; pass ``head=`` to be sure.
 
     Parameters tied to the head (an embedding shared with an LM head) are
-    left out with it, since they are the same tensors.
+    left out with it, since they are the same tensors. The unit axis of every
+    parameter is read from its layer as :func:`agc_unit_dims` does, and
+    remembered, so ``adaptive_clip_grad_(agc_parameters(model))`` clips a
+    ``ConvTranspose`` or weight-normalised weight per output unit, as
+    ``adaptive_clip_grad_(model)`` does.
 
     Args:
         model: the network.
@@ -190,10 +344,11 @@ def agc_parameters(
     """
     _validate.check_module("model", model)
     _validate.check_bool("exclude_head", exclude_head)
+    agc_unit_dims(model)  # remembered for these parameters: the list carries no layer
     params = list(model.parameters())
     if not exclude_head:
         return params
-    skipped = {id(p) for p in _find_head(model, head).parameters()}
+    skipped = {id(p) for found in _find_heads(model, head) for p in found.parameters()}
     return [p for p in params if id(p) not in skipped]
 
 
@@ -266,16 +421,25 @@ def adaptive_clip_grad_(
     torch reductions over the non-unit axes, which make no temporary of a
     parameter's size.
 
-    **Units.** By default a tensor with two or more dimensions has its units
-    along axis 0, which is right for ``Linear``, ``ConvNd``, ``Embedding`` and
-    RNN weights, and *wrong* for ``ConvTransposeNd`` weights
-    (``(in, out/groups, k...)``), whose output units lie along axis 1. Pass the
-    model itself (``adaptive_clip_grad_(model)``), or
-    ``unit_dims=gradclip.agc_unit_dims(model)``, and the axes are read from the
-    modules; with a bare list of tensors they cannot be known.
+    **Units.** Each parameter's unit axis follows its layer, however the
+    parameters arrive: passed as the model (``adaptive_clip_grad_(model)``),
+    or as tensors of a model that :func:`agc_parameters` or
+    :func:`agc_unit_dims` has walked (they remember each parameter's axis), or
+    given by ``unit_dims``. ``ConvTransposeNd`` weights
+    (``(in, out/groups, k...)``) are clipped per output channel (axis 1, per
+    group); weight-normalised and otherwise parametrised weights as their
+    layer (see :func:`agc_unit_dims`). A tensor whose layer was never seen
+    (a bare tensor, or ``model.parameters()`` of a model no function here has
+    walked) cannot be placed: a tensor with two or more dimensions gets its
+    units along axis 0, which is right for ``Linear``, ``ConvNd``,
+    ``Embedding``, attention and RNN weights and *wrong* for a
+    ``ConvTransposeNd`` weight (clipped per input channel, as timm does) and
+    for the direction of a weight-normalised one. Call
+    ``agc_parameters(model)`` (or pass the model) once and the axes are known.
 
-    **The classifier.** NFNets do not clip the final linear layer: use
-    ``exclude=model.fc.parameters()`` or clip :func:`agc_parameters` ``(model)``.
+    **The classifier.** NFNets do not clip the final linear layer: clip
+    :func:`agc_parameters` ``(model)`` (which also reads the unit axes), or
+    pass ``exclude=model.fc.parameters()``.
 
     **Non-finite values.** A NaN in a unit's gradient or weight makes that
     unit's gradient all NaN; an inf gradient entry gives the unit a factor of 0,
@@ -359,8 +523,10 @@ def adaptive_clip_grad_(
             spec = _as_spec(overrides[id(param)], param, f"unit_dims[parameters[{index}]]")
         elif param in module_specs:
             spec = _as_spec(module_specs[param], param, f"unit axis of parameters[{index}]")
-        else:
-            spec = UnitSpec(0 if param.ndim >= 2 else None)
+        else:  # what agc_unit_dims found for this tensor's layer before, else axis 0
+            known = _known_unit(param)
+            spec = UnitSpec(0 if param.ndim >= 2 else None) if known is None else _as_spec(
+                known, param, f"unit axis of parameters[{index}]")
         grouped.setdefault((grad.device, grad.dtype), []).append(_item(param, spec))
 
     clipped_counts, unit_counts = [], 0

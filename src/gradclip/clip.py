@@ -104,6 +104,10 @@ def clip_grad_norm_(
 
     * float16/bfloat16 gradients are reduced in float32 and the norm comes back
       in float32 (torch returns ``inf`` above 65504 and then zeroes every gradient);
+    * float32 and float64 gradients whose squares overflow or underflow get their
+      right norm (float64 ``[2e200, 0.]``: torch's norm is ``inf`` and it zeroes them);
+    * a gradient with no entries contributes nothing to the norm, the inf-norm
+      included (torch raises there: a max over no entries has no identity);
     * a negative or NaN ``max_norm`` raises ``ValueError`` (torch flips the gradients);
     * ``norm_type`` 0, negative or -inf raises ``ValueError``;
     * sparse gradients raise ``TypeError`` with a message saying what to do.

@@ -101,7 +101,12 @@ def get_total_norm(
     Same contract as ``torch.nn.utils.get_total_norm`` (torch >= 2.6), with
     one deliberate difference: float16 and bfloat16 tensors are reduced in
     float32 and the norm is returned in float32. torch reduces them into their
-    own dtype, so a float16 norm above 65504 becomes ``inf``.
+    own dtype, so a float16 norm above 65504 becomes ``inf``. Where torch is
+    wrong the norm is right: squares that overflow or underflow (float64
+    ``[2e200, 0.]`` gives 2e200, torch ``inf``). A tensor with no entries
+    contributes nothing for every p, the inf-norm included (torch raises
+    there: a max over no entries has no identity); with no entries at all the
+    norm is 0.
 
     Synchronisation and distributed training follow the conventions of
     :mod:`gradclip`: DTensors give the norm of the full tensors as a plain

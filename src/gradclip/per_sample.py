@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.func import functional_call, grad, vmap
 
-from . import _validate
+from . import _validate, _vmappable
+from .flat import accumulate_
 from ._norms import accumulation_dtype, exact_on_host, scaled_norm, suspicious, wide_dtype
 from ._scaling import clip_coefficient
 
@@ -115,7 +116,21 @@ def per_sample_grads(
     scalar. Modules that mix examples (BatchNorm in training mode) have no
     per-example gradient and raise: use GroupNorm or LayerNorm, as DP-SGD
     requires anyway, or BatchNorm in eval mode. Random modules (dropout) raise
-    under ``vmap``'s default ``randomness="error"``. A trainable parameter the
+    under ``vmap``'s default ``randomness="error"``.
+
+    Recurrent layers: torch's fused ``nn.RNN``, ``nn.LSTM`` and ``nn.GRU``
+    kernels have no ``vmap`` rule, so while this runs they are computed
+    unrolled over time, with torch's equations (every option: layers,
+    ``bidirectional``, ``batch_first``, ``proj_size``, an initial state; each
+    recurrent weight's gradient formed as one product over all steps). A
+    ``PackedSequence`` cannot be built for one example under ``vmap`` (its
+    lengths are data): run the layer on the padded batch instead (the error
+    says how). Embeddings: a trainable ``nn.Embedding``/``nn.EmbeddingBag``
+    with ``sparse=True`` raises a ``TypeError`` (per-example gradients are
+    dense); one with ``max_norm`` first renormalises the rows the batch looks
+    up, in place, by one ordinary forward pass without gradients (as the
+    training forward pass, or a loop over the examples, would), and the
+    per-example pass then leaves the weights alone. A trainable parameter the
     loss does not reach gets zeros (``torch.func.grad`` cannot tell it apart);
     :func:`per_sample_clipped_grad` leaves it out. A batch of 0 examples gives
     tensors of shape ``(0, *param.shape)``.
@@ -131,7 +146,7 @@ def per_sample_grads(
         Parameter name to a tensor of shape ``(B, *param.shape)``.
 
     Raises:
-        TypeError: ``model`` is not a module, ``loss_fn`` is not callable, or ``inputs``/``targets`` are not tensors.
+        TypeError: ``model`` is not a module, ``loss_fn`` is not callable, or ``inputs``/``targets`` are not tensors; a trainable embedding has ``sparse=True``; a recurrent layer gets a ``PackedSequence``.
         ValueError: ``inputs`` and ``targets`` differ in batch size or have no batch dimension, ``chunk_size`` is not None or an int >= 1, the model has no trainable or initialised parameters, or it holds a BatchNorm in training mode (or without running statistics), or ``loss_fn`` does not return a 0-dim loss for one example (``reduction='none'``).
         RuntimeError: a module draws random numbers (dropout in training mode); the message says what to do.
 
@@ -169,11 +184,16 @@ def per_sample_grads(
             reached.update(_leaves_reached(loss, trainable))
         return loss
 
+    _vmappable.refuse_sparse_embeddings(model)
     if batch == 0:  # (vmap over 0 examples cannot infer some shapes, e.g. in Flatten)
         return {name: p.new_zeros((0, *p.shape)) for name, p in params.items()}
     try:
-        return vmap(grad(loss_of_one), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, inputs, targets)
+        with _vmappable.prepared(model, inputs):  # recurrent layers unrolled, embeddings' max_norm applied first
+            return vmap(grad(loss_of_one), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, inputs, targets)
     except RuntimeError as error:
+        packed = _vmappable.packed_sequence_error(model, inputs)
+        if packed is not None:
+            raise packed from error
         if "randomness" not in str(error):
             raise
         raise RuntimeError(
@@ -835,7 +855,8 @@ def per_sample_clipped_grad(
 
     * ``"vmap"``: per-example gradients from :func:`per_sample_grads`
       (``vmap`` over ``grad``), one vectorised pass instead of B backward
-      passes, for any model; it holds all B per-example gradients at once.
+      passes, for any model (recurrent layers, run unrolled, and embeddings
+      included; see there); it holds all B per-example gradients at once.
       The model is also run on one example outside ``vmap``, to find which
       parameters the loss reaches.
     * ``"ghost"``: ghost norms, for models whose trainable parameters all
@@ -940,7 +961,7 @@ def per_sample_clipped_grad(
         the per-example factors.
 
     Raises:
-        TypeError: ``model`` is not a module, ``loss_fn`` is not callable, ``inputs``/``targets`` are not tensors, ``generator`` is not a ``torch.Generator``, or ``max_norm``/``noise_multiplier`` are not numbers.
+        TypeError: ``model`` is not a module, ``loss_fn`` is not callable, ``inputs``/``targets`` are not tensors, ``generator`` is not a ``torch.Generator``, or ``max_norm``/``noise_multiplier`` are not numbers; a trainable embedding has ``sparse=True``, or a recurrent layer gets a ``PackedSequence`` (as :func:`per_sample_grads`).
         ValueError: an argument is out of range (``max_norm`` < 0 or infinite with noise, ``noise_multiplier`` < 0, ``chunk_size`` or ``expected_batch_size`` not None or an int >= 1, ``method`` or ``loss_reduction`` not one of theirs); ``inputs`` and ``targets`` differ in batch size; the batch is empty with ``loss_reduction="mean"`` and no ``expected_batch_size``; the model holds a BatchNorm in training mode (or without running statistics), whose batch statistics mix the examples; ``method="ghost"`` for a model the ghost-norm identity does not fit; or ``loss_fn`` does not return a 0-dim loss for one example.
         RuntimeError: on the ``vmap`` path, a module draws random numbers (dropout in training mode; the ghost path takes it).
 
@@ -1076,10 +1097,6 @@ def per_sample_clip_grad_(
                                      method, expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name not in result.grads:
-                continue
-            if p.grad is None:
-                p.grad = result.grads[name]
-            else:
-                p.grad.add_(result.grads[name])
+            if name in result.grads:
+                accumulate_(p, result.grads[name])  # into a GradBuffer's view if one holds p
     return result.norms

@@ -16,6 +16,8 @@ The package has three kinds of parts.
 * :mod:`~gradclip_book.figures`: interactive plotly figures that work in the static book (the Explorer).
 * :mod:`~gradclip_book.exercise`, :mod:`~gradclip_book.exercises`: the exercise widget that works in the static
   book, and the chapters' exercises (answers, hints, solutions) with their checkers.
+* :mod:`~gradclip_book.reproducibility`: pins PyTorch's CPU kernels to AVX2 on import, so that stored runs
+  reproduce on every x86-64 CPU.
 * :mod:`~gradclip_book.data`: the data sets, loaded from installed packages;
   :mod:`~gradclip_book.timing`: the one interleaved timer (also behind ``benchmarks/timing.py``).
 
@@ -30,18 +32,25 @@ The package has three kinds of parts.
   :mod:`~gradclip_book.frameworks` (Lightning, Accelerate), :mod:`~gradclip_book.bugzoo` (real clipping bugs);
 * chapter 4: :mod:`~gradclip_book.classification` (the deep-MLP runs: one config in, one record out), :mod:`~gradclip_book.grids` (its precomputed grids and chapter 5.1's:
   ``python -m gradclip_book.grids classification|optimization``), :mod:`~gradclip_book.classification_figures`;
+  its text page: :mod:`~gradclip_book.text` (the corpus, its split and batches, the models),
+  :mod:`~gradclip_book.text_runs` (one config in, one record out), :mod:`~gradclip_book.text_grid` (its
+  precomputed runs: ``python -m gradclip_book.text_grid``), :mod:`~gradclip_book.text_figures`;
 * chapter 5.1: :mod:`~gradclip_book.performance`, :mod:`~gradclip_book.performance_figures`;
   5.2: :mod:`~gradclip_book.scalability`, :mod:`~gradclip_book.scalability_figures`,
   :mod:`~gradclip_book.dist_demo`; 5.3: :mod:`~gradclip_book.safety`, :mod:`~gradclip_book.safety_figures`;
 * chapter 6: :mod:`~gradclip_book.conclusion` (the decision guide, its evidence read from the other chapters).
 """
 
-from .cliff import cliff_descent, cliff_gradient, cliff_loss
-from .depth import deep_gradients, depth_profile, fit_layer_ratio, predicted_layer_factor, predicted_norms
-from .families import angle_degrees, apply_method, clip_vector, record_gradient_stream
-from .quartic import DIVERGED, Run, quartic_descent
-from .rnn import gradient_through_time
-from .smoothness import largest_stable_lr, local_smoothness, quartic_steps, smoothness_along_training
+from .reproducibility import pin_cpu_kernels
+
+pin_cpu_kernels()  # before any module below runs a torch operation: see reproducibility
+
+from .cliff import cliff_descent, cliff_gradient, cliff_loss  # noqa: E402
+from .depth import deep_gradients, depth_profile, fit_layer_ratio, predicted_layer_factor, predicted_norms  # noqa: E402
+from .families import angle_degrees, apply_method, clip_vector, record_gradient_stream  # noqa: E402
+from .quartic import DIVERGED, Run, quartic_descent  # noqa: E402
+from .rnn import gradient_through_time  # noqa: E402
+from .smoothness import largest_stable_lr, local_smoothness, quartic_steps, smoothness_along_training  # noqa: E402
 
 __all__ = [
     "DIVERGED",

@@ -29,7 +29,6 @@ import datetime
 import functools
 import math
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -503,12 +502,15 @@ def _fsdp_rank(rank: int, world: int, flat_gradient: torch.Tensor, max_norm: flo
     return results
 
 
-def _rank_entry(rank: int, world: int, port: int, outdir: str, job: Callable[..., Any], args: tuple) -> None:
+def _rank_entry(rank: int, world: int, outdir: str, job: Callable[..., Any], args: tuple) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        # a file store, not a TCP one: with no DNS at all (an offline build) the TCP store's client socket
+        # warns that its hostname cannot be retrieved, and the book build treats that stderr as a failure
+        store = os.path.join(outdir, "rendezvous")
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=30))
         result = job(rank, world, *args)
         dist.barrier()
@@ -531,11 +533,8 @@ def run_fsdp_ranks(job: Callable[..., Any], args: tuple, world: int = RANKS, tim
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     with tempfile.TemporaryDirectory() as outdir:
-        procs = [context.Process(target=_rank_entry, args=(rank, world, port, outdir, job, args), daemon=True)
+        procs = [context.Process(target=_rank_entry, args=(rank, world, outdir, job, args), daemon=True)
                  for rank in range(world)]
         for proc in procs:
             proc.start()

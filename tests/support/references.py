@@ -133,6 +133,31 @@ def agc_unitwise(weight, grad, clip_factor, eps, norm_type=2.0):
     return out.reshape(grad.shape)
 
 
+def agc_unitwise_along(weight, grad, clip_factor, eps, dim, groups=1, norm_type=2.0):
+    """Brock et al. 2021, eq. 3, with the output units along axis ``dim`` (within each of ``groups`` blocks of
+    axis 0; ``dim=None``: the whole tensor is one unit), one unit at a time, in float64."""
+    w, g = weight.detach().double(), grad.double()
+    out = g.clone()
+    if dim is None or w.ndim <= 1:
+        units = [()]  # w[()] is the whole tensor
+    else:
+        per_block = w.shape[0] // groups
+        units = []
+        for block in range(groups):
+            for j in range(w.shape[dim]):
+                index = [slice(None)] * w.ndim
+                index[0] = slice(block * per_block, (block + 1) * per_block)
+                index[dim] = j
+                units.append(tuple(index))
+    for index in units:
+        w_norm = float(torch.linalg.vector_norm(w[index], norm_type))
+        g_norm = float(torch.linalg.vector_norm(g[index], norm_type))
+        limit = clip_factor * max(w_norm, eps)
+        if g_norm >= limit:
+            out[index] = g[index] * (limit / max(g_norm, 1e-6))
+    return out
+
+
 # --- per-sample clipping (gradclip.per_sample) --------------------------------------------------
 
 
@@ -293,3 +318,175 @@ def opacus_dp_step(per_sample_grads, max_norm, noise, expected_batch_size, reduc
             step = step / expected_batch_size
         out.append(step)
     return out
+
+
+# --- per-tensor adaptive clipping (gradclip.adagc) ------------------------------------------------
+
+
+def _tensor_norm(g, norm_type):
+    return float(torch.linalg.vector_norm(g, norm_type))
+
+
+class ReferenceAdaGC:
+    """The authors' AdaGC (lishuai-97/AdaGC, megatron-gpt2.patch at commit 32c249fa: class AdaGC, clip_by_norm).
+
+    Transcribed with host floats and float64 tensors: calls count from 1; for the first
+    ``start_clip_steps`` calls, global clipping at ``max_norm`` (factor max_norm / (total + eps),
+    applied only below 1) and gamma = the smallest clipped norm of each tensor; then, per tensor,
+    gamma starts at the tensor's norm if it has none, the tensor is clipped by
+    ratio * gamma / (norm + eps) only when norm > ratio * gamma, the clipped norm is taken as
+    ratio * gamma, and gamma = beta * gamma + (1 - beta) * clipped norm. ``grads``: one float64
+    tensor per position, or None for a parameter without a gradient; returns the clipped copies.
+    """
+
+    def __init__(self, clip_ratio, beta, eps, start_clip_steps, max_norm, norm_type=2.0):
+        self.clip_ratio, self.beta, self.eps = clip_ratio, beta, eps
+        self.start_clip_steps, self.max_norm, self.norm_type = start_clip_steps, max_norm, norm_type
+        self.steps = 0
+        self.norm_value = {}
+
+    def __call__(self, grads):
+        self.steps += 1
+        out = [None if g is None else g.detach().double().clone() for g in grads]
+        present = [i for i, g in enumerate(out) if g is not None]
+        if self.steps <= self.start_clip_steps:
+            total = float(global_norm([out[i] for i in present], self.norm_type))
+            coeff = self.max_norm / (total + self.eps)
+            for i in present:
+                if coeff < 1.0:
+                    out[i] = out[i] * coeff
+                norm = _tensor_norm(out[i], self.norm_type)
+                if i not in self.norm_value or norm < self.norm_value[i]:
+                    self.norm_value[i] = norm
+            return out
+        for i in present:
+            norm = _tensor_norm(out[i], self.norm_type)
+            average = self.norm_value.setdefault(i, norm)
+            if norm > self.clip_ratio * average:
+                out[i] = out[i] * (self.clip_ratio * average / (norm + self.eps))
+                norm = self.clip_ratio * average
+            self.norm_value[i] = average * self.beta + norm * (1.0 - self.beta)
+        return out
+
+
+class ReferenceOLMoAdaptiveClipping:
+    """OLMo's max_grad_norm_ratio (allenai/OLMo olmo/optim.py, Optimizer._do_adaptive_clipping at 59a53e3f).
+
+    Transcribed in float64: ``global_step`` counts from 1 as OLMo's trainer does; each tensor's
+    EMA starts at its norm, and is stored only from global step 2 on (OLMo adds no optimizer
+    state on step 1); coef = min(1, ratio * ema / (norm + 1e-6)) multiplies the gradient, and
+    the EMA moves toward the clipped norm norm * coef by lerp with weight 1 - beta.
+    """
+
+    def __init__(self, max_norm_ratio, beta, norm_type=2.0):
+        self.ratio, self.beta, self.norm_type = max_norm_ratio, beta, norm_type
+        self.global_step = 0
+        self.exp_avg = {}
+
+    def __call__(self, grads):
+        self.global_step += 1
+        out = [None if g is None else g.detach().double().clone() for g in grads]
+        for i, g in enumerate(out):
+            if g is None:
+                continue
+            norm = _tensor_norm(g, self.norm_type)
+            ema = self.exp_avg.get(i)
+            if ema is None:
+                ema = norm
+                if self.global_step > 1:
+                    self.exp_avg[i] = ema
+            coef = min(self.ratio * ema / (norm + 1e-6), 1.0)
+            out[i] = g * coef
+            ema = ema + (1 - self.beta) * (norm * coef - ema)  # torch.lerp_(end, weight)
+            if i in self.exp_avg:
+                self.exp_avg[i] = ema
+        return out
+
+
+# --- update clipping (gradclip.update_clip) -------------------------------------------------------
+
+
+def rms(tensor):
+    """Root mean square sqrt(mean(x^2)) of a tensor, in float64."""
+    return float(tensor.detach().double().pow(2).mean().sqrt())
+
+
+class ReferenceStableAdamW:
+    """StableAdamW (Wortsman et al. 2023) as the first author's StableAdamWUnfused does it, in float64.
+
+    Transcribed from the gist mitchellnw/d42e22a0b9ec02ceaf4f7b4457f51423 (as copied into public
+    repositories): the step t counts from 1; the moments use the debiased coefficients
+    beta_hat = beta (1 - beta^(t-1)) / (1 - beta^t), so m and u are already bias-corrected;
+    R = sqrt(mean(g^2 / max(u, eps^2))) per tensor; theta <- theta (1 - lr wd) -
+    lr / max(1, R / d) * m / (sqrt(u) + eps). ``decay_scaled``: optimi's StableAdamW, whose decay
+    uses the scaled rate too, theta (1 - lr / max(1, R / d) * wd).
+    """
+
+    def __init__(self, params, lr, betas, eps, weight_decay, d=1.0, decay_scaled=False):
+        self.params = [p.detach().double().clone() for p in params]
+        self.lr, (self.beta1, self.beta2), self.eps, self.wd, self.d = lr, betas, eps, weight_decay, d
+        self.decay_scaled = decay_scaled
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.u = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    def step(self, grads):
+        """One step with these gradients (float64 copies); returns each tensor's R."""
+        self.t += 1
+        t, out = self.t, []
+        b1 = self.beta1 * (1 - self.beta1 ** (t - 1)) / (1 - self.beta1 ** t)
+        b2 = self.beta2 * (1 - self.beta2 ** (t - 1)) / (1 - self.beta2 ** t)
+        for k, g in enumerate(grads):
+            g = g.double()
+            self.m[k] = b1 * self.m[k] + (1 - b1) * g
+            self.u[k] = b2 * self.u[k] + (1 - b2) * g * g
+            ratio = math.sqrt(float((g * g / torch.clamp(self.u[k], min=self.eps ** 2)).mean()))
+            rate = self.lr / max(1.0, ratio / self.d)
+            decay = rate if self.decay_scaled else self.lr
+            self.params[k] = self.params[k] * (1 - decay * self.wd) - rate * self.m[k] / (self.u[k].sqrt() + self.eps)
+            out.append(ratio)
+        return out
+
+
+class ReferenceAdamWUpdateClipped:
+    """AdamW (Loshchilov and Hutter 2019) whose update U = m_hat / (sqrt(v_hat) + eps) is clipped by Adafactor's rule.
+
+    In float64: theta <- theta (1 - lr wd) - lr U / max(1, RMS(U) / d) (Shazeer and Stern 2018,
+    update clipping, arXiv:1804.04235), the decay left unclipped as in torch.optim.Adafactor.
+    """
+
+    def __init__(self, params, lr, betas, eps, weight_decay, d=1.0):
+        self.params = [p.detach().double().clone() for p in params]
+        self.lr, (self.beta1, self.beta2), self.eps, self.wd, self.d = lr, betas, eps, weight_decay, d
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    def step(self, grads):
+        """One step; returns each tensor's RMS(U)."""
+        self.t += 1
+        out = []
+        for k, g in enumerate(grads):
+            g = g.double()
+            self.m[k] = self.beta1 * self.m[k] + (1 - self.beta1) * g
+            self.v[k] = self.beta2 * self.v[k] + (1 - self.beta2) * g * g
+            m_hat = self.m[k] / (1 - self.beta1 ** self.t)
+            v_hat = self.v[k] / (1 - self.beta2 ** self.t)
+            update = m_hat / (v_hat.sqrt() + self.eps)
+            size = rms(update)
+            self.params[k] = self.params[k] * (1 - self.lr * self.wd) - self.lr * update / max(1.0, size / self.d)
+            out.append(size)
+        return out
+
+
+def update_clipped_by_hand(before, after, decay, step_size, d):
+    """Adafactor's rule on a step already taken, in float64: the step (1 - c) before - a U, with U clipped.
+
+    ``decay`` is c (the decoupled weight decay), ``step_size`` a; returns (1 - c) before - a U /
+    max(1, RMS(U) / d) with a U = (1 - c) before - after.
+    """
+    decayed = before.double() * (1 - decay)
+    update = decayed - after.double()
+    size = rms(update) / step_size if step_size else math.nan
+    scale = d / size if size > d else 1.0
+    return decayed - scale * update
