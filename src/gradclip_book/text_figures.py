@@ -28,8 +28,8 @@ import numpy as np
 from . import harness, text_grid
 from .figures import PALETTE, RUN_STYLES, Explorer, Param, PlotlyFigure, run_style, table_html
 from .harness.curves import rebin
-from .text_grid import (ARMS, HEADLINE_LRS, HEADLINE_SEQ_LEN, RNN_CLIP, RNN_LRS, RNN_THRESHOLDS, SEEDS, SEQ_LENS,
-                        SWEEP_SEEDS, TRANSFORMER_LRS, TRANSFORMER_THRESHOLDS, arm_config, run_of)
+from .text_grid import (ARMS, HEADLINE_LR, HEADLINE_SEQ_LEN, RNN_CLIP, RNN_LRS, RNN_THRESHOLDS, SEEDS, SEQ_LENS,
+                        SWEEP_SEEDS, TRANSFORMER_LRS, arm_config, run_of)
 from .text_runs import RNN, TRANSFORMER, TextConfig
 
 __all__ = [
@@ -38,9 +38,15 @@ __all__ = [
     "MODEL_LABELS",
     "arm_choices",
     "arm_scores",
+    "arm_verdicts",
     "attention_explorer",
     "cliff_figure",
     "cliff_slice",
+    "fresh_run",
+    "live_recurrent_frame",
+    "live_through_time_frame",
+    "live_transformer_frame",
+    "power_text",
     "recurrent_choice",
     "recurrent_explorer",
     "recurrent_lr_figure",
@@ -48,7 +54,7 @@ __all__ = [
     "recurrent_scores",
     "sensitivity_explorer",
     "sensitivity_figure",
-    "threshold_explorer",
+    "spikes",
     "through_time_explorer",
     "transformer_run",
 ]
@@ -96,6 +102,20 @@ def _f(value: Any) -> float | None:
 
 def _r4(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(f"{value:.4g}")
+
+
+SUPERSCRIPT = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
+
+
+def power_text(x: float, digits: int = 1) -> str:
+    """``x`` as text in the book's power notation: ``power_text(4.2e-6) == '4×10⁻⁶'``.
+
+    Example:
+        >>> power_text(4.2e-6), power_text(0.05)
+        ('4×10⁻⁶', '5×10⁻²')
+    """
+    mantissa, exponent = f"{x:.{digits - 1}e}".split("e")
+    return f"{mantissa}×10{str(int(exponent)).translate(SUPERSCRIPT)}"
 
 
 # --- the stored runs ---------------------------------------------------------------------------------
@@ -149,19 +169,45 @@ def arm_choices() -> dict[str, dict[str, Any]]:
     """Per transformer arm: the learning rate chosen on validation loss over the sweep seeds, and the headline score.
 
     ``{arm: {"selection": Selection over SWEEP_SEEDS, "lr": chosen lr, "score": Score of the chosen lr over all
-    SEEDS (or the sweep seeds when the chosen lr has no more), "test": Score of the test losses of the same runs,
-    "clip_fraction": mean share of steps the method fired}}``.
+    SEEDS, "test": Score of the test losses of the same runs, "clip_fraction": mean share of steps the method
+    fired}}``. The grid runs every seed only at :data:`~gradclip_book.text_grid.HEADLINE_LR`; a choice elsewhere
+    raises ``KeyError`` (the grid's points are stale).
     """
     out = {}
     for arm in ARMS:
         selection = harness.select_best({lr: s.values for lr, s in arm_scores(arm).items()}, mode="min")
         lr = selection.best.setting
-        seeds = SEEDS if lr in HEADLINE_LRS else SWEEP_SEEDS
-        runs = [transformer_run(arm, lr, s) for s in seeds]
+        runs = [transformer_run(arm, lr, s) for s in SEEDS]
         out[arm] = {"selection": selection, "lr": lr, "score": harness.score(lr, [val_loss(r) for r in runs]),
                     "test": harness.score(lr, [test_loss(r) for r in runs]),
-                    "clip_fraction": float(np.mean([_f(r["clip_fraction"]) for r in runs]))}
+                    "clip_fraction": float(np.mean([_f(r["clip_fraction"]) or 0.0 for r in runs]))}
     return out
+
+
+def arm_verdicts(choices: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
+    """Per arm other than ``"none"``, best against best over :data:`~gradclip_book.text_grid.SEEDS`: ``"better"``,
+    ``"worse"`` or ``"no difference"`` against no remedy at its own best learning rate (:func:`harness.beats`)."""
+    choices = arm_choices() if choices is None else choices
+    base = choices["none"]["score"]
+    out = {}
+    for arm, c in choices.items():
+        if arm == "none":
+            continue
+        out[arm] = ("better" if harness.beats(c["score"], base, mode="min")
+                    else "worse" if harness.beats(base, c["score"], mode="min") else "no difference")
+    return out
+
+
+def spikes(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The loss rises of stored runs that finished, largest first: ``{"config", "step", "rise"}`` where ``rise`` is
+    the largest rise (nats) of the 10-step mean training loss above its best earlier value from step 50 on."""
+    out = [{"config": r["config"], "step": r["rise"]["step"], "rise": _f(r["rise"]["rise"])}
+           for r in runs if r["diverged_at"] is None and r.get("rise")]
+    return sorted(out, key=lambda x: -(x["rise"] or 0.0))
+
+
+def _seeds_text(seeds: Sequence[int] = SWEEP_SEEDS) -> str:
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over seeds {seeds[0]}-{seeds[-1]}"
 
 
 def _pm(score: harness.Score, digits: int = 3) -> str:
@@ -294,16 +340,30 @@ def recurrent_explorer() -> Explorer:
                 "are logarithmic.")
 
 
-def live_recurrent_frame(seq_len: int, lr: float, threshold: float | None) -> dict:
-    """A fresh tanh-RNN run (and its unclipped twin) for one state of :func:`recurrent_explorer`'s controls."""
+def fresh_run(config: TextConfig) -> dict[str, Any]:
+    """A fresh run of ``config`` as a stored line looks (:func:`gradclip_book.text_runs.run` plus its ``config``)."""
+    from dataclasses import asdict
+
     from .text_runs import run
 
+    return {**run(config), "config": asdict(config)}
+
+
+def _rnn_config(seq_len: int, lr: float, threshold: float | None, model: str = "rnn") -> TextConfig:
     method = {"method": "none" if threshold is None else "norm", "threshold": threshold}
-    fresh = run(replace(RNN, seq_len=seq_len, lr=lr, **method))
-    fresh_plain = fresh if threshold is None else run(replace(RNN, seq_len=seq_len, lr=lr))
-    return recurrent_frame({**fresh, "config": {"seq_len": seq_len, "lr": lr, **method}},
-                           {**fresh_plain, "config": {"seq_len": seq_len, "lr": lr, "method": "none",
-                                                      "threshold": None}})
+    return replace(RNN, model=model, seq_len=int(seq_len), lr=float(lr), **method)
+
+
+def live_recurrent_frame(seq_len: int, lr: float, threshold: float | None) -> dict:
+    """Fresh tanh-RNN runs (the chosen one and its unclipped twin) for one state of :func:`recurrent_explorer`."""
+    run = fresh_run(_rnn_config(seq_len, lr, threshold))
+    plain = run if threshold is None else fresh_run(_rnn_config(seq_len, lr, None))
+    return recurrent_frame(run, plain)
+
+
+def live_through_time_frame(seq_len: int, lr: float, threshold: float | None) -> dict:
+    """A fresh tanh-RNN run for one state of :func:`through_time_explorer`."""
+    return through_time_frame(fresh_run(_rnn_config(seq_len, lr, threshold)))
 
 
 CHECKPOINT_STYLES = {"start": {"color": "#999999", "dash": "dot", "width": 2},
@@ -529,8 +589,6 @@ def sensitivity_figure() -> PlotlyFigure:
         style = ARM_STYLES[arm]
         traces.append({"x": lrs, "y": [_r4(scores[lr].mean) for lr in lrs], "mode": "lines+markers",
                        "name": ARM_LABELS[arm], "line": style["line"], "marker": {**style["marker"], "size": 9},
-                       "error_y": {"type": "data", "array": [_r4(scores[lr].std) for lr in lrs], "visible": True,
-                                   "color": style["line"]["color"], "thickness": 1},
                        "hovertemplate": "lr %{x}: %{y:.3f}<extra>" + ARM_LABELS[arm] + "</extra>"})
     layout = {"height": 470, "legend": {"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom"},
               "xaxis": {"type": "log", "title": {"text": "learning rate (AdamW)"}, "tickvals": list(TRANSFORMER_LRS),
@@ -538,9 +596,9 @@ def sensitivity_figure() -> PlotlyFigure:
               "yaxis": {"title": {"text": "validation loss (nats per character)"}}}
     return PlotlyFigure(traces, layout, name="text-sensitivity", label="fig-text-sensitivity",
                         caption=f"The transformer's learning-rate sensitivity: validation loss after "
-                                f"{TRANSFORMER.steps} steps of AdamW against the learning rate, mean over seeds "
-                                f"{SWEEP_SEEDS[0]}-{SWEEP_SEEDS[-1]} with their standard deviation as error bars, "
-                                "for each arm (each changes one thing against 'no remedy').")
+                                f"{TRANSFORMER.steps} steps of AdamW against the learning rate, {_seeds_text()}, "
+                                "for each arm (each changes one thing against 'no remedy'). A learning rate where the "
+                                "arm diverged is left out of its line.")
 
 
 def _arm_frame(arm: str, lr: float) -> dict:
@@ -551,12 +609,10 @@ def _arm_frame(arm: str, lr: float) -> dict:
     note = [f"{ARM_LABELS[arm][0].upper() + ARM_LABELS[arm][1:]} at learning rate {lr:g}, seed 0: {describe(run)}"]
     if arm != "none":
         note.append(f"No remedy, same seed: {describe(plain)}")
-        a, b = scores[lr], base[lr]
-        if a.mean is not None and b.mean is not None:
-            gap = b.mean - a.mean
-            verdict = "beyond" if abs(gap) > max(a.std, b.std) else "within"
-            note.append(f"Over seeds {SWEEP_SEEDS[0]}-{SWEEP_SEEDS[-1]}: {a.mean:.3f} against {b.mean:.3f}, a gap of "
-                        f"{gap:+.3f} nats, {verdict} the seed spread.")
+    if HEADLINE_LR.get(arm) == lr:
+        a = harness.score(lr, [val_loss(transformer_run(arm, lr, s)) for s in SEEDS])
+        note.append(f"This is the arm's best learning rate (chosen on seed {SWEEP_SEEDS[0]}'s validation loss); over "
+                    f"seeds {SEEDS[0]}-{SEEDS[-1]} it ends at {_pm(a).replace('&plusmn;', '±')} nats.")
     return {"traces": [{"x": c["x"], "y": c["loss"]}, {"x": p["x"], "y": p["loss"]},
                        {"x": lrs, "y": [_r4(scores[lr_].mean) for lr_ in lrs]},
                        {"x": lrs, "y": [_r4(base[lr_].mean) for lr_ in lrs]},
@@ -596,33 +652,22 @@ def sensitivity_explorer() -> Explorer:
                 f"{TRANSFORMER.seq_len}, AdamW) with the chosen remedy (solid blue) against no remedy (dashed "
                 "vermillion). First panel (left, or top on a phone): training loss of seed 0 at the chosen learning "
                 "rate, mean per plotted bin of steps (logarithmic step axis); second panel: validation loss against "
-                f"the learning rate, mean over seeds {SWEEP_SEEDS[0]}-{SWEEP_SEEDS[-1]}, the chosen learning rate "
-                "circled.")
+                f"the learning rate ({_seeds_text()}), the chosen learning rate circled.")
 
 
-def threshold_frame(lr: float, threshold: float | None) -> dict:
-    """The :func:`threshold_explorer` frame: the transformer clipped at ``threshold`` (seed 0) against no clipping."""
-    run = transformer_run("none", lr, threshold=threshold) if threshold is not None else transformer_run("none", lr)
-    plain = transformer_run("none", lr)
-    frame = recurrent_frame(run, plain)
-    cfg = run["config"]
-    what = "No clipping" if threshold is None else f"Global-norm clipping at max_norm {threshold:g}"
-    frame["note"][0] = f"{what}, learning rate {cfg['lr']:g} (AdamW), seed 0: {describe(run)}"
-    return frame
-
-
-def threshold_explorer() -> Explorer:
-    """The transformer's global-norm threshold scan (seed 0): learning-rate and threshold sliders."""
-    return Explorer(
-        "text-threshold",
-        [Param("lr", list(TRANSFORMER_LRS), label="learning rate", default=0.1, fmt="g"),
-         Param("threshold", [None, *TRANSFORMER_THRESHOLDS], label="max_norm", default=1.0, fmt="g", kind="slider")],
-        compute=threshold_frame, traces=_recurrent_traces(), layout=_two_panels(TRANSFORMER.steps),
-        share_traces=True, label="fig-text-threshold",
-        caption=f"The transformer clipped at each global-norm threshold (solid blue) against no clipping (dashed "
-                f"vermillion), seed 0, {TRANSFORMER.steps} steps of AdamW. First panel (left, or top on a phone): "
-                "training loss, mean per plotted bin of steps; second panel: the largest gradient norm before clipping "
-                "per bin, open circles where clipping fired. Both axes are logarithmic.")
+def live_transformer_frame(arm: str, lr: float) -> dict:
+    """A fresh transformer run of ``arm`` at ``lr`` (seed 0) for :func:`sensitivity_explorer`, against the stored run
+    without a remedy; the sensitivity curves are the stored ones, the fresh run's validation loss circled."""
+    run = fresh_run(replace(arm_config(arm, 0.01), lr=float(lr)))
+    plain = transformer_run("none", lr) if lr in TRANSFORMER_LRS else fresh_run(arm_config("none", float(lr)))
+    c, p = curves(run), curves(plain)
+    lrs = list(TRANSFORMER_LRS)
+    scores, base = arm_scores(arm), arm_scores("none")
+    return {"traces": [{"x": c["x"], "y": c["loss"]}, {"x": p["x"], "y": p["loss"]},
+                       {"x": lrs, "y": [_r4(scores[x].mean) for x in lrs]},
+                       {"x": lrs, "y": [_r4(base[x].mean) for x in lrs]},
+                       {"x": [lr], "y": [_r4(val_loss(run))]}],
+            "note": [f"{ARM_LABELS[arm]} at learning rate {lr:g}, a fresh run (seed 0): {describe(run)}"]}
 
 
 def attention_frame(lr: float) -> dict:
