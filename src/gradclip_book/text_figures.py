@@ -43,6 +43,7 @@ __all__ = [
     "cliff_figure",
     "cliff_slice",
     "fresh_run",
+    "guide_evidence",
     "live_recurrent_frame",
     "live_through_time_frame",
     "live_transformer_frame",
@@ -204,6 +205,38 @@ def spikes(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = [{"config": r["config"], "step": r["rise"]["step"], "rise": _f(r["rise"]["rise"])}
            for r in runs if r["diverged_at"] is None and r.get("rise")]
     return sorted(out, key=lambda x: -(x["rise"] or 0.0))
+
+
+def _verdict(a: harness.Score, b: harness.Score) -> str:
+    """``"better"``, ``"worse"`` or ``"no difference"`` for ``a`` against ``b`` (losses: lower is better)."""
+    return "better" if harness.beats(a, b, mode="min") else "worse" if harness.beats(b, a, mode="min") else \
+        "no difference"
+
+
+def guide_evidence() -> dict[str, Any]:
+    """This page's evidence for chapter 6's guide, as plain numbers (validation losses in nats, best against best).
+
+    ``{"recurrent": {model: {"plain_lr", "plain", "clip_lr", "clip", "verdict"}}, "transformer": {"lr", "plain",
+    "verdicts", "norm_clip_fraction"}}`` where ``plain`` / ``clip`` are ``(mean, std)`` over
+    :data:`~gradclip_book.text_grid.SEEDS` at the learning rate chosen on validation loss, ``verdict`` is clipping
+    at ``max_norm`` = :data:`~gradclip_book.text_grid.RNN_CLIP` against no clipping by the seed-spread rule, and
+    ``verdicts`` maps each transformer arm to its verdict against no remedy (:func:`arm_verdicts`).
+
+    Example:
+        >>> ev = guide_evidence()
+        >>> sorted(ev["recurrent"]), ev["transformer"]["lr"] in TRANSFORMER_LRS
+        (['lstm', 'rnn'], True)
+    """
+    recurrent = {}
+    for model in ("rnn", "lstm"):
+        plain, clipped = recurrent_choice(model, None).best, recurrent_choice(model, RNN_CLIP).best
+        recurrent[model] = {"plain_lr": plain.setting, "plain": (plain.mean, plain.std), "clip_lr": clipped.setting,
+                            "clip": (clipped.mean, clipped.std), "verdict": _verdict(clipped, plain)}
+    choices = arm_choices()
+    base = choices["none"]["score"]
+    return {"recurrent": recurrent,
+            "transformer": {"lr": choices["none"]["lr"], "plain": (base.mean, base.std),
+                            "verdicts": arm_verdicts(choices), "norm_clip_fraction": choices["norm"]["clip_fraction"]}}
 
 
 def _seeds_text(seeds: Sequence[int] = SWEEP_SEEDS) -> str:

@@ -140,3 +140,22 @@ def test_live_recurrent_frame_reproduces_the_stored_frame():
     # a fresh run (window 16, lr 1, unclipped: one run of a few seconds) draws what the stored run draws
     stored = tf.recurrent_run("rnn", 16, 1.0, None)
     assert tf.live_recurrent_frame(16, 1.0, None) == tf.recurrent_frame(stored, stored)
+
+
+def test_guide_evidence_is_best_against_best_by_the_spread_rule():
+    ev = tf.guide_evidence()
+    for model in ("rnn", "lstm"):
+        row = ev["recurrent"][model]
+        plain = [_val(line) for line in _stored(model=model, seq_len=text_grid.HEADLINE_SEQ_LEN, lr=row["plain_lr"],
+                                                method="none")]
+        clipped = [_val(line) for line in _stored(model=model, seq_len=text_grid.HEADLINE_SEQ_LEN, lr=row["clip_lr"],
+                                                  method="norm", threshold=text_grid.RNN_CLIP)]
+        assert None not in plain + clipped and len(plain) == len(clipped) == len(text_grid.SEEDS)
+        assert row["plain"] == pytest.approx((np.mean(plain), np.std(plain, ddof=1)))
+        assert row["clip"] == pytest.approx((np.mean(clipped), np.std(clipped, ddof=1)))
+        gap, spread = np.mean(plain) - np.mean(clipped), max(np.std(plain, ddof=1), np.std(clipped, ddof=1))
+        assert row["verdict"] == ("better" if gap > spread else "worse" if -gap > spread else "no difference")
+    t = ev["transformer"]
+    assert t["lr"] == text_grid.HEADLINE_LR["none"] and set(t["verdicts"]) == set(text_grid.ARMS) - {"none"}
+    norm = [float(line["clip_fraction"]) for line in _transformer_lines("norm", t["lr"], text_grid.SEEDS)]
+    assert t["norm_clip_fraction"] == pytest.approx(np.mean(norm))
