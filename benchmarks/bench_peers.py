@@ -11,12 +11,21 @@ and prints medians and peer/gradclip (above 1: gradclip is faster), at 0.25x, 1x
 clipped gradients within float32 tolerance; DP-SGD with noise 0: the clipped mean gradient); a
 mismatch prints loudly and the script exits 1. DP-SGD rows also report the largest tensor each
 side materialises in one step (per-sample gradients, unfolded inputs...).
+
+DP-SGD (``--only dp``) runs the architecture zoo of ``dp_zoo.py`` (MLP; CNNs with 3x3 padded, 5x5
+unpadded and strided convolutions; a ResNet block with GroupNorm; an embedding with a transformer
+block; an embedding with an LSTM) at batch 16, 64 and 256: gradclip's three methods, Opacus's
+GradSampleModule + DPOptimizer and its ghost clipping, the forward+backward floor and the noise draw
+alone, then prints issue 28's targets with their status (``--model WORD`` runs the models whose name
+holds WORD). ``--only dplayers`` times, per layer with more than one position, the two ways the hook
+path can take (Gram matrices or per-example gradients) beside the one ``method="auto"`` picks.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import importlib.util
 import platform
 import sys
@@ -30,6 +39,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dp_zoo  # noqa: E402
 import gradclip  # noqa: E402
 from shapes import model_shapes, numel, resnet50_shapes  # noqa: E402
 from timing import interleaved  # noqa: E402
@@ -168,40 +178,59 @@ def version(dist: str) -> str:
         return "not installed"
 
 
-# --- DP-SGD -------------------------------------------------------------------------------------------------------
+# --- DP-SGD: the architecture zoo (benchmarks/dp_zoo.py) ----------------------------------------------------------
 
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+DP_BATCHES = (16, 64, 256)
+DP_BASE = 64
+# (model, batch) -> {candidate: median ms}, for the summary of the targets
+DP_TIMES: dict[tuple[str, int], dict[str, float]] = {}
+DP_LABELS = {"auto": "gradclip auto", "ghost": "gradclip ghost", "vmap": "gradclip vmap",
+             "opacus": "Opacus GSM+DPOptimizer", "opacus_ghost": "Opacus ghost/FGC",
+             "floor": "forward+backward", "noise": "noise draw"}
 
 
-def cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(32 * 7 * 7, 10))
+def opacus_twin(name: str, base: nn.Module) -> nn.Module:
+    """The model Opacus trains: the same module, or for the LSTM its DPLSTM twin with the same weights."""
+    if name != "Embedding + LSTM":
+        return copy.deepcopy(base)
+    from opacus import layers
+    twin = dp_zoo.LSTMClassifier(layers.DPLSTM)
+    for part in ("embed", "rnn", "head"):  # (Opacus's layers map torch's names only at their own level)
+        getattr(twin, part).load_state_dict(getattr(base, part).state_dict())
+    return twin
 
 
-def dp_steps(make_model, batch: int, noise: float, max_norm: float = 1.0):
-    """Step functions (no optimizer update) writing the DP-SGD gradient into .grad, and their models."""
+def dp_zoo_steps(name: str, batch: int, noise: float, max_norm: float = 1.0):
+    """Step functions (no optimizer update) that write the DP-SGD gradient into .grad, and their models."""
     import opacus
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
+    make, make_batch, _ = dp_zoo.ZOO[name]
     torch.manual_seed(0)
-    base = make_model()
-    models = {k: copy.deepcopy(base) for k in ("gradclip", "opacus", "ghost")}
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 1, 28, 28, generator=generator)
-    y = torch.randint(0, 10, (batch,), generator=generator)
+    base = make()
+    x, y = make_batch(batch, torch.Generator().manual_seed(1))
+    steps, models = {}, {}
 
-    gc_model = models["gradclip"]
-    gc_gen = torch.Generator().manual_seed(2)
+    def ours(method: str):
+        model, generator = copy.deepcopy(base), torch.Generator().manual_seed(2)
+        models[method] = model
 
-    def gradclip_step():
-        for p in gc_model.parameters():
-            p.grad = None
-        gradclip.per_sample_clip_grad_(gc_model, F.cross_entropy, x, y, max_norm, noise, gc_gen)
+        def step():
+            for p in model.parameters():
+                p.grad = None
+            gradclip.per_sample_clip_grad_(model, F.cross_entropy, x, y, max_norm, noise, generator, method=method)
+        return step
 
+    for method in ("auto", "ghost", "vmap"):
+        steps[method] = ours(method)
+    try:
+        steps["ghost"]()
+    except ValueError:  # the hook path does not take the model (the LSTM)
+        del steps["ghost"], models["ghost"]
+
+    models["opacus"] = opacus_twin(name, base)
     gsm = opacus.GradSampleModule(models["opacus"], loss_reduction="mean")
     opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=0.1), noise_multiplier=noise, max_grad_norm=max_norm,
                       expected_batch_size=batch, loss_reduction="mean")
@@ -210,17 +239,20 @@ def dp_steps(make_model, batch: int, noise: float, max_norm: float = 1.0):
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(gsm(x), y).backward()
         opt.pre_step()
+    steps["opacus"] = opacus_step
 
-    fgc = GradSampleModuleFastGradientClipping(models["ghost"], max_grad_norm=max_norm, use_ghost_clipping=True,
+    models["opacus_ghost"] = opacus_twin(name, base)
+    fgc = GradSampleModuleFastGradientClipping(models["opacus_ghost"], max_grad_norm=max_norm, use_ghost_clipping=True,
                                                loss_reduction="mean")
     fopt = DPOptimizerFastGradientClipping(torch.optim.SGD(fgc.parameters(), lr=0.1), noise_multiplier=noise,
                                            max_grad_norm=max_norm, expected_batch_size=batch, loss_reduction="mean")
     criterion = DPLossFastGradientClipping(fgc, fopt, nn.CrossEntropyLoss(reduction="mean"), "mean")
 
-    def ghost_step():
+    def opacus_ghost_step():
         fopt.zero_grad(set_to_none=True)
         criterion(fgc(x), y).backward()
         fopt.pre_step()
+    steps["opacus_ghost"] = opacus_ghost_step
 
     plain_model = copy.deepcopy(base)
 
@@ -228,39 +260,157 @@ def dp_steps(make_model, batch: int, noise: float, max_norm: float = 1.0):
         for p in plain_model.parameters():
             p.grad = None
         F.cross_entropy(plain_model(x), y).backward()
+    steps["floor"] = plain_step
 
-    steps = {"gradclip": gradclip_step, "opacus": opacus_step, "ghost": ghost_step, "floor": plain_step}
+    shapes, generator = [p.shape for p in base.parameters()], torch.Generator().manual_seed(3)
+
+    def noise_step():  # the Gaussian noise every DP-SGD step draws, one tensor per parameter (no other work)
+        for shape in shapes:
+            torch.randn(shape, generator=generator)
+    steps["noise"] = noise_step
     return steps, models
 
 
-def bench_dp(name: str, make_model, base_batch: int, repeats: int) -> None:
+def dp_grads(model: nn.Module) -> torch.Tensor:
+    named = dict(model.named_parameters())
+    return torch.cat([named[key].grad.reshape(-1) for key in sorted(named)])  # (the LSTM twin registers another order)
+
+
+def bench_dp_zoo(repeats: int, only: str = "") -> None:
     try:
         import opacus  # noqa: F401
     except ImportError as exc:
-        SKIPPED.append(f"DP-SGD {name}: opacus not importable ({exc})")
+        SKIPPED.append(f"DP-SGD zoo: opacus not importable ({exc})")
         return
-    labels = {"opacus": "Opacus GSM+DPOptimizer", "ghost": "Opacus ghost/FGC"}
-    # same answer: noise 0, the clipped mean gradient in .grad
-    steps, models = dp_steps(make_model, base_batch, noise=0.0)
-    for fn in steps.values():
-        fn()
-    want = list(models["gradclip"].parameters())
-    for peer in ("opacus", "ghost"):
-        check(f"DP-SGD {name} batch {base_batch}: gradclip vs {labels[peer]} clipped mean grad",
-              torch.cat([p.grad.reshape(-1) for p in want]),
-              torch.cat([p.grad.reshape(-1) for p in models[peer].parameters()]), tol=1e-4)
-    for factor in SIZES:
-        batch = int(base_batch * factor)
-        steps, _ = dp_steps(make_model, batch, noise=1.0)
-        medians = interleaved(steps, repeats)
-        for peer in ("opacus", "ghost"):
-            record(f"DP-SGD {name}", f"B={batch}", medians["gradclip"], labels[peer], medians[peer])
-        record_floor(f"DP-SGD {name}", f"B={batch}", "forward + backward without DP, vs Opacus GSM",
-                     medians["floor"], medians["opacus"])
-        if factor == 1.0:
-            MEMORY.append((f"DP-SGD {name} B={batch}", largest(steps["gradclip"]), "gradclip", ""))
-            for peer in ("opacus", "ghost"):
-                MEMORY.append((f"DP-SGD {name} B={batch}", largest(steps[peer]), labels[peer], ""))
+    for name, (_, _, floor_target) in dp_zoo.ZOO.items():
+        if only and only.lower() not in name.lower():
+            continue
+        steps, models = dp_zoo_steps(name, DP_BASE, noise=0.0)  # same answer: noise 0, the clipped mean gradient
+        for fn in steps.values():
+            fn()
+        want = dp_grads(models["auto"])
+        for other in [k for k in models if k != "auto"]:
+            check(f"DP-SGD {name} batch {DP_BASE}: gradclip auto vs {DP_LABELS[other]} clipped mean grad",
+                  dp_grads(models[other]), want, tol=1e-4)
+        for batch in DP_BATCHES:
+            steps, _ = dp_zoo_steps(name, batch, noise=1.0)
+            medians = interleaved(steps, repeats)
+            DP_TIMES[(name, batch)] = medians
+            for peer in ("opacus", "opacus_ghost"):
+                record(f"DP-SGD {name}", f"B={batch}", medians["auto"], DP_LABELS[peer], medians[peer])
+            record_floor(f"DP-SGD {name}", f"B={batch}", "forward + backward without DP, vs Opacus GSM",
+                         medians["floor"], medians["opacus"])
+            own = {k: medians[k] for k in ("auto", "ghost", "vmap") if k in medians}
+            print(f"  {'':<34} {f'B={batch}':>6}  gradclip " + ", ".join(f"{k} {v:.3f}" for k, v in own.items())
+                  + f" ms; noise draw alone {medians['noise']:.3f} ms", flush=True)
+            if batch == DP_BASE:
+                for who in ("auto", "opacus", "opacus_ghost"):
+                    MEMORY.append((f"DP-SGD {name} B={batch}", largest(steps[who]), DP_LABELS[who], ""))
+
+
+def print_dp_targets() -> None:
+    """Issue 28's DP-SGD targets, model by model and batch by batch, with their status."""
+    if DP_LAYERS:
+        slower = [row for row in DP_LAYERS if row[-1] > 1.1]
+        print(f"\nPer-layer choice of method='auto' (Gram matrices or per-example gradients): the faster way within 1.1x "
+              f"on {len(DP_LAYERS) - len(slower)} of {len(DP_LAYERS)} layers; worst {max(r[-1] for r in DP_LAYERS):.2f}x"
+              + "".join(f"\n  slower: {r[0]} {r[1]} ({r[-1]:.2f}x)" for r in slower))
+    if not DP_TIMES:
+        return
+    print("\nDP-SGD zoo (median ms; targets at every batch: auto <= 1.1x gradclip's fastest method, Opacus/auto >= 1.0;")
+    print("at B=64 on the MLP and CNNs: auto <= 1.5x forward+backward; 'floor+noise' adds the noise draw any DP step pays):")
+    print(f"  {'model':<26} {'B':>4} | {'auto':>8} {'ghost':>8} {'vmap':>8} | {'Opacus':>8} {'O.ghost':>8} | "
+          f"{'fwd+bwd':>8} {'noise':>7} | {'auto/best':>9} {'Op/auto':>7} {'OpG/auto':>8} {'auto/fb':>7} "
+          f"{'auto/(fb+n)':>11}")
+    for (name, batch), t in DP_TIMES.items():
+        best = min(t[k] for k in ("auto", "ghost", "vmap") if k in t)
+        ghost = f"{t['ghost']:8.2f}" if "ghost" in t else f"{'n/a':>8}"
+        fb_ratio = t["auto"] / t["floor"]
+        target_fb = dp_zoo.ZOO[name][2] and batch == DP_BASE
+        marks = [("auto/best", t["auto"] / best <= 1.1), ("Opacus", t["opacus"] / t["auto"] >= 1.0),
+                 ("Opacus ghost", t["opacus_ghost"] / t["auto"] >= 1.0)]
+        if target_fb:
+            marks.append(("1.5x fwd+bwd", fb_ratio <= 1.5))
+        missed = [label for label, ok in marks if not ok]
+        print(f"  {name:<26} {batch:>4} | {t['auto']:8.2f} {ghost} {t['vmap']:8.2f} | {t['opacus']:8.2f} "
+              f"{t['opacus_ghost']:8.2f} | {t['floor']:8.2f} {t['noise']:7.2f} | {t['auto'] / best:8.2f}x "
+              f"{t['opacus'] / t['auto']:6.2f}x {t['opacus_ghost'] / t['auto']:7.2f}x {fb_ratio:6.2f}x "
+              f"{t['auto'] / (t['floor'] + t['noise']):10.2f}x  " + ("met" if not missed else "MISSED: " + ", ".join(missed)))
+
+
+def dp_layer_cases(only: str = ""):
+    """(model, layer, module, input, output gradient) for every zoo layer with more than one position (real
+    inputs and output gradients at batch 64), then wider layers outside the zoo (random ones) where Gram matrices win."""
+    for name, (make, make_batch, _) in dp_zoo.ZOO.items():
+        if (only and only.lower() not in name.lower()) or name == "Embedding + LSTM":
+            continue
+        torch.manual_seed(0)
+        model = make()
+        x, y = make_batch(DP_BASE, torch.Generator().manual_seed(1))
+        layers = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+        seen = {}
+        handles = [m.register_forward_hook(lambda m, a, o: seen.__setitem__(m, (a[0].detach(), o))) for _, m in layers]
+        total = F.cross_entropy(model(x), y, reduction="sum")
+        for handle in handles:
+            handle.remove()
+        deltas = torch.autograd.grad(total, [seen[m][1] for _, m in layers])
+        for (label, module), delta in zip(layers, deltas):
+            yield name, label, module, seen[module][0], delta
+    if only:
+        return
+    generator = torch.Generator().manual_seed(4)
+    for steps in (4, 16, 64):
+        yield "(wide linear)", f"256->256, T={steps}", nn.Linear(256, 256), \
+            torch.randn(DP_BASE, steps, 256, generator=generator), torch.randn(DP_BASE, steps, 256, generator=generator)
+    for size in (2, 8):
+        yield "(wide conv)", f"128->128 3x3, {size}x{size}", nn.Conv2d(128, 128, 3, padding=1), \
+            torch.randn(DP_BASE, 128, size, size, generator=generator), \
+            torch.randn(DP_BASE, 128, size, size, generator=generator)
+
+
+def bench_dp_layers(repeats: int, only: str = "") -> None:
+    """Per layer with more than one position (convolutions, linear layers on sequences): the two ways the hook
+    path can take (Gram matrices, or per-example gradients), each timed alone on the layer's input and output
+    gradient at batch 64 (norms, factors, clipped sums), beside the way ``method="auto"`` picks."""
+    from gradclip import _ghost
+    from gradclip._example_norms import ABADI, ExampleNorms, Factors
+
+    for name, label, module, inputs, delta in dp_layer_cases(only):
+        handler_class = _ghost._Conv2d if isinstance(module, nn.Conv2d) else _ghost._Linear
+        if isinstance(module, nn.Conv2d):
+            steps, d, p = delta.shape[2] * delta.shape[3], module.weight[0].numel(), delta.shape[1]
+        else:
+            steps, d, p = math.prod(inputs.shape[1:-1]), inputs.shape[-1], delta.shape[-1]
+        if steps == 1:
+            continue
+        names = {kind: kind for kind, param in module._parameters.items() if param is not None}
+
+        def way(gram: bool):
+            def run():
+                saved = _ghost._use_gram
+                _ghost._use_gram = lambda *args: gram
+                try:
+                    norms = ExampleNorms(DP_BASE, inputs.device)
+                    handler = handler_class(module, names)
+                    handler.norms(inputs, delta, lambda _: norms)
+                    found, scales, in_wide = norms.finish(1.0, ABADI)
+                    factors = Factors(scales, in_wide, scales.float())
+                    for kind in names:
+                        handler.summed(kind, factors)
+                finally:
+                    _ghost._use_gram = saved
+            return run
+        medians = interleaved({"gram": way(True), "direct": way(False)}, repeats)
+        pick = "gram" if _ghost._use_gram(steps, d, p, inputs.device.type == "cpu", DP_BASE, inputs.element_size()) \
+            else "direct"
+        best = min(medians.values())
+        DP_LAYERS.append((name, label, steps, d, p, medians["gram"], medians["direct"], pick, medians[pick] / best))
+        print(f"  {name:<26} {label:<22} T={steps:<4} d={d:<5} p={p:<4} Gram {medians['gram']:8.3f} ms  "
+              f"per-example {medians['direct']:8.3f} ms  auto: {pick:<6} ({medians[pick] / best:.2f}x the better)",
+              flush=True)
+
+
+DP_LAYERS: list[tuple] = []
 
 
 # --- DP-SGD of a recurrent text model -------------------------------------------------------------------------
@@ -545,7 +695,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per candidate and row (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--only", default="", help="comma-separated sections to run: dp, rnn, zclip, autoclip, agc, clip")
+    parser.add_argument("--only", default="", help="comma-separated sections to run: dp, dplayers, rnn, zclip, autoclip, agc, clip")
+    parser.add_argument("--model", default="", help="dp section: only the zoo models whose name contains this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -554,8 +705,8 @@ def main() -> int:
     print("peers: " + ", ".join(f"{d} {version(d)}" for d in ("opacus", "zclip", "autoclip", "timm")))
     print(f"repeats {args.repeats}, interleaved, medians; peer/gradclip above 1 means gradclip is faster\n")
     sections = {
-        "dp": lambda: (bench_dp("MLP 784-256-10", mlp, 64, args.repeats),
-                       bench_dp("CNN 2conv+linear", cnn, 64, args.repeats)),
+        "dp": lambda: bench_dp_zoo(args.repeats, args.model),
+        "dplayers": lambda: bench_dp_layers(args.repeats, args.model),
         "rnn": lambda: (bench_dp_recurrent("LSTM", 32, args.repeats), bench_dp_recurrent("GRU", 32, args.repeats)),
         "zclip": lambda: bench_zclip(args.repeats),
         "autoclip": lambda: bench_autoclip(args.repeats),
@@ -569,6 +720,7 @@ def main() -> int:
         print(f"[{name}]", flush=True)
         run()
     print_summary()
+    print_dp_targets()
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     for line in SKIPPED:
         print(f"NOT COMPARED: {line}")

@@ -146,6 +146,34 @@ def _update_clipped(optimizer_class: type, rule: str) -> Callable[[list[nn.Param
     return run
 
 
+def _per_sample_options(params):
+    """Automatic clipping (AUTO-S) and Opacus's per-layer thresholds, each on both per-sample paths."""
+    device, dtype = params[0].device, params[0].dtype
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).to(device=device, dtype=dtype)
+    x = torch.randn(16, 32, device=device, dtype=dtype)
+    y = torch.randint(0, 10, (16,), device=device)
+    for method in ("auto", "vmap"):
+        gradclip.per_sample_clip_grad_(model, nn.functional.cross_entropy, x, y, 1.0, 1.0, method=method,
+                                       clipping_fn="automatic")
+        gradclip.per_sample_clip_grad_(model, nn.functional.cross_entropy, x, y, [1.0, 0.5, 1.0, 0.5], 1.0,
+                                       method=method, clipping="per_layer")
+
+
+def _per_sample_layers(params):
+    """The hook path's Embedding, LayerNorm, GroupNorm, Conv2d (per-example gradients and Gram matrices) handlers."""
+    device, dtype = params[0].device, params[0].dtype
+    text = nn.Sequential(nn.Embedding(50, 16), nn.LayerNorm(16), nn.Flatten(), nn.Linear(16 * 6, 32),
+                         nn.GroupNorm(4, 32), nn.ReLU(), nn.Linear(32, 10)).to(device=device, dtype=dtype)
+    ids, y = torch.randint(0, 50, (16, 6), device=device), torch.randint(0, 10, (16,), device=device)
+    gradclip.per_sample_clip_grad_(text, nn.functional.cross_entropy, ids, y, 1.0, 1.0, method="ghost")
+    image = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 32, 3, stride=2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(32 * 2 * 2, 10)).to(device=device, dtype=dtype)  # 36 then 4 output positions
+    x = torch.randn(16, 3, 8, 8, device=device, dtype=dtype)
+    return gradclip.per_sample_clip_grad_(image, nn.functional.cross_entropy, x, y, 1.0, 1.0, method="ghost")
+
+
+PATHS["per_sample_clip_grad_ (automatic, per_layer)"] = _per_sample_options
+PATHS["per_sample_clip_grad_ (embedding, norms, conv)"] = _per_sample_layers
 PATHS["AdaGC (warm-up)"] = lambda ps: gradclip.AdaGC()(ps)
 PATHS["AdaGC (per-tensor)"] = lambda ps: gradclip.AdaGC(warmup_steps=0)(ps)
 PATHS["AdaGC (olmo, attached)"] = _attached(lambda ps: gradclip.AdaGC.olmo(1.05, beta=0.95))

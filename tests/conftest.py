@@ -22,6 +22,14 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The CPU and kernels in effect: a stored run that no longer reproduces is read against these."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    from gradclip_book.reproducibility import cpu_kernels
+    return [f"cpu: {model}, {os.cpu_count()} cores; kernels: {cpu_kernels()}"]
+
+
 @pytest.fixture(scope="session")
 def built_book() -> Path:
     """The HTML book. Built from scratch unless GRADCLIP_BOOK_HTML names an existing build."""

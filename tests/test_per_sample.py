@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from support.references import opacus_dp_step, per_example_grads, per_sample_clipped_mean
+from support.references import (fastdp_automatic_step, opacus_dp_step, opacus_per_layer_step, per_example_grads,
+                                per_sample_clipped_mean)
 from support.sync import no_host_sync
 
+import gradclip._ghost as ghost_module
 import gradclip.per_sample as per_sample_module
 from gradclip.per_sample import per_sample_clip_grad_, per_sample_clipped_grad, per_sample_grads
 
@@ -153,13 +155,22 @@ def test_writes_into_a_grad_buffer_as_backward_does():
 
 @pytest.mark.parametrize("method", ["ghost", "vmap"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_a_non_finite_example_poisons_the_average_instead_of_vanishing(method, bad):
+@pytest.mark.parametrize("clipping,clipping_fn", [("flat", "abadi"), ("flat", "automatic"), ("per_layer", "abadi")])
+def test_a_non_finite_example_poisons_the_average_instead_of_vanishing(method, bad, clipping, clipping_fn):
     model = mlp(5)
     inputs = torch.randn(4, 6)
     inputs[2, 0] = bad
-    result = per_sample_clipped_grad(model, F.cross_entropy, inputs, torch.randint(0, 3, (4,)), 1.0, method=method)
-    assert not torch.isfinite(result.norms[2]) and torch.isfinite(result.norms[[0, 1, 3]]).all()
-    assert all(torch.isnan(g).any() for g in result.grads.values())
+    max_norm = [1.0] * 4 if clipping == "per_layer" else 1.0
+    result = per_sample_clipped_grad(model, F.cross_entropy, inputs, torch.randint(0, 3, (4,)), max_norm, method=method,
+                                     clipping=clipping, clipping_fn=clipping_fn)
+    if clipping == "flat":
+        assert not torch.isfinite(result.norms[2]) and torch.isfinite(result.norms[[0, 1, 3]]).all()
+        assert all(torch.isnan(g).any() for g in result.grads.values())
+        return
+    # per layer: each parameter on its own; every parameter whose norm is not finite for example 2 is poisoned
+    assert torch.isfinite(result.norms[[0, 1, 3]]).all() and not torch.isfinite(result.norms[2]).all()
+    for k, (name, g) in enumerate(result.grads.items()):
+        assert bool(torch.isnan(g).any()) == (not bool(torch.isfinite(result.norms[2, k])))
 
 
 def test_bad_arguments_raise_naming_them():
@@ -265,15 +276,18 @@ def test_ghost_norms_match_the_per_example_loop(monkeypatch, batch, depth, bias,
     assert_matches_loop(model, loss_fn, inputs, targets, noise_multiplier)
 
 
-@pytest.mark.parametrize("steps,method", [(3, "auto"), (12, "ghost")])  # T^2 <= d p: Gram matrices; else one bmm
-def test_ghost_norms_of_linear_layers_on_sequences_match_the_loop(monkeypatch, steps, method):
+@pytest.mark.parametrize("steps,method,gram", [(3, "auto", True), (12, "ghost", False), (5, "auto", None)])
+def test_ghost_norms_of_linear_layers_on_sequences_match_the_loop(monkeypatch, steps, method, gram):
+    # Gram matrices, one bmm of per-example gradients, or as the cost model picks (here per-example gradients)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.LayerNorm(8, elementwise_affine=False),
                                 torch.nn.Linear(8, 4), torch.nn.Flatten(), torch.nn.Linear(4 * steps, 3))
     inputs = torch.randn(9, steps, 6, generator=torch.Generator().manual_seed(1))
     targets = torch.randint(0, 3, (9,), generator=torch.Generator().manual_seed(2))
     no_vmap(monkeypatch)
+    choices = spy_gram(monkeypatch, gram)
     assert_matches_loop(model, F.cross_entropy, inputs, targets, 1.0, method=method)
+    assert [c[3] for c in choices[:2]] == [bool(gram)] * 2
 
 
 def test_ghost_norms_with_a_frozen_backbone_in_place_activations_and_frozen_parameters(monkeypatch):
@@ -303,15 +317,36 @@ class TwoLayers(torch.nn.Module):
         return self.out(torch.relu(self.hidden(x)))
 
 
-def test_auto_leaves_a_custom_forward_to_vmap_and_ghost_takes_it_on_trust(monkeypatch):
+class MixesExamples(TwoLayers):
+    def forward(self, x):
+        hidden = torch.relu(self.hidden(x))
+        return self.out(hidden - hidden.mean(dim=0))  # every example's output depends on the others
+
+
+def test_auto_checks_a_custom_forward_once_and_ghost_takes_it_on_trust(monkeypatch):
+    probes = []
+    real_probe = ghost_module._probe
+    monkeypatch.setattr(ghost_module, "_probe", lambda *args: probes.append(1) or real_probe(*args))
     model = TwoLayers()
     inputs, targets = torch.randn(7, 6), torch.randint(0, 3, (7,))
     calls = spy_vmap(monkeypatch)
     assert_matches_loop(model, F.cross_entropy, inputs, targets, 1.1)
-    assert calls
-    calls.clear()
+    per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 1.0)
+    assert not calls and len(probes) == 1  # one check for the model, however many steps
+    model.eval()  # another training mode: checked again
+    assert_matches_loop(model, F.cross_entropy, inputs, targets, 1.1)
+    assert not calls and len(probes) == 2
     assert_matches_loop(model, F.cross_entropy, inputs, targets, 1.1, method="ghost")
-    assert not calls
+    assert not calls and len(probes) == 2
+    # a forward that mixes the examples: the check fails, and "auto" computes each example's gradient alone
+    mixing = MixesExamples()
+    calls = spy_vmap(monkeypatch)
+    result = per_sample_clipped_grad(mixing, F.cross_entropy, inputs, targets, 0.5)
+    assert calls and len(probes) == 3
+    expected, norms = reference_dp_gradient(mixing, F.cross_entropy, inputs, targets, 0.5)  # a loop: batches of one
+    torch.testing.assert_close(result.norms.double(), torch.tensor(norms, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    for (name, _), e in zip(mixing.named_parameters(), expected):
+        torch.testing.assert_close(result.grads[name].double(), e, rtol=1e-5, atol=1e-6)
 
 
 class SameLayerTwice(torch.nn.Module):
@@ -333,8 +368,8 @@ def ineligible_models():
             torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, affine=False), torch.nn.Linear(4, 3)), "batch statistics"),
         "a trainable convolution": (torch.nn.Sequential(
             torch.nn.Conv1d(1, 1, 1), torch.nn.Flatten(), torch.nn.Linear(3, 3)), "Conv1d"),
-        "a trainable layer norm": (torch.nn.Sequential(
-            torch.nn.Linear(3, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 3)), "LayerNorm"),
+        "a trainable PReLU": (torch.nn.Sequential(
+            torch.nn.Linear(3, 3), torch.nn.PReLU(), torch.nn.Linear(3, 3)), "belongs to a PReLU"),
         "a layer at two places": (torch.nn.Sequential(shared, torch.nn.Tanh(), shared), "two places"),
         "a layer called twice": (SameLayerTwice(), "2 times"),
         "tied weights": (tied, "shared"),
@@ -524,6 +559,29 @@ def test_ghost_refuses_a_parameter_that_reaches_the_loss_without_its_layer_runni
     calls = spy_vmap(monkeypatch)  # auto does not take a custom forward on trust: vmap, right
     result = assert_matches_opacus(model, F.cross_entropy, inputs, targets, 0.3, 0.0, "auto")
     assert calls and set(result.grads) == {"first.weight", "first.bias", "idle.weight"}
+
+
+class AlsoUsesALayersWeight(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.head = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.first(x))
+        return self.head(hidden) + F.linear(hidden, self.first.weight)  # tied: the first weight used twice
+
+
+def test_a_weight_used_inside_and_outside_its_layer_is_refused_by_ghost_and_left_to_vmap(monkeypatch):
+    # the layer's own gradient would miss the second use: ghost norms would be wrong, not just slow
+    model = AlsoUsesALayersWeight()
+    inputs, targets = torch.randn(5, 6), torch.randint(0, 6, (5,))
+    with pytest.raises(ValueError, match="method='ghost' does not apply: first.weight of a Linear reaches the loss "
+                                         "other than through the layer's own forward"):
+        per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 1.0, method="ghost")
+    calls = spy_vmap(monkeypatch)
+    assert_matches_loop(model, F.cross_entropy, inputs, targets, 0.0)
+    assert calls
 
 
 def test_the_vmap_path_with_unreached_parameters_never_syncs():
@@ -741,12 +799,13 @@ RANGES = {  # dtype: (huge, tiny) gradient entries, each representable, whose sq
 }
 
 
-# ghost: 2-D inputs, and sequences by Gram matrices (T^2 <= d p) or by a bmm; vmap: 2-D inputs and sequences
+# ghost: 2-D inputs, and sequences by Gram matrices (steps 3, forced) or by a bmm; vmap: 2-D inputs and sequences
 @pytest.mark.parametrize("method,steps", [("ghost", 0), ("ghost", 3), ("ghost", 12), ("vmap", 0), ("vmap", 12)])
 @pytest.mark.parametrize("dtype", list(RANGES), ids=str)
 @pytest.mark.parametrize("size", ["huge", "tiny"])
 @pytest.mark.parametrize("host", [True, False], ids=["cpu-checks", "no-host-read"])
-def test_norms_and_factors_neither_overflow_nor_underflow(method, steps, dtype, size, host):
+def test_norms_and_factors_neither_overflow_nor_underflow(monkeypatch, method, steps, dtype, size, host):
+    spy_gram(monkeypatch, force=steps == 3)
     magnitude = RANGES[dtype][0 if size == "huge" else 1]
     model, inputs, targets = ranged_case(dtype, magnitude, steps)
     samples = per_example_grads(model, F.mse_loss, inputs, targets)
@@ -847,22 +906,22 @@ def test_ghost_norms_of_conv2d_match_the_per_example_loop(monkeypatch, conv, bat
 def spy_gram(monkeypatch, force=None):
     """Record (T, d, p, gram) for each layer on sequences/convolutions; ``force`` overrides the choice."""
     choices = []
-    real = per_sample_module._use_gram
+    real = ghost_module._use_gram
 
-    def spy(steps, d, p):
-        choice = real(steps, d, p) if force is None else force
+    def spy(steps, d, p, *more):
+        choice = real(steps, d, p, *more) if force is None else force
         choices.append((steps, d, p, choice))
         return choice
-    monkeypatch.setattr(per_sample_module, "_use_gram", spy)
+    monkeypatch.setattr(ghost_module, "_use_gram", spy)
     return choices
 
 
 @pytest.mark.parametrize("force", [None, True, False], ids=["by-cost", "gram", "direct"])
 @pytest.mark.parametrize("case", ["few positions, many channels", "many positions, few channels"])
 def test_conv2d_ghost_norms_by_gram_matrices_and_by_per_example_gradients(monkeypatch, force, case):
-    if case == "few positions, many channels":  # L = 4: L^2 = 16 <= (8 * 9) * 6: Gram matrices
-        model, shape = conv_net(dict(kernel_size=3, stride=2), c_in=8, c_out=6, size=5), (7, 8, 5, 5)
-    else:  # L = 64: L^2 > (1 * 9) * 2: per-example gradients
+    if case == "few positions, many channels":  # L = 4 positions, d = 32 * 9, p = 64: Gram matrices
+        model, shape = conv_net(dict(kernel_size=3, stride=2), c_in=32, c_out=64, size=5), (7, 32, 5, 5)
+    else:  # L = 64 positions, d = 1 * 9, p = 2: per-example gradients
         model, shape = conv_net(dict(kernel_size=3), c_in=1, c_out=2, size=10), (7, 1, 10, 10)
     generator = torch.Generator().manual_seed(5)
     inputs = torch.randn(shape, generator=generator) * 2
@@ -873,7 +932,7 @@ def test_conv2d_ghost_norms_by_gram_matrices_and_by_per_example_gradients(monkey
     first = choices[0]  # the first Conv2d
     assert first[3] == (force if force is not None else case.startswith("few"))
     if force is None:
-        assert first[:3] == ((4, 72, 6) if case.startswith("few") else (64, 9, 2))
+        assert first[:3] == ((4, 288, 64) if case.startswith("few") else (64, 9, 2))
 
 
 @pytest.mark.parametrize("method", ["ghost", "auto"])
@@ -895,7 +954,7 @@ def test_an_empty_batch_through_conv2d_ghost_norms_is_a_noise_only_step(monkeypa
 
 
 def benchmark_cnn():
-    """The DP-SGD CNN of benchmarks/bench_peers.py (2 conv + linear on 1x28x28)."""
+    """The DP-SGD CNN with 3x3 padded convolutions of benchmarks/dp_zoo.py (2 conv + linear on 1x28x28)."""
     torch.manual_seed(0)
     return torch.nn.Sequential(
         torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
@@ -992,7 +1051,7 @@ def test_a_loss_without_reduction_gets_an_error_that_says_to_reduce(method):
 
 def test_dropout_on_the_vmap_path_gets_an_error_that_says_what_to_do():
     nn = torch.nn
-    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.LayerNorm(8), nn.Linear(8, 3))  # LayerNorm: vmap path
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.PReLU(), nn.Linear(8, 3))  # PReLU: vmap path
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     with pytest.raises(RuntimeError, match=r"dropout in training mode.*model\.eval\(\)"):
         per_sample_clip_grad_(model, F.cross_entropy, x, y, 1.0, 0.0)
@@ -1041,14 +1100,15 @@ def test_recurrent_layers_match_the_per_example_loop(kind, config):
 
 
 @pytest.mark.parametrize("method", ["auto", "ghost"])
-def test_a_frozen_gru_before_a_trainable_head(monkeypatch, method):
-    # auto does not know the GRU, so it takes vmap (where the GRU runs unrolled); ghost takes it on trust
+def test_a_frozen_gru_before_a_trainable_head_takes_the_hook_path(monkeypatch, method):
+    # auto does not know the GRU, so it checks once that the model keeps the examples apart (the GRU unrolled
+    # under vmap); ghost takes it on trust; the batched forward pass runs torch's fused kernel
     model = Recurrent("GRU", num_layers=2, batch_first=True)
     model.rnn.requires_grad_(False)
     inputs, targets = torch.randn(6, 5, 3), torch.randint(0, 3, (6,))
     calls = spy_vmap(monkeypatch)
     assert_matches_loop(model, F.cross_entropy, inputs, targets, 1.1, method=method)
-    assert bool(calls) == (method == "auto")
+    assert not calls
 
 
 def test_a_text_model_embedding_lstm_linear_matches_the_loop_and_takes_vmap(monkeypatch):
@@ -1197,3 +1257,383 @@ def test_recurrent_layers_and_renormalised_embeddings_never_sync():
     with no_host_sync():
         per_sample_clipped_grad(Text(), F.cross_entropy, torch.randint(0, 20, (4, 7)), torch.randint(0, 2, (4,)), 0.5,
                                 1.0, torch.Generator().manual_seed(0), method="vmap")
+
+
+# --- Ghost norms of nn.Embedding, nn.LayerNorm, nn.RMSNorm and nn.GroupNorm (issue 27 item 4) ---------------------
+
+class Pooled(torch.nn.Module):
+    """An embedding, then the mean over every position but the batch's, then a linear head (token ids of any shape)."""
+
+    def __init__(self, embed):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = embed, torch.nn.Linear(embed.embedding_dim, 3)
+
+    def forward(self, ids):
+        vectors = self.embed(ids)
+        return self.head(vectors.reshape(len(ids), -1, vectors.shape[-1]).mean(dim=1))
+
+
+def embedding_rows(max_norm=None, padding_idx=None):
+    torch.manual_seed(1)
+    embed = torch.nn.Embedding(7, 4, max_norm=max_norm, padding_idx=padding_idx)
+    with torch.no_grad():
+        embed.weight.mul_(3)  # (rows above max_norm)
+    return embed
+
+
+def normalisation_models():
+    nn = torch.nn
+    torch.manual_seed(0)
+    frozen_weight = nn.LayerNorm(6)
+    frozen_weight.weight.requires_grad_(False)
+    return {
+        # (model, input shape or "ids" shape with a vocabulary of 7)
+        "embedding, tokens repeated in an example": (Pooled(embedding_rows()), ("ids", 9, 6)),
+        "embedding, padding_idx and max_norm": (Pooled(embedding_rows(max_norm=1.5, padding_idx=0)), ("ids", 9, 6)),
+        "embedding, one token per example": (Pooled(embedding_rows()), ("ids", 9)),
+        "embedding, ids of shape (B, 2, 3)": (Pooled(embedding_rows(padding_idx=6)), ("ids", 9, 2, 3)),
+        "embedding, then a linear layer on the sequence": (nn.Sequential(
+            embedding_rows(), nn.Linear(4, 5), nn.Tanh(), nn.Flatten(), nn.Linear(5 * 6, 3)), ("ids", 9, 6)),
+        "layer norm on sequences": (nn.Sequential(
+            nn.Linear(4, 6), nn.LayerNorm(6), nn.GELU(), nn.Flatten(), nn.Linear(5 * 6, 3)), (9, 5, 4)),
+        "layer norm over two dims, no bias": (nn.Sequential(
+            nn.Linear(4, 6), nn.LayerNorm((5, 6), bias=False), nn.Flatten(), nn.Linear(5 * 6, 3)), (9, 5, 4)),
+        "layer norm with its weight frozen": (nn.Sequential(nn.Linear(4, 6), frozen_weight, nn.Linear(6, 3)), (9, 4)),
+        "rms norm": (nn.Sequential(nn.Linear(4, 6), nn.RMSNorm(6), nn.Flatten(), nn.Linear(5 * 6, 3)), (9, 5, 4)),
+        "group norm after a convolution": (nn.Sequential(
+            nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)), (9, 2, 5, 5)),
+        "group norm on (B, C)": (nn.Sequential(nn.Linear(4, 8), nn.GroupNorm(4, 8), nn.Linear(8, 3)), (9, 4)),
+    }
+
+
+def batch_for(shape, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    if shape[0] == "ids":
+        inputs = torch.randint(0, 7, shape[1:], generator=generator)
+    else:
+        inputs = torch.randn(shape, generator=generator) * 2
+    return inputs, torch.randint(0, 3, (inputs.shape[0],), generator=generator)
+
+
+@pytest.mark.parametrize("case", list(normalisation_models()))
+def test_ghost_norms_of_embeddings_and_normalisation_layers_match_the_loop(monkeypatch, case):
+    model, shape = normalisation_models()[case]
+    inputs, targets = batch_for(shape)
+    no_vmap(monkeypatch)  # "auto" takes the hook path
+    assert_matches_loop(model, F.cross_entropy, inputs, targets, 1.1)
+
+
+def test_embedding_ghost_norms_count_a_repeated_token_once_per_example(monkeypatch):
+    # example 0 repeats one token: its gradient is one row, the sum of the two positions' gradients, not two rows
+    model = Pooled(embedding_rows())
+    ids, targets = torch.tensor([[2, 2], [2, 3], [5, 5]]), torch.tensor([0, 1, 2])
+    samples = per_example_grads(model, F.cross_entropy, ids, targets)
+    no_vmap(monkeypatch)
+    result = per_sample_clipped_grad(model, F.cross_entropy, ids, targets, 1e9)
+    torch.testing.assert_close(result.norms.double(), exact_norms(list(samples.values())), rtol=1e-6, atol=0)
+    assert int((samples["embed.weight"][0].abs().sum(1) > 0).sum()) == 1
+
+
+@pytest.mark.parametrize("case", ["embedding, padding_idx and max_norm", "group norm after a convolution",
+                                  "layer norm on sequences"])
+def test_the_hook_path_of_the_new_layers_never_syncs(case):
+    model, shape = normalisation_models()[case]
+    inputs, targets = batch_for(shape)
+    model(inputs)  # (max_norm renormalises the rows in the first forward, as in training)
+    with no_host_sync():
+        per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 0.5, 1.0, torch.Generator().manual_seed(0),
+                                method="ghost")
+
+
+@pytest.mark.parametrize("method", ["auto", "ghost"])
+def test_an_embedding_scaled_by_frequency_mixes_the_batch_and_is_left_to_vmap(monkeypatch, method):
+    model = Pooled(torch.nn.Embedding(7, 4, scale_grad_by_freq=True))
+    inputs, targets = batch_for(("ids", 6, 5))
+    if method == "ghost":
+        with pytest.raises(ValueError, match="scale_grad_by_freq=True: .*mixes the examples"):
+            per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 1.0, method=method)
+        return
+    calls = spy_vmap(monkeypatch)
+    assert_matches_loop(model, F.cross_entropy, inputs, targets, 0.0)  # the loop counts each example's own tokens
+    assert calls
+
+
+# --- Automatic clipping (AUTO-S) and per-layer thresholds -----------------------------------------------------------
+
+def replayed(model, names, seed, std):
+    return [replayed_noise(model, names, seed, std)[name] for name in names]
+
+
+# (for these Sequential models "ghost" runs the same code as "auto": the hook path)
+@pytest.mark.parametrize("method,case,gamma", [
+    (method, case, 0.01) for method in ("auto", "vmap")
+    for case in ("mlp", "embedding, then a linear layer on the sequence", "group norm after a convolution")
+] + [("auto", "mlp", 0.5)])
+def test_automatic_clipping_matches_fastdps_rule(method, case, gamma):
+    model, shape = (mlp(), (10, 6)) if case == "mlp" else normalisation_models()[case]
+    inputs, targets = batch_for(shape)
+    samples = per_example_grads(model, F.cross_entropy, inputs, targets)
+    names = list(samples)
+    max_norm, sigma = 0.7, 1.3
+    expected, norms, factors = fastdp_automatic_step([samples[n] for n in names], max_norm,
+                                                     replayed(model, names, 4, sigma * max_norm), len(inputs), gamma)
+    result = per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, max_norm, sigma,
+                                     torch.Generator().manual_seed(4), method=method, clipping_fn="automatic",
+                                     gamma=gamma)
+    torch.testing.assert_close(result.norms.double(), norms, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(result.scales.double(), factors, rtol=1e-5, atol=1e-7)
+    assert bool((result.scales * result.norms < max_norm).all())  # every example's contribution below C, none clipped
+    for name, e in zip(names, expected):
+        torch.testing.assert_close(result.grads[name].double(), e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+@pytest.mark.parametrize("clipping_fn", ["abadi", "automatic"])
+@pytest.mark.parametrize("case", ["mlp", "layer norm on sequences", "embedding, padding_idx and max_norm"])
+def test_per_layer_thresholds_match_opacus_per_layer_optimizer(method, clipping_fn, case):
+    model, shape = (mlp(), (10, 6)) if case == "mlp" else normalisation_models()[case]
+    inputs, targets = batch_for(shape)
+    model(inputs)  # (renormalises max_norm rows first, so that every path sees the same weights)
+    samples = per_example_grads(model, F.cross_entropy, inputs, targets)
+    names = list(samples)
+    own = [float(samples[n].reshape(len(inputs), -1).norm(dim=1).median()) for n in names]  # some clipped, some not
+    sigma = 0.8
+    std = sigma * math.sqrt(sum(c * c for c in own))
+    noise = replayed(model, names, 5, std)
+    if clipping_fn == "abadi":
+        expected, norms, factors = opacus_per_layer_step([samples[n] for n in names], own, noise, 16, "mean")
+    else:
+        expected, norms, factors = fastdp_automatic_step([samples[n] for n in names], None, noise, len(inputs),
+                                                         per_layer_norms=own)
+        expected = [e * len(inputs) / 16 for e in expected]  # (divided by expected_batch_size, as Opacus)
+    result = per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, own, sigma,
+                                     torch.Generator().manual_seed(5), method=method, expected_batch_size=16,
+                                     clipping="per_layer", clipping_fn=clipping_fn)
+    assert result.norms.shape == result.scales.shape == (len(inputs), len(names))
+    torch.testing.assert_close(result.norms.double(), norms, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(result.scales.double(), factors, rtol=1e-5, atol=1e-7)
+    if clipping_fn == "abadi":
+        assert 0 < float((result.scales < 1).double().mean()) < 1
+    for name, e in zip(names, expected):
+        torch.testing.assert_close(result.grads[name].double(), e, rtol=1e-5, atol=1e-6)
+    by_name = per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, dict(zip(names, own)), sigma,
+                                      torch.Generator().manual_seed(5), method=method, expected_batch_size=16,
+                                      clipping="per_layer", clipping_fn=clipping_fn)
+    assert all(torch.equal(by_name.grads[name], result.grads[name]) for name in names)
+
+
+def test_per_layer_and_automatic_clipping_never_sync():
+    model, shape = normalisation_models()["group norm after a convolution"]
+    inputs, targets = batch_for(shape)
+    thresholds = [0.5] * len(list(model.parameters()))
+    with no_host_sync():
+        for method in ("ghost", "vmap"):
+            per_sample_clip_grad_(model, F.cross_entropy, inputs, targets, thresholds, 1.0,
+                                  torch.Generator().manual_seed(0), method=method, clipping="per_layer")
+            per_sample_clip_grad_(model, F.cross_entropy, inputs, targets, 0.5, 1.0, torch.Generator().manual_seed(0),
+                                  method=method, clipping_fn="automatic")
+
+
+def test_clipping_arguments_are_checked_naming_them():
+    model = mlp()
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    cases = [
+        (dict(max_norm=[1.0] * 4), TypeError, "max_norm is a list: one threshold per parameter is clipping='per_layer'"),
+        (dict(max_norm=1.0, clipping="per_layer"), TypeError, r"one threshold per trainable parameter.*4 numbers"),
+        (dict(max_norm=[1.0] * 3, clipping="per_layer"), ValueError, "got 3 thresholds"),
+        (dict(max_norm={"0.weight": 1.0}, clipping="per_layer"), ValueError, r"without \['0.bias', '2.bias'"),
+        (dict(max_norm=[1.0, -1.0, 1.0, 1.0], clipping="per_layer"), ValueError, r"max_norm\['0.bias'\] must be"),
+        (dict(max_norm=[1.0, float("inf"), 1.0, 1.0], clipping="per_layer", noise_multiplier=1.0), ValueError,
+         r"max_norm\['0.bias'\] must be finite when noise_multiplier > 0"),
+        (dict(max_norm=1.0, clipping="layer"), ValueError, "clipping must be one of 'flat', 'per_layer'"),
+        (dict(max_norm=1.0, clipping_fn="auto-s"), ValueError, "clipping_fn must be one of 'abadi', 'automatic'"),
+        (dict(max_norm=1.0, clipping_fn="automatic", gamma=0.0), ValueError, r"gamma must be in \(0.0, inf\)"),
+        (dict(max_norm=float("inf"), clipping_fn="automatic"), ValueError, "max_norm must be finite with "
+                                                                           "clipping_fn='automatic'"),
+    ]
+    for kwargs, error, message in cases:
+        max_norm = kwargs.pop("max_norm")
+        with pytest.raises(error, match=message):
+            per_sample_clipped_grad(model, F.cross_entropy, x, y, max_norm, **kwargs)
+
+
+# --- Against Opacus 1.6 itself, where it is installed (CI does not install it; references above always run) -------
+
+def opacus_step(model, optimizer_class, inputs, targets, sigma, max_grad_norm, seed):
+    """One step of Opacus's GradSampleModule and ``optimizer_class`` (no update): the noised, averaged gradients."""
+    import copy
+
+    opacus = pytest.importorskip("opacus", minversion="1.6")
+    twin = copy.deepcopy(model)
+    gsm = opacus.GradSampleModule(twin, loss_reduction="mean")
+    optimizer = optimizer_class(torch.optim.SGD(gsm.parameters(), lr=0.1), noise_multiplier=sigma,
+                                max_grad_norm=max_grad_norm, expected_batch_size=len(inputs),
+                                generator=torch.Generator().manual_seed(seed))
+    F.cross_entropy(gsm(inputs), targets).backward()
+    optimizer.pre_step()
+    return {name: p.grad for name, p in twin.named_parameters()}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", ["embedding, then a linear layer on the sequence", "layer norm on sequences",
+                                  "group norm after a convolution"])
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_the_same_step_as_opacus(case, clipping):
+    pytest.importorskip("opacus", minversion="1.6")
+    from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
+
+    model, shape = normalisation_models()[case]
+    inputs, targets = batch_for(shape)
+    count = len(list(model.parameters()))
+    max_norm = [0.05 * (k + 1) for k in range(count)] if clipping == "per_layer" else 0.1
+    optimizer_class = DPPerLayerOptimizer if clipping == "per_layer" else DPOptimizer
+    theirs = opacus_step(model, optimizer_class, inputs, targets, 0.9, max_norm, seed=11)
+    ours = per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, max_norm, 0.9,
+                                   torch.Generator().manual_seed(11), clipping=clipping)
+    assert list(ours.grads) == list(theirs)
+    for name, g in ours.grads.items():  # the same noise draws: equal to float32 rounding
+        torch.testing.assert_close(g, theirs[name], rtol=1e-4, atol=1e-6)
+
+
+def loss_cases():
+    nn = torch.nn
+    generator = torch.Generator().manual_seed(0)
+    logits, images = torch.randn(6, 5, generator=generator), torch.randn(6, 5, 3, 2, generator=generator)
+    classes = torch.randint(0, 5, (6,), generator=generator)
+    pixels = torch.randint(0, 5, (6, 3, 2), generator=generator)
+    pixels[0] = -100  # every target of example 0 ignored (its mean over no targets is NaN), one of example 1
+    pixels[1, 0, 0] = -100
+    ignored = classes.clone()
+    ignored[2] = 7
+    probabilities = torch.softmax(torch.randn(6, 5, generator=generator), dim=1)
+    values = torch.randn(6, 5, generator=generator)
+    return {
+        "F.cross_entropy": (F.cross_entropy, logits, classes),
+        "F.cross_entropy, pixels with ignored ones": (F.cross_entropy, images, pixels),
+        "F.cross_entropy, probabilities": (F.cross_entropy, logits, probabilities),
+        "CrossEntropyLoss, label smoothing, ignore_index": (nn.CrossEntropyLoss(ignore_index=7, label_smoothing=0.1),
+                                                            logits, ignored),
+        "CrossEntropyLoss on pixels, label smoothing": (nn.CrossEntropyLoss(label_smoothing=0.2), images, pixels),
+        "F.nll_loss": (F.nll_loss, torch.log_softmax(images, 1), pixels),
+        "F.mse_loss": (F.mse_loss, logits, values),
+        "MSELoss on (B,)": (nn.MSELoss(), values[:, 0], values[:, 1]),
+        "L1Loss": (nn.L1Loss(), logits, values),
+        "BCEWithLogitsLoss": (nn.BCEWithLogitsLoss(), logits, probabilities),
+        "class weights (vmap)": (nn.CrossEntropyLoss(weight=torch.rand(5, generator=generator)), logits, classes),
+        "reduction sum (vmap)": (nn.MSELoss(reduction="sum"), logits, values),
+        "a subclass (vmap)": (type("Mine", (nn.MSELoss,), {})(), logits, values),
+    }
+
+
+@pytest.mark.parametrize("case", list(loss_cases()))
+def test_per_example_losses_of_torchs_losses_equal_vmap_over_batches_of_one(monkeypatch, case):
+    loss_fn, output, targets = loss_cases()[case]
+    expected = torch.stack([loss_fn(output[i:i + 1], targets[i:i + 1]) for i in range(len(output))])
+    vmapped = []
+    real_vmap = ghost_module.vmap
+    monkeypatch.setattr(ghost_module, "vmap", lambda fn: vmapped.append(1) or real_vmap(fn))
+    losses = ghost_module.per_example_losses(loss_fn, output, targets)
+    torch.testing.assert_close(losses, expected, equal_nan=True)
+    assert bool(vmapped) == case.endswith("(vmap)")
+    if case.startswith("F.cross_entropy, pixels"):
+        assert torch.isnan(losses[0]) and not torch.isnan(losses[1:]).any()
+
+
+@pytest.mark.parametrize("method", ["ghost", "vmap"])
+@pytest.mark.parametrize("clipping,clipping_fn", [("flat", "automatic"), ("per_layer", "abadi"),
+                                                  ("per_layer", "automatic")])
+@pytest.mark.parametrize("size", ["huge", "tiny"])
+@pytest.mark.parametrize("host", [True, False], ids=["cpu-checks", "no-host-read"])
+def test_automatic_and_per_layer_factors_neither_overflow_nor_underflow(method, clipping, clipping_fn, size, host):
+    magnitude = RANGES[torch.float32][0 if size == "huge" else 1]
+    model, inputs, targets = ranged_case(torch.float32, magnitude, 0)
+    samples = per_example_grads(model, F.mse_loss, inputs, targets)
+    names = list(samples)
+    own = [exact_norms([samples[n]]) for n in names]
+    # thresholds near the norms (factors about 1/2), except that automatic clipping of tiny gradients divides by
+    # about gamma: there C = 1 keeps the clipped gradients representable (C times the norm would underflow)
+    automatic_tiny = clipping_fn == "automatic" and size == "tiny"
+    if clipping == "flat":
+        norms = exact_norms(list(samples.values()))
+        max_norm = 1.0 if automatic_tiny else float(norms.median())
+        factors = [max_norm / (norms + 0.01)] * len(names)
+    else:
+        # (tiny norms under Abadi's rule: C = 5e-7 against the 1e-6 guard makes every factor about 1/2)
+        max_norm = [1.0 if automatic_tiny else 5e-7 if size == "tiny" else float(norm.median()) for norm in own]
+        norms = torch.stack(own, dim=1)
+        factors = [(c / (norm + (0.01 if clipping_fn == "automatic" else 1e-6))) for c, norm in zip(max_norm, own)]
+        factors = factors if clipping_fn == "automatic" else [f.clamp(max=1) for f in factors]
+    expected = [torch.einsum("i,i...", f, samples[n]) / len(inputs) for f, n in zip(factors, names)]
+    with contextlib.nullcontext() if host else no_host_sync():
+        result = per_sample_clipped_grad(model, F.mse_loss, inputs, targets, max_norm, method=method, clipping=clipping,
+                                         clipping_fn=clipping_fn)
+    torch.testing.assert_close(result.norms.double(), norms, rtol=1e-5, atol=0)
+    for name, e in zip(names, expected):
+        scale = float(e.abs().max())
+        torch.testing.assert_close(result.grads[name].double() / scale, e / scale, rtol=1e-5, atol=1e-5)
+
+
+def test_a_custom_model_is_checked_once_then_never_syncs():
+    model = AlsoUsesALayersWeight()
+    model.forward = lambda x: model.head(torch.tanh(model.first(x)))  # (a custom forward the check must run)
+    inputs, targets = torch.randn(5, 6), torch.randint(0, 6, (5,))
+    per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 1.0)  # the one check reads a value on the host
+    with no_host_sync():
+        per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, 1.0, 1.0, torch.Generator().manual_seed(0))
+
+
+def test_per_layer_leaves_out_unreached_parameters_and_noises_with_every_threshold():
+    # Opacus's noise std is noise_multiplier * ||max_grad_norm||_2 over the whole list; a parameter the loss does
+    # not reach has no gradient and no noise here (Opacus refuses the step), its threshold still in that norm
+    model = WithUnusedLayers()
+    inputs, targets = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    names = [name for name, _ in model.named_parameters()]
+    thresholds = {name: 0.1 * (k + 1) for k, name in enumerate(names)}
+    reached = [name for name in names if name not in UNREACHED]
+    std = 0.7 * math.sqrt(sum(c * c for c in thresholds.values()))
+    samples = per_example_grads(model, F.cross_entropy, inputs, targets)
+    expected, _, _ = opacus_per_layer_step([samples[n] for n in reached], [thresholds[n] for n in reached],
+                                           replayed(model, reached, 9, std), 5, "mean")
+    result = per_sample_clipped_grad(model, F.cross_entropy, inputs, targets, thresholds, 0.7,
+                                     torch.Generator().manual_seed(9), clipping="per_layer")
+    assert list(result.grads) == reached and result.norms.shape == (5, len(reached))
+    for name, e in zip(reached, expected):
+        torch.testing.assert_close(result.grads[name].double(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_the_per_layer_choice_follows_the_cost_model_and_the_reference_rule_off_the_cpu():
+    # the CPU's fitted costs (see gradclip._ghost._use_gram): Gram matrices for few positions and wide layers
+    assert ghost_module._use_gram(4, 256, 256) and ghost_module._use_gram(16, 1024, 1024)
+    assert not ghost_module._use_gram(64, 256, 256) and not ghost_module._use_gram(196, 144, 32)
+    assert not ghost_module._use_gram(4, 64, 64)  # a small layer: the per-example path's fewer operations win
+    # elsewhere fastDP's MixOpt rule, 2 T^2 <= d p
+    assert ghost_module._use_gram(64, 256, 256, on_cpu=False) and not ghost_module._use_gram(200, 256, 256, False)
+    # per-example gradients out of the cache (above 32 MiB for the layer) cost more per entry
+    assert not ghost_module._use_gram(64, 1152, 128, True, 16, 4) and ghost_module._use_gram(64, 1152, 128, True, 64, 4)
+    # per-example gradients above 256 MiB give way to Gram matrices that take less memory
+    assert ghost_module._gram_instead(64, 128, 1024, 1024, 4, True)
+    assert not ghost_module._gram_instead(64, 2048, 1024, 1024, 4, True)
+
+
+def dp_zoo():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dp_zoo.py"
+    spec = importlib.util.spec_from_file_location("dp_zoo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ZOO
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", [name for name in dp_zoo() if name != "Embedding + LSTM"])
+def test_auto_takes_the_hook_path_on_the_benchmarked_zoo_and_matches_the_loop(monkeypatch, name):
+    # the ResNet block and the transformer have their own forward: auto checks them once, then trusts them
+    make, make_batch, _ = dp_zoo()[name]
+    torch.manual_seed(0)
+    model = make()
+    inputs, targets = make_batch(4, torch.Generator().manual_seed(1))
+    no_vmap(monkeypatch)
+    assert_matches_loop(model, F.cross_entropy, inputs, targets, 1.0)

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import contextvars
 import math
-from collections.abc import Callable
-from typing import Literal, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.func import functional_call, grad, vmap
 
-from . import _validate, _vmappable
+from . import _ghost, _validate, _vmappable
+from ._example_norms import ClipRule, ExampleNorms, Factors
 from .flat import accumulate_
-from ._norms import accumulation_dtype, exact_on_host, scaled_norm, suspicious, wide_dtype
-from ._scaling import clip_coefficient
+from ._norms import accumulation_dtype
 
 __all__ = ["PerSampleClipResult", "per_sample_clip_grad_", "per_sample_clipped_grad", "per_sample_grads"]
 
@@ -37,11 +36,14 @@ class PerSampleClipResult(NamedTuple):
         grads: parameter name to the clipped (and noised) gradient, averaged or summed as
             ``loss_reduction`` says, for each trainable parameter the loss reaches; a
             parameter it does not reach has no entry (see :func:`per_sample_clipped_grad`).
-        norms: each example's gradient norm before clipping, a 1-D tensor of length B (0 for an empty batch).
-        scales: each example's clipping factor :math:`\\min(1, C/(\\|g_i\\| + 10^{-6}))`.
+        norms: each example's gradient norm before clipping, a 1-D tensor of length B (0 for an empty batch);
+            with ``clipping="per_layer"``, (B, K): each example's norm of each parameter of ``grads``, in its order.
+        scales: each example's factor, of the same shape: :math:`\\min(1, C/(\\|g_i\\| + 10^{-6}))`, or
+            :math:`C/(\\|g_i\\| + \\gamma)` with ``clipping_fn="automatic"``.
 
     References:
         * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__.
+        * Bu, Wang, Zha and Karypis (2023), "Automatic Clipping", `arXiv:2206.07136 <https://arxiv.org/abs/2206.07136>`__.
     """
 
     grads: dict[str, torch.Tensor]
@@ -62,25 +64,9 @@ def _check_batch(inputs: torch.Tensor, targets: torch.Tensor) -> int:
     return inputs.shape[0]
 
 
-def _batch_norm_problem(name: str, module: nn.Module) -> str | None:
-    """Why ``module`` has no per-example gradient if it is a BatchNorm on batch statistics, else ``None``."""
-    if not isinstance(module, _BatchNorm):
-        return None
-    if module.training:
-        state = "in training mode"
-    elif module.running_mean is None or module.running_var is None:
-        state = "without running statistics (track_running_stats=False)"
-    else:
-        return None
-    return (f"{name} ({type(module).__name__}) is a BatchNorm {state}: it normalises with batch statistics, "
-            "which mix the examples, so per-example gradients do not exist. Use GroupNorm or LayerNorm instead "
-            "(as DP-SGD requires), or put the BatchNorm in eval mode (model.eval()) so that it normalises "
-            "with its running statistics")
-
-
 def _refuse_batch_norm(model: nn.Module) -> None:
     for name, module in model.named_modules():
-        problem = _batch_norm_problem(name or type(module).__name__, module)
+        problem = _ghost.batch_norm_problem(name or type(module).__name__, module)
         if problem is not None:
             raise ValueError(problem)
 
@@ -199,8 +185,8 @@ def per_sample_grads(
         raise RuntimeError(
             "a module draws random numbers (dropout in training mode) inside the per-example computation, "
             "which torch.func.vmap refuses: call model.eval() for the per-sample step or remove the dropout; "
-            "models of nn.Linear/nn.Conv2d layers (with dropout, activations, pooling, LayerNorm/GroupNorm "
-            f"without affine weights) take method='ghost', which runs one ordinary forward pass. ({error})"
+            f"models whose trainable layers are all {_ghost.LAYER_NAMES} layers take method='ghost', which runs "
+            f"one ordinary forward pass and keeps the masks it draws. ({error})"
         ) from error
 
 
@@ -261,523 +247,142 @@ def _check_reduction(batch: int, expected_batch_size: int | None, loss_reduction
     return batch
 
 
-# --- Per-example norms that neither overflow nor underflow (see gradclip._norms) -------------------------------
-
-def _max_scaled(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` (in its accumulation dtype) divided by each example's largest magnitude over ``dims``, and those
-    magnitudes (wide dtype, shape (B,)).
-
-    A zero, inf or NaN magnitude divides by 1 instead, so zeros stay zeros and
-    non-finite values stay non-finite.
-    """
-    acc = accumulation_dtype(x.dtype)
-    if x.numel() == 0:
-        return x.to(acc), torch.ones(x.shape[0], dtype=wide_dtype(x.device), device=x.device)
-    largest = torch.linalg.vector_norm(x, math.inf, dim=dims, keepdim=True).to(acc)
-    largest = torch.where((largest > 0) & torch.isfinite(largest), largest, torch.ones_like(largest))
-    return x / largest, largest.reshape(-1).to(wide_dtype(x.device))
 
 
-def _scaled_row_norms(rows: torch.Tensor) -> torch.Tensor:
-    """The 2-norm of each row of a 2-D tensor, each row divided by its largest magnitude first (wide dtype)."""
-    if rows.shape[1] == 0:
-        return torch.zeros(rows.shape[0], dtype=wide_dtype(rows.device), device=rows.device)
-    scaled, largest = _max_scaled(rows, dims=(1,))
-    # an inf entry divides by 1 and keeps the norm inf (NaN with a NaN), as it should
-    return torch.linalg.vector_norm(scaled, dim=1).to(largest.dtype) * largest
+# --- The clipping: thresholds, rule, and each example's norms by group ------------------------------------------
+
+Clipping = Literal["flat", "per_layer"]
+_CLIPPINGS = ("flat", "per_layer")
+ClippingFn = Literal["abadi", "automatic"]
+_CLIPPING_FNS = ("abadi", "automatic")
 
 
-class _ExampleNorms:
-    """Each example's gradient norm, from parts, without over- or underflow.
-
-    The parts are row norms of 2-D tensors (one row per example), products of two of them
-    (a ghost norm), or norms already computed safely (wide dtype).
-
-    On the CPU (where a host read costs no sync) the row norms come from one kernel in the
-    accumulation dtype and are combined in it, as in torch, and one host read checks the
-    result: every row norm and every combined norm within [1e-15, 1e18] (the low end as
-    :func:`gradclip._norms.suspicious`), so that no square over- or underflowed on the way,
-    and no factor underflows float32. Otherwise, the row norms that may have over- or underflowed are
-    recomputed with their largest entry factored out and everything is combined again in the
-    wide dtype. Elsewhere (no host read) each row is divided by its largest magnitude before
-    its norm is taken (two more passes) and the parts are combined in the wide dtype, with
-    the largest factored out when the gradients are as wide as it.
-    """
-
-    # float32 squares of norms in this range neither overflow nor underflow (LOW as _norms.suspicious)
-    LOW, HIGH = torch.finfo(torch.float32).tiny ** 0.5 * 1e4, 1e18
-
-    def __init__(self, batch: int, device: torch.device) -> None:
-        self.batch, self.device = batch, device
-        self.on_host = exact_on_host(device)
-        self.wide = wide_dtype(device)
-        self.sources: list[torch.Tensor] = []
-        self.row_norms: list[torch.Tensor] = []
-        self.pairs: list[tuple[int, int | None]] = []
-        self.exact: list[torch.Tensor] = []
-        self.narrow = self.wide == torch.float64  # every part from a dtype narrower than the wide one
-
-    def rows(self, rows: torch.Tensor) -> int:
-        """Register the rows of a 2-D tensor (B, n); returns the index of their norms."""
-        acc = accumulation_dtype(rows.dtype)
-        self.narrow = self.narrow and acc != torch.float64
-        self.sources.append(rows)
-        if self.on_host:
-            self.row_norms.append(torch.linalg.vector_norm(rows, dim=1, dtype=acc))
-        else:
-            self.row_norms.append(_scaled_row_norms(rows).to(self.device))
-        return len(self.sources) - 1
-
-    def add(self, first: int, second: int | None = None) -> None:
-        """A part: the norms of rows ``first``, or their product with those of rows ``second``."""
-        self.pairs.append((first, second))
-
-    def add_exact(self, norms: torch.Tensor) -> None:
-        """A part computed without over- or underflow already (wide dtype)."""
-        self.exact.append(norms.to(self.device))
-
-    def _combined(self, row_norms: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        parts = [row_norms[first] if second is None else row_norms[first] * row_norms[second]
-                 for first, second in self.pairs] + self.exact
-        if not parts:
-            return torch.zeros(self.batch, dtype=dtype, device=self.device)
-        stacked = torch.stack(parts, dim=1)
-        if self.narrow or dtype != self.wide:
-            return torch.linalg.vector_norm(stacked, dim=1)
-        return scaled_norm(stacked, 2.0, dim=(1,))
-
-    def finish(self, max_norm: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """The norms and factors, and whether a factor would underflow float32 (CPU only).
-
-        In float32 from the CPU's fast path, else in the wide dtype.
-        """
-        # a factor below float32's smallest normal number: norm > max_norm / tiny
-        limit = max_norm / torch.finfo(torch.float32).tiny if max_norm > 0 else math.inf
-        fast = (self.on_host and self.narrow and not self.exact and self.batch > 0 and self.row_norms
-                and {(n.dtype, n.device) for n in self.row_norms} == {(torch.float32, self.device)})
-        if fast:
-            norms = self._combined(self.row_norms, torch.float32)
-            smallest, largest = torch.aminmax(torch.cat([*self.row_norms, norms]))
-            # (a NaN fails this test, and takes the careful path to its NaN result)
-            if smallest.item() >= self.LOW and largest.item() <= min(self.HIGH, limit):
-                return norms, clip_coefficient(max_norm, norms), False
-        if self.on_host:
-            row_norms = [self._repaired(k) for k in range(len(self.sources))]
-        else:
-            row_norms = self.row_norms
-        norms = self._combined(row_norms, self.wide)
-        scales = clip_coefficient(max_norm, norms)
-        in_wide = self.on_host and self.batch > 0 and bool(norms.amax() > limit)
-        return norms, scales, in_wide
-
-    def _repaired(self, index: int) -> torch.Tensor:
-        """Row norms ``index`` in the wide dtype, the ones that may have over- or underflowed recomputed (CPU)."""
-        norms = self.row_norms[index].to(self.device, self.wide)
-        suspect = suspicious(norms, 2.0, torch.float32)
-        if bool(suspect.any()):
-            rows = suspect.nonzero().flatten()
-            norms[rows] = scaled_norm(self.sources[index][rows.to(self.sources[index].device)], 2.0, dim=(1,)).to(
-                self.device)
-        return norms
-
-
-class _Factors:
-    """The clipping factors (wide dtype) cast to each gradient's dtype, once per dtype and device.
-
-    ``in_wide``: on the CPU, a factor that the cast would flush below float32's smallest
-    normal number (a norm above about 1e38 times ``max_norm``) sends the weighted sums of
-    narrower dtypes to the wide dtype instead, so that no finite gradient is zeroed.
-    Elsewhere (no host read) such a factor loses precision in the cast.
-    """
-
-    def __init__(self, scales: torch.Tensor, in_wide: bool, cast: torch.Tensor) -> None:
-        self.scales, self.in_wide = scales, in_wide
-        self._cast = {(cast.dtype, cast.device): cast}
-
-    def get(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, bool]:
-        """The factors to multiply by, and whether to multiply in the wide dtype (then they are wide)."""
-        if self.in_wide and dtype != self.scales.dtype:
-            return self.scales.to(device), True
-        key = (dtype, device)
-        if key not in self._cast:
-            self._cast[key] = self.scales.to(device=device, dtype=dtype)
-        return self._cast[key], False
-
-
-def _check_dp_args(max_norm: float, noise_multiplier: float, generator: torch.Generator | None) -> float:
-    max_norm = _validate.check_threshold("max_norm", max_norm, tensor_ok=False)
+def _check_dp_args(noise_multiplier: float, generator: torch.Generator | None) -> None:
     _validate.check_real("noise_multiplier", noise_multiplier, 0.0, math.inf, high_open=True)
-    if noise_multiplier > 0 and math.isinf(max_norm):
-        raise ValueError("max_norm must be finite when noise_multiplier > 0 (the noise std is noise_multiplier * max_norm)")
     _validate.check_generator(generator)
-    return float(max_norm)
 
 
-# --- The ghost-norm path (Goodfellow 2015; Li, Tramer, Liang and Hashimoto 2022) -------------------------------
+class _Clipping:
+    """The clipping thresholds and rule, and each example's norms: one group of every parameter
+    (``clipping="flat"``) or one group per parameter (``"per_layer"``).
 
-class _NotEligible(Exception):
-    """The ghost-norm path does not apply to this model or batch; the message says why."""
-
-
-_ELEMENTWISE: tuple[type[nn.Module], ...] = (
-    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus, nn.Softsign, nn.Tanhshrink,
-    nn.Softshrink, nn.Hardshrink, nn.LogSigmoid, nn.Threshold,
-)
-_DROPOUT: tuple[type[nn.Module], ...] = (
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
-)
-_SOFTMAX: tuple[type[nn.Module], ...] = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
-# Layers whose trainable weight and bias get ghost norms.
-_GHOST_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
-_PER_EXAMPLE_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
-# Frozen spatial layers: examples stay independent when the input has its batch dimension (ndim = k + 2).
-_SPATIAL: dict[type[nn.Module], int] = {
-    **{cls: 3 for cls in (nn.Conv1d, nn.ConvTranspose1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
-                          nn.AdaptiveMaxPool1d)},
-    **{cls: 4 for cls in (nn.Conv2d, nn.ConvTranspose2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                          nn.AdaptiveMaxPool2d)},
-    **{cls: 5 for cls in (nn.Conv3d, nn.ConvTranspose3d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d,
-                          nn.AdaptiveMaxPool3d)},
-}
-
-
-def _same_forward(module: nn.Module, classes: tuple[type[nn.Module], ...]) -> bool:
-    """``module`` is one of ``classes`` and does not override its ``forward``."""
-    return any(isinstance(module, cls) and type(module).forward is cls.forward for cls in classes)
-
-
-def _leaf_rule(module: nn.Module, name: str) -> tuple[int, int | None] | None:
-    """``(min_ndim, exact_ndim)`` its input must have for a module known to keep examples apart, else ``None``.
-
-    Raises :class:`_NotEligible` for a known module that mixes examples (BatchNorm on batch
-    statistics) or may act along the batch dimension.
+    Arguments are checked on construction, before anything runs.
     """
-    if _same_forward(module, (nn.Linear,)) or _same_forward(module, _ELEMENTWISE):
-        return 2 if isinstance(module, nn.Linear) else 1, None
-    if isinstance(module, _BatchNorm):
-        problem = _batch_norm_problem(name, module)
-        if problem is not None:
-            raise _NotEligible(problem)
-        return (2, None) if _same_forward(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) else None
-    if _same_forward(module, _DROPOUT):
-        # in training mode each example gets its own mask (per entry or per channel): the examples stay
-        # independent, and the ghost norms are those of the gradients under the masks this forward drew
-        return 1, None
-    if _same_forward(module, _SOFTMAX):
-        if module.dim is None or not (module.dim >= 1 or module.dim == -1):
-            raise _NotEligible(f"{name} ({type(module).__name__}, dim={module.dim}) may act along the batch dimension")
-        return 2, None
-    if _same_forward(module, (nn.Flatten,)):
-        if module.start_dim < 1:
-            raise _NotEligible(f"{name} (Flatten, start_dim={module.start_dim}) may merge the batch dimension")
-        return 2, None
-    if _same_forward(module, (nn.Unflatten,)):
-        if not (module.dim >= 1 or module.dim == -1):
-            raise _NotEligible(f"{name} (Unflatten, dim={module.dim}) may split the batch dimension")
-        return 2, None
-    if _same_forward(module, (nn.LayerNorm, nn.RMSNorm)):
-        return len(module.normalized_shape) + 1, None
-    if _same_forward(module, (nn.GroupNorm,)):
-        return 2, None
-    for cls, ndim in _SPATIAL.items():
-        if _same_forward(module, (cls,)):
-            return ndim, ndim
-    return None
 
-
-def _check_conv(module: nn.Conv2d, label: str) -> None:
-    """Raise :class:`_NotEligible` for a trainable ``nn.Conv2d`` whose gradient is not ``G U^T`` with ``U`` unfolded."""
-    if module.groups != 1:
-        raise _NotEligible(f"{label!r} (Conv2d) has groups={module.groups}: ghost norms of grouped convolutions are "
-                           "not implemented (only groups=1)")
-    if module.padding_mode != "zeros":
-        raise _NotEligible(f"{label!r} (Conv2d) pads with padding_mode={module.padding_mode!r}: ghost norms need "
-                           "zero padding")
-
-
-def _conv_padding(module: nn.Conv2d) -> list[int]:
-    """``F.pad``'s (left, right, top, bottom) zero padding that ``module`` applies to its input."""
-    if module.padding == "valid":
-        return [0, 0, 0, 0]
-    if module.padding == "same":  # as torch: total dilation (k - 1), the odd one on the right/bottom
-        pads = []
-        for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-        return pads
-    ph, pw = module.padding
-    return [pw, pw, ph, ph]
-
-
-def _unfolded(module: nn.Module, x: torch.Tensor, delta: torch.Tensor, batch: int,
-              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer's inputs (B, T, d) and output gradients (B, T, p), so that example i's weight gradient is
-    ``sum_t delta_it a_it^T`` (reshaped to the weight's shape).
-
-    For an ``nn.Linear``, T is the product of the middle dims (1 for 2-D inputs). For an
-    ``nn.Conv2d``, ``a_i`` is ``unfold(x_i)^T``: T = L output positions, d = C_in k_h k_w
-    (in the order of ``weight.reshape(C_out, -1)``), p = C_out.
-    """
-    if isinstance(module, nn.Conv2d):
-        x = x.to(dtype)
-        pads = _conv_padding(module)
-        if any(pads):
-            x = torch.nn.functional.pad(x, pads)
-        u = torch.nn.functional.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
-        p, steps = delta.shape[1], math.prod(delta.shape[2:])  # (not -1: ambiguous for an empty batch)
-        return u.transpose(1, 2), delta.reshape(batch, p, steps).to(dtype).transpose(1, 2)
-    d, p = x.shape[-1], delta.shape[-1]
-    steps = math.prod(x.shape[1:-1])
-    return x.reshape(batch, steps, d).to(dtype), delta.reshape(batch, steps, p).to(dtype)
-
-
-def _layer_dims(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> tuple[int, int, int]:
-    """(T, d, p) of :func:`_unfolded`, without unfolding."""
-    if isinstance(module, nn.Conv2d):
-        return delta.shape[2] * delta.shape[3], module.weight[0].numel(), delta.shape[1]
-    return math.prod(x.shape[1:-1]), x.shape[-1], delta.shape[-1]
-
-
-def _conv_weight_grads(module: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Each example's gradient of a Conv2d's weight, (B, C_out, C_in k_h k_w), from its input ``x`` (B, C_in, H, W)
-    and output gradient ``delta`` (B, C_out, H', W'): the examples as the groups of one convolution's weight
-    gradient (Rochette, Manoel and Tramel 2019, `arXiv:1912.06015 <https://arxiv.org/abs/1912.06015>`__)."""
-    batch, c_in = x.shape[:2]
-    c_out = delta.shape[1]
-    if batch == 0:
-        return x.new_zeros((0, c_out, module.weight[0].numel()))
-    padding = module.padding
-    if isinstance(padding, str):
-        pads = _conv_padding(module)
-        x, padding = (torch.nn.functional.pad(x, pads) if any(pads) else x), (0, 0)
-    g = torch.ops.aten.convolution_backward(
-        delta.reshape(1, batch * c_out, *delta.shape[2:]), x.reshape(1, batch * c_in, *x.shape[2:]),
-        x.new_empty((batch * c_out, c_in, *module.kernel_size)), None, module.stride, padding, module.dilation,
-        False, (0, 0), batch, (False, True, False))[1]
-    return g.reshape(batch, c_out, -1)
-
-
-def _use_gram(steps: int, d: int, p: int) -> bool:
-    """Per layer, the cheaper way to ``||sum_t delta_t a_t^T||_F^2`` (Bu et al. 2023's "mixed" choice):
-    the T x T Gram matrices ``<A A^T, Delta Delta^T>`` when ``T^2 <= d p``, else the p x d per-example gradient."""
-    return steps * steps <= d * p
-
-
-def _ghost_plan(model: nn.Module, vouched: bool) -> tuple[list[tuple[str, nn.Module]], dict[nn.Module, tuple]]:
-    """The trainable ``nn.Linear`` and ``nn.Conv2d`` layers (by module name) and the input rules of the leaf modules.
-
-    Raises :class:`_NotEligible` when the ghost-norm identity does not hold for the model:
-    a trainable parameter outside an ``nn.Linear`` or ``nn.Conv2d`` (or not its ``weight`` or
-    ``bias``), a grouped or non-zero-padded ``nn.Conv2d``, a
-    parameter or module used at two places, or a module that mixes examples. Modules this
-    function does not know (custom ``forward``) are refused unless ``vouched``. A BatchNorm on
-    batch statistics is the reason given first, wherever it is: no method applies to it.
-    """
-    try:
-        return _ghost_layers_and_rules(model, vouched)
-    except _NotEligible:
-        for name, module in model.named_modules():
-            problem = _batch_norm_problem(name or type(module).__name__, module)
-            if problem is not None:
-                raise _NotEligible(problem) from None
-        raise
-
-
-def _ghost_layers_and_rules(model: nn.Module, vouched: bool) -> tuple[list[tuple[str, nn.Module]],
-                                                                      dict[nn.Module, tuple]]:
-    layers: list[tuple[str, nn.Module]] = []
-    rules: dict[nn.Module, tuple] = {}
-    seen: set[int] = set()
-    for name, module in model.named_modules(remove_duplicate=False):
-        label = name or type(module).__name__
-        if id(module) in seen:
-            raise _NotEligible(f"module {label!r} appears at two places in the model")
-        seen.add(id(module))
-        trainable = [n for n, p in module._parameters.items() if p is not None and p.requires_grad]
-        if _same_forward(module, _GHOST_LAYERS):
-            extra = [n for n in trainable if n not in ("weight", "bias")]
-            if extra:
-                raise _NotEligible(f"trainable parameter {extra[0]!r} of {label!r} is not a weight or bias of an "
-                                   "nn.Linear or nn.Conv2d")
-            if trainable:
-                if isinstance(module, nn.Conv2d):
-                    _check_conv(module, label)
-                layers.append((name, module))
-        elif trainable:
-            prefix = f"{name}." if name else ""
-            raise _NotEligible(f"trainable parameter {prefix}{trainable[0]} belongs to a {type(module).__name__}, "
-                               "not an nn.Linear or nn.Conv2d")
-        if type(module) is nn.Sequential:
-            continue
-        rule = _leaf_rule(module, label)
-        if rule is not None:
-            rules[module] = rule
-        elif not vouched:
-            raise _NotEligible(f"{label!r} ({type(module).__name__}) is not a module known to treat the examples "
-                               "independently (method='ghost' takes your word for it)")
-    ids = [id(p) for _, p in model.named_parameters(remove_duplicate=False) if p.requires_grad]
-    if len(ids) != len(set(ids)):
-        raise _NotEligible("a trainable parameter is shared between modules")
-    return layers, rules
-
-
-def _ghost_clipped_grad(
-    model: nn.Module,
-    loss_fn: LossFn,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    max_norm: float,
-    noise_multiplier: float,
-    generator: torch.Generator | None,
-    divisor: int | None,
-    vouched: bool,
-) -> PerSampleClipResult:
-    """:func:`per_sample_clipped_grad` by ghost norms; raises :class:`_NotEligible` before drawing any noise."""
-    batch = inputs.shape[0]
-    params = _trainable(model)
-    layers, rules = _ghost_plan(model, vouched)
-    owner = {f"{name}.{kind}" if name else kind: (module, kind)
-             for name, module in layers for kind in ("weight", "bias")}
-    seen: dict[nn.Module, list[tuple[torch.Tensor, int, torch.Tensor]]] = {module: [] for _, module in layers}
-    problems: list[str] = []
-
-    def check_input(module: nn.Module, args: tuple) -> None:
-        min_ndim, exact_ndim = rules[module]
-        x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or x.ndim < min_ndim or (exact_ndim is not None and x.ndim != exact_ndim) \
-                or x.shape[0] != batch:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            problems.append(f"a {type(module).__name__} got an input of shape {shape}, not a batch of {batch} "
-                            "along dim 0" + (f" with {exact_ndim} dims" if exact_ndim is not None else ""))
-
-    def record(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        # The layer's input (for its weight) and output (to differentiate by). The module
-        # returns a copy, so that an in-place op after it (ReLU(inplace=True)) cannot change
-        # the tensor whose gradient is taken.
-        x = args[0] if args and isinstance(args[0], torch.Tensor) else torch.empty(0)
-        seen[module].append((x, x._version, output))
-        return output.clone()
-
-    handles = [module.register_forward_pre_hook(check_input) for module in rules]
-    handles += [module.register_forward_hook(record) for _, module in layers]
-    try:
-        with torch.enable_grad():
-            output = model(inputs)
-            if not isinstance(output, torch.Tensor) or output.ndim == 0 or output.shape[0] != batch:
-                raise _NotEligible("the model's output is not a tensor with the batch along dim 0")
-            losses = vmap(loss_fn)(output.unsqueeze(1), targets.unsqueeze(1))
-            total = losses.sum() if isinstance(losses, torch.Tensor) else None
-    finally:
-        for handle in handles:
-            handle.remove()
-    if problems:
-        raise _NotEligible(problems[0])
-    for name, module in layers:
-        if len(seen[module]) > 1:
-            raise _NotEligible(f"{type(module).__name__} {name!r} ran {len(seen[module])} times in one forward "
-                               "pass, not once")
-    if not isinstance(losses, torch.Tensor) or losses.shape != (batch,):
-        raise _NotEligible("loss_fn does not return a scalar for one example")
-
-    # Which layers the loss reaches, from autograd's graph (structure, not values): a layer
-    # that ran gets the gradient of its output, or None when the loss does not depend on it;
-    # a layer that did not run (a custom forward skipped it) must not reach the loss either.
-    ran = [(name, module) for name, module in layers if seen[module]]
-    idle = [p for _, module in layers if not seen[module]
-            for p in (module.weight, module.bias) if p is not None and p.requires_grad]
-    wrt = [seen[module][0][2] for _, module in ran] + idle
-    found = torch.autograd.grad(total, wrt, allow_unused=True) if wrt and total.requires_grad else [None] * len(wrt)
-    if any(g is not None for g in found[len(ran):]):
-        raise _NotEligible("a parameter of an nn.Linear or nn.Conv2d that did not run reaches the loss (used outside the "
-                           "layer's forward)")
-    if any(a._version != version for a, version, _ in (seen[module][0] for _, module in ran)):
-        raise _NotEligible("a Linear or Conv2d layer's input was modified in place after the layer used it")
-    reached = [(module, delta) for (_, module), delta in zip(ran, found) if delta is not None]
-
-    # Per layer: A is (B, T, d) and Delta (B, T, p), T = 1 for 2-D inputs.
-    first = next(iter(params.values()))
-    acc = accumulation_dtype(first.dtype)
-    factors: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
-    norms = _ExampleNorms(batch, first.device)
-    for module, delta in reached:
-        dtype = accumulation_dtype(module.weight.dtype)
-        x = seen[module][0][0].detach()
-        steps, d, p = _layer_dims(module, x, delta)
-        if isinstance(module, nn.Conv2d) and steps > 1 and module.weight.requires_grad and not _use_gram(steps, d, p):
-            # the per-example gradients by one grouped convolution: no unfolded input
-            x, delta_map = x.to(dtype), delta.to(dtype)
-            a, delta = None, delta_map.reshape(batch, p, steps).transpose(1, 2)
+    def __init__(self, model: nn.Module, max_norm: Any, noise_multiplier: float, clipping: str, clipping_fn: str,
+                 gamma: float) -> None:
+        _validate.check_choice("clipping", clipping, _CLIPPINGS)
+        _validate.check_choice("clipping_fn", clipping_fn, _CLIPPING_FNS)
+        _validate.check_real("gamma", gamma, 0.0, math.inf, low_open=True, high_open=True)
+        self.rule = ClipRule(automatic=clipping_fn == "automatic", gamma=float(gamma))
+        self.per_layer = clipping == "per_layer"
+        if self.per_layer:
+            self.thresholds = self._per_layer_thresholds(model, max_norm)
+            for name, value in self.thresholds.items():
+                self._check_finite(f"max_norm[{name!r}]", value, noise_multiplier)
+            # Opacus's DPPerLayerOptimizer: the noise std is noise_multiplier times the 2-norm of all thresholds
+            self.noise_std = noise_multiplier * math.sqrt(sum(c * c for c in self.thresholds.values()))
         else:
-            a, delta = _unfolded(module, x, delta, batch, dtype)
-        summed_delta = delta[:, 0] if steps == 1 else delta.sum(dim=1)  # the bias gradients, (B, p)
-        per_example = None
-        bias_rows = None
-        if steps == 1:  # ||delta_i a_i^T|| = ||delta_i|| ||a_i||
-            bias_rows = norms.rows(summed_delta)
-            if module.weight.requires_grad:
-                norms.add(bias_rows, norms.rows(a[:, 0]))
-        elif module.weight.requires_grad and _use_gram(steps, d, p):
-            # ||sum_t delta_t a_t^T||^2 = <A A^T, Delta Delta^T>, each example's factors divided by its
-            # largest entry first, so that the squares in the Gram matrices neither overflow nor underflow
-            a_scaled, a_largest = _max_scaled(a, dims=(1, 2))
-            delta_scaled, delta_largest = _max_scaled(delta, dims=(1, 2))
-            gram = torch.bmm(a_scaled, a_scaled.transpose(1, 2))
-            gram.mul_(torch.bmm(delta_scaled, delta_scaled.transpose(1, 2)))
-            weight_norm = gram.sum(dim=(1, 2)).clamp_(min=0).sqrt_()
-            norms.add_exact(weight_norm.to(a_largest.dtype) * a_largest * delta_largest)
-        elif module.weight.requires_grad:
-            # the per-example gradients themselves, (B, p, d) (cheaper than the Gram matrices here): their
-            # norms as the vmap path's, and the clipped sum their weighted sum (no second pass over A)
-            per_example = torch.bmm(delta.transpose(1, 2), a) if a is not None else _conv_weight_grads(module, x, delta_map)
-            norms.add(norms.rows(per_example.reshape(batch, p * d)))
-        factors[module] = (a, delta, summed_delta, per_example)
-        if module.bias is not None and module.bias.requires_grad:
-            norms.add(bias_rows if bias_rows is not None else norms.rows(summed_delta))
-    found_norms, found_scales, in_wide = norms.finish(max_norm)
-    scales = found_scales.to(acc)
-    cast = _Factors(found_scales, in_wide, scales)
-    grads: dict[str, torch.Tensor] = {}
-    for name, param in params.items():
-        module, kind = owner[name]
-        if module not in factors:
-            continue  # the loss does not reach this layer: no gradient, as in a backward pass
-        a, delta, summed_delta, per_example = factors[module]
-        c, in_wide = cast.get(delta.dtype, delta.device)
-        if kind == "weight" and per_example is not None:  # sum_i c_i g_i
-            summed = torch.tensordot(c, per_example.to(c.dtype), dims=1).to(delta.dtype).reshape(param.shape)
-        elif kind == "weight":  # sum_i c_i delta_i a_i^T = (c * Delta)^T A, scaling the smaller factor
-            if delta.shape[2] <= a.shape[2]:
-                delta, a = _scale_examples(delta, c, in_wide), a
-            else:
-                delta, a = delta, _scale_examples(a, c, in_wide)
-            summed = torch.mm(delta.reshape(-1, delta.shape[2]).T, a.reshape(-1, a.shape[2])).reshape(param.shape)
-        elif in_wide:
-            summed = torch.mv(summed_delta.T.to(c.dtype), c).to(delta.dtype)
+            if isinstance(max_norm, (Sequence, Mapping)) and not isinstance(max_norm, str):
+                raise TypeError(f"max_norm is a {type(max_norm).__name__}: one threshold per parameter is "
+                                "clipping='per_layer'; with clipping='flat' (the default) max_norm is one number")
+            self.max_norm = float(_validate.check_threshold("max_norm", max_norm, tensor_ok=False))
+            self._check_finite("max_norm", self.max_norm, noise_multiplier)
+            self.noise_std = noise_multiplier * self.max_norm if noise_multiplier > 0 else 0.0
+        self.noise_multiplier = noise_multiplier
+        self._norms: dict[str | None, ExampleNorms] = {}
+        self._factors: dict[str | None, Factors] = {}
+
+    def _check_finite(self, name: str, value: float, noise_multiplier: float) -> None:
+        if math.isinf(value) and noise_multiplier > 0:
+            raise ValueError(f"{name} must be finite when noise_multiplier > 0 (the noise std is noise_multiplier "
+                             "times the threshold)")
+        if math.isinf(value) and self.rule.automatic:
+            raise ValueError(f"{name} must be finite with clipping_fn='automatic', whose factor is "
+                             "max_norm / (norm + gamma)")
+
+    @staticmethod
+    def _per_layer_thresholds(model: nn.Module, max_norm: Any) -> dict[str, float]:
+        names = list(_trainable(model))
+        hint = (f"with clipping='per_layer', max_norm holds one threshold per trainable parameter, in the order of "
+                f"model.named_parameters() (as Opacus's max_grad_norm list): a list of {len(names)} numbers, or a "
+                f"dict from each name ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) to its threshold")
+        if isinstance(max_norm, Mapping):
+            if set(max_norm) != set(names):
+                missing, extra = sorted(set(names) - set(max_norm)), sorted(set(max_norm) - set(names))
+                raise ValueError(f"{hint}; got a dict without {missing} and with unknown keys {extra}")
+            values = [max_norm[name] for name in names]
+        elif isinstance(max_norm, Sequence) and not isinstance(max_norm, str):
+            if len(max_norm) != len(names):
+                raise ValueError(f"{hint}; got {len(max_norm)} thresholds")
+            values = list(max_norm)
         else:
-            summed = torch.mv(summed_delta.T, c)
-        grads[name] = _noisy_mean(summed, noise_multiplier, max_norm, divisor, generator).to(param.dtype)
-    return PerSampleClipResult(grads, found_norms.to(acc), scales)
+            raise TypeError(f"{hint}; got {type(max_norm).__name__}")
+        return {name: float(_validate.check_threshold(f"max_norm[{name!r}]", value, tensor_ok=False))
+                for name, value in zip(names, values)}
+
+    def start(self, batch: int, device: torch.device) -> None:
+        self.batch, self.device = batch, device
+        self._norms.clear()
+        self._factors.clear()
+
+    def norms_for(self, name: str) -> ExampleNorms:
+        """The accumulator of parameter ``name``'s group."""
+        key = name if self.per_layer else None
+        if key not in self._norms:
+            self._norms[key] = ExampleNorms(self.batch, self.device)
+        return self._norms[key]
+
+    def finish(self, names: list[str], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The norms and factors of the parameters ``names`` (in ``dtype``): (B,) each when flat, else (B, K)."""
+        groups = names if self.per_layer else [None]
+        found_norms, found_scales = [], []
+        for key in groups:
+            threshold = self.thresholds[key] if self.per_layer else self.max_norm
+            norms, scales, in_wide = self.norms_for(key).finish(threshold, self.rule)
+            cast = scales.to(dtype)
+            self._factors[key] = Factors(scales, in_wide, cast)
+            found_norms.append(norms.to(dtype))
+            found_scales.append(cast)
+        if not self.per_layer:
+            return found_norms[0], found_scales[0]
+        if not names:
+            empty = torch.zeros(self.batch, 0, dtype=dtype, device=self.device)
+            return empty, empty.clone()
+        return torch.stack(found_norms, dim=1), torch.stack(found_scales, dim=1)
+
+    def factors_for(self, name: str) -> Factors:
+        return self._factors[name if self.per_layer else None]
 
 
-def _scale_examples(x: torch.Tensor, c: torch.Tensor, in_wide: bool) -> torch.Tensor:
-    """``x`` (B, ...) with example i multiplied by ``c[i]``, in ``x``'s dtype (computed in ``c``'s when ``in_wide``)."""
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    if in_wide:
-        return (x.to(c.dtype) * c.reshape(shape)).to(x.dtype)
-    return x * c.reshape(shape)
-
-
-def _noisy_mean(summed: torch.Tensor, noise_multiplier: float, max_norm: float, divisor: int | None,
+def _noisy_mean(summed: torch.Tensor, std: float, divisor: int | None,
                 generator: torch.Generator | None) -> torch.Tensor:
-    """(sum of clipped gradients + N(0, sigma^2 C^2 I)) / divisor, in place; noise drawn only when sigma > 0.
+    """(sum of clipped gradients + N(0, std^2 I)) / divisor, in place; noise drawn only when std > 0.
 
     ``divisor`` is ``None`` for ``loss_reduction="sum"`` (no division).
     """
-    if noise_multiplier > 0:
+    if std > 0:
         noise = torch.randn(summed.shape, generator=generator, dtype=summed.dtype, device=summed.device)
-        summed.add_(noise, alpha=noise_multiplier * max_norm)
+        summed.add_(noise, alpha=std)
     return summed if divisor is None else summed.div_(divisor)
+
+
+def _hook_path(model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor, clip: _Clipping,
+               generator: torch.Generator | None, divisor: int | None, vouched: bool) -> PerSampleClipResult:
+    """:func:`per_sample_clipped_grad` from one forward and backward pass (:mod:`gradclip._ghost`); raises
+    :class:`gradclip._ghost.NotEligible` before drawing any noise."""
+    params = _trainable(model)
+    _vmappable.refuse_sparse_embeddings(model)
+    first = next(iter(params.values()))
+    clip.start(inputs.shape[0], first.device)
+    done = _ghost.run(model, loss_fn, inputs, targets, vouched, clip.norms_for)
+    reached = [name for name in params if name in done.owner]
+    norms, scales = clip.finish(reached, accumulation_dtype(first.dtype))
+    grads: dict[str, torch.Tensor] = {}
+    for name in reached:
+        summed = done.summed(name, clip.factors_for(name))
+        grads[name] = _noisy_mean(summed, clip.noise_std, divisor, generator).to(params[name].dtype)
+    return PerSampleClipResult(grads, norms, scales)
 
 
 def per_sample_clipped_grad(
@@ -785,7 +390,7 @@ def per_sample_clipped_grad(
     loss_fn: LossFn,
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    max_norm: float,
+    max_norm: float | Sequence[float] | Mapping[str, float],
     noise_multiplier: float = 0.0,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
@@ -793,19 +398,22 @@ def per_sample_clipped_grad(
     *,
     expected_batch_size: int | None = None,
     loss_reduction: Reduction = "mean",
+    clipping: Clipping = "flat",
+    clipping_fn: ClippingFn = "abadi",
+    gamma: float = 0.01,
 ) -> PerSampleClipResult:
     r"""The DP-SGD gradient: clip each example's gradient to C, sum, add noise, average.
 
     .. math::
 
-        \bar g = \frac{1}{N}\Big(\sum_{i=1}^{B} g_i \min\Big(1, \frac{C}{\|g_i\|_2 + 10^{-6}}\Big)
-        + \mathcal N(0, \sigma^2 C^2 I)\Big)
+        \bar g = \frac{1}{N}\Big(\sum_{i=1}^{B} c_i\, g_i + \mathcal N(0, \sigma^2 C^2 I)\Big),
+        \qquad c_i = \min\Big(1, \frac{C}{\|g_i\|_2 + 10^{-6}}\Big)
 
     Abadi, Chu, Goodfellow, McMahan, Mironov, Talwar and Zhang (2016), "Deep
     Learning with Differential Privacy",
     `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__. :math:`\|g_i\|_2`
     is the norm of example i's gradient over all trainable parameters
-    together (flat clipping); the 1e-6 guard is Opacus's (and torch's)
+    together (``clipping="flat"``); the 1e-6 guard is Opacus's (and torch's)
     convention. The divisor N is ``expected_batch_size`` when given (under
     Poisson sampling the batch size B is random, and the privacy analysis
     divides by its expectation), else the actual batch size B; with
@@ -813,6 +421,42 @@ def per_sample_clipped_grad(
     ``generator``, one ``randn`` of each parameter's shape, in
     ``model.named_parameters()`` order, only when ``noise_multiplier > 0`` and
     only for the parameters that get a gradient (below).
+
+    *Automatic clipping* (``clipping_fn="automatic"``, AUTO-S of Bu, Wang, Zha
+    and Karypis 2023, "Automatic Clipping: Differentially Private Deep Learning
+    Made Easier and Stronger", `arXiv:2206.07136 <https://arxiv.org/abs/2206.07136>`__)
+    normalises every example instead of clipping the large ones:
+
+    .. math::
+
+        c_i = \frac{C}{\|g_i\|_2 + \gamma}, \qquad \gamma = 0.01 \text{ by default}
+
+    Each example contributes a vector of norm below C, so the sensitivity and
+    the noise are those of clipping at C; C only scales the step (the paper
+    takes C = 1 and tunes the learning rate instead), and no threshold needs
+    tuning. :math:`\gamma > 0` keeps small gradients from being blown up to
+    norm C (AUTO-V, :math:`\gamma = 0`, is not offered: a zero gradient would
+    divide 0 by 0). This is fastDP's ``clipping_fn='automatic'``
+    (awslabs/fast-differential-privacy, ``fastDP/autograd_grad_sample.py``,
+    ``numerical_stability_constant`` 1e-2, noise std ``noise_multiplier *
+    max_grad_norm``), tested against a float64 transcription of it.
+
+    *Per-layer thresholds* (``clipping="per_layer"``, Opacus's
+    ``clipping="per_layer"``, ``DPPerLayerOptimizer``): ``max_norm`` holds a
+    threshold :math:`C_l` for each trainable parameter (as Opacus's
+    ``max_grad_norm`` list, in ``model.named_parameters()`` order, or a dict by
+    name), and each parameter of each example is clipped on its own:
+    :math:`c_{i,l} = \min(1, C_l / (\|g_{i,l}\|_2 + 10^{-6}))` (or
+    :math:`C_l / (\|g_{i,l}\|_2 + \gamma)` with ``clipping_fn="automatic"``,
+    fastDP's ``clipping_style='param-wise'``). An example's clipped gradient then
+    has norm at most :math:`\|C\|_2 = (\sum_l C_l^2)^{1/2}`, and the noise has std
+    :math:`\sigma \|C\|_2`, as Opacus (which computes that norm in float32);
+    ``norms`` and ``scales`` are then (B, K), one column per parameter of
+    ``grads``. He, Li, Yu, Zhang, Kulkarni, Lee, Backurs, Yu and Bian (2023),
+    "Exploring the Limits of Differentially Private Deep Learning with Group-wise
+    Clipping", `arXiv:2212.01539 <https://arxiv.org/abs/2212.01539>`__, found fixed
+    per-layer thresholds below flat clipping in accuracy; they let each layer be
+    clipped as soon as its gradients exist.
 
     *An empty batch* (B = 0, which Poisson sampling draws) is a valid step:
     the sum of no clipped gradients is 0, so the gradient is the noise alone,
@@ -829,9 +473,9 @@ def per_sample_clipped_grad(
     clipped and noised as usual. Which parameters are absent must not depend
     on the data, or its absence would itself reveal something: it does not
     for any model the ``"vmap"`` path accepts (``vmap`` refuses data-dependent
-    control flow) nor for the models ``"auto"`` sends to ghost norms; with
-    ``method="ghost"`` and a custom ``forward`` that branches on the data it is
-    yours to ensure.
+    control flow) nor for the models of known modules that ``"auto"`` sends
+    to the hook path; with a custom ``forward`` that branches on the data it
+    is yours to ensure.
 
     *Opacus.* This is the step of Opacus's ``DPOptimizer`` (``opacus/optimizers/optimizer.py``):
     ``clip_and_accumulate`` clips each example with the factor above and sums
@@ -859,12 +503,18 @@ def per_sample_clipped_grad(
       included; see there); it holds all B per-example gradients at once.
       The model is also run on one example outside ``vmap``, to find which
       parameters the loss reaches.
-    * ``"ghost"``: ghost norms, for models whose trainable parameters all
-      belong to ``torch.nn.Linear`` or ``torch.nn.Conv2d`` layers. Example i's gradient of a linear
-      layer :math:`z = W a + b` is the outer product of the gradient
-      :math:`\delta_i = \partial \ell_i / \partial z_i` with its input
-      :math:`a_i`, so its norm needs no per-example gradient, and neither
-      does the clipped sum, one matrix product per layer:
+    * ``"ghost"``: the hook path, one ordinary forward pass and one backward
+      pass to the layers' outputs for the whole batch, for models whose
+      trainable parameters all belong to ``nn.Linear``, ``nn.Conv2d``
+      (``groups=1``, zero padding), ``nn.Embedding`` (dense, without
+      ``scale_grad_by_freq``), ``nn.LayerNorm``, ``nn.RMSNorm`` or
+      ``nn.GroupNorm`` layers, each run once per forward pass. Forward hooks
+      record each layer's input :math:`a`; the output gradients :math:`\delta`
+      come from one backward pass of :math:`\sum_i \ell_i`, the per-example
+      losses from ``vmap(loss_fn)``. Example i's gradient of a linear layer
+      :math:`z = W a + b` is the outer product of
+      :math:`\delta_i = \partial \ell_i / \partial z_i` with :math:`a_i`, so its
+      norm needs no per-example gradient, and neither does the clipped sum:
 
       .. math::
 
@@ -872,48 +522,57 @@ def per_sample_clipped_grad(
           \|\nabla_b \ell_i\|_2 = \|\delta_i\|_2, \qquad
           \sum_{i} c_i\, \delta_i a_i^\top = (c \odot \Delta)^\top A
 
-      with :math:`c_i` the clipping factor and :math:`A`, :math:`\Delta` the
-      layer's inputs and output gradients, one row per example (Goodfellow
-      2015, "Efficient Per-Example Gradient Computations",
-      `arXiv:1510.01799 <https://arxiv.org/abs/1510.01799>`__). For inputs with
-      more dimensions, :math:`(B, T, d)`, example i's weight gradient is
-      :math:`\sum_t \delta_{it} a_{it}^\top`, whose squared norm is
-      :math:`\langle A_i A_i^\top, \Delta_i \Delta_i^\top\rangle` (ghost
-      clipping, Li, Tramèr, Liang and Hashimoto 2022, "Large Language Models
-      Can Be Strong Differentially Private Learners",
-      `arXiv:2110.05679 <https://arxiv.org/abs/2110.05679>`__), used when
-      :math:`T^2 \le d p`; otherwise the :math:`p \times d` per-example
-      gradients are formed (one batched product) and the clipped sum is their
-      weighted sum. An ``nn.Conv2d`` (``groups=1``, zero padding; any stride,
-      padding, dilation and kernel size) is such a layer with
-      :math:`a_{it}` the columns of ``unfold(x_i)`` (:math:`d = C_{in} k_h k_w`,
-      :math:`p = C_{out}`, T the L output positions); the choice between the
-      L x L Gram matrices and the per-example gradients is made per layer
-      (the "mixed" ghost clipping of Bu, Mao and Xu 2023, "Differentially
-      Private Optimization on Large Model at Small Cost",
-      `arXiv:2210.00038 <https://arxiv.org/abs/2210.00038>`__), and the
-      per-example gradients of a convolution come from one grouped
-      convolution, without unfolding its input. The inputs :math:`a_i` are recorded by forward hooks
-      and the :math:`\delta_i` come from one backward pass of
-      :math:`\sum_i \ell_i` to the layers' outputs, with the per-example losses
-      :math:`\ell_i` from ``vmap(loss_fn)``. One forward and one backward
-      pass for the whole batch; ``chunk_size`` is checked but not used. A layer
-      whose output the loss does not reach, or that a custom ``forward`` does
-      not call, gets no gradient; a parameter of such a layer that reaches the
-      loss some other way is refused.
-    * ``"auto"`` (the default): ``"ghost"`` where it is known to be exact, else
-      ``"vmap"``. That is: every trainable parameter is the ``weight`` or
-      ``bias`` of an ``nn.Linear`` or a zero-padded ``nn.Conv2d`` with ``groups=1``
-      (a grouped convolution goes to ``"vmap"``) used once per forward pass, on an input with
-      the batch along dim 0; and every other module is an ``nn.Sequential`` or a
-      module known to treat the examples independently (activations, dropout
-      (in training mode each example gets its own mask, and the clipped
-      gradients are those under the masks of this forward pass, as in Opacus),
-      ``Flatten``, ``LayerNorm``, ``GroupNorm``, BatchNorm in eval mode, frozen
-      convolutions and pooling). With ``method="ghost"`` modules
-      with their own ``forward`` are taken on trust to treat the examples
-      independently; the other conditions still hold, and a ``ValueError``
-      says which one fails.
+      (Goodfellow 2015, "Efficient Per-Example Gradient Computations",
+      `arXiv:1510.01799 <https://arxiv.org/abs/1510.01799>`__). With more
+      positions, :math:`(B, T, d)` inputs or the T output pixels of an
+      ``nn.Conv2d`` (:math:`a_{it}` the columns of ``unfold(x_i)``,
+      :math:`d = C_{in} k_h k_w`, :math:`p = C_{out}`), example i's weight
+      gradient is :math:`\sum_t \delta_{it} a_{it}^\top`, and each layer takes
+      the cheaper of two ways (the mixed ghost clipping of Bu, Mao and Xu 2023,
+      "Differentially Private Optimization on Large Model at Small Cost",
+      `arXiv:2210.00038 <https://arxiv.org/abs/2210.00038>`__): the ghost norm
+      :math:`\langle A_i A_i^\top, \Delta_i \Delta_i^\top\rangle` (Li, Tramèr,
+      Liang and Hashimoto 2022, "Large Language Models Can Be Strong
+      Differentially Private Learners",
+      `arXiv:2110.05679 <https://arxiv.org/abs/2110.05679>`__), then the
+      clipped sum :math:`(c \odot \Delta)^\top A` (their book-keeping), when
+      :math:`T^2 (d + p) \le 4 d p`; else the p x d per-example gradients
+      themselves (one batched product, or one grouped convolution without
+      unfolding the input) and their weighted sum. Both pay one product of
+      T d p multiply-adds per example; beyond it the Gram matrices cost
+      :math:`T^2 (d + p)`, the per-example gradients a few passes over their
+      d p entries. Per-example gradients above 256 MiB for a layer give way
+      to Gram matrices that take less memory. An ``nn.Embedding``'s example
+      gradient has one row per distinct token of the example, the sum of that
+      token's :math:`\delta_{it}`: each example's tokens are sorted and summed
+      by run, with no host read of how many are distinct, and the clipped sum
+      is torch's embedding backward of :math:`c \odot \delta` (``padding_idx``
+      rows stay zero; ``max_norm`` renormalises in the forward pass, as in
+      training). Normalisation layers :math:`y = \hat x \odot w + b` have
+      per-example gradients :math:`\sum_t \delta_{it} \odot \hat x_{it}` and
+      :math:`\sum_t \delta_{it}` as small as their parameters: they are formed
+      (:math:`\hat x` recomputed from the input). ``chunk_size`` is checked but
+      not used. A layer whose output the loss does not reach, or that a
+      custom ``forward`` does not call, gets no gradient; a parameter that
+      reaches the loss other than through its own layer's forward (a tied
+      weight, a layer's weight used by hand) is refused, and so is a layer
+      run twice. Every other module must keep the examples apart: activations,
+      dropout (in training mode each example gets its own mask, and the
+      clipped gradients are those under the masks of this forward pass, as in
+      Opacus), pooling, ``Flatten``, frozen layers, BatchNorm in eval mode
+      are known to; modules with their own ``forward`` (a residual block, a
+      custom attention) are taken on trust.
+    * ``"auto"`` (the default): the hook path when it applies and is known to
+      be exact, else ``"vmap"``. Modules with their own ``forward`` are not
+      taken on trust: on the first call for a model, its first examples (up
+      to 4) run through it in one batch and one at a time under ``vmap``,
+      without gradients, and the outputs must agree (to the square root of
+      the dtype's epsilon, relative to the largest); a model that mixes the
+      examples, that ``vmap`` cannot run, or whose output is not a tensor
+      goes to ``"vmap"``, which computes each example's gradient of the model
+      run on that example alone. The verdict is kept for the model while its
+      modules and their training modes stay the same; it costs one host read
+      on that first call.
 
     *Range.* Each example's norm neither overflows nor underflows while it is
     representable (float32 entries near 1e20 or 1e-25, whose squares are
@@ -929,11 +588,12 @@ def per_sample_clipped_grad(
     no host read, each example's rows are divided by their largest magnitude
     before their norm is taken (two more passes over the per-example
     gradients on the ``"vmap"`` path; over the layers' inputs and output
-    gradients on the ghost path) and combined in float64 (float32 on MPS);
+    gradients on the hook path) and combined in float64 (float32 on MPS);
     there a factor below float32's smallest normal number loses precision in
     the cast. The ghost norms of sequences (Gram matrices) are always
     computed on inputs and output gradients divided by each example's
-    largest entry. No host-device synchronisation on either path.
+    largest entry. No host-device synchronisation on either path (but for
+    ``"auto"``'s one check of a model with custom modules, above).
 
     Non-finite values: an example whose gradient holds a NaN or inf has a
     non-finite norm and factor, and makes the averaged gradient NaN; it is not
@@ -944,7 +604,9 @@ def per_sample_clipped_grad(
         loss_fn: ``loss_fn(output, target) -> scalar`` for a batch of one example.
         inputs: the batch, examples along dim 0; may hold 0 examples.
         targets: the targets, examples along dim 0.
-        max_norm: C, a number in [0, inf] (finite when there is noise).
+        max_norm: C, a number in [0, inf] (finite when there is noise or with ``clipping_fn="automatic"``),
+            in the gradients' units; with ``clipping="per_layer"``, one such number per trainable
+            parameter: a sequence in ``model.named_parameters()`` order, or a dict from each name.
         noise_multiplier: :math:`\sigma`, a finite number >= 0.
         generator: the random generator for the noise; the global one if ``None``.
         chunk_size: as in :func:`per_sample_grads` (the ``"vmap"`` path only), checked on every path.
@@ -954,21 +616,29 @@ def per_sample_clipped_grad(
             ``None`` divides by the actual batch size B. Ignored by ``"sum"``, as in Opacus.
         loss_reduction: ``"mean"`` (the default) divides the noisy clipped sum by N;
             ``"sum"`` returns the noisy clipped sum itself (Opacus's ``loss_reduction``).
+        clipping: ``"flat"`` (the default: one norm over all parameters) or ``"per_layer"``
+            (one norm and threshold per parameter), as Opacus's ``clipping``.
+        clipping_fn: ``"abadi"`` (the default: :math:`\min(1, C/(\|g_i\| + 10^{-6}))`) or
+            ``"automatic"`` (:math:`C/(\|g_i\| + \gamma)`), as fastDP's ``clipping_fn``.
+        gamma: :math:`\gamma` of ``clipping_fn="automatic"``, a finite number > 0 (default 0.01,
+            the paper's and fastDP's); checked always, used only there.
 
     Returns:
         A :class:`PerSampleClipResult`: the gradients by parameter name (the
         parameters the loss reaches), the per-example norms before clipping, and
-        the per-example factors.
+        the per-example factors ((B,) each; (B, K) with ``clipping="per_layer"``).
 
     Raises:
-        TypeError: ``model`` is not a module, ``loss_fn`` is not callable, ``inputs``/``targets`` are not tensors, ``generator`` is not a ``torch.Generator``, or ``max_norm``/``noise_multiplier`` are not numbers; a trainable embedding has ``sparse=True``, or a recurrent layer gets a ``PackedSequence`` (as :func:`per_sample_grads`).
-        ValueError: an argument is out of range (``max_norm`` < 0 or infinite with noise, ``noise_multiplier`` < 0, ``chunk_size`` or ``expected_batch_size`` not None or an int >= 1, ``method`` or ``loss_reduction`` not one of theirs); ``inputs`` and ``targets`` differ in batch size; the batch is empty with ``loss_reduction="mean"`` and no ``expected_batch_size``; the model holds a BatchNorm in training mode (or without running statistics), whose batch statistics mix the examples; ``method="ghost"`` for a model the ghost-norm identity does not fit; or ``loss_fn`` does not return a 0-dim loss for one example.
-        RuntimeError: on the ``vmap`` path, a module draws random numbers (dropout in training mode; the ghost path takes it).
+        TypeError: ``model`` is not a module, ``loss_fn`` is not callable, ``inputs``/``targets`` are not tensors, ``generator`` is not a ``torch.Generator``, ``noise_multiplier``/``gamma`` are not numbers, or ``max_norm`` is not a number (``"flat"``) or not a sequence or dict of numbers (``"per_layer"``); a trainable embedding has ``sparse=True``, or a recurrent layer gets a ``PackedSequence`` (as :func:`per_sample_grads`).
+        ValueError: an argument is out of range (a threshold < 0, or infinite with noise or ``"automatic"``; per-layer thresholds not one per trainable parameter; ``noise_multiplier`` < 0, ``gamma`` <= 0, ``chunk_size`` or ``expected_batch_size`` not None or an int >= 1, ``method``, ``loss_reduction``, ``clipping`` or ``clipping_fn`` not one of theirs); ``inputs`` and ``targets`` differ in batch size; the batch is empty with ``loss_reduction="mean"`` and no ``expected_batch_size``; the model holds a BatchNorm in training mode (or without running statistics), whose batch statistics mix the examples; ``method="ghost"`` for a model the hook path does not fit (the message says why); or ``loss_fn`` does not return a 0-dim loss for one example.
+        RuntimeError: on the ``vmap`` path, a module draws random numbers (dropout in training mode; the hook path takes it).
 
     References:
         * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__.
         * Li, Tramer, Liang and Hashimoto (2022), "Large Language Models Can Be Strong Differentially Private Learners" (ghost norms), `arXiv:2110.05679 <https://arxiv.org/abs/2110.05679>`__.
-        * Opacus, ``DPOptimizer`` (``clip_and_accumulate``, ``add_noise``, ``scale_grad``), `opacus/optimizers/optimizer.py <https://github.com/meta-pytorch/opacus/blob/main/opacus/optimizers/optimizer.py>`__.
+        * Bu, Mao and Xu (2023), "Differentially Private Optimization on Large Model at Small Cost" (mixed ghost norms, book-keeping), `arXiv:2210.00038 <https://arxiv.org/abs/2210.00038>`__; reference code fastDP's ``clipping_mode='MixOpt'``, `awslabs/fast-differential-privacy <https://github.com/awslabs/fast-differential-privacy>`__.
+        * Bu, Wang, Zha and Karypis (2023), "Automatic Clipping: Differentially Private Deep Learning Made Easier and Stronger", `arXiv:2206.07136 <https://arxiv.org/abs/2206.07136>`__; reference code fastDP's ``clipping_fn='automatic'``, ``fastDP/autograd_grad_sample.py``.
+        * Opacus, ``DPOptimizer`` (``clip_and_accumulate``, ``add_noise``, ``scale_grad``), `opacus/optimizers/optimizer.py <https://github.com/meta-pytorch/opacus/blob/main/opacus/optimizers/optimizer.py>`__, and ``DPPerLayerOptimizer``, `opacus/optimizers/perlayeroptimizer.py <https://github.com/meta-pytorch/opacus/blob/main/opacus/optimizers/perlayeroptimizer.py>`__.
 
     Example:
         >>> import torch, gradclip
@@ -985,12 +655,17 @@ def per_sample_clipped_grad(
         >>> slow = gradclip.per_sample_clipped_grad(model, torch.nn.functional.mse_loss, x, y, 1.0, method="vmap")
         >>> torch.allclose(slow.grads["weight"], result.grads["weight"])
         True
+        >>> auto_s = gradclip.per_sample_clipped_grad(model, torch.nn.functional.mse_loss, x, y, 1.0,
+        ...                                           clipping_fn="automatic")
+        >>> auto_s.scales  # 1 / (norm + 0.01): every example normalised
+        tensor([0.4975, 0.0050])
         >>> empty = gradclip.per_sample_clipped_grad(model, torch.nn.functional.mse_loss, x[:0], y[:0], 1.0,
         ...                                          expected_batch_size=4)
         >>> empty.grads["weight"], empty.norms  # no example, no noise: zero
         (tensor([[0.]]), tensor([]))
     """
-    max_norm = _check_dp_args(max_norm, noise_multiplier, generator)
+    _check_dp_args(noise_multiplier, generator)
+    clip = _Clipping(model, max_norm, noise_multiplier, clipping, clipping_fn, gamma)
     _validate.check_choice("method", method, _METHODS)
     _validate.check_optional_int("chunk_size", chunk_size, 1)
     batch = _check_batch(inputs, targets)
@@ -998,9 +673,8 @@ def per_sample_clipped_grad(
     if method != "vmap":
         _validate.check_callable("loss_fn", loss_fn, "loss_fn(output, target) -> scalar loss")
         try:
-            return _ghost_clipped_grad(model, loss_fn, inputs, targets, max_norm, noise_multiplier, generator,
-                                       divisor, vouched=method == "ghost")
-        except _NotEligible as reason:
+            return _hook_path(model, loss_fn, inputs, targets, clip, generator, divisor, vouched=method == "ghost")
+        except _ghost.NotEligible as reason:
             if method == "ghost":
                 raise ValueError(f"method='ghost' does not apply: {reason}") from None
     reached: set[str] = set()
@@ -1010,23 +684,20 @@ def per_sample_clipped_grad(
     finally:
         _REACHED.reset(token)
     first = next(iter(samples.values()))
-    acc = accumulation_dtype(first.dtype)
     if len(reached) < len(samples):  # an empty batch, or parameters not found in the graph: ask autograd
         reached |= _reached(model, loss_fn, _trainable(model), inputs, targets)
     samples = {name: g for name, g in samples.items() if name in reached}
-    norms = _ExampleNorms(batch, first.device)
-    for g in samples.values():
-        norms.add(norms.rows(g.reshape(batch, math.prod(g.shape[1:]))))
-    found_norms, found_scales, in_wide = norms.finish(max_norm)
-    scales = found_scales.to(acc)
-    cast = _Factors(found_scales, in_wide, scales)
+    clip.start(batch, first.device)
+    for name, g in samples.items():
+        clip.norms_for(name).add_rows(g.reshape(batch, math.prod(g.shape[1:])))
+    norms, scales = clip.finish(list(samples), accumulation_dtype(first.dtype))
     grads: dict[str, torch.Tensor] = {}
     for name, g in samples.items():
         dtype = accumulation_dtype(g.dtype)
-        c, in_wide = cast.get(dtype, g.device)
+        c, in_wide = clip.factors_for(name).get(dtype, g.device)
         summed = torch.tensordot(c, g.to(c.dtype), dims=1)
-        grads[name] = _noisy_mean(summed.to(dtype), noise_multiplier, max_norm, divisor, generator).to(g.dtype)
-    return PerSampleClipResult(grads, found_norms.to(acc), scales)
+        grads[name] = _noisy_mean(summed.to(dtype), clip.noise_std, divisor, generator).to(g.dtype)
+    return PerSampleClipResult(grads, norms, scales)
 
 
 def per_sample_clip_grad_(
@@ -1034,7 +705,7 @@ def per_sample_clip_grad_(
     loss_fn: LossFn,
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    max_norm: float,
+    max_norm: float | Sequence[float] | Mapping[str, float],
     noise_multiplier: float = 0.0,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
@@ -1042,16 +713,22 @@ def per_sample_clip_grad_(
     *,
     expected_batch_size: int | None = None,
     loss_reduction: Reduction = "mean",
+    clipping: Clipping = "flat",
+    clipping_fn: ClippingFn = "abadi",
+    gamma: float = 0.01,
 ) -> torch.Tensor:
     r"""Compute the DP-SGD gradient and accumulate it into each parameter's ``.grad``; return the per-example norms.
 
     .. math::
 
-        \theta.\mathrm{grad} \mathrel{+}= \frac{1}{N}\Big(\sum_{i} g_i
-        \min\Big(1, \frac{C}{\|g_i\| + 10^{-6}}\Big) + \mathcal N(0, \sigma^2 C^2 I)\Big)
+        \theta.\mathrm{grad} \mathrel{+}= \frac{1}{N}\Big(\sum_{i} c_i\, g_i + \mathcal N(0, \sigma^2 C^2 I)\Big),
+        \qquad c_i = \min\Big(1, \frac{C}{\|g_i\| + 10^{-6}}\Big) \text{ or } \frac{C}{\|g_i\| + \gamma}
 
     :func:`per_sample_clipped_grad` (Abadi et al. 2016,
-    `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__), then written into
+    `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__; automatic clipping,
+    ``clipping_fn="automatic"``, Bu et al. 2023,
+    `arXiv:2206.07136 <https://arxiv.org/abs/2206.07136>`__; per-layer thresholds,
+    ``clipping="per_layer"``, as Opacus), then written into
     ``.grad`` as a backward pass would: added to an existing gradient, set
     where there is none. N is ``expected_batch_size``, or the batch size B, or
     1 with ``loss_reduction="sum"``. Call it instead of ``loss.backward()``,
@@ -1066,24 +743,33 @@ def per_sample_clip_grad_(
         loss_fn: ``loss_fn(output, target) -> scalar`` for a batch of one example.
         inputs: the batch, examples along dim 0; may hold 0 examples.
         targets: the targets, examples along dim 0.
-        max_norm: C, a number in [0, inf] (finite when there is noise).
+        max_norm: C, a number in [0, inf] (finite when there is noise or with ``"automatic"``); with
+            ``clipping="per_layer"``, one per trainable parameter (a sequence in ``named_parameters()``
+            order, or a dict by name).
         noise_multiplier: :math:`\sigma`, a finite number >= 0.
         generator: the random generator for the noise.
         chunk_size: examples per vectorised chunk, or ``None`` (the ``"vmap"`` path only).
-        method: ``"auto"``, ``"ghost"`` (ghost norms, for models trained only in
-            ``nn.Linear`` and ``nn.Conv2d`` layers) or ``"vmap"``, as in :func:`per_sample_clipped_grad`.
+        method: ``"auto"``, ``"ghost"`` (the hook path, for models trained only in ``nn.Linear``,
+            ``nn.Conv2d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.GroupNorm``
+            layers) or ``"vmap"``, as in :func:`per_sample_clipped_grad`.
         expected_batch_size: N, the divisor of the ``"mean"`` under Poisson sampling
             (Opacus's ``expected_batch_size``); ``None`` divides by the batch size.
         loss_reduction: ``"mean"`` (divide by N) or ``"sum"`` (do not divide), as in Opacus.
+        clipping: ``"flat"`` (one threshold) or ``"per_layer"`` (one per parameter), as in Opacus.
+        clipping_fn: ``"abadi"`` (clip) or ``"automatic"`` (normalise: AUTO-S).
+        gamma: the stability constant of ``"automatic"``, > 0 (default 0.01).
 
     Returns:
-        Each example's gradient norm before clipping, a 1-D tensor of length B.
+        Each example's gradient norm before clipping, a 1-D tensor of length B; (B, K), one
+        column per parameter that gets a gradient, with ``clipping="per_layer"``.
 
     Raises:
         TypeError, ValueError: as :func:`per_sample_clipped_grad`.
 
     References:
         * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__.
+        * Bu, Wang, Zha and Karypis (2023), "Automatic Clipping", `arXiv:2206.07136 <https://arxiv.org/abs/2206.07136>`__; fastDP (awslabs/fast-differential-privacy), ``clipping_fn='automatic'``.
+        * Opacus ``DPPerLayerOptimizer``, `opacus/optimizers/perlayeroptimizer.py <https://github.com/meta-pytorch/opacus/blob/main/opacus/optimizers/perlayeroptimizer.py>`__.
 
     Example:
         >>> import torch, gradclip
@@ -1092,9 +778,15 @@ def per_sample_clip_grad_(
         >>> norms = gradclip.per_sample_clip_grad_(model, torch.nn.functional.cross_entropy, x, y, max_norm=0.1)
         >>> norms.shape, bool(model.weight.grad.norm() <= 0.1 + 1e-6)
         (torch.Size([8]), True)
+        >>> model.zero_grad()
+        >>> norms = gradclip.per_sample_clip_grad_(model, torch.nn.functional.cross_entropy, x, y, [0.1, 0.01],
+        ...                                        clipping="per_layer")
+        >>> norms.shape, bool(model.bias.grad.norm() <= 0.01 + 1e-6)
+        (torch.Size([8, 2]), True)
     """
     result = per_sample_clipped_grad(model, loss_fn, inputs, targets, max_norm, noise_multiplier, generator, chunk_size,
-                                     method, expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
+                                     method, expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
+                                     clipping=clipping, clipping_fn=clipping_fn, gamma=gamma)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name in result.grads:

@@ -643,7 +643,22 @@ def _layout(layout: dict) -> dict:
             "data": {kind: [{"colorbar": _COLORBAR}] for kind in ("heatmap", "contour", "histogram2d")},
         },
     }
-    return _deep_merge(defaults, layout)
+    return _label_log_ticks(_deep_merge(defaults, layout))
+
+
+LOG_TICK_FORMAT = "~g"
+"""Tick labels on log axes: plotly labels the minor ticks of a log axis (its ``D1``/``D2`` ticks) with their leading
+digit alone ("5" for 50 or 0.05), unreadable on a phone where the decade labels are far apart; any tickformat makes
+it write every tick in full (50, 0.05, 2e-05)."""
+
+
+def _label_log_ticks(layout: dict) -> dict:
+    """Every log axis without a tickformat of its own gets :data:`LOG_TICK_FORMAT`."""
+    for key in _axis_keys(layout, "x") + _axis_keys(layout, "y"):
+        axis = layout[key]
+        if isinstance(axis, Mapping) and axis.get("type") == "log" and "tickformat" not in axis:
+            layout[key] = {**axis, "tickformat": LOG_TICK_FORMAT}
+    return layout
 
 
 def _axis_keys(layout: Mapping, letter: str) -> list[str]:

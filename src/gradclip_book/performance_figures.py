@@ -153,7 +153,7 @@ def lower_lr_explorer(table: dict[int, dict[str, Any]], target: float = perf.TAR
 
     traces = [run_style("plain", name="no clipping, its best lr", mode="lines", legendgroup="plain"),
               run_style("clipped", name="clipped, its best lr", mode="lines", legendgroup="clipped"),
-              {**marker("plain", "x-thin-open"), "legendgroup": "plain"},
+              {**marker("plain", "triangle-up-open"), "legendgroup": "plain"},
               {**marker("clipped", "circle-open"), "legendgroup": "clipped"},
               run_style("reference", name=f"target {target:g}", mode="lines")]
     # the x axis starts where the first {window}-step mean exists; y ticks labelled down to the lowest loss reached

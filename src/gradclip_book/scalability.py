@@ -239,11 +239,18 @@ def clip_costs(repeats: int = 30, config: cls.RunConfig = BASE) -> dict[str, dic
 
 
 def _loop_clipped(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_norm: float) -> list[torch.Tensor]:
-    """The reference DP-SGD gradient: one backward pass per example, each clipped to ``max_norm``, averaged."""
+    """The reference DP-SGD gradient: one backward pass per example, each clipped to ``max_norm``, averaged.
+
+    The forward pass runs once over the whole batch, as gradclip's does, so both see the same activations:
+    two forward passes of different batch shapes round differently, and a ReLU pre-activation within float32
+    rounding of zero (5e-8 in one digit of chapter 5's batch) then switches a unit on in one and off in the
+    other, which changed that example's gradient by 60% under MKL's AVX2 kernels.
+    """
     params = list(model.parameters())
     total = [torch.zeros_like(p) for p in params]
+    losses = nn.functional.cross_entropy(model(x), y, reduction="none")
     for i in range(len(y)):
-        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params)
+        grads = torch.autograd.grad(losses[i], params, retain_graph=i + 1 < len(y))
         norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
         factor = min(1.0, max_norm / (float(norm) + 1e-6))  # the same guard as gradclip and Opacus
         for t, g in zip(total, grads):

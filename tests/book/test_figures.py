@@ -177,8 +177,10 @@ def test_compared_runs_differ_in_colour_and_dash_and_ticks_never_use_si_suffixes
     dashes = [style["line"]["dash"] for style in RUN_STYLES.values()]
     assert len(set(colours)) == len(colours) and len(set(dashes)) == len(dashes)
     assert run_style("plain", name="a")["line"]["dash"] != run_style("clipped")["line"]["dash"]
-    layout = make_explorer(layout={"xaxis": {"type": "log"}}).spec()["layout"]
-    assert layout["xaxis"] == {"type": "log"}  # the author's axis settings are kept ...
+    layout = make_explorer(layout={"xaxis": {"type": "log"}, "yaxis2": {"type": "log", "tickformat": ".0e"}}).spec()["layout"]
+    # the author's axis settings are kept, and a log axis labels every tick in full (not "5" for 50) ...
+    assert layout["xaxis"] == {"type": "log", "tickformat": "~g"} and layout["yaxis2"]["tickformat"] == ".0e"
+    assert "tickformat" not in PlotlyFigure([{"y": [1]}], layout={"yaxis": {"type": "linear"}}).layout["yaxis"]
     for axis in ("xaxis", "yaxis"):  # ... and every axis gets power tick labels from the template
         assert layout["template"]["layout"][axis]["exponentformat"] == "power"
 
@@ -278,3 +280,18 @@ def test_a_text_table_fixes_its_column_shares_and_checks_them():
     assert 'data-label="b">y</td>' in html_text
     with pytest.raises(ValueError, match="one percentage per column"):
         table_html(["a", "b"], [["x", "y"]], widths=[100])
+
+
+def test_a_cross_marks_a_diverged_run_and_nothing_else_in_any_figure_module():
+    # one meaning per marker across the book: every x-shaped marker sits in a trace about divergence
+    from pathlib import Path
+
+    import gradclip_book
+
+    crosses = re.compile(r'"symbol": "x(-thin)?(-open)?(-dot)?"|"x-(thin|open|dot)[a-z-]*"')
+    for module in sorted(Path(gradclip_book.__file__).parent.glob("*figures*.py")):
+        lines = module.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines):
+            if crosses.search(line):
+                context = " ".join(lines[max(0, number - 3):number + 1])
+                assert "diverged" in context, f"{module.name}:{number + 1} uses a cross for something else"

@@ -320,6 +320,53 @@ def opacus_dp_step(per_sample_grads, max_norm, noise, expected_batch_size, reduc
     return out
 
 
+def opacus_per_layer_step(per_sample_grads, max_norms, noise, expected_batch_size, reduction):
+    """Opacus's DPPerLayerOptimizer step in float64 (opacus/optimizers/perlayeroptimizer.py, v1.6.0), transcribed.
+
+    ``clip_and_accumulate``: for each parameter and its own threshold C_l, the factor
+    ``(C_l / (||g_{i,l}|| + 1e-6)).clamp(max=1)`` from that parameter's per-sample norm alone,
+    ``summed_grad = einsum("i,i...", factor, grad_sample)``; then DPOptimizer's ``add_noise`` and
+    ``scale_grad`` as in :func:`opacus_dp_step`. The noise (already drawn, one tensor per parameter)
+    has std ``noise_multiplier * ||(C_1, ..., C_L)||_2``, the ``max_grad_norm`` Opacus passes on.
+    Returns (gradients, per-parameter norms (B, L), factors (B, L)).
+    """
+    out, norms, factors = [], [], []
+    for g, max_norm, z in zip(per_sample_grads, max_norms, noise):
+        g = g.double()
+        norm = g.reshape(len(g), -1).norm(2, dim=-1)
+        factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        step = torch.einsum("i,i...", factor, g) + z.double()
+        out.append(step / expected_batch_size if reduction == "mean" else step)
+        norms.append(norm)
+        factors.append(factor)
+    return out, torch.stack(norms, dim=1), torch.stack(factors, dim=1)
+
+
+def fastdp_automatic_step(per_sample_grads, max_norm, noise, batch_size, gamma=0.01, per_layer_norms=None):
+    """Automatic clipping (AUTO-S) as fastDP computes it, in float64; Bu, Wang, Zha and Karypis (2023), arXiv:2206.07136.
+
+    Transcribed from awslabs/fast-differential-privacy (3d5cc56), ``fastDP/autograd_grad_sample.py``
+    ``_per_block_clip_grad`` with ``clipping_fn='automatic'``: ``norm_sample`` is each example's norm
+    over all parameters (``clipping_style='all-layer'``), or each parameter's own norm when
+    ``per_layer_norms`` gives a threshold per parameter (``'param-wise'``); the factor is
+    ``C = max_grad_norm / (norm_sample + numerical_stability_constant)`` (the constant 1e-2 by default,
+    no clamp), the clipped sum ``einsum('b...,b->...', grad_sample, C)``; ``_create_or_extend_private_grad``
+    adds ``torch.normal(0, noise_multiplier * max_grad_norm)`` and ``loss_reduction='mean'`` divides by the
+    batch size. ``noise``: the Gaussian noise already drawn with that std, one tensor per parameter.
+    """
+    grads = [g.double() for g in per_sample_grads]
+    batch = grads[0].shape[0]
+    per_param = torch.stack([g.reshape(batch, -1).norm(2, dim=-1) for g in grads], dim=1)
+    if per_layer_norms is None:
+        norms = per_param.norm(2, dim=1)
+        factors = [max_norm / (norms + gamma)] * len(grads)
+    else:
+        norms = per_param
+        factors = [c / (per_param[:, k] + gamma) for k, c in enumerate(per_layer_norms)]
+    out = [(torch.einsum("b...,b->...", g, c) + z.double()) / batch for g, c, z in zip(grads, factors, noise)]
+    return out, norms, torch.stack(factors, dim=-1) if per_layer_norms is not None else factors[0]
+
+
 # --- per-tensor adaptive clipping (gradclip.adagc) ------------------------------------------------
 
 
