@@ -83,7 +83,7 @@ ARM_STYLES: dict[str, dict[str, Any]] = {
     "qk-norm": {"line": {"color": PALETTE[3], "dash": "solid", "width": 2.5},
                 "marker": {"color": PALETTE[3], "symbol": "star"}},
     "z-loss": {"line": {"color": PALETTE[4], "dash": "dash", "width": 2},
-               "marker": {"color": PALETTE[4], "symbol": "x"}},
+               "marker": {"color": PALETTE[4], "symbol": "hexagon"}},
 }
 """Arm -> plotly ``line`` and ``marker`` style."""
 
