@@ -32,13 +32,14 @@ The package has three kinds of parts.
   :mod:`~gradclip_book.frameworks` (Lightning, Accelerate), :mod:`~gradclip_book.bugzoo` (real clipping bugs);
 * chapter 4: :mod:`~gradclip_book.classification` (the deep-MLP runs: one config in, one record out), :mod:`~gradclip_book.grids` (its precomputed grids and chapter 5.1's:
   ``python -m gradclip_book.grids classification|optimization``), :mod:`~gradclip_book.classification_figures`;
-  its text page: :mod:`~gradclip_book.text` (the corpus, its split and batches, the models),
-  :mod:`~gradclip_book.text_runs` (one config in, one record out), :mod:`~gradclip_book.text_grid` (its
-  precomputed runs: ``python -m gradclip_book.text_grid``), :mod:`~gradclip_book.text_figures`;
 * chapter 5.1: :mod:`~gradclip_book.performance`, :mod:`~gradclip_book.performance_figures`;
   5.2: :mod:`~gradclip_book.scalability`, :mod:`~gradclip_book.scalability_figures`,
   :mod:`~gradclip_book.dist_demo`; 5.3: :mod:`~gradclip_book.safety`, :mod:`~gradclip_book.safety_figures`;
 * chapter 6: :mod:`~gradclip_book.conclusion` (the decision guide, its evidence read from the other chapters).
+* chapter 4's text page (its second application): :mod:`~gradclip_book.text` (the corpus, its split and
+  batches, the models), :mod:`~gradclip_book.text_runs` (one config in, one record out),
+  :mod:`~gradclip_book.text_grid` (its precomputed runs: ``python -m gradclip_book.text_grid``),
+  :mod:`~gradclip_book.text_figures` (its analysis and figures).
 """
 
 from .reproducibility import pin_cpu_kernels
