@@ -51,11 +51,13 @@ from torch.utils._foreach_utils import _device_has_foreach_support, _foreach_sup
 # On the CPU, the sum of squares of a float32/float64 tensor of 4 M entries or more comes from BLAS
 # ``dot`` on pieces of ``_DOT_PIECE`` entries, added in float64. torch's CPU norm kernel accumulates
 # float32 in float32 and drifts with size: off by 1e-3 (relative) on 20 M normal entries and up to
-# 1.7e-2 on 38 M equal ones; the pieces stay within 4e-6 and 3e-4 on the same inputs and are 10-20%
-# faster there (tests/test_norms.py). Smaller tensors keep torch's kernel: a ``dot`` call has a
-# fixed cost of tens of microseconds, which smaller pieces would pay many times over.
+# 1.7e-2 on 38 M equal ones (tests/test_norms.py). BLAS accumulates each piece in float32 too, so the
+# piece length bounds the drift: on one thread of an AMD EPYC, 20 M entries of 0.3 were off by 6.7e-4
+# with pieces of 4 M entries, 1.2e-4 with 1 M and 1.2e-5 with 256 k (normal entries: 2.8e-5, 3.6e-6,
+# 4.1e-7), for about 15% more time than 4 M pieces. Smaller tensors keep torch's kernel: a ``dot`` call
+# has a fixed cost of microseconds, which many tiny pieces would pay over and over.
 _DOT_MIN_NUMEL = 1 << 22
-_DOT_PIECE = 1 << 22
+_DOT_PIECE = 1 << 18
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 

@@ -18,14 +18,15 @@ __all__ = ["interleaved"]
 
 def interleaved(functions: dict[str, Callable[[], Any]], repeats: int,
                 before: Callable[[], Any] | None = None,
-                clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+                clock: Callable[[], float] | None = None) -> dict[str, float]:
     """Median wall time in ms of each function, calls alternating between them (one untimed warm-up call each).
 
     Args:
         functions: name -> a call without arguments.
         repeats: timed calls of each function.
         before: if given, runs untimed before every timed call (to restore the state a call changed).
-        clock: what is read before and after each call, in seconds: the wall clock, or
+        clock: what is read before and after each call, in seconds: the wall clock (``None``:
+            ``time.perf_counter``, looked up at each call), or
             ``time.thread_time`` (this thread's CPU time: on a shared machine it leaves out the
             time the thread waits for a core; with one torch thread the kernels run on it).
 
@@ -36,6 +37,7 @@ def interleaved(functions: dict[str, Callable[[], Any]], repeats: int,
         >>> sorted(interleaved({"a": lambda: None, "b": lambda: sum(range(100))}, 3))
         ['a', 'b']
     """
+    clock = clock or time.perf_counter
     times: dict[str, list[float]] = {name: [] for name in functions}
     for fn in functions.values():
         fn()
