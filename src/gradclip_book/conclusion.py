@@ -385,7 +385,8 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             f"At depth 16 every seed trains at lr {w['neither']['words']} with neither remedy, "
             f"{w['warm-up']['words']} with a warm-up alone, {w['clipping']['words']} with clipping and "
             f"{w['both']['words']} with both; best mean accuracy {_pct(w['clipping']['best'])} with clipping, "
-            f"{_pct(w['both']['best'])} with both.",
+            f"{_pct(w['both']['best'])} with both, {_pct(w['warm-up']['best'])} with the warm-up alone at its "
+            f"one learning rate.",
             "perf-warmup"),
         Row("Clipping fires on most steps",
             "Lower the learning rate instead (gradclip.should_lower_lr)",
@@ -403,13 +404,15 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             f"{100 * (ad['adam']['clip_best'] - ad['adam']['plain_best']):.1f} points.",
             "perf-adam"),
         Row("Large batches, no normalisation layers",
-            "AGC (adaptive_clip_grad_) or a tuned global threshold; lower either as the batch grows",
+            "A tuned global threshold or AGC (adaptive_clip_grad_), tuned again at each batch size; "
+            "neither's best setting rises as the batch grows",
             f"Best AGC λ {', '.join(f'{b_[0]:g}' for b_ in b['agc'].values())} and best global c "
             f"{', '.join(f'{n_[0]:g}' for n_ in b['norm'].values())} at batches "
-            f"{', '.join(map(str, b['batches']))}; the best of each stay within {100 * b['max_gap']:.1f} points "
-            "of each other. By the seed-spread rule "
+            f"{', '.join(map(str, b['batches']))}, with mean test accuracy "
+            f"{', '.join(_pct(b_[1]) for b_ in b['agc'].values())} (AGC) and "
+            f"{', '.join(_pct(n_[1]) for n_ in b['norm'].values())} (global). By the seed-spread rule "
             + ("neither is better at any batch size." if not b["wins"] else
-               " and ".join(f"{_NAMES[m]} is better at batch {bb}" for bb, m in b["wins"]) + "."),
+               " and ".join(f"{_NAMES[m]} is better at batch {bb}" for bb, m in b["wins"]) + ", neither at the others."),
             "scal-batch"),
         Row("Several processes (DDP, FSDP2, tensor parallel)",
             "The same gradclip.clip_grad_norm_ call on every rank",
