@@ -192,20 +192,8 @@ def per_sample_grads(
 
 def _leaves_reached(loss: torch.Tensor, leaves: dict[str, torch.Tensor]) -> set[str]:
     """The names of ``leaves`` that ``loss``'s autograd graph reaches (a walk of the graph, no backward pass)."""
-    names = {id(t): name for name, t in leaves.items()}
-    found: set[str] = set()
-    seen: set[object] = set()
-    stack = [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
-        if variable is not None and id(variable) in names:
-            found.add(names[id(variable)])
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return found
+    reached = _ghost._parameter_uses(loss)  # the same walk, counting each leaf's uses
+    return {name for name, t in leaves.items() if id(t) in reached}
 
 
 def _reached(model: nn.Module, loss_fn: LossFn, params: dict[str, torch.Tensor], inputs: torch.Tensor,
