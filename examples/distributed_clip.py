@@ -98,6 +98,8 @@ def main() -> None:
     try:
         train(model, rank, world, device, str(rank))
     finally:
+        # DDP's reducer holds the process group: freed after the group, it can wait forever at exit (gloo)
+        del model
         dist.destroy_process_group()
 
 
