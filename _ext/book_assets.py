@@ -85,10 +85,14 @@ def _lighten_pages(app, exception) -> None:
 
 
 def _default_mode_auto(app, config) -> None:
-    """The theme's mode starts as "auto" unless the book sets one (an empty mode logs a console error)."""
-    options = dict(config.html_theme_options or {})
-    options.setdefault("default_mode", "auto")
-    config.html_theme_options = options
+    """The theme's mode starts as "auto" unless the book sets one (an empty mode logs a console error).
+
+    pydata-sphinx-theme reads ``default_mode`` from the page context (its layout.html), not from the theme
+    options: as a theme option it is ignored, and Sphinx's -W turns "unsupported theme option" into an error.
+    """
+    context = dict(config.html_context or {})
+    context.setdefault("default_mode", "auto")
+    config.html_context = context
 
 
 def setup(app):
