@@ -2,7 +2,7 @@
 # Both create .venv and install requirements.txt first (once, and again when it changes).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The book's stored runs reproduce bit for bit on any x86-64 CPU with these CPU kernels
+# The book's stored runs were computed with these CPU kernels and re-run bit for bit on the same kind of CPU
 # (src/gradclip_book/reproducibility.py, which also sets them when gradclip_book is imported first).
 ifeq ($(shell uname -m),x86_64)
 export ATEN_CPU_CAPABILITY ?= avx2

@@ -16,8 +16,8 @@ The package has two kinds of parts.
 * :mod:`~gradclip_book.figures`: interactive plotly figures that work in the static book (the Explorer).
 * :mod:`~gradclip_book.exercise`, :mod:`~gradclip_book.exercises`: the exercise widget that works in the static
   book, and the chapters' exercises (answers, hints, solutions) with their checkers.
-* :mod:`~gradclip_book.reproducibility`: pins PyTorch's CPU kernels to AVX2 on import, so that stored runs
-  reproduce on every x86-64 CPU.
+* :mod:`~gradclip_book.reproducibility`: pins PyTorch's CPU kernels to AVX2 on import, and checks a re-run
+  against a stored run (exactly on the grids' kind of machine, its first steps on others).
 * :mod:`~gradclip_book.data`: the data sets, loaded from installed packages;
   :mod:`~gradclip_book.timing`: the one interleaved timer (also behind ``benchmarks/timing.py``).
 

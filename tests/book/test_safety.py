@@ -12,6 +12,7 @@ import torch
 import gradclip
 from gradclip_book import classification as cls
 from gradclip_book import safety
+from gradclip_book.reproducibility import rerun_differences
 
 SHORT = 60
 
@@ -89,9 +90,9 @@ def test_stored_runs_spot_check():
     assert len(runs) == len(safety.grid_configs())
     for config in random.Random(1).sample(safety.grid_configs(), 3):
         fresh = safety.to_json(safety.train(config))
-        stored = runs[safety.key(config)]
-        for name in ("outcome", "test_accuracy", "skips", "rollbacks", "spike_skips", "loss"):
-            assert fresh[name] == stored[name], (config, name)
+        # every field bit for bit on the grid's kind of machine, the first steps elsewhere (reproducibility)
+        problems = rerun_differences(fresh, runs[safety.key(config)])
+        assert not problems, (config, problems[:5])
 
 
 def test_the_issue_assertions_hold_on_the_stored_runs():

@@ -16,6 +16,7 @@ from gradclip_book import classification as cls
 from gradclip_book import dist_demo
 from gradclip_book import scalability as sc
 from gradclip_book import scalability_figures as sf
+from gradclip_book.reproducibility import rerun_differences
 
 GRID_HINT = f"recompute it with `{sc.COMMAND}` (then update chapters/data/README.md)"
 
@@ -79,8 +80,9 @@ def test_stored_points_are_reproduced_exactly(where):
     batch, method, threshold, seed = where
     line = next(l for l in sc.load() if sc._identity(l["config"]) == (batch, sc.lr_for(batch), method, threshold, seed))
     fresh = cls.train(sc.config_of(line)).to_json()
-    for key in ("test_accuracy", "diverged_at", "grad_norm", "loss", "clip_fraction"):
-        assert fresh[key] == line[key], (key, GRID_HINT)
+    fresh = {key: fresh[key] for key in ("test_accuracy", "diverged_at", "grad_norm", "loss", "clip_fraction")}
+    # bit for bit on the grid's kind of machine, the first steps elsewhere (reproducibility)
+    assert not rerun_differences(fresh, line), (rerun_differences(fresh, line)[:5], GRID_HINT)
 
 
 def test_best_per_batch_picks_the_best_mean_with_diverged_runs_at_chance():

@@ -195,19 +195,21 @@ def spot_check(lines: Sequence[dict[str, Any]], run: Callable[[Any], dict], conf
     """Re-run ``count`` stored lines drawn at random and list every field that differs from the stored one.
 
     ``config_of(line["config"])`` rebuilds a config; fields in :data:`IGNORED` (wall time) are not compared.
-    An empty list means the stored runs were reproduced exactly.
+    An empty list means the stored runs were reproduced: exactly on the grids' kind of machine, in their first
+    steps elsewhere (:func:`gradclip_book.reproducibility.rerun_differences`, which compares).
 
     Example:
         >>> spot_check([{"config": {"x": 3}, "y": 10}], lambda c: {"y": c["x"] ** 2}, dict, count=1)
         ["config {'x': 3}: y stored 10, now 9"]
     """
+    from ..reproducibility import rerun_differences
+
     chosen = random.Random(seed).sample(list(lines), min(count, len(lines)))
     problems = []
     for line in chosen:
         fresh = json.loads(json.dumps(run(config_of(line["config"]))))
-        for name, value in fresh.items():
-            if name not in IGNORED and line.get(name) != value:
-                problems.append(f"config {line['config']}: {name} stored {line.get(name)}, now {value}")
+        fresh = {name: value for name, value in fresh.items() if name not in IGNORED}
+        problems += [f"config {line['config']}: {problem}" for problem in rerun_differences(fresh, line)]
     return problems
 
 
