@@ -31,7 +31,7 @@ Example:
     True
     >>> rerun_differences({"loss": [2.5, 2.0], "seconds": 3.0}, {"loss": [2.5, 2.1], "seconds": 1.0},
     ...                   same_machine=True)
-    ['loss: stored [2.5, 2.1], now [2.5, 2.0]']
+    ['loss stored [2.5, 2.1], now [2.5, 2.0]']
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def rerun_differences(fresh: dict[str, Any], stored: dict[str, Any], *,
     """
     same_machine = on_grid_machine() if same_machine is None else same_machine
     if same_machine:
-        return [f"{name}: stored {stored.get(name)}, now {value}" for name, value in fresh.items()
+        return [f"{name} stored {stored.get(name)}, now {value}" for name, value in fresh.items()
                 if name not in IGNORED and stored.get(name) != value]
     problems = [] if fresh.get("config", stored.get("config")) == stored.get("config") else ["config differs"]
     now, then = _early_losses(fresh), _early_losses(stored)

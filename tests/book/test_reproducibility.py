@@ -87,7 +87,7 @@ def test_rerun_differences_reads_every_record_format():
     later = {"curve": {"step": [0, 1, 20], "loss": [2.0, 1.5, 0.9]}, "seconds": 2.0}
     assert reproducibility.rerun_differences(later, curve, same_machine=False) == []  # step 20 is not compared
     assert reproducibility.rerun_differences(later, curve, same_machine=True) == [
-        "curve: stored {'step': [0, 1, 20], 'loss': [2.0, 1.5, 0.3]}, now {'step': [0, 1, 20], 'loss': [2.0, 1.5, 0.9]}"]
+        "curve stored {'step': [0, 1, 20], 'loss': [2.0, 1.5, 0.3]}, now {'step': [0, 1, 20], 'loss': [2.0, 1.5, 0.9]}"]
     parallel = {"curve_step": [0, 2], "loss": [2.0, 1.0]}
     assert reproducibility.rerun_differences({"curve_step": [0, 2], "loss": [2.0, 1.0001]}, parallel,
                                              same_machine=False) == []
