@@ -2,7 +2,9 @@
 
 For each optimizer class (in its plain, foreach and fused variants, as far as
 its constructor offers them), each way of stepping (``opt.step()``,
-``opt.step(closure)``, ``scaler.step(opt)`` with a CPU GradScaler) and each
+``opt.step(closure)``, ``scaler.step(opt)`` with a CPU GradScaler, and
+``wrapper.step()`` of framework-style wrappers the tool was attached through,
+which run no ``Optimizer.__init__``, as accelerate's and Lightning's do) and each
 attachable tool (AutoClip, ZClip, SpikeGuard, GradientMonitor), a few real
 steps on a tiny model with a gradient spike are compared with a reference run
 that does by hand, after ``backward()`` (and ``scaler.unscale_``), what the
@@ -75,9 +77,10 @@ TOOLS = {
     "monitor": lambda model: GradientMonitor(model),
 }
 
-MODES = ["step", "closure", "scaler"]
+MODES = ["step", "closure", "scaler", "wrapped"]
 EXCLUDED = {
     ("LBFGS", "step"): "LBFGS.step needs a closure",
+    ("LBFGS", "wrapped"): "LBFGS.step needs a closure",
     ("LBFGS", "scaler"): "GradScaler.step does not take a closure, and LBFGS needs one",
 }
 
@@ -89,6 +92,41 @@ def cases():
                 reason = EXCLUDED.get((name, mode))
                 marks = [pytest.mark.skip(reason=reason)] if reason else []
                 yield pytest.param(name, variant, mode, marks=marks, id=f"{name}-{variant}-{mode}")
+
+
+class LightningStyleWrapper(torch.optim.Optimizer):
+    """Lightning's LightningOptimizer in miniature: ``._optimizer``, attributes forwarded, no ``Optimizer.__init__``."""
+
+    def __init__(self, optimizer):
+        self._optimizer = optimizer
+
+    def __getattr__(self, item):
+        return getattr(self._optimizer, item)
+
+    def step(self, closure=None):
+        return self._optimizer.step(closure)
+
+
+class AccelerateStyleWrapper(torch.optim.Optimizer):
+    """accelerate's AcceleratedOptimizer in miniature: ``.optimizer``, no ``Optimizer.__init__``."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none)
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+def wrapped(optimizer):
+    """The optimizer in two framework-style wrappers, neither of which has torch's step-hook dicts."""
+    return AccelerateStyleWrapper(LightningStyleWrapper(optimizer))
 
 
 def make_model(name):
@@ -146,6 +184,9 @@ def step_once(model, optimizer, mode, step, scaler, by_hand=None):
     elif mode == "step":
         closure()
         optimizer.step()
+    elif mode == "wrapped":  # steps through a framework-style wrapper (the tools were attached through it)
+        closure()
+        wrapped(optimizer).step()
     else:
         optimizer.zero_grad()
         scaler.scale(loss_of(model, step)).backward()
@@ -179,7 +220,7 @@ def test_the_optimizer_steps_with_what_the_tool_says_it_did(name, variant, mode,
     # --- the run under test: the tool attached --------------------------------------------
     model = make_model(name)
     optimizer = make_optimizer(name, variant, model)
-    tool = TOOLS[tool_name](model).attach(optimizer)
+    tool = TOOLS[tool_name](model).attach(wrapped(optimizer) if mode == "wrapped" else optimizer)
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE) if mode == "scaler" else None
     results, seen, weights = [], [], []  # per evaluation: the tool's result, the gradients' norms (unscaled)
 
@@ -333,9 +374,9 @@ def buffered_run(name, variant, mode, buffered):
 
         if mode == "closure":
             optimizer.step(closure)
-        elif mode == "step":
+        elif mode in ("step", "wrapped"):
             closure()
-            optimizer.step()
+            (wrapped(optimizer) if mode == "wrapped" else optimizer).step()
         else:
             zero()
             scaler.scale(loss()).backward()

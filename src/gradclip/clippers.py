@@ -309,6 +309,8 @@ class Clipper:
                 "the closure passed to optimizer.step(closure))."
             )
         if grad_scale is None:
+            if optimizer is not None:  # (a framework's wrapper: the scaler keeps the state of the optimizer inside)
+                optimizer = _validate.check_optimizer(optimizer, f"{type(self).__name__}(..., optimizer=)")
             self._check_unscaled(optimizer)
         compiling = torch.compiler.is_compiling()
         if not compiling:  # version counters are not traceable: see the class docstring
@@ -375,17 +377,28 @@ class Clipper:
         (measured with ``torch.optim.Muon``, lr 0.02, a 256x256 weight: a gradient scaled by 0.05 left
         that step's length unchanged, ratio 1.002, and changed the next two steps by 51-55%).
 
+        **Wrapped optimizers.** ``optimizer`` may be a framework's wrapper that steps a torch
+        optimizer without running ``torch.optim.Optimizer.__init__`` (accelerate's
+        ``AcceleratedOptimizer`` from ``accelerator.prepare``, so the Hugging Face Trainer's too;
+        Lightning's ``LightningOptimizer``): the clipper follows ``.optimizer`` and ``._optimizer``
+        to the torch optimizer and hooks that one, whose ``step()`` the wrapper calls.
+
         Raises:
-            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            TypeError: ``optimizer`` is neither a ``torch.optim.Optimizer`` nor a wrapper holding one in
+                ``.optimizer`` or ``._optimizer`` (the message names what was given).
             RuntimeError: the clipper is already attached (``detach()`` first).
         """
-        _validate.check_optimizer(optimizer)
+        optimizer = _validate.check_optimizer(optimizer, f"{type(self).__name__}.attach")
         if self._hook is not None:
             raise RuntimeError(f"{type(self).__name__} is already attached; call detach() first")
         if self._rescales_gradients:
             _validate.warn_if_orthogonalizing(optimizer, type(self).__name__)
         self._hook = optimizer.register_step_pre_hook(self._pre_hook)
+        self._attach_more(optimizer)
         return self
+
+    def _attach_more(self, optimizer: torch.optim.Optimizer) -> None:
+        """Register the subclass's other hooks on the torch optimizer ``attach`` found."""
 
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
                   kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:

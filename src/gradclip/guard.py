@@ -289,13 +289,18 @@ class SpikeGuard(Clipper):
         decides (inside the closure, when the step is given one); the post-hook
         undoes a skipped step. Returns ``self``.
 
+        ``optimizer`` may be a framework's wrapper (see :meth:`Clipper.attach`).
+
         Raises:
-            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            TypeError: ``optimizer`` is neither a ``torch.optim.Optimizer`` nor a wrapper holding one in
+                ``.optimizer`` or ``._optimizer``.
             RuntimeError: the guard is already attached (``detach()`` first).
         """
         super().attach(optimizer)
-        self._hooks = [optimizer.register_step_post_hook(self._post_hook)]
         return self
+
+    def _attach_more(self, optimizer: torch.optim.Optimizer) -> None:
+        self._hooks = [optimizer.register_step_post_hook(self._post_hook)]
 
     def detach(self) -> None:
         super().detach()

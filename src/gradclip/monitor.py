@@ -220,11 +220,17 @@ class GradientMonitor:
         ``optimizer.step(closure)``, inside the closure after its first
         evaluation (see the class docstring).
 
+        ``optimizer`` may be a framework's wrapper that steps a torch optimizer without running
+        ``torch.optim.Optimizer.__init__`` (accelerate's ``AcceleratedOptimizer``, Lightning's
+        ``LightningOptimizer``): the monitor follows ``.optimizer`` and ``._optimizer`` to the torch
+        optimizer and hooks that one.
+
         Raises:
-            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            TypeError: ``optimizer`` is neither a ``torch.optim.Optimizer`` nor a wrapper holding one in
+                ``.optimizer`` or ``._optimizer`` (the message names what was given).
             RuntimeError: the monitor is already attached (``detach()`` first).
         """
-        _validate.check_optimizer(optimizer)
+        optimizer = _validate.check_optimizer(optimizer, "GradientMonitor.attach")
         if self._hooks:
             raise RuntimeError("GradientMonitor is already attached; call detach() first")
         self._hooks = [optimizer.register_step_pre_hook(self._pre_hook),

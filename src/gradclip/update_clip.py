@@ -185,12 +185,17 @@ class UpdateClip:
     def attach(self, optimizer: torch.optim.Optimizer) -> "UpdateClip":
         """Clip the updates of ``optimizer``'s steps from now on; returns ``self``.
 
+        ``optimizer`` may be a framework's wrapper (accelerate's ``AcceleratedOptimizer``,
+        Lightning's ``LightningOptimizer``): the torch optimizer reached through ``.optimizer`` or
+        ``._optimizer`` is hooked.
+
         Raises:
-            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, or (``"stable_adamw"``)
-                a param group has no Adam ``betas`` and ``eps``.
+            TypeError: ``optimizer`` is neither a ``torch.optim.Optimizer`` nor a wrapper holding one in
+                ``.optimizer`` or ``._optimizer``, or (``"stable_adamw"``) a param group has no Adam
+                ``betas`` and ``eps``.
             RuntimeError: already attached, or a SpikeGuard is attached to ``optimizer`` already.
         """
-        _validate.check_optimizer(optimizer)
+        optimizer = _validate.check_optimizer(optimizer, "UpdateClip.attach")
         if self._handles:
             raise RuntimeError("UpdateClip is already attached; call detach() first")
         _validate.warn_if_orthogonalizing(optimizer, "UpdateClip")
