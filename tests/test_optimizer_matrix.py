@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import inspect
 import io
+import math
 
 import pytest
 import torch
@@ -405,3 +406,103 @@ def test_a_grad_buffer_steps_only_what_got_a_gradient(name, variant, mode):
             for a, b in pairs:
                 torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-4, atol=1e-6,
                                            msg=f"{label} {key}")
+
+
+# --- steps the GradScaler skips leave every stateful clipper as it was ----------------------------------------
+# {fused, plain} optimizer x {attached, called by hand after scaler.unscale_} x every stateful tool, under a CPU
+# GradScaler whose loss overflows at OVERFLOWS (inf gradients: the scaler skips the update). Reference: an eager
+# loop with no scaler that skips those steps by hand (no backward, no tool call, no optimizer step) and calls the
+# tool after backward. A fused optimizer runs its step pre-hooks on skipped steps too, and the call by hand sees
+# the inf norm either way: neither may enter a history, an EMA, a warm-up or a step count.
+
+OVERFLOWS = (1, 4, 5)
+OVERFLOW_SPIKE = 8
+OVERFLOW_STEPS = 10
+
+STATEFUL = {
+    "autoclip": lambda: gradclip.AutoClip(25.0),
+    "autoclip-window": lambda: gradclip.AutoClip(50.0, window=3, include_current=False),
+    "zclip": lambda: gradclip.ZClip(warmup_steps=3, z_thresh=1.5, max_grad_norm=None),
+    "adagc": lambda: gradclip.AdaGC(warmup_steps=2, lambda_rel=1.01),
+    "guard": lambda: gradclip.SpikeGuard("median", threshold=1.5, window=3, min_history=2),
+    "update_clip": lambda: gradclip.UpdateClip("adafactor", d=0.2),  # (attached only: it acts after the step)
+}
+OVERFLOW_OPTIMIZERS = {"AdamW": dict(lr=0.05, weight_decay=0.1), "SGD": dict(lr=0.05, momentum=0.9)}
+
+
+def overflow_loss(model, step, overflow):
+    factor = OVERFLOW_SPIKE_FACTOR if step == OVERFLOW_SPIKE else (math.inf if overflow else 1.0)
+    return torch.nn.functional.mse_loss(model(X), Y) * factor
+
+
+OVERFLOW_SPIKE_FACTOR = 30.0
+
+
+def overflow_run(tool_name, optimizer_name, fused, use, scaled):
+    """(model, tool): ``scaled``: under a GradScaler with the forced overflows; else the eager reference."""
+    model = make_model("AdamW")
+    optimizer = getattr(torch.optim, optimizer_name)(model.parameters(), **OVERFLOW_OPTIMIZERS[optimizer_name],
+                                                     fused=fused)
+    tool = STATEFUL[tool_name]()
+    if use == "attached":
+        tool.attach(optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
+    for step in range(OVERFLOW_STEPS):
+        overflow = step in OVERFLOWS
+        if not scaled and overflow:
+            continue  # the reference skips the step by hand
+        optimizer.zero_grad()
+        if scaled:
+            scaler.scale(overflow_loss(model, step, overflow)).backward()
+            if use == "by_hand":
+                scaler.unscale_(optimizer)
+                result = tool(list(model.parameters()))
+                assert bool(torch.isfinite(result.norm)) != overflow
+                if tool_name == "guard" and bool(result.scale == 0) and not overflow:
+                    scaler.update()  # the guard's skip, done by hand
+                    continue
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            overflow_loss(model, step, False).backward()
+            if use == "by_hand":
+                result = tool(list(model.parameters()))
+                if tool_name == "guard" and bool(result.scale == 0):
+                    continue
+            optimizer.step()
+    return model, tool
+
+
+def overflow_cases():
+    for tool_name in STATEFUL:
+        for use in ("attached", "by_hand"):
+            if tool_name == "update_clip" and use == "by_hand":
+                continue
+            for optimizer_name in OVERFLOW_OPTIMIZERS:
+                for fused in (False, True):
+                    yield pytest.param(tool_name, use, optimizer_name, fused,
+                                       id=f"{tool_name}-{use}-{optimizer_name}-{'fused' if fused else 'plain'}")
+
+
+@pytest.mark.parametrize("tool_name, use, optimizer_name, fused", list(overflow_cases()))
+def test_steps_the_grad_scaler_skips_leave_every_stateful_tool_unchanged(tool_name, use, optimizer_name, fused):
+    model, tool = overflow_run(tool_name, optimizer_name, fused, use, scaled=True)
+    reference, tool_ref = overflow_run(tool_name, optimizer_name, False, "by_hand" if tool_name != "update_clip"
+                                       else "attached", scaled=False)
+    exact = not fused  # (the non-fused scaler's unscaling by a power of 2 is exact; the fused kernels round differently)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        if exact:
+            assert torch.equal(p, q)
+        else:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    state, expected = tool.state_dict(), tool_ref.state_dict()
+    if tool_name == "guard" and use == "by_hand":  # by hand the guard decided to skip the overflow steps itself
+        assert int(state.pop("skipped_steps")) == int(expected.pop("skipped_steps")) + len(OVERFLOWS)
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(state[key], value, rtol=0 if exact else 1e-5, atol=0, equal_nan=True, msg=key)
+        else:
+            assert state[key] == value, key
+    if tool_name != "update_clip":
+        assert tool.steps == OVERFLOW_STEPS - len(OVERFLOWS)

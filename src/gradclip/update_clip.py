@@ -228,7 +228,7 @@ class UpdateClip:
 
     @property
     def steps(self) -> int:
-        """How many steps were clipped (reads the device counter: a sync on an accelerator)."""
+        """How many steps were clipped, not counting those a GradScaler skipped (reads the device counter: a sync on an accelerator)."""
         return int(self._steps)
 
     # --- the hooks -------------------------------------------------------------------------
@@ -271,7 +271,10 @@ class UpdateClip:
             scales.index_copy_(0, where, scale.to(device))
         if self._steps.device != device:
             self._steps = self._steps.to(device, non_blocking=True)
-        self._steps += 1
+        if skipped is None:
+            self._steps += 1
+        else:  # a step the GradScaler skipped is not counted (a non-fused optimizer's never reaches the hooks)
+            self._steps += (skipped.to(device) == 0).to(self._steps.dtype)
         self.last_result = UpdateClipResult(rms=rms, scales=scales)
 
     def _ratios(self, optimizer: torch.optim.Optimizer, bucket: "_Bucket") -> torch.Tensor:
