@@ -447,6 +447,8 @@ def overflow_run(tool_name, optimizer_name, fused, use, scaled):
     if use == "attached":
         tool.attach(optimizer)
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
+    if scaled and use == "by_hand":
+        tool.scaler = scaler  # (checks the unscaling; tells the guard which steps the scaler skips)
     for step in range(OVERFLOW_STEPS):
         overflow = step in OVERFLOWS
         if not scaled and overflow:
@@ -496,8 +498,6 @@ def test_steps_the_grad_scaler_skips_leave_every_stateful_tool_unchanged(tool_na
         else:
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     state, expected = tool.state_dict(), tool_ref.state_dict()
-    if tool_name == "guard" and use == "by_hand":  # by hand the guard decided to skip the overflow steps itself
-        assert int(state.pop("skipped_steps")) == int(expected.pop("skipped_steps")) + len(OVERFLOWS)
     assert state.keys() == expected.keys()
     for key, value in expected.items():
         if isinstance(value, torch.Tensor):

@@ -99,9 +99,10 @@ class SpikeGuard(Clipper):
     steps the scaler skips run the hooks, so the guard sees a non-finite norm;
     it reads the scaler's ``found_inf`` on the device and leaves those steps out
     of ``skipped_steps`` too, so the guard's state is the same as with a
-    non-fused optimizer. Called by hand after ``scaler.unscale_``, the guard
-    counts an overflow step in ``skipped_steps`` (it decided to skip it) and
-    changes nothing else.
+    non-fused optimizer. Called by hand after ``scaler.unscale_`` with
+    ``scaler=`` given, it reads the scaler's ``found_inf`` the same way; without
+    ``scaler=`` it counts an overflow step in ``skipped_steps`` (it decided to
+    skip it) and changes nothing else.
 
     ``state_dict()`` returns copies; the guard pickles (detached, with no
     snapshot).
@@ -296,6 +297,19 @@ class SpikeGuard(Clipper):
         factor = (~skip).to(norm.dtype)
         return ClipResult(norm=norm, threshold=level, scale=factor)
 
+    def _apply(self, parameters: Any, optimizer: torch.optim.Optimizer | None,
+               grad_scale: torch.Tensor | float | None) -> ClipResult:
+        if self._hooked or self.scaler is None:
+            return super()._apply(parameters, optimizer, grad_scale)
+        # by hand with scaler=: a step the scaler will skip (its found_inf, on the device) is the scaler's
+        if optimizer is not None:
+            optimizer = _validate.check_optimizer(optimizer, "SpikeGuard(..., optimizer=)")
+        self._scaler_skips = _scaler_found_inf(self.scaler, optimizer)
+        try:
+            return super()._apply(parameters, optimizer, grad_scale)
+        finally:
+            self._scaler_skips = None
+
     # --- enforcing the decision on an optimizer ----------------------------------------------
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "SpikeGuard":
@@ -409,6 +423,25 @@ class SpikeGuard(Clipper):
         self.skipped_steps = skipped.to(torch.int64).clone()
         self._pending_loss = None
         self.skip = None
+
+
+def _scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer | None) -> torch.Tensor | None:
+    """Whether ``scaler.unscale_`` found inf/NaN gradients (a bool device tensor; nothing read), or None if not unscaled.
+
+    For ``optimizer``'s gradients, or without one, for every optimizer the scaler unscaled this iteration.
+    """
+    if not scaler.is_enabled() or getattr(scaler, "_scale", None) is None:
+        return None
+    from torch.amp.grad_scaler import OptState
+
+    states = scaler._per_optimizer_states
+    chosen = [states[id(optimizer)]] if optimizer is not None and id(optimizer) in states else (
+        [] if optimizer is not None else list(states.values()))
+    found = [t for state in chosen if state["stage"] is OptState.UNSCALED
+             for t in state["found_inf_per_device"].values()]
+    if not found:
+        return None
+    return torch.stack([t.to(found[0].device, non_blocking=True).reshape(()) for t in found]).sum() != 0
 
 
 def _check_signals(signals: str | Iterable[str]) -> tuple[str, ...]:
