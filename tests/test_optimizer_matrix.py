@@ -2,7 +2,9 @@
 
 For each optimizer class (in its plain, foreach and fused variants, as far as
 its constructor offers them), each way of stepping (``opt.step()``,
-``opt.step(closure)``, ``scaler.step(opt)`` with a CPU GradScaler) and each
+``opt.step(closure)``, ``scaler.step(opt)`` with a CPU GradScaler, and
+``wrapper.step()`` of framework-style wrappers the tool was attached through,
+which run no ``Optimizer.__init__``, as accelerate's and Lightning's do) and each
 attachable tool (AutoClip, ZClip, SpikeGuard, GradientMonitor), a few real
 steps on a tiny model with a gradient spike are compared with a reference run
 that does by hand, after ``backward()`` (and ``scaler.unscale_``), what the
@@ -23,6 +25,7 @@ from __future__ import annotations
 import copy
 import inspect
 import io
+import math
 
 import pytest
 import torch
@@ -75,9 +78,10 @@ TOOLS = {
     "monitor": lambda model: GradientMonitor(model),
 }
 
-MODES = ["step", "closure", "scaler"]
+MODES = ["step", "closure", "scaler", "wrapped"]
 EXCLUDED = {
     ("LBFGS", "step"): "LBFGS.step needs a closure",
+    ("LBFGS", "wrapped"): "LBFGS.step needs a closure",
     ("LBFGS", "scaler"): "GradScaler.step does not take a closure, and LBFGS needs one",
 }
 
@@ -89,6 +93,41 @@ def cases():
                 reason = EXCLUDED.get((name, mode))
                 marks = [pytest.mark.skip(reason=reason)] if reason else []
                 yield pytest.param(name, variant, mode, marks=marks, id=f"{name}-{variant}-{mode}")
+
+
+class LightningStyleWrapper(torch.optim.Optimizer):
+    """Lightning's LightningOptimizer in miniature: ``._optimizer``, attributes forwarded, no ``Optimizer.__init__``."""
+
+    def __init__(self, optimizer):
+        self._optimizer = optimizer
+
+    def __getattr__(self, item):
+        return getattr(self._optimizer, item)
+
+    def step(self, closure=None):
+        return self._optimizer.step(closure)
+
+
+class AccelerateStyleWrapper(torch.optim.Optimizer):
+    """accelerate's AcceleratedOptimizer in miniature: ``.optimizer``, no ``Optimizer.__init__``."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none)
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+def wrapped(optimizer):
+    """The optimizer in two framework-style wrappers, neither of which has torch's step-hook dicts."""
+    return AccelerateStyleWrapper(LightningStyleWrapper(optimizer))
 
 
 def make_model(name):
@@ -146,6 +185,9 @@ def step_once(model, optimizer, mode, step, scaler, by_hand=None):
     elif mode == "step":
         closure()
         optimizer.step()
+    elif mode == "wrapped":  # steps through a framework-style wrapper (the tools were attached through it)
+        closure()
+        wrapped(optimizer).step()
     else:
         optimizer.zero_grad()
         scaler.scale(loss_of(model, step)).backward()
@@ -179,7 +221,7 @@ def test_the_optimizer_steps_with_what_the_tool_says_it_did(name, variant, mode,
     # --- the run under test: the tool attached --------------------------------------------
     model = make_model(name)
     optimizer = make_optimizer(name, variant, model)
-    tool = TOOLS[tool_name](model).attach(optimizer)
+    tool = TOOLS[tool_name](model).attach(wrapped(optimizer) if mode == "wrapped" else optimizer)
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE) if mode == "scaler" else None
     results, seen, weights = [], [], []  # per evaluation: the tool's result, the gradients' norms (unscaled)
 
@@ -333,9 +375,9 @@ def buffered_run(name, variant, mode, buffered):
 
         if mode == "closure":
             optimizer.step(closure)
-        elif mode == "step":
+        elif mode in ("step", "wrapped"):
             closure()
-            optimizer.step()
+            (wrapped(optimizer) if mode == "wrapped" else optimizer).step()
         else:
             zero()
             scaler.scale(loss()).backward()
@@ -364,3 +406,103 @@ def test_a_grad_buffer_steps_only_what_got_a_gradient(name, variant, mode):
             for a, b in pairs:
                 torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-4, atol=1e-6,
                                            msg=f"{label} {key}")
+
+
+# --- steps the GradScaler skips leave every stateful clipper as it was ----------------------------------------
+# {fused, plain} optimizer x {attached, called by hand after scaler.unscale_} x every stateful tool, under a CPU
+# GradScaler whose loss overflows at OVERFLOWS (inf gradients: the scaler skips the update). Reference: an eager
+# loop with no scaler that skips those steps by hand (no backward, no tool call, no optimizer step) and calls the
+# tool after backward. A fused optimizer runs its step pre-hooks on skipped steps too, and the call by hand sees
+# the inf norm either way: neither may enter a history, an EMA, a warm-up or a step count.
+
+OVERFLOWS = (1, 4, 5)
+OVERFLOW_SPIKE = 8
+OVERFLOW_STEPS = 10
+
+STATEFUL = {
+    "autoclip": lambda: gradclip.AutoClip(25.0),
+    "autoclip-window": lambda: gradclip.AutoClip(50.0, window=3, include_current=False),
+    "zclip": lambda: gradclip.ZClip(warmup_steps=3, z_thresh=1.5, max_grad_norm=None),
+    "adagc": lambda: gradclip.AdaGC(warmup_steps=2, lambda_rel=1.01),
+    "guard": lambda: gradclip.SpikeGuard("median", threshold=1.5, window=3, min_history=2),
+    "update_clip": lambda: gradclip.UpdateClip("adafactor", d=0.2),  # (attached only: it acts after the step)
+}
+OVERFLOW_OPTIMIZERS = {"AdamW": dict(lr=0.05, weight_decay=0.1), "SGD": dict(lr=0.05, momentum=0.9)}
+
+
+def overflow_loss(model, step, overflow):
+    factor = OVERFLOW_SPIKE_FACTOR if step == OVERFLOW_SPIKE else (math.inf if overflow else 1.0)
+    return torch.nn.functional.mse_loss(model(X), Y) * factor
+
+
+OVERFLOW_SPIKE_FACTOR = 30.0
+
+
+def overflow_run(tool_name, optimizer_name, fused, use, scaled):
+    """(model, tool): ``scaled``: under a GradScaler with the forced overflows; else the eager reference."""
+    model = make_model("AdamW")
+    optimizer = getattr(torch.optim, optimizer_name)(model.parameters(), **OVERFLOW_OPTIMIZERS[optimizer_name],
+                                                     fused=fused)
+    tool = STATEFUL[tool_name]()
+    if use == "attached":
+        tool.attach(optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
+    if scaled and use == "by_hand":
+        tool.scaler = scaler  # (checks the unscaling; tells the guard which steps the scaler skips)
+    for step in range(OVERFLOW_STEPS):
+        overflow = step in OVERFLOWS
+        if not scaled and overflow:
+            continue  # the reference skips the step by hand
+        optimizer.zero_grad()
+        if scaled:
+            scaler.scale(overflow_loss(model, step, overflow)).backward()
+            if use == "by_hand":
+                scaler.unscale_(optimizer)
+                result = tool(list(model.parameters()))
+                assert bool(torch.isfinite(result.norm)) != overflow
+                if tool_name == "guard" and bool(result.scale == 0) and not overflow:
+                    scaler.update()  # the guard's skip, done by hand
+                    continue
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            overflow_loss(model, step, False).backward()
+            if use == "by_hand":
+                result = tool(list(model.parameters()))
+                if tool_name == "guard" and bool(result.scale == 0):
+                    continue
+            optimizer.step()
+    return model, tool
+
+
+def overflow_cases():
+    for tool_name in STATEFUL:
+        for use in ("attached", "by_hand"):
+            if tool_name == "update_clip" and use == "by_hand":
+                continue
+            for optimizer_name in OVERFLOW_OPTIMIZERS:
+                for fused in (False, True):
+                    yield pytest.param(tool_name, use, optimizer_name, fused,
+                                       id=f"{tool_name}-{use}-{optimizer_name}-{'fused' if fused else 'plain'}")
+
+
+@pytest.mark.parametrize("tool_name, use, optimizer_name, fused", list(overflow_cases()))
+def test_steps_the_grad_scaler_skips_leave_every_stateful_tool_unchanged(tool_name, use, optimizer_name, fused):
+    model, tool = overflow_run(tool_name, optimizer_name, fused, use, scaled=True)
+    reference, tool_ref = overflow_run(tool_name, optimizer_name, False, "by_hand" if tool_name != "update_clip"
+                                       else "attached", scaled=False)
+    exact = not fused  # (the non-fused scaler's unscaling by a power of 2 is exact; the fused kernels round differently)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        if exact:
+            assert torch.equal(p, q)
+        else:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    state, expected = tool.state_dict(), tool_ref.state_dict()
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(state[key], value, rtol=0 if exact else 1e-5, atol=0, equal_nan=True, msg=key)
+        else:
+            assert state[key] == value, key
+    if tool_name != "update_clip":
+        assert tool.steps == OVERFLOW_STEPS - len(OVERFLOWS)
