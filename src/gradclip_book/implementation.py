@@ -65,6 +65,7 @@ __all__ = [
     "fused_case",
     "collected_items",
     "layer_norms",
+    "listing_recipe",
     "methods_table_html",
     "pattern",
     "plain_case",
@@ -426,7 +427,35 @@ def corrected_listing(max_norm: float = 1.0, epochs: int = 3, lr: float = 0.01, 
     with torch.no_grad():
         accuracy = float((model(parts["test"][0]).argmax(1) == parts["test"][1]).float().mean())
     return {"steps": len(pre), "clipped": sum(n > max_norm for n in pre), "max_pre": max(pre), "max_post": max(post),
-            "test_accuracy": accuracy}
+            "test_accuracy": accuracy, "norms": pre}
+
+
+def listing_recipe(seeds: tuple[int, ...] = (0, 1, 2, 3, 4), epochs: int = 3, lr: float = 0.01) -> list[dict]:
+    """The corrected listing with chapter 4's threshold recipe, against the same listing unclipped, per seed.
+
+    For each seed: the listing runs once without clipping (the probe: its
+    pre-clip norms), :func:`gradclip_book.harness.recommend_threshold` takes
+    the 90th percentile of its first 50 norms, and the listing runs again,
+    from the same weights and batch order, clipped at that threshold.
+
+    Returns:
+        One dict per seed: ``{"seed", "max_norm" (the recipe's threshold), "plain" and "clipped"`` (the
+        :func:`corrected_listing` results)``, "verdict"`` (:func:`gradclip_book.harness.recipe_verdict` on the
+        clipped run's share of clipped steps)``}``.
+
+    Example:
+        >>> r = listing_recipe(seeds=(0,), epochs=1)[0]
+        >>> r["clipped"]["clipped"] < r["clipped"]["steps"] / 2
+        True
+    """
+    rows = []
+    for seed in seeds:
+        plain = corrected_listing(max_norm=math.inf, epochs=epochs, lr=lr, seed=seed)
+        max_norm = harness.recommend_threshold(plain["norms"])
+        clipped = corrected_listing(max_norm=max_norm, epochs=epochs, lr=lr, seed=seed)
+        rows.append({"seed": seed, "max_norm": max_norm, "plain": plain, "clipped": clipped,
+                     "verdict": harness.recipe_verdict(clipped["clipped"] / clipped["steps"])})
+    return rows
 
 
 # --- 3.3 where the call goes -------------------------------------------------------------------

@@ -155,6 +155,18 @@ def test_corrected_listing_caps_every_norm():
     assert never["clipped"] == 0 and never["max_post"] == pytest.approx(never["max_pre"])
 
 
+def test_listing_recipe_is_the_90th_percentile_of_the_unclipped_norms_and_clips_a_minority():
+    (r,) = im.listing_recipe(seeds=(0,))
+    probe = r["plain"]["norms"][:harness.recipe.PROBE_STEPS]
+    assert r["max_norm"] == float(f"{np.quantile(np.array(probe, dtype=np.float64), 0.9):.3g}")   # numpy, not gradclip
+    norms = r["clipped"]["norms"]
+    assert r["clipped"]["clipped"] == sum(n > r["max_norm"] for n in norms) and 0 < r["clipped"]["clipped"] < len(norms) / 2
+    assert r["clipped"]["max_post"] <= r["max_norm"] * (1 + 1e-5) and r["verdict"] == "keep"
+    # the steps before the first clip are the unclipped run's, bit for bit
+    first = next(i for i, n in enumerate(norms) if n > r["max_norm"])
+    assert norms[:first + 1] == r["plain"]["norms"][:first + 1]
+
+
 # --- 3.3 -------------------------------------------------------------------------------------
 
 
