@@ -57,6 +57,7 @@ __all__ = [
     "accumulation_case",
     "amp_case",
     "attach_case",
+    "bf16_case",
     "book_extra",
     "clip_each_method",
     "closure_case",
@@ -580,6 +581,73 @@ def amp_case(dtype: torch.dtype = torch.float16, max_norm: float = 0.1, lr: floa
         out["guard"] = None
     except RuntimeError as error:
         out["guard"] = str(error)
+    return out
+
+
+def bf16_case(max_norm: float = 0.1, lr: float = 0.5) -> dict:
+    """bfloat16 autocast on the CPU without a ``GradScaler``: clip right after ``backward()``.
+
+    bfloat16 has float32's exponent range, so small gradients do not underflow
+    and there is no loss scale to undo. Runs one step from the same weights
+    three ways: the pattern (autocast, ``backward``, clip, ``step``); the same
+    with a ``GradScaler`` and ``unscale_`` (what float16 needs); and the
+    reference, the autocast forward's gradient from ``torch.autograd.grad``,
+    its norm in float64 by hand, clipped by hand.
+
+    Returns:
+        ``{"returned": the norm the call returned, "reference_norm", "float32_norm" (no autocast),
+        "grad_dtypes", "step", "with_scaler_diff" / "reference_diff": largest parameter difference to those runs,
+        "tiny": {dtype: smallest normal number}, "lr", "max_norm"}``.
+
+    Example:
+        >>> r = bf16_case()
+        >>> r["grad_dtypes"], r["reference_diff"] < 1e-6
+        (['torch.float32'], True)
+    """
+    out: dict[str, Any] = {"lr": lr, "max_norm": max_norm,
+                           "tiny": {str(d).replace("torch.", ""): float(torch.finfo(d).tiny)
+                                    for d in (torch.float16, torch.bfloat16, torch.float32)}}
+    model, x, y = _tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    before = _snapshot(model)
+    # pattern
+    optimizer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()                                                # no GradScaler: nothing to unscale
+    norm = gradclip.clip_grad_norm_(model.parameters(), max_norm)  # right after backward
+    optimizer.step()
+    # end pattern
+    out["returned"], out["step"] = float(norm), _step_length(before, model)
+    out["grad_dtypes"] = sorted({str(p.grad.dtype) for p in model.parameters()})
+    plain = list(model.parameters())
+
+    scaled, x, y = _tiny()
+    optimizer = torch.optim.SGD(scaled.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _loss(scaled, x, y)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    gradclip.clip_grad_norm_(scaled.parameters(), max_norm)
+    scaler.step(optimizer)
+    out["with_scaler_diff"] = _max_diff(plain, list(scaled.parameters()))
+
+    reference, x, y = _tiny()
+    params = list(reference.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _loss(reference, x, y)
+    grads = torch.autograd.grad(loss, params)
+    total = float(torch.cat([g.double().reshape(-1) for g in grads]).norm())
+    factor = min(1.0, max_norm / (total + 1e-6))
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p -= lr * factor * g
+    out["reference_norm"], out["reference_diff"] = total, _max_diff(plain, params)
+
+    full, x, y = _tiny()
+    out["float32_norm"] = float(torch.cat([g.double().reshape(-1) for g in torch.autograd.grad(
+        _loss(full, x, y), list(full.parameters()))]).norm())
     return out
 
 

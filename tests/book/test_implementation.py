@@ -198,6 +198,18 @@ def test_amp_case(dtype):
     assert "unscale_" in r["guard"]
 
 
+def test_bf16_case_clips_the_true_gradient_without_a_scaler():
+    r = im.bf16_case()
+    model, x, y = im._tiny()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert r["returned"] == pytest.approx(math.sqrt(sum(float(g.double().square().sum()) for g in grads)), rel=1e-6)
+    assert r["step"] == pytest.approx(r["lr"] * r["max_norm"], rel=1e-5) and r["grad_dtypes"] == ["torch.float32"]
+    assert r["with_scaler_diff"] == 0.0 and r["reference_diff"] < 1e-7
+    assert r["returned"] != pytest.approx(r["float32_norm"], rel=1e-6)   # the forward did run in bfloat16
+
+
 def test_fused_case_matches_foreach():
     r = im.fused_case(steps=2)
     assert r["explicit"] < 1e-6 and r["attached"] < 1e-6
