@@ -210,6 +210,38 @@ def test_bf16_case_clips_the_true_gradient_without_a_scaler():
     assert r["returned"] != pytest.approx(r["float32_norm"], rel=1e-6)   # the forward did run in bfloat16
 
 
+def test_joint_optimizers_case_against_one_torch_clip_over_both():
+    r = im.joint_optimizers_case()
+    model, x, y = im._tiny()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert r["norm"] == pytest.approx(float(torch.nn.utils.clip_grad_norm_(model.parameters(), r["max_norm"])), rel=1e-6)
+    assert r["max_diff"] < 1e-6 and r["used_norm"] == pytest.approx(r["max_norm"], rel=1e-4)
+    assert r["used_norm_separate"] == pytest.approx(math.sqrt(2) * r["max_norm"], rel=1e-3)   # each part at c
+
+
+def test_nonfinite_case_skips_exactly_the_bad_step():
+    r = im.nonfinite_case(steps=5, bad_step=2)
+    assert r["skipped"] == [2] and math.isnan(r["norms"][2]) and all(math.isfinite(n) for i, n in enumerate(r["norms"]) if i != 2)
+    assert r["skip_vs_reference"] == 0.0 and r["guard_vs_reference"] == 0.0 and not r["unchecked_finite"]
+    assert r["error_step"] == 2 and r["params_unchanged_by_error"]
+
+
+def test_distributed_accumulation_matches_torch_on_one_process():
+    r = im.distributed_accumulation_case()
+    model, _, _ = im._tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    expected = []
+    for x, y in im._dist_batches():
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        expected.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), r["max_norm"])))
+        optimizer.step()
+    for kind in ("ddp", "fsdp"):
+        for rank_norms in r[kind]["norms"]:
+            assert rank_norms == pytest.approx(expected, rel=1e-5), kind
+        assert r[kind]["max_diff"] < 1e-6
+
+
 def test_fused_case_matches_foreach():
     r = im.fused_case(steps=2)
     assert r["explicit"] < 1e-6 and r["attached"] < 1e-6
