@@ -769,7 +769,8 @@ def _dist_batches(steps: int = DIST_STEPS, batch: int = DIST_BATCH) -> list[tupl
     return list(zip(x.split(batch), y.split(batch)))
 
 
-def ddp_accumulation_loop(model: nn.Module, rank: int, world: int, micro: int, max_norm: float, lr: float) -> list[float]:
+def ddp_accumulation_loop(model: nn.Module, rank: int, world: int, micro: int, max_norm: float, lr: float,
+                          batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
     """DDP with gradient accumulation: ``no_sync`` on all micro-batches but the last, one clip per step.
 
     Run on each rank of an initialised process group by :func:`distributed_accumulation_case`; trains
@@ -782,7 +783,7 @@ def ddp_accumulation_loop(model: nn.Module, rank: int, world: int, micro: int, m
     ddp = DistributedDataParallel(model)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=lr)
     norms = []
-    for x, y in _dist_batches():
+    for x, y in batches:
         micro_batches = list(zip(x.chunk(world)[rank].chunk(micro), y.chunk(world)[rank].chunk(micro)))
         # pattern
         optimizer.zero_grad()
@@ -799,7 +800,8 @@ def ddp_accumulation_loop(model: nn.Module, rank: int, world: int, micro: int, m
     return norms
 
 
-def fsdp_accumulation_loop(model: nn.Module, rank: int, world: int, micro: int, max_norm: float, lr: float) -> list[float]:
+def fsdp_accumulation_loop(model: nn.Module, rank: int, world: int, micro: int, max_norm: float, lr: float,
+                           batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
     """FSDP2 with gradient accumulation: gradient sync (reduce-scatter) only on the last micro-batch.
 
     Run on each rank of an initialised process group by :func:`distributed_accumulation_case`; shards
@@ -810,7 +812,7 @@ def fsdp_accumulation_loop(model: nn.Module, rank: int, world: int, micro: int, 
     model = shard(model, world)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     norms = []
-    for x, y in _dist_batches():
+    for x, y in batches:
         micro_batches = list(zip(x.chunk(world)[rank].chunk(micro), y.chunk(world)[rank].chunk(micro)))
         # pattern
         optimizer.zero_grad()
@@ -825,14 +827,21 @@ def fsdp_accumulation_loop(model: nn.Module, rank: int, world: int, micro: int, 
     return norms
 
 
-def _dist_rank(rank: int, world: int, micro: int, max_norm: float, lr: float) -> dict[str, Any]:
+def _tiny_model(state: dict[str, torch.Tensor]) -> nn.Module:
+    model = cls.build_model(cls.RunConfig(depth=2, width=32))   # _tiny's architecture, without loading the data
+    model.load_state_dict(state)
+    return model
+
+
+def _dist_rank(rank: int, world: int, micro: int, max_norm: float, lr: float, state: dict[str, torch.Tensor],
+               batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
     """One rank of :func:`distributed_accumulation_case`: the DDP run, then the FSDP2 run, from the same weights."""
     out: dict[str, Any] = {}
-    model, _, _ = _tiny()
-    out["ddp"] = {"norms": ddp_accumulation_loop(model, rank, world, micro, max_norm, lr),
+    model = _tiny_model(state)
+    out["ddp"] = {"norms": ddp_accumulation_loop(model, rank, world, micro, max_norm, lr, batches),
                   "params": [p.detach().clone() for p in model.parameters()]}
-    model, _, _ = _tiny()
-    norms = fsdp_accumulation_loop(model, rank, world, micro, max_norm, lr)
+    model = _tiny_model(state)
+    norms = fsdp_accumulation_loop(model, rank, world, micro, max_norm, lr, batches)
     out["fsdp"] = {"norms": norms, "params": [p.detach().full_tensor().clone() for p in model.parameters()]}
     return out
 
@@ -860,8 +869,9 @@ def distributed_accumulation_case(micro: int = DIST_MICRO, max_norm: float = 0.1
     """
     from .bugzoo import run_fsdp_ranks
 
-    ranks = run_fsdp_ranks(_dist_rank, (micro, max_norm, lr), world=world, timeout_s=120.0)
     model, _, _ = _tiny()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ranks = run_fsdp_ranks(_dist_rank, (micro, max_norm, lr, state, _dist_batches()), world=world, timeout_s=120.0)
     reference_norms = []
     for x, y in _dist_batches():
         grads = torch.autograd.grad(_loss(model, x, y), list(model.parameters()))
