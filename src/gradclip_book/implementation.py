@@ -862,9 +862,9 @@ def distributed_accumulation_case(micro: int = DIST_MICRO, max_norm: float = 0.1
         reference over ranks, "norm_rel": largest relative norm difference}, "reference_norms", "steps",
         "micro", "world", "max_norm"}``.
 
-    Example:
-        >>> r = distributed_accumulation_case()      # doctest: +SKIP (spawns two processes)
-        >>> r["ddp"]["max_diff"] < 1e-6
+    Example (starts two processes, so the doctest skips it):
+        >>> r = distributed_accumulation_case()  # doctest: +SKIP
+        >>> r["ddp"]["max_diff"] < 1e-6  # doctest: +SKIP
         True
     """
     from .bugzoo import run_fsdp_ranks
