@@ -120,7 +120,7 @@ def loss_explorer() -> Explorer:
     """Fault type (buttons) x fault step (slider): the training loss without a guard and with each guard."""
     traces = [run_style("reference", name="no fault (clean)", mode="lines", line=CLEAN_STYLE)]
     traces += [{"mode": "lines", "name": LABELS[g], "line": dict(STYLES[g])} for g in safety.GUARDS]
-    layout = {"height": 480, "margin": {"t": 30, "l": 60, "r": 15},
+    layout = {"height": 540, "margin": {"t": 30, "l": 60, "r": 15},  # room for the legend's rows on a phone
               "xaxis": {"title": {"text": "step"}, "range": [0, safety.BASE.steps]},
               "yaxis": {"type": "log", "title": {"text": "training loss (nats), max of 3 steps"},
                         "range": [-5, TOP], "exponentformat": "power"},
@@ -165,7 +165,8 @@ def accuracy_figure() -> PlotlyFigure:
             if acc is None:
                 text, colour = f"NaN<br>{nan} of {seeds}", None  # no colour behind it: the page's text colour
             else:
-                text = f"{100 * acc:.1f}" + (f"<br>{diverged} div." if diverged else "")
+                text = (f"{100 * acc:.1f}" + (" ✓" if cell["recovers"] else "")
+                        + (f"<br>{diverged} div." if diverged else ""))
                 colour = "#000000" if acc >= 0.5 else "#ffffff"  # Viridis is dark below the middle
             font = {"size": 12} if colour is None else {"size": 12, "color": colour}
             notes.append({"x": fi, "y": gi, "text": text, "showarrow": False, "font": font})
@@ -183,6 +184,8 @@ def accuracy_figure() -> PlotlyFigure:
                         caption=f"Mean test accuracy (%) over {seeds} seeds with each fault (columns) at step "
                                 f"{s['fault_step']} and each guard alone (rows); the clean run reaches "
                                 f"{100 * s['clean']:.1f}%. Colour follows the number, from dark (0%) to yellow "
-                                "(100%). \"div.\" counts the seeds that diverged (weights finite, accuracy below "
-                                "50%), which the mean includes; a cell reading NaN, without colour, had non-finite "
+                                "(100%). ✓ marks a guard that recovers the run: every seed finishes and the "
+                                f"mean is not below the lowest clean seed's {100 * s['clean_min']:.1f}%. \"div.\" "
+                                "counts the seeds that diverged (weights finite, accuracy below 50%), which the "
+                                "mean includes; a cell reading NaN, without colour, had non-finite "
                                 "weights at the end for the seeds counted (no accuracy exists).")

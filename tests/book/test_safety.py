@@ -245,6 +245,7 @@ def test_accuracy_figure_labels_every_cell_including_nan():
                 assert text.startswith("NaN") and f"{cell['outcomes'].count('nan')} of" in text
             else:
                 assert text.startswith(f"{100 * cell['accuracy']:.1f}")
+                assert ("✓" in text) == cell["recovers"]
 
 
 def test_outcomes_by_fault_step_come_from_the_grid_and_read_as_a_phrase():
