@@ -97,6 +97,7 @@ __all__ = [
     "step_phrase",
     "summary",
     "main",
+    "per_seed_recipe",
     "recipe_threshold",
     "train",
 ]
@@ -500,8 +501,11 @@ def _faulty_batches(x: torch.Tensor, y: torch.Tensor, config: SafetyConfig, base
         yield xb, yb, faulty
 
 
-def train(config: SafetyConfig = SafetyConfig()) -> SafetyRun:
+def train(config: SafetyConfig = SafetyConfig(), clip_max_norm: float | None = None) -> SafetyRun:
     """Train chapter 4's network with ``config.fault`` injected and ``config.guard`` on; deterministic.
+
+    ``clip_max_norm`` replaces :data:`CLIP_MAX_NORM` for the ``"clip"`` and ``"clip+skip"`` guards (the stored grid
+    uses the default; :func:`per_seed_recipe` passes each seed's own recipe threshold).
 
     The loop is the book's harness (:func:`gradclip_book.harness.train`, no clipping method): the batch
     (faulty at the fault steps), forward through the guard's ``logits`` (with the fault's gradient hook at the
@@ -525,7 +529,10 @@ def train(config: SafetyConfig = SafetyConfig()) -> SafetyRun:
         parts = harness.image_split(base.split_seed)
         model = cls.build_model(base)
         optimizer = cls.OPTIMIZERS[base.optimizer](list(model.parameters()), base.lr)
-        guard = GUARDS[config.guard].build()
+        if clip_max_norm is not None and config.guard in ("clip", "clip+skip"):
+            guard = _Clip(clip_max_norm, skip_nonfinite=config.guard == "clip+skip")
+        else:
+            guard = GUARDS[config.guard].build()
         guard.setup(model, optimizer)
         decide = _Decide(guard)
         run = harness.train(model, optimizer, _faulty_batches(*parts["train"], config, base, fault, span), base.steps,
@@ -552,6 +559,25 @@ def recipe_threshold(seed: int = 0) -> float:
         run = harness.train(model, optimizer, harness.minibatches(*parts["train"], base.batch, base.seed),
                             base.steps, divergence=None, threads=None)
     return recipe.recommend_threshold(run.grad_norm)
+
+
+def per_seed_recipe(fault: str, seeds: Iterable[int] | None = None) -> dict[str, Any]:
+    """The ``"clip"`` guard with the recipe applied to each seed's own clean run (:func:`recipe_threshold`) instead
+    of seed 0's, ``fault`` at :data:`DEFAULT_FAULT_STEP`: how much the page's verdict on that fault depends on
+    which clean run chose the threshold (``seeds``: default :data:`SEEDS`). Computed, not stored (one probe and one run per seed, about 3 s each).
+
+    Returns ``{"thresholds": [per seed], "accuracies": [per seed], "mean": float | None, "recovers": bool}`` (the
+    rule of :func:`recovers` against the stored clean runs).
+    """
+    seeds = list(SEEDS if seeds is None else seeds)
+    thresholds = [recipe_threshold(seed) for seed in seeds]
+    runs = [train(SafetyConfig(fault=fault, guard="clip", base=replace(BASE, seed=seed)), clip_max_norm=c)
+            for seed, c in zip(seeds, thresholds)]
+    accuracies = [run.test_accuracy for run in runs]
+    stored = load()
+    clean = [stored["none", "none", -1, seed]["test_accuracy"] for seed in seeds]
+    return {"thresholds": thresholds, "accuracies": accuracies, "mean": _mean(accuracies),
+            "recovers": recovers(accuracies, clean)}
 
 
 def _config_dict(config: SafetyConfig) -> dict[str, Any]:

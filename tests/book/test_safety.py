@@ -153,6 +153,14 @@ def test_skip_guard_is_gradscalers_skip_on_inf():
     assert clip.outcome == "nan"  # clipping alone scales a NaN norm's gradients into NaN weights
 
 
+def test_clip_max_norm_override_is_the_clip_guard_at_that_threshold():
+    config = safety.SafetyConfig(fault="outliers", guard="clip", fault_step=40, steps=SHORT)
+    assert safety.train(config, clip_max_norm=safety.CLIP_MAX_NORM).loss == safety.train(config).loss
+    clip = lambda params, optimizer: torch.nn.utils.clip_grad_norm_(params, 2.0)
+    np.testing.assert_allclose(safety.train(config, clip_max_norm=2.0).loss, _eager("outliers", 40, SHORT, clip),
+                               rtol=1e-5)
+
+
 def test_clip_skip_equals_clip_when_every_norm_is_finite():
     runs = [safety.train(safety.SafetyConfig(fault="scaled", guard=g, fault_step=40, steps=SHORT))
             for g in ("clip", "clip+skip")]
