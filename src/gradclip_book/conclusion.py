@@ -462,14 +462,16 @@ def _section_name(key: str) -> str:
 FAULT_NAMES = {"outliers": "outlier inputs", "nan-grad": "a batch of NaN gradients", "scaled": "gradients x1000",
                "labels": "a corrupt shard of labels"}
 GUARD_NAMES = {"softcap": "soft-capped logits", "activation": "activation check", "loss": "loss guard",
-               "layerwise": "per-layer clipping in backward", "spike": "SpikeGuard", "rollback": "rollback"}
+               "layerwise": "per-layer clipping in backward", "spike": "SpikeGuard", "rollback": "rollback",
+               "clip": "global-norm clipping at the recipe's threshold", "skip": "skipping a non-finite step",
+               "clip+skip": "clipping and skipping a non-finite step"}
 
 
 def safety_rows(summary: dict[str, Any]) -> list[Row]:
     """Chapter 5.3's rows, one per fault, from ``gradclip_book.safety.summary()``.
 
-    Per fault: the guards that recover the run (every seed finishes, mean test accuracy within the page's
-    tolerance of the clean run), best first, and what happens without a guard.
+    Per fault: the guards that recover the run (every seed finishes and the mean test accuracy is not below the
+    lowest clean seed's: ``gradclip_book.safety.recovers``), best first, and what happens without a guard.
     """
     rows = []
     clean = summary["clean"]
@@ -487,7 +489,8 @@ def safety_rows(summary: dict[str, Any]) -> list[Row]:
             evidence = (f"With the fault {without}; with the {names[0]} every seed finishes, at "
                         f"{_pct(best['accuracy'])} mean test accuracy (clean run {_pct(clean)}).")
         else:
-            evidence = f"With the fault {without}; no guard brings it within a point of the clean {_pct(clean)}."
+            evidence = (f"With the fault {without}; no guard brings its mean within the clean seeds' range "
+                        f"(clean run {_pct(clean)}).")
         rows.append(Row(f"A fault in training: {FAULT_NAMES.get(fault, fault)}",
                         ", ".join(names) or "none of the guards recovers it", evidence, "safety-guards"))
     return rows
