@@ -87,7 +87,7 @@ def test_public_modules_declare_all(module):
 
 
 BOOK = Path(__file__).resolve().parents[1] / "src" / "gradclip_book"
-SHARED_BOOK_MODULES = {"harness", "data", "figures", "exercise", "exercises", "timing"}
+SHARED_BOOK_MODULES = {"harness", "data", "figures", "exercise", "exercises", "timing", "reproducibility"}
 
 
 def book_imports(path: Path) -> set[str]:

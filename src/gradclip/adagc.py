@@ -73,7 +73,10 @@ class AdaGC(Clipper):
 
         c_{t,i} = \lambda_{\text{rel}}\,\gamma_{t-1,i}, \qquad
         h_{t,i} = \begin{cases} c_{t,i}/(n_{t,i} + \epsilon) & n_{t,i} > c_{t,i} \\
-                                1 & \text{otherwise} \end{cases}, \qquad
+                                1 & \text{otherwise} \end{cases},
+
+    .. math::
+
         \gamma_{t,i} = \beta\,\gamma_{t-1,i} + (1 - \beta)\,\min(n_{t,i},\, c_{t,i})
 
     and :math:`g_{t,i} \leftarrow h_{t,i}\, g_{t,i}`. The EMA is fed the *clipped*
