@@ -200,11 +200,48 @@ def recipe_threshold(line: dict[str, Any]) -> float | None:
     return recipe.recommend_threshold([float(n) for n in line["curve"]["grad_norm"][:probe]], probe)
 
 
+REPLICATION_SEEDS = (5, 6, 7, 8, 9)
+"""Seeds no choice of the chapter saw: the headline settings are re-run at these (``replicate``)."""
+
+
+def replication_points(lines: Sequence[dict[str, Any]]) -> list[tuple[str, ImageConfig]]:
+    """The settings behind the chapter's verdicts, chosen on validation over :data:`SEEDS` from the stored runs, re-run
+    at :data:`REPLICATION_SEEDS` (``replicate``): in the main and the hard case (:data:`HEADLINE`, :data:`HARD`) the
+    best unclipped learning rate and the best global-norm (lr, threshold); in the hard case also the best threshold
+    that clips on rare steps (some, but at most 10% of the steps, averaged over :data:`SEEDS`); and in the main case
+    AdamW at its best learning rate, without clipping and at max_norm 1. Empty until the runs they are chosen from are
+    stored."""
+    by_key = {line["key"]: line for line in lines}
+
+    def clip_fraction(config: ImageConfig) -> float | None:
+        found = [by_key.get(harness.config_key(replace(config, seed=s))) for s in SEEDS]
+        return None if None in found else sum(line["clip_fraction"] for line in found) / len(found)
+
+    chosen: list[ImageConfig | None] = []
+    for base in (HEADLINE, HARD):
+        clipped = [replace(base, lr=lr, method="norm", threshold=c) for lr in LRS for c in sorted(THRESHOLDS, reverse=True)]
+        chosen += [_best_over_seeds(by_key, [replace(base, lr=lr) for lr in LRS]), _best_over_seeds(by_key, clipped)]
+    fractions = {c: clip_fraction(c) for c in [replace(HARD, lr=lr, method="norm", threshold=t) for lr in LRS
+                                               for t in sorted(THRESHOLDS, reverse=True)]}
+    if None in fractions.values():
+        return []
+    chosen.append(_best_over_seeds(by_key, [c for c, f in fractions.items() if 0 < f <= 0.1]))
+    adamw = replace(HEADLINE, optimizer="adamw")
+    chosen.append(_best_over_seeds(by_key, [replace(adamw, lr=lr) for lr in ADAMW_LRS]))
+    chosen.append(_best_over_seeds(by_key, [replace(adamw, lr=lr, method="norm", threshold=1.0) for lr in ADAMW_LRS]))
+    if None in chosen:
+        return []
+    unique = list(dict.fromkeys(chosen))
+    return [("replicate", replace(c, seed=s)) for c in unique for s in REPLICATION_SEEDS]
+
+
 def grid_points(lines: Sequence[dict[str, Any]] | None = None) -> list[tuple[str, ImageConfig]]:
-    """The chapter's precomputed runs as ``(section, config)`` pairs: :func:`phase_one`, then :func:`phase_two` and
-    :func:`recipe_points` and :func:`budget_points` chosen from the stored runs (``lines``, default: the grid file)."""
+    """The chapter's precomputed runs as ``(section, config)`` pairs: :func:`phase_one`, then :func:`phase_two`,
+    :func:`recipe_points`, :func:`budget_points` and :func:`replication_points` chosen from the stored runs
+    (``lines``, default: the grid file)."""
     lines = load() if lines is None else lines
-    return phase_one() + phase_two(lines) + recipe_points(lines) + budget_points(lines)
+    return (phase_one() + phase_two(lines) + recipe_points(lines) + budget_points(lines)
+            + replication_points(lines))
 
 
 

@@ -84,6 +84,14 @@ def test_grid_is_complete(lines):
         assert line["key"] == harness.config_key(images.config_of(line["config"]))
 
 
+def test_the_verdicts_settings_are_stored_at_seeds_no_choice_saw(lines):
+    points = ig.replication_points(lines)
+    assert len(points) == 7 * len(ig.REPLICATION_SEEDS)  # 7 settings (see its docstring), none chosen twice
+    assert {c.seed for _, c in points} == set(ig.REPLICATION_SEEDS) and not set(ig.REPLICATION_SEEDS) & set(ig.SEEDS)
+    stored = {line["key"] for line in lines}
+    assert all(harness.config_key(c) in stored for _, c in points), HINT
+
+
 def test_three_random_stored_runs_are_reproduced_exactly(lines):
     cheap = [line for line in lines if line["config"]["depth"] == 4 and line["section"] == "explore"]
     problems = harness.spot_check(cheap, images.record, images.config_of, count=3, seed=20261207)
