@@ -290,25 +290,19 @@ def direction_evidence() -> dict[str, Any]:
 
 
 def bug_zoo_evidence() -> dict[str, Any]:
-    """Chapter 3's bug zoo: how many reported bugs gradclip flags, and how many its API prevents.
+    """Chapter 3's bug zoo: what gradclip does about each reported bug by default and once the user opts in.
 
-    A bug counts as *flagged* when its check fires on the buggy code and stays silent on the fixed code
-    (both run here); as *prevented* when gradclip has no check for it but an API that computes the right
-    thing (``Catch.fires`` is None). Returns ``{"total", "flagged": [names], "prevented": [names],
-    "neither": [names]}``.
+    Counted from the zoo's table (:func:`gradclip_book.bugzoo.response_counts`): by default gradclip raises,
+    warns, or computes the right thing, or does nothing; opted in, a stateful clipper (or one given
+    ``scaler=``) raises, an attached ``GradientMonitor`` shows the bug in its logs, or attaching a clipper
+    prevents it. Returns ``{"total", "by_default": [names], "silent": [names], "raises_opt_in", "logs",
+    "attach": [names], "uncaught": [names]}`` (``uncaught``: neither by default nor once opted in).
     """
-    flagged, prevented, neither = [], [], []
-    for b in bugzoo.BUGS:
-        catch = b.caught_by
-        if catch is None:
-            neither.append(b.name)
-        elif catch.fires is None:
-            prevented.append(b.name)
-        elif catch.fires(b.buggy) and not catch.fires(b.fixed):
-            flagged.append(b.name)
-        else:
-            neither.append(b.name)
-    return {"total": len(bugzoo.BUGS), "flagged": flagged, "prevented": prevented, "neither": neither}
+    counts = bugzoo.response_counts()
+    opted = set(counts["raises_opt_in"]) | set(counts["logs"]) | set(counts["attach"])
+    return {"total": len(bugzoo.BUGS), "by_default": counts["caught_by_default"], "silent": counts["silent"],
+            "raises_opt_in": counts["raises_opt_in"], "logs": counts["logs"], "attach": counts["attach"],
+            "uncaught": [name for name in counts["silent"] if name not in opted]}
 
 
 # --- the guide -------------------------------------------------------------------------------------------
@@ -429,8 +423,9 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             "families"),
         Row("Placing the call in real training code (AMP, accumulation, closures, FSDP)",
             "After the gradients are complete and unscaled; clipper.attach(optimizer) puts it there",
-            f"Of {bz['total']} reported clipping bugs, gradclip's checks flag {len(bz['flagged'])} (and stay "
-            f"silent on the fix) and its API prevents {len(bz['prevented'])}.",
+            f"Of {bz['total']} reported clipping bugs, gradclip handles {len(bz['by_default'])} by default; "
+            f"once opted in, attaching a clipper prevents {len(bz['attach'])} and a GradientMonitor shows "
+            f"{len(bz['logs'])} in its logs.",
             "bug-zoo"),
     ]
     return rows

@@ -227,17 +227,23 @@ def test_direction_norm_keeps_it_and_value_turns_it():
     assert turned == pytest.approx(45 - math.degrees(math.atan(1 / 3)), abs=1e-6)
 
 
-def test_bug_zoo_counts_follow_the_catches():
+def test_bug_zoo_counts_follow_the_table():
+    # counted here from each bug's Catch, independently of bugzoo.response_counts
     ev = cc.bug_zoo_evidence()
-    prevented = [b.name for b in bugzoo.BUGS if b.caught_by is not None and b.caught_by.how.startswith("Prevented")]
-    assert sorted(ev["prevented"]) == sorted(prevented)
-    assert len(ev["flagged"]) + len(ev["prevented"]) + len(ev["neither"]) == ev["total"] == len(bugzoo.BUGS)
+    default = {b.name: (b.caught_by.default if b.caught_by else "silent") for b in bugzoo.BUGS}
+    opt_in = {b.name: (set(b.caught_by.opt_in) if b.caught_by else set()) for b in bugzoo.BUGS}
+    assert sorted(ev["by_default"]) == sorted(n for n, d in default.items() if d != "silent")
+    assert sorted(ev["attach"]) == sorted(n for n, o in opt_in.items() if "attach" in o)
+    assert sorted(ev["logs"]) == sorted(n for n, o in opt_in.items() if "logs" in o)
+    assert sorted(ev["uncaught"]) == sorted(n for n in default if default[n] == "silent" and not opt_in[n])
+    assert len(ev["by_default"]) + len(ev["silent"]) == ev["total"] == len(bugzoo.BUGS)
 
 
-def test_a_check_that_also_fires_on_the_fix_is_not_counted(monkeypatch):
-    noisy = dataclasses.replace(bugzoo.BUGS[0], caught_by=bugzoo.Catch("fires always", lambda step: "fired"))
-    monkeypatch.setattr(bugzoo, "BUGS", [noisy])
-    assert cc.bug_zoo_evidence() == {"total": 1, "flagged": [], "prevented": [], "neither": [noisy.name]}
+def test_a_bug_gradclip_misses_counts_as_uncaught(monkeypatch):
+    missed = dataclasses.replace(bugzoo.BUGS[0], caught_by=None)
+    monkeypatch.setattr(bugzoo, "BUGS", [missed])
+    ev = cc.bug_zoo_evidence()
+    assert ev["total"] == 1 and ev["by_default"] == [] and ev["uncaught"] == [missed.name]
 
 
 # --- the guide, the flow chart, the citation ---------------------------------------------------------------
@@ -260,7 +266,7 @@ def test_rows_quote_the_evidence(evidence):
     tight = evidence["stability"]["tight"]
     assert f"max_norm {tight:g}" in text["cls-stable"] and "no learning rate trains every one" in text["cls-stable"]
     assert "1.41x the threshold" in text["scal-dist"] and "3e-08" in text["scal-dist"]
-    assert f"flag {len(evidence['bugs']['flagged'])}" in text["bug-zoo"]
+    assert f"handles {len(evidence['bugs']['by_default'])} by default" in text["bug-zoo"]
     table = cc.guide_table_html(rows)
     assert table.count("<tr>") == len(rows) + 1 and all(f'href="{r.href}"' in table for r in rows)
 
