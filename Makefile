@@ -2,6 +2,13 @@
 # Both create .venv and install requirements.txt first (once, and again when it changes).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The book's stored runs were computed with these CPU kernels and re-run bit for bit on the same kind of CPU
+# (src/gradclip_book/reproducibility.py, which also sets them when gradclip_book is imported first).
+ifeq ($(shell uname -m),x86_64)
+export ATEN_CPU_CAPABILITY ?= avx2
+export MKL_CBWR ?= AVX2
+export ONEDNN_MAX_CPU_ISA ?= AVX2
+endif
 STAMP := $(VENV)/.installed
 
 .PHONY: setup book test install-cells clean

@@ -12,7 +12,12 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import torch
+
+from gradclip_book.reproducibility import pin_cpu_kernels
+
+pin_cpu_kernels()  # before torch runs anything: the re-run checks compare with runs stored on another CPU
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,10 +26,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     """The CPU and kernels in effect: a stored run that no longer reproduces is read against these."""
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
-                 "") if Path("/proc/cpuinfo").exists() else ""
-    return [f"cpu: {model}, {os.cpu_count()} cores, avx512f: {'avx512f' in flags}; "
-            f"ATen kernels: {torch.backends.cpu.get_cpu_capability()}"]
+    from gradclip_book.reproducibility import cpu_kernels
+    return [f"cpu: {model}, {os.cpu_count()} cores; kernels: {cpu_kernels()}"]
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ import torch
 from support.params import scalar_param
 from support.references import autoclip_threshold
 
+import gradclip._norms
+import gradclip.autoclip
 from gradclip.autoclip import AutoClip
 
 
@@ -88,20 +90,27 @@ def test_gradients_equal_torch_clipping_with_the_numpy_threshold():
             torch.testing.assert_close(p.grad, (q.grad.double() * factor).float(), rtol=1e-6, atol=0)
 
 
-def test_nonfinite_norms_are_recorded_as_inf_and_never_lower_the_threshold():
-    clipper = AutoClip(50.0)
+@pytest.mark.parametrize("on_device", [False, True], ids=["host", "device"])
+@pytest.mark.parametrize("include_current", [True, False])
+@pytest.mark.parametrize("window", [None, 3])
+def test_nonfinite_norms_are_not_recorded_and_change_nothing(on_device, include_current, window, monkeypatch):
+    # (a step GradScaler skips must leave the clipper as if it had not been called); "device": the
+    # accelerator path, which decides on the device with nothing read on the host
+    if on_device:
+        monkeypatch.setattr(gradclip._norms, "HOST_CHECKS_ON_CPU", False)
+    clipper = AutoClip(50.0, window=window, include_current=include_current)
     for value in (1.0, 2.0, 3.0):
         clipper([scalar_param(value)])
-    result = clipper([scalar_param(math.nan)])
-    assert float(result.threshold) == np.percentile([1.0, 2.0, 3.0, math.inf], 50.0) == 2.5
-    clipper([scalar_param(math.inf)])
-    assert clipper.history().tolist() == [1.0, 2.0, 3.0, math.inf, math.inf]
-    # among the inf entries the threshold is inf (numpy says nan)
+    for bad in (math.nan, math.inf):
+        result = clipper([scalar_param(bad)])
+        assert float(result.threshold) == np.percentile([1.0, 2.0, 3.0], 50.0) == 2.0
+    assert clipper.history().tolist() == [1.0, 2.0, 3.0] and clipper.steps == 3
+    result = clipper([scalar_param(4.0)])
+    expected = [1.0, 2.0, 3.0, 4.0][-window:] if window else [1.0, 2.0, 3.0, 4.0]
+    assert clipper.history().tolist() == expected
+    assert float(result.threshold) == np.percentile(expected if include_current else [1.0, 2.0, 3.0], 50.0)
+    # with an empty history the threshold is inf
     assert float(AutoClip(100.0)([scalar_param(math.inf)]).threshold) == math.inf
-    for percentile in (30.0, 50.0, 70.0):  # interpolating towards +inf gives inf, not nan
-        clipper = AutoClip(percentile)
-        clipper([scalar_param(1.0)])
-        assert float(clipper([scalar_param(math.inf)]).threshold) == math.inf
 
 
 def test_first_step_without_current_norm_is_not_clipped():
@@ -130,7 +139,11 @@ def test_returned_thresholds_are_not_changed_by_later_steps():
                 assert float(threshold) == np.percentile(live, percentile)
 
 
-def test_history_grows_past_its_first_buffer_and_stays_exact_and_in_order():
+@pytest.mark.parametrize("on_device", [False, True], ids=["host", "device"])
+def test_history_grows_past_its_first_buffer_and_stays_exact_and_in_order(on_device, monkeypatch):
+    if on_device:  # the accelerator path, with small buffers so that they grow
+        monkeypatch.setattr(gradclip._norms, "HOST_CHECKS_ON_CPU", False)
+        monkeypatch.setattr(gradclip.autoclip, "TRACED_CAPACITY", 64)
     rng = np.random.default_rng(5)
     values = rng.lognormal(size=1100)
     values[[100, 500, 1050]] = math.inf
@@ -139,11 +152,12 @@ def test_history_grows_past_its_first_buffer_and_stays_exact_and_in_order():
         result = clipper([scalar_param(float(value))])
         assert float(result.threshold) == autoclip_threshold(values[: step + 1], 62.5)
         if step in (0, 15, 16, 17, 1023, 1024, 1099):
-            assert clipper.history().tolist() == values[: step + 1].tolist()
+            seen = values[: step + 1]
+            assert clipper.history().tolist() == seen[np.isfinite(seen)].tolist()
     state = clipper.state_dict()
     resumed = AutoClip(62.5)
     resumed.load_state_dict(state)
-    assert resumed.history().tolist() == values.tolist()
+    assert resumed.history().tolist() == values[np.isfinite(values)].tolist()
 
 
 @pytest.mark.parametrize("window", [None, 9])

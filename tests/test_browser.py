@@ -475,9 +475,9 @@ def test_exercise_checks_answers_without_a_kernel(browser, book_server):
     assert watch.errors == [] and watch.foreign == []
 
 
-def test_classification_grid_sliders_show_the_stored_record(browser, book_server):
-    # Chapter 4's Figure 4.6: every slider position draws the stored run of that exact configuration
-    from gradclip_book import classification_figures as cf
+def test_classification_grid_controls_show_the_stored_record(browser, book_server):
+    # Chapter 4's grid explorer: every slider position and button draws the stored run of that exact configuration
+    from gradclip_book import images, images_figures as imf
 
     watch = PageWatch(browser)
     page = watch.page
@@ -489,31 +489,33 @@ def test_classification_grid_sliders_show_the_stored_record(browser, book_server
     assert page.evaluate("!(window.gcData && window.gcData['gc-cls-grid'])"), "loaded before it was reached"
     page.locator(root).scroll_into_view_if_needed()
     page.wait_for_function(f"document.querySelector('{root}').dataset.key !== undefined", timeout=20_000)
-    ex = cf.grid_explorer()
+    ex = imf.grid_explorer()
     moved = 0
     for index, param in enumerate(ex.params):
-        if param.control != "slider":
-            continue
         for position in range(len(param.values)):
-            page.evaluate(f"""() => {{ const s = document.querySelector('{root} .gc-controls input[data-index="{index}"]');
-                s.value = '{position}'; s.dispatchEvent(new Event('input')); }}""")
+            if param.control == "slider":
+                page.evaluate(f"""() => {{ const s = document.querySelector('{root} .gc-controls input[data-index="{index}"]');
+                    s.value = '{position}'; s.dispatchEvent(new Event('input')); }}""")
+            else:
+                page.locator(f"{root}-s{index}-{position}").check(force=True)
+            page.wait_for_function(
+                f"document.querySelector('{root}').dataset.key.split('|')[{index}] === '{position}'", timeout=5_000)
             key = page.evaluate(f"document.querySelector('{root}').dataset.key").split("|")
-            assert int(key[index]) == position
             values = {q.name: q.values[int(k)] for q, k in zip(ex.params, key)}
-            expected = cf.grid_frame(cf.run_of(cf.grid_config(**values)))
+            expected = imf.grid_frame(images.stored(imf.explore_config(**values)))
             drawn = page.evaluate("document.getElementById('gc-cls-grid-plot').data.map(t => t.y)")
             assert drawn[0] == expected["traces"][0]["y"], values
             assert drawn[2] == expected["traces"][2]["y"], values
             note = page.locator(f"{root}-note").inner_text()
             assert note.startswith(expected["note"][0][:40]), (note, values)
-            # each slider shows what its frame says (the threshold slider: the method's own threshold)
+            # each slider shows what its frame says (the threshold slider: "off" without clipping)
             shown = page.evaluate(f"""Array.from(document.querySelectorAll('{root} input[type=range]'))
                 .map(s => s.getAttribute('aria-valuetext'))""")
             sliders = [q for q in ex.params if q.control == "slider"]
             want = [expected.get("shown", {}).get(q.name, q.show(values[q.name])) for q in sliders]
             assert shown == want, (shown, want)
             moved += 1
-    assert moved >= 4 + 6 + 4, "depth, learning-rate and threshold sliders were all moved"
+    assert moved >= 4 + 2 + 3 + 6 + 3, "every button and slider position was tried"
     assert watch.errors == [] and watch.foreign == []
     page.close()
 

@@ -586,3 +586,128 @@ def test_muon_step_length_does_not_depend_on_the_gradient_scale():
     assert torch.equal(plain[1], clipped[1])
     assert float(clipped[2].norm() / plain[2].norm()) == pytest.approx(1.0, abs=0.02)
     assert float((clipped[3] - plain[3]).norm() / plain[3].norm()) > 0.2
+
+
+# --- attached through a framework's optimizer wrapper ----------------------------------------------
+# accelerate's AcceleratedOptimizer and Lightning's LightningOptimizer step a torch optimizer without
+# running torch.optim.Optimizer.__init__ (no step-hook dicts of their own): attach hooks the optimizer
+# they wrap. Each tool attached through the real wrapper is compared with an independent run of the
+# same tool on the bare optimizer: called by hand for the clippers, attached directly for the rest.
+
+
+def attachable():
+    import gradclip
+
+    return {
+        "autoclip": lambda model: AutoClip(30.0),
+        "zclip": lambda model: ZClip(warmup_steps=2, z_thresh=1.5, max_grad_norm=None),
+        "adagc": lambda model: gradclip.AdaGC(warmup_steps=2),
+        "guard": lambda model: SpikeGuard("median", threshold=1.5, window=8, min_history=2),
+        "monitor": lambda model: gradclip.GradientMonitor(model),
+        "update_clip": lambda model: gradclip.UpdateClip("adafactor", d=0.5),
+    }
+
+
+WRAPPER_STEPS = 8
+
+
+def wrapper_batches():
+    return [batch(step) for step in range(WRAPPER_STEPS)]  # step 5 carries a spike
+
+
+def by_hand_run(tool_name):
+    """The reference: the bare optimizer; a clipper called after backward, the guard's skip done by hand."""
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tool = attachable()[tool_name](model)
+    by_hand = tool_name in ("autoclip", "zclip", "adagc", "guard")
+    if not by_hand:
+        tool.attach(optimizer)
+    for x, y in wrapper_batches():
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if by_hand:
+            result = tool(list(model.parameters()))
+            if tool_name == "guard" and bool(result.scale == 0):
+                continue
+        optimizer.step()
+    return model, tool
+
+
+def check_same_run(tool_name, model, tool, model_ref, tool_ref):
+    for p, q in zip(model.parameters(), model_ref.parameters()):
+        assert torch.equal(p, q), tool_name
+    if tool_name == "monitor":
+        assert tool.table() == tool_ref.table() and len(tool.table()) == WRAPPER_STEPS * len(tool.layers)
+    elif tool_name == "update_clip":
+        assert tool.steps == tool_ref.steps == WRAPPER_STEPS
+    else:
+        assert tool.steps == tool_ref.steps == WRAPPER_STEPS
+        for key, value in tool_ref.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(tool.state_dict()[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+@pytest.mark.parametrize("tool_name", sorted(attachable()))
+def test_attach_through_accelerates_optimizer_wrapper_equals_the_tool_by_hand(tool_name):
+    from accelerate import Accelerator
+
+    model = make_model()
+    accelerator = Accelerator(cpu=True)
+    wrapped = accelerator.prepare_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    assert "_optimizer_step_pre_hooks" not in vars(wrapped)  # (the wrapper runs no Optimizer.__init__)
+    tool = attachable()[tool_name](model).attach(wrapped)
+    for x, y in wrapper_batches():
+        wrapped.zero_grad()
+        accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+        wrapped.step()
+    model_ref, tool_ref = by_hand_run(tool_name)
+    check_same_run(tool_name, model, tool, model_ref, tool_ref)
+    if tool_name == "guard":
+        assert int(tool.skipped_steps) >= 1  # the spike was skipped through the wrapper
+
+
+@pytest.mark.parametrize("tool_name", ["zclip", "guard", "monitor"])
+def test_attach_through_lightnings_optimizer_wrapper_equals_the_tool_by_hand(tool_name, tmp_path):
+    import lightning.pytorch as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make_model()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+        def on_train_start(self):
+            wrapped = self.optimizers()  # a LightningOptimizer
+            assert "_optimizer_step_pre_hooks" not in vars(wrapped)
+            self.tool = attachable()[tool_name](self.net).attach(wrapped)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+    module = Module()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=WRAPPER_STEPS, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(wrapper_batches(), batch_size=None))
+    model_ref, tool_ref = by_hand_run(tool_name)
+    check_same_run(tool_name, module.net, module.tool, model_ref, tool_ref)
+
+
+def test_attach_to_something_that_wraps_no_optimizer_says_what_to_pass():
+    import gradclip
+
+    class Wrapper:  # holds no torch optimizer in .optimizer or ._optimizer
+        optimizer = "sgd"
+
+    model = make_model()
+    for tool in attachable().values():
+        made = tool(model)
+        with pytest.raises(TypeError, match=r"attach: optimizer must be a torch.optim.Optimizer .*got Wrapper.*"
+                                            r"Pass the torch optimizer itself"):
+            made.attach(Wrapper())
+    with pytest.raises(TypeError, match=r"got int"):
+        gradclip.ZClip().attach(3)

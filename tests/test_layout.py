@@ -84,3 +84,38 @@ def test_public_modules_declare_all(module):
     names = [target.id for node in tree.body if isinstance(node, ast.Assign)
              for target in node.targets if isinstance(target, ast.Name)]
     assert "__all__" in names, f"gradclip.{module} has no __all__"
+
+
+BOOK = Path(__file__).resolve().parents[1] / "src" / "gradclip_book"
+SHARED_BOOK_MODULES = {"harness", "data", "figures", "exercise", "exercises", "timing", "reproducibility"}
+
+
+def book_imports(path: Path) -> set[str]:
+    """The gradclip_book modules a file of the book package imports (relative or absolute)."""
+    found = set()
+    package_parts = path.relative_to(BOOK).parts[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(package_parts[:len(package_parts) - (node.level - 1)])
+                parts = base + (node.module.split(".") if node.module else [])
+                found.update([parts[0]] if parts else [alias.name for alias in node.names])
+            elif node.module and node.module.split(".")[0] == "gradclip_book":
+                parts = node.module.split(".")
+                found.update([parts[1]] if len(parts) > 1 else [alias.name for alias in node.names])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "gradclip_book" and len(parts) > 1:
+                    found.add(parts[1])
+    return found
+
+
+def test_the_shared_harness_imports_no_chapter_module():
+    # the book's layout: the harness is shared by every chapter and depends on none of them
+    files = sorted((BOOK / "harness").glob("*.py"))
+    assert files, "no harness package"
+    for path in files:
+        outside = book_imports(path) - SHARED_BOOK_MODULES
+        assert not outside, f"{path.name} imports chapter modules {sorted(outside)}"
+    assert book_imports(BOOK / "safety.py"), "the import reader found nothing: it is broken"

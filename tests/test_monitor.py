@@ -204,3 +204,54 @@ def test_state_dict_round_trips_through_weights_only_load():
         GradientMonitor(model, layer_fn=lambda name: "all").load_state_dict(state)
     with pytest.raises(ValueError, match="norm_type"):
         GradientMonitor(model, norm_type=1.0).load_state_dict(state)
+
+
+# --- the update a step really made, whatever else is attached --------------------------------------
+# A SpikeGuard puts back the weights of a step it skips, and an UpdateClip shrinks the update, both in
+# post-step hooks; the monitor measures the update once they have run, in any order of attachment.
+# Reference: the per-layer ||w_after - w_before|| / ||w_before|| of weights copied around each step.
+
+ORDERS = [("monitor", "guard"), ("guard", "monitor"), ("monitor", "update_clip", "guard"),
+          ("update_clip", "monitor", "guard"), ("update_clip", "guard", "monitor")]
+SPIKE_AT = 5
+
+
+@pytest.mark.parametrize("mode", ["step", "closure"])
+@pytest.mark.parametrize("order", ORDERS, ids="-".join)
+def test_the_update_ratio_is_the_weights_true_change_whatever_the_order_of_attachment(order, mode):
+    import gradclip
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    made = {"monitor": lambda: GradientMonitor(model),
+            "guard": lambda: gradclip.SpikeGuard("median", threshold=3.0, window=8, min_history=2),
+            "update_clip": lambda: gradclip.UpdateClip("adafactor", d=0.1)}
+    tools = {name: made[name]().attach(optimizer) for name in order}
+    generator = torch.Generator().manual_seed(1)
+    expected = []
+    for step in range(8):
+        x, y = torch.randn(8, 4, generator=generator), torch.randn(8, 2, generator=generator)
+        before = [p.detach().clone().double() for p in model.parameters()]
+
+        def closure():
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y) * (100.0 if step == SPIKE_AT else 1.0)
+            loss.backward()
+            return loss
+
+        if mode == "closure":
+            optimizer.step(closure)
+        else:
+            closure()
+            optimizer.step()
+        after = [p.detach().double() for p in model.parameters()]
+        for layer in (0, 2):  # (weight, bias) of each Linear
+            change = torch.cat([(a - b).reshape(-1) for a, b in zip(after[layer:layer + 2], before[layer:layer + 2])])
+            weight = torch.cat([b.reshape(-1) for b in before[layer:layer + 2]])
+            expected.append(float(torch.linalg.vector_norm(change) / torch.linalg.vector_norm(weight)))
+    assert int(tools["guard"].skipped_steps) == 1
+    got = [row["update_ratio"] for row in tools["monitor"].table()]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-6, atol=0)
+    assert got[2 * SPIKE_AT] == got[2 * SPIKE_AT + 1] == 0.0  # the skipped step: the weights did not move
+    assert all(value > 0 for i, value in enumerate(got) if i // 2 != SPIKE_AT)

@@ -2,7 +2,9 @@
 
 For each optimizer class (in its plain, foreach and fused variants, as far as
 its constructor offers them), each way of stepping (``opt.step()``,
-``opt.step(closure)``, ``scaler.step(opt)`` with a CPU GradScaler) and each
+``opt.step(closure)``, ``scaler.step(opt)`` with a CPU GradScaler, and
+``wrapper.step()`` of framework-style wrappers the tool was attached through,
+which run no ``Optimizer.__init__``, as accelerate's and Lightning's do) and each
 attachable tool (AutoClip, ZClip, SpikeGuard, GradientMonitor), a few real
 steps on a tiny model with a gradient spike are compared with a reference run
 that does by hand, after ``backward()`` (and ``scaler.unscale_``), what the
@@ -16,6 +18,13 @@ optimizer), and ``state_dict()`` survives ``torch.save``/``torch.load(weights_on
 Also for every optimizer, variant and way of stepping: a ``GradBuffer`` run with a layer frozen
 mid-training and a layer that some forward passes skip steps exactly what an eager
 ``optimizer.zero_grad()`` loop steps (same parameters and optimizer state), clipping on the flat path.
+
+And a matrix of real loops (issue 26): loops of several steps, each tool (AutoClip, ZClip, AdaGC, SpikeGuard,
+clip_grad_norm_) called by hand, attached, or attached through framework-style wrappers, with a fused or non-fused
+AdamW, a GradScaler with forced overflows or none, gradient accumulation 1 or 3, a layer frozen mid-training or not,
+a GradBuffer on or off, against an eager reference loop written without gradclip. Its rows are a covering design of
+strength 3 of those factors (every combination of levels of any three factors appears, so every pair does), not the
+full product.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from __future__ import annotations
 import copy
 import inspect
 import io
+import itertools
+import math
 
 import pytest
 import torch
@@ -75,9 +86,10 @@ TOOLS = {
     "monitor": lambda model: GradientMonitor(model),
 }
 
-MODES = ["step", "closure", "scaler"]
+MODES = ["step", "closure", "scaler", "wrapped"]
 EXCLUDED = {
     ("LBFGS", "step"): "LBFGS.step needs a closure",
+    ("LBFGS", "wrapped"): "LBFGS.step needs a closure",
     ("LBFGS", "scaler"): "GradScaler.step does not take a closure, and LBFGS needs one",
 }
 
@@ -89,6 +101,44 @@ def cases():
                 reason = EXCLUDED.get((name, mode))
                 marks = [pytest.mark.skip(reason=reason)] if reason else []
                 yield pytest.param(name, variant, mode, marks=marks, id=f"{name}-{variant}-{mode}")
+
+
+class LightningStyleWrapper(torch.optim.Optimizer):
+    """Lightning's LightningOptimizer in miniature: ``._optimizer``, attributes forwarded, no ``Optimizer.__init__``."""
+
+    def __init__(self, optimizer):
+        self._optimizer = optimizer
+
+    def __getattr__(self, item):
+        return getattr(self._optimizer, item)
+
+    def zero_grad(self, set_to_none=True):
+        self._optimizer.zero_grad(set_to_none)
+
+    def step(self, closure=None):
+        return self._optimizer.step(closure)
+
+
+class AccelerateStyleWrapper(torch.optim.Optimizer):
+    """accelerate's AcceleratedOptimizer in miniature: ``.optimizer``, no ``Optimizer.__init__``."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none)
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+def wrapped(optimizer):
+    """The optimizer in two framework-style wrappers, neither of which has torch's step-hook dicts."""
+    return AccelerateStyleWrapper(LightningStyleWrapper(optimizer))
 
 
 def make_model(name):
@@ -146,6 +196,9 @@ def step_once(model, optimizer, mode, step, scaler, by_hand=None):
     elif mode == "step":
         closure()
         optimizer.step()
+    elif mode == "wrapped":  # steps through a framework-style wrapper (the tools were attached through it)
+        closure()
+        wrapped(optimizer).step()
     else:
         optimizer.zero_grad()
         scaler.scale(loss_of(model, step)).backward()
@@ -179,7 +232,7 @@ def test_the_optimizer_steps_with_what_the_tool_says_it_did(name, variant, mode,
     # --- the run under test: the tool attached --------------------------------------------
     model = make_model(name)
     optimizer = make_optimizer(name, variant, model)
-    tool = TOOLS[tool_name](model).attach(optimizer)
+    tool = TOOLS[tool_name](model).attach(wrapped(optimizer) if mode == "wrapped" else optimizer)
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE) if mode == "scaler" else None
     results, seen, weights = [], [], []  # per evaluation: the tool's result, the gradients' norms (unscaled)
 
@@ -333,9 +386,9 @@ def buffered_run(name, variant, mode, buffered):
 
         if mode == "closure":
             optimizer.step(closure)
-        elif mode == "step":
+        elif mode in ("step", "wrapped"):
             closure()
-            optimizer.step()
+            (wrapped(optimizer) if mode == "wrapped" else optimizer).step()
         else:
             zero()
             scaler.scale(loss()).backward()
@@ -364,3 +417,362 @@ def test_a_grad_buffer_steps_only_what_got_a_gradient(name, variant, mode):
             for a, b in pairs:
                 torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-4, atol=1e-6,
                                            msg=f"{label} {key}")
+
+
+# --- steps the GradScaler skips leave every stateful clipper as it was ----------------------------------------
+# {fused, plain} optimizer x {attached, called by hand after scaler.unscale_} x every stateful tool, under a CPU
+# GradScaler whose loss overflows at OVERFLOWS (inf gradients: the scaler skips the update). Reference: an eager
+# loop with no scaler that skips those steps by hand (no backward, no tool call, no optimizer step) and calls the
+# tool after backward. A fused optimizer runs its step pre-hooks on skipped steps too, and the call by hand sees
+# the inf norm either way: neither may enter a history, an EMA, a warm-up or a step count.
+
+OVERFLOWS = (1, 4, 5)
+OVERFLOW_SPIKE = 8
+OVERFLOW_STEPS = 10
+
+STATEFUL = {
+    "autoclip": lambda: gradclip.AutoClip(25.0),
+    "autoclip-window": lambda: gradclip.AutoClip(50.0, window=3, include_current=False),
+    "zclip": lambda: gradclip.ZClip(warmup_steps=3, z_thresh=1.5, max_grad_norm=None),
+    "adagc": lambda: gradclip.AdaGC(warmup_steps=2, lambda_rel=1.01),
+    "guard": lambda: gradclip.SpikeGuard("median", threshold=1.5, window=3, min_history=2),
+    "update_clip": lambda: gradclip.UpdateClip("adafactor", d=0.2),  # (attached only: it acts after the step)
+}
+OVERFLOW_OPTIMIZERS = {"AdamW": dict(lr=0.05, weight_decay=0.1), "SGD": dict(lr=0.05, momentum=0.9)}
+
+
+def overflow_loss(model, step, overflow):
+    factor = OVERFLOW_SPIKE_FACTOR if step == OVERFLOW_SPIKE else (math.inf if overflow else 1.0)
+    return torch.nn.functional.mse_loss(model(X), Y) * factor
+
+
+OVERFLOW_SPIKE_FACTOR = 30.0
+
+
+def overflow_run(tool_name, optimizer_name, fused, use, scaled):
+    """(model, tool): ``scaled``: under a GradScaler with the forced overflows; else the eager reference."""
+    model = make_model("AdamW")
+    optimizer = getattr(torch.optim, optimizer_name)(model.parameters(), **OVERFLOW_OPTIMIZERS[optimizer_name],
+                                                     fused=fused)
+    tool = STATEFUL[tool_name]()
+    if use == "attached":
+        tool.attach(optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
+    if scaled and use == "by_hand":
+        tool.scaler = scaler  # (checks the unscaling; tells the guard which steps the scaler skips)
+    for step in range(OVERFLOW_STEPS):
+        overflow = step in OVERFLOWS
+        if not scaled and overflow:
+            continue  # the reference skips the step by hand
+        optimizer.zero_grad()
+        if scaled:
+            scaler.scale(overflow_loss(model, step, overflow)).backward()
+            if use == "by_hand":
+                scaler.unscale_(optimizer)
+                result = tool(list(model.parameters()))
+                assert bool(torch.isfinite(result.norm)) != overflow
+                if tool_name == "guard" and bool(result.scale == 0) and not overflow:
+                    scaler.update()  # the guard's skip, done by hand
+                    continue
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            overflow_loss(model, step, False).backward()
+            if use == "by_hand":
+                result = tool(list(model.parameters()))
+                if tool_name == "guard" and bool(result.scale == 0):
+                    continue
+            optimizer.step()
+    return model, tool
+
+
+def overflow_cases():
+    for tool_name in STATEFUL:
+        for use in ("attached", "by_hand"):
+            if tool_name == "update_clip" and use == "by_hand":
+                continue
+            for optimizer_name in OVERFLOW_OPTIMIZERS:
+                for fused in (False, True):
+                    yield pytest.param(tool_name, use, optimizer_name, fused,
+                                       id=f"{tool_name}-{use}-{optimizer_name}-{'fused' if fused else 'plain'}")
+
+
+@pytest.mark.parametrize("tool_name, use, optimizer_name, fused", list(overflow_cases()))
+def test_steps_the_grad_scaler_skips_leave_every_stateful_tool_unchanged(tool_name, use, optimizer_name, fused):
+    model, tool = overflow_run(tool_name, optimizer_name, fused, use, scaled=True)
+    reference, tool_ref = overflow_run(tool_name, optimizer_name, False, "by_hand" if tool_name != "update_clip"
+                                       else "attached", scaled=False)
+    exact = not fused  # (the non-fused scaler's unscaling by a power of 2 is exact; the fused kernels round differently)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        if exact:
+            assert torch.equal(p, q)
+        else:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    state, expected = tool.state_dict(), tool_ref.state_dict()
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(state[key], value, rtol=0 if exact else 1e-5, atol=0, equal_nan=True, msg=key)
+        else:
+            assert state[key] == value, key
+    if tool_name != "update_clip":
+        assert tool.steps == OVERFLOW_STEPS - len(OVERFLOWS)
+
+
+# --- a matrix of real loops, each against an independent eager reference loop ----------------------------------
+# Factors: the tool (AutoClip, ZClip, AdaGC, SpikeGuard, clip_grad_norm_) x how it is used (called by hand after
+# backward and scaler.unscale_, attached, attached through framework-style wrappers whose step() runs the scaler as
+# accelerate's does) x {fused, non-fused AdamW} x {GradScaler with forced overflows, none} x {gradient accumulation
+# 1, 3} x {first layer frozen mid-training, not} x {GradBuffer on, off}. clip_grad_norm_ is a function: by hand only.
+# The full product (416 allowed runs) is not run: the rows are a covering design of strength 3 (every combination of
+# levels of any three factors, among the allowed ones, appears in at least one row, so every pair does too; the faults
+# of issue 26 were interactions of three factors, e.g. fused x GradScaler x attached), chosen greedily: 39 rows.
+# test_the_loop_design_covers_every_triple checks the design.
+#
+# Reference: a plain eager loop written without gradclip: non-fused AdamW, optimizer.zero_grad(), the micro-batches'
+# backward passes, the steps the scaler skips (overflows) left out by hand (no backward, no tool, no step), the global
+# norm in float64 over the gradients that exist, each tool's rule from tests/support/references.py (numpy's percentile
+# for AutoClip, the ZClip reference code, the AdaGC reference code, the guard's skip rule, Pascanu's factor), the
+# factor multiplied into the gradients by hand and the step skipped by hand when the guard says so.
+
+LOOP_STEPS = 9
+LOOP_OVERFLOWS = (1, 5)  # under the GradScaler the loss of one micro-batch is inf: the scaler skips the step
+LOOP_FREEZE = 3  # the first layer's weight is frozen (requires_grad_(False)) from this step on
+LOOP_SPIKE, LOOP_SPIKE_FACTOR = 6, 30.0
+LOOP_MAX_NORM = 0.5
+LOOP_ADAMW = dict(lr=0.05, weight_decay=0.1)
+
+LOOP_TOOLS = {
+    "autoclip": lambda scaler: gradclip.AutoClip(25.0, scaler=scaler),
+    "zclip": lambda scaler: gradclip.ZClip(warmup_steps=2, z_thresh=1.5, max_grad_norm=None, scaler=scaler),
+    "adagc": lambda scaler: gradclip.AdaGC(warmup_steps=2, lambda_rel=1.01, scaler=scaler),
+    "guard": lambda scaler: gradclip.SpikeGuard("median", threshold=1.5, window=3, min_history=2, scaler=scaler),
+    "clip_grad_norm": None,
+}
+
+LOOP_FACTORS = {
+    "tool": list(LOOP_TOOLS),
+    "use": ["by_hand", "attached", "wrapped"],
+    "fused": [False, True],
+    "scaled": [False, True],
+    "accumulation": [1, 3],
+    "frozen": [False, True],
+    "buffered": [False, True],
+}
+
+
+def loop_row_allowed(row):
+    return row["tool"] != "clip_grad_norm" or row["use"] == "by_hand"
+
+
+def loop_combinations(row, strength):
+    """The (factor, level) combinations of ``strength`` factors that ``row`` covers."""
+    return {tuple((name, row[name]) for name in names) for names in itertools.combinations(LOOP_FACTORS, strength)}
+
+
+def loop_design(strength=3):
+    """A covering design: greedily, the allowed row of the full product that covers most uncovered combinations."""
+    names = list(LOOP_FACTORS)
+    candidates = [dict(zip(names, values)) for values in itertools.product(*LOOP_FACTORS.values())]
+    candidates = [row for row in candidates if loop_row_allowed(row)]
+    covers = [loop_combinations(row, strength) for row in candidates]
+    uncovered = set().union(*covers)
+    rows = []
+    while uncovered:
+        best = max(range(len(candidates)), key=lambda i: len(covers[i] & uncovered))
+        rows.append(candidates[best])
+        uncovered -= covers[best]
+    return rows, candidates
+
+
+def loop_id(row):
+    return "-".join([row["tool"], row["use"], "fused" if row["fused"] else "plain",
+                     "scaler" if row["scaled"] else "noscaler", f"acc{row['accumulation']}",
+                     "frozen" if row["frozen"] else "trained", "buffer" if row["buffered"] else "nobuffer"])
+
+
+def test_the_loop_design_covers_every_triple():
+    rows, allowed = loop_design()
+    assert all(loop_row_allowed(row) for row in rows)
+    for strength in (2, 3):
+        wanted = set().union(*(loop_combinations(row, strength) for row in allowed))
+        assert set().union(*(loop_combinations(row, strength) for row in rows)) == wanted, strength
+    assert len(rows) < len(allowed) // 5
+
+
+def loop_freeze(model):
+    model[0].weight.requires_grad_(False)
+
+
+def loop_batch(step, k, accumulation):
+    """Micro-batch k of the step: the same total batch of 24 examples, in 1 or 3 micro-batches."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x, y = torch.randn(24, 4, generator=g), torch.randn(24, 3, generator=g)
+    size = 24 // accumulation
+    return x[k * size:(k + 1) * size], y[k * size:(k + 1) * size]
+
+
+def loop_loss(model, step, k, accumulation):
+    x, y = loop_batch(step, k, accumulation)
+    loss = torch.nn.functional.mse_loss(model(x), y) / accumulation
+    return loss * LOOP_SPIKE_FACTOR if step == LOOP_SPIKE else loss
+
+
+class ScalingWrapper(torch.optim.Optimizer):
+    """accelerate's AcceleratedOptimizer in miniature: holds the scaler; its step() is scaler.step + update, on the
+    torch optimizer itself (as accelerate's, and Lightning's precision plugin, pass the unwrapped optimizer)."""
+
+    def __init__(self, optimizer, scaler):
+        self.optimizer, self.scaler = optimizer, scaler
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none)
+
+    def step(self, closure=None):
+        if self.scaler is None:
+            return self.optimizer.step(closure)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return None
+
+
+def loop_under_test(tool, use, fused, scaled, accumulation, frozen, buffered):
+    """The loop under test; returns (model, optimizer, tool, per-step results of the tool on the steps not overflowed)."""
+    model = make_model("AdamW")
+    optimizer = torch.optim.AdamW(model.parameters(), **LOOP_ADAMW, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE) if scaled else None
+    buffer = gradclip.GradBuffer(model.parameters()) if buffered else None
+    stepper = LightningStyleWrapper(ScalingWrapper(optimizer, scaler)) if use == "wrapped" else optimizer
+    clipper = None if LOOP_TOOLS[tool] is None else LOOP_TOOLS[tool](scaler if use == "by_hand" else None)
+    if use != "by_hand":
+        clipper.attach(stepper)
+    results = []
+    for step in range(LOOP_STEPS):
+        if frozen and step == LOOP_FREEZE:
+            loop_freeze(model)
+        overflow = scaled and step in LOOP_OVERFLOWS
+        (buffer if buffered else stepper).zero_grad()
+        for k in range(accumulation):
+            loss = loop_loss(model, step, k, accumulation)
+            if overflow and k == accumulation - 1:
+                loss = loss * math.inf
+            (scaler.scale(loss) if scaled else loss).backward()
+        skip = False
+        if use == "by_hand":
+            if scaled:
+                scaler.unscale_(optimizer)
+            if clipper is None:
+                result = gradclip.clip_grad_norm_(model.parameters(), LOOP_MAX_NORM)
+            else:
+                result = clipper(list(model.parameters()))
+            skip = tool == "guard" and bool(result.scale == 0)
+        if skip:  # the guard's skip, by hand
+            if scaled:
+                scaler.update()
+        elif use == "wrapped" or not scaled:
+            stepper.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+        if not overflow:
+            results.append(result if use == "by_hand" else clipper.last_result)
+    return model, optimizer, clipper, results
+
+
+def reference_loop(tool, scaled, accumulation, frozen):
+    """The eager reference: (model, optimizer, per-step norms, per-step factors, state of the rule)."""
+    from support import references
+
+    model = make_model("AdamW")
+    optimizer = torch.optim.AdamW(model.parameters(), **LOOP_ADAMW, foreach=False)
+    zclip = references.ReferenceZClip(warmup_steps=2, z_thresh=1.5, max_grad_norm=None)
+    adagc = references.ReferenceAdaGC(clip_ratio=1.01, beta=0.98, eps=1e-6, start_clip_steps=2, max_norm=1.0)
+    history, norms, factors, skipped = [], [], [], 0
+    for step in range(LOOP_STEPS):
+        if frozen and step == LOOP_FREEZE:
+            loop_freeze(model)
+        if scaled and step in LOOP_OVERFLOWS:
+            continue  # the scaler skips this step: the reference never takes it
+        optimizer.zero_grad()
+        for k in range(accumulation):
+            loop_loss(model, step, k, accumulation).backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = float(references.global_norm([p.grad for p in params]))
+        norms.append(norm)
+        if tool == "adagc":  # (its state is per position among all the parameters, None where no gradient)
+            clipped = [c for c in adagc([p.grad for p in model.parameters()]) if c is not None]
+            factor = [float(references.global_norm([c]) / references.global_norm([p.grad]))
+                      for c, p in zip(clipped, params)]
+            with torch.no_grad():
+                for p, c in zip(params, clipped):
+                    p.grad.copy_(c)
+        else:
+            if tool == "autoclip":
+                history.append(norm)
+                threshold = references.autoclip_threshold(history, 25.0)
+                factor = threshold / norm if norm > threshold else 1.0
+            elif tool == "zclip":
+                factor, _ = zclip.step(norm)
+            elif tool == "guard":
+                skip = references.spike_guard_decisions(norms, "median", 1.5, 3, 2)[-1]
+                factor = 0.0 if skip else 1.0
+            else:
+                factor = min(1.0, LOOP_MAX_NORM / (norm + 1e-6))
+            if tool == "guard":
+                if skip:
+                    skipped += 1
+                    factors.append(factor)
+                    continue
+            else:
+                with torch.no_grad():
+                    for p in params:
+                        p.grad.mul_(factor)
+        factors.append(factor)
+        optimizer.step()
+    return model, optimizer, norms, factors, dict(history=history, zclip=zclip, adagc=adagc, skipped=skipped)
+
+
+@pytest.mark.parametrize("row", loop_design()[0], ids=loop_id)
+def test_a_real_loop_matches_an_eager_reference_loop(row):
+    model, optimizer, clipper, results = loop_under_test(**row)
+    ref, ref_optimizer, norms, factors, state = reference_loop(row["tool"], row["scaled"], row["accumulation"],
+                                                               row["frozen"])
+    assert len(results) == len(norms) == LOOP_STEPS - (len(LOOP_OVERFLOWS) if row["scaled"] else 0)
+    got_norms = [float(r.norm if clipper is not None else r) for r in results]
+    torch.testing.assert_close(torch.tensor(got_norms, dtype=torch.float64), torch.tensor(norms, dtype=torch.float64), rtol=1e-5, atol=0)
+    if row["tool"] == "adagc":
+        for r, expected in zip(results, factors):
+            torch.testing.assert_close(r.scales.double(), torch.tensor(expected, dtype=torch.float64),
+                                       rtol=1e-5, atol=1e-7)
+    elif clipper is not None:
+        torch.testing.assert_close(torch.tensor([float(r.scale) for r in results], dtype=torch.float64),
+                                   torch.tensor(factors, dtype=torch.float64), rtol=1e-5, atol=0)
+    assert min(min(f) if isinstance(f, list) else f for f in factors) < 1  # the loop does clip (or skip)
+    # what the tool keeps
+    if clipper is not None:
+        assert clipper.steps == len(norms)
+        saved = clipper.state_dict()
+        if row["tool"] == "autoclip":
+            torch.testing.assert_close(saved["history"], torch.tensor(state["history"], dtype=torch.float64),
+                                       rtol=1e-5, atol=0)
+        elif row["tool"] == "zclip":
+            torch.testing.assert_close(float(saved["mean"]), state["zclip"].mean, rtol=1e-5, atol=0)
+            torch.testing.assert_close(float(saved["var"]), state["zclip"].var, rtol=1e-4, atol=0)
+        elif row["tool"] == "adagc":
+            expected = [state["adagc"].norm_value.get(i, math.nan) for i in range(len(saved["gamma"]))]
+            torch.testing.assert_close(saved["gamma"], torch.tensor(expected, dtype=torch.float64), rtol=1e-5,
+                                       atol=0, equal_nan=True)
+        else:
+            assert int(saved["skipped_steps"]) == state["skipped"]
+    # the weights and the optimizer's state
+    for (label, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=label)
+        mine, theirs = optimizer.state.get(p, {}), ref_optimizer.state.get(q, {})
+        assert mine.keys() == theirs.keys(), label
+        for key, value in theirs.items():
+            torch.testing.assert_close(torch.as_tensor(mine[key]).double(), torch.as_tensor(value).double(),
+                                       rtol=1e-5, atol=1e-7, msg=f"{label} {key}")

@@ -96,27 +96,30 @@ def test_float32_state_stays_close_to_the_reference():
         assert math.isclose(float(result.scale), coef, rel_tol=1e-5)
 
 
-def test_a_warmup_of_nonfinite_norms_leaves_the_ema_unstarted_until_a_finite_norm():
-    # the reported case: warmup_steps=1, the first norm inf -> mean and var were NaN for good
+def test_a_nonfinite_norm_takes_no_slot_of_the_warmup():
+    # the reported case: warmup_steps=1, the first norm inf -> mean and var were NaN for good; then it
+    # started the EMA late; now the call changes nothing, as a step GradScaler skips never reaches it
     zclip = ZClip(warmup_steps=1, max_grad_norm=None)
     zclip([scalar_param(math.inf)])
-    assert zclip.mean.isnan() and zclip.var.isnan()  # undefined, not started
-    first = zclip([scalar_param(1.0)])  # starts the EMA: no spike decision on this step
+    assert zclip.warming_up and zclip.mean is None and zclip.steps == 0
+    first = zclip([scalar_param(1.0)])  # the warm-up's one norm
     assert float(first.scale) == 1.0 and float(first.threshold) == math.inf
-    assert (float(zclip.mean), float(zclip.var)) == (1.0, 0.0)
+    assert (float(zclip.mean), float(zclip.var)) == (1.0, 0.0) and zclip.steps == 1
     for _ in range(10):
         assert float(zclip([scalar_param(1.0)]).scale) == 1.0
     spike = zclip([scalar_param(1000.0)])
     assert bool(spike.clipped) and float(spike.norm * spike.scale) < 2.0
 
 
-def test_the_first_finite_norm_after_a_nonfinite_warmup_is_still_capped_by_max_grad_norm():
+def test_nonfinite_norms_in_the_warmup_are_still_capped_by_max_grad_norm_and_not_counted():
     zclip = ZClip(warmup_steps=2, max_grad_norm=0.5)
     zclip([scalar_param(math.nan)])
     zclip([scalar_param(math.inf)])
     result = zclip([scalar_param(4.0)])
     assert float(result.threshold) == 0.5 and math.isclose(float(result.scale), 0.5 / (4.0 + 1e-6))
-    assert float(zclip.mean) == 4.0
+    assert zclip.warming_up  # one finite norm of two
+    zclip([scalar_param(2.0)])
+    assert float(zclip.mean) == 3.0 and float(zclip.var) == 1.0
 
 
 @settings(max_examples=60, deadline=None)

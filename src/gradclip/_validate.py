@@ -352,10 +352,54 @@ def check_module(name: str, value: Any) -> torch.nn.Module:
     return value
 
 
-def check_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return optimizer
+# Where framework wrappers keep the optimizer they step: accelerate's AcceleratedOptimizer (and the
+# Hugging Face Trainer's, which is one) and DeepSpeed's wrappers hold it in ``.optimizer``, Lightning's
+# LightningOptimizer in ``._optimizer``.
+WRAPPED_OPTIMIZER_ATTRIBUTES = ("optimizer", "_optimizer")
+
+
+def _has_step_hooks(optimizer: Any) -> bool:
+    """Whether ``optimizer`` ran ``torch.optim.Optimizer.__init__`` (its own step-hook dicts exist)."""
+    own = getattr(optimizer, "__dict__", {})
+    return (isinstance(optimizer, torch.optim.Optimizer) and "_optimizer_step_pre_hooks" in own
+            and "_optimizer_step_post_hooks" in own)
+
+
+def check_optimizer(optimizer: Any, who: str = "attach") -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` whose step hooks run when ``optimizer`` steps.
+
+    ``optimizer`` itself when it is one; for a framework wrapper that does not run
+    ``Optimizer.__init__`` (accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``, even when they subclass ``Optimizer``), the optimizer reached by
+    following ``.optimizer`` or ``._optimizer``: the wrapper's ``step()`` calls that one's
+    ``step()``, so hooks registered on it run on every step of the wrapper.
+
+    Raises:
+        TypeError: no ``torch.optim.Optimizer`` is reached (the message names what was given).
+    """
+    current, seen = optimizer, set()
+    while id(current) not in seen:
+        if _has_step_hooks(current):
+            return current
+        seen.add(id(current))
+        inner = None
+        for attribute in WRAPPED_OPTIMIZER_ATTRIBUTES:
+            try:
+                inner = getattr(current, attribute, None)
+            except Exception:  # a property of a wrapper that fails: not a way in
+                inner = None
+            if inner is not None and inner is not current:
+                break
+            inner = None
+        if inner is None:
+            break
+        current = inner
+    chain = "" if current is optimizer else f" (which wraps {type(current).__name__})"
+    raise TypeError(
+        f"{who}: optimizer must be a torch.optim.Optimizer (one that ran torch.optim.Optimizer.__init__) or a "
+        f"wrapper that holds one in .optimizer or ._optimizer, got {type(optimizer).__name__}{chain}. Pass the "
+        "torch optimizer itself, for example the one given to accelerator.prepare() or returned by "
+        "configure_optimizers().")
 
 
 def check_callable(name: str, value: Any, signature: str) -> Any:

@@ -73,7 +73,10 @@ class AdaGC(Clipper):
 
         c_{t,i} = \lambda_{\text{rel}}\,\gamma_{t-1,i}, \qquad
         h_{t,i} = \begin{cases} c_{t,i}/(n_{t,i} + \epsilon) & n_{t,i} > c_{t,i} \\
-                                1 & \text{otherwise} \end{cases}, \qquad
+                                1 & \text{otherwise} \end{cases},
+
+    .. math::
+
         \gamma_{t,i} = \beta\,\gamma_{t-1,i} + (1 - \beta)\,\min(n_{t,i},\, c_{t,i})
 
     and :math:`g_{t,i} \leftarrow h_{t,i}\, g_{t,i}`. The EMA is fed the *clipped*
@@ -110,7 +113,9 @@ class AdaGC(Clipper):
     this step, an expert no token was routed to) leaves :math:`\gamma` unchanged; in
     the references it makes :math:`\gamma = 0` during the warm-up, and every later
     gradient of that tensor is then multiplied by 0, forever. A non-finite norm
-    never enters :math:`\gamma`; its gradient is scaled as usual, so a NaN stays NaN
+    never enters :math:`\gamma`, and a call whose global norm is non-finite (a
+    step that ``GradScaler`` skips) changes no :math:`\gamma` and does not count
+    as a step of the warm-up, as if the call had not been made; its gradient is scaled as usual, so a NaN stays NaN
     and an inf makes its tensor's factor 0 and the inf entries NaN (during the
     warm-up, as in :func:`gradclip.clip_grad_norm_`: a NaN global norm makes every
     gradient NaN, an inf one every factor 0). The references read norms on the
@@ -134,9 +139,9 @@ class AdaGC(Clipper):
     :class:`~gradclip.Clipper`. ``state_dict()`` holds ``gamma`` (a CPU copy, NaN
     for parameters without one yet) and loads with ``weights_only=True``; the
     clipper pickles (detached). Each call returns an :class:`AdaGCResult`, also
-    kept as ``last_result``. ``steps`` counts calls as in every
+    kept as ``last_result``. ``steps`` counts calls on finite gradients as in every
     :class:`~gradclip.Clipper`: the warm-up is decided on the clipper's device
-    counter, and after calls inside ``torch.compile`` the first read of
+    counter, and after calls on an accelerator or inside ``torch.compile`` the first read of
     ``steps`` reads that counter once (a sync on an accelerator).
 
     Args:
@@ -318,10 +323,12 @@ class AdaGC(Clipper):
             entered = norms * factors
             new = self.beta * start + (1 - self.beta) * entered
             keep = warm.expand_as(known)
-        # no information (no gradient signal, or a non-finite one): gamma stays as it was
+        # no information (no gradient signal, or a non-finite one): gamma stays as it was; and a step
+        # whose global norm is inf or NaN (one GradScaler skips) changes no gamma and is not counted
+        counted = torch.isfinite(total)
         keep = keep | ~(torch.isfinite(norms) & torch.isfinite(entered) & (entered > 0) & torch.isfinite(new))
-        self.gamma.index_copy_(0, where, torch.where(keep, previous, new))
-        self._count_call(device)
+        self.gamma.index_copy_(0, where, torch.where(keep | ~counted, previous, new))
+        self._count_call(device, counted)
         return factors
 
     # --- state -----------------------------------------------------------------------------

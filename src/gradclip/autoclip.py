@@ -67,20 +67,25 @@ class AutoClip(Clipper):
     bitwise ``numpy.percentile`` of the same history: the same host-side
     position arithmetic, the same order statistics and the same interpolation
     formula. In float32 it equals numpy's float32 result to rounding.
-    A non-finite norm is recorded as ``+inf`` (NaN too), so it sorts to the top
-    and never lowers the threshold; if the percentile falls among ``+inf``
-    entries the threshold is ``inf`` (numpy gives ``nan`` there). The
-    threshold is never NaN, so non-finite norms cannot poison later steps.
+    A non-finite norm (inf or NaN: a step ``GradScaler`` skips) is not recorded:
+    the call reports the threshold of the history without it and leaves the
+    history as it was, so a run whose overflow steps reach the clipper (a fused
+    optimizer under ``scaler.step``, a call by hand after ``scaler.unscale_``)
+    clips the later steps exactly as a run whose overflow steps never do. The
+    threshold is never NaN (``inf`` for an empty history).
 
-    **Inside torch.compile** the same threshold comes from buffers of a fixed
-    size (the bookkeeping above changes shape every step): the live history
-    kept sorted, one insertion per step, positions computed on the device;
-    O(capacity) work per step, where the capacity is ``window``, or without a
-    window 65,536 norms (or twice the history at the first compiled call);
-    a compiled run that records more raises rather than drop norms (torch
-    leaves grad mode disabled after an error raised inside a compiled graph:
-    catch it within ``torch.enable_grad()``). The host-side state catches up
-    on the next call outside compilation.
+    **On accelerators and inside torch.compile** the same threshold comes from
+    buffers of a fixed size (the bookkeeping below needs the number of norms on
+    the host, and whether a norm is finite is not read there): the live history
+    kept sorted, one insertion per step (skipped on the device for a non-finite
+    norm), positions computed on the device; O(capacity) work per step, where
+    the capacity is ``window``, or without a window 65,536 norms (or twice the
+    history when the buffers are made); outside compilation the buffers double
+    before they can fill, and a compiled run that records more raises rather
+    than drop norms (torch leaves grad mode disabled after an error raised
+    inside a compiled graph: catch it within ``torch.enable_grad()``). The
+    host-side state catches up when the history or ``state_dict`` is read (one
+    read of the count) or on the next call on the CPU.
 
     **Attached** (``attach(optimizer)``), it clips inside the closure of
     ``optimizer.step(closure)`` (each LBFGS evaluation is a call and enters the
@@ -88,7 +93,7 @@ class AutoClip(Clipper):
     unscaled norm; see :class:`~gradclip.Clipper`. ``state_dict()`` returns
     copies, and the clipper pickles (detached).
 
-    **Cost.** The history lives in device tensors (doubling storage, or a ring
+    **Cost on the CPU.** The history lives in tensors (doubling storage, or a ring
     buffer of ``window`` entries). A sorted snapshot S of the history is
     rebuilt (one ``torch.sort``) every :math:`m = \max(16, \lfloor\sqrt n\rfloor)`
     steps; in between, the values added (R) and evicted by the window (D)
@@ -105,8 +110,9 @@ class AutoClip(Clipper):
     :math:`O(\sqrt n \log n)` amortised per step, with an :math:`O(n\log n)`
     step once every :math:`\sqrt n` steps. The
     reference implementation syncs once per parameter and calls
-    ``numpy.percentile`` on a Python list: :math:`O(n)` per step. No step
-    reads a tensor value on the host.
+    ``numpy.percentile`` on a Python list: :math:`O(n)` per step. On the CPU
+    a step reads one value on the host (whether the norm is finite), which
+    costs no synchronisation there; on accelerators no step reads one.
 
     Args:
         percentile: p, in [0, 100]. 100 never clips; 0 clips to the smallest norm seen.
@@ -185,6 +191,7 @@ class AutoClip(Clipper):
         self._traced_sorted: torch.Tensor | None = None
         self._traced_count: torch.Tensor | None = None
         self._traced_ahead = False
+        self._traced_bound = 0  # outside compilation: at least the number of norms the buffers hold
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "percentile": self.percentile, "window": self.window,
@@ -350,17 +357,16 @@ class AutoClip(Clipper):
     # --- the step --------------------------------------------------------------------------
 
     def _step(self, groups: _groups.Plan, norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
-        if torch.compiler.is_compiling():
+        if self._on_device(wide.device):  # accelerators, torch.compile: whether the norm is finite is not read
             return self._traced_step(groups, norm, wide)
         self._catch_up()
         value = wide.to(self.dtype)
-        value = torch.nan_to_num(value, nan=math.inf, posinf=math.inf)
-        if self.include_current:
+        finite = bool(torch.isfinite(value))  # (on the CPU: free) a non-finite norm is not recorded
+        if self.include_current and finite:
             self._record(value)
-            threshold = self._threshold()
-        else:
-            threshold = (self._threshold() if len(self) else
-                         torch.tensor(math.inf, dtype=self.dtype, device=norm.device))
+        threshold = (self._threshold() if len(self) else
+                     torch.tensor(math.inf, dtype=self.dtype, device=norm.device))
+        if not self.include_current and finite:
             self._record(value)
         # unchanged unless the norm exceeds the threshold (with the current norm in the history the
         # threshold can equal it), and then scaled to exactly the threshold: torch's c / (g + 1e-6)
@@ -392,14 +398,17 @@ class AutoClip(Clipper):
         device = wide.device
         if self._traced_history is None or self._traced_history.device != device:
             self._start_traced(device)
+        if not torch.compiler.is_compiling():
+            self._grow_traced()
+        finite = torch.isfinite(wide)
         value = torch.nan_to_num(wide.to(self.dtype), nan=math.inf, posinf=math.inf)
         if self.include_current:
-            self._traced_record(value)
+            self._traced_record(value, finite)
             threshold = self._traced_threshold()
         else:
             empty = self._traced_live() == 0
             threshold = torch.where(empty, math.inf, self._traced_threshold())
-            self._traced_record(value)
+            self._traced_record(value, finite)
         self._traced_ahead = True
         scale = torch.where(wide <= threshold, torch.ones_like(wide), threshold / wide).to(norm.dtype)
         scale_(groups, scale, self.foreach)
@@ -415,12 +424,31 @@ class AutoClip(Clipper):
         self._traced_sorted = torch.full((capacity,), math.inf, dtype=self.dtype, device=device)
         self._traced_sorted[:n] = torch.sort(history).values
         self._traced_count = torch.full((), n, dtype=torch.int64, device=device)
+        self._traced_bound = n
+
+    def _grow_traced(self) -> None:
+        """Outside compilation, without a window: double the buffers before they can fill up.
+
+        The host knows a bound on the number of norms recorded (the calls since the buffers were
+        made), not the number itself: non-finite norms are not recorded, and that is not read.
+        """
+        self._traced_bound += 1
+        history = self._traced_history
+        if self.window is not None or self._traced_bound <= history.numel():
+            return
+        capacity, device = 2 * history.numel(), history.device
+        grown = torch.full((capacity,), math.nan, dtype=self.dtype, device=device)
+        grown[: history.numel()] = history
+        ordered = torch.full((capacity,), math.inf, dtype=self.dtype, device=device)
+        ordered[: history.numel()] = self._traced_sorted
+        self._traced_history, self._traced_sorted = grown, ordered
 
     def _traced_live(self) -> torch.Tensor:
         count = self._traced_count
         return count if self.window is None else torch.clamp(count, max=self.window)
 
-    def _traced_record(self, value: torch.Tensor) -> None:
+    def _traced_record(self, value: torch.Tensor, finite: torch.Tensor) -> None:
+        """Enter ``value`` where ``finite`` (a 0-dim bool tensor); else leave every buffer as it is."""
         history, ordered, count = self._traced_history, self._traced_sorted, self._traced_count
         capacity = history.numel()
         slots = torch.arange(capacity, device=history.device)
@@ -433,12 +461,12 @@ class AutoClip(Clipper):
             slot = count % capacity
             evicted = history.gather(0, slot.reshape(1))
             first = torch.searchsorted(ordered, evicted)  # the first copy of the norm leaving the window
-            first = torch.where(count >= capacity, first, capacity)
+            first = torch.where((count >= capacity) & finite, first, capacity)
             ordered = torch.where(slots < first, ordered, torch.cat([ordered[1:], inf]))
-        history.copy_(torch.where(slots == slot, value, history))
+        history.copy_(torch.where((slots == slot) & finite, value, history))
         below = torch.cat([-inf, ordered[:-1]])
-        self._traced_sorted.copy_(torch.minimum(torch.maximum(value, below), ordered))
-        count.add_(1)
+        self._traced_sorted.copy_(torch.where(finite, torch.minimum(torch.maximum(value, below), ordered), ordered))
+        count.add_(finite.to(count.dtype))
 
     def _traced_threshold(self) -> torch.Tensor:
         """numpy.percentile of the live history, from the sorted buffer at device-computed positions."""
@@ -502,7 +530,7 @@ class AutoClip(Clipper):
     # the history's buffers and the views into them that the sorted insertion uses: pickle does
     # not keep views of one storage together, so they are rebuilt from the history on unpickling
     _BUFFERS = ("_history", "_pending", "_sorted", "_added", "_removed", "_inserts", "_statistics",
-                "_traced_history", "_traced_sorted", "_traced_count", "_traced_ahead")
+                "_traced_history", "_traced_sorted", "_traced_count", "_traced_ahead", "_traced_bound")
 
     def __getstate__(self) -> dict[str, Any]:
         self._catch_up()

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from . import _groups, _validate, norms
+from ._norms import exact_on_host
 from ._validate import OrthogonalizedUpdateWarning
 from .result import ClipResult
 
@@ -118,6 +119,19 @@ class Clipper:
     optimizer, so the clipper sees a non-finite norm there; with a non-fused
     optimizer ``scaler.step`` skips the step and its hooks altogether.
 
+    **Non-finite norms change no state.** A call whose global norm is inf or
+    NaN (a step the scaler skips, seen by a fused optimizer's hooks or by a
+    call by hand after ``scaler.unscale_``) still returns its result and scales
+    the gradients, but enters no history, EMA or warm-up and is not counted in
+    ``steps``: the clipper is left as if it had not been called, so fused and
+    non-fused runs, attached or by hand, keep the same state. On the CPU whether
+    the norm is finite is read on the host (free); on accelerators and inside
+    ``torch.compile`` every clipper decides it on the device (AutoClip then
+    keeps its history in buffers of a fixed size, ZClip computes both the
+    warm-up and the EMA step, SpikeGuard writes its history slot with a
+    ``torch.where``), so no call synchronises, and ``steps`` is counted on the
+    device (reading it syncs once).
+
     ``pickle`` and ``torch.save(clipper)`` save the configuration and the
     state, not the attachment (hooks) nor the record of the last gradients
     seen: an unpickled clipper is detached and resumes from the saved state;
@@ -168,7 +182,7 @@ class Clipper:
 
     Attributes:
         last_result: the :class:`~gradclip.result.ClipResult` of the latest call, or ``None``.
-        steps: how many times the clipper ran (an int; one per closure evaluation).
+        steps: how many times the clipper ran on a finite norm (an int; one per closure evaluation).
         attached: whether it runs on an optimizer's step.
 
     Args:
@@ -235,9 +249,11 @@ class Clipper:
 
     @property
     def steps(self) -> int:
-        """How many times the clipper ran (an int; one per closure evaluation).
+        """How many times the clipper ran on a finite norm (an int; one per closure evaluation).
 
-        Calls made inside ``torch.compile`` count on the device (a compiled
+        A call on an inf or NaN norm is not counted (see the class docstring).
+        Calls made on an accelerator or inside ``torch.compile`` count on the
+        device (whether the norm is finite is not read there, and a compiled
         graph cannot change a Python int without recompiling for its next
         value); the first read after them reads that counter once (a
         host-device sync on an accelerator).
@@ -253,17 +269,30 @@ class Clipper:
         self._device_steps = torch.full((), self._steps, dtype=torch.int64, device=self._device_steps.device)
         self._steps_stale = False
 
-    def _count_call(self, device: torch.device) -> None:
-        """Advance the call count: on the device always, on the host too outside compilation."""
+    def _count_call(self, device: torch.device, counted: torch.Tensor) -> None:
+        """Advance the call count by ``counted`` (a 0-dim bool tensor: False for a non-finite norm).
+
+        On the device always; on the host too where reading ``counted`` is free (the CPU, outside
+        compilation); elsewhere the host count goes stale until ``steps`` is read.
+        """
         counter = self._device_count(device)
-        if torch.compiler.is_compiling():
+        if self._on_device(device):
             self._steps_stale = True
-        else:
+        elif bool(counted):
             self._steps = self.steps + 1  # (first catching up with calls made under compile)
-        counter.add_(1)
+        counter.add_(counted.to(counter.dtype))
+
+    @staticmethod
+    def _on_device(device: torch.device) -> bool:
+        """Whether a call on ``device`` decides everything on the device (no value read on the host).
+
+        True inside ``torch.compile`` and on accelerators; False on the CPU, where reading a
+        value (whether a norm is finite) costs nothing.
+        """
+        return not exact_on_host(device)
 
     def _device_count(self, device: torch.device) -> torch.Tensor:
-        """The number of earlier calls, a 0-dim int64 tensor on ``device`` (what a traced step reads instead of ``steps``)."""
+        """The number of earlier counted calls, a 0-dim int64 tensor on ``device`` (what a device-side step reads instead of ``steps``)."""
         if self._device_steps.device != device:
             self._device_steps = self._device_steps.to(device)
         return self._device_steps
@@ -309,6 +338,8 @@ class Clipper:
                 "the closure passed to optimizer.step(closure))."
             )
         if grad_scale is None:
+            if optimizer is not None:  # (a framework's wrapper: the scaler keeps the state of the optimizer inside)
+                optimizer = _validate.check_optimizer(optimizer, f"{type(self).__name__}(..., optimizer=)")
             self._check_unscaled(optimizer)
         compiling = torch.compiler.is_compiling()
         if not compiling:  # version counters are not traceable: see the class docstring
@@ -322,7 +353,7 @@ class Clipper:
         if not compiling:
             self._last_grads = [weakref.ref(g) for g in grads]
             self._last_versions = [g._version for g in grads]
-        self._count_call(total.norm.device)
+        self._count_call(total.norm.device, torch.isfinite(total.wide))
         self.last_result = result
         return result
 
@@ -375,17 +406,28 @@ class Clipper:
         (measured with ``torch.optim.Muon``, lr 0.02, a 256x256 weight: a gradient scaled by 0.05 left
         that step's length unchanged, ratio 1.002, and changed the next two steps by 51-55%).
 
+        **Wrapped optimizers.** ``optimizer`` may be a framework's wrapper that steps a torch
+        optimizer without running ``torch.optim.Optimizer.__init__`` (accelerate's
+        ``AcceleratedOptimizer`` from ``accelerator.prepare``, so the Hugging Face Trainer's too;
+        Lightning's ``LightningOptimizer``): the clipper follows ``.optimizer`` and ``._optimizer``
+        to the torch optimizer and hooks that one, whose ``step()`` the wrapper calls.
+
         Raises:
-            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            TypeError: ``optimizer`` is neither a ``torch.optim.Optimizer`` nor a wrapper holding one in
+                ``.optimizer`` or ``._optimizer`` (the message names what was given).
             RuntimeError: the clipper is already attached (``detach()`` first).
         """
-        _validate.check_optimizer(optimizer)
+        optimizer = _validate.check_optimizer(optimizer, f"{type(self).__name__}.attach")
         if self._hook is not None:
             raise RuntimeError(f"{type(self).__name__} is already attached; call detach() first")
         if self._rescales_gradients:
             _validate.warn_if_orthogonalizing(optimizer, type(self).__name__)
         self._hook = optimizer.register_step_pre_hook(self._pre_hook)
+        self._attach_more(optimizer)
         return self
+
+    def _attach_more(self, optimizer: torch.optim.Optimizer) -> None:
+        """Register the subclass's other hooks on the torch optimizer ``attach`` found."""
 
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
                   kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:

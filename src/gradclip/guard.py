@@ -20,8 +20,8 @@ __all__ = ["SpikeGuard"]
 class SpikeGuard(Clipper):
     r"""Skip the optimizer step when the gradient norm is non-finite or an outlier.
 
-    With :math:`h` the finite norms among the last ``window`` steps (the
-    current one excluded), the step is skipped when
+    With :math:`h` the last ``window`` finite norms (the current one
+    excluded), the step is skipped when
 
     .. math::
 
@@ -37,6 +37,9 @@ class SpikeGuard(Clipper):
     :math:`\bar h - k\, s_h` (``"median"``: below :math:`\operatorname{median}(h)/k`).
     Every finite value, spikes included, enters the history, so a lasting change
     of scale is absorbed after about ``window`` steps instead of skipping forever.
+    A call on a non-finite norm skips the step and changes no state but
+    ``skipped_steps``: it enters no history (of the norm nor of the loss), evicts
+    nothing and is not counted in ``steps``.
 
     **The loss as a second signal.** With ``signals=("loss", "norm")`` the same
     test runs on the loss, with its own history, given each step by
@@ -93,8 +96,13 @@ class SpikeGuard(Clipper):
     ``skipped_steps``); the guard sees unscaled gradients on the steps the
     scaler takes. A fused optimizer (``fused=True``) unscales in its own
     kernel: the guard decides on the norm divided by the scale, and the
-    steps the scaler skips run the hooks, so the guard sees a non-finite norm
-    and counts them in ``skipped_steps``.
+    steps the scaler skips run the hooks, so the guard sees a non-finite norm;
+    it reads the scaler's ``found_inf`` on the device and leaves those steps out
+    of ``skipped_steps`` too, so the guard's state is the same as with a
+    non-fused optimizer. Called by hand after ``scaler.unscale_`` with
+    ``scaler=`` given, it reads the scaler's ``found_inf`` the same way; without
+    ``scaler=`` it counts an overflow step in ``skipped_steps`` (it decided to
+    skip it) and changes nothing else.
 
     ``state_dict()`` returns copies; the guard pickles (detached, with no
     snapshot).
@@ -168,6 +176,7 @@ class SpikeGuard(Clipper):
         self._snapshot: _Snapshot | None = None
         self._in_step = False  # between the pre-hook and the post-hook of an attached step
         self._step_skip: torch.Tensor | None = None  # the decision of the step so far (closures: OR)
+        self._scaler_skips: torch.Tensor | None = None  # attached, fused, under scaler.step: found_inf != 0
 
     @classmethod
     def olmo_core(cls, **overrides: Any) -> "SpikeGuard":
@@ -217,8 +226,13 @@ class SpikeGuard(Clipper):
             config.update(signals=list(self.signals), two_sided=self.two_sided)
         return config
 
-    def _outlier(self, history: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(skip, upper limit, history)`` for the value ``x``; enters ``x`` in the (new or moved) history."""
+    def _outlier(self, history: torch.Tensor | None, x: torch.Tensor,
+                 counted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(skip, upper limit, history)`` for the value ``x``; enters ``x`` in the (new or moved) history.
+
+        Only when ``counted`` (a 0-dim bool tensor: the gradient norm is finite): a call on a
+        non-finite norm leaves both histories as they were, evicting nothing.
+        """
         device = x.device
         if history is None or history.device != device:
             fresh = torch.full((self.window,), math.nan, dtype=torch.float64, device=device)
@@ -243,10 +257,10 @@ class SpikeGuard(Clipper):
         if self.two_sided:
             skip = skip | (enough & (x < lower))
         recorded = torch.where(finite, x, math.nan)
-        if torch.compiler.is_compiling():  # the slot from the device count: no Python int to recompile on
+        if self._on_device(device):  # the slot from the device count: nothing read on the host (or recompiled on)
             slots = torch.arange(self.window, device=device)
-            h.copy_(torch.where(slots == self._device_count(device) % self.window, recorded, h))
-        else:
+            h.copy_(torch.where((slots == self._device_count(device) % self.window) & counted, recorded, h))
+        elif bool(counted):  # (on the CPU: free)
             slot = self.steps % self.window
             h[slot : slot + 1].copy_(recorded.reshape(1))
         return skip, upper, history
@@ -255,6 +269,7 @@ class SpikeGuard(Clipper):
         device = norm.device
         self.skipped_steps = self.skipped_steps.to(device)
         x = wide.to(torch.float64)
+        counted = torch.isfinite(x)
         level = torch.full((), math.inf, dtype=torch.float64, device=device)
         skip = torch.zeros((), dtype=torch.bool, device=device)
         if "loss" in self.signals:
@@ -264,21 +279,36 @@ class SpikeGuard(Clipper):
                     "optimizer.step() (with a closure: inside it), or create the guard with signals='norm'")
             loss = self._pending_loss.to(device, non_blocking=True)
             self._pending_loss = None
-            skip, _, self._loss_history = self._outlier(self._loss_history, loss)
+            skip, _, self._loss_history = self._outlier(self._loss_history, loss, counted)
         if "norm" in self.signals:
-            norm_skip, level, self._history = self._outlier(self._history, x)
+            norm_skip, level, self._history = self._outlier(self._history, x, counted)
             skip = skip | norm_skip
         previous = self._step_skip if (self._hooked and self._in_step) else None
+        # a step the GradScaler skips itself (a fused optimizer's, whose hooks run anyway) is the scaler's
+        counts = skip if self._scaler_skips is None else skip & ~self._scaler_skips.to(device)
         if previous is None:
-            self.skipped_steps = self.skipped_steps + skip
+            self.skipped_steps = self.skipped_steps + counts
         else:  # another closure evaluation of the same step: the step is skipped if any evaluation is
-            self.skipped_steps = self.skipped_steps + (skip & ~previous)
+            self.skipped_steps = self.skipped_steps + (counts & ~previous)
             skip = skip | previous
         if self._hooked and self._in_step:
             self._step_skip = skip
         self.skip = skip
         factor = (~skip).to(norm.dtype)
         return ClipResult(norm=norm, threshold=level, scale=factor)
+
+    def _apply(self, parameters: Any, optimizer: torch.optim.Optimizer | None,
+               grad_scale: torch.Tensor | float | None) -> ClipResult:
+        if self._hooked or self.scaler is None:
+            return super()._apply(parameters, optimizer, grad_scale)
+        # by hand with scaler=: a step the scaler will skip (its found_inf, on the device) is the scaler's
+        if optimizer is not None:
+            optimizer = _validate.check_optimizer(optimizer, "SpikeGuard(..., optimizer=)")
+        self._scaler_skips = _scaler_found_inf(self.scaler, optimizer)
+        try:
+            return super()._apply(parameters, optimizer, grad_scale)
+        finally:
+            self._scaler_skips = None
 
     # --- enforcing the decision on an optimizer ----------------------------------------------
 
@@ -289,30 +319,39 @@ class SpikeGuard(Clipper):
         decides (inside the closure, when the step is given one); the post-hook
         undoes a skipped step. Returns ``self``.
 
+        ``optimizer`` may be a framework's wrapper (see :meth:`Clipper.attach`).
+
         Raises:
-            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            TypeError: ``optimizer`` is neither a ``torch.optim.Optimizer`` nor a wrapper holding one in
+                ``.optimizer`` or ``._optimizer``.
             RuntimeError: the guard is already attached (``detach()`` first).
         """
         super().attach(optimizer)
-        self._hooks = [optimizer.register_step_post_hook(self._post_hook)]
         return self
+
+    def _attach_more(self, optimizer: torch.optim.Optimizer) -> None:
+        self._hooks = [optimizer.register_step_post_hook(self._post_hook)]
 
     def detach(self) -> None:
         super().detach()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        self._copies = self._snapshot = self._step_skip = None
+        self._copies = self._snapshot = self._step_skip = self._scaler_skips = None
         self._in_step = False
 
     def _transient(self) -> dict[str, Any]:
         return {**super()._transient(), "_hooks": [], "_copies": None, "_snapshot": None,
-                "_in_step": False, "_step_skip": None}
+                "_in_step": False, "_step_skip": None, "_scaler_skips": None}
 
     def _begin_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._take_snapshot(optimizer)
         self._in_step = True
         self._step_skip = None
+        # scaler.step of a fused optimizer sets found_inf (a device tensor) and runs the step, hooks
+        # included, also when it skips the update; a non-fused one it does not call then
+        found_inf = getattr(optimizer, "found_inf", None)
+        self._scaler_skips = found_inf != 0 if isinstance(found_inf, torch.Tensor) else None
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._restore(optimizer)
@@ -346,7 +385,7 @@ class SpikeGuard(Clipper):
     @torch.no_grad()
     def _restore(self, optimizer: torch.optim.Optimizer) -> None:
         snapshot, skip = self._snapshot, self._step_skip
-        self._snapshot, self._step_skip, self._in_step = None, None, False
+        self._snapshot, self._step_skip, self._in_step, self._scaler_skips = None, None, False, None
         if snapshot is None or skip is None:  # no decision in this step (a closure never evaluated)
             return
         changed = False  # whether state that torch.where cannot restore changed
@@ -384,6 +423,25 @@ class SpikeGuard(Clipper):
         self.skipped_steps = skipped.to(torch.int64).clone()
         self._pending_loss = None
         self.skip = None
+
+
+def _scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer | None) -> torch.Tensor | None:
+    """Whether ``scaler.unscale_`` found inf/NaN gradients (a bool device tensor; nothing read), or None if not unscaled.
+
+    For ``optimizer``'s gradients, or without one, for every optimizer the scaler unscaled this iteration.
+    """
+    if not scaler.is_enabled() or getattr(scaler, "_scale", None) is None:
+        return None
+    from torch.amp.grad_scaler import OptState
+
+    states = scaler._per_optimizer_states
+    chosen = [states[id(optimizer)]] if optimizer is not None and id(optimizer) in states else (
+        [] if optimizer is not None else list(states.values()))
+    found = [t for state in chosen if state["stage"] is OptState.UNSCALED
+             for t in state["found_inf_per_device"].values()]
+    if not found:
+        return None
+    return torch.stack([t.to(found[0].device, non_blocking=True).reshape(()) for t in found]).sum() != 0
 
 
 def _check_signals(signals: str | Iterable[str]) -> tuple[str, ...]:

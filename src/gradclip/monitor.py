@@ -52,6 +52,15 @@ class GradientMonitor:
       step to measure the update (one extra copy of the parameters in memory).
       Attach it after a clipper to see the clipped gradients, before to see
       the raw ones (step pre-hooks run in the order they were registered).
+      The update is measured after every other post-step hook, whatever the
+      order of attachment: a step that an attached
+      :class:`~gradclip.SpikeGuard` skips (its weights put back) records
+      ``update_ratio`` 0, the weights' true change, and an attached
+      :class:`~gradclip.UpdateClip`'s clipped update is what is measured.
+      Under ``scaler.step`` a step the GradScaler skips (inf/NaN gradients)
+      is not recorded with a non-fused optimizer (the scaler does not call
+      its ``step``, so no hook runs) and is recorded with a fused one, with
+      the non-finite gradient norm and ``update_ratio`` 0.
 
     Attached to an optimizer whose ``step`` is compiled (``torch.compile(optimizer.step)``),
     the monitor's hooks run outside the compiled graphs (``torch.compiler.disable``: a graph
@@ -220,22 +229,44 @@ class GradientMonitor:
         ``optimizer.step(closure)``, inside the closure after its first
         evaluation (see the class docstring).
 
+        ``optimizer`` may be a framework's wrapper that steps a torch optimizer without running
+        ``torch.optim.Optimizer.__init__`` (accelerate's ``AcceleratedOptimizer``, Lightning's
+        ``LightningOptimizer``): the monitor follows ``.optimizer`` and ``._optimizer`` to the torch
+        optimizer and hooks that one.
+
         Raises:
-            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+            TypeError: ``optimizer`` is neither a ``torch.optim.Optimizer`` nor a wrapper holding one in
+                ``.optimizer`` or ``._optimizer`` (the message names what was given).
             RuntimeError: the monitor is already attached (``detach()`` first).
         """
-        _validate.check_optimizer(optimizer)
+        optimizer = _validate.check_optimizer(optimizer, "GradientMonitor.attach")
         if self._hooks:
             raise RuntimeError("GradientMonitor is already attached; call detach() first")
         self._hooks = [optimizer.register_step_pre_hook(self._pre_hook),
                        optimizer.register_step_post_hook(self._post_hook)]
         return self
 
+    def _measure_last(self, optimizer: torch.optim.Optimizer) -> None:
+        """Move the post-step hook after every other one, so the update is measured once the step is final.
+
+        Post-step hooks run in the order they were registered, and some change the weights after
+        the optimizer's own update: a SpikeGuard puts back the weights of a step it skips, an
+        UpdateClip shrinks the update. Measured before them, a skipped step showed the update that
+        was undone (an update ratio of 19.69 where the weights did not move).
+        """
+        if len(self._hooks) < 2:
+            return
+        post = self._hooks[1]
+        hooks = optimizer.__dict__.get("_optimizer_step_post_hooks")
+        if hooks is not None and post.id in hooks and next(reversed(hooks)) != post.id:
+            hooks[post.id] = hooks.pop(post.id)  # (a dict or an OrderedDict: re-inserted last)
+
     # The hooks append a record per step to Python lists: inside a compiled optimizer step they run
     # outside the graph (a graph break), so the step's graphs do not recompile for every new length.
     @torch.compiler.disable
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
                   kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        self._measure_last(optimizer)
         self._before_step()
 
         def measure() -> None:

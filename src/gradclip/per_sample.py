@@ -710,7 +710,10 @@ def per_sample_clip_grad_(
     .. math::
 
         \theta.\mathrm{grad} \mathrel{+}= \frac{1}{N}\Big(\sum_{i} c_i\, g_i + \mathcal N(0, \sigma^2 C^2 I)\Big),
-        \qquad c_i = \min\Big(1, \frac{C}{\|g_i\| + 10^{-6}}\Big) \text{ or } \frac{C}{\|g_i\| + \gamma}
+
+    .. math::
+
+        c_i = \min\Big(1, \frac{C}{\|g_i\| + 10^{-6}}\Big) \text{ or } \frac{C}{\|g_i\| + \gamma}
 
     :func:`per_sample_clipped_grad` (Abadi et al. 2016,
     `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__; automatic clipping,

@@ -185,12 +185,17 @@ class UpdateClip:
     def attach(self, optimizer: torch.optim.Optimizer) -> "UpdateClip":
         """Clip the updates of ``optimizer``'s steps from now on; returns ``self``.
 
+        ``optimizer`` may be a framework's wrapper (accelerate's ``AcceleratedOptimizer``,
+        Lightning's ``LightningOptimizer``): the torch optimizer reached through ``.optimizer`` or
+        ``._optimizer`` is hooked.
+
         Raises:
-            TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``, or (``"stable_adamw"``)
-                a param group has no Adam ``betas`` and ``eps``.
+            TypeError: ``optimizer`` is neither a ``torch.optim.Optimizer`` nor a wrapper holding one in
+                ``.optimizer`` or ``._optimizer``, or (``"stable_adamw"``) a param group has no Adam
+                ``betas`` and ``eps``.
             RuntimeError: already attached, or a SpikeGuard is attached to ``optimizer`` already.
         """
-        _validate.check_optimizer(optimizer)
+        optimizer = _validate.check_optimizer(optimizer, "UpdateClip.attach")
         if self._handles:
             raise RuntimeError("UpdateClip is already attached; call detach() first")
         _validate.warn_if_orthogonalizing(optimizer, "UpdateClip")
@@ -223,7 +228,7 @@ class UpdateClip:
 
     @property
     def steps(self) -> int:
-        """How many steps were clipped (reads the device counter: a sync on an accelerator)."""
+        """How many steps were clipped, not counting those a GradScaler skipped (reads the device counter: a sync on an accelerator)."""
         return int(self._steps)
 
     # --- the hooks -------------------------------------------------------------------------
@@ -266,7 +271,10 @@ class UpdateClip:
             scales.index_copy_(0, where, scale.to(device))
         if self._steps.device != device:
             self._steps = self._steps.to(device, non_blocking=True)
-        self._steps += 1
+        if skipped is None:
+            self._steps += 1
+        else:  # a step the GradScaler skipped is not counted (a non-fused optimizer's never reaches the hooks)
+            self._steps += (skipped.to(device) == 0).to(self._steps.dtype)
         self.last_result = UpdateClipResult(rms=rms, scales=scales)
 
     def _ratios(self, optimizer: torch.optim.Optimizer, bucket: "_Bucket") -> torch.Tensor:

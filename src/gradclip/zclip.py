@@ -56,11 +56,17 @@ class ZClip(Clipper):
     device (``dtype``, float64 by default, the precision of the reference's
     Python floats) and every branch is a ``torch.where``, so a step never
     synchronises (the reference calls ``.item()`` each step); the warm-up
-    buffer is a device tensor; a non-finite norm does not update the EMA and is
-    left out of the warm-up statistics (in the reference one ``nan`` poisons
-    the EMA for the rest of training), and so is a norm whose update would make
-    :math:`\mu` or :math:`\sigma^2` overflow. If the warm-up saw no finite
-    norm at all, :math:`\mu` and :math:`\sigma^2` stay undefined (NaN) until
+    buffer is a device tensor; a call on a non-finite norm (a step that
+    ``GradScaler`` skips, or any inf/NaN gradient) changes no state: it does not
+    update the EMA, takes no slot of the warm-up and is not counted in ``steps``,
+    so a run whose overflow steps reach the clipper (a fused optimizer under
+    ``scaler.step``, a call by hand after ``scaler.unscale_``) keeps the state of
+    one whose overflow steps never do (in the reference one ``nan`` poisons the
+    EMA for the rest of training); a norm whose update would make
+    :math:`\mu` or :math:`\sigma^2` overflow does not update the EMA either. The warm-up ends after
+    ``warmup_steps`` finite norms; if its statistics are not finite anyway
+    (norms whose squares overflow, or a state saved by an earlier version that
+    let a non-finite norm take a warm-up slot), :math:`\mu` and :math:`\sigma^2` stay undefined (NaN) until
     the first finite norm after it, which starts them (:math:`\mu = g`,
     :math:`\sigma^2 = 0`) with no spike decision on that step (only
     ``max_grad_norm`` applies); once a finite norm has been seen they are never
@@ -164,7 +170,7 @@ class ZClip(Clipper):
 
     def _step(self, groups: _groups.Plan, norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
         g = wide.to(self.dtype)
-        if torch.compiler.is_compiling():
+        if self._on_device(g.device):  # (accelerators, torch.compile: the warm-up's end is not read on the host)
             return self._traced_step(groups, norm, g)
         if self.warming_up:
             return self._warmup_step(groups, norm, g)
@@ -228,10 +234,11 @@ class ZClip(Clipper):
                 buffer.copy_(self._buffer)
             self._buffer = buffer
         steps = self.steps
-        self._buffer[steps : steps + 1].copy_(g.reshape(1))
-        if steps + 1 == self.warmup_steps:
-            self._mean, self._var = self._warmup_statistics(self._buffer)
-            self._buffer = None
+        if bool(torch.isfinite(g)):  # (on the CPU: free) a non-finite norm takes no slot of the warm-up
+            self._buffer[steps : steps + 1].copy_(g.reshape(1))
+            if steps + 1 == self.warmup_steps:
+                self._mean, self._var = self._warmup_statistics(self._buffer)
+                self._buffer = None
         threshold, scale = self._warmup_result(norm, g)
         if scale is None:
             scale = torch.ones((), dtype=norm.dtype, device=norm.device)
@@ -240,7 +247,7 @@ class ZClip(Clipper):
         return ClipResult(norm=norm, threshold=threshold, scale=scale)
 
     def _traced_step(self, groups: _groups.Plan, norm: torch.Tensor, g: torch.Tensor) -> ClipResult:
-        """The step inside ``torch.compile``: warm-up and EMA both computed, the device count picks one.
+        """The step on an accelerator or inside ``torch.compile``: warm-up and EMA both computed, the device count picks one.
 
         Equal to the eager steps (same operations); nothing branches on a
         Python value that changes from step to step, so the graph holds for
@@ -254,13 +261,14 @@ class ZClip(Clipper):
         nan = torch.full((), math.nan, dtype=self.dtype, device=device)
         mean = nan if self._mean is None else self._mean.to(device)
         var = nan if self._var is None else self._var.to(device)
-        step = self._device_count(device)
+        step = self._device_count(device)  # finite norms seen so far
         warm = step < width
+        finite = torch.isfinite(g)
         slots = torch.arange(width, device=device)
-        buffer = torch.where((slots == step) & warm, g, self._buffer)
+        buffer = torch.where((slots == step) & warm & finite, g, self._buffer)
         self._buffer.copy_(buffer)
         warm_mean, warm_var = self._warmup_statistics(buffer)
-        last = step == width - 1
+        last = (step == width - 1) & finite
         threshold, scale, ema_mean, ema_var = self._ema_step(g, mean, var)
         warm_threshold, warm_scale = self._warmup_result(norm, g)
         threshold = torch.where(warm, warm_threshold, threshold)

@@ -43,8 +43,8 @@ from torch import nn
 
 import gradclip
 
-__all__ = ["BUGS", "Bug", "Catch", "Citation", "LR", "MAX_NORM", "MICRO_BATCHES", "agc_layer", "bug", "loss_fn", "symptom_text",
-           "run_fsdp_ranks", "tiny_mlp"]
+__all__ = ["BUGS", "Bug", "Catch", "Citation", "LR", "MAX_NORM", "MICRO_BATCHES", "RESPONSES", "agc_layer", "bug", "loss_fn",
+           "response_cells", "response_counts", "symptom_text", "run_fsdp_ranks", "tiny_mlp"]
 
 MAX_NORM = 0.1  # the threshold every step clips at; the full-batch gradient norm at the start is 0.37
 LR = 0.5  # plain SGD, no momentum: the update is exactly -LR times the gradient the step used
@@ -72,6 +72,18 @@ class Citation:
         return f"{self.repo}#{self.number}"
 
 
+RESPONSES: dict[str, str] = {
+    "raises": "raises an error by default",
+    "warns": "warns by default",
+    "prevents": "its default API computes the right thing",
+    "silent": "nothing by default",
+    "raises_opt_in": "raises only when opted in (a stateful clipper, or one given scaler=)",
+    "logs": "visible in the logs of an attached GradientMonitor",
+    "attach": "prevented by attaching a clipper (clipper.attach(optimizer))",
+}
+"""What gradclip does about a bug, in words: the keys of :attr:`Catch.default` and :attr:`Catch.opt_in`."""
+
+
 @dataclass(frozen=True)
 class Catch:
     """How gradclip catches a bug.
@@ -82,10 +94,24 @@ class Catch:
     when nothing fired. Where gradclip prevents the bug instead (its API
     computes the right thing), ``fires`` is ``None`` and ``measure()``
     reports gradclip's own result next to the fixed code's.
+
+    ``default`` is what gradclip does when the buggy code simply calls it
+    (``"raises"``, ``"warns"``, ``"prevents"`` or ``"silent"``), and
+    ``opt_in`` what it does once the user opts in (``"raises_opt_in"``,
+    ``"logs"``, ``"attach"``): keys of :data:`RESPONSES`.
     """
 
     how: str
     fires: Callable[[Callable[..., Any]], str | None] | None = None
+    default: str = "silent"
+    opt_in: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.default not in ("raises", "warns", "prevents", "silent"):
+            raise ValueError(f"default must be 'raises', 'warns', 'prevents' or 'silent', got {self.default!r}")
+        unknown = [k for k in self.opt_in if k not in ("raises_opt_in", "logs", "attach")]
+        if unknown:
+            raise ValueError(f"opt_in takes 'raises_opt_in', 'logs' and 'attach', got {unknown}")
 
 
 @dataclass(frozen=True)
@@ -523,16 +549,28 @@ def _rank_entry(rank: int, world: int, outdir: str, job: Callable[..., Any], arg
         os._exit(1)  # skip an interpreter shutdown that could wait on gloo's threads
 
 
-def run_fsdp_ranks(job: Callable[..., Any], args: tuple, world: int = RANKS, timeout_s: float = 60.0) -> list[Any]:
-    """Run ``job(rank, world, *args)`` on ``world`` spawned gloo processes on the CPU; their results by rank.
+_FORKSERVER_PRELOAD = ["torch", "gradclip", "gradclip_book.bugzoo", "gradclip_book.implementation"]
 
-    ``job`` must be a module-level function (spawned processes import it).
+
+def run_fsdp_ranks(job: Callable[..., Any], args: tuple, world: int = RANKS, timeout_s: float = 60.0) -> list[Any]:
+    """Run ``job(rank, world, *args)`` on ``world`` new gloo processes on the CPU; their results by rank.
+
+    ``job`` must be a module-level function (the processes import it). Where
+    the platform has it, the processes are forked from multiprocessing's
+    fork server, which imports torch, gradclip and the book's modules once
+    for the whole session (in a process that has run nothing, so the fork
+    is safe); the first call pays that import, later calls start in a
+    fraction of a second. Elsewhere they are spawned.
     A rank that fails, or ranks still running after ``timeout_s`` seconds,
     stop all of them and raise ``RuntimeError`` with the ranks' tracebacks.
     """
     import multiprocessing
 
-    context = multiprocessing.get_context("spawn")
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(_FORKSERVER_PRELOAD)  # read when the server starts, on first use
+    else:
+        context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as outdir:
         procs = [context.Process(target=_rank_entry, args=(rank, world, outdir, job, args), daemon=True)
                  for rank in range(world)]
@@ -683,7 +721,7 @@ BUGS: list[Bug] = [
                     "and the clipped one is zeroed before anyone reads it: clipping silently does nothing.",
         buggy=after_step_buggy, fixed=after_step_fixed,
         measure=functools.partial(_compare, after_step_buggy, after_step_fixed),
-        caught_by=Catch(_MONITOR + _ATTACH, _monitor_fires()),
+        caught_by=Catch(_MONITOR + _ATTACH, _monitor_fires(), opt_in=("logs", "attach")),
     ),
     Bug(
         name="before_backward",
@@ -696,7 +734,8 @@ BUGS: list[Bug] = [
         measure=functools.partial(_compare, before_backward_buggy, before_backward_fixed),
         caught_by=Catch("A gradclip clipper (AutoClip, ZClip, SpikeGuard) called where no parameter has a "
                         "gradient raises RuntimeError saying to call backward() first (with zero_grad()'s "
-                        "default set_to_none=True). " + _ATTACH, _clipper_fires),
+                        "default set_to_none=True). " + _ATTACH, _clipper_fires,
+                        opt_in=("raises_opt_in", "logs", "attach")),
     ),
     Bug(
         name="amp_scaled",
@@ -712,7 +751,7 @@ BUGS: list[Bug] = [
         caught_by=Catch("A gradclip clipper given scaler=scaler raises RuntimeError when called while the "
                         "gradients are still scaled, saying to call scaler.unscale_(optimizer) first; "
                         "attached, it runs after scaler.step() has unscaled them (and divides by the scale "
-                        "itself for fused optimizers).", _amp_fires),
+                        "itself for fused optimizers).", _amp_fires, opt_in=("raises_opt_in", "attach")),
     ),
     Bug(
         name="micro_batch",
@@ -726,7 +765,8 @@ BUGS: list[Bug] = [
         measure=_micro_measure,
         caught_by=Catch("Prevented, not detected: an attached gradclip clipper (clipper.attach(optimizer)) "
                         "runs once per optimizer.step(), on the accumulated gradient, however many "
-                        "backward() calls came before; measure() reports how often it ran and the norm it saw."),
+                        "backward() calls came before; measure() reports how often it ran and the norm it saw.",
+                        opt_in=("attach",)),
         uncaught_reason="A clipping call cannot tell a running sum from a finished gradient: nothing in the "
                         "gradients says that more backward() calls will follow before the step, and the "
                         "last clip leaves the used norm at max_norm, so a monitor sees nothing wrong either.",
@@ -744,7 +784,8 @@ BUGS: list[Bug] = [
         caught_by=Catch("Every gradclip function and clipper warns when its parameters are an iterator "
                         "that yields nothing (a generator, filter, map or iter() object), says it was "
                         "probably consumed and to pass list(model.parameters()). torch 2.13 warns only in "
-                        "clip_grad_norm_, only for generators, and without the cause.", _warning_fires),
+                        "clip_grad_norm_, only for generators, and without the cause.", _warning_fires,
+                        default="warns", opt_in=("logs", "attach")),
     ),
     Bug(
         name="per_group",
@@ -756,7 +797,7 @@ BUGS: list[Bug] = [
                     "factors, which changes the direction.",
         buggy=per_group_buggy, fixed=per_group_fixed,
         measure=functools.partial(_compare, per_group_buggy, per_group_fixed, groups=True),
-        caught_by=Catch(_MONITOR + _ATTACH, _monitor_fires(groups=True)),
+        caught_by=Catch(_MONITOR + _ATTACH, _monitor_fires(groups=True), opt_in=("logs", "attach")),
     ),
     Bug(
         name="closure",
@@ -771,7 +812,7 @@ BUGS: list[Bug] = [
                     "gradient unclipped. Lightning wraps the closure so that clipping runs after its backward.",
         buggy=closure_buggy, fixed=closure_fixed,
         measure=functools.partial(_compare, closure_buggy, closure_fixed),
-        caught_by=Catch(_MONITOR + _ATTACH, _monitor_fires()),
+        caught_by=Catch(_MONITOR + _ATTACH, _monitor_fires(), opt_in=("logs", "attach")),
     ),
     Bug(
         name="fsdp_local_norm",
@@ -787,7 +828,8 @@ BUGS: list[Bug] = [
         caught_by=Catch("Prevented: gradclip.clip_grad_norm_ (and every clipper) reduces DTensor gradients "
                         "(FSDP2's fully_shard, tensor parallelism) over the mesh and returns the global "
                         "norm, a plain tensor equal on every rank; hand-sharded plain tensors take "
-                        "process_group=True. measure() reports gradclip's result next to the fix."),
+                        "process_group=True. measure() reports gradclip's result next to the fix.",
+                        default="prevents"),
         uncaught_reason="A shard held as a plain tensor cannot be told from a whole one, so no library can "
                         "warn when local shards are passed without process_group.",
     ),
@@ -803,7 +845,7 @@ BUGS: list[Bug] = [
         buggy=agc_buggy, fixed=agc_fixed, measure=_agc_measure,
         caught_by=Catch("Prevented: gradclip.adaptive_clip_grad_(model) reads each weight's output-unit axis "
                         "from its module (gradclip.agc_unit_dims: axis 0 for Linear and ConvNd, axis 1 for "
-                        "ConvTranspose); measure() reports its result next to the fix."),
+                        "ConvTranspose); measure() reports its result next to the fix.", default="prevents"),
         uncaught_reason="A bare tensor does not say which axis holds its output units, so a hand-written "
                         "AGC on tensors cannot be checked by any library.",
     ),
@@ -817,7 +859,7 @@ BUGS: list[Bug] = [
                     "gradient, and SGD climbs the loss.",
         buggy=negative_buggy, fixed=negative_fixed, measure=_negative_measure,
         caught_by=Catch("gradclip.clip_grad_norm_ (and every function taking a threshold) raises ValueError "
-                        "naming max_norm and the allowed interval [0, inf].", _negative_fires),
+                        "naming max_norm and the allowed interval [0, inf].", _negative_fires, default="raises"),
     ),
 ]
 
@@ -847,6 +889,51 @@ def symptom_text(bug: Bug, measured: dict[str, Any]) -> str:
     if bad.get("cosine", 1.0) < 0.9999:
         text += f"; cosine with the right one {bad['cosine']:.3f}"
     return text
+
+
+def response_counts(bugs: list[Bug] | None = None) -> dict[str, list[str]]:
+    """The bugs (by name) under each key of :data:`RESPONSES`: what gradclip does by default and once opted in.
+
+    A bug counts once under its ``default`` and once under each of its
+    ``opt_in`` responses; ``"caught_by_default"`` lists the bugs whose default
+    is ``"raises"``, ``"warns"`` or ``"prevents"``, and ``"opt_in_only"`` those
+    gradclip does nothing about unless the user opts in.
+
+    Example:
+        >>> counts = response_counts()
+        >>> counts["raises"], counts["warns"]
+        (['negative_threshold'], ['generator'])
+    """
+    bugs = BUGS if bugs is None else bugs
+    out: dict[str, list[str]] = {key: [] for key in RESPONSES}
+    for entry in bugs:
+        catch = entry.caught_by if entry.caught_by is not None else Catch("")
+        out[catch.default].append(entry.name)
+        for key in catch.opt_in:
+            out[key].append(entry.name)
+    out["caught_by_default"] = [b.name for b in bugs if b.name not in out["silent"]]
+    out["opt_in_only"] = [b.name for b in bugs if b.name in out["silent"]
+                          and b.caught_by is not None and b.caught_by.opt_in]
+    return out
+
+
+def response_cells(entry: Bug) -> tuple[str, str]:
+    """Two short phrases for a table: what gradclip does about ``entry`` by default, and once opted in.
+
+    Example:
+        >>> response_cells(bug("amp_scaled"))
+        ('nothing', 'a clipper given scaler= raises; attach() prevents')
+    """
+    catch = entry.caught_by if entry.caught_by is not None else Catch("")
+    default = {"raises": "raises ValueError", "warns": "warns (empty iterator)",
+               "prevents": "computes it right", "silent": "nothing"}[catch.default]
+    if entry.name == "fsdp_local_norm" and catch.default == "prevents":
+        default = "computes it right (DTensor norm)"
+    if entry.name == "agc_axis" and catch.default == "prevents":
+        default = "computes it right (module's unit axis)"
+    raise_text = "a clipper given scaler= raises" if entry.name == "amp_scaled" else "a stateful clipper raises"
+    words = {"raises_opt_in": raise_text, "logs": "GradientMonitor logs it", "attach": "attach() prevents"}
+    return default, "; ".join(words[k] for k in catch.opt_in) or "not needed"
 
 
 def bug(name: str) -> Bug:

@@ -1,7 +1,9 @@
-r"""Chapter 4's training harness: deep plain networks on the digits, with every clipping method behind one interface.
+r"""Deep plain networks on the digits, one config in and one record out, trained by the book's harness.
 
 One run is one :class:`RunConfig` in and one :class:`RunRecord` out
-(:func:`train`). The data are scikit-learn's 1,797 real 8x8 digit scans
+(:func:`train`, which builds the network and trains it with :func:`gradclip_book.harness.train`).
+Chapter 4 uses these runs as its first illustration (explosion through depth alone); chapters 3 and 5
+train their deep-MLP experiments through them. The data are scikit-learn's 1,797 real 8x8 digit scans
 (:func:`gradclip_book.data.digits_split`: stratified train / validation / test,
 standardised with training statistics). The networks have no normalisation
 layers, so depth and learning rate alone decide whether training explodes:
@@ -17,14 +19,10 @@ forward signal at a constant scale through depth, so that depth and learning
 rate (not a vanishing signal) decide: with tanh and PyTorch's default
 initialisation, networks of depth 16 do not learn at all and never diverge.
 
-The clipping methods are the rows of :data:`METHODS`; each maps the one
-generic knob ``threshold`` to its own parameter (see :class:`Method`). The loop
-is the same for all of them::
-
-    loss.backward(); clip(); optimizer.step(); norm, fired = clip.report()
-
-A run whose loss becomes non-finite (or exceeds :data:`DIVERGED_LOSS`) stops
-there and is recorded as diverged; :func:`train` never raises for a divergence.
+The clipping methods are the harness's (:data:`gradclip_book.harness.METHODS`, re-exported here as
+:data:`METHODS`); each maps the one generic knob ``threshold`` to its own parameter. A run whose loss
+becomes non-finite (or exceeds :data:`DIVERGED_LOSS`, the harness's one divergence rule) stops there and
+is recorded as diverged; :func:`train` never raises for a divergence.
 
 Example:
     >>> from gradclip_book.classification import RunConfig, train
@@ -35,25 +33,19 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
-import inspect
 import json
 import math
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-import gradclip
-
-from . import data
+from . import data, harness
+from .harness.methods import METHODS, Method
 
 __all__ = [
     "DEFAULT",
@@ -68,13 +60,12 @@ __all__ = [
     "code_version",
     "compact",
     "config_key",
-    "explore",
-    "largest_stable_lr",
     "train",
 ]
 
-DIVERGED_LOSS = 1e3
-"""A training loss above this (cross-entropy over 10 classes starts near ln 10 = 2.3) counts as diverged, like a non-finite one."""
+DIVERGED_LOSS = harness.DIVERGED_LOSS
+"""A training loss above this (cross-entropy over 10 classes starts near ln 10 = 2.3) counts as diverged, like a
+non-finite one: the harness's one rule (:data:`gradclip_book.harness.DIVERGED_LOSS`)."""
 
 CURVE_POINTS = 150
 """Stored curves have at most this many points (:func:`compact`)."""
@@ -145,14 +136,16 @@ def config_key(config: RunConfig) -> str:
 
 
 def code_version() -> str:
-    """A 16-hex-digit hash of the harness source: this module and the data functions it trains on.
+    """A 16-hex-digit hash of the code that decides a run's numbers: this module, the harness's loop, methods and
+    data, and the data functions (docstrings and comments excluded, :func:`gradclip_book.harness.code_version`).
 
     A stored grid whose ``code_version`` differs was computed by other code and must be recomputed
     (``python -m gradclip_book.grids classification``).
     """
-    sources = [Path(__file__).read_text(encoding="utf-8"), inspect.getsource(data.digits),
-               inspect.getsource(data.digits_split)]
-    return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
+    import sys
+
+    from .harness import data as harness_data, loop, methods
+    return harness.code_version(sys.modules[__name__], loop, methods, harness_data, data.digits, data.digits_split)
 
 
 # --- models and optimizers -------------------------------------------------------------------------
@@ -195,14 +188,7 @@ OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], float], torch.optim.Optimize
 """Optimizer name -> ``builder(parameters, lr)``: SGD with momentum 0.9, or Adam with torch's defaults."""
 
 
-def _he_(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-            nn.init.zeros_(module.bias)
-
-
-INITS: dict[str, Callable[[nn.Module], None]] = {"default": lambda model: None, "he": _he_}
+INITS: dict[str, Callable[[nn.Module], None]] = {"default": lambda model: None, "he": harness.he_init_}
 r"""Init name -> ``init_(model)``: ``"default"`` keeps PyTorch's (weights and biases uniform in
 :math:`\pm 1/\sqrt{\text{fan-in}}`); ``"he"`` draws weights from :math:`N(0, 2/\text{fan-in})` and zeroes biases
 (He et al. 2015, arXiv:1502.01852), the fan-in scaling that keeps ReLU activations at a constant scale through depth."""
@@ -221,151 +207,6 @@ def build_model(config: RunConfig) -> nn.Module:
     INITS[config.init](model)
     return model
 
-
-# --- the clipping methods, behind one interface ----------------------------------------------------
-
-
-class _Clip:
-    """A method bound to one model and optimizer: ``clip()`` after backward, ``report()`` after the step.
-
-    ``report()`` returns ``(pre-clip global L2 norm of all gradients, whether the method fired)`` as 0-dim tensors.
-    """
-
-    def __init__(self, params: list[nn.Parameter]) -> None:
-        self.params = params
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def __call__(self) -> None:
-        raise NotImplementedError
-
-    def report(self) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.last is not None, "report() before the method was applied"
-        return self.last
-
-
-class _Function(_Clip):
-    """A stateless gradclip function: ``apply(params, model, threshold) -> (norm, fired)``."""
-
-    def __init__(self, params, model, threshold, apply) -> None:
-        super().__init__(params)
-        self.model, self.threshold, self.apply = model, threshold, apply
-
-    def __call__(self) -> None:
-        self.last = self.apply(self.params, self.model, self.threshold)
-
-
-class _Stateful(_Clip):
-    """A :class:`gradclip.Clipper` called by hand; its :class:`~gradclip.ClipResult` is the report."""
-
-    def __init__(self, params, clipper: gradclip.Clipper) -> None:
-        super().__init__(params)
-        self.clipper = clipper
-
-    def __call__(self) -> None:
-        result = self.clipper(self.params)
-        self.last = (result.norm, result.clipped)
-
-
-class _Attached(_Clip):
-    """A :class:`gradclip.Clipper` attached to the optimizer: it acts inside ``optimizer.step()``."""
-
-    def __init__(self, params, clipper: gradclip.Clipper, optimizer: torch.optim.Optimizer) -> None:
-        super().__init__(params)
-        self.clipper = clipper.attach(optimizer)
-
-    def __call__(self) -> None:
-        pass
-
-    def report(self) -> tuple[torch.Tensor, torch.Tensor]:
-        result = self.clipper.last_result
-        return result.norm, result.clipped
-
-
-def _total_norm(params: list[nn.Parameter]) -> torch.Tensor:
-    return gradclip.get_total_norm([p.grad for p in params if p.grad is not None])
-
-
-def _none(params, model, threshold):
-    return _total_norm(params), torch.tensor(False)
-
-
-def _value(params, model, threshold):
-    norm = _total_norm(params)
-    fired = max(p.grad.abs().max() for p in params) > threshold
-    gradclip.clip_grad_value_(params, threshold)
-    return norm, fired
-
-
-def _norm(params, model, threshold):
-    result = gradclip.clip_grad_norm_report_(params, threshold)
-    return result.norm, result.clipped
-
-
-def _agc(params, model, threshold):
-    norm = _total_norm(params)
-    fraction = gradclip.adaptive_clip_grad_(gradclip.agc_parameters(model), clip_factor=threshold)
-    return norm, fraction > 0
-
-
-def _soft(params, model, threshold):
-    norm = gradclip.soft_clip_grad_norm_(params, threshold)
-    return norm, norm > threshold
-
-
-@dataclass(frozen=True)
-class Method:
-    """One row of :data:`METHODS`: what the generic ``threshold`` means for it, and how to bind it.
-
-    Attributes:
-        knob: the gradclip parameter ``threshold`` is passed as.
-        meaning: the threshold's meaning and unit, and when the method counts as having fired.
-        build: ``build(model, optimizer, threshold) -> clip``, an object called after
-            ``loss.backward()`` and before ``optimizer.step()``, whose ``report()`` after the step
-            gives (pre-clip gradient norm, fired).
-        reference: the paper the method comes from.
-    """
-
-    knob: str
-    meaning: str
-    build: Callable[[nn.Module, torch.optim.Optimizer, float | None], _Clip] = field(repr=False)
-    reference: str = ""
-
-
-def _function(apply):
-    return lambda model, optimizer, threshold: _Function(list(model.parameters()), model, threshold, apply)
-
-
-METHODS: dict[str, Method] = {
-    "none": Method("-", "no clipping (threshold None); never fires", _function(_none)),
-    "value": Method("clip_value", "clip_grad_value_: every gradient entry clamped to [-t, t] (gradient units); "
-                    "fires when some |g_j| > t", _function(_value),
-                    "torch.nn.utils.clip_grad_value_; signSGD limit: Bernstein et al. 2018, arXiv:1802.04434"),
-    "norm": Method("max_norm", "clip_grad_norm_: global L2 norm capped at t (gradient units); fires when "
-                   "||g|| > t (ClipResult.clipped)", _function(_norm),
-                   "Pascanu, Mikolov and Bengio 2013, arXiv:1211.5063"),
-    "agc": Method("clip_factor", "adaptive_clip_grad_ on agc_parameters(model) (the head excluded): each unit's "
-                  "gradient norm capped at t x its weight norm (dimensionless ratio); fires when any unit is clipped",
-                  _function(_agc), "Brock, De, Smith and Simonyan 2021, arXiv:2102.06171"),
-    "autoclip": Method("percentile", "AutoClip: norm clipped to the t-th percentile (0..100) of all pre-clip norms "
-                       "so far (current included); fires when ClipResult.clipped",
-                       lambda model, optimizer, t: _Stateful(list(model.parameters()), gradclip.AutoClip(percentile=t)),
-                       "Seetharaman, Wichern, Pardo and Le Roux 2020, arXiv:2007.14469"),
-    "zclip": Method("z_thresh", "ZClip with max_grad_norm=None: a norm whose z-score against an EMA (alpha 0.97, "
-                    "25 warm-up steps) exceeds t (standard deviations) is clipped; fires when ClipResult.clipped",
-                    lambda model, optimizer, t: _Stateful(list(model.parameters()),
-                                                          gradclip.ZClip(z_thresh=t, max_grad_norm=None)),
-                    "Kumar, Owen, Chowdhury and Gura 2025, arXiv:2504.02507"),
-    "soft": Method("max_norm", "soft_clip_grad_norm_: g <- g c/(||g|| + c) with c = t (gradient units); always "
-                   "scales, counts as fired when ||g|| > t", _function(_soft),
-                   "Zhang, He, Sra and Jadbabaie 2020, arXiv:1905.11881"),
-    "spike-guard": Method("threshold", "SpikeGuard attached to the optimizer (zscore mode, window 128, 20 norms of "
-                          "history): the step is skipped when the norm is non-finite or above mean + t x std of the "
-                          "recent norms (t in standard deviations); fires when the step was skipped",
-                          lambda model, optimizer, t: _Attached(list(model.parameters()),
-                                                                gradclip.SpikeGuard(threshold=t), optimizer),
-                          "Chowdhery et al. 2022 (PaLM), arXiv:2204.02311"),
-}
-"""Method name -> :class:`Method`. Every method reports the pre-clip global L2 norm of *all* gradients."""
 
 DEFAULT = RunConfig()
 """The default run: ReLU MLP with He init, depth 8, width 64, SGD with momentum at lr 0.03, 300 steps of batch 64, no clipping."""
@@ -460,51 +301,13 @@ def compact(record: RunRecord, points: int = CURVE_POINTS) -> dict[str, Any]:
     }
 
 
-@functools.lru_cache(maxsize=4)
-def _split(split_seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return data.digits_split(seed=split_seed)
-
-
-@contextlib.contextmanager
-def _deterministic(threads: int = 1) -> Iterator[None]:
-    """One thread (a fixed reduction order) and deterministic algorithms, restored afterwards."""
-    old_threads = torch.get_num_threads()
-    old_det, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
-        torch.set_num_threads(old_threads)
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(dim=1) == y).float().mean())
-
-
-def _batches(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Index minibatches forever: a fresh seeded permutation each epoch, the last partial batch dropped."""
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n - batch + 1, batch):
-            yield order[start:start + batch]
-
-
-def _warm_up_(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 def train(config: RunConfig = DEFAULT) -> RunRecord:
     """Train one network on the digits and record it; the same config gives the same record, bit for bit.
 
-    Runs on one CPU thread with ``torch.use_deterministic_algorithms(True)`` (both restored afterwards).
-    The loop per step: minibatch loss (recorded; if non-finite or above :data:`DIVERGED_LOSS` the run
-    stops as diverged), ``backward()``, the method's ``clip()``, the warm-up's learning rate (when
-    ``config.warmup``), ``optimizer.step()``, the method's report
-    (pre-clip norm, fired). Accuracies are measured once at the end.
+    Builds the config's network (:func:`build_model`) and optimizer, and trains it with
+    :func:`gradclip_book.harness.train` on the training part of :func:`gradclip_book.harness.image_split`
+    in the batch order of :func:`gradclip_book.harness.minibatches` (one CPU thread, deterministic
+    algorithms). Accuracies are measured once at the end.
 
     Args:
         config: the run.
@@ -517,82 +320,14 @@ def train(config: RunConfig = DEFAULT) -> RunRecord:
         >>> r.steps_run, r.diverged_at, 0 < r.clip_fraction <= 1
         (50, None, True)
     """
-    start = time.perf_counter()
-    with _deterministic():
-        parts = _split(config.split_seed)
-        x, y = parts["train"]
+    with harness.deterministic():
+        parts = harness.image_split(config.split_seed)
         model = build_model(config)
-        params = list(model.parameters())
-        optimizer = OPTIMIZERS[config.optimizer](params, config.lr)
-        clip = METHODS[config.method].build(model, optimizer, config.threshold)
-        generator = torch.Generator().manual_seed(config.seed)
-        losses, norms, fired = [], [], []
-        diverged_at = None
-        batches = _batches(len(y), min(config.batch, len(y)), generator)
-        for step in range(config.steps):
-            index = next(batches)
-            loss = nn.functional.cross_entropy(model(x[index]), y[index])
-            value = float(loss.detach())
-            losses.append(value)
-            if not value <= DIVERGED_LOSS:  # also catches nan
-                diverged_at = step
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clip()
-            if config.warmup:  # without warm-up the optimizer's lr is never touched
-                _warm_up_(optimizer, config.lr * min(1.0, (step + 1) / config.warmup))
-            optimizer.step()
-            norm, did = clip.report()
-            norms.append(float(norm))
-            fired.append(bool(did))
-        if diverged_at is None:
-            val = _accuracy(model, *parts["validation"])
-            test = _accuracy(model, *parts["test"])
-        else:
-            val = test = None
-    return RunRecord(config=asdict(config), loss=losses, grad_norm=norms, clipped=fired,
-                     steps_run=len(norms), diverged_at=diverged_at, val_accuracy=val, test_accuracy=test,
-                     seconds=time.perf_counter() - start)
-
-
-# --- measuring the chapter's settings --------------------------------------------------------------
-
-
-def _trains(record: RunRecord, accuracy: float) -> bool:
-    return record.diverged_at is None and record.test_accuracy is not None and record.test_accuracy >= accuracy
-
-
-def largest_stable_lr(base: RunConfig, lrs: list[float], seeds: tuple[int, ...] = (0, 1, 2),
-                      accuracy: float = 0.9) -> float | None:
-    """The largest lr in ``lrs`` (scanned upwards) at which every seed trains (no divergence, test accuracy >= ``accuracy``).
-
-    Scans until the first lr that fails after one that passed, so a later recovery is not counted.
-    ``None`` if no lr trains.
-    """
-    best = None
-    for lr in sorted(lrs):
-        if all(_trains(train(replace(base, lr=lr, seed=s)), accuracy) for s in seeds):
-            best = lr
-        elif best is not None:
-            break
-    return best
-
-
-def explore(depths: tuple[int, ...] = (2, 4, 8, 12, 16), lrs: tuple[float, ...] | None = None,
-            seeds: tuple[int, ...] = (0, 1, 2), threshold: float = 1.0, base: RunConfig = DEFAULT,
-            printer: Callable[[str], None] = print) -> dict[int, dict[str, float | None]]:
-    """Measure, per depth, the largest stable lr without clipping and with norm clipping at ``threshold``.
-
-    Returns ``{depth: {"none": lr, "norm": lr, "factor": norm / none}}`` and prints a line per depth.
-    """
-    lrs = list(lrs or [0.01 * 2 ** (k / 2) for k in range(0, 17)])
-    table: dict[int, dict[str, float | None]] = {}
-    for depth in depths:
-        at = replace(base, depth=depth)
-        plain = largest_stable_lr(replace(at, method="none", threshold=None), lrs, seeds)
-        clipped = largest_stable_lr(replace(at, method="norm", threshold=threshold), lrs, seeds)
-        factor = clipped / plain if plain and clipped else None
-        table[depth] = {"none": plain, "norm": clipped, "factor": factor}
-        printer(f"depth {depth}: largest stable lr none={plain} norm(c={threshold})={clipped} factor={factor}")
-    return table
+        optimizer = OPTIMIZERS[config.optimizer](list(model.parameters()), config.lr)
+        run = harness.train(model, optimizer, harness.minibatches(*parts["train"], config.batch, config.seed),
+                            config.steps, method=config.method, threshold=config.threshold, warmup=config.warmup,
+                            evaluate=harness.accuracy_evaluator(parts), threads=None)
+    return RunRecord(config=asdict(config), loss=run.loss, grad_norm=run.grad_norm, clipped=run.clipped,
+                     steps_run=run.steps_run, diverged_at=run.diverged_at,
+                     val_accuracy=run.metric("val_accuracy"), test_accuracy=run.metric("test_accuracy"),
+                     seconds=run.seconds)

@@ -20,7 +20,7 @@ and use the anchors Jupyter Book derives from the section titles
 Example:
     >>> from gradclip_book import conclusion
     >>> conclusion.link("cls-methods")
-    'classification.html#every-method-at-the-hard-setting'
+    'classification.html#a-first-illustration-a-deep-plain-mlp'
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from gradclip_book import performance as perf
 from gradclip_book.figures import table_html
 from gradclip_book import scalability as sc
 
-__all__ = ["SECTIONS", "FlowChart", "Row", "adam_evidence", "batch_evidence", "bug_zoo_evidence",
+__all__ = ["SECTIONS", "FlowChart", "Row", "adam_evidence", "batch_evidence", "budget_evidence", "bug_zoo_evidence",
            "direction_evidence", "distributed_evidence", "flow_chart", "guide_rows", "guide_table_html",
            "hard_setting_evidence", "link", "lower_lr_evidence", "safety_rows", "slug", "stability_evidence",
            "usable_lr_evidence", "warmup_evidence"]
@@ -53,9 +53,10 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "when-not": ("principle", "When not to clip"),
     "bug-zoo": ("implementation", "A zoo of clipping bugs"),
     "placement": ("implementation", "Where the call goes"),
-    "cls-methods": ("classification", "Every method at the hard setting"),
-    "cls-stable": ("classification", "The stable region"),
-    "cls-threshold": ("classification", "Choosing the threshold"),
+    "cls-methods": ("classification", "A first illustration: a deep plain MLP"),
+    "cls-stable": ("classification", "The range of learning rates that train"),
+    "cls-threshold": ("classification", "Choosing the threshold: a recipe, checked on every network"),
+    "cls-fix": ("classification", "Fix the cause: normalisation, residual connections, warm-up"),
     "perf-usable": ("performance", "How far clipping widens the usable learning rates"),
     "perf-lower": ("performance", "Clipping, or a lower learning rate?"),
     "perf-warmup": ("performance", "Warm-up or clipping?"),
@@ -119,14 +120,44 @@ def hard_setting_evidence() -> dict[str, Any]:
 
 
 def stability_evidence() -> dict[str, Any]:
-    """Chapter 4's stable region: per depth the largest lr at which every seed trains, without and with clipping.
+    """Chapter 4's range of learning rates that train, on its residual CNN without normalisation.
 
-    Returns ``{"table": grids.stable_lrs(...), "factors": {depth: factor} (where both exist),
-    "seeds", "threshold"}``.
+    Returns ``{"table": {depth: {"none": lrs, threshold: lrs}}, "seeds", "tight" (the smallest threshold),
+    "trains" (the validation accuracy every seed must reach)}``, from :func:`gradclip_book.images_figures.stable_lrs`.
     """
-    table = grids.stable_lrs(cf.lines())
-    return {"table": table, "factors": {d: r["factor"] for d, r in table.items() if r["factor"] is not None},
-            "seeds": len(grids.STABILITY_SEEDS), "threshold": grids.HARD_THRESHOLD}
+    from dataclasses import replace
+
+    from gradclip_book import images_figures as imf, images_grid as ig
+
+    table = {}
+    for depth in ig.DEPTHS:
+        base = replace(ig.HEADLINE, depth=depth)
+        table[depth] = {"none": imf.stable_lrs(base),
+                        **{c: imf.stable_lrs(base, "norm", c) for c in ig.THRESHOLDS}}
+    return {"table": table, "seeds": len(ig.SEEDS), "tight": min(ig.THRESHOLDS), "trains": imf.TRAINS}
+
+
+def budget_evidence() -> dict[str, Any]:
+    """Chapter 4's longer runs: does a lower learning rate catch up with clipping on every step given more steps?
+
+    On the residual CNN without normalisation at depth 8: the best unclipped learning rate of the 200-step runs and
+    every lower one, run for ``budget_steps`` steps, the best of them chosen on validation, against the best
+    clipped setting of the 200-step runs run as long; test accuracy over the seeds and the book's verdict.
+
+    Returns ``{"steps", "budget_steps", "plain_lr", "plain", "clipped" (test-accuracy Scores), "verdict"}``.
+    """
+    from dataclasses import replace
+
+    from gradclip_book import harness, images_figures as imf, images_grid as ig
+
+    h, longer = ig.HEADLINE, ig.BUDGET_STEPS
+    top = imf.choose(imf.unclipped(h)).best.setting.lr
+    clip = replace(imf.choose(imf.clipped(h)).best.setting, steps=longer)
+    plain = imf.choose([replace(h, lr=lr, steps=longer) for lr in ig.LRS if lr <= top]).best.setting
+    p, c = imf.scores(plain, "test_accuracy"), imf.scores(clip, "test_accuracy")
+    verdict = ("clipping" if harness.beats(c, p) else "lower lr" if harness.beats(p, c) else "no difference")
+    return {"steps": h.steps, "budget_steps": longer, "plain_lr": plain.lr, "plain": p, "clipped": c,
+            "verdict": verdict}
 
 
 # --- chapter 5.1: usable learning rates, lower lr, warm-up, Adam ------------------------------------------
@@ -259,25 +290,19 @@ def direction_evidence() -> dict[str, Any]:
 
 
 def bug_zoo_evidence() -> dict[str, Any]:
-    """Chapter 3's bug zoo: how many reported bugs gradclip flags, and how many its API prevents.
+    """Chapter 3's bug zoo: what gradclip does about each reported bug by default and once the user opts in.
 
-    A bug counts as *flagged* when its check fires on the buggy code and stays silent on the fixed code
-    (both run here); as *prevented* when gradclip has no check for it but an API that computes the right
-    thing (``Catch.fires`` is None). Returns ``{"total", "flagged": [names], "prevented": [names],
-    "neither": [names]}``.
+    Counted from the zoo's table (:func:`gradclip_book.bugzoo.response_counts`): by default gradclip raises,
+    warns, or computes the right thing, or does nothing; opted in, a stateful clipper (or one given
+    ``scaler=``) raises, an attached ``GradientMonitor`` shows the bug in its logs, or attaching a clipper
+    prevents it. Returns ``{"total", "by_default": [names], "silent": [names], "raises_opt_in", "logs",
+    "attach": [names], "uncaught": [names]}`` (``uncaught``: neither by default nor once opted in).
     """
-    flagged, prevented, neither = [], [], []
-    for b in bugzoo.BUGS:
-        catch = b.caught_by
-        if catch is None:
-            neither.append(b.name)
-        elif catch.fires is None:
-            prevented.append(b.name)
-        elif catch.fires(b.buggy) and not catch.fires(b.fixed):
-            flagged.append(b.name)
-        else:
-            neither.append(b.name)
-    return {"total": len(bugzoo.BUGS), "flagged": flagged, "prevented": prevented, "neither": neither}
+    counts = bugzoo.response_counts()
+    opted = set(counts["raises_opt_in"]) | set(counts["logs"]) | set(counts["attach"])
+    return {"total": len(bugzoo.BUGS), "by_default": counts["caught_by_default"], "silent": counts["silent"],
+            "raises_opt_in": counts["raises_opt_in"], "logs": counts["logs"], "attach": counts["attach"],
+            "uncaught": [name for name in counts["silent"] if name not in opted]}
 
 
 # --- the guide -------------------------------------------------------------------------------------------
@@ -306,6 +331,13 @@ def _label(method: str, threshold: float | None) -> str:
     return name if threshold is None else f"{name} {threshold:g}"
 
 
+def _lr_words(lrs: list[float]) -> str:
+    """Neighbouring learning rates of chapter 4's scan as "a to b", else a list."""
+    from gradclip_book import images_figures as imf
+
+    return imf.range_words(lrs)
+
+
 def _degrees(angle: float) -> str:
     """An angle for a sentence: "0°" when it is (numerically) none, else one decimal."""
     return "0°" if angle < 0.05 else f"{angle:.1f}°"
@@ -321,7 +353,8 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
     w, ad, b, d = evidence["warmup"], evidence["adam"], evidence["batch"], evidence["distributed"]
     dr, bz = evidence["direction"], evidence["bugs"]
     norm = h["methods"]["norm", grids.HARD_THRESHOLD]
-    factors = st["factors"]
+    tight = st["tight"]
+    ranges = "; ".join(f"{_lr_words(r[tight])} at depth {depth}" for depth, r in st["table"].items() if r[tight])
     failed = ", ".join(_label(m, t) for m, t in h["fail"] if m != "none")
     also = ", ".join(_label(m, t) for m, t in h["rescue"] if (m, t) != ("norm", grids.HARD_THRESHOLD))
     rows = [
@@ -333,20 +366,21 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             + (f"Also training every seed: {also}; " if also else "No other method compared trains every seed; ")
             + f"not training every seed at the thresholds compared: {failed}.",
             "cls-methods"),
-        Row("You want a learning rate that need not be tuned first",
-            "Global-norm clipping with a fixed threshold",
-            f"In chapter 4's stability sweep clipping widens the largest learning rate at which every seed "
-            f"trains by {min(factors.values()):g}x to {max(factors.values()):g}x at depths "
-            f"{', '.join(map(str, factors))} ({st['seeds']} seeds each); in chapter 5.1's grid, at "
-            f"depth {u['depth']} it makes {u['clipped']['norm']} of {u['n_lrs']} grid learning rates usable, "
-            f"against {u['none']} without.",
+        Row("A network without normalisation trains for some seeds and not for others",
+            "Add normalisation; without it, global-norm clipping at a small threshold and a larger learning rate",
+            f"On chapter 4's residual CNN without normalisation, no learning rate trains every one of "
+            f"{st['seeds']} seeds at any depth without clipping; with max_norm {tight:g} (clipping almost every "
+            f"step) learning rates {ranges} do. In chapter 5.1's grid, at depth {u['depth']} of the MLP, clipping "
+            f"makes {u['clipped']['norm']} of {u['n_lrs']} grid learning rates usable at some threshold, against "
+            f"{u['none']} without.",
             "cls-stable"),
         Row("Early instability: is a warm-up enough?",
             "Clip; a warm-up alone does not do it, and on top of clipping it did not help here",
             f"At depth 16 every seed trains at lr {w['neither']['words']} with neither remedy, "
             f"{w['warm-up']['words']} with a warm-up alone, {w['clipping']['words']} with clipping and "
             f"{w['both']['words']} with both; best mean accuracy {_pct(w['clipping']['best'])} with clipping, "
-            f"{_pct(w['both']['best'])} with both.",
+            f"{_pct(w['both']['best'])} with both, {_pct(w['warm-up']['best'])} with the warm-up alone at its "
+            f"one learning rate.",
             "perf-warmup"),
         Row("Clipping fires on most steps",
             "Lower the learning rate instead (gradclip.should_lower_lr)",
@@ -364,13 +398,15 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             f"{100 * (ad['adam']['clip_best'] - ad['adam']['plain_best']):.1f} points.",
             "perf-adam"),
         Row("Large batches, no normalisation layers",
-            "AGC (adaptive_clip_grad_) or a tuned global threshold; lower either as the batch grows",
+            "A tuned global threshold or AGC (adaptive_clip_grad_), tuned again at each batch size; "
+            "neither's best setting rises as the batch grows",
             f"Best AGC λ {', '.join(f'{b_[0]:g}' for b_ in b['agc'].values())} and best global c "
             f"{', '.join(f'{n_[0]:g}' for n_ in b['norm'].values())} at batches "
-            f"{', '.join(map(str, b['batches']))}; the best of each stay within {100 * b['max_gap']:.1f} points "
-            "of each other. By the seed-spread rule "
+            f"{', '.join(map(str, b['batches']))}, with mean test accuracy "
+            f"{', '.join(_pct(b_[1]) for b_ in b['agc'].values())} (AGC) and "
+            f"{', '.join(_pct(n_[1]) for n_ in b['norm'].values())} (global). By the seed-spread rule "
             + ("neither is better at any batch size." if not b["wins"] else
-               " and ".join(f"{_NAMES[m]} is better at batch {bb}" for bb, m in b["wins"]) + "."),
+               " and ".join(f"{_NAMES[m]} is better at batch {bb}" for bb, m in b["wins"]) + ", neither at the others."),
             "scal-batch"),
         Row("Several processes (DDP, FSDP2, tensor parallel)",
             "The same gradclip.clip_grad_norm_ call on every rank",
@@ -387,8 +423,9 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             "families"),
         Row("Placing the call in real training code (AMP, accumulation, closures, FSDP)",
             "After the gradients are complete and unscaled; clipper.attach(optimizer) puts it there",
-            f"Of {bz['total']} reported clipping bugs, gradclip's checks flag {len(bz['flagged'])} (and stay "
-            f"silent on the fix) and its API prevents {len(bz['prevented'])}.",
+            f"Of {bz['total']} reported clipping bugs, gradclip handles {len(bz['by_default'])} by default; "
+            f"once opted in, attaching a clipper prevents {len(bz['attach'])} and a GradientMonitor shows "
+            f"{len(bz['logs'])} in its logs.",
             "bug-zoo"),
     ]
     return rows
@@ -420,14 +457,16 @@ def _section_name(key: str) -> str:
 FAULT_NAMES = {"outliers": "outlier inputs", "nan-grad": "a batch of NaN gradients", "scaled": "gradients x1000",
                "labels": "a corrupt shard of labels"}
 GUARD_NAMES = {"softcap": "soft-capped logits", "activation": "activation check", "loss": "loss guard",
-               "layerwise": "per-layer clipping in backward", "spike": "SpikeGuard", "rollback": "rollback"}
+               "layerwise": "per-layer clipping in backward", "spike": "SpikeGuard", "rollback": "rollback",
+               "clip": "global-norm clipping at the recipe's threshold", "skip": "skipping a non-finite step",
+               "clip+skip": "clipping and skipping a non-finite step"}
 
 
 def safety_rows(summary: dict[str, Any]) -> list[Row]:
     """Chapter 5.3's rows, one per fault, from ``gradclip_book.safety.summary()``.
 
-    Per fault: the guards that recover the run (every seed finishes, mean test accuracy within the page's
-    tolerance of the clean run), best first, and what happens without a guard.
+    Per fault: the guards that recover the run (every seed finishes and the mean test accuracy is not below the
+    lowest clean seed's: ``gradclip_book.safety.recovers``), best first, and what happens without a guard.
     """
     rows = []
     clean = summary["clean"]
@@ -445,7 +484,8 @@ def safety_rows(summary: dict[str, Any]) -> list[Row]:
             evidence = (f"With the fault {without}; with the {names[0]} every seed finishes, at "
                         f"{_pct(best['accuracy'])} mean test accuracy (clean run {_pct(clean)}).")
         else:
-            evidence = f"With the fault {without}; no guard brings it within a point of the clean {_pct(clean)}."
+            evidence = (f"With the fault {without}; no guard brings its mean within the clean seeds' range "
+                        f"(clean run {_pct(clean)}).")
         rows.append(Row(f"A fault in training: {FAULT_NAMES.get(fault, fault)}",
                         ", ".join(names) or "none of the guards recovers it", evidence, "safety-guards"))
     return rows

@@ -541,8 +541,12 @@ class Explorer:
                 "data": _merge(spec["base"], self.frame(**start)), "layout": spec["layout"]}
         return bundle
 
-    def live(self, compute: Callable[..., dict] | None = None, notebook: str = "") -> Any:
+    def live(self, compute: Callable[..., dict] | None = None, notebook: str = "", manual: bool = False) -> Any:
         """ipywidgets controls that re-run ``compute`` live, for values off the grid.
+
+        With ``manual=True`` the controls get a "Train" button and ``compute`` runs only when it is
+        pressed (never when the cell runs): for experiments that take seconds, where re-running on
+        every move of a slider would queue up trainings.
 
         In the built book there is no kernel, so this returns a note with
         launch links instead of widgets that would not respond.
@@ -565,7 +569,8 @@ class Explorer:
             with output:
                 display(PlotlyFigure(_merge(self.traces, frame), self.layout, f"{self.name}-live"))
 
-        return widgets.VBox([widgets.interactive(redraw, **controls), output])
+        options = {"manual": True, "manual_name": "Train"} if manual else {}
+        return widgets.VBox([widgets.interactive(redraw, options, **controls), output])
 
 
 def _shared_frames(frames: Mapping[str, dict]) -> dict:

@@ -48,6 +48,7 @@ from torch import nn
 import gradclip
 
 from . import classification as cls
+from . import harness
 from . import data
 from .figures import table_html
 from .grids import HARD, HARD_THRESHOLD, THRESHOLDS
@@ -56,15 +57,22 @@ __all__ = [
     "accumulation_case",
     "amp_case",
     "attach_case",
+    "bf16_case",
     "book_extra",
     "clip_each_method",
     "closure_case",
     "compile_case",
     "corrected_listing",
+    "ddp_accumulation_loop",
+    "distributed_accumulation_case",
+    "fsdp_accumulation_loop",
     "fused_case",
     "collected_items",
+    "joint_optimizers_case",
     "layer_norms",
+    "listing_recipe",
     "methods_table_html",
+    "nonfinite_case",
     "pattern",
     "plain_case",
     "preprocessing_norms",
@@ -111,7 +119,7 @@ def book_extra() -> list[str]:
 
 def _train_batch(batch: int = 64, split_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``batch`` training images (standardised) and labels of chapter 4's split."""
-    x, y = cls._split(split_seed)["train"]
+    x, y = harness.image_split(split_seed)["train"]
     return x[:batch], y[:batch]
 
 
@@ -210,7 +218,7 @@ def layer_norms(config: cls.RunConfig = HARD, batch: int = 64) -> dict:
 
 def _batch_grads(model: nn.Module, count: int, batch: int, split_seed: int) -> list[list[torch.Tensor]]:
     """The gradients of ``count`` different minibatches at the same weights (a history for the stateful clippers)."""
-    x, y = cls._split(split_seed)["train"]
+    x, y = harness.image_split(split_seed)["train"]
     out = []
     for k in range(count):
         model.zero_grad(set_to_none=True)
@@ -406,7 +414,7 @@ def corrected_listing(max_norm: float = 1.0, epochs: int = 3, lr: float = 0.01, 
     """
     from torch.utils.data import DataLoader, TensorDataset
 
-    parts = cls._split(0)
+    parts = harness.image_split(0)
     x, y = parts["train"]
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)
@@ -425,7 +433,35 @@ def corrected_listing(max_norm: float = 1.0, epochs: int = 3, lr: float = 0.01, 
     with torch.no_grad():
         accuracy = float((model(parts["test"][0]).argmax(1) == parts["test"][1]).float().mean())
     return {"steps": len(pre), "clipped": sum(n > max_norm for n in pre), "max_pre": max(pre), "max_post": max(post),
-            "test_accuracy": accuracy}
+            "test_accuracy": accuracy, "norms": pre}
+
+
+def listing_recipe(seeds: tuple[int, ...] = (0, 1, 2, 3, 4), epochs: int = 3, lr: float = 0.01) -> list[dict]:
+    """The corrected listing with chapter 4's threshold recipe, against the same listing unclipped, per seed.
+
+    For each seed: the listing runs once without clipping (the probe: its
+    pre-clip norms), :func:`gradclip_book.harness.recommend_threshold` takes
+    the 90th percentile of its first 50 norms, and the listing runs again,
+    from the same weights and batch order, clipped at that threshold.
+
+    Returns:
+        One dict per seed: ``{"seed", "max_norm" (the recipe's threshold), "plain" and "clipped"`` (the
+        :func:`corrected_listing` results)``, "verdict"`` (:func:`gradclip_book.harness.recipe_verdict` on the
+        clipped run's share of clipped steps)``}``.
+
+    Example:
+        >>> r = listing_recipe(seeds=(0,), epochs=1)[0]
+        >>> r["clipped"]["clipped"] < r["clipped"]["steps"] / 2
+        True
+    """
+    rows = []
+    for seed in seeds:
+        plain = corrected_listing(max_norm=math.inf, epochs=epochs, lr=lr, seed=seed)
+        max_norm = harness.recommend_threshold(plain["norms"])
+        clipped = corrected_listing(max_norm=max_norm, epochs=epochs, lr=lr, seed=seed)
+        rows.append({"seed": seed, "max_norm": max_norm, "plain": plain, "clipped": clipped,
+                     "verdict": harness.recipe_verdict(clipped["clipped"] / clipped["steps"])})
+    return rows
 
 
 # --- 3.3 where the call goes -------------------------------------------------------------------
@@ -553,6 +589,73 @@ def amp_case(dtype: torch.dtype = torch.float16, max_norm: float = 0.1, lr: floa
     return out
 
 
+def bf16_case(max_norm: float = 0.1, lr: float = 0.5) -> dict:
+    """bfloat16 autocast on the CPU without a ``GradScaler``: clip right after ``backward()``.
+
+    bfloat16 has float32's exponent range, so small gradients do not underflow
+    and there is no loss scale to undo. Runs one step from the same weights
+    three ways: the pattern (autocast, ``backward``, clip, ``step``); the same
+    with a ``GradScaler`` and ``unscale_`` (what float16 needs); and the
+    reference, the autocast forward's gradient from ``torch.autograd.grad``,
+    its norm in float64 by hand, clipped by hand.
+
+    Returns:
+        ``{"returned": the norm the call returned, "reference_norm", "float32_norm" (no autocast),
+        "grad_dtypes", "step", "with_scaler_diff" / "reference_diff": largest parameter difference to those runs,
+        "tiny": {dtype: smallest normal number}, "lr", "max_norm"}``.
+
+    Example:
+        >>> r = bf16_case()
+        >>> r["grad_dtypes"], r["reference_diff"] < 1e-6
+        (['torch.float32'], True)
+    """
+    out: dict[str, Any] = {"lr": lr, "max_norm": max_norm,
+                           "tiny": {str(d).replace("torch.", ""): float(torch.finfo(d).tiny)
+                                    for d in (torch.float16, torch.bfloat16, torch.float32)}}
+    model, x, y = _tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    before = _snapshot(model)
+    # pattern
+    optimizer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()                                                # no GradScaler: nothing to unscale
+    norm = gradclip.clip_grad_norm_(model.parameters(), max_norm)  # right after backward
+    optimizer.step()
+    # end pattern
+    out["returned"], out["step"] = float(norm), _step_length(before, model)
+    out["grad_dtypes"] = sorted({str(p.grad.dtype) for p in model.parameters()})
+    plain = list(model.parameters())
+
+    scaled, x, y = _tiny()
+    optimizer = torch.optim.SGD(scaled.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _loss(scaled, x, y)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    gradclip.clip_grad_norm_(scaled.parameters(), max_norm)
+    scaler.step(optimizer)
+    out["with_scaler_diff"] = _max_diff(plain, list(scaled.parameters()))
+
+    reference, x, y = _tiny()
+    params = list(reference.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _loss(reference, x, y)
+    grads = torch.autograd.grad(loss, params)
+    total = float(torch.cat([g.double().reshape(-1) for g in grads]).norm())
+    factor = min(1.0, max_norm / (total + 1e-6))
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p -= lr * factor * g
+    out["reference_norm"], out["reference_diff"] = total, _max_diff(plain, params)
+
+    full, x, y = _tiny()
+    out["float32_norm"] = float(torch.cat([g.double().reshape(-1) for g in torch.autograd.grad(
+        _loss(full, x, y), list(full.parameters()))]).norm())
+    return out
+
+
 def fused_case(steps: int = 3, max_norm: float = 0.1, lr: float = 1e-2) -> dict:
     """``Adam(fused=True)`` under ``GradScaler``: clipping after ``unscale_``, or a clipper attached.
 
@@ -656,6 +759,268 @@ def accumulation_case(micro: int = 4, max_norm: float = 0.1) -> dict:
     return {"once": _max_diff(once, full), "per_micro": _max_diff(per_micro, full),
             "per_micro_angle": angle_degrees(_flat(per_micro), _flat(full)),
             "norms": {"full": norm(full), "once": norm(once), "per_micro": norm(per_micro)}, "pre_norm": pre}
+
+
+DIST_STEPS, DIST_MICRO, DIST_BATCH = 3, 2, 64  # steps, micro-batches per rank and step, images per step (all ranks)
+
+
+def _dist_batches(steps: int = DIST_STEPS, batch: int = DIST_BATCH) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = _train_batch(steps * batch)
+    return list(zip(x.split(batch), y.split(batch)))
+
+
+def ddp_accumulation_loop(model: nn.Module, rank: int, world: int, micro: int, max_norm: float, lr: float,
+                          batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """DDP with gradient accumulation: ``no_sync`` on all micro-batches but the last, one clip per step.
+
+    Run on each rank of an initialised process group by :func:`distributed_accumulation_case`; trains
+    ``model`` in place and returns the norm each step's clipping call returned.
+    """
+    import contextlib
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=lr)
+    norms = []
+    for x, y in batches:
+        micro_batches = list(zip(x.chunk(world)[rank].chunk(micro), y.chunk(world)[rank].chunk(micro)))
+        # pattern
+        optimizer.zero_grad()
+        for k, (xs, ys) in enumerate(micro_batches):
+            last = k == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else ddp.no_sync():  # all-reduce only on the last
+                loss = nn.functional.cross_entropy(ddp(xs), ys) / len(micro_batches)
+                loss.backward()
+        norm = gradclip.clip_grad_norm_(ddp.parameters(), max_norm)  # once, on the averaged gradient
+        optimizer.step()
+        # end pattern
+        norms.append(float(norm))
+    del ddp, optimizer
+    return norms
+
+
+def fsdp_accumulation_loop(model: nn.Module, rank: int, world: int, micro: int, max_norm: float, lr: float,
+                           batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """FSDP2 with gradient accumulation: gradient sync (reduce-scatter) only on the last micro-batch.
+
+    Run on each rank of an initialised process group by :func:`distributed_accumulation_case`; shards
+    ``model`` (:func:`gradclip_book.dist_demo.shard`), trains it and returns the norm each step's call returned.
+    """
+    from .dist_demo import shard
+
+    model = shard(model, world)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    norms = []
+    for x, y in batches:
+        micro_batches = list(zip(x.chunk(world)[rank].chunk(micro), y.chunk(world)[rank].chunk(micro)))
+        # pattern
+        optimizer.zero_grad()
+        for k, (xs, ys) in enumerate(micro_batches):
+            model.set_requires_gradient_sync(k == len(micro_batches) - 1)  # reduce-scatter on the last only
+            loss = nn.functional.cross_entropy(model(xs), ys) / len(micro_batches)
+            loss.backward()
+        norm = gradclip.clip_grad_norm_(model.parameters(), max_norm)  # DTensor shards: one global norm
+        optimizer.step()
+        # end pattern
+        norms.append(float(norm))
+    return norms
+
+
+def _tiny_model(state: dict[str, torch.Tensor]) -> nn.Module:
+    model = cls.build_model(cls.RunConfig(depth=2, width=32))   # _tiny's architecture, without loading the data
+    model.load_state_dict(state)
+    return model
+
+
+def _dist_rank(rank: int, world: int, micro: int, max_norm: float, lr: float, state: dict[str, torch.Tensor],
+               batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    """One rank of :func:`distributed_accumulation_case`: the DDP run, then the FSDP2 run, from the same weights."""
+    out: dict[str, Any] = {}
+    model = _tiny_model(state)
+    out["ddp"] = {"norms": ddp_accumulation_loop(model, rank, world, micro, max_norm, lr, batches),
+                  "params": [p.detach().clone() for p in model.parameters()]}
+    model = _tiny_model(state)
+    norms = fsdp_accumulation_loop(model, rank, world, micro, max_norm, lr, batches)
+    out["fsdp"] = {"norms": norms, "params": [p.detach().full_tensor().clone() for p in model.parameters()]}
+    return out
+
+
+def distributed_accumulation_case(micro: int = DIST_MICRO, max_norm: float = 0.1, lr: float = 0.5,
+                                  world: int = 2) -> dict:
+    """Gradient accumulation under DDP (``no_sync``) and FSDP2 (``set_requires_gradient_sync``), clipped once per step.
+
+    Runs :data:`DIST_STEPS` steps of :data:`DIST_BATCH` images on ``world``
+    gloo processes on the CPU (file rendezvous, no network;
+    :func:`gradclip_book.bugzoo.run_fsdp_ranks`), each rank taking its share
+    of every batch in ``micro`` micro-batches. The reference is one eager
+    process on the whole batch: ``backward``, the norm in float64 by hand,
+    SGD on the clipped gradient.
+
+    Returns:
+        ``{"ddp" | "fsdp": {"norms": per rank, per step, "max_diff": largest parameter difference to the
+        reference over ranks, "norm_rel": largest relative norm difference}, "reference_norms", "steps",
+        "micro", "world", "max_norm"}``.
+
+    Example (starts two processes, so the doctest skips it):
+        >>> r = distributed_accumulation_case()  # doctest: +SKIP
+        >>> r["ddp"]["max_diff"] < 1e-6  # doctest: +SKIP
+        True
+    """
+    from .bugzoo import run_fsdp_ranks
+
+    model, _, _ = _tiny()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ranks = run_fsdp_ranks(_dist_rank, (micro, max_norm, lr, state, _dist_batches()), world=world, timeout_s=120.0)
+    reference_norms = []
+    for x, y in _dist_batches():
+        grads = torch.autograd.grad(_loss(model, x, y), list(model.parameters()))
+        total = float(_flat(list(grads)).norm())
+        factor = min(1.0, max_norm / (total + 1e-6))
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), grads):
+                p -= lr * factor * g
+        reference_norms.append(total)
+    reference = _snapshot(model)
+    out: dict[str, Any] = {"reference_norms": reference_norms, "steps": len(reference_norms), "micro": micro,
+                           "world": world, "max_norm": max_norm}
+    for kind in ("ddp", "fsdp"):
+        out[kind] = {"norms": [r[kind]["norms"] for r in ranks],
+                     "max_diff": max(_max_diff(r[kind]["params"], reference) for r in ranks),
+                     "norm_rel": max(abs(n / m - 1) for r in ranks for n, m in zip(r[kind]["norms"], reference_norms))}
+    return out
+
+
+def joint_optimizers_case(max_norm: float = 0.1, lrs: tuple[float, float] = (0.5, 0.1)) -> dict:
+    """Two optimizers (the body's and the head's, at different learning rates) clipped by one norm over both.
+
+    Runs one step from the same weights: the pattern (one ``clip_grad_norm_``
+    over both optimizers' parameters), each optimizer clipped on its own (the
+    bug zoo's per-group mistake), and the reference by hand in float64 (one
+    factor ``min(1, c / (||g|| + 1e-6))`` for every parameter, then each
+    parameter's own learning rate).
+
+    Returns:
+        ``{"norm": the returned norm, "reference_norm", "max_diff": largest parameter difference to the reference,
+        "used_norm" / "used_norm_separate": norm of the gradient each update used, "max_norm", "lrs"}``.
+
+    Example:
+        >>> r = joint_optimizers_case()
+        >>> r["max_diff"] < 1e-6 and abs(r["used_norm"] / r["max_norm"] - 1) < 1e-4
+        True
+    """
+    out: dict[str, Any] = {"max_norm": max_norm, "lrs": lrs}
+    for way in ("joint", "separate"):
+        model, x, y = _tiny()
+        body, head = list(model[:-1].parameters()), list(model[-1].parameters())
+        body_optimizer = torch.optim.SGD(body, lr=lrs[0])
+        head_optimizer = torch.optim.SGD(head, lr=lrs[1])
+        before = _snapshot(model)
+        if way == "joint":
+            # pattern
+            optimizers = (body_optimizer, head_optimizer)
+            for opt in optimizers:
+                opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+            norm = gradclip.clip_grad_norm_(params, max_norm)  # one norm over all of them
+            for opt in optimizers:
+                opt.step()
+            # end pattern
+            out["norm"], joint = float(norm), list(model.parameters())
+        else:
+            _loss(model, x, y).backward()
+            for opt in (body_optimizer, head_optimizer):
+                gradclip.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], max_norm)
+                opt.step()
+        rates = [lrs[0]] * len(body) + [lrs[1]] * len(head)
+        used = [(b - p.detach()) / lr for b, p, lr in zip(before, model.parameters(), rates)]
+        out["used_norm" if way == "joint" else "used_norm_separate"] = float(_flat(used).norm())
+    model, x, y = _tiny()
+    params = list(model.parameters())
+    grads = torch.autograd.grad(_loss(model, x, y), params)
+    total = float(_flat(list(grads)).norm())
+    factor = min(1.0, max_norm / (total + 1e-6))
+    rates = [lrs[0]] * (len(params) - 2) + [lrs[1]] * 2
+    with torch.no_grad():
+        for p, g, lr in zip(params, grads, rates):
+            p -= lr * factor * g
+    out["reference_norm"], out["max_diff"] = total, _max_diff(joint, params)
+    return out
+
+
+def nonfinite_case(steps: int = 6, bad_step: int = 3, max_norm: float = 0.1, lr: float = 0.5) -> dict:
+    """A batch whose gradient is not finite: ``error_if_nonfinite=True`` raises, a finite-norm check skips the step.
+
+    Every step trains on the next 32 of 192 digits; at ``bad_step`` one pixel
+    of the batch is ``inf``, so the loss and the gradient are NaN. Four runs:
+    the pattern (skip the step when the returned norm is not finite); no check
+    (the NaN reaches the weights); ``error_if_nonfinite=True`` (raises before
+    the step); no check but a :class:`gradclip.SpikeGuard` attached (skips on
+    the device); and the reference, the same loop with the bad batch left out.
+
+    Returns:
+        ``{"norms": the pattern's returned norms, "skipped": steps it skipped, "skip_vs_reference" /
+        "guard_vs_reference": largest parameter difference, "unchecked_finite": whether the unchecked run's weights stayed finite,
+        "error": the message raised, "error_step", "params_unchanged_by_error", "steps", "bad_step"}``.
+
+    Example:
+        >>> r = nonfinite_case()
+        >>> r["skipped"], r["skip_vs_reference"], r["unchecked_finite"]
+        ([3], 0.0, False)
+    """
+    x_all, y_all = _train_batch(32 * steps)
+    batches = [[x.clone(), y] for x, y in zip(x_all.split(32), y_all.split(32))]
+    batches[bad_step][0][0, 0] = math.inf
+    out: dict[str, Any] = {"steps": steps, "bad_step": bad_step}
+    for way in ("skip", "unchecked", "error", "guard", "reference"):
+        model, _, _ = _tiny()
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        guard = gradclip.SpikeGuard().attach(optimizer) if way == "guard" else None
+        norms, skipped = [], []
+        for step, (x, y) in enumerate(batches):
+            if way == "reference" and step == bad_step:
+                continue
+            if way == "skip":
+                # pattern
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                norm = gradclip.clip_grad_norm_(model.parameters(), max_norm)
+                if torch.isfinite(norm):  # reads the norm on the host: one sync per step
+                    optimizer.step()
+                else:
+                    skipped.append(step)  # inf or NaN: leave the weights as they are
+                # end pattern
+                norms.append(float(norm))
+            elif way == "error":
+                optimizer.zero_grad()
+                _loss(model, x, y).backward()
+                before = _snapshot(model)
+                try:
+                    # pattern
+                    gradclip.clip_grad_norm_(model.parameters(), max_norm, error_if_nonfinite=True)
+                    # end pattern
+                except RuntimeError as error:
+                    out["error"], out["error_step"] = str(error), step
+                    out["params_unchanged_by_error"] = _max_diff(before, _snapshot(model)) == 0.0
+                    break
+                optimizer.step()
+            else:
+                optimizer.zero_grad()
+                _loss(model, x, y).backward()
+                gradclip.clip_grad_norm_(model.parameters(), max_norm)
+                optimizer.step()
+        if way == "skip":
+            out["norms"], out["skipped"], skip_params = norms, skipped, _snapshot(model)
+        elif way == "unchecked":
+            out["unchecked_finite"] = bool(torch.isfinite(_flat(list(model.parameters()))).all())
+        elif way == "guard":
+            guard.detach()
+            guard_params = _snapshot(model)
+        elif way == "reference":
+            out["skip_vs_reference"] = _max_diff(skip_params, _snapshot(model))
+            out["guard_vs_reference"] = _max_diff(guard_params, _snapshot(model))
+    return out
 
 
 def zero_grad_case(max_norm: float = 0.1) -> dict:

@@ -39,6 +39,7 @@ from torch import nn
 import gradclip
 
 from . import classification as cls
+from . import harness
 from . import classification_figures as cf
 from . import grids
 from .timing import interleaved
@@ -393,7 +394,7 @@ def _clip_pair(params: list[nn.Parameter], clip: bool, repeats: int, extra: dict
 def _step_overhead(repeats: int) -> dict[str, float]:
     """One training step of chapter 4's hard network (depth 16, batch 64) with and without clipping."""
     config = replace(grids.HARD, lr=0.001)  # a small lr: the weights barely move while timing
-    x, y = cls._split(config.split_seed)["train"]
+    x, y = harness.image_split(config.split_seed)["train"]
     x, y = x[:config.batch], y[:config.batch]
     model = cls.build_model(config)
     params = list(model.parameters())

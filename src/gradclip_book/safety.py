@@ -3,8 +3,9 @@ r"""Chapter 5.3's experiments: faults injected into chapter 4's digits run, and 
 A run is chapter 4's network, data split, batch order and optimizer
 (:mod:`gradclip_book.classification`: :func:`~gradclip_book.classification.build_model`,
 the seeded split and minibatch stream, :data:`~gradclip_book.classification.OPTIMIZERS`)
-trained by :func:`train`, a loop that can break one batch on purpose and
-protect itself. Without a fault and without a guard it is
+trained by :func:`train`, which breaks one batch on purpose and protects itself, in the book's one
+training loop (:func:`gradclip_book.harness.train`: the fault in the batches and the loss function, the
+guard's decision in a hook). Without a fault and without a guard it is
 :func:`gradclip_book.classification.train` step for step (tested).
 
 **Faults** (:data:`FAULTS`) hit the batches of steps ``step .. step + span - 1``:
@@ -31,12 +32,22 @@ hooks on the parameters see them.
   ``where`` when the gradient norm is non-finite or an outlier);
 * ``"rollback"``: model and optimizer state kept in memory every ``every`` steps (only from a state whose loss
   passed the check); on a non-finite loss or one above ``k`` times the recent median, training goes back to that
-  state and carries on with the *next* batches (the ones in between are skipped, as in PaLM's restarts).
+  state and carries on with the *next* batches (the ones in between are skipped, as in PaLM's restarts);
+* ``"clip"``: :func:`gradclip.clip_grad_norm_` before every step, at :data:`CLIP_MAX_NORM`, the threshold of
+  chapter 4's recipe on the clean run (:func:`recipe_threshold`);
+* ``"skip"``: the step skipped when the global gradient norm is NaN or inf (``torch.amp.GradScaler``'s skip on
+  inf, without the loss scaling);
+* ``"clip+skip"``: both in one call, ``clip_grad_norm_(..., error_if_nonfinite=True)``, the step skipped on its
+  error.
+
+A skipped step after backward drops the gradients (``p.grad = None``): torch's optimizers leave such a parameter
+and its state alone.
 
 Where each decision is made: the loop reads every loss on the host anyway (to record it, like chapter 4's
 harness), so the loss guard and rollback decide on the host at no extra synchronisation; the activation check
 reads its one number in the same transfer as the loss (``torch.stack``); soft-capping and the per-layer hooks
-never decide anything (they only transform), and SpikeGuard decides on the device.
+never decide anything (they only transform), SpikeGuard decides on the device, and the two non-finite skips read
+the gradient norm on the host once per step (as ``GradScaler.step`` reads its inf flag).
 
 Example:
     >>> from gradclip_book import safety
@@ -66,6 +77,7 @@ from torch import nn
 import gradclip
 
 from . import classification as cls
+from . import harness
 from . import grids, timing
 
 __all__ = [
@@ -81,9 +93,12 @@ __all__ = [
     "grid",
     "by_fault_step",
     "load",
+    "recovers",
     "step_phrase",
     "summary",
     "main",
+    "per_seed_recipe",
+    "recipe_threshold",
     "train",
 ]
 
@@ -179,8 +194,12 @@ class _Protection:
                optimizer: torch.optim.Optimizer) -> str:
         return "step"
 
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """After ``backward()``, before ``optimizer.step()``: the raw gradients are in ``p.grad``."""
+
     def skipped(self) -> int:
-        """Steps the guard skipped without the loop knowing (SpikeGuard's device-side skips)."""
+        """Steps the guard skipped after backward without the loop knowing (SpikeGuard's device-side skips, the
+        non-finite skip's dropped gradients)."""
         return 0
 
 
@@ -242,6 +261,49 @@ class _Spike(_Protection):
         return int(self.guard.skipped_steps)
 
 
+class _Clip(_Protection):
+    """Global-norm clipping at ``max_norm`` (``gradclip.clip_grad_norm_``); with ``skip_nonfinite``, a step whose
+    norm is NaN or inf is skipped instead (``error_if_nonfinite=True`` raises before any gradient is scaled)."""
+
+    def __init__(self, max_norm: float, skip_nonfinite: bool = False) -> None:
+        self.max_norm, self.skip_nonfinite, self.skips = max_norm, skip_nonfinite, 0
+
+    def before_step(self, model, optimizer):
+        params = list(model.parameters())
+        try:
+            gradclip.clip_grad_norm_(params, self.max_norm, error_if_nonfinite=self.skip_nonfinite)
+        except RuntimeError:  # only raised for a non-finite norm
+            _drop_gradients(params)
+            self.skips += 1
+
+    def skipped(self):
+        return self.skips
+
+
+class _SkipNonFinite(_Protection):
+    """GradScaler's skip on inf without the loss scaling: the step is skipped when the global gradient norm is NaN
+    or inf (one host read of the norm per step, as ``GradScaler.step`` reads its ``found_inf``)."""
+
+    def __init__(self) -> None:
+        self.skips = 0
+
+    def before_step(self, model, optimizer):
+        params = list(model.parameters())
+        if not math.isfinite(float(gradclip.get_total_norm([p.grad for p in params if p.grad is not None]))):
+            _drop_gradients(params)
+            self.skips += 1
+
+    def skipped(self):
+        return self.skips
+
+
+def _drop_gradients(params: list[nn.Parameter]) -> None:
+    """Skip the coming ``optimizer.step()``: torch's optimizers leave a parameter without ``.grad`` untouched
+    (no update, no momentum or weight-decay change, no step count), as if the step had not been called."""
+    for p in params:
+        p.grad = None
+
+
 class _Rollback(_Protection):
     def __init__(self, k: float, window: int, min_history: int, every: int) -> None:
         self.k, self.history, self.every = k, _Running(window, min_history, LOSS_FLOOR), every
@@ -288,6 +350,10 @@ SPIKE_Z = 6.0
 """SpikeGuard's threshold in standard deviations (OLMo-core's factor)."""
 EVERY = 10
 """Rollback keeps a state every this many steps."""
+CLIP_MAX_NORM = 5.39
+"""Global-norm threshold of the ``"clip"`` guards: chapter 4's threshold recipe (:mod:`gradclip_book.harness.recipe`:
+the 90th percentile of the first 50 unclipped gradient norms) on the clean run of seed 0, :func:`recipe_threshold`
+(a test recomputes it). It never sees a faulty run."""
 
 GUARDS: dict[str, Guard] = {
     "none": Guard("-", "no guard", _Protection),
@@ -307,6 +373,15 @@ GUARDS: dict[str, Guard] = {
                       "recent median, back to it, and on with the next batches",
                       lambda: _Rollback(K, WINDOW, MIN_HISTORY, EVERY),
                       "Chowdhery et al. 2022 (PaLM), arXiv:2204.02311; Zhang et al. 2022 (OPT), arXiv:2205.01068"),
+    "clip": Guard("backward", f"gradclip.clip_grad_norm_(params, {CLIP_MAX_NORM:g}) before every step: the global "
+                  "gradient norm capped at the threshold recipe's value", lambda: _Clip(CLIP_MAX_NORM),
+                  "Pascanu, Mikolov and Bengio 2013, arXiv:1211.5063"),
+    "skip": Guard("backward", "the step skipped when the global gradient norm is NaN or inf (GradScaler's skip on "
+                  "inf, without loss scaling)", _SkipNonFinite,
+                  "torch.amp.GradScaler.step (Micikevicius et al. 2018, arXiv:1710.03740)"),
+    "clip+skip": Guard("backward", f"gradclip.clip_grad_norm_(params, {CLIP_MAX_NORM:g}, error_if_nonfinite=True); "
+                       "on the error (a NaN or inf norm) the step is skipped",
+                       lambda: _Clip(CLIP_MAX_NORM, skip_nonfinite=True)),
 }
 """Guard name -> :class:`Guard`."""
 
@@ -394,71 +469,115 @@ def _all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def _guarded_step(model: nn.Module, optimizer: torch.optim.Optimizer, guard: Any, step: int, xb: torch.Tensor,
-                  yb: torch.Tensor, grad_factor: float | None = None) -> tuple[float, str]:
-    """One step under ``guard``; returns the loss read on the host and the guard's decision.
+class _Decide(harness.Hook):
+    """Asks the guard after every forward pass (a batch it refuses gets no backward and no update) and lets it act
+    on the gradients before every optimizer step."""
 
-    Forward through the guard's ``logits``, the loss (and the guard's probe, in the same transfer) read
-    once, the guard's decision, and ``backward()`` and the update when it says ``"step"``.
-    ``grad_factor`` multiplies the gradient at the logits (the backward faults).
-    """
-    z = model(xb)
-    if grad_factor is not None:
-        z.register_hook(lambda g: g * grad_factor)
-    loss = nn.functional.cross_entropy(guard.logits(z), yb)
-    probe = guard.probe()
-    if probe is None:
-        value, seen = float(loss.detach()), None
-    else:  # one transfer for both numbers
-        value, seen = torch.stack([loss.detach(), probe.to(loss.dtype)]).tolist()
-    action = guard.decide(step, value, seen, model, optimizer)
-    if action == "step":
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return value, action
+    def __init__(self, guard: _Protection) -> None:
+        self.guard, self.actions = guard, []
+
+    def after_forward(self, step: harness.Step) -> None:
+        probe = self.guard.probe()
+        seen = None if probe is None else float(probe.to(step.loss.dtype))
+        action = self.guard.decide(step.index, step.value, seen, step.model, step.optimizer)
+        self.actions.append(action)
+        if action != "step":
+            step.skip = True
+            # non-finite weights and nothing to go back to: the run cannot recover
+            step.stop = not math.isfinite(step.value) and not _all_finite(step.model)
+
+    def before_step(self, step: harness.Step) -> None:
+        self.guard.before_step(step.model, step.optimizer)
 
 
-def train(config: SafetyConfig = SafetyConfig()) -> SafetyRun:
+def _faulty_batches(x: torch.Tensor, y: torch.Tensor, config: SafetyConfig, base: cls.RunConfig, fault: Fault,
+                    span: int):
+    """The run's minibatches as ``(x, y, faulty)``, the fault's inputs applied at the faulty steps."""
+    generator = torch.Generator().manual_seed(1000 + base.seed)
+    for step, (xb, yb) in enumerate(harness.minibatches(x, y, base.batch, base.seed)):
+        faulty = config.fault_step <= step < config.fault_step + span
+        if faulty and fault.inputs is not None:
+            xb, yb = fault.inputs(xb, yb, generator)
+        yield xb, yb, faulty
+
+
+def train(config: SafetyConfig = SafetyConfig(), clip_max_norm: float | None = None) -> SafetyRun:
     """Train chapter 4's network with ``config.fault`` injected and ``config.guard`` on; deterministic.
 
-    The step: batch (faulty at the fault steps), forward through the guard's ``logits``, loss read on the host,
-    the guard's decision (step / skip / rollback), ``backward()`` (with the fault's gradient hook at the fault
-    steps), ``optimizer.step()``. The run always takes ``steps`` steps: a lost run is not stopped at its first
-    huge loss (that would itself be a loss guard), except that a run whose loss and weights are non-finite stops
-    there (nothing can bring it back).
+    ``clip_max_norm`` replaces :data:`CLIP_MAX_NORM` for the ``"clip"`` and ``"clip+skip"`` guards (the stored grid
+    uses the default; :func:`per_seed_recipe` passes each seed's own recipe threshold).
+
+    The loop is the book's harness (:func:`gradclip_book.harness.train`, no clipping method): the batch
+    (faulty at the fault steps), forward through the guard's ``logits`` (with the fault's gradient hook at the
+    faulty steps), the loss read on the host, the guard's decision after the forward pass (step / skip / rollback:
+    a hook), ``backward()``, ``optimizer.step()``. The run always takes ``steps`` steps: a lost run is not stopped
+    at its first huge loss (that would itself be a loss guard; the harness's divergence rule is off), except that
+    a run whose loss and weights are non-finite stops there (nothing can bring it back).
     """
-    start = time.perf_counter()
     base = replace(config.base, steps=config.steps)
     fault = FAULTS[config.fault]
     span = fault.span if config.span is None else config.span
-    with cls._deterministic():
-        parts = cls._split(base.split_seed)
-        x, y = parts["train"]
+
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, bool]) -> torch.Tensor:
+        xb, yb, faulty = batch
+        z = model(xb)
+        if faulty and fault.grad_factor is not None:
+            z.register_hook(lambda g: g * fault.grad_factor)
+        return nn.functional.cross_entropy(guard.logits(z), yb)
+
+    with harness.deterministic():
+        parts = harness.image_split(base.split_seed)
         model = cls.build_model(base)
         optimizer = cls.OPTIMIZERS[base.optimizer](list(model.parameters()), base.lr)
-        guard = GUARDS[config.guard].build()
+        if clip_max_norm is not None and config.guard in ("clip", "clip+skip"):
+            guard = _Clip(clip_max_norm, skip_nonfinite=config.guard == "clip+skip")
+        else:
+            guard = GUARDS[config.guard].build()
         guard.setup(model, optimizer)
-        batches = cls._batches(len(y), min(base.batch, len(y)), torch.Generator().manual_seed(base.seed))
-        fault_generator = torch.Generator().manual_seed(1000 + base.seed)
-        losses, actions = [], []
-        for step in range(base.steps):
-            index = next(batches)
-            xb, yb = x[index], y[index]
-            faulty = config.fault_step <= step < config.fault_step + span
-            if faulty and fault.inputs is not None:
-                xb, yb = fault.inputs(xb, yb, fault_generator)
-            value, action = _guarded_step(model, optimizer, guard, step, xb, yb,
-                                          fault.grad_factor if faulty else None)
-            losses.append(value)
-            actions.append(action)
-            if action != "step" and not math.isfinite(value) and not _all_finite(model):
-                break  # non-finite weights and nothing to go back to
+        decide = _Decide(guard)
+        run = harness.train(model, optimizer, _faulty_batches(*parts["train"], config, base, fault, span), base.steps,
+                            loss_fn=loss_fn, hooks=[decide], divergence=None, threads=None)
         finite = _all_finite(model)
-        accuracy = cls._accuracy(model, *parts["test"]) if finite else None
+        accuracy = harness.accuracy(model, *parts["test"]) if finite else None
     outcome = "nan" if not finite else ("diverged" if accuracy < LOST_ACCURACY else "finished")
-    return SafetyRun(config=_config_dict(config), loss=losses, actions=actions, spike_skips=guard.skipped(),
-                     finite=finite, test_accuracy=accuracy, outcome=outcome, seconds=time.perf_counter() - start)
+    return SafetyRun(config=_config_dict(config), loss=run.loss, actions=decide.actions,
+                     spike_skips=guard.skipped(), finite=finite, test_accuracy=accuracy, outcome=outcome,
+                     seconds=run.seconds)
+
+
+def recipe_threshold(seed: int = 0) -> float:
+    """Chapter 4's threshold recipe on this page's clean run: the 90th percentile of the gradient norms of its first
+    :data:`~gradclip_book.harness.recipe.PROBE_STEPS` steps, unclipped and without a fault
+    (:func:`gradclip_book.harness.recipe.recommend_threshold`). :data:`CLIP_MAX_NORM` is its value at seed 0."""
+    from .harness import recipe
+
+    base = replace(BASE, seed=seed, steps=recipe.PROBE_STEPS)
+    with harness.deterministic():
+        parts = harness.image_split(base.split_seed)
+        model = cls.build_model(base)
+        optimizer = cls.OPTIMIZERS[base.optimizer](list(model.parameters()), base.lr)
+        run = harness.train(model, optimizer, harness.minibatches(*parts["train"], base.batch, base.seed),
+                            base.steps, divergence=None, threads=None)
+    return recipe.recommend_threshold(run.grad_norm)
+
+
+def per_seed_recipe(fault: str, seeds: Iterable[int] | None = None) -> dict[str, Any]:
+    """The ``"clip"`` guard with the recipe applied to each seed's own clean run (:func:`recipe_threshold`) instead
+    of seed 0's, ``fault`` at :data:`DEFAULT_FAULT_STEP`: how much the page's verdict on that fault depends on
+    which clean run chose the threshold (``seeds``: default :data:`SEEDS`). Computed, not stored (one probe and one run per seed, about 3 s each).
+
+    Returns ``{"thresholds": [per seed], "accuracies": [per seed], "mean": float | None, "recovers": bool}`` (the
+    rule of :func:`recovers` against the stored clean runs).
+    """
+    seeds = list(SEEDS if seeds is None else seeds)
+    thresholds = [recipe_threshold(seed) for seed in seeds]
+    runs = [train(SafetyConfig(fault=fault, guard="clip", base=replace(BASE, seed=seed)), clip_max_norm=c)
+            for seed, c in zip(seeds, thresholds)]
+    accuracies = [run.test_accuracy for run in runs]
+    stored = load()
+    clean = [stored["none", "none", -1, seed]["test_accuracy"] for seed in seeds]
+    return {"thresholds": thresholds, "accuracies": accuracies, "mean": _mean(accuracies),
+            "recovers": recovers(accuracies, clean)}
 
 
 def _config_dict(config: SafetyConfig) -> dict[str, Any]:
@@ -469,8 +588,9 @@ def _config_dict(config: SafetyConfig) -> dict[str, Any]:
 
 # --- the stored grid ---------------------------------------------------------------------------------
 
-SEEDS = (0, 1, 2)
-"""Seeds of the summary (at :data:`DEFAULT_FAULT_STEP`); the explorer's other fault steps use seed 0."""
+SEEDS = (0, 1, 2, 3, 4)
+"""Seeds of the summary (at :data:`DEFAULT_FAULT_STEP`) and of the clean runs; the explorer's other fault steps use
+seed 0."""
 GRID_PATH = Path(__file__).resolve().parents[2] / "chapters" / "data" / "safety_grid.jsonl.gz"
 
 
@@ -527,8 +647,22 @@ def load(path: str | Path = GRID_PATH) -> dict[tuple[str, str, int, int], dict[s
 
 # --- what the page states ------------------------------------------------------------------------------
 
-TOLERANCE = 0.01
-"""A guarded faulty run "recovers" when its mean test accuracy over :data:`SEEDS` is within this of the clean run's."""
+def recovers(accuracies: Iterable[float | None], clean: Iterable[float]) -> bool:
+    """The page's rule for "the guard recovers the run": every seed finishes (finite weights, test accuracy at least
+    :data:`LOST_ACCURACY`) and the mean test accuracy over the seeds is not below the *lowest* clean seed's (no fault,
+    no guard, the same seeds). The clean runs' spread over seeds is the yardstick: a faulty run whose mean lies
+    within it, or above it, cannot be told from a clean one by these seeds.
+
+    Example:
+        >>> recovers([0.95, 0.96], clean=[0.955, 0.97]), recovers([0.95, 0.94], clean=[0.955, 0.97])
+        (True, False)
+        >>> recovers([0.99, None], clean=[0.9])
+        False
+    """
+    accuracies, clean = list(accuracies), list(clean)
+    if any(a is None or a < LOST_ACCURACY for a in accuracies):
+        return False
+    return statistics.fmean(accuracies) >= min(clean)
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -539,13 +673,15 @@ def _mean(values: Iterable[float | None]) -> float | None:
 def summary(path: str | Path = GRID_PATH, with_costs: bool = False) -> dict[str, Any]:
     """The page's key numbers, from the stored grid (at :data:`DEFAULT_FAULT_STEP`, means over :data:`SEEDS`).
 
-    Returns ``{"clean": accuracy, "clean_by_guard": {guard: accuracy}, "faults": {fault: {guard: {"outcomes":
-    [per seed], "lost": bool (some seed lost), "accuracy": mean or None, "recovers": bool}}}, "costs": ...}``;
+    Returns ``{"clean": mean accuracy, "clean_seeds": [per seed], "clean_min", "clean_max", "clean_by_guard":
+    {guard: accuracy}, "faults": {fault: {guard: {"outcomes": [per seed], "lost": bool (some seed lost),
+    "accuracy": mean or None, "accuracies": [per seed], "recovers": bool (:func:`recovers`)}}}, "costs": ...}``;
     ``costs`` (:func:`costs`, timed on this machine) only when ``with_costs``.
     """
     runs = load(path)
     clean_by_guard = {g: _mean(runs["none", g, -1, s]["test_accuracy"] for s in SEEDS) for g in GUARDS}
     clean = clean_by_guard["none"]
+    clean_seeds = [runs["none", "none", -1, s]["test_accuracy"] for s in SEEDS]
     faults: dict[str, dict[str, dict[str, Any]]] = {}
     for fault in FAULTS:
         if fault == "none":
@@ -557,9 +693,11 @@ def summary(path: str | Path = GRID_PATH, with_costs: bool = False) -> dict[str,
             accuracy = _mean(line["test_accuracy"] for line in lines)
             lost = any(o != "finished" for o in outcomes)
             faults[fault][guard] = {"outcomes": outcomes, "lost": lost, "accuracy": accuracy,
-                                    "recovers": not lost and accuracy >= clean - TOLERANCE,
+                                    "accuracies": [line["test_accuracy"] for line in lines],
+                                    "recovers": recovers((line["test_accuracy"] for line in lines), clean_seeds),
                                     "finite": all(line["finite"] for line in lines)}
-    out: dict[str, Any] = {"clean": clean, "clean_by_guard": clean_by_guard, "faults": faults,
+    out: dict[str, Any] = {"clean": clean, "clean_seeds": clean_seeds, "clean_min": min(clean_seeds),
+                           "clean_max": max(clean_seeds), "clean_by_guard": clean_by_guard, "faults": faults,
                            "fault_step": DEFAULT_FAULT_STEP, "seeds": list(SEEDS)}
     if with_costs:
         out["costs"] = costs()
@@ -595,14 +733,41 @@ def step_phrase(outcomes: list[tuple[int, str]]) -> str:
     return "; ".join(f"{outcome} at {steps_text(steps)}" for outcome, steps in groups.items())
 
 
+def _guarded_step(model: nn.Module, optimizer: torch.optim.Optimizer, guard: Any, step: int, xb: torch.Tensor,
+                  yb: torch.Tensor, grad_factor: float | None = None) -> tuple[float, str]:
+    """One bare step under ``guard`` for :func:`costs` (the timed work of a step; runs of record train through the
+    harness, :func:`train`); returns the loss read on the host and the guard's decision.
+
+    Forward through the guard's ``logits``, the loss (and the guard's probe, in the same transfer) read
+    once, the guard's decision, and ``backward()`` and the update when it says ``"step"``.
+    ``grad_factor`` multiplies the gradient at the logits (the backward faults).
+    """
+    z = model(xb)
+    if grad_factor is not None:
+        z.register_hook(lambda g: g * grad_factor)
+    loss = nn.functional.cross_entropy(guard.logits(z), yb)
+    probe = guard.probe()
+    if probe is None:
+        value, seen = float(loss.detach()), None
+    else:  # one transfer for both numbers
+        value, seen = torch.stack([loss.detach(), probe.to(loss.dtype)]).tolist()
+    action = guard.decide(step, value, seen, model, optimizer)
+    if action == "step":
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        guard.before_step(model, optimizer)
+        optimizer.step()
+    return value, action
+
+
 def costs(repeats: int = 15, steps: int = EVERY) -> dict[str, float]:
     """Time per training step with each guard relative to no guard (clean batches; medians, calls interleaved).
 
     Each timed call trains ``steps`` steps (one rollback period, so its checkpoint is in every call) with
     :func:`gradclip_book.timing.interleaved`. Returns ``{guard: ratio}`` with ``"none"`` = 1.
     """
-    with cls._deterministic():
-        x, y = cls._split(BASE.split_seed)["train"]
+    with harness.deterministic():
+        x, y = harness.image_split(BASE.split_seed)["train"]
         xb, yb = x[: BASE.batch], y[: BASE.batch]
 
         def stepper(name: str) -> Callable[[], None]:

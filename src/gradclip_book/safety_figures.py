@@ -20,11 +20,13 @@ from .figures import PALETTE, RUN_STYLES, Explorer, Param, PlotlyFigure, run_sty
 __all__ = ["OUTCOME_WORDS", "accuracy_figure", "coinciding", "loss_explorer", "loss_frame"]
 
 LABELS = {"none": "no guard", "softcap": "soft-capping", "activation": "activation check", "loss": "loss guard",
-          "layerwise": "per-layer hooks", "spike": "SpikeGuard", "rollback": "rollback"}
-# One colour per run, readable on the light and the dark page: the Okabe-Ito colours of the book's PALETTE
-# except its black and yellow (black vanishes on the dark page, yellow on the light one), a neutral grey for the
-# fault-free reference and one purple for the eighth run. Dash patterns differ too, so a line drawn over another
-# with the same losses leaves the one below visible in its gaps.
+          "layerwise": "per-layer hooks", "spike": "SpikeGuard", "rollback": "rollback",
+          "clip": "global-norm clipping", "skip": "skip non-finite", "clip+skip": "clipping + skip"}
+# One colour per run, readable on the light and the dark page (contrast at least 3:1 on both): the Okabe-Ito colours
+# of the book's PALETTE except its black and yellow (black vanishes on the dark page, yellow on the light one), a
+# neutral grey for the fault-free reference, and a purple, a golden brown, an olive and a magenta for the others.
+# Global-norm clipping keeps the book's "clipped" style (blue, solid, wide). Dash patterns differ too, so a line
+# drawn over another with the same losses leaves the one below visible in its gaps.
 CLEAN_STYLE = {"color": "#999999", "dash": "dot", "width": 2.5}
 STYLES = {
     "none": RUN_STYLES["plain"]["line"],  # vermillion, dashed: the unprotected run of every chapter
@@ -32,8 +34,11 @@ STYLES = {
     "activation": {"color": PALETTE[4], "dash": "solid", "width": 4},  # sky blue, wide: it shows round a loss guard on top
     "loss": {"color": PALETTE[2], "dash": "dash", "width": 2},  # bluish green
     "layerwise": {"color": PALETTE[3], "dash": "dashdot", "width": 1.5},  # reddish purple
-    "spike": {"color": PALETTE[0], "dash": "solid", "width": 1.5},  # blue
+    "spike": {"color": "#A6761D", "dash": "solid", "width": 1.5},  # golden brown
     "rollback": {"color": "#9370DB", "dash": "longdash", "width": 1.5},  # purple: 4:1 contrast on both pages
+    "clip": dict(RUN_STYLES["clipped"]["line"]),  # blue, solid, wide: clipping in every chapter
+    "skip": {"color": "#808000", "dash": "longdashdot", "width": 2},  # olive
+    "clip+skip": {"color": "#E7298A", "dash": "dash", "width": 1.5},  # magenta, over the clipping line it often equals
 }
 FAULT_LABELS = {"outliers": "outlier inputs", "nan-grad": "NaN gradients", "scaled": "gradients x1000",
                 "labels": "random labels"}
@@ -45,7 +50,8 @@ TOP = 5  # the loss axis ends at 10**TOP nats; a note names the runs that go hig
 SUPERSCRIPT = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
 OUTCOME_WORDS = {
     "finished": "finished: test accuracy above 50%",
-    "diverged": "diverged: weights finite, test accuracy below 50% (here at chance, 10%); its loss line goes on",
+    "diverged": "diverged: weights finite, test accuracy below 50% (here at chance, 10%); its loss line goes on "
+                "unless the loss itself became non-finite",
     "nan": "NaN: weights non-finite; its loss line stops or has a gap",
 }
 """What the outcome words of :func:`gradclip_book.safety.train` mean, as the page and the figures say it."""
@@ -66,7 +72,13 @@ def _outcome(line: dict[str, Any]) -> str:
     if line["outcome"] == "nan":
         return "NaN weights (line stops)"
     acc = f"{100 * line['test_accuracy']:.1f}%"
-    return f"diverged, {acc} with finite weights (line goes on)" if line["outcome"] == "diverged" else acc
+    if line["outcome"] != "diverged":
+        return acc
+    bad = [i for i, v in enumerate(line["loss"]) if not math.isfinite(float(v))]
+    if bad and bad[-1] == len(line["loss"]) - 1:  # finite weights, but the loss non-finite to the end
+        first = next(i for i in range(len(line["loss"])) if all(j in set(bad) for j in range(i, len(line["loss"]))))
+        return f"diverged, {acc} with finite weights (loss non-finite from step {first}: line stops)"
+    return f"diverged, {acc} with finite weights (line goes on)"
 
 
 def _join(names: list[str]) -> str:
@@ -108,7 +120,7 @@ def loss_explorer() -> Explorer:
     """Fault type (buttons) x fault step (slider): the training loss without a guard and with each guard."""
     traces = [run_style("reference", name="no fault (clean)", mode="lines", line=CLEAN_STYLE)]
     traces += [{"mode": "lines", "name": LABELS[g], "line": dict(STYLES[g])} for g in safety.GUARDS]
-    layout = {"height": 480, "margin": {"t": 30, "l": 60, "r": 15},
+    layout = {"height": 540, "margin": {"t": 30, "l": 60, "r": 15},  # room for the legend's rows on a phone
               "xaxis": {"title": {"text": "step"}, "range": [0, safety.BASE.steps]},
               "yaxis": {"type": "log", "title": {"text": "training loss (nats), max of 3 steps"},
                         "range": [-5, TOP], "exponentformat": "power"},
@@ -127,7 +139,7 @@ def loss_explorer() -> Explorer:
                 "with each guard alone; the grey dotted line is the same run without a fault. The note under the "
                 "plot gives each run's ending: a test accuracy when it finished; diverged when its weights stayed "
                 "finite but its accuracy ended below 50% (most end at chance, 10%), so its line goes on to the "
-                "last step; NaN weights when they became non-finite, where its line stops (a gap is a non-finite "
+                "last step unless its loss became non-finite (the note says from which step); NaN weights when they became non-finite, where its line stops (a gap is a non-finite "
                 "loss). The note also names lines that lie on each other and runs whose loss leaves the top of "
                 f"the axis (10{str(TOP).translate(SUPERSCRIPT)} nats).")
 
@@ -153,7 +165,8 @@ def accuracy_figure() -> PlotlyFigure:
             if acc is None:
                 text, colour = f"NaN<br>{nan} of {seeds}", None  # no colour behind it: the page's text colour
             else:
-                text = f"{100 * acc:.1f}" + (f"<br>{diverged} div." if diverged else "")
+                text = (f"{100 * acc:.1f}" + (" ✓" if cell["recovers"] else "")
+                        + (f"<br>{diverged} div." if diverged else ""))
                 colour = "#000000" if acc >= 0.5 else "#ffffff"  # Viridis is dark below the middle
             font = {"size": 12} if colour is None else {"size": 12, "color": colour}
             notes.append({"x": fi, "y": gi, "text": text, "showarrow": False, "font": font})
@@ -162,7 +175,7 @@ def accuracy_figure() -> PlotlyFigure:
              "zmin": 0, "zmax": 100, "colorscale": "Viridis", "showscale": False, "xgap": 2, "ygap": 2,
              "customdata": [[f"{FAULT_LABELS[f]}, {LABELS[g]}" for f in faults] for g in guards],
              "hovertemplate": "%{customdata}: %{z:.1f}%<extra></extra>", "hoverongaps": False}
-    layout = {"height": 430, "margin": {"l": 115, "r": 10, "t": 10, "b": 50}, "annotations": notes,
+    layout = {"height": 60 + 38 * len(guards), "margin": {"l": 125, "r": 10, "t": 10, "b": 50}, "annotations": notes,
               "xaxis": {"tickvals": list(range(len(faults))), "ticktext": [FAULT_SHORT[f] for f in faults],
                         "side": "bottom", "showgrid": False, "zeroline": False, "fixedrange": True},
               "yaxis": {"tickvals": list(range(len(guards))), "ticktext": [LABELS[g] for g in guards],
@@ -171,6 +184,8 @@ def accuracy_figure() -> PlotlyFigure:
                         caption=f"Mean test accuracy (%) over {seeds} seeds with each fault (columns) at step "
                                 f"{s['fault_step']} and each guard alone (rows); the clean run reaches "
                                 f"{100 * s['clean']:.1f}%. Colour follows the number, from dark (0%) to yellow "
-                                "(100%). \"div.\" counts the seeds that diverged (weights finite, accuracy below "
-                                "50%), which the mean includes; a cell reading NaN, without colour, had non-finite "
+                                "(100%). ✓ marks a guard that recovers the run: every seed finishes and the "
+                                f"mean is not below the lowest clean seed's {100 * s['clean_min']:.1f}%. \"div.\" "
+                                "counts the seeds that diverged (weights finite, accuracy below 50%), which the "
+                                "mean includes; a cell reading NaN, without colour, had non-finite "
                                 "weights at the end for the seeds counted (no accuracy exists).")

@@ -43,7 +43,7 @@ from torch import nn
 import gradclip
 
 from . import classification as cls
-from . import grids, timing
+from . import grids, harness, timing
 
 __all__ = [
     "BASE",
@@ -206,7 +206,7 @@ def best_per_batch(lines: list[dict[str, Any]]) -> dict[int, dict[str, dict[str,
 def _gradients(config: cls.RunConfig = BASE, batch: int = 64) -> tuple[nn.Module, list[torch.Tensor]]:
     """The harness's model for ``config`` and the gradients of one training minibatch (cloned)."""
     model = cls.build_model(config)
-    x, y = cls._split(config.split_seed)["train"]
+    x, y = harness.image_split(config.split_seed)["train"]
     nn.functional.cross_entropy(model(x[:batch]), y[:batch]).backward()
     return model, [p.grad.detach().clone() for p in model.parameters()]
 
@@ -233,7 +233,7 @@ def clip_costs(repeats: int = 30, config: cls.RunConfig = BASE) -> dict[str, dic
         for p, g in zip(params, saved):
             p.grad.copy_(g)
 
-    with cls._deterministic():
+    with harness.deterministic():
         ms = timing.interleaved(calls, repeats, before=restore)
     return {name: {"seconds": t / 1000, "ratio": t / ms["global"]} for name, t in ms.items()}
 
@@ -266,7 +266,7 @@ def per_sample_check(config: cls.RunConfig = BASE, batch: int = 64, max_norm: fl
     next to an ordinary ``loss.backward()`` plus ``clip_grad_norm_`` on the same batch.
     """
     model = cls.build_model(config)
-    x, y = cls._split(config.split_seed)["train"]
+    x, y = harness.image_split(config.split_seed)["train"]
     x, y = x[:batch], y[:batch]
     params = list(model.parameters())
 
@@ -286,7 +286,7 @@ def per_sample_check(config: cls.RunConfig = BASE, batch: int = 64, max_norm: fl
     calls = {"fast": lambda: out.__setitem__("fast", fast()),
              "loop": lambda: out.__setitem__("loop", _loop_clipped(model, x, y, max_norm)),
              "plain": plain}
-    with cls._deterministic():
+    with harness.deterministic():
         median = {name: t / 1000 for name, t in timing.interleaved(calls, repeats).items()}
     scale = max(float(g.abs().max()) for g in out["loop"])
     diff = max(float((a - b).abs().max()) for a, b in zip(out["fast"], out["loop"]))
@@ -302,32 +302,33 @@ def dp_train(noise_multiplier: float = 1.0, max_norm: float = 1.0, steps: int = 
     Each step: every example's gradient clipped to ``max_norm``, summed, Gaussian noise of standard
     deviation ``noise_multiplier * max_norm`` added, divided by the batch size (Abadi et al. 2016),
     then plain SGD. The minibatches are a seeded shuffle (not Poisson sampling, so no privacy budget is
-    claimed). ``noise_multiplier=0`` gives per-sample clipping without noise.
+    claimed). ``noise_multiplier=0`` gives per-sample clipping without noise. The loop is the book's harness
+    (:func:`gradclip_book.harness.train`) with a loss function that fills the gradients itself.
 
     Returns the test accuracy, the share of examples whose gradient was clipped, and the wall seconds.
     """
     config = replace(cls.DEFAULT, depth=depth, seed=seed)
-    start = time.perf_counter()
-    with cls._deterministic():
-        parts = cls._split(config.split_seed)
-        x, y = parts["train"]
+    noise = torch.Generator().manual_seed(seed + 1)
+    clipped: list[float] = []
+
+    def private_gradient(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Fills ``p.grad`` with the noisy clipped mean (no backward by the harness); returns the batch's loss."""
+        xb, yb = batch
+        norms = gradclip.per_sample_clip_grad_(model, nn.functional.cross_entropy, xb, yb, max_norm=max_norm,
+                                               noise_multiplier=noise_multiplier, generator=noise)
+        clipped.append(float((norms > max_norm).float().mean()))
+        with torch.no_grad():
+            return nn.functional.cross_entropy(model(xb), yb)
+
+    with harness.deterministic():
+        parts = harness.image_split(config.split_seed)
         model = cls.build_model(config)
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.Generator().manual_seed(seed + 1)
-        batches = cls._batches(len(y), batch, generator)
-        clipped = []
-        for _ in range(steps):
-            index = next(batches)
-            optimizer.zero_grad(set_to_none=True)
-            norms = gradclip.per_sample_clip_grad_(model, nn.functional.cross_entropy, x[index], y[index],
-                                                   max_norm=max_norm, noise_multiplier=noise_multiplier,
-                                                   generator=noise)
-            clipped.append(float((norms > max_norm).float().mean()))
-            optimizer.step()
-        accuracy = cls._accuracy(model, *parts["test"])
-    return {"test_accuracy": accuracy, "clipped_share": float(np.mean(clipped)),
-            "seconds": time.perf_counter() - start, "noise_multiplier": noise_multiplier, "max_norm": max_norm,
+        run = harness.train(model, torch.optim.SGD(model.parameters(), lr=lr),
+                            harness.minibatches(*parts["train"], batch, seed), steps, loss_fn=private_gradient,
+                            evaluate=harness.accuracy_evaluator(parts, {"test": "test_accuracy"}), divergence=None,
+                            threads=None)
+    return {"test_accuracy": run.metrics["test_accuracy"], "clipped_share": float(np.mean(clipped)),
+            "seconds": run.seconds, "noise_multiplier": noise_multiplier, "max_norm": max_norm,
             "steps": steps, "batch": batch, "lr": lr, "depth": depth}
 
 

@@ -253,3 +253,47 @@ def test_gradclip_drop_in_reproduces_the_same_bug_numbers():
         ours = bugzoo._step_numbers(step, groups=step is bugzoo.per_group_buggy, clip=gradclip.clip_grad_norm_)
         theirs = bugzoo._step_numbers(step, groups=step is bugzoo.per_group_buggy)
         assert ours == pytest.approx(theirs, rel=1e-9)
+
+
+# --- what gradclip does by default and once opted in (the table's two columns) -----------------
+
+STEP_LEVEL = ["after_step", "before_backward", "micro_batch", "generator", "per_group", "closure"]
+
+
+def _default_outcome(entry):
+    """What the buggy code does when its clipping call is gradclip's drop-in: 'raises', 'warns' or 'silent'."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if entry.name == "negative_threshold":
+                bugzoo._negative_step(entry.buggy, clip=gradclip.clip_grad_norm_)
+            else:
+                bugzoo._step_numbers(entry.buggy, groups=entry.name == "per_group", scaler=entry.name == "amp_scaled",
+                                     clip=gradclip.clip_grad_norm_)
+        except (ValueError, RuntimeError):
+            return "raises"
+    return "warns" if any(issubclass(w.category, UserWarning) for w in caught) else "silent"
+
+
+@pytest.mark.parametrize("name", STEP_LEVEL + ["amp_scaled", "negative_threshold"])
+def test_the_default_column_is_what_the_drop_in_does_on_the_buggy_code(name):
+    entry = bugzoo.bug(name)
+    assert _default_outcome(entry) == entry.caught_by.default
+
+
+def test_the_logs_column_is_where_an_attached_monitor_reads_a_norm_above_max_norm():
+    fires = {name for name in STEP_LEVEL if bugzoo._monitor_fires(groups=name == "per_group")(bugzoo.bug(name).buggy)}
+    assert fires == set(bugzoo.response_counts()["logs"])
+    assert "amp_scaled" not in fires  # the step there used a gradient far below max_norm
+
+
+def test_response_counts_partition_the_bugs_by_default():
+    counts = bugzoo.response_counts()
+    defaults = ["raises", "warns", "prevents", "silent"]
+    assert sorted(n for key in defaults for n in counts[key]) == sorted(b.name for b in bugzoo.BUGS)
+    assert set(counts["caught_by_default"]) | set(counts["opt_in_only"]) == {b.name for b in bugzoo.BUGS}
+    assert counts["raises_opt_in"] == ["before_backward", "amp_scaled"]
+    with pytest.raises(ValueError, match="default must be"):
+        bugzoo.Catch("x", default="flags")

@@ -12,6 +12,7 @@ import torch
 
 import gradclip
 from gradclip_book import grids
+from gradclip_book.reproducibility import rerun_differences
 from gradclip_book.classification import (
     DEFAULT, METHODS, RunConfig, build_model, code_version, compact, config_key, train,
 )
@@ -204,16 +205,8 @@ def test_grid_records_match_a_rerun(grid_lines):
     cheap = [line for line in grid_lines if line["section"] == "grid" and line["config"]["depth"] <= 8]
     for line in rng.sample(cheap, 3):
         fresh = compact(train(RunConfig(**line["config"])))
-        for key in ("steps_run", "diverged_at", "config", "curve_step"):
-            assert fresh[key] == line[key], (key, line["config"], GRID_HINT)
-        for key in ("val_accuracy", "test_accuracy", "clip_fraction", "final_loss", "diverged_loss"):
-            if line[key] is None or isinstance(line[key], str):  # not measured (diverged) or non-finite
-                assert fresh[key] == line[key], (key, line["config"])
-            else:
-                assert fresh[key] == pytest.approx(line[key], rel=1e-3, abs=1e-6), (key, line["config"])
-        for key in ("loss", "grad_norm", "clipped"):
-            assert np.allclose(np.array(fresh[key], dtype=float), np.array(line[key], dtype=float),
-                               rtol=1e-3, atol=1e-6, equal_nan=True), (key, line["config"])
+        # every field bit for bit on the grid's kind of machine, the first steps elsewhere (reproducibility)
+        assert not rerun_differences(fresh, line), (rerun_differences(fresh, line)[:5], line["config"], GRID_HINT)
 
 
 def test_headline_hard_setting(grid_lines):

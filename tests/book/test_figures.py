@@ -110,6 +110,24 @@ def test_live_notebook_gets_real_widgets(monkeypatch):
     assert [c.description for c in controls[:3]] == ["start", "learning rate", "threshold"]
 
 
+def test_live_controls_with_a_train_button_run_only_when_pressed(monkeypatch):
+    monkeypatch.delenv("GRADCLIP_STATIC", raising=False)
+    calls = []
+
+    def compute(**values):
+        calls.append(values)
+        return {"traces": [{"x": [0, 1], "y": [1, 2]}]}
+
+    explorer = make_explorer()
+    box = explorer.live(compute, manual=True)
+    assert calls == []                                   # building the controls trains nothing
+    interactive = box.children[0]
+    interactive.manual_button.click()
+    assert len(calls) == 1 and interactive.manual_button.description == "Train"
+    explorer.live(compute)                               # without it, the first state runs at once
+    assert len(calls) == 2
+
+
 def test_plotly_figure_offers_plotly_json_live_and_only_html_in_the_book(monkeypatch):
     import plotly.graph_objects as go
 

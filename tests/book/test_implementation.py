@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import gradclip
+from gradclip_book import harness
 from gradclip_book import classification as cls
 from gradclip_book import implementation as im
 from gradclip_book.implementation_figures import COMPONENTS, RULES, THRESHOLDS, clip_2d, playground
@@ -75,7 +76,7 @@ def test_layer_norms_monitor_matches_torch_per_layer():
 
 def _target_grad(config, batch=32):
     model = cls.build_model(config)
-    x, y = cls._split(0)["train"]
+    x, y = harness.image_split(0)["train"]
     torch.nn.functional.cross_entropy(model(x[:batch]), y[:batch]).backward()
     return model, [p.grad.detach().double().clone() for p in model.parameters()]
 
@@ -119,7 +120,7 @@ def test_clip_each_method_against_torch_and_formulas():
 def test_autoclip_threshold_is_numpy_percentile_of_the_history():
     rows = im.clip_each_method(SMALL, history=8)
     model = cls.build_model(SMALL)
-    x, y = cls._split(0)["train"]
+    x, y = harness.image_split(0)["train"]
     norms = []
     for k in range(9):
         model.zero_grad()
@@ -154,6 +155,18 @@ def test_corrected_listing_caps_every_norm():
     assert never["clipped"] == 0 and never["max_post"] == pytest.approx(never["max_pre"])
 
 
+def test_listing_recipe_is_the_90th_percentile_of_the_unclipped_norms_and_clips_a_minority():
+    (r,) = im.listing_recipe(seeds=(0,))
+    probe = r["plain"]["norms"][:harness.recipe.PROBE_STEPS]
+    assert r["max_norm"] == float(f"{np.quantile(np.array(probe, dtype=np.float64), 0.9):.3g}")   # numpy, not gradclip
+    norms = r["clipped"]["norms"]
+    assert r["clipped"]["clipped"] == sum(n > r["max_norm"] for n in norms) and 0 < r["clipped"]["clipped"] < len(norms) / 2
+    assert r["clipped"]["max_post"] <= r["max_norm"] * (1 + 1e-5) and r["verdict"] == "keep"
+    # the steps before the first clip are the unclipped run's, bit for bit
+    first = next(i for i, n in enumerate(norms) if n > r["max_norm"])
+    assert norms[:first + 1] == r["plain"]["norms"][:first + 1]
+
+
 # --- 3.3 -------------------------------------------------------------------------------------
 
 
@@ -183,6 +196,50 @@ def test_amp_case(dtype):
     # a step of ~1e-6 measured as float32 parameter differences: a few percent of rounding
     assert r["wrong"]["step"] == pytest.approx(r["lr"] * r["max_norm"] / r["scale"], rel=0.05)
     assert "unscale_" in r["guard"]
+
+
+def test_bf16_case_clips_the_true_gradient_without_a_scaler():
+    r = im.bf16_case()
+    model, x, y = im._tiny()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert r["returned"] == pytest.approx(math.sqrt(sum(float(g.double().square().sum()) for g in grads)), rel=1e-6)
+    assert r["step"] == pytest.approx(r["lr"] * r["max_norm"], rel=1e-5) and r["grad_dtypes"] == ["torch.float32"]
+    assert r["with_scaler_diff"] == 0.0 and r["reference_diff"] < 1e-7
+    assert r["returned"] != pytest.approx(r["float32_norm"], rel=1e-6)   # the forward did run in bfloat16
+
+
+def test_joint_optimizers_case_against_one_torch_clip_over_both():
+    r = im.joint_optimizers_case()
+    model, x, y = im._tiny()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert r["norm"] == pytest.approx(float(torch.nn.utils.clip_grad_norm_(model.parameters(), r["max_norm"])), rel=1e-6)
+    assert r["max_diff"] < 1e-6 and r["used_norm"] == pytest.approx(r["max_norm"], rel=1e-4)
+    assert r["used_norm_separate"] == pytest.approx(math.sqrt(2) * r["max_norm"], rel=1e-3)   # each part at c
+
+
+def test_nonfinite_case_skips_exactly_the_bad_step():
+    r = im.nonfinite_case(steps=5, bad_step=2)
+    assert r["skipped"] == [2] and math.isnan(r["norms"][2]) and all(math.isfinite(n) for i, n in enumerate(r["norms"]) if i != 2)
+    assert r["skip_vs_reference"] == 0.0 and r["guard_vs_reference"] == 0.0 and not r["unchecked_finite"]
+    assert r["error_step"] == 2 and r["params_unchanged_by_error"]
+
+
+def test_distributed_accumulation_matches_torch_on_one_process():
+    r = im.distributed_accumulation_case()
+    model, _, _ = im._tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    expected = []
+    for x, y in im._dist_batches():
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        expected.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), r["max_norm"])))
+        optimizer.step()
+    for kind in ("ddp", "fsdp"):
+        for rank_norms in r[kind]["norms"]:
+            assert rank_norms == pytest.approx(expected, rel=1e-5), kind
+        assert r[kind]["max_diff"] < 1e-6
 
 
 def test_fused_case_matches_foreach():

@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 import gradclip
-from gradclip_book import classification as cls
+from gradclip_book import classification as cls, harness
 from gradclip_book import grids
 from gradclip_book import performance as perf
 from gradclip_book import performance_figures as pf
 from gradclip_book import timing
 from gradclip_book.classification import RunConfig, code_version, compact, config_key, train
+from gradclip_book.reproducibility import rerun_differences
 
 HINT = f"recompute it with `{grids.OPTIMIZATION_COMMAND}` (then update chapters/data/README.md)"
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,12 +43,12 @@ def test_warmup_zero_reproduces_the_stored_chapter_4_records():
 
 def _reference_losses(config: RunConfig) -> list[float]:
     """The harness's loop written with torch's own LambdaLR scheduler for the warm-up (the reference)."""
-    with cls._deterministic():
-        x, y = cls._split(config.split_seed)["train"]
+    with harness.deterministic():
+        x, y = harness.image_split(config.split_seed)["train"]
         model = cls.build_model(config)
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, (t + 1) / config.warmup))
-        batches = cls._batches(len(y), config.batch, torch.Generator().manual_seed(config.seed))
+        batches = harness.batch_indices(len(y), config.batch, config.seed)
         losses = []
         for _ in range(config.steps):
             index = next(batches)
@@ -98,11 +99,8 @@ def test_optimization_grid_records_match_a_rerun(opt_lines):
     short = [line for line in opt_lines if line["config"]["steps"] == grids.HARD.steps]
     for line in random.Random(5).sample(short, 3):
         fresh = compact(train(RunConfig(**line["config"])))
-        for key in ("steps_run", "diverged_at", "config", "curve_step", "test_accuracy", "clip_fraction"):
-            assert fresh[key] == line[key], (key, line["config"], HINT)
-        for key in ("loss", "grad_norm"):
-            assert np.allclose(np.array(fresh[key], dtype=float), np.array(line[key], dtype=float),
-                               rtol=1e-3, atol=1e-6, equal_nan=True), (key, line["config"])
+        # every field bit for bit on the grid's kind of machine, the first steps elsewhere (reproducibility)
+        assert not rerun_differences(fresh, line), (rerun_differences(fresh, line)[:5], line["config"], HINT)
 
 
 def test_readme_documents_the_optimization_grid():

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from gradclip_book import harness
 from gradclip_book import classification as cls
 from gradclip_book import dist_demo
 from gradclip_book import scalability as sc
 from gradclip_book import scalability_figures as sf
+from gradclip_book.reproducibility import rerun_differences
 
 GRID_HINT = f"recompute it with `{sc.COMMAND}` (then update chapters/data/README.md)"
 
@@ -78,8 +80,9 @@ def test_stored_points_are_reproduced_exactly(where):
     batch, method, threshold, seed = where
     line = next(l for l in sc.load() if sc._identity(l["config"]) == (batch, sc.lr_for(batch), method, threshold, seed))
     fresh = cls.train(sc.config_of(line)).to_json()
-    for key in ("test_accuracy", "diverged_at", "grad_norm", "loss", "clip_fraction"):
-        assert fresh[key] == line[key], (key, GRID_HINT)
+    fresh = {key: fresh[key] for key in ("test_accuracy", "diverged_at", "grad_norm", "loss", "clip_fraction")}
+    # bit for bit on the grid's kind of machine, the first steps elsewhere (reproducibility)
+    assert not rerun_differences(fresh, line), (rerun_differences(fresh, line)[:5], GRID_HINT)
 
 
 def test_best_per_batch_picks_the_best_mean_with_diverged_runs_at_chance():
@@ -129,9 +132,9 @@ def test_notes_give_each_best_mean_rounded_once_from_the_seeds():
             exact = sum(Fraction(str(s)) for s in cell["scores"]) / len(cell["scores"])
             expected = f"{round(exact * 1000) / 10:.1f}%"
             assert f"{name} = {cell['threshold']:g} ({expected})" in note, (batch, method, note)
-    # the two cases a reader caught when the notes rounded twice (90.65 -> 90.7, 94.35 -> 94.3)
-    assert "c = 3 (90.6%)" in " ".join(explorer.frame(batch=16)["note"])
-    assert "λ = 0.02 (94.4%)" in " ".join(explorer.frame(batch=64)["note"])
+    # the two means a reader caught when the notes rounded twice (0.90648 -> 90.65 -> 90.7, 0.94352 -> 94.35 ->
+    # 94.3), kept as cases now that the recomputed runs have other means
+    assert (sc.percent(0.90648), sc.percent(0.9435167)) == ("90.6%", "94.4%")
 
 
 def test_figures_keep_legends_above_the_panels_and_label_log_axes_at_the_grid_values():
@@ -161,7 +164,7 @@ def test_per_sample_fast_path_matches_a_per_example_loop():
 def test_loop_reference_clips_each_example():
     # the reference itself, against gradclip-free arithmetic: one example's clipped gradient has norm <= C
     model = cls.build_model(sc.BASE)
-    x, y = cls._split(0)["train"]
+    x, y = harness.image_split(0)["train"]
     grads = sc._loop_clipped(model, x[:1], y[:1], 1e-3)
     total = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
     assert total == pytest.approx(1e-3, rel=1e-4)

@@ -185,12 +185,13 @@ def per_sample_clipped_mean(model, loss_fn, inputs, targets, max_norm, noise_mul
 
 
 def autoclip_threshold(history, percentile):
-    """AutoClip's threshold numpy.percentile(history, p), NaN recorded as +inf, +inf where numpy says NaN (Seetharaman et al. 2020)."""
+    """AutoClip's threshold numpy.percentile(history, p) over the finite norms only (a non-finite one is
+    not recorded), +inf for an empty history (Seetharaman et al. 2020)."""
     values = np.asarray(history, dtype=np.float64)
+    values = values[np.isfinite(values)]
     if values.size == 0:
         return math.inf
-    threshold = float(np.percentile(np.where(np.isnan(values), math.inf, values), percentile))
-    return math.inf if math.isnan(threshold) else threshold
+    return float(np.percentile(values, percentile))
 
 
 class ReferenceZClip:
@@ -241,7 +242,8 @@ class ReferenceZClip:
 
 
 def spike_guard_decisions(norms, mode, k, window, min_history):
-    """SpikeGuard's skip rule: not finite, or g > mean + k std (zscore) / k lower-median (median) of the last finite norms."""
+    """SpikeGuard's skip rule: not finite, or g > mean + k std (zscore) / k lower-median (median) of the last
+    ``window`` finite norms (a non-finite norm, skipped, is not recorded: it evicts nothing)."""
     history, out = [], []
     for g in norms:
         h = [x for x in history[-window:] if math.isfinite(x)]
@@ -253,7 +255,8 @@ def spike_guard_decisions(norms, mode, k, window, min_history):
             out.append(g > statistics.fmean(h) + k * statistics.stdev(h))
         else:
             out.append(g > k * sorted(h)[(len(h) - 1) // 2])
-        history.append(g)
+        if math.isfinite(g):
+            history.append(g)
     return out
 
 

@@ -1,0 +1,161 @@
+"""Chapter 4's text page: its summaries and figures read the stored runs right (gradclip_book.text_figures)."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from gradclip_book import harness, text_grid
+from gradclip_book import text_figures as tf
+from gradclip_book.text_runs import RNN
+
+
+def _stored(**fields):
+    """The stored lines whose config has these fields, read straight from the file (an independent lookup)."""
+    return [line for line in text_grid.lines() if all(line["config"][k] == v for k, v in fields.items())]
+
+
+def _val(line):
+    return None if line["diverged_at"] is not None else float(line["metrics"]["val_loss"])
+
+
+@pytest.mark.parametrize("model,threshold", [("rnn", None), ("rnn", 1.0), ("lstm", None), ("lstm", 1.0)])
+def test_recurrent_choice_is_the_lowest_mean_validation_loss_among_the_seeds(model, threshold):
+    method = "none" if threshold is None else "norm"
+    table = {}
+    for lr in text_grid.RNN_LRS:
+        lines = _stored(model=model, seq_len=text_grid.HEADLINE_SEQ_LEN, lr=lr, method=method, threshold=threshold)
+        values = [_val(line) for line in sorted(lines, key=lambda line: line["config"]["seed"])]
+        assert len(values) == len(text_grid.SEEDS)
+        finished = [v for v in values if v is not None]
+        table[lr] = (sum(v is None for v in values), float(np.mean(finished)) if finished else math.inf)
+    want = min(text_grid.RNN_LRS, key=lambda lr: (table[lr], text_grid.RNN_LRS.index(lr)))
+    choice = tf.recurrent_choice(model, threshold)
+    assert choice.best.setting == want
+    assert choice.best.mean == pytest.approx(table[want][1])
+
+
+def test_recurrent_explorer_draws_the_stored_runs():
+    explorer = tf.recurrent_explorer()
+    for values in explorer.sample(5, seed=random.randrange(1 << 30)):
+        run = tf.recurrent_run("rnn", values["seq_len"], values["lr"], values["threshold"])
+        plain = tf.recurrent_run("rnn", values["seq_len"], values["lr"], None)
+        traces = explorer.frame(**values)["traces"]
+        stored_norms = [float(v) for v in run["curve"]["grad_norm"] if v != "nan"]
+        assert max(v for v in traces[4]["y"] if v is not None) == pytest.approx(max(stored_norms), rel=1e-3)
+        assert traces[1]["y"][0] == pytest.approx(float(plain["curve"]["loss"][0]), rel=1e-3)
+        fired = [v for v in traces[6]["y"] if v is not None]
+        assert bool(fired) == (float(run["clip_fraction"]) > 0)
+        # the drawn steps are the stored bins' first steps, merged into at most PLOT_POINTS, drawn at step + 1
+        assert len(traces[0]["x"]) <= tf.PLOT_POINTS and traces[0]["x"][0] == 1
+        assert set(traces[0]["x"]) <= {s + 1 for s in run["curve"]["step"]}
+
+
+def test_through_time_frame_reads_the_stored_profiles():
+    run = tf.recurrent_run("rnn", 128, 3.0, None)
+    frame = tf.through_time_frame(run)
+    start = [float(v) for v in run["through_time"][0][1]]
+    end = [float(v) for v in run["through_time"][-1][1]]
+    assert frame["traces"][0]["y"][:3] == pytest.approx(start[:3], rel=1e-3)
+    assert frame["traces"][2]["y"][0] == pytest.approx(end[0], rel=1e-3)
+    assert all(y is None or y > 0 for trace in frame["traces"][:3] for y in trace["y"])  # zeros are not drawn on a log axis
+    assert f"at step {run['through_time'][-1][0]}" in frame["note"][0]
+
+
+def test_cliff_slice_re_runs_the_stored_start_and_probes_without_a_trace():
+    config = replace(RNN, seq_len=128, lr=3.0)
+    cliff = tf.cliff_slice(config, steps=6)
+    stored = tf.recurrent_run("rnn", 128, 3.0, None)["curve"]
+    assert [harness.curves.round_float(v) for v in cliff["run"].loss] == stored["loss"][:6]
+    assert [harness.curves.round_float(v) for v in cliff["run"].grad_norm] == stored["grad_norm"][:6]
+    assert cliff["distance"][-1] == pytest.approx(cliff["lr"] * cliff["norm"])
+    assert cliff["along"][-1] == pytest.approx(cliff["after"], rel=1e-5)
+    assert cliff["jumps"][cliff["step"]] > 1 and all(j <= 1 for j in cliff["jumps"][:cliff["step"]])
+
+
+def test_power_text_and_describe():
+    assert tf.power_text(3.6e-12) == "4×10⁻¹²"
+    run = tf.recurrent_run("rnn", 32, 1.0, 1.0)
+    assert f"{float(run['metrics']['val_loss']):.3f}" in tf.describe(run) and "fired at" in tf.describe(run)
+
+
+# --- the transformer ------------------------------------------------------------------------------------------
+
+
+def _transformer_lines(arm, lr, seeds):
+    want = {harness.config_key(text_grid.arm_config(arm, lr, s)) for s in seeds}
+    return [line for line in text_grid.lines() if line["key"] in want]
+
+
+def test_headline_learning_rates_are_the_sweep_choice_on_validation_loss():
+    # an independent choice: per arm, the lowest seed-0 validation loss among the runs that finished
+    for arm in text_grid.ARMS:
+        finished = {lr: _val(line) for lr in text_grid.TRANSFORMER_LRS
+                    for line in _transformer_lines(arm, lr, text_grid.SWEEP_SEEDS) if _val(line) is not None}
+        want = min(finished, key=lambda lr: (finished[lr], lr))
+        assert text_grid.HEADLINE_LR[arm] == want, arm
+        assert tf.arm_choices()[arm]["lr"] == want
+
+
+def test_arm_verdicts_follow_the_spread_rule_over_five_seeds():
+    choices = tf.arm_choices()
+    verdicts = tf.arm_verdicts(choices)
+    values = {arm: [_val(line) for line in _transformer_lines(arm, text_grid.HEADLINE_LR[arm], text_grid.SEEDS)]
+              for arm in text_grid.ARMS}
+    assert all(len(v) == len(text_grid.SEEDS) for v in values.values())
+    base = values["none"]
+    for arm, verdict in verdicts.items():
+        mine = values[arm]
+        assert choices[arm]["score"].mean == pytest.approx(np.mean([v for v in mine if v is not None]))
+        if None in mine or None in base:
+            continue
+        gap, spread = np.mean(base) - np.mean(mine), max(np.std(base, ddof=1), np.std(mine, ddof=1))
+        want = "better" if gap > spread else "worse" if -gap > spread else "no difference"
+        assert verdict == want, (arm, gap, spread)
+
+
+def test_spikes_are_the_stored_rises_largest_first():
+    runs = [line for line in text_grid.lines() if line["config"]["model"] == "transformer"]
+    found = tf.spikes(runs)
+    assert [s["rise"] for s in found] == sorted((s["rise"] for s in found), reverse=True)
+    finished = [line for line in runs if line["diverged_at"] is None]
+    assert len(found) == len(finished)
+    top = max(finished, key=lambda line: float(line["rise"]["rise"]))
+    assert found[0]["rise"] == pytest.approx(float(top["rise"]["rise"])) and found[0]["step"] >= 50
+
+
+def test_sensitivity_figure_draws_the_seed_zero_losses():
+    figure = tf.sensitivity_figure()
+    for trace, arm in zip(figure.data, text_grid.ARMS):
+        for lr, y in zip(trace["x"], trace["y"]):
+            (line,) = _transformer_lines(arm, lr, text_grid.SWEEP_SEEDS)
+            assert y == pytest.approx(_val(line), rel=1e-3)
+
+
+def test_live_recurrent_frame_reproduces_the_stored_frame():
+    # a fresh run (window 16, lr 1, unclipped: one run of a few seconds) draws what the stored run draws
+    stored = tf.recurrent_run("rnn", 16, 1.0, None)
+    assert tf.live_recurrent_frame(16, 1.0, None) == tf.recurrent_frame(stored, stored)
+
+
+def test_guide_evidence_is_best_against_best_by_the_spread_rule():
+    ev = tf.guide_evidence()
+    for model in ("rnn", "lstm"):
+        row = ev["recurrent"][model]
+        plain = [_val(line) for line in _stored(model=model, seq_len=text_grid.HEADLINE_SEQ_LEN, lr=row["plain_lr"],
+                                                method="none")]
+        clipped = [_val(line) for line in _stored(model=model, seq_len=text_grid.HEADLINE_SEQ_LEN, lr=row["clip_lr"],
+                                                  method="norm", threshold=text_grid.RNN_CLIP)]
+        assert None not in plain + clipped and len(plain) == len(clipped) == len(text_grid.SEEDS)
+        assert row["plain"] == pytest.approx((np.mean(plain), np.std(plain, ddof=1)))
+        assert row["clip"] == pytest.approx((np.mean(clipped), np.std(clipped, ddof=1)))
+        gap, spread = np.mean(plain) - np.mean(clipped), max(np.std(plain, ddof=1), np.std(clipped, ddof=1))
+        assert row["verdict"] == ("better" if gap > spread else "worse" if -gap > spread else "no difference")
+    t = ev["transformer"]
+    assert t["lr"] == text_grid.HEADLINE_LR["none"] and set(t["verdicts"]) == set(text_grid.ARMS) - {"none"}
+    norm = [float(line["clip_fraction"]) for line in _transformer_lines("norm", t["lr"], text_grid.SEEDS)]
+    assert t["norm_clip_fraction"] == pytest.approx(np.mean(norm))
