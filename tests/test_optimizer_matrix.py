@@ -618,19 +618,13 @@ def loop_loss(model, step, k, accumulation):
     return loss * LOOP_SPIKE_FACTOR if step == LOOP_SPIKE else loss
 
 
-class ScalingWrapper(torch.optim.Optimizer):
+class ScalingWrapper(AccelerateStyleWrapper):
     """accelerate's AcceleratedOptimizer in miniature: holds the scaler; its step() is scaler.step + update, on the
     torch optimizer itself (as accelerate's, and Lightning's precision plugin, pass the unwrapped optimizer)."""
 
     def __init__(self, optimizer, scaler):
-        self.optimizer, self.scaler = optimizer, scaler
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    def zero_grad(self, set_to_none=True):
-        self.optimizer.zero_grad(set_to_none)
+        super().__init__(optimizer)
+        self.scaler = scaler
 
     def step(self, closure=None):
         if self.scaler is None:
