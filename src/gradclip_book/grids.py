@@ -35,7 +35,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from . import classification as cls
+from . import classification as cls, harness
 
 __all__ = [
     "ADAM_LRS",
@@ -182,17 +182,7 @@ def number(value: Any) -> float | None:
 
 def load(path: Path = CLASSIFICATION_FILE) -> list[dict[str, Any]]:
     """Every complete line of a grid file, parsed (``[]`` if there is no file; a truncated end is ignored)."""
-    if not Path(path).exists():
-        return []
-    lines = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        try:
-            for line in f:
-                if line.endswith("\n"):  # a last line cut off by an interruption is dropped
-                    lines.append(json.loads(line))
-        except (EOFError, gzip.BadGzipFile):  # the writer was killed mid-member: keep what was read
-            pass
-    return lines
+    return harness.load_lines(path)
 
 
 def _one(section: str, config: cls.RunConfig, version: str) -> str:
