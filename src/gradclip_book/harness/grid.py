@@ -44,10 +44,9 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["code_version", "config_key", "load_lines", "run_grid", "spot_check", "write_lines"]
+from ..reproducibility import IGNORED, rerun_differences
 
-IGNORED = frozenset({"seconds"})
-"""Fields of a stored line that vary from run to run (wall time) and are not compared by :func:`spot_check`."""
+__all__ = ["code_version", "config_key", "load_lines", "run_grid", "spot_check", "write_lines"]
 
 
 def config_key(config: Any) -> str:
@@ -202,13 +201,10 @@ def spot_check(lines: Sequence[dict[str, Any]], run: Callable[[Any], dict], conf
         >>> spot_check([{"config": {"x": 3}, "y": 10}], lambda c: {"y": c["x"] ** 2}, dict, count=1)
         ["config {'x': 3}: y stored 10, now 9"]
     """
-    from ..reproducibility import rerun_differences
-
     chosen = random.Random(seed).sample(list(lines), min(count, len(lines)))
     problems = []
     for line in chosen:
         fresh = json.loads(json.dumps(run(config_of(line["config"]))))
-        fresh = {name: value for name, value in fresh.items() if name not in IGNORED}
         problems += [f"config {line['config']}: {problem}" for problem in rerun_differences(fresh, line)]
     return problems
 
