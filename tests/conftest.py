@@ -1,4 +1,4 @@
-"""Shared fixtures: the built book (built once per session) and a local web server for it."""
+"""Shared fixtures: the built book (built once per session, in the background) and a local web server for it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -30,25 +32,90 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [f"cpu: {model}, {os.cpu_count()} cores; kernels: {cpu_kernels()}"]
 
 
+BUILD_TIMEOUT_S = 1500  # from its start; alone the build takes about 5 minutes on 2 cores
+
+
+class BookBuild:
+    """The book build (``jupyter-book build --all -W``), run in the background while other tests run.
+
+    The build executes every notebook, mostly on one core; the test session starts it as soon as it
+    knows that a collected test reads the book, and runs those tests last, so that the build overlaps
+    the rest of the suite instead of adding to it.
+    """
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.log = None
+        self.started = 0.0
+
+    def start(self) -> None:
+        if self.process is not None:
+            return
+        shutil.rmtree(ROOT / "_build", ignore_errors=True)  # stale pages must not survive
+        jupyter_book = Path(sys.executable).with_name("jupyter-book")
+        self.log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            [str(jupyter_book), "build", "--all", "-W", "--keep-going", str(ROOT)],
+            cwd=ROOT, env={**os.environ, "GRADCLIP_STATIC": "1"}, stdout=self.log, stderr=subprocess.STDOUT, text=True,
+        )
+
+    def wait(self) -> Path:
+        self.start()
+        remaining = BUILD_TIMEOUT_S - (time.monotonic() - self.started)
+        try:
+            code = self.process.wait(timeout=max(remaining, 1))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"the book build took more than {BUILD_TIMEOUT_S} s:\n{self.output()[-6000:]}")
+        assert code == 0, f"book build failed:\n{self.output()[-12000:]}"
+        html = ROOT / "_build" / "html"
+        assert (html / "index.html").exists(), "jupyter-book reported success but wrote no index.html"
+        return html
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+_BOOK_BUILD = BookBuild()
+
+
+def _reads_the_book(item: pytest.Item) -> bool:
+    return "built_book" in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: start the build only for tests that will run
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.option.collectonly or os.environ.get("GRADCLIP_BOOK_HTML"):
+        return
+    book_modules = {item.module for item in items if _reads_the_book(item) and getattr(item, "module", None)}
+    if not book_modules:
+        return
+    # whole modules move, so that their module-scoped fixtures (the browser) are set up once
+    items[:] = ([item for item in items if getattr(item, "module", None) not in book_modules]
+                + [item for item in items if getattr(item, "module", None) in book_modules])
+    _BOOK_BUILD.start()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _BOOK_BUILD.stop()  # an interrupted or failed session leaves no build running
+
+
 @pytest.fixture(scope="session")
 def built_book() -> Path:
-    """The HTML book. Built from scratch unless GRADCLIP_BOOK_HTML names an existing build."""
+    """The HTML book: the background build's, or GRADCLIP_BOOK_HTML if it names an existing build."""
     reuse = os.environ.get("GRADCLIP_BOOK_HTML")
     if reuse:
         html = Path(reuse)
         assert (html / "index.html").exists(), f"GRADCLIP_BOOK_HTML={reuse} has no index.html"
         return html
-    shutil.rmtree(ROOT / "_build", ignore_errors=True)  # stale pages must not survive
-    jupyter_book = Path(sys.executable).with_name("jupyter-book")
-    env = {**os.environ, "GRADCLIP_STATIC": "1"}
-    result = subprocess.run(
-        [str(jupyter_book), "build", "--all", "-W", "--keep-going", str(ROOT)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert result.returncode == 0, f"book build failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
-    html = ROOT / "_build" / "html"
-    assert (html / "index.html").exists(), "jupyter-book reported success but wrote no index.html"
-    return html
+    return _BOOK_BUILD.wait()
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):

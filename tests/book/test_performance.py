@@ -243,3 +243,23 @@ def test_lrs_words_names_the_set_and_scan_counts_every_seed():
         trained = sum(r["diverged_at"] is None and float(r["test_accuracy"] or 0) >= 0.9 for r in runs)
         assert summary["trained"][lr] == trained
         assert (lr in summary["stable_lrs"]) == (trained == len(runs))
+
+
+def test_live_heatmap_frame_trains_exactly_the_stored_runs_it_replaces(monkeypatch):
+    # The live frame's trainings are the grid's own configs (the stored runs re-train exactly, above); so with
+    # each training answered from the grid, the live frame must be the stored frame, cell for cell.
+    from types import SimpleNamespace
+
+    from gradclip_book import classification_figures as cf
+
+    trained = []
+
+    def from_the_grid(config):
+        trained.append(config)
+        run = cf.run_of(config)
+        return SimpleNamespace(test_accuracy=run["test_accuracy"], diverged=run["diverged_at"] is not None)
+
+    monkeypatch.setattr(pf.cls, "train", from_the_grid)
+    for depth, method in [(grids.HARD.depth, "norm"), (min(grids.DEPTHS), "agc")]:
+        assert pf.live_heatmap_frame(depth, method) == pf.heatmap_frame(depth, method)
+    assert len(trained) == 2 * len(grids.LRS) * (1 + len(grids.THRESHOLDS["norm"]))
