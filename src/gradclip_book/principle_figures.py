@@ -222,9 +222,13 @@ CLIFF_HORIZONS = (40, 400)
 
 
 @lru_cache(maxsize=None)
+def _cliff_full_run(lr: float, max_norm: float | None):
+    return cliff_descent(*CLIFF_START, lr=lr, max_norm=max_norm, iters=max(CLIFF_HORIZONS))
+
+
 def cliff_run(lr: float, max_norm: float | None, iters: int = 40):
-    """Descent from :data:`CLIFF_START`; a shorter horizon is the prefix of the longest run."""
-    full = cliff_descent(*CLIFF_START, lr=lr, max_norm=max_norm, iters=max(CLIFF_HORIZONS))
+    """Descent from :data:`CLIFF_START`; a shorter horizon is the prefix of the longest run (computed once)."""
+    full = _cliff_full_run(lr, max_norm)
     if iters == max(CLIFF_HORIZONS):
         return full
     n = min(iters + 1, len(full.w))

@@ -17,6 +17,19 @@ def test_cliff_gradient_matches_finite_differences():
         assert db == pytest.approx(float(cliff_loss(w, b + eps) - cliff_loss(w, b - eps)) / (2 * eps), rel=1e-4)
 
 
+def test_the_descents_forward_mode_gradient_is_backpropagation_through_time():
+    # cliff_descent carries dx/dw, dx/db forward (fast); cliff_gradient backpropagates with autograd
+    from gradclip_book.cliff import _cliff_value_and_gradient
+
+    rng = np.random.default_rng(0)
+    points = [(5.0, -2.61), (5.0, -2.62), (7.0, -4.5), (3.0, -0.5)] + list(zip(rng.uniform(3, 7, 40), rng.uniform(-4.5, -0.5, 40)))
+    for w, b in points:
+        fast, bptt = _cliff_value_and_gradient(float(w), float(b), 0.5, 50, 0.7), cliff_gradient(float(w), float(b))
+        assert fast == pytest.approx(bptt, rel=1e-12, abs=1e-300), (w, b)
+    with np.errstate(over="ignore"):  # the far-off point saturates the sigmoid: exp(-x) overflows in numpy
+        assert _cliff_value_and_gradient(1e6, -1e6, 0.5, 50, 0.7)[0] == pytest.approx(float(cliff_loss(1e6, -1e6)))
+
+
 def test_cliff_has_a_wall_and_clipping_bounds_the_steps():
     assert cliff_loss(5.0, -2.62) > 10 * cliff_loss(5.0, -2.61)
     plain = cliff_descent(5.0, -2.55, lr=0.005, iters=40)
