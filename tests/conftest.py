@@ -100,6 +100,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     # whole modules move, so that their module-scoped fixtures (the browser) are set up once
     items[:] = ([item for item in items if getattr(item, "module", None) not in book_modules]
                 + [item for item in items if getattr(item, "module", None) in book_modules])
+    # the first test to read the book waits for the build in its setup: give it the build's time, not one test's
+    next(item for item in items if _reads_the_book(item)).add_marker(pytest.mark.timeout(BUILD_TIMEOUT_S + 60))
     _BOOK_BUILD.start()
 
 
