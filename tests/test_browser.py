@@ -9,7 +9,7 @@ playwright is missing; under CI (CI=true) that is a failure.
 Checks: no uncaught JS error and no request to another host (every mode); every
 figure draws; every control of every figure (slider and buttons) changes the
 plot to the embedded frame; no raw TeX in visible text; no display equation
-wider than the content column at 1280 px; no sideways page scroll at 390 px;
+wider than the content column and no printed output cut off at 1280 px; no sideways page scroll at 390 px;
 captions, notes and controls keep a 4.5:1 contrast in dark mode.
 """
 
@@ -166,6 +166,12 @@ WIDE_EQUATIONS_JS = r"""() => {
   });
 }"""
 
+CUT_OUTPUTS_JS = r"""() => Array.from(document.querySelectorAll('.output.stream pre, .output.text_plain pre'))
+  .filter(p => p.scrollWidth > p.clientWidth + 1).map(p => {
+    const line = p.textContent.split('\\n').reduce((a, b) => b.length > a.length ? b : a, '');
+    return `printed output ${p.scrollWidth - p.clientWidth} px wider than its box: ${line.trim().slice(0, 100)}`;
+  })"""
+
 SIDEWAYS_JS = r"""() => {
   const s = document.scrollingElement, over = s.scrollWidth - s.clientWidth;
   if (over <= 0) return [];
@@ -249,6 +255,7 @@ def audit(browser, server: str, page_name: str, mode: str) -> dict:
     if mode == "desktop":
         result["raw_tex"] = watch.page.evaluate(RAW_TEX_JS)
         result["wide_equations"] = watch.page.evaluate(WIDE_EQUATIONS_JS)
+        result["cut_outputs"] = watch.page.evaluate(CUT_OUTPUTS_JS)
         result["controls"] = drive_every_control(watch.page)
     if mode == "phone":
         result["sideways"] = watch.page.evaluate(SIDEWAYS_JS)
@@ -308,6 +315,13 @@ def test_display_equations_fit_the_column_at_1280_px(audits, page_name):
 
 
 @pytest.mark.parametrize("page_name", PAGES)
+def test_printed_outputs_fit_the_column_at_1280_px(audits, page_name):
+    # what a cell prints is read, not scrolled: a line cut off at the edge hides the number it was printed for
+    problems = audits(page_name, "desktop")["cut_outputs"]
+    assert unexpected("cut_outputs", page_name, problems) == [], page_name
+
+
+@pytest.mark.parametrize("page_name", PAGES)
 def test_nothing_scrolls_sideways_at_390_px(audits, page_name):
     result = audits(page_name, "phone")
     assert unexpected("sideways", page_name, result["sideways"][:1]) == [], (page_name, result["sideways"])
@@ -333,7 +347,7 @@ if KNOWN:  # defined only while a problem is known: an empty parametrization wou
         pytest.param(c, p, t, marks=pytest.mark.xfail(strict=True, reason=f"known on {p}: {t}")) for c, p, t in KNOWN
     ])
     def test_known_problem_is_still_there(audits, check, page_name, text):
-        mode = {"raw_tex": "desktop", "wide_equations": "desktop", "sideways": "phone", "contrast": "dark"}[check]
+        mode = {"raw_tex": "desktop", "wide_equations": "desktop", "cut_outputs": "desktop", "sideways": "phone", "contrast": "dark"}[check]
         assert not any(text in problem for problem in audits(page_name, mode)[check])
 
 
