@@ -1,4 +1,5 @@
-"""Chapter 5.2's figures, read from the stored batch-size grid (:func:`gradclip_book.scalability.load`).
+"""Chapter 5.2's figures and table, read from the stored batch-size grid and its controls
+(:func:`gradclip_book.scalability.load`).
 
 Example:
     >>> from gradclip_book import scalability_figures as sf
@@ -19,8 +20,6 @@ from .figures import Explorer, Param, PlotlyFigure, run_style, table_html
 
 __all__ = ["STEPS", "batch_explorer", "batch_frame", "best_figure", "comparison_table", "control_lines", "lines",
            "live_configs", "live_frame", "stored_runs"]
-
-LABELS = {"none": "no clipping", "agc": "AGC (best λ)", "norm": "global norm (best c)"}
 
 
 STEPS = (sc.BASE.steps, sc.SHORT_STEPS)
