@@ -8,6 +8,16 @@ the batch (:func:`lr_for`, as Brock et al. 2021 do), once without clipping and w
 line per run to ``chapters/data/scalability_grid.jsonl.gz`` (gzip), with the run's full config, so a
 stored run can be re-trained from its line alone (:func:`config_of`). Interrupted, it resumes.
 
+**The controls.** ``python -m gradclip_book.scalability controls [--jobs 1]`` trains, into
+``chapters/data/scalability_controls.jsonl.gz``, the two checks the grid needs (:func:`control_configs`):
+the strongest simple alternative to clipping, training without it at lower learning rates
+(:data:`LOWER_LR_FACTORS` of the scaled one), and the whole grid again for :data:`SHORT_STEPS` steps, so that
+each batch size is also seen at the number of images (epochs) the next-smaller batch size sees in 200 steps.
+
+**The protocol** (chapter 4's, :mod:`gradclip_book.harness.select`). At each batch size each method's knob
+is chosen on validation accuracy (:func:`choose`), test accuracy is reported once for the chosen setting,
+and one chosen setting beats another only beyond the seed spread (:func:`~gradclip_book.harness.select.beats`).
+
 **Structure-aware clipping.** :func:`clip_costs` times global, per-tensor, block-RMS and AGC clipping on the
 same gradients (interleaved calls, medians); :func:`per_sample_check` compares gradclip's per-sample
 (DP-SGD) clipping with a per-example loop (same clipped gradient, and the time of each);
@@ -20,8 +30,8 @@ References:
 
 Example:
     >>> configs = grid_configs()
-    >>> len(configs), lr_for(1024)
-    (168, 1.6)
+    >>> len(configs), len(control_configs()), lr_for(1024)
+    (360, 480, 1.6)
 """
 
 from __future__ import annotations
@@ -51,11 +61,18 @@ __all__ = [
     "GRID_FILE",
     "SEEDS",
     "THRESHOLDS",
-    "best_per_batch",
+    "CONTROLS_FILE",
+    "CONTROLS_COMMAND",
+    "SHORT_STEPS",
+    "LOWER_LR_FACTORS",
     "cell_table",
+    "choose",
+    "chosen_per_batch",
     "clip_costs",
     "config_of",
+    "control_configs",
     "dp_train",
+    "epochs",
     "grid_configs",
     "load",
     "lr_for",
@@ -63,11 +80,14 @@ __all__ = [
     "per_sample_check",
     "percent",
     "run_grid",
+    "sensitivity",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID_FILE = ROOT / "chapters" / "data" / "scalability_grid.jsonl.gz"
-COMMAND = "python -m gradclip_book.scalability grid --jobs 2"
+CONTROLS_FILE = ROOT / "chapters" / "data" / "scalability_controls.jsonl.gz"
+COMMAND = "python -m gradclip_book.scalability grid --jobs 1"
+CONTROLS_COMMAND = "python -m gradclip_book.scalability controls --jobs 1"
 
 BATCHES = (16, 64, 256, 1024)
 """Batch sizes (images per step; the training set has 1,077)."""
@@ -75,18 +95,35 @@ BASE = cls.RunConfig(depth=8, width=64, steps=200)
 """Every grid run: ReLU MLP of depth 8 and width 64, He init, no normalisation, SGD with momentum 0.9, 200 steps."""
 BASE_LR, BASE_BATCH = 0.025, 16
 THRESHOLDS: dict[str, tuple[float, ...]] = {
-    "agc": (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16),
+    "agc": (0.000625, 0.00125, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64),
     "norm": (0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
 }
-"""AGC's clip factors lambda (the paper's 0.01 .. 0.16, and two smaller) and global-norm thresholds c."""
-SEEDS = (0, 1, 2)
+"""AGC's clip factors lambda (the paper's 0.01 .. 0.16, four halvings below it and two doublings above, so that no
+batch size's chosen lambda lies at an end of the grid) and global-norm thresholds c."""
+SEEDS = (0, 1, 2, 3, 4)
 CHANCE = 0.1
-"""A diverged run counts at chance accuracy (10 classes) in the means."""
+"""A diverged run counts at chance accuracy (10 classes) in the figures' means."""
+LOWER_LR_FACTORS = (0.015625, 0.03125, 0.0625, 0.125, 0.25, 0.5)
+"""Unclipped controls: the scaled learning rate times these (the grid has factor 1)."""
+SHORT_STEPS = 50
+"""Controls for the epochs the grid confounds with the batch size: every point of the grid for 50 steps instead of
+200. A run at batch 4b for 50 steps sees as many images (epochs) as the grid's run at batch b for 200 steps."""
+VALIDATION, TEST = "val_accuracy", "test_accuracy"
 
 
 def lr_for(batch: int) -> float:
     """The linearly scaled learning rate: 0.025 at batch 16, so 0.1 at 64 and 1.6 at 1024 (the paper's lr at 4096)."""
     return BASE_LR * batch / BASE_BATCH
+
+
+def epochs(batch: int, steps: int) -> float:
+    """Passes over the training images (1,077) that ``steps`` minibatches of ``batch`` images make.
+
+    Example:
+        >>> round(epochs(16, 200), 2), round(epochs(1024, 200), 1)
+        (2.97, 190.2)
+    """
+    return batch * steps / len(harness.image_split(BASE.split_seed)["train"][1])
 
 
 def grid_configs() -> list[cls.RunConfig]:
@@ -100,9 +137,20 @@ def grid_configs() -> list[cls.RunConfig]:
     return out
 
 
+def control_configs() -> list[cls.RunConfig]:
+    """The controls (module docstring): no clipping at lower learning rates at every batch size, and every point of
+    the grid for :data:`SHORT_STEPS` steps, for each seed of :data:`SEEDS`."""
+    out = []
+    for batch in BATCHES:
+        for factor in LOWER_LR_FACTORS:
+            out += [replace(BASE, batch=batch, lr=lr_for(batch) * factor, seed=seed) for seed in SEEDS]
+    out += [replace(c, steps=SHORT_STEPS) for c in grid_configs()]
+    return out
+
+
 def _identity(config: dict[str, Any]) -> tuple:
-    """What tells runs apart here: the fields this grid varies (stable if the harness gains defaulted fields)."""
-    return (config["batch"], config["lr"], config["method"], config["threshold"], config["seed"])
+    """What tells runs apart here: the fields these grids vary (stable if the harness gains defaulted fields)."""
+    return (config["batch"], config["lr"], config["steps"], config["method"], config["threshold"], config["seed"])
 
 
 def config_of(line: dict[str, Any]) -> cls.RunConfig:
@@ -168,36 +216,92 @@ def percent(fraction: float, digits: int = 1) -> str:
     return f"{100 * fraction:.{digits}f}%"
 
 
-def _score(line: dict[str, Any]) -> float:
-    return CHANCE if line["diverged_at"] is not None else float(line["test_accuracy"])
+def _score(line: dict[str, Any], metric: str) -> float:
+    return CHANCE if line["diverged_at"] is not None else float(line[metric])
 
 
-def cell_table(lines: list[dict[str, Any]]) -> dict[tuple[int, str, float | None], dict[str, Any]]:
-    """Per (batch, method, threshold): the seeds' test accuracies, their mean (a diverged run at chance), divergences."""
+def cell_table(lines: list[dict[str, Any]], metric: str = VALIDATION) -> dict[tuple[int, str, float | None], dict[str, Any]]:
+    """Per (batch, method, threshold): the seeds' accuracies (``metric``; a diverged run at chance), their mean and
+    standard deviation (sample), and how many seeds diverged. For the figures, which draw every setting; the
+    choices and comparisons go through :func:`chosen_per_batch`, where a diverged seed is not averaged in."""
     cells: dict[tuple[int, str, float | None], list[dict[str, Any]]] = {}
-    for line in lines:
+    for line in sorted(lines, key=lambda l: l["config"]["seed"]):
         c = line["config"]
         cells.setdefault((c["batch"], c["method"], c["threshold"]), []).append(line)
-    return {key: {"scores": [_score(r) for r in runs], "mean": float(np.mean([_score(r) for r in runs])),
-                  "diverged": sum(r["diverged_at"] is not None for r in runs), "seeds": len(runs)}
-            for key, runs in cells.items()}
+    out = {}
+    for key, runs in cells.items():
+        scores = [_score(r, metric) for r in runs]
+        out[key] = {"scores": scores, "mean": float(np.mean(scores)),
+                    "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
+                    "diverged": sum(r["diverged_at"] is not None for r in runs), "seeds": len(runs)}
+    return out
 
 
-def best_per_batch(lines: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, Any]]]:
-    """Per batch size and method (``none``, ``agc``, ``norm``): the threshold with the best mean accuracy, and that cell.
+def _runs_by_setting(lines: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    """Lines grouped by (batch, lr, steps, method, threshold), each group in seed order."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for line in sorted(lines, key=lambda l: l["config"]["seed"]):
+        c = line["config"]
+        groups.setdefault((c["batch"], c["lr"], c["steps"], c["method"], c["threshold"]), []).append(line)
+    return groups
 
-    Ties go to the smaller threshold.
+
+def _values(runs: list[dict[str, Any]], metric: str) -> list[float | None]:
+    """One accuracy per seed, ``None`` for a seed that diverged (the harness's convention)."""
+    return [None if r["diverged_at"] is not None else float(r[metric]) for r in runs]
+
+
+def choose(candidates: dict[Any, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The book's protocol over ``{setting: runs}`` (listed from the most conservative setting).
+
+    The setting is chosen on validation accuracy by :func:`~gradclip_book.harness.select.select_best` (fewest
+    diverged seeds, then the best mean); its test accuracy is reported once. ``within`` lists the settings the
+    chosen one does not beat on validation (:func:`~gradclip_book.harness.select.beats`): those within the seed
+    spread of the best.
+
+    Returns ``{"setting", "val": Score, "test": Score, "ranked": [validation Score, best first], "within",
+    "runs"}``.
     """
-    table = cell_table(lines)
+    selection = harness.select_best([(s, _values(runs, VALIDATION)) for s, runs in candidates.items()])
+    best = selection.best
+    runs = candidates[best.setting]
+    return {"setting": best.setting, "val": best, "test": harness.score(best.setting, _values(runs, TEST)),
+            "ranked": selection.ranked, "within": [s.setting for s in selection.ranked if not harness.beats(best, s)],
+            "runs": runs}
+
+
+def chosen_per_batch(lines: list[dict[str, Any]], controls: list[dict[str, Any]] | None = None,
+                     steps: int = BASE.steps) -> dict[int, dict[str, dict[str, Any]]]:
+    """Per batch size: each method's :func:`choose` over its thresholds (at the scaled learning rate, ``steps``).
+
+    Keys per batch: ``"agc"`` and ``"norm"`` (threshold chosen), ``"none"`` (no clipping at the scaled learning
+    rate) and, when ``controls`` are given, ``"none_tuned"``: no clipping with its learning rate chosen among the
+    scaled one and the lower ones of :data:`LOWER_LR_FACTORS` (setting = the learning rate). Thresholds are listed
+    loosest first and learning rates smallest first, so an exact tie goes to the more conservative setting.
+    """
+    groups = _runs_by_setting(lines + (controls or []))
     out: dict[int, dict[str, dict[str, Any]]] = {}
-    for batch in sorted({b for b, _, _ in table}):
-        row = {"none": {"threshold": None, **table[batch, "none", None]}}
-        for method in THRESHOLDS:
-            t = max(sorted(t for b, m, t in table if b == batch and m == method),
-                    key=lambda t: table[batch, method, t]["mean"])
-            row[method] = {"threshold": t, **table[batch, method, t]}
+    for batch in sorted({k[0] for k in groups if k[2] == steps}):
+        lr = lr_for(batch)
+        row = {"none": choose({None: groups[batch, lr, steps, "none", None]})}
+        for method, thresholds in THRESHOLDS.items():
+            present = [t for t in sorted(thresholds, reverse=True) if (batch, lr, steps, method, t) in groups]
+            row[method] = choose({t: groups[batch, lr, steps, method, t] for t in present})
+        if controls:
+            lrs = sorted(k[1] for k in groups if k[0] == batch and k[2] == steps and k[3] == "none")
+            row["none_tuned"] = choose({x: groups[batch, x, steps, "none", None] for x in lrs})
         out[batch] = row
     return out
+
+
+def sensitivity(choice: dict[str, Any]) -> dict[str, Any]:
+    """How much a method's knob matters: of the thresholds tried, how many are within the seed spread of the chosen
+    one on validation (``within``), how many have a diverged seed, and the range of their validation means."""
+    ranked = choice["ranked"]
+    means = [s.mean for s in ranked if s.mean is not None and not s.diverged]
+    return {"n": len(ranked), "within": len(choice["within"]), "diverged": sum(s.diverged > 0 for s in ranked),
+            "settings_within": sorted(choice["within"]), "low": min(means) if means else None,
+            "high": max(means) if means else None}
 
 
 # --- structure-aware clipping: cost and DP-SGD ------------------------------------------------------
@@ -334,16 +438,25 @@ def dp_train(noise_multiplier: float = 1.0, max_norm: float = 1.0, steps: int = 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gradclip_book.scalability", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["grid"])
-    parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
-    parser.add_argument("--out", type=Path, default=GRID_FILE)
+    parser.add_argument("what", choices=["grid", "controls"])
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--out", type=Path, default=None, help="the file (default: the chapter's file of `what`)")
     args = parser.parse_args(argv)
-    configs = grid_configs()
-    seconds = run_grid(configs, args.out, args.jobs)
-    print(f"{len(configs)} runs in {args.out} ({args.out.stat().st_size / 1e3:.0f} kB); "
-          f"this invocation took {seconds:.0f} s with {args.jobs} processes")
-    for batch, row in best_per_batch(load(args.out)).items():
-        print(f"batch {batch}: " + ", ".join(f"{m} best {r['threshold']} -> {r['mean']:.3f}" for m, r in row.items()))
+    configs = grid_configs() if args.what == "grid" else control_configs()
+    out = args.out or (GRID_FILE if args.what == "grid" else CONTROLS_FILE)
+    seconds = run_grid(configs, out, args.jobs)
+    lines = load(out)
+    print(f"{len(configs)} runs in {out} ({out.stat().st_size / 1e3:.0f} kB); this invocation took {seconds:.0f} s "
+          f"with {args.jobs} processes; the stored runs' own wall times (one thread each) add up to "
+          f"{sum(l['seconds'] for l in lines) / 60:.1f} minutes")
+    if args.what == "grid":
+        def mean(score: harness.Score) -> str:
+            return "-" if score.mean is None else f"{score.mean:.3f}"
+
+        for batch, row in chosen_per_batch(lines).items():
+            print(f"batch {batch}: " + ", ".join(
+                f"{m} {r['setting']} -> val {mean(r['val'])}, test {mean(r['test'])} ({r['val'].diverged} diverged)"
+                for m, r in row.items()))
 
 
 if __name__ == "__main__":

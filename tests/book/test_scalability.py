@@ -4,7 +4,7 @@ structure-aware clipping measurements (gradclip_book.scalability), and its figur
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from fractions import Fraction
 
 import numpy as np
@@ -62,53 +62,125 @@ def test_a_local_norm_under_fsdp2_is_a_different_clip(dist_result):
 def test_grid_configs_scale_the_learning_rate_with_the_batch():
     configs = sc.grid_configs()
     assert len(configs) == len(sc.BATCHES) * (1 + sum(map(len, sc.THRESHOLDS.values()))) * len(sc.SEEDS)
+    assert len(sc.SEEDS) >= 5   # the book's floor for a headline comparison
     for c in configs:
         assert c.lr == pytest.approx(0.025 * c.batch / 16) and c.depth == 8 and c.steps == 200
     assert sc.lr_for(64) == 0.1 and sc.lr_for(1024) == 1.6
 
 
-def test_stored_grid_is_complete_and_retrainable():
-    lines = sc.load()
+def test_controls_repeat_the_grid_at_a_quarter_of_the_steps_and_train_unclipped_at_lower_rates():
+    controls = sc.control_configs()
+    short = [c for c in controls if c.steps != sc.BASE.steps]
+    assert {c.steps for c in short} == {sc.SHORT_STEPS} and sc.SHORT_STEPS * 4 == sc.BASE.steps
+    # every point of the grid once more: at batch 4b, as many images as batch b's 200 steps
+    assert [replace(c, steps=sc.BASE.steps) for c in short] == sc.grid_configs()
+    lower = [c for c in controls if c.steps == sc.BASE.steps]
+    assert all(c.method == "none" and c.lr < sc.lr_for(c.batch) for c in lower)
+    assert {(c.batch, Fraction(c.lr / sc.lr_for(c.batch)).limit_denominator()) for c in lower} == {
+        (b, Fraction(f).limit_denominator()) for b in sc.BATCHES for f in sc.LOWER_LR_FACTORS}
+
+
+@pytest.mark.parametrize("path, configs", [(sc.GRID_FILE, sc.grid_configs), (sc.CONTROLS_FILE, sc.control_configs)])
+def test_stored_runs_are_complete_and_retrainable(path, configs):
+    lines = sc.load(path)
     stored = {sc._identity(line["config"]) for line in lines}
-    assert stored == {sc._identity(asdict(c)) for c in sc.grid_configs()}, GRID_HINT
+    assert stored == {sc._identity(asdict(c)) for c in configs()}, GRID_HINT
+    assert len(lines) == len(stored)
     for line in lines:
         assert sc.config_of(line).batch == line["config"]["batch"]
 
 
-@pytest.mark.parametrize("where", [(1024, "agc", 0.005, 1), (256, "norm", 0.3, 2)])
-def test_stored_points_are_reproduced_exactly(where):
-    batch, method, threshold, seed = where
-    line = next(l for l in sc.load() if sc._identity(l["config"]) == (batch, sc.lr_for(batch), method, threshold, seed))
+@pytest.mark.parametrize("path, where", [
+    # the AGC factor chosen at batch 1024, at a seed and a factor added in the 5-seed extension
+    (sc.GRID_FILE, (1024, 1.6, 200, "agc", 0.000625, 4)),
+    (sc.CONTROLS_FILE, (256, 0.4, 50, "norm", 0.3, 2)),   # a 50-step control
+])
+def test_stored_points_are_reproduced_exactly(path, where):
+    line = next(l for l in sc.load(path) if sc._identity(l["config"]) == where)
     fresh = cls.train(sc.config_of(line)).to_json()
-    fresh = {key: fresh[key] for key in ("test_accuracy", "diverged_at", "grad_norm", "loss", "clip_fraction")}
+    fresh = {key: fresh[key] for key in ("test_accuracy", "val_accuracy", "diverged_at", "grad_norm", "loss",
+                                         "clip_fraction")}
     # bit for bit on the grid's kind of machine, the first steps elsewhere (reproducibility)
     assert not rerun_differences(fresh, line), (rerun_differences(fresh, line)[:5], GRID_HINT)
 
 
-def test_best_per_batch_picks_the_best_mean_with_diverged_runs_at_chance():
-    def run(batch, method, t, seed, acc):
-        return {"config": {"batch": batch, "method": method, "threshold": t, "seed": seed},
-                "diverged_at": None if acc is not None else 3, "test_accuracy": acc}
-
-    lines = [run(64, "none", None, 0, None), run(64, "none", None, 1, 0.5)]
-    lines += [run(64, "agc", 0.01, s, a) for s, a in enumerate([0.9, None])]   # mean (0.9 + 0.1) / 2 = 0.5
-    lines += [run(64, "agc", 0.02, s, a) for s, a in enumerate([0.6, 0.6])]    # 0.6: the best
-    lines += [run(64, "norm", 0.1, s, a) for s, a in enumerate([0.7, 0.7])]
-    lines += [run(64, "norm", 1.0, s, a) for s, a in enumerate([0.7, 0.7])]    # a tie goes to the smaller c
-    best = sc.best_per_batch(lines)[64]
-    assert best["none"]["mean"] == pytest.approx(0.3) and best["none"]["diverged"] == 1
-    assert best["agc"]["threshold"] == 0.02 and best["agc"]["mean"] == pytest.approx(0.6)
-    assert best["norm"]["threshold"] == 0.1
+def _run(batch, method, t, seed, val, test=None, lr=None, steps=200):
+    return {"config": {"batch": batch, "lr": lr or sc.lr_for(batch), "steps": steps, "method": method,
+                       "threshold": t, "seed": seed},
+            "diverged_at": None if val is not None else 3, "val_accuracy": val,
+            "test_accuracy": test if test is not None else val}
 
 
-def test_explorer_frames_are_the_stored_means():
-    table = sc.cell_table(sc.load())
+def test_choice_is_made_on_validation_with_fewest_divergences_first_and_test_reported_once():
+    lines = [_run(64, "none", None, s, v) for s, v in enumerate([None, 0.5])]
+    # lambda 0.01 has the best test accuracy but the worse validation accuracy: validation decides
+    lines += [_run(64, "agc", 0.01, s, v, test=0.99) for s, v in enumerate([0.80, 0.82])]
+    lines += [_run(64, "agc", 0.02, s, v, test=0.70) for s, v in enumerate([0.90, 0.92])]
+    lines += [_run(64, "agc", 0.04, s, v) for s, v in enumerate([0.99, None])]   # a diverged seed ranks last
+    lines += [_run(64, "norm", 0.1, s, v) for s, v in enumerate([0.7, 0.7])]
+    lines += [_run(64, "norm", 1.0, s, v) for s, v in enumerate([0.7, 0.7])]    # a tie goes to the looser c
+    controls = [_run(64, "none", None, s, v, lr=0.05) for s, v in enumerate([0.6, 0.62])]
+    best = sc.chosen_per_batch(lines, controls)[64]
+    assert best["agc"]["setting"] == 0.02 and best["agc"]["test"].mean == pytest.approx(0.70)
+    assert best["agc"]["within"] == [0.02]   # 0.01 is beaten beyond the spread; 0.04 has a diverged seed
+    assert best["norm"]["setting"] == 1.0 and best["norm"]["within"] == [1.0, 0.1]
+    assert best["none"]["val"].diverged == 1 and best["none_tuned"]["setting"] == 0.05
+    sens = sc.sensitivity(best["agc"])
+    assert (sens["n"], sens["within"], sens["diverged"]) == (3, 1, 1)
+
+
+def test_explorer_frames_are_the_stored_validation_means_and_spreads():
+    explorer = sf.batch_explorer()
+    for steps in sf.STEPS:
+        for batch in sc.BATCHES:
+            runs = [l for l in sc.load() + sc.load(sc.CONTROLS_FILE)
+                    if l["config"]["batch"] == batch and l["config"]["lr"] == sc.lr_for(batch)
+                    and l["config"]["steps"] == steps]
+            assert len(runs) == len(sc.SEEDS) * (1 + sum(map(len, sc.THRESHOLDS.values())))
+            frame = explorer.frame(batch=batch, steps=steps)
+            for trace, method in ((0, "agc"), (2, "norm")):
+                accs = [[0.1 if l["diverged_at"] is not None else l["val_accuracy"] for l in runs
+                         if (l["config"]["method"], l["config"]["threshold"]) == (method, t)]
+                        for t in sc.THRESHOLDS[method]]
+                np.testing.assert_allclose(frame["traces"][trace]["y"], [100 * np.mean(a) for a in accs], atol=0.01)
+                np.testing.assert_allclose(frame["traces"][trace]["error_y"]["array"],
+                                           [100 * np.std(a, ddof=1) for a in accs], atol=0.01)
+
+
+def test_notes_give_the_chosen_settings_and_their_test_accuracy_rounded_once():
+    best = sc.chosen_per_batch(sc.load())
     explorer = sf.batch_explorer()
     for batch in sc.BATCHES:
-        frame = explorer.frame(batch=batch)
-        agc_means = [100 * table[batch, "agc", t]["mean"] for t in sc.THRESHOLDS["agc"]]
-        np.testing.assert_allclose(frame["traces"][0]["y"], agc_means, atol=0.01)
-        assert frame["traces"][1]["y"][0] == pytest.approx(100 * table[batch, "none", None]["mean"], abs=0.01)
+        note = " ".join(explorer.frame(batch=batch, steps=sc.BASE.steps)["note"])
+        for method, name in (("agc", "λ"), ("norm", "c")):
+            cell = best[batch][method]
+            finished = [Fraction(str(v)) for v in cell["test"].values if v is not None]
+            exact = sum(finished) / len(finished)
+            assert f"{name} = {cell['setting']:g} (test {round(exact * 1000) / 10:.1f}%" in note, (batch, note)
+
+
+def test_live_frame_trains_exactly_the_stored_configs_of_its_seeds(monkeypatch):
+    # Answered from the stored runs, the live frame must be the stored frame of seed 0 alone: the configs it trains
+    # are the stored ones (which re-train exactly, above), and nothing else.
+    from types import SimpleNamespace
+
+    stored = {sc._identity(l["config"]): l for l in sc.load() + sc.load(sc.CONTROLS_FILE)}
+    trained = []
+
+    def from_the_grid(config):
+        trained.append(config)
+        line = stored[sc._identity(asdict(config))]
+        return SimpleNamespace(to_json=lambda: line)
+
+    monkeypatch.setattr(sf.cls, "train", from_the_grid)
+    for batch, steps in [(1024, sc.BASE.steps), (64, sc.SHORT_STEPS)]:
+        trained.clear()
+        seed0 = [l for l in sf.stored_runs(batch, steps) if l["config"]["seed"] == 0]
+        assert len(seed0) == 1 + sum(map(len, sc.THRESHOLDS.values()))
+        assert sf.live_frame(batch, steps) == sf._frame(seed0, batch)
+        assert len(trained) == len(seed0) and set(trained) == set(map(sc.config_of, seed0))
+        assert {c.seed for c in trained} == {0}
+    assert "seed 0" in sf.live_frame.__doc__ and "not the stored frame's means" in sf.live_frame.__doc__
 
 
 def test_percent_rounds_the_unrounded_value_once():
@@ -120,23 +192,6 @@ def test_percent_rounds_the_unrounded_value_once():
     assert sc.percent(0.125, 0) == "12%" and sc.percent(0.126, 0) == "13%"
 
 
-def test_notes_give_each_best_mean_rounded_once_from_the_seeds():
-    # the chapter's prose prints sc.percent(best mean); the notes must print the same digits. The reference
-    # here is the exact mean of the stored seed accuracies (fractions), rounded half to even.
-    best = sc.best_per_batch(sc.load())
-    explorer = sf.batch_explorer()
-    for batch in sc.BATCHES:
-        note = " ".join(explorer.frame(batch=batch)["note"])
-        for method, name in (("agc", "λ"), ("norm", "c")):
-            cell = best[batch][method]
-            exact = sum(Fraction(str(s)) for s in cell["scores"]) / len(cell["scores"])
-            expected = f"{round(exact * 1000) / 10:.1f}%"
-            assert f"{name} = {cell['threshold']:g} ({expected})" in note, (batch, method, note)
-    # the two means a reader caught when the notes rounded twice (0.90648 -> 90.65 -> 90.7, 0.94352 -> 94.35 ->
-    # 94.3), kept as cases now that the recomputed runs have other means
-    assert (sc.percent(0.90648), sc.percent(0.9435167)) == ("90.6%", "94.4%")
-
-
 def test_figures_keep_legends_above_the_panels_and_label_log_axes_at_the_grid_values():
     explorer_layout, best = sf.batch_explorer().spec()["layout"], sf.best_figure()
     for layout in (explorer_layout, best.layout):
@@ -144,10 +199,10 @@ def test_figures_keep_legends_above_the_panels_and_label_log_axes_at_the_grid_va
         assert layout["legend"]["yanchor"] == "bottom" and layout["legend"]["y"] >= 1
         assert layout["margin"]["t"] >= 60
     assert explorer_layout["xaxis"]["tickvals"] == list(sc.THRESHOLDS["agc"])
-    assert explorer_layout["xaxis"]["ticktext"][:2] == ["0.0025", "0.005"]
+    assert explorer_layout["xaxis"]["ticktext"][:2] == ["0.000625", "0.00125"]
     assert explorer_layout["xaxis2"]["tickvals"] == list(sc.THRESHOLDS["norm"])
-    lambdas = {b["agc"]["threshold"] for b in sc.best_per_batch(sc.load()).values()}
-    assert lambdas <= set(best.layout["yaxis2"]["tickvals"])   # every plotted best lambda has its own label
+    lambdas = {b["agc"]["setting"] for b in sc.chosen_per_batch(sc.load()).values()}
+    assert lambdas <= set(best.layout["yaxis2"]["tickvals"])   # every plotted chosen lambda has its own label
     for caption in (sf.batch_explorer().caption, best.caption):
         assert "top on a phone" in caption   # the panels stack on a narrow screen
 
