@@ -52,6 +52,7 @@ __all__ = [
     "benchmark",
     "best_lr",
     "describe_machine",
+    "fixed_threshold",
     "heatmap_cells",
     "loop_agc_",
     "loop_clip_",
@@ -145,16 +146,18 @@ def _mean_accuracy(runs: Sequence[dict[str, Any]]) -> float:
 def heatmap_cells(depth: int, method: str) -> dict[str, Any]:
     """Test accuracy of the grid's runs at ``depth``: rows = off + the method's 4 thresholds, columns = :data:`grids.LRS`.
 
-    Returns ``{"lrs", "thresholds" (None first), "accuracy" (rows x columns, None when diverged),
-    "diverged" (rows x columns of bool)}``.
+    Returns ``{"lrs", "thresholds" (None first), "accuracy" (test, rows x columns, None when diverged),
+    "val_accuracy" (the same for validation), "diverged" (rows x columns of bool)}``.
     """
     thresholds = [None, *grids.THRESHOLDS[method]]
-    accuracy, diverged = [], []
+    accuracy, val_accuracy, diverged = [], [], []
     for t in thresholds:
         runs = [cf.grid_run(depth, lr, "none" if t is None else method, t) for lr in grids.LRS]
         accuracy.append([_num(r["test_accuracy"]) for r in runs])
+        val_accuracy.append([_num(r["val_accuracy"]) for r in runs])
         diverged.append([r["diverged_at"] is not None for r in runs])
-    return {"lrs": list(grids.LRS), "thresholds": thresholds, "accuracy": accuracy, "diverged": diverged}
+    return {"lrs": list(grids.LRS), "thresholds": thresholds, "accuracy": accuracy, "val_accuracy": val_accuracy,
+            "diverged": diverged}
 
 
 def usable_lrs(cells: dict[str, Any]) -> dict[str, list[float]]:
@@ -163,6 +166,36 @@ def usable_lrs(cells: dict[str, Any]) -> dict[str, list[float]]:
     lrs = cells["lrs"]
     return {"none": [lr for lr, good in zip(lrs, ok[0]) if good],
             "clipped": [lr for j, lr in enumerate(lrs) if any(row[j] for row in ok[1:])]}
+
+
+def fixed_threshold(cells: dict[str, Any]) -> dict[str, Any]:
+    """From :func:`heatmap_cells`: one threshold for every learning rate, chosen on validation, and where it trains.
+
+    The choice: the threshold whose runs reach :data:`TRAINS` *validation* accuracy without diverging at the most
+    learning rates, ties broken by the higher mean validation accuracy over the grid's lrs (a diverged run
+    counting 0). Returns ``{"threshold", "lrs" (where the chosen threshold trains, by the page's test rule),
+    "per_threshold" ({threshold: the lrs where it trains, test rule}), "largest" (the most lrs any one threshold
+    trains at, test rule: an upper bound that picks the threshold on test)}``.
+
+    Example:
+        >>> cells = {"lrs": [0.1, 1.0], "thresholds": [None, 0.1, 1.0],
+        ...          "accuracy": [[0.5, None], [0.95, 0.92], [0.95, 0.5]],
+        ...          "val_accuracy": [[0.5, None], [0.9, 0.93], [0.97, 0.6]]}
+        >>> fixed_threshold(cells)["threshold"], fixed_threshold(cells)["lrs"]
+        (0.1, [0.1, 1.0])
+    """
+    lrs = cells["lrs"]
+
+    def good(row: Sequence[float | None]) -> list[float]:
+        return [lr for lr, a in zip(lrs, row) if a is not None and a >= TRAINS]
+
+    rows = range(1, len(cells["thresholds"]))
+    per_threshold = {cells["thresholds"][i]: good(cells["accuracy"][i]) for i in rows}
+    chosen = max(rows, key=lambda i: (len(good(cells["val_accuracy"][i])),
+                                      float(np.mean([a or 0.0 for a in cells["val_accuracy"][i]]))))
+    threshold = cells["thresholds"][chosen]
+    return {"threshold": threshold, "lrs": per_threshold[threshold], "per_threshold": per_threshold,
+            "largest": max(len(v) for v in per_threshold.values())}
 
 
 # --- 2. "lower the learning rate instead": steps to a training loss ------------------------------------

@@ -142,6 +142,39 @@ def test_usable_lrs_and_best_lr():
     assert perf.best_lr({0.4: [bad]}) is None
 
 
+def test_fixed_threshold_is_chosen_on_validation_and_counted_on_test():
+    # validation prefers 1.0 (two lrs >= 90%), test would prefer 0.1: the choice follows validation
+    cells = {"lrs": [0.1, 1.0], "thresholds": [None, 0.1, 1.0],
+             "accuracy": [[0.5, None], [0.95, 0.95], [0.95, 0.5]],
+             "val_accuracy": [[0.5, None], [0.95, 0.5], [0.95, 0.91]]}
+    fixed = perf.fixed_threshold(cells)
+    assert fixed["threshold"] == 1.0 and fixed["lrs"] == [0.1] and fixed["largest"] == 2
+    assert fixed["per_threshold"] == {0.1: [0.1, 1.0], 1.0: [0.1]}
+    # a tie on the count goes to the higher mean validation accuracy, a diverged run counting 0
+    cells["val_accuracy"] = [[0.5, None], [0.95, None], [0.91, 0.2]]
+    assert perf.fixed_threshold(cells)["threshold"] == 1.0
+
+
+def test_one_fixed_threshold_trains_at_fewer_lrs_than_a_threshold_per_lr():
+    """Issue 24: at depth 16 the stored grid gives at most 3 of 6 lrs per fixed global-norm threshold, 5 of 6 only
+    with a threshold per lr; counted here from the raw grid lines, independently of performance.py."""
+    per_threshold, val_ok = {}, {}
+    for line in grids.load(grids.CLASSIFICATION_FILE):
+        c = line["config"]
+        if (c["depth"], c["seed"], c["steps"], c["warmup"], c["method"]) != (16, 0, 300, 0, "norm") \
+                or c["lr"] not in grids.LRS or c["threshold"] not in grids.THRESHOLDS["norm"]:
+            continue
+        ok = line["diverged_at"] is None and float(line["test_accuracy"]) >= perf.TRAINS
+        per_threshold.setdefault(c["threshold"], set()).update({c["lr"]} if ok else set())
+        val_ok.setdefault(c["threshold"], 0)
+        val_ok[c["threshold"]] += line["diverged_at"] is None and float(line["val_accuracy"]) >= perf.TRAINS
+    fixed = perf.fixed_threshold(perf.heatmap_cells(16, "norm"))
+    assert {t: set(v) for t, v in fixed["per_threshold"].items()} == per_threshold
+    assert fixed["largest"] == max(len(v) for v in per_threshold.values()) == 3
+    assert val_ok[fixed["threshold"]] == max(val_ok.values())
+    assert len(set().union(*per_threshold.values())) == 5 == len(perf.usable_lrs(perf.heatmap_cells(16, "norm"))["clipped"])
+
+
 def test_heatmap_cells_are_the_stored_accuracies():
     cells = perf.heatmap_cells(grids.HARD.depth, "norm")
     from gradclip_book import classification_figures as cf
@@ -149,6 +182,7 @@ def test_heatmap_cells_are_the_stored_accuracies():
         for j, lr in enumerate(cells["lrs"]):
             run = cf.grid_run(grids.HARD.depth, lr, "none" if t is None else "norm", t)
             assert cells["accuracy"][i][j] == (None if run["test_accuracy"] is None else float(run["test_accuracy"]))
+            assert cells["val_accuracy"][i][j] == (None if run["val_accuracy"] is None else float(run["val_accuracy"]))
 
 
 def test_heatmap_explorer_frames_spot_checked_against_the_grid():
