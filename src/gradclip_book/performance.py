@@ -135,9 +135,9 @@ def opt_runs(lr: float, threshold: float | None, warmup: int = 0, optimizer: str
                             optimizer=optimizer, seed=s)) for s in grids.OPT_SEEDS]
 
 
-def _mean_accuracy(runs: Sequence[dict[str, Any]]) -> float:
-    """Mean test accuracy over the runs, a diverged run counting as 0."""
-    return float(np.mean([_num(r["test_accuracy"]) or 0.0 for r in runs]))
+def _mean_accuracy(runs: Sequence[dict[str, Any]], field: str = "test_accuracy") -> float:
+    """Mean test (or ``field``) accuracy over the runs, a diverged run counting as 0."""
+    return float(np.mean([_num(r[field]) or 0.0 for r in runs]))
 
 
 # --- 1. learning rate x threshold (chapter 4's grid, seed 0) -----------------------------------------
@@ -232,9 +232,12 @@ def steps_to_loss(run: dict[str, Any], target: float = TARGET_LOSS, window: int 
 
 
 def best_lr(runs_by_lr: dict[float, list[dict[str, Any]]]) -> float | None:
-    """The lr whose runs all train with the highest mean accuracy (``None`` if no lr trains every seed)."""
+    """The lr whose runs all train with the highest mean *validation* accuracy (``None`` if no lr trains every seed).
+
+    The learning rate is a knob, so it is chosen on validation; its test accuracy is then reported once.
+    """
     good = {lr: runs for lr, runs in runs_by_lr.items() if all(_trains(r) for r in runs)}
-    return max(good, key=lambda lr: (_mean_accuracy(good[lr]), lr)) if good else None
+    return max(good, key=lambda lr: (_mean_accuracy(good[lr], "val_accuracy"), lr)) if good else None
 
 
 def _stability_runs(depth: int, threshold: float | None) -> dict[float, list[dict[str, Any]]]:
@@ -264,7 +267,7 @@ def lower_lr_comparison(target: float = TARGET_LOSS) -> dict[int, dict[str, Any]
     """Per depth: the best lr with global-norm clipping against the best lr without, and steps to ``target`` loss.
 
     "Best": the lr of chapter 4's stability scan (0.025 to 1.6, three seeds) whose runs all train, with the
-    highest mean test accuracy; clipping at :data:`grids.HARD_THRESHOLD`. Where no unclipped lr of the scan
+    highest mean validation accuracy (:func:`best_lr`); clipping at :data:`grids.HARD_THRESHOLD`. Where no unclipped lr of the scan
     trains (depth 16), the unclipped side comes from chapter 5.1's grid (:data:`grids.SGD_LRS`, which reach
     lower, same 300 steps). Returns ``{depth: {"clipped": side, "plain": side, "slowdown": plain steps /
     clipped steps or None}}``, each side ``{"lr", "accuracy" (mean over seeds), "steps" (mean steps to the target,
@@ -300,16 +303,24 @@ def _arm_runs(arm: str, threshold: float, lrs: Sequence[float] = grids.SGD_LRS,
 
 
 def _scan(runs_by_lr: dict[float, list[dict[str, Any]]]) -> dict[str, Any]:
-    """The lrs at which every seed trains, the best mean accuracy and its lr, per lr the mean accuracy and counts.
+    """The lrs at which every seed trains, the lr chosen on validation and its test accuracy, per lr the mean
+    accuracy and counts.
 
     ``stable_lrs`` is the set that trains (sorted; it need not be contiguous), ``largest_stable_lr`` its largest
-    member (None when empty), ``trained`` / ``diverged`` per lr the number of seeds that train / diverge.
+    member (None when empty); ``chosen_lr`` the lr with the highest mean validation accuracy
+    (``chosen_val_accuracy``), ``chosen_accuracy`` its mean test accuracy (the number to report: the lr is a knob,
+    picked on validation); ``best_lr`` / ``best_accuracy`` the highest mean *test* accuracy over the lrs and its lr
+    (an upper bound that picks on test; kept for chapter 6); ``trained`` / ``diverged`` per lr the number of seeds
+    that train / diverge.
     """
     means = {lr: _mean_accuracy(runs) for lr, runs in runs_by_lr.items()}
+    val_means = {lr: _mean_accuracy(runs, "val_accuracy") for lr, runs in runs_by_lr.items()}
     stable = [lr for lr, runs in runs_by_lr.items() if all(_trains(r) for r in runs)]
     best = max(means, key=lambda lr: (means[lr], lr))
+    chosen = max(val_means, key=lambda lr: (val_means[lr], lr))
     return {"largest_stable_lr": max(stable) if stable else None, "stable_lrs": sorted(stable),
-            "best_accuracy": means[best], "best_lr": best, "mean_accuracy": means,
+            "best_accuracy": means[best], "best_lr": best, "chosen_lr": chosen, "chosen_accuracy": means[chosen],
+            "chosen_val_accuracy": val_means[chosen], "mean_accuracy": means,
             "trained": {lr: sum(_trains(r) for r in runs) for lr, runs in runs_by_lr.items()},
             "diverged": {lr: sum(r["diverged_at"] is not None for r in runs) for lr, runs in runs_by_lr.items()}}
 

@@ -171,7 +171,7 @@ def lower_lr_explorer(table: dict[int, dict[str, Any]], target: float = perf.TAR
         caption=f"Training loss averaged over the last {window} steps, then over the three seeds, at the learning "
                 f"rate that is best with global-norm clipping at max_norm {grids.HARD_THRESHOLD:g} and at the one "
                 "that is best without clipping, from the scan 0.025 to 1.6 (doubling; best = every seed trains, "
-                f"highest mean test accuracy); at depth {grids.HARD.depth}, where no unclipped "
+                f"highest mean validation accuracy); at depth {grids.HARD.depth}, where no unclipped "
                 f"learning rate of that scan trains, from a scan starting lower ({grids.SGD_LRS[0]:g}). All runs "
                 f"take 300 steps. The marks on the flat target line are the steps at which each seed's {window}-step "
                 f"mean first reaches it; the note gives their mean. The step axis is logarithmic. {TRAINS_RULE}")
@@ -231,8 +231,8 @@ def warmup_explorer() -> Explorer:
                                     for lr in lrs]})
             said = {"neither": "Neither", "warm-up": "Warm-up alone", "clipping": f"Clipping at {_clip_name(clip)}",
                     "both": f"Clipping at {_clip_name(clip)} with warm-up"}[arm]
-            note.append(f"{said}: trains at {perf.lrs_words(s['stable_lrs'], lrs)}; best mean "
-                        f"accuracy {100 * s['best_accuracy']:.1f}% at learning rate {s['best_lr']:g}.")
+            note.append(f"{said}: trains at {perf.lrs_words(s['stable_lrs'], lrs)}; at the learning rate "
+                        f"chosen on validation ({s['chosen_lr']:g}) {100 * s['chosen_accuracy']:.1f}% mean test accuracy.")
         return {"traces": traces, "note": note}
 
     traces = [{"mode": "lines+markers", "marker": {"size": 8}, "hovertemplate": "lr %{x}: %{y:.1f}% (%{text})"}

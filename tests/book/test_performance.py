@@ -135,11 +135,14 @@ def test_steps_to_loss_weights_unequal_bins_by_their_length():
 def test_usable_lrs_and_best_lr():
     cells = {"lrs": [0.1, 1.0, 2.0], "accuracy": [[0.95, None, 0.1], [0.5, 0.92, None], [0.95, 0.2, 0.91]]}
     assert perf.usable_lrs(cells) == {"none": [0.1], "clipped": [0.1, 1.0, 2.0]}
-    good = {"diverged_at": None, "test_accuracy": 0.95}
-    better = {"diverged_at": None, "test_accuracy": 0.97}
-    bad = {"diverged_at": 3, "test_accuracy": None}
+    good = {"diverged_at": None, "test_accuracy": 0.95, "val_accuracy": 0.95}
+    better = {"diverged_at": None, "test_accuracy": 0.97, "val_accuracy": 0.97}
+    bad = {"diverged_at": 3, "test_accuracy": None, "val_accuracy": None}
     assert perf.best_lr({0.1: [good, good], 0.2: [better, good], 0.4: [better, bad]}) == 0.2
     assert perf.best_lr({0.4: [bad]}) is None
+    # the choice is made on validation: a better test accuracy does not pick the lr
+    test_only = {"diverged_at": None, "test_accuracy": 0.99, "val_accuracy": 0.91}
+    assert perf.best_lr({0.1: [good, good], 0.2: [test_only, test_only]}) == 0.1
 
 
 def test_fixed_threshold_is_chosen_on_validation_and_counted_on_test():
