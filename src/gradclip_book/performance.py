@@ -8,7 +8,8 @@ Three sources:
 * chapter 5.1's grid (``chapters/data/optimization_grid.jsonl.gz``, :func:`gradclip_book.grids.optimization_configs`):
   warm-up against clipping, Adam against SGD (unclipped SGD at depth 16 from a learning rate of 0.0125 up);
 * a small benchmark timed on the machine that runs this module (:func:`benchmark`): calls interleaved in one
-  process, medians, the method of ``benchmarks/timing.py``.
+  process, medians, the method of ``benchmarks/timing.py``; the call against a whole training step, from the
+  book's networks to ResNet-50, is measured by :mod:`gradclip_book.step_costs` and stored.
 
 "Trains" is chapter 4's rule, used everywhere on the page: a run trains when it does not diverge and ends at
 test accuracy at least :data:`TRAINS` (90%); a learning rate with several seeds trains when every seed does. A
@@ -28,7 +29,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -39,7 +40,6 @@ from torch import nn
 import gradclip
 
 from . import classification as cls
-from . import harness
 from . import classification_figures as cf
 from . import grids
 from .timing import interleaved
@@ -435,31 +435,13 @@ def _clip_pair(params: list[nn.Parameter], clip: bool, repeats: int, extra: dict
     return interleaved(functions, repeats, before=(lambda: torch._foreach_mul_(grads, 2.0)) if clip else None)
 
 
-def _step_overhead(repeats: int) -> dict[str, float]:
-    """One training step of chapter 4's hard network (depth 16, batch 64) with and without clipping."""
-    config = replace(grids.HARD, lr=0.001)  # a small lr: the weights barely move while timing
-    x, y = harness.image_split(config.split_seed)["train"]
-    x, y = x[:config.batch], y[:config.batch]
-    model = cls.build_model(config)
-    params = list(model.parameters())
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9)
-
-    def step(clip: bool) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        if clip:
-            gradclip.clip_grad_norm_(params, grids.HARD_THRESHOLD)
-        optimizer.step()
-
-    return interleaved({"step": lambda: step(False), "step + clip_grad_norm_": lambda: step(True)}, repeats)
-
-
 def benchmark(repeats: int = 15) -> dict[str, Any]:
     """Time gradclip against torch and the hand-written patterns here and now; return the rows and the machine.
 
     Each row: ``{"what", "reference" (its name), "ms" (gradclip), "reference_ms", "ratio" (reference / gradclip:
     above 1, gradclip is faster), "short" (a lettered label for a narrow figure; the table spells it out)}``. Before timing, each pair is checked to give the same gradients.
     ``repeats`` timed calls per candidate (the repository's benchmarks use 30 and more; fewer keep a page fast).
+    What the call costs against a whole training step is measured once and stored (:mod:`gradclip_book.step_costs`).
     """
     _check_same_answers()
     rows = []
@@ -493,10 +475,7 @@ def benchmark(repeats: int = 15) -> dict[str, Any]:
                         before=lambda: torch._foreach_copy_([p.grad for p in big], saved))
     row(f"adaptive_clip_grad_ (AGC), {size}", "per-parameter loop", timed["gradclip"], timed["loop"],
         "F. AGC, vs loop")
-    step = _step_overhead(repeats * 10)
-    return {"rows": rows, "machine": machine(), "repeats": repeats, "step_ms": step["step"],
-            "step_clip_ms": step["step + clip_grad_norm_"],
-            "step_overhead": step["step + clip_grad_norm_"] / step["step"] - 1}
+    return {"rows": rows, "machine": machine(), "repeats": repeats}
 
 
 def _check_same_answers() -> None:

@@ -21,6 +21,7 @@ from . import classification as cls
 from . import classification_figures as cf
 from . import grids
 from . import performance as perf
+from . import step_costs as sc
 from .figures import Explorer, Param, PlotlyFigure, run_style, table_html
 
 __all__ = [
@@ -311,6 +312,21 @@ def benchmark_table_html(result: dict[str, Any]) -> str:
                f"{html.escape(perf.describe_machine(result['machine']))}. The letters label the bars of the "
                "figure below.")
     return table_html(head, rows, caption, widths=[8, 34, 12, 22, 11, 13])
+
+
+def step_cost_table_html(stored: dict[str, Any]) -> str:
+    """An HTML table of :func:`gradclip_book.step_costs.load`'s cases: model, size, step, clipping call and its
+    share of the step; the caption names the machine, the date and the command that measured them."""
+    head = ["model", "parameters", "examples x positions per step", "step", "clip_grad_norm_",
+            "share of the step", "ns per parameter"]
+    rows = [[html.escape(c["label"]), f"{c['parameters']:,}", f"{c['batch']} x {c['positions']:,}",
+             f"{c['step_ms']:.1f} ms", f"{c['clip_ms']:.2f} ms", f"{100 * c['clip_share']:.1f}%",
+             f"{c['clip_ns_per_value']:.2f}"] for c in stored["cases"]]
+    caption = (f"Medians over {stored['rounds']} rounds of {stored['repeats']} interleaved calls each "
+               f"({html.escape(stored['clock'])}), measured on {stored['date']} on "
+               f"{html.escape(perf.describe_machine(stored['machine']))} by <code>{html.escape(sc.COMMAND)}</code>; "
+               "the clipping call fires at every call. Stored in chapters/data/step_costs.json.")
+    return table_html(head, rows, caption, widths=[26, 12, 14, 11, 12, 12, 13])
 
 
 def benchmark_figure(result: dict[str, Any]) -> PlotlyFigure:
