@@ -56,11 +56,13 @@ def _cells_frame(cells: dict[str, Any], depth: int, method: str) -> dict:
             for row, drow in zip(cells["accuracy"], cells["diverged"])]
     rows = ["off"] + [f"{t:g}" for t in cells["thresholds"][1:]]
     usable = perf.usable_lrs(cells)
+    fixed = perf.fixed_threshold(cells)
     lrs = cells["lrs"]
     name = LABELS[method] + (" clipping" if method in ("value", "norm") else "")  # not "AGC clipping"
     note = [f"Depth {depth}, {name} ({cls.METHODS[method].knob}). Learning rates at which the "
-            f"run trains without clipping: {perf.lrs_words(usable['none'], lrs)}; with some threshold: "
-            f"{perf.lrs_words(usable['clipped'], lrs)}."]
+            f"run trains without clipping: {perf.lrs_words(usable['none'], lrs)}; with some threshold (each lr "
+            f"its own): {perf.lrs_words(usable['clipped'], lrs)}; with one threshold for all, picked on validation "
+            f"({fixed['threshold']:g}): {perf.lrs_words(fixed['lrs'], lrs)}."]
     return {"traces": [{"z": z, "text": text, "y": rows}], "note": note}
 
 
@@ -72,13 +74,14 @@ def heatmap_frame(depth: int, method: str) -> dict:
 def live_heatmap_frame(depth: int, method: str) -> dict:
     """The same frame from fresh runs (30 trainings of seed 0: about half a minute at depth 16)."""
     rows = [("none", 0)] + [(method, level) for level in range(len(grids.THRESHOLDS[method]))]
-    accuracy, diverged = [], []
+    accuracy, val_accuracy, diverged = [], [], []
     for name, level in rows:  # the bottom row unclipped, then the method's thresholds, tightest first
         runs = [cls.train(cf.grid_config(depth, lr, level, name)) for lr in grids.LRS]
         accuracy.append([r.test_accuracy for r in runs])
+        val_accuracy.append([r.val_accuracy for r in runs])
         diverged.append([r.diverged for r in runs])
     cells = {"lrs": list(grids.LRS), "thresholds": [None, *grids.THRESHOLDS[method]], "accuracy": accuracy,
-             "diverged": diverged}
+             "val_accuracy": val_accuracy, "diverged": diverged}
     return _cells_frame(cells, depth, method)
 
 

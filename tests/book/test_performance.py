@@ -292,7 +292,8 @@ def test_live_heatmap_frame_trains_exactly_the_stored_runs_it_replaces(monkeypat
     def from_the_grid(config):
         trained.append(config)
         run = cf.run_of(config)
-        return SimpleNamespace(test_accuracy=run["test_accuracy"], diverged=run["diverged_at"] is not None)
+        return SimpleNamespace(test_accuracy=run["test_accuracy"], val_accuracy=run["val_accuracy"],
+                               diverged=run["diverged_at"] is not None)
 
     monkeypatch.setattr(pf.cls, "train", from_the_grid)
     for depth, method in [(grids.HARD.depth, "norm"), (min(grids.DEPTHS), "agc")]:
