@@ -166,13 +166,19 @@ def budget_evidence() -> dict[str, Any]:
 def usable_lr_evidence(depth: int = grids.HARD.depth) -> dict[str, Any]:
     """Chapter 5.1's map at ``depth``: how many of the grid's lrs each method makes usable (>= 90% test accuracy).
 
-    Returns ``{"n_lrs", "depth", "none": count without clipping, "clipped": {method: count at some threshold},
-    "top": {method: largest usable lr or None}}``.
+    Returns ``{"n_lrs", "depth", "none": count without clipping, "clipped": {method: count at some threshold
+    (each lr its own threshold)}, "top": {method: largest usable lr or None}, "fixed": {method: count at one
+    threshold for every lr, chosen on validation}, "fixed_threshold": {method: that threshold}}``
+    (:func:`gradclip_book.performance.fixed_threshold`).
     """
-    usable = {m: perf.usable_lrs(perf.heatmap_cells(depth, m)) for m in grids.GRID_METHODS}
+    cells = {m: perf.heatmap_cells(depth, m) for m in grids.GRID_METHODS}
+    usable = {m: perf.usable_lrs(c) for m, c in cells.items()}
+    fixed = {m: perf.fixed_threshold(c) for m, c in cells.items()}
     return {"n_lrs": len(grids.LRS), "depth": depth, "none": len(usable["norm"]["none"]),
             "clipped": {m: len(u["clipped"]) for m, u in usable.items()},
-            "top": {m: max(u["clipped"]) if u["clipped"] else None for m, u in usable.items()}}
+            "top": {m: max(u["clipped"]) if u["clipped"] else None for m, u in usable.items()},
+            "fixed": {m: len(f["lrs"]) for m, f in fixed.items()},
+            "fixed_threshold": {m: f["threshold"] for m, f in fixed.items()}}
 
 
 def lower_lr_evidence(depth: int = grids.HARD.depth) -> dict[str, Any]:

@@ -8,7 +8,8 @@ Three sources:
 * chapter 5.1's grid (``chapters/data/optimization_grid.jsonl.gz``, :func:`gradclip_book.grids.optimization_configs`):
   warm-up against clipping, Adam against SGD (unclipped SGD at depth 16 from a learning rate of 0.0125 up);
 * a small benchmark timed on the machine that runs this module (:func:`benchmark`): calls interleaved in one
-  process, medians, the method of ``benchmarks/timing.py``.
+  process, medians, the method of ``benchmarks/timing.py``; the call against a whole training step, from the
+  book's networks to ResNet-50, is measured by :mod:`gradclip_book.step_costs` and stored.
 
 "Trains" is chapter 4's rule, used everywhere on the page: a run trains when it does not diverge and ends at
 test accuracy at least :data:`TRAINS` (90%); a learning rate with several seeds trains when every seed does. A
@@ -28,7 +29,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -39,7 +40,6 @@ from torch import nn
 import gradclip
 
 from . import classification as cls
-from . import harness
 from . import classification_figures as cf
 from . import grids
 from .timing import interleaved
@@ -52,6 +52,7 @@ __all__ = [
     "benchmark",
     "best_lr",
     "describe_machine",
+    "fixed_threshold",
     "heatmap_cells",
     "loop_agc_",
     "loop_clip_",
@@ -134,9 +135,9 @@ def opt_runs(lr: float, threshold: float | None, warmup: int = 0, optimizer: str
                             optimizer=optimizer, seed=s)) for s in grids.OPT_SEEDS]
 
 
-def _mean_accuracy(runs: Sequence[dict[str, Any]]) -> float:
-    """Mean test accuracy over the runs, a diverged run counting as 0."""
-    return float(np.mean([_num(r["test_accuracy"]) or 0.0 for r in runs]))
+def _mean_accuracy(runs: Sequence[dict[str, Any]], field: str = "test_accuracy") -> float:
+    """Mean test (or ``field``) accuracy over the runs, a diverged run counting as 0."""
+    return float(np.mean([_num(r[field]) or 0.0 for r in runs]))
 
 
 # --- 1. learning rate x threshold (chapter 4's grid, seed 0) -----------------------------------------
@@ -145,16 +146,18 @@ def _mean_accuracy(runs: Sequence[dict[str, Any]]) -> float:
 def heatmap_cells(depth: int, method: str) -> dict[str, Any]:
     """Test accuracy of the grid's runs at ``depth``: rows = off + the method's 4 thresholds, columns = :data:`grids.LRS`.
 
-    Returns ``{"lrs", "thresholds" (None first), "accuracy" (rows x columns, None when diverged),
-    "diverged" (rows x columns of bool)}``.
+    Returns ``{"lrs", "thresholds" (None first), "accuracy" (test, rows x columns, None when diverged),
+    "val_accuracy" (the same for validation), "diverged" (rows x columns of bool)}``.
     """
     thresholds = [None, *grids.THRESHOLDS[method]]
-    accuracy, diverged = [], []
+    accuracy, val_accuracy, diverged = [], [], []
     for t in thresholds:
         runs = [cf.grid_run(depth, lr, "none" if t is None else method, t) for lr in grids.LRS]
         accuracy.append([_num(r["test_accuracy"]) for r in runs])
+        val_accuracy.append([_num(r["val_accuracy"]) for r in runs])
         diverged.append([r["diverged_at"] is not None for r in runs])
-    return {"lrs": list(grids.LRS), "thresholds": thresholds, "accuracy": accuracy, "diverged": diverged}
+    return {"lrs": list(grids.LRS), "thresholds": thresholds, "accuracy": accuracy, "val_accuracy": val_accuracy,
+            "diverged": diverged}
 
 
 def usable_lrs(cells: dict[str, Any]) -> dict[str, list[float]]:
@@ -163,6 +166,36 @@ def usable_lrs(cells: dict[str, Any]) -> dict[str, list[float]]:
     lrs = cells["lrs"]
     return {"none": [lr for lr, good in zip(lrs, ok[0]) if good],
             "clipped": [lr for j, lr in enumerate(lrs) if any(row[j] for row in ok[1:])]}
+
+
+def fixed_threshold(cells: dict[str, Any]) -> dict[str, Any]:
+    """From :func:`heatmap_cells`: one threshold for every learning rate, chosen on validation, and where it trains.
+
+    The choice: the threshold whose runs reach :data:`TRAINS` *validation* accuracy without diverging at the most
+    learning rates, ties broken by the higher mean validation accuracy over the grid's lrs (a diverged run
+    counting 0). Returns ``{"threshold", "lrs" (where the chosen threshold trains, by the page's test rule),
+    "per_threshold" ({threshold: the lrs where it trains, test rule}), "largest" (the most lrs any one threshold
+    trains at, test rule: an upper bound that picks the threshold on test)}``.
+
+    Example:
+        >>> cells = {"lrs": [0.1, 1.0], "thresholds": [None, 0.1, 1.0],
+        ...          "accuracy": [[0.5, None], [0.95, 0.92], [0.95, 0.5]],
+        ...          "val_accuracy": [[0.5, None], [0.9, 0.93], [0.97, 0.6]]}
+        >>> fixed_threshold(cells)["threshold"], fixed_threshold(cells)["lrs"]
+        (0.1, [0.1, 1.0])
+    """
+    lrs = cells["lrs"]
+
+    def good(row: Sequence[float | None]) -> list[float]:
+        return [lr for lr, a in zip(lrs, row) if a is not None and a >= TRAINS]
+
+    rows = range(1, len(cells["thresholds"]))
+    per_threshold = {cells["thresholds"][i]: good(cells["accuracy"][i]) for i in rows}
+    chosen = max(rows, key=lambda i: (len(good(cells["val_accuracy"][i])),
+                                      float(np.mean([a or 0.0 for a in cells["val_accuracy"][i]]))))
+    threshold = cells["thresholds"][chosen]
+    return {"threshold": threshold, "lrs": per_threshold[threshold], "per_threshold": per_threshold,
+            "largest": max(len(v) for v in per_threshold.values())}
 
 
 # --- 2. "lower the learning rate instead": steps to a training loss ------------------------------------
@@ -199,9 +232,12 @@ def steps_to_loss(run: dict[str, Any], target: float = TARGET_LOSS, window: int 
 
 
 def best_lr(runs_by_lr: dict[float, list[dict[str, Any]]]) -> float | None:
-    """The lr whose runs all train with the highest mean accuracy (``None`` if no lr trains every seed)."""
+    """The lr whose runs all train with the highest mean *validation* accuracy (``None`` if no lr trains every seed).
+
+    The learning rate is a knob, so it is chosen on validation; its test accuracy is then reported once.
+    """
     good = {lr: runs for lr, runs in runs_by_lr.items() if all(_trains(r) for r in runs)}
-    return max(good, key=lambda lr: (_mean_accuracy(good[lr]), lr)) if good else None
+    return max(good, key=lambda lr: (_mean_accuracy(good[lr], "val_accuracy"), lr)) if good else None
 
 
 def _stability_runs(depth: int, threshold: float | None) -> dict[float, list[dict[str, Any]]]:
@@ -231,7 +267,7 @@ def lower_lr_comparison(target: float = TARGET_LOSS) -> dict[int, dict[str, Any]
     """Per depth: the best lr with global-norm clipping against the best lr without, and steps to ``target`` loss.
 
     "Best": the lr of chapter 4's stability scan (0.025 to 1.6, three seeds) whose runs all train, with the
-    highest mean test accuracy; clipping at :data:`grids.HARD_THRESHOLD`. Where no unclipped lr of the scan
+    highest mean validation accuracy (:func:`best_lr`); clipping at :data:`grids.HARD_THRESHOLD`. Where no unclipped lr of the scan
     trains (depth 16), the unclipped side comes from chapter 5.1's grid (:data:`grids.SGD_LRS`, which reach
     lower, same 300 steps). Returns ``{depth: {"clipped": side, "plain": side, "slowdown": plain steps /
     clipped steps or None}}``, each side ``{"lr", "accuracy" (mean over seeds), "steps" (mean steps to the target,
@@ -267,16 +303,24 @@ def _arm_runs(arm: str, threshold: float, lrs: Sequence[float] = grids.SGD_LRS,
 
 
 def _scan(runs_by_lr: dict[float, list[dict[str, Any]]]) -> dict[str, Any]:
-    """The lrs at which every seed trains, the best mean accuracy and its lr, per lr the mean accuracy and counts.
+    """The lrs at which every seed trains, the lr chosen on validation and its test accuracy, per lr the mean
+    accuracy and counts.
 
     ``stable_lrs`` is the set that trains (sorted; it need not be contiguous), ``largest_stable_lr`` its largest
-    member (None when empty), ``trained`` / ``diverged`` per lr the number of seeds that train / diverge.
+    member (None when empty); ``chosen_lr`` the lr with the highest mean validation accuracy
+    (``chosen_val_accuracy``), ``chosen_accuracy`` its mean test accuracy (the number to report: the lr is a knob,
+    picked on validation); ``best_lr`` / ``best_accuracy`` the highest mean *test* accuracy over the lrs and its lr
+    (an upper bound that picks on test; kept for chapter 6); ``trained`` / ``diverged`` per lr the number of seeds
+    that train / diverge.
     """
     means = {lr: _mean_accuracy(runs) for lr, runs in runs_by_lr.items()}
+    val_means = {lr: _mean_accuracy(runs, "val_accuracy") for lr, runs in runs_by_lr.items()}
     stable = [lr for lr, runs in runs_by_lr.items() if all(_trains(r) for r in runs)]
     best = max(means, key=lambda lr: (means[lr], lr))
+    chosen = max(val_means, key=lambda lr: (val_means[lr], lr))
     return {"largest_stable_lr": max(stable) if stable else None, "stable_lrs": sorted(stable),
-            "best_accuracy": means[best], "best_lr": best, "mean_accuracy": means,
+            "best_accuracy": means[best], "best_lr": best, "chosen_lr": chosen, "chosen_accuracy": means[chosen],
+            "chosen_val_accuracy": val_means[chosen], "mean_accuracy": means,
             "trained": {lr: sum(_trains(r) for r in runs) for lr, runs in runs_by_lr.items()},
             "diverged": {lr: sum(r["diverged_at"] is not None for r in runs) for lr, runs in runs_by_lr.items()}}
 
@@ -391,31 +435,13 @@ def _clip_pair(params: list[nn.Parameter], clip: bool, repeats: int, extra: dict
     return interleaved(functions, repeats, before=(lambda: torch._foreach_mul_(grads, 2.0)) if clip else None)
 
 
-def _step_overhead(repeats: int) -> dict[str, float]:
-    """One training step of chapter 4's hard network (depth 16, batch 64) with and without clipping."""
-    config = replace(grids.HARD, lr=0.001)  # a small lr: the weights barely move while timing
-    x, y = harness.image_split(config.split_seed)["train"]
-    x, y = x[:config.batch], y[:config.batch]
-    model = cls.build_model(config)
-    params = list(model.parameters())
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9)
-
-    def step(clip: bool) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        if clip:
-            gradclip.clip_grad_norm_(params, grids.HARD_THRESHOLD)
-        optimizer.step()
-
-    return interleaved({"step": lambda: step(False), "step + clip_grad_norm_": lambda: step(True)}, repeats)
-
-
 def benchmark(repeats: int = 15) -> dict[str, Any]:
     """Time gradclip against torch and the hand-written patterns here and now; return the rows and the machine.
 
     Each row: ``{"what", "reference" (its name), "ms" (gradclip), "reference_ms", "ratio" (reference / gradclip:
     above 1, gradclip is faster), "short" (a lettered label for a narrow figure; the table spells it out)}``. Before timing, each pair is checked to give the same gradients.
     ``repeats`` timed calls per candidate (the repository's benchmarks use 30 and more; fewer keep a page fast).
+    What the call costs against a whole training step is measured once and stored (:mod:`gradclip_book.step_costs`).
     """
     _check_same_answers()
     rows = []
@@ -449,10 +475,7 @@ def benchmark(repeats: int = 15) -> dict[str, Any]:
                         before=lambda: torch._foreach_copy_([p.grad for p in big], saved))
     row(f"adaptive_clip_grad_ (AGC), {size}", "per-parameter loop", timed["gradclip"], timed["loop"],
         "F. AGC, vs loop")
-    step = _step_overhead(repeats * 10)
-    return {"rows": rows, "machine": machine(), "repeats": repeats, "step_ms": step["step"],
-            "step_clip_ms": step["step + clip_grad_norm_"],
-            "step_overhead": step["step + clip_grad_norm_"] / step["step"] - 1}
+    return {"rows": rows, "machine": machine(), "repeats": repeats}
 
 
 def _check_same_answers() -> None:

@@ -21,6 +21,7 @@ from . import classification as cls
 from . import classification_figures as cf
 from . import grids
 from . import performance as perf
+from . import step_costs as sc
 from .figures import Explorer, Param, PlotlyFigure, run_style, table_html
 
 __all__ = [
@@ -55,11 +56,13 @@ def _cells_frame(cells: dict[str, Any], depth: int, method: str) -> dict:
             for row, drow in zip(cells["accuracy"], cells["diverged"])]
     rows = ["off"] + [f"{t:g}" for t in cells["thresholds"][1:]]
     usable = perf.usable_lrs(cells)
+    fixed = perf.fixed_threshold(cells)
     lrs = cells["lrs"]
     name = LABELS[method] + (" clipping" if method in ("value", "norm") else "")  # not "AGC clipping"
     note = [f"Depth {depth}, {name} ({cls.METHODS[method].knob}). Learning rates at which the "
-            f"run trains without clipping: {perf.lrs_words(usable['none'], lrs)}; with some threshold: "
-            f"{perf.lrs_words(usable['clipped'], lrs)}."]
+            f"run trains without clipping: {perf.lrs_words(usable['none'], lrs)}; with some threshold (each lr "
+            f"its own): {perf.lrs_words(usable['clipped'], lrs)}; with one threshold for all, picked on validation "
+            f"({fixed['threshold']:g}): {perf.lrs_words(fixed['lrs'], lrs)}."]
     return {"traces": [{"z": z, "text": text, "y": rows}], "note": note}
 
 
@@ -71,13 +74,14 @@ def heatmap_frame(depth: int, method: str) -> dict:
 def live_heatmap_frame(depth: int, method: str) -> dict:
     """The same frame from fresh runs (30 trainings of seed 0: about half a minute at depth 16)."""
     rows = [("none", 0)] + [(method, level) for level in range(len(grids.THRESHOLDS[method]))]
-    accuracy, diverged = [], []
+    accuracy, val_accuracy, diverged = [], [], []
     for name, level in rows:  # the bottom row unclipped, then the method's thresholds, tightest first
         runs = [cls.train(cf.grid_config(depth, lr, level, name)) for lr in grids.LRS]
         accuracy.append([r.test_accuracy for r in runs])
+        val_accuracy.append([r.val_accuracy for r in runs])
         diverged.append([r.diverged for r in runs])
     cells = {"lrs": list(grids.LRS), "thresholds": [None, *grids.THRESHOLDS[method]], "accuracy": accuracy,
-             "diverged": diverged}
+             "val_accuracy": val_accuracy, "diverged": diverged}
     return _cells_frame(cells, depth, method)
 
 
@@ -171,7 +175,7 @@ def lower_lr_explorer(table: dict[int, dict[str, Any]], target: float = perf.TAR
         caption=f"Training loss averaged over the last {window} steps, then over the three seeds, at the learning "
                 f"rate that is best with global-norm clipping at max_norm {grids.HARD_THRESHOLD:g} and at the one "
                 "that is best without clipping, from the scan 0.025 to 1.6 (doubling; best = every seed trains, "
-                f"highest mean test accuracy); at depth {grids.HARD.depth}, where no unclipped "
+                f"highest mean validation accuracy); at depth {grids.HARD.depth}, where no unclipped "
                 f"learning rate of that scan trains, from a scan starting lower ({grids.SGD_LRS[0]:g}). All runs "
                 f"take 300 steps. The marks on the flat target line are the steps at which each seed's {window}-step "
                 f"mean first reaches it; the note gives their mean. The step axis is logarithmic. {TRAINS_RULE}")
@@ -231,8 +235,8 @@ def warmup_explorer() -> Explorer:
                                     for lr in lrs]})
             said = {"neither": "Neither", "warm-up": "Warm-up alone", "clipping": f"Clipping at {_clip_name(clip)}",
                     "both": f"Clipping at {_clip_name(clip)} with warm-up"}[arm]
-            note.append(f"{said}: trains at {perf.lrs_words(s['stable_lrs'], lrs)}; best mean "
-                        f"accuracy {100 * s['best_accuracy']:.1f}% at learning rate {s['best_lr']:g}.")
+            note.append(f"{said}: trains at {perf.lrs_words(s['stable_lrs'], lrs)}; at the learning rate "
+                        f"chosen on validation ({s['chosen_lr']:g}) {100 * s['chosen_accuracy']:.1f}% mean test accuracy.")
         return {"traces": traces, "note": note}
 
     traces = [{"mode": "lines+markers", "marker": {"size": 8}, "hovertemplate": "lr %{x}: %{y:.1f}% (%{text})"}
@@ -311,6 +315,21 @@ def benchmark_table_html(result: dict[str, Any]) -> str:
                f"{html.escape(perf.describe_machine(result['machine']))}. The letters label the bars of the "
                "figure below.")
     return table_html(head, rows, caption, widths=[8, 34, 12, 22, 11, 13])
+
+
+def step_cost_table_html(stored: dict[str, Any]) -> str:
+    """An HTML table of :func:`gradclip_book.step_costs.load`'s cases: model, size, step, clipping call and its
+    share of the step; the caption names the machine, the date and the command that measured them."""
+    head = ["model", "parameters", "examples x positions per step", "step", "clip_grad_norm_",
+            "share of the step", "ns per parameter"]
+    rows = [[html.escape(c["label"]), f"{c['parameters']:,}", f"{c['batch']} x {c['positions']:,}",
+             f"{c['step_ms']:.1f} ms", f"{c['clip_ms']:.2f} ms", f"{100 * c['clip_share']:.1f}%",
+             f"{c['clip_ns_per_value']:.2f}"] for c in stored["cases"]]
+    caption = (f"Medians over {stored['rounds']} rounds of {stored['repeats']} interleaved calls each "
+               f"({html.escape(stored['clock'])}), measured on {stored['date']} on "
+               f"{html.escape(perf.describe_machine(stored['machine']))} by <code>{html.escape(sc.COMMAND)}</code>; "
+               "the clipping call fires at every call. Stored in chapters/data/step_costs.json.")
+    return table_html(head, rows, caption, widths=[26, 12, 14, 11, 12, 12, 13])
 
 
 def benchmark_figure(result: dict[str, Any]) -> PlotlyFigure:
