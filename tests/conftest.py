@@ -40,13 +40,26 @@ class BookBuild:
 
     The build executes every notebook, mostly on one core; the test session starts it as soon as it
     knows that a collected test reads the book, and runs those tests last, so that the build overlaps
-    the rest of the suite instead of adding to it.
+    the rest of the suite instead of adding to it. While it runs, the build's kernels and the tests each
+    get one torch thread: two threads each on two cores would make every small parallel region wait
+    for a thread the other process holds.
     """
 
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
         self.log = None
         self.started = 0.0
+        self.test_threads: int | None = None  # the tests' torch threads before the build, while it runs
+
+    def share_cores(self) -> None:
+        """One torch thread for the tests while the build runs; the former number once it has finished."""
+        running = self.process is not None and self.process.poll() is None
+        if running and self.test_threads is None:
+            self.test_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        elif not running and self.test_threads is not None:
+            torch.set_num_threads(self.test_threads)
+            self.test_threads = None
 
     def start(self) -> None:
         if self.process is not None:
@@ -57,7 +70,8 @@ class BookBuild:
         self.started = time.monotonic()
         self.process = subprocess.Popen(
             [str(jupyter_book), "build", "--all", "-W", "--keep-going", str(ROOT)],
-            cwd=ROOT, env={**os.environ, "GRADCLIP_STATIC": "1"}, stdout=self.log, stderr=subprocess.STDOUT, text=True,
+            cwd=ROOT, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **os.environ, "GRADCLIP_STATIC": "1"},
+            stdout=self.log, stderr=subprocess.STDOUT, text=True,
         )
 
     def wait(self) -> Path:
@@ -103,6 +117,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     # the first test to read the book waits for the build in its setup: give it the build's time, not one test's
     next(item for item in items if _reads_the_book(item)).add_marker(pytest.mark.timeout(BUILD_TIMEOUT_S + 60))
     _BOOK_BUILD.start()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _BOOK_BUILD.share_cores()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
