@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -50,6 +47,7 @@ class BookBuild:
         self.log = None
         self.started = 0.0
         self.test_threads: int | None = None  # the tests' torch threads before the build, while it runs
+        self.audit_pages = False  # whether the session's browser tests will read the page audits
 
     def share_cores(self) -> None:
         """One torch thread for the tests while the build runs; the former number once it has finished."""
@@ -60,6 +58,17 @@ class BookBuild:
         elif not running and self.test_threads is not None:
             torch.set_num_threads(self.test_threads)
             self.test_threads = None
+        if self.audit_pages and self.process is not None and self.process.poll() == 0:
+            self.audit_pages = False
+            self._start_page_audits()
+
+    def _start_page_audits(self) -> None:
+        """The built pages' browser audits, in a thread while the tests before the browser tests run."""
+        from support.browser import BACKGROUND, PAGES, browser_missing
+
+        html = ROOT / "_build" / "html"
+        if not browser_missing() and (html / "index.html").exists():
+            BACKGROUND.start(html, PAGES)
 
     def start(self) -> None:
         if self.process is not None:
@@ -114,6 +123,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     # whole modules move, so that their module-scoped fixtures (the browser) are set up once
     items[:] = ([item for item in items if getattr(item, "module", None) not in book_modules]
                 + [item for item in items if getattr(item, "module", None) in book_modules])
+    _BOOK_BUILD.audit_pages = any(getattr(item, "module", None) is not None
+                                  and item.module.__name__.endswith("test_browser") for item in items)
     # the first test to read the book waits for the build in its setup: give it the build's time, not one test's
     next(item for item in items if _reads_the_book(item)).add_marker(pytest.mark.timeout(BUILD_TIMEOUT_S + 60))
     _BOOK_BUILD.start()
@@ -138,21 +149,13 @@ def built_book() -> Path:
     return _BOOK_BUILD.wait()
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture(scope="session")
 def book_server(built_book: Path):
     """Serve the built book on 127.0.0.1 at a free port; yields the base URL."""
-    handler = functools.partial(_QuietHandler, directory=str(built_book))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    from support.browser import serve
+
+    with serve(built_book) as url:
+        yield url
 
 
 @pytest.fixture

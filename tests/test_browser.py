@@ -1,9 +1,10 @@
 """Open every page of the built book in Debian's chromium: math, layout, contrast, figures, controls.
 
 Every page of the table of contents is opened at 1280 px (light), at 390 px
-(a phone) and at 1280 px in dark mode; each load is audited once (cached per
-module) and the tests below read the audits, so a failure names its page and
-check, with the offending element and text. Skips locally when chromium or
+(a phone) and at 1280 px in dark mode; each load is audited once
+(tests/support/browser.py, in a thread that starts as soon as the book is built)
+and the tests below read the audits, so a failure names its page and check,
+with the offending element and text. Skips locally when chromium or
 playwright is missing; under CI (CI=true) that is a failure.
 
 Checks: no uncaught JS error and no request to another host (every mode); every
@@ -15,37 +16,14 @@ captions, notes and controls keep a 4.5:1 contrast in dark mode.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
-from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-MODES = {"desktop": (1280, False), "phone": (390, False), "dark": (1280, True)}
+from support.browser import (BACKGROUND, CHROMIUM, FLAGS, MODES, PAGES, SET_CONTROL_JS, PageWatch, audit_page,
+                             browser_missing)
 
-
-def _entries(chapters: list[dict]) -> list[str]:
-    """Every file of a list of toc entries, with their nested ``sections``, in reading order."""
-    return [f for c in chapters for f in [c["file"], *_entries(c.get("sections", []))]]
-
-
-def toc_pages() -> list[str]:
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [toc["root"]] + [f for part in toc.get("parts", []) for f in _entries(part.get("chapters", []))]
-    return [f"{f}.html" for f in files]
-
-
-PAGES = toc_pages()
 
 # Known failures on pages this module's author does not own. Each is strict: the test fails as
 # soon as the problem is fixed, so the entry must then be removed. (check, page, text in the report)
@@ -56,13 +34,7 @@ KNOWN: list[tuple[str, str, str]] = [
 
 
 def _require_browser():
-    missing = []
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("the playwright package")
-    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
-        missing.append(f"chromium at {CHROMIUM} (apt-get install chromium)")
+    missing = browser_missing()
     if missing:
         message = "browser test needs " + " and ".join(missing)
         if os.environ.get("CI") == "true":
@@ -81,197 +53,15 @@ def browser():
         instance.close()
 
 
-class PageWatch:
-    """A page plus everything it logged and requested."""
-
-    def __init__(self, browser, width: int = 1280, dark: bool = False) -> None:
-        self.page = browser.new_page(viewport={"width": width, "height": 900})
-        if dark:
-            self.page.add_init_script("localStorage.setItem('mode','dark');localStorage.setItem('theme','dark');")
-        self.errors: list[str] = []
-        self.foreign: list[str] = []
-        self.page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
-        self.page.on("console", self._console)
-        self.page.on("request", self._request)
-        self.page.on("response", self._response)
-
-    def _console(self, message) -> None:
-        # every console error counts: the theme's "invalid theme mode" and the favicon 404 are fixed, not filtered
-        if message.type == "error":
-            self.errors.append(f"console: {message.text}")
-
-    def _response(self, response) -> None:
-        if response.status >= 400:
-            self.errors.append(f"HTTP {response.status}: {response.url}")
-
-    def _request(self, request) -> None:
-        url = urlparse(request.url)
-        if url.scheme in ("http", "https", "ws", "wss") and url.hostname != "127.0.0.1":
-            self.foreign.append(request.url)
-
-    def open(self, url: str) -> None:
-        self.page.goto(url, wait_until="load")
-        self.page.wait_for_timeout(200)
-
-    def scroll_through(self) -> None:
-        """Scroll to the bottom and back, so that figures drawn on approach all draw."""
-        self.page.evaluate("""async () => {
-          const h = document.scrollingElement.scrollHeight;
-          for (let y = 0; y <= h; y += 500) { window.scrollTo(0, y); await new Promise(r => setTimeout(r, 15)); }
-          window.scrollTo(0, 0);
-        }""")
-
-    def wait_for_figures(self) -> int:
-        count = self.page.locator(".gc-figure, .gc-plot").count()
-        # a figure draws when it comes near the viewport; a fast scroll on a busy machine can pass one
-        # before the browser reports it, so bring each one not yet drawn into view
-        for index in range(count):
-            figure = self.page.locator(".gc-figure, .gc-plot").nth(index)
-            if not figure.evaluate("d => !!(d.querySelector('.main-svg') && d.data)"):
-                figure.scroll_into_view_if_needed()
-        if count:
-            self.page.wait_for_function(
-                "Array.from(document.querySelectorAll('.gc-figure, .gc-plot'))"
-                ".every(d => d.querySelector('.main-svg') && d.data && d.data.length > 0)", timeout=15_000)
-        if self.page.locator(".math, mjx-container, .gc-exercise").count():
-            self.page.wait_for_function("window.MathJax && MathJax.startup && MathJax.startup.promise",
-                                        timeout=10_000)
-            self.page.evaluate("async () => { await MathJax.startup.promise; }")
-        return count
-
-
-RAW_TEX_JS = r"""() => {
-  const bad = [], tex = /\$[^$\s][^$]*\$|\\(frac|sqrt|eta|alpha|beta|gamma|sigma|rho|lambda|nabla|sum|prod|mathbf|mathrm|left|right|cdot|begin|end|le|ge|ne|approx|infty|partial)\b|\\[()\[\]]/;
-  const skip = 'mjx-container, script, style, pre, code, .highlight, textarea, svg, .MathJax, mjx-assistive-mml';
-  const article = document.querySelector('.bd-article') || document.body;
-  const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT);
-  while (walker.nextNode()) {
-    const node = walker.currentNode, el = node.parentElement;
-    if (!el || el.closest(skip) || !tex.test(node.textContent)) continue;
-    if (!el.checkVisibility({visibilityProperty: true})) continue;
-    const where = el.closest('[id]');
-    bad.push(`<${el.tagName.toLowerCase()}> in #${where ? where.id : '?'}: ${node.textContent.trim().slice(0, 120)}`);
-  }
-  return bad;
-}"""
-
-WIDE_EQUATIONS_JS = r"""() => {
-  const column = (document.querySelector('.bd-article') || document.body).getBoundingClientRect();
-  return Array.from(document.querySelectorAll('mjx-container[display="true"]')).flatMap(el => {
-    const math = el.querySelector('mjx-math') || el, r = math.getBoundingClientRect();
-    if (r.width <= column.width + 1) return [];
-    const where = el.closest('[id]');
-    const tex = (el.querySelector('mjx-assistive-mml') || el).textContent.trim().slice(0, 80);
-    return [`equation in #${where ? where.id : '?'} is ${Math.round(r.width)} px, column ${Math.round(column.width)} px: ${tex}`];
-  });
-}"""
-
-CUT_OUTPUTS_JS = r"""() => Array.from(document.querySelectorAll('.output.stream pre, .output.text_plain pre'))
-  .filter(p => p.scrollWidth > p.clientWidth + 1).map(p => {
-    const line = p.textContent.split('\\n').reduce((a, b) => b.length > a.length ? b : a, '');
-    return `printed output ${p.scrollWidth - p.clientWidth} px wider than its box: ${line.trim().slice(0, 100)}`;
-  })"""
-
-SIDEWAYS_JS = r"""() => {
-  const s = document.scrollingElement, over = s.scrollWidth - s.clientWidth;
-  if (over <= 0) return [];
-  const wide = Array.from(document.querySelectorAll('body *')).filter(el => {
-    const r = el.getBoundingClientRect();
-    return r.width > 0 && r.right > s.clientWidth + 1 && !Array.from(el.children).some(c => c.getBoundingClientRect().right > s.clientWidth + 1);
-  }).slice(0, 5).map(el => `<${el.tagName.toLowerCase()} class="${el.className}"> right edge ${Math.round(el.getBoundingClientRect().right)}: ${(el.textContent || '').trim().slice(0, 60)}`);
-  return [`page scrolls sideways by ${over} px`, ...wide];
-}"""
-
-CONTRAST_JS = r"""() => {
-  const parse = c => { const m = c.match(/[\d.]+/g).map(Number); return {r: m[0], g: m[1], b: m[2], a: m.length > 3 ? m[3] : 1}; };
-  const lum = c => { const f = v => { v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); };
-                     return 0.2126 * f(c.r) + 0.7152 * f(c.g) + 0.0722 * f(c.b); };
-  const background = el => { for (let n = el; n && n.nodeType === 1; n = n.parentElement) {
-      const c = parse(getComputedStyle(n).backgroundColor); if (c.a > 0.5) return c; }
-    return parse(getComputedStyle(document.body).backgroundColor); };
-  const selector = '.gc-box figcaption, .gc-note, .gc-slider .gc-label, .gc-slider output, .gc-choice legend, ' +
-                   '.gc-option span, .gc-exercise .gc-prompt, .gc-exercise label, .gc-exercise summary, ' +
-                   '.gc-exercise button, .gc-feedback, .gc-launch-note p';
-  return Array.from(document.querySelectorAll(selector)).flatMap(el => {
-    if (!el.checkVisibility() || !el.textContent.trim()) return [];
-    const fg = parse(getComputedStyle(el).color), bg = background(el);
-    const [hi, lo] = [lum(fg), lum(bg)].sort((a, b) => b - a), ratio = (hi + 0.05) / (lo + 0.05);
-    return ratio < 4.5 ? [`${ratio.toFixed(2)}:1 <${el.tagName.toLowerCase()} class="${el.className}">: ${el.textContent.trim().slice(0, 50)}`] : [];
-  });
-}"""
-
-SET_CONTROL_JS = r"""([rootId, index, value]) => {
-  const root = document.getElementById(rootId), el = root.querySelector(`.gc-controls [data-index="${index}"]`);
-  if (el.tagName === 'INPUT') { el.value = String(value); el.dispatchEvent(new Event('input', {bubbles: true})); }
-  else { el.querySelector(`input[value="${value}"]`).click(); }
-}"""
-
-DRAWN_MATCHES_FRAME_JS = r"""(rootId) => {
-  const root = document.getElementById(rootId), spec = window.gcData[rootId];  // inline or loaded from its file
-  const frame = spec.frames[root.dataset.key], data = document.getElementById(rootId + '-plot').data;
-  return frame.traces.every((t, i) => ['x', 'y', 'z'].every(k => !(k in t) ||
-    JSON.stringify(Array.from(data[i][k] || [], v => Array.isArray(v) || ArrayBuffer.isView(v) ? Array.from(v) : v)) === JSON.stringify(t[k])));
-}"""
-
-
-def drive_every_control(page) -> list[str]:
-    """Move each control of each Explorer to another value; report any that does not redraw to its frame."""
-    problems = []
-    for root in page.evaluate("Array.from(document.querySelectorAll('.gc-explorer')).map(e => e.id)"):
-        page.locator(f"#{root}").scroll_into_view_if_needed()
-        page.wait_for_function(f"document.getElementById('{root}').dataset.key !== undefined", timeout=10_000)
-        spec = page.evaluate(f"window.gcData['{root}']")  # inline in the page, or loaded from its data file
-        for index, param in enumerate(spec["params"]):
-            for value in {(param["start"] + 1) % len(param["shown"]), param["start"]}:
-                if len(param["shown"]) == 1:
-                    continue
-                before = page.evaluate(f"document.getElementById('{root}').dataset.key")
-                page.evaluate(SET_CONTROL_JS, [root, index, value])
-                key = page.evaluate(f"document.getElementById('{root}').dataset.key")
-                if key.split("|")[index] != str(value) or (key == before and str(value) != before.split("|")[index]):
-                    problems.append(f"#{root} {param['control']} {param['name']}={param['shown'][value]}: key {key}")
-                elif not page.evaluate(DRAWN_MATCHES_FRAME_JS, root):
-                    problems.append(f"#{root} {param['control']} {param['name']}={param['shown'][value]}: "
-                                    "plot differs from its frame")
-    return problems
-
-
 _AUDITS: dict[tuple[str, str], dict] = {}
 
 
 def audit(browser, server: str, page_name: str, mode: str) -> dict:
-    if (page_name, mode) in _AUDITS:
-        return _AUDITS[(page_name, mode)]
-    width, dark = MODES[mode]
-    watch = PageWatch(browser, width, dark)
-    watch.open(f"{server}/{page_name}")
-    watch.scroll_through()
-    result: dict = {"figures": watch.wait_for_figures()}
-    if mode in ("desktop", "phone"):
-        # a table of text shows every column (cards on a phone, fixed shares on a desktop)
-        result["hidden_columns"] = watch.page.evaluate(
-            "Array.from(document.querySelectorAll('table.gc-table')).filter(t => t.scrollWidth > t.clientWidth + 1)"
-            ".map(t => (t.querySelector('th, td') || t).textContent.slice(0, 40))")
-    if mode == "desktop":
-        result["raw_tex"] = watch.page.evaluate(RAW_TEX_JS)
-        result["wide_equations"] = watch.page.evaluate(WIDE_EQUATIONS_JS)
-        result["cut_outputs"] = watch.page.evaluate(CUT_OUTPUTS_JS)
-        result["controls"] = drive_every_control(watch.page)
-    if mode == "phone":
-        result["sideways"] = watch.page.evaluate(SIDEWAYS_JS)
-        result["overflowing_figures"] = watch.page.evaluate(
-            "Array.from(document.querySelectorAll('.gc-box')).filter(f => f.getBoundingClientRect().right > "
-            "window.innerWidth + 1).map(f => f.id)")
-    if mode == "dark":
-        assert watch.page.evaluate("document.documentElement.dataset.theme") == "dark"
-        result["contrast"] = watch.page.evaluate(CONTRAST_JS)
-        result["dark_figures"] = watch.page.evaluate(
-            "Array.from(document.querySelectorAll('.gc-plot, .gc-figure')).filter(p => p.layout && "
-            "p.layout.paper_bgcolor === 'white').map(p => p.id)")
-    result["errors"], result["foreign"] = watch.errors, watch.foreign
-    watch.page.close()
-    _AUDITS[(page_name, mode)] = result
-    return result
+    """The audit of ``page_name`` in ``mode``: the background thread's, or made here if it has none."""
+    if (page_name, mode) not in _AUDITS:
+        _AUDITS[(page_name, mode)] = (BACKGROUND.result(page_name, mode, timeout=300)
+                                      or audit_page(browser, server, page_name, mode))
+    return _AUDITS[(page_name, mode)]
 
 
 def unexpected(check: str, page_name: str, problems: list[str]) -> list[str]:
@@ -338,6 +128,7 @@ def test_tables_show_every_column_at_1280_px(audits, page_name):
 @pytest.mark.parametrize("page_name", PAGES)
 def test_dark_mode_keeps_contrast_and_figures_follow_the_theme(audits, page_name):
     result = audits(page_name, "dark")
+    assert result["theme"] == "dark", f"{page_name}: the page did not switch to dark mode"
     assert unexpected("contrast", page_name, result["contrast"]) == [], page_name
     assert result["dark_figures"] == [], f"{page_name}: figures with a white background in dark mode"
 
