@@ -264,28 +264,29 @@ def recipe_evidence() -> dict[str, Any]:
 def text_evidence(hot_lr: float = 3.0) -> dict[str, Any]:
     """Chapter 4.5's stored text runs: the recurrent networks (SGD) and the small transformer (AdamW).
 
-    ``"recurrent"`` and ``"transformer"`` are :func:`gradclip_book.text_figures.guide_evidence`'s (best against
-    best on validation loss over five seeds). Added: ``"seq_len"``, ``"seeds"``, ``"clip"`` (the threshold),
-    ``"hot"``: the tanh RNN at ``hot_lr`` (one step of the scan above its best) without and with clipping
-    (validation losses per seed, nats), ``"unigram"`` (the loss of guessing each character by its frequency in the
-    training text), ``"rnn_clip_fraction"`` (share of steps clipped at the clipped run's chosen lr, mean over
-    seeds), ``"transformer_top"``: at the scan's largest lr (seed 0) the plain, clipped and qk-layernorm runs'
-    validation losses, and ``"transformer_best_worst"``: the worst arm's loss at the best lr (seed 0).
+    ``"recurrent"`` and ``"transformer"`` are :func:`gradclip_book.text_figures.guide_evidence`'s (learning
+    rates chosen on validation loss over five seeds, verdicts on test loss). Added: ``"seq_len"``, ``"seeds"``,
+    ``"clip"`` (the threshold), ``"hot"``: the tanh RNN at ``hot_lr`` (one step of the scan above its best)
+    without and with clipping (test losses per seed, nats), ``"unigram"`` (the test loss of guessing each
+    character by its frequency in the training text), ``"rnn_clip_fraction"`` (share of steps clipped at the
+    clipped run's chosen lr, mean over seeds), ``"transformer_top"``: at the scan's largest lr (seed 0) the plain,
+    clipped and qk-layernorm runs' test losses, and ``"transformer_best_worst"``: the worst arm's test loss at the
+    best lr (seed 0).
     """
     from gradclip_book import text, text_figures as tf, text_grid as tg
 
     ev = tf.guide_evidence()
     parts, vocab = text.split(), len(text.encoded()[0])
     counts = torch.bincount(parts["train"], minlength=vocab).double()
-    unigram = float(-(torch.bincount(parts["validation"], minlength=vocab).double()
-                      * (counts / counts.sum()).log()).sum() / len(parts["validation"]))
+    unigram = float(-(torch.bincount(parts["test"], minlength=vocab).double()
+                      * (counts / counts.sum()).log()).sum() / len(parts["test"]))
     seq, clip = tg.HEADLINE_SEQ_LEN, tg.RNN_CLIP
-    hot = {t: [tf.val_loss(tf.recurrent_run("rnn", seq, hot_lr, t, s)) for s in tg.SEEDS] for t in (None, clip)}
+    hot = {t: [tf.test_loss(tf.recurrent_run("rnn", seq, hot_lr, t, s)) for s in tg.SEEDS] for t in (None, clip)}
     chosen = ev["recurrent"]["rnn"]["clip_lr"]
     fraction = float(np.mean([float(tf.recurrent_run("rnn", seq, chosen, clip, s)["clip_fraction"])
                               for s in tg.SEEDS]))
     best, top = ev["transformer"]["lr"], max(tg.TRANSFORMER_LRS)
-    v0 = lambda arm, lr: tf.val_loss(tf.transformer_run(arm, lr))  # noqa: E731 (seed 0)
+    v0 = lambda arm, lr: tf.test_loss(tf.transformer_run(arm, lr))  # noqa: E731 (seed 0)
     ev.update({"seq_len": seq, "seeds": len(tg.SEEDS), "clip": clip, "hot_lr": hot_lr,
                "hot": {"plain": hot[None], "clipped": hot[clip]}, "unigram": unigram, "rnn_clip_fraction": fraction,
                "transformer_top": {"lr": top, **{arm: v0(arm, top) for arm in ("none", "norm", "qk-norm")}},
@@ -337,7 +338,8 @@ def exercise_evidence(seq_len: int = 32, lr: float = 1.0, steps: int = 30) -> di
 
     ``"no_clip"``: the tanh RNN with d2l's learning rate ``lr`` on windows of ``seq_len`` characters, 500 steps:
     validation loss without clipping minus with ``max_norm`` = 1 (nats), the share of steps clipping fired on,
-    and the same losses at three times the learning rate. ``"relu"``: the largest pre-clip gradient norm of
+    and the same validation losses at three times the learning rate (an exercise's answer read on validation:
+    the text it would tune on). ``"relu"``: the largest pre-clip gradient norm of
     the first ``steps`` steps with tanh (the stored run's curve) and with ReLU (:func:`rnn_norms`), and their
     ratio.
     """
@@ -679,9 +681,10 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             f"Tune the learning rate on validation; keep global-norm clipping at max_norm = {tx['clip']:g} "
             f"(d2l's setting) as a guard: it widened the usable range, it did not improve the best run",
             f"On chapter 4.5's character models ({tx['seeds']} seeds, windows of {tx['seq_len']}), best against "
-            f"best on validation loss: tanh RNN {_nats(rnn['plain'])} at lr {rnn['plain_lr']:g} without clipping, "
-            f"{_nats(rnn['clip'])} at lr {rnn['clip_lr']:g} clipped ({rnn['verdict']}); LSTM {_nats(lstm['plain'])} "
-            f"against {_nats(lstm['clip'])} ({lstm['verdict']}). At the tanh RNN's chosen lr clipping fires on "
+            f"best (lr chosen on validation, test loss): tanh RNN {_nats(rnn['plain_test'])} at lr "
+            f"{rnn['plain_lr']:g} without clipping, {_nats(rnn['clip_test'])} at lr {rnn['clip_lr']:g} clipped "
+            f"({rnn['verdict']}); LSTM {_nats(lstm['plain_test'])} against {_nats(lstm['clip_test'])} "
+            f"({lstm['verdict']}). At the tanh RNN's chosen lr clipping fires on "
             f"{100 * tx['rnn_clip_fraction']:.1f}% of the steps. At lr {tx['hot_lr']:g} the unclipped seeds end "
             f"between {min(tx['hot']['plain']):.2f} and {max(tx['hot']['plain']):.2f} nats, the clipped ones between "
             f"{min(tx['hot']['clipped']):.2f} and {max(tx['hot']['clipped']):.2f} (guessing by character "
@@ -691,7 +694,8 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             "Tune the learning rate first; global-norm clipping at 1 as cheap insurance; above the best rate, "
             "qk-layernorm is the remedy that helped most",
             f"On chapter 4.5's small character transformer ({tx['seeds']} seeds at the lr chosen on validation, "
-            f"{tx['transformer_lrs']} lrs at seed 0), the plain run ends at {_nats(tr['plain'])} at lr {tr['lr']:g}; "
+            f"{tx['transformer_lrs']} lrs at seed 0), the plain run ends at {_nats(tr['plain_test'])} test loss at "
+            f"lr {tr['lr']:g}; "
             + ("no remedy (clipping, ZClip, a spike guard, warm-up, qk-layernorm, z-loss) beats it by the "
                "seed-spread rule" if same_t else
                "; ".join(f"{a}: {v}" for a, v in tr["verdicts"].items()))

@@ -330,14 +330,14 @@ def test_recipe_gaps_recounted_from_chapter_4s_stored_runs():
     assert ev["median_gap"] == pytest.approx(float(np.median(gaps)))
 
 
-def test_text_evidence_recounted_from_the_text_grid():
+def test_text_evidence_recounted_from_the_text_grid():  # test losses: the guide reports on test
     ev = cc.text_evidence()
     hot: dict[str | None, dict[int, float | None]] = defaultdict(dict)
     for line in raw("text_grid.jsonl.gz"):
         c = line["config"]
         if c["model"] == "rnn" and c["seq_len"] == ev["seq_len"] and c["lr"] == ev["hot_lr"] \
                 and c["method"] in ("none", "norm") and c["threshold"] in (None, ev["clip"]):
-            hot[c["threshold"]][c["seed"]] = None if line["diverged_at"] is not None else line["metrics"]["val_loss"]
+            hot[c["threshold"]][c["seed"]] = None if line["diverged_at"] is not None else line["metrics"]["test_loss"]
     assert ev["hot"]["plain"] == [hot[None][s] for s in sorted(hot[None])]
     assert ev["hot"]["clipped"] == [hot[ev["clip"]][s] for s in sorted(hot[ev["clip"]])]
     assert len(ev["hot"]["plain"]) == ev["seeds"] == 5
@@ -396,7 +396,7 @@ def test_rows_quote_the_evidence(evidence):
     assert f"{100 * norm['mean']:.1f}%" in text["cls-methods"]
     assert f"{100 * evidence['recipe']['median_gap']:.1f} points" in text["cls-threshold"]
     rnn = evidence["text"]["recurrent"]["rnn"]
-    assert f"{rnn['plain'][0]:.3f} ± {rnn['plain'][1]:.3f} nats" in text["text-rnn"]
+    assert f"{rnn['plain_test'][0]:.3f} ± {rnn['plain_test'][1]:.3f} nats" in text["text-rnn"]   # test, not validation
     assert f"{len(grids.OPT_SEEDS)} seeds" in text["perf-adam"]             # the Adam row names its scope
     assert "1.41x the threshold" in text["scal-dist"] and "3e-08" in text["scal-dist"]
     assert f"handles {len(evidence['bugs']['by_default'])} by default" in text["bug-zoo"]
