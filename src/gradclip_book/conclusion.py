@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from gradclip_book import bugzoo, grids, harness
 from gradclip_book import classification_figures as cf
@@ -48,15 +49,22 @@ __all__ = ["SECTIONS", "FlowChart", "Row", "adam_evidence", "batch_evidence", "b
 # --- where the evidence is: page and section title (the anchor is the title's slug) ----------------
 
 SECTIONS: dict[str, tuple[str, str]] = {
+    "depth": ("principle", "Depth: which quantity grows by the gain per layer"),
+    "rnn-time": ("principle", "Recurrent networks are deep in time"),
     "clip-rule": ("principle", "The clipping rule"),
     "families": ("principle", "The families of clipping, side by side"),
     "when-not": ("principle", "When not to clip"),
     "bug-zoo": ("implementation", "A zoo of clipping bugs"),
     "placement": ("implementation", "Where the call goes"),
     "cls-methods": ("classification", "A first illustration: a deep plain MLP"),
+    "cls-lower": ("classification", "Clip, or lower the learning rate?"),
     "cls-stable": ("classification", "The range of learning rates that train"),
     "cls-threshold": ("classification", "Choosing the threshold: a recipe, checked on every network"),
     "cls-fix": ("classification", "Fix the cause: normalisation, residual connections, warm-up"),
+    "cls-caps": ("classification", "What clipping caps: the gradient, not the step"),
+    "text-rnn": ("text", "Clipping or a lower learning rate?"),
+    "text-transformer": ("text", "Best against best, five seeds"),
+    "text-adam": ("text", "What this says about Adam and clipping"),
     "perf-usable": ("performance", "How far clipping widens the usable learning rates"),
     "perf-lower": ("performance", "Clipping, or a lower learning rate?"),
     "perf-warmup": ("performance", "Warm-up or clipping?"),
@@ -160,6 +168,240 @@ def budget_evidence() -> dict[str, Any]:
             "verdict": verdict}
 
 
+# --- chapter 2 and 4: fix the cause; chapter 4: clip or lower, the threshold recipe --------------------------
+
+
+def fix_cause_evidence(depths: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
+    """Chapter 4.6's remedies on the CNNs at ``depths`` (stored runs), and chapter 2.2's initialisation law.
+
+    Per depth, each remedy at its best setting chosen on validation accuracy over the five seeds (the same
+    candidates as chapter 4.6's figure), as test-accuracy Scores: ``"bn"`` (residual CNN + BatchNorm, no
+    clipping), ``"plain_bn"`` (plain CNN + BatchNorm), ``"clipped"`` (residual CNN without normalisation, global
+    norm at its best lr and threshold), ``"none"`` (the same, no remedy), ``"warmup"`` and ``"no_residual"``
+    (plain CNN, no normalisation). ``"bn_beats_clip"``: BatchNorm beats the clipped network by the seed-spread
+    rule at every depth; ``"residual_beats_plain"``: with BatchNorm, the residual CNN beats the plain one at the
+    deepest of ``depths``; ``"clip_on_bn"``: per (network with BatchNorm, depth of chapter 4), the verdict of the
+    best clipped against the best unclipped setting (chapter 4.4's table, clipped setting chosen on seed 0).
+    ``"relu_xavier"``: chapter 2.2's per-layer factor of a ReLU network initialised with Xavier's scale
+    (He's is 1), and ``"depth"``: the deepest of ``depths``.
+    """
+    from dataclasses import replace
+
+    from gradclip_book import depth as dp, harness, images_figures as imf, images_grid as ig
+
+    def best(configs: list) -> Any:
+        return imf.scores(imf.choose(configs).best.setting, "test_accuracy")
+
+    out: dict[str, Any] = {"seeds": len(ig.SEEDS), "steps": ig.HEADLINE.steps, "warmup_steps": ig.WARMUP,
+                           "depths": list(depths), "by_depth": {}}
+    for depth in depths:
+        base = replace(ig.HEADLINE, depth=depth)
+        out["by_depth"][depth] = {
+            "bn": best(imf.unclipped(replace(base, model="residual+bn"))),
+            "plain_bn": best(imf.unclipped(replace(base, model="plain+bn"))),
+            "clipped": best(imf.clipped(base)),
+            "none": best(imf.unclipped(base)),
+            "warmup": best([replace(c, warmup=ig.WARMUP) for c in imf.unclipped(base)]),
+            "no_residual": best(imf.unclipped(replace(base, model="plain")))}
+    out["bn_beats_clip"] = all(harness.beats(r["bn"], r["clipped"]) for r in out["by_depth"].values())
+    deepest = out["by_depth"][max(depths)]
+    out["residual_beats_plain"] = harness.beats(deepest["bn"], deepest["plain_bn"])   # both with BatchNorm
+    out["clip_on_bn"] = {  # chapter 4.4's table: clipped setting chosen on seed 0, unclipped lr on all seeds at depths
+        (model, depth): imf.clip_or_lower(replace(ig.HEADLINE, model=model, depth=depth), ig.SEEDS, (0,),
+                                          plain_choice_seeds=ig.SEEDS if depth in depths else (0,))["verdict"]
+        for model in ("residual+bn", "plain+bn") for depth in ig.DEPTHS}
+    out["relu_xavier"] = dp.predicted_layer_factor(1.0, "relu", "xavier", 64)
+    out["depth"] = max(depths)
+    return out
+
+
+def image_clip_or_lower_evidence() -> dict[str, Any]:
+    """Chapter 4.4 on the residual CNN without normalisation: the best clipped run against the best lower
+    learning rate within the 200-step budget, at the headline depth (five seeds, chosen on validation).
+
+    Returns ``{"depth", "steps", "verdict", "clip_fraction", "clipped_lr", "threshold", "plain", "clipped"
+    (test-accuracy Scores)}``; :func:`budget_evidence` has the same comparison with four times the steps.
+    """
+    from gradclip_book import images_figures as imf, images_grid as ig
+
+    case = imf.clip_or_lower(ig.HEADLINE)
+    k = case["clipped"]
+    return {"depth": ig.HEADLINE.depth, "steps": ig.HEADLINE.steps, "verdict": case["verdict"],
+            "clip_fraction": k["clip_fraction"], "clipped_lr": k["config"].lr, "threshold": k["config"].threshold,
+            "plain": case["plain"]["test"], "clipped": k["test"]}
+
+
+def recipe_evidence() -> dict[str, Any]:
+    """Chapter 4.7's threshold recipe against the best of the grid's thresholds, on every network and depth.
+
+    The recipe's threshold comes from the first :data:`~gradclip_book.harness.recipe.PROBE_STEPS` unclipped norms
+    (their 90th percentile), its learning rate is the best of its runs on validation; the grid's best (lr,
+    threshold) is chosen on validation too; both at seed 0, as in chapter 4.7. Returns ``{"probe_steps",
+    "quantile", "lower_above" (the share of clipped steps above which the recipe says to lower the lr),
+    "networks", "gaps" (grid minus recipe, validation accuracy, one per network and depth), "median_gap",
+    "max_gap"}``.
+    """
+    from gradclip_book import images, images_figures as imf, images_grid as ig
+    from gradclip_book.harness import recipe
+
+    points = ig.recipe_points(images.load())
+    gaps = []
+    for model in images.MODELS:
+        for depth in ig.DEPTHS:
+            base = images.ImageConfig(model=model, depth=depth)
+            tried = [c for _, c in points if c.model == model and c.depth == depth]
+            grid_best = imf.choose(imf.clipped(base), (0,)).best.setting
+            recipe_best = imf.choose(tried, (0,)).best.setting
+            gaps.append(float(images.stored(grid_best)["metrics"]["val_accuracy"])
+                        - float(images.stored(recipe_best)["metrics"]["val_accuracy"]))
+    return {"probe_steps": recipe.PROBE_STEPS, "quantile": recipe.QUANTILE, "lower_above": recipe.LOWER_LR_ABOVE,
+            "networks": len(gaps), "gaps": gaps, "median_gap": float(np.median(gaps)), "max_gap": max(gaps)}
+
+
+# --- chapter 4.5: text ---------------------------------------------------------------------------------------
+
+
+def text_evidence(hot_lr: float = 3.0) -> dict[str, Any]:
+    """Chapter 4.5's stored text runs: the recurrent networks (SGD) and the small transformer (AdamW).
+
+    ``"recurrent"`` and ``"transformer"`` are :func:`gradclip_book.text_figures.guide_evidence`'s (learning
+    rates chosen on validation loss over five seeds, verdicts on test loss). Added: ``"seq_len"``, ``"seeds"``,
+    ``"clip"`` (the threshold), ``"hot"``: the tanh RNN at ``hot_lr`` (one step of the scan above its best)
+    without and with clipping (test losses per seed, nats), ``"unigram"`` (the test loss of guessing each
+    character by its frequency in the training text), ``"rnn_clip_fraction"`` (share of steps clipped at the
+    clipped run's chosen lr, mean over seeds), ``"transformer_top"``: at the scan's largest lr (seed 0) the plain,
+    clipped and qk-layernorm runs' test losses, and ``"transformer_best_worst"``: the worst arm's test loss at the
+    best lr (seed 0).
+    """
+    from gradclip_book import text, text_figures as tf, text_grid as tg
+
+    ev = tf.guide_evidence()
+    parts, vocab = text.split(), len(text.encoded()[0])
+    counts = torch.bincount(parts["train"], minlength=vocab).double()
+    unigram = float(-(torch.bincount(parts["test"], minlength=vocab).double()
+                      * (counts / counts.sum()).log()).sum() / len(parts["test"]))
+    seq, clip = tg.HEADLINE_SEQ_LEN, tg.RNN_CLIP
+    hot = {t: [tf.test_loss(tf.recurrent_run("rnn", seq, hot_lr, t, s)) for s in tg.SEEDS] for t in (None, clip)}
+    chosen = ev["recurrent"]["rnn"]["clip_lr"]
+    fraction = float(np.mean([float(tf.recurrent_run("rnn", seq, chosen, clip, s)["clip_fraction"])
+                              for s in tg.SEEDS]))
+    best, top = ev["transformer"]["lr"], max(tg.TRANSFORMER_LRS)
+    v0 = lambda arm, lr: tf.test_loss(tf.transformer_run(arm, lr))  # noqa: E731 (seed 0)
+    ev.update({"seq_len": seq, "seeds": len(tg.SEEDS), "clip": clip, "hot_lr": hot_lr,
+               "hot": {"plain": hot[None], "clipped": hot[clip]}, "unigram": unigram, "rnn_clip_fraction": fraction,
+               "transformer_top": {"lr": top, **{arm: v0(arm, top) for arm in ("none", "norm", "qk-norm")}},
+               "transformer_best_worst": max(v0(arm, best) for arm in tg.ARMS),
+               "transformer_lrs": len(tg.TRANSFORMER_LRS)})
+    return ev
+
+
+# --- d2l's classic exercises: train the RNN without clipping; ReLU instead of tanh -----------------------
+
+
+def rnn_norms(nonlinearity: str = "tanh", seq_len: int = 32, lr: float = 1.0, steps: int = 30, seed: int = 0,
+              threshold: float | None = None) -> list[float]:
+    """The pre-clip gradient norms of the first ``steps`` steps of chapter 4.5's recurrent network, trained afresh.
+
+    The same model, data stream, loss and loop as :func:`gradclip_book.text_runs.train` for
+    ``TextConfig(model="rnn", seq_len=seq_len, lr=lr, seed=seed, ...)`` (plain SGD, the hidden state carried
+    between windows), except that with ``nonlinearity="relu"`` the recurrent layer computes
+    :math:`h_t = \\max(0, W_{ih} x_t + W_{hh} h_{t-1} + b)` with the same initial weights. With ``"tanh"`` it
+    reproduces the stored run's norms. About 0.7 s for 30 steps on one CPU thread.
+
+    Raises:
+        ValueError: ``nonlinearity`` is not ``"tanh"`` or ``"relu"``.
+    """
+    from torch import nn
+
+    from gradclip_book import harness, text, text_runs as tr
+
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    config = tr.TextConfig(model="rnn", seq_len=seq_len, lr=lr, steps=steps, seed=seed,
+                           method="none" if threshold is None else "norm", threshold=threshold)
+    model = tr.build(config)
+    if nonlinearity == "relu":
+        tanh = model.rnn
+        model.rnn = nn.RNN(tanh.input_size, tanh.hidden_size, batch_first=True, nonlinearity="relu")
+        model.rnn.load_state_dict(tanh.state_dict())
+    optimizer = tr.OPTIMIZERS[config.optimizer](list(model.parameters()), config.lr)
+    generator = torch.Generator().manual_seed(config.seed)   # the stream's offset, as text_runs draws it
+    offset = int(torch.randint(0, config.seq_len, (1,), generator=generator))
+    batches = text.stream_batches(text.split()["train"], config.batch, config.seq_len, offset)
+    run = harness.train(model, optimizer, batches, steps, loss_fn=tr.CarriedState(), method=config.method,
+                        threshold=config.threshold)
+    return [float(n) for n in run.grad_norm]
+
+
+def exercise_evidence(seq_len: int = 32, lr: float = 1.0, steps: int = 30) -> dict[str, Any]:
+    """The answers of chapter 6's exercises, from chapter 4.5's stored runs and one fresh ReLU run (seed 0).
+
+    ``"no_clip"``: the tanh RNN with d2l's learning rate ``lr`` on windows of ``seq_len`` characters, 500 steps:
+    validation loss without clipping minus with ``max_norm`` = 1 (nats), the share of steps clipping fired on,
+    and the same validation losses at three times the learning rate (an exercise's answer read on validation:
+    the text it would tune on). ``"relu"``: the largest pre-clip gradient norm of
+    the first ``steps`` steps with tanh (the stored run's curve) and with ReLU (:func:`rnn_norms`), and their
+    ratio.
+    """
+    from gradclip_book import text_figures as tf, text_grid as tg
+
+    plain, clipped = (tf.recurrent_run("rnn", seq_len, lr, t) for t in (None, tg.RNN_CLIP))
+    hot = {t: tf.val_loss(tf.recurrent_run("rnn", seq_len, 3 * lr, t)) for t in (None, tg.RNN_CLIP)}
+    curve = plain["curve"]
+    tanh = [float(n) for s, n in zip(curve["step"], curve["grad_norm"]) if int(s) < steps]
+    if len(tanh) != steps:
+        raise ValueError(f"the stored curve does not hold the first {steps} steps one by one")
+    relu = rnn_norms("relu", seq_len, lr, steps)
+    return {"seq_len": seq_len, "lr": lr, "steps": steps, "train_steps": int(plain["steps_run"]),
+            "clip": tg.RNN_CLIP,
+            "no_clip": {"plain": tf.val_loss(plain), "clipped": tf.val_loss(clipped),
+                        "change": tf.val_loss(plain) - tf.val_loss(clipped),
+                        "clip_fraction": float(clipped["clip_fraction"]),
+                        "hot_lr": 3 * lr, "hot_plain": hot[None], "hot_clipped": hot[tg.RNN_CLIP]},
+            "relu": {"tanh_max": max(tanh), "relu_max": max(relu), "ratio": max(relu) / max(tanh),
+                     "tanh_first": tanh[0], "relu_first": relu[0]}}
+
+
+def exercises(ev: dict[str, Any]) -> list[Any]:
+    """Chapter 6's two exercises (d2l's, section 9.5) as static :class:`gradclip_book.exercise.Exercise` widgets,
+    every answer and number in them from ``ev`` (:func:`exercise_evidence`)."""
+    from gradclip_book.exercise import Exercise
+
+    nc, re_ = ev["no_clip"], ev["relu"]
+    setting = (f"chapter 4.5's tanh RNN with d2l's settings: plain SGD at learning rate {ev['lr']:g}, windows of "
+               f"{ev['seq_len']} characters (d2l uses 35), {ev['train_steps']} steps, seed 0")
+    no_clip = Exercise(
+        "ch6-no-clip",
+        prompt=(f"**1. Train the RNN without clipping.** Take {setting}, clipped at `max_norm` = {ev['clip']:g}. "
+                f"Remove the clipping. By how many nats per character does the final validation loss change "
+                f"(positive: worse without clipping)? Within 0.02 counts."),
+        answer=nc["change"], tolerance=0.02, relative=False, unit="nats",
+        hint="Before predicting a blow-up, ask how often a gradient norm exceeds 1 at this learning rate "
+             "(the threshold slider of chapter 4.5's figure of the training runs shows it).",
+        solution_md=(f"Clipped, the run ends at {nc['clipped']:.4f} nats and clips only "
+                     f"{100 * nc['clip_fraction']:.1f}% of its steps; without clipping it ends at {nc['plain']:.4f}: "
+                     f"a change of {nc['change']:+.4f} nats, nothing. At d2l's learning rate clipping is a guard that "
+                     f"hardly engages. At {nc['hot_lr']:g} it decides the run: {nc['hot_plain']:.2f} nats without "
+                     f"clipping, {nc['hot_clipped']:.2f} with it (same windows and seed)."))
+    relu = Exercise(
+        "ch6-relu",
+        prompt=(f"**2. ReLU instead of tanh.** In {setting} and no clipping, replace tanh by ReLU in the recurrent "
+                f"layer (same initial weights). Over the first {ev['steps']} steps the tanh network's largest "
+                f"gradient norm is {re_['tanh_max']:.2f}. How many times larger is the ReLU network's largest norm "
+                f"over the same steps? Within 50% counts."),
+        answer=re_["ratio"], tolerance=0.5, relative=True,
+        hint="tanh saturates: its slope is at most 1 and falls towards 0 for large inputs, and its state stays in "
+             "(-1, 1). What bounds ReLU's state, and its slope where a unit is active?",
+        solution_md=(f"The ReLU network's largest norm is {re_['relu_max']:.1f}, "
+                     f"{re_['ratio']:.1f} times the tanh network's (their first steps start at "
+                     f"{re_['relu_first']:.2f} and {re_['tanh_first']:.2f}). ReLU passes the gradient with slope 1 "
+                     f"wherever a unit is active and does not bound the state, so nothing damps a growing product of "
+                     f"Jacobians (chapter 2.3). So yes, a ReLU RNN needs clipping at least as much: the spikes that "
+                     f"`max_norm` = {ev['clip']:g} would cap are larger. This is one seed and {ev['steps']} steps; "
+                     f"whether the clipped ReLU network then trains as well as the tanh one is not measured here."))
+    return [no_clip, relu]
+
+
 # --- chapter 5.1: usable learning rates, lower lr, warm-up, Adam ------------------------------------------
 
 
@@ -197,30 +439,33 @@ def warmup_evidence(threshold: float = grids.HARD_THRESHOLD) -> dict[str, Any]:
     """Chapter 5.1's warm-up against clipping: per arm the learning rates at which every seed trains, and the best accuracy.
 
     "Trains" is chapter 4's rule (not diverged, test accuracy >= 90%); the set need not be contiguous.
-    Returns ``{arm: {"lrs": sorted list, "words": the set in words, "best": mean accuracy}}`` for the arms of
+    Returns ``{arm: {"lrs": sorted list, "words": the set in words, "chosen_lr": the lr with the best mean
+    validation accuracy, "best": the mean test accuracy at that lr}}`` for the arms of
     :data:`performance.WARMUP_ARMS`.
     """
     arms = perf.warmup_summary(threshold)
     return {arm: {"lrs": s["stable_lrs"], "words": perf.lrs_words(s["stable_lrs"], grids.SGD_LRS),
-                  "best": s["best_accuracy"]} for arm, s in arms.items()}
+                  "chosen_lr": s["chosen_lr"], "best": s["chosen_accuracy"]} for arm, s in arms.items()}
 
 
 def adam_evidence() -> dict[str, Any]:
     """Chapter 5.1's Adam against SGD: what clipping changes for each optimizer.
 
-    Returns ``{opt: {"n_lrs", "plain_calm", "clip_calm", "plain_best", "clip_best"}}``: the learning rates
-    scanned, how many of them no seed diverges at without clipping and with the better threshold, and the best
-    mean test accuracy without and with clipping (any threshold).
+    Returns ``{opt: {"n_lrs", "plain_calm", "clip_calm", "plain_best", "clip_best", "clip_threshold"}}``: the
+    learning rates scanned, how many of them no seed diverges at without clipping and with the better threshold,
+    and the mean test accuracy without and with clipping at the settings chosen on validation (the lr, and for
+    clipping the threshold too, ``clip_threshold``).
     """
     summary = perf.optimizer_summary()
     out = {}
     for opt, by_t in summary.items():
         plain = by_t[None]
-        clipped = [s for t, s in by_t.items() if t is not None]
-        calm = [sum(d == 0 for d in s["diverged"].values()) for s in clipped]
+        clipped = {t: s for t, s in by_t.items() if t is not None}
+        calm = [sum(d == 0 for d in s["diverged"].values()) for s in clipped.values()]
+        chosen_t = max(clipped, key=lambda t: clipped[t]["chosen_val_accuracy"])
         out[opt] = {"n_lrs": len(plain["diverged"]), "plain_calm": sum(d == 0 for d in plain["diverged"].values()),
-                    "clip_calm": max(calm), "plain_best": plain["best_accuracy"],
-                    "clip_best": max(s["best_accuracy"] for s in clipped)}
+                    "clip_calm": max(calm), "plain_best": plain["chosen_accuracy"],
+                    "clip_best": clipped[chosen_t]["chosen_accuracy"], "clip_threshold": chosen_t}
     return out
 
 
@@ -242,7 +487,8 @@ def batch_evidence() -> dict[str, Any]:
     "none": {batch: test mean without clipping at the scaled learning rate, None if every seed diverged},
     "none_tuned": {batch: (learning rate chosen without clipping, test mean)}, "max_gap": largest |AGC - norm| over
     the batches, "wins": [(batch, method)] where one beats the other by the seed-spread rule
-    (``harness.beats``)}``.
+    (``harness.beats``), "lower_lr_beaten": [(batch, method)] where a clipping method beats the unclipped run at
+    its chosen learning rate by that rule}``.
     """
     best = sc.chosen_per_batch(sc.load(), sc.load(sc.CONTROLS_FILE))
     batches = sorted(best)
@@ -261,7 +507,9 @@ def batch_evidence() -> dict[str, Any]:
             # from the percentages chapter 5.2 prints (one rounding), so that both pages state the same gap
             "max_gap": max(abs(_printed(best[b]["agc"]["test"].mean) - _printed(best[b]["norm"]["test"].mean))
                            for b in batches),
-            "wins": wins}
+            "wins": wins,
+            "lower_lr_beaten": [(b, m) for b in batches for m in ("agc", "norm")
+                                if harness.beats(best[b][m]["test"], best[b]["none_tuned"]["test"])]}
 
 
 def distributed_evidence(timeout: float = 120.0) -> dict[str, Any]:
@@ -329,6 +577,7 @@ class Row:
     evidence: str
     section: str  # a key of SECTIONS, or a page name when ``url`` is given
     url: str = ""  # a link not in SECTIONS (chapter 5.3's page, whose sections are not fixed yet)
+    also: tuple[str, ...] = ()  # further keys of SECTIONS whose measurements the evidence also cites
 
     @property
     def href(self) -> str:
@@ -355,70 +604,151 @@ def _degrees(angle: float) -> str:
     return "0°" if angle < 0.05 else f"{angle:.1f}°"
 
 
-def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
-    """The decision table, each evidence sentence built from ``evidence`` (the ``*_evidence`` results).
+def _ms(score: Any, digits: int = 1) -> str:
+    """A test-accuracy Score as "mean ± std" in percent (chapter 4's format)."""
+    return f"{100 * score.mean:.{digits}f} ± {100 * score.std:.{digits}f}%"
 
-    ``evidence`` maps ``"hard", "stability", "usable", "lower", "warmup", "adam", "batch", "distributed",
-    "direction", "bugs"`` to the results of the functions of those names.
+
+def _nats(pair: tuple[float, float]) -> str:
+    return f"{pair[0]:.3f} ± {pair[1]:.3f} nats"
+
+
+def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
+    """The decision guide, in the order to ask its questions, each evidence sentence built from ``evidence``.
+
+    ``evidence`` maps ``"fix"``, ``"hard"``, ``"recipe"``, ``"lower"``, ``"image"``
+    (:func:`image_clip_or_lower_evidence`),
+    ``"budget"``, ``"text"``, ``"warmup"``, ``"adam"``, ``"batch"``, ``"distributed"``, ``"direction"`` and ``"bugs"``
+    to the results of the ``*_evidence`` functions of those names. The rows do not contradict each other: where
+    clipping fires on most steps the guide says to lower the learning rate, and every row that recommends clipping
+    recommends it where it fires on a minority of steps (the recipe's rule).
     """
-    h, st, u, lo = evidence["hard"], evidence["stability"], evidence["usable"], evidence["lower"]
-    w, ad, b, d = evidence["warmup"], evidence["adam"], evidence["batch"], evidence["distributed"]
+    fx, h, rc, lo = evidence["fix"], evidence["hard"], evidence["recipe"], evidence["lower"]
+    im, bu, tx, w = evidence["image"], evidence["budget"], evidence["text"], evidence["warmup"]
+    ad, b, d = evidence["adam"], evidence["batch"], evidence["distributed"]
     dr, bz = evidence["direction"], evidence["bugs"]
+    by = fx["by_depth"]
+    d1, d2 = fx["depths"][0], fx["depths"][-1]
     norm = h["methods"]["norm", grids.HARD_THRESHOLD]
-    tight = st["tight"]
-    ranges = "; ".join(f"{_lr_words(r[tight])} at depth {depth}" for depth, r in st["table"].items() if r[tight])
     failed = ", ".join(_label(m, t) for m, t in h["fail"] if m != "none")
-    also = ", ".join(_label(m, t) for m, t in h["rescue"] if (m, t) != ("norm", grids.HARD_THRESHOLD))
+    rnn, lstm, tr = tx["recurrent"]["rnn"], tx["recurrent"]["lstm"], tx["transformer"]
+    top = tx["transformer_top"]
+    same_t = all(v == "no difference" for v in tr["verdicts"].values())
+    n_bn = len(fx["clip_on_bn"])
+    bn_same = sum(v == "no difference" for v in fx["clip_on_bn"].values())
     rows = [
-        Row("A deep network without normalisation diverges in the first steps (SGD, large learning rate)",
-            f"Global-norm clipping, clip_grad_norm_(params, max_norm={grids.HARD_THRESHOLD:g})",
-            f"At depth {h['depth']} and lr {h['lr']:g} all {h['seeds']} seeds diverge without clipping; "
-            f"with it every seed trains, {_pct(norm['mean'])} mean test accuracy (worst "
-            f"{_pct(min(norm['accuracies']))}). "
-            + (f"Also training every seed: {also}; " if also else "No other method compared trains every seed; ")
-            + f"not training every seed at the thresholds compared: {failed}.",
+        Row("Any network whose gradients explode or whose seeds scatter: start here",
+            "Fix the cause first: normalisation (BatchNorm) with residual connections, and an initialisation "
+            "matched to the activation (He's for ReLU); then clipping is a guard, not a cure",
+            f"On chapter 4's CNNs ({fx['seeds']} seeds, {fx['steps']} steps, each remedy at its best setting chosen "
+            f"on validation), the residual CNN with BatchNorm and no clipping reaches {_ms(by[d1]['bn'])} test "
+            f"accuracy at depth {d1} and {_ms(by[d2]['bn'])} at depth {d2}, against {_ms(by[d1]['clipped'])} and "
+            f"{_ms(by[d2]['clipped'])} for the best clipped network without normalisation"
+            + (": better by the seed-spread rule at both depths" if fx["bn_beats_clip"] else "")
+            + f". A {fx['warmup_steps']}-step warm-up reaches {_ms(by[d1]['warmup'])} and {_ms(by[d2]['warmup'])}, "
+            f"no remedy {_ms(by[d1]['none'])} and {_ms(by[d2]['none'])}. With BatchNorm at depth {d2}, the residual "
+            f"CNN {'beats' if fx['residual_beats_plain'] else 'is no different from'} the plain one "
+            f"({_ms(by[d2]['bn'])} against {_ms(by[d2]['plain_bn'])}). With BatchNorm, clipping made no "
+            f"difference in {bn_same} of {n_bn} network-depth pairs. By chapter 2.2's law, Xavier's scale on a "
+            f"ReLU network multiplies the gradient by about {fx['relu_xavier']:.3f} per layer (a factor "
+            f"{fx['relu_xavier'] ** fx['depth']:.4f} "
+            f"over {fx['depth']} layers); He's keeps it at 1.",
+            "cls-fix", also=("depth",)),
+        Row("Image network or MLP without normalisation, SGD: the first steps diverge at the learning rate you want",
+            "Global-norm clipping from the first step rescues the run; where it then clips most steps, also try "
+            "a lower learning rate without clipping (the row after next)",
+            f"At depth {h['depth']} and lr {h['lr']:g} all {h['seeds']} seeds of the plain MLP diverge without "
+            f"clipping; with max_norm = {grids.HARD_THRESHOLD:g} every seed trains, {_pct(norm['mean'])} mean test "
+            f"accuracy (worst {_pct(min(norm['accuracies']))}), clipping {_pct(norm['clip_fraction'], 0)} of the "
+            f"steps. Not training every seed at the thresholds compared: {failed}.",
             "cls-methods"),
-        Row("A network without normalisation trains for some seeds and not for others",
-            "Add normalisation; without it, global-norm clipping at a small threshold and a larger learning rate",
-            f"On chapter 4's residual CNN without normalisation, no learning rate trains every one of "
-            f"{st['seeds']} seeds at any depth without clipping; with max_norm {tight:g} (clipping almost every "
-            f"step) learning rates {ranges} do. In chapter 5.1's grid, at depth {u['depth']} of the MLP, clipping "
-            f"makes {u['clipped']['norm']} of {u['n_lrs']} grid learning rates usable at some threshold, against "
-            f"{u['none']} without.",
-            "cls-stable"),
-        Row("Early instability: is a warm-up enough?",
-            "Clip; a warm-up alone does not do it, and on top of clipping it did not help here",
-            f"At depth 16 every seed trains at lr {w['neither']['words']} with neither remedy, "
-            f"{w['warm-up']['words']} with a warm-up alone, {w['clipping']['words']} with clipping and "
-            f"{w['both']['words']} with both; best mean accuracy {_pct(w['clipping']['best'])} with clipping, "
-            f"{_pct(w['both']['best'])} with both, {_pct(w['warm-up']['best'])} with the warm-up alone at its "
-            f"one learning rate.",
-            "perf-warmup"),
-        Row("Clipping fires on most steps",
-            "Lower the learning rate instead (gradclip.should_lower_lr)",
-            f"At depth {u['depth']} the best clipped run (lr {lo['clipped_lr']:g}) clips "
+        Row("Choosing the threshold (any network)",
+            f"The recipe: train {rc['probe_steps']} steps unclipped at your learning rate, set max_norm at the "
+            f"{100 * rc['quantile']:.0f}th percentile of their gradient norms (gradclip.suggest_threshold), "
+            f"then watch the share of clipped steps; lower the lr if the probe diverges",
+            f"On all {rc['networks']} networks and depths of chapter 4, the recipe's choice came within "
+            f"{100 * rc['median_gap']:.1f} points of validation accuracy of the best of the grid's thresholds "
+            f"(median; at most {100 * rc['max_gap']:.1f} points worse, and up to {100 * -min(rc['gaps']):.1f} points "
+            f"better), with no search. Single runs at seed 0: a start, not a tuned value.",
+            "cls-threshold"),
+        Row(f"Clipping fires on more than {100 * rc['lower_above']:.0f}% of the steps",
+            "Lower the learning rate (gradclip.should_lower_lr), and compare it with the clipped run on validation "
+            "over the same number of steps, long enough for the lower rate",
+            f"On the MLP at depth {grids.HARD.depth} the best clipped run (lr {lo['clipped_lr']:g}) clips "
             f"{_pct(lo['clip_fraction'], 0)} of its steps; the best unclipped run (lr {lo['plain_lr']:g}) needs "
-            f"{lo['slowdown']:.2f}x its steps to the target loss and ends at {_pct(lo['plain_acc'])} test "
-            f"accuracy, the clipped run at {_pct(lo['clipped_acc'])}.",
-            "perf-lower"),
-        Row("You train with Adam",
-            "Clipping is optional; keep it as a guard",
-            f"Of {ad['sgd']['n_lrs']} SGD learning rates, clipping makes {ad['sgd']['clip_calm']} free of "
-            f"divergence against {ad['sgd']['plain_calm']}, and adds "
-            f"{100 * (ad['sgd']['clip_best'] - ad['sgd']['plain_best']):.1f} points to the best accuracy; for "
-            f"Adam {ad['adam']['clip_calm']} of {ad['adam']['n_lrs']} against {ad['adam']['plain_calm']}, and "
-            f"{100 * (ad['adam']['clip_best'] - ad['adam']['plain_best']):.1f} points.",
+            f"{lo['slowdown']:.2f}x its steps to the target loss and ends at {_pct(lo['plain_acc'])} test accuracy, "
+            f"the clipped run at {_pct(lo['clipped_acc'])}. On chapter 4's residual CNN without normalisation at "
+            f"depth {im['depth']}, clipping {_pct(im['clip_fraction'], 0)} of the steps beat every lower lr within "
+            f"{im['steps']} steps ({_ms(im['clipped'])} against {_ms(im['plain'])}); with {bu['budget_steps']} "
+            f"steps lr {bu['plain_lr']:g} without clipping reached {_ms(bu['plain'])}, the clipped setting "
+            f"{_ms(bu['clipped'])}: {'no difference' if bu['verdict'] == 'no difference' else bu['verdict']}.",
+            "perf-lower", also=("cls-lower",)),
+        Row("Recurrent language model (tanh RNN, LSTM) trained with SGD",
+            f"Tune the learning rate on validation; keep global-norm clipping at max_norm = {tx['clip']:g} "
+            f"(d2l's setting) as a guard: it widened the usable range, it did not improve the best run",
+            f"On chapter 4.5's character models ({tx['seeds']} seeds, windows of {tx['seq_len']}), best against "
+            f"best (lr chosen on validation, test loss): tanh RNN {_nats(rnn['plain_test'])} at lr "
+            f"{rnn['plain_lr']:g} without clipping, {_nats(rnn['clip_test'])} at lr {rnn['clip_lr']:g} clipped "
+            f"({rnn['verdict']}); LSTM {_nats(lstm['plain_test'])} against {_nats(lstm['clip_test'])} "
+            f"({lstm['verdict']}). At the tanh RNN's chosen lr clipping fires on "
+            f"{100 * tx['rnn_clip_fraction']:.1f}% of the steps. At lr {tx['hot_lr']:g} the unclipped seeds end "
+            f"between {min(tx['hot']['plain']):.2f} and {max(tx['hot']['plain']):.2f} nats, the clipped ones between "
+            f"{min(tx['hot']['clipped']):.2f} and {max(tx['hot']['clipped']):.2f} (guessing by character "
+            f"frequency: {tx['unigram']:.2f}).",
+            "text-rnn", also=("rnn-time",)),
+        Row("Transformer trained with AdamW",
+            "Tune the learning rate first; global-norm clipping at 1 as cheap insurance; above the best rate, "
+            "qk-layernorm is the remedy that helped most",
+            f"On chapter 4.5's small character transformer ({tx['seeds']} seeds at the lr chosen on validation, "
+            f"{tx['transformer_lrs']} lrs at seed 0), the plain run ends at {_nats(tr['plain_test'])} test loss at "
+            f"lr {tr['lr']:g}; "
+            + ("no remedy (clipping, ZClip, a spike guard, warm-up, qk-layernorm, z-loss) beats it by the "
+               "seed-spread rule" if same_t else
+               "; ".join(f"{a}: {v}" for a, v in tr["verdicts"].items()))
+            + f", and clipping at 1 fires on {100 * tr['norm_clip_fraction']:.1f}% of the steps. At lr "
+            f"{top['lr']:g} (seed 0) the plain run ends at {top['none']:.2f} nats, clipped {top['norm']:.2f}, with "
+            f"qk-layernorm {top['qk-norm']:.2f}; at the best lr every arm ends at {tx['transformer_best_worst']:.2f} "
+            f"or below.",
+            "text-transformer", also=("text-adam",)),
+        Row("You train with Adam (evidence: two small models)",
+            "Clipping is optional; keep it as a guard, and tune the learning rate",
+            f"On chapter 5.1's MLP (depth {grids.HARD.depth}, {len(grids.OPT_SEEDS)} seeds, {grids.HARD.steps} "
+            f"steps, {ad['adam']['n_lrs']} Adam and {ad['sgd']['n_lrs']} SGD learning rates, thresholds "
+            f"{' and '.join(f'{t:g}' for t in grids.OPT_THRESHOLDS if t is not None)}): with Adam, clipping leaves "
+            f"{ad['adam']['clip_calm']} of {ad['adam']['n_lrs']} lrs free of divergence against "
+            f"{ad['adam']['plain_calm']} without and changes the test accuracy at the settings chosen on "
+            f"validation by "
+            f"{100 * (ad['adam']['clip_best'] - ad['adam']['plain_best']):+.1f} points; with SGD "
+            f"{ad['sgd']['clip_calm']} against {ad['sgd']['plain_calm']}, "
+            f"{100 * (ad['sgd']['clip_best'] - ad['sgd']['plain_best']):+.1f} points. The transformer row above is "
+            f"the other model. Larger models and longer runs were not measured.",
             "perf-adam"),
+        Row("Early instability: is a warm-up enough?",
+            "A warm-up alone did not widen the learning rates that train (clipping did), though at the one lr "
+            "that trains with it it ended best; on top of clipping it did not help",
+            f"On the MLP at depth {grids.HARD.depth} every seed trains at lr {w['neither']['words']} with neither "
+            f"remedy, {w['warm-up']['words']} with a warm-up alone, {w['clipping']['words']} with clipping and "
+            f"{w['both']['words']} with both; at the lr chosen on validation, mean test accuracy "
+            f"{_pct(w['clipping']['best'])} with clipping, {_pct(w['both']['best'])} with both, "
+            f"{_pct(w['warm-up']['best'])} with the warm-up alone. On the "
+            f"CNN (first row) a warm-up was no better than no remedy.",
+            "perf-warmup", also=("cls-fix",)),
         Row("Large batches, no normalisation layers",
-            "A tuned global threshold or AGC (adaptive_clip_grad_), tuned again at each batch size; "
-            "neither's best setting rises as the batch grows",
-            f"Best AGC λ {', '.join(f'{b_[0]:g}' for b_ in b['agc'].values())} and best global c "
+            "Lower the learning rate first; to keep the linearly scaled rate, clip by a global threshold tuned at "
+            "each batch size (AGC, adaptive_clip_grad_, was no better, and worse at the largest batch)",
+            f"On chapter 5.2's MLP ({b['seeds']} seeds, knobs chosen on validation): AGC λ "
+            f"{', '.join(f'{b_[0]:g}' for b_ in b['agc'].values())} and global c "
             f"{', '.join(f'{n_[0]:g}' for n_ in b['norm'].values())} at batches "
             f"{', '.join(map(str, b['batches']))}, with mean test accuracy "
             f"{', '.join(_pct(b_[1]) for b_ in b['agc'].values())} (AGC) and "
             f"{', '.join(_pct(n_[1]) for n_ in b['norm'].values())} (global). By the seed-spread rule "
             + ("neither is better at any batch size." if not b["wins"] else
-               " and ".join(f"{_NAMES[m]} is better at batch {bb}" for bb, m in b["wins"]) + ", neither at the others."),
+               " and ".join(f"{_NAMES[m]} is better at batch {bb}" for bb, m in b["wins"]) + ", neither at the others.")
+            + f" Without clipping at the lr chosen on validation "
+            f"({', '.join(f'{t_[0]:g}' for t_ in b['none_tuned'].values())}): "
+            f"{', '.join(_pct(t_[1]) for t_ in b['none_tuned'].values())}, "
+            + ("beaten by neither clipping method at any batch size." if not b["lower_lr_beaten"] else
+               "beaten by " + " and ".join(f"{_NAMES[m]} at batch {bb}" for bb, m in b["lower_lr_beaten"]) + "."),
             "scal-batch"),
         Row("Several processes (DDP, FSDP2, tensor parallel)",
             "The same gradclip.clip_grad_norm_ call on every rank",
@@ -448,13 +778,16 @@ def guide_table_html(rows: list[Row]) -> str:
 
     On a phone each row becomes a card (:func:`gradclip_book.figures.table_html`).
     """
-    cells = [[html.escape(r.situation), html.escape(r.method),
-              f'{html.escape(r.evidence)} <a href="{r.href}">{html.escape(_section_name(r.section))}</a>']
+    def links(r: Row) -> str:
+        first = f'<a href="{r.href}">{html.escape(_section_name(r.section))}</a>'
+        return " ".join([first] + [f'<a href="{link(k)}">{html.escape(_section_name(k))}</a>' for k in r.also])
+
+    cells = [[html.escape(r.situation), html.escape(r.method), f"{html.escape(r.evidence)} {links(r)}"]
              for r in rows]
     return table_html(["situation", "use", "measured evidence"], cells, widths=[24, 24, 52])
 
 
-_CHAPTERS = {"principle": "2", "implementation": "3", "classification": "4", "performance": "5.1",
+_CHAPTERS = {"principle": "2", "implementation": "3", "classification": "4", "text": "4.5", "performance": "5.1",
              "scalability": "5.2", "safety": "5.3"}
 
 
@@ -565,31 +898,28 @@ class FlowChart:
 
 
 def flow_chart() -> FlowChart:
-    """The decision tree of the guide (each leaf links to the section that measured it)."""
+    """The decision tree of the guide, in the guide's order (each leaf links to the section that measured it)."""
     tree = (
-        "Does clipping fire on most steps already?", [
-            ("yes", ("Lower the learning rate", "perf-lower")),
-            ("no, or not clipping yet", (
-                "Are the gradients sharded or spread over processes?", [
-                    ("yes", ("gradclip.clip_grad_norm_ on every rank", "scal-dist")),
-                    ("no", (
-                        "Does each example's influence need a bound (DP-SGD)?", [
-                            ("yes", ("Per-sample clipping", "scal-structure")),
-                            ("no", (
-                                "Large batch, no normalisation layers?", [
-                                    ("yes", ("AGC or a tuned global threshold", "scal-batch")),
-                                    ("no", (
-                                        "Optimizer?", [
-                                            ("SGD", ("Global-norm clipping, threshold tied to the lr",
-                                                     "cls-methods")),
-                                            ("Adam", ("Clipping as a guard only", "perf-adam")),
-                                        ])),
-                                ])),
+        "Does the network lack normalisation, residual connections or an initialisation matched to its "
+        "activation?", [
+            ("yes", ("Fix the cause first: normalisation, residual connections, He or Xavier initialisation",
+                     "cls-fix")),
+            ("no, or it cannot change", (
+                "Does clipping (at the recipe's threshold) fire on more than half of the steps?", [
+                    ("yes", ("Lower the learning rate, and compare on validation over enough steps", "perf-lower")),
+                    ("no, or not clipping yet", (
+                        "Which network and optimizer?", [
+                            ("image network or MLP, SGD", ("Global-norm clipping at the recipe's threshold",
+                                                           "cls-threshold")),
+                            ("recurrent network, SGD", ("Tune the learning rate; clip at 1 as a guard", "text-rnn")),
+                            ("transformer, or any network with Adam", (
+                                "Tune the learning rate; clipping only as insurance", "text-transformer")),
+                            ("several processes", ("The same clip_grad_norm_ call on every rank", "scal-dist")),
                         ])),
                 ])),
         ])
-    return FlowChart(tree, caption="Which clipping to use: follow the questions from the top; each leaf links to "
-                                   "the measurement behind it.")
+    return FlowChart(tree, caption="The guide as a decision tree: answer the questions from the top; each leaf "
+                                   "links to the measurement behind it, and the table above has the numbers.")
 
 
 # --- how to cite ------------------------------------------------------------------------------------------

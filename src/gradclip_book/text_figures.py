@@ -6,8 +6,9 @@ functions train afresh (:func:`gradclip_book.text_runs.run`) for the live notebo
 the grid's code version, so editing it never makes the stored runs stale.
 
 Selection and comparison follow the book's rules (:mod:`gradclip_book.harness.select`): a setting is chosen on
-the validation loss (fewest diverged seeds, then the lowest mean), and one setting beats another only by more
-than the larger of the two seed standard deviations.
+the validation loss (fewest diverged seeds, then the lowest mean); the verdict between chosen settings is judged on
+the test loss of the same runs, and one setting beats another only by more than the larger of the two seed
+standard deviations.
 
 Example:
     >>> from gradclip_book import text_figures as tf
@@ -148,9 +149,16 @@ def test_loss(run: dict[str, Any]) -> float | None:
 # --- selection: best against best ---------------------------------------------------------------------
 
 
-def recurrent_scores(model: str, threshold: float | None, seq_len: int = HEADLINE_SEQ_LEN) -> dict[float, harness.Score]:
-    """Per learning rate, the validation losses of :data:`~gradclip_book.text_grid.SEEDS` (``None`` = diverged)."""
-    return {lr: harness.score(lr, [val_loss(recurrent_run(model, seq_len, lr, threshold, s)) for s in SEEDS])
+LOSSES = {"validation": val_loss, "test": test_loss}
+"""Split name -> the function that reads that split's loss from a stored run."""
+
+
+def recurrent_scores(model: str, threshold: float | None, seq_len: int = HEADLINE_SEQ_LEN,
+                     split: str = "validation") -> dict[float, harness.Score]:
+    """Per learning rate, the ``split`` (``"validation"`` or ``"test"``) losses of
+    :data:`~gradclip_book.text_grid.SEEDS` (``None`` = diverged)."""
+    loss = LOSSES[split]
+    return {lr: harness.score(lr, [loss(recurrent_run(model, seq_len, lr, threshold, s)) for s in SEEDS])
             for lr in RNN_LRS}
 
 
@@ -185,18 +193,14 @@ def arm_choices() -> dict[str, dict[str, Any]]:
     return out
 
 
-def arm_verdicts(choices: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
+def arm_verdicts(choices: dict[str, dict[str, Any]] | None = None, on: str = "test") -> dict[str, str]:
     """Per arm other than ``"none"``, best against best over :data:`~gradclip_book.text_grid.SEEDS`: ``"better"``,
-    ``"worse"`` or ``"no difference"`` against no remedy at its own best learning rate (:func:`harness.beats`)."""
+    ``"worse"`` or ``"no difference"`` against no remedy at its own learning rate chosen on validation
+    (:func:`harness.beats`), judged on the test loss (``on="test"``, the book's verdict) or on the validation loss
+    that made the choice (``on="score"``)."""
     choices = arm_choices() if choices is None else choices
-    base = choices["none"]["score"]
-    out = {}
-    for arm, c in choices.items():
-        if arm == "none":
-            continue
-        out[arm] = ("better" if harness.beats(c["score"], base, mode="min")
-                    else "worse" if harness.beats(base, c["score"], mode="min") else "no difference")
-    return out
+    base = choices["none"][on]
+    return {arm: _verdict(c[on], base) for arm, c in choices.items() if arm != "none"}
 
 
 def spikes(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -214,13 +218,15 @@ def _verdict(a: harness.Score, b: harness.Score) -> str:
 
 
 def guide_evidence() -> dict[str, Any]:
-    """This page's evidence for chapter 6's guide, as plain numbers (validation losses in nats, best against best).
+    """This page's evidence for chapter 6's guide, as plain numbers (losses in nats, best against best).
 
-    ``{"recurrent": {model: {"plain_lr", "plain", "clip_lr", "clip", "verdict"}}, "transformer": {"lr", "plain",
-    "verdicts", "norm_clip_fraction"}}`` where ``plain`` / ``clip`` are ``(mean, std)`` over
-    :data:`~gradclip_book.text_grid.SEEDS` at the learning rate chosen on validation loss, ``verdict`` is clipping
-    at ``max_norm`` = :data:`~gradclip_book.text_grid.RNN_CLIP` against no clipping by the seed-spread rule, and
-    ``verdicts`` maps each transformer arm to its verdict against no remedy (:func:`arm_verdicts`).
+    ``{"recurrent": {model: {"plain_lr", "plain", "plain_test", "clip_lr", "clip", "clip_test", "verdict"}},
+    "transformer": {"lr", "plain", "plain_test", "verdicts", "norm_clip_fraction"}}`` where ``plain`` / ``clip``
+    are the validation losses ``(mean, std)`` over :data:`~gradclip_book.text_grid.SEEDS` at the learning rate chosen
+    on them, ``*_test`` the test losses ``(mean, std)`` of the same runs, ``verdict`` is clipping at ``max_norm`` =
+    :data:`~gradclip_book.text_grid.RNN_CLIP` against no clipping by the seed-spread rule on the test losses, and
+    ``verdicts`` maps each transformer arm to its verdict against no remedy on the test losses
+    (:func:`arm_verdicts`). The transformer's learning rate was chosen on seed 0's validation loss alone.
 
     Example:
         >>> ev = guide_evidence()
@@ -230,13 +236,18 @@ def guide_evidence() -> dict[str, Any]:
     recurrent = {}
     for model in ("rnn", "lstm"):
         plain, clipped = recurrent_choice(model, None).best, recurrent_choice(model, RNN_CLIP).best
-        recurrent[model] = {"plain_lr": plain.setting, "plain": (plain.mean, plain.std), "clip_lr": clipped.setting,
-                            "clip": (clipped.mean, clipped.std), "verdict": _verdict(clipped, plain)}
+        plain_test = recurrent_scores(model, None, split="test")[plain.setting]
+        clip_test = recurrent_scores(model, RNN_CLIP, split="test")[clipped.setting]
+        recurrent[model] = {"plain_lr": plain.setting, "plain": (plain.mean, plain.std),
+                            "plain_test": (plain_test.mean, plain_test.std), "clip_lr": clipped.setting,
+                            "clip": (clipped.mean, clipped.std), "clip_test": (clip_test.mean, clip_test.std),
+                            "verdict": _verdict(clip_test, plain_test)}
     choices = arm_choices()
-    base = choices["none"]["score"]
+    base, base_test = choices["none"]["score"], choices["none"]["test"]
     return {"recurrent": recurrent,
             "transformer": {"lr": choices["none"]["lr"], "plain": (base.mean, base.std),
-                            "verdicts": arm_verdicts(choices), "norm_clip_fraction": choices["norm"]["clip_fraction"]}}
+                            "plain_test": (base_test.mean, base_test.std), "verdicts": arm_verdicts(choices),
+                            "norm_clip_fraction": choices["norm"]["clip_fraction"]}}
 
 
 def _seeds_text(seeds: Sequence[int] = SWEEP_SEEDS) -> str:
@@ -643,9 +654,9 @@ def _arm_frame(arm: str, lr: float) -> dict:
     if arm != "none":
         note.append(f"No remedy, same seed: {describe(plain)}")
     if HEADLINE_LR.get(arm) == lr:
-        a = harness.score(lr, [val_loss(transformer_run(arm, lr, s)) for s in SEEDS])
+        a = harness.score(lr, [test_loss(transformer_run(arm, lr, s)) for s in SEEDS])
         note.append(f"This is the arm's best learning rate (chosen on seed {SWEEP_SEEDS[0]}'s validation loss); over "
-                    f"seeds {SEEDS[0]}-{SEEDS[-1]} it ends at {_pm(a).replace('&plusmn;', '±')} nats.")
+                    f"seeds {SEEDS[0]}-{SEEDS[-1]} its test loss is {_pm(a).replace('&plusmn;', '±')} nats.")
     return {"traces": [{"x": c["x"], "y": c["loss"]}, {"x": p["x"], "y": p["loss"]},
                        {"x": lrs, "y": [_r4(scores[lr_].mean) for lr_ in lrs]},
                        {"x": lrs, "y": [_r4(base[lr_].mean) for lr_ in lrs]},

@@ -23,6 +23,10 @@ def _val(line):
     return None if line["diverged_at"] is not None else float(line["metrics"]["val_loss"])
 
 
+def _test(line):
+    return None if line["diverged_at"] is not None else float(line["metrics"]["test_loss"])
+
+
 @pytest.mark.parametrize("model,threshold", [("rnn", None), ("rnn", 1.0), ("lstm", None), ("lstm", 1.0)])
 def test_recurrent_choice_is_the_lowest_mean_validation_loss_among_the_seeds(model, threshold):
     method = "none" if threshold is None else "norm"
@@ -101,21 +105,30 @@ def test_headline_learning_rates_are_the_sweep_choice_on_validation_loss():
         assert tf.arm_choices()[arm]["lr"] == want
 
 
-def test_arm_verdicts_follow_the_spread_rule_over_five_seeds():
+def test_arm_verdicts_follow_the_spread_rule_on_the_test_loss_over_five_seeds():
     choices = tf.arm_choices()
     verdicts = tf.arm_verdicts(choices)
-    values = {arm: [_val(line) for line in _transformer_lines(arm, text_grid.HEADLINE_LR[arm], text_grid.SEEDS)]
-              for arm in text_grid.ARMS}
+    lines = {arm: _transformer_lines(arm, text_grid.HEADLINE_LR[arm], text_grid.SEEDS) for arm in text_grid.ARMS}
+    values = {arm: [_test(line) for line in arm_lines] for arm, arm_lines in lines.items()}
     assert all(len(v) == len(text_grid.SEEDS) for v in values.values())
     base = values["none"]
     for arm, verdict in verdicts.items():
         mine = values[arm]
-        assert choices[arm]["score"].mean == pytest.approx(np.mean([v for v in mine if v is not None]))
+        assert choices[arm]["score"].mean == pytest.approx(np.mean([_val(line) for line in lines[arm]]))
+        assert choices[arm]["test"].mean == pytest.approx(np.mean([v for v in mine if v is not None]))
         if None in mine or None in base:
             continue
         gap, spread = np.mean(base) - np.mean(mine), max(np.std(base, ddof=1), np.std(mine, ddof=1))
         want = "better" if gap > spread else "worse" if -gap > spread else "no difference"
         assert verdict == want, (arm, gap, spread)
+
+
+def test_arm_verdicts_judge_on_test_not_on_the_validation_that_chose():
+    # validation says the arm is better, test says no difference: the verdict is test's
+    same, low = harness.score(0.01, [1.0, 1.01, 0.99]), harness.score(0.01, [0.5, 0.51, 0.49])
+    choices = {"none": {"score": same, "test": same}, "norm": {"score": low, "test": same}}
+    assert tf.arm_verdicts(choices) == {"norm": "no difference"}
+    assert tf.arm_verdicts(choices, on="score") == {"norm": "better"}
 
 
 def test_spikes_are_the_stored_rises_largest_first():
@@ -153,9 +166,18 @@ def test_guide_evidence_is_best_against_best_by_the_spread_rule():
         assert None not in plain + clipped and len(plain) == len(clipped) == len(text_grid.SEEDS)
         assert row["plain"] == pytest.approx((np.mean(plain), np.std(plain, ddof=1)))
         assert row["clip"] == pytest.approx((np.mean(clipped), np.std(clipped, ddof=1)))
+        # the verdict is on the test losses of the same runs
+        plain = [_test(line) for line in _stored(model=model, seq_len=text_grid.HEADLINE_SEQ_LEN, lr=row["plain_lr"],
+                                                 method="none")]
+        clipped = [_test(line) for line in _stored(model=model, seq_len=text_grid.HEADLINE_SEQ_LEN, lr=row["clip_lr"],
+                                                   method="norm", threshold=text_grid.RNN_CLIP)]
+        assert row["plain_test"] == pytest.approx((np.mean(plain), np.std(plain, ddof=1)))
+        assert row["clip_test"] == pytest.approx((np.mean(clipped), np.std(clipped, ddof=1)))
         gap, spread = np.mean(plain) - np.mean(clipped), max(np.std(plain, ddof=1), np.std(clipped, ddof=1))
         assert row["verdict"] == ("better" if gap > spread else "worse" if -gap > spread else "no difference")
     t = ev["transformer"]
     assert t["lr"] == text_grid.HEADLINE_LR["none"] and set(t["verdicts"]) == set(text_grid.ARMS) - {"none"}
+    base = [_test(line) for line in _transformer_lines("none", t["lr"], text_grid.SEEDS)]
+    assert t["plain_test"] == pytest.approx((np.mean(base), np.std(base, ddof=1)))
     norm = [float(line["clip_fraction"]) for line in _transformer_lines("norm", t["lr"], text_grid.SEEDS)]
     assert t["norm_clip_fraction"] == pytest.approx(np.mean(norm))
