@@ -129,7 +129,7 @@ WIDE_EQUATIONS_JS = r"""() => {
 
 CUT_OUTPUTS_JS = r"""() => Array.from(document.querySelectorAll('.output.stream pre, .output.text_plain pre'))
   .filter(p => p.scrollWidth > p.clientWidth + 1).map(p => {
-    const line = p.textContent.split('\\n').reduce((a, b) => b.length > a.length ? b : a, '');
+    const line = p.textContent.split('\n').reduce((a, b) => b.length > a.length ? b : a, '');
     return `printed output ${p.scrollWidth - p.clientWidth} px wider than its box: ${line.trim().slice(0, 100)}`;
   })"""
 
