@@ -620,8 +620,9 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
     (:func:`image_clip_or_lower_evidence`),
     ``"budget"``, ``"text"``, ``"warmup"``, ``"adam"``, ``"batch"``, ``"distributed"``, ``"direction"`` and ``"bugs"``
     to the results of the ``*_evidence`` functions of those names. The rows do not contradict each other: where
-    clipping fires on most steps the guide says to lower the learning rate, and every row that recommends clipping
-    recommends it where it fires on a minority of steps (the recipe's rule).
+    clipping fires on most steps the guide says to lower the learning rate, and the one row that recommends
+    clipping where it fires on most steps (the diverging MLP rescued at max_norm 0.1) says to try a lower
+    learning rate too.
     """
     fx, h, rc, lo = evidence["fix"], evidence["hard"], evidence["recipe"], evidence["lower"]
     im, bu, tx, w = evidence["image"], evidence["budget"], evidence["text"], evidence["warmup"]
@@ -724,11 +725,12 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             f"the other model. Larger models and longer runs were not measured.",
             "perf-adam"),
         Row("Early instability: is a warm-up enough?",
-            "A warm-up alone did not widen the learning rates that train (clipping did), though at the one lr "
-            "that trains with it it ended best; on top of clipping it did not help",
+            "A warm-up alone did not widen the learning rates that train (clipping did); on top of clipping it "
+            "did not help",
             f"On the MLP at depth {grids.HARD.depth} every seed trains at lr {w['neither']['words']} with neither "
             f"remedy, {w['warm-up']['words']} with a warm-up alone, {w['clipping']['words']} with clipping and "
-            f"{w['both']['words']} with both; at the lr chosen on validation, mean test accuracy "
+            f"{w['both']['words']} with both; at the lr chosen on validation, mean test accuracy over "
+            f"{len(grids.OPT_SEEDS)} seeds "
             f"{_pct(w['clipping']['best'])} with clipping, {_pct(w['both']['best'])} with both, "
             f"{_pct(w['warm-up']['best'])} with the warm-up alone. On the "
             f"CNN (first row) a warm-up was no better than no remedy.",
