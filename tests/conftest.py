@@ -30,6 +30,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 BUILD_TIMEOUT_S = 1500  # from its start; alone the build takes about 5 minutes on 2 cores
+BUILT_HTML = ROOT / "_build" / "html"
 
 
 class BookBuild:
@@ -66,9 +67,8 @@ class BookBuild:
         """The built pages' browser audits, in a thread while the tests before the browser tests run."""
         from support.browser import BACKGROUND, PAGES, browser_missing
 
-        html = ROOT / "_build" / "html"
-        if not browser_missing() and (html / "index.html").exists():
-            BACKGROUND.start(html, PAGES)
+        if not browser_missing() and (BUILT_HTML / "index.html").exists():
+            BACKGROUND.start(BUILT_HTML, PAGES)
 
     def start(self) -> None:
         if self.process is not None:
@@ -92,9 +92,8 @@ class BookBuild:
             self.stop()
             pytest.fail(f"the book build took more than {BUILD_TIMEOUT_S} s:\n{self.output()[-6000:]}")
         assert code == 0, f"book build failed:\n{self.output()[-12000:]}"
-        html = ROOT / "_build" / "html"
-        assert (html / "index.html").exists(), "jupyter-book reported success but wrote no index.html"
-        return html
+        assert (BUILT_HTML / "index.html").exists(), "jupyter-book reported success but wrote no index.html"
+        return BUILT_HTML
 
     def output(self) -> str:
         self.log.seek(0)

@@ -5,26 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import yaml
+from support.browser import toc_files
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def toc_files() -> list[str]:
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [toc["root"]]
-    for part in toc.get("parts", []):
-        files += _entries(part["chapters"])
-    return files
-
-
-def _entries(chapters: list[dict]) -> list[str]:
-    """Every file of a list of toc entries, with their nested ``sections``, in reading order."""
-    files = []
-    for chapter in chapters:
-        files.append(chapter["file"])
-        files += _entries(chapter.get("sections", []))
-    return files
 
 
 def test_every_toc_entry_has_a_source_and_a_page(built_book):

@@ -33,10 +33,14 @@ def _entries(chapters: list[dict]) -> list[str]:
     return [f for c in chapters for f in [c["file"], *_entries(c.get("sections", []))]]
 
 
-def toc_pages() -> list[str]:
+def toc_files() -> list[str]:
+    """Every file of ``_toc.yml`` (without its suffix), in reading order."""
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [toc["root"]] + [f for part in toc.get("parts", []) for f in _entries(part.get("chapters", []))]
-    return [f"{f}.html" for f in files]
+    return [toc["root"]] + [f for part in toc.get("parts", []) for f in _entries(part.get("chapters", []))]
+
+
+def toc_pages() -> list[str]:
+    return [f"{f}.html" for f in toc_files()]
 
 
 PAGES = toc_pages()
