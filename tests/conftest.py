@@ -20,6 +20,12 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Slow, deterministic results (chapter 5.2's two-process launch, the collected-test count) computed once per
+# session and reused by the book build, nbval and the tests (gradclip_book.session_cache); a fresh folder
+# each session, so nothing outlives it.
+_SESSION_CACHE = tempfile.mkdtemp(prefix="gradclip-book-cache-")
+os.environ["GRADCLIP_BOOK_CACHE"] = _SESSION_CACHE
+
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """The CPU and kernels in effect: a stored run that no longer reproduces is read against these."""
@@ -135,6 +141,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _BOOK_BUILD.stop()  # an interrupted or failed session leaves no build running
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

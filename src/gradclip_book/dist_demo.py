@@ -179,27 +179,39 @@ def run_rank(out: Path | None) -> dict[str, Any] | None:
     return result
 
 
-def launch(out: str | Path, nproc: int = 2, timeout: float = 120.0) -> dict[str, Any]:
+def launch(out: str | Path, nproc: int = 2, timeout: float = 120.0, reuse: bool = True) -> dict[str, Any]:
     """Run the demo under ``torch.distributed.run`` (``nproc`` CPU processes, gloo) and return its JSON.
 
     The subprocess is bounded by ``timeout`` seconds (``subprocess.TimeoutExpired``
-    past it). ``OMP_NUM_THREADS=1`` keeps the ranks from competing for cores.
+    past it). ``OMP_NUM_THREADS=1`` keeps the ranks from competing for cores. With
+    ``reuse`` (the default), a result of the same code launched earlier in the same
+    test session or book build is read back instead (:mod:`gradclip_book.session_cache`;
+    readers' notebooks always launch), and ``out`` is not written.
 
     Raises:
         RuntimeError: the launch failed; the message holds the end of its output.
     """
+    from gradclip_book import session_cache
+
     out = Path(out)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "gradclip_book.dist_demo", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    if done.returncode != 0 or not out.exists():
-        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
-    result = json.loads(out.read_text(encoding="utf-8"))
-    result["wall_seconds"] = time.perf_counter() - start
-    result["command"] = " ".join(["python"] + command[1:])
-    return result
+
+    def run() -> dict[str, Any]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        if done.returncode != 0 or not out.exists():
+            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
+        result = json.loads(out.read_text(encoding="utf-8"))
+        result["wall_seconds"] = time.perf_counter() - start
+        result["command"] = " ".join(["python"] + command[1:])
+        return result
+
+    if not reuse:
+        return run()
+    return session_cache.cached_json("dist_demo", {"nproc": nproc},
+                                     session_cache.package_files("gradclip", "gradclip_book"), run)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1279,10 +1279,18 @@ def count_tests(tests_dir: str | Any) -> dict:
         peers whose code support/references.py transcribes]}``.
 
     Example:
+        >>> import tempfile
         >>> from pathlib import Path
-        >>> counts = count_tests(Path(__file__).resolve().parents[2] / "tests")
-        >>> counts["functions"] > 100
-        True
+        >>> tests = Path(tempfile.mkdtemp())
+        >>> (tests / "support").mkdir()
+        >>> _ = (tests / "support" / "references.py").write_text('def ref_norm(g):\\n    "As optax does."\\n')
+        >>> _ = (tests / "test_a.py").write_text(
+        ...     "import pytest\\n"
+        ...     "def test_ref():\\n    ref_norm(1)\\n"
+        ...     "def test_bad():\\n    with pytest.raises(ValueError):\\n        pass\\n")
+        >>> counts = count_tests(tests)
+        >>> counts["functions"], counts["kinds"]["reference"], counts["kinds"]["raises"], counts["peers"]
+        (2, 1, 1, ['optax'])
     """
     from pathlib import Path
 
@@ -1322,22 +1330,38 @@ def count_tests(tests_dir: str | Any) -> dict:
 def collected_items(tests_dir: str | Any, timeout: float = 120.0) -> int:
     """How many test cases pytest collects (``--collect-only``) from the files :func:`count_tests` reads.
 
-    Runs pytest in a subprocess from the repository root; nothing is executed but collection.
+    Runs pytest in a subprocess from the folder above ``tests_dir``; nothing is executed but collection.
+    Within one test session or book build the count is reused while the tests and the library are
+    unchanged (:mod:`gradclip_book.session_cache`).
 
     Example:
+        >>> import tempfile
         >>> from pathlib import Path
-        >>> collected_items(Path(__file__).resolve().parents[2] / "tests") > 1000
-        True
+        >>> tests = Path(tempfile.mkdtemp()) / "tests"
+        >>> tests.mkdir()
+        >>> _ = (tests / "test_a.py").write_text(
+        ...     "import pytest\\n"
+        ...     "@pytest.mark.parametrize('x', [1, 2, 3])\\ndef test_x(x):\\n    pass\\n")
+        >>> collected_items(tests)
+        3
     """
     import subprocess
     import sys
     from pathlib import Path
 
+    from gradclip_book import session_cache
+
     tests_dir = Path(tests_dir).resolve()
     files = [str(p) for p in sorted(tests_dir.glob("test_*.py")) if p.name not in _WHOLE_PROJECT]
-    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files],
-                          cwd=tests_dir.parent, capture_output=True, text=True, timeout=timeout)
-    found = re.search(r"(\d+) tests? collected", done.stdout)
-    if done.returncode != 0 or found is None:
-        raise RuntimeError(f"pytest --collect-only failed ({done.returncode}): {done.stdout[-500:]} {done.stderr[-500:]}")
-    return int(found.group(1))
+
+    def collect() -> int:
+        done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                               *files], cwd=tests_dir.parent, capture_output=True, text=True, timeout=timeout)
+        found = re.search(r"(\d+) tests? collected", done.stdout)
+        if done.returncode != 0 or found is None:
+            raise RuntimeError(f"pytest --collect-only failed ({done.returncode}): "
+                               f"{done.stdout[-500:]} {done.stderr[-500:]}")
+        return int(found.group(1))
+
+    sources = sorted(tests_dir.rglob("*.py")) + session_cache.package_files("gradclip", "gradclip_book")
+    return session_cache.cached_json("collected_items", {"files": files}, sources, collect)

@@ -26,7 +26,7 @@ GRID_HINT = f"recompute it with `{sc.COMMAND}` (then update chapters/data/README
 
 @pytest.fixture(scope="module")
 def dist_result(tmp_path_factory):
-    return dist_demo.launch(tmp_path_factory.mktemp("dist") / "dist.json", nproc=2, timeout=180)
+    return dist_demo.launch(tmp_path_factory.mktemp("dist") / "dist.json", nproc=2, timeout=180, reuse=False)
 
 
 def test_every_rank_clips_with_the_norm_of_one_process_on_the_full_batch(dist_result):
