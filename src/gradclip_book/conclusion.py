@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradclip_book import bugzoo, grids, harness
+from gradclip_book import bugzoo, grids, harness, relu_norms
 from gradclip_book import classification_figures as cf
 from gradclip_book import performance as perf
 from gradclip_book.figures import table_html
@@ -334,14 +334,18 @@ def rnn_norms(nonlinearity: str = "tanh", seq_len: int = 32, lr: float = 1.0, st
 
 
 def exercise_evidence(seq_len: int = 32, lr: float = 1.0, steps: int = 30) -> dict[str, Any]:
-    """The answers of chapter 6's exercises, from chapter 4.5's stored runs and one fresh ReLU run (seed 0).
+    """The answers of chapter 6's exercises, from chapter 4.5's stored runs and the stored ReLU norms.
 
     ``"no_clip"``: the tanh RNN with d2l's learning rate ``lr`` on windows of ``seq_len`` characters, 500 steps:
     validation loss without clipping minus with ``max_norm`` = 1 (nats), the share of steps clipping fired on,
     and the same validation losses at three times the learning rate (an exercise's answer read on validation:
-    the text it would tune on). ``"relu"``: the largest pre-clip gradient norm of
-    the first ``steps`` steps with tanh (the stored run's curve) and with ReLU (:func:`rnn_norms`), and their
-    ratio.
+    the text it would tune on). ``"relu"``: the largest pre-clip gradient norm of the first ``steps`` steps with
+    tanh and with ReLU per seed of :data:`gradclip_book.relu_norms.SEEDS` (``"per_seed"``: ``{seed: {"tanh_max",
+    "relu_max", "ratio"}}``, from ``chapters/data/relu_norms.json``), the smallest ratio over the seeds
+    (``"min_ratio"``, at ``"min_seed"``: the answer, which holds at every seed) and seed 0's numbers
+    (``"tanh_max"``, ``"relu_max"``, ``"ratio"``; ``"tanh_first"``, ``"relu_first"``: the first step's norms).
+    ``"relu_fresh"``: seed 0's ReLU norms trained afresh here (:func:`rnn_norms`), to check the file against;
+    ``"tanh_stored"``: seed 0's tanh norms from chapter 4.5's stored run.
     """
     from gradclip_book import text_figures as tf, text_grid as tg
 
@@ -352,14 +356,26 @@ def exercise_evidence(seq_len: int = 32, lr: float = 1.0, steps: int = 30) -> di
     if len(tanh) != steps:
         raise ValueError(f"the stored curve does not hold the first {steps} steps one by one")
     relu = rnn_norms("relu", seq_len, lr, steps)
+    stored = relu_norms.load()
+    if (stored["seq_len"], stored["lr"]) != (seq_len, lr) or stored["steps"] < steps:
+        raise ValueError(f"the stored ReLU norms are of another setting; recompute them with `{relu_norms.COMMAND}`")
+    per_seed = {int(seed): {"tanh_max": max(r["tanh"][:steps]), "relu_max": max(r["relu"][:steps])}
+                for seed, r in stored["seeds"].items()}
+    for row in per_seed.values():
+        row["ratio"] = row["relu_max"] / row["tanh_max"]
+    min_seed = min(per_seed, key=lambda seed: per_seed[seed]["ratio"])
+    zero = stored["seeds"]["0"]
     return {"seq_len": seq_len, "lr": lr, "steps": steps, "train_steps": int(plain["steps_run"]),
             "clip": tg.RNN_CLIP,
             "no_clip": {"plain": tf.val_loss(plain), "clipped": tf.val_loss(clipped),
                         "change": tf.val_loss(plain) - tf.val_loss(clipped),
                         "clip_fraction": float(clipped["clip_fraction"]),
                         "hot_lr": 3 * lr, "hot_plain": hot[None], "hot_clipped": hot[tg.RNN_CLIP]},
-            "relu": {"tanh_max": max(tanh), "relu_max": max(relu), "ratio": max(relu) / max(tanh),
-                     "tanh_first": tanh[0], "relu_first": relu[0]}}
+            "relu": {"tanh_max": max(zero["tanh"][:steps]), "relu_max": max(zero["relu"][:steps]),
+                     "ratio": per_seed[0]["ratio"], "tanh_first": zero["tanh"][0], "relu_first": zero["relu"][0],
+                     "per_seed": per_seed, "min_ratio": per_seed[min_seed]["ratio"], "min_seed": min_seed,
+                     "relu_fresh": relu, "tanh_stored": tanh, "relu_stored": zero["relu"][:steps],
+                     "tanh_stored_file": zero["tanh"][:steps]}}
 
 
 def exercises(ev: dict[str, Any]) -> list[Any]:
@@ -383,21 +399,31 @@ def exercises(ev: dict[str, Any]) -> list[Any]:
                      f"a change of {nc['change']:+.4f} nats, nothing. At d2l's learning rate clipping is a guard that "
                      f"hardly engages. At {nc['hot_lr']:g} it decides the run: {nc['hot_plain']:.2f} nats without "
                      f"clipping, {nc['hot_clipped']:.2f} with it (same windows and seed)."))
+    seeds = sorted(re_["per_seed"])
+    rows = [re_["per_seed"][seed] for seed in seeds]
+    ratios = [f"{r['ratio']:.1f}" for r in rows]
+    relu_maxima = ", ".join(f"{r['relu_max']:.1f}" for r in rows)
+    relu_setting = (f"chapter 4.5's tanh RNN with d2l's settings (plain SGD at learning rate {ev['lr']:g}, windows of "
+                    f"{ev['seq_len']} characters)")
     relu = Exercise(
         "ch6-relu",
-        prompt=(f"**2. ReLU instead of tanh.** In {setting} and no clipping, replace tanh by ReLU in the recurrent "
-                f"layer (same initial weights). Over the first {ev['steps']} steps the tanh network's largest "
-                f"gradient norm is {re_['tanh_max']:.2f}. How many times larger is the ReLU network's largest norm "
-                f"over the same steps? Within 50% counts."),
-        answer=re_["ratio"], tolerance=0.5, relative=True,
+        prompt=(f"**2. ReLU instead of tanh.** Take {relu_setting} without clipping, and replace tanh by ReLU in "
+                f"the recurrent layer (same initial weights). At each of seeds {seeds[0]} to {seeds[-1]}, divide the "
+                f"ReLU network's largest gradient norm over the first {ev['steps']} steps by the tanh network's "
+                f"(the tanh networks' largest norms are {min(r['tanh_max'] for r in rows):.2f} to "
+                f"{max(r['tanh_max'] for r in rows):.2f}). The {len(seeds)} ratios differ a lot from seed to seed: "
+                f"what is the smallest of them? Within 50% counts."),
+        answer=re_["min_ratio"], tolerance=0.5, relative=True,
         hint="tanh saturates: its slope is at most 1 and falls towards 0 for large inputs, and its state stays in "
              "(-1, 1). What bounds ReLU's state, and its slope where a unit is active?",
-        solution_md=(f"The ReLU network's largest norm is {re_['relu_max']:.1f}, "
-                     f"{re_['ratio']:.1f} times the tanh network's (their first steps start at "
-                     f"{re_['relu_first']:.2f} and {re_['tanh_first']:.2f}). ReLU passes the gradient with slope 1 "
+        solution_md=(f"At seeds {seeds[0]} to {seeds[-1]} the ratios are "
+                     f"{', '.join(ratios[:-1])} and {ratios[-1]} (ReLU's largest norms {relu_maxima}); the smallest is "
+                     f"{re_['min_ratio']:.1f}, at seed {re_['min_seed']}. ReLU passes the gradient with slope 1 "
                      f"wherever a unit is active and does not bound the state, so nothing damps a growing product of "
-                     f"Jacobians (chapter 2.3). So yes, a ReLU RNN needs clipping at least as much: the spikes that "
-                     f"`max_norm` = {ev['clip']:g} would cap are larger. This is one seed and {ev['steps']} steps; "
+                     f"Jacobians (chapter 2.3), and how far a spike grows depends on the seed: one seed's ratio is "
+                     f"no answer, the smallest is what holds at every seed. So yes, a ReLU RNN needs clipping at "
+                     f"least as much: at every seed the spikes that `max_norm` = {ev['clip']:g} would cap are at "
+                     f"least {re_['min_ratio']:.1f} times larger. This is {len(seeds)} seeds and {ev['steps']} steps; "
                      f"whether the clipped ReLU network then trains as well as the tanh one is not measured here."))
     return [no_clip, relu]
 
