@@ -466,21 +466,37 @@ def warmup_evidence(threshold: float = grids.HARD_THRESHOLD) -> dict[str, Any]:
 
     "Trains" is chapter 4's rule (not diverged, test accuracy >= 90%); the set need not be contiguous.
     Returns ``{arm: {"lrs": sorted list, "words": the set in words, "chosen_lr": the lr with the best mean
-    validation accuracy, "best": the mean test accuracy at that lr}}`` for the arms of
-    :data:`performance.WARMUP_ARMS`.
+    validation accuracy, "best": the mean test accuracy at that lr, "score": its test accuracies
+    (:func:`performance.arm_score`)}}`` for the arms of :data:`performance.WARMUP_ARMS`, and ``"verdicts"``: the
+    pairs of arms ``(a, b)`` where ``a`` beats ``b`` at those lrs (:func:`performance.verdict`, the seed-spread rule);
+    ``"warmup_on_clipping"``: per clipping threshold of :data:`grids.OPT_THRESHOLDS`, ``{"verdict": whether adding
+    the warm-up to clipping "helps", "hurts" or makes "no difference" by that rule, "both", "clipping": the two
+    Scores}``, each at its own lr chosen on validation.
     """
     arms = perf.warmup_summary(threshold)
-    return {arm: {"lrs": s["stable_lrs"], "words": perf.lrs_words(s["stable_lrs"], grids.SGD_LRS),
-                  "chosen_lr": s["chosen_lr"], "best": s["chosen_accuracy"]} for arm, s in arms.items()}
+    out: dict[str, Any] = {arm: {"lrs": s["stable_lrs"], "words": perf.lrs_words(s["stable_lrs"], grids.SGD_LRS),
+                                 "chosen_lr": s["chosen_lr"], "best": s["chosen_accuracy"],
+                                 "score": perf.arm_score(arm, threshold, s["chosen_lr"])} for arm, s in arms.items()}
+    out["verdicts"] = perf.verdict({arm: out[arm]["score"] for arm in arms})
+    on_clipping = {}
+    for t in (t for t in grids.OPT_THRESHOLDS if t is not None):
+        by_arm = perf.warmup_summary(t)
+        pair = {arm: perf.arm_score(arm, t, by_arm[arm]["chosen_lr"]) for arm in ("both", "clipping")}
+        won = perf.verdict(pair)
+        on_clipping[t] = {"verdict": "helps" if ("both", "clipping") in won else "hurts" if won else "no difference",
+                          **pair}
+    out["warmup_on_clipping"] = on_clipping
+    return out
 
 
 def adam_evidence() -> dict[str, Any]:
     """Chapter 5.1's Adam against SGD: what clipping changes for each optimizer.
 
-    Returns ``{opt: {"n_lrs", "plain_calm", "clip_calm", "plain_best", "clip_best", "clip_threshold"}}``: the
-    learning rates scanned, how many of them no seed diverges at without clipping and with the better threshold,
-    and the mean test accuracy without and with clipping at the settings chosen on validation (the lr, and for
-    clipping the threshold too, ``clip_threshold``).
+    Returns ``{opt: {"n_lrs", "plain_calm", "clip_calm", "plain_best", "clip_best", "clip_threshold",
+    "verdict"}}``: the learning rates scanned, how many of them no seed diverges at without clipping and with the
+    better threshold, the mean test accuracy without and with clipping at the settings chosen on validation (the lr,
+    and for clipping the threshold too, ``clip_threshold``), and whether clipping ``"helps"``, ``"hurts"`` or makes
+    ``"no difference"`` there by the seed-spread rule (:func:`performance.verdict`).
     """
     summary = perf.optimizer_summary()
     out = {}
@@ -489,9 +505,14 @@ def adam_evidence() -> dict[str, Any]:
         clipped = {t: s for t, s in by_t.items() if t is not None}
         calm = [sum(d == 0 for d in s["diverged"].values()) for s in clipped.values()]
         chosen_t = max(clipped, key=lambda t: clipped[t]["chosen_val_accuracy"])
+        pair = {side: harness.score(side, [None if r["diverged_at"] is not None else float(r["test_accuracy"])
+                                           for r in perf.opt_runs(s["chosen_lr"], t, 0, opt)])
+                for side, t, s in (("clipped", chosen_t, clipped[chosen_t]), ("plain", None, plain))}
+        won = perf.verdict(pair)
         out[opt] = {"n_lrs": len(plain["diverged"]), "plain_calm": sum(d == 0 for d in plain["diverged"].values()),
                     "clip_calm": max(calm), "plain_best": plain["chosen_accuracy"],
-                    "clip_best": clipped[chosen_t]["chosen_accuracy"], "clip_threshold": chosen_t}
+                    "clip_best": clipped[chosen_t]["chosen_accuracy"], "clip_threshold": chosen_t,
+                    "verdict": "helps" if ("clipped", "plain") in won else "hurts" if won else "no difference"}
     return out
 
 
@@ -639,6 +660,21 @@ def _nats(pair: tuple[float, float]) -> str:
     return f"{pair[0]:.3f} ± {pair[1]:.3f} nats"
 
 
+_VERDICT = {"helps": "helps", "hurts": "hurts", "no difference": "makes no difference"}
+_SPREAD = {"helps": "a gain beyond the seed spread", "hurts": "a loss beyond the seed spread",
+           "no difference": "no difference"}
+
+
+def _accuracy_words(by_threshold: dict[float, dict[str, Any]]) -> str:
+    """", and raised the accuracy at max_norm 1 only"-style words for :func:`warmup_evidence`'s verdicts."""
+    def at(kind: str) -> str:
+        return " and ".join(f"max_norm {t:g}" for t, v in by_threshold.items() if v["verdict"] == kind)
+    helps, hurts = at("helps"), at("hurts")
+    if not helps and not hurts:
+        return ", and did not change the accuracy"
+    return (f", and raised the accuracy at {helps} only" if helps else "") + (f", lowered it at {hurts}" if hurts else "")
+
+
 def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
     """The decision guide, in the order to ask its questions, each evidence sentence built from ``evidence``.
 
@@ -747,19 +783,28 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             f"validation by "
             f"{100 * (ad['adam']['clip_best'] - ad['adam']['plain_best']):+.1f} points; with SGD "
             f"{ad['sgd']['clip_calm']} against {ad['sgd']['plain_calm']}, "
-            f"{100 * (ad['sgd']['clip_best'] - ad['sgd']['plain_best']):+.1f} points. The transformer row above is "
-            f"the other model. Larger models and longer runs were not measured.",
+            f"{100 * (ad['sgd']['clip_best'] - ad['sgd']['plain_best']):+.1f} points ("
+            + ("neither change is beyond the seed spread" if ad["adam"]["verdict"] == ad["sgd"]["verdict"] ==
+               "no difference" else f"by the seed-spread rule clipping {_VERDICT[ad['adam']['verdict']]} with Adam "
+               f"and {_VERDICT[ad['sgd']['verdict']]} with SGD")
+            + "). The transformer row above is the other model. Larger models and longer runs were not measured.",
             "perf-adam"),
         Row("Early instability: is a warm-up enough?",
             "A warm-up alone did not widen the learning rates that train (clipping did); on top of clipping it "
-            "did not help",
+            "widened nothing" + _accuracy_words(w["warmup_on_clipping"]),
             f"On the MLP at depth {grids.HARD.depth} every seed trains at lr {w['neither']['words']} with neither "
             f"remedy, {w['warm-up']['words']} with a warm-up alone, {w['clipping']['words']} with clipping and "
             f"{w['both']['words']} with both; at the lr chosen on validation, mean test accuracy over "
             f"{len(grids.OPT_SEEDS)} seeds "
             f"{_pct(w['clipping']['best'])} with clipping, {_pct(w['both']['best'])} with both, "
-            f"{_pct(w['warm-up']['best'])} with the warm-up alone. On the "
-            f"CNN (first row) a warm-up was no better than no remedy.",
+            f"{_pct(w['warm-up']['best'])} with the warm-up alone, {_pct(w['neither']['best'])} with neither: "
+            + ("by the seed-spread rule none beats another" if not w["verdicts"] else
+               "; ".join(f"{a} beats {b}" for a, b in w["verdicts"]) + " by the seed-spread rule")
+            + f" (max_norm {grids.HARD_THRESHOLD:g}). The warm-up added to clipping, each at its lr chosen on "
+            "validation: "
+            + "; ".join(f"max_norm {t:g}: {_pct(v['both'].mean)} against {_pct(v['clipping'].mean)}, "
+                        f"{_SPREAD[v['verdict']]}" for t, v in w["warmup_on_clipping"].items())
+            + ". On the CNN (first row) a warm-up was no better than no remedy.",
             "perf-warmup", also=("cls-fix",)),
         Row("Large batches, no normalisation layers",
             "Lower the learning rate first; to keep the linearly scaled rate, clip by a global threshold tuned at "
