@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradclip_book import bugzoo, grids, harness
+from gradclip_book import bugzoo, grids, harness, relu_norms
 from gradclip_book import classification_figures as cf
 from gradclip_book import performance as perf
 from gradclip_book.figures import table_html
@@ -334,14 +334,18 @@ def rnn_norms(nonlinearity: str = "tanh", seq_len: int = 32, lr: float = 1.0, st
 
 
 def exercise_evidence(seq_len: int = 32, lr: float = 1.0, steps: int = 30) -> dict[str, Any]:
-    """The answers of chapter 6's exercises, from chapter 4.5's stored runs and one fresh ReLU run (seed 0).
+    """The answers of chapter 6's exercises, from chapter 4.5's stored runs and the stored ReLU norms.
 
     ``"no_clip"``: the tanh RNN with d2l's learning rate ``lr`` on windows of ``seq_len`` characters, 500 steps:
     validation loss without clipping minus with ``max_norm`` = 1 (nats), the share of steps clipping fired on,
     and the same validation losses at three times the learning rate (an exercise's answer read on validation:
-    the text it would tune on). ``"relu"``: the largest pre-clip gradient norm of
-    the first ``steps`` steps with tanh (the stored run's curve) and with ReLU (:func:`rnn_norms`), and their
-    ratio.
+    the text it would tune on). ``"relu"``: the largest pre-clip gradient norm of the first ``steps`` steps with
+    tanh and with ReLU per seed of :data:`gradclip_book.relu_norms.SEEDS` (``"per_seed"``: ``{seed: {"tanh_max",
+    "relu_max", "ratio"}}``, from ``chapters/data/relu_norms.json``), the smallest ratio over the seeds
+    (``"min_ratio"``, at ``"min_seed"``: the answer, which holds at every seed) and seed 0's numbers
+    (``"tanh_max"``, ``"relu_max"``, ``"ratio"``; ``"tanh_first"``, ``"relu_first"``: the first step's norms).
+    ``"relu_fresh"``: seed 0's ReLU norms trained afresh here (:func:`rnn_norms`), to check the file against;
+    ``"tanh_stored"``: seed 0's tanh norms from chapter 4.5's stored run.
     """
     from gradclip_book import text_figures as tf, text_grid as tg
 
@@ -352,14 +356,26 @@ def exercise_evidence(seq_len: int = 32, lr: float = 1.0, steps: int = 30) -> di
     if len(tanh) != steps:
         raise ValueError(f"the stored curve does not hold the first {steps} steps one by one")
     relu = rnn_norms("relu", seq_len, lr, steps)
+    stored = relu_norms.load()
+    if (stored["seq_len"], stored["lr"]) != (seq_len, lr) or stored["steps"] < steps:
+        raise ValueError(f"the stored ReLU norms are of another setting; recompute them with `{relu_norms.COMMAND}`")
+    per_seed = {int(seed): {"tanh_max": max(r["tanh"][:steps]), "relu_max": max(r["relu"][:steps])}
+                for seed, r in stored["seeds"].items()}
+    for row in per_seed.values():
+        row["ratio"] = row["relu_max"] / row["tanh_max"]
+    min_seed = min(per_seed, key=lambda seed: per_seed[seed]["ratio"])
+    zero = stored["seeds"]["0"]
     return {"seq_len": seq_len, "lr": lr, "steps": steps, "train_steps": int(plain["steps_run"]),
             "clip": tg.RNN_CLIP,
             "no_clip": {"plain": tf.val_loss(plain), "clipped": tf.val_loss(clipped),
                         "change": tf.val_loss(plain) - tf.val_loss(clipped),
                         "clip_fraction": float(clipped["clip_fraction"]),
                         "hot_lr": 3 * lr, "hot_plain": hot[None], "hot_clipped": hot[tg.RNN_CLIP]},
-            "relu": {"tanh_max": max(tanh), "relu_max": max(relu), "ratio": max(relu) / max(tanh),
-                     "tanh_first": tanh[0], "relu_first": relu[0]}}
+            "relu": {"tanh_max": max(zero["tanh"][:steps]), "relu_max": max(zero["relu"][:steps]),
+                     "ratio": per_seed[0]["ratio"], "tanh_first": zero["tanh"][0], "relu_first": zero["relu"][0],
+                     "per_seed": per_seed, "min_ratio": per_seed[min_seed]["ratio"], "min_seed": min_seed,
+                     "relu_fresh": relu, "tanh_stored": tanh, "relu_stored": zero["relu"][:steps],
+                     "tanh_stored_file": zero["tanh"][:steps]}}
 
 
 def exercises(ev: dict[str, Any]) -> list[Any]:
@@ -383,21 +399,31 @@ def exercises(ev: dict[str, Any]) -> list[Any]:
                      f"a change of {nc['change']:+.4f} nats, nothing. At d2l's learning rate clipping is a guard that "
                      f"hardly engages. At {nc['hot_lr']:g} it decides the run: {nc['hot_plain']:.2f} nats without "
                      f"clipping, {nc['hot_clipped']:.2f} with it (same windows and seed)."))
+    seeds = sorted(re_["per_seed"])
+    rows = [re_["per_seed"][seed] for seed in seeds]
+    ratios = [f"{r['ratio']:.1f}" for r in rows]
+    relu_maxima = ", ".join(f"{r['relu_max']:.1f}" for r in rows)
+    relu_setting = (f"chapter 4.5's tanh RNN with d2l's settings (plain SGD at learning rate {ev['lr']:g}, windows of "
+                    f"{ev['seq_len']} characters)")
     relu = Exercise(
         "ch6-relu",
-        prompt=(f"**2. ReLU instead of tanh.** In {setting} and no clipping, replace tanh by ReLU in the recurrent "
-                f"layer (same initial weights). Over the first {ev['steps']} steps the tanh network's largest "
-                f"gradient norm is {re_['tanh_max']:.2f}. How many times larger is the ReLU network's largest norm "
-                f"over the same steps? Within 50% counts."),
-        answer=re_["ratio"], tolerance=0.5, relative=True,
+        prompt=(f"**2. ReLU instead of tanh.** Take {relu_setting} without clipping, and replace tanh by ReLU in "
+                f"the recurrent layer (same initial weights). At each of seeds {seeds[0]} to {seeds[-1]}, divide the "
+                f"ReLU network's largest gradient norm over the first {ev['steps']} steps by the tanh network's "
+                f"(the tanh networks' largest norms are {min(r['tanh_max'] for r in rows):.2f} to "
+                f"{max(r['tanh_max'] for r in rows):.2f}). The {len(seeds)} ratios differ a lot from seed to seed: "
+                f"what is the smallest of them? Within 50% counts."),
+        answer=re_["min_ratio"], tolerance=0.5, relative=True,
         hint="tanh saturates: its slope is at most 1 and falls towards 0 for large inputs, and its state stays in "
              "(-1, 1). What bounds ReLU's state, and its slope where a unit is active?",
-        solution_md=(f"The ReLU network's largest norm is {re_['relu_max']:.1f}, "
-                     f"{re_['ratio']:.1f} times the tanh network's (their first steps start at "
-                     f"{re_['relu_first']:.2f} and {re_['tanh_first']:.2f}). ReLU passes the gradient with slope 1 "
+        solution_md=(f"At seeds {seeds[0]} to {seeds[-1]} the ratios are "
+                     f"{', '.join(ratios[:-1])} and {ratios[-1]} (ReLU's largest norms {relu_maxima}); the smallest is "
+                     f"{re_['min_ratio']:.1f}, at seed {re_['min_seed']}. ReLU passes the gradient with slope 1 "
                      f"wherever a unit is active and does not bound the state, so nothing damps a growing product of "
-                     f"Jacobians (chapter 2.3). So yes, a ReLU RNN needs clipping at least as much: the spikes that "
-                     f"`max_norm` = {ev['clip']:g} would cap are larger. This is one seed and {ev['steps']} steps; "
+                     f"Jacobians (chapter 2.3), and how far a spike grows depends on the seed: one seed's ratio is "
+                     f"no answer, the smallest is what holds at every seed. So yes, a ReLU RNN needs clipping at "
+                     f"least as much: at every seed the spikes that `max_norm` = {ev['clip']:g} would cap are at "
+                     f"least {re_['min_ratio']:.1f} times larger. This is {len(seeds)} seeds and {ev['steps']} steps; "
                      f"whether the clipped ReLU network then trains as well as the tanh one is not measured here."))
     return [no_clip, relu]
 
@@ -440,21 +466,37 @@ def warmup_evidence(threshold: float = grids.HARD_THRESHOLD) -> dict[str, Any]:
 
     "Trains" is chapter 4's rule (not diverged, test accuracy >= 90%); the set need not be contiguous.
     Returns ``{arm: {"lrs": sorted list, "words": the set in words, "chosen_lr": the lr with the best mean
-    validation accuracy, "best": the mean test accuracy at that lr}}`` for the arms of
-    :data:`performance.WARMUP_ARMS`.
+    validation accuracy, "best": the mean test accuracy at that lr, "score": its test accuracies
+    (:func:`performance.arm_score`)}}`` for the arms of :data:`performance.WARMUP_ARMS`, and ``"verdicts"``: the
+    pairs of arms ``(a, b)`` where ``a`` beats ``b`` at those lrs (:func:`performance.verdict`, the seed-spread rule);
+    ``"warmup_on_clipping"``: per clipping threshold of :data:`grids.OPT_THRESHOLDS`, ``{"verdict": whether adding
+    the warm-up to clipping "helps", "hurts" or makes "no difference" by that rule, "both", "clipping": the two
+    Scores}``, each at its own lr chosen on validation.
     """
     arms = perf.warmup_summary(threshold)
-    return {arm: {"lrs": s["stable_lrs"], "words": perf.lrs_words(s["stable_lrs"], grids.SGD_LRS),
-                  "chosen_lr": s["chosen_lr"], "best": s["chosen_accuracy"]} for arm, s in arms.items()}
+    out: dict[str, Any] = {arm: {"lrs": s["stable_lrs"], "words": perf.lrs_words(s["stable_lrs"], grids.SGD_LRS),
+                                 "chosen_lr": s["chosen_lr"], "best": s["chosen_accuracy"],
+                                 "score": perf.arm_score(arm, threshold, s["chosen_lr"])} for arm, s in arms.items()}
+    out["verdicts"] = perf.verdict({arm: out[arm]["score"] for arm in arms})
+    on_clipping = {}
+    for t in (t for t in grids.OPT_THRESHOLDS if t is not None):
+        by_arm = perf.warmup_summary(t)
+        pair = {arm: perf.arm_score(arm, t, by_arm[arm]["chosen_lr"]) for arm in ("both", "clipping")}
+        won = perf.verdict(pair)
+        on_clipping[t] = {"verdict": "helps" if ("both", "clipping") in won else "hurts" if won else "no difference",
+                          **pair}
+    out["warmup_on_clipping"] = on_clipping
+    return out
 
 
 def adam_evidence() -> dict[str, Any]:
     """Chapter 5.1's Adam against SGD: what clipping changes for each optimizer.
 
-    Returns ``{opt: {"n_lrs", "plain_calm", "clip_calm", "plain_best", "clip_best", "clip_threshold"}}``: the
-    learning rates scanned, how many of them no seed diverges at without clipping and with the better threshold,
-    and the mean test accuracy without and with clipping at the settings chosen on validation (the lr, and for
-    clipping the threshold too, ``clip_threshold``).
+    Returns ``{opt: {"n_lrs", "plain_calm", "clip_calm", "plain_best", "clip_best", "clip_threshold",
+    "verdict"}}``: the learning rates scanned, how many of them no seed diverges at without clipping and with the
+    better threshold, the mean test accuracy without and with clipping at the settings chosen on validation (the lr,
+    and for clipping the threshold too, ``clip_threshold``), and whether clipping ``"helps"``, ``"hurts"`` or makes
+    ``"no difference"`` there by the seed-spread rule (:func:`performance.verdict`).
     """
     summary = perf.optimizer_summary()
     out = {}
@@ -463,9 +505,14 @@ def adam_evidence() -> dict[str, Any]:
         clipped = {t: s for t, s in by_t.items() if t is not None}
         calm = [sum(d == 0 for d in s["diverged"].values()) for s in clipped.values()]
         chosen_t = max(clipped, key=lambda t: clipped[t]["chosen_val_accuracy"])
+        pair = {side: harness.score(side, [None if r["diverged_at"] is not None else float(r["test_accuracy"])
+                                           for r in perf.opt_runs(s["chosen_lr"], t, 0, opt)])
+                for side, t, s in (("clipped", chosen_t, clipped[chosen_t]), ("plain", None, plain))}
+        won = perf.verdict(pair)
         out[opt] = {"n_lrs": len(plain["diverged"]), "plain_calm": sum(d == 0 for d in plain["diverged"].values()),
                     "clip_calm": max(calm), "plain_best": plain["chosen_accuracy"],
-                    "clip_best": clipped[chosen_t]["chosen_accuracy"], "clip_threshold": chosen_t}
+                    "clip_best": clipped[chosen_t]["chosen_accuracy"], "clip_threshold": chosen_t,
+                    "verdict": "helps" if ("clipped", "plain") in won else "hurts" if won else "no difference"}
     return out
 
 
@@ -613,6 +660,21 @@ def _nats(pair: tuple[float, float]) -> str:
     return f"{pair[0]:.3f} ± {pair[1]:.3f} nats"
 
 
+_VERDICT = {"helps": "helps", "hurts": "hurts", "no difference": "makes no difference"}
+_SPREAD = {"helps": "a gain beyond the seed spread", "hurts": "a loss beyond the seed spread",
+           "no difference": "no difference"}
+
+
+def _accuracy_words(by_threshold: dict[float, dict[str, Any]]) -> str:
+    """", and raised the accuracy at max_norm 1 only"-style words for :func:`warmup_evidence`'s verdicts."""
+    def at(kind: str) -> str:
+        return " and ".join(f"max_norm {t:g}" for t, v in by_threshold.items() if v["verdict"] == kind)
+    helps, hurts = at("helps"), at("hurts")
+    if not helps and not hurts:
+        return ", and did not change the accuracy"
+    return (f", and raised the accuracy at {helps} only" if helps else "") + (f", lowered it at {hurts}" if hurts else "")
+
+
 def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
     """The decision guide, in the order to ask its questions, each evidence sentence built from ``evidence``.
 
@@ -721,19 +783,28 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             f"validation by "
             f"{100 * (ad['adam']['clip_best'] - ad['adam']['plain_best']):+.1f} points; with SGD "
             f"{ad['sgd']['clip_calm']} against {ad['sgd']['plain_calm']}, "
-            f"{100 * (ad['sgd']['clip_best'] - ad['sgd']['plain_best']):+.1f} points. The transformer row above is "
-            f"the other model. Larger models and longer runs were not measured.",
+            f"{100 * (ad['sgd']['clip_best'] - ad['sgd']['plain_best']):+.1f} points ("
+            + ("neither change is beyond the seed spread" if ad["adam"]["verdict"] == ad["sgd"]["verdict"] ==
+               "no difference" else f"by the seed-spread rule clipping {_VERDICT[ad['adam']['verdict']]} with Adam "
+               f"and {_VERDICT[ad['sgd']['verdict']]} with SGD")
+            + "). The transformer row above is the other model. Larger models and longer runs were not measured.",
             "perf-adam"),
         Row("Early instability: is a warm-up enough?",
             "A warm-up alone did not widen the learning rates that train (clipping did); on top of clipping it "
-            "did not help",
+            "widened nothing" + _accuracy_words(w["warmup_on_clipping"]),
             f"On the MLP at depth {grids.HARD.depth} every seed trains at lr {w['neither']['words']} with neither "
             f"remedy, {w['warm-up']['words']} with a warm-up alone, {w['clipping']['words']} with clipping and "
             f"{w['both']['words']} with both; at the lr chosen on validation, mean test accuracy over "
             f"{len(grids.OPT_SEEDS)} seeds "
             f"{_pct(w['clipping']['best'])} with clipping, {_pct(w['both']['best'])} with both, "
-            f"{_pct(w['warm-up']['best'])} with the warm-up alone. On the "
-            f"CNN (first row) a warm-up was no better than no remedy.",
+            f"{_pct(w['warm-up']['best'])} with the warm-up alone, {_pct(w['neither']['best'])} with neither: "
+            + ("by the seed-spread rule none beats another" if not w["verdicts"] else
+               "; ".join(f"{a} beats {b}" for a, b in w["verdicts"]) + " by the seed-spread rule")
+            + f" (max_norm {grids.HARD_THRESHOLD:g}). The warm-up added to clipping, each at its lr chosen on "
+            "validation: "
+            + "; ".join(f"max_norm {t:g}: {_pct(v['both'].mean)} against {_pct(v['clipping'].mean)}, "
+                        f"{_SPREAD[v['verdict']]}" for t, v in w["warmup_on_clipping"].items())
+            + ". On the CNN (first row) a warm-up was no better than no remedy.",
             "perf-warmup", also=("cls-fix",)),
         Row("Large batches, no normalisation layers",
             "Lower the learning rate first; to keep the linearly scaled rate, clip by a global threshold tuned at "

@@ -41,7 +41,7 @@ import gradclip
 
 from . import classification as cls
 from . import classification_figures as cf
-from . import grids
+from . import grids, harness
 from .timing import interleaved
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "TARGET_LOSS",
     "TRAINS",
     "WARMUP_ARMS",
+    "arm_score",
     "benchmark",
     "best_lr",
     "describe_machine",
@@ -69,6 +70,7 @@ __all__ = [
     "speed_words",
     "steps_to_loss",
     "usable_lrs",
+    "verdict",
     "warmup_summary",
 ]
 
@@ -323,6 +325,28 @@ def _scan(runs_by_lr: dict[float, list[dict[str, Any]]]) -> dict[str, Any]:
             "chosen_val_accuracy": val_means[chosen], "mean_accuracy": means,
             "trained": {lr: sum(_trains(r) for r in runs) for lr, runs in runs_by_lr.items()},
             "diverged": {lr: sum(r["diverged_at"] is not None for r in runs) for lr, runs in runs_by_lr.items()}}
+
+
+def arm_score(arm: str, threshold: float, lr: float, optimizer: str = "sgd") -> harness.Score:
+    """Test accuracy per seed of one arm of :data:`WARMUP_ARMS` at ``lr`` (``"clipping"`` and ``"both"`` clip at
+    ``threshold``), as a :class:`gradclip_book.harness.Score` for the book's rule of a difference
+    (:func:`gradclip_book.harness.beats`); a diverged seed is ``None``, so a setting with one loses to one without."""
+    warmup, t = WARMUP_ARMS[arm]
+    runs = opt_runs(lr, threshold if t == "t" else None, warmup, optimizer)
+    return harness.score((arm, threshold, lr), [None if r["diverged_at"] is not None else _num(r["test_accuracy"])
+                                                for r in runs])
+
+
+def verdict(scores: dict[str, harness.Score]) -> list[tuple[str, str]]:
+    """Every ordered pair ``(a, b)`` of ``scores`` such that ``a`` beats ``b`` by the book's rule
+    (:func:`gradclip_book.harness.beats`: the gap in means exceeds both standard deviations over the seeds).
+
+    Example:
+        >>> from gradclip_book.harness import score
+        >>> verdict({"a": score("a", [0.95, 0.96]), "b": score("b", [0.90, 0.91]), "c": score("c", [0.9, 0.97])})
+        [('a', 'b')]
+    """
+    return [(a, b) for a in scores for b in scores if a != b and harness.beats(scores[a], scores[b])]
 
 
 def warmup_summary(threshold: float) -> dict[str, dict[str, Any]]:

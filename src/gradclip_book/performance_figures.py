@@ -172,7 +172,8 @@ def lower_lr_explorer(table: dict[int, dict[str, Any]], target: float = perf.TAR
     return Explorer(
         "perf-lower", [Param("depth", list(grids.DEPTHS), label="depth", default=grids.HARD.depth, fmt="d")],
         compute=compute, traces=traces, layout=layout, label="fig-perf-lower",
-        caption=f"Training loss averaged over the last {window} steps, then over the three seeds, at the learning "
+        caption=f"Training loss averaged over the last {window} steps, then over the seeds (three of chapter 4's "
+                f"scan; {len(grids.OPT_SEEDS)} for the lower learning rates at depth {grids.HARD.depth}), at the learning "
                 f"rate that is best with global-norm clipping at max_norm {grids.HARD_THRESHOLD:g} and at the one "
                 "that is best without clipping, from the scan 0.025 to 1.6 (doubling; best = every seed trains, "
                 f"highest mean validation accuracy); at depth {grids.HARD.depth}, where no unclipped "
@@ -256,7 +257,8 @@ def warmup_explorer() -> Explorer:
                 f"({', '.join(f'{lr:g}' for lr in grids.SGD_LRS)}), with neither remedy, a linear warm-up over the "
                 f"first {grids.WARMUP_STEPS} steps (dotted, open diamonds), global-norm clipping at max_norm, or both. "
                 "A diverged run counts as 0% here (chapter 5.2 counts it as 10%, chance). "
-                f"{TRAINS_RULE} A learning rate trains when all three seeds do (the hover text counts them): a mean "
+                f"{TRAINS_RULE} A learning rate trains when all {len(grids.OPT_SEEDS)} seeds do (the hover text counts "
+                "them): a mean "
                 f"above the {100 * perf.TRAINS:.0f}% line is not enough.")
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from gradclip_book import bugzoo, conclusion as cc, grids, scalability as sc
+from gradclip_book import bugzoo, conclusion as cc, grids, relu_norms, scalability as sc
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "chapters" / "data"
@@ -374,6 +374,20 @@ def test_the_tanh_rerun_reproduces_the_stored_run_and_relu_differs():
         cc.rnn_norms("sigmoid")
 
 
+def test_stored_relu_norms_match_a_rerun():
+    from gradclip_book.reproducibility import EARLY_STEPS, GRID_MACHINE, machine
+
+    stored = relu_norms.load()
+    assert (stored["seq_len"], stored["lr"], stored["steps"]) == (relu_norms.SEQ_LEN, relu_norms.LR, relu_norms.STEPS)
+    assert sorted(stored["seeds"]) == [str(s) for s in relu_norms.SEEDS]
+    steps = relu_norms.STEPS if machine() == GRID_MACHINE else EARLY_STEPS   # last bits differ on other CPUs
+    for act, n in (("relu", steps), ("tanh", EARLY_STEPS)):   # seed 0's tanh norms are checked against chapter 4.5
+        fresh = cc.rnn_norms(act, relu_norms.SEQ_LEN, relu_norms.LR, n, seed=3)
+        assert fresh == pytest.approx(stored["seeds"]["3"][act][:n], rel=1e-6), act
+    readme = (relu_norms.FILE.parent / "README.md").read_text(encoding="utf-8")
+    assert relu_norms.COMMAND in readme and relu_norms.FILE.name in readme
+
+
 def test_exercises_are_computed_and_checkable():
     ev = cc.exercise_evidence(steps=12)
     no_clip, relu = cc.exercises(ev)
@@ -383,7 +397,10 @@ def test_exercises_are_computed_and_checkable():
     change = line[None]["metrics"]["val_loss"] - line[1.0]["metrics"]["val_loss"]
     assert no_clip.answer == pytest.approx(change)
     assert no_clip.accepts(change + 0.019) and not no_clip.accepts(change + 0.03)
-    assert relu.answer == pytest.approx(ev["relu"]["relu_max"] / ev["relu"]["tanh_max"])
+    stored = relu_norms.load()["seeds"]
+    ratios = [max(r["relu"][:12]) / max(r["tanh"][:12]) for r in stored.values()]
+    assert len(ratios) == 5 and relu.answer == pytest.approx(min(ratios))   # what holds at every seed
+    assert ev["relu"]["ratio"] == pytest.approx(ratios[0])
     assert relu.accepts(1.4 * relu.answer) and not relu.accepts(1.6 * relu.answer)
     for widget in (no_clip, relu):
         shown = {f"{widget.answer:.{k}f}" for k in (2, 3)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def opt_lines():
 def test_optimization_grid_is_current_and_complete(opt_lines):
     assert {line["code_version"] for line in opt_lines} == {code_version()}, HINT
     wanted = [config_key(c) for _, c in grids.optimization_configs()]
-    assert len(wanted) == len(set(wanted)) <= 300
+    assert len(wanted) == len(set(wanted)) <= 360   # 330 runs at 5 seeds: about 25 min on one core
     assert set(wanted) <= {line["key"] for line in opt_lines}, HINT
     for line in opt_lines:
         assert line["key"] == config_key(RunConfig(**line["config"]))
@@ -206,6 +207,31 @@ def test_warmup_and_optimizer_summaries_read_the_grid(opt_lines):
     adam = perf.optimizer_summary()
     assert set(adam) == {"sgd", "adam"} and set(adam["adam"]) == set(grids.OPT_THRESHOLDS)
     assert set(adam["adam"][None]["mean_accuracy"]) == set(grids.ADAM_LRS)
+
+
+def test_warmup_verdicts_recounted_from_the_raw_lines(opt_lines):
+    """The warm-up section's comparisons at the lrs chosen on validation, by the seed-spread rule written out here
+    (gap in means > both sample standard deviations, over the 5 seeds), from the raw lines."""
+    assert len(grids.OPT_SEEDS) == 5
+    by_setting = defaultdict(dict)
+    for line in opt_lines:
+        c = line["config"]
+        if c["optimizer"] == "sgd" and c["depth"] == 16:
+            by_setting[c["warmup"], c["threshold"], c["lr"]][c["seed"]] = line
+    for t in (0.1, 1.0):
+        arms = {"neither": (0, None), "warm-up": (50, None), "clipping": (0, t), "both": (50, t)}
+        values = {}
+        for arm, (w, tt) in arms.items():
+            runs = {lr: [by_setting[w, tt, lr][s] for s in grids.OPT_SEEDS] for lr in grids.SGD_LRS}
+            val = {lr: np.mean([float(r["val_accuracy"] or 0) for r in rs]) for lr, rs in runs.items()}
+            lr = max(val, key=lambda lr: (val[lr], lr))
+            assert all(r["diverged_at"] is None for r in runs[lr])
+            values[arm] = np.array([float(r["test_accuracy"]) for r in runs[lr]])
+            assert perf.arm_score(arm, t, lr).values == pytest.approx(tuple(values[arm]))
+        wins = [(a, b) for a in arms for b in arms if a != b and
+                values[a].mean() - values[b].mean() > max(values[a].std(ddof=1), values[b].std(ddof=1))]
+        assert perf.verdict({a: perf.arm_score(a, t, perf.warmup_summary(t)[a]["chosen_lr"]) for a in arms}) == wins
+        assert wins == ([] if t == 0.1 else [("both", "clipping")])
 
 
 # --- the benchmark ------------------------------------------------------------------------------------
