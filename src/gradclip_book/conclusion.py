@@ -525,7 +525,7 @@ def _printed(fraction: float) -> float:
 
 
 def batch_evidence() -> dict[str, Any]:
-    """Chapter 5.2's AGC against global-norm clipping per batch size, by the book's protocol (5 seeds).
+    """Chapter 5.2's AGC against global-norm clipping per batch size, by the book's protocol (``scalability.SEEDS``).
 
     Each method's knob is chosen on validation accuracy (``scalability.chosen_per_batch``); the means are the test
     accuracies of the chosen settings (over the seeds that finished).
@@ -535,10 +535,18 @@ def batch_evidence() -> dict[str, Any]:
     "none_tuned": {batch: (learning rate chosen without clipping, test mean)}, "max_gap": largest |AGC - norm| over
     the batches, "wins": [(batch, method)] where one beats the other by the seed-spread rule
     (``harness.beats``), "lower_lr_beaten": [(batch, method)] where a clipping method beats the unclipped run at
-    its chosen learning rate by that rule}``.
+    its chosen learning rate by that rule, and what of these survives leaving out any one seed
+    (``scalability.leave_one_seed_out``): "robust_wins" [(batch, method)] of AGC against global clipping,
+    "fragile" [batch] where that verdict flips with one seed left out, "robust_lower_lr_beaten" /
+    "robust_lower_lr_wins" [(batch, method)] where the clipping method robustly beats / is beaten by the lower
+    learning rate, "fragile_lower" [(batch, method)] where that verdict flips}``.
     """
-    best = sc.chosen_per_batch(sc.load(), sc.load(sc.CONTROLS_FILE))
+    grid, controls = sc.load(), sc.load(sc.CONTROLS_FILE)
+    best = sc.chosen_per_batch(grid, controls)
     batches = sorted(best)
+    loso = sc.leave_one_seed_out(grid, controls)   # which of these verdicts survive leaving out any one seed
+    versus = sc.robust_verdicts(loso, ("agc", "norm"))
+    lower = {m: sc.robust_verdicts(loso, ("none_tuned", m)) for m in ("agc", "norm")}
     wins = []
     for b in batches:
         a, n = best[b]["agc"]["test"], best[b]["norm"]["test"]
@@ -556,7 +564,70 @@ def batch_evidence() -> dict[str, Any]:
                            for b in batches),
             "wins": wins,
             "lower_lr_beaten": [(b, m) for b in batches for m in ("agc", "norm")
-                                if harness.beats(best[b][m]["test"], best[b]["none_tuned"]["test"])]}
+                                if harness.beats(best[b][m]["test"], best[b]["none_tuned"]["test"])],
+            "robust_wins": sorted(versus["wins"].items()),
+            "fragile": sorted(versus["fragile"]),
+            "robust_lower_lr_beaten": sorted((b, m) for m in ("agc", "norm") for b, w in lower[m]["wins"].items()
+                                             if w == m),
+            "robust_lower_lr_wins": sorted((b, m) for m in ("agc", "norm") for b, w in lower[m]["wins"].items()
+                                           if w == "none_tuned"),
+            "fragile_lower": sorted((b, m) for m in ("agc", "norm") for b in lower[m]["fragile"])}
+
+
+def _at(batches: list[int]) -> str:
+    """"batch 16" or "batches 16, 64 and 1024"."""
+    words = [str(b) for b in batches]
+    return f"batch {words[0]}" if len(words) == 1 else f"batches {', '.join(words[:-1])} and {words[-1]}"
+
+
+def _batches(pairs: list[tuple[int, str]], method: str) -> list[int]:
+    return [b for b, m in pairs if m == method]
+
+
+def _batch_advice(b: dict[str, Any]) -> str:
+    """The large-batch row's recommendation, from the verdicts that survive leaving out any one seed."""
+    if b["robust_lower_lr_beaten"]:
+        return ("Clip: " + " and ".join(f"{_NAMES[m]} beat the lower learning rate at {_at(_batches(b['robust_lower_lr_beaten'], m))}"
+                                        for m in ("agc", "norm") if _batches(b["robust_lower_lr_beaten"], m))
+                + " with any one seed left out")
+    first = "Lower the learning rate first (no clipping method robustly beat it)"
+    agc, norm = _batches(b["robust_wins"], "agc"), _batches(b["robust_wins"], "norm")
+    if norm and not agc:
+        return (first + f"; to keep the linearly scaled rate, clip by a global threshold tuned at each batch size "
+                f"(AGC, adaptive_clip_grad_, was robustly worse at {_at(norm)})")
+    if agc and not norm:
+        return (first + f"; to keep the linearly scaled rate, clip with AGC (adaptive_clip_grad_) tuned at each batch "
+                f"size (robustly ahead of a global threshold at {_at(agc)})")
+    return (first + "; to keep the linearly scaled rate, clip by a global threshold or AGC (adaptive_clip_grad_), "
+            "tuned at each batch size: no difference between them survived leaving out one seed")
+
+
+def _batch_facts(b: dict[str, Any]) -> str:
+    """The large-batch row's evidence: chapter 5.2's chosen settings, accuracies and verdicts, robust or not."""
+    def listed(pairs: list[tuple[int, str]]) -> str:
+        return " and ".join(f"{_NAMES[m]} at batch {bb}" for bb, m in pairs)
+
+    text = (f"On chapter 5.2's MLP ({b['seeds']} seeds, knobs chosen on validation): AGC λ "
+            f"{', '.join(f'{a[0]:g}' for a in b['agc'].values())} and global c "
+            f"{', '.join(f'{n[0]:g}' for n in b['norm'].values())} at batches {', '.join(map(str, b['batches']))}, "
+            f"with mean test accuracy {', '.join(_pct(a[1]) for a in b['agc'].values())} (AGC) and "
+            f"{', '.join(_pct(n[1]) for n in b['norm'].values())} (global). By the seed-spread rule "
+            + ("neither is better at any batch size" if not b["wins"] else
+               " and ".join(f"{_NAMES[m]} is better at batch {bb}" for bb, m in b["wins"]) + ", neither at the others")
+            + f". Without clipping at the lr chosen on validation "
+            f"({', '.join(f'{t[0]:g}' for t in b['none_tuned'].values())}): "
+            f"{', '.join(_pct(t[1]) for t in b['none_tuned'].values())}, "
+            + ("beaten by neither clipping method at any batch size" if not b["lower_lr_beaten"] else
+               "beaten by " + listed(b["lower_lr_beaten"])) + ". ")
+    robust = [f"{_NAMES[m]} ahead at batch {bb}" for bb, m in b["robust_wins"]]
+    robust += [f"{_NAMES[m]} ahead of the lower lr at batch {bb}" for bb, m in b["robust_lower_lr_beaten"]]
+    robust += [f"the lower lr ahead of {_NAMES[m]} at batch {bb}" for bb, m in b["robust_lower_lr_wins"]]
+    text += ("Leaving out any one seed, " + ("no win survives" if not robust else "only these wins survive: "
+                                              + "; ".join(robust)))
+    flips = [f"AGC against global clipping at {_at(b['fragile'])}"] if b["fragile"] else []
+    flips += [f"{_NAMES[m]} against the lower lr at {_at(_batches(b['fragile_lower'], m))}" for m in ("agc", "norm")
+              if _batches(b["fragile_lower"], m)]
+    return text + ("; the verdict flips with one seed left out for " + "; ".join(flips) if flips else "") + "."
 
 
 def distributed_evidence(timeout: float = 120.0) -> dict[str, Any]:
@@ -806,23 +877,7 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
                         f"{_SPREAD[v['verdict']]}" for t, v in w["warmup_on_clipping"].items())
             + ". On the CNN (first row) a warm-up was no better than no remedy.",
             "perf-warmup", also=("cls-fix",)),
-        Row("Large batches, no normalisation layers",
-            "Lower the learning rate first; to keep the linearly scaled rate, clip by a global threshold tuned at "
-            "each batch size (AGC, adaptive_clip_grad_, was no better, and worse at the largest batch)",
-            f"On chapter 5.2's MLP ({b['seeds']} seeds, knobs chosen on validation): AGC λ "
-            f"{', '.join(f'{b_[0]:g}' for b_ in b['agc'].values())} and global c "
-            f"{', '.join(f'{n_[0]:g}' for n_ in b['norm'].values())} at batches "
-            f"{', '.join(map(str, b['batches']))}, with mean test accuracy "
-            f"{', '.join(_pct(b_[1]) for b_ in b['agc'].values())} (AGC) and "
-            f"{', '.join(_pct(n_[1]) for n_ in b['norm'].values())} (global). By the seed-spread rule "
-            + ("neither is better at any batch size." if not b["wins"] else
-               " and ".join(f"{_NAMES[m]} is better at batch {bb}" for bb, m in b["wins"]) + ", neither at the others.")
-            + f" Without clipping at the lr chosen on validation "
-            f"({', '.join(f'{t_[0]:g}' for t_ in b['none_tuned'].values())}): "
-            f"{', '.join(_pct(t_[1]) for t_ in b['none_tuned'].values())}, "
-            + ("beaten by neither clipping method at any batch size." if not b["lower_lr_beaten"] else
-               "beaten by " + " and ".join(f"{_NAMES[m]} at batch {bb}" for bb, m in b["lower_lr_beaten"]) + "."),
-            "scal-batch"),
+        Row("Large batches, no normalisation layers", _batch_advice(b), _batch_facts(b), "scal-batch"),
         Row("Several processes (DDP, FSDP2, tensor parallel)",
             "The same gradclip.clip_grad_norm_ call on every rank",
             f"On {d['world']} processes over {d['steps']} steps every rank's DDP and FSDP2 norm equals the "

@@ -17,6 +17,7 @@ each batch size is also seen at the number of images (epochs) the next-smaller b
 **The protocol** (chapter 4's, :mod:`gradclip_book.harness.select`). At each batch size each method's knob
 is chosen on validation accuracy (:func:`choose`), test accuracy is reported once for the chosen setting,
 and one chosen setting beats another only beyond the seed spread (:func:`~gradclip_book.harness.select.beats`).
+A verdict is robust only if it stays the same with any one seed left out (:func:`leave_one_seed_out`).
 
 **Structure-aware clipping.** :func:`clip_costs` times global, per-tensor, block-RMS and AGC clipping on the
 same gradients (interleaved calls, medians); :func:`per_sample_check` compares gradclip's per-sample
@@ -31,7 +32,7 @@ References:
 Example:
     >>> configs = grid_configs()
     >>> len(configs), len(control_configs()), lr_for(1024)
-    (360, 480, 1.6)
+    (504, 672, 1.6)
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ __all__ = [
     "percent",
     "run_grid",
     "sensitivity",
+    "verdicts",
+    "leave_one_seed_out",
+    "without_each_seed",
+    "robust_verdicts",
+    "ARMS",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,9 +104,10 @@ THRESHOLDS: dict[str, tuple[float, ...]] = {
     "agc": (0.000625, 0.00125, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64),
     "norm": (0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
 }
-"""AGC's clip factors lambda (the paper's 0.01 .. 0.16, four halvings below it and two doublings above, so that no
-batch size's chosen lambda lies at an end of the grid) and global-norm thresholds c."""
-SEEDS = (0, 1, 2, 3, 4)
+"""AGC's clip factors lambda (the paper's 0.01 .. 0.16, four halvings below it and two doublings above) and global-norm
+thresholds c. Some good ranges still reach an end of these grids (:func:`sensitivity`'s ``open_low`` / ``open_high``)."""
+SEEDS = tuple(range(7))
+"""The seeds of the grid and the controls; :func:`leave_one_seed_out` tells which verdicts any one of them decides."""
 CHANCE = 0.1
 """A diverged run counts at chance accuracy (10 classes) in the figures' means."""
 LOWER_LR_FACTORS = (0.015625, 0.03125, 0.0625, 0.125, 0.25, 0.5)
@@ -251,7 +258,7 @@ def _values(runs: list[dict[str, Any]], metric: str) -> list[float | None]:
     return [None if r["diverged_at"] is not None else float(r[metric]) for r in runs]
 
 
-def choose(candidates: dict[Any, list[dict[str, Any]]]) -> dict[str, Any]:
+def choose(candidates: dict[Any, list[dict[str, Any]]], within: bool = True) -> dict[str, Any]:
     """The book's protocol over ``{setting: runs}`` (listed from the most conservative setting).
 
     The setting is chosen on validation accuracy by :func:`~gradclip_book.harness.select.select_best` (fewest
@@ -260,18 +267,19 @@ def choose(candidates: dict[Any, list[dict[str, Any]]]) -> dict[str, Any]:
     spread of the best.
 
     Returns ``{"setting", "val": Score, "test": Score, "ranked": [validation Score, best first], "within",
-    "runs"}``.
+    "runs"}``; ``within=False`` leaves ``within`` as ``None`` (it is most of the cost: exact standard deviations).
     """
     selection = harness.select_best([(s, _values(runs, VALIDATION)) for s, runs in candidates.items()])
     best = selection.best
     runs = candidates[best.setting]
     return {"setting": best.setting, "val": best, "test": harness.score(best.setting, _values(runs, TEST)),
-            "ranked": selection.ranked, "within": [s.setting for s in selection.ranked if not harness.beats(best, s)],
+            "ranked": selection.ranked,
+            "within": [s.setting for s in selection.ranked if not harness.beats(best, s)] if within else None,
             "runs": runs}
 
 
 def chosen_per_batch(lines: list[dict[str, Any]], controls: list[dict[str, Any]] | None = None,
-                     steps: int = BASE.steps) -> dict[int, dict[str, dict[str, Any]]]:
+                     steps: int = BASE.steps, within: bool = True) -> dict[int, dict[str, dict[str, Any]]]:
     """Per batch size: each method's :func:`choose` over its thresholds (at the scaled learning rate, ``steps``).
 
     Keys per batch: ``"agc"`` and ``"norm"`` (threshold chosen), ``"none"`` (no clipping at the scaled learning
@@ -283,25 +291,111 @@ def chosen_per_batch(lines: list[dict[str, Any]], controls: list[dict[str, Any]]
     out: dict[int, dict[str, dict[str, Any]]] = {}
     for batch in sorted({k[0] for k in groups if k[2] == steps}):
         lr = lr_for(batch)
-        row = {"none": choose({None: groups[batch, lr, steps, "none", None]})}
+        row = {"none": choose({None: groups[batch, lr, steps, "none", None]}, within)}
         for method, thresholds in THRESHOLDS.items():
             present = [t for t in sorted(thresholds, reverse=True) if (batch, lr, steps, method, t) in groups]
-            row[method] = choose({t: groups[batch, lr, steps, method, t] for t in present})
+            row[method] = choose({t: groups[batch, lr, steps, method, t] for t in present}, within)
         if controls:
             lrs = sorted(k[1] for k in groups if k[0] == batch and k[2] == steps and k[3] == "none")
-            row["none_tuned"] = choose({x: groups[batch, x, steps, "none", None] for x in lrs})
+            row["none_tuned"] = choose({x: groups[batch, x, steps, "none", None] for x in lrs}, within)
         out[batch] = row
     return out
 
 
 def sensitivity(choice: dict[str, Any]) -> dict[str, Any]:
     """How much a method's knob matters: of the thresholds tried, how many are within the seed spread of the chosen
-    one on validation (``within``), how many have a diverged seed, and the range of their validation means."""
+    one on validation (``within``), how many have a diverged seed, and the range of their validation means.
+
+    ``open_low`` / ``open_high`` say that the good range contains the smallest / largest value tried: the range may
+    go on past that end of the grid, so its span is only a lower bound.
+
+    Example:
+        >>> score = lambda t, v: harness.score(t, [v, v + 0.01])
+        >>> sensitivity({"ranked": [score(0.1, 0.9), score(0.3, 0.9), score(1.0, 0.5)], "within": [0.1, 0.3]})
+        {'n': 3, 'within': 2, 'diverged': 0, 'settings_within': [0.1, 0.3], 'low': 0.505, 'high': 0.905, 'open_low': True, 'open_high': False}
+    """
     ranked = choice["ranked"]
     means = [s.mean for s in ranked if s.mean is not None and not s.diverged]
-    return {"n": len(ranked), "within": len(choice["within"]), "diverged": sum(s.diverged > 0 for s in ranked),
-            "settings_within": sorted(choice["within"]), "low": min(means) if means else None,
-            "high": max(means) if means else None}
+    tried, within = [s.setting for s in ranked], sorted(choice["within"])
+    return {"n": len(ranked), "within": len(within), "diverged": sum(s.diverged > 0 for s in ranked),
+            "settings_within": within, "low": min(means) if means else None,
+            "high": max(means) if means else None,
+            "open_low": within[0] == min(tried), "open_high": within[-1] == max(tried)}
+
+
+ARMS = ("none_tuned", "agc", "norm")
+"""The arms of a batch size's comparison: no clipping at its chosen learning rate, AGC, global-norm clipping."""
+
+
+def verdicts(lines: list[dict[str, Any]], controls: list[dict[str, Any]],
+             steps: int = BASE.steps) -> dict[int, dict[tuple[str, str], str | None]]:
+    """Per batch size and pair of :data:`ARMS` (in that order): the arm whose chosen setting beats the other's on
+    test accuracy by the book's rule (:func:`~gradclip_book.harness.select.beats`), or ``None`` for neither.
+
+    At ``steps`` other than the grid's there is no tuned unclipped arm (the controls' lower learning rates are
+    trained for 200 steps only), so only AGC against global clipping is compared there.
+    """
+    out: dict[int, dict[tuple[str, str], str | None]] = {}
+    for batch, row in chosen_per_batch(lines, controls, steps, within=False).items():
+        arms = [a for a in ARMS if a in row and (a != "none_tuned" or steps == BASE.steps)]
+        out[batch] = {}
+        for i, a in enumerate(arms):
+            for b in arms[i + 1:]:
+                x, y = row[a]["test"], row[b]["test"]
+                out[batch][a, b] = a if harness.beats(x, y) else b if harness.beats(y, x) else None
+    return out
+
+
+def without_each_seed(verdict: Callable[[list[dict[str, Any]], list[dict[str, Any]]], Any],
+                      lines: list[dict[str, Any]], controls: list[dict[str, Any]]) -> dict[str, Any]:
+    """``verdict(lines, controls)`` over all seeds and with each seed left out of both: ``{"all": value, "flips":
+    [(seed, value without it)] for the seeds whose removal changes it}``. A verdict with no flips is robust."""
+    value = verdict(lines, controls)
+    flips = []
+    for seed in sorted({line["config"]["seed"] for line in lines}):
+        other = verdict([l for l in lines if l["config"]["seed"] != seed], [l for l in controls if l["config"]["seed"] != seed])
+        if other != value:
+            flips.append((seed, other))
+    return {"all": value, "flips": flips}
+
+
+def leave_one_seed_out(lines: list[dict[str, Any]], controls: list[dict[str, Any]],
+                       steps: int = BASE.steps) -> dict[str, Any]:
+    """Each verdict of :func:`verdicts` over all seeds, and again with each seed left out of the grid and the controls.
+
+    A verdict (one arm better, or neither) is *robust* when every leave-one-seed-out subset gives the same verdict;
+    otherwise no result of that comparison is robust, and ``flips`` says which seed's removal gives which verdict.
+
+    Returns ``{"seeds", "all": verdicts over all seeds, "without": {seed: verdicts}, "robust": {batch: {pair:
+    bool}}, "flips": {batch: {pair: [(seed, verdict without it)]}}}``.
+    """
+    seeds = sorted({line["config"]["seed"] for line in lines})
+    everything = verdicts(lines, controls, steps)
+    without = {s: verdicts([l for l in lines if l["config"]["seed"] != s],
+                           [l for l in controls if l["config"]["seed"] != s], steps) for s in seeds}
+    flips = {batch: {pair: [(s, without[s][batch][pair]) for s in seeds if without[s][batch][pair] != verdict]
+                     for pair, verdict in row.items()} for batch, row in everything.items()}
+    return {"seeds": seeds, "all": everything, "without": without, "flips": flips,
+            "robust": {batch: {pair: not f for pair, f in row.items()} for batch, row in flips.items()}}
+
+
+def robust_verdicts(loso: dict[str, Any], pair: tuple[str, str]) -> dict[str, Any]:
+    """One comparison of :func:`leave_one_seed_out` sorted by batch size into what survives leaving out any one seed.
+
+    Returns ``{"wins": {batch: arm robustly better}, "ties": [batches where neither is better at every subset],
+    "fragile": {batch: (verdict over all seeds, [(seed, verdict without it)])}}``: at a fragile batch size there is
+    no robust winner.
+    """
+    out: dict[str, Any] = {"wins": {}, "ties": [], "fragile": {}}
+    for batch, row in loso["all"].items():
+        verdict = row[pair]
+        if not loso["robust"][batch][pair]:
+            out["fragile"][batch] = (verdict, loso["flips"][batch][pair])
+        elif verdict is None:
+            out["ties"].append(batch)
+        else:
+            out["wins"][batch] = verdict
+    return out
 
 
 # --- structure-aware clipping: cost and DP-SGD ------------------------------------------------------

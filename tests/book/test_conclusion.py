@@ -224,28 +224,49 @@ def test_batch_evidence_recounted_from_the_scalability_grid():
         return (dx == 0 and dy > 0) or (not dx and not dy and np.mean(x) - np.mean(y) > max(np.std(x, ddof=1),
                                                                                             np.std(y, ddof=1)))
 
+    def verdicts(cells):   # {(batch, winner-or-None, pair)} and the chosen settings, from one set of seeds
+        out, chosen = {}, {}
+        for batch in sc.BATCHES:
+            lr = sc.lr_for(batch)
+            for method in ("agc", "norm"):
+                options = {t: runs for (b, r, s, m, t), runs in sorted(cells.items(), key=lambda kv: -(kv[0][4] or 0))
+                           if (b, r, s, m) == (batch, lr, 200, method)}   # loosest first: an exact tie goes to it
+                chosen[batch, method] = pick(options)
+            lrs = {r: runs for (b, r, s, m, t), runs in sorted(cells.items(), key=lambda kv: kv[0][1])
+                   if (b, s, m) == (batch, 200, "none")}   # smallest learning rate first
+            chosen[batch, "none_tuned"] = pick(lrs)
+            for x, y in (("none_tuned", "agc"), ("none_tuned", "norm"), ("agc", "norm")):
+                (_, a, da), (_, n, dn) = chosen[batch, x], chosen[batch, y]
+                out[batch, (x, y)] = x if beats(a, da, n, dn) else y if beats(n, dn, a, da) else None
+        return out, chosen
+
     ev = cc.batch_evidence()
     assert ev["seeds"] >= 5 and ev["batches"] == list(sc.BATCHES)
+    every, picked = verdicts(cells)
     gaps, wins, beaten = [], [], []
     for batch in ev["batches"]:
-        lr, picked = sc.lr_for(batch), {}
         for method in ("agc", "norm"):
-            options = {t: runs for (b, r, s, m, t), runs in sorted(cells.items(), key=lambda kv: -(kv[0][4] or 0))
-                       if (b, r, s, m) == (batch, lr, 200, method)}   # loosest first: an exact tie goes to it
-            picked[method] = pick(options)
-            assert ev[method][batch] == pytest.approx((picked[method][0], np.mean(picked[method][1])))
-        lrs = {r: runs for (b, r, s, m, t), runs in sorted(cells.items(), key=lambda kv: kv[0][1])
-               if (b, s, m) == (batch, 200, "none")}   # smallest learning rate first
-        assert ev["none_tuned"][batch][0] == pick(lrs)[0]
-        (_, a, da), (_, n, dn) = picked["agc"], picked["norm"]
-        if beats(a, da, n, dn):
-            wins.append((batch, "agc"))
-        elif beats(n, dn, a, da):
-            wins.append((batch, "norm"))
-        _, u, du = pick(lrs)
-        beaten += [(batch, m) for m, (x, dx) in (("agc", (a, da)), ("norm", (n, dn))) if beats(x, dx, u, du)]
+            assert ev[method][batch] == pytest.approx((picked[batch, method][0], np.mean(picked[batch, method][1])))
+        assert ev["none_tuned"][batch][0] == picked[batch, "none_tuned"][0]
+        if every[batch, ("agc", "norm")]:
+            wins.append((batch, every[batch, ("agc", "norm")]))
+        beaten += [(batch, m) for m in ("agc", "norm") if every[batch, ("none_tuned", m)] == m]
+        a, n = picked[batch, "agc"][1], picked[batch, "norm"][1]
         gaps.append(abs(round(100 * np.mean(a), 1) - round(100 * np.mean(n), 1)) / 100)
     assert ev["wins"] == wins and ev["lower_lr_beaten"] == beaten
+    # leave-one-seed-out: a verdict is robust when no subset of all seeds but one changes it
+    seeds = sorted({line["config"]["seed"] for runs in cells.values() for line in runs})
+    subsets = [verdicts({k: [l for l in runs if l["config"]["seed"] != s] for k, runs in cells.items()})[0]
+               for s in seeds]
+    robust = {key: all(sub[key] == v for sub in subsets) for key, v in every.items()}
+    assert ev["robust_wins"] == [(b, every[b, p]) for (b, p) in sorted(every) if p == ("agc", "norm")
+                                 and robust[b, p] and every[b, p]]
+    assert ev["fragile"] == [b for (b, p) in sorted(every) if p == ("agc", "norm") and not robust[b, p]]
+    lower = sorted((b, p[1]) for (b, p) in every if p[0] == "none_tuned" and robust[b, p] and every[b, p] == p[1])
+    assert ev["robust_lower_lr_beaten"] == lower
+    assert ev["robust_lower_lr_wins"] == sorted((b, p[1]) for (b, p) in every if p[0] == "none_tuned"
+                                                and robust[b, p] and every[b, p] == "none_tuned")
+    assert ev["fragile_lower"] == sorted((b, p[1]) for (b, p) in every if p[0] == "none_tuned" and not robust[b, p])
     assert ev["max_gap"] == pytest.approx(max(gaps), abs=1e-9)   # the gap between the printed percentages
 
 
