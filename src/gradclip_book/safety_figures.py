@@ -186,8 +186,9 @@ def accuracy_figure() -> PlotlyFigure:
                                 f"{s['fault_step']} and each guard alone (rows); the clean run reaches "
                                 f"{100 * s['clean']:.1f}%. Colour follows the number, from dark (0%) to yellow "
                                 "(100%). ✓ marks a guard that recovers the run: every seed finishes and the "
-                                f"mean is not below the lowest clean seed's {100 * s['clean_min']:.1f}%; * marks a verdict that "
-                                "changes when one seed is left out (from the faulty and the clean runs). \"div.\" "
+                                f"mean is not below the lowest clean seed's {100 * s['clean_min']:.1f}%; * marks a "
+                                "verdict that changes when one seed is left out (from the faulty and the clean "
+                                "runs). \"div.\" "
                                 "counts the seeds that diverged (weights finite, accuracy below 50%), which the "
                                 "mean includes; a cell reading NaN, without colour, had non-finite "
                                 "weights at the end for the seeds counted (no accuracy exists).")
