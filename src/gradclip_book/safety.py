@@ -92,6 +92,7 @@ __all__ = [
     "costs",
     "grid",
     "by_fault_step",
+    "leave_one_seed_out",
     "load",
     "recovers",
     "step_phrase",
@@ -665,6 +666,20 @@ def recovers(accuracies: Iterable[float | None], clean: Iterable[float]) -> bool
     return statistics.fmean(accuracies) >= min(clean)
 
 
+def leave_one_seed_out(accuracies: Iterable[float | None], clean: Iterable[float]) -> list[bool]:
+    """The verdict of :func:`recovers` with each seed left out in turn, from the faulty runs and from the clean
+    runs alike (entry ``i``: without the ``i``-th seed). A verdict is robust when every entry equals the verdict on
+    all the seeds, and hangs on a seed when leaving that one out flips it.
+
+    Example:
+        >>> leave_one_seed_out([0.95, 0.96, 0.90], clean=[0.94, 0.95, 0.96])   # the third seed drags the mean down
+        [False, False, True]
+    """
+    accuracies, clean = list(accuracies), list(clean)
+    keep = [[i for i in range(len(clean)) if i != drop] for drop in range(len(clean))]
+    return [recovers([accuracies[i] for i in k], [clean[i] for i in k]) for k in keep]
+
+
 def _mean(values: Iterable[float | None]) -> float | None:
     values = list(values)
     return None if any(v is None for v in values) else statistics.fmean(values)
@@ -675,7 +690,8 @@ def summary(path: str | Path = GRID_PATH, with_costs: bool = False) -> dict[str,
 
     Returns ``{"clean": mean accuracy, "clean_seeds": [per seed], "clean_min", "clean_max", "clean_by_guard":
     {guard: accuracy}, "faults": {fault: {guard: {"outcomes": [per seed], "lost": bool (some seed lost),
-    "accuracy": mean or None, "accuracies": [per seed], "recovers": bool (:func:`recovers`)}}}, "costs": ...}``;
+    "accuracy": mean or None, "accuracies": [per seed], "recovers": bool (:func:`recovers`), "hinges_on": [the seeds
+    whose leaving out flips the verdict (:func:`leave_one_seed_out`); empty: robust]}}}, "costs": ...}``;
     ``costs`` (:func:`costs`, timed on this machine) only when ``with_costs``.
     """
     runs = load(path)
@@ -692,9 +708,12 @@ def summary(path: str | Path = GRID_PATH, with_costs: bool = False) -> dict[str,
             outcomes = [line["outcome"] for line in lines]
             accuracy = _mean(line["test_accuracy"] for line in lines)
             lost = any(o != "finished" for o in outcomes)
+            accuracies = [line["test_accuracy"] for line in lines]
+            verdict = recovers(accuracies, clean_seeds)
+            loso = leave_one_seed_out(accuracies, clean_seeds)
             faults[fault][guard] = {"outcomes": outcomes, "lost": lost, "accuracy": accuracy,
-                                    "accuracies": [line["test_accuracy"] for line in lines],
-                                    "recovers": recovers((line["test_accuracy"] for line in lines), clean_seeds),
+                                    "accuracies": accuracies, "recovers": verdict,
+                                    "hinges_on": [s for s, v in zip(SEEDS, loso) if v != verdict],
                                     "finite": all(line["finite"] for line in lines)}
     out: dict[str, Any] = {"clean": clean, "clean_seeds": clean_seeds, "clean_min": min(clean_seeds),
                            "clean_max": max(clean_seeds), "clean_by_guard": clean_by_guard, "faults": faults,

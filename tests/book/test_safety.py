@@ -179,6 +179,26 @@ def test_recovery_rule_against_the_clean_seeds():
             assert cell["recovers"] == ok, (fault, guard)
 
 
+def test_leave_one_seed_out_recomputes_the_rule_without_each_seed():
+    s = safety.summary()
+    n = len(safety.SEEDS)
+    for fault, cells in s["faults"].items():
+        for guard, cell in cells.items():
+            hinges = []
+            for drop, seed in enumerate(safety.SEEDS):   # by hand: the rule on the other seeds' numbers
+                accs = [a for i, a in enumerate(cell["accuracies"]) if i != drop]
+                clean = [a for i, a in enumerate(s["clean_seeds"]) if i != drop]
+                ok = all(a is not None and a >= safety.LOST_ACCURACY for a in accs) and \
+                    statistics.fmean(accs) >= min(clean)
+                if ok != cell["recovers"]:
+                    hinges.append(seed)
+            assert cell["hinges_on"] == hinges, (fault, guard)
+    # a verdict that one seed decides: the mean over three seeds passes only without the low one
+    assert safety.leave_one_seed_out([0.95, 0.96, 0.90], [0.94, 0.95, 0.96]) == [False, False, True]
+    assert safety.leave_one_seed_out([0.95, None, 0.96], [0.94, 0.95, 0.96]) == [False, True, False]
+    assert n >= 5
+
+
 def test_stored_runs_spot_check():
     runs = safety.load()
     assert len(runs) == len(safety.grid_configs())
@@ -254,6 +274,7 @@ def test_accuracy_figure_labels_every_cell_including_nan():
             else:
                 assert text.startswith(f"{100 * cell['accuracy']:.1f}")
                 assert ("✓" in text) == cell["recovers"]
+                assert ("*" in text) == bool(cell["hinges_on"])
 
 
 def test_outcomes_by_fault_step_come_from_the_grid_and_read_as_a_phrase():
