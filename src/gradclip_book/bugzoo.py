@@ -78,8 +78,10 @@ RESPONSES: dict[str, str] = {
     "prevents": "its default API computes the right thing",
     "silent": "nothing by default",
     "raises_opt_in": "raises only when opted in (a stateful clipper, or one given scaler=)",
-    "logs": "visible in the logs of an attached GradientMonitor",
-    "attach": "prevented by attaching a clipper (clipper.attach(optimizer))",
+    "process_group": "right once given process_group= (shards held as plain tensors)",
+    "logs": "an attached GradientMonitor records the norm the step used, above max_norm (the comparison is yours)",
+    "attach": "an attached adaptive clipper (AutoClip, ZClip, SpikeGuard) runs in the right place, with its own "
+              "threshold: gradclip has no fixed-max_norm clipper to attach",
 }
 """What gradclip does about a bug, in words: the keys of :attr:`Catch.default` and :attr:`Catch.opt_in`."""
 
@@ -98,7 +100,7 @@ class Catch:
     ``default`` is what gradclip does when the buggy code simply calls it
     (``"raises"``, ``"warns"``, ``"prevents"`` or ``"silent"``), and
     ``opt_in`` what it does once the user opts in (``"raises_opt_in"``,
-    ``"logs"``, ``"attach"``): keys of :data:`RESPONSES`.
+    ``"process_group"``, ``"logs"``, ``"attach"``): keys of :data:`RESPONSES`.
     """
 
     how: str
@@ -109,9 +111,9 @@ class Catch:
     def __post_init__(self) -> None:
         if self.default not in ("raises", "warns", "prevents", "silent"):
             raise ValueError(f"default must be 'raises', 'warns', 'prevents' or 'silent', got {self.default!r}")
-        unknown = [k for k in self.opt_in if k not in ("raises_opt_in", "logs", "attach")]
+        unknown = [k for k in self.opt_in if k not in ("raises_opt_in", "process_group", "logs", "attach")]
         if unknown:
-            raise ValueError(f"opt_in takes 'raises_opt_in', 'logs' and 'attach', got {unknown}")
+            raise ValueError(f"opt_in takes 'raises_opt_in', 'process_group', 'logs' and 'attach', got {unknown}")
 
 
 @dataclass(frozen=True)
@@ -705,10 +707,12 @@ def _negative_fires(step: Callable[..., Any]) -> str | None:
 # --- the table ----------------------------------------------------------------------------------
 
 
-_MONITOR = ("gradclip.GradientMonitor(model).attach(optimizer) records the gradient each step actually "
-            "used (inside the closure when there is one); its norm reads above max_norm. ")
-_ATTACH = ("Prevented by attaching a gradclip clipper (clipper.attach(optimizer)): it runs in the step's "
-           "pre-hook, on all of the optimizer's parameters, once per step, inside the closure if there is one.")
+_MONITOR = ("gradclip.GradientMonitor(model).attach(optimizer) records the norm of the gradient each step "
+            "actually used (inside the closure when there is one); it reads above max_norm, a comparison the "
+            "user makes (the monitor does not know max_norm). ")
+_ATTACH = ("An attached adaptive clipper (AutoClip, ZClip or SpikeGuard: clipper.attach(optimizer)) runs in the "
+           "step's pre-hook, on all of the optimizer's parameters, once per step, inside the closure if there "
+           "is one; it clips with its own threshold (gradclip has no fixed-max_norm clipper to attach).")
 
 BUGS: list[Bug] = [
     Bug(
@@ -825,11 +829,12 @@ BUGS: list[Bug] = [
                     "smaller than the global one, so the whole update can reach sqrt(ranks) x max_norm "
                     "and the two halves are scaled by different factors.",
         buggy=fsdp_buggy, fixed=fsdp_fixed, measure=_fsdp_measure,
-        caught_by=Catch("Prevented: gradclip.clip_grad_norm_ (and every clipper) reduces DTensor gradients "
-                        "(FSDP2's fully_shard, tensor parallelism) over the mesh and returns the global "
-                        "norm, a plain tensor equal on every rank; hand-sharded plain tensors take "
-                        "process_group=True. measure() reports gradclip's result next to the fix.",
-                        default="prevents"),
+        caught_by=Catch("Called on the shards as plain tensors (this reproduction), gradclip.clip_grad_norm_ "
+                        "takes the local norm, as torch does; given process_group=True it all-reduces the "
+                        "squared norms and returns the global one. On DTensor gradients (FSDP2's fully_shard) "
+                        "gradclip and torch's own clip_grad_norm_ both return the global norm, so there "
+                        "gradclip adds nothing. measure() reports gradclip's result next to the fix.",
+                        opt_in=("process_group",)),
         uncaught_reason="A shard held as a plain tensor cannot be told from a whole one, so no library can "
                         "warn when local shards are passed without process_group.",
     ),
@@ -922,17 +927,18 @@ def response_cells(entry: Bug) -> tuple[str, str]:
 
     Example:
         >>> response_cells(bug("amp_scaled"))
-        ('nothing', 'a clipper given scaler= raises; attach() prevents')
+        ('nothing', 'a clipper given scaler= raises; an attached adaptive clipper clips there')
     """
     catch = entry.caught_by if entry.caught_by is not None else Catch("")
     default = {"raises": "raises ValueError", "warns": "warns (empty iterator)",
                "prevents": "computes it right", "silent": "nothing"}[catch.default]
-    if entry.name == "fsdp_local_norm" and catch.default == "prevents":
-        default = "computes it right (DTensor norm)"
+    if entry.name == "fsdp_local_norm" and catch.default == "silent":
+        default = "nothing (on DTensors: right, as torch)"
     if entry.name == "agc_axis" and catch.default == "prevents":
         default = "computes it right (module's unit axis)"
     raise_text = "a clipper given scaler= raises" if entry.name == "amp_scaled" else "a stateful clipper raises"
-    words = {"raises_opt_in": raise_text, "logs": "GradientMonitor logs it", "attach": "attach() prevents"}
+    words = {"raises_opt_in": raise_text, "process_group": "process_group=True: global norm",
+             "logs": "GradientMonitor records the norm used", "attach": "an attached adaptive clipper clips there"}
     return default, "; ".join(words[k] for k in catch.opt_in) or "not needed"
 
 

@@ -672,14 +672,16 @@ def bug_zoo_evidence() -> dict[str, Any]:
 
     Counted from the zoo's table (:func:`gradclip_book.bugzoo.response_counts`): by default gradclip raises,
     warns, or computes the right thing, or does nothing; opted in, a stateful clipper (or one given
-    ``scaler=``) raises, an attached ``GradientMonitor`` shows the bug in its logs, or attaching a clipper
-    prevents it. Returns ``{"total", "by_default": [names], "silent": [names], "raises_opt_in", "logs",
-    "attach": [names], "uncaught": [names]}`` (``uncaught``: neither by default nor once opted in).
+    ``scaler=``) raises, ``process_group=`` gives plain shards their global norm, an attached
+    ``GradientMonitor`` records the norm the step used, or an attached adaptive clipper clips in the right
+    place. Returns ``{"total", "by_default": [names], "silent": [names], "raises_opt_in", "process_group",
+    "logs", "attach": [names], "uncaught": [names]}`` (``uncaught``: neither by default nor once opted in).
     """
     counts = bugzoo.response_counts()
-    opted = set(counts["raises_opt_in"]) | set(counts["logs"]) | set(counts["attach"])
+    opted = set(counts["raises_opt_in"]) | set(counts["process_group"]) | set(counts["logs"]) | set(counts["attach"])
     return {"total": len(bugzoo.BUGS), "by_default": counts["caught_by_default"], "silent": counts["silent"],
-            "raises_opt_in": counts["raises_opt_in"], "logs": counts["logs"], "attach": counts["attach"],
+            "raises_opt_in": counts["raises_opt_in"], "process_group": counts["process_group"],
+            "logs": counts["logs"], "attach": counts["attach"],
             "uncaught": [name for name in counts["silent"] if name not in opted]}
 
 
@@ -894,8 +896,9 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
         Row("Placing the call in real training code (AMP, accumulation, closures, FSDP)",
             "After the gradients are complete and unscaled; clipper.attach(optimizer) puts it there",
             f"Of {bz['total']} reported clipping bugs, gradclip handles {len(bz['by_default'])} by default; "
-            f"once opted in, attaching a clipper prevents {len(bz['attach'])} and a GradientMonitor shows "
-            f"{len(bz['logs'])} in its logs.",
+            f"once opted in, an attached adaptive clipper (AutoClip, ZClip, SpikeGuard) clips in the right place "
+            f"for {len(bz['attach'])} and an attached GradientMonitor records a used norm above max_norm for "
+            f"{len(bz['logs'])}.",
             "bug-zoo"),
     ]
     return rows

@@ -322,12 +322,18 @@ def methods_table_html(rows: list[dict]) -> str:
     body = []
     for r in rows:
         threshold = None if r.get("threshold") is None else ("none" if math.isinf(r["threshold"]) else f"{r['threshold']:.3g}")
-        body.append([
-            f"<code>{html.escape(r['name'])}</code>", html.escape(r["input"]), f"<code>{html.escape(r['setting'])}</code>",
+        body.append([   # <wbr>: long names break after an underscore or "=", never inside a word or number
+            f"<code>{_breakable(r['name'])}</code>", html.escape(r["input"]).replace(" ", "&nbsp;"), f"<code>{_breakable(r['setting'])}</code>",
             cell(r["pre"], ".3g"), cell(r["post"], ".3g"), cell(r["changed"], ".0%"), cell(r["units"], ".0%"),
             cell(round(r["angle"], 1) + 0.0, ".1f"), threshold or "–"])
-    # a smaller font: nine columns fit the desktop column instead of scrolling
-    return '<div style="font-size:0.85em">' + table_html(head, body, widths=[22, 7, 17, 8, 8, 10, 9, 8, 11]) + "</div>"
+    # a smaller font: nine columns fit the desktop column instead of scrolling; no fixed shares (they cut
+    # "input" and "0.559" inside the word at 1280 px): each column is as wide as its longest unbreakable piece
+    return '<div style="font-size:0.85em">' + table_html(head, body) + "</div>"
+
+
+def _breakable(text: str) -> str:
+    """``text`` escaped for HTML, with a line-break opportunity after each ``_``, ``=`` and ``,``."""
+    return "".join(ch + "<wbr>" if ch in "_=," else ch for ch in html.escape(text)).replace("<wbr><wbr>", "<wbr>")
 
 
 def _without_docstring(source: str) -> str:

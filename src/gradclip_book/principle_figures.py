@@ -535,7 +535,9 @@ def families_explorer() -> Explorer:
                 {"mode": "lines+markers", "name": "angle turned (°)", "line": {"color": PALETTE[5]},
                  "marker": {"size": 4}, "xaxis": "x2", "yaxis": "y2"}],
         layout={"height": 520, "grid": {"rows": 2, "columns": 1, "pattern": "independent"},
-                "yaxis": {"type": "log", "title": {"text": "gradient norm"}, "domain": [0.45, 1]},
+                # ticks at 1, 2 and 5 of each decade: plotly's default labels every digit of the 1.5-2.5
+                # decades shown, which pile up ("10 9 8 7 6 5") in the short top panel on a phone
+                "yaxis": {"type": "log", "title": {"text": "gradient norm"}, "domain": [0.45, 1], "dtick": "D2"},
                 "xaxis": {"anchor": "y", "matches": "x2", "showticklabels": False},
                 "yaxis2": {"title": {"text": "angle (°)"}, "range": [0, 90], "domain": [0, 0.35]},
                 "xaxis2": {"anchor": "y2", "title": {"text": "step"}},

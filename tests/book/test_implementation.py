@@ -74,6 +74,16 @@ def test_layer_norms_monitor_matches_torch_per_layer():
     assert math.sqrt(sum(n * n for n in rows.values())) == pytest.approx(r["total"], rel=1e-5)
 
 
+def test_methods_table_breaks_long_names_only_between_words():
+    # fixed column shares cut "input", "0.559" and clip_grad_norm_per_tensor_ inside the word at 1280 px
+    row = {"name": "clip_grad_norm_per_tensor_", "input": "10 x g", "setting": "clip_value=0.003", "pre": 0.559,
+           "post": 0.1, "changed": 1.0, "units": None, "angle": 0.0, "threshold": None}
+    table = im.methods_table_html([row])
+    assert "<colgroup>" not in table and "gc-text" not in table   # columns sized by their longest piece
+    assert "clip_<wbr>grad_<wbr>norm_<wbr>per_<wbr>tensor_" in table and "clip_<wbr>value=<wbr>0.003" in table
+    assert "10&nbsp;x&nbsp;g" in table and "0.559" in table
+
+
 def _target_grad(config, batch=32):
     model = cls.build_model(config)
     x, y = harness.image_split(0)["train"]
