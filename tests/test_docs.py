@@ -79,6 +79,21 @@ def test_public_names_state_errors_and_references(name):
     assert "https://" in references[1].split("\nExample:\n")[0], f"gradclip.{name}: References without a link"
 
 
+# Public entry points that are not top-level names: the presets of the methods adopted since 2023 and the
+# warning a clipper gives under Muon; each states its source with a link, and shows its use.
+PRESETS = {"AdaGC.olmo": gradclip.AdaGC.olmo, "SpikeGuard.olmo_core": gradclip.SpikeGuard.olmo_core,
+           "clippers.OrthogonalizedUpdateWarning": gradclip.clippers.OrthogonalizedUpdateWarning}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_and_the_muon_warning_state_their_references_and_an_example(name):
+    doc = inspect.getdoc(PRESETS[name]) or ""
+    references = doc.split("\nReferences:\n", 1)
+    assert len(references) == 2, f"gradclip.{name} has no References: section"
+    assert "https://github.com/" in references[1].split("\nExample:\n")[0], f"gradclip.{name}: no reference code"
+    assert "\nExample:\n" in doc and ">>>" in doc, f"gradclip.{name} has no example"
+
+
 def test_conventions_are_written_once_in_the_package_docstring():
     doc = gradclip.__doc__
     for topic in ("Non-finite values", "Distributed training", "No host-device synchronisation"):

@@ -197,6 +197,10 @@ class SpikeGuard(Clipper):
         Raises:
             ValueError, TypeError: an override is outside what :class:`SpikeGuard` accepts.
 
+        References:
+            * OLMo-core's ``SkipStepOptimizer.get_step_factor``, `allenai/OLMo-core src/olmo_core/optim/skip_step_optimizer.py <https://github.com/allenai/OLMo-core/blob/main/src/olmo_core/optim/skip_step_optimizer.py>`__; tested step by step against a float64 transcription of it (``tests/test_guard.py``).
+            * Team OLMo (2025), "2 OLMo 2 Furious", `arXiv:2501.00656 <https://arxiv.org/abs/2501.00656>`__.
+
         Example:
             >>> import torch, gradclip
             >>> w = torch.nn.Parameter(torch.zeros(1))
