@@ -48,7 +48,12 @@ class SpikeGuard(Clipper):
     ``SkipStepOptimizer`` (allenai/OLMo-core, ``optim/skip_step_optimizer.py``):
     both signals, :math:`x - \bar h > 6\, s_h` over the previous 128 values,
     once 64 values are known (the current one included). The defaults here
-    (norm only, one-sided, ``min_history=20``) are an earlier form of the rule;
+    differ from it on purpose: the norm only (the loss needs :meth:`record_loss`
+    on every step, which a guard attached by one line cannot ask for), and
+    ``min_history=20``, so that a run is guarded from its 21st step instead of
+    its 64th (the book's runs are 200 to 500 steps; the standard deviation of
+    20 normal values has a relative standard error of about 16%,
+    :math:`1/\sqrt{2(n-1)}`); the book's stored runs use these defaults.
     llm.c's outlier detector and Chen et al. 2018 (RNMT+, `arXiv:1804.09849
     <https://arxiv.org/abs/1804.09849>`__) use z-scores of the loss and norm too.
 
