@@ -6,6 +6,7 @@ import doctest
 import importlib
 import inspect
 import pkgutil
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,15 @@ def test_conventions_are_written_once_in_the_package_docstring():
     # the distributed recipe lives in gradclip.distributed, not repeated in every function
     repeated = [name for name, obj in public_callables() if "DistributedDataParallel" in (inspect.getdoc(obj) or "")]
     assert not repeated, f"the distributed paragraph is repeated in {repeated}"
+
+
+def test_the_readme_table_of_methods_lists_every_method_and_preset():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = "\n".join(line for line in readme.splitlines() if line.startswith("| ") and "`" in line)
+    transforms = [name for name, obj in public_callables() if inspect.isfunction(obj) and name.endswith("_")]
+    stateful = [name for name, obj in public_callables() if inspect.isclass(obj)
+                and (issubclass(obj, gradclip.Clipper) or obj is gradclip.UpdateClip)]
+    presets = ["AdaGC.olmo(", "SpikeGuard.olmo_core()", 'UpdateClip("adafactor"', 'UpdateClip("stable_adamw")',
+               'clipping_fn="automatic"', 'clipping="per_layer"', 'method="auto"']
+    missing = [name for name in transforms + stateful + presets if name not in rows]
+    assert not missing, f"README's table of methods lacks {missing}"
