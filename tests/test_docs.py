@@ -6,6 +6,7 @@ import doctest
 import importlib
 import inspect
 import pkgutil
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +80,21 @@ def test_public_names_state_errors_and_references(name):
     assert "https://" in references[1].split("\nExample:\n")[0], f"gradclip.{name}: References without a link"
 
 
+# Public entry points that are not top-level names: the presets of the methods adopted since 2023 and the
+# warning a clipper gives under Muon; each states its source with a link, and shows its use.
+PRESETS = {"AdaGC.olmo": gradclip.AdaGC.olmo, "SpikeGuard.olmo_core": gradclip.SpikeGuard.olmo_core,
+           "clippers.OrthogonalizedUpdateWarning": gradclip.clippers.OrthogonalizedUpdateWarning}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_and_the_muon_warning_state_their_references_and_an_example(name):
+    doc = inspect.getdoc(PRESETS[name]) or ""
+    references = doc.split("\nReferences:\n", 1)
+    assert len(references) == 2, f"gradclip.{name} has no References: section"
+    assert "https://github.com/" in references[1].split("\nExample:\n")[0], f"gradclip.{name}: no reference code"
+    assert "\nExample:\n" in doc and ">>>" in doc, f"gradclip.{name} has no example"
+
+
 def test_conventions_are_written_once_in_the_package_docstring():
     doc = gradclip.__doc__
     for topic in ("Non-finite values", "Distributed training", "No host-device synchronisation"):
@@ -86,3 +102,15 @@ def test_conventions_are_written_once_in_the_package_docstring():
     # the distributed recipe lives in gradclip.distributed, not repeated in every function
     repeated = [name for name, obj in public_callables() if "DistributedDataParallel" in (inspect.getdoc(obj) or "")]
     assert not repeated, f"the distributed paragraph is repeated in {repeated}"
+
+
+def test_the_readme_table_of_methods_lists_every_method_and_preset():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = "\n".join(line for line in readme.splitlines() if line.startswith("| ") and "`" in line)
+    transforms = [name for name, obj in public_callables() if inspect.isfunction(obj) and name.endswith("_")]
+    stateful = [name for name, obj in public_callables() if inspect.isclass(obj)
+                and (issubclass(obj, gradclip.Clipper) or obj is gradclip.UpdateClip)]
+    presets = ["AdaGC.olmo(", "SpikeGuard.olmo_core()", 'UpdateClip("adafactor"', 'UpdateClip("stable_adamw")',
+               'clipping_fn="automatic"', 'clipping="per_layer"', 'method="auto"']
+    missing = [name for name in transforms + stateful + presets if name not in rows]
+    assert not missing, f"README's table of methods lacks {missing}"

@@ -219,6 +219,9 @@ class AdaGC(Clipper):
             ValueError: an argument is outside the range given above.
             TypeError: an argument has the wrong type.
 
+        References:
+            * Groeneveld et al. (2024), "OLMo: Accelerating the Science of Language Models", `arXiv:2402.00838 <https://arxiv.org/abs/2402.00838>`__; reference code ``Optimizer._do_adaptive_clipping`` in `allenai/OLMo olmo/optim.py <https://github.com/allenai/OLMo/blob/main/olmo/optim.py>`__ (proposed in `allenai/OLMo#266 <https://github.com/allenai/OLMo/issues/266>`__); tested step by step against a float64 transcription of it (``tests/test_adagc.py``).
+
         Example:
             >>> import torch, gradclip
             >>> w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))

@@ -46,9 +46,14 @@ class SpikeGuard(Clipper):
     :meth:`record_loss`; the step is skipped if either signal is an outlier (or
     non-finite). :meth:`olmo_core` is the rule of OLMo-core's
     ``SkipStepOptimizer`` (allenai/OLMo-core, ``optim/skip_step_optimizer.py``):
-    both signals, :math:`|x - \bar h| > 6\, s_h` over the previous 128 values,
+    both signals, :math:`x - \bar h > 6\, s_h` over the previous 128 values,
     once 64 values are known (the current one included). The defaults here
-    (norm only, one-sided, ``min_history=20``) are an earlier form of the rule;
+    differ from it on purpose: the norm only (the loss needs :meth:`record_loss`
+    on every step, which a guard attached by one line cannot ask for), and
+    ``min_history=20``, so that a run is guarded from its 21st step instead of
+    its 64th (the book's runs are 200 to 500 steps; the standard deviation of
+    20 normal values has a relative standard error of about 16%,
+    :math:`1/\sqrt{2(n-1)}`); the book's stored runs use these defaults.
     llm.c's outlier detector and Chen et al. 2018 (RNMT+, `arXiv:1804.09849
     <https://arxiv.org/abs/1804.09849>`__) use z-scores of the loss and norm too.
 
@@ -114,7 +119,7 @@ class SpikeGuard(Clipper):
         min_history: finite values of a signal needed before its outliers are detected, in [2, window].
         signals: ``"norm"`` (default), ``"loss"``, or both, ``("loss", "norm")``; with the loss, call
             :meth:`record_loss` every step.
-        two_sided: also skip values far below the history (OLMo-core does), default ``False``.
+        two_sided: also skip values far below the history, default ``False``.
         norm_type: p of the global norm, in (0, inf].
         foreach: as in :func:`gradclip.clip_grad_norm_`.
         scaler: the ``GradScaler`` of the loss, to check that gradients were unscaled.
@@ -180,20 +185,42 @@ class SpikeGuard(Clipper):
 
     @classmethod
     def olmo_core(cls, **overrides: Any) -> "SpikeGuard":
-        """OLMo-core's ``SkipStepOptimizer`` rule: loss and gradient norm, two-sided z-scores above 6.
+        r"""OLMo-core's ``SkipStepOptimizer`` rule: loss and gradient norm, more than 6 standard deviations above the mean.
 
         ``mode="zscore"``, ``threshold=6``, ``window=128``, ``min_history=63`` (OLMo-core decides once
         64 losses are known, the current one included), ``signals=("loss", "norm")``,
-        ``two_sided=True``; ``overrides`` replace any of these or set the other arguments. Call
-        :meth:`record_loss` with each step's loss before ``optimizer.step()``.
+        ``two_sided=False`` (a step is skipped when :math:`x - \bar h > 6\, s_h` for the loss or the
+        norm; OLMo-core's ``get_step_factor`` has compared one-sided since its first week, commit
+        a14de852, 2024-09-06, which removed an ``abs()``); ``overrides`` replace any of these or set
+        the other arguments. Call :meth:`record_loss` with each step's loss before ``optimizer.step()``.
 
-        Differences from the reference, which keeps every value: a non-finite loss or norm skips
-        the step and is kept out of the history (in OLMo-core one NaN makes every later z-score NaN,
-        so every step is skipped until it leaves the window), and a value equal to the mean of a
-        constant history is stepped (OLMo-core computes 0/0 and skips).
+        Difference from the reference (OLMo-core ``main``, which keeps every value): a non-finite loss
+        or norm skips the step and is kept out of the history; in OLMo-core's ``main`` one NaN makes
+        every later mean NaN, so every step is skipped until it leaves the window (a later OLMo-core
+        branch, commit 15714540, masks non-finite values out of the history as this does).
+
+        Raises:
+            ValueError, TypeError: an override is outside what :class:`SpikeGuard` accepts.
+
+        References:
+            * OLMo-core's ``SkipStepOptimizer.get_step_factor``, `allenai/OLMo-core src/olmo_core/optim/skip_step_optimizer.py <https://github.com/allenai/OLMo-core/blob/main/src/olmo_core/optim/skip_step_optimizer.py>`__; tested step by step against a float64 transcription of it (``tests/test_guard.py``).
+            * Team OLMo (2025), "2 OLMo 2 Furious", `arXiv:2501.00656 <https://arxiv.org/abs/2501.00656>`__.
+
+        Example:
+            >>> import torch, gradclip
+            >>> w = torch.nn.Parameter(torch.zeros(1))
+            >>> opt = torch.optim.SGD([w], lr=0.1)
+            >>> guard = gradclip.SpikeGuard.olmo_core().attach(opt)
+            >>> for step in range(80):
+            ...     loss = 2.0 + 0.01 * (step % 3) + (5.0 if step == 70 else 0.0)  # a loss spike at step 70
+            ...     w.grad = torch.ones(1)
+            ...     guard.record_loss(loss)
+            ...     opt.step()
+            >>> int(guard.skipped_steps)
+            1
         """
         settings = {"mode": "zscore", "threshold": 6.0, "window": 128, "min_history": 63,
-                    "signals": ("loss", "norm"), "two_sided": True, **overrides}
+                    "signals": ("loss", "norm"), "two_sided": False, **overrides}
         return cls(**settings)
 
     def record_loss(self, loss: torch.Tensor | float) -> None:

@@ -261,22 +261,22 @@ def spike_guard_decisions(norms, mode, k, window, min_history):
 
 
 def olmo_core_skips(losses, norms, interval=128, sigma=6.0):
-    """OLMo-core's SkipStepOptimizer.get_step_factor, transcribed in float64 (allenai/OLMo-core 067267c,
-    src/olmo_core/optim/skip_step_optimizer.py): it keeps the last interval + 1 values of each signal
-    (the current one included); once it holds max(20, interval // 2) losses, a step is skipped unless
-    |x - mean| / std <= sigma for the loss and the norm, mean and (n - 1)-std over the values before x."""
+    """OLMo-core's SkipStepOptimizer.get_step_factor, transcribed in float64 (allenai/OLMo-core main at
+    fa6c5014c, src/olmo_core/optim/skip_step_optimizer.py, unchanged there since 1d5c8237a): it keeps the last
+    interval + 1 values of each signal (the current one included); once it holds max(2, interval // 2)
+    losses, a step is taken only if x - mean <= sigma * std for the loss and for the norm (one-sided), mean
+    and (n - 1)-std over the values before x."""
     kept_losses, kept_norms, out = [], [], []
     for loss, norm in zip(losses, norms):
         kept_losses = (kept_losses + [loss])[-(interval + 1):]
         kept_norms = (kept_norms + [norm])[-(interval + 1):]
-        if len(kept_losses) < max(20, interval // 2):
+        if len(kept_losses) < max(2, interval // 2):
             out.append(False)
             continue
         ok = True
         for kept in (kept_losses, kept_norms):
             previous = kept[:-1]
-            z = abs(kept[-1] - statistics.fmean(previous)) / statistics.stdev(previous)
-            ok = ok and z <= sigma
+            ok = ok and kept[-1] - statistics.fmean(previous) <= sigma * statistics.stdev(previous)
         out.append(not ok)
     return out
 
