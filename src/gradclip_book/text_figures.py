@@ -443,16 +443,29 @@ def through_time_frame(run: dict[str, Any]) -> dict:
     start, end = prof["start"][1], prof["end"][1]
     seq = cfg["seq_len"]
     k_last = max(k for k in prof["lags"] if k < seq)
-    index = prof["lags"].index(k_last)
+    shown = [p[1] for p in (prof["start"], prof["peak"], prof["end"])]
+    # the furthest lag inside the window at which no profile shown has underflowed to 0
+    measurable = [k for k in prof["lags"] if k < seq and all(_f(v[prof["lags"].index(k)]) for v in shown)]
+    k_note = max(measurable) if measurable else k_last
+    index = prof["lags"].index(k_note)
 
     def ratio(values: list) -> str:
         v0, vk = _f(values[0]), _f(values[index])
-        return "0" if not vk or not v0 else f"{vk / v0:.2g}"
+        if not v0 or not vk:
+            return "0 (underflow)"
+        r = vk / v0
+        return (power_text(r, 2) if r < 0.01 else f"{r:.2g}") + " times"
 
+    # each checkpoint once: the furthest-reaching one only when it is neither initialisation nor the end
+    said = [f"{ratio(start)} the last step's at initialisation".replace("(underflow) the last step's", "(underflow)")]
+    if prof["peak"][0] not in (prof["start"][0], prof["end"][0]):
+        said.append(f"{ratio(prof['peak'][1])} at step {prof['peak'][0]} (the checkpoint that reaches furthest back)")
+    said.append(f"{ratio(end)} at step {prof['end'][0]} (the end)")
     note = [f"{MODEL_LABELS[cfg['model']]}, windows of {seq}, learning rate {cfg['lr']:g}, "
             + ("no clipping" if cfg["threshold"] is None else f"max_norm {cfg['threshold']:g}") + ": "
-            f"the gradient {k_last} steps back is {ratio(start)} times the last step's at initialisation, "
-            f"{ratio(prof['peak'][1])} times at step {prof['peak'][0]} and {ratio(end)} times at step {prof['end'][0]}.",
+            f"the gradient {k_note} steps back is " + ", ".join(said[:-1]) + " and " + said[-1] + "."
+            + (f" Further back, up to {k_last} steps, it underflows to 0 at some of these checkpoints."
+               if k_note < k_last else ""),
             f"The run: {describe(run)}"]
     return {"traces": [{"x": xs, "y": prof["y"]["start"]},
                        {"x": xs, "y": prof["y"]["peak"], "name": f"step {prof['peak'][0]} (reaches furthest back)"},
@@ -581,6 +594,11 @@ def cliff_figure(cliff: dict[str, Any], threshold: float = RNN_CLIP) -> PlotlyFi
                                 "and of the unclipped step.")
 
 
+RNN_LR_AXIS_TOP = 4.0
+"""The top of :func:`recurrent_lr_figure`'s loss axis (nats): above guessing by character frequencies, so that the
+region of the best learning rates is not flattened by the wrecked runs (up to hundreds of nats), which the note lists."""
+
+
 def recurrent_lr_figure() -> Explorer:
     """Validation loss against learning rate, mean and spread over the seeds, without and with clipping; model
     buttons (RNN, LSTM), at the headline window length."""
@@ -601,6 +619,11 @@ def recurrent_lr_figure() -> Explorer:
             note.append(f"{name}: best learning rate {best.setting:g}, validation loss {best.mean:.3f} ± "
                         f"{best.std:.3f}" + (f"; seeds diverged at learning rate {', '.join(broken)}" if broken else "")
                         + ".")
+            off = [f"{lr:g} ({scores[lr].mean:.1f} ± {scores[lr].std:.1f})" for lr in lrs
+                   if scores[lr].mean > RNN_LR_AXIS_TOP]
+            if off:
+                note.append(f"{name}, off the scale above {RNN_LR_AXIS_TOP:g} nats: learning rate "
+                            + ", ".join(off) + " nats.")
         return {"traces": traces, "note": note}
 
     traces = [run_style("plain", name="no clipping", mode="lines+markers", marker={"size": 8, "symbol": "square"},
@@ -610,7 +633,7 @@ def recurrent_lr_figure() -> Explorer:
     layout = {"height": 420,
               "xaxis": {"type": "log", "title": {"text": "learning rate (plain SGD)"}, "tickvals": list(RNN_LRS),
                         "ticktext": [f"{lr:g}" for lr in RNN_LRS]},
-              "yaxis": {"title": {"text": "validation loss (nats per character)"}}}
+              "yaxis": {"title": {"text": "validation loss (nats per character)"}, "range": [1.4, RNN_LR_AXIS_TOP]}}
     return Explorer(
         "text-rnn-lr", [Param("model", ["rnn", "lstm"], label="model", default="rnn", fmt=lambda m: MODEL_LABELS[m])],
         compute=compute, traces=traces, layout=layout, label="fig-text-rnn-lr",
@@ -618,7 +641,9 @@ def recurrent_lr_figure() -> Explorer:
                 f"{SEEDS[0]}-{SEEDS[-1]} with their standard deviation as error bars, without clipping and with "
                 f"global-norm clipping at max_norm {RNN_CLIP:g}; windows of {HEADLINE_SEQ_LEN} characters, "
                 f"{RNN.width} units. A learning rate at which some seed diverged is left out of its line (the "
-                "hover text counts the seeds that finished).")
+                "hover text counts the seeds that finished). The loss axis stops at "
+                f"{RNN_LR_AXIS_TOP:g} nats, above guessing each character by its frequency, so that the "
+                "differences near the best learning rate show; the note lists the points above it.")
 
 
 # --- the transformer ---------------------------------------------------------------------------------------
@@ -693,10 +718,12 @@ def sensitivity_explorer() -> Explorer:
          Param("lr", list(TRANSFORMER_LRS), label="learning rate", default=0.1, fmt="g")],
         compute=compute, traces=traces, layout=layout, share_traces=True, label="fig-text-transformer",
         caption=f"The transformer ({TRANSFORMER.layers} pre-LN blocks of width {TRANSFORMER.width}, context "
-                f"{TRANSFORMER.seq_len}, AdamW) with the chosen remedy (solid blue) against no remedy (dashed "
-                "vermillion). First panel (left, or top on a phone): training loss of seed 0 at the chosen learning "
-                "rate, mean per plotted bin of steps (logarithmic step axis); second panel: validation loss against "
-                f"the learning rate ({_seeds_text()}), the chosen learning rate circled.")
+                f"{TRANSFORMER.seq_len}, AdamW) with the remedy picked by the buttons (solid blue) against no remedy "
+                "(dashed vermillion). First panel (left, or top on a phone): training loss of seed 0 at the "
+                "learning rate set by the slider, mean per plotted bin of steps (logarithmic step axis); second "
+                f"panel: validation loss against the learning rate ({_seeds_text()}), the slider's learning rate "
+                "circled. The note says when that rate is the arm's chosen one (the best on seed 0's validation "
+                "loss).")
 
 
 def live_transformer_frame(arm: str, lr: float) -> dict:
@@ -737,4 +764,4 @@ def attention_explorer() -> Explorer:
         compute=attention_frame, traces=traces, layout=layout, label="fig-text-attention",
         caption="The largest attention logit of any block, head and position of the transformer on 16 windows of "
                 "validation text, measured at initialisation, after 10, 30, 100 and 300 steps and at the last step "
-                "(seed 0), for each arm at the chosen learning rate. Both axes are logarithmic.")
+                "(seed 0), for each arm at the learning rate set by the slider. Both axes are logarithmic.")

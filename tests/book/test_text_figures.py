@@ -70,6 +70,35 @@ def test_through_time_frame_reads_the_stored_profiles():
     assert f"at step {run['through_time'][-1][0]}" in frame["note"][0]
 
 
+def test_through_time_note_states_each_checkpoint_once_with_nonzero_ratios():
+    # the default state (window 128, lr 3, max_norm 1) once read '0 times ... at step 499 and 0 times at step 499'
+    for seq_len, lr, threshold in [(128, 3.0, 1.0), (128, 3.0, None), (32, 3.0, None), (32, 10.0, None)]:
+        run = tf.recurrent_run("rnn", seq_len, lr, threshold)
+        note = tf.through_time_frame(run)["note"][0]
+        steps = [f"at step {s} " for s, _ in run["through_time"]]
+        assert all(note.count(s) <= 1 for s in steps), note
+        assert " 0 times" not in note and "underflow)" not in note, note
+        lag = int(note.split("the gradient ")[1].split(" steps back")[0])
+        profiles = [v for _, v in run["through_time"]]
+        lags = [0, 1, 2, 4, 8, 16, 32, 64, 127]
+        assert lag < seq_len and all(float(v[lags.index(lag)]) > 0 for v in (profiles[0], profiles[-1]))
+        start_ratio = float(profiles[0][lags.index(lag)]) / float(profiles[0][0])
+        assert tf.power_text(start_ratio, 2) in note or f"{start_ratio:.2g} times" in note
+
+
+def test_recurrent_lr_figure_lists_every_point_above_its_axis():
+    fig = tf.recurrent_lr_figure()
+    top = fig.layout["yaxis"]["range"][1]
+    for model in ("rnn", "lstm"):
+        frame = fig.frame(model=model)
+        above = [(i, x) for i, t in enumerate(frame["traces"]) for x, y in zip(t["x"], t["y"]) if y > top]
+        assert above or model == "lstm"
+        off_notes = {n.split(",")[0]: n for n in frame["note"] if "off the scale" in n}
+        for i, x in above:
+            assert f" {x:g} (" in off_notes[("Without clipping", f"Clipped at max_norm {text_grid.RNN_CLIP:g}")[i]]
+        assert len(off_notes) == len({i for i, _ in above})
+
+
 def test_cliff_slice_re_runs_the_stored_start_and_probes_without_a_trace():
     config = replace(RNN, seq_len=128, lr=3.0)
     cliff = tf.cliff_slice(config, steps=6)
