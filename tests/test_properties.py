@@ -3,7 +3,7 @@
 1. Extreme magnitudes and low precision: for every in-place method, every
    floating dtype and magnitudes from subnormal to near the dtype's largest
    value, on every path (foreach, loop, flat buffer, and the accelerator
-   paths: no value read on the host; the CPU's BLAS dot path for large
+   paths: no value read on the host; the CPU's row-by-row path for large
    tensors; a flat buffer with parameters that got no gradient in between), the outputs are finite
    wherever the exact result is, and within a stated tolerance of a float64
    transcription that factors out the largest magnitude (so the reference
@@ -243,7 +243,7 @@ METHODS["AdaGC.olmo"] = (lambda ps, m, f: adagc_at_half(ps, f, "olmo"), lambda p
 METHODS["UpdateClip(adafactor)"] = (lambda ps, m, f: update_clip_at_half(ps, m, f),
                                     lambda ps, m: ref_update_clip_half(flat(ps), m))
 
-PATHS = {"default": None, "foreach": True, "loop": False, "buffer": None, "buffer-gaps": None, "dot": None,
+PATHS = {"default": None, "foreach": True, "loop": False, "buffer": None, "buffer-gaps": None, "rows": None,
          "accelerator": None, "accelerator-loop": False}
 _BUFFERS: list[gradclip.GradBuffer] = []  # the buffer of the latest buffer-gaps case, kept alive while it runs
 
@@ -254,8 +254,8 @@ def on_path(params, path, monkeypatch=None):
 
     The accelerator paths run on CPU tensors with the CPU-only host checks switched off
     (as tests/support/sync.py does): the code an accelerator runs, with no value read.
-    The dot path lowers the size from which the CPU sums squares with BLAS ``dot`` (and the
-    piece size), so that these small tensors take it, in several pieces each.
+    The rows path lowers the size from which the CPU norms large tensors row by row (and the
+    row length), so that these small tensors take it, in several rows each (and a remainder).
     """
     if path == "buffer":
         gradclip.GradBuffer(params)
@@ -268,9 +268,9 @@ def on_path(params, path, monkeypatch=None):
         grads = [p.grad for p in params if p.grad is not None]
         assert len(grads) < 2 or gradclip._groups.single_buffer(grads) is _BUFFERS[0].buffers[
             (grads[0].device, grads[0].dtype)], "the buffer with gaps is not taken as one buffer"
-    if path == "dot":
-        monkeypatch.setattr(gradclip._norms, "_DOT_MIN_NUMEL", 2)
-        monkeypatch.setattr(gradclip._norms, "_DOT_PIECE", 64)
+    if path == "rows":
+        monkeypatch.setattr(gradclip._norms, "_ROWS_MIN_NUMEL", 2)
+        monkeypatch.setattr(gradclip._norms, "_ROW", 64)
     if path.startswith("accelerator"):
         monkeypatch.setattr(gradclip._norms, "HOST_CHECKS_ON_CPU", False)
     return PATHS[path]
@@ -703,7 +703,7 @@ def real_twins(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
     return twins
 
 
-@pytest.mark.parametrize("path", ["default", "foreach", "loop", "dot", "accelerator"])
+@pytest.mark.parametrize("path", ["default", "foreach", "loop", "rows", "accelerator"])
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
 @pytest.mark.parametrize("function", list(COMPLEX_NORM_CALLS))

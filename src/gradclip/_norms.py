@@ -20,8 +20,8 @@ representable. Three rules keep the library right:
   :math:`m = \max_i n_i`, so combining never overflows;
 * per-tensor norms are computed where they cannot go wrong. On the CPU,
   where reading a value costs no device synchronisation, they are accumulated
-  in float32 (fast; tensors of 4 M entries or more by BLAS ``dot`` on pieces
-  added in float64, faster and far more accurate there than torch's kernel) and a norm that may have under- or overflowed (0, tiny or
+  in float32 (fast; tensors of 4 M entries or more row by row, rows of 4 k
+  entries combined in float64, within 10% of torch's kernel and far more accurate there) and a norm that may have under- or overflowed (0, tiny or
   inf) is recomputed exactly, with its largest entry factored out. Elsewhere
   (accelerators, and while ``torch.compile`` traces) no value may be read, so
   every norm is made safe up front: float32-or-narrower gradients are
@@ -48,16 +48,16 @@ from torch.utils._foreach_utils import _device_has_foreach_support, _foreach_sup
 # Which small CPU tensors are normed as one concatenation is the plan's choice
 # (gradclip._groups.CPU_CONCAT_MAX_NUMEL).
 
-# On the CPU, the sum of squares of a float32/float64 tensor of 4 M entries or more comes from BLAS
-# ``dot`` on pieces of ``_DOT_PIECE`` entries, added in float64. torch's CPU norm kernel accumulates
-# float32 in float32 and drifts with size: off by 1e-3 (relative) on 20 M normal entries and up to
-# 1.7e-2 on 38 M equal ones (tests/test_norms.py). BLAS accumulates each piece in float32 too, so the
-# piece length bounds the drift: on one thread of an AMD EPYC, 20 M entries of 0.3 were off by 6.7e-4
-# with pieces of 4 M entries, 1.2e-4 with 1 M and 1.2e-5 with 256 k (normal entries: 2.8e-5, 3.6e-6,
-# 4.1e-7), for about 15% more time than 4 M pieces. Smaller tensors keep torch's kernel: a ``dot`` call
-# has a fixed cost of microseconds, which many tiny pieces would pay over and over.
-_DOT_MIN_NUMEL = 1 << 22
-_DOT_PIECE = 1 << 18
+# On the CPU, the 2-norm of a float32/float64 tensor of 4 M entries or more is taken as the norm of its rows
+# of ``_ROW`` entries (one torch kernel over a (rows, _ROW) view, and the remainder), the row norms then
+# combined in float64. torch's CPU norm kernel accumulates float32 in float32 and drifts with size: off
+# by 1e-3 (relative) on 20 M normal entries and up to 1.7e-2 on 38 M equal ones (tests/test_norms.py).
+# Each row is accumulated in float32 too, so the row length bounds the drift: on one thread of an AMD
+# EPYC, 20 M entries of 0.3 were off by 7e-7 with rows of 4 k entries (1.3e-5 with 16 k, 1.1e-4 with 256 k;
+# BLAS ``dot`` on pieces of 256 k entries, the path before: 1.3e-5), for 3-9% more time than torch's
+# kernel on the whole tensor (``dot`` on pieces took 16-17% more). Smaller tensors keep torch's kernel.
+_ROWS_MIN_NUMEL = 1 << 22
+_ROW = 1 << 12
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -201,24 +201,24 @@ def _plain_norms(tensors: list[torch.Tensor], p: float, dtype: torch.dtype, use_
 
 
 def _cpu_two_norms(tensors: list[torch.Tensor], use_foreach: bool) -> torch.Tensor:
-    """The 2-norm of each CPU float32/float64 tensor: large contiguous ones by BLAS ``dot`` on pieces.
+    """The 2-norm of each CPU float32/float64 tensor: large contiguous ones row by row.
 
-    In float64 when some tensor took that path, else in the tensors' dtype. Each piece's sum of squares is accumulated in the tensors' dtype (so over- and underflow
-    show as inf or a tiny norm, which :func:`_repair_` then recomputes exactly); the pieces of
-    a tensor are added in float64.
+    In float64 when some tensor took that path, else in the tensors' dtype. A large tensor's rows of
+    ``_ROW`` entries (and the remainder) are normed in the tensors' dtype, so over- and underflow show as
+    inf or a tiny norm, which :func:`_repair_` then recomputes exactly; the row norms are combined in
+    float64.
     """
-    large = [i for i, t in enumerate(tensors) if t.numel() >= _DOT_MIN_NUMEL and t.is_contiguous()]
+    large = [i for i, t in enumerate(tensors) if t.numel() >= _ROWS_MIN_NUMEL and t.is_contiguous()]
     if not large:
         return _plain_norms(tensors, 2.0, tensors[0].dtype, use_foreach)
-    squares, owners = [], []
+    norms = torch.zeros(len(tensors), dtype=torch.float64)
     for index in large:
         flat = tensors[index].view(-1)
-        # split() is one call; Python-level slicing would cost microseconds per piece
-        pieces = flat.split(_DOT_PIECE) if flat.numel() > _DOT_PIECE else (flat,)
-        squares += [torch.dot(piece, piece) for piece in pieces]
-        owners += [index] * len(pieces)
-    norms = torch.zeros(len(tensors), dtype=torch.float64)
-    norms.index_add_(0, torch.tensor(owners), torch.stack(squares).to(torch.float64)).sqrt_()
+        whole = flat.numel() - flat.numel() % _ROW
+        rows = torch.linalg.vector_norm(flat[:whole].view(-1, _ROW), dim=1)
+        if whole < flat.numel():
+            rows = torch.cat((rows, torch.linalg.vector_norm(flat[whole:]).reshape(1)))
+        norms[index] = torch.linalg.vector_norm(rows, dtype=torch.float64)
     if len(large) < len(tensors):
         large_set = set(large)
         rest = [i for i in range(len(tensors)) if i not in large_set]
@@ -330,7 +330,7 @@ def _host_norms(tensors: list[torch.Tensor], p: float, batched: bool) -> list[fl
     """The p-norm of each non-empty CPU tensor, as Python floats, recomputed exactly where they may have over- or underflowed.
 
     Accumulated in float32 at least (2-norms of tensors of 4 M entries or
-    more by BLAS ``dot``, see :func:`_cpu_two_norms`), then read in one go;
+    more row by row, see :func:`_cpu_two_norms`), then read in one go;
     the check for under- and overflow runs on the host floats.
     """
     originals = tensors
