@@ -274,6 +274,8 @@ def two_panels(steps: int, height: int = 430) -> dict[str, Any]:
 
 CROSS = {"symbol": "x", "size": 13, "line": {"width": 1}}  # a diverged run, nothing else
 """The book's marker for a diverged run: a cross at the step and loss that stopped it."""
+DIVERGED_LEGEND = {"mode": "markers", "name": "diverged (in the seed's colour)", "marker": {**CROSS, "color": "#777777"}}
+"""The one legend entry for the crosses of a figure, in a neutral grey (each cross is drawn in its run's colour)."""
 FIRED = {"mode": "markers", "name": "clipped (in that bin)", "xaxis": "x2", "yaxis": "y2",
          "marker": {"symbol": "circle-open", "size": 7, "color": "#009E73", "line": {"width": 1.5}}}
 
@@ -309,6 +311,7 @@ def explosion_explorer() -> Explorer:
             c = drawn_curve(line)
             traces.append({"x": c["x"], "y": c["norm"]})
         traces += [_cross(line) for line in lines]
+        traces.append({"x": [None], "y": [None]})   # the legend's grey cross stays empty
         diverged = [line["config"]["seed"] for line in lines if line["diverged_at"] is not None]
         vals = [line["metrics"].get("val_accuracy") for line in lines if line["diverged_at"] is None]
         first = [float(line["curve"]["grad_norm"][0]) for line in lines]
@@ -331,8 +334,10 @@ def explosion_explorer() -> Explorer:
         base.append({"line": {"color": PALETTE[i], "width": 2}, "legendgroup": f"s{s}", "mode": "lines",
                      "name": f"seed {s}", "showlegend": False, "xaxis": "x2", "yaxis": "y2"})
     for i, s in enumerate(seeds):
-        base.append({"mode": "markers", "name": "diverged" if i == 0 else f"seed {s} diverged",
-                     "showlegend": i == 0, "legendgroup": f"s{s}", "marker": {**CROSS, "color": PALETTE[i]}})
+        base.append({"mode": "markers", "name": f"seed {s} diverged", "showlegend": False, "legendgroup": f"s{s}",
+                     "marker": {**CROSS, "color": PALETTE[i]}})
+    # one legend entry for every seed's cross, in a neutral colour (the book's convention, as in Figure 4.1)
+    base.append(dict(DIVERGED_LEGEND))
     return Explorer(
         "cls-explode", [Param("depth", list(ig.DEPTHS), label="depth", default=ig.HARD.depth, fmt="d"),
                         Param("lr", list(ig.LRS), label="learning rate", default=0.3, fmt="g")],
@@ -387,7 +392,8 @@ def grid_frame(line: dict[str, Any]) -> dict:
     note = [what[0].upper() + what[1:] + ".", describe(line)]
     frame = {"traces": [{"x": curve["x"], "y": curve["loss"]}, _cross(line), {"x": curve["x"], "y": curve["norm"]},
                         {"x": curve["x"] if any(v is not None for v in fired) else [], "y": [v for v in fired]
-                         if any(v is not None for v in fired) else []}],
+                         if any(v is not None for v in fired) else []},
+                        {"x": [None], "y": [None]}],   # the legend's grey cross stays empty
              "note": note}
     if c["method"] == "none":   # the threshold slider says "off" rather than a threshold no run used
         note.append("(The threshold slider does nothing without clipping.)")
@@ -411,9 +417,10 @@ def grid_explorer() -> Explorer:
 
     traces = [
         run_style("clipped", name="training loss", mode="lines"),
-        {"mode": "markers", "name": "diverged", "marker": {**CROSS, "color": "#0072B2"}},
+        {"mode": "markers", "name": "diverged", "showlegend": False, "marker": {**CROSS, "color": "#0072B2"}},
         run_style("clipped", name="gradient norm", mode="lines", xaxis="x2", yaxis="y2", showlegend=False),
         dict(FIRED),
+        dict(DIVERGED_LEGEND, name="diverged (in the run's colour)"),
     ]
     return Explorer(
         "cls-grid",
@@ -568,9 +575,11 @@ def stable_figure(ranges: dict[int, dict[str, list[float]]], names: dict[str, st
         xs = [lr for d in depths for lr in ranges[d][arm]]
         ys = [depths.index(d) + offset for d in depths for _ in ranges[d][arm]]
         style = run_style(kinds[i % 4], mode="markers", name=names[arm])
+        if not xs:   # an arm with no learning rate that trains still gets its legend entry (plotly drops empty traces)
+            xs, ys = [None], [None]
         traces.append({**style, "x": xs, "y": ys, "marker": {**style["marker"], "size": 11, "symbol": symbols[i % 4]}})
     layout = {"height": 360,
-              "xaxis": {"type": "log", "title": {"text": "learning rate (SGD with momentum 0.9)"},
+              "xaxis": {"type": "log", "title": {"text": "learning rate"},   # short enough for a phone; the optimizer is in the caption
                         "tickvals": list(ig.LRS), "ticktext": [f"{lr:g}" for lr in ig.LRS],
                         "range": [math.log10(ig.LRS[0] / 1.6), math.log10(ig.LRS[-1] * 1.6)]},
               "yaxis": {"title": {"text": "depth"}, "tickvals": list(range(len(depths))),
@@ -578,8 +587,10 @@ def stable_figure(ranges: dict[int, dict[str, list[float]]], names: dict[str, st
     return PlotlyFigure(traces, layout, name="cls-stable", label="fig-cls-stable",
                         caption=f"The learning rates at which every one of {len(ig.SEEDS)} seeds trains (does not "
                                 f"diverge and ends at {pct(TRAINS, 0)} validation accuracy or more), per depth of the "
-                                "residual CNN without normalisation, without clipping and with global-norm clipping "
-                                "at fixed thresholds. A learning rate with no marker does not train for every seed.")
+                                f"residual CNN without normalisation (SGD with momentum 0.9, {ig.HEADLINE.steps} steps), "
+                                "without clipping and with global-norm clipping at fixed thresholds. A learning rate "
+                                "with no marker does not train for every seed; an arm in the legend with no marker "
+                                "anywhere trains every seed at no learning rate of the scan.")
 
 
 def dot_figure(rows: Sequence[dict[str, Any]], name: str, label: str, caption: str,

@@ -144,3 +144,20 @@ def test_drawn_curves_are_the_harness_rebin(lines):
     for line in random.Random(3).sample(list(lines), 40):
         assert imf._rebin(line["curve"], line["steps"], 50, line["steps_run"]) == \
             curves.rebin(line["curve"], line["steps"], 50, line["steps_run"])
+
+
+def test_figure_legends_name_every_arm_and_diverged_once_in_grey():
+    # an arm with no learning rate that trains keeps its legend entry (plotly drops a trace with no points)
+    fig = imf.stable_figure({4: {"none": [], "norm@1": [0.1, 0.3]}, 8: {"none": [], "norm@1": []}},
+                            {"none": "no clipping", "norm@1": "max_norm 1"})
+    assert [t["name"] for t in fig.data if t["x"]] == ["no clipping", "max_norm 1"]
+    assert len(fig.layout["xaxis"]["title"]["text"]) <= 20                       # readable at 390 px
+    # the explosion explorer: the seeds' crosses share one legend entry, in grey, as Figure 4.1's does
+    explorer = imf.explosion_explorer()
+    crosses = [t for t in explorer.traces if t.get("marker", {}).get("symbol") == "x"]
+    assert [t["name"] for t in crosses if t.get("showlegend", True)] == ["diverged (in the seed's colour)"]
+    assert [t["marker"]["color"] for t in crosses if t.get("showlegend", True)] == ["#777777"]
+    assert len(explorer.frame(depth=16, lr=1.0)["traces"]) == len(explorer.traces)
+    grid = imf.grid_explorer()
+    legend_crosses = [t for t in grid.traces if t.get("marker", {}).get("symbol") == "x" and t.get("showlegend", True)]
+    assert [t["marker"]["color"] for t in legend_crosses] == ["#777777"]
