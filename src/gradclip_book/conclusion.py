@@ -748,6 +748,15 @@ def _accuracy_words(by_threshold: dict[float, dict[str, Any]]) -> str:
     return (f", and raised the accuracy at {helps} only" if helps else "") + (f", lowered it at {hurts}" if hurts else "")
 
 
+def _separation(by_depth: dict[int, dict[str, Any]], seeds: int) -> str:
+    """Where every BatchNorm seed beat every clipped seed, and where the seeds overlap (a lead that rests on them)."""
+    apart = [d for d, r in by_depth.items() if min(r["bn"].finished) > max(r["clipped"].finished)]
+    overlap = [d for d in by_depth if d not in apart]
+    text = "".join(f"; at depth {d} every BatchNorm seed beat every clipped one" for d in apart)
+    return text + "".join(f"; at depth {d} the seeds overlap, so the lead rests on these {seeds} seeds"
+                          for d in overlap)
+
+
 def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
     """The decision guide, in the order to ask its questions, each evidence sentence built from ``evidence``.
 
@@ -781,6 +790,7 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             f"accuracy at depth {d1} and {_ms(by[d2]['bn'])} at depth {d2}, against {_ms(by[d1]['clipped'])} and "
             f"{_ms(by[d2]['clipped'])} for the best clipped network without normalisation"
             + (": better by the seed-spread rule at both depths" if fx["bn_beats_clip"] else "")
+            + _separation(by, fx["seeds"])
             + f". A {fx['warmup_steps']}-step warm-up reaches {_ms(by[d1]['warmup'])} and {_ms(by[d2]['warmup'])}, "
             f"no remedy {_ms(by[d1]['none'])} and {_ms(by[d2]['none'])}. With BatchNorm at depth {d2}, the residual "
             f"CNN {'beats' if fx['residual_beats_plain'] else 'is no different from'} the plain one "
