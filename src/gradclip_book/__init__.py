@@ -40,7 +40,7 @@ The package has two kinds of parts.
   5.2: :mod:`~gradclip_book.scalability`, :mod:`~gradclip_book.scalability_figures`,
   :mod:`~gradclip_book.dist_demo`; 5.3: :mod:`~gradclip_book.safety`, :mod:`~gradclip_book.safety_figures`;
 * chapter 6: :mod:`~gradclip_book.conclusion` (the decision guide, its evidence read from the other chapters),
-  :mod:`~gradclip_book.recent_methods` (AdaGC, update clipping and OLMo-core's skip rule on chapter 4.5's
+  :mod:`~gradclip_book.recent_methods` (AdaGC, update clipping and OLMo-core's skip rule on chapter 4.11's
   transformer: ``python -m gradclip_book.recent_methods``).
 * chapter 4's text page (its second application): :mod:`~gradclip_book.text` (the corpus, its split and
   batches, the models), :mod:`~gradclip_book.text_runs` (one config in, one record out),

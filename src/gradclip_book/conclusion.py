@@ -258,11 +258,11 @@ def recipe_evidence() -> dict[str, Any]:
             "networks": len(gaps), "gaps": gaps, "median_gap": float(np.median(gaps)), "max_gap": max(gaps)}
 
 
-# --- chapter 4.5: text ---------------------------------------------------------------------------------------
+# --- chapter 4.11: text ---------------------------------------------------------------------------------------
 
 
 def text_evidence(hot_lr: float = 3.0) -> dict[str, Any]:
-    """Chapter 4.5's stored text runs: the recurrent networks (SGD) and the small transformer (AdamW).
+    """Chapter 4.11's stored text runs: the recurrent networks (SGD) and the small transformer (AdamW).
 
     ``"recurrent"`` and ``"transformer"`` are :func:`gradclip_book.text_figures.guide_evidence`'s (learning
     rates chosen on validation loss over five seeds, verdicts on test loss). Added: ``"seq_len"``, ``"seeds"``,
@@ -300,7 +300,7 @@ def text_evidence(hot_lr: float = 3.0) -> dict[str, Any]:
 
 def rnn_norms(nonlinearity: str = "tanh", seq_len: int = 32, lr: float = 1.0, steps: int = 30, seed: int = 0,
               threshold: float | None = None) -> list[float]:
-    """The pre-clip gradient norms of the first ``steps`` steps of chapter 4.5's recurrent network, trained afresh.
+    """The pre-clip gradient norms of the first ``steps`` steps of chapter 4.11's recurrent network, trained afresh.
 
     The same model, data stream, loss and loop as :func:`gradclip_book.text_runs.train` for
     ``TextConfig(model="rnn", seq_len=seq_len, lr=lr, seed=seed, ...)`` (plain SGD, the hidden state carried
@@ -334,7 +334,7 @@ def rnn_norms(nonlinearity: str = "tanh", seq_len: int = 32, lr: float = 1.0, st
 
 
 def exercise_evidence(seq_len: int = 32, lr: float = 1.0, steps: int = 30) -> dict[str, Any]:
-    """The answers of chapter 6's exercises, from chapter 4.5's stored runs and the stored ReLU norms.
+    """The answers of chapter 6's exercises, from chapter 4.11's stored runs and the stored ReLU norms.
 
     ``"no_clip"``: the tanh RNN with d2l's learning rate ``lr`` on windows of ``seq_len`` characters, 500 steps:
     validation loss without clipping minus with ``max_norm`` = 1 (nats), the share of steps clipping fired on,
@@ -345,7 +345,7 @@ def exercise_evidence(seq_len: int = 32, lr: float = 1.0, steps: int = 30) -> di
     (``"min_ratio"``, at ``"min_seed"``: the answer, which holds at every seed) and seed 0's numbers
     (``"tanh_max"``, ``"relu_max"``, ``"ratio"``; ``"tanh_first"``, ``"relu_first"``: the first step's norms).
     ``"relu_fresh"``: seed 0's ReLU norms trained afresh here (:func:`rnn_norms`), to check the file against;
-    ``"tanh_stored"``: seed 0's tanh norms from chapter 4.5's stored run.
+    ``"tanh_stored"``: seed 0's tanh norms from chapter 4.11's stored run.
     """
     from gradclip_book import text_figures as tf, text_grid as tg
 
@@ -384,7 +384,7 @@ def exercises(ev: dict[str, Any]) -> list[Any]:
     from gradclip_book.exercise import Exercise
 
     nc, re_ = ev["no_clip"], ev["relu"]
-    setting = (f"chapter 4.5's tanh RNN with d2l's settings: plain SGD at learning rate {ev['lr']:g}, windows of "
+    setting = (f"chapter 4.11's tanh RNN with d2l's settings: plain SGD at learning rate {ev['lr']:g}, windows of "
                f"{ev['seq_len']} characters (d2l uses 35), {ev['train_steps']} steps, seed 0")
     no_clip = Exercise(
         "ch6-no-clip",
@@ -393,7 +393,7 @@ def exercises(ev: dict[str, Any]) -> list[Any]:
                 f"(positive: worse without clipping)? Within 0.02 counts."),
         answer=nc["change"], tolerance=0.02, relative=False, unit="nats",
         hint="Before predicting a blow-up, ask how often a gradient norm exceeds 1 at this learning rate "
-             "(the threshold slider of chapter 4.5's figure of the training runs shows it).",
+             "(the threshold slider of chapter 4.11's figure of the training runs shows it).",
         solution_md=(f"Clipped, the run ends at {nc['clipped']:.4f} nats and clips only "
                      f"{100 * nc['clip_fraction']:.1f}% of its steps; without clipping it ends at {nc['plain']:.4f}: "
                      f"a change of {nc['change']:+.4f} nats, nothing. At d2l's learning rate clipping is a guard that "
@@ -403,7 +403,7 @@ def exercises(ev: dict[str, Any]) -> list[Any]:
     rows = [re_["per_seed"][seed] for seed in seeds]
     ratios = [f"{r['ratio']:.1f}" for r in rows]
     relu_maxima = ", ".join(f"{r['relu_max']:.1f}" for r in rows)
-    relu_setting = (f"chapter 4.5's tanh RNN with d2l's settings (plain SGD at learning rate {ev['lr']:g}, windows of "
+    relu_setting = (f"chapter 4.11's tanh RNN with d2l's settings (plain SGD at learning rate {ev['lr']:g}, windows of "
                     f"{ev['seq_len']} characters)")
     relu = Exercise(
         "ch6-relu",
@@ -832,7 +832,7 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
         Row("Recurrent language model (tanh RNN, LSTM) trained with SGD",
             f"Tune the learning rate on validation; keep global-norm clipping at max_norm = {tx['clip']:g} "
             f"(d2l's setting) as a guard: it widened the usable range, it did not improve the best run",
-            f"On chapter 4.5's character models ({tx['seeds']} seeds, windows of {tx['seq_len']}), best against "
+            f"On chapter 4.11's character models ({tx['seeds']} seeds, windows of {tx['seq_len']}), best against "
             f"best (lr chosen on validation, test loss): tanh RNN {_nats(rnn['plain_test'])} at lr "
             f"{rnn['plain_lr']:g} without clipping, {_nats(rnn['clip_test'])} at lr {rnn['clip_lr']:g} clipped "
             f"({rnn['verdict']}); LSTM {_nats(lstm['plain_test'])} against {_nats(lstm['clip_test'])} "
@@ -845,7 +845,7 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
         Row("Transformer trained with AdamW",
             "Tune the learning rate first; global-norm clipping at 1 as cheap insurance; above the best rate, "
             "qk-layernorm is the remedy that helped most",
-            f"On chapter 4.5's small character transformer ({tx['seeds']} seeds at the lr chosen on validation, "
+            f"On chapter 4.11's small character transformer ({tx['seeds']} seeds at the lr chosen on validation, "
             f"{tx['transformer_lrs']} lrs at seed 0), the plain run ends at {_nats(tr['plain_test'])} test loss at "
             f"lr {tr['lr']:g}; "
             + ("no remedy (clipping, ZClip, a spike guard, warm-up, qk-layernorm, z-loss) beats it by the "
@@ -928,7 +928,7 @@ def guide_table_html(rows: list[Row]) -> str:
     return table_html(["situation", "use", "measured evidence"], cells, widths=[24, 24, 52])
 
 
-_CHAPTERS = {"principle": "2", "implementation": "3", "classification": "4", "text": "4.5", "performance": "5.1",
+_CHAPTERS = {"principle": "2", "implementation": "3", "classification": "4", "text": "4.11", "performance": "5.1",
              "scalability": "5.2", "safety": "5.3"}
 
 

@@ -1,6 +1,6 @@
-r"""Chapter 6's measurement of the methods adopted since 2023 on chapter 4.5's transformer.
+r"""Chapter 6's measurement of the methods adopted since 2023 on chapter 4.11's transformer.
 
-The runs: chapter 4.5's small character transformer (:data:`gradclip_book.text_runs.TRANSFORMER`: 2 pre-LN
+The runs: chapter 4.11's small character transformer (:data:`gradclip_book.text_runs.TRANSFORMER`: 2 pre-LN
 blocks of width 64, AdamW with betas 0.9 and 0.95 and weight decay 0.1, 500 steps), at the learning rate the
 chapter chose on validation loss for the plain run and for every arm (:data:`gradclip_book.text_grid.HEADLINE_LR`,
 0.01), seeds :data:`RUN_SEEDS`, with one of the methods of :data:`ARMS` in place of the chapter's global-norm
@@ -69,7 +69,7 @@ uses the chapter's stored plain and clipped runs of the same seeds."""
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """One run: a method of :data:`ARMS` (or ``"none"``), the learning rate and the seed of chapter 4.5's transformer."""
+    """One run: a method of :data:`ARMS` (or ``"none"``), the learning rate and the seed of chapter 4.11's transformer."""
 
     arm: str
     lr: float = HEADLINE_LR["none"]
@@ -138,7 +138,7 @@ def _clip(arm: str, params: list[torch.nn.Parameter], optimizer: torch.optim.Opt
 
 
 def train(config: MethodConfig, steps: int | None = None, evaluate: bool = True) -> harness.Run:
-    """Chapter 4.5's transformer run of ``config`` (optionally cut to ``steps`` steps), trained by the harness.
+    """Chapter 4.11's transformer run of ``config`` (optionally cut to ``steps`` steps), trained by the harness.
 
     The model, optimizer, batches, loss and evaluation are :func:`gradclip_book.text_runs.train`'s; only the
     method differs (module docstring). ``evaluate=False`` skips the final validation and test losses.
@@ -179,7 +179,7 @@ def points() -> list[tuple[str, MethodConfig]]:
 
 def version() -> str:
     """The code version of these runs: the code of this module that trains (not :func:`points` nor the summary),
-    chapter 4.5's runs, the harness's loop and methods, and the three methods' modules of gradclip."""
+    chapter 4.11's runs, the harness's loop and methods, and the three methods' modules of gradclip."""
     from gradclip import adagc, guard, update_clip
 
     return harness.code_version(MethodConfig, _FunctionClip, _AfterStep, _RecordLoss, _clip, train, run, text,
@@ -203,7 +203,7 @@ def summary(path: Path = DATA_FILE) -> dict[str, Any]:
     "vs_plain", "vs_norm": verdict}}, "plain": {"val", "test"}, "norm": {"val", "test", "fired"}}``: Scores
     (:func:`gradclip_book.harness.score`) of the losses over :data:`RUN_SEEDS`, and verdicts ``"better"``,
     ``"worse"`` or ``"no difference"`` by :func:`gradclip_book.harness.beats` on the test losses (lower is
-    better), as chapter 4.5 judges its arms.
+    better), as chapter 4.11 judges its arms.
     """
     from .text_figures import transformer_run
 

@@ -1,4 +1,4 @@
-"""Chapter 6's ReLU exercise at several seeds: the first gradient norms of chapter 4.5's RNN with tanh and with ReLU.
+"""Chapter 6's ReLU exercise at several seeds: the first gradient norms of chapter 4.11's RNN with tanh and with ReLU.
 
 d2l's exercise ("replace tanh by ReLU: does the RNN still need clipping?") is answered by the largest pre-clip
 gradient norm of the first :data:`STEPS` steps, ReLU's against tanh's. That ratio depends on the seed a lot (at
@@ -29,9 +29,9 @@ __all__ = ["COMMAND", "FILE", "LR", "SEEDS", "SEQ_LEN", "STEPS", "compute", "loa
 FILE = Path(__file__).resolve().parents[2] / "chapters" / "data" / "relu_norms.json"
 COMMAND = "python -m gradclip_book.relu_norms"
 SEEDS = (0, 1, 2, 3, 4)
-"""The seeds of the exercise (the model's initial weights and the stream's offset, as chapter 4.5 draws them)."""
+"""The seeds of the exercise (the model's initial weights and the stream's offset, as chapter 4.11 draws them)."""
 SEQ_LEN, LR, STEPS = 32, 1.0, 30
-"""d2l's setting as chapter 4.5 runs it: windows of 32 characters, plain SGD at lr 1; the first 30 steps."""
+"""d2l's setting as chapter 4.11 runs it: windows of 32 characters, plain SGD at lr 1; the first 30 steps."""
 
 
 def compute(seeds: tuple[int, ...] = SEEDS, steps: int = STEPS) -> dict[str, Any]:

@@ -146,7 +146,7 @@ def _resnet(batch: int, side: int):
 CASES: tuple[Case, ...] = (
     Case("mlp", "chapter 4's MLP, depth 16", grids.HARD.batch, 1, "sgd", _mlp),
     Case("cnn", "chapter 4's residual CNN, depth 16", images.BASE.batch, 64, "sgd", _cnn),
-    Case("transformer", "chapter 4.5's transformer", text_runs.TRANSFORMER.batch, text_runs.TRANSFORMER.seq_len,
+    Case("transformer", "chapter 4.11's transformer", text_runs.TRANSFORMER.batch, text_runs.TRANSFORMER.seq_len,
          "adamw", _transformer),
     Case("resnet50-b2", "ResNet-50, batch 2, 64x64 images", 2, 64 * 64, "sgd", _resnet(2, 64)),
     Case("resnet50-b8", "ResNet-50, batch 8, 64x64 images", 8, 64 * 64, "sgd", _resnet(8, 64)),

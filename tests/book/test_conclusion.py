@@ -312,7 +312,7 @@ def test_a_bug_gradclip_misses_counts_as_uncaught(monkeypatch):
 # --- the guide, the flow chart, the citation ---------------------------------------------------------------
 
 
-# --- chapter 4.6, 4.7 and 4.5: fix the cause, the recipe, text ------------------------------------------------
+# --- chapter 4.6, 4.7 and 4.11: fix the cause, the recipe, text ------------------------------------------------
 
 
 def image_lines(section_filter=None) -> list[dict]:
@@ -402,7 +402,7 @@ def test_stored_relu_norms_match_a_rerun():
     assert (stored["seq_len"], stored["lr"], stored["steps"]) == (relu_norms.SEQ_LEN, relu_norms.LR, relu_norms.STEPS)
     assert sorted(stored["seeds"]) == [str(s) for s in relu_norms.SEEDS]
     steps = relu_norms.STEPS if machine() == GRID_MACHINE else EARLY_STEPS   # last bits differ on other CPUs
-    for act, n in (("relu", steps), ("tanh", EARLY_STEPS)):   # seed 0's tanh norms are checked against chapter 4.5
+    for act, n in (("relu", steps), ("tanh", EARLY_STEPS)):   # seed 0's tanh norms are checked against chapter 4.11
         fresh = cc.rnn_norms(act, relu_norms.SEQ_LEN, relu_norms.LR, n, seed=3)
         assert fresh == pytest.approx(stored["seeds"]["3"][act][:n], rel=1e-6), act
     readme = (relu_norms.FILE.parent / "README.md").read_text(encoding="utf-8")

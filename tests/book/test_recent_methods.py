@@ -1,4 +1,4 @@
-"""Chapter 6's runs of the 2023 methods on chapter 4.5's transformer (gradclip_book.recent_methods) and their data."""
+"""Chapter 6's runs of the 2023 methods on chapter 4.11's transformer (gradclip_book.recent_methods) and their data."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_the_data_file_holds_every_run_of_the_current_code():
 
 
 def test_the_plain_run_through_this_module_is_the_chapters_stored_run():
-    # the same model, batches, loss, loop and evaluation as chapter 4.5's grid: the plain run of seed 0 agrees
+    # the same model, batches, loss, loop and evaluation as chapter 4.11's grid: the plain run of seed 0 agrees
     check = next(line for line in rm.runs() if line["section"] == "check")
     stored = text_figures.transformer_run("none", check["config"]["lr"], check["config"]["seed"])
     for field in ("metrics", "curve", "clip_fraction", "final_loss", "steps_run"):
