@@ -937,7 +937,7 @@ def response_cells(entry: Bug) -> tuple[str, str]:
     if entry.name == "agc_axis" and catch.default == "prevents":
         default = "computes it right (module's unit axis)"
     raise_text = "a clipper given scaler= raises" if entry.name == "amp_scaled" else "a stateful clipper raises"
-    words = {"raises_opt_in": raise_text, "process_group": "process_group=True: global norm",
+    words = {"raises_opt_in": raise_text, "process_group": "the global norm, given process_group",
              "logs": "GradientMonitor records the norm used", "attach": "an attached adaptive clipper clips there"}
     return default, "; ".join(words[k] for k in catch.opt_in) or "not needed"
 
