@@ -42,7 +42,8 @@ from gradclip_book.figures import table_html
 from gradclip_book import scalability as sc
 
 __all__ = ["SECTIONS", "FlowChart", "Row", "adam_evidence", "batch_evidence", "budget_evidence", "bug_zoo_evidence",
-           "direction_evidence", "distributed_evidence", "flow_chart", "guide_rows", "guide_table_html",
+           "adamw_cnn_evidence", "direction_evidence", "distributed_evidence", "flow_chart", "guide_rows",
+           "guide_table_html",
            "hard_setting_evidence", "link", "lower_lr_evidence", "safety_rows", "slug", "stability_evidence",
            "usable_lr_evidence", "warmup_evidence"]
 
@@ -239,23 +240,27 @@ def recipe_evidence() -> dict[str, Any]:
     threshold) is chosen on validation too; both at seed 0, as in chapter 4.7. Returns ``{"probe_steps",
     "quantile", "lower_above" (the share of clipped steps above which the recipe says to lower the lr),
     "networks", "gaps" (grid minus recipe, validation accuracy, one per network and depth), "median_gap",
-    "max_gap"}``.
+    "max_gap", "runs" (the recipe's runs, one per learning rate), "grid_runs" (the runs of the grid's thresholds),
+    "most" (networks on which the recipe's choice clips more than half of its steps)}``.
     """
     from gradclip_book import images, images_figures as imf, images_grid as ig
     from gradclip_book.harness import recipe
 
     points = ig.recipe_points(images.load())
-    gaps = []
+    gaps, most, grid_runs = [], 0, 0
     for model in images.MODELS:
         for depth in ig.DEPTHS:
             base = images.ImageConfig(model=model, depth=depth)
             tried = [c for _, c in points if c.model == model and c.depth == depth]
             grid_best = imf.choose(imf.clipped(base), (0,)).best.setting
             recipe_best = imf.choose(tried, (0,)).best.setting
+            grid_runs += len(imf.clipped(base))
+            most += float(images.stored(recipe_best)["clip_fraction"]) > 0.5
             gaps.append(float(images.stored(grid_best)["metrics"]["val_accuracy"])
                         - float(images.stored(recipe_best)["metrics"]["val_accuracy"]))
     return {"probe_steps": recipe.PROBE_STEPS, "quantile": recipe.QUANTILE, "lower_above": recipe.LOWER_LR_ABOVE,
-            "networks": len(gaps), "gaps": gaps, "median_gap": float(np.median(gaps)), "max_gap": max(gaps)}
+            "networks": len(gaps), "gaps": gaps, "median_gap": float(np.median(gaps)), "max_gap": max(gaps),
+            "runs": len(points), "grid_runs": grid_runs, "most": most}
 
 
 # --- chapter 4.11: text ---------------------------------------------------------------------------------------
@@ -453,12 +458,14 @@ def lower_lr_evidence(depth: int = grids.HARD.depth) -> dict[str, Any]:
     """Chapter 5.1's "clipping or a lower learning rate": the best clipped and best unclipped run at ``depth``.
 
     Returns ``{"clipped_lr", "clip_fraction", "plain_lr", "slowdown" (unclipped steps / clipped steps to the
-    target loss), "clipped_acc", "plain_acc"}``.
+    target loss), "clipped_acc", "plain_acc", "clipped_seeds" (seeds of chapter 4's stability scan behind the
+    clipped run)}``.
     """
     row = perf.lower_lr_comparison()[depth]
     c, p = row["clipped"], row["plain"]
     return {"clipped_lr": c["lr"], "clip_fraction": c["clip_fraction"], "plain_lr": p["lr"],
-            "slowdown": row["slowdown"], "clipped_acc": c["accuracy"], "plain_acc": p["accuracy"]}
+            "slowdown": row["slowdown"], "clipped_acc": c["accuracy"], "plain_acc": p["accuracy"],
+            "clipped_seeds": len(c["runs"])}
 
 
 def warmup_evidence(threshold: float = grids.HARD_THRESHOLD) -> dict[str, Any]:
@@ -487,6 +494,34 @@ def warmup_evidence(threshold: float = grids.HARD_THRESHOLD) -> dict[str, Any]:
                           **pair}
     out["warmup_on_clipping"] = on_clipping
     return out
+
+
+def adamw_cnn_evidence() -> dict[str, Any]:
+    """Chapter 4.8's AdamW on the residual CNN without normalisation (stored runs), as that section computes it.
+
+    AdamW at its best unclipped learning rate (chosen on validation over chapter 4's seeds), without and with
+    ``max_norm`` = 1, over all ten seeds (chapter 4's five and its replication seeds), and clipped AdamW against
+    clipped SGD at its best setting. Returns ``{"lr", "seeds" (ten), "first_seeds", "plain_low", "clip_low"
+    (worst seed's test accuracy over the ten), "lead_first" (clipped AdamW beats clipped SGD at the first seeds),
+    "lead_unseen" (and at the replication seeds)}``.
+    """
+    from dataclasses import replace
+
+    from gradclip_book import harness, images_figures as imf, images_grid as ig
+
+    plain = imf.choose(imf.unclipped(replace(ig.HEADLINE, optimizer="adamw"), ig.ADAMW_LRS)).best.setting
+    clip = replace(plain, method="norm", threshold=1.0)
+    sgd = imf.clip_or_lower(ig.HEADLINE)["clipped"]["config"]
+    first, unseen = tuple(ig.SEEDS), tuple(ig.REPLICATION_SEEDS)
+    ten = first + unseen
+
+    def test(config: Any, seeds: tuple) -> Any:
+        return imf.summary_of(config, seeds)["test"]
+
+    return {"lr": plain.lr, "seeds": len(ten), "first_seeds": len(first),
+            "plain_low": test(plain, ten).low, "clip_low": test(clip, ten).low,
+            "lead_first": harness.beats(test(clip, first), test(sgd, first)),
+            "lead_unseen": harness.beats(test(clip, unseen), test(sgd, unseen))}
 
 
 def adam_evidence() -> dict[str, Any]:
@@ -762,15 +797,16 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
 
     ``evidence`` maps ``"fix"``, ``"hard"``, ``"recipe"``, ``"lower"``, ``"image"``
     (:func:`image_clip_or_lower_evidence`),
-    ``"budget"``, ``"text"``, ``"warmup"``, ``"adam"``, ``"batch"``, ``"distributed"``, ``"direction"`` and ``"bugs"``
+    ``"budget"``, ``"text"``, ``"warmup"``, ``"adam"``, ``"adamw_cnn"``, ``"batch"``, ``"distributed"``,
+    ``"direction"`` and ``"bugs"``
     to the results of the ``*_evidence`` functions of those names. The rows do not contradict each other: where
-    clipping fires on most steps the guide says to lower the learning rate, and the one row that recommends
-    clipping where it fires on most steps (the diverging MLP rescued at max_norm 0.1) says to try a lower
-    learning rate too.
+    clipping fires on most steps the guide says to compare it with a lower learning rate given the same and more
+    steps and keep whichever wins, and the one row that recommends clipping where it fires on most steps (the
+    diverging MLP rescued at max_norm 0.1) says to try a lower learning rate too.
     """
     fx, h, rc, lo = evidence["fix"], evidence["hard"], evidence["recipe"], evidence["lower"]
     im, bu, tx, w = evidence["image"], evidence["budget"], evidence["text"], evidence["warmup"]
-    ad, b, d = evidence["adam"], evidence["batch"], evidence["distributed"]
+    ad, aw, b, d = evidence["adam"], evidence["adamw_cnn"], evidence["batch"], evidence["distributed"]
     dr, bz = evidence["direction"], evidence["bugs"]
     by = fx["by_depth"]
     d1, d2 = fx["depths"][0], fx["depths"][-1]
@@ -806,7 +842,8 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             f"At depth {h['depth']} and lr {h['lr']:g} all {h['seeds']} seeds of the plain MLP diverge without "
             f"clipping; with max_norm = {grids.HARD_THRESHOLD:g} every seed trains, {_pct(norm['mean'])} mean test "
             f"accuracy (worst {_pct(min(norm['accuracies']))}), clipping {_pct(norm['clip_fraction'], 0)} of the "
-            f"steps. Not training every seed at the thresholds compared: {failed}.",
+            f"steps. In the same stored runs (not shown in a chapter), not training every seed at the thresholds "
+            f"compared: {failed}.",
             "cls-methods"),
         Row("Choosing the threshold (any network)",
             f"The recipe: train {rc['probe_steps']} steps unclipped at your learning rate, set max_norm at the "
@@ -815,12 +852,18 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             f"On all {rc['networks']} networks and depths of chapter 4, the recipe's choice came within "
             f"{100 * rc['median_gap']:.1f} points of validation accuracy of the best of the grid's thresholds "
             f"(median; at most {100 * rc['max_gap']:.1f} points worse, and up to {100 * -min(rc['gaps']):.1f} points "
-            f"better), with no search. Single runs at seed 0: a start, not a tuned value.",
+            f"better), from one run per learning rate ({rc['runs']} runs, against {rc['grid_runs']} for the grid's "
+            f"thresholds). Its choice clips more than half of the steps on {rc['most']} of {rc['networks']} networks, "
+            f"so there step 3 asks for a lower-learning-rate comparison (the next row). Single runs at seed 0: a "
+            f"start, not a tuned value.",
             "cls-threshold"),
         Row(f"Clipping fires on more than {100 * rc['lower_above']:.0f}% of the steps",
-            "Lower the learning rate (gradclip.should_lower_lr), and compare it with the clipped run on validation "
-            "over the same number of steps, long enough for the lower rate",
-            f"On the MLP at depth {grids.HARD.depth} the best clipped run (lr {lo['clipped_lr']:g}) clips "
+            "Clipping has become a normalised smaller step: compare it on validation with a lower learning rate "
+            "without clipping (gradclip.should_lower_lr flags it), given the same and more steps, and keep "
+            "whichever wins",
+            f"On the MLP at depth {grids.HARD.depth} the best clipped run of chapter 4's stability scan (lr "
+            f"{lo['clipped_lr']:g}, {lo['clipped_seeds']} seeds; the second row's run at lr {h['lr']:g} is the "
+            f"validation choice at {h['seeds']} seeds) clips "
             f"{_pct(lo['clip_fraction'], 0)} of its steps; the best unclipped run (lr {lo['plain_lr']:g}) needs "
             f"{lo['slowdown']:.2f}x its steps to the target loss and ends at {_pct(lo['plain_acc'])} test accuracy, "
             f"the clipped run at {_pct(lo['clipped_acc'])}. On chapter 4's residual CNN without normalisation at "
@@ -856,7 +899,7 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             f"qk-layernorm {top['qk-norm']:.2f}; at the best lr every arm ends at {tx['transformer_best_worst']:.2f} "
             f"or below.",
             "text-transformer", also=("text-adam",)),
-        Row("You train with Adam (evidence: two small models)",
+        Row("You train with Adam or AdamW (evidence: the small models of chapters 4 and 5.1)",
             "Clipping is optional; keep it as a guard, and tune the learning rate",
             f"On chapter 5.1's MLP (depth {grids.HARD.depth}, {len(grids.OPT_SEEDS)} seeds, {grids.HARD.steps} "
             f"steps, {ad['adam']['n_lrs']} Adam and {ad['sgd']['n_lrs']} SGD learning rates, thresholds "
@@ -870,11 +913,18 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             + ("neither change is beyond the seed spread" if ad["adam"]["verdict"] == ad["sgd"]["verdict"] ==
                "no difference" else f"by the seed-spread rule clipping {_VERDICT[ad['adam']['verdict']]} with Adam "
                f"and {_VERDICT[ad['sgd']['verdict']]} with SGD")
-            + "). The transformer row above is the other model. Larger models and longer runs were not measured.",
-            "perf-adam"),
+            + f"). On chapter 4's residual CNN without normalisation (AdamW at lr {aw['lr']:g}, {aw['seeds']} seeds), "
+            f"clipping at 1 lifted the worst seed from {_pct(aw['plain_low'])} to {_pct(aw['clip_low'])}; clipped "
+            f"AdamW led clipped SGD "
+            + (f"at the first {aw['first_seeds']} seeds only, not at the {aw['seeds'] - aw['first_seeds']} unseen "
+               "ones" if aw["lead_first"] and not aw["lead_unseen"] else
+               f"at the first {aw['first_seeds']} seeds: {aw['lead_first']}, at the unseen ones: {aw['lead_unseen']}")
+            + ". The transformer row above is another model. Larger models and longer runs were not measured.",
+            "perf-adam", also=("cls-caps",)),
         Row("Early instability: is a warm-up enough?",
-            "A warm-up alone did not widen the learning rates that train (clipping did); on top of clipping it "
-            "widened nothing" + _accuracy_words(w["warmup_on_clipping"]),
+            "A warm-up alone did not change the learning rates that train; for SGD clipping moves them up rather "
+            "than adding to them; on top of clipping a warm-up widened nothing"
+            + _accuracy_words(w["warmup_on_clipping"]),
             f"On the MLP at depth {grids.HARD.depth} every seed trains at lr {w['neither']['words']} with neither "
             f"remedy, {w['warm-up']['words']} with a warm-up alone, {w['clipping']['words']} with clipping and "
             f"{w['both']['words']} with both; at the lr chosen on validation, mean test accuracy over "
@@ -1047,7 +1097,8 @@ def flow_chart() -> FlowChart:
                      "cls-fix")),
             ("no, or it cannot change", (
                 "Does clipping (at the recipe's threshold) fire on more than half of the steps?", [
-                    ("yes", ("Lower the learning rate, and compare on validation over enough steps", "perf-lower")),
+                    ("yes", ("Compare it on validation with a lower learning rate given the same and more steps; "
+                             "keep whichever wins", "perf-lower")),
                     ("no, or not clipping yet", (
                         "Which network and optimizer?", [
                             ("image network or MLP, SGD", ("Global-norm clipping at the recipe's threshold",
