@@ -11,6 +11,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 LIBRARY = Path(__file__).resolve().parents[1] / "src" / "gradclip"
 MODULES = sorted(path.stem for path in LIBRARY.glob("*.py") if path.stem != "__init__")
@@ -119,3 +120,100 @@ def test_the_shared_harness_imports_no_chapter_module():
         outside = book_imports(path) - SHARED_BOOK_MODULES
         assert not outside, f"{path.name} imports chapter modules {sorted(outside)}"
     assert book_imports(BOOK / "safety.py"), "the import reader found nothing: it is broken"
+
+
+# --- one straight pipeline: a call never comes back into a module it is still inside ----------
+
+
+def nested_reentries(call) -> list[str]:
+    """Calls into a gradclip module made while that module is already on the stack below another one.
+
+    ``A -> B -> A``: the pipeline went down into B and B called back up into A. Returns
+    ``"caller -> callee"`` for each (empty: the call ran top-down).
+    """
+    import sys
+
+    def module_of(frame) -> str | None:
+        name = frame.f_globals.get("__name__", "")
+        return name if name == "gradclip" or name.startswith("gradclip.") else None
+
+    found: list[str] = []
+
+    def profile(frame, event, arg):
+        if event != "call" or (callee := module_of(frame)) is None:
+            return
+        below = []
+        outer = frame.f_back
+        while outer is not None:
+            if (module := module_of(outer)) is not None:
+                below.append((module, outer.f_code.co_name))
+            outer = outer.f_back
+        if below and below[0][0] != callee and any(module == callee for module, _ in below[1:]):
+            found.append(f"{below[0][0]}.{below[0][1]} -> {callee}.{frame.f_code.co_name}")
+
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return found
+
+
+def test_the_reentry_finder_finds_a_call_back():
+    # the checker itself must be able to fail: a rule that calls back into the base class, compiled
+    # with the globals of gradclip.zclip so that its frames count as that module's
+    import gradclip
+
+    namespace = {"__name__": "gradclip.zclip", "ZClip": gradclip.ZClip}
+    exec(compile("def _step(self, groups, norm, wide, count):\n"
+                 "    self._on_device(norm.device)\n"
+                 "    return ZClip._step(self, groups, norm, wide, count)\n", "<zclip-like>", "exec"), namespace)
+    calls_back = type("CallsBack", (gradclip.ZClip,), {"_step": namespace["_step"]})
+    weight = torch.nn.Parameter(torch.ones(3))
+    weight.grad = torch.ones(3)
+    assert nested_reentries(lambda: calls_back()([weight])) == [
+        "gradclip.zclip._step -> gradclip.clippers._on_device"]
+
+
+def pipeline_calls():
+    """One call of each public norm, clipping function and clipper, on a small model's fresh gradients."""
+    import gradclip
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    params = list(model.parameters())
+
+    def fresh() -> None:
+        for p in params:
+            p.grad = torch.randn_like(p)
+
+    def clipper_call(clipper, warm_calls: int):
+        for _ in range(warm_calls):  # past a warm-up, into the steady rule
+            fresh()
+            clipper(params)
+        return lambda: (fresh(), clipper(params))
+
+    guard_on_loss = gradclip.SpikeGuard(signals=("norm", "loss"))
+
+    def guard_loss_call():
+        fresh()
+        guard_on_loss.record_loss(torch.tensor(1.0))
+        guard_on_loss(params)
+
+    return {
+        "clip_grad_norm_": lambda: (fresh(), gradclip.clip_grad_norm_(params, 0.1)),
+        "clip_grad_value_": lambda: (fresh(), gradclip.clip_grad_value_(params, 0.1)),
+        "get_total_norm": lambda: (fresh(), gradclip.get_total_norm([p.grad for p in params])),
+        "ZClip, warming up": clipper_call(gradclip.ZClip(warmup_steps=25), 0),
+        "ZClip": clipper_call(gradclip.ZClip(warmup_steps=5), 10),
+        "AutoClip": clipper_call(gradclip.AutoClip(), 10),
+        "SpikeGuard": clipper_call(gradclip.SpikeGuard(), 30),
+        "SpikeGuard on the loss": guard_loss_call,
+        "AdaGC": clipper_call(gradclip.AdaGC(), 10),
+    }
+
+
+@pytest.mark.parametrize("name", list(pipeline_calls()))
+def test_each_call_runs_top_down_without_calling_back(name):
+    call = pipeline_calls()[name]
+    assert nested_reentries(call) == []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +11,7 @@ import torch
 
 from . import _groups, _norms, _validate
 from ._scaling import scale_each_
-from .clippers import Clipper
+from .clippers import Clipper, StepCount
 from .layerwise import _norms_by_group
 
 __all__ = ["AdaGC", "AdaGCResult"]
@@ -244,16 +243,20 @@ class AdaGC(Clipper):
 
     # --- one call --------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def _apply(self, parameters: _validate.TensorOrTensors, optimizer: torch.optim.Optimizer | None,
-               grad_scale: torch.Tensor | float | None) -> AdaGCResult:
-        params = _validate.as_tensor_list(parameters)
+    def _check_parameters(self, params: list[torch.Tensor]) -> None:
+        params = _validate.distinct(params)  # (a parameter listed twice is one parameter, with one EMA)
+        if self.gamma is not None and len(self.gamma) != len(params):
+            raise ValueError(
+                f"{type(self).__name__} keeps one EMA per parameter, by position: it was first called with "
+                f"{len(self.gamma)} parameters and now with {len(params)}. Pass the same parameters in the same "
+                "order on every call, those without a gradient included (e.g. list(model.parameters()), made once).")
+
+    def _clip(self, checked: _validate.Checked, grad_scale: torch.Tensor | float | None,
+              count: StepCount | None) -> tuple[AdaGCResult, torch.device, torch.Tensor]:
+        """Each gradient's norm, its factor, the scaling: ``(result, device, whether the call counts)``."""
+        params = _validate.distinct(checked.items)
         positions = [i for i, p in enumerate(params) if p.grad is not None]
         grads = _validate.grads_of(params)
-        self._check_call(params, grads, optimizer, grad_scale)
-        compiling = torch.compiler.is_compiling()
-        if not compiling:
-            self._check_not_twice(grads)
         by_group = _norms_by_group(grads, self._p, self.foreach)
         device = grads[0].device
         places = _places(grads, [group for group, _ in by_group], device)
@@ -265,40 +268,20 @@ class AdaGC(Clipper):
                 grad_scale = grad_scale.detach().to(device=device, dtype=wide.dtype).reshape(())
             wide = wide / grad_scale
         total = _norms.combine(wide, self._p)
-        factors = self._update(wide.to(self.dtype), total.to(self.dtype), positions, len(params), device)
+        assert count is not None  # (the shared checks refuse a call without gradients)
+        warm = count.value < self.warmup_steps  # on the device when the count is: no sync, one graph
+        if not count.on_device:
+            warm = torch.tensor(warm, device=device)
+        factors = self._update(wide.to(self.dtype), total.to(self.dtype), positions, len(params), device, warm)
         for (group, _), where in zip(by_group, places):
             scale_each_(group, factors.index_select(0, where), self.foreach)
         out = _norms.output_dtype([g.dtype for g in grads])
         result = AdaGCResult(norm=total.to(out), norms=wide.to(out), scales=factors.to(out))
-        if not compiling:
-            self._last_grads = [weakref.ref(g) for g in grads]
-            self._last_versions = [g._version for g in grads]
-        self.last_result = result
-        return result
-
-    def _check_call(self, params: list[torch.Tensor], grads: list[torch.Tensor],
-                    optimizer: torch.optim.Optimizer | None, grad_scale: Any) -> None:
-        name = type(self).__name__
-        if not params:
-            raise RuntimeError(
-                f"{name} was called with no parameters: an empty list, or an iterator (model.parameters(), a "
-                "generator, filter or map) consumed earlier, for instance by the optimizer's constructor or a "
-                "loop. Pass list(model.parameters()), made once and reused.")
-        if not grads:
-            raise RuntimeError(
-                f"{name} was called but no parameter has a gradient: call loss.backward() before the clipper "
-                "(when attached: before optimizer.step(), or inside the closure passed to optimizer.step(closure)).")
-        if self.gamma is not None and len(self.gamma) != len(params):
-            raise ValueError(
-                f"{name} keeps one EMA per parameter, by position: it was first called with {len(self.gamma)} "
-                f"parameters and now with {len(params)}. Pass the same parameters in the same order on every "
-                "call, those without a gradient included (e.g. list(model.parameters()), made once).")
-        if grad_scale is None:
-            self._check_unscaled(optimizer)
+        return result, device, torch.isfinite(total)
 
     def _update(self, norms: torch.Tensor, total: torch.Tensor, positions: list[int], count: int,
-                device: torch.device) -> torch.Tensor:
-        """The factor of each gradient; updates gamma at ``positions`` and the step counter, on the device."""
+                device: torch.device, warm: torch.Tensor) -> torch.Tensor:
+        """The factor of each gradient; updates gamma at ``positions``, on the device (``warm``: a 0-dim bool)."""
         if self.gamma is None or self.gamma.device != device:
             gamma = torch.full((count,), math.nan, dtype=self.dtype, device=device)
             if self.gamma is not None:
@@ -306,7 +289,6 @@ class AdaGC(Clipper):
             self.gamma = gamma
         where = _on(positions, device)
         previous = self.gamma.index_select(0, where)
-        warm = self._device_count(device) < self.warmup_steps  # decided on the device: no sync, one graph
         known = ~torch.isnan(previous)
         start = torch.where(known, previous, norms)  # a tensor's first norm starts its EMA
         cap = self.lambda_rel * start
@@ -331,7 +313,6 @@ class AdaGC(Clipper):
         counted = torch.isfinite(total)
         keep = keep | ~(torch.isfinite(norms) & torch.isfinite(entered) & (entered > 0) & torch.isfinite(new))
         self.gamma.index_copy_(0, where, torch.where(keep | ~counted, previous, new))
-        self._count_call(device, counted)
         return factors
 
     # --- state -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 from . import _groups, _validate
 from ._scaling import scale_
-from .clippers import Clipper
+from .clippers import Clipper, StepCount
 from .result import ClipResult
 
 __all__ = ["AutoClip"]
@@ -356,8 +356,8 @@ class AutoClip(Clipper):
 
     # --- the step --------------------------------------------------------------------------
 
-    def _step(self, groups: _groups.Plan, norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
-        if self._on_device(wide.device):  # accelerators, torch.compile: whether the norm is finite is not read
+    def _step(self, groups: _groups.Plan, norm: torch.Tensor, wide: torch.Tensor, count: StepCount) -> ClipResult:
+        if count.on_device:  # accelerators, torch.compile: whether the norm is finite is not read
             return self._traced_step(groups, norm, wide)
         self._catch_up()
         value = wide.to(self.dtype)

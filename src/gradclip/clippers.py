@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,6 +27,20 @@ from ._validate import OrthogonalizedUpdateWarning
 from .result import ClipResult
 
 __all__ = ["Clipper", "OrthogonalizedUpdateWarning"]
+
+
+class StepCount(NamedTuple):
+    """How many earlier calls were counted, in the form a rule may read it.
+
+    The base class computes it once per call and hands it to the subclass's
+    rule, so that the rule never calls back into the base class (the pipeline
+    runs top-down: validate, group, norm, rule, scale, count).
+    """
+
+    on_device: bool
+    """Decide everything on the device (accelerators, ``torch.compile``): nothing is read on the host."""
+    value: int | torch.Tensor
+    """The count: a Python int on the host, else a 0-dim int64 tensor on the gradients' device."""
 
 
 def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -237,13 +251,20 @@ class Clipper:
     def _load_state(self, state: Mapping[str, Any]) -> None:
         pass
 
-    def _step(self, groups: _groups.Plan, norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
+    def _step(self, groups: _groups.Plan, norm: torch.Tensor, wide: torch.Tensor, count: StepCount) -> ClipResult:
         """Clip the planned gradients given their norm (``wide``: the same in float64) and update the state.
 
         ``groups`` is the :class:`~gradclip._groups.Plan` (iterating it gives its groups); scale
-        through :func:`gradclip._scaling.scale_`.
+        through :func:`gradclip._scaling.scale_`. ``count``: the earlier counted calls (read it
+        instead of ``steps``: the rule does not call back into the base class).
         """
         raise NotImplementedError
+
+    def _check_parameters(self, params: list[torch.Tensor]) -> None:
+        """Refuse parameters the subclass cannot take (called after the shared checks)."""
+
+    def _begin_call(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Prepare one call, after the checks and before the norm (``optimizer``: validated, or ``None``)."""
 
     # --- the call count -------------------------------------------------------------------
 
@@ -269,14 +290,21 @@ class Clipper:
         self._device_steps = torch.full((), self._steps, dtype=torch.int64, device=self._device_steps.device)
         self._steps_stale = False
 
-    def _count_call(self, device: torch.device, counted: torch.Tensor) -> None:
+    def _count_for(self, device: torch.device) -> StepCount:
+        """The earlier counted calls, for a call whose norm lies on ``device``."""
+        if self._on_device(device):
+            return StepCount(True, self._device_count(device))
+        return StepCount(False, self.steps)
+
+    def _count_call(self, device: torch.device, counted: torch.Tensor, on_device: bool) -> None:
         """Advance the call count by ``counted`` (a 0-dim bool tensor: False for a non-finite norm).
 
-        On the device always; on the host too where reading ``counted`` is free (the CPU, outside
-        compilation); elsewhere the host count goes stale until ``steps`` is read.
+        On the device always; on the host too where reading ``counted`` is free (``on_device``
+        False: the CPU, outside compilation); elsewhere the host count goes stale until ``steps``
+        is read.
         """
         counter = self._device_count(device)
-        if self._on_device(device):
+        if on_device:
             self._steps_stale = True
         elif bool(counted):
             self._steps = self.steps + 1  # (first catching up with calls made under compile)
@@ -321,10 +349,31 @@ class Clipper:
 
     @torch.no_grad()
     def _apply(self, parameters: _validate.TensorOrTensors, optimizer: torch.optim.Optimizer | None,
-               grad_scale: torch.Tensor | float | None) -> ClipResult:
-        """The call, for gradients still multiplied by ``grad_scale`` (a fused step under GradScaler) or not."""
+               grad_scale: torch.Tensor | float | None) -> Any:
+        """The call, for gradients still multiplied by ``grad_scale`` (a fused step under GradScaler) or not.
+
+        One pass, top-down: validate, check, :meth:`_clip` (group, norm, the subclass's rule,
+        scale), count. Hooks of subclasses are called from here and never call back.
+        """
         checked = _validate.check_call(parameters, norm_type=self._p, foreach=self.foreach)
         params, grads = checked.items, checked.tensors
+        optimizer = self._check_call(params, grads, optimizer, grad_scale)
+        self._begin_call(optimizer)
+        compiling = torch.compiler.is_compiling()
+        if not compiling:  # version counters are not traceable: see the class docstring
+            self._check_not_twice(grads)
+        count = self._count_for(grads[0].device) if grads else None
+        result, device, counted = self._clip(checked, grad_scale, count)
+        if not compiling:
+            self._last_grads = [weakref.ref(g) for g in grads]
+            self._last_versions = [g._version for g in grads]
+        self._count_call(device, counted, self._on_device(device))
+        self.last_result = result
+        return result
+
+    def _check_call(self, params: list[torch.Tensor], grads: list[torch.Tensor],
+                    optimizer: torch.optim.Optimizer | None, grad_scale: Any) -> torch.optim.Optimizer | None:
+        """Refuse a call that cannot be right; return ``optimizer``, validated (or ``None``)."""
         if not params and self.process_group is None:
             raise RuntimeError(
                 f"{type(self).__name__} was called with no parameters: an empty list, or an iterator "
@@ -337,25 +386,28 @@ class Clipper:
                 "loss.backward() before the clipper (when attached: before optimizer.step(), or inside "
                 "the closure passed to optimizer.step(closure))."
             )
+        self._check_parameters(params)
         if grad_scale is None:
             if optimizer is not None:  # (a framework's wrapper: the scaler keeps the state of the optimizer inside)
                 optimizer = _validate.check_optimizer(optimizer, f"{type(self).__name__}(..., optimizer=)")
             self._check_unscaled(optimizer)
-        compiling = torch.compiler.is_compiling()
-        if not compiling:  # version counters are not traceable: see the class docstring
-            self._check_not_twice(grads)
+        return optimizer
+
+    def _clip(self, checked: _validate.Checked, grad_scale: torch.Tensor | float | None,
+              count: StepCount | None) -> tuple[Any, torch.device, torch.Tensor]:
+        """Group, norm, rule and scale: ``(result, the norm's device, whether the call counts)``.
+
+        ``count``: the earlier calls, for the first gradient's device (``None`` without gradients).
+        """
         plan = _groups.plan_for(checked, self.foreach)
         total = norms.total_norm(plan, self._p, self.foreach, process_group=self.process_group,
                                  replicated=self.replicated, wide=True)
         if grad_scale is not None:
             total = total.divided_by(grad_scale)
-        result = self._step(plan, total.norm, total.wide)
-        if not compiling:
-            self._last_grads = [weakref.ref(g) for g in grads]
-            self._last_versions = [g._version for g in grads]
-        self._count_call(total.norm.device, torch.isfinite(total.wide))
-        self.last_result = result
-        return result
+        device = total.norm.device
+        if count is None or (count.on_device and count.value.device != device):
+            count = self._count_for(device)
+        return self._step(plan, total.norm, total.wide, count), device, torch.isfinite(total.wide)
 
     def _check_unscaled(self, optimizer: torch.optim.Optimizer | None) -> None:
         scaler = self.scaler

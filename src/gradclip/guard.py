@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import _groups, _validate
-from .clippers import Clipper, optimizer_parameters
+from .clippers import Clipper, StepCount, optimizer_parameters
 from .result import ClipResult
 
 __all__ = ["SpikeGuard"]
@@ -253,12 +253,13 @@ class SpikeGuard(Clipper):
             config.update(signals=list(self.signals), two_sided=self.two_sided)
         return config
 
-    def _outlier(self, history: torch.Tensor | None, x: torch.Tensor,
-                 counted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _outlier(self, history: torch.Tensor | None, x: torch.Tensor, counted: torch.Tensor,
+                 calls: StepCount) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(skip, upper limit, history)`` for the value ``x``; enters ``x`` in the (new or moved) history.
 
         Only when ``counted`` (a 0-dim bool tensor: the gradient norm is finite): a call on a
-        non-finite norm leaves both histories as they were, evicting nothing.
+        non-finite norm leaves both histories as they were, evicting nothing. ``calls``: the
+        earlier counted calls (which slot of the window ``x`` takes).
         """
         device = x.device
         if history is None or history.device != device:
@@ -284,15 +285,15 @@ class SpikeGuard(Clipper):
         if self.two_sided:
             skip = skip | (enough & (x < lower))
         recorded = torch.where(finite, x, math.nan)
-        if self._on_device(device):  # the slot from the device count: nothing read on the host (or recompiled on)
+        if calls.on_device:  # the slot from the device count: nothing read on the host (or recompiled on)
             slots = torch.arange(self.window, device=device)
-            h.copy_(torch.where((slots == self._device_count(device) % self.window) & counted, recorded, h))
+            h.copy_(torch.where((slots == calls.value % self.window) & counted, recorded, h))
         elif bool(counted):  # (on the CPU: free)
-            slot = self.steps % self.window
+            slot = calls.value % self.window
             h[slot : slot + 1].copy_(recorded.reshape(1))
         return skip, upper, history
 
-    def _step(self, groups: list[_groups.Group], norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
+    def _step(self, groups: list[_groups.Group], norm: torch.Tensor, wide: torch.Tensor, count: StepCount) -> ClipResult:
         device = norm.device
         self.skipped_steps = self.skipped_steps.to(device)
         x = wide.to(torch.float64)
@@ -306,13 +307,16 @@ class SpikeGuard(Clipper):
                     "optimizer.step() (with a closure: inside it), or create the guard with signals='norm'")
             loss = self._pending_loss.to(device, non_blocking=True)
             self._pending_loss = None
-            skip, _, self._loss_history = self._outlier(self._loss_history, loss, counted)
+            skip, _, self._loss_history = self._outlier(self._loss_history, loss, counted, count)
         if "norm" in self.signals:
-            norm_skip, level, self._history = self._outlier(self._history, x, counted)
+            norm_skip, level, self._history = self._outlier(self._history, x, counted, count)
             skip = skip | norm_skip
         previous = self._step_skip if (self._hooked and self._in_step) else None
         # a step the GradScaler skips itself (a fused optimizer's, whose hooks run anyway) is the scaler's
-        counts = skip if self._scaler_skips is None else skip & ~self._scaler_skips.to(device)
+        scaler_skips = self._scaler_skips
+        if not self._hooked:  # a call by hand: set by _begin_call for this call only
+            self._scaler_skips = None
+        counts = skip if scaler_skips is None else skip & ~scaler_skips.to(device)
         if previous is None:
             self.skipped_steps = self.skipped_steps + counts
         else:  # another closure evaluation of the same step: the step is skipped if any evaluation is
@@ -324,18 +328,11 @@ class SpikeGuard(Clipper):
         factor = (~skip).to(norm.dtype)
         return ClipResult(norm=norm, threshold=level, scale=factor)
 
-    def _apply(self, parameters: Any, optimizer: torch.optim.Optimizer | None,
-               grad_scale: torch.Tensor | float | None) -> ClipResult:
-        if self._hooked or self.scaler is None:
-            return super()._apply(parameters, optimizer, grad_scale)
+    def _begin_call(self, optimizer: torch.optim.Optimizer | None) -> None:
         # by hand with scaler=: a step the scaler will skip (its found_inf, on the device) is the scaler's
-        if optimizer is not None:
-            optimizer = _validate.check_optimizer(optimizer, "SpikeGuard(..., optimizer=)")
-        self._scaler_skips = _scaler_found_inf(self.scaler, optimizer)
-        try:
-            return super()._apply(parameters, optimizer, grad_scale)
-        finally:
-            self._scaler_skips = None
+        # (attached, the step pre-hook set it for the whole step, closure evaluations included)
+        if not self._hooked:
+            self._scaler_skips = None if self.scaler is None else _scaler_found_inf(self.scaler, optimizer)
 
     # --- enforcing the decision on an optimizer ----------------------------------------------
 

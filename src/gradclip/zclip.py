@@ -10,7 +10,7 @@ import torch
 
 from . import _groups, _validate
 from ._scaling import NORM_EPS, clip_coefficient, scale_
-from .clippers import Clipper
+from .clippers import Clipper, StepCount
 from .result import ClipResult
 
 __all__ = ["ZClip"]
@@ -168,12 +168,12 @@ class ZClip(Clipper):
         """Whether the EMA has not started yet."""
         return self.steps < self.warmup_steps
 
-    def _step(self, groups: _groups.Plan, norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
+    def _step(self, groups: _groups.Plan, norm: torch.Tensor, wide: torch.Tensor, count: StepCount) -> ClipResult:
         g = wide.to(self.dtype)
-        if self._on_device(g.device):  # (accelerators, torch.compile: the warm-up's end is not read on the host)
-            return self._traced_step(groups, norm, g)
-        if self.warming_up:
-            return self._warmup_step(groups, norm, g)
+        if count.on_device:  # (accelerators, torch.compile: the warm-up's end is not read on the host)
+            return self._traced_step(groups, norm, g, count.value)
+        if count.value < self.warmup_steps:
+            return self._warmup_step(groups, norm, g, count.value)
         assert self._mean is not None and self._var is not None
         threshold, scale, self._mean, self._var = self._ema_step(g, self._mean.to(g.device), self._var.to(g.device))
         scale_(groups, scale, self.foreach)
@@ -227,13 +227,12 @@ class ZClip(Clipper):
         threshold = torch.full((), self.max_grad_norm, dtype=self.dtype, device=norm.device)
         return threshold, clip_coefficient(self.max_grad_norm, g).to(norm.dtype)
 
-    def _warmup_step(self, groups: _groups.Plan, norm: torch.Tensor, g: torch.Tensor) -> ClipResult:
+    def _warmup_step(self, groups: _groups.Plan, norm: torch.Tensor, g: torch.Tensor, steps: int) -> ClipResult:
         if self._buffer is None or self._buffer.device != g.device:
             buffer = torch.full((self.warmup_steps,), math.nan, dtype=self.dtype, device=g.device)
             if self._buffer is not None:
                 buffer.copy_(self._buffer)
             self._buffer = buffer
-        steps = self.steps
         if bool(torch.isfinite(g)):  # (on the CPU: free) a non-finite norm takes no slot of the warm-up
             self._buffer[steps : steps + 1].copy_(g.reshape(1))
             if steps + 1 == self.warmup_steps:
@@ -246,7 +245,8 @@ class ZClip(Clipper):
             scale_(groups, scale, self.foreach)
         return ClipResult(norm=norm, threshold=threshold, scale=scale)
 
-    def _traced_step(self, groups: _groups.Plan, norm: torch.Tensor, g: torch.Tensor) -> ClipResult:
+    def _traced_step(self, groups: _groups.Plan, norm: torch.Tensor, g: torch.Tensor,
+                     step: torch.Tensor) -> ClipResult:
         """The step on an accelerator or inside ``torch.compile``: warm-up and EMA both computed, the device count picks one.
 
         Equal to the eager steps (same operations); nothing branches on a
@@ -261,7 +261,6 @@ class ZClip(Clipper):
         nan = torch.full((), math.nan, dtype=self.dtype, device=device)
         mean = nan if self._mean is None else self._mean.to(device)
         var = nan if self._var is None else self._var.to(device)
-        step = self._device_count(device)  # finite norms seen so far
         warm = step < width
         finite = torch.isfinite(g)
         slots = torch.arange(width, device=device)
