@@ -101,7 +101,6 @@ __all__ = [
     "step_phrase",
     "summary",
     "main",
-    "per_seed_recipe",
     "recipe_threshold",
     "train",
 ]
@@ -509,7 +508,8 @@ def train(config: SafetyConfig = SafetyConfig(), clip_max_norm: float | None = N
     """Train chapter 4's network with ``config.fault`` injected and ``config.guard`` on; deterministic.
 
     ``clip_max_norm`` replaces :data:`CLIP_MAX_NORM` for the ``"clip"`` and ``"clip+skip"`` guards (the stored grid
-    uses the default; :func:`per_seed_recipe` passes each seed's own recipe threshold).
+    uses the default; pass another seed's :func:`recipe_threshold` to see how much a verdict depends on the clean
+    run that chose the threshold).
 
     The loop is the book's harness (:func:`gradclip_book.harness.train`, no clipping method): the batch
     (faulty at the fault steps), forward through the guard's ``logits`` (with the fault's gradient hook at the
@@ -563,25 +563,6 @@ def recipe_threshold(seed: int = 0) -> float:
         run = harness.train(model, optimizer, harness.minibatches(*parts["train"], base.batch, base.seed),
                             base.steps, divergence=None, threads=None)
     return recipe.recommend_threshold(run.grad_norm)
-
-
-def per_seed_recipe(fault: str, seeds: Iterable[int] | None = None) -> dict[str, Any]:
-    """The ``"clip"`` guard with the recipe applied to each seed's own clean run (:func:`recipe_threshold`) instead
-    of seed 0's, ``fault`` at :data:`DEFAULT_FAULT_STEP`: how much the page's verdict on that fault depends on
-    which clean run chose the threshold (``seeds``: default :data:`SEEDS`). Computed, not stored (one probe and one run per seed, about 3 s each).
-
-    Returns ``{"thresholds": [per seed], "accuracies": [per seed], "mean": float | None, "recovers": bool}`` (the
-    rule of :func:`recovers` against the stored clean runs).
-    """
-    seeds = list(SEEDS if seeds is None else seeds)
-    thresholds = [recipe_threshold(seed) for seed in seeds]
-    runs = [train(SafetyConfig(fault=fault, guard="clip", base=replace(BASE, seed=seed)), clip_max_norm=c)
-            for seed, c in zip(seeds, thresholds)]
-    accuracies = [run.test_accuracy for run in runs]
-    stored = load()
-    clean = [stored["none", "none", -1, seed]["test_accuracy"] for seed in seeds]
-    return {"thresholds": thresholds, "accuracies": accuracies, "mean": _mean(accuracies),
-            "recovers": recovers(accuracies, clean)}
 
 
 def _config_dict(config: SafetyConfig) -> dict[str, Any]:
