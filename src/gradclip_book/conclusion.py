@@ -1002,7 +1002,8 @@ def safety_rows(summary: dict[str, Any]) -> list[Row]:
     """Chapter 5.3's rows, one per fault, from ``gradclip_book.safety.summary()``.
 
     Per fault: the guards that recover the run (every seed finishes and the mean test accuracy is not below the
-    lowest clean seed's: ``gradclip_book.safety.recovers``), best first, and what happens without a guard.
+    lowest clean seed's: ``gradclip_book.safety.recovers``), best first, and what happens without a guard. A guard
+    whose verdict flips when one seed is left out (``hinges_on``, chapter 5.3's *) is named with those seeds.
     """
     rows = []
     clean = summary["clean"]
@@ -1014,10 +1015,10 @@ def safety_rows(summary: dict[str, Any]) -> list[Row]:
         without = (f"without a guard {lost} of {len(plain['outcomes'])} seeds {'is' if lost == 1 else 'are'} lost"
                    if plain["lost"] else
                    f"without a guard the run ends at {_pct(plain['accuracy'])}")
-        names = [GUARD_NAMES.get(g, g) for g in good]
+        names = [GUARD_NAMES.get(g, g) + _hinge_note(by_guard[g].get("hinges_on", [])) for g in good]
         if good:
             best = by_guard[good[0]]
-            evidence = (f"With the fault {without}; with the {names[0]} every seed finishes, at "
+            evidence = (f"With the fault {without}; with the {GUARD_NAMES.get(good[0], good[0])} every seed finishes, at "
                         f"{_pct(best['accuracy'])} mean test accuracy (clean run {_pct(clean)}).")
         else:
             evidence = (f"With the fault {without}; no guard brings its mean within the clean seeds' range "
@@ -1025,6 +1026,11 @@ def safety_rows(summary: dict[str, Any]) -> list[Row]:
         rows.append(Row(f"A fault in training: {FAULT_NAMES.get(fault, fault)}",
                         ", ".join(names) or "none of the guards recovers it", evidence, "safety-guards"))
     return rows
+
+
+def _hinge_note(seeds: list[int]) -> str:
+    """`` (not without seed 5 or 9)`` for a verdict that leaving out one of ``seeds`` flips; ``""`` if none does."""
+    return f" (not without seed {' or '.join(map(str, seeds))})" if seeds else ""
 
 
 # --- the flow chart ---------------------------------------------------------------------------------------

@@ -59,10 +59,12 @@ Example:
 from __future__ import annotations
 
 import argparse
-
 import copy
 import functools
+import gzip
+import json
 import math
+import os
 import statistics
 import time
 from collections import deque
@@ -90,6 +92,7 @@ __all__ = [
     "SafetyConfig",
     "SafetyRun",
     "costs",
+    "append",
     "grid",
     "by_fault_step",
     "leave_one_seed_out",
@@ -98,7 +101,6 @@ __all__ = [
     "step_phrase",
     "summary",
     "main",
-    "per_seed_recipe",
     "recipe_threshold",
     "train",
 ]
@@ -506,7 +508,8 @@ def train(config: SafetyConfig = SafetyConfig(), clip_max_norm: float | None = N
     """Train chapter 4's network with ``config.fault`` injected and ``config.guard`` on; deterministic.
 
     ``clip_max_norm`` replaces :data:`CLIP_MAX_NORM` for the ``"clip"`` and ``"clip+skip"`` guards (the stored grid
-    uses the default; :func:`per_seed_recipe` passes each seed's own recipe threshold).
+    uses the default; pass another seed's :func:`recipe_threshold` to see how much a verdict depends on the clean
+    run that chose the threshold).
 
     The loop is the book's harness (:func:`gradclip_book.harness.train`, no clipping method): the batch
     (faulty at the fault steps), forward through the guard's ``logits`` (with the fault's gradient hook at the
@@ -562,25 +565,6 @@ def recipe_threshold(seed: int = 0) -> float:
     return recipe.recommend_threshold(run.grad_norm)
 
 
-def per_seed_recipe(fault: str, seeds: Iterable[int] | None = None) -> dict[str, Any]:
-    """The ``"clip"`` guard with the recipe applied to each seed's own clean run (:func:`recipe_threshold`) instead
-    of seed 0's, ``fault`` at :data:`DEFAULT_FAULT_STEP`: how much the page's verdict on that fault depends on
-    which clean run chose the threshold (``seeds``: default :data:`SEEDS`). Computed, not stored (one probe and one run per seed, about 3 s each).
-
-    Returns ``{"thresholds": [per seed], "accuracies": [per seed], "mean": float | None, "recovers": bool}`` (the
-    rule of :func:`recovers` against the stored clean runs).
-    """
-    seeds = list(SEEDS if seeds is None else seeds)
-    thresholds = [recipe_threshold(seed) for seed in seeds]
-    runs = [train(SafetyConfig(fault=fault, guard="clip", base=replace(BASE, seed=seed)), clip_max_norm=c)
-            for seed, c in zip(seeds, thresholds)]
-    accuracies = [run.test_accuracy for run in runs]
-    stored = load()
-    clean = [stored["none", "none", -1, seed]["test_accuracy"] for seed in seeds]
-    return {"thresholds": thresholds, "accuracies": accuracies, "mean": _mean(accuracies),
-            "recovers": recovers(accuracies, clean)}
-
-
 def _config_dict(config: SafetyConfig) -> dict[str, Any]:
     out = asdict(config)
     out["base"] = asdict(config.base)
@@ -589,24 +573,27 @@ def _config_dict(config: SafetyConfig) -> dict[str, Any]:
 
 # --- the stored grid ---------------------------------------------------------------------------------
 
-SEEDS = (0, 1, 2, 3, 4)
+SEEDS = tuple(range(10))
 """Seeds of the summary (at :data:`DEFAULT_FAULT_STEP`) and of the clean runs; the explorer's other fault steps use
-seed 0."""
+seed 0. Seeds 5-9 were appended to the stored grid later (``python -m gradclip_book.safety grid --append 5 6 7 8 9``),
+seeds 0-4's lines unchanged."""
 GRID_PATH = Path(__file__).resolve().parents[2] / "chapters" / "data" / "safety_grid.jsonl.gz"
 
 
-def grid_configs() -> list[SafetyConfig]:
+def grid_configs(seeds: Iterable[int] | None = None) -> list[SafetyConfig]:
     """Every stored run: each fault x guard at every fault step (seed 0) and at the default step (all seeds), and
-    each guard without a fault (all seeds)."""
+    each guard without a fault (all seeds). ``seeds``: default :data:`SEEDS`; runs at the other fault steps are
+    seed 0's, so they are listed only when 0 is among ``seeds``."""
+    seeds = tuple(SEEDS if seeds is None else seeds)
     configs = []
     for guard in GUARDS:
-        for seed in SEEDS:
+        for seed in seeds:
             configs.append(SafetyConfig(guard=guard, base=replace(BASE, seed=seed)))
         for fault in FAULTS:
             if fault == "none":
                 continue
             for step in FAULT_STEPS:
-                for seed in (SEEDS if step == DEFAULT_FAULT_STEP else SEEDS[:1]):
+                for seed in (seeds if step == DEFAULT_FAULT_STEP else [s for s in seeds if s == 0]):
                     configs.append(SafetyConfig(fault=fault, guard=guard, fault_step=step,
                                                 base=replace(BASE, seed=seed)))
     return configs
@@ -628,12 +615,72 @@ def to_json(run: SafetyRun) -> dict[str, Any]:
 
 
 def grid(path: str | Path = GRID_PATH, progress: bool = True) -> None:
-    """Compute every run of :func:`grid_configs` and write them, one JSON line each, gzipped (about a minute)."""
+    """Compute every run of :func:`grid_configs` and write them, one JSON line each, gzipped (it rewrites the file;
+    about 2 s a run on one thread)."""
     configs = grid_configs()
     if progress:
         from tqdm import tqdm
         configs = tqdm(configs, desc="safety grid", unit="run")
     grids.write_lines(Path(path), [to_json(train(c)) for c in configs])
+
+
+def append(seeds: Iterable[int], path: str | Path = GRID_PATH, progress: bool = True) -> list[tuple]:
+    """Compute the runs of :func:`grid_configs` for ``seeds`` that ``path`` lacks and append them; every stored line
+    stays as it is, byte for byte (returns the keys computed).
+
+    The runs are computed one seed after another, and each line is appended to the file as soon as its run ends
+    (a gzip member of its own), so an interrupted command loses at most the run in progress and, run again, goes
+    on where it stopped. At the end the file is written again as one gzip member with the same text: the stored
+    lines first and unchanged (checked), then the new ones in the order they were computed.
+    """
+    path = Path(path)
+    before, clean = _text(path)
+    if not clean:
+        _write_text(path, before)  # a member cut off by an interruption would hide the lines appended after it
+    done = {key(line["config"]) for line in grids.load(path)}
+    todo = [c for seed in seeds for c in grid_configs([seed]) if key(c) not in done]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc="safety grid (append)", unit="run")
+    for config in todo:
+        line = json.dumps(to_json(train(config)), separators=(",", ":")) + "\n"
+        with gzip.open(path, "ab") as out:
+            out.write(line.encode())
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    after, clean = _text(path)
+    if not clean or not after.startswith(before):
+        raise RuntimeError(f"{path}: the stored lines changed while appending; restore the file from git")
+    _write_text(path, after)
+    _load.cache_clear()
+    return [key(c) for c in todo]
+
+
+def _text(path: Path) -> tuple[str, bool]:
+    """The file's complete lines as one text, and whether the file read cleanly (a line or gzip member cut off by
+    an interruption is left out of the text and makes the read unclean)."""
+    if not path.exists():
+        return "", True
+    lines, clean = [], True
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        try:
+            for line in f:
+                lines.append(line)
+        except (EOFError, gzip.BadGzipFile):
+            clean = False
+    text = "".join(lines)
+    return text[: text.rfind("\n") + 1], clean and (not text or text.endswith("\n"))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Rewrite ``path`` as one gzip member holding ``text`` (no timestamp, as :func:`gradclip_book.grids.write_lines`)."""
+    tmp = path.with_suffix(".tmp")
+    with gzip.GzipFile(tmp, "wb", mtime=0) as f:
+        f.write(text.encode())
+    os.replace(tmp, path)
 
 
 @functools.lru_cache(maxsize=2)
@@ -806,13 +853,23 @@ def costs(repeats: int = 15, steps: int = EVERY) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m gradclip_book.safety grid [--out PATH]``: recompute the stored grid (about a minute)."""
+    """``python -m gradclip_book.safety grid [--out PATH] [--append SEED ...]``: recompute the stored grid, or
+    append the runs of new seeds to it."""
     parser = argparse.ArgumentParser(prog="python -m gradclip_book.safety",
                                      description="Recompute chapter 5.3's stored grid of faults and guards "
-                                                 f"({len(grid_configs())} runs, about a minute); it rewrites the file.")
+                                                 f"({len(grid_configs())} runs, about 2 s each on one thread); it "
+                                                 "rewrites the file. With --append, only the runs of the given "
+                                                 "seeds that the file lacks are computed and added at its end.")
     parser.add_argument("what", choices=["grid"], help="what to compute: the stored grid")
     parser.add_argument("--out", type=Path, default=Path(GRID_PATH), help=f"the file to write (default {GRID_PATH})")
+    parser.add_argument("--append", type=int, nargs="+", metavar="SEED",
+                        help=f"append these seeds' runs ({len(grid_configs([1]))} a seed; seed 0 also has the other "
+                             "fault steps) and keep every stored line as it is; resumable")
     args = parser.parse_args(argv)
+    if args.append:
+        added = append(args.append, args.out)
+        print(f"{len(added)} runs appended to {args.out} (seeds {' '.join(map(str, args.append))})")
+        return
     grid(args.out)
     print(f"{len(grid_configs())} runs in {args.out}")
 

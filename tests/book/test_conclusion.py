@@ -507,11 +507,13 @@ def test_safety_rows_pick_the_guards_that_recover():
         "nan-grad": {"none": {"outcomes": ["diverged", "diverged", "finished"], "lost": True, "accuracy": None,
                               "recovers": False},
                      "spike": {"outcomes": ["finished"] * 3, "lost": False, "accuracy": 0.948, "recovers": True},
-                     "loss": {"outcomes": ["finished"] * 3, "lost": False, "accuracy": 0.951, "recovers": True},
+                     "loss": {"outcomes": ["finished"] * 3, "lost": False, "accuracy": 0.951, "recovers": True,
+                              "hinges_on": [2]},
                      "softcap": {"outcomes": ["diverged"] * 3, "lost": True, "accuracy": None, "recovers": False}},
         "labels": {"none": {"outcomes": ["finished"] * 3, "lost": False, "accuracy": 0.90, "recovers": False}}}}
     nan, labels = cc.safety_rows(summary)
-    assert nan.method == "loss guard, SpikeGuard" and "2 of 3 seeds are lost" in nan.evidence
+    # a verdict that one seed decides says so (chapter 5.3's leave-one-seed-out)
+    assert nan.method == "loss guard (not without seed 2), SpikeGuard" and "2 of 3 seeds are lost" in nan.evidence
     assert "95.1%" in nan.evidence and nan.situation.endswith("a batch of NaN gradients")
     assert labels.method.startswith("none") and "90.0%" in labels.evidence
     assert labels.href == cc.link("safety-guards") == "safety.html#what-each-guard-survives"

@@ -291,8 +291,63 @@ def test_the_grid_command_has_a_help_and_does_not_run_without_its_argument(tmp_p
     # `python -m gradclip_book.safety --help` used to start recomputing (and rewriting) the stored grid
     with pytest.raises(SystemExit) as exit_info:
         safety.main(["--help"])
-    assert exit_info.value.code == 0 and "rewrites the file" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "rewrites the file" in help_text and "--append" in help_text
     with pytest.raises(SystemExit) as exit_info:
         safety.main([])  # the argument is required
     assert exit_info.value.code == 2
     assert not (tmp_path / "x.jsonl.gz").exists()
+
+
+def test_append_adds_the_missing_runs_of_new_seeds_and_keeps_stored_lines_byte_for_byte(tmp_path, monkeypatch):
+    # the runs are replaced by a stand-in (a real one takes ~2 s); what is tested is which runs the command computes
+    # and what it does to the stored lines
+    import gzip
+
+    computed = []
+
+    def fake_train(config, clip_max_norm=None):
+        computed.append(safety.key(config))
+        return safety.SafetyRun(config=safety._config_dict(config), loss=[1.0, float("nan")], actions=["step"] * 2,
+                                spike_skips=0, finite=True, test_accuracy=0.5 + config.base.seed / 100,
+                                outcome="finished", seconds=0.0)
+
+    monkeypatch.setattr(safety, "train", fake_train)
+    path = tmp_path / "grid.jsonl.gz"
+    stored = safety.grid_configs([0, 1])
+    safety.grids.write_lines(path, [safety.to_json(fake_train(c)) for c in stored])
+    before, before_bytes, computed[:] = gzip.open(path, "rt").read(), path.read_bytes(), []
+
+    added = safety.append([1, 2], path, progress=False)   # seed 1 is complete already: only seed 2 is computed
+    assert added == computed == [safety.key(c) for c in safety.grid_configs([2])]
+    assert len(added) == len(safety.GUARDS) * len(safety.FAULTS)        # one run per fault (and none) x guard
+    after = gzip.open(path, "rt").read()
+    assert after.startswith(before) and len(after.splitlines()) == len(stored) + len(added)
+    assert {safety.key(line["config"]) for line in safety.grids.load(path)} == \
+        {safety.key(c) for c in safety.grid_configs([0, 1, 2])}
+    assert safety.append([2], path, progress=False) == []                # nothing left to compute
+    # interrupted: a gzip member cut off at the end loses only that run; the next call repairs the file first, so
+    # the runs it appends can be read
+    whole = gzip.open(path, "rt").read()
+    with gzip.open(path, "ab") as out:
+        out.write(b'{"config": {"fault": "none"')
+    path.write_bytes(path.read_bytes()[:-7])
+    added = safety.append([2, 3], path, progress=False)
+    assert added == [safety.key(c) for c in safety.grid_configs([3])]
+    assert gzip.open(path, "rt").read().startswith(whole)
+    assert len(safety.grids.load(path)) == len(whole.splitlines()) + len(added)
+    # the stored text of seeds 0 and 1 is the same text, in one gzip member as write_lines makes it
+    again = tmp_path / "again" / path.name   # gzip's header holds the file's name
+    again.parent.mkdir()
+    safety.grids.write_lines(again, safety.grids.load(path)[: len(stored)])
+    assert again.read_bytes() == before_bytes
+
+
+def test_the_grid_has_whole_seeds_only():
+    # every seed of the page has all its runs, and the file holds no run of a seed the page does not use
+    runs = safety.load()
+    by_seed = {}
+    for fault, guard, step, seed in runs:
+        by_seed.setdefault(seed, set()).add((fault, guard, step))
+    assert sorted(by_seed) == sorted(safety.SEEDS)
+    assert all(by_seed[seed] >= {safety.key(c)[:3] for c in safety.grid_configs([1])} for seed in by_seed)
