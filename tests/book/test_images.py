@@ -120,6 +120,37 @@ def test_a_replicated_case_is_judged_on_its_own_seeds(lines):
         {"verdict": "no difference", "rescue": False}
 
 
+def test_the_tables_standing_verdicts_recounted_with_numpy(lines):
+    # 4.4's rule, recomputed from the raw lines: clipping is better when its mean test accuracy exceeds the unclipped
+    # one's by more than the larger sample std (or only the unclipped side has a diverged seed); a rescue when some
+    # unclipped seed fails (diverged or validation below 0.5) and every clipped seed trains; a verdict stands when
+    # seeds 0-4 and 5-9 both give it
+    import numpy as np
+
+    by_key = {line["key"]: line for line in lines}
+
+    def group(config, seeds):
+        found = [by_key[harness.config_key(replace(config, seed=s))] for s in seeds]
+        ok = [line["diverged_at"] is None for line in found]
+        return ([line["metrics"]["test_accuracy"] for line in found if line["diverged_at"] is None], not all(ok),
+                all(o and line["metrics"]["val_accuracy"] >= 0.5 for o, line in zip(ok, found)))
+
+    def judge(plain, clip, seeds):
+        (p, p_div, p_trains), (c, c_div, c_trains) = group(plain, seeds), group(clip, seeds)
+        better = (p_div and not c_div) or (not c_div and not p_div and
+                                           np.mean(c) - np.mean(p) > max(np.std(c, ddof=1), np.std(p, ddof=1)))
+        return better, not p_trains and c_trains
+
+    standing = {}
+    for (model, depth), (plain, clip) in ig.table_settings(lines).items():
+        first, again = judge(plain, clip, ig.SEEDS), judge(plain, clip, ig.REPLICATION_SEEDS)
+        standing[model, depth] = (first[0] and again[0], first[1] and again[1])
+    unnormalised = [k for k in standing if not k[0].endswith("+bn")]
+    assert sorted(k for k in unnormalised if standing[k][0]) == [("residual", 8), ("residual", 16)]
+    assert sorted(k for k in unnormalised if standing[k][1]) == [("plain", 8), ("residual", 8), ("residual", 16)]
+    assert not any(standing[k][0] for k in standing if k[0].endswith("+bn"))
+
+
 def test_three_random_stored_runs_are_reproduced_exactly(lines):
     cheap = [line for line in lines if line["config"]["depth"] == 4 and line["section"] == "explore"]
     problems = harness.spot_check(cheap, images.record, images.config_of, count=3, seed=20261207)
