@@ -575,7 +575,7 @@ def comparison_rows(cases: Sequence[tuple[str, dict[str, Any]]],
     """Table rows for :func:`clip_or_lower` results: case, best unclipped, best clipped, share clipped, verdict.
 
     With ``again`` (case name -> :func:`replicated`), each setting's cell adds its test accuracy at the other seeds
-    and the verdict is given for each seed group and as it stands (:func:`standing`)."""
+    and the verdict cell reads ``"<first seeds>; <other seeds> → <the verdict that stands>"`` (:func:`standing`)."""
     rows = []
     for name, c in cases:
         p, k = c["plain"], c["clipped"]
@@ -585,8 +585,8 @@ def comparison_rows(cases: Sequence[tuple[str, dict[str, Any]]],
             cells = [f"{cell}; {mean_std(r['test'])}" for cell, r in zip(cells, (a["plain"], a["clipped"]))]
         rows.append([name, *cells,
                      f"{100 * k['clip_fraction']:.0f}% ({k['clip_fraction'] > 0.5 and 'most' or regime(k['clip_fraction']).split()[0]})",
-                     _verdict(c)]
-                    + ([] if again is None else [_verdict(again[name]), _verdict(standing(c, again[name]))]))
+                     _verdict(c) if again is None else
+                     f"{_verdict(c)}; {_verdict(again[name])} → {_verdict(standing(c, again[name]))}"])
     return rows
 
 
@@ -602,9 +602,9 @@ def comparison_table_html(cases: Sequence[tuple[str, dict[str, Any]]], caption: 
     first, other = seed_groups
     head = ["network, depth", f"best without clipping (test, {first}; {other})",
             f"best with global-norm clipping (test, {first}; {other})", f"steps clipped ({first})",
-            f"better at {first}", f"better at {other}", "verdict that stands"]
+            f"better by the seed-spread rule ({first}; {other} → stands)"]
     return table_html(head, [[_escape(c) for c in row] for row in comparison_rows(cases, again)], caption,
-                      widths=[13, 19, 20, 9, 13, 13, 13])
+                      widths=[17, 22, 22, 13, 26])
 
 
 def _escape(text: str) -> str:
