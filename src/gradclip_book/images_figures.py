@@ -35,8 +35,8 @@ from .harness import Score, beats, curves, score, select_best, values_of
 from .images import ImageConfig
 
 __all__ = [
-    "LABELS", "MODEL_LABELS", "TRAINS", "choose", "clip_or_lower", "regime", "runs", "scores", "stable_lrs",
-    "summary_of",
+    "LABELS", "MODEL_LABELS", "TRAINS", "choose", "clip_or_lower", "regime", "replicated", "runs", "scores",
+    "stable_lrs", "standing", "summary_of",
 ]
 
 TRAINS = 0.5
@@ -125,6 +125,11 @@ def clip_or_lower(base: ImageConfig, seeds: Sequence[int] = ig.SEEDS, choice_see
         if not candidates:
             return {"plain": plain, "clipped": None, "regime": None, "verdict": None, "rescue": False}
     clip = summary_of(choose(candidates, choice_seeds).best.setting, seeds)
+    return _judged(plain, clip, seeds)
+
+
+def _judged(plain: dict[str, Any], clip: dict[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
+    """:func:`clip_or_lower`'s result for two summaries over ``seeds``: the verdict and the rescue."""
     if beats(clip["test"], plain["test"]):
         verdict = "clipping"
     elif beats(plain["test"], clip["test"]):
@@ -134,6 +139,25 @@ def clip_or_lower(base: ImageConfig, seeds: Sequence[int] = ig.SEEDS, choice_see
     rescue = not trains(plain["config"], seeds) and trains(clip["config"], seeds)
     return {"plain": plain, "clipped": clip, "regime": regime(clip["clip_fraction"]), "verdict": verdict,
             "rescue": rescue}
+
+
+def replicated(case: dict[str, Any], seeds: Sequence[int] = ig.REPLICATION_SEEDS) -> dict[str, Any]:
+    """A :func:`clip_or_lower` case judged again at ``seeds`` (by default the seeds no choice saw): the same two
+    settings, summarised and compared over ``seeds`` alone; the result has :func:`clip_or_lower`'s keys."""
+    return _judged(summary_of(case["plain"]["config"], seeds), summary_of(case["clipped"]["config"], seeds), seeds)
+
+
+def standing(case: dict[str, Any], again: dict[str, Any]) -> dict[str, Any]:
+    """The verdict that stands when a case (:func:`clip_or_lower`) is judged again at other seeds
+    (:func:`replicated`): a verdict other than ``"no difference"`` stands only if both seed groups give it, and a
+    rescue only if both are rescues; otherwise ``"no difference"`` and no rescue.
+
+    Example:
+        >>> standing({"verdict": "clipping", "rescue": True}, {"verdict": "no difference", "rescue": True})
+        {'verdict': 'no difference', 'rescue': True}
+    """
+    verdict = case["verdict"] if case["verdict"] == again["verdict"] else "no difference"
+    return {"verdict": verdict, "rescue": bool(case["rescue"] and again["rescue"])}
 
 
 def stable_lrs(base: ImageConfig, method: str = "none", threshold: float | None = None,
@@ -453,9 +477,10 @@ def update_lengths(config: ImageConfig) -> dict[str, Any]:
     return {"update": stats.update, "received": stats.clipped_norm, "lr": stats.lr, "run": result, "params": params}
 
 
-def momentum_figure(sgd: dict[str, Any], threshold: float, beta: float = 0.9) -> PlotlyFigure:
+def momentum_figure(sgd: dict[str, Any], threshold: float, beta: float = 0.9, seed: int | None = None) -> PlotlyFigure:
     r"""The update length of a clipped SGD-momentum run in units of :math:`\eta c`, per step, with the bounds 1
-    (one clipped gradient) and :math:`1/(1-\beta)` (the momentum buffer's geometric sum)."""
+    (one clipped gradient) and :math:`1/(1-\beta)` (the momentum buffer's geometric sum); ``seed`` names the run's
+    seed in the caption."""
     lr = sgd["lr"][0]
     ratio = [_r4(u / (lr * threshold)) for u in sgd["update"]]
     steps = list(range(1, len(ratio) + 1))
@@ -468,7 +493,8 @@ def momentum_figure(sgd: dict[str, Any], threshold: float, beta: float = 0.9) ->
     return PlotlyFigure(traces, layout, name="cls-momentum", label="fig-cls-momentum",
                         caption=f"The length of each SGD-with-momentum update of the residual CNN (depth "
                                 f"{ig.HEADLINE.depth}, learning rate η = {lr:g}, global-norm clipping at c = "
-                                f"{threshold:g}), in units of η c, against the two bounds. Both axes are logarithmic.")
+                                f"{threshold:g}{'' if seed is None else f', seed {seed}'}), in units of η c, against "
+                                f"the two bounds. Both axes are logarithmic.")
 
 
 # --- why it explodes: per-layer norms, weight growth, dead units (fresh runs) -------------------------------------
@@ -537,25 +563,48 @@ def _setting(config: ImageConfig) -> str:
     return text
 
 
-def comparison_rows(cases: Sequence[tuple[str, dict[str, Any]]]) -> list[list[str]]:
-    """Table rows for :func:`clip_or_lower` results: case, best unclipped, best clipped, share clipped, verdict."""
+_VERDICT_WORDS = {"clipping": "clipping", "lower lr": "lower lr", "no difference": "no difference"}
+
+
+def _verdict(case: dict[str, Any]) -> str:
+    return _VERDICT_WORDS[case["verdict"]] + (" (rescue)" if case["rescue"] else "")
+
+
+def comparison_rows(cases: Sequence[tuple[str, dict[str, Any]]],
+                    again: dict[str, dict[str, Any]] | None = None) -> list[list[str]]:
+    """Table rows for :func:`clip_or_lower` results: case, best unclipped, best clipped, share clipped, verdict.
+
+    With ``again`` (case name -> :func:`replicated`), each setting's cell adds its test accuracy at the other seeds
+    and the verdict cell reads ``"<first seeds>; <other seeds> → <the verdict that stands>"`` (:func:`standing`)."""
     rows = []
     for name, c in cases:
         p, k = c["plain"], c["clipped"]
-        rows.append([name,
-                     f"{_setting(p['config'])}: {mean_std(p['test'])}",
-                     f"{_setting(k['config'])}: {mean_std(k['test'])}",
+        cells = [f"{_setting(p['config'])}: {mean_std(p['test'])}", f"{_setting(k['config'])}: {mean_std(k['test'])}"]
+        if again is not None:
+            a = again[name]
+            cells = [f"{cell}; {mean_std(r['test'])}" for cell, r in zip(cells, (a["plain"], a["clipped"]))]
+        rows.append([name, *cells,
                      f"{100 * k['clip_fraction']:.0f}% ({k['clip_fraction'] > 0.5 and 'most' or regime(k['clip_fraction']).split()[0]})",
-                     {"clipping": "clipping", "lower lr": "lower lr", "no difference": "no difference"}[c["verdict"]]
-                     + (" (rescue)" if c["rescue"] else "")])
+                     _verdict(c) if again is None else
+                     f"{_verdict(c)}; {_verdict(again[name])} → {_verdict(standing(c, again[name]))}"])
     return rows
 
 
-def comparison_table_html(cases: Sequence[tuple[str, dict[str, Any]]], caption: str) -> str:
-    """The best unclipped run against the best clipped run, per case, as an HTML table (cards on a phone)."""
-    head = ["network, depth", "best without clipping (test)", "best with global-norm clipping (test)",
-            "steps clipped", "better by the seed-spread rule"]
-    return table_html(head, [[_escape(c) for c in row] for row in comparison_rows(cases)], caption)
+def comparison_table_html(cases: Sequence[tuple[str, dict[str, Any]]], caption: str,
+                          again: dict[str, dict[str, Any]] | None = None,
+                          seed_groups: tuple[str, str] = ("seeds 0-4", "seeds 5-9")) -> str:
+    """The best unclipped run against the best clipped run, per case, as an HTML table (cards on a phone); with
+    ``again`` (see :func:`comparison_rows`) also at the other seeds, named by ``seed_groups``."""
+    if again is None:
+        head = ["network, depth", "best without clipping (test)", "best with global-norm clipping (test)",
+                "steps clipped", "better by the seed-spread rule"]
+        return table_html(head, [[_escape(c) for c in row] for row in comparison_rows(cases)], caption)
+    first, other = seed_groups
+    head = ["network, depth", f"best without clipping (test, {first}; {other})",
+            f"best with global-norm clipping (test, {first}; {other})", f"steps clipped ({first})",
+            f"better by the seed-spread rule ({first}; {other} → stands)"]
+    return table_html(head, [[_escape(c) for c in row] for row in comparison_rows(cases, again)], caption,
+                      widths=[17, 22, 22, 13, 26])
 
 
 def _escape(text: str) -> str:

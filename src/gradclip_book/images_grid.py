@@ -29,7 +29,8 @@ from .images import GRID_FILE, MODELS, ImageConfig, code_version, load, record
 
 __all__ = [
     "ADAMW_LRS", "BUDGET_STEPS", "DEPTHS", "HARD", "HEADLINE", "LRS", "METHOD_LRS", "METHOD_THRESHOLDS", "SEEDS", "THRESHOLDS",
-    "WARMUP", "budget_points", "grid_points", "main", "phase_one", "phase_two", "recipe_points",
+    "WARMUP", "budget_points", "grid_points", "main", "phase_one", "phase_two", "recipe_points", "replication_points",
+    "table_settings",
 ]
 
 DEPTHS = (4, 8, 16)
@@ -208,9 +209,10 @@ def replication_points(lines: Sequence[dict[str, Any]]) -> list[tuple[str, Image
     """The settings behind the chapter's verdicts, chosen on validation over :data:`SEEDS` from the stored runs, re-run
     at :data:`REPLICATION_SEEDS` (``replicate``): in the main and the hard case (:data:`HEADLINE`, :data:`HARD`) the
     best unclipped learning rate and the best global-norm (lr, threshold); in the hard case also the best threshold
-    that clips on rare steps (some, but at most 10% of the steps, averaged over :data:`SEEDS`); and in the main case
-    AdamW at its best learning rate, without clipping and at max_norm 1. Empty until the runs they are chosen from are
-    stored."""
+    that clips on rare steps (some, but at most 10% of the steps, averaged over :data:`SEEDS`); in the main case
+    AdamW at its best learning rate, without clipping and at max_norm 1; and both settings of every row of chapter
+    4.4's table (:func:`table_settings`: every network and depth, those of the residual CNN included above). Empty
+    until the runs they are chosen from are stored."""
     by_key = {line["key"]: line for line in lines}
 
     def clip_fraction(config: ImageConfig) -> float | None:
@@ -231,8 +233,40 @@ def replication_points(lines: Sequence[dict[str, Any]]) -> list[tuple[str, Image
     chosen.append(_best_over_seeds(by_key, [replace(adamw, lr=lr, method="norm", threshold=1.0) for lr in ADAMW_LRS]))
     if None in chosen:
         return []
-    unique = list(dict.fromkeys(chosen))
+    table = table_settings(lines)
+    if table is None:
+        return []
+    # the verdicts' settings first, then the table's rows: the order of the runs stored before the rows were added
+    unique = list(dict.fromkeys(chosen + [c for pair in table.values() for c in pair]))
     return [("replicate", replace(c, seed=s)) for c in unique for s in REPLICATION_SEEDS]
+
+
+def table_settings(lines: Sequence[dict[str, Any]]) -> dict[tuple[str, int], tuple[ImageConfig, ImageConfig]] | None:
+    """Every row of chapter 4.4's table: per (network, depth), the best unclipped learning rate and the best
+    global-norm (lr, threshold), chosen on validation the chapter's way (``(plain, clipped)``, seed 0).
+
+    For the residual CNN without normalisation both are chosen over :data:`SEEDS`; for the three other networks the
+    clipped setting is chosen on seed 0 (phase one has seeds 1-4 only for the chosen one, ``clip-seeds``), and so is
+    the unclipped learning rate at depth 4; at the depths of :data:`HEADLINE` and :data:`HARD` it is chosen over
+    :data:`SEEDS` (``fixes``). ``None`` until the runs they are chosen from are stored.
+    """
+    by_key = {line["key"]: line for line in lines}
+    rows = {}
+    for model in MODELS:
+        for depth in DEPTHS:
+            base = ImageConfig(model=model, depth=depth)
+            unclipped = [replace(base, lr=lr) for lr in LRS]
+            clipped = [replace(base, lr=lr, method="norm", threshold=c) for lr in LRS for c in sorted(THRESHOLDS, reverse=True)]
+            if model == "residual":
+                pair = (_best_over_seeds(by_key, unclipped), _best_over_seeds(by_key, clipped))
+            else:
+                plain = (_best_over_seeds(by_key, unclipped) if depth in (HEADLINE.depth, HARD.depth)
+                         else _best_on_seed_zero(by_key, unclipped))
+                pair = (plain, _best_on_seed_zero(by_key, clipped))
+            if None in pair:
+                return None
+            rows[model, depth] = pair
+    return rows
 
 
 def grid_points(lines: Sequence[dict[str, Any]] | None = None) -> list[tuple[str, ImageConfig]]:
