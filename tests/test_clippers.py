@@ -26,7 +26,15 @@ FACTORIES = {
     "zclip-percentile": lambda: ZClip(warmup_steps=10, mode="percentile", z_thresh=1.0, max_grad_norm=None),
     "guard-zscore": lambda: SpikeGuard(threshold=2.0, window=16, min_history=5),
     "guard-median": lambda: SpikeGuard("median", threshold=1.5, window=16, min_history=5),
+    # fed each step's loss by record_loss (feed below), as a loop using it must
+    "guard-loss": lambda: SpikeGuard(threshold=2.0, window=16, min_history=5, signals=("loss", "norm")),
 }
+
+
+def feed(clipper, loss):
+    """Give a guard that watches the loss this step's loss, before it decides; other clippers need nothing."""
+    if "loss" in getattr(clipper, "signals", ()):
+        clipper.record_loss(loss)
 
 
 def make_model():
@@ -44,7 +52,9 @@ def train(model, optimizer, clipper, steps, log):
     for step in steps:
         x, y = batch(step)
         optimizer.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        feed(clipper, loss)
+        loss.backward()
         if clipper.attached:
             optimizer.step()
             result = clipper.last_result
@@ -101,12 +111,14 @@ def test_resume_at_step_100_is_bitwise_equal_to_the_uninterrupted_run(name, atta
 def test_state_dict_holds_only_tensors_and_plain_values(name):
     clipper = FACTORIES[name]()
     for step in range(12):
+        feed(clipper, 2.0 + step % 2)
         clipper([scalar_param(1.0 + step % 3)])
     state = clipper.state_dict()
     loaded = save(state)
     assert loaded.keys() == state.keys()
     fresh = FACTORIES[name]()
     fresh.load_state_dict(loaded)
+    feed(clipper, 9.0), feed(fresh, 9.0)
     a, b = clipper([scalar_param(7.0)]), fresh([scalar_param(7.0)])
     assert torch.equal(a.threshold, b.threshold) and torch.equal(a.scale, b.scale)
 
@@ -166,10 +178,12 @@ def test_wrong_types_raise_type_error():
 def test_calling_twice_on_the_same_gradients_raises(name):
     clipper = FACTORIES[name]()
     w = scalar_param(2.0)
+    feed(clipper, 1.0)
     clipper([w])
     with pytest.raises(RuntimeError, match="twice"):
         clipper([w])
     w.grad.add_(1.0)  # what a new backward does
+    feed(clipper, 1.0)
     clipper([w])
 
 
@@ -214,7 +228,9 @@ def amp_step(clipper, unscale, attached):
     clipper.scaler = scaler
     if attached:
         clipper.attach(optimizer)
-    scaler.scale(model(torch.ones(2, 6)).sum()).backward()
+    loss = model(torch.ones(2, 6)).sum()
+    feed(clipper, loss)
+    scaler.scale(loss).backward()
     if unscale:
         scaler.unscale_(optimizer)
     if not attached:
@@ -247,13 +263,17 @@ def test_steps_never_read_a_tensor_on_the_host(name):
     clipper = FACTORIES[name]()
     other = FACTORIES[name]().attach(optimizer)
     optimizer.zero_grad()
-    model(batch(0)[0]).sum().backward()
+    loss = model(batch(0)[0]).sum()
+    feed(other, loss)
+    loss.backward()
     optimizer.step()  # the optimizer's first step creates its state (the guard may sync once then)
     with no_host_sync():
         for step in range(1, 60):
             x, _ = batch(step)
             optimizer.zero_grad()
-            model(x).sum().backward()
+            loss = model(x).sum()
+            feed(clipper, loss), feed(other, loss)  # (record_loss reads nothing on the host either)
+            loss.backward()
             clipper(model.parameters())
             for p in model.parameters():
                 p.grad.mul_(1.0)
@@ -264,10 +284,12 @@ def test_steps_never_read_a_tensor_on_the_host(name):
 # --- optimizer.step(closure): the clipper clips the gradients the closure makes -------------------
 
 
-def closure_for(model, optimizer, x, by_hand=None):
+def closure_for(model, optimizer, x, by_hand=None, fed=None):
     def closure():
         optimizer.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), torch.zeros(x.shape[0], 1))
+        if fed is not None:  # a guard that watches the loss gets each evaluation's, inside the closure
+            feed(fed, loss)
         loss.backward()
         if by_hand is not None:
             by_hand(model.parameters())
@@ -291,14 +313,15 @@ def test_a_step_with_a_closure_clips_the_closures_gradients(name, optimizer_name
     guard = isinstance(by_hand, SpikeGuard)
     for step in range(15):
         x = batch(step)[0]
-        closure = closure_for(model, optimizer, x)
+        closure = closure_for(model, optimizer, x, fed=clipper)
         loss = optimizer.step(closure=closure) if keyword else optimizer.step(closure)
         # the reference: the clipper by hand inside the closure (a guard: the step undone by hand)
         saved = [p.detach().clone() for p in model_ref.parameters()]
         saved_state = copy.deepcopy(optimizer_ref.state, memo={id(p): p for p in model_ref.parameters()})
         decisions = []
         loss_ref = optimizer_ref.step(closure_for(model_ref, optimizer_ref, x,
-                                                  lambda ps: decisions.append(bool(by_hand(ps).scale == 0))))
+                                                  lambda ps: decisions.append(bool(by_hand(ps).scale == 0)),
+                                                  fed=by_hand))
         if guard and any(decisions):
             with torch.no_grad():
                 for p, q in zip(model_ref.parameters(), saved):
@@ -371,7 +394,9 @@ def amp_run(name, optimizer_name, fused, steps=18):
         x, y = batch(step)
         optimizer.zero_grad()
         spike = 30.0 if step == 14 else 1.0  # after every warm-up
-        scaler.scale(torch.nn.functional.mse_loss(model(x), y) * spike).backward()
+        loss = torch.nn.functional.mse_loss(model(x), y) * spike
+        feed(clipper, loss)
+        scaler.scale(loss).backward()
         if not fused:
             scaler.unscale_(optimizer)
         scaler.step(optimizer)
@@ -443,10 +468,12 @@ def test_the_unscale_message_is_true_for_fused_optimizers():
 def test_state_dict_is_a_copy_that_later_steps_do_not_change(name, calls):
     clipper = FACTORIES[name]()
     for step in range(calls):
+        feed(clipper, 2.0 + step % 2)
         clipper([scalar_param(1.0 + step % 3)])
     state = clipper.state_dict()
     kept = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in state.items()}
     for step in range(20):
+        feed(clipper, 5.0 + step)
         clipper([scalar_param(5.0 + step)])
     for key, value in kept.items():
         if isinstance(value, torch.Tensor):
@@ -482,7 +509,9 @@ def test_pickled_clipper_is_detached_and_continues_bitwise(name, attached, how):
     for step in range(40, 80):
         x, y = batch(step)
         model.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        feed(clipper, loss), feed(copy_, loss)
+        loss.backward()
         twins = []
         for p in model.parameters():
             q = torch.nn.Parameter(p.detach().clone())
@@ -495,6 +524,9 @@ def test_pickled_clipper_is_detached_and_continues_bitwise(name, attached, how):
     model.zero_grad()
     model(batch(0)[0]).sum().backward()
     copy_.attach(torch.optim.SGD(model.parameters(), lr=0.1)).detach()
+    if isinstance(copy_, SpikeGuard) and "loss" in copy_.signals:  # pickled between steps: no loss left pending
+        with pytest.raises(RuntimeError, match="record_loss"):
+            copy_(model.parameters())
 
 
 # --- non-finite norms never poison the statistics ---------------------------------------------
@@ -524,6 +556,37 @@ def test_nonfinite_norms_never_poison_the_statistics(name, prefix):
         assert not result.threshold.isnan() and not result.scale.isnan()
     spike = clipper([scalar_param(1000.0)])  # ... then a spike: clipped (or skipped)
     assert float(spike.scale) < 0.1, (name, prefix)
+
+
+@pytest.mark.parametrize("mode", ["zscore", "median"])
+@settings(max_examples=15, deadline=None)
+@given(prefix=st.lists(st.tuples(st.sampled_from([math.nan, math.inf, -math.inf, 1.0, 2.0]),
+                                 st.sampled_from([math.nan, math.inf, 0.5, 1.0])), max_size=12))
+@example(prefix=[(math.nan, 1.0)] * 5)
+@example(prefix=[(math.inf, 1.0), (1.0, math.nan), (-math.inf, 0.5)])
+def test_nonfinite_losses_never_poison_the_loss_history(mode, prefix):
+    # a guard fed the loss: each non-finite loss (or norm) skips its step; whatever came before (the window holds it
+    # all: nothing is evicted), a steady run then steps and a loss spike alone (the norm steady) is skipped, which an
+    # inf or NaN in the loss history's mean would prevent; the history holds exactly the finite losses of the steps
+    # whose norm was finite
+    guard = SpikeGuard(mode, threshold=3.0, window=64, min_history=4, signals=("loss", "norm"))
+    for loss, norm in prefix:
+        guard.record_loss(loss)
+        result = guard([scalar_param(norm)])
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            assert float(result.scale) == 0.0, (prefix, loss, norm)
+    for step in range(20):  # (its first steps may be outliers against a constant prefix: not asserted)
+        guard.record_loss(2.0 + 0.01 * (step % 3))
+        result = guard([scalar_param(1.0 + 0.01 * (step % 2))])
+        assert not result.scale.isnan() and not result.threshold.isnan()
+        if step >= 10:
+            assert float(result.scale) == 1.0, (prefix, step)
+    guard.record_loss(50.0)
+    assert float(guard([scalar_param(1.0)]).scale) == 0.0, prefix
+    history = guard.state_dict()["loss_history"]
+    kept = [loss for loss, norm in prefix if math.isfinite(loss) and math.isfinite(norm)]
+    assert guard.steps == len([n for _, n in prefix if math.isfinite(n)]) + 21
+    assert not history.isinf().any() and torch.isfinite(history).sum() == len(kept) + 21
 
 
 # --- Muon: clipping does not bound an orthogonalised step ----------------------------------------------
@@ -603,6 +666,8 @@ def attachable():
         "zclip": lambda model: ZClip(warmup_steps=2, z_thresh=1.5, max_grad_norm=None),
         "adagc": lambda model: gradclip.AdaGC(warmup_steps=2),
         "guard": lambda model: SpikeGuard("median", threshold=1.5, window=8, min_history=2),
+        "loss-guard": lambda model: SpikeGuard("median", threshold=1.5, window=8, min_history=2,
+                                               signals=("loss", "norm")),
         "monitor": lambda model: gradclip.GradientMonitor(model),
         "update_clip": lambda model: gradclip.UpdateClip("adafactor", d=0.5),
     }
@@ -620,15 +685,17 @@ def by_hand_run(tool_name):
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     tool = attachable()[tool_name](model)
-    by_hand = tool_name in ("autoclip", "zclip", "adagc", "guard")
+    by_hand = tool_name in ("autoclip", "zclip", "adagc", "guard", "loss-guard")
     if not by_hand:
         tool.attach(optimizer)
     for x, y in wrapper_batches():
         optimizer.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        feed(tool, loss)
+        loss.backward()
         if by_hand:
             result = tool(list(model.parameters()))
-            if tool_name == "guard" and bool(result.scale == 0):
+            if tool_name in ("guard", "loss-guard") and bool(result.scale == 0):
                 continue
         optimizer.step()
     return model, tool
@@ -659,15 +726,17 @@ def test_attach_through_accelerates_optimizer_wrapper_equals_the_tool_by_hand(to
     tool = attachable()[tool_name](model).attach(wrapped)
     for x, y in wrapper_batches():
         wrapped.zero_grad()
-        accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        feed(tool, loss)
+        accelerator.backward(loss)
         wrapped.step()
     model_ref, tool_ref = by_hand_run(tool_name)
     check_same_run(tool_name, model, tool, model_ref, tool_ref)
-    if tool_name == "guard":
+    if tool_name in ("guard", "loss-guard"):
         assert int(tool.skipped_steps) >= 1  # the spike was skipped through the wrapper
 
 
-@pytest.mark.parametrize("tool_name", ["zclip", "guard", "monitor"])
+@pytest.mark.parametrize("tool_name", ["zclip", "guard", "loss-guard", "monitor"])
 def test_attach_through_lightnings_optimizer_wrapper_equals_the_tool_by_hand(tool_name, tmp_path):
     import lightning.pytorch as pl
 
@@ -686,7 +755,9 @@ def test_attach_through_lightnings_optimizer_wrapper_equals_the_tool_by_hand(too
 
         def training_step(self, batch, batch_idx):
             x, y = batch
-            return torch.nn.functional.mse_loss(self.net(x), y)
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            feed(self.tool, loss)  # (a guard fed the loss gets it here, before Lightning's backward and step)
+            return loss
 
     module = Module()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=WRAPPER_STEPS, logger=False,

@@ -94,7 +94,36 @@ def make_clippers():
         "autoclip": lambda **kw: AutoClip(percentile=50.0, **kw),
         "zclip": lambda **kw: ZClip(warmup_steps=3, max_grad_norm=None, z_thresh=2.0, **kw),
         "guard": lambda **kw: SpikeGuard(threshold=2.0, window=8, min_history=3, **kw),
+        # fed each step's loss averaged over the ranks (feed_mean_loss), as every rank must be for one decision
+        "loss-guard": lambda **kw: SpikeGuard(threshold=2.0, window=8, min_history=3, signals=("loss", "norm"), **kw),
     }
+
+
+LOSS_SPIKE_STEP = 6  # rank 0's loss spikes here, the gradients do not
+
+
+def local_loss(step, rank):
+    """Each rank's loss on its own shard of the batch: they differ, as under data parallelism."""
+    return 2.0 + 0.1 * rank - 0.01 * step + (30.0 if step == LOSS_SPIKE_STEP and rank == 0 else 0.0)
+
+
+def mean_loss(step, world):
+    return math.fsum(local_loss(step, rank) for rank in range(world)) / world
+
+
+def feed_mean_loss(clipper, step, rank=None, world=None):
+    """Give a guard that watches the loss this step's: on a rank, its local loss all-reduced to the ranks' mean
+    (what OLMo-core's train module does before its SkipStepOptimizer); in one process, the mean itself."""
+    if "loss" not in getattr(clipper, "signals", ()):
+        return
+    if rank is None:
+        clipper.record_loss(mean_loss(step, world))
+        return
+    import torch.distributed as dist
+
+    loss = torch.tensor(local_loss(step, rank), dtype=F64)
+    dist.all_reduce(loss)  # (gloo has no AVG: the sum, divided)
+    clipper.record_loss(loss / world)
 
 
 def plain_state(clipper):
@@ -277,6 +306,7 @@ def scenario_clippers(rank, world):
         for step in range(CLIP_STEPS):
             full = full_tensors(DT_SPECS, seed=100 + step, scale=step_scale(step))
             params = dtensor_params(mesh, DT_SPECS, [torch.zeros_like(g) for g in full], full)
+            feed_mean_loss(clipper, step, rank, world)
             norms.append(clipper(params).norm)
         out[f"dtensor/{name}/state"] = plain_state(clipper)
         out[f"dtensor/{name}/norms"] = torch.stack(norms)
@@ -289,6 +319,7 @@ def scenario_clippers(rank, world):
             local = params_with([g for g, owner in zip(full, owners) if owner == rank])
             shared = params_with(rep)
             clipper.replicated = shared
+            feed_mean_loss(clipper, step, rank, world)
             norms.append(clipper(local + shared).norm)
         out[f"sharded/{name}/state"] = plain_state(clipper)
         out[f"sharded/{name}/norms"] = torch.stack([n.to(F64) for n in norms])
@@ -521,13 +552,16 @@ def test_adaptive_clippers_keep_identical_state(ranks):
     for name, make in make_clippers().items():
         for kind, specs, extra in (("dtensor", DT_SPECS, None), ("sharded", SHARD_SPECS, REPLICATED_SPECS)):
             reference = make()
-            norms = []
+            norms, scales = [], []
             for step in range(CLIP_STEPS):
                 seed = (100 if kind == "dtensor" else 200) + step
                 grads = full_tensors(specs, seed=seed, scale=step_scale(step))
                 if extra is not None:
                     grads += full_tensors(extra, seed=300 + step, scale=step_scale(step))
-                norms.append(reference(params_with(grads)).norm)
+                feed_mean_loss(reference, step, world=world)
+                result = reference(params_with(grads))
+                norms.append(result.norm)
+                scales.append(float(result.scale))
             expected = plain_state(reference)
             states = [r["clippers"][f"{kind}/{name}/state"] for r in results]
             for state in states:
@@ -541,6 +575,8 @@ def test_adaptive_clippers_keep_identical_state(ranks):
                         same_on_every_rank([s[key] for s in states])
             for result in results:
                 close(result["clippers"][f"{kind}/{name}/norms"], torch.stack(norms))
+            if name == "loss-guard":  # the step of rank 0's loss spike (the gradients steady) was skipped, on every rank
+                assert scales[LOSS_SPIKE_STEP] == 0.0 and scales[LOSS_SPIKE_STEP + 1] == 1.0, scales
     assert owners  # the sharded run used an uneven split
 
 

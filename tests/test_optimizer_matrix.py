@@ -5,7 +5,7 @@ its constructor offers them), each way of stepping (``opt.step()``,
 ``opt.step(closure)``, ``scaler.step(opt)`` with a CPU GradScaler, and
 ``wrapper.step()`` of framework-style wrappers the tool was attached through,
 which run no ``Optimizer.__init__``, as accelerate's and Lightning's do) and each
-attachable tool (AutoClip, ZClip, SpikeGuard, GradientMonitor), a few real
+attachable tool (AutoClip, ZClip, SpikeGuard on the norm and fed the loss, GradientMonitor), a few real
 steps on a tiny model with a gradient spike are compared with a reference run
 that does by hand, after ``backward()`` (and ``scaler.unscale_``), what the
 tool's own ClipResult says it did: multiply the gradients by ``scale``, or
@@ -19,7 +19,8 @@ Also for every optimizer, variant and way of stepping: a ``GradBuffer`` run with
 mid-training and a layer that some forward passes skip steps exactly what an eager
 ``optimizer.zero_grad()`` loop steps (same parameters and optimizer state), clipping on the flat path.
 
-And a matrix of real loops (issue 26): loops of several steps, each tool (AutoClip, ZClip, AdaGC, SpikeGuard,
+And a matrix of real loops (issue 26): loops of several steps, each tool (AutoClip, ZClip, AdaGC, SpikeGuard on the
+norm and fed the loss,
 clip_grad_norm_) called by hand, attached, or attached through framework-style wrappers, with a fused or non-fused
 AdamW, a GradScaler with forced overflows or none, gradient accumulation 1 or 3, a layer frozen mid-training or not,
 a GradBuffer on or off, against an eager reference loop written without gradclip. Its rows are a covering design of
@@ -83,6 +84,8 @@ TOOLS = {
     "autoclip": lambda model: AutoClip(50.0),
     "zclip": lambda model: ZClip(warmup_steps=2, z_thresh=2.0, max_grad_norm=None),
     "guard": lambda model: SpikeGuard("median", threshold=3.0, window=8, min_history=2),
+    # fed each evaluation's loss by record_loss (inside the closure, or before the step)
+    "loss-guard": lambda model: SpikeGuard("median", threshold=3.0, window=8, min_history=2, signals=("loss", "norm")),
     "monitor": lambda model: GradientMonitor(model),
 }
 
@@ -180,12 +183,15 @@ def after_each_evaluation(optimizer, action):
     return optimizer.register_step_pre_hook(hook)
 
 
-def step_once(model, optimizer, mode, step, scaler, by_hand=None):
-    """One training step; ``by_hand()`` runs after each backward (and unscale_), before the optimizer uses the gradients."""
+def step_once(model, optimizer, mode, step, scaler, by_hand=None, feed=None):
+    """One training step; ``by_hand()`` runs after each backward (and unscale_), before the optimizer uses the gradients;
+    ``feed(loss)`` gets each evaluation's (unscaled) loss before its backward."""
 
     def closure():
         optimizer.zero_grad()
         loss = loss_of(model, step)
+        if feed is not None:
+            feed(loss)
         loss.backward()
         if by_hand is not None:
             by_hand()
@@ -201,7 +207,10 @@ def step_once(model, optimizer, mode, step, scaler, by_hand=None):
         wrapped(optimizer).step()
     else:
         optimizer.zero_grad()
-        scaler.scale(loss_of(model, step)).backward()
+        loss = loss_of(model, step)
+        if feed is not None:
+            feed(loss)
+        scaler.scale(loss).backward()
         if by_hand is not None:
             scaler.unscale_(optimizer)
             by_hand()
@@ -245,7 +254,7 @@ def test_the_optimizer_steps_with_what_the_tool_says_it_did(name, variant, mode,
     after_each_evaluation(optimizer, log)
     per_step = []
     for step in range(STEPS):
-        step_once(model, optimizer, mode, step, scaler)
+        step_once(model, optimizer, mode, step, scaler, feed=tool.record_loss if tool_name == "loss-guard" else None)
         per_step.append(len(results) if tool_name != "monitor" else len(seen))
         weights.append([p.detach().clone() for p in model.parameters()])
     if tool_name != "monitor":
@@ -277,7 +286,7 @@ def test_the_optimizer_steps_with_what_the_tool_says_it_did(name, variant, mode,
             torch.testing.assert_close(mine.scale, tested.scale, rtol=1e-6, atol=0)
         else:
             assert torch.equal(mine.norm, tested.norm) and torch.equal(mine.scale, tested.scale), i
-        if tool_name == "guard":
+        if tool_name in ("guard", "loss-guard"):
             step_skipped[0] |= bool(tested.scale == 0)
         else:
             for p in params:
@@ -288,7 +297,8 @@ def test_the_optimizer_steps_with_what_the_tool_says_it_did(name, variant, mode,
         saved_params = [p.detach().clone() for p in model_ref.parameters()]
         saved_state = copy.deepcopy(optimizer_ref.state, memo=dict(keep))
         step_skipped[0] = False
-        step_once(model_ref, optimizer_ref, mode, step, scaler_ref, by_hand)
+        step_once(model_ref, optimizer_ref, mode, step, scaler_ref, by_hand,
+                  feed=twin.record_loss if tool_name == "loss-guard" else None)
         if step_skipped[0]:  # the guard said skip: undo the step
             with torch.no_grad():
                 for p, saved in zip(model_ref.parameters(), saved_params):
@@ -436,6 +446,9 @@ STATEFUL = {
     "zclip": lambda: gradclip.ZClip(warmup_steps=3, z_thresh=1.5, max_grad_norm=None),
     "adagc": lambda: gradclip.AdaGC(warmup_steps=2, lambda_rel=1.01),
     "guard": lambda: gradclip.SpikeGuard("median", threshold=1.5, window=3, min_history=2),
+    # fed every step's loss, the overflowed steps' (inf) included: neither history may see them
+    "loss-guard": lambda: gradclip.SpikeGuard("median", threshold=1.5, window=3, min_history=2,
+                                              signals=("loss", "norm")),
     "update_clip": lambda: gradclip.UpdateClip("adafactor", d=0.2),  # (attached only: it acts after the step)
 }
 OVERFLOW_OPTIMIZERS = {"AdamW": dict(lr=0.05, weight_decay=0.1), "SGD": dict(lr=0.05, momentum=0.9)}
@@ -465,22 +478,25 @@ def overflow_run(tool_name, optimizer_name, fused, use, scaled):
         if not scaled and overflow:
             continue  # the reference skips the step by hand
         optimizer.zero_grad()
+        loss = overflow_loss(model, step, overflow and scaled)
+        if tool_name == "loss-guard":
+            tool.record_loss(loss)
         if scaled:
-            scaler.scale(overflow_loss(model, step, overflow)).backward()
+            scaler.scale(loss).backward()
             if use == "by_hand":
                 scaler.unscale_(optimizer)
                 result = tool(list(model.parameters()))
                 assert bool(torch.isfinite(result.norm)) != overflow
-                if tool_name == "guard" and bool(result.scale == 0) and not overflow:
+                if tool_name in ("guard", "loss-guard") and bool(result.scale == 0) and not overflow:
                     scaler.update()  # the guard's skip, done by hand
                     continue
             scaler.step(optimizer)
             scaler.update()
         else:
-            overflow_loss(model, step, False).backward()
+            loss.backward()
             if use == "by_hand":
                 result = tool(list(model.parameters()))
-                if tool_name == "guard" and bool(result.scale == 0):
+                if tool_name in ("guard", "loss-guard") and bool(result.scale == 0):
                     continue
             optimizer.step()
     return model, tool
@@ -520,25 +536,29 @@ def test_steps_the_grad_scaler_skips_leave_every_stateful_tool_unchanged(tool_na
 
 
 # --- a matrix of real loops, each against an independent eager reference loop ----------------------------------
-# Factors: the tool (AutoClip, ZClip, AdaGC, SpikeGuard, clip_grad_norm_) x how it is used (called by hand after
-# backward and scaler.unscale_, attached, attached through framework-style wrappers whose step() runs the scaler as
-# accelerate's does) x {fused, non-fused AdamW} x {GradScaler with forced overflows, none} x {gradient accumulation
-# 1, 3} x {first layer frozen mid-training, not} x {GradBuffer on, off}. clip_grad_norm_ is a function: by hand only.
-# The full product (416 allowed runs) is not run: the rows are a covering design of strength 3 (every combination of
+# Factors: the tool (AutoClip, ZClip, AdaGC, SpikeGuard, SpikeGuard fed the step's loss, clip_grad_norm_) x how it
+# is used (called by hand after backward and scaler.unscale_, attached, attached through framework-style wrappers
+# whose step() runs the scaler as accelerate's does) x {fused, non-fused AdamW} x {GradScaler with forced overflows,
+# none} x {gradient accumulation 1, 3} x {first layer frozen mid-training, not} x {GradBuffer on, off}.
+# clip_grad_norm_ is a function: by hand only.
+# The full product (512 allowed runs) is not run: the rows are a covering design of strength 3 (every combination of
 # levels of any three factors, among the allowed ones, appears in at least one row, so every pair does too; the faults
-# of issue 26 were interactions of three factors, e.g. fused x GradScaler x attached), chosen greedily: 39 rows.
+# of issue 26 were interactions of three factors, e.g. fused x GradScaler x attached), chosen greedily: 47 rows.
 # test_the_loop_design_covers_every_triple checks the design.
 #
 # Reference: a plain eager loop written without gradclip: non-fused AdamW, optimizer.zero_grad(), the micro-batches'
 # backward passes, the steps the scaler skips (overflows) left out by hand (no backward, no tool, no step), the global
 # norm in float64 over the gradients that exist, each tool's rule from tests/support/references.py (numpy's percentile
-# for AutoClip, the ZClip reference code, the AdaGC reference code, the guard's skip rule, Pascanu's factor), the
-# factor multiplied into the gradients by hand and the step skipped by hand when the guard says so.
+# for AutoClip, the ZClip reference code, the AdaGC reference code, the guard's skip rule on the norm and on the loss
+# and norm, Pascanu's factor), the factor multiplied into the gradients by hand and the step skipped by hand when the
+# guard says so. The guard fed the loss gets the step's: the micro-batches' losses summed (each divided by the
+# accumulation), unscaled, once per step; its state (both histories, skipped steps) is compared with the reference's.
 
 LOOP_STEPS = 9
 LOOP_OVERFLOWS = (1, 5)  # under the GradScaler the loss of one micro-batch is inf: the scaler skips the step
 LOOP_FREEZE = 3  # the first layer's weight is frozen (requires_grad_(False)) from this step on
 LOOP_SPIKE, LOOP_SPIKE_FACTOR = 6, 30.0
+LOOP_LOSS_JUMP_STEP, LOOP_LOSS_JUMP = 4, 5.0  # the loss alone jumps (a constant added): only the loss guard may skip
 LOOP_MAX_NORM = 0.5
 LOOP_ADAMW = dict(lr=0.05, weight_decay=0.1)
 
@@ -547,8 +567,12 @@ LOOP_TOOLS = {
     "zclip": lambda scaler: gradclip.ZClip(warmup_steps=2, z_thresh=1.5, max_grad_norm=None, scaler=scaler),
     "adagc": lambda scaler: gradclip.AdaGC(warmup_steps=2, lambda_rel=1.01, scaler=scaler),
     "guard": lambda scaler: gradclip.SpikeGuard("median", threshold=1.5, window=3, min_history=2, scaler=scaler),
+    # fed each step's loss (the micro-batches' sum, unscaled) by record_loss: OLMo-core's rule on a short history
+    "loss-guard": lambda scaler: gradclip.SpikeGuard.olmo_core(window=4, min_history=2, scaler=scaler),
     "clip_grad_norm": None,
 }
+LOSS_GUARD = dict(mode="zscore", k=6.0, window=4, min_history=2)  # the loss guard's rule, for the reference
+GUARDS = ("guard", "loss-guard")
 
 LOOP_FACTORS = {
     "tool": list(LOOP_TOOLS),
@@ -615,6 +639,8 @@ def loop_batch(step, k, accumulation):
 def loop_loss(model, step, k, accumulation):
     x, y = loop_batch(step, k, accumulation)
     loss = torch.nn.functional.mse_loss(model(x), y) / accumulation
+    if step == LOOP_LOSS_JUMP_STEP:  # a constant: the gradients are those of every other loop, bit for bit
+        loss = loss + LOOP_LOSS_JUMP / accumulation
     return loss * LOOP_SPIKE_FACTOR if step == LOOP_SPIKE else loss
 
 
@@ -650,11 +676,15 @@ def loop_under_test(tool, use, fused, scaled, accumulation, frozen, buffered):
             loop_freeze(model)
         overflow = scaled and step in LOOP_OVERFLOWS
         (buffer if buffered else stepper).zero_grad()
+        step_loss = 0.0
         for k in range(accumulation):
             loss = loop_loss(model, step, k, accumulation)
             if overflow and k == accumulation - 1:
                 loss = loss * math.inf
             (scaler.scale(loss) if scaled else loss).backward()
+            step_loss = step_loss + loss.detach()  # the step's loss: the micro-batches' (each divided by accumulation)
+        if tool == "loss-guard":
+            clipper.record_loss(step_loss)  # once per step, before the guard decides (by hand or in step())
         skip = False
         if use == "by_hand":
             if scaled:
@@ -663,7 +693,7 @@ def loop_under_test(tool, use, fused, scaled, accumulation, frozen, buffered):
                 result = gradclip.clip_grad_norm_(model.parameters(), LOOP_MAX_NORM)
             else:
                 result = clipper(list(model.parameters()))
-            skip = tool == "guard" and bool(result.scale == 0)
+            skip = tool in GUARDS and bool(result.scale == 0)
         if skip:  # the guard's skip, by hand
             if scaled:
                 scaler.update()
@@ -685,6 +715,7 @@ def reference_loop(tool, scaled, accumulation, frozen):
     optimizer = torch.optim.AdamW(model.parameters(), **LOOP_ADAMW, foreach=False)
     zclip = references.ReferenceZClip(warmup_steps=2, z_thresh=1.5, max_grad_norm=None)
     adagc = references.ReferenceAdaGC(clip_ratio=1.01, beta=0.98, eps=1e-6, start_clip_steps=2, max_norm=1.0)
+    loss_guard = references.ReferenceLossGuard(**LOSS_GUARD)
     history, norms, factors, skipped = [], [], [], 0
     for step in range(LOOP_STEPS):
         if frozen and step == LOOP_FREEZE:
@@ -692,8 +723,11 @@ def reference_loop(tool, scaled, accumulation, frozen):
         if scaled and step in LOOP_OVERFLOWS:
             continue  # the scaler skips this step: the reference never takes it
         optimizer.zero_grad()
+        step_loss = 0.0
         for k in range(accumulation):
-            loop_loss(model, step, k, accumulation).backward()
+            loss = loop_loss(model, step, k, accumulation)
+            loss.backward()
+            step_loss += float(loss.detach())
         params = [p for p in model.parameters() if p.grad is not None]
         norm = float(references.global_norm([p.grad for p in params]))
         norms.append(norm)
@@ -714,9 +748,12 @@ def reference_loop(tool, scaled, accumulation, frozen):
             elif tool == "guard":
                 skip = references.spike_guard_decisions(norms, "median", 1.5, 3, 2)[-1]
                 factor = 0.0 if skip else 1.0
+            elif tool == "loss-guard":
+                skip = loss_guard.step(step_loss, norm)
+                factor = 0.0 if skip else 1.0
             else:
                 factor = min(1.0, LOOP_MAX_NORM / (norm + 1e-6))
-            if tool == "guard":
+            if tool in GUARDS:
                 if skip:
                     skipped += 1
                     factors.append(factor)
@@ -727,7 +764,8 @@ def reference_loop(tool, scaled, accumulation, frozen):
                         p.grad.mul_(factor)
         factors.append(factor)
         optimizer.step()
-    return model, optimizer, norms, factors, dict(history=history, zclip=zclip, adagc=adagc, skipped=skipped)
+    return model, optimizer, norms, factors, dict(history=history, zclip=zclip, adagc=adagc, skipped=skipped,
+                                                  loss_guard=loss_guard)
 
 
 @pytest.mark.parametrize("row", loop_design()[0], ids=loop_id)
@@ -760,6 +798,15 @@ def test_a_real_loop_matches_an_eager_reference_loop(row):
             expected = [state["adagc"].norm_value.get(i, math.nan) for i in range(len(saved["gamma"]))]
             torch.testing.assert_close(saved["gamma"], torch.tensor(expected, dtype=torch.float64), rtol=1e-5,
                                        atol=0, equal_nan=True)
+        elif row["tool"] == "loss-guard":  # both histories, the loss as recorded (the overflowed steps' left out)
+            taken = [s for s in range(LOOP_STEPS) if not (row["scaled"] and s in LOOP_OVERFLOWS)]
+            assert factors[taken.index(LOOP_LOSS_JUMP_STEP)] == 0.0  # the loss's jump alone was skipped
+            ref_guard = state["loss_guard"]
+            assert int(saved["skipped_steps"]) == ref_guard.skipped == state["skipped"]
+            torch.testing.assert_close(saved["loss_history"], ref_guard.ring(ref_guard.losses), rtol=1e-5, atol=0,
+                                       equal_nan=True)
+            torch.testing.assert_close(saved["history"], ref_guard.ring(ref_guard.norms), rtol=1e-5, atol=0,
+                                       equal_nan=True)
         else:
             assert int(saved["skipped_steps"]) == state["skipped"]
     # the weights and the optimizer's state

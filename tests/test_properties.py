@@ -488,7 +488,15 @@ EMPTY_CALLS = {
     "AutoClip": lambda ps, p, f: gradclip.AutoClip(norm_type=p, foreach=f)(ps).norm,
     "ZClip": lambda ps, p, f: gradclip.ZClip(norm_type=p, foreach=f)(ps).norm,
     "SpikeGuard": lambda ps, p, f: gradclip.SpikeGuard(norm_type=p, foreach=f)(ps).norm,
+    "SpikeGuard(loss)": lambda ps, p, f: fed(gradclip.SpikeGuard(signals=("loss", "norm"), norm_type=p,
+                                                                 foreach=f))(ps).norm,
 }
+
+
+def fed(guard, loss=1.0):
+    """A guard that watches the loss, given this step's (what a loop does before it decides)."""
+    guard.record_loss(loss)
+    return guard
 
 
 def drop_empty(value, params):
@@ -603,6 +611,7 @@ SPARSE_CALLS = {
     "AutoClip": lambda ps: gradclip.AutoClip()(ps),
     "ZClip": lambda ps: gradclip.ZClip()(ps),
     "SpikeGuard": lambda ps: gradclip.SpikeGuard()(ps),
+    "SpikeGuard(loss)": lambda ps: fed(gradclip.SpikeGuard.olmo_core())(ps),
 }
 
 

@@ -228,7 +228,25 @@ class SpikeGuard(Clipper):
 
         Call it once per step before ``optimizer.step()`` (or before calling the guard by hand); with
         ``optimizer.step(closure)``, inside the closure. The value is read without a sync: a tensor
-        is detached and kept on its device (a batch of losses is averaged).
+        is detached and kept on its device (a batch of losses is averaged). A second call before the
+        guard decides replaces the first (a step the ``GradScaler`` skips never reaches the guard, and
+        the next step's loss replaces its loss), so:
+
+        * with gradient accumulation, record the step's loss once, the sum of the micro-batches'
+          losses as they were backpropagated (each divided by the number of micro-batches: the loss
+          of the whole batch), as OLMo-core's train module does;
+        * under data parallelism (DDP, FSDP), where each rank computes the loss of its own part of
+          the batch, record the loss averaged over the ranks (``torch.distributed.all_reduce``, then
+          divide by the world size; OLMo-core reduces it the same way before its skip-step
+          optimizer): the guard does not reduce the loss itself, and ranks fed different losses can
+          decide differently, so that the replicas drift apart. (The gradient norm needs nothing:
+          it is the same on every rank.)
+        * under ``GradScaler``, record the loss before ``scaler.scale`` (the unscaled loss).
+
+        A non-finite loss skips the step. If the step's norm is finite (the step is counted in
+        ``steps`` and its norm recorded), the loss takes its place in the loss history as a gap
+        (NaN, which evicts the oldest loss as the norm evicts the oldest norm): it never reaches a
+        mean, a deviation or a median.
 
         Raises:
             RuntimeError: ``"loss"`` is not among the guard's ``signals``.

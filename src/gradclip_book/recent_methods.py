@@ -29,7 +29,7 @@ which the method acted: some tensor clipped, some update scaled, the step skippe
 Example:
     >>> from gradclip_book import recent_methods as rm
     >>> [s for s, _ in rm.points()].count("seeds"), sorted(rm.ARMS)
-    (9, ['adagc', 'loss-guard', 'update-clip'])
+    (15, ['adagc', 'loss-guard', 'update-clip'])
 """
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ ARMS = {
 }
 """The methods measured (``"none"`` is the plain run, for the check against the stored grid)."""
 
-RUN_SEEDS = SEEDS[:3]
-"""The seeds of these runs: the first three of the chapter's five (a run takes 1.5 to 5 minutes on the shared
-2-core machine, so five seeds of three methods did not fit the session that computed them); the comparison
-uses the chapter's stored plain and clipped runs of the same seeds."""
+RUN_SEEDS = SEEDS
+"""The seeds of these runs: the chapter's five (seeds 0-2 were computed first, 3-4 appended later; the stored
+lines of 0-2 were not recomputed); the comparison uses the chapter's stored plain and clipped runs of the same
+seeds."""
 
 
 @dataclass(frozen=True)
@@ -200,10 +200,12 @@ def summary(path: Path = DATA_FILE) -> dict[str, Any]:
     """Each method against the chapter's plain and globally clipped runs of the same seeds, by the book's rule.
 
     Returns ``{"lr", "seeds", "arms": {arm: {"val", "test": Score, "fired": mean share of steps,
-    "vs_plain", "vs_norm": verdict}}, "plain": {"val", "test"}, "norm": {"val", "test", "fired"}}``: Scores
-    (:func:`gradclip_book.harness.score`) of the losses over :data:`RUN_SEEDS`, and verdicts ``"better"``,
-    ``"worse"`` or ``"no difference"`` by :func:`gradclip_book.harness.beats` on the test losses (lower is
-    better), as chapter 4.11 judges its arms.
+    "vs_plain", "vs_norm": verdict, "flips_without": {"plain": [seed, ...], "norm": [...]}}}, "plain": {"val",
+    "test"}, "norm": {"val", "test", "fired"}}``: Scores (:func:`gradclip_book.harness.score`) of the losses over
+    :data:`RUN_SEEDS`, and verdicts ``"better"``, ``"worse"`` or ``"no difference"`` by
+    :func:`gradclip_book.harness.beats` on the test losses (lower is better), as chapter 4.11 judges its arms.
+    ``flips_without`` lists the seeds whose omission (from both sides) gives another verdict against the plain
+    or the clipped runs: empty when the verdict survives leaving out any one seed.
     """
     from .text_figures import transformer_run
 
@@ -217,6 +219,10 @@ def summary(path: Path = DATA_FILE) -> dict[str, Any]:
         return "better" if harness.beats(a, b, mode="min") else "worse" if harness.beats(b, a, mode="min") \
             else "no difference"
 
+    def flips_without(a, b):  # the seeds whose omission changes the verdict of a against b
+        kept = lambda s, i: harness.score(s.setting, s.values[:i] + s.values[i + 1:])
+        return [seed for i, seed in enumerate(RUN_SEEDS) if verdict(kept(a, i), kept(b, i)) != verdict(a, b)]
+
     base = {name: [transformer_run(name, HEADLINE_LR[name], s) for s in RUN_SEEDS] for name in ("none", "norm")}
     ref = {name: {split: scores(records, split) for split in ("val", "test")} for name, records in base.items()}
     ref["norm"]["fired"] = sum(float(r["clip_fraction"]) for r in base["norm"]) / len(RUN_SEEDS)
@@ -226,7 +232,9 @@ def summary(path: Path = DATA_FILE) -> dict[str, Any]:
         test = scores(records, "test")
         arms[arm] = {"test": test, "val": scores(records, "val"),
                      "fired": sum(r["fired"] for r in records) / len(records),
-                     "vs_plain": verdict(test, ref["none"]["test"]), "vs_norm": verdict(test, ref["norm"]["test"])}
+                     "vs_plain": verdict(test, ref["none"]["test"]), "vs_norm": verdict(test, ref["norm"]["test"]),
+                     "flips_without": {name: flips_without(test, ref[key]["test"])
+                                       for name, key in (("plain", "none"), ("norm", "norm"))}}
     return {"lr": lr, "seeds": len(RUN_SEEDS), "arms": arms, "plain": ref["none"], "norm": ref["norm"]}
 
 

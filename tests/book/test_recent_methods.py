@@ -63,3 +63,24 @@ def test_summary_judges_by_the_books_rule_on_the_same_seeds():
 def test_a_method_name_outside_the_arms_is_refused():
     with pytest.raises(ValueError, match="arm"):
         rm.MethodConfig("zclip")
+
+
+def test_the_seeds_that_flip_a_verdict_are_recounted_by_hand():
+    # an independent recount of the leave-one-seed-out verdicts: numpy means and sample deviations of the stored
+    # test losses, a difference only beyond the larger spread (the book's rule, chapter 2)
+    import numpy as np
+
+    s = rm.summary()
+
+    def verdict(a, b):
+        gap, spread = np.mean(b) - np.mean(a), max(np.std(a, ddof=1), np.std(b, ddof=1))
+        return "better" if gap > spread else "worse" if -gap > spread else "no difference"
+
+    for arm, row in s["arms"].items():
+        mine = np.array(row["test"].values)
+        for name, key in (("plain", "plain"), ("norm", "norm")):
+            theirs = np.array(s[key]["test"].values)
+            assert verdict(mine, theirs) == row[f"vs_{name}"], (arm, name)
+            flips = [seed for i, seed in enumerate(rm.RUN_SEEDS)
+                     if verdict(np.delete(mine, i), np.delete(theirs, i)) != row[f"vs_{name}"]]
+            assert row["flips_without"][name] == flips, (arm, name)

@@ -260,6 +260,43 @@ def spike_guard_decisions(norms, mode, k, window, min_history):
     return out
 
 
+class ReferenceLossGuard:
+    """SpikeGuard with ``signals=("loss", "norm")``, from its docstring: each signal has a history of its values at the
+    last ``window`` steps whose norm was finite (a non-finite loss there is a gap, NaN); a step is skipped if either
+    value is non-finite or above mean + k (n - 1)-std (zscore) / k lower-median (median) of that signal's finite
+    history, once it holds ``min_history`` values; a step with a non-finite norm enters neither history."""
+
+    def __init__(self, mode, k, window, min_history):
+        self.mode, self.k, self.window, self.min_history = mode, k, window, min_history
+        self.losses, self.norms, self.skipped = [], [], 0  # the values of the counted steps, in order
+
+    def _outlier(self, history, x):
+        h = [v for v in history[-self.window:] if math.isfinite(v)]
+        if not math.isfinite(x):
+            return True
+        if len(h) < self.min_history:
+            return False
+        if self.mode == "zscore":
+            return x > statistics.fmean(h) + self.k * statistics.stdev(h)
+        return x > self.k * sorted(h)[(len(h) - 1) // 2]
+
+    def step(self, loss, norm):
+        """The decision (True: skip) for this step's loss and gradient norm (floats)."""
+        skip = self._outlier(self.losses, loss) or self._outlier(self.norms, norm)
+        if math.isfinite(norm):
+            self.losses.append(loss if math.isfinite(loss) else math.nan)
+            self.norms.append(norm)
+        self.skipped += skip
+        return skip
+
+    def ring(self, values):
+        """The history as the guard stores it: slot i holds the latest counted step j with j % window == i."""
+        out = [math.nan] * self.window
+        for j, v in enumerate(values):
+            out[j % self.window] = v
+        return torch.tensor(out, dtype=torch.float64)
+
+
 def olmo_core_skips(losses, norms, interval=128, sigma=6.0):
     """OLMo-core's SkipStepOptimizer.get_step_factor, transcribed in float64 (allenai/OLMo-core main at
     fa6c5014c, src/olmo_core/optim/skip_step_optimizer.py, unchanged there since 1d5c8237a): it keeps the last
