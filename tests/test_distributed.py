@@ -111,19 +111,20 @@ def mean_loss(step, world):
     return math.fsum(local_loss(step, rank) for rank in range(world)) / world
 
 
-def feed_mean_loss(clipper, step, rank=None, world=None):
-    """Give a guard that watches the loss this step's: on a rank, its local loss all-reduced to the ranks' mean
-    (what OLMo-core's train module does before its SkipStepOptimizer); in one process, the mean itself."""
+def feed_mean_loss(clipper, step, rank=None, world=None, group_of_the_guard=False):
+    """Give a guard that watches the loss this step's: on a rank, its local loss, which ``record_loss`` averages
+    over the ranks (what OLMo-core's train module does before its SkipStepOptimizer) through the guard's own
+    ``process_group`` (``group_of_the_guard``) or one passed to it; in one process, the mean itself."""
     if "loss" not in getattr(clipper, "signals", ()):
         return
     if rank is None:
         clipper.record_loss(mean_loss(step, world))
         return
-    import torch.distributed as dist
-
     loss = torch.tensor(local_loss(step, rank), dtype=F64)
-    dist.all_reduce(loss)  # (gloo has no AVG: the sum, divided)
-    clipper.record_loss(loss / world)
+    if group_of_the_guard:
+        clipper.record_loss(loss)
+    else:
+        clipper.record_loss(loss, process_group=True)
 
 
 def plain_state(clipper):
@@ -319,7 +320,7 @@ def scenario_clippers(rank, world):
             local = params_with([g for g, owner in zip(full, owners) if owner == rank])
             shared = params_with(rep)
             clipper.replicated = shared
-            feed_mean_loss(clipper, step, rank, world)
+            feed_mean_loss(clipper, step, rank, world, group_of_the_guard=True)
             norms.append(clipper(local + shared).norm)
         out[f"sharded/{name}/state"] = plain_state(clipper)
         out[f"sharded/{name}/norms"] = torch.stack([n.to(F64) for n in norms])

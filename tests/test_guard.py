@@ -436,3 +436,12 @@ def test_state_saved_before_the_loss_signal_still_loads():
     state = old.state_dict()
     assert "signals" not in state["config"] and "loss_history" not in state
     SpikeGuard(window=8, min_history=2).load_state_dict(state)
+
+
+def test_record_loss_refuses_a_group_it_cannot_reduce_over():
+    # the ranks' mean needs torch.distributed (tested on 2 and 3 ranks in test_distributed.py)
+    guard = SpikeGuard(signals=("loss", "norm"))
+    with pytest.raises(RuntimeError, match="not initialized"):
+        guard.record_loss(torch.tensor(1.0), process_group=True)
+    guard.record_loss(torch.tensor([1.0, 3.0]), process_group=None)  # this rank's loss, averaged over the batch
+    assert guard._pending_loss.item() == 2.0

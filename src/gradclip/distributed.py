@@ -75,7 +75,7 @@ import torch
 from . import _groups, _norms
 from ._norms import accumulation_dtype
 
-__all__ = ["WORLD", "global_norm", "replicated_ids", "resolve_process_group", "sharded_tensor_norms"]
+__all__ = ["WORLD", "global_norm", "mean_over_ranks", "replicated_ids", "resolve_process_group", "sharded_tensor_norms"]
 
 WORLD: Any = "WORLD"
 """``process_group=WORLD`` (or ``True``): reduce over the default process group."""
@@ -154,6 +154,32 @@ def _reduce_device(process_group: Any, preferred: torch.device | None) -> torch.
     if any(name in backend for name in ("gloo", "mpi", "ucc")) or not torch.cuda.is_available():
         return preferred if preferred is not None else torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def mean_over_ranks(value: torch.Tensor, process_group: Any) -> torch.Tensor:
+    """The mean of a 0-dim tensor over the ranks of ``process_group`` (one ``all_reduce``; no host sync).
+
+    ``process_group``: as :func:`resolve_process_group` accepts; ``None`` returns ``value`` unchanged.
+    The sum is taken in float64 (float32 on MPS) on a device the group's backend can reduce on
+    (``value``'s own when it is an accelerator); the mean is returned on ``value``'s device.
+
+    Raises:
+        RuntimeError: a group is asked for but ``torch.distributed`` is not initialized.
+        TypeError: ``process_group`` is none of the accepted kinds.
+
+    Example:
+        >>> mean_over_ranks(torch.tensor(2.5), None)
+        tensor(2.5000)
+    """
+    group = resolve_process_group(process_group)
+    if group is None:
+        return value
+    import torch.distributed as dist
+
+    device = _reduce_device(group, value.device)
+    total = value.detach().to(device=device, dtype=_reduce_dtype(device)).reshape(()).clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return (total / dist.get_world_size(group)).to(device=value.device, dtype=value.dtype)
 
 
 def _reduce_dtype(device: torch.device) -> torch.dtype:

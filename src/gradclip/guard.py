@@ -10,11 +10,14 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import _groups, _validate
+from . import _groups, _validate, distributed
 from .clippers import Clipper, StepCount, optimizer_parameters
 from .result import ClipResult
 
 __all__ = ["SpikeGuard"]
+
+_THE_GUARDS: Any = object()
+"""``record_loss``'s default ``process_group``: the guard's own."""
 
 
 class SpikeGuard(Clipper):
@@ -223,7 +226,7 @@ class SpikeGuard(Clipper):
                     "signals": ("loss", "norm"), "two_sided": False, **overrides}
         return cls(**settings)
 
-    def record_loss(self, loss: torch.Tensor | float) -> None:
+    def record_loss(self, loss: torch.Tensor | float, *, process_group: Any = _THE_GUARDS) -> None:
         """Give the guard this step's loss, for ``signals`` that include ``"loss"``.
 
         Call it once per step before ``optimizer.step()`` (or before calling the guard by hand); with
@@ -236,11 +239,13 @@ class SpikeGuard(Clipper):
           losses as they were backpropagated (each divided by the number of micro-batches: the loss
           of the whole batch), as OLMo-core's train module does;
         * under data parallelism (DDP, FSDP), where each rank computes the loss of its own part of
-          the batch, record the loss averaged over the ranks (``torch.distributed.all_reduce``, then
-          divide by the world size; OLMo-core reduces it the same way before its skip-step
-          optimizer): the guard does not reduce the loss itself, and ranks fed different losses can
-          decide differently, so that the replicas drift apart. (The gradient norm needs nothing:
-          it is the same on every rank.)
+          the batch, the guard must see the loss averaged over the ranks, or ranks fed different
+          losses decide differently and the replicas drift apart. ``process_group`` does it (one
+          ``all_reduce``, no sync; OLMo-core reduces the loss the same way before its skip-step
+          optimizer): by default the guard's own ``process_group`` (FSDP, where the norm needs it
+          too); under DDP, whose gradients are already the same on every rank, leave the guard's
+          unset and pass ``record_loss(loss, process_group=True)`` (or the data-parallel group).
+          ``process_group=None`` records this rank's loss as it is.
         * under ``GradScaler``, record the loss before ``scaler.scale`` (the unscaled loss).
 
         A non-finite loss skips the step. If the step's norm is finite (the step is counted in
@@ -248,9 +253,16 @@ class SpikeGuard(Clipper):
         (NaN, which evicts the oldest loss as the norm evicts the oldest norm): it never reaches a
         mean, a deviation or a median.
 
+        Args:
+            loss: this step's loss, a number or a floating-point tensor (averaged if it has entries).
+            process_group: the ranks to average the loss over (see above; as ``process_group=`` of
+                the guard accepts; default: the guard's).
+
         Raises:
-            RuntimeError: ``"loss"`` is not among the guard's ``signals``.
-            TypeError: ``loss`` is not a real number or a real floating-point tensor.
+            RuntimeError: ``"loss"`` is not among the guard's ``signals``, or a group is asked for
+                but ``torch.distributed`` is not initialized.
+            TypeError: ``loss`` is not a real number or a real floating-point tensor, or
+                ``process_group`` is not a group.
         """
         if "loss" not in self.signals:
             raise RuntimeError(f"record_loss: this SpikeGuard watches signals={self.signals}; create it "
@@ -263,6 +275,8 @@ class SpikeGuard(Clipper):
             self._pending_loss = torch.tensor(float(loss), dtype=torch.float64)
         else:
             raise TypeError(f"record_loss: loss must be a number or a tensor, got {type(loss).__name__}")
+        group = self.process_group if process_group is _THE_GUARDS else process_group
+        self._pending_loss = distributed.mean_over_ranks(self._pending_loss, group)
 
     def _config(self) -> dict[str, Any]:
         config = {**super()._config(), "mode": self.mode, "threshold": self.threshold,
