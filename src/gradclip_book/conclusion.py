@@ -1008,20 +1008,24 @@ def safety_rows(summary: dict[str, Any]) -> list[Row]:
     """Chapter 5.3's rows, one per fault, from ``gradclip_book.safety.summary()``.
 
     Per fault: the guards that recover the run (every seed finishes and the mean test accuracy is not below the
-    lowest clean seed's: ``gradclip_book.safety.recovers``), best first, and what happens without a guard. A guard
-    whose verdict flips when one seed is left out (``hinges_on``, chapter 5.3's *) is named with those seeds.
+    lowest clean seed's: ``gradclip_book.safety.recovers``, with any one seed left out too: ``verdict``
+    "recovers"), best first, and what happens without a guard. A guard whose recovery flips when one seed is left
+    out (``verdict`` "fragile", chapter 5.3's *) is not listed as a recovery; the evidence names it as fragile,
+    with the seeds it needs.
     """
     rows = []
     clean = summary["clean"]
+    seeds = summary["seeds"]
     for fault, by_guard in summary["faults"].items():
         plain = by_guard["none"]
-        good = sorted((g for g, r in by_guard.items() if g != "none" and r["recovers"]),
+        good = sorted((g for g, r in by_guard.items() if g != "none" and r["verdict"] == "recovers"),
                       key=lambda g: -by_guard[g]["accuracy"])
+        fragile = [g for g, r in by_guard.items() if g != "none" and r["verdict"] == "fragile" and r["recovers"]]
         lost = sum(o != "finished" for o in plain["outcomes"])
         without = (f"without a guard {lost} of {len(plain['outcomes'])} seeds {'is' if lost == 1 else 'are'} lost"
                    if plain["lost"] else
                    f"without a guard the run ends at {_pct(plain['accuracy'])}")
-        names = [GUARD_NAMES.get(g, g) + _hinge_note(by_guard[g].get("hinges_on", [])) for g in good]
+        names = [GUARD_NAMES.get(g, g) for g in good]
         if good:
             best = by_guard[good[0]]
             evidence = (f"With the fault {without}; with the {GUARD_NAMES.get(good[0], good[0])} every seed finishes, at "
@@ -1029,14 +1033,20 @@ def safety_rows(summary: dict[str, Any]) -> list[Row]:
         else:
             evidence = (f"With the fault {without}; no guard brings its mean within the clean seeds' range "
                         f"(clean run {_pct(clean)}).")
+        evidence += "".join(f" {_fragile_note(GUARD_NAMES.get(g, g), seeds, by_guard[g]['hinges_on'])}"
+                            for g in fragile)
         rows.append(Row(f"A fault in training: {FAULT_NAMES.get(fault, fault)}",
                         ", ".join(names) or "none of the guards recovers it", evidence, "safety-guards"))
     return rows
 
 
-def _hinge_note(seeds: list[int]) -> str:
-    """`` (not without seed 5 or 9)`` for a verdict that leaving out one of ``seeds`` flips; ``""`` if none does."""
-    return f" (not without seed {' or '.join(map(str, seeds))})" if seeds else ""
+def _fragile_note(name: str, seeds: list[int], hinges_on: list[int]) -> str:
+    """``Per-layer clipping is fragile: a recovery at seeds 0-9 only with seeds 5 and 9 both in.``"""
+    needed = (f"seed {hinges_on[0]}" if len(hinges_on) == 1 else
+              "seeds " + ", ".join(map(str, hinges_on[:-1])) + f" and {hinges_on[-1]} all"
+              if len(hinges_on) > 2 else f"seeds {hinges_on[0]} and {hinges_on[1]} both")
+    return (f"{name[0].upper()}{name[1:]} is fragile: a recovery at seeds {seeds[0]}-{seeds[-1]} only with "
+            f"{needed} in.")
 
 
 # --- the flow chart ---------------------------------------------------------------------------------------

@@ -100,6 +100,7 @@ __all__ = [
     "recovers",
     "step_phrase",
     "summary",
+    "verdict",
     "main",
     "recipe_threshold",
     "train",
@@ -727,6 +728,26 @@ def leave_one_seed_out(accuracies: Iterable[float | None], clean: Iterable[float
     return [recovers([accuracies[i] for i in k], [clean[i] for i in k]) for k in keep]
 
 
+def verdict(accuracies: Iterable[float | None], clean: Iterable[float]) -> str:
+    """What the page may call a guard's result: ``"recovers"`` when :func:`recovers` holds on all the seeds *and*
+    with any one seed left out (:func:`leave_one_seed_out`), ``"misses"`` when it fails on all of them and with any
+    one left out, and ``"fragile"`` when leaving out one seed flips it. A fragile verdict is neither counted nor
+    listed as a recovery: the rule's bar, the lowest clean seed, only falls as seeds are added, so a mean that
+    clears it by one seed's weight need not clear it at other seeds.
+
+    Example:
+        >>> verdict([0.95, 0.96, 0.97], [0.94, 0.95, 0.96]), verdict([0.95, 0.96, 0.90], [0.94, 0.95, 0.96])
+        ('recovers', 'fragile')
+        >>> verdict([0.5, None, 0.96], [0.94, 0.95, 0.96])
+        'misses'
+    """
+    accuracies, clean = list(accuracies), list(clean)
+    on_all = recovers(accuracies, clean)
+    if any(v != on_all for v in leave_one_seed_out(accuracies, clean)):
+        return "fragile"
+    return "recovers" if on_all else "misses"
+
+
 def _mean(values: Iterable[float | None]) -> float | None:
     values = list(values)
     return None if any(v is None for v in values) else statistics.fmean(values)
@@ -738,7 +759,8 @@ def summary(path: str | Path = GRID_PATH, with_costs: bool = False) -> dict[str,
     Returns ``{"clean": mean accuracy, "clean_seeds": [per seed], "clean_min", "clean_max", "clean_by_guard":
     {guard: accuracy}, "faults": {fault: {guard: {"outcomes": [per seed], "lost": bool (some seed lost),
     "accuracy": mean or None, "accuracies": [per seed], "recovers": bool (:func:`recovers`), "hinges_on": [the seeds
-    whose leaving out flips the verdict (:func:`leave_one_seed_out`); empty: robust]}}}, "costs": ...}``;
+    whose leaving out flips the verdict (:func:`leave_one_seed_out`); empty: robust], "verdict": "recovers",
+    "misses" or "fragile" (:func:`verdict`; only "recovers" counts as a recovery)}}}, "costs": ...}``;
     ``costs`` (:func:`costs`, timed on this machine) only when ``with_costs``.
     """
     runs = load(path)
@@ -756,11 +778,12 @@ def summary(path: str | Path = GRID_PATH, with_costs: bool = False) -> dict[str,
             accuracy = _mean(line["test_accuracy"] for line in lines)
             lost = any(o != "finished" for o in outcomes)
             accuracies = [line["test_accuracy"] for line in lines]
-            verdict = recovers(accuracies, clean_seeds)
+            on_all = recovers(accuracies, clean_seeds)
             loso = leave_one_seed_out(accuracies, clean_seeds)
             faults[fault][guard] = {"outcomes": outcomes, "lost": lost, "accuracy": accuracy,
-                                    "accuracies": accuracies, "recovers": verdict,
-                                    "hinges_on": [s for s, v in zip(SEEDS, loso) if v != verdict],
+                                    "accuracies": accuracies, "recovers": on_all,
+                                    "hinges_on": [s for s, v in zip(SEEDS, loso) if v != on_all],
+                                    "verdict": verdict(accuracies, clean_seeds),
                                     "finite": all(line["finite"] for line in lines)}
     out: dict[str, Any] = {"clean": clean, "clean_seeds": clean_seeds, "clean_min": min(clean_seeds),
                            "clean_max": max(clean_seeds), "clean_by_guard": clean_by_guard, "faults": faults,

@@ -148,8 +148,9 @@ def accuracy_figure() -> PlotlyFigure:
     """Mean test accuracy over the seeds per guard (rows) and fault (columns), at the default fault step.
 
     Every cell is labelled (an annotation, so the NaN cells, which have no colour, are labelled too): the mean
-    accuracy, ✓ where the guard recovers the run, * where that verdict changes with one seed left out
-    (``hinges_on`` of :func:`gradclip_book.safety.summary`) and, when some seed was lost, how many and how.
+    accuracy, ✓ where the guard recovers the run with any one seed left out too (``verdict`` "recovers" of
+    :func:`gradclip_book.safety.summary`), * where the verdict changes with one seed left out ("fragile": no ✓,
+    not counted as a recovery) and, when some seed was lost, how many and how.
     """
     s = safety.summary()
     faults, guards = list(s["faults"]), list(safety.GUARDS)
@@ -166,7 +167,8 @@ def accuracy_figure() -> PlotlyFigure:
             if acc is None:
                 text, colour = f"NaN<br>{nan} of {seeds}", None  # no colour behind it: the page's text colour
             else:
-                text = (f"{100 * acc:.1f}" + (" ✓" if cell["recovers"] else "") + ("*" if cell["hinges_on"] else "")
+                text = (f"{100 * acc:.1f}" + (" ✓" if cell["verdict"] == "recovers" else "")
+                        + ("*" if cell["verdict"] == "fragile" else "")
                         + (f"<br>{diverged} div." if diverged else ""))
                 colour = "#000000" if acc >= 0.5 else "#ffffff"  # Viridis is dark below the middle
             font = {"size": 12} if colour is None else {"size": 12, "color": colour}
@@ -186,9 +188,10 @@ def accuracy_figure() -> PlotlyFigure:
                                 f"{s['fault_step']} and each guard alone (rows); the clean run reaches "
                                 f"{100 * s['clean']:.1f}%. Colour follows the number, from dark (0%) to yellow "
                                 "(100%). ✓ marks a guard that recovers the run: every seed finishes and the "
-                                f"mean is not below the lowest clean seed's {100 * s['clean_min']:.1f}%; * marks a "
-                                "verdict that changes when one seed is left out (from the faulty and the clean "
-                                "runs). \"div.\" "
+                                f"mean is not below the lowest clean seed's {100 * s['clean_min']:.1f}%, with any "
+                                "one seed left out too (from the faulty and the clean runs); * marks a fragile "
+                                "verdict, one that changes when one seed is left out, which is not counted as a "
+                                "recovery. \"div.\" "
                                 "counts the seeds that diverged (weights finite, accuracy below 50%), which the "
                                 "mean includes; a cell reading NaN, without colour, had non-finite "
                                 "weights at the end for the seeds counted (no accuracy exists).")

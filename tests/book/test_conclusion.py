@@ -506,19 +506,27 @@ def test_citation_reads_the_config():
 
 
 def test_safety_rows_pick_the_guards_that_recover():
-    summary = {"clean": 0.95, "faults": {
+    summary = {"clean": 0.95, "seeds": [0, 1, 2], "faults": {
         "nan-grad": {"none": {"outcomes": ["diverged", "diverged", "finished"], "lost": True, "accuracy": None,
-                              "recovers": False},
-                     "spike": {"outcomes": ["finished"] * 3, "lost": False, "accuracy": 0.948, "recovers": True},
+                              "recovers": False, "verdict": "misses"},
+                     "spike": {"outcomes": ["finished"] * 3, "lost": False, "accuracy": 0.948, "recovers": True,
+                               "verdict": "recovers", "hinges_on": []},
                      "loss": {"outcomes": ["finished"] * 3, "lost": False, "accuracy": 0.951, "recovers": True,
-                              "hinges_on": [2]},
-                     "softcap": {"outcomes": ["diverged"] * 3, "lost": True, "accuracy": None, "recovers": False}},
-        "labels": {"none": {"outcomes": ["finished"] * 3, "lost": False, "accuracy": 0.90, "recovers": False}}}}
+                              "verdict": "fragile", "hinges_on": [2]},
+                     "softcap": {"outcomes": ["diverged"] * 3, "lost": True, "accuracy": None, "recovers": False,
+                                 "verdict": "fragile", "hinges_on": [1]}},
+        "labels": {"none": {"outcomes": ["finished"] * 3, "lost": False, "accuracy": 0.90, "recovers": False,
+                            "verdict": "misses"},
+                   "layerwise": {"outcomes": ["finished"] * 3, "lost": False, "accuracy": 0.93, "recovers": True,
+                                 "verdict": "fragile", "hinges_on": [0, 2]}}}}
     nan, labels = cc.safety_rows(summary)
-    # a verdict that one seed decides says so (chapter 5.3's leave-one-seed-out)
-    assert nan.method == "loss guard (not without seed 2), SpikeGuard" and "2 of 3 seeds are lost" in nan.evidence
-    assert "95.1%" in nan.evidence and nan.situation.endswith("a batch of NaN gradients")
+    # a recovery that one seed decides (chapter 5.3's leave-one-seed-out) is not listed; the evidence names it
+    assert nan.method == "SpikeGuard" and "2 of 3 seeds are lost" in nan.evidence
+    assert "Loss guard is fragile: a recovery at seeds 0-2 only with seed 2 in." in nan.evidence
+    assert "oft-capped" not in nan.evidence                        # a fragile miss is no recovery to qualify
+    assert "94.8%" in nan.evidence and nan.situation.endswith("a batch of NaN gradients")
     assert labels.method.startswith("none") and "90.0%" in labels.evidence
+    assert "only with seeds 0 and 2 both in" in labels.evidence
     assert labels.href == cc.link("safety-guards") == "safety.html#what-each-guard-survives"
     assert f'href="{labels.href}"' in cc.guide_table_html([nan])
 

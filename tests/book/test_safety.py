@@ -193,9 +193,14 @@ def test_leave_one_seed_out_recomputes_the_rule_without_each_seed():
                 if ok != cell["recovers"]:
                     hinges.append(seed)
             assert cell["hinges_on"] == hinges, (fault, guard)
+            # only a verdict no single seed decides is a recovery or a miss; the rest are fragile
+            assert cell["verdict"] == ("fragile" if hinges else "recovers" if cell["recovers"] else "misses")
     # a verdict that one seed decides: the mean over three seeds passes only without the low one
     assert safety.leave_one_seed_out([0.95, 0.96, 0.90], [0.94, 0.95, 0.96]) == [False, False, True]
     assert safety.leave_one_seed_out([0.95, None, 0.96], [0.94, 0.95, 0.96]) == [False, True, False]
+    assert safety.verdict([0.95, 0.96, 0.90], [0.94, 0.95, 0.96]) == "fragile"
+    assert safety.verdict([0.95, 0.96, 0.97], [0.94, 0.95, 0.96]) == "recovers"
+    assert safety.verdict([0.95, 0.90, 0.90], [0.94, 0.95, 0.96]) == "misses"
     assert n >= 5
 
 
@@ -273,7 +278,7 @@ def test_accuracy_figure_labels_every_cell_including_nan():
                 assert text.startswith("NaN") and f"{cell['outcomes'].count('nan')} of" in text
             else:
                 assert text.startswith(f"{100 * cell['accuracy']:.1f}")
-                assert ("✓" in text) == cell["recovers"]
+                assert ("✓" in text) == (cell["recovers"] and not cell["hinges_on"])   # fragile: no ✓
                 assert ("*" in text) == bool(cell["hinges_on"])
 
 
