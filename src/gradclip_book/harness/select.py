@@ -33,6 +33,8 @@ Example:
 
 from __future__ import annotations
 
+import decimal
+import functools
 import math
 import statistics
 from fractions import Fraction
@@ -117,10 +119,25 @@ def exact_mean(values: Iterable[float]) -> Fraction:
         >>> statistics.fmean(a) == statistics.fmean(b), exact_mean(a) == exact_mean(b), float(exact_mean(a))
         (False, True, 0.89861)
     """
-    fractions = [Fraction(repr(float(v))) for v in values]
-    if not fractions:
+    floats = tuple(map(float, values))
+    if not floats:
         raise ValueError("exact_mean needs at least one value")
-    return sum(fractions, Fraction(0)) / len(fractions)
+    if not all(map(math.isfinite, floats)):
+        raise ValueError(f"exact_mean needs finite values, got {floats}: leave diverged runs out (None)")
+    return _exact_mean(floats)
+
+
+_EXACT = decimal.Context(prec=decimal.MAX_PREC, traps=[decimal.Inexact, decimal.Rounded])
+"""Decimal arithmetic that never rounds (it raises instead): additions of short decimals stay exact."""
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _exact_mean(values: tuple[float, ...]) -> Fraction:
+    # decimal (C) sums are ~5x faster than Fraction sums; leave-one-seed-out asks for the same lists again and again
+    total = decimal.Decimal(0)
+    for v in values:
+        total = _EXACT.add(total, decimal.Decimal(repr(v)))
+    return Fraction(total) / len(values)
 
 
 def score(setting: Any, values: Iterable[float | None]) -> Score:
