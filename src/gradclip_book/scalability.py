@@ -32,7 +32,7 @@ References:
 Example:
     >>> configs = grid_configs()
     >>> len(configs), len(control_configs()), lr_for(1024)
-    (504, 672, 1.6)
+    (720, 960, 1.6)
 """
 
 from __future__ import annotations
