@@ -31,6 +31,7 @@ import os
 import platform
 from collections.abc import Sequence
 from dataclasses import replace
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -137,9 +138,15 @@ def opt_runs(lr: float, threshold: float | None, warmup: int = 0, optimizer: str
                             optimizer=optimizer, seed=s)) for s in grids.OPT_SEEDS]
 
 
+def _exact_accuracy(runs: Sequence[dict[str, Any]], field: str = "test_accuracy") -> Fraction:
+    """Mean test (or ``field``) accuracy over the runs, a diverged run counting as 0, exactly
+    (:func:`gradclip_book.harness.exact_mean`): what the choices below compare, so that equal totals tie."""
+    return harness.exact_mean([_num(r[field]) or 0.0 for r in runs])
+
+
 def _mean_accuracy(runs: Sequence[dict[str, Any]], field: str = "test_accuracy") -> float:
-    """Mean test (or ``field``) accuracy over the runs, a diverged run counting as 0."""
-    return float(np.mean([_num(r[field]) or 0.0 for r in runs]))
+    """Mean test (or ``field``) accuracy over the runs, a diverged run counting as 0 (:func:`_exact_accuracy`)."""
+    return float(_exact_accuracy(runs, field))
 
 
 # --- 1. learning rate x threshold (chapter 4's grid, seed 0) -----------------------------------------
@@ -194,7 +201,7 @@ def fixed_threshold(cells: dict[str, Any]) -> dict[str, Any]:
     rows = range(1, len(cells["thresholds"]))
     per_threshold = {cells["thresholds"][i]: good(cells["accuracy"][i]) for i in rows}
     chosen = max(rows, key=lambda i: (len(good(cells["val_accuracy"][i])),
-                                      float(np.mean([a or 0.0 for a in cells["val_accuracy"][i]]))))
+                                      harness.exact_mean([a or 0.0 for a in cells["val_accuracy"][i]])))
     threshold = cells["thresholds"][chosen]
     return {"threshold": threshold, "lrs": per_threshold[threshold], "per_threshold": per_threshold,
             "largest": max(len(v) for v in per_threshold.values())}
@@ -234,12 +241,14 @@ def steps_to_loss(run: dict[str, Any], target: float = TARGET_LOSS, window: int 
 
 
 def best_lr(runs_by_lr: dict[float, list[dict[str, Any]]]) -> float | None:
-    """The lr whose runs all train with the highest mean *validation* accuracy (``None`` if no lr trains every seed).
+    """The lr whose runs all train with the highest mean *validation* accuracy (``None`` if no lr trains every seed),
+    means compared exactly (:func:`gradclip_book.harness.exact_mean`), an exact tie to the smaller lr.
 
     The learning rate is a knob, so it is chosen on validation; its test accuracy is then reported once.
     """
     good = {lr: runs for lr, runs in runs_by_lr.items() if all(_trains(r) for r in runs)}
-    return max(good, key=lambda lr: (_mean_accuracy(good[lr], "val_accuracy"), lr)) if good else None
+    # an exact tie goes to the smaller lr, the more conservative setting (the book's rule, harness.select)
+    return max(good, key=lambda lr: (_exact_accuracy(good[lr], "val_accuracy"), -lr)) if good else None
 
 
 def _stability_runs(depth: int, threshold: float | None) -> dict[float, list[dict[str, Any]]]:
@@ -315,14 +324,15 @@ def _scan(runs_by_lr: dict[float, list[dict[str, Any]]]) -> dict[str, Any]:
     (an upper bound that picks on test; kept for chapter 6); ``trained`` / ``diverged`` per lr the number of seeds
     that train / diverge.
     """
-    means = {lr: _mean_accuracy(runs) for lr, runs in runs_by_lr.items()}
-    val_means = {lr: _mean_accuracy(runs, "val_accuracy") for lr, runs in runs_by_lr.items()}
+    exact = {lr: _exact_accuracy(runs) for lr, runs in runs_by_lr.items()}   # compared exactly: equal totals tie
+    val_exact = {lr: _exact_accuracy(runs, "val_accuracy") for lr, runs in runs_by_lr.items()}
+    means = {lr: float(m) for lr, m in exact.items()}
     stable = [lr for lr, runs in runs_by_lr.items() if all(_trains(r) for r in runs)]
-    best = max(means, key=lambda lr: (means[lr], lr))
-    chosen = max(val_means, key=lambda lr: (val_means[lr], lr))
+    best = max(exact, key=lambda lr: (exact[lr], -lr))   # an exact tie to the smaller lr (best_lr)
+    chosen = max(val_exact, key=lambda lr: (val_exact[lr], -lr))
     return {"largest_stable_lr": max(stable) if stable else None, "stable_lrs": sorted(stable),
             "best_accuracy": means[best], "best_lr": best, "chosen_lr": chosen, "chosen_accuracy": means[chosen],
-            "chosen_val_accuracy": val_means[chosen], "mean_accuracy": means,
+            "chosen_val_accuracy": float(val_exact[chosen]), "mean_accuracy": means,
             "trained": {lr: sum(_trains(r) for r in runs) for lr, runs in runs_by_lr.items()},
             "diverged": {lr: sum(r["diverged_at"] is not None for r in runs) for lr, runs in runs_by_lr.items()}}
 

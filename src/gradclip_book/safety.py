@@ -711,7 +711,8 @@ def recovers(accuracies: Iterable[float | None], clean: Iterable[float]) -> bool
     accuracies, clean = list(accuracies), list(clean)
     if any(a is None or a < LOST_ACCURACY for a in accuracies):
         return False
-    return statistics.fmean(accuracies) >= min(clean)
+    # exactly, with the values as written: a mean equal to the lowest clean seed's recovers (harness.exact_mean)
+    return harness.exact_mean(accuracies) >= harness.exact_mean([min(clean)])
 
 
 def leave_one_seed_out(accuracies: Iterable[float | None], clean: Iterable[float]) -> list[bool]:

@@ -32,7 +32,7 @@ References:
 Example:
     >>> configs = grid_configs()
     >>> len(configs), len(control_configs()), lr_for(1024)
-    (504, 672, 1.6)
+    (720, 960, 1.6)
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ THRESHOLDS: dict[str, tuple[float, ...]] = {
 }
 """AGC's clip factors lambda (the paper's 0.01 .. 0.16, four halvings below it and two doublings above) and global-norm
 thresholds c. Some good ranges still reach an end of these grids (:func:`sensitivity`'s ``open_low`` / ``open_high``)."""
-SEEDS = tuple(range(7))
+SEEDS = tuple(range(10))
 """The seeds of the grid and the controls; :func:`leave_one_seed_out` tells which verdicts any one of them decides."""
 CHANCE = 0.1
 """A diverged run counts at chance accuracy (10 classes) in the figures' means."""

@@ -9,6 +9,7 @@ import json
 import math
 import re
 from collections import defaultdict
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -212,10 +213,10 @@ def test_batch_evidence_recounted_from_the_scalability_grid():
         cells[c["batch"], c["lr"], c["steps"], c["method"], c["threshold"]].append(line)
 
     def pick(options):   # {setting: runs} -> (setting, finished test accuracies, diverged)
-        def key(item):
+        def key(item):   # means in exact decimal arithmetic, so that equal totals tie and min() keeps the first listed
             runs = item[1]
-            done = [r["val_accuracy"] for r in runs if r["diverged_at"] is None]
-            return (len(runs) - len(done), -np.mean(done) if done else math.inf)
+            done = [Decimal(str(r["val_accuracy"])) for r in runs if r["diverged_at"] is None]
+            return (len(runs) - len(done), -sum(done) / len(done) if done else math.inf)
         setting, runs = min(options.items(), key=key)
         return setting, [r["test_accuracy"] for r in runs if r["diverged_at"] is None], len(runs) - len(
             [r for r in runs if r["diverged_at"] is None])

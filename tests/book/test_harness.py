@@ -240,6 +240,43 @@ def test_selection_rule():
         H.select_best({"a": [1.0]}, mode="best")
 
 
+# Chapter 5.2's grid at 10 seeds, batch 64, seed 3 left out: validation accuracy of the unclipped runs at lr 0.0125
+# and 0.025. Both add up to 8.56389 exactly (3,083 of 9 x 360 validation images), but in binary floating point, whatever
+# the summation (fsum, pairwise, in seed order), the second mean comes out 2 ulp above the first.
+TIE_LOW_LR = [0.97778, 0.95556, 0.95, 0.94444, 0.94722, 0.94167, 0.95, 0.94722, 0.95]
+TIE_HIGH_LR = [0.93889, 0.95, 0.94444, 0.96389, 0.94722, 0.95833, 0.95556, 0.95, 0.95556]
+
+
+def test_a_tie_of_exact_totals_is_a_tie_whatever_the_float_rounding():
+    import statistics
+    from fractions import Fraction
+
+    assert statistics.fmean(TIE_LOW_LR) < statistics.fmean(TIE_HIGH_LR)                 # the float means differ...
+    assert sum(round(360 * v) for v in TIE_LOW_LR) == sum(round(360 * v) for v in TIE_HIGH_LR) == 3083   # ...not the data
+    assert H.exact_mean(TIE_LOW_LR) == H.exact_mean(TIE_HIGH_LR) == H.exact_mean(TIE_HIGH_LR[::-1])
+    for mode in ("max", "min"):
+        for a, b in ((TIE_LOW_LR, TIE_HIGH_LR), (TIE_HIGH_LR, TIE_LOW_LR), (TIE_LOW_LR[::-1], TIE_HIGH_LR)):
+            assert H.select_best([("first", a), ("second", b)], mode=mode).best.setting == "first"   # listed first
+    assert H.score("a", TIE_LOW_LR).mean == H.score("b", TIE_HIGH_LR).mean == float(Fraction("8.56389") / 9)
+
+
+def test_every_choice_by_a_mean_over_seeds_treats_an_exact_tie_as_a_tie():
+    from gradclip_book import performance as perf, safety, scalability as sc
+
+    def runs(values):
+        return [{"diverged_at": None, "val_accuracy": v, "test_accuracy": v, "seed": i} for i, v in enumerate(values)]
+
+    # chapter 5.2: each knob chosen over the seeds, smallest learning rate listed first
+    assert sc.choose({0.0125: runs(TIE_LOW_LR), 0.025: runs(TIE_HIGH_LR)})["setting"] == 0.0125
+    # chapter 5.1: the learning rate chosen on validation, an exact tie to the smaller one (the test upper bound too)
+    assert perf.best_lr({0.025: runs(TIE_HIGH_LR), 0.0125: runs(TIE_LOW_LR)}) == 0.0125
+    scan = perf._scan({0.025: runs(TIE_HIGH_LR), 0.0125: runs(TIE_LOW_LR)})
+    assert scan["chosen_lr"] == scan["best_lr"] == 0.0125
+    # chapter 5.3: a guard recovers when its mean is not below the lowest clean seed's; 0.925 exactly is not below it
+    assert safety.recovers([0.91667, 0.91944, 0.93889], clean=[0.925, 0.95])
+    assert not safety.recovers([0.91667, 0.91944, 0.93888], clean=[0.925, 0.95])
+
+
 def test_comparison_rule_needs_a_gap_beyond_the_seed_spread():
     a, b = H.score("a", [0.96, 0.95, 0.97]), H.score("b", [0.94, 0.95, 0.93])
     assert a.std == pytest.approx(0.01) and H.beats(a, b) is True         # gap 0.02 > 0.01
