@@ -135,6 +135,18 @@ def test_a_replicated_case_is_judged_on_its_own_seeds(lines):
     assert [line["config"]["seed"] for line in second["clipped"]["lines"]] == list(ig.SECOND_REPLICATION_SEEDS)
 
 
+def test_the_tables_row_shows_every_seed_group(lines):
+    # 4.4's row for the plain CNN at depth 8: a win and a rescue at seeds 0-4, a rescue alone at 5-9, neither at 10-14
+    case = imf.clip_or_lower(ImageConfig(model="plain", depth=8), ig.SEEDS, (0,), plain_choice_seeds=ig.SEEDS)
+    groups = [imf.replicated(case, seeds) for seeds in ig.UNSEEN_SEED_GROUPS]
+    [row] = imf.comparison_rows([("plain CNN, depth 8", case)], {"plain CNN, depth 8": groups})
+    assert row[4] == "clipping (rescue); no difference (rescue); no difference → no difference"
+    for cell, part in zip(row[1:3], ("plain", "clipped")):
+        assert cell.split(": ", 1)[1].split("; ") == [imf.mean_std(g[part]["test"]) for g in [case, *groups]]
+    html = imf.comparison_table_html([("plain CNN, depth 8", case)], "caption", again={"plain CNN, depth 8": groups})
+    assert "(seeds 0-4; seeds 5-9; seeds 10-14 → stands)" in html and html.count("<th>") == 5
+
+
 def test_the_tables_standing_verdicts_recounted_with_numpy(lines):
     # 4.4's rule, recomputed from the raw lines: clipping is better when its mean test accuracy exceeds the unclipped
     # one's by more than the larger sample std (or only the unclipped side has a diverged seed); a rescue when some
