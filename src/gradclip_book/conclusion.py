@@ -182,9 +182,10 @@ def fix_cause_evidence(depths: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
     (plain CNN, no normalisation). ``"bn_beats_clip"``: BatchNorm beats the clipped network by the seed-spread
     rule at every depth; ``"residual_beats_plain"``: with BatchNorm, the residual CNN beats the plain one at the
     deepest of ``depths``; ``"clip_on_bn"``: per (network with BatchNorm, depth of chapter 4), the verdict of the
-    best clipped against the best unclipped setting that stands at chapter 4's seeds and at its replication seeds
-    (chapter 4.4's table, clipped setting chosen on seed 0; :func:`images_figures.standing`), and
-    ``"table_seeds"``: the number of seeds in each of those two groups.
+    best clipped against the best unclipped setting that stands at chapter 4's seeds and at each group of its
+    unseen seeds (chapter 4.4's table, clipped setting chosen on seed 0; :data:`images_grid.UNSEEN_SEED_GROUPS`,
+    :func:`images_figures.standing`), and ``"table_seeds"``: the number of seeds in each of those groups, chapter
+    4's first.
     ``"relu_xavier"``: chapter 2.2's per-layer factor of a ReLU network initialised with Xavier's scale
     (He's is 1), and ``"depth"``: the deepest of ``depths``.
     """
@@ -210,12 +211,13 @@ def fix_cause_evidence(depths: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
     deepest = out["by_depth"][max(depths)]
     out["residual_beats_plain"] = harness.beats(deepest["bn"], deepest["plain_bn"])   # both with BatchNorm
     out["clip_on_bn"] = {}   # chapter 4.4's table: clipped setting chosen on seed 0, unclipped lr on all seeds at depths
-    for model in ("residual+bn", "plain+bn"):   # 8 and 16; the verdict that stands at seeds 0-4 and the replication seeds
+    for model in ("residual+bn", "plain+bn"):   # 8 and 16; the verdict that stands at seeds 0-4 and every unseen group
         for depth in ig.DEPTHS:
             case = imf.clip_or_lower(replace(ig.HEADLINE, model=model, depth=depth), ig.SEEDS, (0,),
                                      plain_choice_seeds=ig.SEEDS if depth in depths else (0,))
-            out["clip_on_bn"][model, depth] = imf.standing(case, imf.replicated(case))["verdict"]
-    out["table_seeds"] = (len(ig.SEEDS), len(ig.REPLICATION_SEEDS))
+            again = [imf.replicated(case, seeds) for seeds in ig.UNSEEN_SEED_GROUPS]
+            out["clip_on_bn"][model, depth] = imf.standing(case, *again)["verdict"]
+    out["table_seeds"] = (len(ig.SEEDS), *(len(seeds) for seeds in ig.UNSEEN_SEED_GROUPS))
     out["relu_xavier"] = dp.predicted_layer_factor(1.0, "relu", "xavier", 64)
     out["depth"] = max(depths)
     return out
@@ -822,6 +824,9 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
     same_t = all(v == "no difference" for v in tr["verdicts"].values())
     n_bn = len(fx["clip_on_bn"])
     bn_same = sum(v == "no difference" for v in fx["clip_on_bn"].values())
+    sizes = fx["table_seeds"][1:]   # chapter 4.4's unseen seed groups
+    unseen_seeds = (f"{sizes[0]} seeds" if len(sizes) == 1 else f"each of {len(sizes)} groups of {sizes[0]} seeds"
+                    if len(set(sizes)) == 1 else " and ".join(f"{n} seeds" for n in sizes))
     rows = [
         Row("Any network whose gradients explode or whose seeds scatter: start here",
             "Fix the cause first: normalisation (BatchNorm) with residual connections, and an initialisation "
@@ -837,7 +842,7 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             f"CNN {'beats' if fx['residual_beats_plain'] else 'is no different from'} the plain one "
             f"({_ms(by[d2]['bn'])} against {_ms(by[d2]['plain_bn'])}). With BatchNorm, clipping made no "
             f"difference in {bn_same} of {n_bn} network-depth pairs (at {fx['table_seeds'][0]} seeds and again at "
-            f"{fx['table_seeds'][1]} seeds no choice saw). By chapter 2.2's law, Xavier's scale on a "
+            f"{unseen_seeds} no choice saw). By chapter 2.2's law, Xavier's scale on a "
             f"ReLU network multiplies the gradient by about {fx['relu_xavier']:.3f} per layer (a factor "
             f"{fx['relu_xavier'] ** fx['depth']:.4f} "
             f"over {fx['depth']} layers); He's keeps it at 1.",

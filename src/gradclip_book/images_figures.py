@@ -147,17 +147,21 @@ def replicated(case: dict[str, Any], seeds: Sequence[int] = ig.REPLICATION_SEEDS
     return _judged(summary_of(case["plain"]["config"], seeds), summary_of(case["clipped"]["config"], seeds), seeds)
 
 
-def standing(case: dict[str, Any], again: dict[str, Any]) -> dict[str, Any]:
-    """The verdict that stands when a case (:func:`clip_or_lower`) is judged again at other seeds
-    (:func:`replicated`): a verdict other than ``"no difference"`` stands only if both seed groups give it, and a
-    rescue only if both are rescues; otherwise ``"no difference"`` and no rescue.
+def standing(case: dict[str, Any], again: dict[str, Any], *more: dict[str, Any]) -> dict[str, Any]:
+    """The verdict that stands when a case (:func:`clip_or_lower`) is judged again at other seeds, one or more groups
+    of them (:func:`replicated`): a verdict other than ``"no difference"`` stands only if every seed group gives it,
+    and a rescue only if every group is a rescue; otherwise ``"no difference"`` and no rescue.
 
     Example:
         >>> standing({"verdict": "clipping", "rescue": True}, {"verdict": "no difference", "rescue": True})
         {'verdict': 'no difference', 'rescue': True}
+        >>> standing({"verdict": "clipping", "rescue": True}, {"verdict": "clipping", "rescue": True},
+        ...          {"verdict": "clipping", "rescue": False})
+        {'verdict': 'clipping', 'rescue': False}
     """
-    verdict = case["verdict"] if case["verdict"] == again["verdict"] else "no difference"
-    return {"verdict": verdict, "rescue": bool(case["rescue"] and again["rescue"])}
+    groups = (again, *more)
+    verdict = case["verdict"] if all(g["verdict"] == case["verdict"] for g in groups) else "no difference"
+    return {"verdict": verdict, "rescue": bool(case["rescue"] and all(g["rescue"] for g in groups))}
 
 
 def stable_lrs(base: ImageConfig, method: str = "none", threshold: float | None = None,
@@ -571,40 +575,43 @@ def _verdict(case: dict[str, Any]) -> str:
 
 
 def comparison_rows(cases: Sequence[tuple[str, dict[str, Any]]],
-                    again: dict[str, dict[str, Any]] | None = None) -> list[list[str]]:
+                    again: dict[str, Sequence[dict[str, Any]]] | None = None) -> list[list[str]]:
     """Table rows for :func:`clip_or_lower` results: case, best unclipped, best clipped, share clipped, verdict.
 
-    With ``again`` (case name -> :func:`replicated`), each setting's cell adds its test accuracy at the other seeds
-    and the verdict cell reads ``"<first seeds>; <other seeds> → <the verdict that stands>"`` (:func:`standing`)."""
+    With ``again`` (case name -> one :func:`replicated` result per group of other seeds), each setting's cell adds
+    its test accuracy at each group and the verdict cell reads ``"<first seeds>; <each other group> → <the verdict
+    that stands>"`` (:func:`standing`)."""
     rows = []
     for name, c in cases:
         p, k = c["plain"], c["clipped"]
         cells = [f"{_setting(p['config'])}: {mean_std(p['test'])}", f"{_setting(k['config'])}: {mean_std(k['test'])}"]
         if again is not None:
-            a = again[name]
-            cells = [f"{cell}; {mean_std(r['test'])}" for cell, r in zip(cells, (a["plain"], a["clipped"]))]
+            groups = list(again[name])
+            cells = ["; ".join([cell] + [mean_std(g[part]["test"]) for g in groups])
+                     for cell, part in zip(cells, ("plain", "clipped"))]
         rows.append([name, *cells,
                      f"{100 * k['clip_fraction']:.0f}% ({k['clip_fraction'] > 0.5 and 'most' or regime(k['clip_fraction']).split()[0]})",
                      _verdict(c) if again is None else
-                     f"{_verdict(c)}; {_verdict(again[name])} → {_verdict(standing(c, again[name]))}"])
+                     "; ".join([_verdict(c)] + [_verdict(g) for g in groups]) + f" → {_verdict(standing(c, *groups))}"])
     return rows
 
 
 def comparison_table_html(cases: Sequence[tuple[str, dict[str, Any]]], caption: str,
-                          again: dict[str, dict[str, Any]] | None = None,
-                          seed_groups: tuple[str, str] = ("seeds 0-4", "seeds 5-9")) -> str:
+                          again: dict[str, Sequence[dict[str, Any]]] | None = None,
+                          seed_groups: Sequence[str] = ("seeds 0-4", "seeds 5-9", "seeds 10-14")) -> str:
     """The best unclipped run against the best clipped run, per case, as an HTML table (cards on a phone); with
-    ``again`` (see :func:`comparison_rows`) also at the other seeds, named by ``seed_groups``."""
+    ``again`` (see :func:`comparison_rows`) also at the other seeds, the groups named by ``seed_groups`` (the
+    chapter's seeds first)."""
     if again is None:
         head = ["network, depth", "best without clipping (test)", "best with global-norm clipping (test)",
                 "steps clipped", "better by the seed-spread rule"]
         return table_html(head, [[_escape(c) for c in row] for row in comparison_rows(cases)], caption)
-    first, other = seed_groups
-    head = ["network, depth", f"best without clipping (test, {first}; {other})",
-            f"best with global-norm clipping (test, {first}; {other})", f"steps clipped ({first})",
-            f"better by the seed-spread rule ({first}; {other} → stands)"]
+    groups = "; ".join(seed_groups)
+    head = ["network, depth", f"best without clipping (test, {groups})",
+            f"best with global-norm clipping (test, {groups})", f"steps clipped ({seed_groups[0]})",
+            f"better by the seed-spread rule ({groups} → stands)"]
     return table_html(head, [[_escape(c) for c in row] for row in comparison_rows(cases, again)], caption,
-                      widths=[17, 22, 22, 13, 26])
+                      widths=[17, 21, 21, 13, 28])
 
 
 def _escape(text: str) -> str:

@@ -28,8 +28,8 @@ from . import harness
 from .images import GRID_FILE, MODELS, ImageConfig, code_version, load, record
 
 __all__ = [
-    "ADAMW_LRS", "BUDGET_STEPS", "DEPTHS", "HARD", "HEADLINE", "LRS", "METHOD_LRS", "METHOD_THRESHOLDS", "SEEDS", "THRESHOLDS",
-    "WARMUP", "budget_points", "grid_points", "main", "phase_one", "phase_two", "recipe_points", "replication_points",
+    "ADAMW_LRS", "BUDGET_STEPS", "DEPTHS", "HARD", "HEADLINE", "LRS", "METHOD_LRS", "METHOD_THRESHOLDS", "SECOND_REPLICATION_SEEDS", "SEEDS",
+    "THRESHOLDS", "UNSEEN_SEED_GROUPS", "WARMUP", "budget_points", "grid_points", "main", "phase_one", "phase_two", "recipe_points", "replication_points",
     "table_settings",
 ]
 
@@ -203,6 +203,10 @@ def recipe_threshold(line: dict[str, Any]) -> float | None:
 
 REPLICATION_SEEDS = (5, 6, 7, 8, 9)
 """Seeds no choice of the chapter saw: the headline settings are re-run at these (``replicate``)."""
+SECOND_REPLICATION_SEEDS = (10, 11, 12, 13, 14)
+"""A second group of seeds no choice saw: every row of chapter 4.4's table is re-run at these too (``replicate``)."""
+UNSEEN_SEED_GROUPS = (REPLICATION_SEEDS, SECOND_REPLICATION_SEEDS)
+"""The groups of seeds at which chapter 4.4's table judges every row again (a verdict stands only if all give it)."""
 
 
 def replication_points(lines: Sequence[dict[str, Any]]) -> list[tuple[str, ImageConfig]]:
@@ -211,8 +215,9 @@ def replication_points(lines: Sequence[dict[str, Any]]) -> list[tuple[str, Image
     best unclipped learning rate and the best global-norm (lr, threshold); in the hard case also the best threshold
     that clips on rare steps (some, but at most 10% of the steps, averaged over :data:`SEEDS`); in the main case
     AdamW at its best learning rate, without clipping and at max_norm 1; and both settings of every row of chapter
-    4.4's table (:func:`table_settings`: every network and depth, those of the residual CNN included above). Empty
-    until the runs they are chosen from are stored."""
+    4.4's table (:func:`table_settings`: every network and depth, those of the residual CNN included above). The
+    table's settings are then re-run at :data:`SECOND_REPLICATION_SEEDS` as well (listed last: the runs stored before
+    this group was added keep their order). Empty until the runs they are chosen from are stored."""
     by_key = {line["key"]: line for line in lines}
 
     def clip_fraction(config: ImageConfig) -> float | None:
@@ -237,8 +242,10 @@ def replication_points(lines: Sequence[dict[str, Any]]) -> list[tuple[str, Image
     if table is None:
         return []
     # the verdicts' settings first, then the table's rows: the order of the runs stored before the rows were added
-    unique = list(dict.fromkeys(chosen + [c for pair in table.values() for c in pair]))
-    return [("replicate", replace(c, seed=s)) for c in unique for s in REPLICATION_SEEDS]
+    rows = list(dict.fromkeys(c for pair in table.values() for c in pair))
+    unique = list(dict.fromkeys(chosen + rows))
+    return ([("replicate", replace(c, seed=s)) for c in unique for s in REPLICATION_SEEDS]
+            + [("replicate", replace(c, seed=s)) for c in rows for s in SECOND_REPLICATION_SEEDS])
 
 
 def table_settings(lines: Sequence[dict[str, Any]]) -> dict[tuple[str, int], tuple[ImageConfig, ImageConfig]] | None:
