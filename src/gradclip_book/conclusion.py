@@ -185,13 +185,15 @@ def fix_cause_evidence(depths: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
     best clipped against the best unclipped setting that stands at chapter 4's seeds and at each group of its
     unseen seeds (chapter 4.4's table, clipped setting chosen on seed 0; :data:`images_grid.UNSEEN_SEED_GROUPS`,
     :func:`images_figures.standing`), and ``"table_seeds"``: the number of seeds in each of those groups, chapter
-    4's first.
+    4's first; ``"bn_beats_clip_unseen"``: per depth, for each of those unseen groups (``"unseen_groups"``, as
+    ``"a-b"``), whether BatchNorm beats the clipped network there (the settings of 4.4's table, as chapter 4.6
+    compares them).
     ``"relu_xavier"``: chapter 2.2's per-layer factor of a ReLU network initialised with Xavier's scale
     (He's is 1), and ``"depth"``: the deepest of ``depths``.
     """
     from dataclasses import replace
 
-    from gradclip_book import depth as dp, harness, images_figures as imf, images_grid as ig
+    from gradclip_book import depth as dp, harness, images, images_figures as imf, images_grid as ig
 
     def best(configs: list) -> Any:
         return imf.scores(imf.choose(configs).best.setting, "test_accuracy")
@@ -218,6 +220,14 @@ def fix_cause_evidence(depths: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
             again = [imf.replicated(case, seeds) for seeds in ig.UNSEEN_SEED_GROUPS]
             out["clip_on_bn"][model, depth] = imf.standing(case, *again)["verdict"]
     out["table_seeds"] = (len(ig.SEEDS), *(len(seeds) for seeds in ig.UNSEEN_SEED_GROUPS))
+    out["unseen_groups"] = [f"{seeds[0]}-{seeds[-1]}" for seeds in ig.UNSEEN_SEED_GROUPS]
+    out["bn_beats_clip_unseen"] = {}   # per depth and unseen group: BatchNorm against the clipped rows of 4.4's table
+    table = ig.table_settings(images.load())
+    for depth in depths:
+        bn, clipped = table["residual+bn", depth][0], table["residual", depth][1]
+        out["bn_beats_clip_unseen"][depth] = [
+            harness.beats(imf.summary_of(bn, seeds)["test"], imf.summary_of(clipped, seeds)["test"])
+            for seeds in ig.UNSEEN_SEED_GROUPS]
     out["relu_xavier"] = dp.predicted_layer_factor(1.0, "relu", "xavier", 64)
     out["depth"] = max(depths)
     return out
@@ -790,6 +800,22 @@ def _accuracy_words(by_threshold: dict[float, dict[str, Any]]) -> str:
     return (f", and raised the accuracy at {helps} only" if helps else "") + (f", lowered it at {hurts}" if hurts else "")
 
 
+def _bn_against_clip(fx: dict[str, Any]) -> str:
+    """BatchNorm against the clipped network: at chapter 4's seeds, then at each unseen group, per depth."""
+    if not fx["bn_beats_clip"]:
+        return ""
+    groups = fx["unseen_groups"]
+    held = [str(d) for d, wins in fx["bn_beats_clip_unseen"].items() if all(wins)]
+    text = f": better by the seed-spread rule at both depths at these {fx['seeds']} seeds"
+    if held:
+        text += f", and again at seeds {' and '.join(groups)} at depth {' and '.join(held)}"
+    for depth, wins in fx["bn_beats_clip_unseen"].items():
+        if not all(wins):
+            text += (f"; at depth {depth} not at seeds "
+                     + " or ".join(g for g, won in zip(groups, wins) if not won))
+    return text
+
+
 def _separation(by_depth: dict[int, dict[str, Any]], seeds: int) -> str:
     """Where every BatchNorm seed beat every clipped seed, and where the seeds overlap (a lead that rests on them)."""
     apart = [d for d, r in by_depth.items() if min(r["bn"].finished) > max(r["clipped"].finished)]
@@ -835,7 +861,7 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             f"on validation), the residual CNN with BatchNorm and no clipping reaches {_ms(by[d1]['bn'])} test "
             f"accuracy at depth {d1} and {_ms(by[d2]['bn'])} at depth {d2}, against {_ms(by[d1]['clipped'])} and "
             f"{_ms(by[d2]['clipped'])} for the best clipped network without normalisation"
-            + (": better by the seed-spread rule at both depths" if fx["bn_beats_clip"] else "")
+            + _bn_against_clip(fx)
             + _separation(by, fx["seeds"])
             + f". A {fx['warmup_steps']}-step warm-up reaches {_ms(by[d1]['warmup'])} and {_ms(by[d2]['warmup'])}, "
             f"no remedy {_ms(by[d1]['none'])} and {_ms(by[d2]['none'])}. With BatchNorm at depth {d2}, the residual "
