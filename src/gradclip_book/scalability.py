@@ -24,10 +24,18 @@ same gradients (interleaved calls, medians); :func:`per_sample_check` compares g
 (DP-SGD) clipping with a per-example loop (same clipped gradient, and the time of each);
 :func:`dp_train` trains the digits MLP with DP-SGD.
 
+**DP-SGD since 2023.** ``python -m gradclip_book.scalability dp`` writes ``chapters/data/dp_methods.json``
+(:func:`compute_dp`, a progress bar, about 2 minutes): ``method="auto"`` against ``"ghost"`` and ``"vmap"``
+(:func:`method_times`), and DP-SGD with Abadi clipping at three thresholds, per-layer thresholds and automatic
+clipping at the same noise multiplier over :data:`DP_SEEDS` (:func:`dp_runs`), judged by :func:`dp_summary`.
+
 References:
     * Brock, De, Smith, Simonyan (2021), "High-Performance Large-Scale Image Recognition Without
       Normalization", `arXiv:2102.06171 <https://arxiv.org/abs/2102.06171>`__.
     * Abadi et al. (2016), "Deep Learning with Differential Privacy", `arXiv:1607.00133 <https://arxiv.org/abs/1607.00133>`__.
+    * Bu, Wang, Zha, Karypis (2023), "Automatic Clipping", `arXiv:2206.07136 <https://arxiv.org/abs/2206.07136>`__;
+      Bu, Mao, Xu (2023), "Differentially Private Optimization on Large Model at Small Cost",
+      `arXiv:2210.00038 <https://arxiv.org/abs/2210.00038>`__ (mixed ghost clipping).
 
 Example:
     >>> configs = grid_configs()
@@ -40,6 +48,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -87,6 +96,18 @@ __all__ = [
     "without_each_seed",
     "robust_verdicts",
     "ARMS",
+    "DP_ARMS",
+    "DP_COMMAND",
+    "DP_FILE",
+    "DP_SEEDS",
+    "DP_SIGMA",
+    "arm_name",
+    "compute_dp",
+    "dp_cnn",
+    "dp_runs",
+    "dp_summary",
+    "load_dp",
+    "method_times",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -494,7 +515,8 @@ def per_sample_check(config: cls.RunConfig = BASE, batch: int = 64, max_norm: fl
 
 
 def dp_train(noise_multiplier: float = 1.0, max_norm: float = 1.0, steps: int = 300, batch: int = 64,
-             lr: float = 0.5, depth: int = 2, seed: int = 0) -> dict[str, Any]:
+             lr: float = 0.5, depth: int = 2, seed: int = 0, clipping_fn: str = "abadi",
+             clipping: str = "flat") -> dict[str, Any]:
     """Train a ReLU MLP (width 64, He init) on the digits with DP-SGD through ``gradclip.per_sample_clip_grad_``.
 
     Each step: every example's gradient clipped to ``max_norm``, summed, Gaussian noise of standard
@@ -503,7 +525,12 @@ def dp_train(noise_multiplier: float = 1.0, max_norm: float = 1.0, steps: int = 
     claimed). ``noise_multiplier=0`` gives per-sample clipping without noise. The loop is the book's harness
     (:func:`gradclip_book.harness.train`) with a loss function that fills the gradients itself.
 
-    Returns the test accuracy, the share of examples whose gradient was clipped, and the wall seconds.
+    ``clipping_fn="automatic"`` normalises every example instead (AUTO-S, Bu et al. 2023: factor
+    ``max_norm / (norm + 0.01)``); ``clipping="per_layer"`` gives each of the K trainable tensors the threshold
+    ``max_norm / sqrt(K)``, so an example's clipped gradient, and the noise, have the flat run's bound ``max_norm``.
+
+    Returns the validation and test accuracy, the share of examples (of example-tensor pairs with
+    ``"per_layer"``) whose norm exceeded its threshold, and the wall seconds.
     """
     config = replace(cls.DEFAULT, depth=depth, seed=seed)
     noise = torch.Generator().manual_seed(seed + 1)
@@ -512,9 +539,13 @@ def dp_train(noise_multiplier: float = 1.0, max_norm: float = 1.0, steps: int = 
     def private_gradient(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Fills ``p.grad`` with the noisy clipped mean (no backward by the harness); returns the batch's loss."""
         xb, yb = batch
-        norms = gradclip.per_sample_clip_grad_(model, nn.functional.cross_entropy, xb, yb, max_norm=max_norm,
-                                               noise_multiplier=noise_multiplier, generator=noise)
-        clipped.append(float((norms > max_norm).float().mean()))
+        tensors = sum(p.requires_grad for p in model.parameters())
+        threshold = max_norm if clipping == "flat" else max_norm / math.sqrt(tensors)
+        norms = gradclip.per_sample_clip_grad_(model, nn.functional.cross_entropy, xb, yb,
+                                               max_norm=threshold if clipping == "flat" else [threshold] * tensors,
+                                               noise_multiplier=noise_multiplier, generator=noise,
+                                               clipping=clipping, clipping_fn=clipping_fn)
+        clipped.append(float((norms > threshold).float().mean()))
         with torch.no_grad():
             return nn.functional.cross_entropy(model(xb), yb)
 
@@ -523,19 +554,147 @@ def dp_train(noise_multiplier: float = 1.0, max_norm: float = 1.0, steps: int = 
         model = cls.build_model(config)
         run = harness.train(model, torch.optim.SGD(model.parameters(), lr=lr),
                             harness.minibatches(*parts["train"], batch, seed), steps, loss_fn=private_gradient,
-                            evaluate=harness.accuracy_evaluator(parts, {"test": "test_accuracy"}), divergence=None,
-                            threads=None)
-    return {"test_accuracy": run.metrics["test_accuracy"], "clipped_share": float(np.mean(clipped)),
-            "seconds": run.seconds, "noise_multiplier": noise_multiplier, "max_norm": max_norm,
-            "steps": steps, "batch": batch, "lr": lr, "depth": depth}
+                            evaluate=harness.accuracy_evaluator(parts), divergence=None, threads=None)
+    return {"val_accuracy": run.metrics["val_accuracy"], "test_accuracy": run.metrics["test_accuracy"],
+            "clipped_share": float(np.mean(clipped)), "seconds": run.seconds, "noise_multiplier": noise_multiplier,
+            "max_norm": max_norm, "clipping_fn": clipping_fn, "clipping": clipping, "steps": steps, "batch": batch,
+            "lr": lr, "depth": depth, "seed": seed}
+
+
+# --- DP-SGD since 2023: method="auto", automatic clipping, per-layer thresholds ---------------------
+
+DP_FILE = ROOT / "chapters" / "data" / "dp_methods.json"
+DP_COMMAND = "python -m gradclip_book.scalability dp"
+DP_SEEDS = tuple(range(10))
+"""Seeds of the DP-SGD comparison (each seed: the model's initialisation, the shuffle and the noise)."""
+DP_SIGMA = 1.0
+"""The noise multiplier of every run of the comparison."""
+DP_ARMS: tuple[dict[str, Any], ...] = (
+    {"clipping_fn": "abadi", "clipping": "flat", "max_norm": 0.1},
+    {"clipping_fn": "abadi", "clipping": "flat", "max_norm": 1.0},
+    {"clipping_fn": "abadi", "clipping": "flat", "max_norm": 10.0},
+    {"clipping_fn": "abadi", "clipping": "per_layer", "max_norm": 1.0},
+    {"clipping_fn": "automatic", "clipping": "flat", "max_norm": 1.0},
+)
+"""Abadi clipping at three thresholds C a decade apart; per-layer thresholds C/sqrt(K) with the flat bound C = 1
+(the same noise); automatic clipping (AUTO-S, gamma 0.01) with C = 1, which only scales the step."""
+
+
+def arm_name(arm: dict[str, Any]) -> str:
+    """``"abadi C=1"``, ``"per-layer C=1"`` or ``"automatic"``: one arm of :data:`DP_ARMS`."""
+    if arm["clipping_fn"] == "automatic":
+        return "automatic"
+    return f"{'abadi' if arm['clipping'] == 'flat' else 'per-layer'} C={arm['max_norm']:g}"
+
+
+def dp_cnn(seed: int = 0) -> nn.Module:
+    """A small CNN for the 8x8 digits: two 3x3 convolutions without padding (16 and 32 channels, ReLU), a linear head."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+
+
+def method_times(repeats: int = 30, batch: int = 64, max_norm: float = 1.0) -> dict[str, dict[str, Any]]:
+    """Median ms of one ``per_sample_clip_grad_`` call with ``method`` "auto", "ghost" and "vmap", interleaved.
+
+    On chapter 5.2's depth-8 MLP (:data:`BASE`) and on :func:`dp_cnn`, one training minibatch of ``batch``
+    digits, no noise. Also the largest difference of the "auto" and "ghost" clipped gradients from "vmap"'s,
+    relative to the largest entry (they must agree).
+
+    Returns ``{model: {"ms": {method: median}, "relative_difference": {method: ...}, "parameters": int}}``.
+    """
+    x, y = harness.image_split(BASE.split_seed)["train"]
+    x, y = x[:batch], y[:batch]
+    out: dict[str, dict[str, Any]] = {}
+    for name, model in (("mlp", cls.build_model(BASE)), ("cnn", dp_cnn())):
+        params = list(model.parameters())
+        grads: dict[str, list[torch.Tensor]] = {}
+
+        def call(method: str, model: nn.Module = model, params: list = params) -> None:
+            for p in params:
+                p.grad = None
+            gradclip.per_sample_clip_grad_(model, nn.functional.cross_entropy, x, y, max_norm=max_norm, method=method)
+            grads[method] = [p.grad for p in params]
+
+        with harness.deterministic():
+            ms = timing.interleaved({m: (lambda m=m: call(m)) for m in ("auto", "ghost", "vmap")}, repeats)
+        scale = max(float(g.abs().max()) for g in grads["vmap"])
+        out[name] = {"ms": ms, "parameters": sum(p.numel() for p in params),
+                     "relative_difference": {m: max(float((a - b).abs().max()) for a, b in zip(grads[m], grads["vmap"]))
+                                             / scale for m in ("auto", "ghost")}}
+    return out
+
+
+def dp_runs(seeds: Iterable[int] = DP_SEEDS, progress: bool = False) -> list[dict[str, Any]]:
+    """:func:`dp_train` at noise multiplier :data:`DP_SIGMA` for every arm of :data:`DP_ARMS` and seed."""
+    todo = [(arm, seed) for arm in DP_ARMS for seed in seeds]
+    if progress:
+        from tqdm import tqdm
+        todo = tqdm(todo, desc="DP-SGD runs", unit="run")
+    return [dp_train(noise_multiplier=DP_SIGMA, seed=seed, **arm) for arm, seed in todo]
+
+
+def compute_dp(path: Path = DP_FILE) -> dict[str, Any]:
+    """Writes :data:`DP_FILE`: :func:`method_times` and :func:`dp_runs` (with a progress bar), and the machine."""
+    from . import reproducibility
+    start = time.perf_counter()
+    data = {"command": DP_COMMAND, "machine": reproducibility.machine(), "threads": torch.get_num_threads(),
+            "method_times": method_times(), "runs": dp_runs(progress=True)}
+    data["seconds"] = time.perf_counter() - start
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return data
+
+
+def load_dp(path: Path = DP_FILE) -> dict[str, Any]:
+    """The stored :data:`DP_FILE`."""
+    return json.loads(path.read_text())
+
+
+def _dp_values(runs: list[dict[str, Any]], metric: str) -> list[float]:
+    """One accuracy per seed (DP-SGD runs never stop early: ``dp_train`` trains without a divergence check)."""
+    return [float(r[metric]) for r in runs]
+
+
+def dp_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The book's protocol on the DP-SGD runs: Abadi's threshold chosen on validation, then test compared once.
+
+    Returns ``{"scores": {arm: test Score}, "val": {arm: validation Score}, "chosen": the Abadi arm chosen on
+    validation, "automatic_beats": automatic beats the chosen Abadi arm on test, "abadi_beats": the reverse,
+    "threshold_matters": the chosen Abadi threshold beats the worst of the three on test,
+    "per_layer_beats" / "flat_beats": per-layer against flat Abadi at the same bound C = 1}``.
+    """
+    by_arm: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_arm.setdefault(arm_name(run), []).append(run)
+    val = {arm: harness.score(arm, _dp_values(rs, VALIDATION)) for arm, rs in by_arm.items()}
+    test = {arm: harness.score(arm, _dp_values(rs, TEST)) for arm, rs in by_arm.items()}
+    flat = [arm_name(a) for a in DP_ARMS if a["clipping_fn"] == "abadi" and a["clipping"] == "flat"]
+    chosen = harness.select_best([(arm, _dp_values(by_arm[arm], VALIDATION)) for arm in flat]).best.setting
+    worst = min(flat, key=lambda arm: test[arm].mean)
+    return {"scores": test, "val": val, "chosen": chosen, "worst": worst,
+            "automatic_beats": harness.beats(test["automatic"], test[chosen]),
+            "abadi_beats": harness.beats(test[chosen], test["automatic"]),
+            "threshold_matters": harness.beats(test[chosen], test[worst]),
+            "per_layer_beats": harness.beats(test["per-layer C=1"], test["abadi C=1"]),
+            "flat_beats": harness.beats(test["abadi C=1"], test["per-layer C=1"])}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gradclip_book.scalability", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["grid", "controls"])
+    parser.add_argument("what", choices=["grid", "controls", "dp"])
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--out", type=Path, default=None, help="the file (default: the chapter's file of `what`)")
     args = parser.parse_args(argv)
+    if args.what == "dp":
+        torch.set_num_threads(1)
+        data = compute_dp(args.out or DP_FILE)
+        for model, t in data["method_times"].items():
+            print(model, {m: f"{v:.2f} ms" for m, v in t["ms"].items()}, t["relative_difference"])
+        summary = dp_summary(data["runs"])
+        for arm, s in summary["scores"].items():
+            print(f"{arm:16s} val {summary['val'][arm].mean:.4f} test {s.mean:.4f} +- {s.std:.4f}")
+        print({k: v for k, v in summary.items() if k not in ("scores", "val")}, f"{data['seconds']:.0f} s")
+        return
     configs = grid_configs() if args.what == "grid" else control_configs()
     out = args.out or (GRID_FILE if args.what == "grid" else CONTROLS_FILE)
     seconds = run_grid(configs, out, args.jobs)

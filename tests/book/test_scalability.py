@@ -290,3 +290,54 @@ def test_clip_costs_time_every_method_against_global():
     costs = sc.clip_costs(repeats=3)
     assert set(costs) == {"global", "per_tensor", "block_rms", "agc"}
     assert costs["global"]["ratio"] == 1.0 and all(v["seconds"] > 0 for v in costs.values())
+
+
+# --- DP-SGD since 2023 (chapters/data/dp_methods.json) ----------------------------------------------
+
+DP_HINT = f"recompute it with `{sc.DP_COMMAND}` (then update chapters/data/README.md)"
+
+
+def test_dp_methods_agree_with_vmap_and_every_method_is_timed():
+    times = sc.method_times(repeats=1, batch=16)
+    assert set(times) == {"mlp", "cnn"}
+    for model in times.values():
+        assert set(model["ms"]) == {"auto", "ghost", "vmap"} and all(t > 0 for t in model["ms"].values())
+        assert max(model["relative_difference"].values()) < 1e-5
+
+
+def test_dp_file_holds_every_arm_and_seed_and_a_stored_run_reruns():
+    import random
+
+    from gradclip_book.reproducibility import on_grid_machine
+    data = sc.load_dp()
+    runs = data["runs"]
+    assert sorted((sc.arm_name(r), r["seed"]) for r in runs) == sorted(
+        (sc.arm_name(a), s) for a in sc.DP_ARMS for s in sc.DP_SEEDS), DP_HINT
+    stored = random.choice(runs)
+    fresh = sc.dp_train(noise_multiplier=stored["noise_multiplier"], max_norm=stored["max_norm"],
+                        clipping_fn=stored["clipping_fn"], clipping=stored["clipping"], seed=stored["seed"],
+                        steps=stored["steps"], batch=stored["batch"], lr=stored["lr"], depth=stored["depth"])
+    for key in ("val_accuracy", "test_accuracy", "clipped_share"):
+        if on_grid_machine():
+            assert fresh[key] == stored[key], (key, stored, DP_HINT)
+        else:   # other CPUs round differently; a run moves by a few examples at most
+            assert fresh[key] == pytest.approx(stored[key], abs=0.05), (key, stored)
+
+
+def test_dp_summary_chooses_abadi_on_validation_and_compares_on_test():
+    def run(arm, seed, val, test):
+        return {**arm, "seed": seed, "val_accuracy": val, "test_accuracy": test}
+
+    runs = []
+    for seed in range(5):
+        wobble = 0.001 * seed
+        runs += [run(sc.DP_ARMS[0], seed, 0.5 + wobble, 0.5 + wobble),    # abadi C=0.1: worst
+                 run(sc.DP_ARMS[1], seed, 0.9 + wobble, 0.8 + wobble),    # abadi C=1: best on validation
+                 run(sc.DP_ARMS[2], seed, 0.85 + wobble, 0.95 + wobble),  # abadi C=10: best on test, not chosen
+                 run(sc.DP_ARMS[3], seed, 0.7 + wobble, 0.7 + wobble),
+                 run(sc.DP_ARMS[4], seed, 0.8 + wobble, 0.81 + wobble)]   # within the spread of C=1? no: 0.01 > std
+    summary = sc.dp_summary(runs)
+    assert summary["chosen"] == "abadi C=1" and summary["worst"] == "abadi C=0.1"
+    assert summary["automatic_beats"] and not summary["abadi_beats"]
+    assert summary["threshold_matters"] and summary["flat_beats"] and not summary["per_layer_beats"]
+    assert summary["scores"]["automatic"].mean == pytest.approx(0.812)
