@@ -3,6 +3,6 @@ medians), shared with the chapters that time at build time."""
 
 from __future__ import annotations
 
-from gradclip_book.timing import interleaved
+from gradclip_book.timing import interleaved, interleaved_times, paired_ratio
 
-__all__ = ["interleaved"]
+__all__ = ["interleaved", "interleaved_times", "paired_ratio"]

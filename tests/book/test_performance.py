@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import statistics
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -245,7 +246,8 @@ def _load_benchmark_timing():
 
 
 def test_interleaved_alternates_the_calls_and_takes_medians(monkeypatch):
-    """On a fake clock: warm-up calls first, then the candidates in turn, ``before`` ahead of each timed call."""
+    """On a fake clock: warm-up calls first, then the candidates in turn (reversed every other round),
+    ``before`` ahead of each timed call."""
     clock = {"now": 0.0}
     calls: list[str] = []
     monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
@@ -261,9 +263,30 @@ def test_interleaved_alternates_the_calls_and_takes_medians(monkeypatch):
     functions = {"a": make("a", [9, 1, 2, 3, 50]), "b": make("b", [9, 4, 4, 4, 1])}
     medians = timing.interleaved(functions, 4, before=lambda: calls.append("before"))
     assert medians == {"a": 2500.0, "b": 4000.0}
-    assert calls == ["a", "b"] + ["before", "a", "before", "b"] * 4
+    assert calls == ["a", "b"] + ["before", "a", "before", "b", "before", "b", "before", "a"] * 2
     # the benchmarks time with the same function, and so do chapters 5.1-5.3
     assert _load_benchmark_timing().interleaved is timing.interleaved is perf.interleaved
+
+
+def test_paired_ratio_sees_through_a_machine_that_slows_down_mid_run(monkeypatch):
+    """b costs twice a; the machine turns 10x slower from the sixth timed call (round 2's second call) on.
+    The ratio of the medians says 20; the median of the per-round ratios says 2."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
+    slowdown = iter([1, 1] + [1] * 5 + [10] * 5)  # two warm-up calls, then ten timed calls
+
+    def make(cost):
+        def fn():
+            clock["now"] += cost * next(slowdown)
+        return fn
+
+    times = timing.interleaved_times({"a": make(1.0), "b": make(2.0)}, 5)
+    assert times == {"a": [1000.0, 1000.0, 1000.0, 10000.0, 10000.0],
+                     "b": [2000.0, 2000.0, 20000.0, 20000.0, 20000.0]}
+    assert statistics.median(times["b"]) / statistics.median(times["a"]) == 20.0
+    assert timing.paired_ratio(times, "b", "a") == 2.0
+    with pytest.raises(ValueError):  # rounds must pair up
+        timing.paired_ratio({"a": [1.0], "b": [1.0, 2.0]}, "a", "b")
 
 
 def test_the_hand_written_patterns_agree_with_torch_and_the_reference():
