@@ -27,7 +27,9 @@ same gradients (interleaved calls, medians); :func:`per_sample_check` compares g
 **DP-SGD since 2023.** ``python -m gradclip_book.scalability dp`` writes ``chapters/data/dp_methods.json``
 (:func:`compute_dp`, a progress bar, about 2 minutes): ``method="auto"`` against ``"ghost"`` and ``"vmap"``
 (:func:`method_times`), and DP-SGD with Abadi clipping at three thresholds, per-layer thresholds and automatic
-clipping at the same noise multiplier over :data:`DP_SEEDS` (:func:`dp_runs`), judged by :func:`dp_summary`.
+clipping at the same noise multiplier over :data:`DP_SEEDS` (:func:`dp_runs`), judged by :func:`dp_summary`;
+then the same with each arm's learning rate chosen on validation (:func:`dp_lr_runs`, :func:`dp_lr_summary`), which
+``python -m gradclip_book.scalability dp --lr-only`` adds to the stored file alone.
 
 References:
     * Brock, De, Smith, Simonyan (2021), "High-Performance Large-Scale Image Recognition Without
@@ -99,11 +101,17 @@ __all__ = [
     "DP_ARMS",
     "DP_COMMAND",
     "DP_FILE",
+    "DP_LR_ARMS",
+    "DP_LR_COMMAND",
+    "DP_LRS",
     "DP_SEEDS",
     "DP_SIGMA",
     "arm_name",
     "compute_dp",
+    "compute_dp_lr",
     "dp_cnn",
+    "dp_lr_runs",
+    "dp_lr_summary",
     "dp_runs",
     "dp_summary",
     "load_dp",
@@ -679,12 +687,141 @@ def dp_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "flat_beats": harness.beats(test["abadi C=1"], test["per-layer C=1"])}
 
 
+DP_LR_COMMAND = "python -m gradclip_book.scalability dp --lr-only"
+DP_LRS = (0.25, 0.5, 1.0)
+"""Where the learning-rate search of the DP-SGD comparison starts: :func:`dp_train`'s 0.5, halved and doubled.
+An arm whose best rate on validation is the smallest (largest) it has tried is also tried at half (twice) that
+rate, until its best has a worse rate on either side (:func:`dp_lr_runs`)."""
+DP_LR_ARMS: tuple[dict[str, Any], ...] = tuple(a for a in DP_ARMS if a["clipping"] == "flat")
+"""The arms whose learning rate is tuned: Abadi clipping at the three thresholds and automatic clipping."""
+
+
+def _dp_key(run: dict[str, Any]) -> tuple[str, int, float]:
+    return arm_name(run), int(run["seed"]), float(run["lr"])
+
+
+def _dp_cells(runs: Iterable[dict[str, Any]], seeds: Iterable[int]) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    """``{(arm, lr): [run per seed]}`` for every arm and learning rate that has a run at each of ``seeds``."""
+    by_key = {_dp_key(r): r for r in runs}
+    seeds = list(seeds)
+    cells = {(arm, lr) for arm, _, lr in by_key}
+    return {(arm, lr): [by_key[(arm, s, lr)] for s in seeds] for arm, lr in sorted(cells)
+            if all((arm, s, lr) in by_key for s in seeds)}
+
+
+def _best_lr(runs: Iterable[dict[str, Any]], arm: str, seeds: Iterable[int]) -> float:
+    """The learning rate of ``arm`` with the best validation accuracy over ``seeds`` (the book's selection rule)."""
+    cells = _dp_cells(runs, seeds)
+    return harness.select_best([(lr, _dp_values(rs, VALIDATION)) for (a, lr), rs in cells.items() if a == arm]
+                               ).best.setting
+
+
+def dp_lr_runs(stored: list[dict[str, Any]], seeds: Iterable[int] = DP_SEEDS, progress: bool = False,
+               max_extensions: int = 8, save: Callable[[list[dict[str, Any]]], None] | None = None
+               ) -> list[dict[str, Any]]:
+    """The runs of every arm of :data:`DP_LR_ARMS` at every learning rate of :data:`DP_LRS` that ``stored`` lacks.
+
+    An arm whose best rate on validation (over every rate it has at all ``seeds``, stored ones included) is the
+    smallest (largest) it has also gets half (twice) that rate, up to ``max_extensions`` times, so that each arm's
+    chosen rate has a worse tried rate on both sides (a local search: validation accuracy against the rate is
+    assumed to have one peak). ``save``, if given, gets the new runs so far after each rate (to resume an
+    interrupted computation).
+    """
+    seeds = list(seeds)
+    done = {_dp_key(r): r for r in stored}
+    new: list[dict[str, Any]] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(desc="DP-SGD runs over learning rates", unit="run")
+    for arm in DP_LR_ARMS:
+        name = arm_name(arm)
+        lrs = sorted(set(DP_LRS) | {lr for a, lr in _dp_cells(done.values(), seeds) if a == name})
+        for _ in range(max_extensions + 1):
+            for lr in lrs:
+                for seed in seeds:
+                    if (name, seed, lr) not in done:
+                        run = dp_train(noise_multiplier=DP_SIGMA, seed=seed, lr=lr, **arm)
+                        done[_dp_key(run)] = run
+                        new.append(run)
+                        if bar is not None:
+                            bar.update()
+                if save is not None:
+                    save(new)
+            best = _best_lr(done.values(), name, seeds)
+            if best == min(lrs):
+                lrs.insert(0, best / 2)
+            elif best == max(lrs):
+                lrs.append(best * 2)
+            else:
+                break
+    if bar is not None:
+        bar.close()
+    return new
+
+
+def dp_lr_summary(runs: list[dict[str, Any]], seeds: Iterable[int] = DP_SEEDS) -> dict[str, Any]:
+    """The DP-SGD comparison with each arm at its own learning rate, chosen on validation.
+
+    ``runs``: the stored ``runs`` and ``lr_runs`` together. Returns ``{"lrs": {arm: rates tried}, "best_lr": {arm:
+    rate chosen on validation}, "scores" / "val": {arm: test / validation Score at its chosen rate}, "chosen": the
+    Abadi arm whose (threshold, rate) is best on validation, "automatic_beats" / "abadi_beats": automatic clipping
+    against it on test, "threshold_matters": {other Abadi arm: the chosen one beats it, each at its own rate}}``.
+    """
+    cells = _dp_cells(runs, seeds)
+    names = [arm_name(a) for a in DP_LR_ARMS]
+    lrs = {arm: sorted(lr for a, lr in cells if a == arm) for arm in names}
+    best_lr = {arm: _best_lr(runs, arm, seeds) for arm in names}
+    test = {arm: harness.score(arm, _dp_values(cells[(arm, best_lr[arm])], TEST)) for arm in names}
+    val = {arm: harness.score(arm, _dp_values(cells[(arm, best_lr[arm])], VALIDATION)) for arm in names}
+    abadi = [arm for arm in names if arm != "automatic"]
+    chosen = harness.select_best([(arm, _dp_values(cells[(arm, best_lr[arm])], VALIDATION)) for arm in abadi]
+                                 ).best.setting
+    return {"lrs": lrs, "best_lr": best_lr, "scores": test, "val": val, "chosen": chosen,
+            "automatic_beats": harness.beats(test["automatic"], test[chosen]),
+            "abadi_beats": harness.beats(test[chosen], test["automatic"]),
+            "threshold_matters": {arm: harness.beats(test[chosen], test[arm]) for arm in abadi if arm != chosen}}
+
+
+def compute_dp_lr(path: Path = DP_FILE) -> dict[str, Any]:
+    """Adds to the stored :data:`DP_FILE` the runs of :func:`dp_lr_runs` it lacks (its other entries kept), saving
+    after each learning rate: interrupted, it resumes."""
+    from . import reproducibility
+    start = time.perf_counter()
+    data = load_dp(path)
+    kept = data.setdefault("lr_runs", [])[:]
+    data.update(lr_command=DP_LR_COMMAND, lr_machine=reproducibility.machine(), lr_threads=torch.get_num_threads())
+
+    def save(new: list[dict[str, Any]]) -> None:
+        data["lr_runs"] = kept + new
+        data["lr_seconds"] = previous + time.perf_counter() - start   # over every invocation that added runs
+        path.write_text(json.dumps(data, indent=1) + "\n")
+
+    previous = float(data.get("lr_seconds", 0.0))
+    save(dp_lr_runs(data["runs"] + kept, progress=True, save=save))
+    return data
+
+
+def _print_dp_lr(data: dict[str, Any]) -> None:
+    summary = dp_lr_summary(data["runs"] + data["lr_runs"])
+    for arm, s in summary["scores"].items():
+        print(f"{arm:12s} lr {summary['best_lr'][arm]:g} of {summary['lrs'][arm]}: val {summary['val'][arm].mean:.4f} "
+              f"test {s.mean:.4f} +- {s.std:.4f}")
+    print({k: v for k, v in summary.items() if k not in ("scores", "val", "lrs")}, f"{data['lr_seconds']:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gradclip_book.scalability", description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=["grid", "controls", "dp"])
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--out", type=Path, default=None, help="the file (default: the chapter's file of `what`)")
+    parser.add_argument("--lr-only", action="store_true",
+                        help="dp: only add the learning-rate comparison's missing runs to the stored file")
     args = parser.parse_args(argv)
+    if args.what == "dp" and args.lr_only:
+        torch.set_num_threads(1)
+        _print_dp_lr(compute_dp_lr(args.out or DP_FILE))
+        return
     if args.what == "dp":
         torch.set_num_threads(1)
         data = compute_dp(args.out or DP_FILE)
@@ -694,6 +831,7 @@ def main(argv: list[str] | None = None) -> None:
         for arm, s in summary["scores"].items():
             print(f"{arm:16s} val {summary['val'][arm].mean:.4f} test {s.mean:.4f} +- {s.std:.4f}")
         print({k: v for k, v in summary.items() if k not in ("scores", "val")}, f"{data['seconds']:.0f} s")
+        _print_dp_lr(compute_dp_lr(args.out or DP_FILE))
         return
     configs = grid_configs() if args.what == "grid" else control_configs()
     out = args.out or (GRID_FILE if args.what == "grid" else CONTROLS_FILE)

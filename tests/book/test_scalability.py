@@ -313,7 +313,15 @@ def test_dp_file_holds_every_arm_and_seed_and_a_stored_run_reruns():
     runs = data["runs"]
     assert sorted((sc.arm_name(r), r["seed"]) for r in runs) == sorted(
         (sc.arm_name(a), s) for a in sc.DP_ARMS for s in sc.DP_SEEDS), DP_HINT
-    stored = random.choice(runs)
+    # the learning-rate comparison: every tuned arm at every rate of the grid, its chosen rate inside what it tried
+    both = runs + data["lr_runs"]
+    keys = [(sc.arm_name(r), r["seed"], r["lr"]) for r in both]
+    assert len(keys) == len(set(keys)), "a run stored twice"
+    summary = sc.dp_lr_summary(both)
+    for arm in map(sc.arm_name, sc.DP_LR_ARMS):
+        assert set(sc.DP_LRS) <= set(summary["lrs"][arm]), (arm, DP_HINT)
+        assert min(summary["lrs"][arm]) < summary["best_lr"][arm] < max(summary["lrs"][arm]), (arm, DP_HINT)
+    stored = random.choice(both)
     fresh = sc.dp_train(noise_multiplier=stored["noise_multiplier"], max_norm=stored["max_norm"],
                         clipping_fn=stored["clipping_fn"], clipping=stored["clipping"], seed=stored["seed"],
                         steps=stored["steps"], batch=stored["batch"], lr=stored["lr"], depth=stored["depth"])
@@ -341,3 +349,27 @@ def test_dp_summary_chooses_abadi_on_validation_and_compares_on_test():
     assert summary["automatic_beats"] and not summary["abadi_beats"]
     assert summary["threshold_matters"] and summary["flat_beats"] and not summary["per_layer_beats"]
     assert summary["scores"]["automatic"].mean == pytest.approx(0.812)
+
+
+def _fake_dp_train(noise_multiplier, seed, lr, clipping_fn, clipping, max_norm):
+    """Validation accuracy peaks at lr 0.4/C for Abadi (outside 0.125..4 for C = 10) and at 0.7 for automatic."""
+    best = 0.7 if clipping_fn == "automatic" else 0.4 / max_norm
+    acc = 0.9 - 0.1 * abs(math.log2(lr / best)) + 0.001 * seed
+    return {"val_accuracy": acc, "test_accuracy": acc - 0.01, "clipping_fn": clipping_fn, "clipping": clipping,
+            "max_norm": max_norm, "seed": seed, "lr": lr, "noise_multiplier": noise_multiplier}
+
+
+def test_dp_lr_runs_extend_the_grid_until_each_best_rate_is_inside(monkeypatch):
+    monkeypatch.setattr(sc, "dp_train", _fake_dp_train)
+    stored = [_fake_dp_train(1.0, s, 0.5, **a) for a in sc.DP_ARMS for s in range(3)]
+    new = sc.dp_lr_runs(stored, seeds=range(3))
+    assert not {(sc.arm_name(r), r["seed"], r["lr"]) for r in new} & {(sc.arm_name(r), r["seed"], 0.5) for r in stored}
+    summary = sc.dp_lr_summary(stored + new, seeds=range(3))
+    assert summary["best_lr"] == {"abadi C=0.1": 4.0, "abadi C=1": 0.5, "abadi C=10": 0.03125, "automatic": 0.5}
+    assert summary["lrs"]["abadi C=10"][0] == 0.015625 and summary["lrs"]["abadi C=0.1"][-1] == 8.0
+    assert summary["lrs"]["abadi C=1"] == list(sc.DP_LRS)   # inside the grid: not extended
+    # only C = 0.1 has its peak on the grid (0.9 at lr 4); the others' best rates miss theirs by 0.03-0.05 > spread
+    assert summary["chosen"] == "abadi C=0.1"
+    assert summary["threshold_matters"] == {"abadi C=1": True, "abadi C=10": True}
+    assert summary["scores"]["automatic"].mean == pytest.approx(0.89 - 0.1 * math.log2(1.4) + 0.001)
+    assert summary["abadi_beats"] and not summary["automatic_beats"]
