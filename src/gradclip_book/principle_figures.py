@@ -329,7 +329,7 @@ def quartic_figure(table: dict, gd_const: float, clip_offset: float) -> PlotlyFi
          "line": {"color": PALETTE[0], "dash": "dot"}},
     ], {"height": 420, "xaxis": {"type": "log", "title": {"text": "start x₀"}},
         "yaxis": {"type": "log", "title": {"text": "steps to f < 1e-4"}},
-        "legend": {"orientation": "h", "x": 0, "y": -0.2, "yanchor": "top"},
+        "legend": {"orientation": "h", "x": 0, "y": -0.28, "yanchor": "top"},  # below "start x₀" when 4 rows stack at 390 px
         "margin": {"l": 60, "r": 20, "t": 20, "b": 120}}, name="quartic-steps",
         caption="Steps of gradient descent on f(x) = x⁴ to reach f < 1e-4, against the start x₀ (log–log). "
                 "Markers are measured; the dotted lines are the laws C·x₀² (fixed step) and x₀/(ηc) + C (clipped). "
