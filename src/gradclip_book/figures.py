@@ -931,7 +931,8 @@ def table_html(head: Sequence[str], rows: Sequence[Sequence[str]], caption: str 
         >>> table_html(["a", "b"], [["1", "<code>x</code>"]])[:46]
         '<table class="table gc-table gc-cards"><thead>'
     """
-    labels = [html.escape(re.sub("<[^>]+>", "", h), quote=True) for h in head]
+    # the label is the header's text: tags dropped, entities read (&amp;, a soft hyphen &shy; is dropped too)
+    labels = [html.escape(html.unescape(re.sub("<[^>]+>", "", h)).replace("\u00ad", ""), quote=True) for h in head]
     body = "".join("<tr>" + "".join(f'<td data-label="{label}">{cell}</td>' for label, cell in zip(labels, row))
                    + "</tr>" for row in rows)
     cap = f"<caption>{caption}</caption>" if caption else ""
