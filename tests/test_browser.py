@@ -10,7 +10,8 @@ playwright is missing; under CI (CI=true) that is a failure.
 Checks: no uncaught JS error and no request to another host (every mode); every
 figure draws; every control of every figure (slider and buttons) changes the
 plot to the embedded frame; no raw TeX in visible text; no display equation
-wider than the content column and no printed output cut off at 1280 px; no sideways page scroll at 390 px;
+wider than the content column and no printed output cut off at 1280 px; no two tick labels of an axis on
+each other at 1280 or 390 px; no word of a table cut between two letters at 1280 px; no sideways page scroll at 390 px;
 captions, notes and controls keep a 4.5:1 contrast in dark mode.
 """
 
@@ -112,6 +113,21 @@ def test_printed_outputs_fit_the_column_at_1280_px(audits, page_name):
 
 
 @pytest.mark.parametrize("page_name", PAGES)
+def test_table_words_break_only_between_words_at_1280_px(audits, page_name):
+    # a table with fixed column shares must not cut a number or a name between two letters ("25,557,|032")
+    problems = audits(page_name, "desktop")["split_words"]
+    assert unexpected("split_words", page_name, problems) == [], (page_name, problems)
+
+
+@pytest.mark.parametrize("page_name", PAGES)
+def test_axis_tick_labels_do_not_overlap_at_1280_or_390_px(audits, page_name):
+    # a log axis labels its ticks in full (50, 0.05), so plotly's own tick count can put them on each other
+    for mode in ("desktop", "phone"):
+        problems = audits(page_name, mode)["overlapping_ticks"]
+        assert unexpected("overlapping_ticks", page_name, problems) == [], (page_name, mode, problems)
+
+
+@pytest.mark.parametrize("page_name", PAGES)
 def test_nothing_scrolls_sideways_at_390_px(audits, page_name):
     result = audits(page_name, "phone")
     assert unexpected("sideways", page_name, result["sideways"][:1]) == [], (page_name, result["sideways"])
@@ -138,7 +154,8 @@ if KNOWN:  # defined only while a problem is known: an empty parametrization wou
         pytest.param(c, p, t, marks=pytest.mark.xfail(strict=True, reason=f"known on {p}: {t}")) for c, p, t in KNOWN
     ])
     def test_known_problem_is_still_there(audits, check, page_name, text):
-        mode = {"raw_tex": "desktop", "wide_equations": "desktop", "cut_outputs": "desktop", "sideways": "phone", "contrast": "dark"}[check]
+        mode = {"raw_tex": "desktop", "wide_equations": "desktop", "cut_outputs": "desktop", "sideways": "phone", "contrast": "dark",
+                "overlapping_ticks": "phone", "split_words": "desktop"}[check]
         assert not any(text in problem for problem in audits(page_name, mode)[check])
 
 

@@ -827,6 +827,42 @@ G.themed=function(layout,el){
   return L;
 };
 G.narrow=function(el){return el.clientWidth>0&&el.clientWidth<560;};
+// Tick labels that would lie on each other. Log axes: plotly picks all nine digits per decade (D1), 1-2-5
+// (D2) or whole decades from a tick count that ignores how wide our full labels (~g: 50, 0.05) are, so at
+// 390 px, or on a narrow subplot, labels overlap: after each draw, coarsen an automatic log axis until its
+// closest two labels are a gap apart. Numeric ticks given as a list (a grid's learning rates): label every
+// k-th one, the smallest k whose labels do not touch (category names are never dropped).
+G.LOG_GAP={D1:Math.log10(10/9),D2:Math.log10(2)};
+G.NUMBER=/^[-+\u2212]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?%?$/i;
+G.fitTicks=function(plot){
+  var L=plot._fullLayout,update={};if(!L){return;}
+  var touch=function(a,b){return a.left<b.right+3&&b.left<a.right+3&&a.top<b.bottom+1&&b.top<a.bottom+1;};
+  Object.keys(L).forEach(function(k){
+    var a=L[k],own=(plot.layout||{})[k]||{};
+    if(!/^[xy]axis\d*$/.test(k)||!a||!a._length){return;}
+    var texts=Array.prototype.slice.call(plot.querySelectorAll('.'+a._id+'tick text')).filter(function(t){return t.textContent.trim();});
+    if(texts.length<2){return;}
+    if(a.tickmode==='array'){
+      var vals=own.tickvals,labels=own.ticktext;
+      if(!Array.isArray(vals)||!Array.isArray(labels)||labels.length!==vals.length||
+         !labels.every(function(t){return G.NUMBER.test(String(t).trim());})){return;}
+      var boxes=texts.map(function(t){return t.getBoundingClientRect();}),step=1;
+      var clash=function(s){for(var j=0;j+s<boxes.length;j++){if(touch(boxes[j],boxes[j+s])){return true;}}return false;};
+      while(step<boxes.length&&clash(step)){step++;}
+      if(step>1){update[k+'.ticktext']=labels.map(function(t,i){return i%step===0?t:'';});}
+      return;
+    }
+    if(a.type!=='log'||own.dtick!=null){return;}
+    var decades=Math.abs(a.range[1]-a.range[0]);if(!(decades>=1)){return;}
+    var across=a._id.charAt(0)==='x',size=0;
+    texts.forEach(function(t){var b=t.getBBox();size=Math.max(size,across?b.width:b.height);});
+    var perDecade=a._length/decades,need=size+(across?10:4),dt=a.dtick;
+    var gap=G.LOG_GAP[dt]!=null?G.LOG_GAP[dt]:+dt;
+    if(gap*perDecade>=need){return;}
+    update[k+'.dtick']=(dt==='D1'&&G.LOG_GAP.D2*perDecade>=need)?'D2':Math.max(1,Math.ceil(need/perDecade));
+  });
+  if(Object.keys(update).length){return Plotly.relayout(plot,update);}
+};
 G.fail=function(note){if(note){note.textContent='This figure needs plotly.js, which this page does not load: run the notebook in Jupyter, or read it in the book.';}};
 G.redrawAll=function(){G.figures.forEach(function(f){if(f.drawn){f.draw();}});};
 G.watch=function(){
@@ -856,7 +892,7 @@ G.explorerWith=function(id){
     var data=spec.base.map(function(tr,i){var ft=frame.traces[i]||{};
       if(ft.gcShared!=null){ft=spec.shared[ft.gcShared];}var d=Object.assign({},tr,ft);
       if(stack&&spec.stacked.colorbars[i]){d.colorbar=spec.stacked.colorbars[i];}return d;});
-    Plotly.react(plot,data,G.themed(stack?spec.stacked.layout:spec.layout,root),CONFIG);
+    Plotly.react(plot,data,G.themed(stack?spec.stacked.layout:spec.layout,root),CONFIG).then(function(){G.fitTicks(plot);});
     var own=frame.shown||{};
     controls.forEach(function(el,i){if(el.tagName==='INPUT'){var p=spec.params[i],shown=own[p.name]!=null?own[p.name]:p.shown[idx[i]];
       el.setAttribute('aria-valuetext',shown);el.nextElementSibling.textContent=shown;}});
@@ -873,7 +909,7 @@ G.figure=function(id){
   var plot=root.querySelector('.gc-figure')||root,fig={plot:plot,drawn:false};
   fig.draw=function(){var narrow=G.narrow(plot),stack=narrow&&spec.stacked;
     var data=spec.data.map(function(tr,i){return stack&&spec.stacked.colorbars[i]?Object.assign({},tr,{colorbar:spec.stacked.colorbars[i]}):tr;});
-    Plotly.react(plot,data,G.themed(stack?spec.stacked.layout:spec.layout,root),CONFIG);fig.drawn=true;fig.narrow=narrow;};
+    Plotly.react(plot,data,G.themed(stack?spec.stacked.layout:spec.layout,root),CONFIG).then(function(){G.fitTicks(plot);});fig.drawn=true;fig.narrow=narrow;};
   G.figures.push(fig);G.watch();
   G.withPlotly(function(){G.whenNear(root,fig.draw);},function(){G.fail(root.querySelector('.gc-note'));});
 };
@@ -895,7 +931,8 @@ def table_html(head: Sequence[str], rows: Sequence[Sequence[str]], caption: str 
         >>> table_html(["a", "b"], [["1", "<code>x</code>"]])[:46]
         '<table class="table gc-table gc-cards"><thead>'
     """
-    labels = [html.escape(re.sub("<[^>]+>", "", h), quote=True) for h in head]
+    # the label is the header's text: tags dropped, entities read (&amp;, a soft hyphen &shy; is dropped too)
+    labels = [html.escape(html.unescape(re.sub("<[^>]+>", "", h)).replace("\u00ad", ""), quote=True) for h in head]
     body = "".join("<tr>" + "".join(f'<td data-label="{label}">{cell}</td>' for label, cell in zip(labels, row))
                    + "</tr>" for row in rows)
     cap = f"<caption>{caption}</caption>" if caption else ""

@@ -310,28 +310,32 @@ def benchmark_table_html(result: dict[str, Any]) -> str:
     """An HTML table of :func:`gradclip_book.performance.benchmark`'s rows (a card per row on a phone), its caption
     naming the machine; the first column holds the figure's short labels."""
     head = ["case", "what", "gradclip", "compared with", "its time", "ratio (above 1: gradclip faster)"]
-    rows = [[f"<b>{html.escape(r['short'].split('.')[0])}</b>", html.escape(r["what"]), f"{r['ms']:.2f} ms",
-             html.escape(r["reference"]), f"{r['reference_ms']:.2f} ms", f"{r['ratio']:.2f}"]
+    # long names break after "." or "_", numbers and "ms" never (no-break space): the columns have fixed shares
+    rows = [[f"<b>{html.escape(r['short'].split('.')[0])}</b>", html.escape(r["what"]), f"{r['ms']:.2f}&nbsp;ms",
+             html.escape(r["reference"]).replace(".", ".<wbr>").replace("_", "_<wbr>").replace("_<wbr> ", "_ "),
+             f"{r['reference_ms']:.2f}&nbsp;ms", f"{r['ratio']:.2f}"]
             for r in result["rows"]]
     caption = (f"Medians of {result['repeats']} interleaved calls each, measured while this page was built on "
                f"{html.escape(perf.describe_machine(result['machine']))}. The letters label the bars of the "
                "figure below.")
-    return table_html(head, rows, caption, widths=[8, 34, 12, 22, 11, 13])
+    return '<div style="font-size:0.9em">' + table_html(head, rows, caption, widths=[8, 26, 14, 23, 14, 15]) + "</div>"
 
 
 def step_cost_table_html(stored: dict[str, Any]) -> str:
     """An HTML table of :func:`gradclip_book.step_costs.load`'s cases: model, size, step, clipping call and its
     share of the step; the caption names the machine, the date and the command that measured them."""
-    head = ["model", "parameters", "examples x positions per step", "step", "clip_grad_norm_",
-            "share of the step", "ns per parameter"]
-    rows = [[html.escape(c["label"]), f"{c['parameters']:,}", f"{c['batch']} x {c['positions']:,}",
-             f"{c['step_ms']:.1f} ms", f"{c['clip_ms']:.2f} ms", f"{100 * c['clip_share']:.1f}%",
+    # fixed column shares at 1280 px: headers break at a soft hyphen or after "_", numbers and "ms" never
+    # (a no-break space), so no number is cut between two digits
+    head = ["model", "para&shy;meters", "examples x posi&shy;tions per step", "step", "clip_grad_<wbr>norm_",
+            "share of the step", "ns per para&shy;meter"]
+    rows = [[html.escape(c["label"]), f"{c['parameters']:,}", f"{c['batch']}&nbsp;x {c['positions']:,}",
+             f"{c['step_ms']:.1f}&nbsp;ms", f"{c['clip_ms']:.2f}&nbsp;ms", f"{100 * c['clip_share']:.1f}%",
              f"{c['clip_ns_per_value']:.2f}"] for c in stored["cases"]]
     caption = (f"Medians over {stored['rounds']} rounds of {stored['repeats']} interleaved calls each "
                f"({html.escape(stored['clock'])}), measured on {stored['date']} on "
                f"{html.escape(perf.describe_machine(stored['machine']))} by <code>{html.escape(sc.COMMAND)}</code>; "
                "the clipping call fires at every call. Stored in chapters/data/step_costs.json.")
-    return table_html(head, rows, caption, widths=[26, 12, 14, 11, 12, 12, 13])
+    return '<div style="font-size:0.9em">' + table_html(head, rows, caption, widths=[16, 15, 14, 15, 15, 11, 14]) + "</div>"
 
 
 def benchmark_figure(result: dict[str, Any]) -> PlotlyFigure:

@@ -19,7 +19,7 @@ from scipy.stats import spearmanr
 from .cliff import cliff_descent, cliff_loss
 from .depth import depth_profile, predicted_layer_factor, predicted_norms
 from .families import angle_degrees, apply_method, clip_vector, default_settings, record_gradient_stream
-from .figures import PALETTE, Explorer, Param, PlotlyFigure
+from .figures import PALETTE, Explorer, Param, PlotlyFigure, run_style
 from .quartic import quartic_descent
 from .rnn import gradient_through_time
 from .smoothness import quartic_steps, smoothness_along_training, smoothness_envelope
@@ -277,14 +277,13 @@ def cliff_explorer() -> Explorer:
              "colorscale": "Viridis", "colorbar": {"title": {"text": "log10 E"}, "x": 0.47, "xanchor": "left",
                                                    "thickness": 10, "len": 0.9},
              "name": "loss", "showlegend": False, "xaxis": "x", "yaxis": "y"},
-            {"mode": "lines+markers", "name": "plain descent", "xaxis": "x", "yaxis": "y",
-             "line": {"color": PALETTE[5]}, "marker": {"size": 5}},
-            {"mode": "lines+markers", "name": "clipped descent", "xaxis": "x", "yaxis": "y",
-             "line": {"color": PALETTE[1], "width": 3}, "marker": {"size": 5, "color": PALETTE[1]}},
-            {"mode": "lines", "name": "plain: distance", "xaxis": "x2", "yaxis": "y2", "showlegend": False,
-             "line": {"color": PALETTE[5]}},
-            {"mode": "lines", "name": "clipped: distance", "xaxis": "x2", "yaxis": "y2", "showlegend": False,
-             "line": {"color": PALETTE[1]}},
+            # the book's plain/clipped styles (vermillion dashed, blue solid), with different marker shapes
+            run_style("plain", mode="lines+markers", name="plain descent", xaxis="x", yaxis="y",
+                      marker={"size": 5, "symbol": "square"}),
+            run_style("clipped", mode="lines+markers", name="clipped descent", xaxis="x", yaxis="y",
+                      marker={"size": 5, "symbol": "circle"}),
+            run_style("plain", mode="lines", name="plain: distance", xaxis="x2", yaxis="y2", showlegend=False),
+            run_style("clipped", mode="lines", name="clipped: distance", xaxis="x2", yaxis="y2", showlegend=False),
         ],
         layout={
             "height": 500,
@@ -330,7 +329,7 @@ def quartic_figure(table: dict, gd_const: float, clip_offset: float) -> PlotlyFi
          "line": {"color": PALETTE[0], "dash": "dot"}},
     ], {"height": 420, "xaxis": {"type": "log", "title": {"text": "start x₀"}},
         "yaxis": {"type": "log", "title": {"text": "steps to f < 1e-4"}},
-        "legend": {"orientation": "h", "x": 0, "y": -0.2, "yanchor": "top"},
+        "legend": {"orientation": "h", "x": 0, "y": -0.28, "yanchor": "top"},  # below "start x₀" when 4 rows stack at 390 px
         "margin": {"l": 60, "r": 20, "t": 20, "b": 120}}, name="quartic-steps",
         caption="Steps of gradient descent on f(x) = x⁴ to reach f < 1e-4, against the start x₀ (log–log). "
                 "Markers are measured; the dotted lines are the laws C·x₀² (fixed step) and x₀/(ηc) + C (clipped). "

@@ -280,6 +280,9 @@ def test_a_text_table_fixes_its_column_shares_and_checks_them():
     assert 'data-label="b">y</td>' in html_text
     with pytest.raises(ValueError, match="one percentage per column"):
         table_html(["a", "b"], [["x", "y"]], widths=[100])
+    # a phone card labels each cell with its header's text: a soft hyphen or an entity is not shown as code
+    cards = table_html(["para&shy;meters", "<b>a</b> &amp; b"], [["1", "2"]])
+    assert 'data-label="parameters">1</td>' in cards and 'data-label="a &amp; b">2</td>' in cards
 
 
 def test_a_cross_marks_a_diverged_run_and_nothing_else_in_any_figure_module():

@@ -137,6 +137,50 @@ CUT_OUTPUTS_JS = r"""() => Array.from(document.querySelectorAll('.output.stream 
     return `printed output ${p.scrollWidth - p.clientWidth} px wider than its box: ${line.trim().slice(0, 100)}`;
   })"""
 
+OVERLAPPING_TICKS_JS = r"""() => Array.from(document.querySelectorAll('.gc-plot, .gc-figure')).flatMap(plot => {
+  // two tick labels of one axis drawn over each other ("90" on "100", "0.005" on "0.01" at 390 px)
+  const layout = plot._fullLayout || {}, caption = (plot.closest('.gc-box') || plot).querySelector('.gc-number');
+  const name = caption ? caption.textContent.trim() : plot.id, found = [];
+  for (const key of Object.keys(layout).filter(k => /^[xy]axis\d*$/.test(k))) {
+    const boxes = Array.from(plot.querySelectorAll(`.${layout[key]._id}tick text`))
+      .filter(t => t.textContent.trim()).map(t => [t.textContent, t.getBoundingClientRect()]);
+    for (let i = 1; i < boxes.length; i++) for (let j = 0; j < i; j++) {
+      const [a, b] = [boxes[i][1], boxes[j][1]];
+      if (a.left < b.right - 1 && b.left < a.right - 1 && a.top < b.bottom - 1 && b.top < a.bottom - 1)
+        found.push(`${name} ${key}: tick label '${boxes[j][0]}' overlaps '${boxes[i][0]}'`);
+    }
+  }
+  return found;
+})"""
+
+SPLIT_WORDS_JS = r"""() => {
+  // a word of a table cell drawn on two lines, split between two letters ("gradcli|p", "25,557,|032"); a break
+  // after a hyphen, a slash or at a <wbr> (which ends the text node) is a break between words
+  const found = [];
+  for (const td of document.querySelectorAll('.bd-article table.gc-table td, .bd-article table.gc-table th')) {
+    if (!td.checkVisibility()) continue;
+    const walker = document.createTreeWalker(td, NodeFilter.SHOW_TEXT);
+    while (walker.nextNode()) {
+      const node = walker.currentNode, word = /\S+/g;
+      let m;
+      while ((m = word.exec(node.textContent))) {
+        let top = null;
+        for (let i = 0; i < m[0].length; i++) {
+          const r = document.createRange(); r.setStart(node, m.index + i); r.setEnd(node, m.index + i + 1);
+          const boxes = Array.from(r.getClientRects()).filter(b => b.width), box = boxes[boxes.length - 1];
+          if (!box) continue;  // (a character after a soft hyphen's break also has a box on the line above)
+          if (top !== null && box.top > top + 2 && !/[-\/\u00ad\u2013]/.test(m[0][i - 1])) {
+            found.push(`'${m[0].slice(0, i)}|${m[0].slice(i)}' in a cell of '${(td.closest('table').querySelector('caption, th') || td).textContent.trim().slice(0, 40)}'`);
+            break;
+          }
+          top = box.top;
+        }
+      }
+    }
+  }
+  return found;
+}"""
+
 SIDEWAYS_JS = r"""() => {
   const s = document.scrollingElement, over = s.scrollWidth - s.clientWidth;
   if (over <= 0) return [];
@@ -213,10 +257,14 @@ def audit_page(browser, server: str, page_name: str, mode: str) -> dict:
         result["hidden_columns"] = watch.page.evaluate(
             "Array.from(document.querySelectorAll('table.gc-table')).filter(t => t.scrollWidth > t.clientWidth + 1)"
             ".map(t => (t.querySelector('th, td') || t).textContent.slice(0, 40))")
+    if mode in ("desktop", "phone"):
+        watch.page.wait_for_timeout(100)  # log axes refit their ticks just after a figure draws
+        result["overlapping_ticks"] = watch.page.evaluate(OVERLAPPING_TICKS_JS)
     if mode == "desktop":
         result["raw_tex"] = watch.page.evaluate(RAW_TEX_JS)
         result["wide_equations"] = watch.page.evaluate(WIDE_EQUATIONS_JS)
         result["cut_outputs"] = watch.page.evaluate(CUT_OUTPUTS_JS)
+        result["split_words"] = watch.page.evaluate(SPLIT_WORDS_JS)
         result["controls"] = drive_every_control(watch.page)
     if mode == "phone":
         result["sideways"] = watch.page.evaluate(SIDEWAYS_JS)
