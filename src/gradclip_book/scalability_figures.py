@@ -69,10 +69,11 @@ HOVER = "%{x:g}: %{y:.1f}%"
 
 
 def _acc(score: Any) -> str:
-    """A test Score as the notes print it: mean ± standard deviation over the seeds that finished, and divergences."""
+    """A test Score as the notes print it: "test" and the mean ± standard deviation over the seeds that finished,
+    and divergences."""
     if score.mean is None:
-        return f"every one of its {score.seeds} seeds diverged"
-    text = f"{sc.percent(score.mean)} ± {100 * score.std:.1f}"
+        return f"all {score.seeds} seeds diverged"
+    text = f"test {sc.percent(score.mean)} ± {100 * score.std:.1f}"
     return text + (f", {score.diverged} of {score.seeds} seeds diverged" if score.diverged else "")
 
 
@@ -93,9 +94,9 @@ def _frame(runs: list[dict[str, Any]], batch: int) -> dict:
     seeds = table[batch, "none", None]["seeds"]
     epochs = sc.epochs(batch, steps)
     note = [f"Batch {batch}, learning rate {sc.lr_for(batch):g}, {steps} steps ({epochs:.1f} epochs), {seeds} "
-            f"seed{'s' if seeds > 1 else ''}: without clipping the test accuracy is {_acc(chosen['none']['test'])}.",
-            f"Chosen on validation: AGC λ = {chosen['agc']['setting']:g} (test {_acc(chosen['agc']['test'])}); "
-            f"global c = {chosen['norm']['setting']:g} (test {_acc(chosen['norm']['test'])})."]
+            f"seed{'s' if seeds > 1 else ''}: without clipping, {_acc(chosen['none']['test'])}.",
+            f"Chosen on validation: AGC λ = {chosen['agc']['setting']:g} ({_acc(chosen['agc']['test'])}); "
+            f"global c = {chosen['norm']['setting']:g} ({_acc(chosen['norm']['test'])})."]
     return {"traces": [trace("agc", agc_t), {"x": [agc_t[0], agc_t[-1]], "y": [none, none]},
                        trace("norm", norm_t), {"x": [norm_t[0], norm_t[-1]], "y": [none, none]}],
             "note": note}
