@@ -289,7 +289,8 @@ def text_evidence(hot_lr: float = 3.0) -> dict[str, Any]:
     ``"recurrent"`` and ``"transformer"`` are :func:`gradclip_book.text_figures.guide_evidence`'s (learning
     rates chosen on validation loss over five seeds, verdicts on test loss). Added: ``"seq_len"``, ``"seeds"``,
     ``"clip"`` (the threshold), ``"hot"``: the tanh RNN at ``hot_lr`` (one step of the scan above its best)
-    without and with clipping (test losses per seed, nats), ``"unigram"`` (the test loss of guessing each
+    without and with clipping (test losses per seed of ``"hot_seeds"``, every seed group of
+    :data:`gradclip_book.text_figures.SEED_GROUPS`, nats), ``"unigram"`` (the test loss of guessing each
     character by its frequency in the training text), ``"rnn_clip_fraction"`` (share of steps clipped at the
     clipped run's chosen lr, mean over seeds), ``"transformer_top"``: at the scan's largest lr (seed 0) the plain,
     clipped and qk-layernorm runs' test losses, and ``"transformer_best_worst"``: the worst arm's test loss at the
@@ -303,14 +304,16 @@ def text_evidence(hot_lr: float = 3.0) -> dict[str, Any]:
     unigram = float(-(torch.bincount(parts["test"], minlength=vocab).double()
                       * (counts / counts.sum()).log()).sum() / len(parts["test"]))
     seq, clip = tg.HEADLINE_SEQ_LEN, tg.RNN_CLIP
-    hot = {t: [tf.test_loss(tf.recurrent_run("rnn", seq, hot_lr, t, s)) for s in tg.SEEDS] for t in (None, clip)}
+    hot_seeds = [s for group in tf.SEED_GROUPS for s in group]
+    hot = {t: [tf.test_loss(tf.recurrent_run("rnn", seq, hot_lr, t, s)) for s in hot_seeds] for t in (None, clip)}
     chosen = ev["recurrent"]["rnn"]["clip_lr"]
     fraction = float(np.mean([float(tf.recurrent_run("rnn", seq, chosen, clip, s)["clip_fraction"])
                               for s in tg.SEEDS]))
     best, top = ev["transformer"]["lr"], max(tg.TRANSFORMER_LRS)
     v0 = lambda arm, lr: tf.test_loss(tf.transformer_run(arm, lr))  # noqa: E731 (seed 0)
     ev.update({"seq_len": seq, "seeds": len(tg.SEEDS), "clip": clip, "hot_lr": hot_lr,
-               "hot": {"plain": hot[None], "clipped": hot[clip]}, "unigram": unigram, "rnn_clip_fraction": fraction,
+               "hot": {"plain": hot[None], "clipped": hot[clip]}, "hot_seeds": hot_seeds, "unigram": unigram,
+               "rnn_clip_fraction": fraction,
                "transformer_top": {"lr": top, **{arm: v0(arm, top) for arm in ("none", "norm", "qk-norm")}},
                "transformer_best_worst": max(v0(arm, best) for arm in tg.ARMS),
                "transformer_lrs": len(tg.TRANSFORMER_LRS)})
@@ -917,7 +920,8 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             f"{rnn['plain_lr']:g} without clipping, {_nats(rnn['clip_test'])} at lr {rnn['clip_lr']:g} clipped "
             f"({rnn['verdict']}); LSTM {_nats(lstm['plain_test'])} against {_nats(lstm['clip_test'])} "
             f"({lstm['verdict']}). At the tanh RNN's chosen lr clipping fires on "
-            f"{100 * tx['rnn_clip_fraction']:.1f}% of the steps. At lr {tx['hot_lr']:g} the unclipped seeds end "
+            f"{100 * tx['rnn_clip_fraction']:.1f}% of the steps. At lr {tx['hot_lr']:g} (seeds "
+            f"{tx['hot_seeds'][0]}-{tx['hot_seeds'][-1]}) the unclipped seeds end "
             f"between {min(tx['hot']['plain']):.2f} and {max(tx['hot']['plain']):.2f} nats, the clipped ones between "
             f"{min(tx['hot']['clipped']):.2f} and {max(tx['hot']['clipped']):.2f} (guessing by character "
             f"frequency: {tx['unigram']:.2f}).",

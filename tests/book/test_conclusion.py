@@ -379,9 +379,10 @@ def test_text_evidence_recounted_from_the_text_grid():  # test losses: the guide
         if c["model"] == "rnn" and c["seq_len"] == ev["seq_len"] and c["lr"] == ev["hot_lr"] \
                 and c["method"] in ("none", "norm") and c["threshold"] in (None, ev["clip"]):
             hot[c["threshold"]][c["seed"]] = None if line["diverged_at"] is not None else line["metrics"]["test_loss"]
+    assert ev["hot_seeds"] == sorted(hot[None]) == sorted(hot[ev["clip"]]) == list(range(15))   # seeds 0-14
     assert ev["hot"]["plain"] == [hot[None][s] for s in sorted(hot[None])]
     assert ev["hot"]["clipped"] == [hot[ev["clip"]][s] for s in sorted(hot[ev["clip"]])]
-    assert len(ev["hot"]["plain"]) == ev["seeds"] == 5
+    assert ev["seeds"] == 5                                   # best against best: the seeds of the choice
     assert 2.5 < ev["unigram"] < math.log(100)   # guessing by frequency beats guessing uniformly among the characters
 
 
