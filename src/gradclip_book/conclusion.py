@@ -289,9 +289,11 @@ def text_evidence(hot_lr: float = 3.0) -> dict[str, Any]:
     ``"recurrent"`` and ``"transformer"`` are :func:`gradclip_book.text_figures.guide_evidence`'s (learning
     rates chosen on validation loss over five seeds, verdicts on test loss). Added: ``"seq_len"``, ``"seeds"``,
     ``"clip"`` (the threshold), ``"hot"``: the tanh RNN at ``hot_lr`` (one step of the scan above its best)
-    without and with clipping (test losses per seed, nats), ``"unigram"`` (the test loss of guessing each
-    character by its frequency in the training text), ``"rnn_clip_fraction"`` (share of steps clipped at the
-    clipped run's chosen lr, mean over seeds), ``"transformer_top"``: at the scan's largest lr (seed 0) the plain,
+    without and with clipping (test losses per seed of ``"hot_seeds"``, every seed group of
+    :data:`gradclip_book.text_figures.SEED_GROUPS`, nats), ``"hot_verdicts"``: the two judged in each group and
+    the verdict that stands (:func:`gradclip_book.text_figures.clip_verdicts`), ``"unigram"`` (the test loss of
+    guessing each character by its frequency in the training text), ``"rnn_clip_fraction"`` (share of steps
+    clipped at the clipped run's chosen lr, mean over seeds), ``"transformer_top"``: at the scan's largest lr (seed 0) the plain,
     clipped and qk-layernorm runs' test losses, and ``"transformer_best_worst"``: the worst arm's test loss at the
     best lr (seed 0).
     """
@@ -303,18 +305,39 @@ def text_evidence(hot_lr: float = 3.0) -> dict[str, Any]:
     unigram = float(-(torch.bincount(parts["test"], minlength=vocab).double()
                       * (counts / counts.sum()).log()).sum() / len(parts["test"]))
     seq, clip = tg.HEADLINE_SEQ_LEN, tg.RNN_CLIP
-    hot = {t: [tf.test_loss(tf.recurrent_run("rnn", seq, hot_lr, t, s)) for s in tg.SEEDS] for t in (None, clip)}
+    hot_seeds = [s for group in tf.SEED_GROUPS for s in group]
+    hot = {t: [tf.test_loss(tf.recurrent_run("rnn", seq, hot_lr, t, s)) for s in hot_seeds] for t in (None, clip)}
     chosen = ev["recurrent"]["rnn"]["clip_lr"]
     fraction = float(np.mean([float(tf.recurrent_run("rnn", seq, chosen, clip, s)["clip_fraction"])
                               for s in tg.SEEDS]))
     best, top = ev["transformer"]["lr"], max(tg.TRANSFORMER_LRS)
     v0 = lambda arm, lr: tf.test_loss(tf.transformer_run(arm, lr))  # noqa: E731 (seed 0)
     ev.update({"seq_len": seq, "seeds": len(tg.SEEDS), "clip": clip, "hot_lr": hot_lr,
-               "hot": {"plain": hot[None], "clipped": hot[clip]}, "unigram": unigram, "rnn_clip_fraction": fraction,
+               "hot": {"plain": hot[None], "clipped": hot[clip]}, "hot_seeds": hot_seeds,
+               "hot_verdicts": tf.clip_verdicts("rnn", hot_lr, seq_len=seq, threshold=clip),
+               "unigram": unigram, "rnn_clip_fraction": fraction,
                "transformer_top": {"lr": top, **{arm: v0(arm, top) for arm in ("none", "norm", "qk-norm")}},
                "transformer_best_worst": max(v0(arm, best) for arm in tg.ARMS),
                "transformer_lrs": len(tg.TRANSFORMER_LRS)})
     return ev
+
+
+def _hot_words(tx: dict[str, Any]) -> str:
+    """:func:`text_evidence`'s tanh RNN one step above its best learning rate, clipped and not, in words."""
+    from gradclip_book import text_figures as tf
+
+    plain = [v for v in tx["hot"]["plain"] if v is not None]
+    clipped = [v for v in tx["hot"]["clipped"] if v is not None]
+    wrecked = sum(v is None or v > tx["unigram"] for v in tx["hot"]["plain"])
+    v = tx["hot_verdicts"]
+    stands = ("clipped lower stands" if v["standing"] == "clipping" else
+              "clipped lower does not stand" if any(g["verdict"] == "clipping" for g in v["groups"]) else
+              "no verdict stands")
+    return (f"At lr {tx['hot_lr']:g} (seeds {tf.seeds_text(tx['hot_seeds'])}) the unclipped seeds end between "
+            f"{min(plain):.2f} and {max(plain):.2f} nats ({wrecked} of {len(tx['hot_seeds'])} worse than guessing by "
+            f"character frequency, {tx['unigram']:.2f}), the clipped ones between {min(clipped):.2f} and "
+            f"{max(clipped):.2f}; judged by the seed-spread rule per group of seeds ({tf.groups_short(v)}), {stands} "
+            f"(a verdict stands only where every group gives it).")
 
 
 # --- d2l's classic exercises: train the RNN without clipping; ReLU instead of tanh -----------------------
@@ -917,10 +940,7 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             f"{rnn['plain_lr']:g} without clipping, {_nats(rnn['clip_test'])} at lr {rnn['clip_lr']:g} clipped "
             f"({rnn['verdict']}); LSTM {_nats(lstm['plain_test'])} against {_nats(lstm['clip_test'])} "
             f"({lstm['verdict']}). At the tanh RNN's chosen lr clipping fires on "
-            f"{100 * tx['rnn_clip_fraction']:.1f}% of the steps. At lr {tx['hot_lr']:g} the unclipped seeds end "
-            f"between {min(tx['hot']['plain']):.2f} and {max(tx['hot']['plain']):.2f} nats, the clipped ones between "
-            f"{min(tx['hot']['clipped']):.2f} and {max(tx['hot']['clipped']):.2f} (guessing by character "
-            f"frequency: {tx['unigram']:.2f}).",
+            f"{100 * tx['rnn_clip_fraction']:.1f}% of the steps. " + _hot_words(tx),
             "text-rnn", also=("rnn-time",)),
         Row("Transformer trained with AdamW",
             "Tune the learning rate first; global-norm clipping at 1 as cheap insurance; above the best rate, "

@@ -43,7 +43,10 @@ __all__ = [
     "attention_explorer",
     "cliff_figure",
     "cliff_slice",
+    "clip_verdicts",
+    "clip_verdicts_table_html",
     "fresh_run",
+    "groups_short",
     "guide_evidence",
     "live_recurrent_frame",
     "live_through_time_frame",
@@ -56,9 +59,11 @@ __all__ = [
     "recurrent_scores",
     "sensitivity_explorer",
     "sensitivity_figure",
+    "seeds_text",
     "spikes",
     "through_time_explorer",
     "transformer_run",
+    "verdict_words",
 ]
 
 MODEL_LABELS = {"rnn": "tanh RNN", "lstm": "LSTM", "transformer": "transformer"}
@@ -215,6 +220,119 @@ def _verdict(a: harness.Score, b: harness.Score) -> str:
     """``"better"``, ``"worse"`` or ``"no difference"`` for ``a`` against ``b`` (losses: lower is better)."""
     return "better" if harness.beats(a, b, mode="min") else "worse" if harness.beats(b, a, mode="min") else \
         "no difference"
+
+
+SEED_GROUPS: tuple[tuple[int, ...], ...] = (tuple(SEEDS), *text_grid.UNSEEN_SEED_GROUPS)
+"""The seed groups on which a clipped-against-unclipped verdict of the recurrent networks is judged: the seeds of
+every choice (:data:`~gradclip_book.text_grid.SEEDS`), then the groups no choice saw
+(:data:`~gradclip_book.text_grid.UNSEEN_SEED_GROUPS`), as in chapter 4.4."""
+
+CLIP_VERDICTS = {"clipping": "clipped lower", "no clipping": "unclipped lower", "no difference": "no difference"}
+"""The verdicts of :func:`clip_verdicts` (which arm's mean test loss is lower by more than the seed spread), and
+their words."""
+
+
+def seeds_text(seeds: Sequence[int]) -> str:
+    """A run of consecutive seeds in words.
+
+    Example:
+        >>> seeds_text((5, 6, 7, 8, 9)), seeds_text((0,))
+        ('5-9', '0')
+    """
+    return f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+
+
+def clip_verdicts(model: str, lr: float, clip_lr: float | None = None, seq_len: int = HEADLINE_SEQ_LEN,
+                  threshold: float = RNN_CLIP, groups: Sequence[Sequence[int]] = SEED_GROUPS) -> dict[str, Any]:
+    """Clipped at ``threshold`` (learning rate ``clip_lr``, by default ``lr``) against unclipped at ``lr``, judged
+    on the test loss in each seed group of ``groups``, and the verdict that stands over all of them.
+
+    Returns ``{"groups": [{"seeds", "plain", "clipped", "verdict"}, ...], "standing"}``: per group the two
+    :class:`~gradclip_book.harness.Score` of test losses (nats; a diverged seed counts as diverged) and the verdict,
+    ``"clipping"`` (clipped lower by more than the larger of the two seed standard deviations,
+    :func:`harness.beats`), ``"no clipping"`` or ``"no difference"``; ``"standing"``: the verdict that every group
+    gives, else ``"no difference"`` (chapter 4.4's rule, :func:`gradclip_book.images_figures.standing`).
+
+    Raises:
+        KeyError: the grid stores no run of a seed of ``groups`` at these settings (the command to compute it).
+
+    Example:
+        >>> v = clip_verdicts("rnn", 3.0)
+        >>> [g["seeds"] for g in v["groups"]][0], v["standing"] in CLIP_VERDICTS
+        ((0, 1, 2, 3, 4), True)
+    """
+    from .images_figures import standing   # chapter 4.4's rule, shared rather than restated
+
+    clip_lr = lr if clip_lr is None else clip_lr
+    judged = []
+    for seeds in groups:
+        plain = harness.score(lr, [test_loss(recurrent_run(model, seq_len, lr, None, s)) for s in seeds])
+        clipped = harness.score(clip_lr, [test_loss(recurrent_run(model, seq_len, clip_lr, threshold, s))
+                                          for s in seeds])
+        verdict = ("clipping" if harness.beats(clipped, plain, mode="min") else
+                   "no clipping" if harness.beats(plain, clipped, mode="min") else "no difference")
+        judged.append({"seeds": tuple(seeds), "plain": plain, "clipped": clipped, "verdict": verdict})
+    first, *more = ({"verdict": g["verdict"], "rescue": False} for g in judged)
+    return {"groups": judged, "standing": standing(first, *more)["verdict"] if more else first["verdict"]}
+
+
+def verdict_words(verdicts: dict[str, Any], digits: int = 3) -> str:
+    """:func:`clip_verdicts`'s groups in words, the groups with the same verdict together, in the order of the
+    groups, each with its clipped and unclipped mean test loss ± standard deviation (see the example).
+
+    Example:
+        >>> from gradclip_book.harness import score
+        >>> g = lambda seeds, v: {"seeds": seeds, "plain": score(1, [2.0, 2.2]), "clipped": score(1, [1.5, 1.5]),
+        ...                       "verdict": v}
+        >>> verdict_words({"groups": [g((0, 1), "clipping"), g((2, 3), "no difference")]}, digits=1)
+        ... # doctest: +NORMALIZE_WHITESPACE
+        'clipped lower at seeds 0-1 (1.5 ± 0.0 against 2.1 ± 0.1 nats unclipped);
+         no difference at seeds 2-3 (1.5 ± 0.0 against 2.1 ± 0.1)'
+    """
+    names = CLIP_VERDICTS
+    out, unit = [], " nats unclipped"
+    for verdict in dict.fromkeys(g["verdict"] for g in verdicts["groups"]):
+        groups = [g for g in verdicts["groups"] if g["verdict"] == verdict]
+        parts = []
+        for g in groups:
+            parts.append(f"{seeds_text(g['seeds'])} ({_pm_text(g['clipped'], digits)} against "
+                         f"{_pm_text(g['plain'], digits)}{unit})")
+            unit = ""
+        out.append(f"{names[verdict]} at seeds " + _and(parts))
+    return "; ".join(out)
+
+
+def groups_short(verdicts: dict[str, Any]) -> str:
+    """:func:`clip_verdicts`'s verdict per seed group, briefly.
+
+    Example:
+        >>> groups_short({"groups": [{"seeds": (0, 1), "verdict": "clipping"},
+        ...                          {"seeds": (2, 3), "verdict": "no difference"}]})
+        'seeds 0-1: clipped lower; 2-3: no difference'
+    """
+    return "seeds " + "; ".join(f"{seeds_text(g['seeds'])}: {CLIP_VERDICTS[g['verdict']]}" for g in verdicts["groups"])
+
+
+def _pm_text(score: harness.Score, digits: int = 3) -> str:
+    if score.mean is None:
+        return "diverged"
+    return f"{score.mean:.{digits}f} ± {score.std:.{digits}f}"
+
+
+def _and(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def clip_verdicts_table_html(rows: dict[str, dict[str, Any]], caption: str) -> str:
+    """A table of :func:`clip_verdicts` results: per row (its name, a key of ``rows``) and seed group, the clipped
+    and the unclipped test loss (mean &plusmn; std), the group's verdict, and the verdict that stands."""
+    head = ["setting", "seeds", "test loss, clipped", "test loss, unclipped", "verdict", "stands"]
+    body = []
+    for name, v in rows.items():
+        for i, g in enumerate(v["groups"]):
+            body.append([name if i == 0 else "", seeds_text(g["seeds"]), _pm(g["clipped"]), _pm(g["plain"]),
+                         CLIP_VERDICTS[g["verdict"]], CLIP_VERDICTS[v["standing"]] if i == 0 else ""])
+    return table_html(head, body, caption)
 
 
 def guide_evidence() -> dict[str, Any]:

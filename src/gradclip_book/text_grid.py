@@ -1,11 +1,11 @@
 r"""The precomputed runs of chapter 4's text page: which runs, the command that computes them, and reading them.
 
-``python -m gradclip_book.text_grid [--jobs N] [--part rnn|transformer|all] [--out PATH]`` computes the runs of
+``python -m gradclip_book.text_grid [--jobs N] [--part rnn|transformer|replicate|all] [--out PATH]`` computes the runs of
 :func:`points` with :func:`gradclip_book.text_runs.run` through the harness's grid runner
 (:func:`gradclip_book.harness.run_grid`: a tqdm progress bar, ``--jobs`` worker processes, resumable: an
 interrupted command computes only the runs missing from the file) into ``chapters/data/text_grid.jsonl.gz``,
 one JSON line per run, and rewrites the file in grid order at the end. ``--part`` limits one invocation to
-the recurrent or the transformer runs (the file keeps the others).
+the recurrent, the transformer or the replication runs (the file keeps the others).
 
 Sections (each line's ``section``):
 
@@ -18,13 +18,17 @@ Sections (each line's ``section``):
 * ``"transformer"``: the transformer at every learning rate of :data:`TRANSFORMER_LRS` x arm of :data:`ARMS`,
   seeds :data:`SWEEP_SEEDS`;
 * ``"transformer-seeds"``: each arm at its learning rate of :data:`HEADLINE_LR` (chosen on the sweep's validation
-  loss), the other :data:`SEEDS` (the transformer's headline comparison: best against best over five seeds).
+  loss), the other :data:`SEEDS` (the transformer's headline comparison: best against best over five seeds);
+* ``"rnn-replicate"``: the recurrent rows whose clipped-against-unclipped verdict the page states
+  (:data:`REPLICATION_ROWS`), without clipping and clipped at :data:`RNN_CLIP`, at each group of
+  :data:`UNSEEN_SEED_GROUPS` (a verdict stands only if every seed group gives it, as in chapter 4.4). Listed last,
+  appended after the runs stored before them (``--part replicate``).
 
 Example:
     >>> from gradclip_book import text_grid
     >>> pts = text_grid.points()
     >>> len(pts), pts[0][0], pts[-1][0]
-    (279, 'rnn', 'transformer-seeds')
+    (319, 'rnn', 'rnn-replicate')
 """
 
 from __future__ import annotations
@@ -46,11 +50,13 @@ __all__ = [
     "HEADLINE_SEQ_LEN",
     "RNN_CLIP",
     "RNN_LRS",
+    "REPLICATION_ROWS",
     "RNN_THRESHOLDS",
     "SEEDS",
     "SEQ_LENS",
     "SWEEP_SEEDS",
     "TRANSFORMER_LRS",
+    "UNSEEN_SEED_GROUPS",
     "arm_config",
     "config_of",
     "lines",
@@ -81,6 +87,15 @@ LSTM_SEQ_LENS = (32, HEADLINE_SEQ_LEN)
 """Window lengths of the LSTM's seed-0 runs."""
 RNN_CLIP = 1.0
 """The recurrent headline threshold: d2l's ``gradient_clip_val=1``."""
+REPLICATION_ROWS = (("rnn", 3.0), ("lstm", 10.0))
+"""``(model, lr)`` of the recurrent rows whose clipped-against-unclipped verdict the page states, run again at
+:data:`UNSEEN_SEED_GROUPS` at :data:`HEADLINE_SEQ_LEN`: the tanh RNN and the LSTM one step above their best learning
+rate, where clipping won at :data:`SEEDS`. The best-against-best rows (the tanh RNN at lr 1, the LSTM at lr 3, where
+both arms chose the same rate) are not run again yet, for want of grid time: adding ``("rnn", 1.0)`` and
+``("lstm", 3.0)`` here and running ``--part replicate`` appends their 40 runs."""
+UNSEEN_SEED_GROUPS = ((5, 6, 7, 8, 9), (10, 11, 12, 13, 14))
+"""The seed groups at which :data:`REPLICATION_ROWS` are judged again, beside :data:`SEEDS` (chapter 4.4's groups,
+:data:`gradclip_book.images_grid.UNSEEN_SEED_GROUPS`)."""
 
 TRANSFORMER_LRS = harness.lr_range(3e-3, 0.3)
 """AdamW learning rates of the transformer runs."""
@@ -149,11 +164,18 @@ def points() -> list[tuple[str, TextConfig]]:
     for arm, lr in HEADLINE_LR.items():
         for seed in (s for s in SEEDS if s not in SWEEP_SEEDS):
             out.append(("transformer-seeds", arm_config(arm, lr, seed)))
+    for model, lr in REPLICATION_ROWS:
+        for seeds in UNSEEN_SEED_GROUPS:
+            for seed in seeds:
+                for t in (None, RNN_CLIP):
+                    out.append(("rnn-replicate", replace(RNN, model=model, seq_len=HEADLINE_SEQ_LEN, lr=lr, seed=seed,
+                                                         **_norm(t))))
     return out
 
 
 PARTS = {"rnn": ("rnn", "lstm", "rnn-seeds"), "transformer": ("transformer", "transformer-seeds"),
-         "all": ("rnn", "lstm", "rnn-seeds", "transformer", "transformer-seeds")}
+         "replicate": ("rnn-replicate",),
+         "all": ("rnn", "lstm", "rnn-seeds", "transformer", "transformer-seeds", "rnn-replicate")}
 
 
 def version() -> str:

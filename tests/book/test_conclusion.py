@@ -379,9 +379,13 @@ def test_text_evidence_recounted_from_the_text_grid():  # test losses: the guide
         if c["model"] == "rnn" and c["seq_len"] == ev["seq_len"] and c["lr"] == ev["hot_lr"] \
                 and c["method"] in ("none", "norm") and c["threshold"] in (None, ev["clip"]):
             hot[c["threshold"]][c["seed"]] = None if line["diverged_at"] is not None else line["metrics"]["test_loss"]
+    assert ev["hot_seeds"] == sorted(hot[None]) == sorted(hot[ev["clip"]]) == list(range(15))   # seeds 0-14
     assert ev["hot"]["plain"] == [hot[None][s] for s in sorted(hot[None])]
     assert ev["hot"]["clipped"] == [hot[ev["clip"]][s] for s in sorted(hot[ev["clip"]])]
-    assert len(ev["hot"]["plain"]) == ev["seeds"] == 5
+    assert ev["seeds"] == 5                                   # best against best: the seeds of the choice
+    for group in ev["hot_verdicts"]["groups"]:                # the same runs, judged per group of five seeds
+        assert list(group["plain"].values) == [hot[None][s] for s in group["seeds"]]
+        assert list(group["clipped"].values) == [hot[ev["clip"]][s] for s in group["seeds"]]
     assert 2.5 < ev["unigram"] < math.log(100)   # guessing by frequency beats guessing uniformly among the characters
 
 
@@ -459,6 +463,9 @@ def test_rows_quote_the_evidence(evidence):
     assert f"{100 * evidence['recipe']['median_gap']:.1f} points" in text["cls-threshold"]
     rnn = evidence["text"]["recurrent"]["rnn"]
     assert f"{rnn['plain_test'][0]:.3f} ± {rnn['plain_test'][1]:.3f} nats" in text["text-rnn"]   # test, not validation
+    hot = evidence["text"]["hot_verdicts"]   # the tanh RNN above its best lr: the verdict per group and what stands
+    assert "seeds 0-4: " in text["text-rnn"] and "10-14: " in text["text-rnn"]
+    assert ("clipped lower stands" in text["text-rnn"]) == (hot["standing"] == "clipping")
     assert f"{len(grids.OPT_SEEDS)} seeds" in text["perf-adam"]             # the Adam row names its scope
     aw = evidence["adamw_cnn"]                                               # ... and chapter 4.8's AdamW CNN
     assert f"from {100 * aw['plain_low']:.1f}% to {100 * aw['clip_low']:.1f}%" in text["perf-adam"]
