@@ -411,7 +411,7 @@ def _log_step_axis(last: int, title: str = "step (logarithmic)") -> dict[str, An
             "tickvals": [s + LOG_SHIFT for s in ticks], "ticktext": [str(s) for s in ticks]}
 
 
-def _two_panels(last: int, left: str = "training loss (nats per character)",
+def _two_panels(last: int, left: str = "training loss (nats/char)",  # short: it fits a stacked phone panel
                 right: str = "gradient norm before clipping", height: int = 440) -> dict[str, Any]:
     axis = _log_step_axis(last)
     return {"height": height,
@@ -826,7 +826,7 @@ def sensitivity_explorer() -> Explorer:
     ]
     layout = {"height": 450,
               "xaxis": {"domain": [0, 0.46], "anchor": "y", **_log_step_axis(TRANSFORMER.steps)},
-              "yaxis": {"title": {"text": "training loss (nats per character)"}, "anchor": "x"},
+              "yaxis": {"title": {"text": "training loss (nats/char)"}, "anchor": "x"},
               "xaxis2": {"domain": [0.56, 1], "anchor": "y2", "type": "log", "title": {"text": "learning rate"},
                          "tickvals": list(TRANSFORMER_LRS), "ticktext": [f"{lr:g}" for lr in TRANSFORMER_LRS]},
               "yaxis2": {"title": {"text": "validation loss"}, "anchor": "x2"}}
