@@ -80,7 +80,7 @@ import gradclip
 
 from . import classification as cls
 from . import harness
-from . import grids, timing
+from . import grids
 
 __all__ = [
     "FAULTS",
@@ -91,7 +91,6 @@ __all__ = [
     "Guard",
     "SafetyConfig",
     "SafetyRun",
-    "costs",
     "append",
     "grid",
     "by_fault_step",
@@ -754,15 +753,15 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return None if any(v is None for v in values) else statistics.fmean(values)
 
 
-def summary(path: str | Path = GRID_PATH, with_costs: bool = False) -> dict[str, Any]:
+def summary(path: str | Path = GRID_PATH) -> dict[str, Any]:
     """The page's key numbers, from the stored grid (at :data:`DEFAULT_FAULT_STEP`, means over :data:`SEEDS`).
 
     Returns ``{"clean": mean accuracy, "clean_seeds": [per seed], "clean_min", "clean_max", "clean_by_guard":
     {guard: accuracy}, "faults": {fault: {guard: {"outcomes": [per seed], "lost": bool (some seed lost),
     "accuracy": mean or None, "accuracies": [per seed], "recovers": bool (:func:`recovers`), "hinges_on": [the seeds
     whose leaving out flips the verdict (:func:`leave_one_seed_out`); empty: robust], "verdict": "recovers",
-    "misses" or "fragile" (:func:`verdict`; only "recovers" counts as a recovery)}}}, "costs": ...}``;
-    ``costs`` (:func:`costs`, timed on this machine) only when ``with_costs``.
+    "misses" or "fragile" (:func:`verdict`; only "recovers" counts as a recovery)}}}}``. What the guards cost is
+    measured by :mod:`gradclip_book.guard_costs`.
     """
     runs = load(path)
     clean_by_guard = {g: _mean(runs["none", g, -1, s]["test_accuracy"] for s in SEEDS) for g in GUARDS}
@@ -789,8 +788,6 @@ def summary(path: str | Path = GRID_PATH, with_costs: bool = False) -> dict[str,
     out: dict[str, Any] = {"clean": clean, "clean_seeds": clean_seeds, "clean_min": min(clean_seeds),
                            "clean_max": max(clean_seeds), "clean_by_guard": clean_by_guard, "faults": faults,
                            "fault_step": DEFAULT_FAULT_STEP, "seeds": list(SEEDS)}
-    if with_costs:
-        out["costs"] = costs()
     return out
 
 
@@ -825,8 +822,8 @@ def step_phrase(outcomes: list[tuple[int, str]]) -> str:
 
 def _guarded_step(model: nn.Module, optimizer: torch.optim.Optimizer, guard: Any, step: int, xb: torch.Tensor,
                   yb: torch.Tensor, grad_factor: float | None = None) -> tuple[float, str]:
-    """One bare step under ``guard`` for :func:`costs` (the timed work of a step; runs of record train through the
-    harness, :func:`train`); returns the loss read on the host and the guard's decision.
+    """One bare step under ``guard`` for :mod:`gradclip_book.guard_costs` (the timed work of a step; runs of record
+    train through the harness, :func:`train`); returns the loss read on the host and the guard's decision.
 
     Forward through the guard's ``logits``, the loss (and the guard's probe, in the same transfer) read
     once, the guard's decision, and ``backward()`` and the update when it says ``"step"``.
@@ -848,32 +845,6 @@ def _guarded_step(model: nn.Module, optimizer: torch.optim.Optimizer, guard: Any
         guard.before_step(model, optimizer)
         optimizer.step()
     return value, action
-
-
-def costs(repeats: int = 15, steps: int = EVERY) -> dict[str, float]:
-    """Time per training step with each guard relative to no guard (clean batches; medians, calls interleaved).
-
-    Each timed call trains ``steps`` steps (one rollback period, so its checkpoint is in every call) with
-    :func:`gradclip_book.timing.interleaved`. Returns ``{guard: ratio}`` with ``"none"`` = 1.
-    """
-    with harness.deterministic():
-        x, y = harness.image_split(BASE.split_seed)["train"]
-        xb, yb = x[: BASE.batch], y[: BASE.batch]
-
-        def stepper(name: str) -> Callable[[], None]:
-            model = cls.build_model(BASE)
-            optimizer = cls.OPTIMIZERS[BASE.optimizer](list(model.parameters()), BASE.lr * 0.01)
-            guard = GUARDS[name].build()
-            guard.setup(model, optimizer)
-            counter = iter(range(10**9))
-
-            def run() -> None:
-                for _ in range(steps):
-                    _guarded_step(model, optimizer, guard, next(counter), xb, yb)
-            return run
-
-        times = timing.interleaved({name: stepper(name) for name in GUARDS}, repeats)
-    return {name: times[name] / times["none"] for name in GUARDS}
 
 
 def main(argv: list[str] | None = None) -> None:

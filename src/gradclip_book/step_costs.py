@@ -42,7 +42,8 @@ from . import classification as cls
 from . import grids, images, text_runs
 from .timing import interleaved
 
-__all__ = ["CASES", "COMMAND", "RESULTS_FILE", "Case", "load", "main", "measure", "measure_case", "resnet50"]
+__all__ = ["CASES", "COMMAND", "RESULTS_FILE", "Case", "load", "main", "measure", "measure_case", "optimizer_for",
+           "resnet50"]
 
 RESULTS_FILE = Path(__file__).resolve().parents[2] / "chapters" / "data" / "step_costs.json"
 COMMAND = "python -m gradclip_book.step_costs"
@@ -159,6 +160,14 @@ more and more examples x positions per step (random inputs: the kernels do not d
 # --- timing ---------------------------------------------------------------------------------------------
 
 
+def optimizer_for(case: Case, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The case's optimizer (AdamW with torch's defaults, or SGD with momentum 0.9) at a learning rate of 1e-4, so
+    that the weights barely move while timing (:mod:`gradclip_book.guard_costs` times with it too)."""
+    if case.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4)
+    return torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+
+
 def measure_case(case: Case, repeats: int) -> dict[str, Any]:
     """Median times (ms, this thread's CPU time) of a step, a step with clipping, and the clipping call alone.
 
@@ -170,8 +179,7 @@ def measure_case(case: Case, repeats: int) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     model, x, y, loss_fn = case.build(generator)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (torch.optim.AdamW if case.optimizer == "adamw" else
-                 lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9))(params, lr=1e-4)
+    optimizer = optimizer_for(case, params)
 
     def step(clip: bool) -> None:
         optimizer.zero_grad(set_to_none=True)

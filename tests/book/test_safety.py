@@ -356,3 +356,55 @@ def test_the_grid_has_whole_seeds_only():
         by_seed.setdefault(seed, set()).add((fault, guard, step))
     assert sorted(by_seed) == sorted(safety.SEEDS)
     assert all(by_seed[seed] >= {safety.key(c)[:3] for c in safety.grid_configs([1])} for seed in by_seed)
+
+
+# --- the stored guard costs (chapters/data/guard_costs.json) ---------------------------------------------
+
+
+def test_guard_cost_timing_trains_every_step_under_every_guard():
+    # a tiny case, re-measured: every guard's timed calls are full training steps (nothing skipped or undone), the
+    # activation check reads the head's input, and the ratios are the stored formula
+    from gradclip_book import guard_costs, step_costs
+
+    def tiny(generator):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        return model, torch.randn(16, 4, generator=generator), torch.randint(3, (16,)), None
+
+    out = guard_costs.measure_case(step_costs.Case("tiny", "an MLP", 16, 1, "sgd", tiny), repeats=2, steps=3)
+    assert set(out["ratio"]) == set(safety.GUARDS) | {guard_costs.CONTROL}
+    assert out["not_stepped"] == {name: 0 for name in guard_costs.GUARD_NAMES}
+    assert out["parameters"] == 4 * 8 + 8 + 8 * 3 + 3
+    for name, ms in out["ms"].items():
+        assert out["ratio"][name] == pytest.approx(ms / out["step_ms"])
+        assert out["extra_ns_per_value"][name] == pytest.approx((ms - out["step_ms"]) * 1e6 / out["parameters"])
+
+
+def test_guard_cost_activation_hook_is_the_pages():
+    # on the page's MLP the module hooked for the timing (the head's input) is the one the guard's own setup hooks
+    model = cls.build_model(safety.BASE)
+    guard = safety.GUARDS["activation"].build()
+    guard.setup(model, None)
+    assert list(model[-2]._forward_hooks.values()) == [guard._record]
+
+
+def test_stored_guard_costs_are_documented_consistent_and_trained():
+    from pathlib import Path
+
+    from gradclip_book import guard_costs, shapes
+    stored = guard_costs.load()
+    assert [c["name"] for c in stored["cases"]] == [case.name for case, _ in guard_costs.CASES]
+    assert stored["machine"]["cpu"] and stored["machine"]["threads"] == 1 and stored["rounds"] >= 3
+    for case in stored["cases"]:
+        assert set(case["ratio"]) == set(guard_costs.GUARD_NAMES) and case["ratio"]["none"] == 1
+        assert case["not_stepped"] == {name: 0 for name in guard_costs.GUARD_NAMES}
+        assert case["step_ms"] == pytest.approx(statistics.median(r["step_ms"] for r in case["rounds"]))
+        for name in guard_costs.GUARD_NAMES:
+            per_round = case["rounds"]
+            assert case["ratio"][name] == pytest.approx(statistics.median(r["ratio"][name] for r in per_round))
+            for r in per_round:
+                assert r["ratio"][name] == pytest.approx(r["ms"][name] / r["step_ms"])
+    assert stored["cases"][-1]["parameters"] == shapes.RESNET50_NUMEL
+    readme = (Path(__file__).resolve().parents[2] / "chapters" / "data" / "README.md").read_text(encoding="utf-8")
+    assert guard_costs.COMMAND in readme and guard_costs.RESULTS_FILE.name in readme
+    with pytest.raises(FileNotFoundError, match="gradclip_book.guard_costs"):
+        guard_costs.load("/no/such/guard_costs.json")

@@ -1,0 +1,202 @@
+r"""Chapter 5.3's cost table: what each safety guard adds to a training step, on the page's small MLP and on larger
+models.
+
+A guard's work is of two kinds. Some of it is paid once per call whatever the model (a host read of a number, a
+few kernel launches, Python), and dominates on a network whose step takes a fraction of a millisecond. The rest
+grows with the number of parameters P (a norm reads every gradient, SpikeGuard keeps a copy of the weights and the
+momentum, rollback copies the whole state every few steps), while a training step's work grows with
+P x batch x positions. So the share a guard takes should fall from the small MLP to a convolutional network that
+reuses each weight at many pixels, and stay what the P-proportional part makes it on a network with millions of
+parameters. This module measures it, with chapter 5.1's machinery (:mod:`gradclip_book.step_costs`: its cases, its
+optimizers and learning rate, its clock): for each case of :data:`CASES` it trains, calls interleaved in one
+process (:func:`gradclip_book.timing.interleaved`, medians, one thread), :data:`~gradclip_book.safety.EVERY` steps
+per timed call (one rollback period) under every guard of :data:`gradclip_book.safety.GUARDS`, each guard on its own
+copy of the model (same weights), all on the same input and label tensors.
+
+The numbers are stored in :data:`RESULTS_FILE` by :data:`COMMAND` (on a loaded 2-core machine the two small cases
+take about 25 minutes, a round of ResNet-50 20-30),
+with the machine they were measured on, and chapter 5.3 reads them; nothing is timed when the page builds.
+
+Example:
+    >>> from gradclip_book import guard_costs
+    >>> [case.name for case, _ in guard_costs.CASES]
+    ['mlp-safety', 'cnn', 'resnet50-b2']
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import classification as cls
+from . import safety, step_costs
+from .timing import interleaved
+
+__all__ = ["CASES", "COMMAND", "CONTROL", "GUARD_NAMES", "RESULTS_FILE", "load", "main", "measure", "measure_case"]
+
+RESULTS_FILE = Path(__file__).resolve().parents[2] / "chapters" / "data" / "guard_costs.json"
+COMMAND = "python -m gradclip_book.guard_costs"
+CONTROL = "none-again"
+"""A second plain step timed beside the guards (no guard, its own model): its ratio to ``"none"`` would be 1 but for
+the timing's noise, so it shows which differences the measurement resolves."""
+GUARD_NAMES: tuple[str, ...] = (*safety.GUARDS, CONTROL)
+"""Every guard chapter 5.3 prices, ``"none"`` (the plain step every ratio divides by) first, then the control."""
+
+
+def _page_mlp(generator: torch.Generator):
+    return step_costs._classifier(cls.build_model(safety.BASE), (safety.BASE.batch, 64), 10)(generator)
+
+
+_CNN, _RESNET = ({c.name: c for c in step_costs.CASES}[name] for name in ("cnn", "resnet50-b2"))
+
+CASES: tuple[tuple[step_costs.Case, int], ...] = (
+    (step_costs.Case("mlp-safety", "chapter 5.3's MLP, depth 8", safety.BASE.batch, 1, safety.BASE.optimizer,
+                     _page_mlp), 15),
+    (_CNN, 15),
+    (_RESNET, 3),
+)
+"""(case, timed calls per guard and round): the page's own network (chapter 4's depth-8 MLP at batch 64), then
+chapter 5.1's residual CNN and its smallest ResNet-50 step (batch 2 of 64x64 images: of 5.1's ResNet-50 steps the one
+where a guard's share is largest). ResNet-50 gets fewer calls: one call is 10 steps of a third of a second."""
+
+
+def _guarded(case: step_costs.Case, name: str, x: torch.Tensor, y: torch.Tensor, steps: int):
+    """A fresh model, optimizer and guard ``name``; returns ``(run, actions, guard)``, ``run()`` training ``steps``
+    steps with :func:`gradclip_book.safety._guarded_step`, the page's loop without its fault injection."""
+    model = case.build(torch.Generator().manual_seed(0))[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = step_costs.optimizer_for(case, params)
+    guard = safety.GUARDS["none" if name == CONTROL else name].build()
+    if isinstance(guard, safety._Activation):
+        # the input of the head is the last hidden layer's activation; the page's MLP: its last ReLU, which is what
+        # the guard's own setup hooks (the CNNs have no top-level ReLU after their stem)
+        model[-2].register_forward_hook(guard._record)
+    else:
+        guard.setup(model, optimizer)
+    counter, actions = itertools.count(), Counter()
+
+    def run() -> None:
+        for _ in range(steps):
+            actions[safety._guarded_step(model, optimizer, guard, next(counter), x, y)[1]] += 1
+    return run, actions, guard
+
+
+def measure_case(case: step_costs.Case, repeats: int, steps: int = safety.EVERY) -> dict[str, Any]:
+    """Median ms per training step (this thread's CPU time) under each guard, calls of ``steps`` steps interleaved.
+
+    Returns ``{"name", "label", "parameters", "tensors", "batch", "positions", "optimizer", "step_ms" (no guard),
+    "ms": {guard: ms per step}, "ratio": {guard: ms / step_ms}, "extra_ns_per_value": {guard: (ms - step_ms) per
+    parameter, ns}, "not_stepped": {guard: steps of the timing (warm-up included) that did not run backward and the
+    update, or whose update a guard undid}}``; ``not_stepped`` must be all zero for the times to be training steps.
+    """
+    x, y = case.build(torch.Generator().manual_seed(0))[1:3]
+    runs = {name: _guarded(case, name, x, y, steps) for name in GUARD_NAMES}
+    times = interleaved({name: run for name, (run, _, _) in runs.items()}, repeats, clock=time.thread_time)
+    model = case.build(torch.Generator().manual_seed(0))[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    values = sum(p.numel() for p in params)
+    ms = {name: times[name] / steps for name in GUARD_NAMES}
+    step_ms = ms["none"]
+    return {"name": case.name, "label": case.label, "parameters": values, "tensors": len(params),
+            "batch": case.batch, "positions": case.positions, "optimizer": case.optimizer, "step_ms": step_ms,
+            "ms": ms, "ratio": {n: ms[n] / step_ms for n in GUARD_NAMES},
+            "extra_ns_per_value": {n: (ms[n] - step_ms) * 1e6 / values for n in GUARD_NAMES},
+            "not_stepped": {n: sum(c for a, c in actions.items() if a != "step") + guard.skipped()
+                            for n, (_, actions, guard) in runs.items()}}
+
+
+def _summary(per_round: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
+    """One case's stored entry: its fields, per quantity the median over the rounds, and the rounds themselves."""
+    timed = ("step_ms", "ms", "ratio", "extra_ns_per_value")
+    summary = {k: v for k, v in per_round[0].items() if k not in timed}
+    summary["repeats"] = repeats
+    summary["not_stepped"] = {n: sum(r["not_stepped"][n] for r in per_round) for n in GUARD_NAMES}
+    summary["step_ms"] = statistics.median(r["step_ms"] for r in per_round)
+    for key in timed[1:]:
+        summary[key] = {n: statistics.median(r[key][n] for r in per_round) for n in GUARD_NAMES}
+    summary["rounds"] = [{k: r[k] for k in timed} for r in per_round]
+    return summary
+
+
+def measure(rounds: int = 3, scale: float = 1.0, names: list[str] | None = None, progress: bool = True,
+            after_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The cases of :data:`CASES` named in ``names`` (``None``: all), ``rounds`` separate interleaved timings each,
+    on one thread (``scale`` multiplies each case's timed calls, at least 1). ``after_round(result so far)`` is
+    called after every round (the command stores it, so an interrupted measurement keeps its finished rounds).
+
+    Returns ``{"machine", "date", "steps_per_call", "rounds", "clock", "cases": [{case fields, "repeats", per
+    quantity the median over the rounds, "rounds": [per round: step_ms, ms, ratio, extra_ns_per_value]}]}``.
+    """
+    from tqdm.auto import tqdm
+
+    from .performance import machine
+
+    torch.set_num_threads(1)
+    result = {"machine": machine(), "date": datetime.date.today().isoformat(), "steps_per_call": safety.EVERY,
+              "rounds": rounds, "clock": "thread CPU time (time.thread_time), one torch thread", "cases": []}
+    chosen = [(case, repeats) for case, repeats in CASES if names is None or case.name in names]
+    bar = tqdm(total=len(chosen) * rounds, desc="timing guards", disable=not progress)
+    for case, repeats in chosen:
+        repeats = max(1, round(repeats * scale))
+        per_round: list[dict[str, Any]] = []
+        for _ in range(rounds):
+            per_round.append(measure_case(case, repeats))
+            bar.update()
+            result["cases"] = [c for c in result["cases"] if c["name"] != case.name] + [_summary(per_round, repeats)]
+            if after_round is not None:
+                after_round(result)
+    bar.close()
+    return result
+
+
+def load(path: str | Path = RESULTS_FILE) -> dict[str, Any]:
+    """The stored measurements; ``FileNotFoundError`` naming the command that writes them."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no stored guard costs at {path}; measure them with `{COMMAND}`") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m gradclip_book.guard_costs [--cases NAME ...] [--rounds R] [--scale S] [--out PATH]``: measure
+    and store (with ``--cases``, the other cases stored in ``--out`` are kept)."""
+    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="separate interleaved timings per case (default 3)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiplies each case's timed calls per guard (default 1: 15, 15 and 3)")
+    parser.add_argument("--cases", nargs="+", choices=[case.name for case, _ in CASES], metavar="NAME",
+                        help="measure only these cases and keep the others stored in --out (default: all)")
+    parser.add_argument("--out", type=Path, default=RESULTS_FILE, help=f"the file to write (default {RESULTS_FILE})")
+    args = parser.parse_args(argv)
+
+    def store(result: dict[str, Any]) -> None:
+        if args.cases and args.out.exists():  # read now: another process may have stored its cases meanwhile
+            kept = {c["name"]: c for c in load(args.out)["cases"]} | {c["name"]: c for c in result["cases"]}
+            result = {**result, "cases": [kept[case.name] for case, _ in CASES if case.name in kept]}
+        args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+    result = measure(args.rounds, args.scale, args.cases, after_round=store)
+    for c in result["cases"]:
+        if args.cases and c["name"] not in args.cases:
+            continue
+        print(f"{c['label']} ({c['parameters']:,} values, a step {c['step_ms']:.2f} ms)")
+        for n in GUARD_NAMES[1:]:
+            spread = [r["ratio"][n] for r in c["rounds"]]
+            print(f"  {n:10s} {c['ratio'][n]:6.3f} x  (rounds {min(spread):.3f}-{max(spread):.3f})"
+                  f"  {c['extra_ns_per_value'][n]:+8.2f} ns/value  not stepped {c['not_stepped'][n]}")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
