@@ -25,20 +25,22 @@ LABELS = {"none": "no guard", "softcap": "soft-capping", "activation": "activati
 # One colour per run, readable on the light and the dark page (contrast at least 3:1 on both): the Okabe-Ito colours
 # of the book's PALETTE except its black and yellow (black vanishes on the dark page, yellow on the light one), a
 # neutral grey for the fault-free reference, and a purple, a golden brown, an olive and a magenta for the others.
-# Global-norm clipping keeps the book's "clipped" style (blue, solid, wide). Dash patterns differ too, so a line
-# drawn over another with the same losses leaves the one below visible in its gaps.
+# Global-norm clipping keeps the book's "clipped" style (blue, solid, wide). Each line has its own dash pattern but
+# soft-capping's (solid, thin, orange beside clipping's wide blue), so lines of near colours (the two blues, orange and
+# brown, vermillion and magenta) differ in dash too, and a line drawn over another with the same losses leaves the
+# one below visible in its gaps.
 CLEAN_STYLE = {"color": "#999999", "dash": "dot", "width": 2.5}
 STYLES = {
     "none": RUN_STYLES["plain"]["line"],  # vermillion, dashed: the unprotected run of every chapter
     "softcap": {"color": PALETTE[1], "dash": "solid", "width": 1.5},  # orange
-    "activation": {"color": PALETTE[4], "dash": "solid", "width": 4},  # sky blue, wide: it shows round a loss guard on top
-    "loss": {"color": PALETTE[2], "dash": "dash", "width": 2},  # bluish green
-    "layerwise": {"color": PALETTE[3], "dash": "dashdot", "width": 1.5},  # reddish purple
-    "spike": {"color": "#A6761D", "dash": "solid", "width": 1.5},  # golden brown
-    "rollback": {"color": "#9370DB", "dash": "longdash", "width": 1.5},  # purple: 4:1 contrast on both pages
+    "activation": {"color": PALETTE[4], "dash": "longdash", "width": 4},  # sky blue, wide: shows round a loss guard on top
+    "loss": {"color": PALETTE[2], "dash": "dashdot", "width": 2},  # bluish green
+    "layerwise": {"color": PALETTE[3], "dash": "longdashdot", "width": 1.5},  # reddish purple
+    "spike": {"color": "#A6761D", "dash": "8px,3px,2px,3px,2px,3px", "width": 1.5},  # golden brown, dash-dot-dot
+    "rollback": {"color": "#9370DB", "dash": "2px,5px", "width": 2},  # purple, sparse dots: 4:1 contrast on both pages
     "clip": dict(RUN_STYLES["clipped"]["line"]),  # blue, solid, wide: clipping in every chapter
-    "skip": {"color": "#808000", "dash": "longdashdot", "width": 2},  # olive
-    "clip+skip": {"color": "#E7298A", "dash": "dash", "width": 1.5},  # magenta, over the clipping line it often equals
+    "skip": {"color": "#808000", "dash": "12px,4px", "width": 2.5},  # olive, long dashes, wider for the dark page
+    "clip+skip": {"color": "#E7298A", "dash": "5px,2px,1px,2px", "width": 1.5},  # magenta, over the clipping line it often equals
 }
 FAULT_LABELS = {"outliers": "outlier inputs", "nan-grad": "NaN gradients", "scaled": "gradients x1000",
                 "labels": "random labels"}

@@ -236,6 +236,12 @@ def test_every_run_has_its_own_colour_readable_on_both_pages():
     colours = [t["line"]["color"].lower() for t in traces]
     assert len(traces) == len(safety.GUARDS) + 1 and len(set(colours)) == len(colours)
     assert not {"#000000", "#f0e442"} & set(colours)  # black vanishes on the dark page, yellow on the light one
+    # near colours (the two blues, orange and brown, vermillion and magenta) must differ in dash too: every line has
+    # its own dash pattern but soft-capping, solid and thin beside clipping's wide solid blue
+    dashes = {name: t["line"]["dash"] for name, t in zip(["clean", *safety.GUARDS], traces)}
+    shared = {d for d in dashes.values() if list(dashes.values()).count(d) > 1}
+    assert shared == {"solid"} and {n for n, d in dashes.items() if d == "solid"} == {"softcap", "clip"}
+    assert dashes["clip"] == "solid" and sf.STYLES["clip"]["width"] > sf.STYLES["softcap"]["width"]
 
 
 def test_loss_note_words_match_the_drawn_curves():
