@@ -43,7 +43,8 @@ from . import classification as cls
 from . import safety, step_costs
 from .timing import interleaved
 
-__all__ = ["CASES", "COMMAND", "CONTROL", "GUARD_NAMES", "RESULTS_FILE", "load", "main", "measure", "measure_case"]
+__all__ = ["CASES", "COMMAND", "CONTROL", "GUARD_NAMES", "RESULTS_FILE", "dearer", "load", "main", "measure",
+           "measure_case", "noise"]
 
 RESULTS_FILE = Path(__file__).resolve().parents[2] / "chapters" / "data" / "guard_costs.json"
 COMMAND = "python -m gradclip_book.guard_costs"
@@ -166,6 +167,26 @@ def load(path: str | Path = RESULTS_FILE) -> dict[str, Any]:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"no stored guard costs at {path}; measure them with `{COMMAND}`") from None
+
+
+def noise(case: dict[str, Any]) -> float:
+    """The timing noise of one stored case: over its rounds, the largest of the control's distance from 1 and a
+    guard's shortfall below 1 (a guard only adds work, so a ratio below 1 is noise). Differences below it are not
+    resolved.
+
+    Example:
+        >>> round(noise({"rounds": [{"ratio": {**dict.fromkeys(GUARD_NAMES, 1.2), CONTROL: 1.05}}]}), 2)
+        0.05
+    """
+    guards = [g for g in safety.GUARDS if g != "none"]
+    return max(max(abs(r["ratio"][CONTROL] - 1), *(1 - r["ratio"][g] for g in guards)) for r in case["rounds"])
+
+
+def dearer(case: dict[str, Any]) -> list[str]:
+    """The guards of one stored case that made a step dearer than a plain one in every round by more than
+    :func:`noise` (in the order of :data:`gradclip_book.safety.GUARDS`)."""
+    bar = 1 + noise(case)
+    return [g for g in safety.GUARDS if g != "none" and all(r["ratio"][g] > bar for r in case["rounds"])]
 
 
 def main(argv: list[str] | None = None) -> None:
