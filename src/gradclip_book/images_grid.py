@@ -217,7 +217,9 @@ def replication_points(lines: Sequence[dict[str, Any]]) -> list[tuple[str, Image
     AdamW at its best learning rate, without clipping and at max_norm 1; and both settings of every row of chapter
     4.4's table (:func:`table_settings`: every network and depth, those of the residual CNN included above). The
     table's settings are then re-run at :data:`SECOND_REPLICATION_SEEDS` as well (listed last: the runs stored before
-    this group was added keep their order). Empty until the runs they are chosen from are stored."""
+    this group was added keep their order), and then AdamW's two settings at :data:`SECOND_REPLICATION_SEEDS` (so that
+section 4.8 judges AdamW on the same three groups of seeds as 4.4's table). Empty until the runs they are chosen from
+are stored."""
     by_key = {line["key"]: line for line in lines}
 
     def clip_fraction(config: ImageConfig) -> float | None:
@@ -244,8 +246,10 @@ def replication_points(lines: Sequence[dict[str, Any]]) -> list[tuple[str, Image
     # the verdicts' settings first, then the table's rows: the order of the runs stored before the rows were added
     rows = list(dict.fromkeys(c for pair in table.values() for c in pair))
     unique = list(dict.fromkeys(chosen + rows))
+    adamw_settings = chosen[-2:]   # AdamW without clipping and at max_norm 1 (section 4.8), added last at seeds 10-14
     return ([("replicate", replace(c, seed=s)) for c in unique for s in REPLICATION_SEEDS]
-            + [("replicate", replace(c, seed=s)) for c in rows for s in SECOND_REPLICATION_SEEDS])
+            + [("replicate", replace(c, seed=s)) for c in rows for s in SECOND_REPLICATION_SEEDS]
+            + [("replicate", replace(c, seed=s)) for c in adamw_settings for s in SECOND_REPLICATION_SEEDS])
 
 
 def table_settings(lines: Sequence[dict[str, Any]]) -> dict[tuple[str, int], tuple[ImageConfig, ImageConfig]] | None:
