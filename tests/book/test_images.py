@@ -294,3 +294,35 @@ def test_update_summary_recounted_with_numpy():
         assert got[seed]["adam_ratio"] == pytest.approx(np.median(clip) / np.median(plain))
         norms = np.array(stored["runs"]["adamw_clip"][str(seed)]["grad_norm"])
         assert got[seed]["adam_scale"] == pytest.approx(np.median(np.minimum(1.0, 1.0 / norms)))
+
+
+# --- the stored growth at initialisation of section 4.9 (chapters/data/block_growth.json) ------------------------
+
+
+def test_stored_block_growth_is_the_hard_case_and_matches_a_remeasure():
+    import numpy as np
+
+    from gradclip_book import block_growth
+
+    stored = block_growth.load()
+    assert stored["config"] == asdict(ig.HARD) and stored["seeds"] == list(block_growth.SEEDS)
+    assert set(ig.SEEDS) | set(ig.REPLICATION_SEEDS) | set(ig.SECOND_REPLICATION_SEEDS) <= set(stored["seeds"])
+    # re-measure seed 1 (the largest growth, and a block that shrinks the signal) with hooks written here
+    for model in ("residual", "residual+bn"):
+        net = images.build_model(replace(ig.HARD, model=model, seed=1))
+        blocks = [m for m in net.modules() if type(m).__name__ == "BasicBlock"]
+        outputs = []
+        for block in blocks:
+            block.register_forward_hook(lambda mod, inp, out: outputs.append(out.detach().double()))
+        with torch.no_grad():
+            logits = net(harness.image_split()["train"][0][:64]).double()
+        assert len(blocks) == ig.HARD.depth // 2
+        run = stored["runs"]["1"][model]
+        assert run["blocks"] == pytest.approx([float(o.pow(2).mean().sqrt()) for o in outputs], rel=1e-5)
+        assert run["logits"] == pytest.approx(float(logits.pow(2).mean().sqrt()), rel=1e-5)
+    got = block_growth.summary(stored)
+    sizes = np.array(stored["runs"]["1"]["residual"]["blocks"])
+    assert got[1]["gains"] == pytest.approx(list(sizes[1:] / sizes[:-1])) and min(got[1]["gains"]) < 1
+    assert got[1]["growth"] == pytest.approx(sizes[-1] / sizes[0])
+    readme = (block_growth.FILE.parent / "README.md").read_text(encoding="utf-8")
+    assert block_growth.COMMAND in readme and block_growth.FILE.name in readme
