@@ -151,6 +151,21 @@ def test_the_tables_row_shows_every_seed_group(lines):
     assert "(seeds 0-4; seeds 5-9; seeds 10-14 → stands)" in html and html.count("<th>") == 5
 
 
+def test_the_tables_share_cell_says_when_clipping_never_fired(lines):
+    # the plain CNN + BatchNorm at depth 8: max_norm 4 clips no step of any seed, so its runs are the unclipped ones
+    # at the same learning rate and the two cells are equal, which the table says instead of "0% (rare)"
+    case = imf.clip_or_lower(ImageConfig(model="plain+bn", depth=8), ig.SEEDS, (0,), plain_choice_seeds=ig.SEEDS)
+    plain, clip = case["plain"]["config"], case["clipped"]["config"]
+    groups = [imf.replicated(case, seeds) for seeds in ig.UNSEEN_SEED_GROUPS]
+    [row] = imf.comparison_rows([("plain CNN + BatchNorm, depth 8", case)], {"plain CNN + BatchNorm, depth 8": groups})
+    assert plain.lr == clip.lr and row[3] == "0% (never fired)" and row[2].count(imf.NEVER_FIRED) == 3
+    assert row[1].split(": ", 1)[1] == row[2].split(": ", 1)[1].replace(imf.NEVER_FIRED, "")
+    # a row whose threshold fired at a few steps keeps its share, to one decimal below 1%
+    case = imf.clip_or_lower(ImageConfig(model="residual+bn", depth=8), ig.SEEDS, (0,), plain_choice_seeds=ig.SEEDS)
+    [row] = imf.comparison_rows([("r", case)])
+    assert 0 < case["clipped"]["clip_fraction"] < 0.01 and row[3] == f"{100 * case['clipped']['clip_fraction']:.1f}% (rare)"
+
+
 def test_the_tables_standing_verdicts_recounted_with_numpy(lines):
     # 4.4's rule, recomputed from the raw lines: clipping is better when its mean test accuracy exceeds the unclipped
     # one's by more than the larger sample std (or only the unclipped side has a diverged seed); a rescue when some
