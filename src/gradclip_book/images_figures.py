@@ -555,6 +555,37 @@ def layer_story(config: ImageConfig, steps: int | None = None) -> dict[str, Any]
             "loss": result.loss}
 
 
+# --- the threshold recipe against the grid's thresholds (section 4.7) ------------------------------------------
+
+
+def recipe_check(base: ImageConfig, tried: Sequence[ImageConfig], seed: int = 0) -> dict[str, Any]:
+    """The threshold recipe's runs ``tried`` (one per learning rate, :func:`gradclip_book.images_grid.recipe_points`)
+    against the best global-norm setting of the grid's thresholds (:func:`clipped` of ``base``), both chosen on
+    validation accuracy at ``seed`` (the book's rule, one seed).
+
+    Returns ``{"recipe", "grid", "dropping"`` (the configs chosen; ``"dropping"``: the recipe's choice among the learning
+    rates whose unclipped probe finished only, as step 1 once ruled), ``"diverged_lrs"`` (where the unclipped
+    probe diverged), ``"val"`` and ``"test"`` (each choice's accuracy; 0 for a diverged run), ``"gap"`` and
+    ``"gap_dropping"`` (grid minus recipe, validation), ``"clip_fraction"`` (of the recipe's choice)}``.
+    """
+    base = replace(base, seed=0)
+    probes = {lr: ig.probe_norms(images.stored(replace(base, lr=lr, seed=seed))) for lr in ig.LRS}
+    diverged = [lr for lr, norms in probes.items() if norms is None]
+    tried = [replace(c, seed=0) for c in tried]
+    kept = [c for c in tried if c.lr not in diverged]
+    chosen = {"recipe": choose(tried, (seed,)).best.setting, "grid": choose(clipped(base), (seed,)).best.setting,
+              "dropping": choose(kept, (seed,)).best.setting if kept else None}
+
+    def metric(config: ImageConfig | None, name: str) -> float:
+        line = None if config is None else images.stored(replace(config, seed=seed))
+        return 0.0 if line is None or line["diverged_at"] is not None else float(line["metrics"][name])
+
+    val = {k: metric(c, "val_accuracy") for k, c in chosen.items()}
+    return {**chosen, "diverged_lrs": diverged, "val": val, "test": {k: metric(c, "test_accuracy") for k, c in chosen.items()},
+            "gap": val["grid"] - val["recipe"], "gap_dropping": val["grid"] - val["dropping"],
+            "clip_fraction": float(images.stored(replace(chosen["recipe"], seed=seed))["clip_fraction"])}
+
+
 # --- tables and figures of the comparisons ----------------------------------------------------------------------
 
 

@@ -226,10 +226,36 @@ def test_budget_runs_are_the_validation_choices_with_four_times_the_steps(lines)
 
 
 def test_recipe_thresholds_come_from_the_unclipped_probe(lines):
-    for section, config in ig.recipe_points(lines)[:5]:
-        probe = images.stored(replace(config, method="none", threshold=None))
-        norms = [float(n) for n in probe["curve"]["grad_norm"][:harness.recipe.PROBE_STEPS]]
-        assert config.threshold == harness.recommend_threshold(norms)
+    # every learning rate of the scan gets a run: at its own probe's 90th percentile where the unclipped probe lasted
+    # its 50 steps, else at the threshold of the largest lower learning rate whose probe did
+    import numpy as np
+
+    probe_steps = harness.recipe.PROBE_STEPS
+    points = ig.recipe_points(lines) + ig.recipe_points(lines, ig.RECIPE_SEEDS, [ig.RECIPE_NET])
+    nets = {(c.model, c.depth, c.seed) for _, c in points}
+    assert len(nets) == 12 + len(ig.RECIPE_SEEDS) and all(s == "recipe" for s, _ in points)
+    carried = 0
+    for model, depth, seed in nets:
+        ours = {c.lr: c.threshold for _, c in points if (c.model, c.depth, c.seed) == (model, depth, seed)}
+        last = None
+        for lr in ig.LRS:
+            line = images.stored(ImageConfig(model=model, depth=depth, lr=lr, seed=seed))
+            if line["diverged_at"] is None or line["diverged_at"] >= probe_steps:
+                norms = np.array(line["curve"]["grad_norm"][:probe_steps], dtype=float)
+                last = float(f"{np.quantile(norms, 0.9):.3g}")
+            else:
+                carried += last is not None
+            assert ours.get(lr) == last, (model, depth, seed, lr)
+    assert carried >= 3                                                   # the rule is exercised at seed 0 already
+
+
+def test_thresholds_by_lr_keeps_a_diverged_learning_rate_at_the_last_threshold():
+    from gradclip_book.harness import recipe
+
+    probes = {0.3: None, 0.001: None, 0.01: [1.0] * 9 + [11.0], 0.1: [2.0] * 10}
+    assert recipe.thresholds_by_lr(probes) == {0.01: recipe.recommend_threshold(probes[0.01]), 0.1: 2.0, 0.3: 2.0}
+    with pytest.raises(ValueError, match="non-finite"):
+        recipe.thresholds_by_lr({0.1: [1.0, float("nan")]})
 
 
 def test_explorer_frames_are_the_stored_runs(lines):
