@@ -555,6 +555,37 @@ def layer_story(config: ImageConfig, steps: int | None = None) -> dict[str, Any]
             "loss": result.loss}
 
 
+# --- the threshold recipe against the grid's thresholds (section 4.7) ------------------------------------------
+
+
+def recipe_check(base: ImageConfig, tried: Sequence[ImageConfig], seed: int = 0) -> dict[str, Any]:
+    """The threshold recipe's runs ``tried`` (one per learning rate, :func:`gradclip_book.images_grid.recipe_points`)
+    against the best global-norm setting of the grid's thresholds (:func:`clipped` of ``base``), both chosen on
+    validation accuracy at ``seed`` (the book's rule, one seed).
+
+    Returns ``{"recipe", "grid", "dropping"`` (the configs chosen; ``"dropping"``: the recipe's choice among the learning
+    rates whose unclipped probe finished only, as step 1 once ruled), ``"diverged_lrs"`` (where the unclipped
+    probe diverged), ``"val"`` and ``"test"`` (each choice's accuracy; 0 for a diverged run), ``"gap"`` and
+    ``"gap_dropping"`` (grid minus recipe, validation), ``"clip_fraction"`` (of the recipe's choice)}``.
+    """
+    base = replace(base, seed=0)
+    probes = {lr: ig.probe_norms(images.stored(replace(base, lr=lr, seed=seed))) for lr in ig.LRS}
+    diverged = [lr for lr, norms in probes.items() if norms is None]
+    tried = [replace(c, seed=0) for c in tried]
+    kept = [c for c in tried if c.lr not in diverged]
+    chosen = {"recipe": choose(tried, (seed,)).best.setting, "grid": choose(clipped(base), (seed,)).best.setting,
+              "dropping": choose(kept, (seed,)).best.setting if kept else None}
+
+    def metric(config: ImageConfig | None, name: str) -> float:
+        line = None if config is None else images.stored(replace(config, seed=seed))
+        return 0.0 if line is None or line["diverged_at"] is not None else float(line["metrics"][name])
+
+    val = {k: metric(c, "val_accuracy") for k, c in chosen.items()}
+    return {**chosen, "diverged_lrs": diverged, "val": val, "test": {k: metric(c, "test_accuracy") for k, c in chosen.items()},
+            "gap": val["grid"] - val["recipe"], "gap_dropping": val["grid"] - val["dropping"],
+            "clip_fraction": float(images.stored(replace(chosen["recipe"], seed=seed))["clip_fraction"])}
+
+
 # --- tables and figures of the comparisons ----------------------------------------------------------------------
 
 
@@ -574,23 +605,53 @@ def _verdict(case: dict[str, Any]) -> str:
     return _VERDICT_WORDS[case["verdict"]] + (" (rescue)" if case["rescue"] else "")
 
 
+NEVER_FIRED = " (never fired)"
+"""The mark of a clipped cell whose threshold clipped no step at any of its seeds (:func:`comparison_rows`)."""
+
+
+def never_fired(summary: dict[str, Any]) -> bool:
+    """Whether a clipped summary's threshold clipped no step at any of its seeds (its runs are then the unclipped runs
+    at the same learning rate)."""
+    return all(float(line["clip_fraction"]) == 0 for line in summary["lines"])
+
+
+def clipped_share_words(summary: dict[str, Any]) -> str:
+    """The table's "steps clipped" cell: the mean share of clipped steps over the seeds and its regime (most, some,
+    rare), ``"0% (never fired)"`` when no step of any seed was clipped, and one decimal below 1%.
+
+    Example:
+        >>> [clipped_share_words({"clip_fraction": f, "lines": [{"clip_fraction": f}]}) for f in (0.98, 0.19, 0.002, 0.0)]
+        ['98% (most)', '19% (some)', '0.2% (rare)', '0% (never fired)']
+    """
+    fraction = float(summary["clip_fraction"])
+    if never_fired(summary):
+        return "0% (never fired)"
+    share = f"{100 * fraction:.1f}%" if fraction < 0.01 else f"{100 * fraction:.0f}%"
+    return f"{share} ({regime(fraction).split()[0]})"
+
+
 def comparison_rows(cases: Sequence[tuple[str, dict[str, Any]]],
                     again: dict[str, Sequence[dict[str, Any]]] | None = None) -> list[list[str]]:
     """Table rows for :func:`clip_or_lower` results: case, best unclipped, best clipped, share clipped, verdict.
 
     With ``again`` (case name -> one :func:`replicated` result per group of other seeds), each setting's cell adds
     its test accuracy at each group and the verdict cell reads ``"<first seeds>; <each other group> → <the verdict
-    that stands>"`` (:func:`standing`)."""
+    that stands>"`` (:func:`standing`).
+
+    A clipped group whose threshold fired at no step of any seed is marked :data:`NEVER_FIRED`: its runs are the
+    unclipped runs at its learning rate (equal to the unclipped cell where both chose that rate)."""
     rows = []
     for name, c in cases:
         p, k = c["plain"], c["clipped"]
-        cells = [f"{_setting(p['config'])}: {mean_std(p['test'])}", f"{_setting(k['config'])}: {mean_std(k['test'])}"]
+        groups = [] if again is None else list(again[name])
+        marks = [NEVER_FIRED if never_fired(g["clipped"]) else "" for g in [c, *groups]]
+        cells = [f"{_setting(p['config'])}: {mean_std(p['test'])}",
+                 f"{_setting(k['config'])}: {mean_std(k['test'])}{marks[0]}"]
         if again is not None:
-            groups = list(again[name])
-            cells = ["; ".join([cell] + [mean_std(g[part]["test"]) for g in groups])
+            cells = ["; ".join([cell] + [mean_std(g[part]["test"]) + (mark if part == "clipped" else "")
+                                         for g, mark in zip(groups, marks[1:])])
                      for cell, part in zip(cells, ("plain", "clipped"))]
-        rows.append([name, *cells,
-                     f"{100 * k['clip_fraction']:.0f}% ({k['clip_fraction'] > 0.5 and 'most' or regime(k['clip_fraction']).split()[0]})",
+        rows.append([name, *cells, clipped_share_words(k),
                      _verdict(c) if again is None else
                      "; ".join([_verdict(c)] + [_verdict(g) for g in groups]) + f" → {_verdict(standing(c, *groups))}"])
     return rows

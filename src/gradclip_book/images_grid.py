@@ -28,8 +28,8 @@ from . import harness
 from .images import GRID_FILE, MODELS, ImageConfig, code_version, load, record
 
 __all__ = [
-    "ADAMW_LRS", "BUDGET_STEPS", "DEPTHS", "HARD", "HEADLINE", "LRS", "METHOD_LRS", "METHOD_THRESHOLDS", "SECOND_REPLICATION_SEEDS", "SEEDS",
-    "THRESHOLDS", "UNSEEN_SEED_GROUPS", "WARMUP", "budget_points", "grid_points", "main", "phase_one", "phase_two", "recipe_points", "replication_points",
+    "ADAMW_LRS", "BUDGET_STEPS", "DEPTHS", "HARD", "HEADLINE", "LRS", "METHOD_LRS", "METHOD_THRESHOLDS", "RECIPE_NET", "RECIPE_SEEDS", "SECOND_REPLICATION_SEEDS", "SEEDS",
+    "THRESHOLDS", "UNSEEN_SEED_GROUPS", "WARMUP", "budget_points", "grid_points", "main", "phase_one", "phase_two", "probe_norms", "recipe_points", "replication_points",
     "table_settings",
 ]
 
@@ -168,28 +168,42 @@ def phase_two(lines: Sequence[dict[str, Any]]) -> list[tuple[str, ImageConfig]]:
     return [(section, replace(c, seed=s)) for section, c in chosen for s in SEEDS[1:]]
 
 
-def recipe_points(lines: Sequence[dict[str, Any]]) -> list[tuple[str, ImageConfig]]:
-    """The threshold recipe (:mod:`gradclip_book.harness.recipe`) applied at every (network, depth, learning rate)
-    of the explorer: the threshold from the first :data:`~gradclip_book.harness.recipe.PROBE_STEPS` norms of the
-    stored unclipped seed-0 run (stored step by step), run at that learning rate with that threshold, seed 0
-    (``recipe``). A learning rate whose unclipped probe diverged gets no run (the recipe lowers it)."""
+def recipe_points(lines: Sequence[dict[str, Any]], seeds: Sequence[int] = (0,),
+                  nets: Sequence[tuple[str, int]] | None = None) -> list[tuple[str, ImageConfig]]:
+    """The threshold recipe (:mod:`gradclip_book.harness.recipe`) applied at every learning rate of the explorer
+    (``recipe``), for every network and depth (``nets``: ``(model, depth)`` pairs, default all) at each of ``seeds``
+    (default seed 0): the probe is the first :data:`~gradclip_book.harness.recipe.PROBE_STEPS` steps of the stored
+    unclipped run (stored step by step), the threshold is :func:`gradclip_book.harness.recipe.thresholds_by_lr` of
+    the probes (a learning rate whose probe diverged is clipped at the threshold of the largest lower one whose probe
+    did not), and each learning rate is run with its threshold. A network whose unclipped runs are not all stored at a
+    seed gets no runs there."""
+    from .harness import recipe
+
+    nets = [(m, d) for m in MODELS for d in DEPTHS] if nets is None else nets
     by_key = {line["key"]: line for line in lines}
     points = []
-    for model in MODELS:
-        for depth in DEPTHS:
-            for lr in LRS:
-                line = by_key.get(harness.config_key(ImageConfig(model=model, depth=depth, lr=lr)))
-                if line is None:
-                    continue
-                threshold = recipe_threshold(line)
-                if threshold is not None:
-                    points.append(("recipe", ImageConfig(model=model, depth=depth, lr=lr, method="norm",
-                                                         threshold=threshold)))
+    for seed in seeds:
+        for model, depth in nets:
+            base = ImageConfig(model=model, depth=depth, seed=seed)
+            found = {lr: by_key.get(harness.config_key(replace(base, lr=lr))) for lr in LRS}
+            if None in found.values():
+                continue
+            thresholds = recipe.thresholds_by_lr({lr: probe_norms(line) for lr, line in found.items()})
+            points += [("recipe", replace(base, lr=lr, method="norm", threshold=t)) for lr, t in thresholds.items()]
     return points
 
 
-def recipe_threshold(line: dict[str, Any]) -> float | None:
-    """The recipe's threshold from a stored unclipped run's first norms, or ``None`` if the probe diverged."""
+RECIPE_SEEDS = (3, 1, 2, 4)
+"""The other seeds at which the recipe runs on :data:`RECIPE_NET` (the grid has all its thresholds there too), so
+that chapter 4.7 measures it over :data:`SEEDS` on the network whose unclipped probes diverge (seed 3 first: there
+the probe diverges from the third learning rate of the scan up)."""
+RECIPE_NET = ("residual", 16)
+"""The network of :data:`RECIPE_SEEDS`: the residual CNN without normalisation at depth 16."""
+
+
+def probe_norms(line: dict[str, Any]) -> list[float] | None:
+    """The recipe's probe read off a stored unclipped run: its first
+    :data:`~gradclip_book.harness.recipe.PROBE_STEPS` gradient norms, or ``None`` if it diverged within them."""
     from .harness import recipe
 
     probe = recipe.PROBE_STEPS
@@ -198,7 +212,7 @@ def recipe_threshold(line: dict[str, Any]) -> float | None:
     steps = line["curve"]["step"][:probe]
     if steps != list(range(len(steps))):
         raise ValueError("the stored curve does not hold the probe's steps one by one")
-    return recipe.recommend_threshold([float(n) for n in line["curve"]["grad_norm"][:probe]], probe)
+    return [float(n) for n in line["curve"]["grad_norm"][:probe]]
 
 
 REPLICATION_SEEDS = (5, 6, 7, 8, 9)
@@ -217,7 +231,9 @@ def replication_points(lines: Sequence[dict[str, Any]]) -> list[tuple[str, Image
     AdamW at its best learning rate, without clipping and at max_norm 1; and both settings of every row of chapter
     4.4's table (:func:`table_settings`: every network and depth, those of the residual CNN included above). The
     table's settings are then re-run at :data:`SECOND_REPLICATION_SEEDS` as well (listed last: the runs stored before
-    this group was added keep their order). Empty until the runs they are chosen from are stored."""
+    this group was added keep their order), and then AdamW's two settings at :data:`SECOND_REPLICATION_SEEDS` (so that
+section 4.8 judges AdamW on the same three groups of seeds as 4.4's table). Empty until the runs they are chosen from
+are stored."""
     by_key = {line["key"]: line for line in lines}
 
     def clip_fraction(config: ImageConfig) -> float | None:
@@ -244,8 +260,10 @@ def replication_points(lines: Sequence[dict[str, Any]]) -> list[tuple[str, Image
     # the verdicts' settings first, then the table's rows: the order of the runs stored before the rows were added
     rows = list(dict.fromkeys(c for pair in table.values() for c in pair))
     unique = list(dict.fromkeys(chosen + rows))
+    adamw_settings = chosen[-2:]   # AdamW without clipping and at max_norm 1 (section 4.8), added last at seeds 10-14
     return ([("replicate", replace(c, seed=s)) for c in unique for s in REPLICATION_SEEDS]
-            + [("replicate", replace(c, seed=s)) for c in rows for s in SECOND_REPLICATION_SEEDS])
+            + [("replicate", replace(c, seed=s)) for c in rows for s in SECOND_REPLICATION_SEEDS]
+            + [("replicate", replace(c, seed=s)) for c in adamw_settings for s in SECOND_REPLICATION_SEEDS])
 
 
 def table_settings(lines: Sequence[dict[str, Any]]) -> dict[tuple[str, int], tuple[ImageConfig, ImageConfig]] | None:
@@ -278,11 +296,11 @@ def table_settings(lines: Sequence[dict[str, Any]]) -> dict[tuple[str, int], tup
 
 def grid_points(lines: Sequence[dict[str, Any]] | None = None) -> list[tuple[str, ImageConfig]]:
     """The chapter's precomputed runs as ``(section, config)`` pairs: :func:`phase_one`, then :func:`phase_two`,
-    :func:`recipe_points`, :func:`budget_points` and :func:`replication_points` chosen from the stored runs
-    (``lines``, default: the grid file)."""
+    :func:`recipe_points` (seed 0), :func:`budget_points`, :func:`replication_points` and :func:`recipe_points` of
+    :data:`RECIPE_NET` at :data:`RECIPE_SEEDS`, chosen from the stored runs (``lines``, default: the grid file)."""
     lines = load() if lines is None else lines
     return (phase_one() + phase_two(lines) + recipe_points(lines) + budget_points(lines)
-            + replication_points(lines))
+            + replication_points(lines) + recipe_points(lines, RECIPE_SEEDS, [RECIPE_NET]))
 
 
 

@@ -2,7 +2,10 @@ r"""The book's threshold recipe: a global-norm threshold from a short unclipped 
 
 1. Train ``probe_steps`` steps **without clipping** at the learning rate you intend to use and log the global
    gradient norm of every step (:attr:`gradclip_book.harness.Run.grad_norm`). If the probe diverges, that
-   learning rate is too large: lower it and probe again.
+   learning rate is too large *without clipping*, which is not a reason to rule it out *with* clipping: probe at a
+   lower learning rate, and clip the intended one at the threshold read off the largest lower learning rate whose
+   probe did not diverge (:func:`thresholds_by_lr`). An older rule dropped such a learning rate; chapter 4.7 measures
+   both, on the network whose probes diverge, at five seeds.
 2. Set the threshold at the ``q``-quantile of those norms (:func:`recommend_threshold`; the Deep Learning Tuning
    Playbook's 90th percentile, computed by :func:`gradclip.suggest_threshold`).
 3. Train with clipping at that threshold and watch the share of clipped steps
@@ -18,15 +21,17 @@ Example:
     3.7
     >>> recipe_verdict(0.62), recipe_verdict(0.08)
     ('lower the learning rate', 'keep')
+    >>> thresholds_by_lr({0.01: [1.0, 2.0], 0.1: [3.0, 4.0], 1.0: None}, probe_steps=2)
+    {0.01: 1.9, 0.1: 3.9, 1.0: 3.9}
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import gradclip
 
-__all__ = ["PROBE_STEPS", "QUANTILE", "recipe_verdict", "recommend_threshold"]
+__all__ = ["PROBE_STEPS", "QUANTILE", "recipe_verdict", "recommend_threshold", "thresholds_by_lr"]
 
 PROBE_STEPS = 50
 """Unclipped steps the recipe looks at (a quarter of chapter 4's runs)."""
@@ -65,3 +70,36 @@ def recipe_verdict(clip_fraction: float, limit: float = LOWER_LR_ABOVE) -> str:
         ('keep', 'lower the learning rate')
     """
     return "lower the learning rate" if bool(gradclip.should_lower_lr(clip_fraction, limit)) else "keep"
+
+
+def thresholds_by_lr(probes: Mapping[float, Sequence[float] | None], probe_steps: int = PROBE_STEPS,
+                     q: float = QUANTILE) -> dict[float, float]:
+    """Steps 1 and 2 over a scan of learning rates: the threshold the recipe clips each learning rate at.
+
+    Args:
+        probes: per learning rate, the unclipped probe's global gradient norms, or ``None`` where the probe diverged
+            within ``probe_steps`` steps.
+        probe_steps, q: as in :func:`recommend_threshold`.
+
+    Returns:
+        ``{lr: max_norm}`` in increasing ``lr``: a learning rate whose probe finished gets :func:`recommend_threshold`
+        of its own norms; one whose probe diverged gets the threshold of the largest lower learning rate whose probe
+        finished (its norms are the nearest the recipe has seen without divergence). A learning rate below every
+        finished probe gets none.
+
+    Raises:
+        ValueError: as :func:`recommend_threshold`, for a probe given as finished.
+
+    Example:
+        >>> thresholds_by_lr({0.3: None, 0.03: [1.0, 1.0, 5.0], 0.1: None}, probe_steps=3, q=0.5)
+        {0.03: 1.0, 0.1: 1.0, 0.3: 1.0}
+    """
+    out: dict[float, float] = {}
+    last: float | None = None
+    for lr in sorted(probes):
+        norms = probes[lr]
+        if norms is not None:
+            last = recommend_threshold(norms, probe_steps, q)
+        if last is not None:
+            out[lr] = last
+    return out
