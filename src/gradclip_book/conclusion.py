@@ -908,7 +908,8 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
         Row("Choosing the threshold (any network)",
             f"The recipe: train {rc['probe_steps']} steps unclipped at your learning rate, set max_norm at the "
             f"{100 * rc['quantile']:.0f}th percentile of their gradient norms (gradclip.suggest_threshold), "
-            f"then watch the share of clipped steps; lower the lr if the probe diverges",
+            f"then watch the share of clipped steps; if the probe diverges at your learning rate, clip it at the "
+            f"threshold of the largest lower learning rate whose probe finished",
             f"On all {rc['networks']} networks and depths of chapter 4, the recipe's choice came within "
             f"{100 * rc['median_gap']:.1f} points of validation accuracy of the best of the grid's thresholds "
             f"(median; at most {100 * rc['max_gap']:.1f} points worse, and up to {100 * -min(rc['gaps']):.1f} points "
