@@ -252,8 +252,8 @@ class AdaGC(Clipper):
                 "order on every call, those without a gradient included (e.g. list(model.parameters()), made once).")
 
     def _clip(self, checked: _validate.Checked, grad_scale: torch.Tensor | float | None,
-              count: StepCount | None) -> tuple[AdaGCResult, StepCount, torch.Tensor]:
-        """Each gradient's norm, its factor, the scaling: ``(result, the count read, whether the call counts)``."""
+              count: StepCount | None) -> tuple[AdaGCResult, torch.device, torch.Tensor]:
+        """Each gradient's norm, its factor, the scaling: ``(result, device, whether the call counts)``."""
         params = _validate.distinct(checked.items)
         positions = [i for i, p in enumerate(params) if p.grad is not None]
         grads = _validate.grads_of(params)
@@ -277,7 +277,7 @@ class AdaGC(Clipper):
             scale_each_(group, factors.index_select(0, where), self.foreach)
         out = _norms.output_dtype([g.dtype for g in grads])
         result = AdaGCResult(norm=total.to(out), norms=wide.to(out), scales=factors.to(out))
-        return result, count, torch.isfinite(total)
+        return result, device, torch.isfinite(total)
 
     def _update(self, norms: torch.Tensor, total: torch.Tensor, positions: list[int], count: int,
                 device: torch.device, warm: torch.Tensor) -> torch.Tensor:

@@ -296,15 +296,15 @@ class Clipper:
             return StepCount(True, self._device_count(device))
         return StepCount(False, self.steps)
 
-    def _count_call(self, count: StepCount, counted: torch.Tensor) -> None:
-        """Advance the call count by ``counted`` (a 0-dim bool tensor on the norm's device: False for a non-finite norm).
+    def _count_call(self, device: torch.device, counted: torch.Tensor, on_device: bool) -> None:
+        """Advance the call count by ``counted`` (a 0-dim bool tensor: False for a non-finite norm).
 
-        ``count``: the count the call's rule read. On the device always; on the host too where
-        reading ``counted`` is free (``count.on_device`` False: the CPU, outside compilation);
-        elsewhere the host count goes stale until ``steps`` is read.
+        On the device always; on the host too where reading ``counted`` is free (``on_device``
+        False: the CPU, outside compilation); elsewhere the host count goes stale until ``steps``
+        is read.
         """
-        counter = self._device_count(counted.device)
-        if count.on_device:
+        counter = self._device_count(device)
+        if on_device:
             self._steps_stale = True
         elif bool(counted):
             self._steps = self.steps + 1  # (first catching up with calls made under compile)
@@ -363,11 +363,11 @@ class Clipper:
         if not compiling:  # version counters are not traceable: see the class docstring
             self._check_not_twice(grads)
         count = self._count_for(grads[0].device) if grads else None
-        result, count, counted = self._clip(checked, grad_scale, count)
+        result, device, counted = self._clip(checked, grad_scale, count)
         if not compiling:
             self._last_grads = [weakref.ref(g) for g in grads]
             self._last_versions = [g._version for g in grads]
-        self._count_call(count, counted)
+        self._count_call(device, counted, self._on_device(device))
         self.last_result = result
         return result
 
@@ -394,12 +394,10 @@ class Clipper:
         return optimizer
 
     def _clip(self, checked: _validate.Checked, grad_scale: torch.Tensor | float | None,
-              count: StepCount | None) -> tuple[Any, StepCount, torch.Tensor]:
-        """Group, norm, rule and scale: ``(result, the count the rule read, whether the call counts)``.
+              count: StepCount | None) -> tuple[Any, torch.device, torch.Tensor]:
+        """Group, norm, rule and scale: ``(result, the norm's device, whether the call counts)``.
 
-        ``count``: the earlier calls, for the first gradient's device (``None`` without gradients);
-        re-read for the norm's device where that differs. The last element is a 0-dim bool tensor on
-        the norm's device.
+        ``count``: the earlier calls, for the first gradient's device (``None`` without gradients).
         """
         plan = _groups.plan_for(checked, self.foreach)
         total = norms.total_norm(plan, self._p, self.foreach, process_group=self.process_group,
@@ -409,7 +407,7 @@ class Clipper:
         device = total.norm.device
         if count is None or (count.on_device and count.value.device != device):
             count = self._count_for(device)
-        return self._step(plan, total.norm, total.wide, count), count, torch.isfinite(total.wide)
+        return self._step(plan, total.norm, total.wide, count), device, torch.isfinite(total.wide)
 
     def _check_unscaled(self, optimizer: torch.optim.Optimizer | None) -> None:
         scaler = self.scaler

@@ -4,10 +4,8 @@ models.
 A guard's work is of two kinds. Some of it is paid once per call whatever the model (a host read of a number, a
 few kernel launches, Python), and dominates on a network whose step takes a fraction of a millisecond. The rest
 grows with the number of parameters P (a norm reads every gradient, SpikeGuard keeps a copy of the weights and the
-momentum, rollback copies the whole state every few steps), while a training step's work grows with
-P x batch x positions. So the share a guard takes should fall from the small MLP to a convolutional network that
-reuses each weight at many pixels, and stay what the P-proportional part makes it on a network with millions of
-parameters. This module measures it, with chapter 5.1's machinery (:mod:`gradclip_book.step_costs`: its cases, its
+momentum, rollback copies the whole state every few steps), while a training step's work also grows with the
+examples and positions per step. This module measures the share each guard takes on networks of different sizes, with chapter 5.1's machinery (:mod:`gradclip_book.step_costs`: its cases, its
 optimizers and learning rate, its clock): for each case of :data:`CASES` it trains, calls interleaved in one
 process (:func:`gradclip_book.timing.interleaved`, medians, one thread), :data:`~gradclip_book.safety.EVERY` steps
 per timed call (one rollback period) under every guard of :data:`gradclip_book.safety.GUARDS`, each guard on its own
@@ -44,7 +42,7 @@ from . import safety, step_costs
 from .timing import interleaved
 
 __all__ = ["CASES", "COMMAND", "CONTROL", "GUARD_NAMES", "RESULTS_FILE", "dearer", "load", "main", "measure",
-           "measure_case", "noise"]
+           "measure_case", "noise", "ratios", "relative"]
 
 RESULTS_FILE = Path(__file__).resolve().parents[2] / "chapters" / "data" / "guard_costs.json"
 COMMAND = "python -m gradclip_book.guard_costs"
@@ -169,24 +167,43 @@ def load(path: str | Path = RESULTS_FILE) -> dict[str, Any]:
         raise FileNotFoundError(f"no stored guard costs at {path}; measure them with `{COMMAND}`") from None
 
 
-def noise(case: dict[str, Any]) -> float:
-    """The timing noise of one stored case: over its rounds, the largest of the control's distance from 1 and a
-    guard's shortfall below 1 (a guard only adds work, so a ratio below 1 is noise). Differences below it are not
-    resolved.
+def relative(timed_round: dict[str, Any]) -> dict[str, float]:
+    """One stored round's times as multiples of a plain step, the plain step being the mean of its two unguarded
+    copies (``"none"`` and :data:`CONTROL`, timed in the same round): dividing by one copy alone carries that copy's
+    own error into every ratio.
 
     Example:
-        >>> round(noise({"rounds": [{"ratio": {**dict.fromkeys(GUARD_NAMES, 1.2), CONTROL: 1.05}}]}), 2)
+        >>> relative({"ms": {**dict.fromkeys(GUARD_NAMES, 3.0), "none": 2.1, CONTROL: 1.9}})["spike"]
+        1.5
+    """
+    plain = (timed_round["ms"]["none"] + timed_round["ms"][CONTROL]) / 2
+    return {name: ms / plain for name, ms in timed_round["ms"].items()}
+
+
+def ratios(case: dict[str, Any]) -> dict[str, list[float]]:
+    """Per guard (and the two plain copies), its :func:`relative` time in each round of a stored case."""
+    return {name: [relative(r)[name] for r in case["rounds"]] for name in GUARD_NAMES}
+
+
+def noise(case: dict[str, Any]) -> float:
+    """The timing noise of one stored case: over its rounds, the largest of either plain copy's distance from their
+    mean and a guard's shortfall below it (a guard only adds work, so a time below a plain step's is noise).
+    Differences below it are not resolved.
+
+    Example:
+        >>> round(noise({"rounds": [{"ms": {**dict.fromkeys(GUARD_NAMES, 1.2), "none": 1.05, CONTROL: 0.95}}]}), 2)
         0.05
     """
-    guards = [g for g in safety.GUARDS if g != "none"]
-    return max(max(abs(r["ratio"][CONTROL] - 1), *(1 - r["ratio"][g] for g in guards)) for r in case["rounds"])
+    by_round = ratios(case)  # the two copies lie equally far on either side of their mean: one of them tells
+    return max(max(abs(by_round["none"][i] - 1), *(1 - by_round[g][i] for g in GUARD_NAMES[1:-1]))
+               for i in range(len(case["rounds"])))
 
 
 def dearer(case: dict[str, Any]) -> list[str]:
-    """The guards of one stored case that made a step dearer than a plain one in every round by more than
-    :func:`noise` (in the order of :data:`gradclip_book.safety.GUARDS`)."""
-    bar = 1 + noise(case)
-    return [g for g in safety.GUARDS if g != "none" and all(r["ratio"][g] > bar for r in case["rounds"])]
+    """The guards of one stored case that made a step dearer than a plain one (:func:`relative`) in every round by
+    more than :func:`noise` (in the order of :data:`gradclip_book.safety.GUARDS`)."""
+    bar, by_round = 1 + noise(case), ratios(case)
+    return [g for g in GUARD_NAMES[1:-1] if all(x > bar for x in by_round[g])]
 
 
 def main(argv: list[str] | None = None) -> None:
