@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -85,16 +84,14 @@ def summary(stored: dict[str, Any]) -> dict[int, dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m gradclip_book.block_growth [--out PATH]``: compute and store."""
-    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=FILE, help=f"the file to write (default {FILE})")
-    args = parser.parse_args(argv)
-    result = compute()
-    args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    for seed, s in summary(result).items():
-        print(f"seed {seed}: per-block gain {min(s['gains']):.2f} to {max(s['gains']):.2f}, growth {s['growth']:.1f}x "
-              f"over {s['blocks']} blocks (BatchNorm {s['growth_bn']:.2f}x), logits {s['logit_ratio']:.2f}x BatchNorm's")
-    print(f"written to {args.out}")
+    from .harness.grid import store_json_command
 
+    def report(result: dict[str, Any]) -> list[str]:
+        return [f"seed {seed}: per-block gain {min(s['gains']):.2f} to {max(s['gains']):.2f}, "
+                f"growth {s['growth']:.1f}x over {s['blocks']} blocks (BatchNorm {s['growth_bn']:.2f}x), "
+                f"logits {s['logit_ratio']:.2f}x BatchNorm's" for seed, s in summary(result).items()]
+
+    store_json_command(argv, COMMAND, __doc__.split("\n\n")[0], FILE, compute, report)
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -66,15 +65,13 @@ def ratios(stored: dict[str, Any], steps: int | None = None) -> dict[int, float]
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m gradclip_book.relu_norms [--out PATH]``: compute and store (under a minute on one core)."""
-    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=FILE, help=f"the file to write (default {FILE})")
-    args = parser.parse_args(argv)
-    result = compute()
-    args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    for seed, ratio in ratios(result).items():
-        print(f"seed {seed}: largest norm over {result['steps']} steps, ReLU / tanh = {ratio:.2f}")
-    print(f"written to {args.out}")
+    from .harness.grid import store_json_command
 
+    def report(result: dict[str, Any]) -> list[str]:
+        return [f"seed {seed}: largest norm over {result['steps']} steps, ReLU / tanh = {ratio:.2f}"
+                for seed, ratio in ratios(result).items()]
+
+    store_json_command(argv, COMMAND, __doc__.split("\n\n")[0], FILE, compute, report)
 
 if __name__ == "__main__":
     main()

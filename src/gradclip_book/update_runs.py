@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from dataclasses import asdict, replace
@@ -122,18 +121,16 @@ def summary(stored: dict[str, Any]) -> dict[int, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m gradclip_book.update_runs [--out PATH]``: compute and store (a few minutes on one core)."""
-    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=FILE, help=f"the file to write (default {FILE})")
-    args = parser.parse_args(argv)
-    result = compute()
-    args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    for seed, s in summary(result).items():
-        print(f"seed {seed}: SGD update / (lr c) median {s['sgd_median']:.2f}, max {s['sgd_max']:.2f}, above 1 on "
-              f"{s['sgd_above']} of {s['sgd_steps']} steps; AdamW median update / (lr sqrt P) {s['adam_none']:.3f} "
-              f"without, {s['adam_clip']:.3f} with clipping (ratio {s['adam_ratio']:.2f}, max {s['adam_max']:.2f}, "
-              f"clips {100 * s['adam_frac']:.0f}% of steps, median gradient scale {s['adam_scale']:.2f})")
-    print(f"written to {args.out}")
+    from .harness.grid import store_json_command
 
+    def report(result: dict[str, Any]) -> list[str]:
+        return [f"seed {seed}: SGD update / (lr c) median {s['sgd_median']:.2f}, max {s['sgd_max']:.2f}, above 1 on "
+                f"{s['sgd_above']} of {s['sgd_steps']} steps; AdamW median update / (lr sqrt P) {s['adam_none']:.3f} "
+                f"without, {s['adam_clip']:.3f} with clipping (ratio {s['adam_ratio']:.2f}, max {s['adam_max']:.2f}, "
+                f"clips {100 * s['adam_frac']:.0f}% of steps, median gradient scale {s['adam_scale']:.2f})"
+                for seed, s in summary(result).items()]
+
+    store_json_command(argv, COMMAND, __doc__.split("\n\n")[0], FILE, compute, report)
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import ast
 import gzip
 import hashlib
@@ -212,3 +213,31 @@ def spot_check(lines: Sequence[dict[str, Any]], run: Callable[[Any], dict], conf
 def _square(config: Any) -> dict[str, Any]:
     """The doctest's run: ``{"y": x ** 2}``."""
     return {"y": config.x ** 2}
+
+
+def store_json_command(argv: list[str] | None, prog: str, description: str, default_out: Path,
+                       compute: Callable[[], dict[str, Any]],
+                       report: Callable[[dict[str, Any]], Iterable[str]]) -> Path:
+    """The command line of the book's small precomputes (``python -m gradclip_book.<module> [--out PATH]``): run
+    ``compute()``, write its result to ``--out`` (default ``default_out``) as indented JSON, print the lines of
+    ``report(result)`` and where it was written; returns that path.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "x.json"
+        >>> _ = store_json_command(["--out", str(out)], "demo", "", out, lambda: {"a": 1},
+        ...                        lambda r: [f"a = {r['a']}"])  # doctest: +ELLIPSIS
+        a = 1
+        written to ...x.json
+        >>> out.read_text()
+        '{\\n "a": 1\\n}\\n'
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--out", type=Path, default=default_out, help=f"the file to write (default {default_out})")
+    args = parser.parse_args(argv)
+    result = compute()
+    args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    for line in report(result):
+        print(line)
+    print(f"written to {args.out}")
+    return args.out
