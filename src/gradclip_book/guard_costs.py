@@ -94,10 +94,11 @@ def _guarded(case: step_costs.Case, name: str, x: torch.Tensor, y: torch.Tensor,
 def measure_case(case: step_costs.Case, repeats: int, steps: int = safety.EVERY) -> dict[str, Any]:
     """Median ms per training step (this thread's CPU time) under each guard, calls of ``steps`` steps interleaved.
 
-    Returns ``{"name", "label", "parameters", "tensors", "batch", "positions", "optimizer", "step_ms" (no guard),
-    "ms": {guard: ms per step}, "ratio": {guard: ms / step_ms}, "extra_ns_per_value": {guard: (ms - step_ms) per
-    parameter, ns}, "not_stepped": {guard: steps of the timing (warm-up included) that did not run backward and the
-    update, or whose update a guard undid}}``; ``not_stepped`` must be all zero for the times to be training steps.
+    Returns ``{"name", "label", "parameters", "tensors", "batch", "positions", "optimizer", "step_ms" (a plain step:
+    the mean of the two unguarded copies, ``"none"`` and :data:`CONTROL`, as in :func:`relative`), "ms": {guard: ms
+    per step}, "ratio": {guard: ms / step_ms}, "extra_ns_per_value": {guard: (ms - step_ms) per parameter, ns},
+    "not_stepped": {guard: steps of the timing (warm-up included) that did not run backward and the update, or whose
+    update a guard undid}}``; ``not_stepped`` must be all zero for the times to be training steps.
     """
     x, y = case.build(torch.Generator().manual_seed(0))[1:3]
     runs = {name: _guarded(case, name, x, y, steps) for name in GUARD_NAMES}
@@ -106,7 +107,7 @@ def measure_case(case: step_costs.Case, repeats: int, steps: int = safety.EVERY)
     params = [p for p in model.parameters() if p.requires_grad]
     values = sum(p.numel() for p in params)
     ms = {name: times[name] / steps for name in GUARD_NAMES}
-    step_ms = ms["none"]
+    step_ms = _plain_ms(ms)
     return {"name": case.name, "label": case.label, "parameters": values, "tensors": len(params),
             "batch": case.batch, "positions": case.positions, "optimizer": case.optimizer, "step_ms": step_ms,
             "ms": ms, "ratio": {n: ms[n] / step_ms for n in GUARD_NAMES},
@@ -167,6 +168,10 @@ def load(path: str | Path = RESULTS_FILE) -> dict[str, Any]:
         raise FileNotFoundError(f"no stored guard costs at {path}; measure them with `{COMMAND}`") from None
 
 
+def _plain_ms(ms: dict[str, float]) -> float:
+    return (ms["none"] + ms[CONTROL]) / 2
+
+
 def relative(timed_round: dict[str, Any]) -> dict[str, float]:
     """One stored round's times as multiples of a plain step, the plain step being the mean of its two unguarded
     copies (``"none"`` and :data:`CONTROL`, timed in the same round): dividing by one copy alone carries that copy's
@@ -176,25 +181,26 @@ def relative(timed_round: dict[str, Any]) -> dict[str, float]:
         >>> relative({"ms": {**dict.fromkeys(GUARD_NAMES, 3.0), "none": 2.1, CONTROL: 1.9}})["spike"]
         1.5
     """
-    plain = (timed_round["ms"]["none"] + timed_round["ms"][CONTROL]) / 2
+    plain = _plain_ms(timed_round["ms"])
     return {name: ms / plain for name, ms in timed_round["ms"].items()}
 
 
 def ratios(case: dict[str, Any]) -> dict[str, list[float]]:
     """Per guard (and the two plain copies), its :func:`relative` time in each round of a stored case."""
-    return {name: [relative(r)[name] for r in case["rounds"]] for name in GUARD_NAMES}
+    per_round = [relative(r) for r in case["rounds"]]
+    return {name: [r[name] for r in per_round] for name in GUARD_NAMES}
 
 
-def noise(case: dict[str, Any]) -> float:
+def noise(case: dict[str, Any], by_round: dict[str, list[float]] | None = None) -> float:
     """The timing noise of one stored case: over its rounds, the largest of either plain copy's distance from their
     mean and a guard's shortfall below it (a guard only adds work, so a time below a plain step's is noise).
-    Differences below it are not resolved.
+    Differences below it are not resolved. ``by_round``: :func:`ratios` of ``case``, when already computed.
 
     Example:
         >>> round(noise({"rounds": [{"ms": {**dict.fromkeys(GUARD_NAMES, 1.2), "none": 1.05, CONTROL: 0.95}}]}), 2)
         0.05
     """
-    by_round = ratios(case)  # the two copies lie equally far on either side of their mean: one of them tells
+    by_round = by_round or ratios(case)  # the two copies lie equally far on either side of their mean: one of them tells
     return max(max(abs(by_round["none"][i] - 1), *(1 - by_round[g][i] for g in GUARD_NAMES[1:-1]))
                for i in range(len(case["rounds"])))
 
@@ -202,7 +208,8 @@ def noise(case: dict[str, Any]) -> float:
 def dearer(case: dict[str, Any]) -> list[str]:
     """The guards of one stored case that made a step dearer than a plain one (:func:`relative`) in every round by
     more than :func:`noise` (in the order of :data:`gradclip_book.safety.GUARDS`)."""
-    bar, by_round = 1 + noise(case), ratios(case)
+    by_round = ratios(case)
+    bar = 1 + noise(case, by_round)
     return [g for g in GUARD_NAMES[1:-1] if all(x > bar for x in by_round[g])]
 
 
