@@ -782,3 +782,40 @@ def test_attach_to_something_that_wraps_no_optimizer_says_what_to_pass():
             made.attach(Wrapper())
     with pytest.raises(TypeError, match=r"got int"):
         gradclip.ZClip().attach(3)
+
+
+# --- the CPU's eager steps (decided on the host) equal the steps accelerators and torch.compile run --------------
+
+EAGER_VS_TRACED = {
+    "ZClip": lambda: ZClip(warmup_steps=5),
+    "ZClip mean, no cap": lambda: ZClip(warmup_steps=5, clip_option="mean", max_grad_norm=None),
+    "ZClip percentile, skip on spike": lambda: ZClip(warmup_steps=5, mode="percentile",
+                                                              skip_update_on_spike=True),
+    "ZClip float32 state": lambda: ZClip(warmup_steps=5, dtype=torch.float32),
+    "AutoClip": lambda: AutoClip(percentile=10.0),
+    "AutoClip window, earlier norms": lambda: AutoClip(percentile=90.0, window=6, include_current=False),
+    "AutoClip float32 state": lambda: AutoClip(percentile=50.0, window=5, dtype=torch.float32),
+}
+
+
+@pytest.mark.parametrize("name", EAGER_VS_TRACED)
+def test_eager_cpu_steps_equal_the_traced_steps(name, monkeypatch):
+    # The CPU's eager path reads the norm on the host (free there) and computes the rule on Python floats; the
+    # traced path (every step on tensors, nothing read) is what accelerators and torch.compile run. Forced onto the
+    # CPU, both must give the same norms, thresholds, factors, gradients and counts, spikes and non-finite norms
+    # included.
+    norms = [0.5, 0.52, 0.48, 0.51, 0.49, 0.5, 3.0, 0.47, math.nan, 0.5, 40.0, math.inf, 0.53, 0.0, 0.5, 2.0, 0.51]
+    eager, traced = EAGER_VS_TRACED[name](), EAGER_VS_TRACED[name]()
+    monkeypatch.setattr(traced, "_on_device", lambda device: True)
+    for g in norms:
+        results = []
+        for clipper in (eager, traced):
+            w = torch.zeros(3, dtype=torch.float32, requires_grad=True)
+            w.grad = torch.tensor([g, 0.0, 0.0], dtype=torch.float32)
+            results.append((clipper([w]), w.grad.clone()))
+        (a, grad_a), (b, grad_b) = results
+        assert torch.equal(grad_a, grad_b) or (grad_a.isnan().any() and torch.equal(grad_a.isnan(), grad_b.isnan()))
+        for field in ("norm", "threshold", "scale"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert x.dtype == y.dtype and (torch.equal(x, y) or (x.isnan().all() and y.isnan().all())), (g, field, x, y)
+    assert eager.steps == traced.steps

@@ -151,3 +151,29 @@ def test_the_results_dtypes_do_not_change_when_the_warm_up_ends():
         r = clipper([p])
         dtypes.add((r.norm.dtype, r.threshold.dtype, r.scale.dtype))
     assert dtypes == {(torch.float32, torch.float64, torch.float32)}
+
+
+# --- the CPU's host step equals the tensor step (what accelerators and torch.compile run) to the last bit ----------
+
+_EDGE_FLOATS = [0.0, -0.0, 1e-300, 0.4, 0.5, 1.0, 2.5, 7.0, 1e300, math.inf, math.nan]
+_STEP_CONFIGS = CONFIGS + [{"eps": 0.0, "max_grad_norm": None}, {"eps": 0.0, "mode": "percentile"},
+                           {"eps": 0.0, "clip_option": "mean", "skip_update_on_spike": True}]
+
+
+def _bits(x: float) -> tuple[bool, float]:
+    return (True, 0.0) if math.isnan(x) else (False, math.copysign(1.0, x) * abs(x) if x else math.copysign(0.0, x))
+
+
+@pytest.mark.parametrize("config", _STEP_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "defaults")
+@settings(max_examples=60, deadline=None)
+@given(g=st.one_of(st.sampled_from(_EDGE_FLOATS), st.floats(0, 50)),
+       mean=st.one_of(st.sampled_from(_EDGE_FLOATS), st.floats(-1, 50)),
+       var=st.one_of(st.sampled_from(_EDGE_FLOATS + [-1.0]), st.floats(0, 50)))
+@example(g=0.5, mean=0.5, var=0.0).via("z = 0: a division by zero in the adaptive threshold")
+def test_host_ema_step_equals_the_tensor_step_bit_for_bit(config, g, mean, var):
+    clipper = ZClip(**config)
+    wide = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    on_tensors = [float(t) for t in clipper._ema_step(wide(g), wide(mean), wide(var))]
+    on_floats = clipper._ema_step_host(g, mean, var)
+    for a, b in zip(on_tensors, on_floats):
+        assert _bits(a) == _bits(b) and math.copysign(1.0, a) == math.copysign(1.0, b), (on_tensors, on_floats)

@@ -361,19 +361,24 @@ class AutoClip(Clipper):
             return self._traced_step(groups, norm, wide)
         self._catch_up()
         value = wide.to(self.dtype)
-        finite = bool(torch.isfinite(value))  # (on the CPU: free) a non-finite norm is not recorded
+        norm_value = wide.item()  # (on the CPU: free)
+        finite = math.isfinite(norm_value)  # a non-finite norm is not recorded
         if self.include_current and finite:
             self._record(value)
         threshold = (self._threshold() if len(self) else
-                     torch.tensor(math.inf, dtype=self.dtype, device=norm.device))
+                     torch.full((), math.inf, dtype=self.dtype, device=norm.device))
         if not self.include_current and finite:
             self._record(value)
         # unchanged unless the norm exceeds the threshold (with the current norm in the history the
         # threshold can equal it), and then scaled to exactly the threshold: torch's c / (g + 1e-6)
         # would shrink norms near 1e-6 far below c. NaN and inf norms give NaN and 0, as torch's.
-        scale = torch.where(wide <= threshold, torch.ones_like(wide), threshold / wide).to(norm.dtype)
-        scale_(groups, scale, self.foreach)
-        return ClipResult(norm=norm, threshold=threshold, scale=scale)
+        # On floats here (one IEEE division, as the traced step's tensors compute it), a factor of 1 multiplying
+        # nothing.
+        limit = float(threshold)  # (exact: a float32 or float64 state)
+        factor = 1.0 if norm_value <= limit else limit / norm_value
+        scale_(groups, factor, self.foreach)
+        return ClipResult(norm=norm, threshold=threshold,
+                          scale=torch.scalar_tensor(factor, dtype=norm.dtype, device=norm.device))
 
     # --- inside torch.compile --------------------------------------------------------------
 

@@ -15,6 +15,7 @@ optimizer's gradients still carry under ``GradScaler`` (``grad_scale``), which
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -296,14 +297,20 @@ class Clipper:
             return StepCount(True, self._device_count(device))
         return StepCount(False, self.steps)
 
-    def _count_call(self, device: torch.device, counted: torch.Tensor, on_device: bool) -> None:
-        """Advance the call count by ``counted`` (a 0-dim bool tensor: False for a non-finite norm).
+    def _count_call(self, device: torch.device, counted: torch.Tensor | bool, on_device: bool) -> None:
+        """Advance the call count by ``counted`` (a 0-dim bool tensor, or a bool read on the CPU: False for a
+        non-finite norm).
 
         On the device always; on the host too where reading ``counted`` is free (``on_device``
         False: the CPU, outside compilation); elsewhere the host count goes stale until ``steps``
         is read.
         """
         counter = self._device_count(device)
+        if isinstance(counted, bool):  # (the CPU: a tiny kernel costs more than the Python)
+            if counted:
+                self._steps = self.steps + 1
+                counter.add_(1)
+            return
         if on_device:
             self._steps_stale = True
         elif bool(counted):
@@ -394,7 +401,7 @@ class Clipper:
         return optimizer
 
     def _clip(self, checked: _validate.Checked, grad_scale: torch.Tensor | float | None,
-              count: StepCount | None) -> tuple[Any, torch.device, torch.Tensor]:
+              count: StepCount | None) -> tuple[Any, torch.device, torch.Tensor | bool]:
         """Group, norm, rule and scale: ``(result, the norm's device, whether the call counts)``.
 
         ``count``: the earlier calls, for the first gradient's device (``None`` without gradients).
@@ -407,7 +414,9 @@ class Clipper:
         device = total.norm.device
         if count is None or (count.on_device and count.value.device != device):
             count = self._count_for(device)
-        return self._step(plan, total.norm, total.wide, count), device, torch.isfinite(total.wide)
+        # whether the call counts: read on the CPU (free there), kept on the device elsewhere
+        counted = torch.isfinite(total.wide) if self._on_device(device) else math.isfinite(total.wide.item())
+        return self._step(plan, total.norm, total.wide, count), device, counted
 
     def _check_unscaled(self, optimizer: torch.optim.Optimizer | None) -> None:
         scaler = self.scaler

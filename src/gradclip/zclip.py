@@ -175,9 +175,58 @@ class ZClip(Clipper):
         if count.value < self.warmup_steps:
             return self._warmup_step(groups, norm, g, count.value)
         assert self._mean is not None and self._var is not None
+        if self.dtype == torch.float64:  # on the CPU, outside compile: a dozen scalar operations cost less as floats
+            return self._host_step(groups, norm, g)
         threshold, scale, self._mean, self._var = self._ema_step(g, self._mean.to(g.device), self._var.to(g.device))
         scale_(groups, scale, self.foreach)
         return ClipResult(norm=norm, threshold=threshold, scale=scale.to(norm.dtype))
+
+    def _host_step(self, groups: _groups.Plan, norm: torch.Tensor, g: torch.Tensor) -> ClipResult:
+        """:meth:`_ema_step` on Python floats (float64, the same operations in the same order: equal to the last
+        bit), for a float64 state on the CPU, where reading the norm is free. A factor of exactly 1 multiplies
+        nothing."""
+        assert self._mean is not None and self._var is not None
+        mean, var = float(self._mean), float(self._var)
+        threshold, scale, new_mean, new_var = self._ema_step_host(float(g), mean, var)
+        if new_mean is not mean or new_var is not var:  # (a kept state keeps its tensors)
+            self._mean = torch.scalar_tensor(new_mean, dtype=torch.float64, device=g.device)
+            self._var = torch.scalar_tensor(new_var, dtype=torch.float64, device=g.device)
+        scale_(groups, scale, self.foreach)
+        return ClipResult(norm=norm, threshold=torch.scalar_tensor(threshold, dtype=torch.float64, device=g.device),
+                          scale=torch.scalar_tensor(scale, dtype=norm.dtype, device=norm.device))
+
+    def _ema_step_host(self, g: float, mean: float, var: float) -> tuple[float, float, float, float]:
+        """:meth:`_ema_step` on floats: (threshold, scale, new mean, new var). IEEE float64 as torch computes it
+        (a division by zero gives inf or NaN, not an error; the square root is torch's)."""
+        started = math.isfinite(mean) and math.isfinite(var)
+        # torch's square root, not math.sqrt: on an AVX2 CPU torch's is not always correctly rounded (1 ulp apart
+        # at some values), and this step must equal the tensor step accelerators and torch.compile run
+        std = float(torch.scalar_tensor(var, dtype=torch.float64).sqrt_())
+        if self.mode == "percentile":
+            clip_val = mean + self.z_thresh * std
+            spike = g > clip_val
+        else:
+            z = _divide(g - mean, std + self.eps)
+            spike = z > self.z_thresh
+            if self.clip_option == "adaptive_scaling":
+                clip_val = (mean + _divide(self.z_thresh * std, z / self.z_thresh)) * self.clip_factor
+            else:
+                clip_val = mean
+        spike = spike and started
+        threshold = clip_val if spike else math.inf
+        if self.max_grad_norm is not None:
+            threshold = min(threshold, self.max_grad_norm)  # (NaN stays NaN, as torch.clamp)
+        scale = threshold / (g + NORM_EPS) if g > threshold else 1.0
+        x = clip_val if spike else g
+        new_mean = self.alpha * mean + (1 - self.alpha) * x
+        deviation = x - new_mean
+        new_var = self.alpha * var + (1 - self.alpha) * (deviation * deviation)
+        if not started:
+            new_mean, new_var = g, 0.0
+        keep = not (math.isfinite(g) and math.isfinite(new_mean) and math.isfinite(new_var))
+        if self.skip_update_on_spike:
+            keep = keep or spike
+        return threshold, scale, (mean if keep else new_mean), (var if keep else new_var)
 
     def _ema_step(self, g: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -302,3 +351,12 @@ class ZClip(Clipper):
             return None if value is None else value.to(self.dtype).clone()
 
         self._mean, self._var, self._buffer = load(state.get("mean")), load(state.get("var")), load(state.get("buffer"))
+
+
+def _divide(a: float, b: float) -> float:
+    """``a / b`` as IEEE float division (torch's): a zero divisor gives a signed inf, or NaN for 0 / 0 and NaN."""
+    if b != 0 or a != a:
+        return a / b if b != 0 else math.nan
+    if a == 0:
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
