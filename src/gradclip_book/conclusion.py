@@ -179,15 +179,20 @@ def fix_cause_evidence(depths: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
     candidates as chapter 4.6's figure), as test-accuracy Scores: ``"bn"`` (residual CNN + BatchNorm, no
     clipping), ``"plain_bn"`` (plain CNN + BatchNorm), ``"clipped"`` (residual CNN without normalisation, global
     norm at its best lr and threshold), ``"none"`` (the same, no remedy), ``"warmup"`` and ``"no_residual"``
-    (plain CNN, no normalisation). ``"bn_beats_clip"``: BatchNorm beats the clipped network by the seed-spread
-    rule at every depth; ``"residual_beats_plain"``: with BatchNorm, the residual CNN beats the plain one at the
-    deepest of ``depths``; ``"clip_on_bn"``: per (network with BatchNorm, depth of chapter 4), the verdict of the
-    best clipped against the best unclipped setting that stands at chapter 4's seeds and at each group of its
-    unseen seeds (chapter 4.4's table, clipped setting chosen on seed 0; :data:`images_grid.UNSEEN_SEED_GROUPS`,
-    :func:`images_figures.standing`), and ``"table_seeds"``: the number of seeds in each of those groups, chapter
-    4's first; ``"bn_beats_clip_unseen"``: per depth, for each of those unseen groups (``"unseen_groups"``, as
-    ``"a-b"``), whether BatchNorm beats the clipped network there (the settings of 4.4's table, as chapter 4.6
-    compares them).
+    (plain CNN, no normalisation). ``"bn_beats_clip"``: BatchNorm beats the clipped network by the seed-spread rule
+    at every depth; ``"residual_vs_plain"``: chapter 4.6's residual against plain CNN, per normalisation (``"bn"``
+    or ``"none"``) and depth, judged like chapter 4.4's table: the settings chosen on validation at chapter 4's
+    seeds, then compared at each group of ``"seed_groups"`` (chapter 4's seeds, then each of
+    :data:`images_grid.UNSEEN_SEED_GROUPS`, as ``"a-b"``) on its own, as ``{"lrs": (residual, plain), "residual",
+    "plain" (test-accuracy Scores, one per group), "verdicts"}`` with each verdict ``"residual"``, ``"plain"`` or
+    ``"no difference"``; ``"residual_beats_plain"``: whether, with BatchNorm at the deepest of ``depths``, the
+    residual CNN beats the plain one at every group (the verdict stands); ``"clip_on_bn"``: per (network with
+    BatchNorm, depth of chapter 4), the verdict of the best clipped against the best unclipped setting that stands
+    at chapter 4's seeds and at each group of its unseen seeds (chapter 4.4's table, clipped setting chosen on seed
+    0; :data:`images_grid.UNSEEN_SEED_GROUPS`, :func:`images_figures.standing`), and ``"table_seeds"``: the number
+    of seeds in each of those groups, chapter 4's first; ``"bn_beats_clip_unseen"``: per depth, for each of those
+    unseen groups (``"unseen_groups"``, as ``"a-b"``), whether BatchNorm beats the clipped network there (the
+    settings of 4.4's table, as chapter 4.6 compares them).
     ``"relu_xavier"``: chapter 2.2's per-layer factor of a ReLU network initialised with Xavier's scale
     (He's is 1), and ``"depth"``: the deepest of ``depths``.
     """
@@ -210,8 +215,20 @@ def fix_cause_evidence(depths: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
             "warmup": best([replace(c, warmup=ig.WARMUP) for c in imf.unclipped(base)]),
             "no_residual": best(imf.unclipped(replace(base, model="plain")))}
     out["bn_beats_clip"] = all(harness.beats(r["bn"], r["clipped"]) for r in out["by_depth"].values())
-    deepest = out["by_depth"][max(depths)]
-    out["residual_beats_plain"] = harness.beats(deepest["bn"], deepest["plain_bn"])   # both with BatchNorm
+    groups = (tuple(ig.SEEDS), *(tuple(seeds) for seeds in ig.UNSEEN_SEED_GROUPS))
+    out["seed_groups"] = [f"{seeds[0]}-{seeds[-1]}" for seeds in groups]
+    out["residual_vs_plain"] = {}   # chapter 4.6: chosen at chapter 4's seeds, judged at each group on its own
+    for norm, (res_model, plain_model) in (("bn", ("residual+bn", "plain+bn")), ("none", ("residual", "plain"))):
+        for depth in depths:
+            res, plain = (imf.choose(imf.unclipped(replace(ig.HEADLINE, depth=depth, model=m))).best.setting
+                          for m in (res_model, plain_model))
+            r = [imf.summary_of(res, seeds)["test"] for seeds in groups]
+            p = [imf.summary_of(plain, seeds)["test"] for seeds in groups]
+            verdicts = ["residual" if harness.beats(a, b) else "plain" if harness.beats(b, a) else "no difference"
+                        for a, b in zip(r, p)]
+            out["residual_vs_plain"][norm, depth] = {"lrs": (res.lr, plain.lr), "residual": r, "plain": p,
+                                                     "verdicts": verdicts}
+    out["residual_beats_plain"] = all(v == "residual" for v in out["residual_vs_plain"]["bn", max(depths)]["verdicts"])
     out["clip_on_bn"] = {}   # chapter 4.4's table: clipped setting chosen on seed 0, unclipped lr on all seeds at depths
     for model in ("residual+bn", "plain+bn"):   # 8 and 16; the verdict that stands at seeds 0-4 and every unseen group
         for depth in ig.DEPTHS:
@@ -839,6 +856,49 @@ def _bn_against_clip(fx: dict[str, Any]) -> str:
     return text
 
 
+def _residual_against_plain(fx: dict[str, Any]) -> str:
+    """Chapter 4.6's residual against plain CNN at each group of seeds, with and without BatchNorm (4.4's rule)."""
+    groups, rvp = fx["seed_groups"], fx["residual_vs_plain"]
+    count = {2: "two", 3: "three", 4: "four"}.get(len(groups), str(len(groups)))
+
+    def at(norm: str, depth: int, who: str) -> list[int]:
+        return [i for i, v in enumerate(rvp[norm, depth]["verdicts"]) if v == who]
+
+    def seeds(indices: Any, word: str = " and ") -> str:
+        names = [groups[i] for i in indices]
+        return "seeds " + (word.join(names) if len(names) < 3 else ", ".join(names[:-1]) + word + names[-1])
+
+    def clause(norm: str, words: str) -> str:
+        won = {d: at(norm, d, "residual") for d in fx["depths"]}
+        if not any(won.values()):
+            text = f"{words} the residual CNN beat the plain one at no depth and group"
+        else:
+            parts = []
+            for d in sorted(fx["depths"], key=lambda d: not won[d]):   # the depths where it won first
+                w, r = won[d], rvp[norm, d]
+                lost = [i for i in range(len(groups)) if i not in w]
+                parts.append(f"at depth {d} at no group" if not w else
+                             f"at depth {d} at {seeds(w)}" + (f" but not at {seeds(lost, ' or ')}" if lost else "")
+                             + " (residual against plain: " + ", ".join(
+                                 f"{_ms(a)} against {_ms(b)}" for a, b in zip(r["residual"], r["plain"])) + ")")
+            text = f"{words} the residual CNN beat the plain one " + " and ".join(parts)
+        for d in fx["depths"]:
+            lost, r = at(norm, d, "plain"), rvp[norm, d]
+            if lost:
+                text += (f", and the plain CNN was the better one at depth {d} at {seeds(lost)} ("
+                         + ", ".join(f"{_ms(r['plain'][i])} against {_ms(r['residual'][i])}" for i in lost) + ")")
+        return text
+
+    stands = [(norm, d) for (norm, d), r in rvp.items()
+              if len(set(r["verdicts"])) == 1 and r["verdicts"][0] != "no difference"]
+    verdict = ("no verdict on residual connections stands" if not stands else "a verdict stands only "
+               + " and ".join(f"{'with BatchNorm' if n == 'bn' else 'without normalisation'} at depth {d} (the "
+                              f"{rvp[n, d]['verdicts'][0]} CNN)" for n, d in stands))
+    return (f"Residual connections, judged at {seeds(range(len(groups)))} (settings chosen on validation at "
+            f"{seeds([0])}; a verdict stands only if all {count} groups give it): "
+            + clause("bn", "with BatchNorm") + "; " + clause("none", "without normalisation") + ": " + verdict)
+
+
 def _separation(by_depth: dict[int, dict[str, Any]], seeds: int) -> str:
     """Where every BatchNorm seed beat every clipped seed, and where the seeds overlap (a lead that rests on them)."""
     apart = [d for d, r in by_depth.items() if min(r["bn"].finished) > max(r["clipped"].finished)]
@@ -878,8 +938,8 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
                     if len(set(sizes)) == 1 else " and ".join(f"{n} seeds" for n in sizes))
     rows = [
         Row("Any network whose gradients explode or whose seeds scatter: start here",
-            "Fix the cause first: normalisation (BatchNorm) with residual connections, and an initialisation "
-            "matched to the activation (He's for ReLU); then clipping is a guard, not a cure",
+            "Fix the cause first: normalisation (BatchNorm) and an initialisation matched to the activation (He's "
+            "for ReLU); then clipping is a guard, not a cure",
             f"On chapter 4's CNNs ({fx['seeds']} seeds, {fx['steps']} steps, each remedy at its best setting chosen "
             f"on validation), the residual CNN with BatchNorm and no clipping reaches {_ms(by[d1]['bn'])} test "
             f"accuracy at depth {d1} and {_ms(by[d2]['bn'])} at depth {d2}, against {_ms(by[d1]['clipped'])} and "
@@ -887,9 +947,8 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             + _bn_against_clip(fx)
             + _separation(by, fx["seeds"])
             + f". A {fx['warmup_steps']}-step warm-up reaches {_ms(by[d1]['warmup'])} and {_ms(by[d2]['warmup'])}, "
-            f"no remedy {_ms(by[d1]['none'])} and {_ms(by[d2]['none'])}. With BatchNorm at depth {d2}, the residual "
-            f"CNN {'beats' if fx['residual_beats_plain'] else 'is no different from'} the plain one "
-            f"({_ms(by[d2]['bn'])} against {_ms(by[d2]['plain_bn'])}). With BatchNorm, clipping made no "
+            f"no remedy {_ms(by[d1]['none'])} and {_ms(by[d2]['none'])}. " + _residual_against_plain(fx)
+            + f". With BatchNorm, clipping made no "
             f"difference in {bn_same} of {n_bn} network-depth pairs (at {fx['table_seeds'][0]} seeds and again at "
             f"{unseen_seeds} no choice saw). By chapter 2.2's law, Xavier's scale on a "
             f"ReLU network multiplies the gradient by about {fx['relu_xavier']:.3f} per layer (a factor "
@@ -1183,9 +1242,8 @@ class FlowChart:
 def flow_chart() -> FlowChart:
     """The decision tree of the guide, in the guide's order (each leaf links to the section that measured it)."""
     tree = (
-        "Does the network lack normalisation, residual connections or an initialisation matched to its "
-        "activation?", [
-            ("yes", ("Fix the cause first: normalisation, residual connections, He or Xavier initialisation",
+        "Does the network lack normalisation or an initialisation matched to its activation?", [
+            ("yes", ("Fix the cause first: normalisation, He or Xavier initialisation",
                      "cls-fix")),
             ("no, or it cannot change", (
                 "Does clipping (at the recipe's threshold) fire on more than half of the steps?", [

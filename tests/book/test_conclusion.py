@@ -347,6 +347,61 @@ def test_fix_cause_recounted_from_chapter_4s_stored_runs():
     assert ev["relu_xavier"] == pytest.approx(1 / math.sqrt(2))
 
 
+def test_residual_against_plain_judged_at_each_seed_group_from_chapter_4s_stored_runs():
+    # chapter 4.6 and the guide's first row: each CNN's learning rate chosen on validation at seeds 0-4 (fewest
+    # diverged seeds, then the best mean), then residual against plain judged at each group of seeds on its own by
+    # the rule (a gap in mean test accuracy beyond the larger sample standard deviation), from the raw lines
+    from gradclip_book import images_grid as ig
+
+    groups = (tuple(ig.SEEDS), *(tuple(g) for g in ig.UNSEEN_SEED_GROUPS))
+    runs = {}
+    for line in image_lines():
+        c = line["config"]
+        if c["width"] == 8 and c["optimizer"] == "sgd" and c["steps"] == 200 and not c["warmup"] \
+                and c["method"] == "none" and c["lr"] in ig.LRS:
+            runs[c["model"], c["depth"], c["lr"], c["seed"]] = line
+
+    def chosen_lr(model: str, depth: int) -> float:
+        ranked = {}
+        for lr in ig.LRS:
+            lines = [runs.get((model, depth, lr, s)) for s in ig.SEEDS]
+            if None in lines:
+                continue
+            finished = [l["metrics"]["val_accuracy"] for l in lines if l["diverged_at"] is None]
+            ranked[lr] = (-(len(lines) - len(finished)), float(np.mean(finished)) if finished else -1.0)
+        top = max(ranked.values())
+        assert list(ranked.values()).count(top) == 1, (model, depth)     # no tie to break here
+        return next(lr for lr, key in ranked.items() if key == top)
+
+    def tests(model: str, depth: int, lr: float, seeds: tuple) -> list[float]:
+        lines = [runs[model, depth, lr, s] for s in seeds]
+        assert all(l["diverged_at"] is None for l in lines)
+        return [l["metrics"]["test_accuracy"] for l in lines]
+
+    ev = cc.fix_cause_evidence()
+    assert ev["seed_groups"] == [f"{g[0]}-{g[-1]}" for g in groups]
+    for norm, (res_model, plain_model) in (("bn", ("residual+bn", "plain+bn")), ("none", ("residual", "plain"))):
+        for depth in ev["depths"]:
+            lrs = chosen_lr(res_model, depth), chosen_lr(plain_model, depth)
+            got = ev["residual_vs_plain"][norm, depth]
+            assert got["lrs"] == lrs
+            verdicts = []
+            for i, seeds in enumerate(groups):
+                r, p = tests(res_model, depth, lrs[0], seeds), tests(plain_model, depth, lrs[1], seeds)
+                assert got["residual"][i].mean == pytest.approx(np.mean(r))
+                assert got["plain"][i].mean == pytest.approx(np.mean(p))
+                spread = max(np.std(r, ddof=1), np.std(p, ddof=1))
+                verdicts.append("residual" if np.mean(r) - np.mean(p) > spread else
+                                "plain" if np.mean(p) - np.mean(r) > spread else "no difference")
+            assert got["verdicts"] == verdicts, (norm, depth)
+    # what chapters 4.6 and 6 say: with BatchNorm the residual CNN is better at depth 16 at two of the three groups
+    # and at depth 8 at none; without normalisation never, the plain CNN better at depth 16 at seeds 10-14
+    assert {k: r["verdicts"] for k, r in ev["residual_vs_plain"].items()} == {
+        ("bn", 8): ["no difference"] * 3, ("bn", 16): ["residual", "no difference", "residual"],
+        ("none", 8): ["no difference"] * 3, ("none", 16): ["no difference", "no difference", "plain"]}
+    assert ev["residual_beats_plain"] is False                                    # so no verdict stands
+
+
 def test_recipe_gaps_recounted_from_chapter_4s_stored_runs():
     from gradclip_book import images_grid as ig
 
@@ -458,6 +513,20 @@ def test_rows_quote_the_evidence(evidence):
     assert fx["table_seeds"] == (5, 5, 5) and len(fx["clip_on_bn"]) == 6
     assert ("no difference in 6 of 6 network-depth pairs (at 5 seeds and again at each of 2 groups of 5 seeds no "
             "choice saw)") in text["cls-fix"]
+    # residual against plain CNN (chapter 4.6): every group's numbers quoted, and no verdict that does not stand
+    rvp = fx["residual_vs_plain"]
+    bn16 = rvp["bn", 16]
+    quoted = ", ".join(f"{100 * a.mean:.1f} ± {100 * a.std:.1f}% against {100 * b.mean:.1f} ± {100 * b.std:.1f}%"
+                       for a, b in zip(bn16["residual"], bn16["plain"]))
+    assert "judged at seeds 0-4, 5-9 and 10-14" in text["cls-fix"]
+    assert ("with BatchNorm the residual CNN beat the plain one at depth 16 at seeds 0-4 and 10-14 but not at seeds "
+            f"5-9 (residual against plain: {quoted}) and at depth 8 at no group") in text["cls-fix"]
+    plain16 = rvp["none", 16]
+    assert ("without normalisation the residual CNN beat the plain one at no depth and group, and the plain CNN was "
+            f"the better one at depth 16 at seeds 10-14 ({100 * plain16['plain'][2].mean:.1f} ± "
+            f"{100 * plain16['plain'][2].std:.1f}% against {100 * plain16['residual'][2].mean:.1f}") in text["cls-fix"]
+    assert "no verdict on residual connections stands" in text["cls-fix"]
+    assert "residual connections" not in rows[0].method
     norm = evidence["hard"]["methods"]["norm", 0.1]
     assert f"{100 * norm['mean']:.1f}%" in text["cls-methods"]
     assert f"{100 * evidence['recipe']['median_gap']:.1f} points" in text["cls-threshold"]
