@@ -11,8 +11,8 @@ process (:func:`gradclip_book.timing.interleaved`, medians, one thread), :data:`
 per timed call (one rollback period) under every guard of :data:`gradclip_book.safety.GUARDS`, each guard on its own
 copy of the model (same weights), all on the same input and label tensors.
 
-The numbers are stored in :data:`RESULTS_FILE` by :data:`COMMAND` (on a loaded 2-core machine the two small cases
-take about 25 minutes, a round of ResNet-50 20-30),
+The numbers are stored in :data:`RESULTS_FILE` by :data:`COMMAND` (the stored run, ``--rounds 5`` on the quiet 2-core
+machine, took 17 minutes for the three cases, a round of ResNet-50 about 3 minutes; see chapters/data/README.md),
 with the machine they were measured on, and chapter 5.3 reads them; nothing is timed when the page builds.
 
 Example:
