@@ -111,10 +111,19 @@ def as_module(params) -> nn.Module:
     return holder
 
 
+def row_ratio(step: str, size: str, gc_ms: float, peer_ms: float) -> tuple[float, str]:
+    """peer/gradclip of a row and its mark: the paired ratio (``"*"``) where the row was timed in rounds and
+    :data:`PAIRED` holds it, else the ratio of the medians (``" "``)."""
+    paired = PAIRED.get((step, size)) if not step.startswith("DP-SGD") else None
+    return (paired, "*") if paired is not None else (peer_ms / gc_ms, " ")
+
+
 def record(step: str, size: str, gc_ms: float, peer: str, peer_ms: float) -> None:
+    """One row: the medians and :func:`row_ratio`."""
     ROWS.append((step, size, gc_ms, peer, peer_ms))
+    ratio, mark = row_ratio(step, size, gc_ms, peer_ms)
     print(f"  {step:<34} {size:>6}  gradclip {gc_ms:9.3f} ms   {peer:<22} {peer_ms:9.3f} ms   "
-          f"peer/gradclip {peer_ms / gc_ms:5.2f}x", flush=True)
+          f"peer/gradclip {ratio:5.2f}x{mark}", flush=True)
 
 
 def record_floor(step: str, size: str, what: str, floor_ms: float, peer_ms: float) -> None:
@@ -694,9 +703,9 @@ def bench_clip(repeats: int) -> None:
                     candidates["floor"] = lambda: (torch._foreach_norm(grads), torch._foreach_mul_(grads, 0.5))
                 times = interleaved_times(candidates, rounds_for(factor, repeats), before=refresh, clock=CLOCK)
                 step = f"clip_grad_norm_ {title} {mode}"
+                PAIRED[(step, f"{factor:g}x")] = paired_ratio(times, "peer", "gradclip")
                 record(step, f"{factor:g}x", statistics.median(times["gradclip"]), "torch clip_grad_norm_",
                        statistics.median(times["peer"]))
-                PAIRED[(step, f"{factor:g}x")] = paired_ratio(times, "peer", "gradclip")
                 if "floor" in times:
                     CLIP_FLOORS[(step, f"{factor:g}x")] = paired_ratio(times, "gradclip", "floor")
             del base
@@ -719,7 +728,8 @@ def print_summary() -> None:
     print(f"{'step':<36} {'size':>6} | {'gradclip ms':>11} | {'peer':<23} {'peer ms':>9} | {'peer/gradclip':>13}")
     print("-" * 100)
     for step, size, gc_ms, peer, peer_ms in ROWS:
-        print(f"{step:<36} {size:>6} | {gc_ms:11.3f} | {peer:<23} {peer_ms:9.3f} | {peer_ms / gc_ms:12.2f}x")
+        ratio, mark = row_ratio(step, size, gc_ms, peer_ms)
+        print(f"{step:<36} {size:>6} | {gc_ms:11.3f} | {peer:<23} {peer_ms:9.3f} | {ratio:12.2f}x{mark}")
     print("\nScaling (median ms at the three sizes; growth = 4x-size cost / 0.25x-size cost, 16 = linear):")
     groups: dict[tuple[str, str], list] = {}
     for step, size, gc_ms, peer, peer_ms in ROWS:
@@ -770,11 +780,9 @@ def print_targets() -> None:
     print("\nIssue 28, target 1: peer/gradclip at least 1.00 on every row and size (* paired per round):")
     slower = 0
     for step, size, gc_ms, peer, peer_ms in ROWS:
-        paired = (step, size) in PAIRED and not step.startswith("DP-SGD")
-        ratio = PAIRED[(step, size)] if paired else peer_ms / gc_ms
+        ratio, mark = row_ratio(step, size, gc_ms, peer_ms)
         slower += ratio < 1.0
-        print(f"  {step:<38} {size:>6} vs {peer:<25} {ratio:5.2f}{'*' if paired else ' '}  "
-              + ("met" if ratio >= 1.0 else "MISSED"))
+        print(f"  {step:<38} {size:>6} vs {peer:<25} {ratio:5.2f}{mark}  " + ("met" if ratio >= 1.0 else "MISSED"))
     print(f"  met on {len(ROWS) - slower} of {len(ROWS)} rows")
     if CLIP_FLOORS:
         print("Issue 28, target 2: gradclip/floor (paired per round) at most 1.30 at 0.25x, 1.10 at 1x and 4x:")
@@ -802,7 +810,7 @@ def main() -> int:
           f"python {platform.python_version()}, gradclip {gradclip.__version__}")
     print("peers: " + ", ".join(f"{d} {version(d)}" for d in ("opacus", "zclip", "autoclip", "timm")))
     print(f"repeats {args.repeats}, interleaved, medians of {'CPU' if args.clock == 'cpu' else 'wall'} time; "
-          "peer/gradclip above 1 means gradclip is faster\n")
+          "peer/gradclip above 1 means gradclip is faster (* the median over rounds of the two calls' ratio)\n")
     sections = {
         "dp": lambda: bench_dp_zoo(args.repeats, args.model),
         "dplayers": lambda: bench_dp_layers(args.repeats, args.model),
