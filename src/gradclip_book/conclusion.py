@@ -871,7 +871,7 @@ def _residual_against_plain(fx: dict[str, Any]) -> str:
     def clause(norm: str, words: str) -> str:
         won = {d: at(norm, d, "residual") for d in fx["depths"]}
         if not any(won.values()):
-            text = f"{words} the residual CNN beat the plain one at no depth and group"
+            text = f"{words} the residual CNN beat the plain one at no depth or group"
         else:
             parts = []
             for d in sorted(fx["depths"], key=lambda d: not won[d]):   # the depths where it won first
@@ -879,8 +879,9 @@ def _residual_against_plain(fx: dict[str, Any]) -> str:
                 lost = [i for i in range(len(groups)) if i not in w]
                 parts.append(f"at depth {d} at no group" if not w else
                              f"at depth {d} at {seeds(w)}" + (f" but not at {seeds(lost, ' or ')}" if lost else "")
-                             + " (residual against plain: " + ", ".join(
-                                 f"{_ms(a)} against {_ms(b)}" for a, b in zip(r["residual"], r["plain"])) + ")")
+                             + " (residual against plain, " + ", ".join(
+                                 f"{name}: {_ms(a)} against {_ms(b)}"
+                                 for name, a, b in zip(groups, r["residual"], r["plain"])) + ")")
             text = f"{words} the residual CNN beat the plain one " + " and ".join(parts)
         for d in fx["depths"]:
             lost, r = at(norm, d, "plain"), rvp[norm, d]

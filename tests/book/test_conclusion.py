@@ -516,13 +516,13 @@ def test_rows_quote_the_evidence(evidence):
     # residual against plain CNN (chapter 4.6): every group's numbers quoted, and no verdict that does not stand
     rvp = fx["residual_vs_plain"]
     bn16 = rvp["bn", 16]
-    quoted = ", ".join(f"{100 * a.mean:.1f} ± {100 * a.std:.1f}% against {100 * b.mean:.1f} ± {100 * b.std:.1f}%"
-                       for a, b in zip(bn16["residual"], bn16["plain"]))
+    quoted = ", ".join(f"{g}: {100 * a.mean:.1f} ± {100 * a.std:.1f}% against {100 * b.mean:.1f} ± {100 * b.std:.1f}%"
+                       for g, a, b in zip(("0-4", "5-9", "10-14"), bn16["residual"], bn16["plain"]))
     assert "judged at seeds 0-4, 5-9 and 10-14" in text["cls-fix"]
     assert ("with BatchNorm the residual CNN beat the plain one at depth 16 at seeds 0-4 and 10-14 but not at seeds "
-            f"5-9 (residual against plain: {quoted}) and at depth 8 at no group") in text["cls-fix"]
+            f"5-9 (residual against plain, {quoted}) and at depth 8 at no group") in text["cls-fix"]
     plain16 = rvp["none", 16]
-    assert ("without normalisation the residual CNN beat the plain one at no depth and group, and the plain CNN was "
+    assert ("without normalisation the residual CNN beat the plain one at no depth or group, and the plain CNN was "
             f"the better one at depth 16 at seeds 10-14 ({100 * plain16['plain'][2].mean:.1f} ± "
             f"{100 * plain16['plain'][2].std:.1f}% against {100 * plain16['residual'][2].mean:.1f}") in text["cls-fix"]
     assert "no verdict on residual connections stands" in text["cls-fix"]
