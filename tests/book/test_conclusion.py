@@ -535,6 +535,11 @@ def test_rows_quote_the_evidence(evidence):
     hot = evidence["text"]["hot_verdicts"]   # the tanh RNN above its best lr: the verdict per group and what stands
     assert "seeds 0-4: " in text["text-rnn"] and "10-14: " in text["text-rnn"]
     assert ("clipped lower stands" in text["text-rnn"]) == (hot["standing"] == "clipping")
+    # "widened the range of learning rates that train": the seeds under the loss of guessing, counted here again
+    tx, method = evidence["text"], {r.section: r.method for r in rows}["text-rnn"]
+    under = [sum(v is not None and v < tx["unigram"] for v in tx["hot"][arm]) for arm in ("clipped", "plain")]
+    assert under[0] == len(tx["hot_seeds"]) > under[1]
+    assert f"{under[0]} of {len(tx['hot_seeds'])} seeds clipped and {under[1]} of" in method
     assert f"{len(grids.OPT_SEEDS)} seeds" in text["perf-adam"]             # the Adam row names its scope
     aw = evidence["adamw_cnn"]                                               # ... and chapter 4.8's AdamW CNN
     assert f"from {100 * aw['plain_low']:.1f}% to {100 * aw['clip_low']:.1f}%" in text["perf-adam"]
