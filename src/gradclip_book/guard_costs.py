@@ -27,6 +27,7 @@ import argparse
 import datetime
 import itertools
 import json
+import os
 import statistics
 import time
 from collections import Counter
@@ -125,7 +126,7 @@ def _summary(per_round: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
     summary["step_ms"] = statistics.median(r["step_ms"] for r in per_round)
     for key in timed[1:]:
         summary[key] = {n: statistics.median(r[key][n] for r in per_round) for n in GUARD_NAMES}
-    summary["rounds"] = [{k: r[k] for k in timed} for r in per_round]
+    summary["rounds"] = [{k: r[k] for k in (*timed, "load") if k in r} for r in per_round]
     return summary
 
 
@@ -136,7 +137,8 @@ def measure(rounds: int = 3, scale: float = 1.0, names: list[str] | None = None,
     called after every round (the command stores it, so an interrupted measurement keeps its finished rounds).
 
     Returns ``{"machine", "date", "steps_per_call", "rounds", "clock", "cases": [{case fields, "repeats", per
-    quantity the median over the rounds, "rounds": [per round: step_ms, ms, ratio, extra_ns_per_value]}]}``.
+    quantity the median over the rounds, "rounds": [per round: step_ms, ms, ratio, extra_ns_per_value, load (the
+    1-minute load average after the round)]}], "order"}``.
     """
     from tqdm.auto import tqdm
 
@@ -144,20 +146,29 @@ def measure(rounds: int = 3, scale: float = 1.0, names: list[str] | None = None,
 
     torch.set_num_threads(1)
     result = {"machine": machine(), "date": datetime.date.today().isoformat(), "steps_per_call": safety.EVERY,
-              "rounds": rounds, "clock": "thread CPU time (time.thread_time), one torch thread", "cases": []}
+              "rounds": rounds, "clock": "thread CPU time (time.thread_time), one torch thread",
+              "order": "calls interleaved, the order reversed every other round (timing.interleaved)", "cases": []}
     chosen = [(case, repeats) for case, repeats in CASES if names is None or case.name in names]
     bar = tqdm(total=len(chosen) * rounds, desc="timing guards", disable=not progress)
     for case, repeats in chosen:
         repeats = max(1, round(repeats * scale))
         per_round: list[dict[str, Any]] = []
         for _ in range(rounds):
-            per_round.append(measure_case(case, repeats))
+            per_round.append({**measure_case(case, repeats), "load": _load_average()})
             bar.update()
             result["cases"] = [c for c in result["cases"] if c["name"] != case.name] + [_summary(per_round, repeats)]
             if after_round is not None:
                 after_round(result)
     bar.close()
     return result
+
+
+def _load_average() -> float | None:
+    """The machine's 1-minute load average after a round (``None`` where the system has none): what else ran."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def load(path: str | Path = RESULTS_FILE) -> dict[str, Any]:

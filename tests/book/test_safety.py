@@ -386,6 +386,24 @@ def test_guard_cost_timing_trains_every_step_under_every_guard():
         assert out["extra_ns_per_value"][name] == pytest.approx((ms - out["step_ms"]) * 1e6 / out["parameters"])
 
 
+def test_guard_cost_measurement_stores_what_else_ran(monkeypatch):
+    # each round keeps the load average after it, and the file says how the calls were ordered
+    import os
+
+    from gradclip_book import guard_costs, step_costs
+
+    def tiny(generator):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        return model, torch.randn(16, 4, generator=generator), torch.randint(3, (16,)), None
+
+    monkeypatch.setattr(guard_costs, "CASES", ((step_costs.Case("tiny", "an MLP", 16, 1, "sgd", tiny), 1),))
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.234, 2.0, 3.0))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)   # (the command's one thread, not the suite's)
+    out = guard_costs.measure(rounds=2, progress=False)
+    assert "reversed every other round" in out["order"]
+    assert [r["load"] for r in out["cases"][0]["rounds"]] == [1.23, 1.23]
+
+
 def test_guard_cost_activation_hook_is_the_pages():
     # on the page's MLP the module hooked for the timing (the head's input) is the one the guard's own setup hooks
     model = cls.build_model(safety.BASE)
