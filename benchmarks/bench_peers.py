@@ -111,6 +111,30 @@ def as_module(params) -> nn.Module:
     return holder
 
 
+# (step, size) -> median over rounds of peer/gradclip, and of gradclip/floor, for rows timed in rounds
+PAIRED: dict[tuple[str, str], float] = {}
+CLIP_FLOORS: dict[tuple[str, str], float] = {}
+
+
+def rounds_for(factor: float, repeats: int) -> int:
+    """Rounds of :func:`interleaved_times` for a size: small sizes, where the fixed cost shows, take more. With the
+    default 7 repeats, 84 and 42 rounds moved a cell's paired ratio by at most 0.03 between three loaded runs (ratios
+    of medians of 28-7 calls had moved by up to 0.19 between quiet runs)."""
+    return repeats * (12 if factor < 1 else 6)
+
+
+def record_paired(step: str, size: str, times: dict[str, list[float]]) -> dict[str, float]:
+    """Keep the paired ratios of a row timed in rounds; returns each candidate's median (ms).
+
+    The ratios judged against issue 28's targets are paired (:func:`paired_ratio`): peer/gradclip in
+    :data:`PAIRED`, and gradclip/floor in :data:`CLIP_FLOORS` where a floor was timed.
+    """
+    PAIRED[(step, size)] = paired_ratio(times, "peer", "gradclip")
+    if "floor" in times:
+        CLIP_FLOORS[(step, size)] = paired_ratio(times, "gradclip", "floor")
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def row_ratio(step: str, size: str, gc_ms: float, peer_ms: float) -> tuple[float, str]:
     """peer/gradclip of a row and its mark: the paired ratio (``"*"``) where the row was timed in rounds and
     :data:`PAIRED` holds it, else the ratio of the medians (``" "``)."""
@@ -638,30 +662,8 @@ def bench_agc(repeats: int) -> None:
 # --- clip_grad_norm_ ----------------------------------------------------------------------------------------------
 
 CLIP_SETS = ("ResNet-50", "model-shaped", "transformer")
-# (step, size) -> median over rounds of torch/gradclip, and of gradclip/floor (the floor: one norm and one multiply pass)
-PAIRED: dict[tuple[str, str], float] = {}
-CLIP_FLOORS: dict[tuple[str, str], float] = {}
 # (label, gradclip ms, torch ms, median per-round torch/gradclip) of the fixed cost: a call on ten 100-value tensors
 FIXED: list[tuple[str, float, float, float]] = []
-
-
-def rounds_for(factor: float, repeats: int) -> int:
-    """Rounds of :func:`interleaved_times` for a size: small sizes, where the fixed cost shows, take more. With the
-    default 7 repeats, 84 and 42 rounds moved a cell's paired ratio by at most 0.03 between three loaded runs (ratios
-    of medians of 28-7 calls had moved by up to 0.19 between quiet runs)."""
-    return repeats * (12 if factor < 1 else 6)
-
-
-def record_paired(step: str, size: str, times: dict[str, list[float]]) -> dict[str, float]:
-    """Record a row of gradclip against its peer and floor from per-round times; returns the medians (ms).
-
-    The ratios judged against issue 28's targets are paired (:func:`paired_ratio`): peer/gradclip in
-    :data:`PAIRED`, gradclip/floor in :data:`CLIP_FLOORS`.
-    """
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    PAIRED[(step, size)] = paired_ratio(times, "peer", "gradclip")
-    CLIP_FLOORS[(step, size)] = paired_ratio(times, "gradclip", "floor")
-    return medians
 
 
 def bench_clip(repeats: int) -> None:
@@ -703,11 +705,8 @@ def bench_clip(repeats: int) -> None:
                     candidates["floor"] = lambda: (torch._foreach_norm(grads), torch._foreach_mul_(grads, 0.5))
                 times = interleaved_times(candidates, rounds_for(factor, repeats), before=refresh, clock=CLOCK)
                 step = f"clip_grad_norm_ {title} {mode}"
-                PAIRED[(step, f"{factor:g}x")] = paired_ratio(times, "peer", "gradclip")
-                record(step, f"{factor:g}x", statistics.median(times["gradclip"]), "torch clip_grad_norm_",
-                       statistics.median(times["peer"]))
-                if "floor" in times:
-                    CLIP_FLOORS[(step, f"{factor:g}x")] = paired_ratio(times, "gradclip", "floor")
+                medians = record_paired(step, f"{factor:g}x", times)
+                record(step, f"{factor:g}x", medians["gradclip"], "torch clip_grad_norm_", medians["peer"])
             del base
 
 

@@ -306,16 +306,12 @@ class Clipper:
         is read.
         """
         counter = self._device_count(device)
-        if isinstance(counted, bool):  # (the CPU: a tiny kernel costs more than the Python)
-            if counted:
-                self._steps = self.steps + 1
-                counter.add_(1)
-            return
         if on_device:
             self._steps_stale = True
-        elif bool(counted):
+            counter.add_(counted.to(counter.dtype))
+        elif bool(counted):  # (a bool, or a tensor read for free on the CPU)
             self._steps = self.steps + 1  # (first catching up with calls made under compile)
-        counter.add_(counted.to(counter.dtype))
+            counter.add_(1)
 
     @staticmethod
     def _on_device(device: torch.device) -> bool:

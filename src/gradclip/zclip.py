@@ -355,8 +355,8 @@ class ZClip(Clipper):
 
 def _divide(a: float, b: float) -> float:
     """``a / b`` as IEEE float division (torch's): a zero divisor gives a signed inf, or NaN for 0 / 0 and NaN."""
-    if b != 0 or a != a:
-        return a / b if b != 0 else math.nan
-    if a == 0:
+    if b != 0:
+        return a / b
+    if a == 0 or a != a:
         return math.nan
     return math.copysign(math.inf, a) * math.copysign(1.0, b)
