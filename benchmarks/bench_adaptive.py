@@ -81,7 +81,7 @@ def main() -> None:
         gradclip.clip_grad_norm_(params, float(np.percentile(reference_history, 10.0)))
 
     numpy_list = history.tolist()
-    value = torch.tensor(1.0, dtype=torch.float64)
+    value = 1.0
     threshold_only = AutoClip(10.0)
     threshold_only.load_state_dict({"config": threshold_only._config(), "steps": HISTORY,
                                     "history": torch.tensor(history)})

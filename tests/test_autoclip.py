@@ -202,3 +202,29 @@ def test_the_first_step_never_clips():
         p.grad = torch.tensor([3e-7, 4e-7, 0.0])
         result = AutoClip(percentile)([p])
         assert torch.equal(p.grad, torch.tensor([3e-7, 4e-7, 0.0])) and not bool(result.clipped)
+
+
+def test_a_history_holding_nan_is_refused_naming_the_field():
+    clipper = AutoClip(percentile=10.0)
+    state = {"config": clipper._config(), "steps": 3, "history": torch.tensor([1.0, math.nan, 2.0], dtype=torch.float64)}
+    with pytest.raises(ValueError, match=r"state_dict\['history'\] holds NaN"):
+        clipper.load_state_dict(state)
+    state["history"] = torch.tensor([1.0, math.inf, 2.0], dtype=torch.float64)  # inf sorts last: a valid history
+    clipper.load_state_dict(state)
+    assert clipper.history().tolist() == [1.0, math.inf, 2.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_long_windowed_run_matches_numpy_percentile_at_every_step(dtype):
+    # the host-side history: a deque in order, a list kept sorted; evictions remove the oldest copy of a tied norm
+    generator = torch.Generator().manual_seed(5)
+    norms = (torch.rand(400, generator=generator) * 4).round(decimals=1).double() + 0.1  # many ties
+    clipper, window = AutoClip(percentile=25.0, window=37, include_current=True, dtype=dtype), 37
+    w = torch.zeros(1, requires_grad=True)
+    for step, g in enumerate(norms.tolist()):
+        w.grad = torch.tensor([g])
+        result = clipper([w])
+        seen = torch.tensor(norms[: step + 1][-window:].tolist(), dtype=torch.float32).to(dtype).numpy()
+        expected = np.percentile(seen, 25.0)
+        assert float(result.threshold) == pytest.approx(float(expected), rel=0 if dtype == torch.float64 else 1e-6)
+    assert len(clipper) == window

@@ -819,3 +819,31 @@ def test_eager_cpu_steps_equal_the_traced_steps(name, monkeypatch):
             x, y = getattr(a, field), getattr(b, field)
             assert x.dtype == y.dtype and (torch.equal(x, y) or (x.isnan().all() and y.isnan().all())), (g, field, x, y)
     assert eager.steps == traced.steps
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_a_count_kept_on_the_host_carries_on_where_calls_count_on_the_device(name, monkeypatch):
+    # On the CPU a call is counted on the host only (no kernel per call); the device count must catch up the first
+    # time a call counts there (an accelerator, torch.compile), and back again when steps is read.
+    clipper = FACTORIES[name]()
+    model = make_model()
+
+    def call():
+        model.zero_grad()
+        loss = model(batch(len(calls))[0]).sum()
+        feed(clipper, loss)
+        loss.backward()
+        calls.append(clipper(model.parameters()))
+
+    calls: list = []
+    for _ in range(3):
+        call()
+    assert clipper.steps == 3
+    with monkeypatch.context() as patch:
+        patch.setattr(clipper, "_on_device", lambda device: True)
+        for _ in range(2):
+            call()
+        assert int(clipper._device_count(torch.device("cpu"))) == 5
+    assert clipper.steps == 5
+    call()
+    assert clipper.steps == 6 and clipper.state_dict()["steps"] == 6

@@ -37,6 +37,7 @@ skipped while ``torch.compile`` traces.
 
 from __future__ import annotations
 
+import functools
 import math
 
 from typing import Any
@@ -208,6 +209,8 @@ def _cpu_two_norms(tensors: list[torch.Tensor], use_foreach: bool) -> torch.Tens
     inf or a tiny norm, which :func:`_repair_` then recomputes exactly; the row norms are combined in
     float64.
     """
+    if max(map(torch.Tensor.numel, tensors)) < _ROWS_MIN_NUMEL:  # (the common case, asked in one C loop)
+        return _plain_norms(tensors, 2.0, tensors[0].dtype, use_foreach)
     large = [i for i, t in enumerate(tensors) if t.numel() >= _ROWS_MIN_NUMEL and t.is_contiguous()]
     if not large:
         return _plain_norms(tensors, 2.0, tensors[0].dtype, use_foreach)
@@ -313,11 +316,10 @@ def local_total(plan: Any, p: float) -> tuple[float | None, torch.Tensor | None]
     work = plan.norm_work
     if all(exact_on_host(item.device) for item in work):
         values: list[float] = []
-        for item in work:
-            if item.small:
-                values += _host_norms([_flatten_dense_tensors(item.small)], p, False)
-            if item.targets:
-                values += _host_norms(item.targets, p, item.batched)
+        for item in work:  # (the small tensors' concatenation in the same kernel and read as the others: a
+            # separate one cost 0.04-0.09 ms more per call on the 67 tensors of the model-shaped benchmark)
+            tensors = [_flatten_dense_tensors(item.small), *item.targets] if item.small else item.targets
+            values += _host_norms(tensors, p, item.batched)
         return host_combine(values, p, plan.narrow), None
     device = plan.device
     partial_norms = [_work_norms(item.device, item.small, item.targets, item.batched, p).to(device) for item in work]
@@ -346,12 +348,18 @@ def _host_norms(tensors: list[torch.Tensor], p: float, batched: bool) -> list[fl
     values = norms.tolist()
     if math.isinf(p):
         return values  # the max needs no powers
-    tiny = torch.finfo(dtype).tiny ** (1.0 / p) * _UNDERFLOW_MARGIN
+    tiny = _tiny_norm(dtype, p)
     if min(values) < tiny or max(values) == math.inf:
         for index, value in enumerate(values):
             if value < tiny or value == math.inf:
                 values[index] = float(scaled_norm(originals[index], p))
     return values
+
+
+@functools.lru_cache(maxsize=64)
+def _tiny_norm(dtype: torch.dtype, p: float) -> float:
+    """A p-norm accumulated in ``dtype`` below this may have lost entries to underflow."""
+    return torch.finfo(dtype).tiny ** (1.0 / p) * _UNDERFLOW_MARGIN
 
 
 def host_combine(values: list[float], p: float, narrow_inputs: bool) -> float:

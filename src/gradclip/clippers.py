@@ -217,6 +217,8 @@ class Clipper:
         * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`__.
     """
 
+    _device_stale = False  # (the default of clippers pickled before the device count could lag the host's)
+
     _rescales_gradients = True
     """Whether the clipper changes gradients (a guard that only skips steps does not)."""
 
@@ -234,6 +236,7 @@ class Clipper:
         # the same count on the gradients' device: what a call inside torch.compile advances and reads
         self._device_steps = torch.zeros((), dtype=torch.int64)
         self._steps_stale = False  # True after calls made under torch.compile, until steps is read
+        self._device_stale = False  # True after calls counted on the host, until the device count is asked for
         self.last_result: ClipResult | None = None
         self._hook: Any = None
         self._last_grads: list[weakref.ReferenceType] | None = None
@@ -289,7 +292,7 @@ class Clipper:
     def steps(self, value: int) -> None:
         self._steps = int(value)
         self._device_steps = torch.full((), self._steps, dtype=torch.int64, device=self._device_steps.device)
-        self._steps_stale = False
+        self._steps_stale = self._device_stale = False
 
     def _count_for(self, device: torch.device) -> StepCount:
         """The earlier counted calls, for a call whose norm lies on ``device``."""
@@ -305,13 +308,13 @@ class Clipper:
         False: the CPU, outside compilation); elsewhere the host count goes stale until ``steps``
         is read.
         """
-        counter = self._device_count(device)
         if on_device:
+            counter = self._device_count(device)
             self._steps_stale = True
             counter.add_(counted.to(counter.dtype))
         elif bool(counted):  # (a bool, or a tensor read for free on the CPU)
             self._steps = self.steps + 1  # (first catching up with calls made under compile)
-            counter.add_(1)
+            self._device_stale = True  # the device count catches up when next asked for (no kernel per call)
 
     @staticmethod
     def _on_device(device: torch.device) -> bool:
@@ -324,7 +327,10 @@ class Clipper:
 
     def _device_count(self, device: torch.device) -> torch.Tensor:
         """The number of earlier counted calls, a 0-dim int64 tensor on ``device`` (what a device-side step reads instead of ``steps``)."""
-        if self._device_steps.device != device:
+        if self._device_stale:  # behind calls counted on the host
+            self._device_steps = torch.full((), self._steps, dtype=torch.int64, device=device)
+            self._device_stale = False
+        elif self._device_steps.device != device:
             self._device_steps = self._device_steps.to(device)
         return self._device_steps
 
@@ -411,7 +417,10 @@ class Clipper:
         if count is None or (count.on_device and count.value.device != device):
             count = self._count_for(device)
         # whether the call counts: read on the CPU (free there), kept on the device elsewhere
-        counted = torch.isfinite(total.wide) if self._on_device(device) else math.isfinite(total.wide.item())
+        if self._on_device(device):
+            counted = torch.isfinite(total.wide)
+        else:
+            counted = math.isfinite(total.value if total.value is not None else total.wide.item())
         return self._step(plan, total.norm, total.wide, count), device, counted
 
     def _check_unscaled(self, optimizer: torch.optim.Optimizer | None) -> None:

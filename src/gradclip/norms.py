@@ -11,6 +11,7 @@ per-group partial norms, combined in float64), or, for DTensors and
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -95,14 +96,22 @@ def total_norm(
         value, wide = _norms.local_total(plan, p)
         if wide is not None:
             total = TotalNorm(wide.to(out_dtype), wide)
-        elif want_wide or (value > _F32_MAX and out_dtype != torch.float64):  # (.to() rounds past the max to inf)
+        elif want_wide or (value > _F32_MAX and out_dtype != torch.float64):  # (a float32 tensor rounds past the max to inf)
             wide = torch.scalar_tensor(value, dtype=torch.float64, device=plan.device)
-            total = TotalNorm(wide.to(out_dtype), wide, value)
+            total = TotalNorm(_narrowed(value, wide, out_dtype), wide, value)
         else:
             total = TotalNorm(torch.scalar_tensor(value, dtype=out_dtype, device=plan.device), value=value)
     if error_if_nonfinite:
         raise_if_nonfinite(total, p)
     return total
+
+
+def _narrowed(value: float, wide: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``wide.to(out_dtype)``, made from the float where it fits (one small op instead of a conversion, which
+    costs more right after the norm's kernels); ``torch.scalar_tensor`` refuses a finite float32 overflow."""
+    if out_dtype == torch.float64 or not value > _F32_MAX or value == math.inf:
+        return torch.scalar_tensor(value, dtype=out_dtype, device=wide.device)
+    return wide.to(out_dtype)
 
 
 def grouped_norm(

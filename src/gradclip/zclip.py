@@ -169,39 +169,43 @@ class ZClip(Clipper):
         return self.steps < self.warmup_steps
 
     def _step(self, groups: _groups.Plan, norm: torch.Tensor, wide: torch.Tensor, count: StepCount) -> ClipResult:
-        g = wide.to(self.dtype)
         if count.on_device:  # (accelerators, torch.compile: the warm-up's end is not read on the host)
-            return self._traced_step(groups, norm, g, count.value)
+            return self._traced_step(groups, norm, wide.to(self.dtype), count.value)
         if count.value < self.warmup_steps:
-            return self._warmup_step(groups, norm, g, count.value)
+            return self._warmup_step(groups, norm, wide.to(self.dtype), count.value)
         assert self._mean is not None and self._var is not None
         if self.dtype == torch.float64:  # on the CPU, outside compile: a dozen scalar operations cost less as floats
-            return self._host_step(groups, norm, g)
+            return self._host_step(groups, norm, wide.item())
+        g = wide.to(self.dtype)
         threshold, scale, self._mean, self._var = self._ema_step(g, self._mean.to(g.device), self._var.to(g.device))
         scale_(groups, scale, self.foreach)
         return ClipResult(norm=norm, threshold=threshold, scale=scale.to(norm.dtype))
 
-    def _host_step(self, groups: _groups.Plan, norm: torch.Tensor, g: torch.Tensor) -> ClipResult:
+    def _host_step(self, groups: _groups.Plan, norm: torch.Tensor, g: float) -> ClipResult:
         """:meth:`_ema_step` on Python floats (float64, the same operations in the same order: equal to the last
-        bit), for a float64 state on the CPU, where reading the norm is free. A factor of exactly 1 multiplies
-        nothing."""
+        bit), for a float64 state on the CPU, where reading the norm (``g``, its float64 value) is free. A factor
+        of exactly 1 multiplies nothing."""
         assert self._mean is not None and self._var is not None
-        mean, var = float(self._mean), float(self._var)
-        threshold, scale, new_mean, new_var = self._ema_step_host(float(g), mean, var)
+        mean, var = self._mean.item(), self._var.item()
+        threshold, scale, new_mean, new_var = self._ema_step_host(g, mean, var, self._var.sqrt().item())
+        device = norm.device
         if new_mean is not mean or new_var is not var:  # (a kept state keeps its tensors)
-            self._mean = torch.scalar_tensor(new_mean, dtype=torch.float64, device=g.device)
-            self._var = torch.scalar_tensor(new_var, dtype=torch.float64, device=g.device)
+            self._mean = torch.scalar_tensor(new_mean, dtype=torch.float64, device=device)
+            self._var = torch.scalar_tensor(new_var, dtype=torch.float64, device=device)
         scale_(groups, scale, self.foreach)
-        return ClipResult(norm=norm, threshold=torch.scalar_tensor(threshold, dtype=torch.float64, device=g.device),
-                          scale=torch.scalar_tensor(scale, dtype=norm.dtype, device=norm.device))
+        return ClipResult(norm=norm, threshold=torch.scalar_tensor(threshold, dtype=torch.float64, device=device),
+                          scale=torch.scalar_tensor(scale, dtype=norm.dtype, device=device))
 
-    def _ema_step_host(self, g: float, mean: float, var: float) -> tuple[float, float, float, float]:
+    def _ema_step_host(self, g: float, mean: float, var: float,
+                       std: float | None = None) -> tuple[float, float, float, float]:
         """:meth:`_ema_step` on floats: (threshold, scale, new mean, new var). IEEE float64 as torch computes it
-        (a division by zero gives inf or NaN, not an error; the square root is torch's)."""
+        (a division by zero gives inf or NaN, not an error; the square root is torch's: ``std``, the float64
+        ``var`` tensor's ``sqrt()``, or computed here when not given)."""
         started = math.isfinite(mean) and math.isfinite(var)
         # torch's square root, not math.sqrt: on an AVX2 CPU torch's is not always correctly rounded (1 ulp apart
         # at some values), and this step must equal the tensor step accelerators and torch.compile run
-        std = float(torch.scalar_tensor(var, dtype=torch.float64).sqrt_())
+        if std is None:
+            std = float(torch.scalar_tensor(var, dtype=torch.float64).sqrt_())
         if self.mode == "percentile":
             clip_val = mean + self.z_thresh * std
             spike = g > clip_val

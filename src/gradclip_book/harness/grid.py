@@ -198,9 +198,10 @@ def spot_check(lines: Sequence[dict[str, Any]], run: Callable[[Any], dict], conf
     An empty list means the stored runs were reproduced: exactly on the grids' kind of machine, in their first
     steps elsewhere (:func:`gradclip_book.reproducibility.rerun_differences`, which compares).
 
-    Example:
-        >>> spot_check([{"config": {"x": 3}, "y": 10}], lambda c: {"y": c["x"] ** 2}, dict, count=1)
-        ["config {'x': 3}: y stored 10, now 9"]
+    Example (a run that reproduces its stored line, on any machine):
+        >>> stored = [{"config": {"x": 3}, "loss": [9.0, 3.0]}]
+        >>> spot_check(stored, lambda c: {"config": c, "loss": [c["x"] ** 2, c["x"] * 1.0]}, dict)
+        []
     """
     chosen = random.Random(seed).sample(list(lines), min(count, len(lines)))
     problems = []
@@ -211,8 +212,9 @@ def spot_check(lines: Sequence[dict[str, Any]], run: Callable[[Any], dict], conf
 
 
 def _square(config: Any) -> dict[str, Any]:
-    """The doctest's run: ``{"y": x ** 2}``."""
-    return {"y": config.x ** 2}
+    """The doctest's run: ``{"y": x ** 2}`` and a loss curve (what a re-run is compared by off the grids' kind of
+    machine)."""
+    return {"y": config.x ** 2, "loss": [float(config.x), 1.0]}
 
 
 def store_json_command(argv: list[str] | None, prog: str, description: str, default_out: Path,
