@@ -38,8 +38,10 @@ def test_warmup_zero_reproduces_the_stored_chapter_4_records():
     for line in random.Random(51).sample(cheap, 2):
         assert line["config"]["warmup"] == 0
         fresh = compact(train(RunConfig(**line["config"])))
-        for key in ("steps_run", "diverged_at", "test_accuracy", "val_accuracy", "loss", "grad_norm", "clipped"):
-            assert fresh[key] == line[key], (key, line["config"])
+        fresh = {key: fresh[key] for key in ("steps_run", "diverged_at", "test_accuracy", "val_accuracy", "loss",
+                                             "grad_norm", "clipped", "curve_step")}
+        # bit for bit on the grids' kind of machine, the first steps elsewhere (gradclip_book.reproducibility)
+        assert not rerun_differences(fresh, line), (rerun_differences(fresh, line)[:5], line["config"])
 
 
 def _reference_losses(config: RunConfig) -> list[float]:
