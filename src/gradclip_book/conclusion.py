@@ -358,9 +358,9 @@ def _hot_words(tx: dict[str, Any]) -> str:
     clipped = [v for v in tx["hot"]["clipped"] if v is not None]
     wrecked = sum(v is None or v > tx["unigram"] for v in tx["hot"]["plain"])
     v = tx["hot_verdicts"]
-    stands = ("clipped lower stands" if v["standing"] == "clipping" else
-              "clipped lower does not stand" if any(g["verdict"] == "clipping" for g in v["groups"]) else
-              "no verdict stands")
+    standing = {"clipping": "clipped lower stands", "no clipping": "unclipped lower stands"}
+    stands = standing.get(v["standing"], "clipped lower does not stand"
+                          if any(g["verdict"] == "clipping" for g in v["groups"]) else "no verdict stands")
     return (f"At lr {tx['hot_lr']:g} (seeds {tf.seeds_text(tx['hot_seeds'])}) the unclipped seeds end between "
             f"{min(plain):.2f} and {max(plain):.2f} nats ({wrecked} of {len(tx['hot_seeds'])} worse than guessing by "
             f"character frequency, {tx['unigram']:.2f}), the clipped ones between {min(clipped):.2f} and "

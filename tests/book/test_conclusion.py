@@ -444,6 +444,25 @@ def test_text_evidence_recounted_from_the_text_grid():  # test losses: the guide
     assert 2.5 < ev["unigram"] < math.log(100)   # guessing by frequency beats guessing uniformly among the characters
 
 
+def _fabricated_hot(verdicts: list[str], standing: str) -> dict:
+    # the tanh RNN one step above its best lr, as text_evidence gives it: two groups of two seeds
+    groups = [{"seeds": (0, 1), "verdict": verdicts[0]}, {"seeds": (2, 3), "verdict": verdicts[1]}]
+    return {"hot_lr": 3.0, "hot_seeds": [0, 1, 2, 3], "unigram": 3.0,
+            "hot": {"plain": [2.0, 2.5, None, 4.0], "clipped": [1.5, 1.6, 1.7, 1.8]},
+            "hot_verdicts": {"groups": groups, "standing": standing}}
+
+
+@pytest.mark.parametrize("verdicts, standing, words", [
+    (["clipping", "clipping"], "clipping", "clipped lower stands"),
+    (["no clipping", "no clipping"], "no clipping", "unclipped lower stands"),
+    (["clipping", "no difference"], "no difference", "clipped lower does not stand"),
+    (["no difference", "no clipping"], "no difference", "no verdict stands")])
+def test_hot_words_name_the_verdict_that_stands(verdicts, standing, words):
+    text = cc._hot_words(_fabricated_hot(verdicts, standing))
+    assert f"{words} (a verdict stands" in text
+    assert "seeds 0-3" in text and "(2 of 4 worse than guessing" in text   # a diverged seed counts as worse
+
+
 def test_the_tanh_rerun_reproduces_the_stored_run_and_relu_differs():
     from gradclip_book import text_figures as tf
 
