@@ -571,7 +571,8 @@ def adamw_cnn_evidence() -> dict[str, Any]:
     ``max_norm`` = 1, over chapter 4's five seeds and its two unseen groups of five (chapter 4.8's three groups),
     and clipped AdamW against clipped SGD at its best setting. Returns ``{"lr", "seeds" (fifteen), "first_seeds",
     "plain_low", "clip_low" (worst seed's test accuracy over the fifteen), "lead_first" (clipped AdamW beats clipped
-    SGD at the first seeds), "lead_unseen" (and at either unseen group)}``.
+    SGD at the first seeds), "unseen_groups" (the unseen groups' seeds), "lead_unseen" (whether it beats it, one
+    bool per unseen group), "unseen_group_size" (the size of each unseen group; ``None`` if their sizes differ)}``.
     """
     from dataclasses import replace
 
@@ -580,16 +581,39 @@ def adamw_cnn_evidence() -> dict[str, Any]:
     plain = imf.choose(imf.unclipped(replace(ig.HEADLINE, optimizer="adamw"), ig.ADAMW_LRS)).best.setting
     clip = replace(plain, method="norm", threshold=1.0)
     sgd = imf.clip_or_lower(ig.HEADLINE)["clipped"]["config"]
-    first = tuple(ig.SEEDS)
-    every = first + tuple(seed for group in ig.UNSEEN_SEED_GROUPS for seed in group)
+    first, unseen = tuple(ig.SEEDS), [tuple(group) for group in ig.UNSEEN_SEED_GROUPS]
+    every = first + tuple(seed for group in unseen for seed in group)
+    sizes = {len(group) for group in unseen}
 
     def test(config: Any, seeds: tuple) -> Any:
         return imf.summary_of(config, seeds)["test"]
 
     return {"lr": plain.lr, "seeds": len(every), "first_seeds": len(first),
             "plain_low": test(plain, every).low, "clip_low": test(clip, every).low,
-            "lead_first": harness.beats(test(clip, first), test(sgd, first)),
-            "lead_unseen": any(harness.beats(test(clip, tuple(g)), test(sgd, tuple(g))) for g in ig.UNSEEN_SEED_GROUPS)}
+            "lead_first": harness.beats(test(clip, first), test(sgd, first)), "unseen_groups": unseen,
+            "lead_unseen": [harness.beats(test(clip, group), test(sgd, group)) for group in unseen],
+            "unseen_group_size": sizes.pop() if len(sizes) == 1 else None}
+
+
+def _adamw_lead_words(aw: dict[str, Any]) -> str:
+    """Where clipped AdamW led clipped SGD (:func:`adamw_cnn_evidence`), in words that follow "led clipped SGD".
+
+    Example:
+        >>> aw = {"first_seeds": 5, "lead_first": True, "unseen_groups": [(5, 6), (7, 8)],
+        ...       "lead_unseen": [False, True], "unseen_group_size": 2}
+        >>> _adamw_lead_words(aw)
+        'at the first 5 seeds and at seeds 7-8, not at seeds 5-6'
+    """
+    from gradclip_book import text_figures as tf
+
+    if aw["lead_first"] and not any(aw["lead_unseen"]) and aw["unseen_group_size"] is not None:
+        return (f"at the first {aw['first_seeds']} seeds only, not at either group of "
+                f"{aw['unseen_group_size']} unseen ones")
+    led = [tf.seeds_text(g) for g, lead in zip(aw["unseen_groups"], aw["lead_unseen"]) if lead]
+    missed = [tf.seeds_text(g) for g, lead in zip(aw["unseen_groups"], aw["lead_unseen"]) if not lead]
+    first = f"at the first {aw['first_seeds']} seeds" if aw["lead_first"] else ""
+    where = " and ".join(part for part in (first, f"at seeds {' and '.join(led)}" if led else "") if part)
+    return (where or "at no group of seeds") + (f", not at seeds {' or '.join(missed)}" if missed and where else "")
 
 
 def adam_evidence() -> dict[str, Any]:
@@ -1046,10 +1070,7 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             + f"). On chapter 4's residual CNN without normalisation (AdamW at lr {aw['lr']:g}, {aw['seeds']} seeds), "
             f"clipping at 1 lifted the worst seed from {_pct(aw['plain_low'])} to {_pct(aw['clip_low'])}; clipped "
             f"AdamW led clipped SGD "
-            + (f"at the first {aw['first_seeds']} seeds only, not at either group of "
-               f"{aw['first_seeds']} unseen ones" if aw["lead_first"] and not aw["lead_unseen"] else
-               f"at the first {aw['first_seeds']} seeds: {aw['lead_first']}, at the unseen ones: {aw['lead_unseen']}")
-            + ". The transformer row above is another model. Larger models and longer runs were not measured.",
+            + _adamw_lead_words(aw) + ". The transformer row above is another model. Larger models and longer runs were not measured.",
             "perf-adam", also=("cls-caps",)),
         Row("Early instability: is a warm-up enough?",
             "A warm-up alone did not change the learning rates that train; for SGD clipping moves them up rather "
