@@ -565,20 +565,27 @@ def recipe_check(base: ImageConfig, tried: Sequence[ImageConfig], seed: int = 0)
 
     Returns ``{"recipe", "grid", "dropping"`` (the configs chosen; ``"dropping"``: the recipe's choice among the learning
     rates whose unclipped probe finished only, as step 1 once ruled), ``"diverged_lrs"`` (where the unclipped
-    probe diverged), ``"val"`` and ``"test"`` (each choice's accuracy; 0 for a diverged run), ``"gap"`` and
-    ``"gap_dropping"`` (grid minus recipe, validation), ``"clip_fraction"`` (of the recipe's choice)}``.
+    probe diverged), ``"val"`` and ``"test"`` (each choice's accuracy; 0 for a diverged run), ``"gap"`` (grid minus
+    recipe, validation), ``"gap_dropping"`` (grid minus the dropping rule's choice, validation), ``"clip_fraction"``
+    (of the recipe's choice)}``.
+
+    Raises:
+        ValueError: no run of ``tried`` is at a learning rate whose probe at ``seed`` finished (the recipe's runs of
+            ``seed`` always start at the lowest such rate: ``tried`` was made at another seed).
     """
     base = replace(base, seed=0)
     probes = {lr: ig.probe_norms(images.stored(replace(base, lr=lr, seed=seed))) for lr in ig.LRS}
     diverged = [lr for lr, norms in probes.items() if norms is None]
     tried = [replace(c, seed=0) for c in tried]
     kept = [c for c in tried if c.lr not in diverged]
+    if not kept:   # rather than a dropping choice of None, scored as 0 and reported as the grid's whole accuracy
+        raise ValueError(f"none of the recipe's runs is at a learning rate whose probe finished at seed {seed}")
     chosen = {"recipe": choose(tried, (seed,)).best.setting, "grid": choose(clipped(base), (seed,)).best.setting,
-              "dropping": choose(kept, (seed,)).best.setting if kept else None}
+              "dropping": choose(kept, (seed,)).best.setting}
 
-    def metric(config: ImageConfig | None, name: str) -> float:
-        line = None if config is None else images.stored(replace(config, seed=seed))
-        return 0.0 if line is None or line["diverged_at"] is not None else float(line["metrics"][name])
+    def metric(config: ImageConfig, name: str) -> float:
+        line = images.stored(replace(config, seed=seed))
+        return 0.0 if line["diverged_at"] is not None else float(line["metrics"][name])
 
     val = {k: metric(c, "val_accuracy") for k, c in chosen.items()}
     return {**chosen, "diverged_lrs": diverged, "val": val, "test": {k: metric(c, "test_accuracy") for k, c in chosen.items()},

@@ -249,6 +249,18 @@ def test_recipe_thresholds_come_from_the_unclipped_probe(lines):
     assert carried >= 3                                                   # the rule is exercised at seed 0 already
 
 
+def test_recipe_check_refuses_runs_that_leave_the_dropping_rule_no_learning_rate(lines):
+    # seed 3's unclipped probe diverges from the third learning rate up: the recipe's runs of seed 0 at those rates
+    # leave "dropping the diverged rates" nothing to choose; that is refused, not scored as a choice worth 0
+    model, depth = ig.RECIPE_NET
+    base = ImageConfig(model=model, depth=depth)
+    seed0 = [c for _, c in ig.recipe_points(lines, (0,), [ig.RECIPE_NET])]
+    diverged = imf.recipe_check(base, [c for _, c in ig.recipe_points(lines, (3,), [ig.RECIPE_NET])], 3)["diverged_lrs"]
+    assert diverged and len(diverged) < len(seed0)
+    with pytest.raises(ValueError, match="probe finished at seed 3"):
+        imf.recipe_check(base, [c for c in seed0 if c.lr in diverged], 3)
+
+
 def test_thresholds_by_lr_keeps_a_diverged_learning_rate_at_the_last_threshold():
     from gradclip_book.harness import recipe
 
