@@ -38,7 +38,7 @@ import torch
 from gradclip_book import bugzoo, grids, harness, relu_norms
 from gradclip_book import classification_figures as cf
 from gradclip_book import performance as perf
-from gradclip_book.figures import table_html
+from gradclip_book.figures import and_list, seed_range, table_html
 from gradclip_book import scalability as sc
 
 __all__ = ["SECTIONS", "FlowChart", "Row", "adam_evidence", "batch_evidence", "budget_evidence", "bug_zoo_evidence",
@@ -216,7 +216,7 @@ def fix_cause_evidence(depths: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
             "no_residual": best(imf.unclipped(replace(base, model="plain")))}
     out["bn_beats_clip"] = all(harness.beats(r["bn"], r["clipped"]) for r in out["by_depth"].values())
     groups = (tuple(ig.SEEDS), *(tuple(seeds) for seeds in ig.UNSEEN_SEED_GROUPS))
-    out["seed_groups"] = [f"{seeds[0]}-{seeds[-1]}" for seeds in groups]
+    out["seed_groups"] = [seed_range(seeds) for seeds in groups]
     out["residual_vs_plain"] = {}   # chapter 4.6: chosen at chapter 4's seeds, judged at each group on its own
     for norm, (res_model, plain_model) in (("bn", ("residual+bn", "plain+bn")), ("none", ("residual", "plain"))):
         for depth in depths:
@@ -237,7 +237,7 @@ def fix_cause_evidence(depths: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
             again = [imf.replicated(case, seeds) for seeds in ig.UNSEEN_SEED_GROUPS]
             out["clip_on_bn"][model, depth] = imf.standing(case, *again)["verdict"]
     out["table_seeds"] = (len(ig.SEEDS), *(len(seeds) for seeds in ig.UNSEEN_SEED_GROUPS))
-    out["unseen_groups"] = [f"{seeds[0]}-{seeds[-1]}" for seeds in ig.UNSEEN_SEED_GROUPS]
+    out["unseen_groups"] = [seed_range(seeds) for seeds in ig.UNSEEN_SEED_GROUPS]
     out["bn_beats_clip_unseen"] = {}   # per depth and unseen group: BatchNorm against the clipped rows of 4.4's table
     table = ig.table_settings(images.load())
     for depth in depths:
@@ -361,7 +361,7 @@ def _hot_words(tx: dict[str, Any]) -> str:
     standing = {"clipping": "clipped lower stands", "no clipping": "unclipped lower stands"}
     stands = standing.get(v["standing"], "clipped lower does not stand"
                           if any(g["verdict"] == "clipping" for g in v["groups"]) else "no verdict stands")
-    return (f"At lr {tx['hot_lr']:g} (seeds {tf.seeds_text(tx['hot_seeds'])}) the unclipped seeds end between "
+    return (f"At lr {tx['hot_lr']:g} (seeds {seed_range(tx['hot_seeds'])}) the unclipped seeds end between "
             f"{min(plain):.2f} and {max(plain):.2f} nats ({wrecked} of {len(tx['hot_seeds'])} worse than guessing by "
             f"character frequency, {tx['unigram']:.2f}), the clipped ones between {min(clipped):.2f} and "
             f"{max(clipped):.2f}; judged by the seed-spread rule per group of seeds ({tf.groups_short(v)}), {stands} "
@@ -604,16 +604,14 @@ def _adamw_lead_words(aw: dict[str, Any]) -> str:
         >>> _adamw_lead_words(aw)
         'at the first 5 seeds and at seeds 7-8, not at seeds 5-6'
     """
-    from gradclip_book import text_figures as tf
-
     if aw["lead_first"] and not any(aw["lead_unseen"]) and aw["unseen_group_size"] is not None:
         return (f"at the first {aw['first_seeds']} seeds only, not at either group of "
                 f"{aw['unseen_group_size']} unseen ones")
-    led = [tf.seeds_text(g) for g, lead in zip(aw["unseen_groups"], aw["lead_unseen"]) if lead]
-    missed = [tf.seeds_text(g) for g, lead in zip(aw["unseen_groups"], aw["lead_unseen"]) if not lead]
+    led = [seed_range(g) for g, lead in zip(aw["unseen_groups"], aw["lead_unseen"]) if lead]
+    missed = [seed_range(g) for g, lead in zip(aw["unseen_groups"], aw["lead_unseen"]) if not lead]
     first = f"at the first {aw['first_seeds']} seeds" if aw["lead_first"] else ""
-    where = " and ".join(part for part in (first, f"at seeds {' and '.join(led)}" if led else "") if part)
-    return (where or "at no group of seeds") + (f", not at seeds {' or '.join(missed)}" if missed and where else "")
+    where = " and ".join(part for part in (first, f"at seeds {and_list(led)}" if led else "") if part)
+    return (where or "at no group of seeds") + (f", not at seeds {and_list(missed, 'or')}" if missed and where else "")
 
 
 def adam_evidence() -> dict[str, Any]:
@@ -703,8 +701,7 @@ def batch_evidence() -> dict[str, Any]:
 
 def _at(batches: list[int]) -> str:
     """"batch 16" or "batches 16, 64 and 1024"."""
-    words = [str(b) for b in batches]
-    return f"batch {words[0]}" if len(words) == 1 else f"batches {', '.join(words[:-1])} and {words[-1]}"
+    return f"batch {batches[0]}" if len(batches) == 1 else f"batches {and_list([str(b) for b in batches])}"
 
 
 def _batches(pairs: list[tuple[int, str]], method: str) -> list[int]:
@@ -899,9 +896,8 @@ def _residual_against_plain(fx: dict[str, Any]) -> str:
     def at(norm: str, depth: int, who: str) -> list[int]:
         return [i for i, v in enumerate(rvp[norm, depth]["verdicts"]) if v == who]
 
-    def seeds(indices: Any, word: str = " and ") -> str:
-        names = [groups[i] for i in indices]
-        return "seeds " + (word.join(names) if len(names) < 3 else ", ".join(names[:-1]) + word + names[-1])
+    def seeds(indices: Any, word: str = "and") -> str:
+        return "seeds " + and_list([groups[i] for i in indices], word)
 
     def clause(norm: str, words: str) -> str:
         won = {d: at(norm, d, "residual") for d in fx["depths"]}
@@ -913,7 +909,7 @@ def _residual_against_plain(fx: dict[str, Any]) -> str:
                 w, r = won[d], rvp[norm, d]
                 lost = [i for i in range(len(groups)) if i not in w]
                 parts.append(f"at depth {d} at no group" if not w else
-                             f"at depth {d} at {seeds(w)}" + (f" but not at {seeds(lost, ' or ')}" if lost else "")
+                             f"at depth {d} at {seeds(w)}" + (f" but not at {seeds(lost, 'or')}" if lost else "")
                              + " (residual against plain, " + ", ".join(
                                  f"{name}: {_ms(a)} against {_ms(b)}"
                                  for name, a, b in zip(groups, r["residual"], r["plain"])) + ")")
@@ -1206,9 +1202,8 @@ def safety_rows(summary: dict[str, Any]) -> list[Row]:
 def _fragile_note(name: str, seeds: list[int], hinges_on: list[int]) -> str:
     """``Per-layer clipping is fragile: a recovery at seeds 0-9 only with seeds 5 and 9 both in.``"""
     needed = (f"seed {hinges_on[0]}" if len(hinges_on) == 1 else
-              "seeds " + ", ".join(map(str, hinges_on[:-1])) + f" and {hinges_on[-1]} all"
-              if len(hinges_on) > 2 else f"seeds {hinges_on[0]} and {hinges_on[1]} both")
-    return (f"{name[0].upper()}{name[1:]} is fragile: a recovery at seeds {seeds[0]}-{seeds[-1]} only with "
+              f"seeds {and_list([str(s) for s in hinges_on])} " + ("all" if len(hinges_on) > 2 else "both"))
+    return (f"{name[0].upper()}{name[1:]} is fragile: a recovery at seeds {seed_range(seeds)} only with "
             f"{needed} in.")
 
 

@@ -917,6 +917,51 @@ G.figure=function(id){
 """.replace("__CONFIG__", json.dumps(_PLOTLY_CONFIG)).replace("__BUNDLE__", PLOTLY_BUNDLE)
 
 
+# --- words shared by the chapters' prose, captions and tables -------------------------------------------------
+
+
+def and_list(items: Sequence[str], word: str = "and") -> str:
+    """Items as prose lists them: one alone, two joined by ``word``, more with commas and ``word`` before the last.
+
+    Example:
+        >>> and_list(["a"]), and_list(["a", "b"]), and_list(["a", "b", "c"], word="or")
+        ('a', 'a and b', 'a, b or c')
+    """
+    items = list(items)
+    return ", ".join(items[:-1]) + f" {word} " + items[-1] if len(items) > 1 else "".join(items)
+
+
+def seed_range(seeds: Sequence[int]) -> str:
+    """Consecutive seeds as first-last (one seed alone as itself).
+
+    Raises:
+        ValueError: the seeds are not consecutive and increasing: a range would name seeds that did not run (list
+            them with :func:`and_list` instead).
+
+    Example:
+        >>> seed_range((5, 6, 7, 8, 9)), seed_range([0])
+        ('5-9', '0')
+    """
+    seeds = list(seeds)
+    if not seeds or seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ValueError(f"seeds {seeds} are not consecutive: a range would name seeds that did not run")
+    return f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+
+
+def pm(score: Any, digits: int = 3, html: bool = False) -> str:
+    """A :class:`~gradclip_book.harness.Score`'s mean ± standard deviation (``&plusmn;`` with ``html``), or
+    ``"diverged"`` where it has no mean.
+
+    Example:
+        >>> from gradclip_book.harness import score
+        >>> pm(score("a", [1.0, 1.2]), 2), pm(score("a", [1.0, 1.2]), 1, html=True), pm(score("a", [None]))
+        ('1.10 ± 0.14', '1.1 &plusmn; 0.1', 'diverged')
+    """
+    if score.mean is None:
+        return "diverged"
+    return f"{score.mean:.{digits}f} {'&plusmn;' if html else '±'} {score.std:.{digits}f}"
+
+
 def table_html(head: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "",
                widths: Sequence[int] | None = None) -> str:
     """An HTML table that reads on a phone: below 560 px each row becomes a card of labelled lines.

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import harness, images
 from . import images_grid as ig
-from .figures import PALETTE, Explorer, Param, PlotlyFigure, run_style, table_html
+from .figures import PALETTE, Explorer, Param, PlotlyFigure, and_list, run_style, seed_range, table_html
 from .harness import Score, beats, curves, score, select_best, values_of
 from .images import ImageConfig
 
@@ -184,8 +184,7 @@ def range_words(lrs: Sequence[float], scan: Sequence[float] = ig.LRS) -> str:
     positions = [list(scan).index(lr) for lr in lrs]
     if positions == list(range(positions[0], positions[0] + len(lrs))):
         return f"{lrs[0]:g} to {lrs[-1]:g}"
-    names = [f"{lr:g}" for lr in lrs]
-    return ", ".join(names[:-1]) + " and " + names[-1]
+    return and_list([f"{lr:g}" for lr in lrs])
 
 
 def pct(x: float | None, digits: int = 1) -> str:
@@ -372,7 +371,7 @@ def explosion_explorer() -> Explorer:
         compute=compute, traces=base, layout=two_panels(ig.HEADLINE.steps), label="fig-cls-explode",
         caption=f"The residual CNN without normalisation (width {ig.HEADLINE.width}, He initialisation), trained "
                 f"without clipping by SGD with momentum 0.9, {ig.HEADLINE.steps} steps of {ig.HEADLINE.batch} "
-                f"images, one line per seed ({seeds[0]}-{seeds[-1]}). First panel (left, or top on a phone): "
+                f"images, one line per seed ({seed_range(seeds)}). First panel (left, or top on a phone): "
                 "training loss; second panel: the global gradient norm before the step. Each point is one step "
                 f"for the first steps, then the mean loss and the largest norm of a bin of steps. A cross marks "
                 f"the loss that stopped a diverged run (above {harness.DIVERGED_LOSS:g} or not a number). All "

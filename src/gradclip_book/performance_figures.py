@@ -22,7 +22,7 @@ from . import classification_figures as cf
 from . import grids
 from . import performance as perf
 from . import step_costs as sc
-from .figures import Explorer, Param, PlotlyFigure, run_style, table_html
+from .figures import Explorer, Param, PlotlyFigure, run_style, seed_range, table_html
 
 __all__ = [
     "adam_figure",
@@ -253,7 +253,7 @@ def warmup_explorer() -> Explorer:
                fmt="g", kind="buttons")],
         compute=compute, traces=traces, layout=layout, label="fig-perf-warmup",
         caption=f"The depth-{grids.HARD.depth} network of chapter 4 (300 steps of SGD with momentum 0.9), mean test "
-                f"accuracy over seeds {grids.OPT_SEEDS[0]}-{grids.OPT_SEEDS[-1]} against the peak learning rate "
+                f"accuracy over seeds {seed_range(grids.OPT_SEEDS)} against the peak learning rate "
                 f"({', '.join(f'{lr:g}' for lr in grids.SGD_LRS)}), with neither remedy, a linear warm-up over the "
                 f"first {grids.WARMUP_STEPS} steps (dotted, open diamonds), global-norm clipping at max_norm, or both. "
                 "A diverged run counts as 0% here (chapter 5.2 counts it as 10%, chance). "
@@ -295,7 +295,7 @@ def adam_figure(summary: dict[str, dict[Any, dict[str, Any]]]) -> PlotlyFigure:
               "shapes": [{**line, "xref": "x domain", "yref": "y"}, {**line, "xref": "x2 domain", "yref": "y2"}]}
     return PlotlyFigure(traces, layout, name="perf-adam", label="fig-perf-adam",
                         caption=f"The depth-{grids.HARD.depth} network, 300 steps, no warm-up: mean test accuracy over "
-                                f"seeds {grids.OPT_SEEDS[0]}-{grids.OPT_SEEDS[-1]} against the learning rate, without "
+                                f"seeds {seed_range(grids.OPT_SEEDS)} against the learning rate, without "
                                 "clipping and with global-norm clipping at two thresholds (the same styles as the "
                                 "figures above). A diverged run counts as 0% here (chapter 5.2 counts it as 10%, "
                                 f"chance). {TRAINS_RULE} The dotted line marks {100 * perf.TRAINS:.0f}%. First panel "

@@ -463,6 +463,13 @@ def test_hot_words_name_the_verdict_that_stands(verdicts, standing, words):
     assert "seeds 0-3" in text and "(2 of 4 worse than guessing" in text   # a diverged seed counts as worse
 
 
+def test_hot_words_refuse_to_write_seeds_that_are_not_a_run_as_a_range():
+    tx = _fabricated_hot(["clipping", "clipping"], "clipping")
+    tx["hot_seeds"] = [0, 1, 2, 7]   # "seeds 0-7" would claim four seeds that did not run
+    with pytest.raises(ValueError, match="not consecutive"):
+        cc._hot_words(tx)
+
+
 def test_the_tanh_rerun_reproduces_the_stored_run_and_relu_differs():
     from gradclip_book import text_figures as tf
 

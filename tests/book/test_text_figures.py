@@ -11,6 +11,7 @@ import pytest
 
 from gradclip_book import harness, text_grid
 from gradclip_book import text_figures as tf
+from gradclip_book.figures import seed_range
 from gradclip_book.text_runs import RNN
 
 
@@ -237,4 +238,4 @@ def test_clip_verdicts_recounted_per_seed_group_and_standing_only_where_every_gr
             verdicts.append(want)
         assert v["standing"] == (verdicts[0] if len(set(verdicts)) == 1 else "no difference")
         words = tf.verdict_words(v)
-        assert all(f"{tf.seeds_text(g['seeds'])} (" in words for g in v["groups"]), words
+        assert all(f"{seed_range(g['seeds'])} (" in words for g in v["groups"]), words
