@@ -38,7 +38,7 @@ import torch
 from gradclip_book import bugzoo, grids, harness, relu_norms
 from gradclip_book import classification_figures as cf
 from gradclip_book import performance as perf
-from gradclip_book.figures import and_list, seed_range, table_html
+from gradclip_book.figures import and_list, seed_range, soft_breaks, table_html
 from gradclip_book import scalability as sc
 
 __all__ = ["SECTIONS", "FlowChart", "Row", "adam_evidence", "batch_evidence", "budget_evidence", "bug_zoo_evidence",
@@ -1120,27 +1120,9 @@ def guide_table_html(rows: list[Row]) -> str:
         first = f'<a href="{r.href}">{html.escape(_section_name(r.section))}</a>'
         return " ".join([first] + [f'<a href="{link(k)}">{html.escape(_section_name(k))}</a>' for k in r.also])
 
-    cells = [[_soft_breaks(r.situation), _soft_breaks(r.method), f"{_soft_breaks(r.evidence)} {links(r)}"]
+    cells = [[soft_breaks(r.situation), soft_breaks(r.method), f"{soft_breaks(r.evidence)} {links(r)}"]
              for r in rows]
     return table_html(["situation", "use", "measured evidence"], cells, widths=[24, 24, 52])
-
-
-def _soft_breaks(text: str) -> str:
-    """``text`` escaped for HTML, long names (``gradclip.suggest_threshold``) breakable after ``.``, ``_`` and ``(``.
-
-    The table's columns have fixed shares at 1280 px: without these, a name wider than its column breaks
-    between two letters.
-
-    Example:
-        >>> _soft_breaks("use gradclip.clip_grad_norm_ here")
-        'use gradclip.<wbr>clip_<wbr>grad_<wbr>norm_ here'
-    """
-    def word(token: str) -> str:
-        escaped = html.escape(token)
-        if len(token) < 16:
-            return escaped
-        return re.sub(r"(?<=\w)([._(/])(?=\w)", r"\1<wbr>", escaped)
-    return " ".join(word(token) for token in text.split(" "))
 
 
 _CHAPTERS = {"principle": "2", "implementation": "3", "classification": "4", "text": "4.11", "performance": "5.1",

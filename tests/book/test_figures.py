@@ -12,7 +12,7 @@ from gradclip_book import quartic_descent
 from gradclip_book.exercise import Exercise, markdown_html
 from gradclip_book.figures import (
     PLOTLY_TRACE_TYPES, RUN_STYLES, Explorer, Figures, LaunchNote, Param, PlotlyFigure, and_list, compact, pm,
-    run_style, seed_range,
+    run_style, seed_range, soft_breaks, table_html,
 )
 
 
@@ -318,3 +318,6 @@ def test_shared_words():
     assert [and_list(["a", "b", "c", "d"][:n]) for n in range(5)] == ["", "a", "a and b", "a, b and c",
                                                                       "a, b, c and d"]
     assert pm(score("x", [0.5, 0.7]), 1) == "0.6 ± 0.1" and pm(score("x", [None, None])) == "diverged"
+    assert soft_breaks("a <b> torch.nn.utils.clip_grad_norm_(") == (
+        "a &lt;b&gt; torch.<wbr>nn.<wbr>utils.<wbr>clip_<wbr>grad_<wbr>norm_(")
+    assert table_html(["a"], [["1"]], small=True) == f'<div style="font-size:0.9em">{table_html(["a"], [["1"]])}</div>'
