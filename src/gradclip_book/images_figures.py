@@ -160,8 +160,8 @@ def standing(case: dict[str, Any], again: dict[str, Any], *more: dict[str, Any])
         {'verdict': 'clipping', 'rescue': False}
     """
     groups = (again, *more)
-    verdict = case["verdict"] if all(g["verdict"] == case["verdict"] for g in groups) else "no difference"
-    return {"verdict": verdict, "rescue": bool(case["rescue"] and all(g["rescue"] for g in groups))}
+    return {"verdict": harness.standing_verdict([g["verdict"] for g in (case, *groups)]),
+            "rescue": bool(case["rescue"] and all(g["rescue"] for g in groups))}
 
 
 def stable_lrs(base: ImageConfig, method: str = "none", threshold: float | None = None,

@@ -215,12 +215,12 @@ def probe_norms(line: dict[str, Any]) -> list[float] | None:
     return [float(n) for n in line["curve"]["grad_norm"][:probe]]
 
 
-REPLICATION_SEEDS = (5, 6, 7, 8, 9)
-"""Seeds no choice of the chapter saw: the headline settings are re-run at these (``replicate``)."""
-SECOND_REPLICATION_SEEDS = (10, 11, 12, 13, 14)
-"""A second group of seeds no choice saw: every row of chapter 4.4's table is re-run at these too (``replicate``)."""
-UNSEEN_SEED_GROUPS = (REPLICATION_SEEDS, SECOND_REPLICATION_SEEDS)
-"""The groups of seeds at which chapter 4.4's table judges every row again (a verdict stands only if all give it)."""
+REPLICATION_SEEDS, SECOND_REPLICATION_SEEDS = harness.UNSEEN_SEED_GROUPS
+"""Seeds no choice of the chapter saw: the headline settings are re-run at the first group (``replicate``), every
+row of chapter 4.4's table at the second too (``replicate``)."""
+UNSEEN_SEED_GROUPS = harness.UNSEEN_SEED_GROUPS
+"""The groups of seeds at which chapter 4.4's table judges every row again (a verdict stands only if all give it;
+defined once, in :data:`gradclip_book.harness.UNSEEN_SEED_GROUPS`)."""
 
 
 def replication_points(lines: Sequence[dict[str, Any]]) -> list[tuple[str, ImageConfig]]:

@@ -240,7 +240,7 @@ def clip_verdicts(model: str, lr: float, clip_lr: float | None = None, seq_len: 
     :class:`~gradclip_book.harness.Score` of test losses (nats; a diverged seed counts as diverged) and the verdict,
     ``"clipping"`` (clipped lower by more than the larger of the two seed standard deviations,
     :func:`harness.beats`), ``"no clipping"`` or ``"no difference"``; ``"standing"``: the verdict that every group
-    gives, else ``"no difference"`` (chapter 4.4's rule, :func:`gradclip_book.images_figures.standing`).
+    gives, else ``"no difference"`` (chapter 4.4's rule, :func:`gradclip_book.harness.standing_verdict`).
 
     Raises:
         KeyError: the grid stores no run of a seed of ``groups`` at these settings (the command to compute it).
@@ -250,8 +250,6 @@ def clip_verdicts(model: str, lr: float, clip_lr: float | None = None, seq_len: 
         >>> [g["seeds"] for g in v["groups"]][0], v["standing"] in CLIP_VERDICTS
         ((0, 1, 2, 3, 4), True)
     """
-    from .images_figures import standing   # chapter 4.4's rule, shared rather than restated
-
     clip_lr = lr if clip_lr is None else clip_lr
     judged = []
     for seeds in groups:
@@ -261,8 +259,7 @@ def clip_verdicts(model: str, lr: float, clip_lr: float | None = None, seq_len: 
         verdict = ("clipping" if harness.beats(clipped, plain, mode="min") else
                    "no clipping" if harness.beats(plain, clipped, mode="min") else "no difference")
         judged.append({"seeds": tuple(seeds), "plain": plain, "clipped": clipped, "verdict": verdict})
-    first, *more = ({"verdict": g["verdict"], "rescue": False} for g in judged)
-    return {"groups": judged, "standing": standing(first, *more)["verdict"] if more else first["verdict"]}
+    return {"groups": judged, "standing": harness.standing_verdict([g["verdict"] for g in judged])}
 
 
 def verdict_words(verdicts: dict[str, Any], digits: int = 3) -> str:
