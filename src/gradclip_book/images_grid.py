@@ -232,8 +232,8 @@ def replication_points(lines: Sequence[dict[str, Any]]) -> list[tuple[str, Image
     4.4's table (:func:`table_settings`: every network and depth, those of the residual CNN included above). The
     table's settings are then re-run at :data:`SECOND_REPLICATION_SEEDS` as well (listed last: the runs stored before
     this group was added keep their order), and then AdamW's two settings at :data:`SECOND_REPLICATION_SEEDS` (so that
-section 4.8 judges AdamW on the same three groups of seeds as 4.4's table). Empty until the runs they are chosen from
-are stored."""
+    section 4.8 judges AdamW on the same three groups of seeds as 4.4's table). Empty until the runs they are chosen
+    from are stored."""
     by_key = {line["key"]: line for line in lines}
 
     def clip_fraction(config: ImageConfig) -> float | None:
@@ -249,9 +249,11 @@ are stored."""
     if None in fractions.values():
         return []
     chosen.append(_best_over_seeds(by_key, [c for c, f in fractions.items() if 0 < f <= 0.1]))
-    adamw = replace(HEADLINE, optimizer="adamw")
-    chosen.append(_best_over_seeds(by_key, [replace(adamw, lr=lr) for lr in ADAMW_LRS]))
-    chosen.append(_best_over_seeds(by_key, [replace(adamw, lr=lr, method="norm", threshold=1.0) for lr in ADAMW_LRS]))
+    adamw = replace(HEADLINE, optimizer="adamw")   # section 4.8: without clipping and at max_norm 1
+    adamw_settings = [_best_over_seeds(by_key, [replace(adamw, lr=lr) for lr in ADAMW_LRS]),
+                      _best_over_seeds(by_key, [replace(adamw, lr=lr, method="norm", threshold=1.0)
+                                                for lr in ADAMW_LRS])]
+    chosen += adamw_settings
     if None in chosen:
         return []
     table = table_settings(lines)
@@ -260,7 +262,6 @@ are stored."""
     # the verdicts' settings first, then the table's rows: the order of the runs stored before the rows were added
     rows = list(dict.fromkeys(c for pair in table.values() for c in pair))
     unique = list(dict.fromkeys(chosen + rows))
-    adamw_settings = chosen[-2:]   # AdamW without clipping and at max_norm 1 (section 4.8), added last at seeds 10-14
     return ([("replicate", replace(c, seed=s)) for c in unique for s in REPLICATION_SEEDS]
             + [("replicate", replace(c, seed=s)) for c in rows for s in SECOND_REPLICATION_SEEDS]
             + [("replicate", replace(c, seed=s)) for c in adamw_settings for s in SECOND_REPLICATION_SEEDS])
