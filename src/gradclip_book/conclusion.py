@@ -321,16 +321,16 @@ def text_evidence(hot_lr: float = 3.0) -> dict[str, Any]:
     unigram = float(-(torch.bincount(parts["test"], minlength=vocab).double()
                       * (counts / counts.sum()).log()).sum() / len(parts["test"]))
     seq, clip = tg.HEADLINE_SEQ_LEN, tg.RNN_CLIP
-    hot_seeds = [s for group in tf.SEED_GROUPS for s in group]
-    hot = {t: [tf.test_loss(tf.recurrent_run("rnn", seq, hot_lr, t, s)) for s in hot_seeds] for t in (None, clip)}
+    verdicts = tf.clip_verdicts("rnn", hot_lr, seq_len=seq, threshold=clip)   # the runs of every seed group
+    hot_seeds = [s for g in verdicts["groups"] for s in g["seeds"]]
+    hot = {arm: [v for g in verdicts["groups"] for v in g[arm].values] for arm in ("plain", "clipped")}
     chosen = ev["recurrent"]["rnn"]["clip_lr"]
     fraction = float(np.mean([float(tf.recurrent_run("rnn", seq, chosen, clip, s)["clip_fraction"])
                               for s in tg.SEEDS]))
     best, top = ev["transformer"]["lr"], max(tg.TRANSFORMER_LRS)
     v0 = lambda arm, lr: tf.test_loss(tf.transformer_run(arm, lr))  # noqa: E731 (seed 0)
     ev.update({"seq_len": seq, "seeds": len(tg.SEEDS), "clip": clip, "hot_lr": hot_lr,
-               "hot": {"plain": hot[None], "clipped": hot[clip]}, "hot_seeds": hot_seeds,
-               "hot_verdicts": tf.clip_verdicts("rnn", hot_lr, seq_len=seq, threshold=clip),
+               "hot": hot, "hot_seeds": hot_seeds, "hot_verdicts": verdicts,
                "unigram": unigram, "rnn_clip_fraction": fraction,
                "transformer_top": {"lr": top, **{arm: v0(arm, top) for arm in ("none", "norm", "qk-norm")}},
                "transformer_best_worst": max(v0(arm, best) for arm in tg.ARMS),
@@ -338,15 +338,18 @@ def text_evidence(hot_lr: float = 3.0) -> dict[str, Any]:
     return ev
 
 
-def _trained_words(tx: dict[str, Any]) -> str:
-    """How many seeds train (end below the loss of guessing by character frequency) one step above the tanh RNN's
-    best learning rate, clipped and not: what "widened the range of learning rates that train" rests on."""
-    def trained(values: list[float | None]) -> int:
-        return sum(v is not None and v < tx["unigram"] for v in values)
+def _trained(tx: dict[str, Any], arm: str) -> int:
+    """How many seeds of :func:`text_evidence`'s hot ``arm`` train: end below the loss of guessing by character
+    frequency (a diverged seed does not)."""
+    return sum(v is not None and v < tx["unigram"] for v in tx["hot"][arm])
 
+
+def _trained_words(tx: dict[str, Any]) -> str:
+    """How many seeds train (:func:`_trained`) one step above the tanh RNN's best learning rate, clipped and not:
+    what "widened the range of learning rates that train" rests on."""
     n = len(tx["hot_seeds"])
-    return (f"at lr {tx['hot_lr']:g}, {trained(tx['hot']['clipped'])} of {n} seeds clipped and "
-            f"{trained(tx['hot']['plain'])} of {n} unclipped ended below the loss of guessing by character frequency")
+    return (f"at lr {tx['hot_lr']:g}, {_trained(tx, 'clipped')} of {n} seeds clipped and "
+            f"{_trained(tx, 'plain')} of {n} unclipped ended below the loss of guessing by character frequency")
 
 
 def _hot_words(tx: dict[str, Any]) -> str:
@@ -355,7 +358,7 @@ def _hot_words(tx: dict[str, Any]) -> str:
 
     plain = [v for v in tx["hot"]["plain"] if v is not None]
     clipped = [v for v in tx["hot"]["clipped"] if v is not None]
-    wrecked = sum(v is None or v > tx["unigram"] for v in tx["hot"]["plain"])
+    wrecked = len(tx["hot"]["plain"]) - _trained(tx, "plain")
     v = tx["hot_verdicts"]
     standing = {"clipping": "clipped lower stands", "no clipping": "unclipped lower stands"}
     stands = standing.get(v["standing"], "clipped lower does not stand"

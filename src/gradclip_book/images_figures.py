@@ -631,7 +631,7 @@ def clipped_share_words(summary: dict[str, Any]) -> str:
     """
     fraction = float(summary["clip_fraction"])
     if never_fired(summary):
-        return "0% (never fired)"
+        return "0%" + NEVER_FIRED
     share = f"{100 * fraction:.1f}%" if fraction < 0.01 else f"{100 * fraction:.0f}%"
     return f"{share} ({regime(fraction).split()[0]})"
 
