@@ -309,9 +309,9 @@ def text_evidence(hot_lr: float = 3.0) -> dict[str, Any]:
     :data:`gradclip_book.text_figures.SEED_GROUPS`, nats), ``"hot_verdicts"``: the two judged in each group and
     the verdict that stands (:func:`gradclip_book.text_figures.clip_verdicts`), ``"unigram"`` (the test loss of
     guessing each character by its frequency in the training text), ``"rnn_clip_fraction"`` (share of steps
-    clipped at the clipped run's chosen lr, mean over seeds), ``"transformer_top"``: at the scan's largest lr (seed 0) the plain,
-    clipped and qk-layernorm runs' test losses, and ``"transformer_best_worst"``: the worst arm's test loss at the
-    best lr (seed 0).
+    clipped at the clipped run's chosen lr, mean over seeds), ``"transformer_top"``: at the scan's largest lr
+    (seed 0) the plain, clipped and qk-layernorm runs' test losses, and ``"transformer_best_worst"``: the worst arm's
+    test loss at the best lr (seed 0).
     """
     from gradclip_book import text, text_figures as tf, text_grid as tg
 

@@ -5,11 +5,12 @@ A guard's work is of two kinds. Some of it is paid once per call whatever the mo
 few kernel launches, Python), and dominates on a network whose step takes a fraction of a millisecond. The rest
 grows with the number of parameters P (a norm reads every gradient, SpikeGuard keeps a copy of the weights and the
 momentum, rollback copies the whole state every few steps), while a training step's work also grows with the
-examples and positions per step. This module measures the share each guard takes on networks of different sizes, with chapter 5.1's machinery (:mod:`gradclip_book.step_costs`: its cases, its
-optimizers and learning rate, its clock): for each case of :data:`CASES` it trains, calls interleaved in one
-process (:func:`gradclip_book.timing.interleaved`, medians, one thread), :data:`~gradclip_book.safety.EVERY` steps
-per timed call (one rollback period) under every guard of :data:`gradclip_book.safety.GUARDS`, each guard on its own
-copy of the model (same weights), all on the same input and label tensors.
+examples and positions per step. This module measures the share each guard takes on networks of different sizes,
+with chapter 5.1's machinery (:mod:`gradclip_book.step_costs`: its cases, its optimizers and learning rate, its
+clock): for each case of :data:`CASES` it trains, calls interleaved in one process
+(:func:`gradclip_book.timing.interleaved`, medians, one thread), :data:`~gradclip_book.safety.EVERY` steps per timed
+call (one rollback period) under every guard of :data:`gradclip_book.safety.GUARDS`, each guard on its own copy of
+the model (same weights), all on the same input and label tensors.
 
 The numbers are stored in :data:`RESULTS_FILE` by :data:`COMMAND` (the stored run, ``--rounds 5`` on the quiet 2-core
 machine, took 17 minutes for the three cases, a round of ResNet-50 about 3 minutes; see chapters/data/README.md),

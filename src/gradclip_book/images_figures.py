@@ -111,9 +111,10 @@ def clip_or_lower(base: ImageConfig, seeds: Sequence[int] = ig.SEEDS, choice_see
     """Best against best for one network: the best unclipped learning rate against the best clipped (lr, threshold).
 
     Both are chosen on validation accuracy over ``choice_seeds`` (default ``seeds``; the unclipped side over
-    ``plain_choice_seeds`` when given) and then summarised over ``seeds``. With ``rare``, the clipped candidates are only those that clip on rare steps (some, but at most 10%
-    of the steps, averaged over ``choice_seeds``): clipping as a guard, not as a smaller step. Returns ``{"plain": summary, "clipped": summary, "regime": words for the clipped run's share of
-    clipped steps, "verdict": "clipping" | "lower lr" | "no difference" (on test accuracy, by the book's rule),
+    ``plain_choice_seeds`` when given) and then summarised over ``seeds``. With ``rare``, the clipped candidates are
+    only those that clip on rare steps (some, but at most 10% of the steps, averaged over ``choice_seeds``): clipping
+    as a guard, not as a smaller step. Returns ``{"plain": summary, "clipped": summary, "regime": words for the
+    clipped run's share of clipped steps, "verdict": "clipping" | "lower lr" | "no difference" (on test accuracy, by the book's rule),
     "rescue": True when the best unclipped setting does not train and the best clipped one does}``.
     """
     choice_seeds = seeds if choice_seeds is None else choice_seeds
@@ -587,8 +588,8 @@ def recipe_check(base: ImageConfig, tried: Sequence[ImageConfig], seed: int = 0)
         return 0.0 if line["diverged_at"] is not None else float(line["metrics"][name])
 
     val = {k: metric(c, "val_accuracy") for k, c in chosen.items()}
-    return {**chosen, "diverged_lrs": diverged, "val": val, "test": {k: metric(c, "test_accuracy") for k, c in chosen.items()},
-            "gap": val["grid"] - val["recipe"], "gap_dropping": val["grid"] - val["dropping"],
+    return {**chosen, "diverged_lrs": diverged, "val": val,
+            "test": {k: metric(c, "test_accuracy") for k, c in chosen.items()}, "gap": val["grid"] - val["recipe"], "gap_dropping": val["grid"] - val["dropping"],
             "clip_fraction": float(images.stored(replace(chosen["recipe"], seed=seed))["clip_fraction"])}
 
 

@@ -28,8 +28,9 @@ from . import harness
 from .images import GRID_FILE, MODELS, ImageConfig, code_version, load, record
 
 __all__ = [
-    "ADAMW_LRS", "BUDGET_STEPS", "DEPTHS", "HARD", "HEADLINE", "LRS", "METHOD_LRS", "METHOD_THRESHOLDS", "RECIPE_NET", "RECIPE_SEEDS", "SECOND_REPLICATION_SEEDS", "SEEDS",
-    "THRESHOLDS", "UNSEEN_SEED_GROUPS", "WARMUP", "budget_points", "grid_points", "main", "phase_one", "phase_two", "probe_norms", "recipe_points", "replication_points",
+    "ADAMW_LRS", "BUDGET_STEPS", "DEPTHS", "HARD", "HEADLINE", "LRS", "METHOD_LRS", "METHOD_THRESHOLDS", "RECIPE_NET",
+    "RECIPE_SEEDS", "SECOND_REPLICATION_SEEDS", "SEEDS", "THRESHOLDS", "UNSEEN_SEED_GROUPS", "WARMUP", "budget_points",
+    "grid_points", "main", "phase_one", "phase_two", "probe_norms", "recipe_points", "replication_points",
     "table_settings",
 ]
 
