@@ -93,5 +93,6 @@ def main(argv: list[str] | None = None) -> None:
 
     store_json_command(argv, COMMAND, __doc__.split("\n\n")[0], FILE, compute, report)
 
+
 if __name__ == "__main__":
     main()

@@ -38,7 +38,7 @@ import torch
 from gradclip_book import bugzoo, grids, harness, relu_norms
 from gradclip_book import classification_figures as cf
 from gradclip_book import performance as perf
-from gradclip_book.figures import table_html
+from gradclip_book.figures import and_list, seed_range, soft_breaks, table_html
 from gradclip_book import scalability as sc
 
 __all__ = ["SECTIONS", "FlowChart", "Row", "adam_evidence", "batch_evidence", "budget_evidence", "bug_zoo_evidence",
@@ -216,7 +216,7 @@ def fix_cause_evidence(depths: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
             "no_residual": best(imf.unclipped(replace(base, model="plain")))}
     out["bn_beats_clip"] = all(harness.beats(r["bn"], r["clipped"]) for r in out["by_depth"].values())
     groups = (tuple(ig.SEEDS), *(tuple(seeds) for seeds in ig.UNSEEN_SEED_GROUPS))
-    out["seed_groups"] = [f"{seeds[0]}-{seeds[-1]}" for seeds in groups]
+    out["seed_groups"] = [seed_range(seeds) for seeds in groups]
     out["residual_vs_plain"] = {}   # chapter 4.6: chosen at chapter 4's seeds, judged at each group on its own
     for norm, (res_model, plain_model) in (("bn", ("residual+bn", "plain+bn")), ("none", ("residual", "plain"))):
         for depth in depths:
@@ -237,7 +237,7 @@ def fix_cause_evidence(depths: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
             again = [imf.replicated(case, seeds) for seeds in ig.UNSEEN_SEED_GROUPS]
             out["clip_on_bn"][model, depth] = imf.standing(case, *again)["verdict"]
     out["table_seeds"] = (len(ig.SEEDS), *(len(seeds) for seeds in ig.UNSEEN_SEED_GROUPS))
-    out["unseen_groups"] = [f"{seeds[0]}-{seeds[-1]}" for seeds in ig.UNSEEN_SEED_GROUPS]
+    out["unseen_groups"] = [seed_range(seeds) for seeds in ig.UNSEEN_SEED_GROUPS]
     out["bn_beats_clip_unseen"] = {}   # per depth and unseen group: BatchNorm against the clipped rows of 4.4's table
     table = ig.table_settings(images.load())
     for depth in depths:
@@ -271,7 +271,8 @@ def recipe_evidence() -> dict[str, Any]:
 
     The recipe's threshold comes from the first :data:`~gradclip_book.harness.recipe.PROBE_STEPS` unclipped norms
     (their 90th percentile), its learning rate is the best of its runs on validation; the grid's best (lr,
-    threshold) is chosen on validation too; both at seed 0, as in chapter 4.7. Returns ``{"probe_steps",
+    threshold) is chosen on validation too; both at seed 0, by chapter 4.7's
+    :func:`~gradclip_book.images_figures.recipe_check` (a diverged choice counts as 0). Returns ``{"probe_steps",
     "quantile", "lower_above" (the share of clipped steps above which the recipe says to lower the lr),
     "networks", "gaps" (grid minus recipe, validation accuracy, one per network and depth), "median_gap",
     "max_gap", "runs" (the recipe's runs, one per learning rate), "grid_runs" (the runs of the grid's thresholds),
@@ -285,13 +286,11 @@ def recipe_evidence() -> dict[str, Any]:
     for model in images.MODELS:
         for depth in ig.DEPTHS:
             base = images.ImageConfig(model=model, depth=depth)
-            tried = [c for _, c in points if c.model == model and c.depth == depth]
-            grid_best = imf.choose(imf.clipped(base), (0,)).best.setting
-            recipe_best = imf.choose(tried, (0,)).best.setting
+            # chapter 4.7's own comparison, so that the two cannot disagree
+            check = imf.recipe_check(base, [c for _, c in points if c.model == model and c.depth == depth])
             grid_runs += len(imf.clipped(base))
-            most += float(images.stored(recipe_best)["clip_fraction"]) > 0.5
-            gaps.append(float(images.stored(grid_best)["metrics"]["val_accuracy"])
-                        - float(images.stored(recipe_best)["metrics"]["val_accuracy"]))
+            most += check["clip_fraction"] > 0.5
+            gaps.append(check["gap"])
     return {"probe_steps": recipe.PROBE_STEPS, "quantile": recipe.QUANTILE, "lower_above": recipe.LOWER_LR_ABOVE,
             "networks": len(gaps), "gaps": gaps, "median_gap": float(np.median(gaps)), "max_gap": max(gaps),
             "runs": len(points), "grid_runs": grid_runs, "most": most}
@@ -310,9 +309,9 @@ def text_evidence(hot_lr: float = 3.0) -> dict[str, Any]:
     :data:`gradclip_book.text_figures.SEED_GROUPS`, nats), ``"hot_verdicts"``: the two judged in each group and
     the verdict that stands (:func:`gradclip_book.text_figures.clip_verdicts`), ``"unigram"`` (the test loss of
     guessing each character by its frequency in the training text), ``"rnn_clip_fraction"`` (share of steps
-    clipped at the clipped run's chosen lr, mean over seeds), ``"transformer_top"``: at the scan's largest lr (seed 0) the plain,
-    clipped and qk-layernorm runs' test losses, and ``"transformer_best_worst"``: the worst arm's test loss at the
-    best lr (seed 0).
+    clipped at the clipped run's chosen lr, mean over seeds), ``"transformer_top"``: at the scan's largest lr
+    (seed 0) the plain, clipped and qk-layernorm runs' test losses, and ``"transformer_best_worst"``: the worst arm's
+    test loss at the best lr (seed 0).
     """
     from gradclip_book import text, text_figures as tf, text_grid as tg
 
@@ -322,16 +321,16 @@ def text_evidence(hot_lr: float = 3.0) -> dict[str, Any]:
     unigram = float(-(torch.bincount(parts["test"], minlength=vocab).double()
                       * (counts / counts.sum()).log()).sum() / len(parts["test"]))
     seq, clip = tg.HEADLINE_SEQ_LEN, tg.RNN_CLIP
-    hot_seeds = [s for group in tf.SEED_GROUPS for s in group]
-    hot = {t: [tf.test_loss(tf.recurrent_run("rnn", seq, hot_lr, t, s)) for s in hot_seeds] for t in (None, clip)}
+    verdicts = tf.clip_verdicts("rnn", hot_lr, seq_len=seq, threshold=clip)   # the runs of every seed group
+    hot_seeds = [s for g in verdicts["groups"] for s in g["seeds"]]
+    hot = {arm: [v for g in verdicts["groups"] for v in g[arm].values] for arm in ("plain", "clipped")}
     chosen = ev["recurrent"]["rnn"]["clip_lr"]
     fraction = float(np.mean([float(tf.recurrent_run("rnn", seq, chosen, clip, s)["clip_fraction"])
                               for s in tg.SEEDS]))
     best, top = ev["transformer"]["lr"], max(tg.TRANSFORMER_LRS)
     v0 = lambda arm, lr: tf.test_loss(tf.transformer_run(arm, lr))  # noqa: E731 (seed 0)
     ev.update({"seq_len": seq, "seeds": len(tg.SEEDS), "clip": clip, "hot_lr": hot_lr,
-               "hot": {"plain": hot[None], "clipped": hot[clip]}, "hot_seeds": hot_seeds,
-               "hot_verdicts": tf.clip_verdicts("rnn", hot_lr, seq_len=seq, threshold=clip),
+               "hot": hot, "hot_seeds": hot_seeds, "hot_verdicts": verdicts,
                "unigram": unigram, "rnn_clip_fraction": fraction,
                "transformer_top": {"lr": top, **{arm: v0(arm, top) for arm in ("none", "norm", "qk-norm")}},
                "transformer_best_worst": max(v0(arm, best) for arm in tg.ARMS),
@@ -339,15 +338,18 @@ def text_evidence(hot_lr: float = 3.0) -> dict[str, Any]:
     return ev
 
 
-def _trained_words(tx: dict[str, Any]) -> str:
-    """How many seeds train (end below the loss of guessing by character frequency) one step above the tanh RNN's
-    best learning rate, clipped and not: what "widened the range of learning rates that train" rests on."""
-    def trained(values: list[float | None]) -> int:
-        return sum(v is not None and v < tx["unigram"] for v in values)
+def _trained(tx: dict[str, Any], arm: str) -> int:
+    """How many seeds of :func:`text_evidence`'s hot ``arm`` train: end below the loss of guessing by character
+    frequency (a diverged seed does not)."""
+    return sum(v is not None and v < tx["unigram"] for v in tx["hot"][arm])
 
+
+def _trained_words(tx: dict[str, Any]) -> str:
+    """How many seeds train (:func:`_trained`) one step above the tanh RNN's best learning rate, clipped and not:
+    what "widened the range of learning rates that train" rests on."""
     n = len(tx["hot_seeds"])
-    return (f"at lr {tx['hot_lr']:g}, {trained(tx['hot']['clipped'])} of {n} seeds clipped and "
-            f"{trained(tx['hot']['plain'])} of {n} unclipped ended below the loss of guessing by character frequency")
+    return (f"at lr {tx['hot_lr']:g}, {_trained(tx, 'clipped')} of {n} seeds clipped and "
+            f"{_trained(tx, 'plain')} of {n} unclipped ended below the loss of guessing by character frequency")
 
 
 def _hot_words(tx: dict[str, Any]) -> str:
@@ -356,12 +358,12 @@ def _hot_words(tx: dict[str, Any]) -> str:
 
     plain = [v for v in tx["hot"]["plain"] if v is not None]
     clipped = [v for v in tx["hot"]["clipped"] if v is not None]
-    wrecked = sum(v is None or v > tx["unigram"] for v in tx["hot"]["plain"])
+    wrecked = len(tx["hot"]["plain"]) - _trained(tx, "plain")
     v = tx["hot_verdicts"]
-    stands = ("clipped lower stands" if v["standing"] == "clipping" else
-              "clipped lower does not stand" if any(g["verdict"] == "clipping" for g in v["groups"]) else
-              "no verdict stands")
-    return (f"At lr {tx['hot_lr']:g} (seeds {tf.seeds_text(tx['hot_seeds'])}) the unclipped seeds end between "
+    standing = {"clipping": "clipped lower stands", "no clipping": "unclipped lower stands"}
+    stands = standing.get(v["standing"], "clipped lower does not stand"
+                          if any(g["verdict"] == "clipping" for g in v["groups"]) else "no verdict stands")
+    return (f"At lr {tx['hot_lr']:g} (seeds {seed_range(tx['hot_seeds'])}) the unclipped seeds end between "
             f"{min(plain):.2f} and {max(plain):.2f} nats ({wrecked} of {len(tx['hot_seeds'])} worse than guessing by "
             f"character frequency, {tx['unigram']:.2f}), the clipped ones between {min(clipped):.2f} and "
             f"{max(clipped):.2f}; judged by the seed-spread rule per group of seeds ({tf.groups_short(v)}), {stands} "
@@ -571,7 +573,8 @@ def adamw_cnn_evidence() -> dict[str, Any]:
     ``max_norm`` = 1, over chapter 4's five seeds and its two unseen groups of five (chapter 4.8's three groups),
     and clipped AdamW against clipped SGD at its best setting. Returns ``{"lr", "seeds" (fifteen), "first_seeds",
     "plain_low", "clip_low" (worst seed's test accuracy over the fifteen), "lead_first" (clipped AdamW beats clipped
-    SGD at the first seeds), "lead_unseen" (and at either unseen group)}``.
+    SGD at the first seeds), "unseen_groups" (the unseen groups' seeds), "lead_unseen" (whether it beats it, one
+    bool per unseen group), "unseen_group_size" (the size of each unseen group; ``None`` if their sizes differ)}``.
     """
     from dataclasses import replace
 
@@ -580,16 +583,37 @@ def adamw_cnn_evidence() -> dict[str, Any]:
     plain = imf.choose(imf.unclipped(replace(ig.HEADLINE, optimizer="adamw"), ig.ADAMW_LRS)).best.setting
     clip = replace(plain, method="norm", threshold=1.0)
     sgd = imf.clip_or_lower(ig.HEADLINE)["clipped"]["config"]
-    first = tuple(ig.SEEDS)
-    every = first + tuple(seed for group in ig.UNSEEN_SEED_GROUPS for seed in group)
+    first, unseen = tuple(ig.SEEDS), [tuple(group) for group in ig.UNSEEN_SEED_GROUPS]
+    every = first + tuple(seed for group in unseen for seed in group)
+    sizes = {len(group) for group in unseen}
 
     def test(config: Any, seeds: tuple) -> Any:
         return imf.summary_of(config, seeds)["test"]
 
     return {"lr": plain.lr, "seeds": len(every), "first_seeds": len(first),
             "plain_low": test(plain, every).low, "clip_low": test(clip, every).low,
-            "lead_first": harness.beats(test(clip, first), test(sgd, first)),
-            "lead_unseen": any(harness.beats(test(clip, tuple(g)), test(sgd, tuple(g))) for g in ig.UNSEEN_SEED_GROUPS)}
+            "lead_first": harness.beats(test(clip, first), test(sgd, first)), "unseen_groups": unseen,
+            "lead_unseen": [harness.beats(test(clip, group), test(sgd, group)) for group in unseen],
+            "unseen_group_size": sizes.pop() if len(sizes) == 1 else None}
+
+
+def _adamw_lead_words(aw: dict[str, Any]) -> str:
+    """Where clipped AdamW led clipped SGD (:func:`adamw_cnn_evidence`), in words that follow "led clipped SGD".
+
+    Example:
+        >>> aw = {"first_seeds": 5, "lead_first": True, "unseen_groups": [(5, 6), (7, 8)],
+        ...       "lead_unseen": [False, True], "unseen_group_size": 2}
+        >>> _adamw_lead_words(aw)
+        'at the first 5 seeds and at seeds 7-8, not at seeds 5-6'
+    """
+    if aw["lead_first"] and not any(aw["lead_unseen"]) and aw["unseen_group_size"] is not None:
+        return (f"at the first {aw['first_seeds']} seeds only, not at either group of "
+                f"{aw['unseen_group_size']} unseen ones")
+    led = [seed_range(g) for g, lead in zip(aw["unseen_groups"], aw["lead_unseen"]) if lead]
+    missed = [seed_range(g) for g, lead in zip(aw["unseen_groups"], aw["lead_unseen"]) if not lead]
+    first = f"at the first {aw['first_seeds']} seeds" if aw["lead_first"] else ""
+    where = " and ".join(part for part in (first, f"at seeds {and_list(led)}" if led else "") if part)
+    return (where or "at no group of seeds") + (f", not at seeds {and_list(missed, 'or')}" if missed and where else "")
 
 
 def adam_evidence() -> dict[str, Any]:
@@ -679,8 +703,7 @@ def batch_evidence() -> dict[str, Any]:
 
 def _at(batches: list[int]) -> str:
     """"batch 16" or "batches 16, 64 and 1024"."""
-    words = [str(b) for b in batches]
-    return f"batch {words[0]}" if len(words) == 1 else f"batches {', '.join(words[:-1])} and {words[-1]}"
+    return f"batch {batches[0]}" if len(batches) == 1 else f"batches {and_list([str(b) for b in batches])}"
 
 
 def _batches(pairs: list[tuple[int, str]], method: str) -> list[int]:
@@ -875,9 +898,8 @@ def _residual_against_plain(fx: dict[str, Any]) -> str:
     def at(norm: str, depth: int, who: str) -> list[int]:
         return [i for i, v in enumerate(rvp[norm, depth]["verdicts"]) if v == who]
 
-    def seeds(indices: Any, word: str = " and ") -> str:
-        names = [groups[i] for i in indices]
-        return "seeds " + (word.join(names) if len(names) < 3 else ", ".join(names[:-1]) + word + names[-1])
+    def seeds(indices: Any, word: str = "and") -> str:
+        return "seeds " + and_list([groups[i] for i in indices], word)
 
     def clause(norm: str, words: str) -> str:
         won = {d: at(norm, d, "residual") for d in fx["depths"]}
@@ -889,7 +911,7 @@ def _residual_against_plain(fx: dict[str, Any]) -> str:
                 w, r = won[d], rvp[norm, d]
                 lost = [i for i in range(len(groups)) if i not in w]
                 parts.append(f"at depth {d} at no group" if not w else
-                             f"at depth {d} at {seeds(w)}" + (f" but not at {seeds(lost, ' or ')}" if lost else "")
+                             f"at depth {d} at {seeds(w)}" + (f" but not at {seeds(lost, 'or')}" if lost else "")
                              + " (residual against plain, " + ", ".join(
                                  f"{name}: {_ms(a)} against {_ms(b)}"
                                  for name, a, b in zip(groups, r["residual"], r["plain"])) + ")")
@@ -1046,10 +1068,7 @@ def guide_rows(evidence: dict[str, dict[str, Any]]) -> list[Row]:
             + f"). On chapter 4's residual CNN without normalisation (AdamW at lr {aw['lr']:g}, {aw['seeds']} seeds), "
             f"clipping at 1 lifted the worst seed from {_pct(aw['plain_low'])} to {_pct(aw['clip_low'])}; clipped "
             f"AdamW led clipped SGD "
-            + (f"at the first {aw['first_seeds']} seeds only, not at either group of "
-               f"{aw['first_seeds']} unseen ones" if aw["lead_first"] and not aw["lead_unseen"] else
-               f"at the first {aw['first_seeds']} seeds: {aw['lead_first']}, at the unseen ones: {aw['lead_unseen']}")
-            + ". The transformer row above is another model. Larger models and longer runs were not measured.",
+            + _adamw_lead_words(aw) + ". The transformer row above is another model. Larger models and longer runs were not measured.",
             "perf-adam", also=("cls-caps",)),
         Row("Early instability: is a warm-up enough?",
             "A warm-up alone did not change the learning rates that train; for SGD clipping moves them up rather "
@@ -1103,27 +1122,9 @@ def guide_table_html(rows: list[Row]) -> str:
         first = f'<a href="{r.href}">{html.escape(_section_name(r.section))}</a>'
         return " ".join([first] + [f'<a href="{link(k)}">{html.escape(_section_name(k))}</a>' for k in r.also])
 
-    cells = [[_soft_breaks(r.situation), _soft_breaks(r.method), f"{_soft_breaks(r.evidence)} {links(r)}"]
+    cells = [[soft_breaks(r.situation), soft_breaks(r.method), f"{soft_breaks(r.evidence)} {links(r)}"]
              for r in rows]
     return table_html(["situation", "use", "measured evidence"], cells, widths=[24, 24, 52])
-
-
-def _soft_breaks(text: str) -> str:
-    """``text`` escaped for HTML, long names (``gradclip.suggest_threshold``) breakable after ``.``, ``_`` and ``(``.
-
-    The table's columns have fixed shares at 1280 px: without these, a name wider than its column breaks
-    between two letters.
-
-    Example:
-        >>> _soft_breaks("use gradclip.clip_grad_norm_ here")
-        'use gradclip.<wbr>clip_<wbr>grad_<wbr>norm_ here'
-    """
-    def word(token: str) -> str:
-        escaped = html.escape(token)
-        if len(token) < 16:
-            return escaped
-        return re.sub(r"(?<=\w)([._(/])(?=\w)", r"\1<wbr>", escaped)
-    return " ".join(word(token) for token in text.split(" "))
 
 
 _CHAPTERS = {"principle": "2", "implementation": "3", "classification": "4", "text": "4.11", "performance": "5.1",
@@ -1185,9 +1186,8 @@ def safety_rows(summary: dict[str, Any]) -> list[Row]:
 def _fragile_note(name: str, seeds: list[int], hinges_on: list[int]) -> str:
     """``Per-layer clipping is fragile: a recovery at seeds 0-9 only with seeds 5 and 9 both in.``"""
     needed = (f"seed {hinges_on[0]}" if len(hinges_on) == 1 else
-              "seeds " + ", ".join(map(str, hinges_on[:-1])) + f" and {hinges_on[-1]} all"
-              if len(hinges_on) > 2 else f"seeds {hinges_on[0]} and {hinges_on[1]} both")
-    return (f"{name[0].upper()}{name[1:]} is fragile: a recovery at seeds {seeds[0]}-{seeds[-1]} only with "
+              f"seeds {and_list([str(s) for s in hinges_on])} " + ("all" if len(hinges_on) > 2 else "both"))
+    return (f"{name[0].upper()}{name[1:]} is fragile: a recovery at seeds {seed_range(seeds)} only with "
             f"{needed} in.")
 
 

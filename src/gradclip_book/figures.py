@@ -917,15 +917,79 @@ G.figure=function(id){
 """.replace("__CONFIG__", json.dumps(_PLOTLY_CONFIG)).replace("__BUNDLE__", PLOTLY_BUNDLE)
 
 
+# --- words shared by the chapters' prose, captions and tables -------------------------------------------------
+
+
+def and_list(items: Sequence[str], word: str = "and") -> str:
+    """Items as prose lists them: one alone, two joined by ``word``, more with commas and ``word`` before the last.
+
+    Example:
+        >>> and_list(["a"]), and_list(["a", "b"]), and_list(["a", "b", "c"], word="or")
+        ('a', 'a and b', 'a, b or c')
+    """
+    items = list(items)
+    return ", ".join(items[:-1]) + f" {word} " + items[-1] if len(items) > 1 else "".join(items)
+
+
+def seed_range(seeds: Sequence[int]) -> str:
+    """Consecutive seeds as first-last (one seed alone as itself).
+
+    Raises:
+        ValueError: the seeds are not consecutive and increasing: a range would name seeds that did not run (list
+            them with :func:`and_list` instead).
+
+    Example:
+        >>> seed_range((5, 6, 7, 8, 9)), seed_range([0])
+        ('5-9', '0')
+    """
+    seeds = list(seeds)
+    if not seeds or seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ValueError(f"seeds {seeds} are not consecutive: a range would name seeds that did not run")
+    return f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+
+
+def pm(score: Any, digits: int = 3, html: bool = False) -> str:
+    """A :class:`~gradclip_book.harness.Score`'s mean ± standard deviation (``&plusmn;`` with ``html``), or
+    ``"diverged"`` where it has no mean.
+
+    Example:
+        >>> from gradclip_book.harness import score
+        >>> pm(score("a", [1.0, 1.2]), 2), pm(score("a", [1.0, 1.2]), 1, html=True), pm(score("a", [None]))
+        ('1.10 ± 0.14', '1.1 &plusmn; 0.1', 'diverged')
+    """
+    if score.mean is None:
+        return "diverged"
+    return f"{score.mean:.{digits}f} {'&plusmn;' if html else '±'} {score.std:.{digits}f}"
+
+
+def soft_breaks(text: str) -> str:
+    """``text`` escaped for HTML, its long names (``gradclip.suggest_threshold``) breakable after ``.``, ``_``,
+    ``(`` and ``/`` between two word characters; a token (between spaces) shorter than 16 characters is left whole.
+
+    For the columns of a table with fixed shares (``table_html(widths=...)``): without these, a name wider than
+    its column breaks between two letters.
+
+    Example:
+        >>> soft_breaks("use gradclip.clip_grad_norm_ here, not clip_value_")
+        'use gradclip.<wbr>clip_<wbr>grad_<wbr>norm_ here, not clip_value_'
+    """
+    def word(token: str) -> str:
+        escaped = html.escape(token)
+        if len(token) < 16:
+            return escaped
+        return re.sub(r"(?<=\w)([._(/])(?=\w)", r"\1<wbr>", escaped)
+    return " ".join(word(token) for token in text.split(" "))
+
+
 def table_html(head: Sequence[str], rows: Sequence[Sequence[str]], caption: str = "",
-               widths: Sequence[int] | None = None) -> str:
+               widths: Sequence[int] | None = None, small: bool = False) -> str:
     """An HTML table that reads on a phone: below 560 px each row becomes a card of labelled lines.
 
     ``head`` and the cells are HTML (escape text yourself); each cell carries its column's name
     (``data-label``), which the book's stylesheet shows before it on narrow screens, so no
     column is ever hidden behind a sideways scroll. ``widths`` (percentages, one per column)
     fixes the columns' shares on wider screens, for tables of long text that would otherwise
-    grow wider than the page column.
+    grow wider than the page column. ``small`` sets the table in a 0.9em font (for many columns).
 
     Example:
         >>> table_html(["a", "b"], [["1", "<code>x</code>"]])[:46]
@@ -941,8 +1005,9 @@ def table_html(head: Sequence[str], rows: Sequence[Sequence[str]], caption: str 
         if len(widths) != len(head):
             raise ValueError(f"widths needs one percentage per column ({len(head)}), got {len(widths)}")
         cols, kind = "<colgroup>" + "".join(f'<col style="width:{w}%">' for w in widths) + "</colgroup>", "gc-cards gc-text"
-    return (f'<table class="table gc-table {kind}">{cap}{cols}<thead><tr>' + "".join(f"<th>{h}</th>" for h in head)
-            + f"</tr></thead><tbody>{body}</tbody></table>")
+    table = (f'<table class="table gc-table {kind}">{cap}{cols}<thead><tr>' + "".join(f"<th>{h}</th>" for h in head)
+             + f"</tr></thead><tbody>{body}</tbody></table>")
+    return f'<div style="font-size:0.9em">{table}</div>' if small else table
 
 
 class PlotlyFigure:

@@ -5,11 +5,12 @@ A guard's work is of two kinds. Some of it is paid once per call whatever the mo
 few kernel launches, Python), and dominates on a network whose step takes a fraction of a millisecond. The rest
 grows with the number of parameters P (a norm reads every gradient, SpikeGuard keeps a copy of the weights and the
 momentum, rollback copies the whole state every few steps), while a training step's work also grows with the
-examples and positions per step. This module measures the share each guard takes on networks of different sizes, with chapter 5.1's machinery (:mod:`gradclip_book.step_costs`: its cases, its
-optimizers and learning rate, its clock): for each case of :data:`CASES` it trains, calls interleaved in one
-process (:func:`gradclip_book.timing.interleaved`, medians, one thread), :data:`~gradclip_book.safety.EVERY` steps
-per timed call (one rollback period) under every guard of :data:`gradclip_book.safety.GUARDS`, each guard on its own
-copy of the model (same weights), all on the same input and label tensors.
+examples and positions per step. This module measures the share each guard takes on networks of different sizes,
+with chapter 5.1's machinery (:mod:`gradclip_book.step_costs`: its cases, its optimizers and learning rate, its
+clock): for each case of :data:`CASES` it trains, calls interleaved in one process
+(:func:`gradclip_book.timing.interleaved`, medians, one thread), :data:`~gradclip_book.safety.EVERY` steps per timed
+call (one rollback period) under every guard of :data:`gradclip_book.safety.GUARDS`, each guard on its own copy of
+the model (same weights), all on the same input and label tensors.
 
 The numbers are stored in :data:`RESULTS_FILE` by :data:`COMMAND` (the stored run, ``--rounds 5`` on the quiet 2-core
 machine, took 17 minutes for the three cases, a round of ResNet-50 about 3 minutes; see chapters/data/README.md),
@@ -42,8 +43,8 @@ from . import classification as cls
 from . import safety, step_costs
 from .timing import interleaved
 
-__all__ = ["CASES", "COMMAND", "CONTROL", "GUARD_NAMES", "RESULTS_FILE", "dearer", "load", "main", "measure",
-           "measure_case", "noise", "ratios", "relative"]
+__all__ = ["CASES", "COMMAND", "CONTROL", "GUARDS_ONLY", "GUARD_NAMES", "RESULTS_FILE", "dearer", "load", "main",
+           "measure", "measure_case", "noise", "ratios", "relative"]
 
 RESULTS_FILE = Path(__file__).resolve().parents[2] / "chapters" / "data" / "guard_costs.json"
 COMMAND = "python -m gradclip_book.guard_costs"
@@ -52,6 +53,8 @@ CONTROL = "none-again"
 the timing's noise, so it shows which differences the measurement resolves."""
 GUARD_NAMES: tuple[str, ...] = (*safety.GUARDS, CONTROL)
 """Every guard chapter 5.3 prices, ``"none"`` (the plain step every ratio divides by) first, then the control."""
+GUARDS_ONLY: tuple[str, ...] = GUARD_NAMES[1:-1]
+"""The guards of :data:`GUARD_NAMES` without its two plain copies (``"none"`` and :data:`CONTROL`)."""
 
 
 def _page_mlp(generator: torch.Generator):
@@ -111,7 +114,7 @@ def measure_case(case: step_costs.Case, repeats: int, steps: int = safety.EVERY)
     step_ms = _plain_ms(ms)
     return {"name": case.name, "label": case.label, "parameters": values, "tensors": len(params),
             "batch": case.batch, "positions": case.positions, "optimizer": case.optimizer, "step_ms": step_ms,
-            "ms": ms, "ratio": {n: ms[n] / step_ms for n in GUARD_NAMES},
+            "ms": ms, "ratio": relative({"ms": ms}),
             "extra_ns_per_value": {n: (ms[n] - step_ms) * 1e6 / values for n in GUARD_NAMES},
             "not_stepped": {n: sum(c for a, c in actions.items() if a != "step") + guard.skipped()
                             for n, (_, actions, guard) in runs.items()}}
@@ -180,6 +183,7 @@ def load(path: str | Path = RESULTS_FILE) -> dict[str, Any]:
 
 
 def _plain_ms(ms: dict[str, float]) -> float:
+    """A plain step's time: the mean of the two unguarded copies' (``"none"`` and :data:`CONTROL`)."""
     return (ms["none"] + ms[CONTROL]) / 2
 
 
@@ -212,16 +216,23 @@ def noise(case: dict[str, Any], by_round: dict[str, list[float]] | None = None) 
         0.05
     """
     by_round = by_round or ratios(case)  # the two copies lie equally far on either side of their mean: one of them tells
-    return max(max(abs(by_round["none"][i] - 1), *(1 - by_round[g][i] for g in GUARD_NAMES[1:-1]))
+    return max(max(abs(by_round["none"][i] - 1), *(1 - by_round[g][i] for g in GUARDS_ONLY))
                for i in range(len(case["rounds"])))
 
 
 def dearer(case: dict[str, Any]) -> list[str]:
     """The guards of one stored case that made a step dearer than a plain one (:func:`relative`) in every round by
-    more than :func:`noise` (in the order of :data:`gradclip_book.safety.GUARDS`)."""
+    more than :func:`noise` (in the order of :data:`gradclip_book.safety.GUARDS`).
+
+    Example:
+        >>> plain = {**dict.fromkeys(GUARD_NAMES, 1.0), "none": 1.02, CONTROL: 0.98}   # noise 0.02
+        >>> dearer({"rounds": [{"ms": {**plain, "spike": 1.5, "rollback": 1.03}},
+        ...                    {"ms": {**plain, "spike": 1.2, "rollback": 1.01}}]})   # rollback: not in every round
+        ['spike']
+    """
     by_round = ratios(case)
     bar = 1 + noise(case, by_round)
-    return [g for g in GUARD_NAMES[1:-1] if all(x > bar for x in by_round[g])]
+    return [g for g in GUARDS_ONLY if all(x > bar for x in by_round[g])]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import harness, images
 from . import images_grid as ig
-from .figures import PALETTE, Explorer, Param, PlotlyFigure, run_style, table_html
+from .figures import PALETTE, Explorer, Param, PlotlyFigure, and_list, run_style, seed_range, table_html
 from .harness import Score, beats, curves, score, select_best, values_of
 from .images import ImageConfig
 
@@ -111,9 +111,10 @@ def clip_or_lower(base: ImageConfig, seeds: Sequence[int] = ig.SEEDS, choice_see
     """Best against best for one network: the best unclipped learning rate against the best clipped (lr, threshold).
 
     Both are chosen on validation accuracy over ``choice_seeds`` (default ``seeds``; the unclipped side over
-    ``plain_choice_seeds`` when given) and then summarised over ``seeds``. With ``rare``, the clipped candidates are only those that clip on rare steps (some, but at most 10%
-    of the steps, averaged over ``choice_seeds``): clipping as a guard, not as a smaller step. Returns ``{"plain": summary, "clipped": summary, "regime": words for the clipped run's share of
-    clipped steps, "verdict": "clipping" | "lower lr" | "no difference" (on test accuracy, by the book's rule),
+    ``plain_choice_seeds`` when given) and then summarised over ``seeds``. With ``rare``, the clipped candidates are
+    only those that clip on rare steps (some, but at most 10% of the steps, averaged over ``choice_seeds``): clipping
+    as a guard, not as a smaller step. Returns ``{"plain": summary, "clipped": summary, "regime": words for the
+    clipped run's share of clipped steps, "verdict": "clipping" | "lower lr" | "no difference" (on test accuracy, by the book's rule),
     "rescue": True when the best unclipped setting does not train and the best clipped one does}``.
     """
     choice_seeds = seeds if choice_seeds is None else choice_seeds
@@ -160,8 +161,8 @@ def standing(case: dict[str, Any], again: dict[str, Any], *more: dict[str, Any])
         {'verdict': 'clipping', 'rescue': False}
     """
     groups = (again, *more)
-    verdict = case["verdict"] if all(g["verdict"] == case["verdict"] for g in groups) else "no difference"
-    return {"verdict": verdict, "rescue": bool(case["rescue"] and all(g["rescue"] for g in groups))}
+    return {"verdict": harness.standing_verdict([g["verdict"] for g in (case, *groups)]),
+            "rescue": bool(case["rescue"] and all(g["rescue"] for g in groups))}
 
 
 def stable_lrs(base: ImageConfig, method: str = "none", threshold: float | None = None,
@@ -184,8 +185,7 @@ def range_words(lrs: Sequence[float], scan: Sequence[float] = ig.LRS) -> str:
     positions = [list(scan).index(lr) for lr in lrs]
     if positions == list(range(positions[0], positions[0] + len(lrs))):
         return f"{lrs[0]:g} to {lrs[-1]:g}"
-    names = [f"{lr:g}" for lr in lrs]
-    return ", ".join(names[:-1]) + " and " + names[-1]
+    return and_list([f"{lr:g}" for lr in lrs])
 
 
 def pct(x: float | None, digits: int = 1) -> str:
@@ -372,7 +372,7 @@ def explosion_explorer() -> Explorer:
         compute=compute, traces=base, layout=two_panels(ig.HEADLINE.steps), label="fig-cls-explode",
         caption=f"The residual CNN without normalisation (width {ig.HEADLINE.width}, He initialisation), trained "
                 f"without clipping by SGD with momentum 0.9, {ig.HEADLINE.steps} steps of {ig.HEADLINE.batch} "
-                f"images, one line per seed ({seeds[0]}-{seeds[-1]}). First panel (left, or top on a phone): "
+                f"images, one line per seed ({seed_range(seeds)}). First panel (left, or top on a phone): "
                 "training loss; second panel: the global gradient norm before the step. Each point is one step "
                 f"for the first steps, then the mean loss and the largest norm of a bin of steps. A cross marks "
                 f"the loss that stopped a diverged run (above {harness.DIVERGED_LOSS:g} or not a number). All "
@@ -565,24 +565,31 @@ def recipe_check(base: ImageConfig, tried: Sequence[ImageConfig], seed: int = 0)
 
     Returns ``{"recipe", "grid", "dropping"`` (the configs chosen; ``"dropping"``: the recipe's choice among the learning
     rates whose unclipped probe finished only, as step 1 once ruled), ``"diverged_lrs"`` (where the unclipped
-    probe diverged), ``"val"`` and ``"test"`` (each choice's accuracy; 0 for a diverged run), ``"gap"`` and
-    ``"gap_dropping"`` (grid minus recipe, validation), ``"clip_fraction"`` (of the recipe's choice)}``.
+    probe diverged), ``"val"`` and ``"test"`` (each choice's accuracy; 0 for a diverged run), ``"gap"`` (grid minus
+    recipe, validation), ``"gap_dropping"`` (grid minus the dropping rule's choice, validation), ``"clip_fraction"``
+    (of the recipe's choice)}``.
+
+    Raises:
+        ValueError: no run of ``tried`` is at a learning rate whose probe at ``seed`` finished (the recipe's runs of
+            ``seed`` always start at the lowest such rate: ``tried`` was made at another seed).
     """
     base = replace(base, seed=0)
     probes = {lr: ig.probe_norms(images.stored(replace(base, lr=lr, seed=seed))) for lr in ig.LRS}
     diverged = [lr for lr, norms in probes.items() if norms is None]
     tried = [replace(c, seed=0) for c in tried]
     kept = [c for c in tried if c.lr not in diverged]
+    if not kept:   # rather than a dropping choice of None, scored as 0 and reported as the grid's whole accuracy
+        raise ValueError(f"none of the recipe's runs is at a learning rate whose probe finished at seed {seed}")
     chosen = {"recipe": choose(tried, (seed,)).best.setting, "grid": choose(clipped(base), (seed,)).best.setting,
-              "dropping": choose(kept, (seed,)).best.setting if kept else None}
+              "dropping": choose(kept, (seed,)).best.setting}
 
-    def metric(config: ImageConfig | None, name: str) -> float:
-        line = None if config is None else images.stored(replace(config, seed=seed))
-        return 0.0 if line is None or line["diverged_at"] is not None else float(line["metrics"][name])
+    def metric(config: ImageConfig, name: str) -> float:
+        line = images.stored(replace(config, seed=seed))
+        return 0.0 if line["diverged_at"] is not None else float(line["metrics"][name])
 
     val = {k: metric(c, "val_accuracy") for k, c in chosen.items()}
-    return {**chosen, "diverged_lrs": diverged, "val": val, "test": {k: metric(c, "test_accuracy") for k, c in chosen.items()},
-            "gap": val["grid"] - val["recipe"], "gap_dropping": val["grid"] - val["dropping"],
+    return {**chosen, "diverged_lrs": diverged, "val": val,
+            "test": {k: metric(c, "test_accuracy") for k, c in chosen.items()}, "gap": val["grid"] - val["recipe"], "gap_dropping": val["grid"] - val["dropping"],
             "clip_fraction": float(images.stored(replace(chosen["recipe"], seed=seed))["clip_fraction"])}
 
 
@@ -625,7 +632,7 @@ def clipped_share_words(summary: dict[str, Any]) -> str:
     """
     fraction = float(summary["clip_fraction"])
     if never_fired(summary):
-        return "0% (never fired)"
+        return "0%" + NEVER_FIRED
     share = f"{100 * fraction:.1f}%" if fraction < 0.01 else f"{100 * fraction:.0f}%"
     return f"{share} ({regime(fraction).split()[0]})"
 

@@ -28,8 +28,9 @@ from . import harness
 from .images import GRID_FILE, MODELS, ImageConfig, code_version, load, record
 
 __all__ = [
-    "ADAMW_LRS", "BUDGET_STEPS", "DEPTHS", "HARD", "HEADLINE", "LRS", "METHOD_LRS", "METHOD_THRESHOLDS", "RECIPE_NET", "RECIPE_SEEDS", "SECOND_REPLICATION_SEEDS", "SEEDS",
-    "THRESHOLDS", "UNSEEN_SEED_GROUPS", "WARMUP", "budget_points", "grid_points", "main", "phase_one", "phase_two", "probe_norms", "recipe_points", "replication_points",
+    "ADAMW_LRS", "BUDGET_STEPS", "DEPTHS", "HARD", "HEADLINE", "LRS", "METHOD_LRS", "METHOD_THRESHOLDS", "RECIPE_NET",
+    "RECIPE_SEEDS", "SECOND_REPLICATION_SEEDS", "SEEDS", "THRESHOLDS", "UNSEEN_SEED_GROUPS", "WARMUP", "budget_points",
+    "grid_points", "main", "phase_one", "phase_two", "probe_norms", "recipe_points", "replication_points",
     "table_settings",
 ]
 
@@ -215,12 +216,12 @@ def probe_norms(line: dict[str, Any]) -> list[float] | None:
     return [float(n) for n in line["curve"]["grad_norm"][:probe]]
 
 
-REPLICATION_SEEDS = (5, 6, 7, 8, 9)
-"""Seeds no choice of the chapter saw: the headline settings are re-run at these (``replicate``)."""
-SECOND_REPLICATION_SEEDS = (10, 11, 12, 13, 14)
-"""A second group of seeds no choice saw: every row of chapter 4.4's table is re-run at these too (``replicate``)."""
-UNSEEN_SEED_GROUPS = (REPLICATION_SEEDS, SECOND_REPLICATION_SEEDS)
-"""The groups of seeds at which chapter 4.4's table judges every row again (a verdict stands only if all give it)."""
+REPLICATION_SEEDS, SECOND_REPLICATION_SEEDS = harness.UNSEEN_SEED_GROUPS
+"""Seeds no choice of the chapter saw: the headline settings are re-run at the first group (``replicate``), every
+row of chapter 4.4's table at the second too (``replicate``)."""
+UNSEEN_SEED_GROUPS = harness.UNSEEN_SEED_GROUPS
+"""The groups of seeds at which chapter 4.4's table judges every row again (a verdict stands only if all give it;
+defined once, in :data:`gradclip_book.harness.UNSEEN_SEED_GROUPS`)."""
 
 
 def replication_points(lines: Sequence[dict[str, Any]]) -> list[tuple[str, ImageConfig]]:
@@ -232,8 +233,8 @@ def replication_points(lines: Sequence[dict[str, Any]]) -> list[tuple[str, Image
     4.4's table (:func:`table_settings`: every network and depth, those of the residual CNN included above). The
     table's settings are then re-run at :data:`SECOND_REPLICATION_SEEDS` as well (listed last: the runs stored before
     this group was added keep their order), and then AdamW's two settings at :data:`SECOND_REPLICATION_SEEDS` (so that
-section 4.8 judges AdamW on the same three groups of seeds as 4.4's table). Empty until the runs they are chosen from
-are stored."""
+    section 4.8 judges AdamW on the same three groups of seeds as 4.4's table). Empty until the runs they are chosen
+    from are stored."""
     by_key = {line["key"]: line for line in lines}
 
     def clip_fraction(config: ImageConfig) -> float | None:
@@ -249,9 +250,11 @@ are stored."""
     if None in fractions.values():
         return []
     chosen.append(_best_over_seeds(by_key, [c for c, f in fractions.items() if 0 < f <= 0.1]))
-    adamw = replace(HEADLINE, optimizer="adamw")
-    chosen.append(_best_over_seeds(by_key, [replace(adamw, lr=lr) for lr in ADAMW_LRS]))
-    chosen.append(_best_over_seeds(by_key, [replace(adamw, lr=lr, method="norm", threshold=1.0) for lr in ADAMW_LRS]))
+    adamw = replace(HEADLINE, optimizer="adamw")   # section 4.8: without clipping and at max_norm 1
+    adamw_settings = [_best_over_seeds(by_key, [replace(adamw, lr=lr) for lr in ADAMW_LRS]),
+                      _best_over_seeds(by_key, [replace(adamw, lr=lr, method="norm", threshold=1.0)
+                                                for lr in ADAMW_LRS])]
+    chosen += adamw_settings
     if None in chosen:
         return []
     table = table_settings(lines)
@@ -260,7 +263,6 @@ are stored."""
     # the verdicts' settings first, then the table's rows: the order of the runs stored before the rows were added
     rows = list(dict.fromkeys(c for pair in table.values() for c in pair))
     unique = list(dict.fromkeys(chosen + rows))
-    adamw_settings = chosen[-2:]   # AdamW without clipping and at max_norm 1 (section 4.8), added last at seeds 10-14
     return ([("replicate", replace(c, seed=s)) for c in unique for s in REPLICATION_SEEDS]
             + [("replicate", replace(c, seed=s)) for c in rows for s in SECOND_REPLICATION_SEEDS]
             + [("replicate", replace(c, seed=s)) for c in adamw_settings for s in SECOND_REPLICATION_SEEDS])

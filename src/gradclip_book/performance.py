@@ -43,6 +43,7 @@ import gradclip
 from . import classification as cls
 from . import classification_figures as cf
 from . import grids, harness
+from .figures import and_list
 from .timing import interleaved
 
 __all__ = [
@@ -109,8 +110,7 @@ def lrs_words(lrs: Sequence[float], scan: Sequence[float]) -> str:
     positions = [sorted(scan).index(lr) for lr in chosen]
     if len(chosen) > 2 and positions == list(range(positions[0], positions[0] + len(chosen))):
         return f"{chosen[0]:g} to {chosen[-1]:g} {count}"
-    names = [f"{lr:g}" for lr in chosen]
-    return ", ".join(names[:-1]) + " and " + names[-1] + " " + count
+    return and_list([f"{lr:g}" for lr in chosen]) + " " + count
 
 
 # --- the stored runs ---------------------------------------------------------------------------------

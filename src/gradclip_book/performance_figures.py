@@ -22,7 +22,7 @@ from . import classification_figures as cf
 from . import grids
 from . import performance as perf
 from . import step_costs as sc
-from .figures import Explorer, Param, PlotlyFigure, run_style, table_html
+from .figures import Explorer, Param, PlotlyFigure, run_style, seed_range, soft_breaks, table_html
 
 __all__ = [
     "adam_figure",
@@ -253,7 +253,7 @@ def warmup_explorer() -> Explorer:
                fmt="g", kind="buttons")],
         compute=compute, traces=traces, layout=layout, label="fig-perf-warmup",
         caption=f"The depth-{grids.HARD.depth} network of chapter 4 (300 steps of SGD with momentum 0.9), mean test "
-                f"accuracy over seeds {grids.OPT_SEEDS[0]}-{grids.OPT_SEEDS[-1]} against the peak learning rate "
+                f"accuracy over seeds {seed_range(grids.OPT_SEEDS)} against the peak learning rate "
                 f"({', '.join(f'{lr:g}' for lr in grids.SGD_LRS)}), with neither remedy, a linear warm-up over the "
                 f"first {grids.WARMUP_STEPS} steps (dotted, open diamonds), global-norm clipping at max_norm, or both. "
                 "A diverged run counts as 0% here (chapter 5.2 counts it as 10%, chance). "
@@ -295,7 +295,7 @@ def adam_figure(summary: dict[str, dict[Any, dict[str, Any]]]) -> PlotlyFigure:
               "shapes": [{**line, "xref": "x domain", "yref": "y"}, {**line, "xref": "x2 domain", "yref": "y2"}]}
     return PlotlyFigure(traces, layout, name="perf-adam", label="fig-perf-adam",
                         caption=f"The depth-{grids.HARD.depth} network, 300 steps, no warm-up: mean test accuracy over "
-                                f"seeds {grids.OPT_SEEDS[0]}-{grids.OPT_SEEDS[-1]} against the learning rate, without "
+                                f"seeds {seed_range(grids.OPT_SEEDS)} against the learning rate, without "
                                 "clipping and with global-norm clipping at two thresholds (the same styles as the "
                                 "figures above). A diverged run counts as 0% here (chapter 5.2 counts it as 10%, "
                                 f"chance). {TRAINS_RULE} The dotted line marks {100 * perf.TRAINS:.0f}%. First panel "
@@ -310,15 +310,15 @@ def benchmark_table_html(result: dict[str, Any]) -> str:
     """An HTML table of :func:`gradclip_book.performance.benchmark`'s rows (a card per row on a phone), its caption
     naming the machine; the first column holds the figure's short labels."""
     head = ["case", "what", "gradclip", "compared with", "its time", "ratio (above 1: gradclip faster)"]
-    # long names break after "." or "_", numbers and "ms" never (no-break space): the columns have fixed shares
+    # long names break after "." or "_" (soft_breaks), numbers and "ms" never (no-break space): the columns have
+    # fixed shares
     rows = [[f"<b>{html.escape(r['short'].split('.')[0])}</b>", html.escape(r["what"]), f"{r['ms']:.2f}&nbsp;ms",
-             html.escape(r["reference"]).replace(".", ".<wbr>").replace("_", "_<wbr>").replace("_<wbr> ", "_ "),
-             f"{r['reference_ms']:.2f}&nbsp;ms", f"{r['ratio']:.2f}"]
+             soft_breaks(r["reference"]), f"{r['reference_ms']:.2f}&nbsp;ms", f"{r['ratio']:.2f}"]
             for r in result["rows"]]
     caption = (f"Medians of {result['repeats']} interleaved calls each, measured while this page was built on "
                f"{html.escape(perf.describe_machine(result['machine']))}. The letters label the bars of the "
                "figure below.")
-    return '<div style="font-size:0.9em">' + table_html(head, rows, caption, widths=[8, 26, 14, 23, 14, 15]) + "</div>"
+    return table_html(head, rows, caption, widths=[8, 26, 14, 23, 14, 15], small=True)
 
 
 def step_cost_table_html(stored: dict[str, Any]) -> str:
@@ -335,7 +335,7 @@ def step_cost_table_html(stored: dict[str, Any]) -> str:
                f"({html.escape(stored['clock'])}), measured on {stored['date']} on "
                f"{html.escape(perf.describe_machine(stored['machine']))} by <code>{html.escape(sc.COMMAND)}</code>; "
                "the clipping call fires at every call. Stored in chapters/data/step_costs.json.")
-    return '<div style="font-size:0.9em">' + table_html(head, rows, caption, widths=[16, 15, 14, 15, 15, 11, 14]) + "</div>"
+    return table_html(head, rows, caption, widths=[16, 15, 14, 15, 15, 11, 14], small=True)
 
 
 def benchmark_figure(result: dict[str, Any]) -> PlotlyFigure:

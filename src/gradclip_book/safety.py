@@ -81,6 +81,7 @@ import gradclip
 from . import classification as cls
 from . import harness
 from . import grids
+from .figures import and_list
 
 __all__ = [
     "FAULTS",
@@ -815,7 +816,7 @@ def step_phrase(outcomes: list[tuple[int, str]]) -> str:
     def steps_text(steps: list[int]) -> str:
         if len(steps) == 1:
             return f"step {steps[0]}"
-        return "steps " + ", ".join(str(s) for s in steps[:-1]) + f" and {steps[-1]}"
+        return "steps " + and_list([str(s) for s in steps])
 
     return "; ".join(f"{outcome} at {steps_text(steps)}" for outcome, steps in groups.items())
 

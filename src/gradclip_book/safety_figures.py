@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import safety
-from .figures import PALETTE, RUN_STYLES, Explorer, Param, PlotlyFigure, run_style
+from .figures import PALETTE, RUN_STYLES, Explorer, Param, PlotlyFigure, and_list, run_style
 
 __all__ = ["OUTCOME_WORDS", "accuracy_figure", "coinciding", "loss_explorer", "loss_frame"]
 
@@ -83,10 +83,6 @@ def _outcome(line: dict[str, Any]) -> str:
     return f"diverged, {acc} with finite weights (line goes on)"
 
 
-def _join(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-
 def coinciding(curves: dict[str, list[float | None]]) -> list[list[str]]:
     """Groups (two or more) of runs whose plotted curves are identical at every point, in the given order."""
     groups: dict[tuple, list[str]] = {}
@@ -108,7 +104,7 @@ def loss_frame(fault: str, fault_step: int) -> dict[str, Any]:
     note = [f"{FAULT_LABELS[fault]} at step {fault_step}; clean run {100 * clean:.1f}% test accuracy (seed 0).",
             "Endings: " + "; ".join(f"{LABELS[g]}: {_outcome(line)}" for g, line in lines.items()) + "."]
     for group in coinciding(curves):
-        names = _join([LABELS[g] for g in group])
+        names = and_list([LABELS[g] for g in group])
         note.append(f"{names[0].upper()}{names[1:]} have identical losses: their lines lie on each other.")
     high = [(g, max(v for v in c if v is not None)) for g, c in curves.items() if any(v is not None for v in c)]
     high = [(g, m) for g, m in high if m > 10 ** TOP]

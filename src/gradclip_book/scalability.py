@@ -28,8 +28,9 @@ same gradients (interleaved calls, medians); :func:`per_sample_check` compares g
 (:func:`compute_dp`, a progress bar, about 2 minutes): ``method="auto"`` against ``"ghost"`` and ``"vmap"``
 (:func:`method_times`), and DP-SGD with Abadi clipping at three thresholds, per-layer thresholds and automatic
 clipping at the same noise multiplier over :data:`DP_SEEDS` (:func:`dp_runs`), judged by :func:`dp_summary`;
-then the same with each arm's learning rate chosen on validation (:func:`dp_lr_runs`, :func:`dp_lr_summary`), which
-``python -m gradclip_book.scalability dp --lr-only`` adds to the stored file alone.
+then the same with each arm's learning rate chosen on validation (:func:`dp_lr_runs`, :func:`dp_lr_summary`, about
+3 minutes more). The file is rewritten first, so this command always redoes the whole learning-rate search;
+``python -m gradclip_book.scalability dp --lr-only`` adds the search's missing runs to the stored file alone.
 
 References:
     * Brock, De, Smith, Simonyan (2021), "High-Performance Large-Scale Image Recognition Without
@@ -726,6 +727,10 @@ def dp_lr_runs(stored: list[dict[str, Any]], seeds: Iterable[int] = DP_SEEDS, pr
     chosen rate has a worse tried rate on both sides (a local search: validation accuracy against the rate is
     assumed to have one peak). ``save``, if given, gets the new runs so far after each rate (to resume an
     interrupted computation).
+
+    Raises:
+        RuntimeError: an arm's best rate is still the edge of its rates after ``max_extensions`` extensions (the
+            runs so far have gone to ``save``; rerun with a larger ``max_extensions`` to go on).
     """
     seeds = list(seeds)
     done = {_dp_key(r): r for r in stored}
@@ -755,6 +760,10 @@ def dp_lr_runs(stored: list[dict[str, Any]], seeds: Iterable[int] = DP_SEEDS, pr
                 lrs.append(best * 2)
             else:
                 break
+        else:   # the rate just added was never run: the promise of a worse rate on both sides does not hold
+            tried = sorted(lr for a, lr in _dp_cells(done.values(), seeds) if a == name)
+            raise RuntimeError(f"{name}: the best learning rate {best:g} is still an edge of the rates tried "
+                               f"({tried[0]:g} to {tried[-1]:g}) after {max_extensions} extensions")
     if bar is not None:
         bar.close()
     return new

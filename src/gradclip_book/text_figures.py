@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import harness, text_grid
-from .figures import PALETTE, RUN_STYLES, Explorer, Param, PlotlyFigure, run_style, table_html
+from .figures import PALETTE, RUN_STYLES, Explorer, Param, PlotlyFigure, and_list, pm, run_style, seed_range, table_html
 from .harness.curves import rebin
 from .text_grid import (ARMS, HEADLINE_LR, HEADLINE_SEQ_LEN, RNN_CLIP, RNN_LRS, RNN_THRESHOLDS, SEEDS, SEQ_LENS,
                         SWEEP_SEEDS, TRANSFORMER_LRS, arm_config, run_of)
@@ -59,7 +59,6 @@ __all__ = [
     "recurrent_scores",
     "sensitivity_explorer",
     "sensitivity_figure",
-    "seeds_text",
     "spikes",
     "through_time_explorer",
     "transformer_run",
@@ -232,16 +231,6 @@ CLIP_VERDICTS = {"clipping": "clipped lower", "no clipping": "unclipped lower", 
 their words."""
 
 
-def seeds_text(seeds: Sequence[int]) -> str:
-    """A run of consecutive seeds in words.
-
-    Example:
-        >>> seeds_text((5, 6, 7, 8, 9)), seeds_text((0,))
-        ('5-9', '0')
-    """
-    return f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
-
-
 def clip_verdicts(model: str, lr: float, clip_lr: float | None = None, seq_len: int = HEADLINE_SEQ_LEN,
                   threshold: float = RNN_CLIP, groups: Sequence[Sequence[int]] = SEED_GROUPS) -> dict[str, Any]:
     """Clipped at ``threshold`` (learning rate ``clip_lr``, by default ``lr``) against unclipped at ``lr``, judged
@@ -251,7 +240,7 @@ def clip_verdicts(model: str, lr: float, clip_lr: float | None = None, seq_len: 
     :class:`~gradclip_book.harness.Score` of test losses (nats; a diverged seed counts as diverged) and the verdict,
     ``"clipping"`` (clipped lower by more than the larger of the two seed standard deviations,
     :func:`harness.beats`), ``"no clipping"`` or ``"no difference"``; ``"standing"``: the verdict that every group
-    gives, else ``"no difference"`` (chapter 4.4's rule, :func:`gradclip_book.images_figures.standing`).
+    gives, else ``"no difference"`` (chapter 4.4's rule, :func:`gradclip_book.harness.standing_verdict`).
 
     Raises:
         KeyError: the grid stores no run of a seed of ``groups`` at these settings (the command to compute it).
@@ -261,8 +250,6 @@ def clip_verdicts(model: str, lr: float, clip_lr: float | None = None, seq_len: 
         >>> [g["seeds"] for g in v["groups"]][0], v["standing"] in CLIP_VERDICTS
         ((0, 1, 2, 3, 4), True)
     """
-    from .images_figures import standing   # chapter 4.4's rule, shared rather than restated
-
     clip_lr = lr if clip_lr is None else clip_lr
     judged = []
     for seeds in groups:
@@ -272,8 +259,7 @@ def clip_verdicts(model: str, lr: float, clip_lr: float | None = None, seq_len: 
         verdict = ("clipping" if harness.beats(clipped, plain, mode="min") else
                    "no clipping" if harness.beats(plain, clipped, mode="min") else "no difference")
         judged.append({"seeds": tuple(seeds), "plain": plain, "clipped": clipped, "verdict": verdict})
-    first, *more = ({"verdict": g["verdict"], "rescue": False} for g in judged)
-    return {"groups": judged, "standing": standing(first, *more)["verdict"] if more else first["verdict"]}
+    return {"groups": judged, "standing": harness.standing_verdict([g["verdict"] for g in judged])}
 
 
 def verdict_words(verdicts: dict[str, Any], digits: int = 3) -> str:
@@ -289,16 +275,15 @@ def verdict_words(verdicts: dict[str, Any], digits: int = 3) -> str:
         'clipped lower at seeds 0-1 (1.5 ± 0.0 against 2.1 ± 0.1 nats unclipped);
          no difference at seeds 2-3 (1.5 ± 0.0 against 2.1 ± 0.1)'
     """
-    names = CLIP_VERDICTS
     out, unit = [], " nats unclipped"
     for verdict in dict.fromkeys(g["verdict"] for g in verdicts["groups"]):
         groups = [g for g in verdicts["groups"] if g["verdict"] == verdict]
         parts = []
         for g in groups:
-            parts.append(f"{seeds_text(g['seeds'])} ({_pm_text(g['clipped'], digits)} against "
-                         f"{_pm_text(g['plain'], digits)}{unit})")
+            parts.append(f"{seed_range(g['seeds'])} ({pm(g['clipped'], digits)} against "
+                         f"{pm(g['plain'], digits)}{unit})")
             unit = ""
-        out.append(f"{names[verdict]} at seeds " + _and(parts))
+        out.append(f"{CLIP_VERDICTS[verdict]} at seeds " + and_list(parts))
     return "; ".join(out)
 
 
@@ -310,17 +295,7 @@ def groups_short(verdicts: dict[str, Any]) -> str:
         ...                          {"seeds": (2, 3), "verdict": "no difference"}]})
         'seeds 0-1: clipped lower; 2-3: no difference'
     """
-    return "seeds " + "; ".join(f"{seeds_text(g['seeds'])}: {CLIP_VERDICTS[g['verdict']]}" for g in verdicts["groups"])
-
-
-def _pm_text(score: harness.Score, digits: int = 3) -> str:
-    if score.mean is None:
-        return "diverged"
-    return f"{score.mean:.{digits}f} ± {score.std:.{digits}f}"
-
-
-def _and(items: Sequence[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    return "seeds " + "; ".join(f"{seed_range(g['seeds'])}: {CLIP_VERDICTS[g['verdict']]}" for g in verdicts["groups"])
 
 
 def clip_verdicts_table_html(rows: dict[str, dict[str, Any]], caption: str) -> str:
@@ -330,8 +305,9 @@ def clip_verdicts_table_html(rows: dict[str, dict[str, Any]], caption: str) -> s
     body = []
     for name, v in rows.items():
         for i, g in enumerate(v["groups"]):
-            body.append([name if i == 0 else "", seeds_text(g["seeds"]), _pm(g["clipped"]), _pm(g["plain"]),
-                         CLIP_VERDICTS[g["verdict"]], CLIP_VERDICTS[v["standing"]] if i == 0 else ""])
+            body.append([name if i == 0 else "", seed_range(g["seeds"]), pm(g["clipped"], html=True),
+                         pm(g["plain"], html=True), CLIP_VERDICTS[g["verdict"]],
+                         CLIP_VERDICTS[v["standing"]] if i == 0 else ""])
     return table_html(head, body, caption)
 
 
@@ -368,22 +344,17 @@ def guide_evidence() -> dict[str, Any]:
                             "norm_clip_fraction": choices["norm"]["clip_fraction"]}}
 
 
-def _seeds_text(seeds: Sequence[int] = SWEEP_SEEDS) -> str:
-    return f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over seeds {seeds[0]}-{seeds[-1]}"
-
-
-def _pm(score: harness.Score, digits: int = 3) -> str:
-    if score.mean is None:
-        return "diverged"
-    return f"{score.mean:.{digits}f} &plusmn; {score.std:.{digits}f}"
+def _over_seeds_words(seeds: Sequence[int] = SWEEP_SEEDS) -> str:
+    """What a point of the sweep's figures is: ``"seed 0"`` or ``"mean over seeds 0-4"``."""
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over seeds {seed_range(seeds)}"
 
 
 def choice_table_html(rows: Sequence[tuple[str, harness.Score, harness.Score, float, str]], caption: str) -> str:
     """A table of chosen settings: name, chosen learning rate, validation and test loss (mean &plusmn; std), seeds
     diverged, share of steps clipped. ``rows``: ``(name, validation Score, test Score, clip fraction, note)``."""
     head = ["setting", "chosen lr", "validation loss", "test loss", "seeds (diverged)", "steps clipped"]
-    body = [[name, f"{val.setting:g}", _pm(val), _pm(test), f"{val.seeds} ({val.diverged})", f"{100 * frac:.0f}%"]
-            for name, val, test, frac, _ in rows]
+    body = [[name, f"{val.setting:g}", pm(val, html=True), pm(test, html=True), f"{val.seeds} ({val.diverged})",
+             f"{100 * frac:.0f}%"] for name, val, test, frac, _ in rows]
     return table_html(head, body, caption)
 
 
@@ -756,7 +727,7 @@ def recurrent_lr_figure() -> Explorer:
         "text-rnn-lr", [Param("model", ["rnn", "lstm"], label="model", default="rnn", fmt=lambda m: MODEL_LABELS[m])],
         compute=compute, traces=traces, layout=layout, label="fig-text-rnn-lr",
         caption=f"Validation loss after {RNN.steps} steps against the learning rate, mean over seeds "
-                f"{SEEDS[0]}-{SEEDS[-1]} with their standard deviation as error bars, without clipping and with "
+                f"{seed_range(SEEDS)} with their standard deviation as error bars, without clipping and with "
                 f"global-norm clipping at max_norm {RNN_CLIP:g}; windows of {HEADLINE_SEQ_LEN} characters, "
                 f"{RNN.width} units. A learning rate at which some seed diverged is left out of its line (the "
                 "hover text counts the seeds that finished). The loss axis stops at "
@@ -783,7 +754,7 @@ def sensitivity_figure() -> PlotlyFigure:
               "yaxis": {"title": {"text": "validation loss (nats per character)"}}}
     return PlotlyFigure(traces, layout, name="text-sensitivity", label="fig-text-sensitivity",
                         caption=f"The transformer's learning-rate sensitivity: validation loss after "
-                                f"{TRANSFORMER.steps} steps of AdamW against the learning rate, {_seeds_text()}, "
+                                f"{TRANSFORMER.steps} steps of AdamW against the learning rate, {_over_seeds_words()}, "
                                 "for each arm (each changes one thing against 'no remedy'). A learning rate where the "
                                 "arm diverged is left out of its line.")
 
@@ -799,7 +770,7 @@ def _arm_frame(arm: str, lr: float) -> dict:
     if HEADLINE_LR.get(arm) == lr:
         a = harness.score(lr, [test_loss(transformer_run(arm, lr, s)) for s in SEEDS])
         note.append(f"This is the arm's best learning rate (chosen on seed {SWEEP_SEEDS[0]}'s validation loss); over "
-                    f"seeds {SEEDS[0]}-{SEEDS[-1]} its test loss is {_pm(a).replace('&plusmn;', '±')} nats.")
+                    f"seeds {seed_range(SEEDS)} its test loss is {pm(a)} nats.")
     return {"traces": [{"x": c["x"], "y": c["loss"]}, {"x": p["x"], "y": p["loss"]},
                        {"x": lrs, "y": [_r4(scores[lr_].mean) for lr_ in lrs]},
                        {"x": lrs, "y": [_r4(base[lr_].mean) for lr_ in lrs]},
@@ -839,7 +810,7 @@ def sensitivity_explorer() -> Explorer:
                 f"{TRANSFORMER.seq_len}, AdamW) with the remedy picked by the buttons (solid blue) against no remedy "
                 "(dashed vermillion). First panel (left, or top on a phone): training loss of seed 0 at the "
                 "learning rate set by the slider, mean per plotted bin of steps (logarithmic step axis); second "
-                f"panel: validation loss against the learning rate ({_seeds_text()}), the slider's learning rate "
+                f"panel: validation loss against the learning rate ({_over_seeds_words()}), the slider's learning rate "
                 "circled. The note says when that rate is the arm's chosen one (the best on seed 0's validation "
                 "loss).")
 

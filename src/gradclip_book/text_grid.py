@@ -93,9 +93,9 @@ REPLICATION_ROWS = (("rnn", 3.0), ("lstm", 10.0))
 rate, where clipping won at :data:`SEEDS`. The best-against-best rows (the tanh RNN at lr 1, the LSTM at lr 3, where
 both arms chose the same rate) are not run again yet, for want of grid time: adding ``("rnn", 1.0)`` and
 ``("lstm", 3.0)`` here and running ``--part replicate`` appends their 40 runs."""
-UNSEEN_SEED_GROUPS = ((5, 6, 7, 8, 9), (10, 11, 12, 13, 14))
+UNSEEN_SEED_GROUPS = harness.UNSEEN_SEED_GROUPS
 """The seed groups at which :data:`REPLICATION_ROWS` are judged again, beside :data:`SEEDS` (chapter 4.4's groups,
-:data:`gradclip_book.images_grid.UNSEEN_SEED_GROUPS`)."""
+defined once in :data:`gradclip_book.harness.UNSEEN_SEED_GROUPS`)."""
 
 TRANSFORMER_LRS = harness.lr_range(3e-3, 0.3)
 """AdamW learning rates of the transformer runs."""

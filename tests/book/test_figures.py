@@ -11,7 +11,8 @@ import pytest
 from gradclip_book import quartic_descent
 from gradclip_book.exercise import Exercise, markdown_html
 from gradclip_book.figures import (
-    PLOTLY_TRACE_TYPES, RUN_STYLES, Explorer, Figures, LaunchNote, Param, PlotlyFigure, compact, run_style,
+    PLOTLY_TRACE_TYPES, RUN_STYLES, Explorer, Figures, LaunchNote, Param, PlotlyFigure, and_list, compact, pm,
+    run_style, seed_range, soft_breaks, table_html,
 )
 
 
@@ -298,3 +299,25 @@ def test_a_cross_marks_a_diverged_run_and_nothing_else_in_any_figure_module():
             if crosses.search(line):
                 context = " ".join(lines[max(0, number - 3):number + 1])
                 assert "diverged" in context, f"{module.name}:{number + 1} uses a cross for something else"
+
+
+# --- the shared words ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seeds", [(0, 2, 4), (3, 1, 2, 4), (5, 5), ()])
+def test_seed_range_refuses_seeds_that_are_not_a_run(seeds):
+    # a "first-last" range of these would name seeds that did not run (or none at all)
+    with pytest.raises(ValueError, match="not consecutive"):
+        seed_range(seeds)
+
+
+def test_shared_words():
+    from gradclip_book.harness import score
+
+    assert seed_range(range(10, 15)) == "10-14" and seed_range([3]) == "3"
+    assert [and_list(["a", "b", "c", "d"][:n]) for n in range(5)] == ["", "a", "a and b", "a, b and c",
+                                                                      "a, b, c and d"]
+    assert pm(score("x", [0.5, 0.7]), 1) == "0.6 ± 0.1" and pm(score("x", [None, None])) == "diverged"
+    assert soft_breaks("a <b> torch.nn.utils.clip_grad_norm_(") == (
+        "a &lt;b&gt; torch.<wbr>nn.<wbr>utils.<wbr>clip_<wbr>grad_<wbr>norm_(")
+    assert table_html(["a"], [["1"]], small=True) == f'<div style="font-size:0.9em">{table_html(["a"], [["1"]])}</div>'

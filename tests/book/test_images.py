@@ -249,6 +249,18 @@ def test_recipe_thresholds_come_from_the_unclipped_probe(lines):
     assert carried >= 3                                                   # the rule is exercised at seed 0 already
 
 
+def test_recipe_check_refuses_runs_that_leave_the_dropping_rule_no_learning_rate(lines):
+    # seed 3's unclipped probe diverges from the third learning rate up: the recipe's runs of seed 0 at those rates
+    # leave "dropping the diverged rates" nothing to choose; that is refused, not scored as a choice worth 0
+    model, depth = ig.RECIPE_NET
+    base = ImageConfig(model=model, depth=depth)
+    seed0 = [c for _, c in ig.recipe_points(lines, (0,), [ig.RECIPE_NET])]
+    diverged = imf.recipe_check(base, [c for _, c in ig.recipe_points(lines, (3,), [ig.RECIPE_NET])], 3)["diverged_lrs"]
+    assert diverged and len(diverged) < len(seed0)
+    with pytest.raises(ValueError, match="probe finished at seed 3"):
+        imf.recipe_check(base, [c for c in seed0 if c.lr in diverged], 3)
+
+
 def test_thresholds_by_lr_keeps_a_diverged_learning_rate_at_the_last_threshold():
     from gradclip_book.harness import recipe
 
@@ -365,5 +377,6 @@ def test_stored_block_growth_is_the_hard_case_and_matches_a_remeasure():
     sizes = np.array(stored["runs"]["1"]["residual"]["blocks"])
     assert got[1]["gains"] == pytest.approx(list(sizes[1:] / sizes[:-1])) and min(got[1]["gains"]) < 1
     assert got[1]["growth"] == pytest.approx(sizes[-1] / sizes[0])
+    assert got[1]["growth"] == max(s["growth"] for s in got.values())   # why seed 1 is the one re-measured
     readme = (block_growth.FILE.parent / "README.md").read_text(encoding="utf-8")
     assert block_growth.COMMAND in readme and block_growth.FILE.name in readme

@@ -313,6 +313,9 @@ def test_benchmark_rows_and_words():
         assert row["ms"] > 0 and row["ratio"] == pytest.approx(row["reference_ms"] / row["ms"])
     html = pf.benchmark_table_html(result)
     assert perf.describe_machine(result["machine"]) in html.replace("&amp;", "&")
+    # a long name breaks after "." and "_" but not after its last character; the table is set small
+    assert ">torch.<wbr>nn.<wbr>utils.<wbr>clip_<wbr>grad_<wbr>norm_</td>" in html
+    assert html.startswith('<div style="font-size:0.9em"><table') and html.endswith("</table></div>")
     assert perf.speed_words(1.04) == "is as fast as" and perf.speed_words(1.5).startswith("is 1.5 times")
     assert perf.speed_words(0.5) == "takes 2.0 times as long as"
     assert perf.overhead_words(0.2) == "adds about 20% to" and "no cost" in perf.overhead_words(0.0)

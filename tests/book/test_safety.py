@@ -391,6 +391,7 @@ def test_guard_cost_measurement_stores_what_else_ran(monkeypatch):
     import os
 
     from gradclip_book import guard_costs, step_costs
+    from gradclip_book.timing import interleaved
 
     def tiny(generator):
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
@@ -399,8 +400,12 @@ def test_guard_cost_measurement_stores_what_else_ran(monkeypatch):
     monkeypatch.setattr(guard_costs, "CASES", ((step_costs.Case("tiny", "an MLP", 16, 1, "sgd", tiny), 1),))
     monkeypatch.setattr(os, "getloadavg", lambda: (1.234, 2.0, 3.0))
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)   # (the command's one thread, not the suite's)
+    # the stored "order" names timing.interleaved: every round's calls go through it (the order it gives the
+    # calls is tested in test_performance)
+    timed = []
+    monkeypatch.setattr(guard_costs, "interleaved", lambda *a, **k: timed.append(1) or interleaved(*a, **k))
     out = guard_costs.measure(rounds=2, progress=False)
-    assert "reversed every other round" in out["order"]
+    assert len(timed) == 2 and "(timing.interleaved)" in out["order"]
     assert [r["load"] for r in out["cases"][0]["rounds"]] == [1.23, 1.23]
 
 

@@ -352,7 +352,8 @@ def test_dp_summary_chooses_abadi_on_validation_and_compares_on_test():
 
 
 def _fake_dp_train(noise_multiplier, seed, lr, clipping_fn, clipping, max_norm):
-    """Validation accuracy peaks at lr 0.4/C for Abadi (outside 0.125..4 for C = 10) and at 0.7 for automatic."""
+    """Validation accuracy peaks at lr 0.4/C for Abadi (outside :data:`DP_LRS`, 0.25..1, for C = 0.1 and C = 10)
+    and at 0.7 for automatic."""
     best = 0.7 if clipping_fn == "automatic" else 0.4 / max_norm
     acc = 0.9 - 0.1 * abs(math.log2(lr / best)) + 0.001 * seed
     return {"val_accuracy": acc, "test_accuracy": acc - 0.01, "clipping_fn": clipping_fn, "clipping": clipping,
@@ -373,3 +374,12 @@ def test_dp_lr_runs_extend_the_grid_until_each_best_rate_is_inside(monkeypatch):
     assert summary["threshold_matters"] == {"abadi C=1": True, "abadi C=10": True}
     assert summary["scores"]["automatic"].mean == pytest.approx(0.89 - 0.1 * math.log2(1.4) + 0.001)
     assert summary["abadi_beats"] and not summary["automatic_beats"]
+
+
+def test_dp_lr_runs_refuse_a_best_rate_still_at_an_edge_after_the_last_extension(monkeypatch):
+    # C = 0.1 peaks at lr 4: two doublings of 1 reach it, but nothing above it is run to show it is the peak
+    monkeypatch.setattr(sc, "dp_train", _fake_dp_train)
+    saved = []
+    with pytest.raises(RuntimeError, match=r"abadi C=0.1: the best learning rate 4 is still an edge .*\(0.25 to 4\)"):
+        sc.dp_lr_runs([], seeds=range(2), max_extensions=2, save=saved.append)
+    assert {r["lr"] for r in saved[-1] if sc.arm_name(r) == "abadi C=0.1"} == {0.25, 0.5, 1.0, 2.0, 4.0}

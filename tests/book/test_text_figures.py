@@ -11,12 +11,15 @@ import pytest
 
 from gradclip_book import harness, text_grid
 from gradclip_book import text_figures as tf
+from gradclip_book.figures import seed_range
 from gradclip_book.text_runs import RNN
 
 
-def _stored(**fields):
-    """The stored lines whose config has these fields, read straight from the file (an independent lookup)."""
-    return [line for line in text_grid.lines() if all(line["config"][k] == v for k, v in fields.items())]
+def _stored(seeds=text_grid.SEEDS, **fields):
+    """The stored lines at ``seeds`` (by default the choice's seeds: the grid also holds replication seeds at some
+    settings) whose config has these fields, read straight from the file (an independent lookup)."""
+    return [line for line in text_grid.lines()
+            if line["config"]["seed"] in seeds and all(line["config"][k] == v for k, v in fields.items())]
 
 
 def _val(line):
@@ -33,7 +36,6 @@ def test_recurrent_choice_is_the_lowest_mean_validation_loss_among_the_seeds(mod
     table = {}
     for lr in text_grid.RNN_LRS:
         lines = _stored(model=model, seq_len=text_grid.HEADLINE_SEQ_LEN, lr=lr, method=method, threshold=threshold)
-        lines = [line for line in lines if line["config"]["seed"] in text_grid.SEEDS]   # the choice's seeds only
         values = [_val(line) for line in sorted(lines, key=lambda line: line["config"]["seed"])]
         assert len(values) == len(text_grid.SEEDS)
         finished = [v for v in values if v is not None]
@@ -234,7 +236,7 @@ def test_clip_verdicts_recounted_per_seed_group_and_standing_only_where_every_gr
         for g in v["groups"]:
             losses = {}
             for threshold in (None, text_grid.RNN_CLIP):
-                lines = _stored(model=model, seq_len=text_grid.HEADLINE_SEQ_LEN, lr=lr,
+                lines = _stored(seeds=g["seeds"], model=model, seq_len=text_grid.HEADLINE_SEQ_LEN, lr=lr,
                                 method="none" if threshold is None else "norm", threshold=threshold)
                 by_seed = {line["config"]["seed"]: _test(line) for line in lines}
                 losses[threshold] = [by_seed[s] for s in g["seeds"]]
@@ -247,4 +249,4 @@ def test_clip_verdicts_recounted_per_seed_group_and_standing_only_where_every_gr
             verdicts.append(want)
         assert v["standing"] == (verdicts[0] if len(set(verdicts)) == 1 else "no difference")
         words = tf.verdict_words(v)
-        assert all(f"{tf.seeds_text(g['seeds'])} (" in words for g in v["groups"]), words
+        assert all(f"{seed_range(g['seeds'])} (" in words for g in v["groups"]), words

@@ -50,7 +50,8 @@ from .loop import (DIVERGED_LOSS, Hook, LayerStats, Run, Step, UpdateStats, dete
 from .methods import METHODS, Clip, Method, bind
 from .models import MODELS, NORMS, OPTIMIZERS, build, count_layers, he_init_, make_optimizer
 from .recipe import recipe_verdict, recommend_threshold
-from .select import RULE, Score, Selection, beats, exact_mean, score, select_best, values_of
+from .select import (RULE, UNSEEN_SEED_GROUPS, Score, Selection, beats, exact_mean, score, select_best,
+                     standing_verdict, values_of)
 
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 """The book's one learning-rate grid: 1 and 3 per decade (about a factor 3.16 = sqrt(10) apart, rounded). Every
@@ -75,10 +76,11 @@ def lr_range(low: float, high: float) -> tuple[float, ...]:
 
 __all__ = [
     "CURVE_POINTS", "DIVERGED_LOSS", "LR_GRID", "METHODS", "MODELS", "NORMS", "OPTIMIZERS", "RULE",
+    "UNSEEN_SEED_GROUPS",
     "Clip", "Hook", "LayerStats", "Method", "Run", "Score", "Selection", "Step", "UpdateStats",
     "accuracy", "accuracy_evaluator", "batch_indices", "beats", "bind", "build", "classification_loss",
     "code_version", "config_key", "count_layers", "deterministic", "exact_mean", "he_init_", "image_split",
     "is_diverged", "load_lines", "log_bins", "lr_range", "make_optimizer", "minibatches", "rebin", "recipe_verdict",
     "recommend_threshold", "run_grid", "score",
-    "select_best", "spot_check", "train", "values_of", "warmup_factor", "write_lines",
+    "select_best", "spot_check", "standing_verdict", "train", "values_of", "warmup_factor", "write_lines",
 ]

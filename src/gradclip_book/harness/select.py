@@ -43,7 +43,8 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RULE", "Score", "Selection", "beats", "exact_mean", "score", "select_best", "values_of"]
+__all__ = ["RULE", "UNSEEN_SEED_GROUPS", "Score", "Selection", "beats", "exact_mean", "score", "select_best",
+           "standing_verdict", "values_of"]
 
 RULE = ("fewest diverged seeds first, then the best mean over the seeds that finished (validation metric, compared "
         "exactly), an exact tie to the candidate listed first (the most conservative)")
@@ -208,6 +209,22 @@ def beats(a: Score, b: Score, mode: str = "max") -> bool:
         return False
     gap = a.mean - b.mean if mode == "max" else b.mean - a.mean
     return gap > max(a.std, b.std)
+
+
+UNSEEN_SEED_GROUPS: tuple[tuple[int, ...], ...] = ((5, 6, 7, 8, 9), (10, 11, 12, 13, 14))
+"""The groups of seeds no choice of chapter 4 saw (its choices use seeds 0-4): chapter 4.4's image table and chapter
+4.11's recurrent rows are judged again at each (:func:`standing_verdict`)."""
+
+
+def standing_verdict(verdicts: Sequence[str]) -> str:
+    """The verdict that stands over seed groups judged each on its own: the one every group gives, else
+    ``"no difference"``.
+
+    Example:
+        >>> standing_verdict(["clipping", "clipping"]), standing_verdict(["clipping", "no difference", "clipping"])
+        ('clipping', 'no difference')
+    """
+    return verdicts[0] if len(set(verdicts)) == 1 else "no difference"
 
 
 def values_of(runs: Iterable[Any], metric: str) -> list[float | None]:
