@@ -207,7 +207,10 @@ def test_the_first_step_never_clips():
 def test_a_history_holding_nan_is_refused_naming_the_field():
     clipper = AutoClip(percentile=10.0)
     state = {"config": clipper._config(), "steps": 3, "history": torch.tensor([1.0, math.nan, 2.0], dtype=torch.float64)}
-    with pytest.raises(ValueError, match=r"state_dict\['history'\] holds NaN"):
+    with pytest.raises(ValueError, match=r"state_dict\[.history.\] holds NaN or a negative value"):
+        clipper.load_state_dict(state)
+    state["history"] = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)  # a norm is never negative
+    with pytest.raises(ValueError, match=r"state_dict\['history'\] holds NaN or a negative value"):
         clipper.load_state_dict(state)
     state["history"] = torch.tensor([1.0, math.inf, 2.0], dtype=torch.float64)  # inf sorts last: a valid history
     clipper.load_state_dict(state)
@@ -228,3 +231,19 @@ def test_a_long_windowed_run_matches_numpy_percentile_at_every_step(dtype):
         expected = np.percentile(seen, 25.0)
         assert float(result.threshold) == pytest.approx(float(expected), rel=0 if dtype == torch.float64 else 1e-6)
     assert len(clipper) == window
+
+
+def test_a_shallow_copy_keeps_its_own_history():
+    import copy
+
+    original = AutoClip(percentile=50.0, window=3)
+    w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    for g in (1.0, 2.0):
+        w.grad = torch.tensor([g], dtype=torch.float64)
+        original([w])
+    twin = copy.copy(original)
+    for g in (5.0, 7.0):
+        w.grad = torch.tensor([g], dtype=torch.float64)
+        original([w])
+    assert twin.history().tolist() == [1.0, 2.0] and len(twin) == 2 and twin.steps == 2
+    assert original.history().tolist() == [2.0, 5.0, 7.0]

@@ -795,6 +795,9 @@ EAGER_VS_TRACED = {
     "AutoClip": lambda: AutoClip(percentile=10.0),
     "AutoClip window, earlier norms": lambda: AutoClip(percentile=90.0, window=6, include_current=False),
     "AutoClip float32 state": lambda: AutoClip(percentile=50.0, window=5, dtype=torch.float32),
+    # the 90th percentile of 6 interpolates between the two largest, one of them inf once 1e39 is recorded
+    "AutoClip float32, interpolating to inf": lambda: AutoClip(percentile=90.0, window=6, dtype=torch.float32),
+    "AutoClip float64, interpolating to inf": lambda: AutoClip(percentile=90.0, window=6),
 }
 
 
@@ -804,14 +807,17 @@ def test_eager_cpu_steps_equal_the_traced_steps(name, monkeypatch):
     # traced path (every step on tensors, nothing read) is what accelerators and torch.compile run. Forced onto the
     # CPU, both must give the same norms, thresholds, factors, gradients and counts, spikes and non-finite norms
     # included.
-    norms = [0.5, 0.52, 0.48, 0.51, 0.49, 0.5, 3.0, 0.47, math.nan, 0.5, 40.0, math.inf, 0.53, 0.0, 0.5, 2.0, 0.51]
+    # (1e39: finite in float64, so counted and recorded, but inf in a float32 state)
+    norms = [0.5, 0.52, 0.48, 0.51, 0.49, 0.5, 3.0, 0.47, math.nan, 0.5, 40.0, math.inf, 0.53, 0.0, 0.5, 2.0, 0.51,
+             1e39, 0.5, 0.52]
     eager, traced = EAGER_VS_TRACED[name](), EAGER_VS_TRACED[name]()
     monkeypatch.setattr(traced, "_on_device", lambda device: True)
     for g in norms:
         results = []
         for clipper in (eager, traced):
-            w = torch.zeros(3, dtype=torch.float32, requires_grad=True)
-            w.grad = torch.tensor([g, 0.0, 0.0], dtype=torch.float32)
+            dtype = torch.float64 if g == 1e39 else torch.float32
+            w = torch.zeros(3, dtype=dtype, requires_grad=True)
+            w.grad = torch.tensor([g, 0.0, 0.0], dtype=dtype)
             results.append((clipper([w]), w.grad.clone()))
         (a, grad_a), (b, grad_b) = results
         assert torch.equal(grad_a, grad_b) or (grad_a.isnan().any() and torch.equal(grad_a.isnan(), grad_b.isnan()))

@@ -383,3 +383,45 @@ def test_autoclip_without_a_window_raises_when_its_compiled_history_is_full(monk
     assert torch.is_grad_enabled()
     torch._dynamo.reset()
     assert len(clipper) == 4  # the four recorded norms, none dropped
+
+
+@pytest.mark.parametrize("name", list(CLIPPERS))
+def test_reading_the_state_and_eager_calls_between_compiled_calls_do_not_recompile(name):
+    # A loop that checkpoints (state_dict, len, pickle) or makes an eager call between compiled calls: the state the
+    # compiled call reads must not be rebuilt from host values each time (they would become guarded constants of
+    # a new graph; with fullgraph=True the run fails at torch's recompile limit).
+    import pickle
+
+    def loop(mixed: bool):
+        torch._dynamo.reset()
+        model = tiny_model()
+        params = list(model.parameters())
+        clip, counter = CLIPPERS[name](), CompileCounter()
+
+        def step_call(loss):
+            if watches_loss(clip):
+                clip.record_loss(loss)
+            return clip(params)
+
+        compiled = torch.compile(step_call, backend=counter, fullgraph=True) if mixed else step_call
+        seen, graphs = [], []
+        for step in range(3 + 3 * 5):
+            model.zero_grad()  # (the same gradients in both loops: the clipper's scaling is not applied to weights)
+            loss = backward(model, step)
+            if step < 3 or step % 3 == 0:  # eager steps first, as a loop that starts eagerly, then one in three
+                seen.append(outputs(step_call(loss)))
+            else:
+                seen.append(outputs(compiled(loss)))
+                state = clip.state_dict()  # a checkpoint, as a training loop saves one
+                pickle.dumps(state)
+                if hasattr(clip, "__len__"):
+                    len(clip)
+            graphs.append(counter.frame_count)
+        torch._dynamo.reset()
+        assert clip.steps == 3 + 3 * 5
+        return seen, graphs
+
+    seen, graphs = loop(mixed=True)
+    assert graphs[-1] <= 2 and graphs[-1] == graphs[len(graphs) // 2], (name, graphs)
+    # and the compiled calls decide as an all-eager run does (compiled norms accumulate in float64: 1e-7 apart)
+    same(loop(mixed=False)[0], seen, name)

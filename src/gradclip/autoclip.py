@@ -84,8 +84,11 @@ class AutoClip(Clipper):
     before they can fill, and a compiled run that records more raises rather
     than drop norms (torch leaves grad mode disabled after an error raised
     inside a compiled graph: catch it within ``torch.enable_grad()``). The
-    host-side state catches up when the history or ``state_dict`` is read (one
-    read of the count) or on the next call on the CPU.
+    host-side history catches up when the history, its length or
+    ``state_dict`` is read (one read of the count and of the norms: a sync on
+    an accelerator), keeping the buffers; once they exist, eager calls on the
+    CPU take the same path, so a run switching between compiled and eager
+    calls does not recompile for it.
 
     **Attached** (``attach(optimizer)``), it clips inside the closure of
     ``optimizer.step(closure)`` (each LBFGS evaluation is a call and enters the
@@ -97,7 +100,8 @@ class AutoClip(Clipper):
     eager step on the CPU keeps the history on the host, as Python floats: in
     the order recorded (a ``deque``, bounded by ``window``) and sorted (a list
     kept sorted with ``bisect``), so a step reads its two order statistics by
-    index and interpolates on floats, with no kernel beyond the norm and the
+    index and interpolates on floats (a float32 history: three float32 tensor
+    operations, as the traced step computes them), with no kernel beyond the norm and the
     multiply. A step costs an :math:`O(n)` move of list entries (:math:`n` the
     history's length: 0.4 us at 1,000 norms, 9 us at 100,000, 0.15 ms at
     1,000,000 on one core of an AMD EPYC). The reference implementation syncs
@@ -210,7 +214,7 @@ class AutoClip(Clipper):
             low_, high_ = pair[0], pair[1]
             diff_ = high_ - low_
             value_ = high_ - diff_ * (1 - gamma) if gamma >= 0.5 else low_ + diff_ * gamma
-            return value_.item()
+            return value_.nan_to_num_(nan=math.inf, posinf=math.inf).item()
         # numpy's _lerp, operation for operation (a fused multiply-add would not be bitwise)
         diff = high - low
         value = high - diff * (1 - gamma) if gamma >= 0.5 else low + diff * gamma
@@ -219,7 +223,9 @@ class AutoClip(Clipper):
     # --- the step --------------------------------------------------------------------------
 
     def _step(self, groups: _groups.Plan, norm: torch.Tensor, wide: torch.Tensor, count: StepCount) -> ClipResult:
-        if count.on_device:  # accelerators, torch.compile: whether the norm is finite is not read
+        if count.on_device or self._traced_history is not None:
+            # accelerators, torch.compile: whether the norm is finite is not read; and on the CPU a clipper whose
+            # traced buffers exist keeps them current, so a compiled step after it finds them as it left them
             return self._traced_step(groups, norm, wide)
         self._catch_up()
         norm_value = wide.item()  # (on the CPU: free)
@@ -244,10 +250,9 @@ class AutoClip(Clipper):
     def _traced_step(self, groups: _groups.Plan, norm: torch.Tensor, wide: torch.Tensor) -> ClipResult:
         """The step inside ``torch.compile``: the same threshold, from buffers of a fixed size.
 
-        The host-side bookkeeping above (which slice of the sorted snapshot
-        holds the order statistics, when to rebuild it) changes every step,
-        and a compiled graph would recompile for each of its values. Here the
-        whole live history is kept sorted, padded with +inf: each norm is
+        The host-side history (Python floats) cannot enter a compiled graph
+        without becoming constants of it, and a graph would recompile for each
+        of their values. Here the whole live history is kept sorted, padded with +inf: each norm is
         inserted with one clamp (``new[k] = clamp(v, old[k-1], old[k])``), a
         norm leaving the window is taken out by shifting the entries after its
         first copy down by one, and the two order statistics are gathered at
@@ -256,8 +261,11 @@ class AutoClip(Clipper):
         per step (capacity: ``window``, or without a window
         :data:`TRACED_CAPACITY` norms or twice the history, whichever is more;
         a run that records more raises inside the graph rather than drop
-        norms). The host-side state catches up on the next call outside
-        compilation, or when the history or ``state_dict`` is read.
+        norms). The host-side history catches up when the history, its length
+        or ``state_dict`` is read; the buffers stay, and once they exist eager
+        calls on the CPU update them too, so switching between compiled and
+        eager calls does not rebuild them (``load_state_dict`` and unpickling
+        do: the next compiled call then traces its start again).
         """
         device = wide.device
         if self._traced_history is None or self._traced_history.device != device:
@@ -351,7 +359,8 @@ class AutoClip(Clipper):
         return torch.where(gamma == 0, low, value)
 
     def _catch_up(self) -> None:
-        """Bring the host-side state up to the norms recorded inside compiled steps (one read of their count)."""
+        """Bring the host-side history up to the norms the traced steps recorded (one read of their count and
+        of the norms); the traced buffers stay, so a compiled step after it neither rebuilds nor recompiles."""
         if not self._traced_ahead:
             return
         assert self._traced_history is not None and self._traced_count is not None
@@ -363,7 +372,8 @@ class AutoClip(Clipper):
         else:
             start = count % self.window
             live = torch.cat([history[start:], history[:start]])
-        self._load_history(live)  # (one read of the norms, which drops the compiled step's buffers)
+        self._set_host(live)
+        self._traced_ahead = False
 
     # --- state -----------------------------------------------------------------------------
 
@@ -376,16 +386,19 @@ class AutoClip(Clipper):
             raise ValueError("state_dict['history'] must be a 1-D tensor of norms")
         if self.window is not None and history.numel() > self.window:
             raise ValueError(f"state_dict['history'] has {history.numel()} norms, more than window={self.window}")
-        if bool(torch.isnan(history).any()):  # (AutoClip never records one: a NaN norm is not recorded)
-            raise ValueError("state_dict['history'] holds NaN, which AutoClip never records: the state is "
-                             "corrupt. Load a state saved by AutoClip.state_dict(), or start without one.")
+        if bool((torch.isnan(history) | (history < 0)).any()):  # (norms: never NaN, never negative)
+            raise ValueError("state_dict['history'] holds NaN or a negative value, which AutoClip never records: "
+                             "the state is corrupt. Load a state saved by AutoClip.state_dict(), or start without one.")
         self._load_history(history)
 
     def _load_history(self, history: torch.Tensor) -> None:
         """Start over from ``history`` (a 1-D tensor, oldest first; read once on the host)."""
         self._reset()
-        values = history.detach().to(dtype=self.dtype).tolist()
-        self._recent.extend(values)  # (a longer history than ``window`` keeps its last ``window`` norms)
+        self._set_host(history)
+
+    def _set_host(self, history: torch.Tensor) -> None:
+        """The host-side history from a 1-D tensor of norms, oldest first (read once)."""
+        self._recent = deque(history.detach().to(dtype=self.dtype).tolist(), maxlen=self.window)
         self._ordered = sorted(self._recent)
 
     # --- pickling --------------------------------------------------------------------------
@@ -395,11 +408,15 @@ class AutoClip(Clipper):
         state = super().__getstate__()
         for key in _TRACED:  # rebuilt from the history when a compiled step next needs them
             state.pop(key, None)
+        # copies: copy.copy must not share the history with the original
+        state.update(_recent=deque(self._recent, maxlen=self.window), _ordered=list(self._ordered))
         return state
 
     def __setstate__(self, state: Mapping[str, Any]) -> None:
         state = dict(state)
         history = state.pop("_pickled_history", None)  # pickled before the history moved to the host
+        for key in _OLD_BOOKKEEPING:
+            state.pop(key, None)
         super().__setstate__(state)
         self._reset_traced()
         if "_recent" not in state:
@@ -407,6 +424,9 @@ class AutoClip(Clipper):
             if history is not None:
                 self._load_history(history)
 
+
+# The host-side counters of the tensor bookkeeping that pickles made before 2026-12-08 carry (unused since).
+_OLD_BOOKKEEPING = ("_count", "_sorted_n", "_n_added", "_n_removed", "_rebuild_every")
 
 # The buffers of the steps on accelerators and inside torch.compile (see AutoClip._traced_step).
 _TRACED = ("_traced_history", "_traced_sorted", "_traced_count", "_traced_ahead", "_traced_bound")

@@ -217,7 +217,9 @@ class Clipper:
         * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`__.
     """
 
-    _device_stale = False  # (the default of clippers pickled before the device count could lag the host's)
+    # (the defaults of clippers pickled before the device count could lag the host's)
+    _device_stale = False
+    _device_used = True
 
     _rescales_gradients = True
     """Whether the clipper changes gradients (a guard that only skips steps does not)."""
@@ -237,6 +239,7 @@ class Clipper:
         self._device_steps = torch.zeros((), dtype=torch.int64)
         self._steps_stale = False  # True after calls made under torch.compile, until steps is read
         self._device_stale = False  # True after calls counted on the host, until the device count is asked for
+        self._device_used = False  # whether a call has counted on the device (then host calls keep it current)
         self.last_result: ClipResult | None = None
         self._hook: Any = None
         self._last_grads: list[weakref.ReferenceType] | None = None
@@ -314,7 +317,10 @@ class Clipper:
             counter.add_(counted.to(counter.dtype))
         elif bool(counted):  # (a bool, or a tensor read for free on the CPU)
             self._steps = self.steps + 1  # (first catching up with calls made under compile)
-            self._device_stale = True  # the device count catches up when next asked for (no kernel per call)
+            if self._device_used:  # kept current: rebuilt inside a compiled call, it would recompile at each switch
+                self._device_steps.add_(1)
+            else:  # never asked for yet: it catches up when first asked for (no kernel per call until then)
+                self._device_stale = True
 
     @staticmethod
     def _on_device(device: torch.device) -> bool:
@@ -327,6 +333,7 @@ class Clipper:
 
     def _device_count(self, device: torch.device) -> torch.Tensor:
         """The number of earlier counted calls, a 0-dim int64 tensor on ``device`` (what a device-side step reads instead of ``steps``)."""
+        self._device_used = True
         if self._device_stale:  # behind calls counted on the host
             self._device_steps = torch.full((), self._steps, dtype=torch.int64, device=device)
             self._device_stale = False
