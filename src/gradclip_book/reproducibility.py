@@ -17,10 +17,10 @@ A variable the environment already sets is left as it is. The pin takes effect o
 
 The pin was checked on one kind of machine only, the one that computed every stored grid
 (:data:`GRID_MACHINE`: an AMD EPYC without AVX-512): there a fresh run equals the stored one bit for bit.
-An Intel CPU with AVX-512 does not give the same bits under the pin (a 2-core Xeon VM, 2026-12-08): of 60 stored
-recurrent runs of the text page re-run there, 22 parted from the stored loss by more than 2e-4 within their first
-10 steps, the earliest at step 3 (three runs); of its 63 transformer runs, 6, the earliest at step 4; seed 0's ReLU
-RNN of chapter 6's exercise parted by 5.4e-4 at step 7. Without the pin the runs differed more: of 48 classification runs stored on an AVX-512 Xeon and re-run on the EPYC,
+An Intel CPU with AVX-512 does not give the same bits under the pin (a 2-core Xeon VM, 2026-12-08): of the text
+grid's 164 tanh-RNN runs re-run there, six parted from the stored loss by more than 2e-4 at step 3 and none earlier;
+its LSTM and transformer runs none before step 4; seed 0's ReLU RNN of chapter 6's exercise parted by 5.4e-4 at
+step 7. Without the pin the runs differed more: of 48 classification runs stored on an AVX-512 Xeon and re-run on the EPYC,
 3 diverged on one machine only; of the other 45, 28 parted by more than 1e-4 in their loss, the
 earliest at step 10 (a run exploding at lr 0.8), the median at step 47; validation accuracy moved by up
 to 17 points (7 of 33 finished runs by more than 1 point). So :func:`rerun_differences` checks a
