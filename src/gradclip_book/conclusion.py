@@ -178,8 +178,7 @@ def fix_cause_evidence(depths: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
     Per depth, each remedy at its best setting chosen on validation accuracy over the five seeds (the same
     candidates as chapter 4.6's figure), as test-accuracy Scores: ``"bn"`` (residual CNN + BatchNorm, no
     clipping), ``"plain_bn"`` (plain CNN + BatchNorm), ``"clipped"`` (residual CNN without normalisation, global
-    norm at its best lr and threshold), ``"none"`` (the same, no remedy), ``"warmup"`` and ``"no_residual"``
-    (plain CNN, no normalisation). ``"bn_beats_clip"``: BatchNorm beats the clipped network by the seed-spread rule
+    norm at its best lr and threshold), ``"none"`` (the same, no remedy) and ``"warmup"``. ``"bn_beats_clip"``: BatchNorm beats the clipped network by the seed-spread rule
     at every depth; ``"residual_vs_plain"``: chapter 4.6's residual against plain CNN, per normalisation (``"bn"``
     or ``"none"``) and depth, judged like chapter 4.4's table: the settings chosen on validation at chapter 4's
     seeds, then compared at each group of ``"seed_groups"`` (chapter 4's seeds, then each of
@@ -203,31 +202,23 @@ def fix_cause_evidence(depths: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
     def best(configs: list) -> Any:
         return imf.scores(imf.choose(configs).best.setting, "test_accuracy")
 
+    # the one choice step of the unclipped networks: each CNN's setting chosen on validation at chapter 4's seeds
+    chosen = {(model, depth): imf.choose(imf.unclipped(replace(ig.HEADLINE, depth=depth, model=model))).best.setting
+              for depth in depths for model in ("residual+bn", "plain+bn", "residual", "plain")}
     out: dict[str, Any] = {"seeds": len(ig.SEEDS), "steps": ig.HEADLINE.steps, "warmup_steps": ig.WARMUP,
                            "depths": list(depths), "by_depth": {}}
     for depth in depths:
         base = replace(ig.HEADLINE, depth=depth)
         out["by_depth"][depth] = {
-            "bn": best(imf.unclipped(replace(base, model="residual+bn"))),
-            "plain_bn": best(imf.unclipped(replace(base, model="plain+bn"))),
+            "bn": imf.scores(chosen["residual+bn", depth], "test_accuracy"),
+            "plain_bn": imf.scores(chosen["plain+bn", depth], "test_accuracy"),
             "clipped": best(imf.clipped(base)),
-            "none": best(imf.unclipped(base)),
-            "warmup": best([replace(c, warmup=ig.WARMUP) for c in imf.unclipped(base)]),
-            "no_residual": best(imf.unclipped(replace(base, model="plain")))}
+            "none": imf.scores(chosen["residual", depth], "test_accuracy"),
+            "warmup": best([replace(c, warmup=ig.WARMUP) for c in imf.unclipped(base)])}
     out["bn_beats_clip"] = all(harness.beats(r["bn"], r["clipped"]) for r in out["by_depth"].values())
     groups = (tuple(ig.SEEDS), *(tuple(seeds) for seeds in ig.UNSEEN_SEED_GROUPS))
     out["seed_groups"] = [seed_range(seeds) for seeds in groups]
-    out["residual_vs_plain"] = {}   # chapter 4.6: chosen at chapter 4's seeds, judged at each group on its own
-    for norm, (res_model, plain_model) in (("bn", ("residual+bn", "plain+bn")), ("none", ("residual", "plain"))):
-        for depth in depths:
-            res, plain = (imf.choose(imf.unclipped(replace(ig.HEADLINE, depth=depth, model=m))).best.setting
-                          for m in (res_model, plain_model))
-            r = [imf.summary_of(res, seeds)["test"] for seeds in groups]
-            p = [imf.summary_of(plain, seeds)["test"] for seeds in groups]
-            verdicts = ["residual" if harness.beats(a, b) else "plain" if harness.beats(b, a) else "no difference"
-                        for a, b in zip(r, p)]
-            out["residual_vs_plain"][norm, depth] = {"lrs": (res.lr, plain.lr), "residual": r, "plain": p,
-                                                     "verdicts": verdicts}
+    out["residual_vs_plain"] = _residual_vs_plain(chosen, depths, groups)
     out["residual_beats_plain"] = all(v == "residual" for v in out["residual_vs_plain"]["bn", max(depths)]["verdicts"])
     out["clip_on_bn"] = {}   # chapter 4.4's table: clipped setting chosen on seed 0, unclipped lr on all seeds at depths
     for model in ("residual+bn", "plain+bn"):   # 8 and 16; the verdict that stands at seeds 0-4 and every unseen group
@@ -237,7 +228,7 @@ def fix_cause_evidence(depths: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
             again = [imf.replicated(case, seeds) for seeds in ig.UNSEEN_SEED_GROUPS]
             out["clip_on_bn"][model, depth] = imf.standing(case, *again)["verdict"]
     out["table_seeds"] = (len(ig.SEEDS), *(len(seeds) for seeds in ig.UNSEEN_SEED_GROUPS))
-    out["unseen_groups"] = [seed_range(seeds) for seeds in ig.UNSEEN_SEED_GROUPS]
+    out["unseen_groups"] = out["seed_groups"][1:]
     out["bn_beats_clip_unseen"] = {}   # per depth and unseen group: BatchNorm against the clipped rows of 4.4's table
     table = ig.table_settings(images.load())
     for depth in depths:
@@ -247,6 +238,29 @@ def fix_cause_evidence(depths: tuple[int, ...] = (8, 16)) -> dict[str, Any]:
             for seeds in ig.UNSEEN_SEED_GROUPS]
     out["relu_xavier"] = dp.predicted_layer_factor(1.0, "relu", "xavier", 64)
     out["depth"] = max(depths)
+    return out
+
+
+def _residual_vs_plain(chosen: dict[tuple[str, int], Any], depths: tuple[int, ...],
+                       groups: tuple[tuple[int, ...], ...]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Chapter 4.6's residual against plain CNN per (normalisation, depth), judged at each of ``groups`` on its own.
+
+    ``chosen`` maps (model, depth) to the unclipped setting chosen on validation at chapter 4's seeds (the one
+    choice step of :func:`fix_cause_evidence`). Each entry is ``{"lrs": (residual, plain), "residual", "plain"
+    (test-accuracy Scores, one per group), "verdicts"}``, each verdict ``"residual"``, ``"plain"`` or
+    ``"no difference"`` by the seed-spread rule.
+    """
+    from gradclip_book import harness, images_figures as imf
+
+    out = {}
+    for norm, (res_model, plain_model) in (("bn", ("residual+bn", "plain+bn")), ("none", ("residual", "plain"))):
+        for depth in depths:
+            res, plain = chosen[res_model, depth], chosen[plain_model, depth]
+            r = [imf.summary_of(res, seeds)["test"] for seeds in groups]
+            p = [imf.summary_of(plain, seeds)["test"] for seeds in groups]
+            verdicts = ["residual" if harness.beats(a, b) else "plain" if harness.beats(b, a) else "no difference"
+                        for a, b in zip(r, p)]
+            out[norm, depth] = {"lrs": (res.lr, plain.lr), "residual": r, "plain": p, "verdicts": verdicts}
     return out
 
 
@@ -890,47 +904,71 @@ def _bn_against_clip(fx: dict[str, Any]) -> str:
     return text
 
 
+def _residual_record(r: dict[str, Any]) -> dict[str, Any]:
+    """One (normalisation, depth) of ``residual_vs_plain`` as the sentence needs it: the indices of the seed groups
+    where the residual CNN won (``"won"``), where it did not (``"not_won"``) and where the plain one won
+    (``"lost_to_plain"``), the (residual, plain) Score per group (``"pairs"``) and the verdict that stands at every
+    group (``"standing"``, ``None`` if none does)."""
+    v = r["verdicts"]
+    return {"won": [i for i, x in enumerate(v) if x == "residual"],
+            "not_won": [i for i, x in enumerate(v) if x != "residual"],
+            "lost_to_plain": [i for i, x in enumerate(v) if x == "plain"],
+            "pairs": list(zip(r["residual"], r["plain"])),
+            "standing": v[0] if len(set(v)) == 1 and v[0] != "no difference" else None}
+
+
+def _named_seeds(groups: list[str], indices: Any, word: str = "and") -> str:
+    """The seed groups at ``indices`` as prose, e.g. "seeds 0-4 and 10-14"."""
+    return "seeds " + and_list([groups[i] for i in indices], word)
+
+
+def _residual_clause(words: str, records: dict[int, dict[str, Any]], groups: list[str]) -> str:
+    """One normalisation's half of the sentence: the depths where the residual CNN won first (every group's numbers
+    quoted), then where the plain one was the better one. ``records`` maps depth to :func:`_residual_record`."""
+    depths = list(records)
+    won_at = [d for d in depths if records[d]["won"]]
+    if not won_at:
+        text = f"{words} the residual CNN beat the plain one at no depth or group"
+    else:
+        parts = []
+        for d in won_at + [d for d in depths if d not in won_at]:
+            rec = records[d]
+            if not rec["won"]:
+                parts.append(f"at depth {d} at no group")
+                continue
+            part = f"at depth {d} at {_named_seeds(groups, rec['won'])}"
+            if rec["not_won"]:
+                part += f" but not at {_named_seeds(groups, rec['not_won'], 'or')}"
+            quoted = ", ".join(f"{name}: {_ms(a)} against {_ms(b)}" for name, (a, b) in zip(groups, rec["pairs"]))
+            parts.append(f"{part} (residual against plain, {quoted})")
+        text = f"{words} the residual CNN beat the plain one " + " and ".join(parts)
+    for d in depths:
+        lost = records[d]["lost_to_plain"]
+        if lost:
+            pairs = records[d]["pairs"]
+            quoted = ", ".join(f"{_ms(pairs[i][1])} against {_ms(pairs[i][0])}" for i in lost)
+            text += f", and the plain CNN was the better one at depth {d} at {_named_seeds(groups, lost)} ({quoted})"
+    return text
+
+
 def _residual_against_plain(fx: dict[str, Any]) -> str:
     """Chapter 4.6's residual against plain CNN at each group of seeds, with and without BatchNorm (4.4's rule)."""
-    groups, rvp = fx["seed_groups"], fx["residual_vs_plain"]
+    groups = fx["seed_groups"]
+    records = {key: _residual_record(r) for key, r in fx["residual_vs_plain"].items()}
+    named = {"bn": "with BatchNorm", "none": "without normalisation"}
+
+    clauses = {norm: _residual_clause(words, {d: records[norm, d] for d in fx["depths"]}, groups)
+               for norm, words in named.items()}
+    stands = [f"{named[norm]} at depth {d} (the {rec['standing']} CNN)"
+              for (norm, d), rec in records.items() if rec["standing"]]
+    if stands:
+        verdict = "a verdict stands only " + " and ".join(stands)
+    else:
+        verdict = "no verdict on residual connections stands"
     count = {2: "two", 3: "three", 4: "four"}.get(len(groups), str(len(groups)))
-
-    def at(norm: str, depth: int, who: str) -> list[int]:
-        return [i for i, v in enumerate(rvp[norm, depth]["verdicts"]) if v == who]
-
-    def seeds(indices: Any, word: str = "and") -> str:
-        return "seeds " + and_list([groups[i] for i in indices], word)
-
-    def clause(norm: str, words: str) -> str:
-        won = {d: at(norm, d, "residual") for d in fx["depths"]}
-        if not any(won.values()):
-            text = f"{words} the residual CNN beat the plain one at no depth or group"
-        else:
-            parts = []
-            for d in sorted(fx["depths"], key=lambda d: not won[d]):   # the depths where it won first
-                w, r = won[d], rvp[norm, d]
-                lost = [i for i in range(len(groups)) if i not in w]
-                parts.append(f"at depth {d} at no group" if not w else
-                             f"at depth {d} at {seeds(w)}" + (f" but not at {seeds(lost, 'or')}" if lost else "")
-                             + " (residual against plain, " + ", ".join(
-                                 f"{name}: {_ms(a)} against {_ms(b)}"
-                                 for name, a, b in zip(groups, r["residual"], r["plain"])) + ")")
-            text = f"{words} the residual CNN beat the plain one " + " and ".join(parts)
-        for d in fx["depths"]:
-            lost, r = at(norm, d, "plain"), rvp[norm, d]
-            if lost:
-                text += (f", and the plain CNN was the better one at depth {d} at {seeds(lost)} ("
-                         + ", ".join(f"{_ms(r['plain'][i])} against {_ms(r['residual'][i])}" for i in lost) + ")")
-        return text
-
-    stands = [(norm, d) for (norm, d), r in rvp.items()
-              if len(set(r["verdicts"])) == 1 and r["verdicts"][0] != "no difference"]
-    verdict = ("no verdict on residual connections stands" if not stands else "a verdict stands only "
-               + " and ".join(f"{'with BatchNorm' if n == 'bn' else 'without normalisation'} at depth {d} (the "
-                              f"{rvp[n, d]['verdicts'][0]} CNN)" for n, d in stands))
-    return (f"Residual connections, judged at {seeds(range(len(groups)))} (settings chosen on validation at "
-            f"{seeds([0])}; a verdict stands only if all {count} groups give it): "
-            + clause("bn", "with BatchNorm") + "; " + clause("none", "without normalisation") + ": " + verdict)
+    return (f"Residual connections, judged at {_named_seeds(groups, range(len(groups)))} (settings chosen on "
+            f"validation at {_named_seeds(groups, [0])}; a verdict stands only if all {count} groups give it): "
+            f"{clauses['bn']}; {clauses['none']}: {verdict}")
 
 
 def _separation(by_depth: dict[int, dict[str, Any]], seeds: int) -> str:
