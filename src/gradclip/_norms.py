@@ -151,7 +151,7 @@ def suspicious(norms: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tenso
     """A bool mask of norms that may have under- or overflowed when computed in ``dtype``."""
     if math.isinf(p):
         return torch.zeros_like(norms, dtype=torch.bool)  # the max needs no powers
-    tiny = torch.finfo(dtype).tiny ** (1.0 / p) * _UNDERFLOW_MARGIN
+    tiny = _tiny_norm(dtype, p)
     return (norms < tiny) | torch.isinf(norms)
 
 
@@ -209,9 +209,8 @@ def _cpu_two_norms(tensors: list[torch.Tensor], use_foreach: bool) -> torch.Tens
     inf or a tiny norm, which :func:`_repair_` then recomputes exactly; the row norms are combined in
     float64.
     """
-    if max(map(torch.Tensor.numel, tensors)) < _ROWS_MIN_NUMEL:  # (the common case, asked in one C loop)
-        return _plain_norms(tensors, 2.0, tensors[0].dtype, use_foreach)
-    large = [i for i, t in enumerate(tensors) if t.numel() >= _ROWS_MIN_NUMEL and t.is_contiguous()]
+    large = [] if max(map(torch.Tensor.numel, tensors)) < _ROWS_MIN_NUMEL else [  # (the common case: one C loop)
+        i for i, t in enumerate(tensors) if t.numel() >= _ROWS_MIN_NUMEL and t.is_contiguous()]
     if not large:
         return _plain_norms(tensors, 2.0, tensors[0].dtype, use_foreach)
     norms = torch.zeros(len(tensors), dtype=torch.float64)

@@ -211,14 +211,9 @@ class AutoClip(Clipper):
             return low
         high = ordered[upper]
         if self.dtype == torch.float32:  # torch's float32 arithmetic, as the traced step computes it
-            pair = torch.tensor((low, high), dtype=torch.float32)
-            low_, high_ = pair[0], pair[1]
-            diff_ = high_ - low_
-            value_ = high_ - diff_ * (1 - gamma) if gamma >= 0.5 else low_ + diff_ * gamma
-            return value_.nan_to_num_(nan=math.inf, posinf=math.inf).item()
-        # numpy's _lerp, operation for operation (a fused multiply-add would not be bitwise)
-        diff = high - low
-        value = high - diff * (1 - gamma) if gamma >= 0.5 else low + diff * gamma
+            value = _numpy_lerp(*torch.tensor((low, high), dtype=torch.float32).unbind(), gamma).item()
+        else:
+            value = _numpy_lerp(low, high, gamma)
         return math.inf if value != value else value  # inf - inf where it touches inf entries: the answer is inf
 
     # --- the step --------------------------------------------------------------------------
@@ -366,9 +361,7 @@ class AutoClip(Clipper):
             return
         assert self._traced_history is not None and self._traced_count is not None
         count, history = int(self._traced_count), self._traced_history
-        if self.window is None:
-            live = history[:count]
-        elif count <= self.window:
+        if self.window is None or count <= self.window:
             live = history[:count]
         else:
             start = count % self.window
@@ -419,11 +412,19 @@ class AutoClip(Clipper):
         for key in _OLD_BOOKKEEPING:
             state.pop(key, None)
         super().__setstate__(state)
-        self._reset_traced()
-        if "_recent" not in state:
+        if "_recent" in state:
+            self._reset_traced()
+        else:
             self._reset()
             if history is not None:
                 self._load_history(history)
+
+
+def _numpy_lerp(low: Any, high: Any, gamma: float) -> Any:
+    """numpy's ``_lerp`` between two order statistics (floats, or 0-dim tensors), operation for operation: a fused
+    multiply-add would not be bitwise."""
+    diff = high - low
+    return high - diff * (1 - gamma) if gamma >= 0.5 else low + diff * gamma
 
 
 # The host-side counters of the tensor bookkeeping that pickles made before 2026-12-08 carry (unused since).

@@ -217,9 +217,7 @@ class Clipper:
         * Pascanu, Mikolov and Bengio (2013), "On the difficulty of training recurrent neural networks", `arXiv:1211.5063 <https://arxiv.org/abs/1211.5063>`__.
     """
 
-    # (the defaults of clippers pickled before the device count could lag the host's)
-    _device_stale = False
-    _device_used = True
+    _device_used = True  # (the default of clippers pickled before the device count could lag the host's)
 
     _rescales_gradients = True
     """Whether the clipper changes gradients (a guard that only skips steps does not)."""
@@ -238,8 +236,9 @@ class Clipper:
         # the same count on the gradients' device: what a call inside torch.compile advances and reads
         self._device_steps = torch.zeros((), dtype=torch.int64)
         self._steps_stale = False  # True after calls made under torch.compile, until steps is read
-        self._device_stale = False  # True after calls counted on the host, until the device count is asked for
-        self._device_used = False  # whether a call has counted on the device (then host calls keep it current)
+        # whether the device count was asked for: until then calls on the CPU count on the host only, and the first
+        # ask makes it from the host count; after, they keep it current too
+        self._device_used = False
         self.last_result: ClipResult | None = None
         self._hook: Any = None
         self._last_grads: list[weakref.ReferenceType] | None = None
@@ -295,7 +294,7 @@ class Clipper:
     def steps(self, value: int) -> None:
         self._steps = int(value)
         self._device_steps = torch.full((), self._steps, dtype=torch.int64, device=self._device_steps.device)
-        self._steps_stale = self._device_stale = False
+        self._steps_stale = False
 
     def _count_for(self, device: torch.device) -> StepCount:
         """The earlier counted calls, for a call whose norm lies on ``device``."""
@@ -319,8 +318,6 @@ class Clipper:
             self._steps = self.steps + 1  # (first catching up with calls made under compile)
             if self._device_used:  # kept current: rebuilt inside a compiled call, it would recompile at each switch
                 self._device_steps.add_(1)
-            else:  # never asked for yet: it catches up when first asked for (no kernel per call until then)
-                self._device_stale = True
 
     @staticmethod
     def _on_device(device: torch.device) -> bool:
@@ -333,10 +330,9 @@ class Clipper:
 
     def _device_count(self, device: torch.device) -> torch.Tensor:
         """The number of earlier counted calls, a 0-dim int64 tensor on ``device`` (what a device-side step reads instead of ``steps``)."""
-        self._device_used = True
-        if self._device_stale:  # behind calls counted on the host
+        if not self._device_used:  # the first ask: behind the calls counted on the host until now
             self._device_steps = torch.full((), self._steps, dtype=torch.int64, device=device)
-            self._device_stale = False
+            self._device_used = True
         elif self._device_steps.device != device:
             self._device_steps = self._device_steps.to(device)
         return self._device_steps

@@ -914,7 +914,7 @@ def _residual_record(r: dict[str, Any]) -> dict[str, Any]:
             "not_won": [i for i, x in enumerate(v) if x != "residual"],
             "lost_to_plain": [i for i, x in enumerate(v) if x == "plain"],
             "pairs": list(zip(r["residual"], r["plain"])),
-            "standing": v[0] if len(set(v)) == 1 and v[0] != "no difference" else None}
+            "standing": None if harness.standing_verdict(v) == "no difference" else v[0]}
 
 
 def _named_seeds(groups: list[str], indices: Any, word: str = "and") -> str:
